@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh clone:  `make bench` (main job) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch 2.13.0 CPU lies on this machine's disk; asking for it first keeps pip from fetching a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not gpu'
+
+bench: $(STAMP)
+	$(BIN)/moeinfer bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
