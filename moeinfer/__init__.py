@@ -1,0 +1,38 @@
+"""moeinfer: fast, small and reliable inference for Mixture-of-Experts language models.
+
+Public API (stable): `load`, `save`, `generate`, `Generation`, `MoEModel`, `ModelConfig`.
+Importing the package loads torch but initialises no GPU and imports no optional dependency.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["load", "save", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
+           "__version__"]
+
+_LAZY = {
+    "load": "moeinfer.api",
+    "save": "moeinfer.api",
+    "generate": "moeinfer.engine.generate",
+    "Generation": "moeinfer.engine.generate",
+    "MoEModel": "moeinfer.model.transformer",
+    "ModelConfig": "moeinfer.config",
+    "supported_model_types": "moeinfer.arch",
+}
+
+if TYPE_CHECKING:
+    from moeinfer.api import load, save
+    from moeinfer.arch import supported_model_types
+    from moeinfer.config import ModelConfig
+    from moeinfer.engine.generate import Generation, generate
+    from moeinfer.model.transformer import MoEModel
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moeinfer' has no attribute {name!r}")

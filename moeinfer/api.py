@@ -1,0 +1,36 @@
+"""`moeinfer.load` and `moeinfer.save`: the entry points from and to HF-format checkpoint dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from moeinfer.model.transformer import MoEModel
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """A directory, or the name of a model shipped with moeinfer."""
+    p = Path(path)
+    if p.exists():
+        return p
+    from moeinfer.models import shipped_model_dir
+
+    shipped = shipped_model_dir(str(path))
+    return shipped if shipped is not None else p
+
+
+def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
+         dtype: torch.dtype | str | None = None, progress: bool = True) -> MoEModel:
+    """Load a local HF-format MoE checkpoint (or a shipped model by name) as an eval-mode MoEModel."""
+    from moeinfer.loading.checkpoint import load_checkpoint
+
+    return load_checkpoint(resolve_model_path(path), device=device, dtype=dtype, progress=progress)
+
+
+def save(model: MoEModel, path: str | os.PathLike[str], *, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write `model` as an HF-format checkpoint directory (atomically: temp dir, then rename)."""
+    from moeinfer.loading.save import save_checkpoint
+
+    return save_checkpoint(model, path, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,1 @@
+"""Generation: prefill/decode over a preallocated KV cache, sampling, stopping, routing traces."""

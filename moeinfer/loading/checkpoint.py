@@ -1,0 +1,218 @@
+"""Loading a local Hugging Face checkpoint directory into the eager MoE model.
+
+Steps:
+1. read config.json and pick the architecture adapter by `model_type`;
+2. build the model with parameters on the meta device (no memory), buffers real;
+3. allocate each parameter once, in the requested dtype and device;
+4. read every tensor of every shard (in file order) straight into its parameter or expert slice;
+5. check that every parameter was filled, then attach the tokenizer.
+Only safetensors are read; pickle files are never opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeinfer.arch import get_arch, parse_config
+from moeinfer.loading.errors import CheckpointError
+from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
+from moeinfer.loading.safetensors_io import SafetensorsFile
+from moeinfer.model.transformer import MoEModel
+
+log = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} is missing: a checkpoint directory needs a config.json")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object")
+    return hf
+
+
+def shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
+    """Shard paths and the index's tensor -> file map (empty for a single file)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"shard file(s) {', '.join(missing)} listed in {index} are missing from {path}")
+        return [path / f for f in files], weight_map
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single], {}
+    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded)" if pickles else ""
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Create nn.Parameters on the meta device while keeping buffers (e.g. RoPE tables) real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device) -> None:
+    """Give every meta parameter real (uninitialised) storage, once; keeps weight tying."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in seen:
+                seen[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+                                               requires_grad=False)
+            module._parameters[name] = seen[id(param)]
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                keep_fp32 = name == "e_score_correction_bias" or name == "inv_freq"
+                module._buffers[name] = buf.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+
+
+def _targets(model: MoEModel, spec: Any) -> dict[str, Target]:
+    """Every checkpoint name the model expects -> its target."""
+    expected: dict[str, Target] = {}
+    tied = model.config.tie_word_embeddings
+    for name, _ in model.state_dict(keep_vars=True).items():
+        if tied and name == "lm_head.weight":
+            continue
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            for hf_name, target in expert_checkpoint_names(name, model.config.num_experts, spec):
+                expected[hf_name] = target
+        else:
+            expected[to_checkpoint(name, spec)] = Target(name)
+    return expected
+
+
+def _checkpoint_dtype(hf: dict[str, Any], files: list[SafetensorsFile]) -> torch.dtype:
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if isinstance(name, str) and name in _DTYPE_NAMES:
+        return _DTYPE_NAMES[name]
+    for f in files:
+        for entry in f.entries.values():
+            if entry.dtype.is_floating_point:
+                return entry.dtype
+    return torch.float32
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | str | None = None, progress: bool = True) -> MoEModel:
+    """Load a local HF-format MoE checkpoint directory; see the module docstring for the steps."""
+    from tqdm.auto import tqdm
+
+    root = Path(path)
+    hf = read_config(root)
+    config = parse_config(hf)
+    spec = get_arch(config.model_type)
+    paths, weight_map = shard_files(root)
+    files = [SafetensorsFile(p) for p in paths]
+    target_dtype = parse_dtype(dtype) or _checkpoint_dtype(hf, files)
+    device = torch.device(device)
+
+    with meta_parameters():
+        model = MoEModel(config)
+    _materialize(model, target_dtype, device)
+    params = model.state_dict(keep_vars=True)
+    expected = _targets(model, spec)
+
+    # Map what the files hold, then read file by file in offset order.
+    by_param: dict[str, list[str]] = defaultdict(list)
+    for name, target in expected.items():
+        by_param[target.name].append(name)
+    plan: dict[Path, list[tuple[str, Target]]] = defaultdict(list)
+    covered: set[str] = set()
+    unexpected: list[str] = []
+    for f in files:
+        for name in f.entries:
+            if name in expected:
+                plan[f.path].append((name, expected[name]))
+                covered.add(name)
+                continue
+            alt = to_internal(name, spec)  # e.g. a fused [E, 2I, D] tensor of a transformers-v5 save
+            if alt.expert is None and alt.name in by_param:
+                plan[f.path].append((name, alt))
+                covered.update(by_param[alt.name])
+            else:
+                unexpected.append(name)
+    missing = [n for n in expected if n not in covered]
+    if missing:
+        where = {n: weight_map.get(n, "no shard in the index") if weight_map else paths[0].name
+                 for n in missing[:5]}
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint {root} is missing tensor(s) "
+                              + ", ".join(f"{n} (expected in {w})" for n, w in where.items()) + more)
+    surprising = sorted(n for n in unexpected if not _ignorable(n, config))
+    if surprising:
+        log.warning("%s: ignoring %d tensor(s) the model does not use: %s", root, len(surprising),
+                    ", ".join(surprising[:8]))
+    total = sum(f.entries[n].nbytes for f in files for n, _ in plan[f.path])
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {root.name}",
+              disable=not progress or None) as bar:
+        for f in files:
+            with open(f.path, "rb") as handle:
+                for name, target in sorted(plan[f.path], key=lambda nt: f.entries[nt[0]].offset):
+                    with torch.no_grad():
+                        f.read_into(name, target.view(params[target.name]), handle)
+                    bar.update(f.entries[name].nbytes)
+    model.eval()
+    model.requires_grad_(False)
+    model.source_dir = str(root)
+    from moeinfer.loading.tokenizer import Tokenizer
+
+    model.tokenizer = Tokenizer.from_dir(root)
+    return model
+
+
+def _ignorable(name: str, config: Any) -> bool:
+    """Tensors real checkpoints carry that the model rightly does not use."""
+    if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
+        return True
+    # DeepSeek-V3 checkpoints carry multi-token-prediction layers past num_hidden_layers.
+    parts = name.split(".")
+    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() \
+        and int(parts[2]) >= config.num_layers

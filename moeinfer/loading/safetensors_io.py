@@ -1,0 +1,100 @@
+"""Reading safetensors files straight into preallocated tensors.
+
+The format (https://github.com/huggingface/safetensors) is an 8-byte little-endian header length,
+a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, then raw little-endian bytes.
+We read it with plain `readinto` rather than the library's memory map because a memory map keeps
+every touched page resident while the map is open: loading would peak at about twice the weight
+bytes. Reading into the final parameter keeps the peak near 1x and lets us check every offset
+against the file size first, so a truncated or corrupt file is named before any tensor is read.
+Writing uses the `safetensors` library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeinfer.loading.errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class SafetensorsFile:
+    """Header of one safetensors file, validated against the file's size."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"checkpoint file {self.path} does not exist")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path} is truncated: {size} bytes, no safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(f"{self.path} is corrupt or truncated: header length {n} "
+                                      f"does not fit in a {size}-byte file")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.path} is corrupt: its header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} is corrupt: header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, TensorEntry] = {}
+        for name, info in header.items():
+            self.entries[name] = self._entry(name, info, data_start=8 + n, size=size)
+
+    def _entry(self, name: str, info: dict, *, data_start: int, size: int) -> TensorEntry:
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}") from e
+        numel = 1
+        for s in shape:
+            numel *= s
+        expected = numel * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected or begin < 0:
+            raise CheckpointError(f"{self.path}: tensor {name!r} claims {end - begin} bytes for shape "
+                                  f"{list(shape)} {info['dtype']} ({expected} bytes)")
+        if data_start + end > size:
+            raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte "
+                                  f"{data_start + end} but the file has {size} bytes")
+        return TensorEntry(name, dtype, shape, data_start + begin, expected)
+
+    def read_into(self, name: str, out: torch.Tensor, f) -> None:
+        """Copy tensor `name` into `out` (same shape; converts dtype/device when they differ)."""
+        entry = self.entries[name]
+        if tuple(out.shape) != entry.shape:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {list(entry.shape)}, "
+                                  f"expected {list(out.shape)} from config.json")
+        direct = out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous()
+        buf = out if direct else torch.empty(entry.shape, dtype=entry.dtype)
+        f.seek(entry.offset)
+        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+        if entry.nbytes and f.readinto(view) != entry.nbytes:
+            raise CheckpointError(f"{self.path} is truncated while reading tensor {name!r}")
+        if not direct:
+            out.copy_(buf)

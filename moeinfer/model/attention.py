@@ -1,0 +1,72 @@
+"""Grouped-query attention (Ainslie et al., 2023) with RoPE, optional q/k RMSNorm and a KV cache.
+
+Shapes: B batch, T new tokens, S key slots, H query heads, Hkv kv heads, Dh head dim, D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeinfer.config import ModelConfig
+from moeinfer.model.kv_cache import LayerKV
+from moeinfer.model.norm import RMSNorm
+from moeinfer.model.rope import RotaryEmbedding
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B,H,T,Dq], k [B,H,S,Dq], v [B,H,S,Dv], mask [B,1,T,S] bool -> [B,T,H*Dv]."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; q/k norm per head (Qwen3-MoE) or over the full projection (OLMoE)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        D, H, Hkv, Dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, Dh
+        self.q_proj = nn.Linear(D, H * Dh, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=config.o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "head":
+            self.q_norm = RMSNorm(Dh, config.rms_norm_eps)
+            self.k_norm = RMSNorm(Dh, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(H * Dh, config.rms_norm_eps)
+            self.k_norm = RMSNorm(Hkv * Dh, config.rms_norm_eps)
+        self.clip_qkv = config.clip_qkv
+        self.rotary = RotaryEmbedding(config.rope, Dh, config.max_position_embeddings)
+        self.scale = Dh**-0.5
+
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor,
+                kv: LayerKV | None = None, slots: tuple[int, int] | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*Dh] ...
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H*, T, Dh]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
+        if kv is not None:
+            assert slots is not None
+            start, end = slots
+            kv.a[:, :, start:end] = k
+            kv.b[:, :, start:end] = v
+            k, v = kv.a[:, :, :end], kv.b[:, :, :end]  # [B, Hkv, S, Dh]
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return self.o_proj(attend(q, k, v, mask, self.scale))

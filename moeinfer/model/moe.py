@@ -1,0 +1,168 @@
+"""The MoE block, eager reference: route -> dispatch -> expert compute -> combine.
+
+Shapes: N tokens (B*T flattened), D hidden, E experts, K top-k, I expert inner size,
+S = N*K token-slots.
+
+    x [N,D] --route--> indices [N,K], weights [N,K]
+            --dispatch--> slots sorted by expert: order [S], counts [E]
+            --expert compute--> y [S,D] = down_e(silu(gate_e x) * up_e x)
+            --combine--> out [N,D] = sum_k weights[n,k] * y[slot(n,k)]  (+ shared expert)
+
+Every later fast path (kernels, offload, quantized experts, expert parallelism) replaces one stage
+and is tested against these functions. The routing rules follow each model family's paper:
+Mixtral (Jiang et al., 2024), Qwen-MoE, OLMoE (Muennighoff et al., 2024), DeepSeek-V2/V3
+(group-limited routing, sigmoid scores with an auxiliary-loss-free correction bias).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeinfer.config import ModelConfig, RouterConfig
+from moeinfer.model.mlp import DenseMLP
+
+
+@dataclass
+class Routing:
+    """Output of the route stage; weights are fp32."""
+
+    indices: torch.Tensor  # [N, K] int64
+    weights: torch.Tensor  # [N, K] fp32
+    logits: torch.Tensor  # [N, E] fp32
+
+
+@dataclass
+class Dispatch:
+    """Token-slots grouped by expert (stable order: expert, then token, then k)."""
+
+    order: torch.Tensor  # [S] slot ids (n*K + k) sorted by expert
+    tokens: torch.Tensor  # [S] token id of each sorted slot
+    counts: torch.Tensor  # [E] slots per expert
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig,
+          bias: torch.Tensor | None = None, *, top_k: int | None = None) -> Routing:
+    """x [N, D], weight [E, D] -> Routing. Steps mirror RouterConfig's docstring."""
+    k = top_k or cfg.top_k
+    logits = F.linear(x.float(), weight.float())  # [N, E]
+    scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    choice = scores if bias is None else scores + bias.float()
+    if cfg.n_group > 1:
+        grouped = choice.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
+        if cfg.group_score == "max":
+            group_scores = grouped.max(-1).values
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep_groups = group_scores.topk(cfg.topk_group, dim=-1).indices  # [N, G']
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
+        expert_mask = group_mask.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1)
+        fill = 0.0 if cfg.score_func == "softmax" and bias is None else float("-inf")
+        choice = choice.masked_fill(~expert_mask, fill)
+    indices = choice.topk(k, dim=-1).indices  # [N, K]
+    weights = scores.gather(1, indices)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if cfg.score_func == "sigmoid" else 0.0))
+    return Routing(indices=indices, weights=weights * cfg.scaling, logits=logits)
+
+
+def dispatch(indices: torch.Tensor, num_experts: int) -> Dispatch:
+    """indices [N, K] -> slots sorted by expert."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return Dispatch(order=order, tokens=order // indices.shape[1],
+                    counts=torch.bincount(flat, minlength=num_experts))
+
+
+def expert_compute(x_sorted: torch.Tensor, counts: torch.Tensor,
+                   gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x_sorted [S, D] grouped by expert, gate_up [E, 2I, D], down [E, D, I] -> y [S, D]."""
+    y = torch.empty_like(x_sorted)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        seg = x_sorted[start:start + n]
+        gate, up = F.linear(seg, gate_up[e]).chunk(2, dim=-1)
+        y[start:start + n] = F.linear(F.silu(gate) * up, down[e])
+        start += n
+    return y
+
+
+def combine(y_sorted: torch.Tensor, d: Dispatch, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs: y_sorted [S, D] -> out [N, D]."""
+    w = weights.reshape(-1)[d.order].to(y_sorted.dtype)  # [S]
+    out = torch.zeros(num_tokens, y_sorted.shape[-1], dtype=y_sorted.dtype, device=y_sorted.device)
+    return out.index_add_(0, d.tokens, y_sorted * w[:, None])
+
+
+class Router(nn.Module):
+    """Holds the router weight [E, D] (and DeepSeek-V3's correction bias [E])."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = config.router
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        if config.router.correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
+        else:
+            self.e_score_correction_bias = None
+        self.top_k: int | None = None  # override of cfg.top_k at run time (dynamic gating)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        return route(x, self.weight, self.cfg, self.e_score_correction_bias, top_k=self.top_k)
+
+
+class Experts(nn.Module):
+    """Stacked expert weights: gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x [N, D] -> weighted sum of the routed experts' outputs [N, D] (dispatch/compute/combine)."""
+        d = dispatch(routing.indices, self.num_experts)
+        y = expert_compute(x[d.tokens], d.counts, self.gate_up_proj, self.down_proj)
+        return combine(y, d, routing.weights, x.shape[0])
+
+
+RoutingObserver = Callable[[int, Routing], None]
+
+
+class MoEBlock(nn.Module):
+    """Router + routed experts + optional shared expert (DeepSeek, Qwen2-MoE's sigmoid-gated one)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = Router(config)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_expert = (DenseMLP(config.hidden_size, config.shared_intermediate_size)
+                              if config.shared_intermediate_size else None)
+        self.shared_expert_gate = (nn.Linear(config.hidden_size, 1, bias=False)
+                                   if config.shared_expert_gate else None)
+        self.observer: RoutingObserver | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        routing = self.gate(x)
+        if self.observer is not None:
+            self.observer(self.layer_idx, routing)
+        out = self.experts(x, routing)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out.view(shape)

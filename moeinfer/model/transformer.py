@@ -1,0 +1,133 @@
+"""The decoder-only MoE transformer, eager reference for every supported architecture.
+
+Shapes: B batch, T new tokens, S key slots, D hidden, V vocab.
+Layer i: x += attn(norm(x)); x += ffn(norm(x)), where ffn is an MoEBlock or a dense SwiGLU
+(DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers / decoder_sparse_step).
+The model knows nothing of kernels, offloading, quantization or parallelism: they are applied
+to it afterwards and replace one stage of the MoE block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeinfer.config import ModelConfig
+from moeinfer.model.attention import Attention
+from moeinfer.model.kv_cache import KVCache
+from moeinfer.model.mlp import DenseMLP
+from moeinfer.model.moe import MoEBlock
+from moeinfer.model.norm import RMSNorm
+
+
+def build_mask(key_valid: torch.Tensor, q_slots: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, S].
+
+    key_valid [B, S]: slot holds a real token; q_slots [T]: slot index of each query.
+    A query sees valid keys at or before its own slot (and within `window` slots if set); it always
+    sees itself, so padding rows stay finite and never read another row's keys.
+    """
+    S = key_valid.shape[1]
+    k_slots = torch.arange(S, device=key_valid.device)
+    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    if window is not None:
+        allowed &= (q_slots[:, None] - k_slots[None, :]) < window
+    mask = allowed[None] & key_valid[:, None, :]  # [B, T, S]
+    mask |= k_slots[None, None, :] == q_slots[None, :, None]
+    return mask[:, None]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.attention == "mla":
+            from moeinfer.model.mla import MLAttention
+
+            self.self_attn: nn.Module = MLAttention(config, layer_idx)
+        else:
+            self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.layer_ffn[layer_idx] == "moe":
+            self.mlp: nn.Module = MoEBlock(config, layer_idx)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+        self.window = config.sliding_window[layer_idx] if config.sliding_window else None
+
+    def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), **attn_kwargs)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MoEModel(nn.Module):
+    """A causal LM: `model(input_ids) -> logits [B, T, V]`.
+
+    `attention_mask` [B, T] (1 = token, 0 = padding) handles batches of different lengths; positions
+    are counted over real tokens only. With a `cache`, the new tokens are written at the next slots
+    and attend to everything cached before them.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.tokenizer: Any = None  # moeinfer.loading.tokenizer.Tokenizer, set by load()
+        self.source_dir: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        device = input_ids.device
+        new_valid = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
+                     else attention_mask.to(device=device, dtype=torch.bool))
+        if cache is None:
+            key_valid, start, end = new_valid, 0, T
+            slots = None
+        else:
+            start, end = cache.reserve(T)
+            cache.valid[:, start:end] = new_valid
+            key_valid = cache.valid[:, :end]
+            slots = (start, end)
+        # Position of each new token = number of real tokens before it in its row.
+        positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]  # [B, T]
+        q_slots = torch.arange(start, end, device=device)
+        masks: dict[int | None, torch.Tensor] = {}
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            if layer.window not in masks:
+                masks[layer.window] = build_mask(key_valid, q_slots, layer.window)
+            x = layer(x, positions=positions, mask=masks[layer.window],
+                      kv=cache.layers[i] if cache is not None else None, slots=slots)
+        if cache is not None:
+            cache.length = end
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def num_parameters(self) -> dict[str, int]:
+        """Total parameters and parameters active per token (shared + top-k routed experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        expert = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in self.moe_blocks())
+        active_expert = sum((b.experts.gate_up_proj.numel() + b.experts.down_proj.numel())
+                            * (b.gate.top_k or self.config.top_k) // b.experts.num_experts
+                            for b in self.moe_blocks())
+        return {"total": total, "active": total - expert + active_expert, "experts": expert}
