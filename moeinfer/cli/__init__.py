@@ -1,0 +1,66 @@
+"""`moeinfer` command line: a thin shell over the Python API.
+
+Each subcommand lives in its own module of this package with two functions:
+`add_parser(subparsers)` and `run(args) -> int`. Register new ones in SUBCOMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS = ["generate", "inspect", "trace"]
+DEFAULT_MODEL = "tiny"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeinfer", description="Fast, small and reliable MoE inference.")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"moeinfer.cli.{name}")
+        module.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    from moeinfer import __version__
+
+    return f"moeinfer {__version__}"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model/--device/--dtype, shared by every subcommand that loads a model."""
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"checkpoint directory or shipped model name (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: the checkpoint's)")
+
+
+def load_model(args: argparse.Namespace):
+    from moeinfer.api import load
+
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from moeinfer.config import ConfigError
+    from moeinfer.loading.errors import CheckpointError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"moeinfer {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,5 @@
+import sys
+
+from moeinfer.cli import main
+
+sys.exit(main())
