@@ -39,11 +39,11 @@ class _Detokenizer:
         self.tokenizer = tokenizer
         self.text = ""
 
-    def push(self, ids: list[int]) -> str:
+    def push(self, ids: list[int], *, final: bool = False) -> str:
         if self.tokenizer is None:
             return ""
         full = self.tokenizer.decode(ids)
-        if full.endswith("\ufffd"):
+        if full.endswith("\ufffd") and not final:
             return ""
         delta, self.text = full[len(self.text):], full
         return delta
@@ -121,7 +121,11 @@ def generate(model: MoEModel, prompts: Sequence[Prompt], *, max_new_tokens: int 
             if reasons[b] is not None:
                 continue
             out[b].append(t)
-            delta = detok[b].push(out[b]) if (on_token or stops) else ""
+            if t in eos:
+                reasons[b] = "eos"
+            elif len(out[b]) == max_new_tokens:
+                reasons[b] = "length"
+            delta = detok[b].push(out[b], final=reasons[b] is not None) if (on_token or stops) else ""
             if stops:
                 texts[b] += delta
                 hit = min((texts[b].find(s) for s in stops if s in texts[b]), default=-1)
@@ -131,10 +135,6 @@ def generate(model: MoEModel, prompts: Sequence[Prompt], *, max_new_tokens: int 
                     reasons[b] = "stop"
             if on_token is not None:
                 on_token(b, t, delta)
-            if reasons[b] is None and t in eos:
-                reasons[b] = "eos"
-            elif reasons[b] is None and len(out[b]) == max_new_tokens:
-                reasons[b] = "length"
         if all(r is not None for r in reasons) or step == max_new_tokens - 1:
             break
         logits = model(next_ids[:, None], cache=cache)[:, -1]
