@@ -61,8 +61,13 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig,
         keep_groups = group_scores.topk(cfg.topk_group, dim=-1).indices  # [N, G']
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
         expert_mask = group_mask.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1)
-        fill = 0.0 if cfg.score_func == "softmax" and bias is None else float("-inf")
-        choice = choice.masked_fill(~expert_mask, fill)
+        if cfg.score_func == "softmax" and bias is None:
+            # DeepSeek-V2 zeroes the scores of dropped groups and takes the weights from them too, so
+            # an expert picked there (top_k > experts kept) gets weight 0.
+            choice = scores = choice.masked_fill(~expert_mask, 0.0)
+        else:
+            # DeepSeek-V3 excludes them from the choice only; weights come from the unmasked scores.
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
     indices = choice.topk(k, dim=-1).indices  # [N, K]
     weights = scores.gather(1, indices)
     if cfg.norm_topk_prob:
