@@ -34,6 +34,7 @@ class Routing:
     indices: torch.Tensor  # [N, K] int64
     weights: torch.Tensor  # [N, K] fp32
     logits: torch.Tensor  # [N, E] fp32
+    rerouted: torch.Tensor | None = None  # tokens moved off a masked expert (scalar), when any are masked
 
 
 @dataclass
@@ -46,8 +47,13 @@ class Dispatch:
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig,
-          bias: torch.Tensor | None = None, *, top_k: int | None = None) -> Routing:
-    """x [N, D], weight [E, D] -> Routing. Steps mirror RouterConfig's docstring."""
+          bias: torch.Tensor | None = None, *, top_k: int | None = None,
+          available: torch.Tensor | None = None) -> Routing:
+    """x [N, D], weight [E, D] -> Routing. Steps mirror RouterConfig's docstring.
+
+    `available` [E] bool removes failed experts from the choice (moeinfer.engine.faults); the tokens
+    that would have used one are counted in `Routing.rerouted`.
+    """
     k = top_k or cfg.top_k
     logits = F.linear(x.float(), weight.float())  # [N, E]
     scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
@@ -68,11 +74,16 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig,
         else:
             # DeepSeek-V3 excludes them from the choice only; weights come from the unmasked scores.
             choice = choice.masked_fill(~expert_mask, float("-inf"))
+    rerouted = None
+    if available is not None:
+        wanted = choice.topk(k, dim=-1).indices
+        rerouted = (~available[wanted]).any(-1).sum()
+        choice = choice.masked_fill(~available, float("-inf"))
     indices = choice.topk(k, dim=-1).indices  # [N, K]
     weights = scores.gather(1, indices)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if cfg.score_func == "sigmoid" else 0.0))
-    return Routing(indices=indices, weights=weights * cfg.scaling, logits=logits)
+    return Routing(indices=indices, weights=weights * cfg.scaling, logits=logits, rerouted=rerouted)
 
 
 def dispatch(indices: torch.Tensor, num_experts: int) -> Dispatch:
@@ -117,9 +128,15 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.top_k: int | None = None  # override of cfg.top_k at run time (dynamic gating)
+        self.available: torch.Tensor | None = None  # [E] bool; None = all (see moeinfer.engine.faults)
+        self.rerouted_tokens = 0
 
     def forward(self, x: torch.Tensor) -> Routing:
-        return route(x, self.weight, self.cfg, self.e_score_correction_bias, top_k=self.top_k)
+        routing = route(x, self.weight, self.cfg, self.e_score_correction_bias, top_k=self.top_k,
+                        available=self.available)
+        if routing.rerouted is not None:
+            self.rerouted_tokens += int(routing.rerouted)
+        return routing
 
 
 class Experts(nn.Module):
