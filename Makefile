@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,9 +26,6 @@ demo: $(STAMP)
 	$(BIN)/moeinfer inspect --model tiny
 	$(BIN)/moeinfer generate --model tiny "To be, or not to be" --max-new-tokens 48
 	$(BIN)/moeinfer generate --model tiny "def fibonacci(n):" --max-new-tokens 48
-
-bench: $(STAMP)
-	$(BIN)/moeinfer bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info
