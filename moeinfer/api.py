@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from moeinfer.model.transformer import MoEModel
+
+if TYPE_CHECKING:
+    from moeinfer.parallel.config import ExpertParallelConfig
 
 
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
@@ -22,9 +26,19 @@ def resolve_model_path(path: str | os.PathLike[str]) -> Path:
 
 
 def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
-         dtype: torch.dtype | str | None = None, progress: bool = True) -> MoEModel:
-    """Load a local HF-format MoE checkpoint (or a shipped model by name) as an eval-mode MoEModel."""
+         dtype: torch.dtype | str | None = None, progress: bool = True,
+         expert_parallel: ExpertParallelConfig | None = None) -> MoEModel:
+    """Load a local HF-format MoE checkpoint (or a shipped model by name) as an eval-mode MoEModel.
+
+    expert_parallel: under torchrun, read only this rank's experts and spread them over the ranks
+    (`moeinfer.parallel.apply_expert_parallel_`)."""
     from moeinfer.loading.checkpoint import load_checkpoint
+
+    if expert_parallel is not None:
+        from moeinfer.parallel.apply import load_expert_parallel
+
+        return load_expert_parallel(resolve_model_path(path), config=expert_parallel, device=device, dtype=dtype,
+                                    progress=progress)
 
     return load_checkpoint(resolve_model_path(path), device=device, dtype=dtype, progress=progress)
 

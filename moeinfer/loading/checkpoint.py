@@ -6,7 +6,8 @@ Steps:
 3. allocate each parameter once, in the requested dtype and device;
 4. read every tensor of every shard (in file order) straight into its parameter or expert slice;
 5. check that every parameter was filled, then attach the tokenizer.
-Only safetensors are read; pickle files are never opened.
+Only safetensors are read; pickle files are never opened. With `expert_slots` (expert parallelism),
+each MoE layer is built with only the listed experts and the other experts' tensors are never read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from moeinfer.arch import get_arch, parse_config
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
 from moeinfer.loading.safetensors_io import SafetensorsFile
+from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 
 log = logging.getLogger(__name__)
@@ -114,19 +116,64 @@ def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device) -> N
                 module._buffers[name] = buf.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
 
 
-def _targets(model: MoEModel, spec: Any) -> dict[str, Target]:
-    """Every checkpoint name the model expects -> its target."""
+def _expert_layer(name: str) -> int:
+    return int(name.split(".")[1])  # layers.{i}.mlp.experts.{param}
+
+
+def _targets(model: MoEModel, spec: Any, expert_slots: Mapping[int, Sequence[int]] | None = None,
+             skipped: set[str] | None = None) -> dict[str, Target]:
+    """Every checkpoint name the model expects -> its target. With `expert_slots`, expert e of layer i
+    goes to row expert_slots[i].index(e); other experts' names are added to `skipped`."""
     expected: dict[str, Target] = {}
     tied = model.config.tie_word_embeddings
     for name, _ in model.state_dict(keep_vars=True).items():
         if tied and name == "lm_head.weight":
             continue
         if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            slots = None if expert_slots is None else expert_slots.get(_expert_layer(name))
+            row = {e: i for i, e in enumerate(slots)} if slots is not None else None
             for hf_name, target in expert_checkpoint_names(name, model.config.num_experts, spec):
-                expected[hf_name] = target
+                if row is None:
+                    expected[hf_name] = target
+                elif target.expert in row:
+                    expected[hf_name] = Target(target.name, row[target.expert], target.part)
+                elif skipped is not None:
+                    skipped.add(hf_name)
         else:
             expected[to_checkpoint(name, spec)] = Target(name)
     return expected
+
+
+def _keep_local_experts(model: MoEModel, expert_slots: Mapping[int, Sequence[int]]) -> None:
+    """Rebuild (on meta) each listed MoE layer's experts with only the listed ones."""
+    cfg = model.config
+    blocks = {block.layer_idx: block for block in model.moe_blocks()}
+    for layer, slots in expert_slots.items():
+        if layer not in blocks:
+            raise ValueError(f"expert_slots names layer {layer}, which is not an MoE layer "
+                             f"(MoE layers: {sorted(blocks)})")
+        bad = [e for e in slots if not 0 <= e < cfg.num_experts]
+        if bad or len(set(slots)) != len(slots):
+            raise ValueError(f"expert_slots[{layer}] = {list(slots)} must be distinct experts in 0..{cfg.num_experts - 1}")
+        with meta_parameters():
+            blocks[layer].experts = Experts(len(slots), cfg.hidden_size, cfg.moe_intermediate_size)
+
+
+def _read_rows(f: SafetensorsFile, name: str, rows: Sequence[int], out: torch.Tensor, handle: Any) -> None:
+    """Read rows `rows` of a stacked [E, ...] tensor into out [len(rows), ...]: a fused expert tensor
+    under expert parallelism (only the local experts' bytes are read)."""
+    entry = f.entries[name]
+    if tuple(entry.shape[1:]) != tuple(out.shape[1:]):
+        raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(entry.shape)}, expected "
+                              f"[E, {', '.join(map(str, out.shape[1:]))}] from config.json")
+    row_bytes = entry.nbytes // entry.shape[0]
+    buf = torch.empty(entry.shape[1:], dtype=entry.dtype)
+    view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+    for i, e in enumerate(rows):
+        handle.seek(entry.offset + e * row_bytes)
+        if row_bytes and handle.readinto(view) != row_bytes:
+            raise CheckpointError(f"{f.path} is truncated while reading tensor {name!r}")
+        out[i].copy_(buf)
 
 
 def _checkpoint_dtype(hf: dict[str, Any], files: list[SafetensorsFile]) -> torch.dtype:
@@ -141,8 +188,12 @@ def _checkpoint_dtype(hf: dict[str, Any], files: list[SafetensorsFile]) -> torch
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | str | None = None, progress: bool = True) -> MoEModel:
-    """Load a local HF-format MoE checkpoint directory; see the module docstring for the steps."""
+                    dtype: torch.dtype | str | None = None, progress: bool = True,
+                    expert_slots: Mapping[int, Sequence[int]] | None = None) -> MoEModel:
+    """Load a local HF-format MoE checkpoint directory; see the module docstring for the steps.
+
+    expert_slots: {MoE layer index: experts to keep, in row order}; those layers hold only these
+    experts (the expert-parallel loader passes this rank's experts)."""
     from tqdm.auto import tqdm
 
     root = Path(path)
@@ -156,9 +207,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
 
     with meta_parameters():
         model = MoEModel(config)
+    if expert_slots is not None:
+        _keep_local_experts(model, expert_slots)
     _materialize(model, target_dtype, device)
     params = model.state_dict(keep_vars=True)
-    expected = _targets(model, spec)
+    skipped: set[str] = set()
+    expected = _targets(model, spec, expert_slots, skipped)
+    partial = {f"layers.{layer}.mlp.experts.{p}": list(slots) for layer, slots in (expert_slots or {}).items()
+               for p in ("gate_up_proj", "down_proj")}
 
     # Map what the files hold, then read file by file in offset order.
     by_param: dict[str, list[str]] = defaultdict(list)
@@ -177,7 +233,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
             if alt.expert is None and alt.name in by_param:
                 plan[f.path].append((name, alt))
                 covered.update(by_param[alt.name])
-            else:
+            elif name not in skipped:
                 unexpected.append(name)
     missing = [n for n in expected if n not in covered]
     if missing:
@@ -190,14 +246,19 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     if surprising:
         log.warning("%s: ignoring %d tensor(s) the model does not use: %s", root, len(surprising),
                     ", ".join(surprising[:8]))
-    total = sum(f.entries[n].nbytes for f in files for n, _ in plan[f.path])
+    total = sum(f.entries[n].nbytes * len(partial[t.name]) // f.entries[n].shape[0]
+                if t.expert is None and t.name in partial else f.entries[n].nbytes
+                for f in files for n, t in plan[f.path])
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {root.name}",
               disable=not progress or None) as bar:
         for f in files:
             with open(f.path, "rb") as handle:
                 for name, target in sorted(plan[f.path], key=lambda nt: f.entries[nt[0]].offset):
                     with torch.no_grad():
-                        f.read_into(name, target.view(params[target.name]), handle)
+                        if target.expert is None and target.name in partial:
+                            _read_rows(f, name, partial[target.name], params[target.name], handle)
+                        else:
+                            f.read_into(name, target.view(params[target.name]), handle)
                     bar.update(f.entries[name].nbytes)
     model.eval()
     model.requires_grad_(False)

@@ -1,0 +1,148 @@
+"""Routing profiles: which experts tokens chose, per MoE layer, as input to placement and simulation.
+
+Shapes: T tokens, L MoE layers, K top-k, E experts.
+
+A `RoutingProfile` holds either token-level choices `indices [T, L, K]` (a trace) or only the
+expected load `load [L, E]` (tokens per expert). Readers:
+- moeinfer's own routing traces (`moeinfer.engine.trace_convert.read_trace` when that module exists);
+- the third-party Mixtral-8x7B jsonl traces (one line per token and layer with "experts");
+- a profile JSON written by `RoutingProfile.save` ({"num_experts", "layers", "load"} and optional
+  "indices").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ProfileError(ValueError):
+    """A routing profile or trace file cannot be read."""
+
+
+@dataclass
+class RoutingProfile:
+    num_experts: int
+    layers: list[int]  # model layer index of each MoE layer (row of load / column of indices)
+    indices: torch.Tensor | None = None  # [T, L, K] int64 expert chosen by token t in layer l
+    counts: torch.Tensor | None = None  # [L, E] float tokens per expert, when no indices are known
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.indices is None and self.counts is None:
+            raise ProfileError(f"{self.source or 'routing profile'}: needs token choices or per-expert loads")
+        if self.indices is not None:
+            if self.indices.dim() != 3 or self.indices.shape[1] != len(self.layers):
+                raise ProfileError(f"{self.source}: indices must be [T, L={len(self.layers)}, K], "
+                                   f"got {tuple(self.indices.shape)}")
+            if self.indices.numel() and not 0 <= int(self.indices.min()) <= int(self.indices.max()) < self.num_experts:
+                raise ProfileError(f"{self.source}: expert ids outside 0..{self.num_experts - 1}")
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.indices is None else self.indices.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return 0 if self.indices is None else self.indices.shape[2]
+
+    def load(self) -> torch.Tensor:
+        """[L, E] token-slots per expert."""
+        if self.counts is not None:
+            return self.counts.float()
+        assert self.indices is not None
+        L = len(self.layers)
+        flat = self.indices.permute(1, 0, 2).reshape(L, -1)
+        return torch.stack([torch.bincount(flat[i], minlength=self.num_experts) for i in range(L)]).float()
+
+    def select(self, tokens: slice | torch.Tensor) -> RoutingProfile:
+        assert self.indices is not None, "select needs token-level indices"
+        return RoutingProfile(self.num_experts, list(self.layers), self.indices[tokens], source=self.source)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        data: dict[str, Any] = {"num_experts": self.num_experts, "layers": self.layers,
+                                "load": self.load().tolist()}
+        if self.indices is not None:
+            data["indices"] = self.indices.tolist()
+        Path(path).write_text(json.dumps(data))
+
+
+def read_mixtral_jsonl(paths: list[Path], *, num_experts: int = 8) -> RoutingProfile:
+    """Third-party Mixtral traces: {"dataset", "problem_id", "layer", "experts", "token_idx"} per line.
+    Tokens missing a layer are dropped (their replay would be incomplete)."""
+    tokens: dict[tuple[Any, ...], dict[int, list[int]]] = defaultdict(dict)
+    for path in paths:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    key = (str(path), rec.get("dataset"), rec.get("problem_id"), int(rec["token_idx"]))
+                    tokens[key][int(rec["layer"])] = [int(e) for e in rec["experts"]]
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise ProfileError(f"{path}:{n}: not a routing record ({e!r})") from e
+    if not tokens:
+        raise ProfileError(f"no routing records in {', '.join(map(str, paths))}")
+    layers = sorted({layer for rec in tokens.values() for layer in rec})
+    full = [rec for rec in tokens.values() if len(rec) == len(layers)]
+    indices = torch.tensor([[rec[layer] for layer in layers] for rec in full], dtype=torch.long)
+    return RoutingProfile(num_experts, layers, indices, source=", ".join(p.name for p in paths))
+
+
+def _is_mixtral_jsonl(path: Path) -> bool:
+    with open(path) as f:
+        first = f.readline()
+    try:
+        rec = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(rec, dict) and "experts" in rec and "layer" in rec and "token_idx" in rec
+
+
+def read_profile(path: str | os.PathLike[str], *, num_experts: int | None = None) -> RoutingProfile:
+    """Read a routing trace or profile (a file, or a folder of *_routing.jsonl files)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*routing*.jsonl")) or sorted(path.glob("*.jsonl"))
+        if not files:
+            raise ProfileError(f"{path} holds no *.jsonl routing traces")
+        return read_mixtral_jsonl(files, num_experts=num_experts or 8)
+    if not path.is_file():
+        raise ProfileError(f"routing trace/profile {path} does not exist")
+    if path.suffix == ".jsonl" and _is_mixtral_jsonl(path):
+        return read_mixtral_jsonl([path], num_experts=num_experts or 8)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{path} is not valid JSON: {e}") from e
+        if isinstance(data, dict) and "load" in data:
+            idx = torch.tensor(data["indices"], dtype=torch.long) if data.get("indices") else None
+            return RoutingProfile(int(data["num_experts"]), [int(v) for v in data["layers"]], idx,
+                                  None if idx is not None else torch.tensor(data["load"], dtype=torch.float),
+                                  source=str(path))
+    return _read_moeinfer_trace(path, num_experts)
+
+
+def _read_moeinfer_trace(path: Path, num_experts: int | None) -> RoutingProfile:
+    """moeinfer's own trace format, through the engine's reader when it is available."""
+    try:
+        from moeinfer.engine import trace_convert  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise ProfileError(f"{path}: not a placement profile (.json with 'load') nor a Mixtral routing "
+                           "jsonl, and moeinfer's trace reader is not available") from e
+    reader = getattr(trace_convert, "read_trace", None) or getattr(trace_convert, "load_trace", None)
+    if reader is None:
+        raise ProfileError(f"{path}: moeinfer.engine.trace_convert has no read_trace to read it")
+    trace = reader(path)
+    indices = torch.as_tensor(getattr(trace, "indices"))
+    layers = [int(v) for v in getattr(trace, "layers", range(indices.shape[1]))]
+    experts = int(getattr(trace, "num_experts", num_experts or int(indices.max()) + 1))
+    return RoutingProfile(experts, layers, indices.long(), source=str(path))
