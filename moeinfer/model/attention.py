@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeinfer.config import ModelConfig
-from moeinfer.model.kv_cache import LayerKV
+from moeinfer.model.kv_cache import CacheStep, LayerKV
 from moeinfer.model.norm import RMSNorm
 from moeinfer.model.rope import RotaryEmbedding
 
@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.scale = Dh**-0.5
 
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor,
-                kv: LayerKV | None = None, slots: tuple[int, int] | None = None) -> torch.Tensor:
+                kv: LayerKV | None = None, step: CacheStep | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*Dh] ...
         if self.qk_norm == "full":
@@ -61,11 +61,8 @@ class Attention(nn.Module):
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if kv is not None:
-            assert slots is not None
-            start, end = slots
-            kv.a[:, :, start:end] = k
-            kv.b[:, :, start:end] = v
-            k, v = kv.a[:, :, :end], kv.b[:, :, :end]  # [B, Hkv, S, Dh]
+            assert step is not None, "a KV cache needs the CacheStep of the new tokens"
+            k, v = kv.write(step, k, v)  # [B, Hkv, S, Dh]
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

@@ -1,8 +1,13 @@
-"""Preallocated KV cache for a batch of sequences.
+"""Preallocated KV cache with a fill length per row.
 
-Shapes: B batch, S cache slots (max length), Hkv key/value heads, Dh head dim, C latent dim (MLA).
-Sequences of different lengths are left-padded: every row writes the same slots at each step and
-`valid[b, s]` says whether slot s of row b holds a real token. Attention masks are derived from it.
+Shapes: B batch rows, T new tokens, S cache slots (max length), Hkv key/value heads, Dh head dim,
+C latent dim and R rotary dim (MLA).
+
+Each row has its own length, so rows can hold sequences at different stages: a left-padded batch
+from `generate` (all rows write the same slots; `valid[b, s]` marks padding) or the running requests
+of continuous batching (each row writes at its own length). `rows(i, j)` is a view of some rows
+sharing the storage, so a forward can work on part of the cache; `move_row`/`clear_row` let a
+scheduler keep its running rows contiguous.
 """
 
 from __future__ import annotations
@@ -15,42 +20,114 @@ from moeinfer.config import ModelConfig
 
 
 @dataclass
+class CacheStep:
+    """Where one forward's T new tokens go: row b writes slots starts[b] .. starts[b] + T - 1."""
+
+    q_slots: torch.Tensor  # [B, T] slot of each new token
+    uniform_start: int | None  # the common start when every row starts at the same slot
+    end: int  # 1 + the last slot written in any row: attention reads slots [0, end)
+
+
+@dataclass
 class LayerKV:
-    """One layer's cache: (k, v) [B, Hkv, S, Dh] for GQA, (latent [B, S, C], k_rope [B, S, R]) for MLA."""
+    """One layer's cache: (k, v) [B, Hkv, S, Dh] for GQA (seq_dim 2); (latent [B, S, C],
+    k_rope [B, S, R]) for MLA (seq_dim 1)."""
 
     a: torch.Tensor
     b: torch.Tensor
+    seq_dim: int
+
+    def write(self, step: CacheStep, a_new: torch.Tensor, b_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens (laid out like the cache, T along seq_dim); return slots [0, end)."""
+        if step.uniform_start is not None:
+            s = step.uniform_start
+            sl = (slice(None),) * self.seq_dim + (slice(s, s + a_new.shape[self.seq_dim]),)
+            self.a[sl] = a_new
+            self.b[sl] = b_new
+        else:
+            rows = torch.arange(self.a.shape[0], device=self.a.device)[:, None]  # [B, 1]
+            if self.seq_dim == 2:  # [B, H, T, D] -> indexed as [B, T, H, D]
+                self.a[rows, :, step.q_slots] = a_new.transpose(1, 2)
+                self.b[rows, :, step.q_slots] = b_new.transpose(1, 2)
+            else:
+                self.a[rows, step.q_slots] = a_new
+                self.b[rows, step.q_slots] = b_new
+        upto = (slice(None),) * self.seq_dim + (slice(0, step.end),)
+        return self.a[upto], self.b[upto]
 
 
 class KVCache:
-    """Static-shape cache; `length` slots are filled for every row."""
+    """Static-shape cache for `batch_size` rows of up to `max_length` tokens each."""
 
     def __init__(self, config: ModelConfig, *, batch_size: int, max_length: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if max_length < 1 or batch_size < 1:
+            raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
         self.max_length = max_length
-        self.batch_size = batch_size
-        self.length = 0
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # on the host: read without a device sync
         self.layers: list[LayerKV] = []
         for _ in range(config.num_layers):
             if config.attention == "mla":
                 assert config.mla is not None
                 a = torch.zeros(batch_size, max_length, config.mla.kv_lora_rank, device=device, dtype=dtype)
                 b = torch.zeros(batch_size, max_length, config.mla.qk_rope_head_dim, device=device, dtype=dtype)
+                self.layers.append(LayerKV(a, b, seq_dim=1))
             else:
                 shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
-                a = torch.zeros(shape, device=device, dtype=dtype)
-                b = torch.zeros(shape, device=device, dtype=dtype)
-            self.layers.append(LayerKV(a, b))
+                self.layers.append(LayerKV(torch.zeros(shape, device=device, dtype=dtype),
+                                           torch.zeros(shape, device=device, dtype=dtype), seq_dim=2))
 
-    def reserve(self, n: int) -> tuple[int, int]:
-        """Slot range [start, end) for n new tokens; raises if the cache is full."""
-        start, end = self.length, self.length + n
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def length(self) -> int:
+        """The longest row's length."""
+        return int(self.lengths.max())
+
+    def begin(self, new_valid: torch.Tensor) -> CacheStep:
+        """Reserve slots for new tokens new_valid [B, T] (False = padding) and mark them."""
+        B, T = new_valid.shape
+        starts = self.lengths.clone()
+        end = int(starts.max()) + T
         if end > self.max_length:
             raise ValueError(f"KV cache overflow: {end} tokens > max_length={self.max_length}")
-        return start, end
+        device = self.valid.device
+        uniform = int(starts[0]) if bool((starts == starts[0]).all()) else None
+        q_slots = starts.to(device)[:, None] + torch.arange(T, device=device)[None]  # [B, T]
+        if uniform is not None:
+            self.valid[:, uniform:uniform + T] = new_valid
+        else:
+            self.valid[torch.arange(B, device=device)[:, None], q_slots] = new_valid
+        self.lengths += T
+        return CacheStep(q_slots=q_slots, uniform_start=uniform, end=end)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view of rows [start, stop) sharing this cache's storage (and lengths)."""
+        view = object.__new__(KVCache)
+        view.max_length = self.max_length
+        view.valid = self.valid[start:stop]
+        view.lengths = self.lengths[start:stop]
+        view.layers = [LayerKV(kv.a[start:stop], kv.b[start:stop], kv.seq_dim) for kv in self.layers]
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row src (its keys, values, validity and length) into row dst."""
+        if src == dst:
+            return
+        n = int(self.lengths[src])
+        for kv in self.layers:
+            sl = (slice(0, n),) if kv.seq_dim == 1 else (slice(None), slice(0, n))
+            kv.a[(dst, *sl)] = kv.a[(src, *sl)]
+            kv.b[(dst, *sl)] = kv.b[(src, *sl)]
+        self.valid[dst] = self.valid[src]
+        self.lengths[dst] = n
+
+    def clear_row(self, row: int) -> None:
+        self.valid[row] = False
+        self.lengths[row] = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.a, layer.b))

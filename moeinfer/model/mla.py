@@ -26,7 +26,7 @@ from torch import nn
 
 from moeinfer.config import ModelConfig, RopeConfig
 from moeinfer.model.attention import attend
-from moeinfer.model.kv_cache import LayerKV
+from moeinfer.model.kv_cache import CacheStep, LayerKV
 from moeinfer.model.norm import RMSNorm
 from moeinfer.model.rope import RotaryEmbedding, yarn_mscale
 
@@ -76,7 +76,7 @@ class MLAttention(nn.Module):
         self.scale = softmax_scale(config.rope, self.qk_head_dim)
 
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor,
-                kv: LayerKV | None = None, slots: tuple[int, int] | None = None) -> torch.Tensor:
+                kv: LayerKV | None = None, step: CacheStep | None = None) -> torch.Tensor:
         """x [B, T, D], positions [B, T], mask [B, 1, T, S] bool -> [B, T, D]."""
         B, T, _ = x.shape
         H = self.num_heads
@@ -99,12 +99,9 @@ class MLAttention(nn.Module):
 
         # 4. Cache the compressed latent and the rotated shared key; attend over every slot so far.
         if kv is not None:
-            if slots is None:
-                raise ValueError("MLAttention: a KV cache needs the slots (start, end) of the new tokens")
-            start, end = slots
-            kv.a[:, start:end] = latent
-            kv.b[:, start:end] = k_rope
-            latent, k_rope = kv.a[:, :end], kv.b[:, :end]  # [B, S, C], [B, S, R]
+            if step is None:
+                raise ValueError("MLAttention: a KV cache needs the CacheStep of the new tokens")
+            latent, k_rope = kv.write(step, latent, k_rope)  # [B, S, C], [B, S, R]
         S = latent.shape[1]
 
         # 5. Up-project the latent into per-head keys and values.

@@ -9,6 +9,7 @@ to it afterwards and replace one stage of the MoE block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,20 +23,26 @@ from moeinfer.model.moe import MoEBlock
 from moeinfer.model.norm import RMSNorm
 
 
+TokenObserver = Callable[[torch.Tensor, torch.Tensor, bool], None]
+"""token_observer(valid [B, T] bool, positions [B, T] int64, new_sequences): called by forward before
+the layers run, so that routing observers can tell real tokens from padding (moeinfer.engine.trace).
+new_sequences is True when the tokens start their rows (no cache, or an empty one)."""
+
+
 def build_mask(key_valid: torch.Tensor, q_slots: torch.Tensor, window: int | None) -> torch.Tensor:
     """Boolean attention mask [B, 1, T, S].
 
-    key_valid [B, S]: slot holds a real token; q_slots [T]: slot index of each query.
+    key_valid [B, S]: slot holds a real token; q_slots [B, T]: slot index of each query.
     A query sees valid keys at or before its own slot (and within `window` slots if set); it always
     sees itself, so padding rows stay finite and never read another row's keys.
     """
     S = key_valid.shape[1]
-    k_slots = torch.arange(S, device=key_valid.device)
-    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    k_slots = torch.arange(S, device=key_valid.device)[None, None, :]  # [1, 1, S]
+    q = q_slots[:, :, None]  # [B, T, 1]
+    allowed = k_slots <= q
     if window is not None:
-        allowed &= (q_slots[:, None] - k_slots[None, :]) < window
-    mask = allowed[None] & key_valid[:, None, :]  # [B, T, S]
-    mask |= k_slots[None, None, :] == q_slots[None, :, None]
+        allowed &= (q - k_slots) < window
+    mask = (allowed & key_valid[:, None, :]) | (k_slots == q)  # [B, T, S]
     return mask[:, None]
 
 
@@ -80,6 +87,7 @@ class MoEModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.tokenizer: Any = None  # moeinfer.loading.tokenizer.Tokenizer, set by load()
         self.source_dir: str | None = None
+        self.token_observer: TokenObserver | None = None
 
     @property
     def device(self) -> torch.device:
@@ -101,25 +109,22 @@ class MoEModel(nn.Module):
         new_valid = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
                      else attention_mask.to(device=device, dtype=torch.bool))
         if cache is None:
-            key_valid, start, end = new_valid, 0, T
-            slots = None
+            key_valid, step = new_valid, None
+            q_slots = torch.arange(T, device=device).expand(B, T)
         else:
-            start, end = cache.reserve(T)
-            cache.valid[:, start:end] = new_valid
-            key_valid = cache.valid[:, :end]
-            slots = (start, end)
+            step = cache.begin(new_valid)
+            key_valid, q_slots = cache.valid[:, :step.end], step.q_slots
         # Position of each new token = number of real tokens before it in its row.
-        positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]  # [B, T]
-        q_slots = torch.arange(start, end, device=device)
+        positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slots)  # [B, T]
+        if self.token_observer is not None:
+            self.token_observer(new_valid, positions, step is None or step.uniform_start == 0)
         masks: dict[int | None, torch.Tensor] = {}
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             if layer.window not in masks:
                 masks[layer.window] = build_mask(key_valid, q_slots, layer.window)
             x = layer(x, positions=positions, mask=masks[layer.window],
-                      kv=cache.layers[i] if cache is not None else None, slots=slots)
-        if cache is not None:
-            cache.length = end
+                      kv=cache.layers[i] if cache is not None else None, step=step)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 

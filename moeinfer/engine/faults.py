@@ -1,0 +1,84 @@
+"""Graceful degradation when experts fail (the survey's fault-tolerance gap, its section 6.2.2).
+
+An expert whose weights cannot be used (a load error, a failed transfer, or a fault injected for
+testing) is masked in its layer's router: tokens go to their next-best available experts, the model
+keeps answering, and every rerouted token is counted.
+
+Steps: 1. `mask(layer, expert)` marks the expert unavailable in that layer's Router;
+2. the route stage removes masked experts from the choice before top-k (weights renormalise as the
+architecture does); 3. each router counts tokens whose unmasked top-k held a masked expert.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from moeinfer.model.moe import MoEBlock, Routing
+from moeinfer.model.transformer import MoEModel
+
+
+def parse_fault(spec: str) -> tuple[int, int]:
+    """'LAYER:EXPERT' -> (layer, expert)."""
+    try:
+        layer, expert = (int(p) for p in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"expert fault {spec!r} must be LAYER:EXPERT, e.g. 3:5") from None
+    return layer, expert
+
+
+class ExpertFaults:
+    """Which experts are masked, per layer, and how many tokens were rerouted because of it."""
+
+    def __init__(self, model: MoEModel) -> None:
+        self.blocks: dict[int, MoEBlock] = {b.layer_idx: b for b in model.moe_blocks()}
+        self.reasons: dict[tuple[int, int], str] = {}
+
+    def mask(self, layer: int, expert: int, reason: str = "injected") -> None:
+        if layer not in self.blocks:
+            raise ValueError(f"layer {layer} has no MoE block; MoE layers: {sorted(self.blocks)}")
+        router = self.blocks[layer].gate
+        E = router.weight.shape[0]
+        if not 0 <= expert < E:
+            raise ValueError(f"expert {expert} does not exist in layer {layer} (0..{E - 1})")
+        available = router.available if router.available is not None else torch.ones(
+            E, dtype=torch.bool, device=router.weight.device)
+        available = available.clone()
+        available[expert] = False
+        k = router.top_k or router.cfg.top_k
+        if int(available.sum()) < k:
+            raise ValueError(f"cannot mask expert {expert} of layer {layer}: fewer than top_k={k} experts "
+                             "would remain")
+        router.available = available
+        self.reasons[(layer, expert)] = reason
+
+    def masked(self) -> list[tuple[int, int]]:
+        return sorted(self.reasons)
+
+    def count(self) -> int:
+        return len(self.reasons)
+
+    @property
+    def degraded_tokens(self) -> int:
+        return sum(b.gate.rerouted_tokens for b in self.blocks.values())
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of each MoE layer, counted by a routing observer."""
+
+    def __init__(self, model: MoEModel) -> None:
+        self.counts: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(0, dtype=np.int64))
+        for block in model.moe_blocks():
+            E = block.experts.num_experts
+            self.counts[block.layer_idx] = np.zeros(E, dtype=np.int64)
+            block.observer = self._chain(block.observer, E)
+
+    def _chain(self, previous, num_experts: int):  # noqa: ANN001, ANN202
+        def observe(layer: int, routing: Routing) -> None:
+            self.counts[layer] += torch.bincount(routing.indices.reshape(-1), minlength=num_experts).cpu().numpy()
+            if previous is not None:
+                previous(layer, routing)
+
+        return observe
