@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["generate", "inspect", "trace"]
+SUBCOMMANDS = ["generate", "inspect", "trace", "placement"]
 DEFAULT_MODEL = "tiny"
 
 
@@ -39,12 +39,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: the checkpoint's)")
+    from moeinfer.parallel.launch import add_expert_parallel_args
+
+    add_expert_parallel_args(p)
 
 
 def load_model(args: argparse.Namespace):
     from moeinfer.api import load
+    from moeinfer.parallel.launch import expert_parallel_config, secondary_rank_quiet_
 
-    return load(args.model, device=args.device, dtype=args.dtype)
+    ep = expert_parallel_config(args)
+    model = load(args.model, device=args.device, dtype=args.dtype, expert_parallel=ep)
+    if ep is not None:
+        secondary_rank_quiet_(args)  # rank 0 alone prints and writes files
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:

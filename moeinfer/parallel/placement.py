@@ -125,6 +125,14 @@ class Placement:
                 raise
             raise PlacementError(f"{source} is not a valid placement file: {e!r}") from e
 
+    def dumps(self) -> str:
+        """JSON text with one line per layer (readable, diffable)."""
+        data = self.to_json()
+        layers = data.pop("layers")
+        head = json.dumps(data, indent=1)[:-2]
+        body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in layers.items())
+        return f"{head},\n \"layers\": {{\n{body}\n }}\n}}\n"
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write JSON atomically (temp file in the same folder, then rename)."""
         path = Path(path)
@@ -132,7 +140,7 @@ class Placement:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
+                f.write(self.dumps())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

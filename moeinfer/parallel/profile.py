@@ -4,8 +4,9 @@ Shapes: T tokens, L MoE layers, K top-k, E experts.
 
 A `RoutingProfile` holds either token-level choices `indices [T, L, K]` (a trace) or only the
 expected load `load [L, E]` (tokens per expert). Readers:
-- moeinfer's own routing traces (`moeinfer.engine.trace_convert.read_trace` when that module exists);
-- the third-party Mixtral-8x7B jsonl traces (one line per token and layer with "experts");
+- moeinfer's own routing traces (.npz, `moeinfer.engine.trace.RoutingTrace`); -1 marks an unused slot;
+- the third-party Mixtral-8x7B jsonl traces (one line per token and layer with "experts"), through
+  `moeinfer.engine.trace_convert` when present;
 - a profile JSON written by `RoutingProfile.save` ({"num_experts", "layers", "load"} and optional
   "indices").
 """
@@ -30,7 +31,7 @@ class ProfileError(ValueError):
 class RoutingProfile:
     num_experts: int
     layers: list[int]  # model layer index of each MoE layer (row of load / column of indices)
-    indices: torch.Tensor | None = None  # [T, L, K] int64 expert chosen by token t in layer l
+    indices: torch.Tensor | None = None  # [T, L, K] int64 expert chosen by token t in layer l (-1: none)
     counts: torch.Tensor | None = None  # [L, E] float tokens per expert, when no indices are known
     source: str = ""
 
@@ -41,8 +42,8 @@ class RoutingProfile:
             if self.indices.dim() != 3 or self.indices.shape[1] != len(self.layers):
                 raise ProfileError(f"{self.source}: indices must be [T, L={len(self.layers)}, K], "
                                    f"got {tuple(self.indices.shape)}")
-            if self.indices.numel() and not 0 <= int(self.indices.min()) <= int(self.indices.max()) < self.num_experts:
-                raise ProfileError(f"{self.source}: expert ids outside 0..{self.num_experts - 1}")
+            if self.indices.numel() and not -1 <= int(self.indices.min()) <= int(self.indices.max()) < self.num_experts:
+                raise ProfileError(f"{self.source}: expert ids outside 0..{self.num_experts - 1} (-1: unused slot)")
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +60,8 @@ class RoutingProfile:
         assert self.indices is not None
         L = len(self.layers)
         flat = self.indices.permute(1, 0, 2).reshape(L, -1)
-        return torch.stack([torch.bincount(flat[i], minlength=self.num_experts) for i in range(L)]).float()
+        return torch.stack([torch.bincount(flat[i][flat[i] >= 0], minlength=self.num_experts)
+                            for i in range(L)]).float()
 
     def select(self, tokens: slice | torch.Tensor) -> RoutingProfile:
         assert self.indices is not None, "select needs token-level indices"
@@ -107,42 +109,47 @@ def _is_mixtral_jsonl(path: Path) -> bool:
 
 
 def read_profile(path: str | os.PathLike[str], *, num_experts: int | None = None) -> RoutingProfile:
-    """Read a routing trace or profile (a file, or a folder of *_routing.jsonl files)."""
+    """Read a routing trace or profile: a moeinfer trace (.npz), Mixtral routing jsonl (a file or a
+    folder of them), or a profile .json written by RoutingProfile.save."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*routing*.jsonl")) or sorted(path.glob("*.jsonl"))
         if not files:
             raise ProfileError(f"{path} holds no *.jsonl routing traces")
-        return read_mixtral_jsonl(files, num_experts=num_experts or 8)
+        return _mixtral(files, num_experts)
     if not path.is_file():
         raise ProfileError(f"routing trace/profile {path} does not exist")
     if path.suffix == ".jsonl" and _is_mixtral_jsonl(path):
-        return read_mixtral_jsonl([path], num_experts=num_experts or 8)
+        return _mixtral([path], num_experts)
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ProfileError(f"{path} is not valid JSON: {e}") from e
-        if isinstance(data, dict) and "load" in data:
-            idx = torch.tensor(data["indices"], dtype=torch.long) if data.get("indices") else None
-            return RoutingProfile(int(data["num_experts"]), [int(v) for v in data["layers"]], idx,
-                                  None if idx is not None else torch.tensor(data["load"], dtype=torch.float),
-                                  source=str(path))
-    return _read_moeinfer_trace(path, num_experts)
+        if not (isinstance(data, dict) and "load" in data):
+            raise ProfileError(f"{path}: a profile .json needs 'num_experts', 'layers' and 'load'")
+        idx = torch.tensor(data["indices"], dtype=torch.long) if data.get("indices") else None
+        return RoutingProfile(int(data["num_experts"]), [int(v) for v in data["layers"]], idx,
+                              None if idx is not None else torch.tensor(data["load"], dtype=torch.float),
+                              source=str(path))
+    if path.suffix == ".npz":
+        from moeinfer.engine.trace import RoutingTrace
+
+        return from_trace(RoutingTrace.load(path), source=str(path))
+    raise ProfileError(f"{path}: not a routing trace (.npz), Mixtral routing .jsonl or profile .json")
 
 
-def _read_moeinfer_trace(path: Path, num_experts: int | None) -> RoutingProfile:
-    """moeinfer's own trace format, through the engine's reader when it is available."""
+def from_trace(trace: Any, *, source: str = "") -> RoutingProfile:
+    """A moeinfer RoutingTrace (moeinfer.engine.trace) -> RoutingProfile (-1 slots stay -1)."""
+    return RoutingProfile(int(trace.num_experts), [int(v) for v in trace.layers],
+                          torch.from_numpy(trace.experts.astype("int64")), source=source)
+
+
+def _mixtral(files: list[Path], num_experts: int | None) -> RoutingProfile:
+    """Through the engine's converter when it is there (it checks every field), else our parser."""
     try:
-        from moeinfer.engine import trace_convert  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise ProfileError(f"{path}: not a placement profile (.json with 'load') nor a Mixtral routing "
-                           "jsonl, and moeinfer's trace reader is not available") from e
-    reader = getattr(trace_convert, "read_trace", None) or getattr(trace_convert, "load_trace", None)
-    if reader is None:
-        raise ProfileError(f"{path}: moeinfer.engine.trace_convert has no read_trace to read it")
-    trace = reader(path)
-    indices = torch.as_tensor(getattr(trace, "indices"))
-    layers = [int(v) for v in getattr(trace, "layers", range(indices.shape[1]))]
-    experts = int(getattr(trace, "num_experts", num_experts or int(indices.max()) + 1))
-    return RoutingProfile(experts, layers, indices.long(), source=str(path))
+        from moeinfer.engine.trace_convert import convert_mixtral
+    except ImportError:
+        return read_mixtral_jsonl(files, num_experts=num_experts or 8)
+    return from_trace(convert_mixtral(files, num_experts=num_experts or 8),
+                      source=", ".join(p.name for p in files))
