@@ -137,7 +137,9 @@ def generate(model: MoEModel, prompts: Sequence[Prompt], *, max_new_tokens: int 
                 on_token(b, t, delta)
         if all(r is not None for r in reasons) or step == max_new_tokens - 1:
             break
-        logits = model(next_ids[:, None], cache=cache)[:, -1]
+        # Finished rows keep running (static batch) but their new tokens count as padding.
+        active = torch.tensor([r is None for r in reasons], device=device)[:, None]  # [B, 1]
+        logits = model(next_ids[:, None], attention_mask=active, cache=cache)[:, -1]
 
     results = []
     for b in range(B):
