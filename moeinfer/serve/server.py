@@ -1,0 +1,70 @@
+"""Running the app under uvicorn, with graceful shutdown: on SIGTERM the server stops accepting,
+lets in-flight requests finish for up to `shutdown_timeout` seconds, cancels the rest, exits 0."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from moeinfer.engine.batching import BatchEngine
+from moeinfer.engine.faults import ExpertFaults, ExpertLoad
+from moeinfer.model.transformer import MoEModel
+from moeinfer.serve.app import ServerLimits, create_app
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    prefill_chunk: int = 256
+    max_model_len: int | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    expert_faults: list[tuple[int, int]] = field(default_factory=list)
+    shutdown_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("the API key must not be empty")
+
+
+def build_app(model: MoEModel, cfg: ServeConfig):  # noqa: ANN201
+    engine = BatchEngine(model, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                         prefill_chunk=cfg.prefill_chunk, max_context=cfg.max_model_len).start()
+    faults = ExpertFaults(model)
+    for layer, expert in cfg.expert_faults:
+        faults.mask(layer, expert, reason="injected with --inject-expert-fault")
+    return create_app(engine, model_name=cfg.model_name, api_key=cfg.api_key, limits=cfg.limits, faults=faults,
+                      expert_load=ExpertLoad(model), shutdown_timeout=cfg.shutdown_timeout)
+
+
+def serve(model: MoEModel, cfg: ServeConfig) -> int:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown (the process then dies of the signal);
+        we only ask for the graceful exit, so a drained server exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # noqa: ANN202
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    app = build_app(model, cfg)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
+                            timeout_graceful_shutdown=max(1, int(cfg.shutdown_timeout)))
+    Server(config).run()
+    return 0
