@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["load", "save", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
-           "__version__"]
+           "evaluate", "__version__"]
 
 _LAZY = {
     "load": "moeinfer.api",
@@ -20,6 +20,7 @@ _LAZY = {
     "MoEModel": "moeinfer.model.transformer",
     "ModelConfig": "moeinfer.config",
     "supported_model_types": "moeinfer.arch",
+    "evaluate": "moeinfer.eval",
 }
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from moeinfer.arch import supported_model_types
     from moeinfer.config import ModelConfig
     from moeinfer.engine.generate import Generation, generate
+    from moeinfer.eval import evaluate
     from moeinfer.model.transformer import MoEModel
 
 

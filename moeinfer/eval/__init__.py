@@ -1,0 +1,9 @@
+"""Quality yardstick: held-out bits per byte and perplexity (`evaluate`), and the evaluation texts
+shipped with moeinfer (`english`, `python`) or read from a user's file or folder (`load_dataset`)."""
+
+from __future__ import annotations
+
+from moeinfer.eval.datasets import DATASETS, EvalText, load_dataset
+from moeinfer.eval.perplexity import EvalResult, evaluate, window_spans
+
+__all__ = ["evaluate", "EvalResult", "EvalText", "load_dataset", "DATASETS", "window_spans"]
