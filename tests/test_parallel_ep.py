@@ -171,6 +171,12 @@ def check_dead_peer(rank: int, world: int, *, ckpt: str) -> str:
     return "no error"
 
 
+def check_two_ranks(rank: int, world: int, *, ckpts: dict[str, str], scratch: str) -> dict:
+    """One spawn for the default run: models vs the single process, then sharded tokens."""
+    return {"models": check_models(rank, world, ckpts=ckpts, scratch=scratch),
+            "sharded": check_sharded(rank, world, ckpt=ckpts["qwen2_moe"])}
+
+
 # -- tests -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -185,9 +191,12 @@ def ckpts(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def test_two_ranks_match_single_process(ckpts, tmp_path):
-    results = run_ranks("check_models", 2, tmp_path, ckpts=ckpts, scratch=str(tmp_path))
+def test_two_ranks_match_single_process_and_dedup_saves_bytes(ckpts, tmp_path):
+    results = run_ranks("check_two_ranks", 2, tmp_path, ckpts=ckpts, scratch=str(tmp_path))
     assert_all_ok(results)
+    dedup = sum(r["value"]["sharded"]["true"] for r in results)
+    plain = sum(r["value"]["sharded"]["false"] for r in results)
+    assert dedup < plain
 
 
 @pytest.mark.slow
@@ -208,12 +217,6 @@ def test_deepseek_v3_two_ranks(tmp_path):
     assert_all_ok(results)
 
 
-def test_sharded_tokens_and_dedup_bytes(ckpts, tmp_path):
-    results = run_ranks("check_sharded", 2, tmp_path, ckpt=ckpts["qwen2_moe"])
-    assert_all_ok(results)
-    dedup = sum(r["value"]["true"] for r in results)
-    plain = sum(r["value"]["false"] for r in results)
-    assert dedup < plain
 
 
 def test_dead_peer_gives_clear_error(ckpts, tmp_path):
