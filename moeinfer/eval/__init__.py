@@ -6,4 +6,4 @@ from __future__ import annotations
 from moeinfer.eval.datasets import DATASETS, EvalText, load_dataset
 from moeinfer.eval.perplexity import EvalResult, evaluate, window_spans
 
-__all__ = ["evaluate", "EvalResult", "EvalText", "load_dataset", "DATASETS", "window_spans"]
+__all__ = ["DATASETS", "EvalResult", "EvalText", "evaluate", "load_dataset", "window_spans"]
