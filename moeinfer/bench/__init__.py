@@ -1,0 +1,1 @@
+"""Benchmarking: workloads, metrics and reports (the standardized MoE inference benchmark)."""
