@@ -122,6 +122,15 @@ def check_models(rank: int, world: int, *, ckpts: dict[str, str], scratch: str) 
             assert err <= ATOL, f"{arch} {case}: logits differ by {err}"
             gen = [g.token_ids for g in generate(model, prompts, max_new_tokens=6, ignore_eos=True)]
             assert gen == want_gen, f"{arch} {case}: generation {gen} != {want_gen}"
+            if case["placement"] == "contiguous":  # routing traces record the same experts
+                from moeinfer.engine.trace import record_routing
+
+                traces = []
+                for m in (ref, model):
+                    with record_routing(m, logits=False) as rec:
+                        generate(m, prompts, max_new_tokens=3, ignore_eos=True)
+                    traces.append(rec.trace().experts)
+                assert (traces[0] == traces[1]).all(), f"{arch}: traced experts differ"
             summary = summarize(gather_stats(expert_parallel_stats(model)))
             assert sum(r["slots_computed"] for r in summary["per_rank"]) > 0
             report[f"{arch}/{case['placement']}"] = {"err": err, "imbalance": summary["imbalance_total"],

@@ -31,6 +31,8 @@ def add_expert_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="memory budget of the replicated placement, in experts per rank and layer")
     g.add_argument("--ep-overlap", action="store_true", help="two-batch overlap of all-to-all and experts")
     g.add_argument("--ep-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
+    g.add_argument("--ep-stats", action="store_true",
+                   help="at exit, rank 0 prints per-rank tokens, bytes, imbalance and comm/compute time (stderr)")
 
 
 def expert_parallel_config(args: argparse.Namespace) -> Any:
@@ -45,14 +47,17 @@ def expert_parallel_config(args: argparse.Namespace) -> Any:
                                 timeout_s=args.ep_timeout)
 
 
-def secondary_rank_quiet_(args: argparse.Namespace) -> None:
+def secondary_rank_quiet_(args: argparse.Namespace, model: Any = None) -> None:
     """On ranks other than 0: stdout to /dev/null and output files into a scratch folder removed at
-    exit, so that rank 0 alone prints and writes. Registers the process group's shutdown at exit."""
+    exit, so that rank 0 alone prints and writes. Registers the process group's shutdown at exit
+    (and, with --ep-stats, the statistics report before it)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
     atexit.register(_shutdown)
+    if getattr(args, "ep_stats", False) and model is not None:
+        atexit.register(_report, model)
     if dist.get_rank() == 0:
         return
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
@@ -62,6 +67,22 @@ def secondary_rank_quiet_(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if isinstance(value, str) and value:
             setattr(args, name, os.path.join(scratch, os.path.basename(value.rstrip("/")) or "out"))
+
+
+def _report(model: Any) -> None:
+    """Every rank joins the gather; rank 0 prints. Best effort: a failed peer only loses the report."""
+    from moeinfer.parallel.apply import expert_parallel_stats
+    from moeinfer.parallel.stats import format_summary, gather_stats, summarize
+
+    try:
+        ranks = gather_stats(expert_parallel_stats(model))
+    except Exception as e:  # noqa: BLE001 - at exit, after the command's own result
+        print(f"moeinfer: expert-parallel statistics unavailable: {e}", file=sys.stderr)
+        return
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(format_summary(summarize(ranks)), file=sys.stderr)
 
 
 def _shutdown() -> None:
