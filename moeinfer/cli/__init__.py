@@ -51,7 +51,7 @@ def load_model(args: argparse.Namespace):
     ep = expert_parallel_config(args)
     model = load(args.model, device=args.device, dtype=args.dtype, expert_parallel=ep)
     if ep is not None:
-        secondary_rank_quiet_(args)  # rank 0 alone prints and writes files
+        secondary_rank_quiet_(args, model)  # rank 0 alone prints and writes files
     return model
 
 
