@@ -135,3 +135,23 @@ def test_cancel_frees_the_row(model):
         engine.stop()
     assert reasons == ["cancelled"]
     assert len(results[0].token_ids) <= 3
+
+
+def test_expert_faults_mask_and_count(model):
+    from moeinfer.engine.faults import ExpertFaults, parse_fault
+
+    faults = ExpertFaults(model)
+    layer = model.moe_blocks()[0].layer_idx
+    faults.mask(layer, 1)
+    with pytest.raises(ValueError, match="does not exist"):
+        faults.mask(layer, 99)
+    with pytest.raises(ValueError, match="no MoE block"):
+        faults.mask(-1, 0)
+    with pytest.raises(ValueError, match="LAYER:EXPERT"):
+        parse_fault("3-1")
+    try:
+        out = moeinfer.generate(model, [[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=8, ignore_eos=True)
+        assert len(out[0].token_ids) == 8
+        assert faults.masked() == [(layer, 1)] and faults.degraded_tokens > 0
+    finally:
+        model.moe_blocks()[0].gate.available = None

@@ -169,3 +169,25 @@ def test_fused_expert_checkpoint_loads(ckpt, tmp_path):
     (d / "config.json").write_text((ckpt[0] / "config.json").read_text())
     fused = moeinfer.load(d, progress=False)
     assert torch.equal(_logits(model, 97), _logits(fused, 97))
+
+
+def test_failed_experts_can_be_masked_at_load(ckpt, tmp_path):
+    """on_expert_error='mask': a missing, a mis-shaped and a non-finite expert are masked, not fatal."""
+    d = _copy(ckpt[0], tmp_path / "c")
+
+    def damage(t):
+        t.pop("model.layers.0.block_sparse_moe.experts.2.w1.weight")
+        t["model.layers.1.block_sparse_moe.experts.5.w2.weight"] = torch.zeros(3, 3)
+        t["model.layers.1.block_sparse_moe.experts.7.w3.weight"][0, 0] = float("nan")
+
+    _rewrite(d, damage)
+    with pytest.raises(CheckpointError):
+        moeinfer.load(d, progress=False)
+    model = moeinfer.load(d, progress=False, on_expert_error="mask")
+    assert sorted(model.failed_experts) == [(0, 2), (1, 5), (1, 7)]
+    assert "missing" in model.failed_experts[(0, 2)] and "not finite" in model.failed_experts[(1, 7)]
+    blocks = model.moe_blocks()
+    routing = blocks[1].gate(torch.randn(64, 40))
+    assert not torch.isin(routing.indices, torch.tensor([5, 7])).any()
+    assert blocks[1].gate.rerouted_tokens > 0
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()

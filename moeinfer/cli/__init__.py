@@ -49,7 +49,8 @@ def load_model(args: argparse.Namespace):
     from moeinfer.parallel.launch import expert_parallel_config, secondary_rank_quiet_
 
     ep = expert_parallel_config(args)
-    model = load(args.model, device=args.device, dtype=args.dtype, expert_parallel=ep)
+    model = load(args.model, device=args.device, dtype=args.dtype, expert_parallel=ep,
+                 on_expert_error=getattr(args, "on_expert_error", "raise"))
     if ep is not None:
         secondary_rank_quiet_(args, model)  # rank 0 alone prints and writes files
     return model

@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--inject-expert-fault", action="append", default=[], metavar="LAYER:EXPERT",
                    help="mask an expert as failed (repeatable), to test graceful degradation")
+    p.add_argument("--on-expert-error", choices=["raise", "mask"], default="raise",
+                   help="mask: serve a checkpoint whose routed experts fail to load, with them masked")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds to drain on SIGTERM")
     p.set_defaults(func=run)
 

@@ -34,24 +34,15 @@ class ExpertFaults:
 
     def __init__(self, model: MoEModel) -> None:
         self.blocks: dict[int, MoEBlock] = {b.layer_idx: b for b in model.moe_blocks()}
-        self.reasons: dict[tuple[int, int], str] = {}
+        self.reasons: dict[tuple[int, int], str] = dict(getattr(model, "failed_experts", {}))
 
     def mask(self, layer: int, expert: int, reason: str = "injected") -> None:
         if layer not in self.blocks:
             raise ValueError(f"layer {layer} has no MoE block; MoE layers: {sorted(self.blocks)}")
-        router = self.blocks[layer].gate
-        E = router.weight.shape[0]
-        if not 0 <= expert < E:
-            raise ValueError(f"expert {expert} does not exist in layer {layer} (0..{E - 1})")
-        available = router.available if router.available is not None else torch.ones(
-            E, dtype=torch.bool, device=router.weight.device)
-        available = available.clone()
-        available[expert] = False
-        k = router.top_k or router.cfg.top_k
-        if int(available.sum()) < k:
-            raise ValueError(f"cannot mask expert {expert} of layer {layer}: fewer than top_k={k} experts "
-                             "would remain")
-        router.available = available
+        try:
+            self.blocks[layer].gate.mask_expert(expert)
+        except ValueError as e:
+            raise ValueError(f"layer {layer}: {e}") from None
         self.reasons[(layer, expert)] = reason
 
     def masked(self) -> list[tuple[int, int]]:

@@ -189,11 +189,19 @@ def _checkpoint_dtype(hf: dict[str, Any], files: list[SafetensorsFile]) -> torch
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
                     dtype: torch.dtype | str | None = None, progress: bool = True,
-                    expert_slots: Mapping[int, Sequence[int]] | None = None) -> MoEModel:
+                    expert_slots: Mapping[int, Sequence[int]] | None = None,
+                    on_expert_error: str = "raise") -> MoEModel:
     """Load a local HF-format MoE checkpoint directory; see the module docstring for the steps.
 
     expert_slots: {MoE layer index: experts to keep, in row order}; those layers hold only these
-    experts (the expert-parallel loader passes this rank's experts)."""
+    experts (the expert-parallel loader passes this rank's experts).
+    on_expert_error: "raise" (default), or "mask": a routed expert whose tensors are missing, of the
+    wrong shape or not finite is zeroed and masked in its router (graceful degradation); the model's
+    `failed_experts` maps (layer, expert) to the reason. Any other bad tensor still raises."""
+    if on_expert_error not in ("raise", "mask"):
+        raise ValueError(f"on_expert_error must be 'raise' or 'mask', got {on_expert_error!r}")
+    if on_expert_error == "mask" and expert_slots is not None:
+        raise ValueError("on_expert_error='mask' cannot be combined with expert_slots")
     from tqdm.auto import tqdm
 
     root = Path(path)
@@ -236,6 +244,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
             elif name not in skipped:
                 unexpected.append(name)
     missing = [n for n in expected if n not in covered]
+    failed: dict[tuple[int, int], str] = {}
+    if on_expert_error == "mask":
+        for n in [n for n in missing if expected[n].expert is not None]:
+            failed[(_expert_layer(expected[n].name), expected[n].expert)] = f"tensor {n} is missing"
+            missing.remove(n)
     if missing:
         where = {n: weight_map.get(n, "no shard in the index") if weight_map else paths[0].name
                  for n in missing[:5]}
@@ -257,9 +270,16 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
                     with torch.no_grad():
                         if target.expert is None and target.name in partial:
                             _read_rows(f, name, partial[target.name], params[target.name], handle)
+                        elif on_expert_error == "mask" and target.expert is not None:
+                            try:
+                                f.read_into(name, target.view(params[target.name]), handle)
+                            except CheckpointError as e:
+                                failed[(_expert_layer(target.name), target.expert)] = str(e)
                         else:
                             f.read_into(name, target.view(params[target.name]), handle)
                     bar.update(f.entries[name].nbytes)
+    if on_expert_error == "mask":
+        _mask_failed_experts(model, failed)
     model.eval()
     model.requires_grad_(False)
     model.source_dir = str(root)
@@ -267,6 +287,26 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
 
     model.tokenizer = Tokenizer.from_dir(root)
     return model
+
+
+def _mask_failed_experts(model: MoEModel, failed: dict[tuple[int, int], str]) -> None:
+    """Find experts with non-finite weights too; zero every failed expert and mask it in its router."""
+    for block in model.moe_blocks():
+        ex = block.experts
+        finite = (torch.isfinite(ex.gate_up_proj).flatten(1).all(1) & torch.isfinite(ex.down_proj).flatten(1).all(1))
+        for e in (~finite).nonzero().flatten().tolist():
+            failed.setdefault((block.layer_idx, e), "weights are not finite")
+    blocks = {b.layer_idx: b for b in model.moe_blocks()}
+    for (layer, e), reason in sorted(failed.items()):
+        with torch.no_grad():
+            blocks[layer].experts.gate_up_proj[e].zero_()
+            blocks[layer].experts.down_proj[e].zero_()
+        try:
+            blocks[layer].gate.mask_expert(e)
+        except ValueError as err:
+            raise CheckpointError(f"layer {layer}: expert {e} failed to load ({reason}) and {err}") from None
+        log.warning("layer %d expert %d is masked: %s", layer, e, reason)
+    model.failed_experts = dict(sorted(failed.items()))
 
 
 def _ignorable(name: str, config: Any) -> bool:

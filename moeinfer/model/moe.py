@@ -131,6 +131,19 @@ class Router(nn.Module):
         self.available: torch.Tensor | None = None  # [E] bool; None = all (see moeinfer.engine.faults)
         self.rerouted_tokens = 0
 
+    def mask_expert(self, expert: int) -> None:
+        """Remove `expert` from the choice (its weights failed); at least top_k experts must remain."""
+        E = self.weight.shape[0]
+        if not 0 <= expert < E:
+            raise ValueError(f"expert {expert} does not exist (0..{E - 1})")
+        available = (self.available.clone() if self.available is not None
+                     else torch.ones(E, dtype=torch.bool, device=self.weight.device))
+        available[expert] = False
+        k = self.top_k or self.cfg.top_k
+        if int(available.sum()) < k:
+            raise ValueError(f"cannot mask expert {expert}: fewer than top_k={k} experts would remain")
+        self.available = available
+
     def forward(self, x: torch.Tensor) -> Routing:
         routing = route(x, self.weight, self.cfg, self.e_score_correction_bias, top_k=self.top_k,
                         available=self.available)
