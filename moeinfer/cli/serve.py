@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from moeinfer.cli import load_model
     from moeinfer.engine.faults import parse_fault
     from moeinfer.serve.app import ServerLimits
-    from moeinfer.serve.server import ServeConfig, serve
+    from moeinfer.serve.server import ServeConfig, follow_leader, serve
 
     cfg = ServeConfig(
         model_name=args.served_model_name or str(args.model), host=args.host, port=args.port,
@@ -45,4 +45,17 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len,
         limits=ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens),
         expert_faults=[parse_fault(s) for s in args.inject_expert_fault], shutdown_timeout=args.shutdown_timeout)
-    return serve(load_model(args), cfg)
+    model = load_model(args)
+    if not getattr(args, "expert_parallel", 0):
+        return serve(model, cfg)
+    # Expert parallelism: rank 0 serves; the other ranks replay its engine's forwards (lockstep).
+    import functools
+
+    import torch.distributed as dist
+
+    from moeinfer.engine.lockstep import LeaderOps
+
+    group = dist.new_group(backend="gloo")  # object broadcasts, whatever the experts' backend
+    if dist.get_rank() != 0:
+        return follow_leader(model, cfg, group)
+    return serve(model, cfg, ops=functools.partial(LeaderOps, group=group))

@@ -32,6 +32,7 @@ from typing import Any, Union
 import torch
 
 from moeinfer.engine.detokenize import TextStream
+from moeinfer.engine.lockstep import LocalOps
 from moeinfer.engine.sampling import SamplingParams, sample
 from moeinfer.model.kv_cache import KVCache
 from moeinfer.model.transformer import MoEModel
@@ -118,15 +119,16 @@ class BatchEngine:
     """Serve many concurrent generation requests over one model with continuous batching."""
 
     def __init__(self, model: MoEModel, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, ops: Any = None) -> None:
+        """`ops` runs the model and cache operations (default: LocalOps on `self.cache`; LeaderOps
+        under expert parallelism, see moeinfer.engine.lockstep)."""
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError("max_batch, max_queue and prefill_chunk must be >= 1")
         self.model = model
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.max_context = min(max_context or model.config.max_position_embeddings,
-                               model.config.max_position_embeddings)
-        self.cache = KVCache(model.config, batch_size=max_batch, max_length=self.max_context,
-                             device=model.device, dtype=model.dtype)
+        self.cache = make_cache(model, max_batch=max_batch, max_context=max_context)
+        self.max_context = self.cache.max_length
+        self.ops = ops(model, self.cache) if ops is not None else LocalOps(model, self.cache)
         self.stats = EngineStats()
         self._inbox: deque[_Active] = deque()
         self._waiting: deque[_Active] = deque()
@@ -156,6 +158,7 @@ class BatchEngine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=max(1.0, deadline - time.monotonic() + 1.0))
+        self.ops.close()
         for a in [*self._inbox, *self._waiting, *self._running, *([self._prefilling] if self._prefilling else [])]:
             self._finish(a, "cancelled")
         self._inbox.clear()
@@ -219,7 +222,7 @@ class BatchEngine:
                     a.on_event(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
                     a.finish_reason = "error"
                 for i in range(len(self._running) + (1 if self._prefilling else 0)):
-                    self.cache.clear_row(i)
+                    self.ops.clear_row(i)
                 self._running.clear()
                 self._prefilling = None
 
@@ -230,7 +233,7 @@ class BatchEngine:
             self._waiting.remove(a)
             self._finish(a, "cancelled")
         if self._prefilling is not None and self._prefilling.handle.cancelled.is_set():
-            self.cache.clear_row(len(self._running))
+            self.ops.clear_row(len(self._running))
             self._finish(self._prefilling, "cancelled")
             self._prefilling = None
         self._retire([i for i, a in enumerate(self._running) if a.handle.cancelled.is_set()], "cancelled")
@@ -244,8 +247,7 @@ class BatchEngine:
         # 4. One decode step for every running row.
         if self._running:
             rows = len(self._running)
-            ids = torch.tensor([[a.generated[-1]] for a in self._running], device=self.model.device)
-            logits = self.model(ids, cache=self.cache.rows(0, rows))[:, -1]
+            logits = self.ops.forward([[a.generated[-1]] for a in self._running], 0, rows)
             done = [i for i, a in enumerate(self._running) if self._accept(a, logits[i:i + 1])]
             self._retire(done, None)
         self.stats.running = len(self._running)
@@ -255,17 +257,16 @@ class BatchEngine:
         row = len(self._running)
         prompt = a.req.prompt_ids
         if a.prefilled == 0:
-            self.cache.clear_row(row)
+            self.ops.clear_row(row)
         chunk = prompt[a.prefilled:a.prefilled + self.prefill_chunk]
-        ids = torch.tensor([chunk], device=self.model.device)
-        logits = self.model(ids, cache=self.cache.rows(row, row + 1))[:, -1]
+        logits = self.ops.forward([chunk], row, row + 1)
         a.prefilled += len(chunk)
         if a.prefilled < len(prompt):
             return
         self.stats.prompt_tokens += len(prompt)
         self._prefilling = None
         if self._accept(a, logits):
-            self.cache.clear_row(row)
+            self.ops.clear_row(row)
             self._finish(a, a.finish_reason)
         else:
             self._running.append(a)
@@ -294,13 +295,13 @@ class BatchEngine:
             a = self._running[i]
             last = len(self._running) - 1
             if i != last:
-                self.cache.move_row(last, i)
+                self.ops.move_row(last, i)
                 self._running[i] = self._running[last]
             self._running.pop()
-            self.cache.clear_row(last)
+            self.ops.clear_row(last)
             if self._prefilling is not None:  # keep the prefill row right after the running rows
-                self.cache.move_row(last + 1, last)
-                self.cache.clear_row(last + 1)
+                self.ops.move_row(last + 1, last)
+                self.ops.clear_row(last + 1)
             self._finish(a, reason or a.finish_reason or "length")
 
     def _finish(self, a: _Active, reason: str | None) -> None:
@@ -315,6 +316,12 @@ class BatchEngine:
         a.on_event(FinishEvent(token_ids=list(a.generated), text=text, finish_reason=reason or "length",
                                prompt_tokens=len(a.req.prompt_ids), ttft_s=first - a.submitted,
                                tpot_s=(now - first) / (n - 1) if n > 1 else None, latency_s=now - a.submitted))
+
+
+def make_cache(model: MoEModel, *, max_batch: int, max_context: int | None) -> KVCache:
+    """The engine's KV cache: max_batch rows of the model's context (or less)."""
+    length = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    return KVCache(model.config, batch_size=max_batch, max_length=length, device=model.device, dtype=model.dtype)
 
 
 def engine_info(engine: BatchEngine) -> dict[str, Any]:

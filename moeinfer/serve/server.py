@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 from moeinfer.engine.batching import BatchEngine
 from moeinfer.engine.faults import ExpertFaults, ExpertLoad
@@ -37,17 +38,23 @@ class ServeConfig:
             raise ValueError("the API key must not be empty")
 
 
-def build_app(model: MoEModel, cfg: ServeConfig):  # noqa: ANN201
-    engine = BatchEngine(model, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                         prefill_chunk=cfg.prefill_chunk, max_context=cfg.max_model_len).start()
+def inject_faults(model: MoEModel, cfg: ServeConfig) -> ExpertFaults:
     faults = ExpertFaults(model)
     for layer, expert in cfg.expert_faults:
         faults.mask(layer, expert, reason="injected with --inject-expert-fault")
+    return faults
+
+
+def build_app(model: MoEModel, cfg: ServeConfig, *, ops: Any = None):  # noqa: ANN201
+    """The app and its started engine; `ops` (e.g. LeaderOps under expert parallelism) runs the model."""
+    faults = inject_faults(model, cfg)
+    engine = BatchEngine(model, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                         prefill_chunk=cfg.prefill_chunk, max_context=cfg.max_model_len, ops=ops).start()
     return create_app(engine, model_name=cfg.model_name, api_key=cfg.api_key, limits=cfg.limits, faults=faults,
                       expert_load=ExpertLoad(model), shutdown_timeout=cfg.shutdown_timeout)
 
 
-def serve(model: MoEModel, cfg: ServeConfig) -> int:
+def serve(model: MoEModel, cfg: ServeConfig, *, ops: Any = None) -> int:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -63,8 +70,21 @@ def serve(model: MoEModel, cfg: ServeConfig) -> int:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
-    app = build_app(model, cfg)
+    app = build_app(model, cfg, ops=ops)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
                             timeout_graceful_shutdown=max(1, int(cfg.shutdown_timeout)))
     Server(config).run()
+    return 0
+
+
+def follow_leader(model: MoEModel, cfg: ServeConfig, group: Any) -> int:
+    """Ranks other than 0 under expert parallelism: mirror rank 0's engine until it stops.
+    SIGTERM is ignored here: rank 0 drains its requests, then tells the followers to stop."""
+    from moeinfer.engine.batching import make_cache
+    from moeinfer.engine.lockstep import follow
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inject_faults(model, cfg)
+    follow(model, make_cache(model, max_batch=cfg.max_batch, max_context=cfg.max_model_len), group)
     return 0
