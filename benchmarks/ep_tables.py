@@ -40,11 +40,10 @@ def _halves(prof: RoutingProfile) -> tuple[RoutingProfile, RoutingProfile]:
     return prof.select(slice(0, n)), prof.select(slice(n, None))
 
 
-def mixtral_table() -> str:
-    """Placements on the real traces: whole-trace and per-step imbalance, fitted and held out."""
-    both = read_profile(TRACES)
-    he = read_profile(TRACES / "humaneval_2_routing.jsonl")
-    gs = read_profile(TRACES / "gsm8k_2_routing.jsonl")
+def placement_table(both: RoutingProfile, tasks: list[RoutingProfile]) -> str:
+    """Placements on real traces: whole-trace and per-step imbalance, fitted and held out.
+    `tasks` are two traces of different workloads; `both` is their union."""
+    t1, t2 = tasks
     shape, cluster = SHAPES["mixtral-8x7b"], get_cluster("h100-nvlink-ib400")
     rows = ["| ranks | placement | experts/rank | whole trace, fitted on it | same task, held-out half "
             "| other task | per step 16 tok/rank, held-out half | per step 64 tok/rank, held-out half "
@@ -53,8 +52,8 @@ def mixtral_table() -> str:
     for W in (2, 4, 8):
         for strategy in STRATEGIES:
             fit = _plc(strategy, both, W)
-            same = [(_plc(strategy, a, W), b) for a, b in (_halves(he), _halves(gs))]
-            other = [(_plc(strategy, he, W), gs), (_plc(strategy, gs, W), he)]
+            same = [(_plc(strategy, a, W), b) for a, b in (_halves(t1), _halves(t2))]
+            other = [(_plc(strategy, t1, W), t2), (_plc(strategy, t2, W), t1)]
             same_imb = sum(_trace_imbalance(p, test) for p, test in same) / 2
             other_imb = sum(_trace_imbalance(p, test) for p, test in other) / 2
 
@@ -70,6 +69,41 @@ def mixtral_table() -> str:
             rows.append(f"| {W} | {strategy} | {fit.max_slots()} | {_trace_imbalance(fit, both):.3f} | "
                         f"{same_imb:.3f} | {other_imb:.3f} | {s16:.3f} | {s64:.3f} | {100 * saved:.1f}% |")
     return "\n".join(rows)
+
+
+def mixtral_table() -> str:
+    return placement_table(read_profile(TRACES), [read_profile(TRACES / "humaneval_2_routing.jsonl"),
+                                                  read_profile(TRACES / "gsm8k_2_routing.jsonl")])
+
+
+def tiny_table(prompts: int = 32, prompt_tokens: int = 64, new_tokens: int = 16) -> str:
+    """Traces of the shipped reference model (moeinfer.load("tiny")) on English and Python text."""
+    import moeinfer
+    from moeinfer.engine.generate import generate
+    from moeinfer.engine.trace import record_routing
+    from moeinfer.models import shipped_model_dir
+    from moeinfer.parallel.profile import from_trace
+
+    if shipped_model_dir("tiny") is None:
+        return "(the shipped model `tiny` is not available in this checkout)"
+    model = moeinfer.load("tiny", dtype="float32", progress=False)
+    data = Path(moeinfer.__file__).parent / "eval" / "data"
+    profiles = []
+    for kind in ("english", "python"):
+        ids = model.tokenizer.encode((data / f"{kind}.txt").read_text()[:300_000])
+        stride = len(ids) // prompts
+        batch = [ids[i * stride:i * stride + prompt_tokens] for i in range(prompts)]
+        with record_routing(model, logits=False) as rec:
+            for i in range(0, prompts, 8):
+                generate(model, batch[i:i + 8], max_new_tokens=new_tokens, ignore_eos=True)
+        profiles.append(from_trace(rec.trace(), source=kind))
+    both = RoutingProfile(profiles[0].num_experts, profiles[0].layers,
+                          torch.cat([p.indices for p in profiles]), source="english+python")
+    head = (f"moeinfer-tiny ({model.config.num_layers} MoE layers, {model.config.num_experts} experts, "
+            f"top-{model.config.top_k}), {prompts} prompts x ({prompt_tokens} prompt + {new_tokens} generated) "
+            f"tokens from each of English and Python text ({profiles[0].num_tokens} + {profiles[1].num_tokens} "
+            "tokens); tasks = English, Python.\n\n")
+    return head + placement_table(both, profiles)
 
 
 def scale_table() -> str:
@@ -139,10 +173,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--doc", default="docs/expert-parallel.md")
     ap.add_argument("--gloo", default="benchmarks/results/ep_gloo.json")
+    ap.add_argument("--only", nargs="*", default=None, help="write only these sections (mixtral tiny scale gloo)")
     a = ap.parse_args()
     torch.manual_seed(0)
-    sections = {"mixtral": mixtral_table(), "scale": scale_table(), "gloo": gloo_table(Path(a.gloo))}
-    for name, body in sections.items():
+    sections = {"mixtral": mixtral_table, "tiny": tiny_table, "scale": scale_table,
+                "gloo": lambda: gloo_table(Path(a.gloo))}
+    for name, make in sections.items():
+        if a.only and name not in a.only:
+            continue
+        body = make()
         print(f"## {name}\n{body}\n")
         write_section(Path(a.doc), name, body)
     print(f"updated {a.doc}")
