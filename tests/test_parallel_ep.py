@@ -180,6 +180,25 @@ def check_dead_peer(rank: int, world: int, *, ckpt: str) -> str:
     return "no error"
 
 
+def check_stalled_peer(rank: int, world: int, *, ckpt: str) -> str:
+    """The last rank stalls past the timeout before its forward: every rank gets a clear error."""
+    import time
+
+    import moeinfer
+    from moeinfer.parallel import ExpertParallelConfig
+
+    model = moeinfer.load(ckpt, dtype="float32", progress=False,
+                          expert_parallel=ExpertParallelConfig(timeout_s=4))
+    if rank == world - 1:
+        time.sleep(12)
+    t0 = time.perf_counter()
+    try:
+        model(torch.tensor([[1, 2, 3]]))
+    finally:
+        Path(os.environ["EP_TEST_DIR"], f"elapsed{rank}").write_text(f"{time.perf_counter() - t0:.1f}")
+    return "no error"
+
+
 def check_two_ranks(rank: int, world: int, *, ckpts: dict[str, str], scratch: str) -> dict:
     """One spawn for the default run: models vs the single process, then sharded tokens."""
     return {"models": check_models(rank, world, ckpts=ckpts, scratch=scratch),
@@ -192,8 +211,8 @@ def check_two_ranks(rank: int, world: int, *, ckpts: dict[str, str], scratch: st
 def ckpts(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ep")
     out = {}
-    # Mixtral-style with 6 experts (not divisible by 4), Qwen2-MoE-style with a shared expert.
-    save_hf_checkpoint("mixtral", root / "mixtral", num_local_experts=6)
+    # Mixtral-style with 7 experts (divisible by neither 2 nor 4), Qwen2-MoE-style with a shared expert.
+    save_hf_checkpoint("mixtral", root / "mixtral", num_local_experts=7)
     out["mixtral"] = str(root / "mixtral")
     save_hf_checkpoint("qwen2_moe", root / "qwen2_moe", num_experts=10, num_experts_per_tok=3)
     out["qwen2_moe"] = str(root / "qwen2_moe")
@@ -226,6 +245,15 @@ def test_deepseek_v3_two_ranks(tmp_path):
     assert_all_ok(results)
 
 
+
+
+def test_stalled_peer_times_out_on_every_rank(ckpts, tmp_path, monkeypatch):
+    monkeypatch.setenv("EP_TEST_DIR", str(tmp_path))
+    results = run_ranks("check_stalled_peer", 2, tmp_path, timeout=120, ckpt=ckpts["mixtral"])
+    for rank, res in enumerate(results):
+        assert not res["ok"] and res["type"] == "ExpertParallelError", (rank, res)
+        assert f"rank {rank}" in res["error"] and "MoE layer" in res["error"], res
+    assert float((tmp_path / "elapsed0").read_text()) < 30  # bounded by the 4 s timeout, not a hang
 
 
 def test_dead_peer_gives_clear_error(ckpts, tmp_path):

@@ -109,7 +109,8 @@ def apply_expert_parallel_(model: MoEModel, *, group: dist.ProcessGroup | None =
                                               down_proj=down, group=group, config=config, stats=stats)
     # 3. same sampling on every rank
     if config.tokens == "replicated":
-        seed = torch.tensor([int(torch.randint(0, 2**62, ()).item()) if rank == 0 else 0])
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"  # nccl moves CUDA tensors only
+        seed = torch.tensor([int(torch.randint(0, 2**62, ()).item()) if rank == 0 else 0], device=device)
         guarded("seed broadcast", lambda: dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group),
                 rank=rank, timeout_s=config.timeout_s)
         torch.manual_seed(int(seed.item()))
