@@ -190,7 +190,7 @@ def check_stalled_peer(rank: int, world: int, *, ckpt: str) -> str:
     model = moeinfer.load(ckpt, dtype="float32", progress=False,
                           expert_parallel=ExpertParallelConfig(timeout_s=4))
     if rank == world - 1:
-        time.sleep(12)
+        time.sleep(8)
     t0 = time.perf_counter()
     try:
         model(torch.tensor([[1, 2, 3]]))
