@@ -137,3 +137,24 @@ def test_simulator_dedup_and_replication():
     with pytest.raises(ValueError, match="valid: "):
         get_cluster("tpu")
     assert "h100-nvlink-ib400" in CLUSTERS
+
+
+def test_memory_budget_sets_slots(tmp_path, capsys):
+    from hf_peers import save_hf_checkpoint
+    from moeinfer.parallel.placement import slots_for_budget
+
+    assert slots_for_budget(10 * 2**20, expert_bytes=2**20, num_layers=3) == 3
+    with pytest.raises(PlacementError, match="holds no expert"):
+        slots_for_budget(2**20, expert_bytes=2**20, num_layers=3)
+    ckpt = tmp_path / "ckpt"
+    save_hf_checkpoint("mixtral", ckpt)  # 2 MoE layers, 8 experts, D=40, I=24
+    prof = RoutingProfile(8, [0, 1], torch.randint(0, 8, (64, 2, 2), generator=torch.Generator().manual_seed(1)))
+    prof.save(tmp_path / "prof.json")
+    expert = 3 * 40 * 24 * 2
+    out = tmp_path / "plc.json"
+    assert main(["placement", "--trace", str(tmp_path / "prof.json"), "--ranks", "4", "--model", str(ckpt),
+                 "--budget-gib", str(3 * 2 * expert / 2**30), "--out", str(out)]) == 0
+    assert "3 expert(s) per rank" in capsys.readouterr().out
+    assert Placement.load(out).max_slots() == 3
+    assert main(["placement", "--trace", str(tmp_path / "prof.json"), "--ranks", "4", "--budget-gib", "1"]) == 1
+    assert "needs --model" in capsys.readouterr().err

@@ -290,6 +290,18 @@ def make_placement(strategy: str, *, num_ranks: int, num_experts: int, layers: S
     return Placement(num_ranks=num_ranks, num_experts=num_experts, layers=out, strategy=strategy, info=meta)
 
 
+def slots_for_budget(budget_bytes: int, *, expert_bytes: int, num_layers: int) -> int:
+    """Experts per rank and layer that fit a per-rank memory budget for routed experts
+    (`expert_bytes`: one expert's weights, e.g. 3 * D * I * dtype bytes)."""
+    if expert_bytes <= 0 or num_layers <= 0:
+        raise PlacementError("expert_bytes and num_layers must be > 0")
+    slots = budget_bytes // (expert_bytes * num_layers)
+    if slots < 1:
+        raise PlacementError(f"a budget of {budget_bytes / 2**30:.3f} GiB per rank holds no expert of every layer "
+                             f"({num_layers} layers x {expert_bytes / 2**20:.3g} MiB per expert)")
+    return int(slots)
+
+
 def imbalance(rank_load: Sequence[float]) -> float:
     """max / mean load over ranks (1.0 = perfect balance; W = everything on one rank)."""
     mean = sum(rank_load) / len(rank_load)
