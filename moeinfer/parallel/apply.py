@@ -21,7 +21,7 @@ import torch.distributed as dist
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 from moeinfer.parallel.config import ExpertParallelConfig
-from moeinfer.parallel.dist import ExpertParallelError, guarded, init_distributed
+from moeinfer.parallel.dist import ExpertParallelError, default_backend, guarded, init_distributed
 from moeinfer.parallel.expert_parallel import ExpertParallelExperts
 from moeinfer.parallel.placement import STRATEGIES, Placement, PlacementError, make_placement
 from moeinfer.parallel.stats import RankStats
@@ -133,7 +133,10 @@ def load_expert_parallel(path: str | os.PathLike[str], *, config: ExpertParallel
     from moeinfer.arch import parse_config
     from moeinfer.loading.checkpoint import load_checkpoint, read_config
 
-    group = init_distributed(backend=config.backend, timeout_s=config.timeout_s)
+    backend = config.backend
+    if backend is None:  # nccl moves CUDA tensors only: a model on the CPU needs gloo even on a GPU machine
+        backend = default_backend() if str(device).startswith("cuda") else "gloo"
+    group = init_distributed(backend=backend, timeout_s=config.timeout_s)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if config.size is not None and config.size != world:
         raise ExpertParallelError(f"--expert-parallel {config.size} but torchrun started {world} processes "
