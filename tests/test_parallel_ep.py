@@ -163,6 +163,27 @@ def check_sharded(rank: int, world: int, *, ckpt: str) -> dict:
         empty = model.moe_blocks()[0](x[:0] if rank == 0 else x)
         assert empty.shape == ((0, x.shape[1]) if rank == 0 else x.shape)
         sent[dedup] = expert_parallel_stats(model).total().bytes_sent
+    # The simulator predicts the runtime's bytes exactly for the same routing (what the docs rely on).
+    from moeinfer.parallel.simulator import ClusterProfile, MoEShape, simulate
+
+    model = moeinfer.load(ckpt, dtype="float32", progress=False)
+    apply_expert_parallel_(model, placement="contiguous", config=ExpertParallelConfig(tokens="sharded"))
+    blk = model.moe_blocks()[0]
+    x6 = torch.randn(6, ref.config.hidden_size, generator=torch.Generator().manual_seed(10 + rank))
+    routing = blk.gate(x6)
+    blk.experts(x6, routing)
+    every = [torch.empty_like(routing.indices) for _ in range(world)]
+    dist.all_gather(every, routing.indices)
+    measured = torch.tensor([expert_parallel_stats(model).total().bytes_sent])
+    dist.all_reduce(measured)
+    cfg = ref.config
+    shape = MoEShape("t", hidden=cfg.hidden_size, inner=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
+                     top_k=cfg.top_k, dtype_bytes=4)
+    cluster = ClusterProfile("loopback", ranks_per_node=world, intra_gbps=1, inter_gbps=1, latency_us=0,
+                             expert_tflops=1)
+    sim = simulate(torch.cat(every)[:, None], [blk.layer_idx], model.expert_placement, shape=shape,
+                   cluster=cluster, tokens_per_rank=6)
+    assert round(sim.bytes_per_token * 6 * world) == int(measured), (sim, int(measured))
     dist.barrier()
     return sent
 
