@@ -57,7 +57,7 @@ def placement_table(both: RoutingProfile, tasks: list[RoutingProfile]) -> str:
             same_imb = sum(_trace_imbalance(p, test) for p, test in same) / 2
             other_imb = sum(_trace_imbalance(p, test) for p, test in other) / 2
 
-            def step(tpr: int, dedup: bool = True) -> tuple[float, float]:
+            def step(tpr: int, dedup: bool = True, same=same) -> tuple[float, float]:
                 rs = [simulate(test.indices, test.layers, p, shape=shape, cluster=cluster, tokens_per_rank=tpr,
                                dedup=dedup, max_steps=10**6) for p, test in same]
                 return sum(r.imbalance for r in rs) / 2, sum(r.units_per_token for r in rs) / 2
@@ -163,7 +163,7 @@ def gloo_table(path: Path) -> str:
 
 def write_section(doc: Path, name: str, body: str) -> None:
     text = doc.read_text()
-    pattern = re.compile(rf"(<!-- BEGIN {name} -->).*?(<!-- END {name} -->)", re.S)
+    pattern = re.compile(rf"(<!-- BEGIN {name} -->).*?(<!-- END {name} -->)", re.DOTALL)
     if not pattern.search(text):
         raise SystemExit(f"{doc} has no <!-- BEGIN {name} --> ... <!-- END {name} --> markers")
     doc.write_text(pattern.sub(lambda m: m.group(1) + "\n" + body + "\n" + m.group(2), text))

@@ -10,9 +10,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["apply_expert_parallel_", "load_expert_parallel", "expert_parallel_stats", "ExpertParallelConfig",
-           "ExpertParallelError", "init_distributed", "is_primary", "Placement", "PlacementError",
-           "make_placement", "STRATEGIES", "RoutingProfile", "read_profile", "gather_stats", "summarize"]
+__all__ = [
+    "STRATEGIES",
+    "ExpertParallelConfig",
+    "ExpertParallelError",
+    "Placement",
+    "PlacementError",
+    "RoutingProfile",
+    "apply_expert_parallel_",
+    "expert_parallel_stats",
+    "gather_stats",
+    "init_distributed",
+    "is_primary",
+    "load_expert_parallel",
+    "make_placement",
+    "read_profile",
+    "summarize",
+]
 
 _LAZY = {
     "apply_expert_parallel_": "moeinfer.parallel.apply",
