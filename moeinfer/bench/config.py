@@ -1,0 +1,270 @@
+"""Sweep configuration of `moeinfer bench`: models, and the options swept as axes.
+
+An axis value is a registry key. The registries are a dict plus a decorator, so that a new kernel
+backend, compression recipe, routing mode or offload policy becomes a benchmark axis by registering
+one function `apply(model, value) -> None` that transforms the loaded model in place; an unknown value
+is rejected with the list of what exists. Axes today:
+
+    kernel       reference                 (fast kernels: not implemented yet)
+    compression  none                      (quantization/pruning recipes: not implemented yet)
+    routing      default, top-k:K          (Router.top_k override; real dynamic gating comes later)
+    offload      none                      (expert offloading: not implemented yet)
+    dtype        null (checkpoint's), float32, bfloat16, float16
+    batch_size   null (the workload's), or an integer
+    workload     any name in moeinfer/bench/workloads.yaml
+
+A sweep file (YAML or JSON) looks like moeinfer/bench/suites/default.yaml; `mode: product` runs the
+cross product of the axes, `mode: list` runs the `points` listed (each a partial set of axes, the
+rest taken from the first value of each axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeinfer.bench.latency import SLO
+
+SUITES_DIR = Path(__file__).parent / "suites"
+Transform = Callable[[Any, str], None]
+KERNELS: dict[str, Transform] = {}
+COMPRESSION: dict[str, Transform] = {}
+ROUTING: dict[str, Transform] = {}  # keyed by prefix: "top-k" handles "top-k:1"
+OFFLOAD: dict[str, Transform] = {}
+DTYPES = (None, "float32", "bfloat16", "float16")
+AXES = ("model", "workload", "kernel", "compression", "routing", "offload", "dtype", "batch_size")
+NOT_YET = {"kernel": "fast kernels are not implemented yet", "compression": "no compression recipe exists yet",
+           "offload": "expert offloading is not implemented yet", "routing": "dynamic gating comes later"}
+
+
+def _register(table: dict[str, Transform], key: str) -> Callable[[Transform], Transform]:
+    def deco(fn: Transform) -> Transform:
+        table[key] = fn
+        return fn
+    return deco
+
+
+def register_kernel(name: str) -> Callable[[Transform], Transform]:
+    return _register(KERNELS, name)
+
+
+def register_compression(name: str) -> Callable[[Transform], Transform]:
+    return _register(COMPRESSION, name)
+
+
+def register_routing(prefix: str) -> Callable[[Transform], Transform]:
+    return _register(ROUTING, prefix)
+
+
+def register_offload(name: str) -> Callable[[Transform], Transform]:
+    return _register(OFFLOAD, name)
+
+
+@register_kernel("reference")
+@register_compression("none")
+@register_offload("none")
+@register_routing("default")
+def _identity(model: Any, value: str) -> None:
+    return None
+
+
+@register_routing("top-k")
+def _top_k(model: Any, value: str) -> None:
+    k = int(value.split(":", 1)[1])
+    for block in model.moe_blocks():
+        E = block.experts.num_experts
+        if not 1 <= k <= E:
+            raise ValueError(f"routing {value!r}: top-k must be in 1..{E} for this model")
+        block.gate.top_k = k
+
+
+def _check_value(axis: str, value: Any, where: str) -> None:
+    tables = {"kernel": KERNELS, "compression": COMPRESSION, "offload": OFFLOAD}
+    if axis in tables and value not in tables[axis]:
+        raise ValueError(f"{where}: unknown {axis} {value!r}; available: {', '.join(tables[axis])} "
+                         f"({NOT_YET[axis]})")
+    if axis == "routing":
+        prefix, _, arg = str(value).partition(":")
+        if prefix not in ROUTING or (prefix == "top-k" and not arg.isdigit()) or (prefix != "top-k" and arg):
+            raise ValueError(f"{where}: unknown routing mode {value!r}; available: default, top-k:K "
+                             f"(K an integer; {NOT_YET['routing']})")
+    if axis == "dtype" and value not in DTYPES:
+        raise ValueError(f"{where}: unknown dtype {value!r}; available: null (the checkpoint's), "
+                         f"{', '.join(d for d in DTYPES if d)}")
+    if axis == "batch_size" and value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{where}: batch_size must be null or an integer >= 1, got {value!r}")
+    if axis == "workload":
+        from moeinfer.bench.workloads import get_workload
+
+        try:
+            get_workload(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def apply_axes(model: Any, point: Point) -> None:
+    """Transform a freshly loaded model for one point: compression, kernel, routing, offload (in place)."""
+    COMPRESSION[point.compression](model, point.compression)
+    KERNELS[point.kernel](model, point.kernel)
+    ROUTING[point.routing.partition(":")[0]](model, point.routing)
+    OFFLOAD[point.offload](model, point.offload)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One configuration of the sweep."""
+
+    model: str
+    workload: str
+    kernel: str = "reference"
+    compression: str = "none"
+    routing: str = "default"
+    offload: str = "none"
+    dtype: str | None = None
+    batch_size: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def id(self) -> str:
+        """Stable, readable identifier (used by --resume and compare)."""
+        parts = [Path(self.model).name or self.model, self.workload, self.kernel, self.compression, self.routing,
+                 self.offload, self.dtype or "ckpt-dtype", f"b{self.batch_size}" if self.batch_size else "b-default"]
+        return "/".join(parts)
+
+    @property
+    def model_key(self) -> tuple[Any, ...]:
+        """Points sharing this key reuse one loaded, transformed model (and its quality numbers)."""
+        return (self.model, self.dtype, self.kernel, self.compression, self.routing, self.offload)
+
+
+@dataclass
+class QualityConfig:
+    datasets: list[str] = field(default_factory=lambda: ["english", "python"])
+    max_bytes: int = 20_000
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1:
+            raise ValueError(f"quality.max_bytes must be >= 1, got {self.max_bytes}")
+
+
+@dataclass
+class EnergyConfig:
+    min_window_s: float = 1.0  # shorter measurement windows are reported as not measurable
+    idle_s: float = 1.0  # idle power is measured over this window before the sweep
+
+    def __post_init__(self) -> None:
+        if self.min_window_s < 0 or self.idle_s < 0:
+            raise ValueError("energy.min_window_s and energy.idle_s must be >= 0")
+
+
+@dataclass
+class SweepConfig:
+    """A whole sweep; `source` names the file it came from (for error messages)."""
+
+    name: str = "custom"
+    models: list[str] = field(default_factory=lambda: ["tiny"])
+    device: str = "cpu"
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    mode: str = "product"
+    points: list[dict[str, Any]] = field(default_factory=list)
+    scale: float = 1.0
+    seed: int = 0
+    prompt_source: str = "english"
+    workload_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slo: dict[str, float] = field(default_factory=lambda: {"ttft_s": 2.0, "tpot_s": 0.2})
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    peaks: bool = True  # measure copy bandwidth and matmul peaks
+    source: str = "<config>"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.quality, dict):
+            self.quality = QualityConfig(**self.quality)
+        if isinstance(self.energy, dict):
+            self.energy = EnergyConfig(**self.energy)
+        src = self.source
+        if self.mode not in ("product", "list"):
+            raise ValueError(f"{src}: mode must be 'product' or 'list', got {self.mode!r}")
+        if not self.models:
+            raise ValueError(f"{src}: models must name at least one model")
+        if not 0 < self.scale <= 10:
+            raise ValueError(f"{src}: scale must be in (0, 10], got {self.scale}")
+        bad = sorted((set(self.axes) - set(AXES)) | ({"model"} & set(self.axes)))
+        if bad:
+            raise ValueError(f"{src}: unknown axes {bad}; axes: {', '.join(a for a in AXES if a != 'model')} "
+                             f"(models are listed under 'models')")
+        for axis, values in self.axes.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{src}: axes.{axis} must be a non-empty list")
+            for v in values:
+                _check_value(axis, v, f"{src}: axes.{axis}")
+        if "workload" not in self.axes and self.mode == "product":
+            raise ValueError(f"{src}: axes.workload must list at least one workload")
+        for i, p in enumerate(self.points):
+            bad = sorted(set(p) - set(AXES))
+            if bad:
+                raise ValueError(f"{src}: points[{i}] has unknown keys {bad}; keys: {', '.join(AXES)}")
+            for axis, v in p.items():
+                if axis != "model":
+                    _check_value(axis, v, f"{src}: points[{i}].{axis}")
+        if self.mode == "list" and not self.points:
+            raise ValueError(f"{src}: mode: list needs a non-empty 'points' list")
+        SLO(**self.slo)
+
+    @property
+    def slo_obj(self) -> SLO:
+        return SLO(**self.slo)
+
+    def expand(self) -> list[Point]:
+        """The points to run, in order (cross product, or the listed combinations)."""
+        values = {"model": self.models, **{a: self.axes.get(a) for a in AXES if a != "model"}}
+        defaults = {a: v[0] for a, v in values.items() if v}
+        if self.mode == "list":
+            points = [Point(**{**defaults, **p}) for p in self.points]
+            keys = list(dict.fromkeys(p.model_key for p in points))
+            return sorted(points, key=lambda p: keys.index(p.model_key))  # stable: listed order within a model
+        # Axes that change the model vary slowest, so each model is loaded (and evaluated) once.
+        order = ("model", "dtype", "kernel", "compression", "routing", "offload", "workload", "batch_size")
+        names = [a for a in order if values.get(a)]
+        return [Point(**dict(zip(names, combo))) for combo in itertools.product(*(values[a] for a in names))]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def digest(self) -> str:
+        """Hash of the settings that change what a point measures (not the axes themselves)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("name", "models", "axes", "mode", "points")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """A sweep from a YAML/JSON file, or a shipped suite by name (moeinfer/bench/suites/NAME.yaml)."""
+    p = Path(path)
+    if not p.exists() and (SUITES_DIR / f"{path}.yaml").exists():
+        p = SUITES_DIR / f"{path}.yaml"
+    if not p.exists():
+        suites = ", ".join(sorted(s.stem for s in SUITES_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"sweep config {str(path)!r} is neither a file nor a shipped suite ({suites})")
+    import yaml
+
+    data = yaml.safe_load(p.read_text()) if p.suffix in (".yaml", ".yml") else json.loads(p.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a sweep config must be a mapping")
+    known = {f.name for f in dataclasses.fields(SweepConfig)} - {"source"}
+    bad = sorted(set(data) - known)
+    if bad:
+        raise ValueError(f"{p}: unknown fields {bad}; known: {', '.join(sorted(known))}")
+    try:
+        return SweepConfig(**data, source=str(p))
+    except TypeError as e:
+        raise ValueError(f"{p}: {e}") from None
