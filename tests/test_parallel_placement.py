@@ -117,6 +117,11 @@ def test_placement_cli_writes_a_loadable_file(tmp_path, capsys):
     assert "replicated" in text and "contiguous" in text
     plc = Placement.load(out)
     assert plc.strategy == "replicated" and plc.num_ranks == 4 and sorted(plc.layers) == [0, 1]
+    assert main(["placement", "--trace", str(tmp_path / "prof.json"), "--ranks", "16", "--simulate",
+                 "--shape", "qwen3-30b-a3b", "--tokens-per-rank", "8"]) == 1  # 10 experts vs the shape's 128
+    assert main(["placement", "--trace", str(tmp_path / "prof.json"), "--ranks", "16", "--simulate",
+                 "--tokens-per-rank", "8"]) == 0
+    assert "simulated on h100-nvlink-ib400" in capsys.readouterr().out
     assert main(["placement", "--trace", str(tmp_path / "prof.json"), "--ranks", "2", "-s", "nope"]) == 1
     assert "valid: balanced" in capsys.readouterr().err
 
@@ -124,7 +129,9 @@ def test_placement_cli_writes_a_loadable_file(tmp_path, capsys):
 def test_simulator_dedup_and_replication():
     idx = synthetic_trace(num_tokens=512, num_layers=2, num_experts=16, top_k=4, skew=1.0)
     prof = RoutingProfile(16, [0, 1], idx)
-    shape, cluster = SHAPES["qwen3-30b-a3b"], get_cluster("h100-nvlink-ib400")
+    from dataclasses import replace
+
+    shape, cluster = replace(SHAPES["qwen3-30b-a3b"], num_experts=16, top_k=4), get_cluster("h100-nvlink-ib400")
     res = {}
     for strategy in ("contiguous", "replicated"):
         plc = make_placement(strategy, num_ranks=4, num_experts=16, layers=[0, 1], load=prof.load())
@@ -136,6 +143,8 @@ def test_simulator_dedup_and_replication():
     assert res["contiguous", True].inter_fraction == 0.0  # 4 ranks fit in one 8-GPU node
     with pytest.raises(ValueError, match="valid: "):
         get_cluster("tpu")
+    with pytest.raises(ValueError, match="has 128 experts, top-8; the placement has 16 experts"):
+        simulate(idx, [0, 1], plc, shape=SHAPES["qwen3-30b-a3b"], cluster=cluster, tokens_per_rank=32)
     assert "h100-nvlink-ib400" in CLUSTERS
 
 

@@ -4,7 +4,11 @@
   moeinfer placement --trace trace.npz --ranks 4 --model CKPT --budget-gib 0.01 --out placement.json
   torchrun --nproc-per-node 4 -m moeinfer generate -m CKPT --expert-parallel 4 --placement placement.json
 
-Prints, for every strategy, the load imbalance (max / mean tokens per rank) it gives on the trace.
+Prints, for every strategy, the load imbalance (max / mean tokens per rank) it gives on the trace;
+with --simulate, also the simulator's all-to-all bytes, imbalance per step and times on a cluster
+profile (moeinfer.parallel.simulator; its assumptions are listed there and in docs/expert-parallel.md):
+
+  moeinfer placement --trace trace.npz --ranks 64 --simulate --cluster h100-nvlink-ib400 --shape deepseek-v3
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint directory or shipped model name: checks the trace fits it and sizes experts")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per expert weight for --budget-gib (default 2)")
     p.add_argument("--out", "-o", default=None, help="placement file to write (.json)")
+    p.add_argument("--simulate", action="store_true", help="also predict bytes, imbalance and time per strategy")
+    p.add_argument("--cluster", default="h100-nvlink-ib400", help="cluster profile for --simulate")
+    p.add_argument("--shape", default=None,
+                   help="model shape for --simulate (mixtral-8x7b, qwen3-30b-a3b, deepseek-v3; default: from "
+                        "--model, else mixtral-8x7b's hidden sizes with the trace's experts)")
+    p.add_argument("--tokens-per-rank", type=int, default=128, help="tokens each rank brings per step (--simulate)")
     p.set_defaults(func=run)
 
 
@@ -54,6 +64,42 @@ def _model_slots(args: argparse.Namespace, prof) -> int | None:
     return slots
 
 
+def _simulate(args: argparse.Namespace, prof, placements: dict) -> None:
+    from dataclasses import replace
+
+    from moeinfer.parallel.simulator import SHAPES, MoEShape, get_cluster, simulate
+
+    if prof.indices is None:
+        raise ValueError(f"--simulate needs token-level routing; {args.trace} holds per-expert loads only")
+    cluster = get_cluster(args.cluster)
+    if args.shape is not None:
+        if args.shape not in SHAPES:
+            raise ValueError(f"model shape {args.shape!r} is not known; valid: {', '.join(sorted(SHAPES))}")
+        shape = SHAPES[args.shape]
+    elif args.model is not None:
+        from moeinfer.api import resolve_model_path
+        from moeinfer.arch import parse_config
+        from moeinfer.loading.checkpoint import read_config
+
+        mc = parse_config(read_config(resolve_model_path(args.model)))
+        shape = MoEShape(str(args.model), hidden=mc.hidden_size, inner=mc.moe_intermediate_size,
+                         num_experts=mc.num_experts, top_k=mc.top_k, dtype_bytes=args.dtype_bytes)
+    else:
+        shape = replace(SHAPES["mixtral-8x7b"], num_experts=prof.num_experts, top_k=prof.top_k)
+    print(f"\nsimulated on {cluster.name} ({cluster.ranks_per_node} ranks/node), {shape.name} shape "
+          f"(D={shape.hidden}, I={shape.inner}), {args.tokens_per_rank} tokens/rank/step:")
+    print(f"{'strategy':<12} {'imb/step':>8} {'KiB/tok/layer':>13} {'inter-node':>10} {'a2a us':>7} "
+          f"{'experts us':>10} {'layer us':>8} {'TBO us':>7} {'dedup saves':>11}")
+    for name, plc in placements.items():
+        kw = dict(shape=shape, cluster=cluster, tokens_per_rank=args.tokens_per_rank)
+        r = simulate(prof.indices, prof.layers, plc, dedup=True, **kw)
+        plain = simulate(prof.indices, prof.layers, plc, dedup=False, **kw)
+        saved = 1 - r.bytes_per_token / plain.bytes_per_token if plain.bytes_per_token else 0.0
+        print(f"{name:<12} {r.imbalance:>8.3f} {r.bytes_per_token / 1024:>13.1f} {100 * r.inter_fraction:>9.0f}% "
+              f"{r.a2a_us:>7.0f} {r.expert_us:>10.0f} {r.step_us:>8.0f} {r.step_overlap_us:>7.0f} "
+              f"{100 * saved:>10.1f}%")
+
+
 def run(args: argparse.Namespace) -> int:
     from moeinfer.parallel.placement import STRATEGIES, get_strategy, imbalance, make_placement
     from moeinfer.parallel.profile import read_profile
@@ -71,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
           f"{prof.num_experts} experts")
     print(f"{'strategy':<12} {'max slots':>9} {'imbalance (mean over layers)':>29} {'worst layer':>12}")
     chosen = None
+    placements = {}
     for name in sorted(STRATEGIES):
         slots = args.slots_per_rank if name == "replicated" else None
         plc = make_placement(name, num_ranks=args.ranks, num_experts=prof.num_experts, layers=prof.layers,
@@ -78,9 +125,12 @@ def run(args: argparse.Namespace) -> int:
         per_layer = [imbalance(plc.rank_load(layer, load[i])) for i, layer in enumerate(prof.layers)]
         mark = " *" if name == args.strategy else ""
         print(f"{name:<12} {plc.max_slots():>9} {sum(per_layer) / len(per_layer):>29.3f} {max(per_layer):>12.3f}{mark}")
+        placements[name] = plc
         if name == args.strategy:
             chosen = plc
     assert chosen is not None
+    if args.simulate:
+        _simulate(args, prof, placements)
     if args.out:
         path = chosen.save(args.out)
         print(f"wrote {path} ({args.strategy}, {args.ranks} ranks)", file=sys.stderr)

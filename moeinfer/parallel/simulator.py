@@ -147,6 +147,9 @@ def simulate(indices: torch.Tensor, layers: list[int], placement: Placement, *, 
     """Replay trace `indices [N, L, K]` (column l = model layer layers[l]); see the module docstring."""
     W = placement.num_ranks
     N, L, K = indices.shape
+    if shape.num_experts != placement.num_experts or shape.top_k != K:
+        raise ValueError(f"model shape {shape.name!r} has {shape.num_experts} experts, top-{shape.top_k}; the "
+                         f"placement has {placement.num_experts} experts and the trace top-{K}")
     T = W * tokens_per_rank
     steps = max(1, min(max_steps, -(-N // T)))
     tables = _tables(placement)
