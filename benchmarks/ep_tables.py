@@ -22,12 +22,15 @@ from moeinfer.parallel.profile import RoutingProfile, read_profile
 from moeinfer.parallel.simulator import SHAPES, get_cluster, simulate, skew_of, synthetic_trace
 
 TRACES = Path("/work/shared/data/traces/mixtral-8x7b-instruct")
-STRATEGIES = ["contiguous", "round_robin", "balanced", "replicated"]
+STRATEGIES = ["contiguous", "round_robin", "balanced", "replicated@0", "replicated"]
+"""`name@s`: strategy `name` with smoothing s instead of the default."""
 
 
 def _plc(strategy: str, prof: RoutingProfile, W: int, slots: int | None = None) -> Placement:
-    return make_placement(strategy, num_ranks=W, num_experts=prof.num_experts, layers=prof.layers,
-                          load=prof.load(), slots_per_rank=slots)
+    name, _, smooth = strategy.partition("@")
+    kw = {"smoothing": float(smooth)} if smooth else {}
+    return make_placement(name, num_ranks=W, num_experts=prof.num_experts, layers=prof.layers,
+                          load=prof.load(), slots_per_rank=slots, **kw)
 
 
 def _trace_imbalance(plc: Placement, prof: RoutingProfile) -> float:
@@ -76,8 +79,8 @@ def mixtral_table() -> str:
                                                   read_profile(TRACES / "gsm8k_2_routing.jsonl")])
 
 
-def tiny_table(prompts: int = 32, prompt_tokens: int = 64, new_tokens: int = 16) -> str:
-    """Traces of the shipped reference model (moeinfer.load("tiny")) on English and Python text."""
+def tiny_profiles(prompts: int = 32, prompt_tokens: int = 64, new_tokens: int = 16) -> list[RoutingProfile] | None:
+    """Routing of the shipped reference model (moeinfer.load("tiny")) on English and Python text."""
     import moeinfer
     from moeinfer.engine.generate import generate
     from moeinfer.engine.trace import record_routing
@@ -85,7 +88,7 @@ def tiny_table(prompts: int = 32, prompt_tokens: int = 64, new_tokens: int = 16)
     from moeinfer.parallel.profile import from_trace
 
     if shipped_model_dir("tiny") is None:
-        return "(the shipped model `tiny` is not available in this checkout)"
+        return None
     model = moeinfer.load("tiny", dtype="float32", progress=False)
     data = Path(moeinfer.__file__).parent / "eval" / "data"
     profiles = []
@@ -97,12 +100,18 @@ def tiny_table(prompts: int = 32, prompt_tokens: int = 64, new_tokens: int = 16)
             for i in range(0, prompts, 8):
                 generate(model, batch[i:i + 8], max_new_tokens=new_tokens, ignore_eos=True)
         profiles.append(from_trace(rec.trace(), source=kind))
+    return profiles
+
+
+def tiny_table() -> str:
+    profiles = tiny_profiles()
+    if profiles is None:
+        return "(the shipped model `tiny` is not available in this checkout)"
     both = RoutingProfile(profiles[0].num_experts, profiles[0].layers,
                           torch.cat([p.indices for p in profiles]), source="english+python")
-    head = (f"moeinfer-tiny ({model.config.num_layers} MoE layers, {model.config.num_experts} experts, "
-            f"top-{model.config.top_k}), {prompts} prompts x ({prompt_tokens} prompt + {new_tokens} generated) "
-            f"tokens from each of English and Python text ({profiles[0].num_tokens} + {profiles[1].num_tokens} "
-            "tokens); tasks = English, Python.\n\n")
+    head = (f"moeinfer-tiny ({len(both.layers)} MoE layers, {both.num_experts} experts, top-{both.top_k}), 32 prompts "
+            f"x (64 prompt + 16 generated) tokens from each of English and Python text ({profiles[0].num_tokens} + "
+            f"{profiles[1].num_tokens} tokens); tasks = English, Python.\n\n")
     return head + placement_table(both, profiles)
 
 
