@@ -243,7 +243,8 @@ class SweepConfig:
 
     def digest(self) -> str:
         """Hash of the settings that change what a point measures (not the axes themselves)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("name", "models", "axes", "mode", "points")}
+        skip = ("name", "models", "axes", "mode", "points", "peaks")
+        d = {k: v for k, v in self.to_dict().items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

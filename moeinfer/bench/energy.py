@@ -153,7 +153,8 @@ class EnergyMeter:
     def available(self) -> bool:
         return not self.unavailable
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
+        """Add every counter's change since its last read (the poll thread calls this)."""
         with self._lock:
             for c in self.counters:
                 try:
@@ -181,7 +182,7 @@ class EnergyMeter:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._sample()
+            self.sample()
 
     def stop(self) -> EnergyReading:
         if not self.available:
@@ -190,7 +191,7 @@ class EnergyMeter:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._sample()
+        self.sample()
         seconds = self.clock() - self._t0
         if self._failed:
             return EnergyReading(False, seconds, reason=self._failed)

@@ -138,7 +138,7 @@ def git_commit(repo: str | Path | None = None) -> str | None:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+                               capture_output=True, text=True, timeout=5, check=False).stdout.strip()
         return out + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

@@ -61,7 +61,7 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
                     _mib(M["peak_rss_bytes"]), _mib(M["gpu_peak_bytes"])])
         E, U = m["moe"], m["utilization"]
         um, ud = U.get("measured") or {}, U.get("datasheet") or {}
-        g = lambda u, ph, k: (u.get(ph) or {}).get(k)  # noqa: E731
+        g = lambda u, ph, k: (u.get(ph) or {}).get(k)
         moe.append([name(p), _f(E["distinct_mean_decode"]), _f(E["imbalance_mean"]),
                     _f(g(um, "decode", "bytes_per_s"), 1e-9), _pct(g(um, "decode", "s_mbu")),
                     _pct(g(ud, "decode", "s_mbu")), _f(g(um, "prefill", "flops_per_s"), 1e-9),
@@ -88,10 +88,10 @@ def header_lines(data: dict[str, Any]) -> list[str]:
     """Step 1, as markdown bullet lines."""
     hw, sw, pk, en = data["hardware"], data["software"], data.get("peaks"), data["energy_setup"]
     gpu = hw.get("gpu")
+    gpu_text = f"; GPU: {gpu['name']} ({gpu['memory_bytes'] / 2**30:.0f} GiB)" if gpu else ""
     lines = [f"- date: {data['created']}; git commit: `{data['git_commit']}`",
              f"- device: {hw['device']}; CPU: {hw['cpu']} ({hw['cpu_cores']} cores, "
-             f"{hw.get('cpu_threads_used')} torch threads)" + (f"; GPU: {gpu['name']} "
-                                                                f"({gpu['memory_bytes'] / 2**30:.0f} GiB)" if gpu else ""),
+             f"{hw.get('cpu_threads_used')} torch threads){gpu_text}",
              f"- software: moeinfer {sw['moeinfer']}, torch {sw['torch']}, Python {sw['python']}, {sw.get('platform')}"]
     if pk:
         me = pk["measured"]
@@ -209,11 +209,11 @@ def render_markdown(data: dict[str, Any], notes: dict[str, str | None]) -> str:
 def render_html(data: dict[str, Any], notes: dict[str, str | None], out: Path) -> str:
     esc = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'>",
-             f"<title>moeinfer bench: {esc(data['config']['name'])}</title><style>"
-             "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:13px;margin-bottom:1.5em}"
-             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child{text-align:left}"
-             "th{background:#f3f3f3}</style></head><body>",
+             (f"<title>moeinfer bench: {esc(data['config']['name'])}</title><style>"
+              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+              "table{border-collapse:collapse;font-size:13px;margin-bottom:1.5em}"
+              "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child{text-align:left}"
+              "th{background:#f3f3f3}</style></head><body>"),
              f"<h1>moeinfer bench: {esc(data['config']['name'])}</h1><ul>"]
     parts += [f"<li>{esc(line[2:])}</li>" for line in header_lines(data)] + ["</ul>"]
     for title, header, rows in tables(data):

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,31 @@ from moeinfer.bench.config import Point, SweepConfig, apply_axes
 from moeinfer.bench.energy import EnergyMeter, default_meter
 from moeinfer.bench.instrument import instrument
 from moeinfer.bench.latency import summarize
-from moeinfer.bench.metrics import (ModelShape, expert_load, gpu_peak_bytes, kv_cache_bytes, peak_rss_bytes,
-                                    reset_gpu_peak, reset_peak_rss, sparse_utilization, weight_stats)
-from moeinfer.bench.results import SCHEMA_NAME, SCHEMA_VERSION, finished_points, write_results
+from moeinfer.bench.metrics import (
+    ModelShape,
+    expert_load,
+    gpu_peak_bytes,
+    kv_cache_bytes,
+    peak_rss_bytes,
+    reset_gpu_peak,
+    reset_peak_rss,
+    sparse_utilization,
+    weight_stats,
+)
+from moeinfer.bench.results import (
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    finished_points,
+    write_results,
+)
 from moeinfer.bench.workload_run import run_workload
-from moeinfer.bench.workloads import arrival_times, build_prompts, get_workload, resolve, source_token_ids
+from moeinfer.bench.workloads import (
+    arrival_times,
+    build_prompts,
+    get_workload,
+    resolve,
+    source_token_ids,
+)
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
@@ -87,7 +107,12 @@ class Sweep:
 
     # 1-2. Machine, peaks, energy.
     def _setup(self, points: list[Point]) -> None:
-        from moeinfer.bench.hardware import git_commit, hardware_info, measure_peaks, software_info
+        from moeinfer.bench.hardware import (
+            git_commit,
+            hardware_info,
+            measure_peaks,
+            software_info,
+        )
 
         cfg = self.config
         dtypes = sorted({p.dtype or "float32" for p in points} | {"float32"})
@@ -96,7 +121,7 @@ class Sweep:
             self.meter = default_meter(str(self.device), min_window_s=cfg.energy.min_window_s)
         idle = self.meter.measure_idle(cfg.energy.idle_s) if self.meter.available else {}
         self.data = dict(
-            schema=SCHEMA_NAME, schema_version=SCHEMA_VERSION, created=datetime.now(timezone.utc).isoformat(),
+            schema=SCHEMA_NAME, schema_version=SCHEMA_VERSION, created=datetime.now(UTC).isoformat(),
             git_commit=git_commit(), hardware=hardware_info(self.device), software=software_info(), peaks=peaks,
             energy_setup=dict(available=self.meter.available, sources=[c.name for c in self.meter.counters],
                               idle_watts=idle, reason=self.meter.unavailable or ("; ".join(self.meter.notes) or None)),
@@ -152,7 +177,8 @@ class Sweep:
         w = self._resolved(entry.model, p)
         pre_s, step_s = entry.step_s or (1e-3, 1e-2)
         batches = math.ceil(w.num_requests / w.batch_size)
-        t = w.num_requests * w.prompt_tokens * pre_s + batches * w.output_tokens * step_s * (1.5 if w.batch_size > 1 else 1)
+        batched = 1.5 if w.batch_size > 1 else 1.0
+        t = w.num_requests * w.prompt_tokens * pre_s + batches * w.output_tokens * step_s * batched
         if w.arrival == "poisson" and w.rate:
             t = max(t, w.num_requests / w.rate)
         return t

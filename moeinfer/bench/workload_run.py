@@ -58,7 +58,13 @@ def run_sequential(model: Any, w: ResolvedWorkload, prompts: list[list[int]]) ->
 
 def run_engine(model: Any, w: ResolvedWorkload, prompts: list[list[int]], arrivals: list[float], *,
                prefill_chunk: int = 256, timeout_s: float = 3600.0) -> list[RequestRecord]:
-    from moeinfer.engine.batching import BatchEngine, EngineRequest, ErrorEvent, FinishEvent, TokenEvent
+    from moeinfer.engine.batching import (
+        BatchEngine,
+        EngineRequest,
+        ErrorEvent,
+        FinishEvent,
+        TokenEvent,
+    )
 
     engine = BatchEngine(model, max_batch=w.batch_size, max_queue=len(prompts) + 1, prefill_chunk=prefill_chunk,
                          max_context=w.prompt_tokens + w.output_tokens).start()
@@ -99,7 +105,8 @@ def run_engine(model: Any, w: ResolvedWorkload, prompts: list[list[int]], arriva
     return records
 
 
-def run_workload(model: Any, w: ResolvedWorkload, prompts: list[list[int]], arrivals: list[float]) -> list[RequestRecord]:
+def run_workload(model: Any, w: ResolvedWorkload, prompts: list[list[int]],
+                 arrivals: list[float]) -> list[RequestRecord]:
     if w.kind == "sequential":
         return run_sequential(model, w, prompts)
     return run_engine(model, w, prompts, arrivals)

@@ -151,7 +151,7 @@ def resolve(w: Workload, *, device_type: str, context: int, scale: float = 1.0,
         v["batch_size"] = batch_size
     if scale != 1.0:
         for k in ("prompt_tokens", "output_tokens", "num_requests"):
-            v[k] = max(2, int(round(v[k] * scale)))
+            v[k] = max(2, round(v[k] * scale))
         v["batch_size"] = max(1, min(v["batch_size"], v["num_requests"]))
         notes.append(f"scale={scale:g} applied to prompt/output tokens and request count")
     # 3. Context cap.
