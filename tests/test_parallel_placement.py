@@ -167,3 +167,14 @@ def test_memory_budget_sets_slots(tmp_path, capsys):
     assert Placement.load(out).max_slots() == 3
     assert main(["placement", "--trace", str(tmp_path / "prof.json"), "--ranks", "4", "--budget-gib", "1"]) == 1
     assert "needs --model" in capsys.readouterr().err
+
+
+def test_smoothing_shrinks_toward_uniform():
+    load = [[100.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]
+    exact = make_placement("replicated", num_ranks=4, num_experts=8, layers=[0], load=load, smoothing=0.0)
+    flat = make_placement("replicated", num_ranks=4, num_experts=8, layers=[0], load=load, smoothing=1.0)
+    assert len(exact.layers[0][0]) == 4  # the hot expert gets every extra slot it can use
+    assert len(flat.layers[0][0]) < 4  # uniform: extra slots spread
+    assert exact.info["smoothing"] == 0.0
+    with pytest.raises(PlacementError, match=r"smoothing must be in \[0, 1\]"):
+        make_placement("replicated", num_ranks=4, num_experts=8, layers=[0], load=load, smoothing=1.5)
