@@ -43,6 +43,15 @@ def _label(p: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _config_label(p: dict[str, Any]) -> str:
+    """Everything that identifies a point but its workload."""
+    c = p["config"]
+    parts = [Path(c["model"]).name, c["routing"]]
+    parts += [c[k] for k in ("kernel", "compression", "offload") if c[k] not in ("reference", "none")]
+    parts += [c["dtype"] or "ckpt-dtype"] + ([f"b{c['batch_size']}"] if c["batch_size"] else [])
+    return " ".join(parts)
+
+
 def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of each report table (step 2)."""
     ok = [p for p in data["points"] if p["status"] == "ok"]
@@ -57,8 +66,9 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
                     _f(L["tpot_s"]["p90"], 1e3), _f(L["tpot_s"]["p99"], 1e3), _f(L["latency_s"]["p50"]),
                     _f(L["throughput_tok_s"]), _f(L["goodput_req_s"]), _pct(L["slo_attainment"])])
         M = m["memory"]
+        rss = _mib(M["peak_rss_bytes"]) + (" (process)" if M.get("peak_rss_scope") == "process" else "")
         mem.append([name(p), _mib(M["weight_bytes"]), f"{M['bits_per_param']:.1f}", _mib(M["kv_cache_bytes"]),
-                    _mib(M["peak_rss_bytes"]), _mib(M["gpu_peak_bytes"])])
+                    rss, _mib(M["gpu_peak_bytes"])])
         E, U = m["moe"], m["utilization"]
         um, ud = U.get("measured") or {}, U.get("datasheet") or {}
         g = lambda u, ph, k: (u.get(ph) or {}).get(k)
@@ -139,32 +149,42 @@ def make_plots(data: dict[str, Any], out: Path) -> dict[str, str | None]:
         write_text_atomic(out / name, buf.getvalue())
         notes[name] = None
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Colour = configuration (everything but the workload), marker = workload.
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    configs = list(dict.fromkeys(_config_label(p) for p in ok))
+    wls = list(dict.fromkeys(p["config"]["workload"] for p in ok))
+    markers = "osD^v<>P*X"
     for p in ok:
         L = p["metrics"]["latency"]
         x, y = L["tpot_s"]["p50"], L["throughput_tok_s"]
         if x is not None and y is not None:
-            ax.scatter(x * 1e3, y)
-            ax.annotate(_label(p), (x * 1e3, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(x * 1e3, y, color=f"C{configs.index(_config_label(p)) % 10}",
+                       marker=markers[wls.index(p["config"]["workload"]) % len(markers)], s=45)
+    handles = [plt.Line2D([], [], color=f"C{i % 10}", marker="o", ls="", label=c) for i, c in enumerate(configs)]
+    handles += [plt.Line2D([], [], color="grey", marker=markers[i % len(markers)], ls="", label=w)
+                for i, w in enumerate(wls)]
+    ax.legend(handles=handles, fontsize=7, loc="best")
     ax.set(xlabel="TPOT p50 (ms)", ylabel="throughput (output tokens/s)", title="Throughput vs latency")
     ax.grid(alpha=0.3)
     save(fig, PLOTS[0])
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Colour = configuration, marker = dataset; one point per configuration and dataset.
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    datasets = sorted({d for p in ok for d in p["metrics"]["quality"]})
     seen = set()
     for p in ok:
-        c = p["config"]
-        key = (c["model"], c["dtype"], c["compression"], c["routing"], c["kernel"], c["offload"])
-        if key in seen:
+        label = _config_label(p)
+        if label in seen:
             continue
-        seen.add(key)
-        m = p["metrics"]
-        q = m["quality"]
-        mem = m["memory"]["weight_bytes"] / 2**20
+        seen.add(label)
+        q, mem = p["metrics"]["quality"], p["metrics"]["memory"]["weight_bytes"] / 2**20
         for d in sorted(q):
-            ax.scatter(mem, q[d]["bits_per_byte"], marker="o" if d == "english" else "s")
-            ax.annotate(f"{c['routing']} {c['compression']} {c['dtype'] or ''} ({d})", (mem, q[d]["bits_per_byte"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(mem, q[d]["bits_per_byte"], color=f"C{configs.index(label) % 10}",
+                       marker=markers[datasets.index(d) % len(markers)], s=45)
+    handles = [plt.Line2D([], [], color=f"C{i % 10}", marker="o", ls="", label=c) for i, c in enumerate(configs)]
+    handles += [plt.Line2D([], [], color="grey", marker=markers[i % len(markers)], ls="", label=d)
+                for i, d in enumerate(datasets)]
+    ax.legend(handles=handles, fontsize=7, loc="best")
     ax.set(xlabel="weight memory (MiB)", ylabel="bits per byte (lower is better)", title="Quality vs memory")
     ax.grid(alpha=0.3)
     save(fig, PLOTS[1])

@@ -191,7 +191,7 @@ class Sweep:
         w = self._resolved(model, p)
         prompts = build_prompts(w, self._source_ids(model, p), seed=cfg.seed)
         arrivals = arrival_times(w, seed=cfg.seed)
-        reset_peak_rss()
+        rss_scope = "point" if reset_peak_rss() else "process"
         reset_gpu_peak(self.device)
         assert self.meter is not None
         self.meter.start()
@@ -219,7 +219,7 @@ class Sweep:
             memory=dict(weight_bytes=entry.weights["weight_bytes"], bits_per_param=entry.weights["bits_per_param"],
                         params_total=entry.weights["params_total"], params_active=entry.weights["params_active"],
                         bytes_by_component=entry.weights["bytes_by_component"], kv_cache_bytes=kv,
-                        peak_rss_bytes=rss, gpu_peak_bytes=gpu),
+                        peak_rss_bytes=rss, peak_rss_scope=rss_scope, gpu_peak_bytes=gpu),
             moe=expert_load(ins.forwards, ins.counts),
             utilization=util,
             quality=entry.quality,
