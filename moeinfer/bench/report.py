@@ -94,14 +94,20 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
     ]
 
 
+def summary_table(data: dict[str, Any]) -> str:
+    """The latency table as markdown, for the terminal."""
+    title, header, rows = tables(data)[0]
+    return f"{title}\n\n{_md_table(header, rows)}"
+
+
 def header_lines(data: dict[str, Any]) -> list[str]:
     """Step 1, as markdown bullet lines."""
     hw, sw, pk, en = data["hardware"], data["software"], data.get("peaks"), data["energy_setup"]
     gpu = hw.get("gpu")
     gpu_text = f"; GPU: {gpu['name']} ({gpu['memory_bytes'] / 2**30:.0f} GiB)" if gpu else ""
     lines = [f"- date: {data['created']}; git commit: `{data['git_commit']}`",
-             f"- device: {hw['device']}; CPU: {hw['cpu']} ({hw['cpu_cores']} cores, "
-             f"{hw.get('cpu_threads_used')} torch threads){gpu_text}",
+             (f"- device: {hw['device']}; CPU: {hw['cpu']} ({hw['cpu_cores']} cores, "
+              f"{hw.get('cpu_threads_used')} torch threads){gpu_text}"),
              f"- software: moeinfer {sw['moeinfer']}, torch {sw['torch']}, Python {sw['python']}, {sw.get('platform')}"]
     if pk:
         me = pk["measured"]

@@ -68,8 +68,20 @@ def write_results(data: dict[str, Any], path: str | Path) -> Path:
     data = clean(data)
     validate(data, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+    write_text_atomic(path, dumps(data))
     return path
+
+
+def dumps(data: dict[str, Any]) -> str:
+    """Indented at the top level, one compact line per point (raw arrays stay small and diffable)."""
+    items = []
+    for k, v in data.items():
+        if k == "points":
+            body = ",\n".join("  " + json.dumps(p, separators=(",", ":")) for p in v)
+            items.append(f' "points": [\n{body}\n ]' if v else ' "points": []')
+        else:
+            items.append(f" {json.dumps(k)}: {json.dumps(v)}")
+    return "{\n" + ",\n".join(items) + "\n}\n"
 
 
 def write_text_atomic(path: Path, text: str | bytes) -> None:

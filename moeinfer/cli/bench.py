@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     data = run_sweep(cfg, args.out, resume=args.resume, progress=not args.no_progress,
                      log_fn=lambda s: print(s, file=sys.stderr))
     failed = [p for p in data["points"] if p["status"] != "ok"]
+    from moeinfer.bench.report import summary_table
+
+    print(summary_table(data))
     print(f"{len(data['points']) - len(failed)} points ok, {len(failed)} failed; "
           f"results: {Path(args.out) / 'results.json'}, report: {Path(args.out) / 'report.md'}")
     for p in failed:
