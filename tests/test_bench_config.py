@@ -95,6 +95,14 @@ def test_product_groups_points_by_model_and_list_mode() -> None:
     assert load_sweep("default").name == "default"
 
 
+def test_list_shows_workloads_and_axes(capsys) -> None:
+    from moeinfer.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "decode-b1" in out and "kernel       reference" in out and "suites: default" in out
+
+
 def test_top_k_routing_axis_sets_the_router(tmp_path: Path) -> None:
     import torch
     from hf_peers import save_hf_checkpoint

@@ -242,6 +242,13 @@ class Sweep:
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"{self.config.source}: the sweep lists the same point more than once: {dup[:3]}")
+        from moeinfer.api import resolve_model_path
+        from moeinfer.models import SHIPPED
+
+        missing = [m for m in self.config.models if not resolve_model_path(m).exists()]
+        if missing:
+            raise FileNotFoundError(f"{self.config.source}: model(s) not found: {', '.join(missing)} (a checkpoint "
+                                    f"folder, or a shipped model name: {', '.join(SHIPPED)})")
         path = self.out / RESULTS
         done = finished_points(path, self.config.digest()) if self.resume else {}
         if done:
@@ -253,23 +260,35 @@ class Sweep:
         if not todo:
             return self.data
         # 4. The first model calibrates the time estimate.
-        first = self._loaded(todo[0])
-        est = {p.id: (self.estimate_s(p, first) if p.model == todo[0].model else None) for p in todo}
+        # 4. The first model calibrates the time estimate (its load + quality evaluation time counts for
+        #    every other model configuration; a model of another size will differ).
+        t0 = time.perf_counter()
+        try:
+            first: _Loaded | None = self._loaded(todo[0])
+        except Exception:  # recorded as the point's error below
+            first = None
+        load_s = time.perf_counter() - t0
+        est = {p.id: (self.estimate_s(p, first) if first and p.model == todo[0].model else None) for p in todo}
         known = [e for e in est.values() if e is not None]
         fill = sum(known) / len(known) if known else 1.0
         est = {k: (v if v is not None else fill) for k, v in est.items()}
-        n_models = len({p.model_key for p in todo})
-        self.say(f"{len(todo)} points on {self.device}; estimated time ~{_fmt_s(sum(est.values()))} of workloads "
-                 f"+ {n_models} model load(s) and quality evaluation(s)")
+        keys = list(dict.fromkeys(p.model_key for p in todo))
+        total = sum(est.values()) + load_s * (len(keys) - 1)
+        self.say(f"{len(todo)} points, {len(keys)} model configuration(s) on {self.device}: estimated "
+                 f"~{_fmt_s(total)} more (first model load + quality evaluation took {load_s:.0f} s)")
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=round(sum(est.values()), 1), unit="s(est)", desc="bench",
+            bar = tqdm(total=round(total, 1), unit="s(est)", desc="bench",
                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est. s [{elapsed}<{remaining}]")
+        prev_key = todo[0].model_key
         for p in todo:
             if bar is not None:
                 bar.set_postfix_str(p.id, refresh=True)
+                if p.model_key != prev_key:
+                    bar.update(round(load_s, 1))
+                    prev_key = p.model_key
             try:
                 by_id[p.id] = self.run_point(p)
             except Exception as e:  # one failing point must not lose the others

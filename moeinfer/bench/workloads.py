@@ -150,8 +150,9 @@ def resolve(w: Workload, *, device_type: str, context: int, scale: float = 1.0,
     if batch_size is not None:
         v["batch_size"] = batch_size
     if scale != 1.0:
-        for k in ("prompt_tokens", "output_tokens", "num_requests"):
+        for k in ("prompt_tokens", "output_tokens"):  # >= 2 output tokens keep TPOT defined
             v[k] = max(2, round(v[k] * scale))
+        v["num_requests"] = max(1, round(v["num_requests"] * scale))
         v["batch_size"] = max(1, min(v["batch_size"], v["num_requests"]))
         notes.append(f"scale={scale:g} applied to prompt/output tokens and request count")
     # 3. Context cap.
