@@ -85,9 +85,12 @@ def test_resume_skips_finished_points(ckpt: Path, swept: Path, tmp_path: Path, m
     write_results(interrupted, tmp_path / "results.json")
     ran: list[str] = []
     real = Sweep.run_point
+    fail = {data["points"][2]["id"]}
 
     def counting(self, p):
         ran.append(p.id)
+        if p.id in fail:
+            raise RuntimeError("boom")
         return real(self, p)
 
     monkeypatch.setattr(Sweep, "run_point", counting)
@@ -96,7 +99,15 @@ def test_resume_skips_finished_points(ckpt: Path, swept: Path, tmp_path: Path, m
                     meter=fake_meter(tmp_path / "rapl"))
     assert len(ran) == 3 and data["points"][0]["id"] not in ran
     assert out["points"][0] == data["points"][0]  # kept as it was
-    assert len(read_results(tmp_path / "results.json")["points"]) == 4
+    saved = read_results(tmp_path / "results.json")["points"]
+    assert [p["status"] for p in saved] == ["ok", "ok", "error", "ok"]  # a failing point does not stop the sweep
+    assert saved[2]["error"] == "RuntimeError: boom"
+    fail.clear()
+    ran.clear()
+    run_sweep(cfg, tmp_path, resume=True, progress=False, report=False, log_fn=lambda s: None,
+              meter=fake_meter(tmp_path / "rapl"))
+    assert ran == [data["points"][2]["id"]]  # only the failed point runs again
+    assert all(p["status"] == "ok" for p in read_results(tmp_path / "results.json")["points"])
     changed = sweep_config(ckpt, ["chat", "server"], peaks=False, seed=5)
     with pytest.raises(ValueError, match="different sweep settings"):
         run_sweep(changed, tmp_path, resume=True, progress=False, report=False, log_fn=lambda s: None)

@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run only these workloads (repeatable)")
     p.add_argument("--scale", type=float, default=None,
                    help="multiply prompt/output lengths and request counts (e.g. 0.1 for a quick run)")
+    p.add_argument("--prompt-source", default=None,
+                   help="text the prompts are cut from: english, python, or a file/folder (default: the sweep's)")
     p.add_argument("--no-peaks", action="store_true", help="skip the bandwidth/matmul peak measurement")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list workloads and axes, then exit")
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.axes["workload"] = args.workload
     if args.scale is not None:
         cfg.scale = args.scale
+    if args.prompt_source:
+        cfg.prompt_source = args.prompt_source
     if args.no_peaks:
         cfg.peaks = False
     cfg.__post_init__()  # validate the overrides like the file
