@@ -204,8 +204,12 @@ class Sweep:
         out_tokens = sum(t.output_tokens for t in timings)
         rows = w.batch_size
         kv = kv_cache_bytes(entry.shape, rows, w.prompt_tokens + w.output_tokens)
+        cdt = str(model.dtype).removeprefix("torch.")
         peaks = self.data.get("peaks") or {}
-        cdt = p.dtype or str(model.dtype).removeprefix("torch.")
+        if peaks and cdt not in peaks["measured"]["flops"]:  # the checkpoint's dtype, known only now
+            from moeinfer.bench.hardware import measure_matmul
+
+            peaks["measured"]["flops"][cdt] = measure_matmul(self.device, model.dtype)
         util: dict[str, Any] = {}
         for which in ("measured", "datasheet"):
             pk = peaks.get(which)
