@@ -40,9 +40,6 @@ def expert_parallel_config(args: argparse.Namespace) -> Any:
     n = getattr(args, "expert_parallel", 0) or 0
     if n <= 0:
         return None
-    if getattr(args, "command", None) == "serve":
-        raise ValueError("moeinfer serve does not support --expert-parallel: every rank would need to receive "
-                         "every request; use the Python API with tokens='sharded' instead")
     from moeinfer.parallel.config import ExpertParallelConfig
 
     return ExpertParallelConfig(size=n, placement=args.placement, profile=args.placement_trace,
