@@ -90,3 +90,28 @@ def test_model_shape_matches_the_weights(tmp_path: Path) -> None:
     assert forward_cost(f, shape)[0] == w["weight_bytes"] - embed.numel() * 4 + embed.shape[1] * 4
     assert w["bits_per_param"] == pytest.approx(32.0)
     assert kv_cache_bytes(shape, 3, 10) == 30 * shape.kv_slot_bytes
+
+
+def test_instrument_agrees_with_routing_traces_and_changes_nothing(tmp_path: Path) -> None:
+    """The per-forward hooks see the same expert load as moeinfer.engine.trace, and leave outputs alone."""
+    from hf_peers import save_hf_checkpoint
+
+    import moeinfer
+    from moeinfer.bench.instrument import instrument
+    from moeinfer.engine.generate import generate
+    from moeinfer.engine.trace import record_routing
+    from moeinfer.engine.trace_stats import summarize
+
+    save_hf_checkpoint("mixtral", tmp_path / "m")
+    model = moeinfer.load(tmp_path / "m", dtype=torch.float32, progress=False)
+    prompts = [[3, 5, 7, 9, 11, 13], [2, 4, 6, 8, 10, 12]]  # equal lengths: no padding rows
+    plain = generate(model, prompts, max_new_tokens=5, ignore_eos=True)
+    with instrument(model) as ins, record_routing(model, logits=False) as rec:
+        timed = generate(model, prompts, max_new_tokens=5, ignore_eos=True)
+    assert [g.token_ids for g in timed] == [g.token_ids for g in plain]
+    stats = summarize(rec.trace())
+    assert ins.counts.tolist() == stats["tokens_per_expert"]
+    assert expert_load(ins.forwards, ins.counts)["imbalance_mean"] == pytest.approx(stats["imbalance_mean"])
+    assert [(f.rows, f.tokens, f.kv_end) for f in ins.forwards] == [(2, 6, 6)] + [(2, 1, 6 + i) for i in range(1, 5)]
+    assert all(len(f.distinct) == len(model.moe_blocks()) for f in ins.forwards)
+    assert all(f.slots[0] == f.rows * f.tokens * model.config.top_k for f in ins.forwards)
