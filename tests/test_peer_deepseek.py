@@ -14,6 +14,7 @@ import torch
 
 import moeinfer
 from hf_peers import build_hf_model
+from peer_checks import batched_and_alone, greedy_pair, max_logit_diff
 from moeinfer.arch import parse_config
 from moeinfer.config import ConfigError
 from moeinfer.model.kv_cache import KVCache
@@ -72,61 +73,25 @@ def pair(request, tmp_path_factory):
     return _ids(request.param), hf, ours
 
 
-def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    long, short = torch.randint(0, vocab, (11,), generator=g), torch.randint(0, vocab, (6,), generator=g)
-    ids = torch.zeros(2, 11, dtype=torch.long)
-    mask = torch.zeros(2, 11, dtype=torch.long)
-    ids[0], mask[0] = long, 1
-    ids[1, :6], mask[1, :6] = short, 1  # right padding
-    return ids, mask
-
-
-def test_logits_match(pair):
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_logits_match(pair, left):
     case, hf, ours = pair
-    ids, mask = _batch(ours.config.vocab_size)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).logits
-        got = ours(ids, attention_mask=mask)
-    diff = (ref - got)[mask.bool()].abs().max().item()
-    print(f"\n{case} right-padded: max |logit diff| = {diff:.3g}")
-    assert diff <= 1e-4, f"max |logit diff| = {diff}"
-
-
-def test_left_padded_logits_match(pair):
-    case, hf, ours = pair
-    ids, mask = _batch(ours.config.vocab_size)
-    ids[1] = torch.cat([ids[1, 6:], ids[1, :6]])
-    mask[1] = torch.cat([mask[1, 6:], mask[1, :6]])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-        got = ours(ids, attention_mask=mask)
-    diff = (ref - got)[mask.bool()].abs().max().item()
-    print(f"\n{case} left-padded: max |logit diff| = {diff:.3g}")
+    diff = max_logit_diff(hf, ours, left=left)
+    print(f"\n{case} {'left' if left else 'right'}-padded: max |logit diff| = {diff:.3g}")
     assert diff <= 1e-4, f"max |logit diff| = {diff}"
 
 
 @pytest.mark.parametrize("prompt_len", [1, 7])
 def test_greedy_generation_matches(pair, prompt_len):
     _, hf, ours = pair
-    prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
-                          min_new_tokens=32, pad_token_id=0)[0, prompt_len:].tolist()
-    got = moeinfer.generate(ours, [prompt[0].tolist()], max_new_tokens=32, ignore_eos=True)[0].token_ids
+    ref, got = greedy_pair(hf, ours, prompt_len)
     assert got == ref
 
 
 def test_batched_generation_matches_single(pair):
     """Left-padded batch decoding gives each prompt the tokens it gets alone."""
-    _, _, ours = pair
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(0, ours.config.vocab_size, (n,), generator=g).tolist() for n in (9, 2, 5)]
-    batch = moeinfer.generate(ours, prompts, max_new_tokens=12, ignore_eos=True)
-    for p, res in zip(prompts, batch):
-        alone = moeinfer.generate(ours, [p], max_new_tokens=12, ignore_eos=True)[0]
-        assert res.token_ids == alone.token_ids
+    for batched, alone in batched_and_alone(pair[2]):
+        assert batched == alone
 
 
 def test_cache_holds_the_latent(pair):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeinfer.model.moe import MoEBlock, Routing
+from moeinfer.model.moe import Routing
 from moeinfer.model.transformer import MoEModel
 
 FORMAT_NAME = "moeinfer-routing-trace"

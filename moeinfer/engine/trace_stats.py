@@ -86,7 +86,7 @@ def summarize(trace: RoutingTrace) -> dict[str, Any]:
     """
     if trace.num_tokens == 0:
         raise TraceError("the routing trace has no tokens: nothing to summarize")
-    L, E, K = trace.num_layers, trace.num_experts, trace.top_k
+    E, K = trace.num_experts, trace.top_k
     # 1. Tokens.
     out: dict[str, Any] = {
         "model": trace.meta.get("model"), "model_type": trace.meta.get("model_type"),
