@@ -67,6 +67,7 @@ def test_unknown_axis_values_list_what_exists(tmp_path: Path) -> None:
              ({"routing": ["top-p:0.5"]}, "unknown routing mode 'top-p:0.5'; available: default, top-k:K"),
              ({"dtype": ["int4"]}, "unknown dtype 'int4'"),
              ({"workload": ["chatt"]}, "unknown workload 'chatt'"),
+             ({"rate": [0]}, "rate must be null or a number > 0"),
              ({"colour": ["red"]}, "unknown axes \\['colour'\\]")]
     for axes, msg in cases:
         f = tmp_path / "s.yaml"
@@ -93,6 +94,11 @@ def test_product_groups_points_by_model_and_list_mode() -> None:
     assert listed[0] == Point(model="a", workload="server", routing="top-k:1")
     assert listed[1] == Point(model="a", workload="chat", batch_size=4)
     assert load_sweep("default").name == "default"
+    rated = SweepConfig(models=["a"], axes={"workload": ["chat", "server"], "rate": [1, 4]}).expand()
+    assert [(p.workload, p.rate) for p in rated] == [("chat", None), ("server", 1), ("server", 4)]
+    assert rated[2].id.endswith("/r4")
+    w = resolve(get_workload("server"), device_type="cpu", context=256, rate=4)
+    assert w.rate == 4 and any("rate axis" in n for n in w.notes)
 
 
 def test_list_shows_workloads_and_axes(capsys) -> None:

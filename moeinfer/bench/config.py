@@ -11,6 +11,8 @@ is rejected with the list of what exists. Axes today:
     offload      none                      (expert offloading: not implemented yet)
     dtype        null (checkpoint's), float32, bfloat16, float16
     batch_size   null (the workload's), or an integer
+    rate         null (the workload's), or requests/s for Poisson-arrival workloads (a rate sweep
+                 traces the throughput-latency curve; other workloads ignore it and run once)
     workload     any name in moeinfer/bench/workloads.yaml
 
 A sweep file (YAML or JSON) looks like moeinfer/bench/suites/default.yaml; `mode: product` runs the
@@ -38,7 +40,7 @@ COMPRESSION: dict[str, Transform] = {}
 ROUTING: dict[str, Transform] = {}  # keyed by prefix: "top-k" handles "top-k:1"
 OFFLOAD: dict[str, Transform] = {}
 DTYPES = (None, "float32", "bfloat16", "float16")
-AXES = ("model", "workload", "kernel", "compression", "routing", "offload", "dtype", "batch_size")
+AXES = ("model", "workload", "kernel", "compression", "routing", "offload", "dtype", "batch_size", "rate")
 NOT_YET = {"kernel": "fast kernels are not implemented yet", "compression": "no compression recipe exists yet",
            "offload": "expert offloading is not implemented yet", "routing": "dynamic gating comes later"}
 
@@ -99,6 +101,9 @@ def _check_value(axis: str, value: Any, where: str) -> None:
                          f"{', '.join(d for d in DTYPES if d)}")
     if axis == "batch_size" and value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"{where}: batch_size must be null or an integer >= 1, got {value!r}")
+    if axis == "rate" and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                 or value <= 0):
+        raise ValueError(f"{where}: rate must be null or a number > 0 (requests/s), got {value!r}")
     if axis == "workload":
         from moeinfer.bench.workloads import get_workload
 
@@ -128,6 +133,7 @@ class Point:
     offload: str = "none"
     dtype: str | None = None
     batch_size: int | None = None
+    rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +143,8 @@ class Point:
         """Stable, readable identifier (used by --resume and compare)."""
         parts = [Path(self.model).name or self.model, self.workload, self.kernel, self.compression, self.routing,
                  self.offload, self.dtype or "ckpt-dtype", f"b{self.batch_size}" if self.batch_size else "b-default"]
+        if self.rate is not None:
+            parts.append(f"r{self.rate:g}")
         return "/".join(parts)
 
     @property
@@ -228,13 +236,14 @@ class SweepConfig:
         values = {"model": self.models, **{a: self.axes.get(a) for a in AXES if a != "model"}}
         defaults = {a: v[0] for a, v in values.items() if v}
         if self.mode == "list":
-            points = [Point(**{**defaults, **p}) for p in self.points]
+            points = _without_rate_repeats([Point(**{**defaults, **p}) for p in self.points])
             keys = list(dict.fromkeys(p.model_key for p in points))
             return sorted(points, key=lambda p: keys.index(p.model_key))  # stable: listed order within a model
         # Axes that change the model vary slowest, so each model is loaded (and evaluated) once.
-        order = ("model", "dtype", "kernel", "compression", "routing", "offload", "workload", "batch_size")
+        order = ("model", "dtype", "kernel", "compression", "routing", "offload", "workload", "batch_size", "rate")
         names = [a for a in order if values.get(a)]
-        return [Point(**dict(zip(names, combo))) for combo in itertools.product(*(values[a] for a in names))]
+        points = [Point(**dict(zip(names, combo))) for combo in itertools.product(*(values[a] for a in names))]
+        return _without_rate_repeats(points)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -246,6 +255,15 @@ class SweepConfig:
         skip = ("name", "models", "axes", "mode", "points", "peaks")
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_rate_repeats(points: list[Point]) -> list[Point]:
+    """A rate only matters to Poisson-arrival workloads: drop it elsewhere, and the repeats it made."""
+    from moeinfer.bench.workloads import get_workload
+
+    out = [p if p.rate is None or get_workload(p.workload).arrival == "poisson" else dataclasses.replace(p, rate=None)
+           for p in points]
+    return list(dict.fromkeys(out))
 
 
 def load_sweep(path: str | Path) -> SweepConfig:

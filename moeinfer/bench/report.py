@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ def _label(p: dict[str, Any]) -> str:
         parts.append(c["dtype"])
     if c["batch_size"]:
         parts.append(f"b{c['batch_size']}")
+    if c.get("rate") is not None:
+        parts.append(f"{c['rate']:g} req/s")
     return " ".join(parts)
 
 
@@ -212,10 +215,11 @@ def render_markdown(data: dict[str, Any], notes: dict[str, str | None]) -> str:
     lines = [f"# moeinfer bench: {data['config']['name']}", "", *header_lines(data), ""]
     for title, header, rows in tables(data):
         lines += [f"## {title}", "", _md_table(header, rows), ""]
-    wl = {p["config"]["workload"]: p["workload"] for p in data["points"] if p["status"] == "ok"}
+    wl = {json.dumps(p["workload"], sort_keys=True): p["workload"] for p in data["points"] if p["status"] == "ok"}
     if wl:
         lines += ["## Workloads as run", ""]
-        for name, w in wl.items():
+        for w in wl.values():
+            name = w["name"]
             extra = f" Notes: {'; '.join(w['notes'])}." if w["notes"] else ""
             lines.append(f"- `{name}` v{w['version']} ({w['kind']}, {w['arrival']}"
                          + (f" at {w['rate']} req/s" if w["arrival"] == "poisson" else "")

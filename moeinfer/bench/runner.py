@@ -169,7 +169,8 @@ class Sweep:
     def _resolved(self, model: Any, p: Point):
         return resolve(get_workload(p.workload), device_type=self.device.type,
                        context=model.config.max_position_embeddings, scale=self.config.scale,
-                       overrides=self.config.workload_overrides.get(p.workload), batch_size=p.batch_size)
+                       overrides=self.config.workload_overrides.get(p.workload), batch_size=p.batch_size,
+                       rate=p.rate)
 
     def estimate_s(self, p: Point, entry: _Loaded) -> float:
         """Rough seconds for a point: prefill tokens at the calibrated rate, plus decode steps (batched

@@ -132,7 +132,8 @@ def get_workload(name: str) -> Workload:
 
 
 def resolve(w: Workload, *, device_type: str, context: int, scale: float = 1.0,
-            overrides: dict[str, Any] | None = None, batch_size: int | None = None) -> ResolvedWorkload:
+            overrides: dict[str, Any] | None = None, batch_size: int | None = None,
+            rate: float | None = None) -> ResolvedWorkload:
     """Concrete lengths for one run (steps 2-3 of the module docstring)."""
     notes: list[str] = []
     v = {k: getattr(w, k) for k in _OVERRIDABLE}
@@ -149,6 +150,9 @@ def resolve(w: Workload, *, device_type: str, context: int, scale: float = 1.0,
         notes.append(f"{k}={x} set by the sweep")
     if batch_size is not None:
         v["batch_size"] = batch_size
+    if rate is not None and w.arrival == "poisson":
+        v["rate"] = rate
+        notes.append(f"rate={rate:g} req/s set by the sweep's rate axis")
     if scale != 1.0:
         for k in ("prompt_tokens", "output_tokens"):  # >= 2 output tokens keep TPOT defined
             v[k] = max(2, round(v[k] * scale))

@@ -118,5 +118,6 @@ def _list() -> int:
     print(f"  offload      {', '.join(c.OFFLOAD)}   ({c.NOT_YET['offload']})")
     print("  dtype        null (checkpoint's), float32, bfloat16, float16")
     print("  batch_size   null (workload's) or an integer")
+    print("  rate         null (workload's) or requests/s (Poisson-arrival workloads only)")
     print(f"suites: {', '.join(sorted(s.stem for s in c.SUITES_DIR.glob('*.yaml')))}")
     return 0
