@@ -144,3 +144,23 @@ def test_cli_runs_a_sweep_file(ckpt: Path, tmp_path: Path, capsys) -> None:
     assert "not measurable" in md  # no RAPL here, or a window under 1 s
     assert main(["bench", "--config", str(tmp_path / "s.yaml"), "--workload", "nope"]) == 1
     assert "unknown workload 'nope'" in capsys.readouterr().err
+
+
+def test_report_of_a_gpu_run(swept: Path, tmp_path: Path) -> None:
+    """The report's GPU paths (GPU name, datasheet peaks and S-MBU against them) on a doctored result."""
+    from moeinfer.bench.hardware import datasheet_peak
+    from moeinfer.bench.report import write_report
+
+    data = read_results(swept / "results.json")
+    data["hardware"]["gpu"] = dict(name="NVIDIA H100 80GB HBM3", memory_bytes=80 * 2**30, capability="9.0", count=1)
+    sheet = datasheet_peak("NVIDIA H100 80GB HBM3")
+    assert sheet["name"] == "H100 SXM" and datasheet_peak("NVIDIA H100 PCIe")["name"] == "H100 PCIe"
+    assert datasheet_peak("AMD EPYC") is None
+    data["peaks"]["datasheet"], data["peaks"]["datasheet_note"] = sheet, None
+    for p in data["points"]:
+        p["metrics"]["utilization"]["datasheet"] = {"decode": {"s_mbu": 0.25}, "prefill": {"s_mfu": 0.5}}
+        p["metrics"]["memory"]["gpu_peak_bytes"] = 3 * 2**20
+    write_report(data, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "GPU: NVIDIA H100 80GB HBM3 (80 GiB)" in md and "H100 SXM: 3350 GB/s" in md
+    assert "| 25.0% |" in md and "| 50.0% |" in md and "| 3.0 |" in md

@@ -276,7 +276,10 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise FileNotFoundError(f"sweep config {str(path)!r} is neither a file nor a shipped suite ({suites})")
     import yaml
 
-    data = yaml.safe_load(p.read_text()) if p.suffix in (".yaml", ".yml") else json.loads(p.read_text())
+    try:
+        data = yaml.safe_load(p.read_text())  # YAML is a superset of JSON: one parser for both
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML/JSON: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a sweep config must be a mapping")
     known = {f.name for f in dataclasses.fields(SweepConfig)} - {"source"}

@@ -169,6 +169,18 @@ def make_plots(data: dict[str, Any], out: Path) -> dict[str, str | None]:
         if x is not None and y is not None:
             ax.scatter(x * 1e3, y, color=f"C{configs.index(_config_label(p)) % 10}",
                        marker=markers[wls.index(p["config"]["workload"]) % len(markers)], s=45)
+    # A rate sweep of one workload and configuration is a throughput-latency curve: join its points.
+    curves: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for p in ok:
+        L, rate = p["metrics"]["latency"], p["workload"].get("rate")
+        if p["workload"]["arrival"] == "poisson" and L["tpot_s"]["p50"] is not None:
+            curves.setdefault((_config_label(p), p["config"]["workload"]), []).append(
+                (rate or 0.0, L["tpot_s"]["p50"] * 1e3, L["throughput_tok_s"]))
+    for (label, _), pts in curves.items():
+        if len(pts) > 1:
+            pts.sort()
+            ax.plot([x for _, x, _ in pts], [y for _, _, y in pts], color=f"C{configs.index(label) % 10}",
+                    lw=1, alpha=0.6)
     handles = [plt.Line2D([], [], color=f"C{i % 10}", marker="o", ls="", label=c) for i, c in enumerate(configs)]
     handles += [plt.Line2D([], [], color="grey", marker=markers[i % len(markers)], ls="", label=w)
                 for i, w in enumerate(wls)]
