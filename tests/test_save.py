@@ -84,3 +84,16 @@ def test_failed_save_keeps_previous_checkpoint(loaded, tmp_path, monkeypatch):
         moeinfer.save(loaded, dest)
     assert sorted(p.name for p in dest.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_saved_checkpoint_has_usual_permissions(loaded, tmp_path):
+    import os
+    import stat
+
+    from moeinfer.fsutil import umask
+
+    out = moeinfer.save(loaded, tmp_path / "perm")
+    mask = umask()
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~mask
+    for f in out.iterdir():
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~mask, f.name

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeinfer.fsutil import publishable_
 from moeinfer.model.moe import Routing
 from moeinfer.model.transformer import MoEModel
 
@@ -133,9 +134,7 @@ class RoutingTrace:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+            publishable_(tmp)  # mkstemp creates 0600; give the file the usual permissions
             with os.fdopen(fd, "wb") as f:
                 np.savez_compressed(f, **arrays)
                 f.flush()

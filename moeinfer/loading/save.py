@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from moeinfer.arch import get_arch
+from moeinfer.fsutil import publishable_
 from moeinfer.loading.names import expert_checkpoint_names, to_checkpoint
 from moeinfer.model.transformer import MoEModel
 
@@ -86,6 +87,7 @@ def save_checkpoint(model: MoEModel, path: str | os.PathLike[str], *, max_shard_
             model.tokenizer.save(tmp)
         if model.source_dir and (Path(model.source_dir) / "generation_config.json").is_file():
             shutil.copy(Path(model.source_dir) / "generation_config.json", tmp / "generation_config.json")
+        publishable_(tmp)  # mkdtemp and safetensors create private (0700/0600) entries
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
