@@ -33,3 +33,21 @@ def publishable_(path: str | os.PathLike[str]) -> None:
             os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
     else:
         os.chmod(p, 0o666 & ~mask)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` through a temp file in the same folder and a rename; usual permissions."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        publishable_(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from moeinfer.fsutil import atomic_write_text
 
 PLACEMENT_VERSION = 1
 
@@ -135,17 +136,7 @@ class Placement:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write JSON atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.dumps())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, self.dumps())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Placement:
