@@ -322,8 +322,3 @@ def make_cache(model: MoEModel, *, max_batch: int, max_context: int | None) -> K
     """The engine's KV cache: max_batch rows of the model's context (or less)."""
     length = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
     return KVCache(model.config, batch_size=max_batch, max_length=length, device=model.device, dtype=model.dtype)
-
-
-def engine_info(engine: BatchEngine) -> dict[str, Any]:
-    return dict(max_batch=engine.max_batch, max_queue=engine.max_queue, prefill_chunk=engine.prefill_chunk,
-                max_context=engine.max_context)
