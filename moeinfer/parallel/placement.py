@@ -256,7 +256,7 @@ DEFAULT_SMOOTHING = 0.25
 """Share of each layer's mean load mixed into every expert's load before placing. Traces are short and
 expert popularity drifts (between halves of one task, more between tasks): on the held-out halves and
 the other task of the Mixtral-8x7B and moeinfer-tiny traces, 0.25 lowered the imbalance of the
-replicated placement in every case measured (docs/expert-parallel.md); 0 fits the profile exactly."""
+replicated placement in 6 of 8 cases (docs/expert-parallel.md); 0 fits the profile exactly."""
 
 
 def make_placement(strategy: str, *, num_ranks: int, num_experts: int, layers: Sequence[int],
