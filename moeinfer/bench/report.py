@@ -22,7 +22,10 @@ PLOTS = ("throughput_latency.png", "quality_memory.png", "energy_per_token.png")
 
 
 def _f(x: Any, scale: float = 1.0, fmt: str = ".3g") -> str:
-    return "-" if x is None else format(x * scale, fmt)
+    if x is None:
+        return "-"
+    v = x * scale
+    return f"{v:.0f}" if abs(v) >= 1000 else format(v, fmt)  # no exponents in tables
 
 
 def _pct(x: Any) -> str:
