@@ -1,10 +1,10 @@
-# Two commands do all set-up on a fresh clone:  `make demo` (main job) and `make test`.
+# Two commands do all set-up on a fresh clone:  `make bench` (main job) and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-all bench demo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,9 +22,12 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not gpu'
 
+bench: $(STAMP)
+	$(BIN)/moeinfer bench --model tiny --out bench-results
+
 demo: $(STAMP)
 	$(BIN)/moeinfer inspect --model tiny
-	$(BIN)/moeinfer generate --model tiny "To be, or not to be" --max-new-tokens 48
+	$(BIN)/moeinfer generate --model tiny "KING HENRY. My lord," --max-new-tokens 32
 	$(BIN)/moeinfer generate --model tiny "def fibonacci(n):" --max-new-tokens 48
 
 clean:
