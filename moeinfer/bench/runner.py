@@ -286,13 +286,13 @@ class Sweep:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=round(total, 1), unit="s(est)", desc="bench",
-                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est. s [{elapsed}<{remaining}]")
+                       bar_format="{l_bar}{bar}| [{elapsed}<{remaining} estimated{postfix}]")
         prev_key = todo[0].model_key
         for p in todo:
             if bar is not None:
                 bar.set_postfix_str(p.id, refresh=True)
                 if p.model_key != prev_key:
-                    bar.update(round(load_s, 1))
+                    bar.update(min(round(load_s, 1), bar.total - bar.n))
                     prev_key = p.model_key
             try:
                 by_id[p.id] = self.run_point(p)
@@ -302,7 +302,7 @@ class Sweep:
                                    seconds=0.0, workload=None, raw=None, metrics=None)
             self._write(points, by_id)
             if bar is not None:
-                bar.update(round(est[p.id], 1))
+                bar.update(min(round(est[p.id], 1), bar.total - bar.n))  # estimates may overshoot
         if bar is not None:
             bar.close()
         return self.data
