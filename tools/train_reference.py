@@ -341,7 +341,7 @@ def report(out_json: Path, out_png: Path) -> None:
         ax.set_yticks(range(u.shape[0]))
     axes[0].set_ylabel("MoE layer")
     fig.colorbar(im, ax=axes, label="share of top-2 choices")
-    fig.suptitle("moeinfer-tiny: expert usage per layer (16k tokens per domain)")
+    fig.suptitle("moeinfer-tiny: expert usage per layer (16k tokens per domain)", y=1.04)
     fig.savefig(out_png, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
