@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--masked", type=int, nargs="+", default=[0, 1, 2, 4])
     ap.add_argument("--datasets", nargs="+", default=["english", "python"])
     ap.add_argument("--max-bytes", type=int, default=200_000)
+    ap.add_argument("--dtype", default="float32", help="weights dtype (fp32 is fastest on CPUs without bf16)")
+    ap.add_argument("--choices", nargs="+", default=["hottest", "random"], choices=["hottest", "random"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/fault-quality.json")
     args = ap.parse_args()
@@ -47,11 +49,11 @@ def main() -> None:
         from moeinfer.eval.datasets import load_dataset
 
         text = load_dataset(dataset).text
-        for choice in ("hottest", "random"):
+        for choice in args.choices:
             for k in args.masked:
                 if k == 0 and choice == "random":
                     continue
-                model = moeinfer.load(args.model, progress=False)
+                model = moeinfer.load(args.model, dtype=args.dtype, progress=False)
                 E = model.config.num_experts
                 if k > E - model.config.top_k:
                     continue
@@ -67,8 +69,8 @@ def main() -> None:
                                  bits_per_byte=r.bits_per_byte, degraded_tokens=faults.degraded_tokens,
                                  scored_tokens=r.tokens))
                 print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "max_bytes": args.max_bytes, "rows": rows},
-                                         indent=2))
+    Path(args.out).write_text(json.dumps({"model": args.model, "dtype": args.dtype, "max_bytes": args.max_bytes,
+                                          "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
