@@ -33,18 +33,25 @@ def _qwen2_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...
     return tuple(int(window) if (i + 1) % 2 and i < max_window_layers else None for i in range(num_layers))
 
 
-def parse_qwen2(hf: dict[str, Any]) -> ModelConfig:
-    base = common_fields(hf)
-    n = base["num_layers"]
-    return ModelConfig(
-        **base,
+def _moe_fields(hf: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """The fields both Qwen-MoE generations read the same way."""
+    return dict(
         intermediate_size=int(hf.get("intermediate_size") or require(hf, "moe_intermediate_size")),
         moe_intermediate_size=int(require(hf, "moe_intermediate_size")),
         router=RouterConfig(num_experts=int(require_any(hf, "num_experts", "num_local_experts")),
                             top_k=int(require(hf, "num_experts_per_tok")),
                             norm_topk_prob=bool(hf.get("norm_topk_prob", False))),
-        layer_ffn=_layer_ffn(hf, n),
+        layer_ffn=_layer_ffn(hf, num_layers),
         rope=rope_config(hf),
+    )
+
+
+def parse_qwen2(hf: dict[str, Any]) -> ModelConfig:
+    base = common_fields(hf)
+    n = base["num_layers"]
+    return ModelConfig(
+        **base,
+        **_moe_fields(hf, n),
         qkv_bias=bool(hf.get("qkv_bias", True)),
         sliding_window=_qwen2_windows(hf, n),
         shared_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
@@ -59,13 +66,7 @@ def parse_qwen3(hf: dict[str, Any]) -> ModelConfig:
                else None)
     return ModelConfig(
         **base,
-        intermediate_size=int(hf.get("intermediate_size") or require(hf, "moe_intermediate_size")),
-        moe_intermediate_size=int(require(hf, "moe_intermediate_size")),
-        router=RouterConfig(num_experts=int(require_any(hf, "num_experts", "num_local_experts")),
-                            top_k=int(require(hf, "num_experts_per_tok")),
-                            norm_topk_prob=bool(hf.get("norm_topk_prob", False))),
-        layer_ffn=_layer_ffn(hf, n),
-        rope=rope_config(hf),
+        **_moe_fields(hf, n),
         qkv_bias=bool(hf.get("attention_bias", False)),
         o_bias=bool(hf.get("attention_bias", False)),
         qk_norm="head",
