@@ -35,16 +35,19 @@ def publishable_(path: str | os.PathLike[str]) -> None:
         os.chmod(p, 0o666 & ~mask)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` through a temp file in the same folder and a rename; usual permissions."""
+def atomic_write_text(path: str | os.PathLike[str], text: str | bytes) -> Path:
+    """Write `text` (str or bytes) to `path` through a temp file in the same folder, fsync and a rename;
+    usual permissions."""
     import tempfile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
+            f.flush()
+            os.fsync(f.fileno())
         publishable_(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from moeinfer.fsutil import atomic_write_text
 
 SCHEMA_FILE = Path(__file__).parent / "results.schema.json"
 SCHEMA_NAME = "moeinfer-bench-results"
@@ -85,17 +85,7 @@ def dumps(data: dict[str, Any]) -> str:
 
 
 def write_text_atomic(path: Path, text: str | bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def read_results(path: str | Path) -> dict[str, Any]:
