@@ -27,7 +27,7 @@ from torch import nn
 from moeinfer.arch import get_arch, parse_config
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
-from moeinfer.loading.safetensors_io import SafetensorsFile
+from moeinfer.loading.safetensors_io import STAGING_BYTES, SafetensorsFile
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 
@@ -262,6 +262,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     total = sum(f.entries[n].nbytes * len(partial[t.name]) // f.entries[n].shape[0]
                 if t.expert is None and t.name in partial else f.entries[n].nbytes
                 for f in files for n, t in plan[f.path])
+    staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {root.name}",
               disable=not progress or None) as bar:
         for f in files:
@@ -272,11 +273,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
                             _read_rows(f, name, partial[target.name], params[target.name], handle)
                         elif on_expert_error == "mask" and target.expert is not None:
                             try:
-                                f.read_into(name, target.view(params[target.name]), handle)
+                                f.read_into(name, target.view(params[target.name]), handle, staging)
                             except CheckpointError as e:
                                 failed[(_expert_layer(target.name), target.expert)] = str(e)
                         else:
-                            f.read_into(name, target.view(params[target.name]), handle)
+                            f.read_into(name, target.view(params[target.name]), handle, staging)
                     bar.update(f.entries[name].nbytes)
     if on_expert_error == "mask":
         _mask_failed_experts(model, failed)

@@ -27,6 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+STAGING_BYTES = 4 * 1024 * 1024  # dtype conversion goes through a buffer this big
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,35 @@ class SafetensorsFile:
                                   f"{data_start + end} but the file has {size} bytes")
         return TensorEntry(name, dtype, shape, data_start + begin, expected)
 
-    def read_into(self, name: str, out: torch.Tensor, f) -> None:
-        """Copy tensor `name` into `out` (same shape; converts dtype/device when they differ)."""
+    def read_into(self, name: str, out: torch.Tensor, f, staging: torch.Tensor | None = None) -> None:
+        """Copy tensor `name` into `out` (same shape; converts dtype/device when they differ).
+
+        A conversion reads through `staging` (a uint8 buffer reused across calls, STAGING_BYTES when
+        not given) a chunk at a time, so converting never holds a second full-size copy of a tensor.
+        """
         entry = self.entries[name]
         if tuple(out.shape) != entry.shape:
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {list(entry.shape)}, "
                                   f"expected {list(out.shape)} from config.json")
-        direct = out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous()
-        buf = out if direct else torch.empty(entry.shape, dtype=entry.dtype)
         f.seek(entry.offset)
-        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
-        if entry.nbytes and f.readinto(view) != entry.nbytes:
-            raise CheckpointError(f"{self.path} is truncated while reading tensor {name!r}")
-        if not direct:
+        if out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous():
+            self._read_exact(name, out.reshape(-1).view(torch.uint8), f)
+            return
+        if not out.is_contiguous():
+            buf = torch.empty(entry.shape, dtype=entry.dtype)
+            self._read_exact(name, buf.reshape(-1).view(torch.uint8), f)
             out.copy_(buf)
+            return
+        staging = staging if staging is not None else torch.empty(STAGING_BYTES, dtype=torch.uint8)
+        itemsize = torch.empty((), dtype=entry.dtype).element_size()
+        per_chunk = max(1, staging.numel() // itemsize)
+        flat = out.view(-1)
+        for start in range(0, flat.numel(), per_chunk):
+            n = min(per_chunk, flat.numel() - start)
+            chunk = staging[: n * itemsize]
+            self._read_exact(name, chunk, f)
+            flat[start:start + n].copy_(chunk.view(entry.dtype))
+
+    def _read_exact(self, name: str, dst: torch.Tensor, f) -> None:
+        if dst.numel() and f.readinto(memoryview(dst.numpy())) != dst.numel():
+            raise CheckpointError(f"{self.path} is truncated while reading tensor {name!r}")
