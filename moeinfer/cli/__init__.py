@@ -39,9 +39,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: the checkpoint's)")
+    from moeinfer.cli import options
     from moeinfer.parallel.launch import add_expert_parallel_args
 
     add_expert_parallel_args(p)
+    options.add_args(p)
 
 
 def load_model(args: argparse.Namespace):
@@ -53,7 +55,9 @@ def load_model(args: argparse.Namespace):
                  on_expert_error=getattr(args, "on_expert_error", "raise"))
     if ep is not None:
         secondary_rank_quiet_(args, model)  # rank 0 alone prints and writes files
-    return model
+    from moeinfer.cli import options
+
+    return options.apply_(model, args)
 
 
 def main(argv: list[str] | None = None) -> int:
