@@ -105,15 +105,19 @@ def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device) -> N
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
-            if id(param) not in seen:
-                seen[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+            if id(param) not in seen:  # packed integer tensors (quantized experts) keep their dtype
+                seen[id(param)] = nn.Parameter(torch.empty(param.shape, device=device,
+                                                           dtype=dtype if param.is_floating_point() else param.dtype),
                                                requires_grad=False)
             module._parameters[name] = seen[id(param)]
     for module in model.modules():
         for name, buf in list(module._buffers.items()):
-            if buf is not None:
+            if buf is not None and buf.is_floating_point():
                 keep_fp32 = name == "e_score_correction_bias" or name == "inv_freq"
                 module._buffers[name] = buf.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            elif buf is not None:
+                module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device) \
+                    if buf.device.type == "meta" else buf.to(device)
 
 
 def _expert_layer(name: str) -> int:
@@ -126,13 +130,15 @@ def _targets(model: MoEModel, spec: Any, expert_slots: Mapping[int, Sequence[int
     goes to row expert_slots[i].index(e); other experts' names are added to `skipped`."""
     expected: dict[str, Target] = {}
     tied = model.config.tie_word_embeddings
-    for name, _ in model.state_dict(keep_vars=True).items():
+    for name, param in model.state_dict(keep_vars=True).items():
         if tied and name == "lm_head.weight":
             continue
         if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
             slots = None if expert_slots is None else expert_slots.get(_expert_layer(name))
             row = {e: i for i, e in enumerate(slots)} if slots is not None else None
-            for hf_name, target in expert_checkpoint_names(name, model.config.num_experts, spec):
+            # a compressed layer may hold fewer experts than the config; EP slots count the config's
+            count = model.config.num_experts if slots is not None else param.shape[0]
+            for hf_name, target in expert_checkpoint_names(name, count, spec):
                 if row is None:
                     expected[hf_name] = target
                 elif target.expert in row:
@@ -142,6 +148,25 @@ def _targets(model: MoEModel, spec: Any, expert_slots: Mapping[int, Sequence[int
         else:
             expected[to_checkpoint(name, spec)] = Target(name)
     return expected
+
+
+def _restore_compressed(model: MoEModel, record: Any, root: Path,
+                        expert_slots: Mapping[int, Sequence[int]] | None) -> None:
+    """Reshape the MoE layers of a moeinfer-compressed checkpoint (config.json's moeinfer_compression)."""
+    from moeinfer.compress.layout import RECORD_VERSION, is_plain, restore_
+
+    if not isinstance(record, dict) or not isinstance(record.get("layout"), dict):
+        raise CheckpointError(f"{root}/config.json: moeinfer_compression must be a mapping with a 'layout'")
+    if record.get("version") != RECORD_VERSION:
+        raise CheckpointError(f"{root}/config.json: moeinfer_compression version {record.get('version')!r} is "
+                              f"not supported (this moeinfer reads version {RECORD_VERSION})")
+    if expert_slots is not None and not is_plain(record["layout"]):
+        raise CheckpointError(f"{root}: expert parallelism needs plain experts with the same count in every "
+                              "layer; this checkpoint's compression changed that (see moeinfer_compression)")
+    try:
+        restore_(model, record["layout"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{root}/config.json: bad moeinfer_compression layout: {e}") from e
 
 
 def _keep_local_experts(model: MoEModel, expert_slots: Mapping[int, Sequence[int]]) -> None:
@@ -215,6 +240,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
 
     with meta_parameters():
         model = MoEModel(config)
+    record = hf.get("moeinfer_compression")
+    if record is not None:
+        _restore_compressed(model, record, root, expert_slots)
     if expert_slots is not None:
         _keep_local_experts(model, expert_slots)
     _materialize(model, target_dtype, device)

@@ -1,0 +1,112 @@
+"""`compress_(model, recipe)`: apply model-level compression steps in place and record them.
+
+Steps:
+1. resolve the recipe (a Recipe, a list of steps, a dict or a YAML path) and validate every step
+   against the method registry before touching the model;
+2. collect calibration data once, if any step needs it (see moeinfer.compress.calibration);
+3. run the steps in order; each returns a summary (what it removed, merged, quantized, ...);
+4. record the steps and the resulting layout in the model's config (`moeinfer_compression`), so
+   `moeinfer.save` writes a self-describing checkpoint and `moeinfer.load` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeinfer.compress.calibration import CalibrationConfig, CalibrationData, collect
+from moeinfer.compress.layout import RECORD_KEY, RECORD_VERSION, describe, is_plain, sync_config_
+from moeinfer.compress.recipe import Recipe, Step, load_recipe
+from moeinfer.compress.registry import CompressionError, get_method
+from moeinfer.model.transformer import MoEModel
+
+RecipeLike = Recipe | list[Step | dict[str, Any] | str] | dict[str, Any] | str | os.PathLike[str]
+
+
+@dataclass
+class CompressionReport:
+    """What `compress_` did: per-step summaries and the weight bytes before and after."""
+
+    recipe: Recipe
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    hf_loadable: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.to_dict(), "steps": self.steps, "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after, "hf_loadable": self.hf_loadable}
+
+
+def weight_bytes(model: MoEModel) -> int:
+    """Bytes of every parameter and persistent buffer (packed low-bit weights count as stored)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + [b for _, b in model.named_buffers() if b is not None]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def as_recipe(config: RecipeLike) -> Recipe:
+    if isinstance(config, Recipe):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        text = os.fspath(config)
+        if text.endswith((".yaml", ".yml", ".json")) or os.path.isfile(text):
+            return load_recipe(text)
+        return Recipe.of(text)  # a single method name
+    if isinstance(config, list):
+        return Recipe.of(*config)
+    if isinstance(config, dict):
+        return Recipe.from_dict(config)
+    raise CompressionError(f"a recipe must be a Recipe, a list of steps, a dict or a YAML path, got "
+                           f"{type(config).__name__}")
+
+
+@torch.no_grad()
+def compress_(model: MoEModel, config: RecipeLike, *,
+              calibration: CalibrationData | CalibrationConfig | str | None = None,
+              progress: bool = True) -> CompressionReport:
+    """Compress `model` in place with the recipe's steps; see the module docstring."""
+    # 1. validate everything first
+    recipe = as_recipe(config)
+    methods = [get_method(s.method) for s in recipe.steps]
+    params = [m.make_params(s.params, where=f"step {i + 1}: ") for i, (m, s) in enumerate(zip(methods, recipe.steps))]
+    if not model.moe_blocks():
+        raise CompressionError("the model has no MoE layers to compress")
+    # 2. calibration, once
+    needs = {m.needs for m in methods} - {"none"}
+    calib: CalibrationData | None = None
+    if isinstance(calibration, CalibrationData):
+        calib = calibration
+    elif needs:
+        cfg = (calibration if isinstance(calibration, CalibrationConfig)
+               else CalibrationConfig(source=calibration) if isinstance(calibration, str) else recipe.calibration)
+        calib = collect(model, cfg, progress=progress)
+    for m in methods:
+        if m.needs != "none":
+            assert calib is not None
+            calib.check(m.name, m.needs)
+    # 3. run the steps
+    report = CompressionReport(recipe=recipe, bytes_before=weight_bytes(model))
+    previous = list(model.config.hf_config.get(RECORD_KEY, {}).get("steps", []))
+    for m, p in zip(methods, params):
+        summary = m.fn(model, p, calib, progress=progress) or {}
+        report.steps.append({"method": m.name, "params": dataclasses.asdict(p), "summary": summary})
+    # 4. record
+    sync_config_(model)
+    layout = describe(model)
+    model.config.hf_config[RECORD_KEY] = {"version": RECORD_VERSION, "steps": previous + report.steps,
+                                          "calibration": None if calib is None else
+                                          {"source": calib.source, "tokens": calib.tokens},
+                                          "layout": layout}
+    report.bytes_after = weight_bytes(model)
+    report.hf_loadable = is_plain(layout)
+    return report

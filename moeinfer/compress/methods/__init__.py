@@ -1,0 +1,1 @@
+"""Compression methods, one module per family; each registers itself with `register_method`."""
