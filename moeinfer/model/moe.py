@@ -153,12 +153,19 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Stacked expert weights: gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I]."""
+    """Stacked expert weights: gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I].
+
+    The stage runs the eager reference below unless moeinfer.kernels.use_kernel_ chose a kernel
+    (`kernel_fn`, optionally on `compute_weights`, e.g. fp32 copies of a bf16 model's experts).
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.kernel = "reference"
+        self.kernel_fn: Callable[..., torch.Tensor] | None = None  # None = the eager stages
+        self.compute_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (gate_up, down) to compute with
 
     @property
     def num_experts(self) -> int:
@@ -166,6 +173,9 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, D] -> weighted sum of the routed experts' outputs [N, D] (dispatch/compute/combine)."""
+        if self.kernel_fn is not None:
+            gate_up, down = self.compute_weights or (self.gate_up_proj, self.down_proj)
+            return self.kernel_fn(x.to(gate_up.dtype), routing.indices, routing.weights, gate_up, down).to(x.dtype)
         d = dispatch(routing.indices, self.num_experts)
         y = expert_compute(x[d.tokens], d.counts, self.gate_up_proj, self.down_proj)
         return combine(y, d, routing.weights, x.shape[0])

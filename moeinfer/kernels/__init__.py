@@ -1,0 +1,18 @@
+"""Fast kernels for the MoE block's expert stage, chosen at run time by name.
+
+    use_kernel_(model, "auto")          # in place: every MoE block uses the best usable kernel
+    get_kernel("cpu")(x, indices, weights, gate_up, down, expert_map=None) -> out
+
+Backends (one file each): `reference` (the eager stages of moeinfer/model/moe.py), `cpu`
+(grouped GEMMs on active experts), `triton` (fused MoE for CUDA; Triton's interpreter on CPU in
+tests). Importing this package imports no optional dependency: triton is imported on first use.
+"""
+
+from __future__ import annotations
+
+from moeinfer.kernels.registry import (CHOICES, KERNELS, KernelSpec, KernelUnavailableError, MoEKernel,
+                                       get_kernel, register_kernel, resolve)
+from moeinfer.kernels.select import use_kernel_
+
+__all__ = ["CHOICES", "KERNELS", "KernelSpec", "KernelUnavailableError", "MoEKernel", "get_kernel",
+           "register_kernel", "resolve", "use_kernel_"]
