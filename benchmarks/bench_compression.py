@@ -1,0 +1,160 @@
+"""Every compression method side by side on the shipped reference model (docs/compression.md).
+
+For each entry of a recipe table (benchmarks/compression_recipes.yaml): load moeinfer-tiny in fp32,
+compress it (calibration collected once, from the tails of the held-out texts), then measure
+- bits per byte on the first `--max-bytes` of both held-out domains (disjoint from calibration);
+- weight bytes as stored (floating tensors at bf16, the checkpoint's dtype; packed ints as packed)
+  and bits per expert parameter (expert storage bits / the original model's expert weights);
+- experts computed per token (slots actually dispatched, counted on the English evaluation);
+- batch-1 greedy decode tokens/s on this CPU, beside the uncompressed model measured in the same run.
+Then the ordering claims of the papers are checked from the numbers, and a Pareto plot drawn.
+
+    .venv/bin/python benchmarks/bench_compression.py            # all entries, ~15 min on 2 cores
+    .venv/bin/python benchmarks/bench_compression.py --only int4 --max-bytes 20000   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import moeinfer
+from moeinfer.bench.hardware import cpu_name, git_commit, software_info
+from moeinfer.compress.api import compress_
+from moeinfer.compress.calibration import CalibrationConfig, collect
+from moeinfer.engine.generate import generate
+from moeinfer.eval import evaluate
+from moeinfer.model.moe import Experts
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "KING HENRY. My lord,"
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    return t.numel() * (2 if t.is_floating_point() else t.element_size())
+
+
+def weight_stats(model: Any, expert_weights: int) -> dict[str, Any]:
+    seen: set[int] = set()
+    total = expert = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or name.endswith("inv_freq"):
+            continue
+        seen.add(id(t))
+        b = stored_bytes(t)
+        total += b
+        if ".experts." in name:
+            expert += b
+    return {"weight_bytes": total, "expert_bytes": expert, "expert_bits_per_param": 8 * expert / expert_weights}
+
+
+class SlotCounter:
+    """Slots dispatched to experts per token and MoE layer (dynamic gating lowers it)."""
+
+    def __init__(self, model: Any) -> None:
+        self.slots = 0
+        self.tokens = 0
+        self.blocks = model.moe_blocks()
+        for b in self.blocks:
+            b.observer = self
+
+    def __call__(self, layer: int, routing: Any) -> None:
+        k = getattr(routing, "k_per_token", None)
+        self.slots += int(k.sum()) if k is not None else int((routing.indices >= 0).sum())
+        self.tokens += routing.indices.shape[0]
+
+    def per_token(self) -> float:
+        return self.slots / max(1, self.tokens)
+
+    def detach(self) -> None:
+        for b in self.blocks:
+            b.observer = None
+
+
+def decode_rate(model: Any, tokens: int) -> float:
+    generate(model, [PROMPT], max_new_tokens=4)  # warm-up
+    t = time.perf_counter()
+    [out] = generate(model, [PROMPT], max_new_tokens=tokens, ignore_eos=True)
+    return len(out.token_ids) / (time.perf_counter() - t)
+
+
+def run_entry(entry: dict[str, Any], calib: Any, args: argparse.Namespace, expert_weights: int) -> dict[str, Any]:
+    model = moeinfer.load(args.model, dtype="float32", progress=False)
+    report = None
+    if entry.get("steps"):
+        report = compress_(model, {"name": entry["name"], "steps": entry["steps"]}, calibration=calib,
+                           progress=False)
+    if entry.get("routing"):
+        from moeinfer.cli.options.routing import apply_routing_mode_
+
+        apply_routing_mode_(model, entry["routing"])
+    row: dict[str, Any] = {k: entry.get(k) for k in ("name", "family", "strength")}
+    row.update(weight_stats(model, expert_weights))
+    counter = SlotCounter(model)
+    for dataset in args.datasets:
+        r = evaluate(model, dataset, max_bytes=args.max_bytes, progress=False)
+        row[f"bpb_{dataset}"] = r.bits_per_byte
+        if dataset == args.datasets[0]:
+            row["experts_per_token"] = counter.per_token()  # slots per token per MoE layer
+    counter.detach()
+    row["decode_tok_s"] = decode_rate(model, args.decode_tokens)
+    row["hf_loadable"] = None if report is None else report.hf_loadable
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--recipes", default=str(ROOT / "benchmarks/compression_recipes.yaml"))
+    ap.add_argument("--only", nargs="*", default=None, help="entry names to run (default: all)")
+    ap.add_argument("--datasets", nargs="+", default=["english", "python"])
+    ap.add_argument("--max-bytes", type=int, default=100_000)
+    ap.add_argument("--calibration-tokens", type=int, default=4096)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "docs/compression.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    entries = yaml.safe_load(Path(args.recipes).read_text())["entries"]
+    if args.only:
+        entries = [e for e in entries if e["name"] in args.only or e["name"] == "baseline"]
+    base = moeinfer.load(args.model, dtype="float32", progress=False)
+    cfg = base.config
+    expert_weights = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel()
+                         for b in base.moe_blocks() if isinstance(b.experts, Experts))
+    calib = collect(base, CalibrationConfig(max_tokens=args.calibration_tokens), progress=False)
+    del base
+    rows = []
+    from tqdm.auto import tqdm
+
+    for entry in tqdm(entries, desc="recipes", unit="recipe"):
+        t = time.perf_counter()
+        row = run_entry(entry, calib, args, expert_weights)
+        row["seconds"] = round(time.perf_counter() - t, 1)
+        rows.append(row)
+        tqdm.write(json.dumps(row))
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model,
+              "model_shape": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "experts": cfg.num_experts,
+                              "top_k": cfg.top_k, "expert_inner": cfg.moe_intermediate_size},
+              "device": cpu_name(), "threads": args.threads, "load_average_at_end": load,
+              "software": software_info(), "commit": git_commit(ROOT), "max_bytes": args.max_bytes,
+              "calibration": {"source": calib.source, "tokens": calib.tokens}, "rows": rows}
+    out = Path(args.out)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
