@@ -147,7 +147,7 @@ def main() -> None:
               "model_shape": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "experts": cfg.num_experts,
                               "top_k": cfg.top_k, "expert_inner": cfg.moe_intermediate_size},
               "device": cpu_name(), "threads": args.threads, "load_average_at_end": load,
-              "software": software_info(), "commit": git_commit(ROOT), "max_bytes": args.max_bytes,
+              "software": software_info(), "commit": git_commit(ROOT), "max_bytes": args.max_bytes, "decode_tokens": args.decode_tokens,
               "calibration": {"source": calib.source, "tokens": calib.tokens}, "rows": rows}
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")
