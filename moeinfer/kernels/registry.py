@@ -30,7 +30,7 @@ class MoEKernel(Protocol):
                  expert_map: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-class KernelUnavailableError(RuntimeError):
+class KernelUnavailableError(ValueError):
     """The chosen kernel cannot run here (missing package, wrong device)."""
 
 

@@ -10,7 +10,7 @@ import argparse
 import importlib
 from typing import Any
 
-OPTIONS: list[str] = []
+OPTIONS: list[str] = ["kernel"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,136 @@
+"""MoE kernels against the eager reference (moeinfer/model/moe.py): the `cpu` backend over the
+issue's grid, the registry's errors, and kernel selection on a model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernel_cases import make_problem, tolerance
+from moeinfer.kernels import KernelUnavailableError, get_kernel, resolve, use_kernel_
+from moeinfer.kernels.reference import reference_moe
+
+GRID = [(E, K) for E in (8, 60, 64, 128) for K in (1, 2, 4, 6, 8) if K <= E]
+
+
+def check(name: str, p, dtype: torch.dtype) -> None:
+    out = get_kernel(name)(*p.args(), expert_map=p.expert_map)
+    ref = reference_moe(*p.args(), expert_map=p.expert_map)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=tolerance(ref, dtype), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 3, 64, 257])
+@pytest.mark.parametrize("E,K", GRID)
+def test_cpu_matches_reference(E, K, N, dtype):
+    check("cpu", make_problem(N=N, E=E, K=K, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("N", [1, 64, 257])
+@pytest.mark.parametrize("E,K,hot", [(8, 2, 2), (64, 4, 5), (128, 8, 8)])
+def test_cpu_idle_experts(E, K, hot, N):
+    """Only `hot` experts receive tokens; both schedules (padded bmm, grouped) see idle experts."""
+    check("cpu", make_problem(N=N, E=E, K=K, hot=hot), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,K,N", [(8, 2, 1), (8, 2, 257), (60, 4, 3), (128, 8, 64)])
+def test_cpu_expert_map(E, K, N, dtype):
+    check("cpu", make_problem(N=N, E=E, K=K, dtype=dtype, map_half=True), dtype)
+
+
+def test_reference_expert_map_drops_absent_experts():
+    p = make_problem(N=5, E=8, K=2, map_half=True)
+    out = reference_moe(*p.args(), expert_map=p.expert_map)
+    # The same problem with the absent experts' weights zeroed, computed without a map.
+    full_gu = torch.zeros(8, *p.gate_up.shape[1:])
+    full_dn = torch.zeros(8, *p.down.shape[1:])
+    full_gu[::2], full_dn[::2] = p.gate_up, p.down
+    torch.testing.assert_close(out, reference_moe(p.x, p.indices, p.weights, full_gu, full_dn))
+
+
+def test_cpu_all_experts_absent_gives_zero():
+    p = make_problem(N=4, E=8, K=2)
+    out = get_kernel("cpu")(*p.args(), expert_map=torch.full((8,), -1))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_unknown_kernel_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid: auto, cpu, reference, triton"):
+        resolve("fast", "cpu")
+
+
+def test_triton_on_cpu_says_why(monkeypatch):
+    from moeinfer.kernels.triton_backend import triton_unavailable
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    why = triton_unavailable(torch.device("cpu"))
+    assert why is not None and ("CUDA" in why or "not installed" in why)
+    if "CUDA" in why:
+        with pytest.raises(KernelUnavailableError, match="unavailable on cpu: .*TRITON_INTERPRET"):
+            resolve("triton", "cpu")
+
+
+def test_auto_on_cpu_is_cpu():
+    assert resolve("auto", "cpu").name == "cpu"
+
+
+def test_import_touches_no_triton():
+    code = ("import sys, moeinfer, moeinfer.kernels, moeinfer.cli.options.kernel; "
+            "moeinfer.kernels.resolve('auto', 'cpu'); assert 'triton' not in sys.modules, 'triton imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import moeinfer
+
+    return moeinfer.load("tiny", dtype="float32")
+
+
+@pytest.mark.parametrize("fp32_weights", [False, True])
+def test_use_kernel_on_model_matches_reference(tiny, fp32_weights):
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 9))
+    ref = tiny(ids)
+    try:
+        use_kernel_(tiny, "cpu", fp32_weights=fp32_weights)
+        assert {b.experts.kernel for b in tiny.moe_blocks()} == {"cpu"}
+        torch.testing.assert_close(tiny(ids), ref, atol=1e-4, rtol=1e-4)
+    finally:
+        use_kernel_(tiny, "reference")
+    assert all(b.experts.kernel_fn is None for b in tiny.moe_blocks())
+
+
+def test_fp32_weights_on_bf16_model():
+    import moeinfer
+
+    model = moeinfer.load("tiny")  # bf16
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    ref = model(ids).float()
+    use_kernel_(model, "cpu", fp32_weights=True)
+    experts = model.moe_blocks()[0].experts
+    assert experts.compute_weights is not None and experts.compute_weights[0].dtype == torch.float32
+    out = model(ids)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_cli_option(tiny):
+    import argparse
+
+    from moeinfer.cli.options import kernel
+
+    p = argparse.ArgumentParser()
+    kernel.add_args(p)
+    assert p.parse_args([]).kernel == "auto"
+    try:
+        kernel.apply_(tiny, p.parse_args(["--kernel", "cpu"]))
+        assert {b.experts.kernel for b in tiny.moe_blocks()} == {"cpu"}
+        with pytest.raises(SystemExit):
+            p.parse_args(["--kernel", "nope"])
+    finally:
+        use_kernel_(tiny, "reference")
