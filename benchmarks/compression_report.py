@@ -95,7 +95,6 @@ def pareto_plot(rows: list[dict[str, Any]], datasets: list[str], path: Path) -> 
     ax.set_xlabel("weight bytes as stored (MB; floating tensors at bf16)")
     ax.set_ylabel(f"mean bits per byte ({' + '.join(datasets)}), lower is better")
     ax.set_title("moeinfer-tiny: quality vs size of every compression method")
-    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
