@@ -1,0 +1,145 @@
+"""`offload_(model, config)`: run a loaded model with its experts in a slow tier and a cache in fast memory.
+
+Follows the expert-offloading systems of the survey's section 4.2 (Mixtral-offloading, MoE-Infinity,
+Fiddler, HOBBIT, AdapMoE, EdgeMoE, ProMoE); the model never knows (like `apply_expert_parallel_`).
+1. check the model: MoE layers with experts of one shape, on one device;
+2. write every expert to the slow tier (a disk store in `offload_dir`, or host memory);
+3. build the policy, the cache (capacities from bytes or counts) and the prefetcher: `build_cache`,
+   which the simulator calls too, so both take the same decisions;
+4. calibrate the CPU-assist cost model when asked;
+5. replace each block's experts by `OffloadedExperts` and free the resident weights;
+6. chain a token observer so the runtime sees steps and new requests; warm the cache (static).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeinfer.model.moe import Experts
+from moeinfer.model.transformer import MoEModel
+from moeinfer.offload.cache import ExpertCache, resolve_capacities
+from moeinfer.offload.config import OffloadConfig, OffloadError
+from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate
+from moeinfer.offload.experts import OffloadedExperts, OffloadRuntime
+from moeinfer.offload.policies import PolicyContext, make_policy
+from moeinfer.offload.prefetch import PrefetchContext, Prefetcher, make_prefetcher
+from moeinfer.offload.store import DiskStore, HostStore
+from moeinfer.offload.transfer import CudaLoader, ThreadLoader
+from moeinfer.offload.visits import all_visits
+
+
+def as_trace(value: Any, what: str) -> Any:
+    """A RoutingTrace, or a path to one (.npz), or None."""
+    if value is None:
+        return None
+    from moeinfer.engine.trace import RoutingTrace
+
+    if isinstance(value, RoutingTrace):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return RoutingTrace.load(value)
+    raise ValueError(f"{what} must be a RoutingTrace or a path to one, got {type(value).__name__}")
+
+
+def build_cache(config: OffloadConfig, *, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
+                routers: list[Any] | None = None, assist: CostModel | None = None,
+                low_bit_bytes: int | None = None) -> tuple[ExpertCache, Prefetcher]:
+    """The policy, cache and prefetcher of `config` for a model (or trace) of this shape (step 3)."""
+    calibration = as_trace(config.calibration, "OffloadConfig.calibration")
+    future_trace = as_trace(config.future, "OffloadConfig.future")
+    future = all_visits(future_trace) if future_trace is not None else None
+    policy = make_policy(config.policy, PolicyContext(num_layers=num_layers, num_experts=num_experts,
+                                                      calibration=calibration, future=future), **config.policy_args)
+    caps = resolve_capacities(config.cache, scope=config.scope, num_layers=num_layers, num_experts=num_experts,
+                              expert_bytes=expert_bytes, policy=policy)
+    cache = ExpertCache(num_layers=num_layers, num_experts=num_experts, capacities=caps, policy=policy,
+                        expert_bytes=expert_bytes, low_bit_bytes=low_bit_bytes,
+                        low_bit_threshold=config.low_bit_threshold,
+                        assist=assist.prefer_cpu if assist is not None else None)
+    prefetcher = make_prefetcher(config.prefetch, PrefetchContext(num_layers=num_layers, num_experts=num_experts,
+                                                                  top_k=top_k, calibration=calibration,
+                                                                  routers=routers), **config.prefetch_args)
+    return cache, prefetcher
+
+
+def _check_model(model: MoEModel) -> list[Any]:
+    blocks = model.moe_blocks()
+    if not blocks:
+        raise OffloadError("the model has no MoE layers: nothing to offload")
+    for b in blocks:
+        if isinstance(b.experts, OffloadedExperts):
+            raise OffloadError("the model is already offloaded")
+        if type(b.experts) is not Experts:
+            raise OffloadError(f"MoE layer {b.layer_idx}: experts are {type(b.experts).__name__}; offloading "
+                               "needs the plain stacked experts (apply it before other expert transforms)")
+    shapes = {(tuple(b.experts.gate_up_proj.shape), tuple(b.experts.down_proj.shape)) for b in blocks}
+    if len(shapes) != 1:
+        raise OffloadError(f"MoE layers have experts of different shapes {sorted(shapes)}; offloading needs one")
+    return blocks
+
+
+def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
+             cost_model: CostModel | None = None) -> MoEModel:
+    """Offload `model`'s experts in place (steps in the module docstring); returns the model.
+
+    `model.offload` is the `OffloadRuntime` (stats: `model.offload.cache.stats`, `model.offload.stats`).
+    `cost_model` overrides the start-up calibration of CPU assist (tests, the simulator's twin runs).
+    """
+    # 1. the model
+    blocks = _check_model(model)
+    first = blocks[0].experts
+    E, two_i, D = first.gate_up_proj.shape
+    dtype, device = first.gate_up_proj.dtype, first.gate_up_proj.device
+    layers = [(b.experts.gate_up_proj.data, b.experts.down_proj.data) for b in blocks]
+    if config.low_bit_threshold is not None:
+        from moeinfer.offload.lowbit import find_codec
+
+        find_codec()  # raises a clear error while no low-bit codec exists
+    # 2. the slow tier
+    if config.tier == "disk":
+        assert config.offload_dir is not None
+        store: Any = DiskStore.create(Path(config.offload_dir), layers, evict_page_cache=config.evict_page_cache,
+                                      progress=progress)
+    else:
+        store = HostStore(layers, pin=device.type == "cuda")
+    try:
+        # 4. CPU assist
+        assist = None
+        if config.cpu_assist:
+            assist = cost_model or calibrate(read=store.read, keys=[(0, e) for e in range(E)],
+                                             gate_up_shape=(two_i, D), down_shape=(D, two_i // 2), dtype=dtype,
+                                             weights_on_host=config.tier == "cpu")
+        # 3. cache and prefetcher
+        routers = [b.gate for b in blocks]
+        cache, prefetcher = build_cache(config, num_layers=len(blocks), num_experts=E, top_k=model.config.top_k,
+                                        expert_bytes=store.expert_bytes, routers=routers, assist=assist)
+    except BaseException:
+        store.close()
+        raise
+    loader: Any = (CudaLoader(timeout_s=config.timeout_s, device=device, host_resident=config.tier == "cpu")
+                   if device.type == "cuda" else ThreadLoader(timeout_s=config.timeout_s))
+    runtime = OffloadRuntime(cache=cache, prefetcher=prefetcher, store=store, loader=loader,
+                             gate_up_shape=(two_i, D), down_shape=(D, two_i // 2), dtype=dtype, device=device,
+                             cpu_experts=CpuExperts(threads=torch.get_num_threads()) if config.cpu_assist else None,
+                             config=config)
+    runtime.stats.extra["cost_model"] = assist
+    # 5. swap the experts in
+    for pos, b in enumerate(blocks):
+        b.experts = OffloadedExperts(layer=pos, num_experts=E, runtime=runtime)
+    del layers, first
+    # 6. steps, requests, warm-up
+    prev = model.token_observer
+
+    def on_tokens(valid: torch.Tensor, positions: torch.Tensor, new_sequences: bool) -> None:
+        runtime.begin_step(new_sequences, int(valid.sum()))
+        if prev is not None:
+            prev(valid, positions, new_sequences)
+
+    model.token_observer = on_tokens
+    model.offload = runtime  # type: ignore[attr-defined]
+    runtime.warm()
+    return model

@@ -1,0 +1,183 @@
+"""`OffloadedExperts`: the MoE block's expert-compute stage with weights fetched through a cache.
+
+Shapes: N tokens, D hidden, K top-k, E experts, I expert inner size, S = N*K token-slots.
+
+Replaces `MoEBlock.experts` (same `forward(x, routing)`), like expert parallelism does; the router,
+dispatch and combine stages are the reference ones. Per forward of MoE layer l:
+1. dispatch the token-slots by expert (reference `dispatch`), make the layer's `Visit`;
+2. the shared `ExpertCache` decides hits, misses, placements (`OffloadRuntime.cache.visit`);
+3. issue the demand loads, then ask the prefetcher about later layers and issue those loads:
+   they run behind this layer's compute on the loader's thread / copy stream;
+4. compute the hits first, then CPU-assisted experts, then each loaded expert as it arrives,
+   every expert exactly as the reference `expert_compute` does (bit-identical outputs);
+5. combine (reference `combine`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeinfer.model.moe import Routing, combine, dispatch
+from moeinfer.offload.cache import ExpertCache, Load
+from moeinfer.offload.cpu_assist import CpuExperts, swiglu
+from moeinfer.offload.prefetch import LayerContext, Prefetcher
+from moeinfer.offload.transfer import Handle
+from moeinfer.offload.visits import visit_of
+
+Key = tuple[int, int]
+
+
+@dataclass
+class RunStats:
+    """Measured on the live run (the cache's own counters are in `cache.stats`)."""
+
+    steps: int = 0
+    tokens: int = 0
+    stall_s: float = 0.0  # time compute waited for transfers
+    assisted_s: float = 0.0
+    loads_waited: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class OffloadRuntime:
+    """Everything the offloaded layers of one model share: cache, store, loader, slots, prefetcher."""
+
+    def __init__(self, *, cache: ExpertCache, prefetcher: Prefetcher, store: Any, loader: Any,
+                 gate_up_shape: tuple[int, int], down_shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device, cpu_experts: CpuExperts | None = None, config: Any = None) -> None:
+        self.cache, self.prefetcher, self.store, self.loader = cache, prefetcher, store, loader
+        self.gate_up_shape, self.down_shape = gate_up_shape, down_shape
+        self.dtype, self.device = dtype, device
+        self.cpu_experts = cpu_experts
+        self.config = config
+        S = cache.num_slots
+        self.slot_gate_up = torch.empty(S, *gate_up_shape, dtype=dtype, device=device)  # [S, 2I, D]
+        self.slot_down = torch.empty(S, *down_shape, dtype=dtype, device=device)  # [S, D, I]
+        self.pending: dict[int, Handle] = {}  # slot -> its latest load, until waited
+        self.stats = RunStats()
+        self.closed = False
+
+    # -- steps and transfers ------------------------------------------------------------------------
+    def begin_step(self, new_request: bool, num_tokens: int) -> None:
+        self.stats.steps += 1
+        self.stats.tokens += num_tokens
+        if new_request:
+            self.cache.begin_request()
+
+    def issue(self, loads: list[Load]) -> dict[int, tuple[torch.Tensor, torch.Tensor, Handle, int | None]]:
+        """Start the transfers of `loads` in order; expert -> (gate_up, down, handle, slot)."""
+        out = {}
+        for ld in loads:
+            if ld.slot is None:
+                g = torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device)
+                d = torch.empty(self.down_shape, dtype=self.dtype, device=self.device)
+            else:
+                g, d = self.slot_gate_up[ld.slot], self.slot_down[ld.slot]
+            h = self.loader.submit(ld.key, self._reader(ld.key), g, d, ld.slot)
+            if ld.slot is not None:
+                self.pending[ld.slot] = h
+            out[ld.key[1]] = (g, d, h, ld.slot)
+        return out
+
+    def _reader(self, key: Key):
+        store = self.store
+
+        def read(g: torch.Tensor, d: torch.Tensor) -> None:
+            store.read(key, g, d)
+        return read
+
+    def wait(self, h: Handle, slot: int | None) -> None:
+        if slot is not None and self.pending.get(slot) is not h:
+            return  # a newer load owns the slot's pending entry
+        if not h.done():
+            self.stats.loads_waited += 1
+        h.wait()
+        self.stats.stall_s += h.stall_s
+        if slot is not None:
+            self.pending.pop(slot, None)
+
+    def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.pending.get(slot)
+        if h is not None:
+            self.wait(h, slot)
+        return self.slot_gate_up[slot], self.slot_down[slot]
+
+    def warm(self) -> None:
+        """Load the policy's warm keys (static placement) and wait for them."""
+        for _, (_, _, h, slot) in self.issue(self.cache.warm()).items():
+            self.wait(h, slot)
+        for slot in list(self.pending):
+            self.wait(self.pending[slot], slot)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.loader.close()
+            if self.cpu_experts is not None:
+                self.cpu_experts.close()
+            self.store.close()
+            self.closed = True
+
+
+class OffloadedExperts(nn.Module):
+    """The experts of one MoE layer, served from the offload runtime (steps in the module docstring)."""
+
+    def __init__(self, *, layer: int, num_experts: int, runtime: OffloadRuntime) -> None:
+        super().__init__()
+        self.layer = layer
+        self._num_experts = num_experts
+        self.runtime = runtime
+
+    @property
+    def num_experts(self) -> int:
+        return self._num_experts
+
+    def extra_repr(self) -> str:
+        c = self.runtime.cache
+        return (f"layer={self.layer}, experts={self._num_experts}, policy={c.policy.name}, "
+                f"prefetch={self.runtime.prefetcher.name}, slots={c.num_slots}")
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        rt = self.runtime
+        N = x.shape[0]
+        # 1. dispatch and the visit
+        d = dispatch(routing.indices, self._num_experts)
+        idx = routing.indices.detach().cpu().numpy()
+        w = routing.weights.detach().float().cpu().numpy()
+        plan = rt.cache.visit(visit_of(self.layer, idx, w))
+        # 3. demand loads first, then the prefetcher's
+        loaded = rt.issue(plan.loads)
+        hidden = x if rt.prefetcher.needs_hidden else None
+        for target, experts in rt.prefetcher.predict(LayerContext(self.layer, idx, w, hidden)):
+            rt.issue(rt.cache.prefetch(target, experts))
+        # 4. compute: hits, then assisted experts, then loads as they land
+        x_sorted = x[d.tokens]  # [S, D]
+        y = torch.empty_like(x_sorted)
+        counts = d.counts.tolist()
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+
+        def seg(e: int) -> slice:
+            return slice(int(starts[e]), int(starts[e + 1]))
+
+        for e, slot in plan.hits.items():
+            gate_up, down = rt.slot_weights(slot)
+            y[seg(e)] = swiglu(x_sorted[seg(e)], gate_up, down)
+            rt.loader.used(slot)
+        if plan.assisted:
+            assert rt.cpu_experts is not None
+            t0 = time.perf_counter()
+            jobs = [(x_sorted[seg(e)], *rt.store.host((self.layer, e))) for e in plan.assisted]
+            for e, out in zip(plan.assisted, rt.cpu_experts.compute(jobs)):
+                y[seg(e)] = out
+            rt.stats.assisted_s += time.perf_counter() - t0
+        for e, (gate_up, down, h, slot) in loaded.items():
+            rt.wait(h, slot)
+            y[seg(e)] = swiglu(x_sorted[seg(e)], gate_up, down)
+            rt.loader.used(slot)
+        # 5. combine
+        return combine(y, d, routing.weights, N)

@@ -1,0 +1,165 @@
+"""Hardware profiles and model shapes for the offload simulator: data, not code.
+
+A `HardwareProfile` gives the rates the simulator's clock needs: the slow->fast link (GB/s and a
+per-transfer latency), the fast tier's memory bandwidth and compute rate (an expert or a layer costs
+max(bytes / bandwidth, flops / rate): batch-1 decode is bound by bandwidth), and the CPU's memory
+bandwidth and compute rate (CPU-assisted experts). Shipped profiles are JSON files in
+`moeinfer/offload/profiles/`; `calibrate()` measures the machine at hand (fast tier = RAM, slow tier =
+disk) and can write one. A `ModelShape` gives the bytes and flops of an expert and of the rest of a layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeinfer.fsutil import atomic_write_text
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    link_gbps: float
+    fast_mem_gbps: float
+    compute_tflops: float
+    link_latency_us: float = 0.0
+    cpu_mem_gbps: float = 20.0
+    cpu_gflops: float = 50.0
+    description: str = ""
+    measured: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for f in ("link_gbps", "fast_mem_gbps", "compute_tflops", "cpu_mem_gbps", "cpu_gflops"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"hardware profile {self.name!r}: {f} must be > 0, got {getattr(self, f)}")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
+    """A shipped profile by name, or a JSON file."""
+    p = Path(name_or_path)
+    if not p.is_file():
+        p = PROFILE_DIR / f"{name_or_path}.json"
+    if not p.is_file():
+        raise ValueError(f"hardware profile {str(name_or_path)!r} is neither a JSON file nor a shipped profile "
+                         f"({', '.join(profile_names())}); `moeinfer simulate --calibrate` measures this machine")
+    try:
+        data = json.loads(p.read_text())
+        return HardwareProfile(**data)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"hardware profile {p} is malformed: {e}") from e
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Bytes and flops per token of a MoE model (what the simulator charges)."""
+
+    name: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    hidden: int
+    inter: int
+    dtype_bytes: int = 2
+    dense_params_per_layer: int = 0  # attention, norms, router (read every step)
+    other_params: int = 0  # embeddings and LM head
+
+    @property
+    def expert_bytes(self) -> int:
+        return 3 * self.hidden * self.inter * self.dtype_bytes
+
+    def expert_flops(self, tokens: int) -> float:
+        return 6.0 * self.hidden * self.inter * tokens
+
+    @property
+    def dense_bytes_per_layer(self) -> int:
+        return self.dense_params_per_layer * self.dtype_bytes
+
+    @classmethod
+    def from_model(cls, model: Any, name: str = "model") -> ModelShape:
+        c = model.config
+        blocks = model.moe_blocks()
+        n_exp = 0
+        for b in blocks:
+            n_exp += sum(p.numel() for p in b.experts.parameters())
+        other = model.embed_tokens.weight.numel() + (0 if c.tie_word_embeddings else model.lm_head.weight.numel())
+        total = sum(p.numel() for p in model.parameters())
+        dense = (total - n_exp - other) // c.num_layers
+        return cls(name=name, num_layers=len(blocks), num_experts=c.num_experts, top_k=c.top_k, hidden=c.hidden_size,
+                   inter=c.moe_intermediate_size, dtype_bytes=model.dtype.itemsize, dense_params_per_layer=dense,
+                   other_params=other)
+
+
+def _mixtral_8x7b() -> ModelShape:
+    D, L, V = 4096, 32, 32000
+    attn = D * D * 2 + D * 1024 * 2  # q, o [D, D]; k, v [1024, D] (8 KV heads of 128)
+    return ModelShape(name="mixtral-8x7b", num_layers=L, num_experts=8, top_k=2, hidden=D, inter=14336,
+                      dtype_bytes=2, dense_params_per_layer=attn + 8 * D + 2 * D, other_params=2 * V * D)
+
+
+SHAPES: dict[str, ModelShape] = {"mixtral-8x7b": _mixtral_8x7b()}
+
+
+def _median_time(fn: Any, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def calibrate(*, scratch_dir: str | os.PathLike[str] | None = None, mib: int = 128, repeats: int = 5) -> HardwareProfile:
+    """Measure this machine: fast tier = RAM, slow tier = disk (cold reads: pages dropped after writing).
+
+    1. link: write `mib` MiB to a scratch file, fsync, drop its pages, time a read (median of repeats,
+       pages dropped before each);
+    2. fast memory: time a `mib` MiB tensor copy (read + write bytes counted);
+    3. compute: time a 1024^3 fp32 matmul; the CPU figures are the same measurements.
+    """
+    n = mib * 2**20
+    buf = torch.empty(n, dtype=torch.uint8)
+    with tempfile.TemporaryDirectory(dir=scratch_dir) as d:
+        path = Path(d) / "calibrate.bin"
+        with open(path, "wb") as f:
+            f.write(memoryview(torch.randint(0, 255, (n,), dtype=torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            def cold_read() -> None:
+                os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
+                os.preadv(fd, [memoryview(buf.numpy())], 0)
+            link_s = _median_time(cold_read, repeats)
+        finally:
+            os.close(fd)
+    src, dst = torch.ones(n // 4), torch.empty(n // 4)
+    mem_s = _median_time(lambda: dst.copy_(src), repeats)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    mm_s = _median_time(lambda: a @ b, repeats)
+    gflops = 2 * 1024**3 / mm_s / 1e9
+    mem_gbps = 2 * n / mem_s / 1e9
+    return HardwareProfile(
+        name="this-machine", link_gbps=n / link_s / 1e9, fast_mem_gbps=mem_gbps, compute_tflops=gflops / 1e3,
+        link_latency_us=0.0, cpu_mem_gbps=mem_gbps, cpu_gflops=gflops, measured=True,
+        description=f"measured by moeinfer simulate --calibrate: cold disk reads ({mib} MiB, page cache dropped), "
+                    f"RAM copy, fp32 1024^3 matmul with {torch.get_num_threads()} threads",
+        details={"threads": torch.get_num_threads(), "scratch_dir": str(scratch_dir or tempfile.gettempdir()),
+                 "load_avg": os.getloadavg()})

@@ -1,0 +1,153 @@
+"""Trace-driven offload simulator: replay a routing trace through the real cache, policy and prefetcher.
+
+Shapes: N trace tokens, L MoE layers, K top-k, E experts.
+
+The decisions come from the same objects the live model uses (`build_cache`: `ExpertCache`, the
+registered policy and prefetcher), so on the same trace and settings the hit counts equal the live
+run's exactly. Only the clock is modelled, from a `HardwareProfile` and a `ModelShape`:
+1. group the trace into steps (`trace_steps`); a step that starts a request tells the policy;
+2. per MoE layer of a step: the dense part of the layer costs max(bytes / fast-memory bandwidth,
+   flops / compute); then the cache decides the visit;
+3. demand loads, then the prefetcher's loads, queue on one link (FIFO): each costs latency +
+   bytes / link bandwidth and is ready when it leaves the queue;
+4. experts run one after another: hits first, then CPU-assisted experts (on the CPU, concurrently
+   with the fast tier's work: the layer waits for the later of the two), then loaded experts; an
+   expert starts when its weights are ready (the wait is stall time) and costs
+   max(expert bytes / fast-memory bandwidth, 6 D I tokens / compute);
+   with overlap=False (the on-demand baseline) each layer first waits for all its loads;
+5. report hits, bytes moved, stall, total time and tokens/s, and the lower bound
+   (bytes moved / link bandwidth).
+Not modelled: attention's KV-cache reads, kernel launch overheads, contention of the link by other
+traffic, page-cache effects of a disk tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from moeinfer.engine.trace import RoutingTrace, TraceError
+from moeinfer.offload.apply import as_trace, build_cache
+from moeinfer.offload.cache import Load
+from moeinfer.offload.config import OffloadConfig
+from moeinfer.offload.cpu_assist import CostModel
+from moeinfer.offload.hardware import HardwareProfile, ModelShape
+from moeinfer.offload.prefetch import LayerContext
+from moeinfer.offload.visits import step_visits, trace_steps
+
+
+@dataclass
+class SimResult:
+    tokens: int
+    steps: int
+    time_s: float
+    stall_s: float
+    bytes_moved: int
+    link_bound_s: float  # bytes moved / link bandwidth: no schedule can beat it
+    cache: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.time_s if self.time_s > 0 else float("inf")
+
+    @property
+    def hit_rate(self) -> float:
+        return float(self.cache["hit_rate"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "hit_rate": self.hit_rate}
+
+
+def cost_model_for(shape: ModelShape, hw: HardwareProfile, *, weights_on_host: bool = True) -> CostModel:
+    """The CPU-assist cost model a profile implies (the live run calibrates its own)."""
+    cpu_token = shape.expert_flops(1) / (hw.cpu_gflops * 1e9)
+    return CostModel(expert_bytes=shape.expert_bytes, activation_bytes=2 * shape.hidden * shape.dtype_bytes,
+                     link_bytes_per_s=hw.link_gbps * 1e9, cpu_s_per_token=cpu_token,
+                     cpu_s_fixed=shape.expert_bytes / (hw.cpu_mem_gbps * 1e9), weights_on_host=weights_on_host)
+
+
+def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadConfig, hardware: HardwareProfile,
+             cost_model: CostModel | None = None, low_bit_bytes: int | None = None, overlap: bool = True,
+             progress: bool = False) -> SimResult:
+    """Replay `trace` (steps 1-5 of the module docstring)."""
+    trace = as_trace(trace, "trace")
+    if (trace.num_layers, trace.num_experts) != (shape.num_layers, shape.num_experts):
+        raise TraceError(f"routing trace has {trace.num_layers} MoE layers x {trace.num_experts} experts; the "
+                         f"model shape {shape.name!r} {shape.num_layers} x {shape.num_experts}")
+    assist = None
+    if config.cpu_assist:
+        assist = cost_model or cost_model_for(shape, hardware, weights_on_host=config.tier == "cpu")
+    cache, prefetcher = build_cache(config, num_layers=shape.num_layers, num_experts=shape.num_experts,
+                                    top_k=trace.top_k, expert_bytes=shape.expert_bytes, assist=assist,
+                                    low_bit_bytes=low_bit_bytes)
+    cache.warm()
+    link_bw, mem_bw, flops = hardware.link_gbps * 1e9, hardware.fast_mem_gbps * 1e9, hardware.compute_tflops * 1e12
+    latency = hardware.link_latency_us * 1e-6
+    now = link_free = stall = 0.0
+    slot_ready: dict[int, float] = {}
+
+    def queue(loads: list[Load]) -> dict[int, float]:
+        nonlocal link_free
+        ready = {}
+        for ld in loads:
+            nbytes = cache._bytes(ld.low_bit)
+            link_free = max(link_free, now) + latency + nbytes / link_bw
+            ready[ld.key[1]] = link_free
+            if ld.slot is not None:
+                slot_ready[ld.slot] = link_free
+        return ready
+
+    steps = trace_steps(trace)
+    it: Any = steps
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(steps, desc="simulate", unit="step")
+    for step in it:
+        # 1. requests
+        if step.new_request:
+            cache.begin_request()
+        n = len(step.rows)
+        for v in step_visits(trace, step):
+            # 2. the dense part of the layer, then the cache's decision
+            now += max(shape.dense_bytes_per_layer / mem_bw, 2.0 * shape.dense_params_per_layer * n / flops)
+            plan = cache.visit(v)
+            # 3. demand loads, then prefetches, on one FIFO link
+            ready = queue(plan.loads)
+            ctx = LayerContext(v.layer, trace.experts[step.rows, v.layer], trace.weights[step.rows, v.layer])
+            for target, experts in prefetcher.predict(ctx):
+                queue(cache.prefetch(target, experts))
+            # 4. experts
+            tokens = dict(zip(v.experts, v.tokens))
+            if not overlap and ready:
+                wait = max(ready.values()) - now
+                if wait > 0:
+                    stall += wait
+                    now += wait
+            start = now
+            for e, slot in plan.hits.items():
+                t_ready = slot_ready.get(slot, 0.0)
+                if t_ready > now:
+                    stall += t_ready - now
+                    now = t_ready
+                now += max(shape.expert_bytes / mem_bw, shape.expert_flops(tokens[e]) / flops)
+            cpu_end = start + sum(assist.cpu_s(tokens[e]) for e in plan.assisted) if assist is not None else start
+            for e in ready:
+                if ready[e] > now:
+                    stall += ready[e] - now
+                    now = ready[e]
+                now += max(shape.expert_bytes / mem_bw, shape.expert_flops(tokens[e]) / flops)
+            if cpu_end > now:
+                stall += cpu_end - now
+                now = cpu_end
+        # the LM head and embeddings once per step
+        now += shape.other_params * shape.dtype_bytes / mem_bw
+    st = cache.stats
+    settings = {"policy": config.policy, "prefetch": config.prefetch, "cache": str(config.cache),
+                "scope": config.scope, "slots": cache.num_slots, "cpu_assist": config.cpu_assist,
+                "overlap": overlap, "hardware": hardware.name, "shape": shape.name,
+                "low_bit_threshold": config.low_bit_threshold}
+    return SimResult(tokens=trace.num_tokens, steps=len(steps), time_s=now, stall_s=stall,
+                     bytes_moved=st.bytes_loaded, link_bound_s=st.bytes_loaded / link_bw,
+                     cache=st.as_dict(), settings=settings)

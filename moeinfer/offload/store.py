@@ -1,0 +1,193 @@
+"""The slow tier: every expert's weights, read one expert at a time.
+
+Shapes: E experts, D hidden, I expert inner size; one expert = gate_up [2I, D] + down [D, I].
+
+`DiskStore` keeps one safetensors file per MoE layer in an offload folder, expert-major, so one
+expert is two adjacent byte ranges read with `os.preadv` straight into the destination buffer
+(thread-safe, no memory map kept open: pages touched by a map would stay resident). Writing:
+1. check the folder can be created and written and has room for every expert (named errors);
+2. per layer, stream the header and each expert's bytes into a temp file beside the target;
+3. fsync and rename it over `experts-LLL.safetensors`, so a reader never sees half a file.
+`HostStore` keeps the stacked tensors in host memory (pinned when a GPU will read them): the "cpu"
+tier of a GPU machine, and the place CPU-assisted experts are computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moeinfer.fsutil import publishable_
+from moeinfer.loading.errors import CheckpointError
+from moeinfer.loading.safetensors_io import DTYPES, SafetensorsFile
+from moeinfer.offload.config import OffloadError
+
+Key = tuple[int, int]
+_NAMES = {v: k for k, v in DTYPES.items()}
+STORE_FORMAT = "moeinfer-expert-store"
+
+
+def expert_nbytes(gate_up: torch.Tensor, down: torch.Tensor) -> int:
+    """Bytes of one expert of stacked tensors gate_up [E, 2I, D], down [E, D, I]."""
+    return (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+
+
+def _flat_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class HostStore:
+    """Experts kept as stacked tensors in host memory (pinned for fast GPU copies when asked)."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], *, pin: bool = False) -> None:
+        self.layers = []
+        for gate_up, down in layers:
+            gate_up, down = gate_up.detach().to("cpu"), down.detach().to("cpu")
+            if pin:
+                gate_up, down = gate_up.pin_memory(), down.pin_memory()
+            self.layers.append((gate_up, down))
+        self.expert_bytes = expert_nbytes(*self.layers[0])
+        self.where = "host memory" + (" (pinned)" if pin else "")
+
+    def host(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert's weights where they live (CPU tensors, no copy)."""
+        gate_up, down = self.layers[key[0]]
+        return gate_up[key[1]], down[key[1]]
+
+    def read(self, key: Key, gate_up_out: torch.Tensor, down_out: torch.Tensor) -> None:
+        gate_up, down = self.host(key)
+        gate_up_out.copy_(gate_up, non_blocking=gate_up.is_pinned())
+        down_out.copy_(down, non_blocking=down.is_pinned())
+
+    def close(self) -> None:
+        pass
+
+
+def layer_file(root: Path, layer: int) -> Path:
+    return root / f"experts-{layer:03d}.safetensors"
+
+
+def _check_dir(root: Path, need: int) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OffloadError(f"offload dir {root} cannot be created ({e.strerror})") from e
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise OffloadError(f"offload dir {root} is not writable: the expert store needs {need:,} bytes there")
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise OffloadError(f"offload dir {root} has {free:,} bytes free; the expert store needs {need:,}")
+
+
+def _write_layer(path: Path, layer: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    header: dict[str, object] = {"__metadata__": {"format": STORE_FORMAT, "layer": str(layer)}}
+    offset, parts = 0, []
+    for e in range(gate_up.shape[0]):
+        for name, t in ((f"{e}.gate_up_proj", gate_up[e]), (f"{e}.down_proj", down[e])):
+            n = t.numel() * t.element_size()
+            header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            parts.append(t)
+            offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for t in parts:
+                f.write(_flat_bytes(t))
+            f.flush()
+            os.fsync(f.fileno())
+        publishable_(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OffloadError(f"writing expert store file {path} failed ({e.strerror or e})") from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class DiskStore:
+    """One safetensors file per MoE layer in `root`; `read` fills an expert's buffers from disk."""
+
+    def __init__(self, root: str | os.PathLike[str], num_layers: int, *, evict_page_cache: bool = False) -> None:
+        self.root = Path(root)
+        self.evict_page_cache = evict_page_cache
+        self.files: list[SafetensorsFile] = []
+        self.fds: list[int] = []
+        for layer in range(num_layers):
+            path = layer_file(self.root, layer)
+            if not path.is_file():
+                self.close()
+                raise OffloadError(f"expert store file {path} is missing (MoE layer {layer})")
+            try:
+                sf = SafetensorsFile(path)
+            except CheckpointError as e:
+                self.close()
+                raise OffloadError(f"expert store file {path} is unreadable: {e}") from e
+            self.files.append(sf)
+            self.fds.append(os.open(path, os.O_RDONLY))
+        first = self.files[0].entries
+        self.expert_bytes = first["0.gate_up_proj"].nbytes + first["0.down_proj"].nbytes
+        self.where = f"disk ({self.root})"
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], layers: list[tuple[torch.Tensor, torch.Tensor]], *,
+               evict_page_cache: bool = False, progress: bool = False) -> DiskStore:
+        """Write every layer's experts into `root` (steps 1-3 of the module docstring) and open them."""
+        root = Path(root)
+        need = sum(g.numel() * g.element_size() + d.numel() * d.element_size() for g, d in layers)
+        _check_dir(root, need)
+        it = enumerate(layers)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=len(layers), desc=f"expert store {root.name}", unit="layer")
+        for layer, (gate_up, down) in it:
+            _write_layer(layer_file(root, layer), layer, gate_up.detach().cpu(), down.detach().cpu())
+        return cls(root, len(layers), evict_page_cache=evict_page_cache)
+
+    def _read(self, layer: int, name: str, out: torch.Tensor) -> None:
+        sf = self.files[layer]
+        entry = sf.entries.get(name)
+        if entry is None:
+            raise OffloadError(f"expert store file {sf.path} has no tensor {name!r}")
+        if tuple(out.shape) != entry.shape or out.dtype != entry.dtype or not out.is_contiguous():
+            raise OffloadError(f"expert store file {sf.path}: tensor {name!r} is {list(entry.shape)} {entry.dtype}, "
+                               f"the buffer {list(out.shape)} {out.dtype}")
+        fd = self.fds[layer]
+        try:
+            n = os.preadv(fd, [_flat_bytes(out)], entry.offset)
+        except OSError as e:
+            raise OffloadError(f"reading {name!r} from expert store file {sf.path} failed ({e.strerror})") from e
+        if n != entry.nbytes:
+            raise OffloadError(f"expert store file {sf.path} is truncated while reading {name!r}")
+        if self.evict_page_cache:
+            os.posix_fadvise(fd, entry.offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def read(self, key: Key, gate_up_out: torch.Tensor, down_out: torch.Tensor) -> None:
+        """Read expert `key` into CPU buffers gate_up_out [2I, D] and down_out [D, I] (contiguous)."""
+        layer, e = key
+        self._read(layer, f"{e}.gate_up_proj", gate_up_out)
+        self._read(layer, f"{e}.down_proj", down_out)
+
+    def host(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert read into fresh CPU tensors (for CPU-assisted compute from the disk tier)."""
+        e = self.files[key[0]].entries[f"{key[1]}.gate_up_proj"]
+        d = self.files[key[0]].entries[f"{key[1]}.down_proj"]
+        gate_up, down = torch.empty(e.shape, dtype=e.dtype), torch.empty(d.shape, dtype=d.dtype)
+        self.read(key, gate_up, down)
+        return gate_up, down
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
