@@ -10,6 +10,10 @@ A compressed checkpoint's config.json carries `moeinfer_compression`:
 low-rank experts register their own), `params` is what its `empty()` needs to build it on the meta
 device. Loading builds the plain model, then `restore_()` reshapes each MoE layer from the layout
 before any tensor is read, so the loader fills the compressed tensors by name.
+
+Non-expert modules a method replaced (quantize's scope "all": QuantizedLinear) are listed under the
+reserved key `layout["modules"]` = {"<module path>": {"kind": ..., "params": {...}}}; such a
+checkpoint is moeinfer-format only.
 """
 
 from __future__ import annotations
@@ -42,6 +46,19 @@ class ExpertsKind(Protocol):
 
 
 KINDS: dict[str, type] = {}
+MODULES_KEY = "modules"  # reserved layout key: replaced non-expert modules (see the module docstring)
+MODULE_KINDS: dict[str, type] = {}  # kind -> class with layout_params() and classmethod empty(config, params)
+
+
+def register_module_kind(name: str) -> Callable[[type], type]:
+    """Register a replacement for a non-expert module (e.g. a quantized linear) under `name`."""
+
+    def deco(cls: type) -> type:
+        MODULE_KINDS[name] = cls
+        cls.kind = name
+        return cls
+
+    return deco
 
 
 def register_experts_kind(name: str) -> Callable[[type], type]:
@@ -71,14 +88,25 @@ def describe(model: MoEModel) -> dict[str, Any]:
     for block in model.moe_blocks():
         kind = _kind_of(block.experts)
         params = {} if kind == "experts" else block.experts.layout_params()
-        out[str(block.layer_idx)] = {"num_experts": int(block.gate.weight.shape[0]), "kind": kind, "params": params}
+        entry = {"num_experts": int(block.gate.weight.shape[0]), "kind": kind, "params": params}
+        if getattr(block.gate, "expert_map", None) is not None:  # merged: router rows map onto fewer experts
+            entry.update(num_experts=int(block.experts.num_experts), router_experts=entry["num_experts"],
+                         expert_map=block.gate.expert_map.tolist())
+        out[str(block.layer_idx)] = entry
+    modules = {name: {"kind": m.kind, "params": m.layout_params()} for name, m in model.named_modules()
+               if type(m) in MODULE_KINDS.values()}
+    if modules:
+        out[MODULES_KEY] = modules
     return out
 
 
 def is_plain(layout: dict[str, Any]) -> bool:
     """Same expert count in every layer and plain experts: a checkpoint `transformers` loads."""
-    counts = {v["num_experts"] for v in layout.values()}
-    return len(counts) == 1 and all(v["kind"] == "experts" for v in layout.values())
+    if layout.get(MODULES_KEY):
+        return False
+    layers = [v for k, v in layout.items() if k != MODULES_KEY]
+    counts = {v["num_experts"] for v in layers}
+    return len(counts) == 1 and all(v["kind"] == "experts" and "expert_map" not in v for v in layers)
 
 
 def set_num_experts_(block: MoEBlock, num_experts: int) -> None:
@@ -127,6 +155,8 @@ def restore_(model: MoEModel, layout: dict[str, Any]) -> None:
     from moeinfer.loading.checkpoint import meta_parameters
 
     _ensure_kinds()
+    modules = layout.get(MODULES_KEY) or {}
+    layout = {k: v for k, v in layout.items() if k != MODULES_KEY}
     blocks = {str(b.layer_idx): b for b in model.moe_blocks()}
     if set(layout) != set(blocks):
         raise CompressionError(f"{RECORD_KEY}.layout names layers {sorted(layout, key=int)}, the model's MoE "
@@ -142,11 +172,23 @@ def restore_(model: MoEModel, layout: dict[str, Any]) -> None:
                 experts: nn.Module = Experts(E, cfg.hidden_size, cfg.moe_intermediate_size)
             else:
                 experts = KINDS[kind].empty(E, cfg, dict(spec.get("params") or {}))
-            set_num_experts_(block, E)
-            block.gate.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+            R = int(spec.get("router_experts", E))  # router rows (more than E for merged experts)
+            set_num_experts_(block, R)
+            block.gate.weight = nn.Parameter(torch.empty(R, cfg.hidden_size))
             if block.gate.e_score_correction_bias is not None:
-                block.gate.e_score_correction_bias = torch.zeros(E)
+                block.gate.e_score_correction_bias = torch.zeros(R)
         block.experts = experts
+        if "expert_map" in spec:
+            block.gate.expert_map = torch.tensor(spec["expert_map"], dtype=torch.long)
+    for name, spec in modules.items():
+        kind = spec.get("kind")
+        if kind not in MODULE_KINDS:
+            raise CompressionError(f"{RECORD_KEY}.layout.{MODULES_KEY}[{name}]: unknown module kind {kind!r}; "
+                                   f"known: {', '.join(sorted(MODULE_KINDS)) or '(none)'}")
+        parent, _, child = name.rpartition(".")
+        with meta_parameters():
+            module = MODULE_KINDS[kind].empty(cfg, dict(spec.get("params") or {}))
+        setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _ensure_kinds() -> None:

@@ -1,0 +1,101 @@
+"""Asymmetric group-wise quantization: w ~ (q - z) * s, one scale s and zero z per group of
+`group_size` consecutive input columns of a row; codes q in [0, 2^bits - 1], stored packed.
+
+Shapes: [...] leading axes (experts, rows), C columns, G = ceil(C / group_size) groups, g group size.
+A column count that `group_size` does not divide gets a shorter last group: the codes are stored
+for exactly C columns (no padding on disk), and only the arithmetic pads.
+
+Steps (`quantize`):
+1. pad the columns to G * g by repeating the last column (min and max of the last group unchanged);
+2. per group: s = (max - min) / (2^bits - 1) and z = round(-min / s) (round-to-nearest, RTN), or
+   HQQ's optimised zero-point (moeinfer.compress.quant.hqq);
+3. q = clamp(round(w / s + z), 0, 2^bits - 1), cut back to C columns and packed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeinfer.compress.quant.packing import pack, unpack
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+ALGORITHMS = ("rtn", "hqq")
+
+
+def check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits!r}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
+    return bits
+
+
+def num_groups(cols: int, group_size: int) -> int:
+    return -(-cols // group_size)
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized [..., C] tensor: packed codes [..., P] uint8, scale and zero [..., G] float."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    cols: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.packed, self.scale, self.zero, bits=self.bits, group_size=self.group_size,
+                          cols=self.cols, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
+
+
+def _pad_cols(w: torch.Tensor, total: int) -> torch.Tensor:
+    extra = total - w.shape[-1]
+    if extra == 0:
+        return w
+    return torch.cat([w, w[..., -1:].expand(*w.shape[:-1], extra)], dim=-1)
+
+
+@torch.no_grad()
+def quantize(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str = "rtn") -> QuantizedTensor:
+    """w [..., C] float -> QuantizedTensor (codes packed; scale/zero fp32)."""
+    check_bits(bits)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown quantization algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    C = w.shape[-1]
+    G = num_groups(C, group_size)
+    qmax = (1 << bits) - 1
+    # 1. pad to whole groups
+    wg = _pad_cols(w.float(), G * group_size).reshape(*w.shape[:-1], G, group_size)  # [..., G, g]
+    # 2. scale and zero per group
+    lo, hi = wg.amin(-1), wg.amax(-1)  # [..., G]
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: any scale is exact
+    zero = torch.round(-lo / scale)
+    if algorithm == "hqq":
+        from moeinfer.compress.quant.hqq import optimize_zero
+
+        zero = optimize_zero(wg, scale, zero, bits=bits)
+    # 3. codes
+    q = torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, qmax)
+    q = q.reshape(*w.shape[:-1], G * group_size)[..., :C].to(torch.uint8)
+    return QuantizedTensor(pack(q, bits), scale, zero, bits, group_size, C)
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int, group_size: int,
+               cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """packed [..., P] uint8, scale/zero [..., G] -> w [..., cols] in `dtype` (arithmetic in scale's dtype)."""
+    q = unpack(packed, bits, cols)  # [..., C]
+    G = scale.shape[-1]
+    if G * group_size != cols:
+        q = torch.nn.functional.pad(q, (0, G * group_size - cols))
+    q = q.reshape(*q.shape[:-1], G, group_size).to(scale.dtype)
+    w = (q - zero[..., None]) * scale[..., None]  # [..., G, g]
+    return w.reshape(*w.shape[:-2], G * group_size)[..., :cols].to(dtype)

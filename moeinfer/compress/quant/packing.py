@@ -1,0 +1,63 @@
+"""Packing b-bit codes (b in 2, 3, 4, 8) into uint8 storage along the last axis.
+
+Every 8 codes become `bits` bytes: the codes are laid side by side in a little-endian word (code i
+at bit i*b) and the word is cut into bytes. 2- and 4-bit codes therefore share bytes (4 or 2 per
+byte, the first code in the low bits) and 3-bit codes straddle bytes. A row of C codes takes
+ceil(C / 8) * bits bytes; the padding codes are zero and dropped on unpacking.
+
+Steps (pack; unpack runs them backwards):
+1. pad the row to a multiple of 8 codes;
+2. combine each run of 8 codes into one word: sum_i code_i << (i * bits);
+3. split the word into `bits` bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_PACKABLE = (2, 3, 4, 8)
+
+
+def packed_cols(cols: int, bits: int) -> int:
+    """Bytes per row of `cols` b-bit codes."""
+    return cols if bits == 8 else -(-cols // 8) * bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [..., C] integer in [0, 2^bits) -> packed [..., packed_cols(C, bits)] uint8."""
+    if bits not in _PACKABLE:
+        raise ValueError(f"cannot pack {bits}-bit codes; supported: {', '.join(map(str, _PACKABLE))}")
+    if bits == 8:
+        return codes.to(torch.uint8)
+    C = codes.shape[-1]
+    # 1. pad to whole runs of 8 codes
+    x = F.pad(codes.to(torch.int32), (0, (-C) % 8)).reshape(*codes.shape[:-1], -1, 8)  # [..., C8, 8]
+    # 2. one word per run (at most 24 bits, so int32 is enough)
+    shifts = torch.arange(8, dtype=torch.int32, device=codes.device) * bits
+    word = (x << shifts).sum(-1, dtype=torch.int32)  # [..., C8]
+    # 3. its bytes, low byte first
+    byte_shifts = torch.arange(bits, dtype=torch.int32, device=codes.device) * 8
+    out = (word[..., None] >> byte_shifts) & 0xFF  # [..., C8, bits]
+    return out.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """packed [..., P] uint8 -> codes [..., cols] uint8 (inverse of `pack`)."""
+    if bits not in _PACKABLE:
+        raise ValueError(f"cannot unpack {bits}-bit codes; supported: {', '.join(map(str, _PACKABLE))}")
+    if bits == 8:
+        return packed[..., :cols]
+    mask = (1 << bits) - 1
+    if bits in (2, 4):  # whole codes per byte: shift the bytes directly, no words needed
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed[..., None] >> shifts) & mask  # [..., P, 8/bits]
+        return codes.reshape(*packed.shape[:-1], -1)[..., :cols]
+    # 3. -> 2. bytes back into words
+    b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, bits)  # [..., C8, bits]
+    byte_shifts = torch.arange(bits, dtype=torch.int32, device=packed.device) * 8
+    word = (b << byte_shifts).sum(-1, dtype=torch.int32)  # [..., C8]
+    # 2. -> 1. words back into codes, then drop the padding
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device) * bits
+    codes = (word[..., None] >> shifts) & mask  # [..., C8, 8]
+    return codes.to(torch.uint8).reshape(*packed.shape[:-1], -1)[..., :cols]

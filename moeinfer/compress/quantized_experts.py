@@ -1,0 +1,159 @@
+"""QuantizedExperts: a layer's routed experts stored as packed group-wise codes, run by dequantizing
+only the experts that received tokens (the eager CPU path; nothing is cached between calls).
+
+Shapes: E experts, D hidden, I expert inner size, S token-slots, P packed bytes per row, G groups.
+
+Storage. Every expert has its own bit width (uniform quantization gives them all the same one). The
+experts of one width b are stacked in one set of parameters, in expert order:
+    q{b}_gate_up [E_b, 2I, P(D)] uint8   s{b}_gate_up, z{b}_gate_up [E_b, 2I, G(D)]  (gate rows first)
+    q{b}_down    [E_b, D,  P(I)] uint8   s{b}_down,    z{b}_down    [E_b, D,  G(I)]
+and the per-expert widths (recorded in the checkpoint's layout) say which stack and row hold expert
+e. Codes are integer parameters (requires_grad=False), so the loader fills them on the meta path and
+`model.to(dtype)` leaves them alone; scales and zeros follow the model's float dtype.
+
+Forward (mirrors moeinfer.model.moe's stages; only the expert-compute stage differs):
+1. dispatch the token-slots by expert;
+2. for each expert with slots: dequantize its two matrices to the input's dtype, then run the same
+   SwiGLU as `expert_compute` (so the result equals `expert_compute` on the dequantized weights);
+3. combine with the routing weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeinfer.compress.layout import register_experts_kind
+from moeinfer.compress.quant.groupwise import QuantizedTensor, check_bits, dequantize, num_groups, quantize
+from moeinfer.compress.quant.packing import packed_cols
+from moeinfer.config import ModelConfig
+from moeinfer.model.moe import Routing, combine, dispatch
+
+_MATRICES = ("gate_up", "down")
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+@register_experts_kind("quantized")
+class QuantizedExperts(nn.Module):
+    """Routed experts with per-expert bit widths; see the module docstring for storage and forward."""
+
+    def __init__(self, bits: Sequence[int], hidden_size: int, intermediate_size: int, group_size: int,
+                 *, scale_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.bits = [check_bits(int(b)) for b in bits]
+        if not self.bits:
+            raise ValueError("QuantizedExperts needs at least one expert")
+        self.hidden_size, self.intermediate_size, self.group_size = hidden_size, intermediate_size, group_size
+        # expert e lives in row slot[e] of the stack of its width
+        self.slot: list[int] = []
+        seen: dict[int, int] = {}
+        for b in self.bits:
+            self.slot.append(seen.get(b, 0))
+            seen[b] = seen.get(b, 0) + 1
+        D, I = hidden_size, intermediate_size
+        for b, n in sorted(seen.items()):
+            for m, (rows, cols) in zip(_MATRICES, ((2 * I, D), (D, I))):
+                self.register_parameter(f"q{b}_{m}", _param(torch.empty(n, rows, packed_cols(cols, b),
+                                                                        dtype=torch.uint8)))
+                G = num_groups(cols, group_size)
+                self.register_parameter(f"s{b}_{m}", _param(torch.empty(n, rows, G, dtype=scale_dtype)))
+                self.register_parameter(f"z{b}_{m}", _param(torch.empty(n, rows, G, dtype=scale_dtype)))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.bits)
+
+    # --- layout (saved in config.json; `empty` rebuilds the module on the meta device) ---
+    def layout_params(self) -> dict[str, Any]:
+        return {"bits": list(self.bits), "group_size": self.group_size, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size}
+
+    @classmethod
+    def empty(cls, num_experts: int, config: ModelConfig, params: dict[str, Any]) -> QuantizedExperts:
+        bits = list(params["bits"])
+        if len(bits) != num_experts:
+            raise ValueError(f"quantized experts: {len(bits)} bit widths for {num_experts} experts")
+        return cls(bits, int(params.get("hidden_size", config.hidden_size)),
+                   int(params.get("intermediate_size", config.moe_intermediate_size)), int(params["group_size"]))
+
+    # --- building from float weights ---
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, gate_up: torch.Tensor, down: torch.Tensor, bits: Sequence[int], *, group_size: int,
+                   algorithm: str = "rtn") -> QuantizedExperts:
+        """gate_up [E, 2I, D], down [E, D, I] float -> quantized experts (expert e at bits[e])."""
+        E, two_i, D = gate_up.shape
+        if len(bits) != E:
+            raise ValueError(f"{len(bits)} bit widths for {E} experts")
+        qs = [(quantize(gate_up[e], bits=b, group_size=group_size, algorithm=algorithm),
+               quantize(down[e], bits=b, group_size=group_size, algorithm=algorithm)) for e, b in enumerate(bits)]
+        return cls.from_quantized(qs, D, two_i // 2, group_size, dtype=gate_up.dtype)
+
+    @classmethod
+    def from_quantized(cls, qs: Sequence[tuple[QuantizedTensor, QuantizedTensor]], hidden_size: int,
+                       intermediate_size: int, group_size: int, *, dtype: torch.dtype) -> QuantizedExperts:
+        """Assemble from per-expert (gate_up, down) QuantizedTensors; scales/zeros stored in `dtype`."""
+        bits = [gu.bits for gu, _ in qs]
+        module = cls(bits, hidden_size, intermediate_size, group_size, scale_dtype=dtype)
+        device = qs[0][0].packed.device
+        for b in sorted(set(bits)):
+            members = [i for i, x in enumerate(bits) if x == b]
+            for j, m in enumerate(_MATRICES):
+                parts = [qs[i][j] for i in members]
+                setattr(module, f"q{b}_{m}", _param(torch.stack([p.packed for p in parts])))
+                setattr(module, f"s{b}_{m}", _param(torch.stack([p.scale for p in parts]).to(dtype)))
+                setattr(module, f"z{b}_{m}", _param(torch.stack([p.zero for p in parts]).to(dtype)))
+        return module.to(device)
+
+    # --- weights ---
+    def _matrix(self, e: int, m: str, dtype: torch.dtype) -> torch.Tensor:
+        b, row = self.bits[e], self.slot[e]
+        cols = self.hidden_size if m == "gate_up" else self.intermediate_size
+        return dequantize(getattr(self, f"q{b}_{m}")[row], getattr(self, f"s{b}_{m}")[row],
+                          getattr(self, f"z{b}_{m}")[row], bits=b, group_size=self.group_size, cols=cols,
+                          dtype=dtype)
+
+    def expert_weights(self, e: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's dequantized (gate_up [2I, D], down [D, I])."""
+        return self._matrix(e, "gate_up", dtype), self._matrix(e, "down", dtype)
+
+    def dequantize_all(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts dequantized: (gate_up [E, 2I, D], down [E, D, I])."""
+        pairs = [self.expert_weights(e, dtype) for e in range(self.num_experts)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def weight_bits(self) -> float:
+        """Stored bits per expert weight, scales and zeros included."""
+        n = self.num_experts * 3 * self.hidden_size * self.intermediate_size
+        return 8 * sum(p.numel() * p.element_size() for p in self.parameters()) / n
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x [N, D] -> weighted sum of the routed experts' outputs [N, D]."""
+        # 1. dispatch
+        d = dispatch(routing.indices, self.num_experts)
+        xs = x[d.tokens]  # [S, D]
+        y = torch.empty_like(xs)
+        start = 0
+        # 2. dequantize and run only the experts with slots
+        for e, n in enumerate(d.counts.tolist()):
+            if n == 0:
+                continue
+            gate_up, down = self.expert_weights(e, x.dtype)
+            seg = xs[start:start + n]
+            gate, up = F.linear(seg, gate_up).chunk(2, dim=-1)
+            y[start:start + n] = F.linear(F.silu(gate) * up, down)
+            start += n
+        # 3. combine
+        return combine(y, d, routing.weights, x.shape[0])
+
+    def extra_repr(self) -> str:
+        widths = {b: self.bits.count(b) for b in sorted(set(self.bits))}
+        return (f"experts={self.num_experts}, bits={widths}, group_size={self.group_size}, "
+                f"D={self.hidden_size}, I={self.intermediate_size}")
