@@ -112,3 +112,15 @@ def test_config_lookup(tmp_path):
     assert default == get_config(E=9, N=20, K=36, tokens=1, device="cpu")  # shipped default.json
     with pytest.raises(ValueError, match="power of two"):
         KernelConfig(block_m=24)
+
+
+@torch.no_grad()
+def test_model_with_triton_kernel():
+    import moeinfer
+    from moeinfer.kernels import use_kernel_
+
+    model = moeinfer.load("tiny", dtype="float32", device=DEVICE)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), device=DEVICE)
+    ref = model(ids)
+    use_kernel_(model, "triton")
+    torch.testing.assert_close(model(ids), ref, atol=1e-4, rtol=1e-4)

@@ -13,6 +13,7 @@ from typing import Any, Union
 import torch
 
 from moeinfer.engine.sampling import SamplingParams, sample
+from moeinfer.engine.static_decode import decode_step
 from moeinfer.model.kv_cache import KVCache
 from moeinfer.model.transformer import MoEModel
 
@@ -106,6 +107,7 @@ def generate(model: MoEModel, prompts: Sequence[Prompt], *, max_new_tokens: int 
         mask[b, T - len(p):] = True
     cache = KVCache(model.config, batch_size=B, max_length=T + max_new_tokens, device=device, dtype=model.dtype)
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # [B, V]
+    decode = decode_step(model, cache)  # a CUDA-graph replay on CUDA when the model allows it
 
     # 2. Decode one token per step for every unfinished row.
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -139,7 +141,7 @@ def generate(model: MoEModel, prompts: Sequence[Prompt], *, max_new_tokens: int 
             break
         # Finished rows keep running (static batch) but their new tokens count as padding.
         active = torch.tensor([r is None for r in reasons], device=device)[:, None]  # [B, 1]
-        logits = model(next_ids[:, None], attention_mask=active, cache=cache)[:, -1]
+        logits = decode(next_ids, active)
 
     results = []
     for b in range(B):

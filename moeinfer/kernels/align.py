@@ -38,7 +38,8 @@ def align_slots(local: torch.Tensor, num_experts: int, block_m: int) -> AlignedS
     device = local.device
     P = padded_capacity(S, E, M)
     # 1.
-    counts = torch.bincount(local, minlength=E + 1)[:E]  # [E]
+    # scatter_add, not bincount: bincount on CUDA reads the maximum back to the host.
+    counts = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(0, local, torch.ones_like(local))[:E]
     padded = (counts + M - 1) // M * M
     pad_end = torch.cumsum(padded, 0)  # [E]
     pad_start = pad_end - padded

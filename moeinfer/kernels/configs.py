@@ -71,8 +71,10 @@ def nearest_bucket(table: dict[int, KernelConfig], tokens: int) -> KernelConfig:
 def get_config(*, E: int, N: int, K: int, tokens: int, device: torch.device | str,
                config_dir: Path | None = None) -> KernelConfig:
     """The tuned config for this shape and device, else the shipped default table."""
-    folder = config_dir or CONFIG_DIR
-    path = folder / config_file_name(E=E, N=N, K=K, device=device_name(device))
-    if not path.exists():
-        path = CONFIG_DIR / "default.json"
-    return nearest_bucket(_read(path), tokens)
+    return nearest_bucket(_table(E, N, K, device_name(device), config_dir or CONFIG_DIR), tokens)
+
+
+@lru_cache(maxsize=None)
+def _table(E: int, N: int, K: int, device: str, folder: Path) -> dict[int, KernelConfig]:
+    path = folder / config_file_name(E=E, N=N, K=K, device=device)
+    return _read(path if path.exists() else CONFIG_DIR / "default.json")

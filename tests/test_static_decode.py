@@ -1,0 +1,93 @@
+"""Static-shape decode (moeinfer/engine/static_decode.py): on the CPU the static step must give the
+same greedy tokens as the ordinary decode; CUDA-graph capture is checked on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moeinfer
+from moeinfer.engine.static_decode import StaticDecoder, decode_step, static_decode_blocker
+from moeinfer.kernels import use_kernel_
+from moeinfer.model.kv_cache import KVCache
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return moeinfer.load("tiny", dtype="float32")
+
+
+def greedy(model, prompts, steps, *, static, cuda_graph=False):
+    """Left-padded prefill, then `steps` greedy tokens; returns tokens [B, steps] and last logits."""
+    device = model.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = True
+    cache = KVCache(model.config, batch_size=B, max_length=T + steps, device=device, dtype=model.dtype)
+    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    decode = (StaticDecoder(model, cache, cuda_graph=cuda_graph) if static
+              else lambda n, a: model(n[:, None], attention_mask=a, cache=cache)[:, -1])
+    out = []
+    active = torch.ones(B, 1, dtype=torch.bool, device=device)
+    for i in range(steps):
+        nxt = logits.argmax(-1)
+        out.append(nxt)
+        if i == 2:
+            active[0] = False  # row 0 finished: its later tokens count as padding
+        logits = decode(nxt, active)
+    return torch.stack(out, 1), logits
+
+
+@torch.no_grad()
+def test_static_step_same_greedy_tokens(tiny):
+    prompts = [[5, 17, 99, 3, 250], [7, 8]]
+    ref_tokens, ref_logits = greedy(tiny, prompts, 12, static=False)
+    tokens, logits = greedy(tiny, prompts, 12, static=True)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_static_step_with_cpu_kernel(tiny):
+    try:
+        use_kernel_(tiny, "cpu")
+        a, _ = greedy(tiny, [[1, 2, 3]], 6, static=True)
+    finally:
+        use_kernel_(tiny, "reference")
+    b, _ = greedy(tiny, [[1, 2, 3]], 6, static=False)
+    assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_static_decoder_checks(tiny):
+    cache = KVCache(tiny.config, batch_size=2, max_length=4)
+    cache.lengths[0] = 1
+    with pytest.raises(ValueError, match="same length"):
+        StaticDecoder(tiny, cache)
+    full = KVCache(tiny.config, batch_size=1, max_length=2)
+    tiny(torch.tensor([[1, 2]]), cache=full)
+    with pytest.raises(ValueError, match="overflow"):
+        StaticDecoder(tiny, full)(torch.tensor([3]), torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_blocker_and_cpu_fallback(tiny):
+    assert "reference" in static_decode_blocker(tiny)
+    cache = KVCache(tiny.config, batch_size=1, max_length=4)
+    assert not isinstance(decode_step(tiny, cache), StaticDecoder)  # CPU: the ordinary forward
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_graph_decode_same_tokens():
+    model = moeinfer.load("tiny", device="cuda", dtype="bfloat16")
+    use_kernel_(model, "triton")
+    assert static_decode_blocker(model) is None
+    prompts = [[5, 17, 99, 3, 250], [7, 8]]
+    ref, _ = greedy(model, prompts, 16, static=True, cuda_graph=False)
+    tokens, _ = greedy(model, prompts, 16, static=True, cuda_graph=True)
+    assert torch.equal(tokens, ref)
+    out = moeinfer.generate(model, ["Once upon a time"], max_new_tokens=8)
+    assert len(out[0].token_ids) == 8
