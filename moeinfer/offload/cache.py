@@ -161,6 +161,17 @@ class ExpertCache:
         self.stats.evictions += 1
         return slot
 
+    def drop(self, key: Key) -> None:
+        """Forget a resident key whose transfer failed (its slot holds garbage): it is loaded again."""
+        if key in self.resident:
+            slot = self.resident.pop(key)
+            self.low.pop(key, None)
+            self.pool_keys[self.pool_of(key)].discard(key)
+            self.unused_prefetch.discard(key)
+            self.policy.on_evict(key)
+            self.free[self.pool_of(key)].append(slot)
+            self.free[self.pool_of(key)].sort()
+
     def _bytes(self, low_bit: bool) -> int:
         return self.low_bit_bytes if low_bit and self.low_bit_bytes is not None else self.expert_bytes
 

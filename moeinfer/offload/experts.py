@@ -97,7 +97,13 @@ class OffloadRuntime:
             return  # a newer load owns the slot's pending entry
         if not h.done():
             self.stats.loads_waited += 1
-        h.wait()
+        try:
+            h.wait()
+        except BaseException:
+            if slot is not None:
+                self.pending.pop(slot, None)
+                self.cache.drop(h.key)  # its slot holds garbage: load it again next time
+            raise
         self.stats.stall_s += h.stall_s
         if slot is not None:
             self.pending.pop(slot, None)

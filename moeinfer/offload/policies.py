@@ -286,8 +286,8 @@ class AdapMoE(CachePolicy):
     """AdapMoE's per-layer cache sizes, LRU within a layer.
 
     1. For every layer, replay the calibration trace through an LRU cache of 1..E experts.
-    2. Start every layer at one slot; hand out the rest one at a time to the layer whose hit count
-       grows most with one more slot (ties: the lower layer), up to E per layer.
+    2. Dynamic programming over layers picks the sizes (1..E each, summing to the budget) with the
+       most calibration hits (LRU's hit curve has cliffs, so one-slot-at-a-time greedy would not do).
     """
 
     name = "adapmoe"
@@ -305,12 +305,22 @@ class AdapMoE(CachePolicy):
         L, E = self.ctx.num_layers, self.ctx.num_experts
         if total < L:
             raise OffloadError(f"adapmoe needs at least one expert per layer: {total} experts for {L} layers")
-        caps = [1] * L
-        for _ in range(min(total, L * E) - L):
-            gains = [(self.curve[l][caps[l] + 1] - self.curve[l][caps[l]], -l) if caps[l] < E else (-1, -l)
-                     for l in range(L)]
-            best = max(range(L), key=lambda l: gains[l])
-            caps[best] += 1
+        total = min(total, L * E)
+        # best[l][n]: most calibration hits of layers l.. with n slots among them (each 1..E)
+        NEG = -1
+        best = [[NEG] * (total + 1) for _ in range(L + 1)]
+        choice = [[0] * (total + 1) for _ in range(L)]
+        best[L][0] = 0
+        for l in range(L - 1, -1, -1):
+            for n in range(total + 1):
+                for c in range(1, min(E, n) + 1):
+                    rest = best[l + 1][n - c]
+                    if rest != NEG and self.curve[l][c] + rest > best[l][n]:
+                        best[l][n], choice[l][n] = self.curve[l][c] + rest, c
+        caps, n = [], total
+        for l in range(L):
+            caps.append(choice[l][n])
+            n -= choice[l][n]
         return caps
 
 
