@@ -77,8 +77,9 @@ def quantize(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str = "r
     # 2. scale and zero per group
     lo, hi = wg.amin(-1), wg.amax(-1)  # [..., G]
     scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: any scale is exact
-    zero = torch.round(-lo / scale)
+    flat = scale <= 0  # a constant group c: s = |c| (or 1), and z puts c on code 1 (c > 0) or 0 (c <= 0)
+    scale = torch.where(flat, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)), scale)
+    zero = torch.where(flat, (lo < 0).to(lo.dtype), torch.round(-lo / scale))
     if algorithm == "hqq":
         from moeinfer.compress.quant.hqq import optimize_zero
 
