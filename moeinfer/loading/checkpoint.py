@@ -243,6 +243,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     record = hf.get("moeinfer_compression")
     if record is not None:
         _restore_compressed(model, record, root, expert_slots)
+    if hf.get("moeinfer_routing") is not None:  # a dynamic-gating mode saved with the model
+        from moeinfer.model.gating import set_routing_
+
+        set_routing_(model, hf["moeinfer_routing"])
     if expert_slots is not None:
         _keep_local_experts(model, expert_slots)
     _materialize(model, target_dtype, device)

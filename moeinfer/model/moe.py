@@ -35,6 +35,7 @@ class Routing:
     weights: torch.Tensor  # [N, K] fp32
     logits: torch.Tensor  # [N, E] fp32
     rerouted: torch.Tensor | None = None  # tokens moved off a masked expert (scalar), when any are masked
+    k: torch.Tensor | None = None  # [N] int64: token n uses its first k[n] slots (dynamic gating); None = all K
 
 
 @dataclass
@@ -130,6 +131,12 @@ class Router(nn.Module):
         self.top_k: int | None = None  # override of cfg.top_k at run time (dynamic gating)
         self.available: torch.Tensor | None = None  # [E] bool; None = all (see moeinfer.engine.faults)
         self.rerouted_tokens = 0
+        # Dynamic gating (moeinfer.model.gating): a rule giving each token a prefix k[n] of its top-k.
+        self.mode: Callable[[Routing, RouterConfig], Routing] | None = None
+        # Merged experts (moeinfer.compress.methods.merge): router expert e runs experts row expert_map[e].
+        self.register_buffer("expert_map", None, persistent=False)  # [E] int64 or None
+        self.tokens_routed = 0  # counters behind moeinfer.model.gating.experts_per_token
+        self.slots_used = 0
 
     def mask_expert(self, expert: int) -> None:
         """Remove `expert` from the choice (its weights failed); at least top_k experts must remain."""
@@ -149,6 +156,13 @@ class Router(nn.Module):
                         available=self.available)
         if routing.rerouted is not None:
             self.rerouted_tokens += int(routing.rerouted)
+        if self.mode is not None:
+            routing = self.mode(routing, self.cfg)
+        n, k = routing.indices.shape
+        self.tokens_routed += n
+        self.slots_used += n * k if routing.k is None else int(routing.k.sum())
+        if self.expert_map is not None:
+            routing.indices = self.expert_map[routing.indices]
         return routing
 
 
@@ -204,10 +218,21 @@ class MoEBlock(nn.Module):
         routing = self.gate(x)
         if self.observer is not None:
             self.observer(self.layer_idx, routing)
-        out = self.experts(x, routing)
+        out = self.experts(x, routing) if routing.k is None else self._experts_by_k(x, routing)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out.view(shape)
+
+    def _experts_by_k(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Dynamic gating: tokens grouped by their k, each group run on its first k slots (<= K calls),
+        so any experts module (kernels, offload, quantized) runs unchanged."""
+        out = torch.zeros_like(x)
+        for k in routing.k.unique().tolist():
+            rows = (routing.k == k).nonzero().squeeze(1)
+            part = Routing(indices=routing.indices[rows, :k], weights=routing.weights[rows, :k],
+                           logits=routing.logits[rows])
+            out.index_copy_(0, rows, self.experts(x[rows], part).to(out.dtype))
+        return out

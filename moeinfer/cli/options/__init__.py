@@ -10,7 +10,7 @@ import argparse
 import importlib
 from typing import Any
 
-OPTIONS: list[str] = ["kernel"]
+OPTIONS: list[str] = ["kernel", "routing"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
