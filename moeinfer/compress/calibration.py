@@ -64,7 +64,10 @@ class LayerCalibration:
             return Routing(indices=self.trace_indices, weights=self.trace_weights,
                            logits=torch.empty(0, block.experts.num_experts))
         g = block.gate
-        return route(self.x, g.weight, g.cfg, g.e_score_correction_bias)
+        r = route(self.x, g.weight, g.cfg, g.e_score_correction_bias)
+        if getattr(g, "expert_map", None) is not None:  # merged experts: router rows -> experts rows
+            r.indices = g.expert_map[r.indices]
+        return r
 
     def frequency(self, block: MoEBlock) -> torch.Tensor:
         """Tokens routed to each expert, f [E] float (a token counts once per chosen expert)."""

@@ -32,7 +32,12 @@ def check_keep(block: MoEBlock, keep: int, method: str) -> None:
 def keep_experts_(block: MoEBlock, keep: Sequence[int]) -> None:
     """Keep only experts `keep` (in that order); their router rows go with them, so the top-k over
     the remaining experts renormalises as the routing config says."""
+    from moeinfer.compress.expert_stats import check_unmerged
+    from moeinfer.compress.selection import check_balanced
+
     ex = plain_experts(block, "pruning")
+    check_unmerged(block, "pruning")
+    check_balanced(block, keep, "pruning")
     idx = torch.tensor(sorted(keep), dtype=torch.long, device=ex.gate_up_proj.device)
     new = Experts(len(idx), ex.gate_up_proj.shape[2], ex.down_proj.shape[2]).to(ex.gate_up_proj)
     new.gate_up_proj.data = ex.gate_up_proj.data[idx].clone()
@@ -53,5 +58,8 @@ def layer_keep_counts(blocks: Sequence[MoEBlock], *, keep: int | None, ratio: fl
         E = b.gate.weight.shape[0]
         n = keep if keep is not None else E - int(round(E * float(ratio)))
         check_keep(b, n, method)
+        if n % b.gate.cfg.n_group:
+            raise CompressionError(f"{method}: layer {b.layer_idx} uses group-limited routing with n_group="
+                                   f"{b.gate.cfg.n_group}; the experts kept ({n}) must be divisible by it")
         out.append(n)
     return out

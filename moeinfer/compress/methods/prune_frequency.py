@@ -15,6 +15,7 @@ from typing import Any
 
 from moeinfer.compress.calibration import CalibrationData
 from moeinfer.compress.registry import register_method
+from moeinfer.compress.selection import select_top
 from moeinfer.compress.surgery import keep_experts_, layer_keep_counts
 from moeinfer.model.transformer import MoEModel
 
@@ -42,7 +43,7 @@ def prune_frequency(model: MoEModel, p: FrequencyPruneParams, calib: Calibration
     for block, n in zip(blocks, counts):
         lc = calib.layer(block)  # 1. route
         score = lc.frequency(block) if p.score == "count" else lc.gate_mass(block)  # 2. count
-        keep = score.topk(n).indices.sort().values.tolist()  # 3. keep the heaviest
+        keep = select_top(block, score, n, "prune_frequency")  # 3. keep the heaviest (per DeepSeek group)
         keep_experts_(block, keep)
         kept[str(block.layer_idx)] = keep
     return {"kept": kept}
