@@ -1,0 +1,75 @@
+"""Routing replay: forced routing from a trace, shape checks, and the real Mixtral traces driving the
+cache of a random Mixtral-shaped model exactly as the simulator predicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import moeinfer
+from moeinfer.engine.trace import RoutingTrace, TraceError, record_routing
+from moeinfer.offload import OffloadConfig, offload_, replay_routing_, simulate
+from moeinfer.offload.hardware import ModelShape, load_profile
+from moeinfer.offload.replay import restore_routing_
+from offload_helpers import random_mixtral
+
+MIXTRAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "mixtral-8x7b-instruct"
+
+
+def random_trace(n: int, layers: int = 3, experts: int = 8, seed: int = 1) -> RoutingTrace:
+    rng = np.random.default_rng(seed)
+    e = np.stack([np.stack([rng.choice(experts, 2, replace=False) for _ in range(layers)]) for _ in range(n)])
+    w = rng.uniform(0.2, 0.8, size=(n, layers, 1))
+    return RoutingTrace(experts=e, weights=np.concatenate([w, 1 - w], axis=2), seq=np.zeros(n), pos=np.arange(n),
+                        is_prompt=np.zeros(n, dtype=bool), layers=np.arange(layers), num_experts=experts)
+
+
+def test_replay_forces_the_trace_routing():
+    model = random_mixtral()
+    trace = random_trace(12)
+    replay_routing_(model, trace)
+    with record_routing(model, logits=False) as rec:
+        moeinfer.generate(model, [[1, 2, 3]], max_new_tokens=10)  # 3 + 10 - 1 = 12 rows
+    got = rec.trace()
+    assert np.array_equal(got.experts, trace.experts)
+    assert np.allclose(got.weights, trace.weights)
+    with pytest.raises(TraceError, match="ran out of trace"):
+        moeinfer.generate(model, [[1]], max_new_tokens=2)
+    restore_routing_(model)
+    assert type(model.moe_blocks()[0].gate).__name__ == "Router"
+    cursor = replay_routing_(model, trace, wrap=True)
+    moeinfer.generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=10)
+    assert cursor.next == 14 % 12
+
+
+def test_trace_shape_mismatch_is_a_clear_error():
+    model = random_mixtral()
+    with pytest.raises(TraceError, match="4 MoE layers x 8 experts, top-2; the model 3 MoE layers x 8 experts"):
+        replay_routing_(model, random_trace(4, layers=4))
+    with pytest.raises(TraceError, match="16 experts"):
+        replay_routing_(model, random_trace(4, experts=16))
+
+
+@pytest.mark.skipif(not (MIXTRAL / "gsm8k_2_routing.jsonl").is_file(), reason="shared Mixtral traces not present")
+def test_real_mixtral_routing_on_a_random_model_matches_the_simulator(tmp_path):
+    from moeinfer.engine.trace_convert import convert_mixtral
+
+    full = convert_mixtral(MIXTRAL / "gsm8k_2_routing.jsonl")
+    rows = np.flatnonzero(full.seq == full.seq[0])[:40]  # one sequence, decoded one token per step
+    trace = RoutingTrace(experts=full.experts[rows], weights=full.weights[rows], seq=full.seq[rows],
+                         pos=full.pos[rows], is_prompt=full.is_prompt[rows], layers=full.layers, num_experts=8)
+    model = random_mixtral(layers=32, hidden=16, inter=16, vocab=64)  # Mixtral's routing shape, tiny weights
+    cfg = dict(cache=4, scope="layer", policy="lru", prefetch="transition", calibration=full)
+    offload_(model, OffloadConfig(tier="disk", offload_dir=tmp_path, **cfg))
+    replay_routing_(model, trace)
+    moeinfer.generate(model, [[1]], max_new_tokens=len(rows))
+    live = model.offload.cache.stats
+    sim = simulate(trace, shape=ModelShape.from_model(random_mixtral(layers=32, hidden=16, inter=16, vocab=64)),
+                   config=OffloadConfig(tier="cpu", **cfg), hardware=load_profile("h100-pcie5"))
+    assert live.visits == 32 * len(rows)
+    assert (sim.cache["hits"], sim.cache["misses"], sim.cache["prefetch_loads"]) == (
+        live.hits, live.misses, live.prefetch_loads)
+    model.offload.close()
