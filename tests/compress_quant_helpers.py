@@ -1,4 +1,9 @@
-"""Shared helpers of the quantization / low-rank tests: tiny random models and their calibration."""
+"""Shared helpers of the quantization / low-rank tests: tiny random models and their calibration.
+
+The models use the tiny configurations of tests/hf_peers.py (transformers' field names and values),
+built and initialised by moeinfer directly: importing transformers would cost most of the tests'
+time budget, and loading transformers' checkpoints is what the peer tests check.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,34 @@ from moeinfer.compress.calibration import CalibrationData, LayerCalibration
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 
 
-def random_model(arch: str, root: Path):
-    """A tiny random checkpoint of `arch` (transformers' config classes), loaded in fp32."""
-    from hf_peers import save_hf_checkpoint
+@torch.no_grad()
+def build_random(arch: str, seed: int = 0):
+    """A tiny random fp32 model of `arch` (hf_peers' configuration), weights ~ N(0, 0.2)."""
+    from hf_peers import ARCH_DEFAULTS, BASE
 
+    from moeinfer.arch import parse_config
+    from moeinfer.model.transformer import MoEModel
+
+    model = MoEModel(parse_config({**BASE, **ARCH_DEFAULTS[arch], "model_type": arch}))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        elif name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        else:
+            p.fill_(1.0)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # a non-zero correction bias takes part in expert choice
+            b.copy_(torch.rand(b.shape, generator=g) * 0.1 - 0.05)
+    return model.eval().requires_grad_(False)
+
+
+def random_model(arch: str, root: Path):
+    """The tiny random `arch` model, saved once under `root` and loaded from there (as users load)."""
     path = root / arch
     if not path.exists():
-        save_hf_checkpoint(arch, path)
+        moeinfer.save(build_random(arch), path)
     return moeinfer.load(path, dtype="float32", progress=False)
 
 
