@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["load", "save", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
-           "evaluate", "__version__"]
+           "evaluate", "offload_", "OffloadConfig", "__version__"]
 
 _LAZY = {
     "load": "moeinfer.api",
@@ -21,6 +21,8 @@ _LAZY = {
     "ModelConfig": "moeinfer.config",
     "supported_model_types": "moeinfer.arch",
     "evaluate": "moeinfer.eval",
+    "offload_": "moeinfer.offload.apply",
+    "OffloadConfig": "moeinfer.offload.config",
 }
 
 if TYPE_CHECKING:
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from moeinfer.engine.generate import Generation, generate
     from moeinfer.eval import evaluate
     from moeinfer.model.transformer import MoEModel
+    from moeinfer.offload.apply import offload_
+    from moeinfer.offload.config import OffloadConfig
 
 
 def __getattr__(name: str) -> Any:

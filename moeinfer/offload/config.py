@@ -19,8 +19,9 @@ TIERS = ("disk", "cpu")
 SCOPES = ("global", "layer")
 
 
-class OffloadError(RuntimeError):
-    """Offloading failed (a transfer, the store, a bad setting); the message names what is at fault."""
+class OffloadError(RuntimeError, ValueError):
+    """Offloading failed (a transfer, the store, a bad setting); the message names what is at fault.
+    A ValueError too, so the command line reports it as bad input."""
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,22 @@ def _mixtral_8x7b() -> ModelShape:
 SHAPES: dict[str, ModelShape] = {"mixtral-8x7b": _mixtral_8x7b()}
 
 
+def shape_from_checkpoint(path: str | os.PathLike[str]) -> ModelShape:
+    """The shape of a checkpoint folder (or shipped model name) from its config.json; no weights read."""
+    from moeinfer.api import resolve_model_path
+    from moeinfer.arch import parse_config
+    from moeinfer.loading.checkpoint import parse_dtype, read_config
+    from moeinfer.model.transformer import MoEModel
+
+    root = resolve_model_path(path)
+    hf = read_config(root)
+    with torch.device("meta"):
+        model = MoEModel(parse_config(hf))
+    shape = ModelShape.from_model(model, name=root.name)
+    dtype = parse_dtype(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16")
+    return ModelShape(**{**asdict(shape), "dtype_bytes": dtype.itemsize if dtype is not None else 2})
+
+
 def _median_time(fn: Any, repeats: int) -> float:
     fn()
     times = []
