@@ -13,7 +13,6 @@ from moeinfer.compress.calibration import CalibrationConfig, CalibrationData, co
 from tiny_tokenizer import write_tokenizer
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
-HF_RUNS_ONE_EXPERT = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"}  # V3 takes top-2 per group
 IDS = torch.tensor([[5, 17, 250, 3, 99, 42, 7, 120, 64, 8]])
 CALIB = CalibrationConfig(source="english", max_tokens=192, seq_len=64)
 

@@ -50,6 +50,8 @@ def test_deepseek_groups_keep_equal_counts(root):
     _, model, calib = tiny("deepseek_v3", root)  # n_group=2: experts 0-3 and 4-7
     with pytest.raises(CompressionError, match="n_group=2"):
         compress_(copy.deepcopy(model), [{"method": "prune_reap", "keep": 3}], calibration=calib, progress=False)
+    with pytest.raises(CompressionError, match="fewer than 2 per group"):
+        compress_(copy.deepcopy(model), [{"method": "prune_frequency", "keep": 2}], calibration=calib, progress=False)
     report = compress_(model, [{"method": "prune_naee", "keep": 4}], calibration=calib, progress=False)
     for kept in report.steps[0]["summary"]["kept"].values():
         assert sum(e < 4 for e in kept) == 2

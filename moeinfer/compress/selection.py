@@ -31,6 +31,9 @@ def per_group(block: MoEBlock, n: int, method: str) -> int:
     if n % G:
         raise CompressionError(f"{method}: layer {block.layer_idx} uses group-limited routing with n_group={G}; "
                                f"the experts kept ({n}) must be divisible by {G} so every group keeps as many")
+    if block.gate.cfg.group_score == "top2_sum" and n // G < 2:
+        raise CompressionError(f"{method}: layer {block.layer_idx} scores its {G} expert groups by their two best "
+                               f"experts (DeepSeek-V3); keeping {n} leaves fewer than 2 per group")
     return n // G
 
 
