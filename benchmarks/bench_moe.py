@@ -1,0 +1,334 @@
+"""MoE kernel benchmarks: one MoE layer, end-to-end decode, and the shipped model on the CPU.
+
+    python benchmarks/bench_moe.py --part cpu-model                 # moeinfer-tiny, CPU, 2 threads
+    python benchmarks/bench_moe.py --part layer --device cpu        # scaled-down layer shapes (labelled)
+    python benchmarks/bench_moe.py --part layer --device cuda       # the issue's three real shapes
+    python benchmarks/bench_moe.py --part e2e --device cuda         # OLMoE-shaped random model decode
+
+Shapes: N tokens, D hidden, E experts, K top-k, I expert inner size.
+Every figure is printed beside a baseline measured in the same run (the eager reference, and
+transformers' experts implementations `eager`, `batched_mm`, `grouped_mm` on the same weights) and,
+for the layer, beside the physical limits measured in the same run (moeinfer.bench.hardware: copy
+bandwidth, dense matmul). Results go to benchmarks/results/moe_<part>_<device>.json and to stdout as
+markdown tables (docs/benchmarks.md carries the committed ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeinfer.bench.hardware import hardware_info, measure_bandwidth, measure_matmul, software_info
+
+RESULTS = Path(__file__).parent / "results"
+
+# The issue's real layer shapes, and CPU-sized stand-ins with the same E and K (labelled "scaled").
+LAYER_SHAPES = {
+    "Mixtral-8x7B": dict(E=8, K=2, D=4096, I=14336),
+    "Qwen3-30B-A3B": dict(E=128, K=8, D=2048, I=768),
+    "OLMoE-1B-7B": dict(E=64, K=8, D=2048, I=1024),
+}
+CPU_SCALE = 8  # CPU stand-ins divide D and I by this
+GPU_TOKENS = (1, 8, 64, 512, 4096)
+CPU_TOKENS = (1, 8, 64, 512)
+
+
+# --------------------------------------------------------------------------- timing (one helper)
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, reps: int = 20,
+            cuda_graph: bool = False, budget_s: float = 10.0) -> float:
+    """Median seconds of one call of `fn`: warm-up, then timed repetitions (CUDA events on GPU,
+    optionally replaying `fn` captured in a CUDA graph to remove launch overhead for tiny kernels).
+    Stops early once `budget_s` is spent (at least 3 timed calls)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if cuda_graph and device.type == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        call: Callable[[], Any] = graph.replay
+    else:
+        call = fn
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            call()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        if len(times) >= 3 and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    sw = software_info()
+    try:
+        import transformers
+
+        sw["transformers"] = transformers.__version__
+    except ImportError:
+        sw["transformers"] = None
+    try:
+        import triton
+
+        sw["triton"] = triton.__version__
+    except ImportError:
+        sw["triton"] = None
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), hardware=hardware_info(device),
+                software=sw, threads=torch.get_num_threads(), load_average_before=load_average())
+
+
+# --------------------------------------------------------------------------- one MoE layer
+
+def transformers_experts(shape: dict[str, int], gate_up: torch.Tensor, down: torch.Tensor, impl: str):
+    """transformers' MixtralExperts on our weights (same layout), running experts implementation `impl`."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    cfg = MixtralConfig(hidden_size=shape["D"], intermediate_size=shape["I"], num_local_experts=shape["E"],
+                        num_experts_per_tok=shape["K"])
+    cfg._experts_implementation = impl
+    experts = MixtralExperts(cfg).to(device=gate_up.device, dtype=gate_up.dtype)
+    experts.gate_up_proj.data = gate_up
+    experts.down_proj.data = down
+    return experts
+
+
+def grouped_mm_baseline(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                        down: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm on expert-sorted slots (CUDA, bf16): the plain-PyTorch grouped GEMM."""
+    N, K = idx.shape
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat)
+    offs = torch.cumsum(torch.bincount(flat, minlength=gate_up.shape[0]), 0).to(torch.int32)
+    xs = x[order // K]
+    h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(torch.nn.functional.silu(g) * u, down.transpose(1, 2), offs=offs)
+    out = torch.zeros(N * K, x.shape[1], dtype=x.dtype, device=x.device)
+    out[order] = y
+    return (out.view(N, K, -1) * w.to(x.dtype)[..., None]).sum(1)
+
+
+def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...], scale: int) -> list[dict[str, Any]]:
+    from moeinfer.kernels import get_kernel
+    from moeinfer.kernels.registry import KERNELS, resolve
+
+    bandwidth = measure_bandwidth(device)
+    matmul = measure_matmul(device, dtype)
+    print(f"measured: copy bandwidth {bandwidth / 1e9:.1f} GB/s, dense {dtype} matmul {matmul / 1e12:.3f} TFLOP/s")
+    rows = []
+    for name, full in LAYER_SHAPES.items():
+        shape = dict(full, D=full["D"] // scale, I=full["I"] // scale)
+        E, K, D, I = shape["E"], shape["K"], shape["D"], shape["I"]
+        label = name if scale == 1 else f"{name} /{scale} (E={E}, K={K}, D={D}, I={I})"
+        g = torch.Generator(device="cpu").manual_seed(0)
+        gate_up = (torch.randn(E, 2 * I, D, generator=g) / D**0.5).to(device=device, dtype=dtype)
+        down = (torch.randn(E, D, I, generator=g) / I**0.5).to(device=device, dtype=dtype)
+        gate_up32 = down32 = None
+        if device.type == "cpu" and dtype != torch.float32:
+            gate_up32, down32 = gate_up.float(), down.float()
+        for N in tokens:
+            x = torch.randn(N, D, generator=g).to(device=device, dtype=dtype)
+            idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]).to(device)
+            w = torch.rand(N, K, generator=g).to(device)
+            used = int(torch.unique(idx).numel())
+            nbytes = used * 3 * D * I * gate_up.element_size() + 2 * N * D * x.element_size()
+            flops = 2 * N * K * 3 * D * I
+            cands: dict[str, Callable[[], Any]] = {}
+            resolve("auto", device)  # registers the backends
+            for k in (["reference", "cpu"] if device.type == "cpu" else ["triton", "reference"]):
+                if KERNELS[k].why_unavailable(device) is None:
+                    cands[f"moeinfer {k}"] = (lambda fn=get_kernel(k, device): fn(x, idx, w, gate_up, down))
+            if gate_up32 is not None:
+                cands["moeinfer cpu, fp32 weights"] = lambda: get_kernel("cpu")(x.float(), idx, w, gate_up32,
+                                                                                down32).to(dtype)
+            for impl in ("eager", "batched_mm", "grouped_mm"):
+                try:
+                    hf = transformers_experts(shape, gate_up, down, impl)
+                    hf(x, idx, w.to(dtype))
+                    cands[f"transformers {impl}"] = (lambda hf=hf: hf(x, idx, w.to(dtype)))
+                except Exception as e:  # an implementation missing on this device/version is recorded
+                    print(f"  transformers {impl}: unavailable ({type(e).__name__}: {str(e)[:80]})")
+            if device.type == "cuda":
+                cands["torch._grouped_mm"] = lambda: grouped_mm_baseline(x, idx, w, gate_up, down)
+            budget = 20.0 if device.type == "cpu" else 5.0
+            for backend, fn in cands.items():
+                with torch.no_grad():
+                    t = time_fn(fn, device, reps=10 if N >= 512 else 30, budget_s=budget,
+                                cuda_graph=device.type == "cuda" and N <= 64 and "transformers" not in backend)
+                rows.append(dict(shape=label, tokens=N, backend=backend, seconds=t, experts_used=used,
+                                 gb_s=nbytes / t / 1e9, pct_bandwidth=100 * nbytes / t / bandwidth,
+                                 tflop_s=flops / t / 1e12, pct_matmul=100 * flops / t / matmul))
+                print(f"  {label} N={N} {backend}: {t * 1e6:.0f} us, {nbytes / t / 1e9:.1f} GB/s "
+                      f"({100 * nbytes / t / bandwidth:.0f}% of copy), {100 * flops / t / matmul:.0f}% of matmul",
+                      flush=True)
+    return [dict(measured_bandwidth_bytes_s=bandwidth, measured_matmul_flops=matmul)] + rows
+
+
+# --------------------------------------------------------------------------- the shipped model on the CPU
+
+def _decode_rate(gen: Callable[[int], Any], n: int) -> float:
+    """Tokens/s of decode alone: (n - 1) extra tokens over the time difference of n and 1 new tokens."""
+    t1 = min(_timed(lambda: gen(1)) for _ in range(3))
+    tn = min(_timed(lambda: gen(n)) for _ in range(3))
+    return (n - 1) / max(tn - t1, 1e-9)
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
+    """moeinfer-tiny: batch-1 decode and a 512-token prefill, moeinfer kernels vs transformers."""
+    import moeinfer
+    from moeinfer.kernels import use_kernel_
+    from moeinfer.api import resolve_model_path
+
+    torch.set_num_threads(threads)
+    path = resolve_model_path("tiny")
+    rows = []
+    prompt = list(range(10, 26))  # 16 prompt tokens
+    g = torch.Generator().manual_seed(0)
+    for dtype in ("bfloat16", "float32"):
+        model = moeinfer.load("tiny", dtype=dtype)
+        ctx = model.config.max_position_embeddings
+        prefill_ids = torch.randint(0, model.config.vocab_size, (512 // ctx, ctx), generator=g)  # 512 tokens
+        variants: list[tuple[str, Callable[[], Any]]] = [
+            ("moeinfer reference", lambda: use_kernel_(model, "reference")),
+            ("moeinfer cpu", lambda: use_kernel_(model, "cpu")),
+        ]
+        if dtype != "float32":
+            variants.append(("moeinfer cpu, fp32 expert weights", lambda: use_kernel_(model, "cpu", fp32_weights=True)))
+        for label, setup in variants:
+            setup()
+            with torch.no_grad():
+                dec = _decode_rate(lambda n: moeinfer.generate(model, [prompt], max_new_tokens=n, ignore_eos=True),
+                                   new_tokens)
+                pre = prefill_ids.numel() / time_fn(lambda: model(prefill_ids), torch.device("cpu"), warmup=1, reps=5)
+            rows.append(dict(dtype=dtype, system=label, decode_tok_s=dec, prefill_tok_s=pre))
+            print(f"  {dtype} {label}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s", flush=True)
+        del model
+        from transformers import MixtralForCausalLM
+
+        for impl in ("eager", "batched_mm", "grouped_mm"):
+            try:
+                hf = MixtralForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                        experts_implementation=impl).eval()
+            except Exception as e:
+                print(f"  transformers {impl}: unavailable ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                dec = _decode_rate(lambda n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                         pad_token_id=0), new_tokens)
+                pre = prefill_ids.numel() / time_fn(lambda: hf(prefill_ids, use_cache=False), torch.device("cpu"),
+                                                    warmup=1, reps=5)
+            rows.append(dict(dtype=dtype, system=f"transformers {impl}", decode_tok_s=dec, prefill_tok_s=pre))
+            print(f"  {dtype} transformers {impl}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s", flush=True)
+            del hf
+    return rows
+
+
+# --------------------------------------------------------------------------- end to end on the GPU
+
+def bench_e2e(device: torch.device, new_tokens: int) -> list[dict[str, Any]]:
+    """Batch-1 decode of an OLMoE-1B-7B-shaped model with random weights: moeinfer (triton kernel,
+    CUDA-graph decode) vs transformers generate on the same weights, and % of the roofline."""
+    if device.type != "cuda":
+        raise SystemExit("--part e2e needs --device cuda")
+    import moeinfer
+    from moeinfer.kernels import use_kernel_
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    bandwidth = measure_bandwidth(device)
+    cfg = OlmoeConfig()  # OLMoE-1B-7B's defaults: 16 layers, D=2048, 64 experts, top-8, I=1024
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        hf = OlmoeForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+        hf.save_pretrained(tmp)
+        model = moeinfer.load(tmp, device=str(device), dtype="bfloat16")
+    use_kernel_(model, "triton")
+    prompt = list(range(10, 26))
+    params = model.num_parameters()
+    bytes_per_token = params["active"] * 2  # bf16 weights read once per token at batch 1
+    rows = []
+    with torch.no_grad():
+        ours = _decode_rate(lambda n: (moeinfer.generate(model, [prompt], max_new_tokens=n, ignore_eos=True),
+                                       torch.cuda.synchronize()), new_tokens)
+        ids = torch.tensor([prompt], device=device)
+        theirs = _decode_rate(lambda n: (hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                     pad_token_id=0), torch.cuda.synchronize()), new_tokens)
+    roofline = bandwidth / bytes_per_token
+    for name, rate in (("moeinfer triton + CUDA graph", ours), ("transformers generate", theirs)):
+        rows.append(dict(system=name, decode_tok_s=rate, pct_roofline=100 * rate / roofline))
+        print(f"  {name}: {rate:.1f} tok/s ({100 * rate / roofline:.0f}% of the {roofline:.0f} tok/s roofline)")
+    return [dict(measured_bandwidth_bytes_s=bandwidth, bytes_per_token=bytes_per_token)] + rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["layer", "cpu-model", "e2e"], required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--tokens", type=int, nargs="*", help="token counts for --part layer")
+    p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/moe_<part>_<device>.json)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    env = environment(device)
+    print(json.dumps(env, indent=1))
+    if args.part == "layer":
+        scale = 1 if device.type == "cuda" else CPU_SCALE
+        tokens = tuple(args.tokens or (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS))
+        rows = bench_layer(device, getattr(torch, args.dtype), tokens, scale)
+    elif args.part == "cpu-model":
+        rows = bench_cpu_model(args.threads, args.new_tokens)
+    else:
+        rows = bench_e2e(device, args.new_tokens)
+    env["load_average_after"] = load_average()
+    out = args.out or RESULTS / f"moe_{args.part}_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
+    tmp.rename(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
