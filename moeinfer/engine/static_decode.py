@@ -135,6 +135,8 @@ def static_decode_blocker(model: MoEModel) -> str | None:
             return f"layer {block.layer_idx}'s MoE block is replaced (offloading or expert parallelism)"
         if block.observer is not None or block.gate.available is not None:
             return f"layer {block.layer_idx} has a routing observer or masked experts"
+        if getattr(block.gate, "mode", None) is not None:
+            return f"layer {block.layer_idx} uses dynamic gating (tokens grouped by k on the host)"
         from moeinfer.kernels.registry import KERNELS
 
         spec = KERNELS.get(block.experts.kernel)
