@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["load", "save", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
-           "evaluate", "offload_", "OffloadConfig", "__version__"]
+           "evaluate", "offload_", "OffloadConfig", "use_kernel_", "__version__"]
 
 _LAZY = {
     "load": "moeinfer.api",
@@ -23,6 +23,7 @@ _LAZY = {
     "evaluate": "moeinfer.eval",
     "offload_": "moeinfer.offload.apply",
     "OffloadConfig": "moeinfer.offload.config",
+    "use_kernel_": "moeinfer.kernels",
 }
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from moeinfer.model.transformer import MoEModel
     from moeinfer.offload.apply import offload_
     from moeinfer.offload.config import OffloadConfig
+    from moeinfer.kernels import use_kernel_
 
 
 def __getattr__(name: str) -> Any:
