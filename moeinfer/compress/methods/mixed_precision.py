@@ -123,17 +123,17 @@ def quantize_mixed(model: MoEModel, p: MixedPrecisionParams, calib: CalibrationD
         n_tokens = max(1, int(lc.routing(block).indices.shape[0]))
         importance.append((freq / n_tokens) * (mass / freq.clamp_min(1)))
         # 2. quantization loss of every expert at every width
-        x = lc.x[: p.max_tokens].to(ex.gate_up_proj) if use_output else None
+        x = lc.x[: p.max_tokens].float() if use_output else None  # fp32: bf16 matmul is slow on CPUs
         layer_loss = torch.zeros(ex.num_experts, len(p.candidates))
         layer_codes = []
         for e in range(ex.num_experts):
-            gu, dn = ex.gate_up_proj.data[e], ex.down_proj.data[e]
+            gu, dn = ex.gate_up_proj.data[e].float(), ex.down_proj.data[e].float()
             ref = _expert_out(x, gu, dn) if x is not None else None
             per = []
             for c, b in enumerate(p.candidates):
                 qgu = quantize(gu, bits=b, group_size=p.group_size, algorithm=p.algorithm)
                 qdn = quantize(dn, bits=b, group_size=p.group_size, algorithm=p.algorithm)
-                wgu, wdn = qgu.dequantize(gu.dtype), qdn.dequantize(dn.dtype)
+                wgu, wdn = qgu.dequantize(), qdn.dequantize()
                 if ref is not None:
                     layer_loss[e, c] = (_expert_out(x, wgu, wdn) - ref).float().pow(2).sum(-1).mean()
                 else:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeinfer.compress.quant.packing import pack, unpack
+from moeinfer.compress.quant.packing import pack, unpack_codes
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 ALGORITHMS = ("rtn", "hqq")
@@ -93,10 +93,11 @@ def quantize(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str = "r
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int, group_size: int,
                cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """packed [..., P] uint8, scale/zero [..., G] -> w [..., cols] in `dtype` (arithmetic in scale's dtype)."""
-    q = unpack(packed, bits, cols)  # [..., C]
+    q = unpack_codes(packed, bits, cols)  # [..., C]
     G = scale.shape[-1]
     if G * group_size != cols:
         q = torch.nn.functional.pad(q, (0, G * group_size - cols))
     q = q.reshape(*q.shape[:-1], G, group_size).to(scale.dtype)
-    w = (q - zero[..., None]) * scale[..., None]  # [..., G, g]
+    # (q - z) * s as one fused q * s + (-z * s)
+    w = torch.addcmul((-zero * scale)[..., None], q, scale[..., None])  # [..., G, g]
     return w.reshape(*w.shape[:-2], G * group_size)[..., :cols].to(dtype)

@@ -44,20 +44,28 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """packed [..., P] uint8 -> codes [..., cols] uint8 (inverse of `pack`)."""
+    return unpack_codes(packed, bits, cols).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """packed [..., P] uint8 -> codes [..., cols] in uint8 or int32 (whichever is cheaper to make)."""
     if bits not in _PACKABLE:
         raise ValueError(f"cannot unpack {bits}-bit codes; supported: {', '.join(map(str, _PACKABLE))}")
     if bits == 8:
         return packed[..., :cols]
+    lead, P = packed.shape[:-1], packed.shape[-1]
     mask = (1 << bits) - 1
-    if bits in (2, 4):  # whole codes per byte: shift the bytes directly, no words needed
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = (packed[..., None] >> shifts) & mask  # [..., P, 8/bits]
-        return codes.reshape(*packed.shape[:-1], -1)[..., :cols]
-    # 3. -> 2. bytes back into words
-    b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, bits)  # [..., C8, bits]
-    byte_shifts = torch.arange(bits, dtype=torch.int32, device=packed.device) * 8
-    word = (b << byte_shifts).sum(-1, dtype=torch.int32)  # [..., C8]
+    if bits in (2, 4) and P % 4 == 0:
+        # 3. -> 1. in one go: 4 bytes read as one little-endian int32 hold 32/bits whole codes in order
+        words = packed.contiguous().view(torch.int32)  # [..., P/4]
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    else:
+        # 3. -> 2. bytes back into words of 8 codes
+        b = packed.reshape(*lead, -1, bits).to(torch.int32)  # [..., C8, bits]
+        words = b[..., 0]
+        for j in range(1, bits):
+            words = words | (b[..., j] << (8 * j))
+        shifts = torch.arange(8, dtype=torch.int32, device=packed.device) * bits
     # 2. -> 1. words back into codes, then drop the padding
-    shifts = torch.arange(8, dtype=torch.int32, device=packed.device) * bits
-    codes = (word[..., None] >> shifts) & mask  # [..., C8, 8]
-    return codes.to(torch.uint8).reshape(*packed.shape[:-1], -1)[..., :cols]
+    codes = (words[..., None] >> shifts) & mask  # [..., words, codes per word]
+    return codes.reshape(*lead, -1)[..., :cols]
