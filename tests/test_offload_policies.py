@@ -70,7 +70,8 @@ def test_static_keeps_the_popular_experts():
 
 def test_activation_aware_matches_the_closest_request():
     calib = hand_trace([[[0]], [[0]], [[0]], [[2]], [[1]], [[1]], [[1]], [[3]]], seq=[0, 0, 0, 0, 1, 1, 1, 1])
-    aa = run("activation-aware", [v(0, 0), v(0, 3), v(0, 2)], capacity=[2], calibration=calib)
+    aa = run("activation-aware", [v(0, 0), v(0, 3), v(0, 2)], capacity=[2], calibration=calib, rematch_every=1)
+    assert aa.policy.matched[0, 0] == 0.75  # matched to request 0
     assert set(aa.resident) == {(0, 0), (0, 2)}  # 3 evicted: the matched request (seq 0) rarely uses it
     lru = run("lru", [v(0, 0), v(0, 3), v(0, 2)], capacity=[2])
     assert set(lru.resident) == {(0, 3), (0, 2)}

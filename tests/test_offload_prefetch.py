@@ -38,6 +38,16 @@ def test_learned_prefetchers_find_the_pattern(name):
     assert len(wide.predict(one(0, 0))[0][1]) == 2
 
 
+def test_mlp_with_history_and_a_confidence_floor():
+    p = make_prefetcher("mlp", ctx(), history=True)
+    assert p.predict(one(0, 2)) == [(1, [3])]
+    assert p.last[0].tolist() == [0, 0, 1, 0]  # this step's routing, the history of a later prediction
+    sure = make_prefetcher("mlp", ctx(), history=True, min_prob=0.5)
+    assert sure.predict(one(0, 1)) == [(1, [2])]
+    never = make_prefetcher("mlp", ctx(), min_prob=0.9999)
+    assert never.predict(one(0, 1)) == [(1, [])]
+
+
 def test_batch_predictions_are_the_union_over_tokens():
     p = make_prefetcher("transition", ctx())
     c = LayerContext(0, np.array([[0], [2]]), np.ones((2, 1), dtype=np.float32))

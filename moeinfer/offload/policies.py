@@ -175,8 +175,8 @@ class ActivationAware(CachePolicy):
     """MoE-Infinity's activation-aware cache.
 
     1. Calibration: one expert activation matrix (EAM, [L, E] tokens per expert) per request.
-    2. During a request, accumulate its EAM; match it to the calibration EAM with the highest cosine
-       similarity (before the first access: their mean).
+    2. During a request, accumulate its EAM; every `rematch_every` accesses match it to the
+       calibration EAM with the highest cosine similarity (before the first match: their mean).
     3. Priority of a key = (matched ratio + current ratio) / (layer distance), the ratios being each
        EAM's row-normalised counts and the distance the visits until that layer runs again (1..L),
        so experts needed soon and often stay. Evict the lowest priority (LRU on ties).
@@ -184,7 +184,7 @@ class ActivationAware(CachePolicy):
 
     name = "activation-aware"
 
-    def __init__(self, *, rematch_every: int = 1) -> None:
+    def __init__(self, *, rematch_every: int = 8) -> None:
         super().__init__()
         self.rematch_every = rematch_every
 
@@ -225,7 +225,9 @@ class ActivationAware(CachePolicy):
     def priority(self, key: Key) -> float:
         L = self.ctx.num_layers
         distance = (key[0] - self.current_layer - 1) % L + 1
-        return float(self.matched[key] + self._ratio(self.eam)[key]) / distance
+        row = self.eam[key[0]]
+        current = row[key[1]] / max(row.sum(), 1.0)
+        return float(self.matched[key] + current) / distance
 
     def victim(self, candidates: Sequence[Key], t: int) -> Key:
         return min(candidates, key=lambda k: (self.priority(k), self.last.get(k, 0), k))

@@ -188,44 +188,55 @@ _TRAINED: dict[str, list[torch.nn.Sequential | None]] = {}
 class MLPPredictor(Prefetcher):
     """A ProMoE-style learned predictor, one small MLP per layer pair (l -> l+k).
 
-    1. Calibration pairs: x = layer l's gate-weighted one-hot routing [E], y = layer l+k's expert set
-       (multi-hot [E]).
-    2. Train E -> hidden -> E with binary cross-entropy (Adam, full batch, fixed seed: deterministic).
-    3. Predict: per token the top-m logits, union over the step's tokens.
+    1. Calibration pairs: x = layer l's gate-weighted one-hot routing [E] (with `history`, followed by
+       the previous token's routing at layer l+k, [2E]); y = layer l+k's expert set (multi-hot [E]).
+    2. Train x -> hidden -> E with binary cross-entropy (Adam, full batch, fixed seed: deterministic).
+    3. Predict: per token the top-m logits (with `min_prob`, only those whose sigmoid reaches it:
+       a confident guess evicts less), union over the step's tokens.
     """
 
     name = "mlp"
 
     def __init__(self, *, distance: int = 1, per_token: int | None = None, hidden: int = 64,
-                 epochs: int = 300, lr: float = 1e-2, seed: int = 0) -> None:
+                 epochs: int = 300, lr: float = 1e-2, seed: int = 0, history: bool = False,
+                 min_prob: float | None = None) -> None:
         super().__init__(distance=distance, per_token=per_token)
         self.hidden, self.epochs, self.lr, self.seed = hidden, epochs, lr, seed
+        self.history, self.min_prob = history, min_prob
+        self.last: dict[int, np.ndarray] = {}  # layer -> previous step's routing features [E]
 
     def bind(self, ctx: PrefetchContext) -> None:
         super().bind(ctx)
         trace = _calibration(self.name, ctx)
         L, E, k = ctx.num_layers, ctx.num_experts, self.distance
         # training is deterministic: reuse the nets of an identical calibration and settings
-        memo = hashlib.sha256(trace.experts.tobytes() + trace.weights.tobytes() + repr(
-            (trace.experts.shape, k, self.hidden, self.epochs, self.lr, self.seed)).encode()).hexdigest()
+        memo = hashlib.sha256(trace.experts.tobytes() + trace.weights.tobytes() + trace.seq.tobytes() + repr(
+            (trace.experts.shape, k, self.hidden, self.epochs, self.lr, self.seed, self.history)).encode()).hexdigest()
         if memo in _TRAINED:
             self.nets = _TRAINED[memo]
             return
         gen = torch.Generator().manual_seed(self.seed)
         self.nets: list[torch.nn.Sequential | None] = []
+        # the previous row of the same sequence (rows are sorted by sequence, then position)
+        prev = np.concatenate([[False], trace.seq[1:] == trace.seq[:-1]])
         for l in range(L):
             if l + k >= L:
                 self.nets.append(None)
                 continue
-            x = torch.from_numpy(routing_features(trace.experts[:, l], trace.weights[:, l], E))
-            y = torch.from_numpy(routing_features(trace.experts[:, l + k], np.ones_like(trace.weights[:, l + k]), E))
+            x = routing_features(trace.experts[:, l], trace.weights[:, l], E)
+            target = routing_features(trace.experts[:, l + k], trace.weights[:, l + k], E)
+            if self.history:
+                before = np.zeros_like(target)
+                before[1:][prev[1:]] = target[:-1][prev[1:]]
+                x = np.concatenate([x, before], axis=1)
             with torch.inference_mode(False), torch.enable_grad():
-                self.nets.append(self._train(x, (y > 0).float(), gen))
+                self.nets.append(self._train(torch.from_numpy(x), torch.from_numpy((target > 0).astype(np.float32)),
+                                             gen))
         _TRAINED[memo] = self.nets
 
     def _train(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.nn.Sequential:
-        E = x.shape[1]
-        net = torch.nn.Sequential(torch.nn.Linear(E, self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, E))
+        net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], self.hidden), torch.nn.ReLU(),
+                                  torch.nn.Linear(self.hidden, y.shape[1]))
         with torch.no_grad():
             for p in net.parameters():
                 p.requires_grad_(True)
@@ -247,13 +258,24 @@ class MLPPredictor(Prefetcher):
         return net.eval()
 
     def predict(self, c: LayerContext) -> list[tuple[int, list[int]]]:
+        E = self.ctx.num_experts
+        feats = routing_features(c.experts, c.weights, E)  # [n, E]
+        if self.history:
+            self.last[c.layer] = feats.mean(0)
         t = self.target(c.layer)
         net = self.nets[c.layer] if t is not None else None
         if net is None or t is None:
             return []
+        if self.history:
+            before = self.last.get(t, np.zeros(E, dtype=np.float32))
+            feats = np.concatenate([feats, np.broadcast_to(before, feats.shape)], axis=1)
         with torch.no_grad():
-            logits = net(torch.from_numpy(routing_features(c.experts, c.weights, self.ctx.num_experts)))
-        return [(t, self._union_top(logits.numpy()))]
+            logits = net(torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))).numpy()
+        if self.min_prob is None:
+            return [(t, self._union_top(logits))]
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :self.m]
+        keep = 1 / (1 + np.exp(-np.take_along_axis(logits, top, axis=1))) >= self.min_prob
+        return [(t, sorted(set(top[keep].tolist())))]
 
 
 def score_predictions(pairs: Sequence[tuple[set[int], set[int]]]) -> tuple[float, float]:

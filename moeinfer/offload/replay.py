@@ -56,6 +56,7 @@ class ReplayRouter(nn.Module):
         self.cfg, self.weight = original.cfg, original.weight
         self.e_score_correction_bias = original.e_score_correction_bias
         self.top_k, self.available, self.rerouted_tokens = None, None, 0
+        self.mode, self.expert_map, self.tokens_routed, self.slots_used = None, None, 0, 0
 
     def forward(self, x: torch.Tensor) -> Routing:
         n = x.shape[0]
@@ -68,6 +69,8 @@ class ReplayRouter(nn.Module):
         E = self.weight.shape[0]
         logits = torch.full((n, E), -1e4, device=x.device).scatter_(1, indices.to(x.device),
                                                                     weights.clamp_min(1e-30).log().to(x.device))
+        self.tokens_routed += n
+        self.slots_used += indices.numel()
         return Routing(indices=indices.to(x.device), weights=weights.to(x.device), logits=logits)
 
 
