@@ -99,7 +99,7 @@ def test_top_k_larger_than_the_experts_is_refused(root):
 
 
 def test_recipe_step_is_saved_and_reapplied_on_load(root, tmp_path):
-    _, model, calib = tiny("qwen3_moe", root)
+    _, model, _ = tiny("qwen3_moe", root)
     report = compress_(model, [{"method": "gating", "mode": "top-p:0.5"}], progress=False)
     assert report.steps[0]["summary"] == {"mode": "top-p:0.5"} and report.hf_loadable
     gated = logits(model)

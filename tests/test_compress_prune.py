@@ -102,7 +102,7 @@ def test_naee_auto_goes_greedy_past_max_candidates(root):
 
 
 def test_task_specific_pruning_records_its_domain(root):
-    path, model, _ = tiny("mixtral", root)
+    _, model, _ = tiny("mixtral", root)
     report = compress_(model, {"calibration": {"source": "python", "max_tokens": 128, "seq_len": 64},
                                "steps": [{"method": "prune_reap", "keep": 4}]}, progress=False)
     assert model.config.hf_config["moeinfer_compression"]["calibration"]["source"] == "python"
