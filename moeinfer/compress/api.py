@@ -61,6 +61,10 @@ def as_recipe(config: RecipeLike) -> Recipe:
         text = os.fspath(config)
         if text.endswith((".yaml", ".yml", ".json")) or os.path.isfile(text):
             return load_recipe(text)
+        from moeinfer.compress.presets import PRESETS
+
+        if text in PRESETS:
+            return Recipe.of(*PRESETS[text], name=text)
         return Recipe.of(text)  # a single method name
     if isinstance(config, list):
         return Recipe.of(*config)

@@ -76,7 +76,10 @@ def _ensure_registered() -> None:
 def get_method(name: str) -> Method:
     _ensure_registered()
     if name not in METHODS:
-        raise CompressionError(f"unknown compression method {name!r}; available: {', '.join(sorted(METHODS))}")
+        from moeinfer.compress.presets import PRESETS
+
+        raise CompressionError(f"unknown compression method {name!r}; methods: {', '.join(sorted(METHODS))}; "
+                               f"named recipes: {', '.join(PRESETS)}")
     return METHODS[name]
 
 
