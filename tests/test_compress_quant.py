@@ -144,6 +144,8 @@ def test_choose_bits_meets_budget_and_favours_important_experts() -> None:
     ("quantize_mixed", {"avg_bits": 5.0}, "between 2 and 4"),
     ("quantize_mixed", {"candidates": [2, 5]}, "unsupported bit width 5"),
     ("quantize_mixed", {"candidates": []}, "non-empty"),
+    ("quantize_mixed", {"importance": "freq"}, "importance must be one of gate, none"),
+    ("quantize_mixed", {"error": "hessian"}, "error must be one of"),
     ("lowrank", {"keep": 0.0}, "keep"),
     ("lowrank", {"keep": 1.5}, "keep"),
 ])

@@ -35,6 +35,7 @@ from moeinfer.compress.surgery import plain_experts
 from moeinfer.model.transformer import MoEModel
 
 ERRORS = ("auto", "output", "weight")
+IMPORTANCE = ("gate", "none")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class MixedPrecisionParams:
     algorithm: str = "hqq"  # "rtn" or "hqq"
     error: str = "auto"  # "output" (needs calibration inputs), "weight", or "auto" (output when available)
     max_tokens: int = 512  # calibration tokens per layer used to measure output error
+    importance: str = "gate"  # "gate": frequency x mean gate weight (MC-MoE); "none": error alone (ablation)
 
     def __post_init__(self) -> None:
         cands = tuple(sorted(set(self.candidates))) if isinstance(self.candidates, (list, tuple)) else None
@@ -60,6 +62,8 @@ class MixedPrecisionParams:
             raise ValueError(f"error must be one of {', '.join(ERRORS)}, got {self.error!r}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
 
 
 def _expert_out(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -121,7 +125,8 @@ def quantize_mixed(model: MoEModel, p: MixedPrecisionParams, calib: CalibrationD
         # 1. importance = frequency x mean gate weight
         freq, mass = lc.frequency(block), lc.gate_mass(block)
         n_tokens = max(1, int(lc.routing(block).indices.shape[0]))
-        importance.append((freq / n_tokens) * (mass / freq.clamp_min(1)))
+        imp = (freq / n_tokens) * (mass / freq.clamp_min(1))
+        importance.append(imp if p.importance == "gate" else torch.ones_like(imp))
         # 2. quantization loss of every expert at every width
         x = lc.x[: p.max_tokens].float() if use_output else None  # fp32: bf16 matmul is slow on CPUs
         layer_loss = torch.zeros(ex.num_experts, len(p.candidates))
