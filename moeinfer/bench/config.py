@@ -1,14 +1,15 @@
 """Sweep configuration of `moeinfer bench`: models, and the options swept as axes.
 
-An axis value is a registry key. The registries are a dict plus a decorator, so that a new kernel
-backend, compression recipe, routing mode or offload policy becomes a benchmark axis by registering
-one function `apply(model, value) -> None` that transforms the loaded model in place; an unknown value
-is rejected with the list of what exists. Axes today:
+Each axis value names a transform `apply(model, value) -> None` applied in place to the freshly loaded
+model (compression, then kernel, routing, offload); an unknown value is rejected with what exists.
+Values resolve through moeinfer's own registries, and `register_*` adds custom ones:
 
-    kernel       reference                 (fast kernels: not implemented yet)
-    compression  none                      (quantization/pruning recipes: not implemented yet)
-    routing      default, top-k:K          (Router.top_k override; real dynamic gating comes later)
-    offload      none                      (expert offloading: not implemented yet)
+    kernel       reference, cpu, triton, auto   (moeinfer.kernels)
+    compression  none, a named recipe (int8, int4, int2, mixed-2.5, prune-25, merge-25, lowrank-50,
+                 sparse-50, dense, ...: moeinfer.compress.presets), or a recipe YAML file
+    routing      default, top-k:K, top-p:P, threshold:T, entropy:H (dynamic gating, moeinfer.model.gating)
+    offload      none, or POLICY:CACHE[:PREFETCH[:cpu-assist]] e.g. lru:8, belady:16, lfu:8:next_layer
+                 (experts on disk in a temporary folder, CACHE experts or bytes in RAM: moeinfer.offload)
     dtype        null (checkpoint's), float32, bfloat16, float16
     batch_size   null (the workload's), or an integer
     rate         null (the workload's), or requests/s for Poisson-arrival workloads (a rate sweep
@@ -37,12 +38,10 @@ SUITES_DIR = Path(__file__).parent / "suites"
 Transform = Callable[[Any, str], None]
 KERNELS: dict[str, Transform] = {}
 COMPRESSION: dict[str, Transform] = {}
-ROUTING: dict[str, Transform] = {}  # keyed by prefix: "top-k" handles "top-k:1"
+ROUTING: dict[str, Transform] = {}  # custom routing modes, keyed by prefix ("mine" handles "mine:3")
 OFFLOAD: dict[str, Transform] = {}
 DTYPES = (None, "float32", "bfloat16", "float16")
 AXES = ("model", "workload", "kernel", "compression", "routing", "offload", "dtype", "batch_size", "rate")
-NOT_YET = {"kernel": "fast kernels are not implemented yet", "compression": "no compression recipe exists yet",
-           "offload": "expert offloading is not implemented yet", "routing": "dynamic gating comes later"}
 
 
 def _register(table: dict[str, Transform], key: str) -> Callable[[Transform], Transform]:
@@ -68,34 +67,64 @@ def register_offload(name: str) -> Callable[[Transform], Transform]:
     return _register(OFFLOAD, name)
 
 
-@register_kernel("reference")
-@register_compression("none")
-@register_offload("none")
-@register_routing("default")
-def _identity(model: Any, value: str) -> None:
-    return None
+def _kernel(model: Any, value: str) -> None:
+    from moeinfer.kernels import use_kernel_
+
+    use_kernel_(model, value)
 
 
-@register_routing("top-k")
-def _top_k(model: Any, value: str) -> None:
-    k = int(value.split(":", 1)[1])
-    for block in model.moe_blocks():
-        E = block.experts.num_experts
-        if not 1 <= k <= E:
-            raise ValueError(f"routing {value!r}: top-k must be in 1..{E} for this model")
-        block.gate.top_k = k
+def _compression(model: Any, value: str) -> None:
+    from moeinfer.compress.api import compress_
+
+    compress_(model, value, progress=False)
+
+
+def _routing(model: Any, value: str) -> None:
+    from moeinfer.model.gating import set_routing_
+
+    set_routing_(model, value)
+
+
+def parse_offload(value: str) -> Any:
+    """'lru:8' / 'lfu:512MB:next_layer' / 'lru:8:none:cpu-assist' -> OffloadConfig (disk tier, temp dir)."""
+    import tempfile
+
+    from moeinfer.offload.config import OffloadConfig
+
+    parts = str(value).split(":")
+    if not 2 <= len(parts) <= 4 or (len(parts) == 4 and parts[3] != "cpu-assist"):
+        raise ValueError(f"offload {value!r}: expected POLICY:CACHE[:PREFETCH[:cpu-assist]], e.g. lru:8")
+    return OffloadConfig(tier="disk", cache=parts[1], policy=parts[0],
+                         prefetch=parts[2] if len(parts) > 2 else "none", cpu_assist=len(parts) == 4,
+                         offload_dir=tempfile.mkdtemp(prefix="moeinfer-bench-experts-"))
+
+
+def _offload(model: Any, value: str) -> None:
+    from moeinfer.offload.apply import offload_
+
+    offload_(model, parse_offload(value), progress=False)
+
+
+def _transform(axis: str, value: str) -> Transform:
+    """The transform of one axis value: a registered custom one, else moeinfer's own."""
+    if value in ("none", "default") and axis != "kernel":
+        return lambda model, value: None
+    custom = {"kernel": KERNELS, "compression": COMPRESSION, "offload": OFFLOAD}.get(axis)
+    if custom is not None and value in custom:
+        return custom[axis]
+    if axis == "routing" and str(value).partition(":")[0] in ROUTING:
+        return ROUTING[str(value).partition(":")[0]]
+    return {"kernel": _kernel, "compression": _compression, "routing": _routing, "offload": _offload}[axis]
 
 
 def _check_value(axis: str, value: Any, where: str) -> None:
-    tables = {"kernel": KERNELS, "compression": COMPRESSION, "offload": OFFLOAD}
-    if axis in tables and value not in tables[axis]:
-        raise ValueError(f"{where}: unknown {axis} {value!r}; available: {', '.join(tables[axis])} "
-                         f"({NOT_YET[axis]})")
-    if axis == "routing":
-        prefix, _, arg = str(value).partition(":")
-        if prefix not in ROUTING or (prefix == "top-k" and not arg.isdigit()) or (prefix != "top-k" and arg):
-            raise ValueError(f"{where}: unknown routing mode {value!r}; available: default, top-k:K "
-                             f"(K an integer; {NOT_YET['routing']})")
+    if axis in ("kernel", "compression", "routing", "offload"):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {axis} must be a string, got {value!r}")
+        try:
+            _validate(axis, value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     if axis == "dtype" and value not in DTYPES:
         raise ValueError(f"{where}: unknown dtype {value!r}; available: null (the checkpoint's), "
                          f"{', '.join(d for d in DTYPES if d)}")
@@ -113,12 +142,51 @@ def _check_value(axis: str, value: Any, where: str) -> None:
             raise ValueError(f"{where}: {e}") from None
 
 
+def _validate(axis: str, value: str) -> None:
+    """Reject an unknown axis value before anything runs, naming what exists."""
+    custom = {"kernel": KERNELS, "compression": COMPRESSION, "offload": OFFLOAD}.get(axis, {})
+    if value in custom or value in ("none", "default") and axis != "kernel":
+        return
+    if axis == "kernel":
+        from moeinfer.kernels import CHOICES
+
+        if value not in CHOICES:
+            raise ValueError(f"unknown kernel {value!r}; available: {', '.join(CHOICES)}")
+    elif axis == "compression":
+        from moeinfer.compress.presets import PRESETS
+
+        if value not in PRESETS and not Path(value).is_file():
+            raise ValueError(f"unknown compression {value!r}; available: none, {', '.join(PRESETS)}, "
+                             f"or a recipe YAML file")
+    elif axis == "routing":
+        if value.partition(":")[0] in ROUTING:
+            return
+        from moeinfer.model.gating import parse_mode
+
+        try:
+            parse_mode(value)
+        except ValueError as e:
+            raise ValueError(f"unknown routing mode {value!r}: {e}") from None
+    elif axis == "offload":
+        from moeinfer.offload.policies import POLICIES
+        from moeinfer.offload.prefetch import PREFETCHERS
+
+        parts = value.split(":")
+        if (not 2 <= len(parts) <= 4 or parts[0] not in POLICIES
+                or (len(parts) > 2 and parts[2] not in PREFETCHERS) or (len(parts) == 4 and parts[3] != "cpu-assist")):
+            raise ValueError(f"unknown offload {value!r}; expected none or POLICY:CACHE[:PREFETCH[:cpu-assist]] "
+                             f"with POLICY in {', '.join(sorted(POLICIES))} and PREFETCH in "
+                             f"{', '.join(sorted(PREFETCHERS))}")
+        from moeinfer.offload.config import parse_size
+
+        parse_size(parts[1])
+
+
 def apply_axes(model: Any, point: Point) -> None:
     """Transform a freshly loaded model for one point: compression, kernel, routing, offload (in place)."""
-    COMPRESSION[point.compression](model, point.compression)
-    KERNELS[point.kernel](model, point.kernel)
-    ROUTING[point.routing.partition(":")[0]](model, point.routing)
-    OFFLOAD[point.offload](model, point.offload)
+    for axis in ("compression", "kernel", "routing", "offload"):
+        value = getattr(point, axis)
+        _transform(axis, value)(model, value)
 
 
 @dataclass(frozen=True)

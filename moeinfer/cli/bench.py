@@ -112,10 +112,16 @@ def _list() -> int:
         print(f"  {w.name:<14} v{w.version}  {w.kind:<10} {w.prompt_tokens:>5} in / {w.output_tokens:>4} out, "
               f"{w.num_requests} requests, batch {w.batch_size}  {w.description}")
     print("axes:")
-    print(f"  kernel       {', '.join(c.KERNELS)}   ({c.NOT_YET['kernel']})")
-    print(f"  compression  {', '.join(c.COMPRESSION)}   ({c.NOT_YET['compression']})")
-    print("  routing      default, top-k:K")
-    print(f"  offload      {', '.join(c.OFFLOAD)}   ({c.NOT_YET['offload']})")
+    from moeinfer.compress.presets import PRESETS
+    from moeinfer.kernels import CHOICES
+    from moeinfer.offload.policies import POLICIES
+    from moeinfer.offload.prefetch import PREFETCHERS
+
+    print(f"  kernel       {', '.join(CHOICES)}")
+    print(f"  compression  none, {', '.join(PRESETS)}, or a recipe YAML file")
+    print("  routing      default, top-k:K, top-p:P, threshold:T, entropy:H (each optionally :MAX_K)")
+    print(f"  offload      none, or POLICY:CACHE[:PREFETCH[:cpu-assist]]; POLICY in {', '.join(sorted(POLICIES))}; "
+          f"PREFETCH in {', '.join(sorted(PREFETCHERS))}")
     print("  dtype        null (checkpoint's), float32, bfloat16, float16")
     print("  batch_size   null (workload's) or an integer")
     print("  rate         null (workload's) or requests/s (Poisson-arrival workloads only)")
