@@ -164,3 +164,23 @@ def test_report_of_a_gpu_run(swept: Path, tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "GPU: NVIDIA H100 80GB HBM3 (80 GiB)" in md and "H100 SXM: 3350 GB/s" in md
     assert "| 25.0% |" in md and "| 50.0% |" in md and "| 3.0 |" in md
+
+
+def test_every_axis_transforms_the_model(ckpt: Path, tmp_path: Path) -> None:
+    """The kernel, compression, routing and offload axes run moeinfer's real transforms."""
+    points = [{"kernel": "cpu"}, {"compression": "int8"}, {"routing": "top-p:0.5"}, {"offload": "lru:2"}]
+    cfg = SweepConfig(name="axes", models=[str(ckpt)], mode="list", axes={"workload": ["chat"]}, points=points,
+                      scale=0.05, quality={"datasets": ["english"], "max_bytes": 800},
+                      energy={"min_window_s": 0, "idle_s": 0})
+    run_sweep(cfg, tmp_path, progress=False, log_fn=lambda s: None, meter=fake_meter(tmp_path / "rapl"))
+    data = read_results(tmp_path / "results.json")
+    assert [p["status"] for p in data["points"]] == ["ok"] * 4
+    got = {(p["config"]["kernel"], p["config"]["compression"], p["config"]["routing"], p["config"]["offload"])
+           for p in data["points"]}
+    assert got == {("cpu", "none", "default", "none"), ("reference", "int8", "default", "none"),
+                   ("reference", "none", "top-p:0.5", "none"), ("reference", "none", "default", "lru:2")}
+    mem = {(p["config"]["kernel"], p["config"]["compression"]): p["metrics"]["memory"] for p in data["points"]
+           if p["config"]["routing"] == "default" and p["config"]["offload"] == "none"}
+    # int8 experts are stored packed: fewer bytes, same parameters, fewer bits per parameter
+    assert mem[("reference", "int8")]["weight_bytes"] < 0.7 * mem[("cpu", "none")]["weight_bytes"]
+    assert mem[("reference", "int8")]["bits_per_param"] < mem[("cpu", "none")]["bits_per_param"]

@@ -107,7 +107,7 @@ def _offload(model: Any, value: str) -> None:
 
 def _transform(axis: str, value: str) -> Transform:
     """The transform of one axis value: a registered custom one, else moeinfer's own."""
-    if value in ("none", "default") and axis != "kernel":
+    if value in ("none", "default", "reference"):  # a freshly loaded model is all of these
         return lambda model, value: None
     custom = {"kernel": KERNELS, "compression": COMPRESSION, "offload": OFFLOAD}.get(axis)
     if custom is not None and value in custom:

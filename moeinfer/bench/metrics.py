@@ -54,8 +54,9 @@ class ModelShape:
         b = s["bytes"]
         elem = model.dtype.itemsize
         blocks = model.moe_blocks()
-        e0 = blocks[0].experts if blocks else None
-        expert_params = (e0.gate_up_proj[0].numel() + e0.down_proj[0].numel()) if e0 is not None else 0
+        from moeinfer.model.summary import expert_storage
+
+        expert_params, expert_bytes = expert_storage(model) if blocks else (0, 0)
         attn_params = b["attention"] // elem
         matmul = attn_params + (b["routers"] + b["shared_experts"] + b["dense_ffn"]) // elem
         matmul += model.lm_head.weight.numel()
@@ -70,7 +71,7 @@ class ModelShape:
         dense_bytes = sum(b[k] for k in ("attention", "routers", "shared_experts", "dense_ffn", "norms"))
         dense_bytes += model.lm_head.weight.numel() * elem
         return cls(dense_bytes=dense_bytes, embed_row_bytes=embed.shape[1] * elem, vocab_size=embed.shape[0],
-                   expert_bytes=expert_params * elem, expert_params=expert_params, dense_matmul_params=matmul,
+                   expert_bytes=expert_bytes, expert_params=expert_params, dense_matmul_params=matmul,
                    kv_slot_bytes=slot, attn_flops_per_key=per_key * cfg.num_layers)
 
 

@@ -12,6 +12,23 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def expert_storage(model: MoEModel) -> tuple[int, int]:
+    """(weights, bytes as stored) of one routed expert, averaged over the MoE layers' experts.
+
+    Plain experts: 3 * D * I weights at the model's dtype. Compressed experts (packed low-bit codes,
+    low-rank factors) store fewer bytes for the same weights; offloaded experts hold none resident,
+    and count at the dtype they are computed in."""
+    cfg = model.config
+    weights = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    blocks = model.moe_blocks()
+    stored = sum(t.numel() * t.element_size() for b in blocks
+                 for t in list(b.experts.parameters()) + list(b.experts.buffers()))
+    count = sum(b.experts.num_experts for b in blocks)
+    if not blocks or stored == 0:
+        return weights, weights * model.dtype.itemsize
+    return weights, stored // count
+
+
 def summarize(model: MoEModel) -> dict[str, Any]:
     cfg = model.config
     counts = model.num_parameters()
@@ -41,7 +58,7 @@ def summarize(model: MoEModel) -> dict[str, Any]:
         if isinstance(block, MoEBlock):
             layers.append(dict(layer=i, ffn="moe", experts=block.experts.num_experts,
                                top_k=block.gate.top_k or cfg.top_k,
-                               expert_inner=block.experts.down_proj.shape[-1],
+                               expert_inner=cfg.moe_intermediate_size, experts_kind=type(block.experts).__name__,
                                shared_inner=cfg.shared_intermediate_size))
         else:
             layers.append(dict(layer=i, ffn="dense", dense_inner=cfg.intermediate_size))

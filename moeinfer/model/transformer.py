@@ -130,9 +130,12 @@ class MoEModel(nn.Module):
 
     def num_parameters(self) -> dict[str, int]:
         """Total parameters and parameters active per token (shared + top-k routed experts)."""
-        total = sum(p.numel() for p in self.parameters())
-        expert = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in self.moe_blocks())
-        active_expert = sum((b.experts.gate_up_proj.numel() + b.experts.down_proj.numel())
-                            * (b.gate.top_k or self.config.top_k) // b.experts.num_experts
-                            for b in self.moe_blocks())
-        return {"total": total, "active": total - expert + active_expert, "experts": expert}
+        # Routed experts count as the weights they stand for (3 * D * I each), whatever their storage:
+        # packed low-bit codes, low-rank factors or an offloaded copy are the same parameters.
+        per_expert = 3 * self.config.hidden_size * self.config.moe_intermediate_size
+        blocks = self.moe_blocks()
+        held = {id(p) for b in blocks for p in b.experts.parameters()}
+        other = sum(p.numel() for p in self.parameters() if id(p) not in held)
+        expert = sum(b.experts.num_experts * per_expert for b in blocks)
+        active_expert = sum((b.gate.top_k or self.config.top_k) * per_expert for b in blocks)
+        return {"total": other + expert, "active": other + active_expert, "experts": expert}
