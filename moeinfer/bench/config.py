@@ -8,7 +8,7 @@ Values resolve through moeinfer's own registries, and `register_*` adds custom o
     compression  none, a named recipe (int8, int4, int2, mixed-2.5, prune-25, merge-25, lowrank-50,
                  sparse-50, dense, ...: moeinfer.compress.presets), or a recipe YAML file
     routing      default, top-k:K, top-p:P, threshold:T, entropy:H (dynamic gating, moeinfer.model.gating)
-    offload      none, or POLICY:CACHE[:PREFETCH[:cpu-assist]] e.g. lru:8, belady:16, lfu:8:next_layer
+    offload      none, or POLICY:CACHE[:PREFETCH[:cpu-assist]] e.g. lru:8, belady:16, lfu:8:next-layer
                  (experts on disk in a temporary folder, CACHE experts or bytes in RAM: moeinfer.offload)
     dtype        null (checkpoint's), float32, bfloat16, float16
     batch_size   null (the workload's), or an integer
