@@ -33,7 +33,7 @@ from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.cpu_assist import CostModel
 from moeinfer.offload.hardware import HardwareProfile, ModelShape
 from moeinfer.offload.prefetch import LayerContext
-from moeinfer.offload.visits import step_visits, trace_steps
+from moeinfer.offload.visits import planned_steps
 
 
 @dataclass
@@ -98,18 +98,18 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
                 slot_ready[ld.slot] = link_free
         return ready
 
-    steps = trace_steps(trace)
+    steps = planned_steps(trace)
     it: Any = steps
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(steps, desc="simulate", unit="step")
-    for step in it:
+    for step, visits in it:
         # 1. requests
         if step.new_request:
             cache.begin_request()
         n = len(step.rows)
-        for v in step_visits(trace, step):
+        for v in visits:
             # 2. the dense part of the layer, then the cache's decision
             now += max(shape.dense_bytes_per_layer / mem_bw, 2.0 * shape.dense_params_per_layer * n / flops)
             plan = cache.visit(v)

@@ -78,6 +78,17 @@ def step_visits(trace: RoutingTrace, step: Step) -> Iterator[Visit]:
         yield visit_of(layer, trace.experts[step.rows, layer], trace.weights[step.rows, layer])
 
 
+def planned_steps(trace: RoutingTrace) -> list[tuple[Step, list[Visit]]]:
+    """Every step with its visits, computed once per trace object (the simulator replays a trace many
+    times; the cache is keyed by the arrays' identity, so replacing an array recomputes it)."""
+    key = (id(trace.experts), id(trace.weights), id(trace.step))
+    cached = getattr(trace, "_planned_steps", None)
+    if cached is None or cached[0] != key:
+        cached = (key, [(s, list(step_visits(trace, s))) for s in trace_steps(trace)])
+        trace._planned_steps = cached  # type: ignore[attr-defined]
+    return cached[1]
+
+
 def all_visits(trace: RoutingTrace) -> list[Visit]:
     """Every visit of the trace in execution order (the future the belady policy reads)."""
     return [v for s in trace_steps(trace) for v in step_visits(trace, s)]
