@@ -183,7 +183,7 @@ def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...
                     print(f"  transformers {impl}: unavailable ({type(e).__name__}: {str(e)[:80]})")
             if device.type == "cuda":
                 cands["torch._grouped_mm"] = lambda: grouped_mm_baseline(x, idx, w, gate_up, down)
-            budget = 20.0 if device.type == "cpu" else 5.0
+            budget = 4.0
             for backend, fn in cands.items():
                 with torch.no_grad():
                     t = time_fn(fn, device, reps=10 if N >= 512 else 30, budget_s=budget,
@@ -199,17 +199,47 @@ def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...
 
 # --------------------------------------------------------------------------- the shipped model on the CPU
 
-def _decode_rate(gen: Callable[[int], Any], n: int) -> float:
-    """Tokens/s of decode alone: (n - 1) extra tokens over the time difference of n and 1 new tokens."""
-    t1 = min(_timed(lambda: gen(1)) for _ in range(3))
-    tn = min(_timed(lambda: gen(n)) for _ in range(3))
-    return (n - 1) / max(tn - t1, 1e-9)
+def _token_intervals(run: Callable[[Callable[[], None]], Any], n: int) -> float:
+    """Median seconds between consecutive new tokens of one generation of n tokens; `run(stamp)`
+    generates and calls stamp() per new token. The median keeps one slow step (another process on
+    the machine) from skewing the rate; prefill and the first token are excluded."""
+    stamps: list[float] = []
+    run(lambda: stamps.append(time.perf_counter()))
+    gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    if len(gaps) < n // 2:
+        raise RuntimeError(f"expected about {n} token stamps, got {len(stamps)}")
+    return statistics.median(gaps)
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def moeinfer_decode_rate(model: Any, prompt: list[int], n: int) -> float:
+    import moeinfer
+
+    def run(stamp: Callable[[], None]) -> None:
+        moeinfer.generate(model, [prompt], max_new_tokens=n, ignore_eos=True, on_token=lambda b, t, d: stamp())
+
+    run(lambda: None)  # warm-up
+    return 1 / _token_intervals(run, n)
+
+
+def transformers_decode_rate(hf: Any, ids: torch.Tensor, n: int, sync: Callable[[], None] = lambda: None) -> float:
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self, stamp: Callable[[], None]) -> None:
+            self.stamp = stamp
+
+        def put(self, value: Any) -> None:  # first call: the prompt; then one call per new token
+            sync()
+            self.stamp()
+
+        def end(self) -> None:
+            pass
+
+    def run(stamp: Callable[[], None]) -> None:
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=Stamps(stamp))
+
+    run(lambda: None)
+    return 1 / _token_intervals(run, n)
 
 
 def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
@@ -236,8 +266,7 @@ def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
         for label, setup in variants:
             setup()
             with torch.no_grad():
-                dec = _decode_rate(lambda n: moeinfer.generate(model, [prompt], max_new_tokens=n, ignore_eos=True),
-                                   new_tokens)
+                dec = moeinfer_decode_rate(model, prompt, new_tokens)
                 pre = prefill_ids.numel() / time_fn(lambda: model(prefill_ids), torch.device("cpu"), warmup=1, reps=5)
             rows.append(dict(dtype=dtype, system=label, decode_tok_s=dec, prefill_tok_s=pre))
             print(f"  {dtype} {label}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s", flush=True)
@@ -253,8 +282,7 @@ def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
                 continue
             ids = torch.tensor([prompt])
             with torch.no_grad():
-                dec = _decode_rate(lambda n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                         pad_token_id=0), new_tokens)
+                dec = transformers_decode_rate(hf, ids, new_tokens)
                 pre = prefill_ids.numel() / time_fn(lambda: hf(prefill_ids, use_cache=False), torch.device("cpu"),
                                                     warmup=1, reps=5)
             rows.append(dict(dtype=dtype, system=f"transformers {impl}", decode_tok_s=dec, prefill_tok_s=pre))
@@ -287,16 +315,47 @@ def bench_e2e(device: torch.device, new_tokens: int) -> list[dict[str, Any]]:
     bytes_per_token = params["active"] * 2  # bf16 weights read once per token at batch 1
     rows = []
     with torch.no_grad():
-        ours = _decode_rate(lambda n: (moeinfer.generate(model, [prompt], max_new_tokens=n, ignore_eos=True),
-                                       torch.cuda.synchronize()), new_tokens)
+        ours = moeinfer_decode_rate(model, prompt, new_tokens)  # on_token reads each token: synchronised
         ids = torch.tensor([prompt], device=device)
-        theirs = _decode_rate(lambda n: (hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                     pad_token_id=0), torch.cuda.synchronize()), new_tokens)
+        theirs = transformers_decode_rate(hf, ids, new_tokens, sync=torch.cuda.synchronize)
     roofline = bandwidth / bytes_per_token
     for name, rate in (("moeinfer triton + CUDA graph", ours), ("transformers generate", theirs)):
         rows.append(dict(system=name, decode_tok_s=rate, pct_roofline=100 * rate / roofline))
         print(f"  {name}: {rate:.1f} tok/s ({100 * rate / roofline:.0f}% of the {roofline:.0f} tok/s roofline)")
     return [dict(measured_bandwidth_bytes_s=bandwidth, bytes_per_token=bytes_per_token)] + rows
+
+
+def markdown(part: str, rows: list[dict[str, Any]]) -> str:
+    """The rows as the markdown tables of docs/benchmarks.md, ratios against baselines of this run."""
+    lines = []
+    if part == "cpu-model":
+        lines += ["| dtype | system | decode tok/s | vs best transformers | prefill tok/s | vs best transformers |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for dtype in dict.fromkeys(r["dtype"] for r in rows):
+            group = [r for r in rows if r["dtype"] == dtype]
+            hf = [r for r in group if r["system"].startswith("transformers")]
+            best_dec = max((r["decode_tok_s"] for r in hf), default=float("nan"))
+            best_pre = max((r["prefill_tok_s"] for r in hf), default=float("nan"))
+            for r in group:
+                lines.append(f"| {dtype} | {r['system']} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / best_dec:.2f}x "
+                             f"| {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / best_pre:.2f}x |")
+    elif part == "layer":
+        meta, data = rows[0], rows[1:]
+        lines += [f"Measured: copy bandwidth {meta['measured_bandwidth_bytes_s'] / 1e9:.1f} GB/s, dense matmul "
+                  f"{meta['measured_matmul_flops'] / 1e12:.3f} TFLOP/s.", "",
+                  "| shape | tokens | backend | time (us) | vs best transformers | GB/s (% of copy) | % of matmul |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        for key in dict.fromkeys((r["shape"], r["tokens"]) for r in data):
+            group = [r for r in data if (r["shape"], r["tokens"]) == key]
+            best_hf = min((r["seconds"] for r in group if r["backend"].startswith("transformers")), default=float("nan"))
+            for r in group:
+                lines.append(f"| {r['shape']} | {r['tokens']} | {r['backend']} | {r['seconds'] * 1e6:.0f} "
+                             f"| {best_hf / r['seconds']:.2f}x | {r['gb_s']:.1f} ({r['pct_bandwidth']:.0f}%) "
+                             f"| {r['pct_matmul']:.1f} |")
+    else:
+        lines += ["| system | decode tok/s | % of roofline |", "|---|---:|---:|"]
+        lines += [f"| {r['system']} | {r['decode_tok_s']:.1f} | {r['pct_roofline']:.0f} |" for r in rows[1:]]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -328,6 +387,7 @@ def main() -> None:
     tmp.write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
     tmp.rename(out)
     print(f"wrote {out}")
+    print(markdown(args.part, rows))
 
 
 if __name__ == "__main__":
