@@ -77,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.trace:
         raise ValueError("--trace is required (or --calibrate)")
     from moeinfer.offload.config import OffloadConfig
-    from moeinfer.offload.lowbit import low_bit_bytes
     from moeinfer.offload.simulator import simulate
 
     trace = read_trace(args.trace)
@@ -90,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = OffloadConfig(tier="cpu", cache=args.cache, scope=args.scope, policy=policy, prefetch=prefetch,
                                 calibration=calib, future=trace if policy == "belady" else None,
                                 cpu_assist=args.cpu_assist, low_bit_threshold=args.low_bit)
-            low = low_bit_bytes(shape.expert_bytes, dtype_bytes=shape.dtype_bytes) if args.low_bit else None
-            results.append(simulate(trace, shape=shape, config=cfg, hardware=hw, low_bit_bytes=low,
-                                    overlap=not args.no_overlap))
+            results.append(simulate(trace, shape=shape, config=cfg, hardware=hw, overlap=not args.no_overlap))
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return 0

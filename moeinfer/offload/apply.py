@@ -95,15 +95,19 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     E, two_i, D = first.gate_up_proj.shape
     dtype, device = first.gate_up_proj.dtype, first.gate_up_proj.device
     layers = [(b.experts.gate_up_proj.data, b.experts.down_proj.data) for b in blocks]
+    codec = None
     if config.low_bit_threshold is not None:
         from moeinfer.offload.lowbit import find_codec
 
-        find_codec()  # raises a clear error while no low-bit codec exists
+        if config.tier != "disk":
+            raise OffloadError("mixed-precision loading (low_bit_threshold) keeps its low-bit copies in the "
+                               "disk store: use tier='disk'")
+        codec = find_codec(config.low_bit_bits, config.low_bit_group_size)
     # 2. the slow tier
     if config.tier == "disk":
         assert config.offload_dir is not None
         store: Any = DiskStore.create(Path(config.offload_dir), layers, evict_page_cache=config.evict_page_cache,
-                                      progress=progress)
+                                      progress=progress, codec=codec)
     else:
         store = HostStore(layers, pin=device.type == "cuda")
     try:
@@ -116,7 +120,8 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
         # 3. cache and prefetcher
         routers = [b.gate for b in blocks]
         cache, prefetcher = build_cache(config, num_layers=len(blocks), num_experts=E, top_k=model.config.top_k,
-                                        expert_bytes=store.expert_bytes, routers=routers, assist=assist)
+                                        expert_bytes=store.expert_bytes, routers=routers, assist=assist,
+                                        low_bit_bytes=getattr(store, "low_bit_bytes", None))
     except BaseException:
         store.close()
         raise

@@ -84,7 +84,8 @@ class OffloadConfig:
     future: the routing trace of the run itself, for the offline `belady` policy.
     cpu_assist: compute a missing expert where its weights live when the cost model says it is cheaper.
     low_bit_threshold: mixed-precision loading (HOBBIT): a missing expert whose largest gate weight is
-      below this is fetched as a low-bit copy; None = always full precision.
+      below this is fetched as a low-bit copy (`low_bit_bits`, groups of `low_bit_group_size` columns,
+      disk tier); None = always full precision.
     timeout_s: a transfer that has not finished after this long raises OffloadError.
     """
 
@@ -100,6 +101,8 @@ class OffloadConfig:
     future: Any = None
     cpu_assist: bool = False
     low_bit_threshold: float | None = None
+    low_bit_bits: int = 4
+    low_bit_group_size: int = 128
     timeout_s: float = 60.0
     evict_page_cache: bool = False  # benchmarks: drop each expert's pages after reading (a cold disk)
 
@@ -117,6 +120,8 @@ class OffloadConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.low_bit_threshold is not None and not 0.0 < self.low_bit_threshold <= 1.0:
             raise ValueError(f"low_bit_threshold must be in (0, 1], got {self.low_bit_threshold}")
+        if self.low_bit_threshold is not None and self.low_bit_bits not in (2, 3, 4, 8):
+            raise ValueError(f"low_bit_bits must be 2, 3, 4 or 8, got {self.low_bit_bits}")
         from moeinfer.offload.policies import POLICIES
         from moeinfer.offload.prefetch import PREFETCHERS
 

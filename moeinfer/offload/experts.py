@@ -79,17 +79,17 @@ class OffloadRuntime:
                 d = torch.empty(self.down_shape, dtype=self.dtype, device=self.device)
             else:
                 g, d = self.slot_gate_up[ld.slot], self.slot_down[ld.slot]
-            h = self.loader.submit(ld.key, self._reader(ld.key), g, d, ld.slot)
+            h = self.loader.submit(ld.key, self._reader(ld.key, ld.low_bit), g, d, ld.slot)
             if ld.slot is not None:
                 self.pending[ld.slot] = h
             out[ld.key[1]] = (g, d, h, ld.slot)
         return out
 
-    def _reader(self, key: Key):
-        store = self.store
+    def _reader(self, key: Key, low_bit: bool = False):
+        fn = self.store.read_low_bit if low_bit else self.store.read
 
         def read(g: torch.Tensor, d: torch.Tensor) -> None:
-            store.read(key, g, d)
+            fn(key, g, d)
         return read
 
     def wait(self, h: Handle, slot: int | None) -> None:

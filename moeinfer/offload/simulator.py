@@ -75,6 +75,11 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
     if (trace.num_layers, trace.num_experts) != (shape.num_layers, shape.num_experts):
         raise TraceError(f"routing trace has {trace.num_layers} MoE layers x {trace.num_experts} experts; the "
                          f"model shape {shape.name!r} {shape.num_layers} x {shape.num_experts}")
+    if config.low_bit_threshold is not None and low_bit_bytes is None:
+        from moeinfer.offload.lowbit import low_bit_bytes as estimate
+
+        low_bit_bytes = estimate(shape.expert_bytes, bits=config.low_bit_bits, group=config.low_bit_group_size,
+                                 dtype_bytes=shape.dtype_bytes)
     assist = None
     if config.cpu_assist:
         assist = cost_model or cost_model_for(shape, hardware, weights_on_host=config.tier == "cpu")

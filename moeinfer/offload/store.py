@@ -20,6 +20,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from moeinfer.fsutil import publishable_
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.safetensors_io import DTYPES, SafetensorsFile
 from moeinfer.offload.config import OffloadError
+
+if TYPE_CHECKING:
+    from moeinfer.offload.lowbit import LowBitCodec
 
 Key = tuple[int, int]
 _NAMES = {v: k for k, v in DTYPES.items()}
@@ -69,8 +73,8 @@ class HostStore:
         pass
 
 
-def layer_file(root: Path, layer: int) -> Path:
-    return root / f"experts-{layer:03d}.safetensors"
+def layer_file(root: Path, layer: int, suffix: str = "") -> Path:
+    return root / f"experts-{layer:03d}{suffix}.safetensors"
 
 
 def _check_dir(root: Path, need: int) -> None:
@@ -85,15 +89,28 @@ def _check_dir(root: Path, need: int) -> None:
         raise OffloadError(f"offload dir {root} has {free:,} bytes free; the expert store needs {need:,}")
 
 
-def _write_layer(path: Path, layer: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+def _expert_tensors(gate_up: torch.Tensor, down: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    return [(name, t) for e in range(gate_up.shape[0])
+            for name, t in ((f"{e}.gate_up_proj", gate_up[e]), (f"{e}.down_proj", down[e]))]
+
+
+def _low_bit_tensors(gate_up: torch.Tensor, down: torch.Tensor, codec: LowBitCodec) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for e in range(gate_up.shape[0]):
+        for part, w in (("gate_up_proj", gate_up[e]), ("down_proj", down[e])):
+            q = codec.quantize(w)
+            out += [(f"{e}.{part}.packed", q.packed), (f"{e}.{part}.scale", q.scale), (f"{e}.{part}.zero", q.zero)]
+    return out
+
+
+def _write_layer(path: Path, layer: int, tensors: list[tuple[str, torch.Tensor]]) -> None:
     header: dict[str, object] = {"__metadata__": {"format": STORE_FORMAT, "layer": str(layer)}}
     offset, parts = 0, []
-    for e in range(gate_up.shape[0]):
-        for name, t in ((f"{e}.gate_up_proj", gate_up[e]), (f"{e}.down_proj", down[e])):
-            n = t.numel() * t.element_size()
-            header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-            parts.append(t)
-            offset += n
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        parts.append(t)
+        offset += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -118,13 +135,18 @@ def _write_layer(path: Path, layer: int, gate_up: torch.Tensor, down: torch.Tens
 class DiskStore:
     """One safetensors file per MoE layer in `root`; `read` fills an expert's buffers from disk."""
 
-    def __init__(self, root: str | os.PathLike[str], num_layers: int, *, evict_page_cache: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], num_layers: int, *, evict_page_cache: bool = False,
+                 codec: LowBitCodec | None = None) -> None:
         self.root = Path(root)
         self.evict_page_cache = evict_page_cache
+        self.codec = codec
         self.files: list[SafetensorsFile] = []
         self.fds: list[int] = []
-        for layer in range(num_layers):
-            path = layer_file(self.root, layer)
+        names = [(layer, "") for layer in range(num_layers)]
+        if codec is not None:
+            names += [(layer, codec.suffix) for layer in range(num_layers)]
+        for layer, suffix in names:
+            path = layer_file(self.root, layer, suffix)
             if not path.is_file():
                 self.close()
                 raise OffloadError(f"expert store file {path} is missing (MoE layer {layer})")
@@ -137,14 +159,23 @@ class DiskStore:
             self.fds.append(os.open(path, os.O_RDONLY))
         first = self.files[0].entries
         self.expert_bytes = first["0.gate_up_proj"].nbytes + first["0.down_proj"].nbytes
+        self.low_bit_bytes = None
+        if codec is not None:
+            low = self.files[num_layers].entries
+            self.low_bit_bytes = sum(low[f"0.{p}.{t}"].nbytes for p in ("gate_up_proj", "down_proj")
+                                     for t in ("packed", "scale", "zero"))
+        self.num_layers = num_layers
         self.where = f"disk ({self.root})"
 
     @classmethod
     def create(cls, root: str | os.PathLike[str], layers: list[tuple[torch.Tensor, torch.Tensor]], *,
-               evict_page_cache: bool = False, progress: bool = False) -> DiskStore:
-        """Write every layer's experts into `root` (steps 1-3 of the module docstring) and open them."""
+               evict_page_cache: bool = False, progress: bool = False, codec: LowBitCodec | None = None) -> DiskStore:
+        """Write every layer's experts into `root` (steps 1-3 of the module docstring) and open them;
+        with a `codec`, also a low-bit copy of each layer (`experts-LLL.q4g128.safetensors`)."""
         root = Path(root)
         need = sum(g.numel() * g.element_size() + d.numel() * d.element_size() for g, d in layers)
+        if codec is not None:
+            need += need * codec.bits // 16 + need // 8  # packed codes plus scales and zeros (a bound)
         _check_dir(root, need)
         it = enumerate(layers)
         if progress:
@@ -152,18 +183,22 @@ class DiskStore:
 
             it = tqdm(it, total=len(layers), desc=f"expert store {root.name}", unit="layer")
         for layer, (gate_up, down) in it:
-            _write_layer(layer_file(root, layer), layer, gate_up.detach().cpu(), down.detach().cpu())
-        return cls(root, len(layers), evict_page_cache=evict_page_cache)
+            gate_up, down = gate_up.detach().cpu(), down.detach().cpu()
+            _write_layer(layer_file(root, layer), layer, _expert_tensors(gate_up, down))
+            if codec is not None:
+                _write_layer(layer_file(root, layer, codec.suffix), layer, _low_bit_tensors(gate_up, down, codec))
+        return cls(root, len(layers), evict_page_cache=evict_page_cache, codec=codec)
 
-    def _read(self, layer: int, name: str, out: torch.Tensor) -> None:
-        sf = self.files[layer]
+    def _read(self, layer: int, name: str, out: torch.Tensor, *, low: bool = False) -> None:
+        index = layer + (self.num_layers if low else 0)
+        sf = self.files[index]
         entry = sf.entries.get(name)
         if entry is None:
             raise OffloadError(f"expert store file {sf.path} has no tensor {name!r}")
         if tuple(out.shape) != entry.shape or out.dtype != entry.dtype or not out.is_contiguous():
             raise OffloadError(f"expert store file {sf.path}: tensor {name!r} is {list(entry.shape)} {entry.dtype}, "
                                f"the buffer {list(out.shape)} {out.dtype}")
-        fd = self.fds[layer]
+        fd = self.fds[index]
         try:
             n = os.preadv(fd, [_flat_bytes(out)], entry.offset)
         except OSError as e:
@@ -178,6 +213,21 @@ class DiskStore:
         layer, e = key
         self._read(layer, f"{e}.gate_up_proj", gate_up_out)
         self._read(layer, f"{e}.down_proj", down_out)
+
+    def read_low_bit(self, key: Key, gate_up_out: torch.Tensor, down_out: torch.Tensor) -> None:
+        """Read expert `key`'s low-bit copy and dequantize it into gate_up_out / down_out (mixed precision)."""
+        if self.codec is None:
+            raise OffloadError(f"expert store {self.root} holds no low-bit copies")
+        layer, e = key
+        files = self.files[self.num_layers + layer].entries
+        for part, out in (("gate_up_proj", gate_up_out), ("down_proj", down_out)):
+            bufs = {}
+            for t in ("packed", "scale", "zero"):
+                entry = files[f"{e}.{part}.{t}"]
+                bufs[t] = torch.empty(entry.shape, dtype=entry.dtype)
+                self._read(layer, f"{e}.{part}.{t}", bufs[t], low=True)
+            out.copy_(self.codec.dequantize(bufs["packed"], bufs["scale"], bufs["zero"], cols=out.shape[-1],
+                                            dtype=out.dtype))
 
     def host(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert read into fresh CPU tensors (for CPU-assisted compute from the disk tier)."""
