@@ -34,7 +34,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, slots_ptr, block_expert_ptr,
                     num_slots, D, I, top_k,
                     stride_xn, stride_xd, stride_we, stride_wn, stride_wd, stride_hs, stride_hi,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -60,8 +60,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, slots_ptr, block_expert_ptr,
                        mask=w_mask, other=0.0)
         if DOT_F32:
             a, w_gate, w_up = a.to(tl.float32), w_gate.to(tl.float32), w_up.to(tl.float32)
-        acc_gate = tl.dot(a, w_gate, acc_gate)
-        acc_up = tl.dot(a, w_up, acc_up)
+        acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=PRECISION)
+        acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
     # 2. SiLU(gate) * up in registers.
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(h_ptr + slot[:, None] * stride_hs + offs_n[None, :] * stride_hi, h.to(h_ptr.dtype.element_ty),
@@ -73,7 +73,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, slots_ptr, block_expert_ptr, route_w_ptr
                  num_slots, D, I, top_k,
                  stride_hs, stride_hi, stride_we, stride_wn, stride_wk, stride_on, stride_od,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -96,7 +96,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, slots_ptr, block_expert_ptr, route_w_ptr
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_F32:
             a, w = a.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     # 3. Routing weight multiplied in, combine by atomic add into the fp32 output.
     route_w = tl.load(route_w_ptr + slot, mask=row_ok, other=0.0)
     acc = acc * route_w[:, None]
@@ -116,7 +116,9 @@ def _grouped(x: torch.Tensor, local: torch.Tensor, route_w: torch.Tensor, top_k:
     h = torch.empty(S, I, dtype=x.dtype, device=x.device)  # [S, I]
     # Triton's CPU interpreter (3.9) returns garbage from tl.dot on bf16 tiles: widen them there.
     dot_f32 = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, DOT_F32=dot_f32)
+    # fp32 weights get full-precision dots (no TF32): fp32 is the accuracy path, bf16/fp16 the fast one.
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, DOT_F32=dot_f32, PRECISION=precision)
     # 2.
     _gate_up_kernel[(blocks, triton.cdiv(I, cfg.block_n_gate_up))](
         x, gate_up, h, aligned.slots, aligned.block_expert, S, D, I, top_k,
