@@ -167,6 +167,7 @@ def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...
             nbytes = used * 3 * D * I * gate_up.element_size() + 2 * N * D * x.element_size()
             flops = 2 * N * K * 3 * D * I
             cands: dict[str, Callable[[], Any]] = {}
+            graphed = set()  # backends also timed as a CUDA-graph replay (no host sync inside)
             resolve("auto", device)  # registers the backends
             for k in (["reference", "cpu"] if device.type == "cpu" else ["triton", "reference"]):
                 if KERNELS[k].why_unavailable(device) is None:
@@ -183,11 +184,14 @@ def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...
                     print(f"  transformers {impl}: unavailable ({type(e).__name__}: {str(e)[:80]})")
             if device.type == "cuda":
                 cands["torch._grouped_mm"] = lambda: grouped_mm_baseline(x, idx, w, gate_up, down)
+                if "moeinfer triton" in cands and N <= 64:
+                    cands["moeinfer triton, CUDA graph"] = cands["moeinfer triton"]
+                    graphed.add("moeinfer triton, CUDA graph")
             budget = 4.0
             for backend, fn in cands.items():
                 with torch.no_grad():
                     t = time_fn(fn, device, reps=10 if N >= 512 else 30, budget_s=budget,
-                                cuda_graph=device.type == "cuda" and N <= 64 and "transformers" not in backend)
+                                cuda_graph=backend in graphed)
                 rows.append(dict(shape=label, tokens=N, backend=backend, seconds=t, experts_used=used,
                                  gb_s=nbytes / t / 1e9, pct_bandwidth=100 * nbytes / t / bandwidth,
                                  tflop_s=flops / t / 1e12, pct_matmul=100 * flops / t / matmul))
@@ -245,8 +249,8 @@ def transformers_decode_rate(hf: Any, ids: torch.Tensor, n: int, sync: Callable[
 def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
     """moeinfer-tiny: batch-1 decode and a 512-token prefill, moeinfer kernels vs transformers."""
     import moeinfer
-    from moeinfer.kernels import use_kernel_
     from moeinfer.api import resolve_model_path
+    from moeinfer.kernels import use_kernel_
 
     torch.set_num_threads(threads)
     path = resolve_model_path("tiny")
@@ -270,7 +274,6 @@ def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
                 pre = prefill_ids.numel() / time_fn(lambda: model(prefill_ids), torch.device("cpu"), warmup=1, reps=5)
             rows.append(dict(dtype=dtype, system=label, decode_tok_s=dec, prefill_tok_s=pre))
             print(f"  {dtype} {label}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s", flush=True)
-        del model
         from transformers import MixtralForCausalLM
 
         for impl in ("eager", "batched_mm", "grouped_mm"):
@@ -287,7 +290,6 @@ def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
                                                     warmup=1, reps=5)
             rows.append(dict(dtype=dtype, system=f"transformers {impl}", decode_tok_s=dec, prefill_tok_s=pre))
             print(f"  {dtype} transformers {impl}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s", flush=True)
-            del hf
     return rows
 
 
@@ -298,15 +300,24 @@ def bench_e2e(device: torch.device, new_tokens: int) -> list[dict[str, Any]]:
     CUDA-graph decode) vs transformers generate on the same weights, and % of the roofline."""
     if device.type != "cuda":
         raise SystemExit("--part e2e needs --device cuda")
-    import moeinfer
-    from moeinfer.kernels import use_kernel_
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
+    import moeinfer
+    from moeinfer.kernels import use_kernel_
+
     bandwidth = measure_bandwidth(device)
-    cfg = OlmoeConfig()  # OLMoE-1B-7B's defaults: 16 layers, D=2048, 64 experts, top-8, I=1024
+    # OLMoE-1B-7B-0924's shape: 16 layers, D=2048, 64 experts, top-8, I=1024, 16 heads, vocab 50304.
+    cfg = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_experts=64,
+                      num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=16, vocab_size=50304)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        hf = OlmoeForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):  # random init straight on the GPU
+                hf = OlmoeForCausalLM(cfg).eval()
+        finally:
+            torch.set_default_dtype(previous)
         hf.save_pretrained(tmp)
         model = moeinfer.load(tmp, device=str(device), dtype="bfloat16")
     use_kernel_(model, "triton")
