@@ -43,3 +43,14 @@ def test_generate_with_offload_options(tmp_path, capsys):
     assert (tmp_path / "store" / "experts-000.safetensors").is_file()
     assert main(base + ["--offload", "cpu", "--expert-cache", "1KB"]) == 1
     assert "holds no expert" in capsys.readouterr().err
+
+
+def test_importing_offload_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, moeinfer.offload; from moeinfer.offload import OffloadConfig; "
+            "print([m for m in ('moeinfer.offload.apply', 'moeinfer.offload.simulator') if m in sys.modules], "
+            "torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] False"

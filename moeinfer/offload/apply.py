@@ -110,23 +110,29 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
                                       progress=progress, codec=codec)
     else:
         store = HostStore(layers, pin=device.type == "cuda")
+    loader: Any = (CudaLoader(timeout_s=config.timeout_s, device=device, host_resident=config.tier == "cpu")
+                   if device.type == "cuda" else ThreadLoader(timeout_s=config.timeout_s))
     try:
-        # 4. CPU assist
+        # 4. CPU assist, calibrated over the loader itself (the link loads will use)
         assist = None
-        if config.cpu_assist:
-            assist = cost_model or calibrate(read=store.read, keys=[(0, e) for e in range(E)],
-                                             gate_up_shape=(two_i, D), down_shape=(D, two_i // 2), dtype=dtype,
-                                             weights_on_host=config.tier == "cpu")
+        if config.cpu_assist and cost_model is None:
+            def transfer(key: tuple[int, int], g: torch.Tensor, d: torch.Tensor) -> None:
+                loader.submit(key, lambda a, b: store.read(key, a, b), g, d, None).wait()
+
+            assist = calibrate(read=transfer, keys=[(0, e) for e in range(E)], gate_up_shape=(two_i, D),
+                               down_shape=(D, two_i // 2), dtype=dtype, weights_on_host=config.tier == "cpu",
+                               device=device)
+        elif config.cpu_assist:
+            assist = cost_model
         # 3. cache and prefetcher
         routers = [b.gate for b in blocks]
         cache, prefetcher = build_cache(config, num_layers=len(blocks), num_experts=E, top_k=model.config.top_k,
                                         expert_bytes=store.expert_bytes, routers=routers, assist=assist,
                                         low_bit_bytes=getattr(store, "low_bit_bytes", None))
     except BaseException:
+        loader.close()
         store.close()
         raise
-    loader: Any = (CudaLoader(timeout_s=config.timeout_s, device=device, host_resident=config.tier == "cpu")
-                   if device.type == "cuda" else ThreadLoader(timeout_s=config.timeout_s))
     runtime = OffloadRuntime(cache=cache, prefetcher=prefetcher, store=store, loader=loader,
                              gate_up_shape=(two_i, D), down_shape=(D, two_i // 2), dtype=dtype, device=device,
                              cpu_experts=CpuExperts(threads=torch.get_num_threads()) if config.cpu_assist else None,

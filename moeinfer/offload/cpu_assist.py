@@ -62,14 +62,18 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
 
 def calibrate(*, read: Callable[[Key, torch.Tensor, torch.Tensor], None], keys: Sequence[Key],
               gate_up_shape: tuple[int, ...], down_shape: tuple[int, ...], dtype: torch.dtype,
-              weights_on_host: bool, repeats: int = 3) -> CostModel:
-    """Time expert reads and a CPU expert (step 1); medians of `repeats` runs."""
-    g, d = torch.empty(gate_up_shape, dtype=dtype), torch.empty(down_shape, dtype=dtype)
+              weights_on_host: bool, repeats: int = 3, device: torch.device | str = "cpu") -> CostModel:
+    """Time expert transfers and a CPU expert (step 1); medians of `repeats` runs.
+
+    `read(key, gate_up, down)` is the whole transfer into buffers on `device` (offload_ passes its
+    loader: slow tier -> fast tier, waited for), so the link measured is the one loads will use."""
+    g0, d0 = torch.empty(gate_up_shape, dtype=dtype, device=device), torch.empty(down_shape, dtype=dtype, device=device)
     reads = []
     for i in range(repeats):
         t0 = time.perf_counter()
-        read(keys[i % len(keys)], g, d)
+        read(keys[i % len(keys)], g0, d0)
         reads.append(time.perf_counter() - t0)
+    g, d = g0.cpu(), d0.cpu()
     nbytes = (g.numel() + d.numel()) * g.element_size()
     D = gate_up_shape[1]
     per: dict[int, float] = {}
