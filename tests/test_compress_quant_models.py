@@ -138,6 +138,14 @@ def test_bad_input_leaves_model_untouched(ckpts) -> None:
         compress_(model, [{"method": "quantize", "bits": 4}], progress=False)
 
 
+def test_missing_calibration_is_a_clear_error(ckpts) -> None:
+    model = random_model("qwen2_moe", ckpts)  # no tokenizer: the held-out texts cannot be used
+    for method in ("quantize_mixed", "lowrank"):
+        with pytest.raises(CompressionError, match="tokenizer"):
+            compress_(model, [{"method": method}], progress=False)
+    assert all(type(b.experts) is Experts for b in model.moe_blocks())
+
+
 def test_mixed_precision_from_a_trace_uses_weight_error(ckpts) -> None:
     model = random_model("qwen3_moe", ckpts)
     g = torch.Generator().manual_seed(2)
