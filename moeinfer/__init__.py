@@ -1,6 +1,7 @@
 """moeinfer: fast, small and reliable inference for Mixture-of-Experts language models.
 
-Public API (stable): `load`, `save`, `generate`, `Generation`, `MoEModel`, `ModelConfig`.
+Public API (stable): `load`, `save`, `generate`, `Generation`, `MoEModel`, `ModelConfig`; transforms applied
+after loading, in place: `compress_`, `use_kernel_`, `set_routing_`, `offload_`.
 Importing the package loads torch but initialises no GPU and imports no optional dependency.
 """
 
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["load", "save", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
-           "evaluate", "offload_", "OffloadConfig", "use_kernel_", "__version__"]
+           "evaluate", "offload_", "OffloadConfig", "use_kernel_", "compress_", "Recipe", "set_routing_",
+           "__version__"]
 
 _LAZY = {
     "load": "moeinfer.api",
@@ -24,6 +26,9 @@ _LAZY = {
     "offload_": "moeinfer.offload.apply",
     "OffloadConfig": "moeinfer.offload.config",
     "use_kernel_": "moeinfer.kernels",
+    "compress_": "moeinfer.compress.api",
+    "Recipe": "moeinfer.compress.recipe",
+    "set_routing_": "moeinfer.model.gating",
 }
 
 if TYPE_CHECKING:
@@ -36,6 +41,9 @@ if TYPE_CHECKING:
     from moeinfer.offload.apply import offload_
     from moeinfer.offload.config import OffloadConfig
     from moeinfer.kernels import use_kernel_
+    from moeinfer.compress.api import compress_
+    from moeinfer.compress.recipe import Recipe
+    from moeinfer.model.gating import set_routing_
 
 
 def __getattr__(name: str) -> Any:
