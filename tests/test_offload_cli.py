@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from offload_helpers import hand_trace
 
 from moeinfer.cli import main
-from offload_helpers import hand_trace
 
 
 def test_simulate_compares_policies(tmp_path, capsys):
@@ -28,7 +27,7 @@ def test_simulate_compares_policies(tmp_path, capsys):
     assert "choose one of" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(path), "--shape", "tiny", "--hardware", "nowhere"]) == 1
     assert "h100-pcie5" in capsys.readouterr().err
-    assert main(["simulate", "--trace", str(path), "--shape", "tiny", "--calibrate", "--calibrate-mib", "4", "--out",
+    assert main(["simulate", "--trace", str(path), "--shape", "tiny", "--calibrate", "--calibrate-mib", "1", "--out",
                  str(tmp_path / "hw.json")]) == 0
     assert json.loads((tmp_path / "hw.json").read_text())["measured"] is True
 
@@ -44,13 +43,3 @@ def test_generate_with_offload_options(tmp_path, capsys):
     assert main(base + ["--offload", "cpu", "--expert-cache", "1KB"]) == 1
     assert "holds no expert" in capsys.readouterr().err
 
-
-def test_importing_offload_is_light():
-    import subprocess
-    import sys
-
-    code = ("import sys, torch, moeinfer.offload; from moeinfer.offload import OffloadConfig; "
-            "print([m for m in ('moeinfer.offload.apply', 'moeinfer.offload.simulator') if m in sys.modules], "
-            "torch.cuda.is_initialized())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[] False"

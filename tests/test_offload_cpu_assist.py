@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from offload_helpers import random_mixtral
 
 import moeinfer
 from moeinfer.engine.trace import record_routing
@@ -11,7 +12,6 @@ from moeinfer.offload import OffloadConfig, offload_, simulate
 from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate, swiglu
 from moeinfer.offload.hardware import ModelShape, load_profile
 from moeinfer.offload.simulator import cost_model_for
-from offload_helpers import random_mixtral
 
 # fetching costs 1 ms; the CPU costs 0.2 ms + 0.1 ms per token (+ 1 us of activations per token)
 COST = CostModel(expert_bytes=10**6, activation_bytes=1000, link_bytes_per_s=1e9, cpu_s_per_token=1e-4,
@@ -48,7 +48,7 @@ def test_assisted_run_is_exact_and_simulated_exactly(tier, tmp_path):
     ref = moeinfer.generate(model, [prompt], max_new_tokens=8)[0].token_ids
     cost = CostModel(**{**COST.__dict__, "weights_on_host": True})  # assist experts with < 8 tokens
     model = random_mixtral()
-    cfg = dict(cache=3, cpu_assist=True)
+    cfg = {"cache": 3, "cpu_assist": True}
     offload_(model, OffloadConfig(tier=tier, offload_dir=tmp_path, **cfg), cost_model=cost)
     with record_routing(model, logits=False) as rec:
         assert moeinfer.generate(model, [prompt], max_new_tokens=8)[0].token_ids == ref

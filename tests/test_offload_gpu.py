@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from offload_helpers import random_mixtral
 
 import moeinfer
 from moeinfer.offload import OffloadConfig, offload_
-from offload_helpers import random_mixtral
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

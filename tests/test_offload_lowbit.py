@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from offload_helpers import random_mixtral
 
 import moeinfer
 from moeinfer.compress.quant.groupwise import quantize
 from moeinfer.engine.trace import record_routing
 from moeinfer.offload import OffloadConfig, OffloadError, offload_, simulate
 from moeinfer.offload.hardware import ModelShape, load_profile
-from offload_helpers import random_mixtral
 
 PROMPT = [3, 17, 99, 42, 7, 64]
 
@@ -21,7 +21,7 @@ def test_low_bit_copies_are_read_dequantized_and_counted(tmp_path):
     gate_up = ref_model.moe_blocks()[1].experts.gate_up_proj.data[3].clone()
     # threshold 1.0: (nearly) every miss loads the 4-bit copy
     model = random_mixtral()
-    cfg = dict(cache=4, policy="hobbit", low_bit_threshold=1.0, low_bit_group_size=16)
+    cfg = {"cache": 4, "policy": "hobbit", "low_bit_threshold": 1.0, "low_bit_group_size": 16}
     offload_(model, OffloadConfig(tier="disk", offload_dir=tmp_path, **cfg))
     store = model.offload.store
     assert (tmp_path / "experts-001.q4g16.safetensors").is_file()

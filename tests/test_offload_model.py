@@ -8,13 +8,13 @@ import time
 
 import pytest
 import torch
+from offload_helpers import random_mixtral
 
 import moeinfer
 from moeinfer.engine.trace import record_routing
 from moeinfer.offload import OffloadConfig, OffloadError, offload_, simulate
 from moeinfer.offload.hardware import ModelShape, load_profile
 from moeinfer.offload.store import DiskStore, layer_file
-from offload_helpers import random_mixtral
 
 PROMPT = [3, 17, 99, 42, 7, 64]
 OTHER = [11, 5, 120, 8]
@@ -46,8 +46,8 @@ def _run(cfg: OffloadConfig, **kw):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_and_prefetcher_is_exact_and_simulated_exactly(policy, prefetch, reference, tmp_path):
     ref_tokens, future, calib = reference
-    settings = dict(cache=2, scope="layer", policy=policy, prefetch=prefetch, calibration=calib, future=future,
-                    prefetch_args={"epochs": 60} if prefetch == "mlp" else {})
+    settings = {"cache": 2, "scope": "layer", "policy": policy, "prefetch": prefetch, "calibration": calib, "future": future,
+                    "prefetch_args": {"epochs": 60} if prefetch == "mlp" else {}}
     model, tokens, trace = _run(OffloadConfig(tier="disk", offload_dir=tmp_path, **settings))
     assert tokens == ref_tokens
     live = model.offload.cache.stats

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from offload_helpers import hand_trace
 
 from moeinfer.offload.cache import ExpertCache, resolve_capacities
 from moeinfer.offload.config import OffloadConfig, OffloadError, parse_size
 from moeinfer.offload.policies import POLICIES, PolicyContext, lru_hits, make_policy
 from moeinfer.offload.visits import Visit, all_visits
-from offload_helpers import hand_trace
 
 
 def v(layer: int, *experts: int, weight: float = 1.0) -> Visit:

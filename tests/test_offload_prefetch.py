@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from offload_helpers import hand_trace, random_mixtral
 
 from moeinfer.model.moe import route
 from moeinfer.offload import OffloadConfig, simulate
 from moeinfer.offload.hardware import ModelShape, load_profile
-from moeinfer.offload.prefetch import PREFETCHERS, LayerContext, PrefetchContext, make_prefetcher, score_predictions
-from offload_helpers import hand_trace, random_mixtral
+from moeinfer.offload.prefetch import (
+    PREFETCHERS,
+    LayerContext,
+    PrefetchContext,
+    make_prefetcher,
+    score_predictions,
+)
 
 # layer 1's expert is always layer 0's plus one (mod 4); layer 2's is layer 0's plus two
 CHAIN = hand_trace([[[e], [(e + 1) % 4], [(e + 2) % 4]] for e in [0, 1, 2, 3, 2, 1, 0, 3, 1, 2] * 3])

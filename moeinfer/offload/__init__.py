@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["offload_", "OffloadConfig", "OffloadError", "POLICIES", "PREFETCHERS", "simulate", "replay_routing_"]
+__all__ = ["POLICIES", "PREFETCHERS", "OffloadConfig", "OffloadError", "offload_", "replay_routing_", "simulate"]
 
 _LAZY = {
     "offload_": "moeinfer.offload.apply",

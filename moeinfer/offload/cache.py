@@ -172,7 +172,7 @@ class ExpertCache:
             self.free[self.pool_of(key)].append(slot)
             self.free[self.pool_of(key)].sort()
 
-    def _bytes(self, low_bit: bool) -> int:
+    def load_bytes(self, low_bit: bool) -> int:
         return self.low_bit_bytes if low_bit and self.low_bit_bytes is not None else self.expert_bytes
 
     # -- the two entry points -----------------------------------------------------------------------
@@ -229,7 +229,7 @@ class ExpertCache:
             st.demand_loads += 1
             st.transient_loads += slot is None
             st.low_bit_loads += low
-            st.bytes_loaded += self._bytes(low)
+            st.bytes_loaded += self.load_bytes(low)
         return VisitPlan(layer=v.layer, t=self.t, hits=hits, loads=loads, assisted=assisted, low_bit=low_of)
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> list[Load]:
@@ -275,7 +275,7 @@ def resolve_capacities(size: Any, *, scope: str, num_layers: int, num_experts: i
     size = parse_size(size)
     n = size.resolve(expert_bytes)
     if scope == "global":
-        if policy.layer_capacities(num_layers) is not None:
+        if policy.sets_layer_sizes:
             raise ValueError(f"cache policy {policy.name!r} sets per-layer sizes: use scope='layer'")
         return [min(n, num_layers * num_experts)]
     if size.experts is not None:

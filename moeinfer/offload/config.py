@@ -53,7 +53,7 @@ def parse_size(value: int | str | CacheSize) -> CacheSize:
     if isinstance(value, CacheSize):
         return value
     if isinstance(value, bool):
-        raise ValueError(f"expert cache size must be a count or bytes, got {value!r}")
+        raise TypeError(f"expert cache size must be a count or bytes, got {value!r}")
     if isinstance(value, int):
         return CacheSize(experts=value)
     m = _SIZE.match(str(value))

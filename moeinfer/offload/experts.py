@@ -116,7 +116,7 @@ class OffloadRuntime:
 
     def warm(self) -> None:
         """Load the policy's warm keys (static placement) and wait for them."""
-        for _, (_, _, h, slot) in self.issue(self.cache.warm()).items():
+        for (_, _, h, slot) in self.issue(self.cache.warm()).values():
             self.wait(h, slot)
         for slot in list(self.pending):
             self.wait(self.pending[slot], slot)

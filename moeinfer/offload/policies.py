@@ -46,6 +46,7 @@ class CachePolicy:
     """Base policy: LRU bookkeeping that every policy keeps (recency and all-time frequency)."""
 
     name = "base"
+    sets_layer_sizes = False  # True: layer_capacities() decides per-layer pool sizes (scope "layer" only)
 
     def __init__(self) -> None:
         self.tick = 0
@@ -293,6 +294,7 @@ class AdapMoE(CachePolicy):
     """
 
     name = "adapmoe"
+    sets_layer_sizes = True
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)

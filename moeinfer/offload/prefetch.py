@@ -16,11 +16,10 @@ cache scores every prediction against the target layer's real visit (precision a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import hashlib
 
 import numpy as np
 import torch

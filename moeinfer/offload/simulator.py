@@ -96,7 +96,7 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
         nonlocal link_free
         ready = {}
         for ld in loads:
-            nbytes = cache._bytes(ld.low_bit)
+            nbytes = cache.load_bytes(ld.low_bit)
             link_free = max(link_free, now) + latency + nbytes / link_bw
             ready[ld.key[1]] = link_free
             if ld.slot is not None:
