@@ -179,3 +179,27 @@ def test_reference_model_int4_round_trip(tmp_path) -> None:
     assert ex.weight_bits() == pytest.approx(4 + 64 / 64)  # fp32 scale + zero per 64 weights
     assert weight_bytes(model) < 0.45 * before  # experts are most of the model
     _round_trip(model, tmp_path / "tiny-int4")
+
+
+def test_scales_stay_fp32_in_a_bf16_checkpoint(ckpts, tmp_path) -> None:
+    """A bf16 save keeps quantization scales and zero-points fp32 (bf16 would round an int8 zero-point),
+    and loading in bf16 gives the same outputs as the in-memory model cast the same way."""
+    from safetensors import safe_open
+
+    from moeinfer.compress.api import cast_floating_
+
+    model = random_model("mixtral", ckpts)
+    compress_(model, [{"method": "quantize", "bits": 8, "group_size": 16}], progress=False)
+    cast_floating_(model, torch.bfloat16)
+    ex = model.moe_blocks()[0].experts
+    assert model.embed_tokens.weight.dtype == torch.bfloat16 and ex.s8_gate_up.dtype == torch.float32
+    moeinfer.save(model, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        scale_names = [n for n in f.keys() if ".s8_" in n or ".z8_" in n]
+        assert scale_names and all(f.get_slice(n).get_dtype() == "F32" for n in scale_names)
+    again = moeinfer.load(tmp_path / "q", progress=False)
+    assert again.embed_tokens.weight.dtype == torch.bfloat16
+    assert again.moe_blocks()[0].experts.s8_gate_up.dtype == torch.float32
+    ids = sample_ids(model)
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moeinfer.api import save
     from moeinfer.cli import load_model
-    from moeinfer.compress.api import compress_, weight_bytes
+    from moeinfer.compress.api import cast_floating_, compress_, weight_bytes
 
     if args.dtype is None and str(args.device).startswith("cpu"):
         args.dtype = "float32"  # calibrate and quantize in fp32 on CPUs (bf16 matmul is slow there)
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     save_dtype = args.save_dtype or source.get("dtype") or source.get("torch_dtype") or "float32"
     model = load_model(args)
     report = compress_(model, recipe, progress=not args.no_progress)
-    model.to(getattr(torch, save_dtype))
+    cast_floating_(model, getattr(torch, save_dtype))
     out = save(model, args.out)
     print(json.dumps({"out": str(out), "hf_loadable": report.hf_loadable, "dtype": save_dtype,
                       "weight_bytes_saved": weight_bytes(model),

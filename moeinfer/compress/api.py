@@ -54,6 +54,24 @@ def weight_bytes(model: MoEModel) -> int:
     return total
 
 
+def cast_floating_(model: MoEModel, dtype: torch.dtype) -> MoEModel:
+    """`model.to(dtype)` that leaves `keep_float_dtype` modules' tensors (quantization scales) as they are."""
+    done: dict[int, torch.nn.Parameter] = {}  # tied weights stay tied
+    for module in model.modules():
+        if getattr(module, "keep_float_dtype", False):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                if id(p) not in done:
+                    done[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                module._parameters[name] = done[id(p)]
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != dtype and name not in ("inv_freq",
+                                                                                              "e_score_correction_bias"):
+                module._buffers[name] = b.to(dtype)
+    return model
+
+
 def as_recipe(config: RecipeLike) -> Recipe:
     if isinstance(config, Recipe):
         return config

@@ -44,6 +44,10 @@ def _param(t: torch.Tensor) -> nn.Parameter:
 class QuantizedExperts(nn.Module):
     """Routed experts with per-expert bit widths; see the module docstring for storage and forward."""
 
+    # Scales and zero-points stay fp32 whatever the model's dtype (loading and `cast_floating_` keep it):
+    # bf16 would round an int8 zero-point by up to half a quantization step.
+    keep_float_dtype = True
+
     def __init__(self, bits: Sequence[int], hidden_size: int, intermediate_size: int, group_size: int,
                  *, scale_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -99,7 +103,9 @@ class QuantizedExperts(nn.Module):
     @classmethod
     def from_quantized(cls, qs: Sequence[tuple[QuantizedTensor, QuantizedTensor]], hidden_size: int,
                        intermediate_size: int, group_size: int, *, dtype: torch.dtype) -> QuantizedExperts:
-        """Assemble from per-expert (gate_up, down) QuantizedTensors; scales/zeros stored in `dtype`."""
+        """Assemble from per-expert (gate_up, down) QuantizedTensors; scales/zeros stored in fp32 (`dtype`
+        is the model's, kept for callers)."""
+        dtype = torch.float32
         bits = [gu.bits for gu, _ in qs]
         module = cls(bits, hidden_size, intermediate_size, group_size, scale_dtype=dtype)
         device = qs[0][0].packed.device

@@ -20,6 +20,8 @@ from moeinfer.compress.quant.packing import packed_cols
 
 @register_module_kind("quantized_linear")
 class QuantizedLinear(nn.Module):
+    keep_float_dtype = True  # scales, zeros (and bias) stay fp32, as in QuantizedExperts
+
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, bias: bool,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -37,13 +39,12 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int, algorithm: str) -> QuantizedLinear:
         w = linear.weight
         qt = quantize(w, bits=bits, group_size=group_size, algorithm=algorithm)
-        m = cls(w.shape[1], w.shape[0], bits=bits, group_size=group_size, bias=linear.bias is not None,
-                dtype=w.dtype)
+        m = cls(w.shape[1], w.shape[0], bits=bits, group_size=group_size, bias=linear.bias is not None)
         m.qweight = nn.Parameter(qt.packed, requires_grad=False)
-        m.scales = nn.Parameter(qt.scale.to(w.dtype), requires_grad=False)
-        m.zeros = nn.Parameter(qt.zero.to(w.dtype), requires_grad=False)
+        m.scales = nn.Parameter(qt.scale.float(), requires_grad=False)
+        m.zeros = nn.Parameter(qt.zero.float(), requires_grad=False)
         if linear.bias is not None:
-            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            m.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
         return m.to(w.device)
 
     def layout_params(self) -> dict[str, Any]:

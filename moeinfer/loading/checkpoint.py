@@ -102,12 +102,15 @@ def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device) -> N
     """Give every meta parameter real (uninitialised) storage, once; keeps weight tying."""
     seen: dict[int, nn.Parameter] = {}
     for module in model.modules():
+        # packed integer tensors and quantization scales (`keep_float_dtype` modules) keep their dtype
+        keep = getattr(module, "keep_float_dtype", False)
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
-            if id(param) not in seen:  # packed integer tensors (quantized experts) keep their dtype
+            if id(param) not in seen:
+                own = not param.is_floating_point() or keep
                 seen[id(param)] = nn.Parameter(torch.empty(param.shape, device=device,
-                                                           dtype=dtype if param.is_floating_point() else param.dtype),
+                                                           dtype=param.dtype if own else dtype),
                                                requires_grad=False)
             module._parameters[name] = seen[id(param)]
     for module in model.modules():
