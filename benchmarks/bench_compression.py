@@ -85,16 +85,22 @@ def decode_rate(model: Any, tokens: int) -> float:
     return len(out.token_ids) / (time.perf_counter() - t)
 
 
-def run_entry(entry: dict[str, Any], calib: Any, args: argparse.Namespace, expert_weights: int) -> dict[str, Any]:
+def run_entry(entry: dict[str, Any], calibs: dict[str, Any], args: argparse.Namespace,
+              expert_weights: int) -> dict[str, Any]:
     model = moeinfer.load(args.model, dtype="float32", progress=False)
+    source = entry.get("calibration", "heldout")
+    if source not in calibs:
+        calibs[source] = collect(model, CalibrationConfig(source=source, max_tokens=args.calibration_tokens),
+                                 progress=False)
+    calib = calibs[source]
     report = None
     if entry.get("steps"):
         report = compress_(model, {"name": entry["name"], "steps": entry["steps"]}, calibration=calib,
                            progress=False)
     if entry.get("routing"):
-        from moeinfer.cli.options.routing import apply_routing_mode_
+        from moeinfer.model.gating import set_routing_
 
-        apply_routing_mode_(model, entry["routing"])
+        set_routing_(model, entry["routing"])
     row: dict[str, Any] = {k: entry.get(k) for k in ("name", "family", "strength")}
     row.update(weight_stats(model, expert_weights))
     counter = SlotCounter(model)
@@ -130,14 +136,14 @@ def main() -> None:
     cfg = base.config
     expert_weights = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel()
                          for b in base.moe_blocks() if isinstance(b.experts, Experts))
-    calib = collect(base, CalibrationConfig(max_tokens=args.calibration_tokens), progress=False)
+    calibs = {"heldout": collect(base, CalibrationConfig(max_tokens=args.calibration_tokens), progress=False)}
     del base
     rows = []
     from tqdm.auto import tqdm
 
     for entry in tqdm(entries, desc="recipes", unit="recipe"):
         t = time.perf_counter()
-        row = run_entry(entry, calib, args, expert_weights)
+        row = run_entry(entry, calibs, args, expert_weights)
         row["seconds"] = round(time.perf_counter() - t, 1)
         rows.append(row)
         tqdm.write(json.dumps(row))
@@ -148,7 +154,7 @@ def main() -> None:
                               "top_k": cfg.top_k, "expert_inner": cfg.moe_intermediate_size},
               "device": cpu_name(), "threads": args.threads, "load_average_at_end": load,
               "software": software_info(), "commit": git_commit(ROOT), "max_bytes": args.max_bytes, "decode_tokens": args.decode_tokens,
-              "calibration": {"source": calib.source, "tokens": calib.tokens}, "rows": rows}
+              "calibration": {"source": "heldout", "tokens": calibs["heldout"].tokens}, "rows": rows}
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

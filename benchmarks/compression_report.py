@@ -44,7 +44,7 @@ def checks(by: dict[str, dict[str, Any]], base: dict[str, Any], datasets: list[s
     def verdict(ok: bool) -> str:
         return "**holds**" if ok else "**does not hold**"
 
-    for name, limit in (("int8", 0.5), ("int4-g64", 3.0)):
+    for name, limit in (("int8", 0.5), ("int4-g128", 3.0)):
         if name in by:
             out.append(f"- {name}: worst bpb loss {worst(name):+.2f}% (target < {limit}%): {verdict(worst(name) < limit)}")
     for frac in ("25", "50"):
