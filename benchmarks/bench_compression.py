@@ -66,7 +66,7 @@ class SlotCounter:
             b.observer = self
 
     def __call__(self, layer: int, routing: Any) -> None:
-        k = getattr(routing, "k_per_token", None)
+        k = routing.k  # [N] slots each token uses under dynamic gating; None = all K
         self.slots += int(k.sum()) if k is not None else int((routing.indices >= 0).sum())
         self.tokens += routing.indices.shape[0]
 
