@@ -115,3 +115,19 @@ def test_instrument_agrees_with_routing_traces_and_changes_nothing(tmp_path: Pat
     assert [(f.rows, f.tokens, f.kv_end) for f in ins.forwards] == [(2, 6, 6)] + [(2, 1, 6 + i) for i in range(1, 5)]
     assert all(len(f.distinct) == len(model.moe_blocks()) for f in ins.forwards)
     assert all(f.slots[0] == f.rows * f.tokens * model.config.top_k for f in ins.forwards)
+
+
+def test_instrument_counts_only_the_slots_dynamic_gating_uses(tmp_path: Path) -> None:
+    from hf_peers import save_hf_checkpoint
+
+    import moeinfer
+    from moeinfer.bench.instrument import instrument
+    from moeinfer.engine.generate import generate
+
+    save_hf_checkpoint("mixtral", tmp_path / "m")
+    model = moeinfer.load(tmp_path / "m", dtype=torch.float32, progress=False)
+    moeinfer.set_routing_(model, "top-p:0.01")  # per-token k: every token keeps 1 of its top_k=2 slots
+    with instrument(model) as ins:
+        generate(model, [[3, 5, 7, 9]], max_new_tokens=3, ignore_eos=True)
+    assert all(f.slots[0] == f.rows * f.tokens for f in ins.forwards)
+    assert int(ins.counts[0].sum()) == 4 + 2  # prompt tokens + decode steps that ran the model

@@ -62,7 +62,11 @@ class Instrument:
         def on_routing(layer_idx: int, routing: Any) -> None:
             if prev is not None:
                 prev(layer_idx, routing)
-            self._layer_counts[i] = torch.bincount(routing.indices.reshape(-1), minlength=E)
+            idx = routing.indices
+            k = getattr(routing, "k", None)  # dynamic gating: token n uses its first k[n] slots only
+            if k is not None:
+                idx = idx[torch.arange(idx.shape[1], device=idx.device)[None, :] < k[:, None]]
+            self._layer_counts[i] = torch.bincount(idx.reshape(-1), minlength=E)
         return on_routing
 
     # 3.
