@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moeinfer
 from compress_cases import ARCHS, hf_logits, logits, num_experts, tiny
@@ -68,15 +69,19 @@ def test_map_router_adds_the_gate_weights_of_merged_experts(root):
     x = calib.layer(block).x[:32]
     original = route(x, block.gate.weight, block.gate.cfg)
     compress_(model, [{"method": "merge", "num_experts": 4}], calibration=calib, progress=False)
-    mapped = block.gate(x)
-    emap = block.gate.expert_map
-    assert torch.equal(mapped.indices, emap[original.indices]) and torch.equal(mapped.weights, original.weights)
-    ex = block.experts
-    want = torch.stack([sum(w * (torch.nn.functional.linear(torch.nn.functional.silu(g) * u, ex.down_proj[e]))
-                            for w, e, (g, u) in zip(ws, es, [torch.nn.functional.linear(xn, ex.gate_up_proj[e])
-                                                             .chunk(2, -1) for e in es]))
-                        for xn, ws, es in zip(x, mapped.weights, mapped.indices.tolist())])
-    assert torch.allclose(ex(x, mapped), want, atol=1e-5)
+    emap, ex = block.gate.expert_map, block.experts
+
+    def f(e, xn):  # merged expert e on one token
+        gate, up = F.linear(xn, ex.gate_up_proj[e]).chunk(2, -1)
+        return F.linear(F.silu(gate) * up, ex.down_proj[e])
+
+    want = torch.stack([sum(w * f(int(emap[e]), xn) for w, e in zip(ws, es))
+                        for xn, ws, es in zip(x, original.weights, original.indices)])
+    folded = block.gate(x)  # one slot per distinct merged expert, weights added
+    twice = emap[original.indices[:, 0]] == emap[original.indices[:, 1]]
+    assert twice.any() and torch.equal(folded.k, 2 - twice.long())
+    with torch.no_grad():
+        assert torch.allclose(block(x), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -115,3 +120,16 @@ def test_merge_bad_input(root):
     for later in ({"method": "prune_reap", "keep": 4}, {"method": "merge", "num_experts": 4}, {"method": "dense"}):
         with pytest.raises(CompressionError, match="merged experts"):
             compress_(copy.deepcopy(model), [later], calibration=calib, progress=False)
+
+
+def test_fold_duplicates_respects_a_gating_prefix():
+    from moeinfer.model.moe import Routing, fold_duplicates
+
+    r = Routing(indices=torch.tensor([[0, 1, 2], [3, 0, 1], [2, 3, 0]]),
+                weights=torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.7, 0.2, 0.1]]),
+                logits=torch.zeros(3, 4), k=torch.tensor([3, 2, 3]))
+    f = fold_duplicates(r, torch.tensor([0, 1, 1, 0]))  # experts 0,3 -> 0 and 1,2 -> 1
+    assert f.k.tolist() == [2, 1, 2]
+    assert f.indices[0, :2].tolist() == [0, 1] and f.weights[0, :2].tolist() == pytest.approx([0.5, 0.5])
+    assert f.indices[1, :1].tolist() == [0] and f.weights[1, 0].item() == pytest.approx(0.9)  # slot 3 is past k
+    assert f.indices[2, :2].tolist() == [1, 0] and f.weights[2, :2].tolist() == pytest.approx([0.7, 0.3])

@@ -16,6 +16,7 @@ Mixtral (Jiang et al., 2024), Qwen-MoE, OLMoE (Muennighoff et al., 2024), DeepSe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,6 +118,23 @@ def combine(y_sorted: torch.Tensor, d: Dispatch, weights: torch.Tensor, num_toke
     return out.index_add_(0, d.tokens, y_sorted * w[:, None])
 
 
+def fold_duplicates(routing: Routing, expert_map: torch.Tensor) -> Routing:
+    """Merged experts: map router experts to expert rows; a token that picked two experts now merged
+    into one gets that one once, with their weights added (its other slots move past its k)."""
+    idx = expert_map[routing.indices]  # [N, K]
+    N, K = idx.shape
+    slot = torch.arange(K, device=idx.device)
+    valid = slot[None] < (routing.k[:, None] if routing.k is not None else K)  # [N, K]
+    same = (idx[:, :, None] == idx[:, None, :]) & valid[:, None, :] & valid[:, :, None]  # [N, K, K]
+    first = valid & ~(same & (slot[None, :] < slot[:, None])[None]).any(-1)  # no equal slot before it
+    if bool((first == valid).all()):
+        return dataclasses.replace(routing, indices=idx)
+    summed = (same.float() * routing.weights[:, None, :]).sum(-1)  # [N, K] weight of each slot's expert
+    order = torch.argsort((~first).int(), dim=1, stable=True)  # first occurrences first, in order
+    return dataclasses.replace(routing, indices=idx.gather(1, order), weights=summed.gather(1, order),
+                               k=first.sum(-1))
+
+
 class Router(nn.Module):
     """Holds the router weight [E, D] (and DeepSeek-V3's correction bias [E])."""
 
@@ -158,11 +176,11 @@ class Router(nn.Module):
             self.rerouted_tokens += int(routing.rerouted)
         if self.mode is not None:
             routing = self.mode(routing, self.cfg)
+        if self.expert_map is not None:
+            routing = fold_duplicates(routing, self.expert_map)
         n, k = routing.indices.shape
         self.tokens_routed += n
         self.slots_used += n * k if routing.k is None else int(routing.k.sum())
-        if self.expert_map is not None:
-            routing.indices = self.expert_map[routing.indices]
         return routing
 
 
