@@ -122,7 +122,7 @@ def fold_duplicates(routing: Routing, expert_map: torch.Tensor) -> Routing:
     """Merged experts: map router experts to expert rows; a token that picked two experts now merged
     into one gets that one once, with their weights added (its other slots move past its k)."""
     idx = expert_map[routing.indices]  # [N, K]
-    N, K = idx.shape
+    K = idx.shape[1]
     slot = torch.arange(K, device=idx.device)
     valid = slot[None] < (routing.k[:, None] if routing.k is not None else K)  # [N, K]
     same = (idx[:, :, None] == idx[:, None, :]) & valid[:, None, :] & valid[:, :, None]  # [N, K, K]

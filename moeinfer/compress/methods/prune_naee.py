@@ -30,7 +30,13 @@ from typing import Any
 import torch
 
 from moeinfer.compress.calibration import CalibrationData
-from moeinfer.compress.expert_stats import all_outputs, check_unmerged, combine_outputs, subsample, subset_routing
+from moeinfer.compress.expert_stats import (
+    all_outputs,
+    check_unmerged,
+    combine_outputs,
+    subsample,
+    subset_routing,
+)
 from moeinfer.compress.registry import register_method
 from moeinfer.compress.selection import count_subsets, groups, per_group, subsets
 from moeinfer.compress.surgery import keep_experts_, layer_keep_counts, plain_experts
