@@ -276,3 +276,27 @@ def test_dead_peer_gives_clear_error(ckpts, tmp_path):
     assert not results[0]["ok"], results[0]
     assert results[0]["type"] == "ExpertParallelError", results[0]
     assert "rank 0" in results[0]["error"] and "MoE layer" in results[0]["error"]
+
+
+def test_per_token_gating_and_expert_parallelism_refuse_each_other(tmp_path):
+    """Tokens grouped by their own k would make ranks run different numbers of all-to-alls: refused both ways."""
+    import torch.distributed as dist
+
+    import moeinfer
+    from moeinfer.model.gating import GatingError, set_routing_
+    from moeinfer.parallel import apply_expert_parallel_
+    from moeinfer.parallel.dist import ExpertParallelError
+
+    save_hf_checkpoint("mixtral", tmp_path / "m")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = moeinfer.load(tmp_path / "m", dtype="float32", progress=False)
+        set_routing_(model, "top-p:0.5")
+        with pytest.raises(ExpertParallelError, match="dynamic gating"):
+            apply_expert_parallel_(model)
+        set_routing_(model, "top-k:1")  # a fixed k is fine
+        apply_expert_parallel_(model)
+        with pytest.raises(GatingError, match="expert parallelism"):
+            set_routing_(model, "threshold:0.3")
+    finally:
+        dist.destroy_process_group()

@@ -123,6 +123,9 @@ def set_routing_(model: Any, mode: str | GatingMode | None) -> Any:
     The mode is written to `model.config.hf_config["moeinfer_routing"]`, so `moeinfer.save` keeps it
     and `moeinfer.load` re-applies it."""
     m = parse_mode(mode)
+    if m is not None and m.kind != "top-k" and any(getattr(b.experts, "collective", False) for b in model.moe_blocks()):
+        raise GatingError(f"routing mode {m} gives each token its own k, which expert parallelism cannot run "
+                          "(ranks would run different numbers of all-to-alls); use a fixed top-k:K")
     for block in model.moe_blocks():
         gate = block.gate
         K = gate.cfg.top_k

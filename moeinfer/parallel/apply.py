@@ -92,6 +92,10 @@ def apply_expert_parallel_(model: MoEModel, *, group: dist.ProcessGroup | None =
         experts = block.experts
         if isinstance(experts, ExpertParallelExperts):
             raise ExpertParallelError(f"MoE layer {block.layer_idx} is already expert-parallel")
+        if getattr(block.gate, "mode", None) is not None:
+            raise ExpertParallelError(f"MoE layer {block.layer_idx} routes with dynamic gating ({block.gate.mode}): "
+                                      "tokens grouped by their k would make ranks run different numbers of "
+                                      "all-to-alls; use a fixed top-k:K under expert parallelism")
         if not isinstance(experts, Experts):
             raise ExpertParallelError(f"MoE layer {block.layer_idx}: experts are a {type(experts).__name__}; "
                                       "apply expert parallelism before other transforms of the experts")

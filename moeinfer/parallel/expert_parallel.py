@@ -57,6 +57,8 @@ class _Plan:
 class ExpertParallelExperts(nn.Module):
     """This rank's experts of one MoE layer plus the exchange; forward(x [N, D], routing) -> [N, D]."""
 
+    collective = True  # every rank must run each forward (moeinfer.model.gating refuses per-token k)
+
     def __init__(self, *, layer: int, placement: Placement, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                  group: dist.ProcessGroup, config: ExpertParallelConfig, stats: RankStats) -> None:
         super().__init__()
