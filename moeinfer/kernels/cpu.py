@@ -1,15 +1,16 @@
 """The `cpu` kernel: grouped expert compute for CPUs, in the spirit of MegaBlocks' "sort tokens by
 expert, then one GEMM per group" (Gale et al., 2023) without a Python loop over idle experts.
 
-Shapes: N tokens, D hidden, E local experts, K top-k, I inner size, S = N*K slots, A active experts,
-C the most slots any active expert received.
+Shapes: N tokens, D hidden, E local experts, K top-k, I inner size, S = N*K slots (S' present).
 
 Steps:
 1. Map and sort the S slots by expert (absent experts last, dropped); count slots per expert.
-2. Pick a schedule from the counts (one host read, free on a CPU):
-   - padded: when there are many experts, all active, and padding to C wastes little, the slots are scattered
-     into a [E, C, D] batch and both projections are two `bmm`s straight on the stacked weights;
-   - grouped: otherwise, one GEMM pair per *active* expert on its contiguous slot rows.
+2. Expert compute on the sorted rows, one of two schedules:
+   - grouped GEMM: `torch._grouped_mm` over all experts at once (group ends = cumulative counts),
+     one call per projection, no Python loop; used when the dtype has a native CPU matmul;
+   - per active expert: one GEMM pair per expert that received slots (counts read once, free on a
+     CPU); used for bf16/fp16 on CPUs without native half matmul, where only the active experts'
+     weights are widened to fp32 (below).
 3. SiLU(gate) * up, down projection, multiply by the routing weight.
 4. Combine: put the outputs back in slot order and sum each token's K weighted rows
    (a scatter-add over threads was slow here). Batch-1 decode skips sorting (K matvecs on views).
@@ -27,8 +28,6 @@ import torch.nn.functional as F
 
 from moeinfer.kernels.registry import register_kernel
 
-PADDED_WASTE = 1.5  # use the padded bmm schedule when E * C <= PADDED_WASTE * S ...
-PADDED_MIN_EXPERTS = 32  # ... and there are many experts (few, large GEMMs gain nothing from bmm)
 WIDEN_MIN_ROWS = 2  # widen a half-precision expert's weights to fp32 from this many rows on
 
 
@@ -44,6 +43,20 @@ def slow_half_matmul(dtype: torch.dtype) -> bool:
     except (AttributeError, RuntimeError):
         return dtype in (torch.bfloat16, torch.float16)
     return False
+
+
+@lru_cache(maxsize=None)
+def grouped_mm_works(dtype: torch.dtype) -> bool:
+    """torch._grouped_mm runs on the CPU for `dtype` (torch >= 2.9 has a CPU implementation)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.ones(3, 8, dtype=dtype)
+        b = torch.ones(2, 16, 8, dtype=dtype).transpose(1, 2)
+        out = torch._grouped_mm(a, b, offs=torch.tensor([1, 3], dtype=torch.int32))
+        return bool((out == 8).all())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -66,7 +79,7 @@ def _one_token(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ga
 def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             gate_up: torch.Tensor, down: torch.Tensor, *,
             expert_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Sorted slots, GEMMs for active experts only (or two bmm's when all are busy), one weighted sum."""
+    """Sorted slots, one grouped GEMM per projection (or a GEMM pair per active expert), weighted sum."""
     N, K = indices.shape
     E = gate_up.shape[0]
     if N == 1:
@@ -84,20 +97,13 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     if present:
         order = order[:present]
         xs = x[order // K]  # [S', D]
-        C = max(counts_host)
         # 2-3. Expert compute on one of two schedules.
-        if E >= PADDED_MIN_EXPERTS and min(counts_host) > 0 and E * C <= PADDED_WASTE * present and C > 1:
-            starts = torch.cumsum(counts, 0) - counts  # [E]
-            expert_of = flat[order]  # [S'] sorted expert ids
-            row = torch.arange(present, device=x.device) - starts[expert_of]
-            widen = slow_half_matmul(x.dtype)
-            batch = x.new_zeros(E, C, x.shape[1], dtype=torch.float32 if widen else x.dtype)
-            batch[expert_of, row] = xs.to(batch.dtype)
-            gu, dn = (gate_up.float(), down.float()) if widen else (gate_up, down)
-            h = _swiglu(torch.bmm(batch, gu.transpose(1, 2)))  # [E, C, I]
-            y = torch.bmm(h, dn.transpose(1, 2))[expert_of, row].to(x.dtype)  # [S', D]
+        if not slow_half_matmul(x.dtype) and grouped_mm_works(x.dtype):
+            offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end row of each expert's group
+            h = _swiglu(torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))  # [S', I]
+            y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [S', D]
         else:
-            widen = slow_half_matmul(x.dtype)
+            widen = slow_half_matmul(x.dtype)  # only the active experts' weights get widened
             y = torch.empty_like(xs)
             start = 0
             for e, n in enumerate(counts_host):
