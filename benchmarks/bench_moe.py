@@ -146,12 +146,28 @@ def grouped_mm_baseline(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gat
     return (out.view(N, K, -1) * w.to(x.dtype)[..., None]).sum(1)
 
 
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Copy bandwidth (bytes/s, read + write) and dense matmul FLOP/s of `dtype` (fp32 on a CPU
+    without native half matmul, where the fast paths compute in fp32), timed with the same clock as
+    the kernels (moeinfer.bench.hardware's figures with time_fn)."""
+    if device.type == "cuda":
+        return measure_bandwidth(device), measure_matmul(device, dtype)
+    from moeinfer.kernels.cpu import slow_half_matmul
+
+    src = torch.ones(32 << 20, device=device)  # 128 MiB
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / time_fn(lambda: dst.copy_(src), device, reps=5)
+    mm_dtype = torch.float32 if slow_half_matmul(dtype) else dtype
+    n = 1024
+    a, b = torch.randn(n, n).to(mm_dtype), torch.randn(n, n).to(mm_dtype)
+    return bandwidth, 2 * n**3 / time_fn(lambda: a @ b, device, reps=5)
+
+
 def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...], scale: int) -> list[dict[str, Any]]:
     from moeinfer.kernels import get_kernel
     from moeinfer.kernels.registry import KERNELS, resolve
 
-    bandwidth = measure_bandwidth(device)
-    matmul = measure_matmul(device, dtype)
+    bandwidth, matmul = measure_peaks(device, dtype)
     print(f"measured: copy bandwidth {bandwidth / 1e9:.1f} GB/s, dense {dtype} matmul {matmul / 1e12:.3f} TFLOP/s")
     rows = []
     for name, full in LAYER_SHAPES.items():
