@@ -43,7 +43,7 @@ from moeinfer.offload.hardware import SHAPES, ModelShape, load_profile
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT.parent / "shared" / "data" / "traces" / "mixtral-8x7b-instruct"
 DOC = ROOT / "docs" / "offloading.md"
-RAW = ROOT / "docs" / "bench" / "offload.json"
+RAW = ROOT / "docs" / "bench" / "offload.json"  # parts: offload-sim.json, offload-live.json beside it
 POLICIES = ["lru", "lfu", "static", "activation-aware", "hobbit", "adapmoe", "belady"]
 SIM_PREFETCH = {"none": {}, "transition": {}, "mlp": {}, "mlp+history": {"history": True}}
 LIVE_PREFETCH = ["none", "next-layer", "transition"]
@@ -231,18 +231,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke run: few configs, nothing written")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--part", choices=["sim", "live", "all"], default="all",
+                    help="run one part and keep its numbers in docs/bench/offload-<part>.json (the parts can run "
+                         "at once); 'all' runs what is missing and writes the doc")
     args = ap.parse_args()
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": (git_commit(ROOT) or "?")[:10],
             "cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()), "software": software_info()}
-    sim = sim_tables(args.quick)
-    live = live_tables(args.quick, args.new_tokens)
-    meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    parts: dict[str, Any] = {}
+    for part, fn in (("sim", lambda: sim_tables(args.quick)), ("live", lambda: live_tables(args.quick, args.new_tokens))):
+        saved = RAW.with_name(f"offload-{part}.json")
+        if args.part in (part, "all") and not (args.part == "all" and saved.is_file() and not args.quick):
+            parts[part] = {"meta": {**meta, "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg())},
+                           "result": fn()}
+            parts[part]["meta"]["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+            if not args.quick:
+                atomic_write_text(saved, json.dumps(parts[part], indent=1, default=str) + "\n")
+        elif saved.is_file():
+            parts[part] = json.loads(saved.read_text())
+    if set(parts) != {"sim", "live"}:
+        return
+    sim, live = parts["sim"]["result"], parts["live"]["result"]
+    meta = {**parts["live"]["meta"], "load_before": f"{parts['sim']['meta']['load_before']} (simulator), "
+            f"{parts['live']['meta']['load_before']} (live)", "load_after": parts["live"]["meta"]["load_after"]}
     text = render(sim, live, meta)
     print(text)
     if args.quick:
         return
-    atomic_write_text(RAW, json.dumps({"meta": meta, "simulator": sim, "live": live}, indent=1, default=str) + "\n")
     doc = DOC.read_text()
     begin, end = "<!-- bench_offload:begin -->", "<!-- bench_offload:end -->"
     doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{text}{end}", doc, flags=re.DOTALL)
