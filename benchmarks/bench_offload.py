@@ -139,7 +139,9 @@ def live_tables(quick: bool, new: int) -> dict[str, Any]:
         for policy in tqdm(policies, desc="live offloaded decode", unit="policy"):
             for prefetch in LIVE_PREFETCH:
                 model = moeinfer.load("tiny", progress=False)
-                cfg = {"cache": 8, "scope": "global", "policy": policy, "prefetch": prefetch, "calibration": calib, "future": future}
+                # 8 of 32 experts: one global pool, or 2 per layer for adapmoe (it sets per-layer sizes)
+                size = {"cache": 2, "scope": "layer"} if policy == "adapmoe" else {"cache": 8, "scope": "global"}
+                cfg = {"policy": policy, "prefetch": prefetch, "calibration": calib, "future": future, **size}
                 offload_(model, OffloadConfig(tier="disk", offload_dir=Path(d) / f"{policy}-{prefetch}",
                                               evict_page_cache=True, **cfg))
                 with record_routing(model, logits=False) as rec:
