@@ -124,3 +124,31 @@ def test_model_with_triton_kernel():
     ref = model(ids)
     use_kernel_(model, "triton")
     torch.testing.assert_close(model(ids), ref, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_static_decode_with_triton_kernel():
+    """The graph-safe path without the graph: static step + fused kernel = ordinary greedy decode."""
+    import moeinfer
+    from moeinfer.engine.static_decode import StaticDecoder, static_decode_blocker
+    from moeinfer.kernels import use_kernel_
+    from moeinfer.model.kv_cache import KVCache
+
+    model = moeinfer.load("tiny", dtype="float32", device=DEVICE)
+
+    def greedy(static: bool) -> list[int]:
+        cache = KVCache(model.config, batch_size=1, max_length=12, device=DEVICE)
+        logits = model(torch.tensor([[5, 17, 99]], device=DEVICE), cache=cache)[:, -1]
+        step = StaticDecoder(model, cache) if static else (
+            lambda n, a: model(n[:, None], attention_mask=a, cache=cache)[:, -1])
+        active = torch.ones(1, 1, dtype=torch.bool, device=DEVICE)
+        out = []
+        for _ in range(3):
+            out.append(int(logits.argmax(-1)))
+            logits = step(logits.argmax(-1), active)
+        return out
+
+    ref = greedy(static=False)
+    use_kernel_(model, "triton")
+    assert static_decode_blocker(model) is None
+    assert greedy(static=True) == ref
