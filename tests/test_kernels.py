@@ -136,3 +136,8 @@ def test_cli_option(tiny):
             p.parse_args(["--kernel", "nope"])
     finally:
         use_kernel_(tiny, "reference")
+
+
+def test_cpu_kernel_only_on_cpu():
+    with pytest.raises(KernelUnavailableError, match="'cpu' is unavailable on meta: it runs on CPU tensors"):
+        resolve("cpu", "meta")

@@ -75,7 +75,11 @@ def _one_token(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ga
     return torch.mm(weights.to(x.dtype), torch.cat(ys))  # [1, K] @ [K, D]
 
 
-@register_kernel("cpu")
+def _not_cpu(device: torch.device) -> str | None:
+    return None if device.type == "cpu" else f"it runs on CPU tensors (got {device.type}); use 'triton' or 'auto'"
+
+
+@register_kernel("cpu", why_unavailable=_not_cpu)
 def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             gate_up: torch.Tensor, down: torch.Tensor, *,
             expert_map: torch.Tensor | None = None) -> torch.Tensor:
