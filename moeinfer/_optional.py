@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXTRAS = {"transformers": "test", "triton": "gpu", "fastapi": "serve", "uvicorn": "serve", "matplotlib": "bench"}
+EXTRAS = {"transformers": "test", "triton": "kernels", "fastapi": "serve", "uvicorn": "serve", "matplotlib": "bench"}
 
 
 def require(module: str, feature: str) -> ModuleType:

@@ -141,3 +141,14 @@ def test_cli_option(tiny):
 def test_cpu_kernel_only_on_cpu():
     with pytest.raises(KernelUnavailableError, match="'cpu' is unavailable on meta: it runs on CPU tensors"):
         resolve("cpu", "meta")
+
+
+def test_auto_kernel_leaves_compressed_experts_alone_and_explicit_kernels_say_why() -> None:
+    import moeinfer
+    from moeinfer.kernels import use_kernel_
+
+    model = moeinfer.load("tiny", dtype="float32", progress=False)
+    moeinfer.compress_(model, [{"method": "quantize", "bits": 8}], progress=False)
+    assert use_kernel_(model, "auto") is model and use_kernel_(model, "reference") is model
+    with pytest.raises(ValueError, match="QuantizedExperts, which run their own expert stage"):
+        use_kernel_(model, "cpu")

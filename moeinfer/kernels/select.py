@@ -20,7 +20,13 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
     """
     blocks = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "kernel_fn")]
     if not blocks:
-        raise ValueError("use_kernel_: the model has no MoE experts (moeinfer.model.moe.Experts)")
+        # Compressed (quantized, low-rank) or offloaded experts run their own expert stage.
+        others = sorted({type(b.experts).__name__ for b in getattr(model, "moe_blocks", list)()})
+        if name in ("auto", "reference") and others:
+            return model
+        raise ValueError(f"use_kernel_: kernel {name!r} runs plain stacked experts; this model's MoE layers hold "
+                         f"{', '.join(others) or 'no experts'}, which run their own expert stage "
+                         "(use --kernel auto or reference)")
     device = blocks[0].gate_up_proj.device
     spec = resolve(name, device)
     for experts in blocks:
