@@ -37,18 +37,18 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "KING HENRY. My lord,"
 
 
-def stored_bytes(t: torch.Tensor) -> int:
-    return t.numel() * (2 if t.is_floating_point() else t.element_size())
-
-
 def weight_stats(model: Any, expert_weights: int) -> dict[str, Any]:
+    """Bytes as a bf16 checkpoint stores them: floating tensors at 2 bytes, except quantization scales
+    and zeros (`keep_float_dtype` modules keep fp32), packed integers as packed."""
+    fp32 = {id(t) for m in model.modules() if getattr(m, "keep_float_dtype", False)
+            for t in list(m.parameters()) + list(m.buffers())}
     seen: set[int] = set()
     total = expert = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in seen or name.endswith("inv_freq"):
             continue
         seen.add(id(t))
-        b = stored_bytes(t)
+        b = t.numel() * (2 if t.is_floating_point() and id(t) not in fp32 else t.element_size())
         total += b
         if ".experts." in name:
             expert += b
@@ -78,11 +78,15 @@ class SlotCounter:
             b.observer = None
 
 
-def decode_rate(model: Any, tokens: int) -> float:
-    generate(model, [PROMPT], max_new_tokens=4)  # warm-up
-    t = time.perf_counter()
-    [out] = generate(model, [PROMPT], max_new_tokens=tokens, ignore_eos=True)
-    return len(out.token_ids) / (time.perf_counter() - t)
+def decode_rate(model: Any, tokens: int, repeats: int = 3) -> float:
+    """Median batch-1 greedy decode tokens/s over `repeats` runs (after a warm-up)."""
+    generate(model, [PROMPT], max_new_tokens=4)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        [out] = generate(model, [PROMPT], max_new_tokens=tokens, ignore_eos=True)
+        rates.append(len(out.token_ids) / (time.perf_counter() - t))
+    return sorted(rates)[len(rates) // 2]
 
 
 def run_entry(entry: dict[str, Any], calibs: dict[str, Any], args: argparse.Namespace,
@@ -103,6 +107,12 @@ def run_entry(entry: dict[str, Any], calibs: dict[str, Any], args: argparse.Name
         set_routing_(model, entry["routing"])
     row: dict[str, Any] = {k: entry.get(k) for k in ("name", "family", "strength")}
     row.update(weight_stats(model, expert_weights))
+    row["hf_loadable"] = None if report is None else report.hf_loadable
+    if args.decode_only:  # keep the measured quality of an earlier run, re-time decode
+        row.update({k: v for k, v in args.previous[entry["name"]].items() if k.startswith("bpb_")
+                    or k == "experts_per_token"})
+        row["decode_tok_s"] = decode_rate(model, args.decode_tokens)
+        return row
     counter = SlotCounter(model)
     for dataset in args.datasets:
         r = evaluate(model, dataset, max_bytes=args.max_bytes, progress=False)
@@ -111,7 +121,6 @@ def run_entry(entry: dict[str, Any], calibs: dict[str, Any], args: argparse.Name
             row["experts_per_token"] = counter.per_token()  # slots per token per MoE layer
     counter.detach()
     row["decode_tok_s"] = decode_rate(model, args.decode_tokens)
-    row["hf_loadable"] = None if report is None else report.hf_loadable
     return row
 
 
@@ -126,8 +135,14 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "docs/compression.json"))
+    ap.add_argument("--decode-only", action="store_true",
+                    help="re-time decode (and recount bytes) of every entry of --out, keeping its quality numbers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.decode_only:
+        old = json.loads(Path(args.out).read_text())
+        args.previous = {r["name"]: r for r in old["rows"]}
+        args.max_bytes = old["max_bytes"]
 
     entries = yaml.safe_load(Path(args.recipes).read_text())["entries"]
     if args.only:

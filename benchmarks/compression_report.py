@@ -54,13 +54,15 @@ def checks(by: dict[str, dict[str, Any]], base: dict[str, Any], datasets: list[s
                 better = _mean_bpb(by[o], datasets) < _mean_bpb(by[f], datasets)
                 out.append(f"- {o} vs {f} (mean bpb {_mean_bpb(by[o], datasets):.4f} vs {_mean_bpb(by[f], datasets):.4f}): "
                            f"reconstruction/importance pruning beats frequency pruning: {verdict(better)}")
-    if "mixed-2.5" in by:
-        for u in ("int2-g64", "int3-g64"):
-            if u in by:
-                better = _mean_bpb(by["mixed-2.5"], datasets) < _mean_bpb(by[u], datasets)
-                out.append(f"- mixed 2.5 bits ({by['mixed-2.5']['weight_bytes'] / 1e6:.2f} MB, mean bpb "
-                           f"{_mean_bpb(by['mixed-2.5'], datasets):.4f}) vs {u} ({by[u]['weight_bytes'] / 1e6:.2f} MB, "
-                           f"{_mean_bpb(by[u], datasets):.4f}): mixed precision better {verdict(better)}")
+    for mixed, uniform in (("mixed-2.5", "int2-g64"), ("mixed-2.5", "int3-g64"), ("mixed-3.0", "int3-g64")):
+        if mixed in by and uniform in by:
+            m, u = by[mixed], by[uniform]
+            better = _mean_bpb(m, datasets) < _mean_bpb(u, datasets)
+            size = ("same bytes" if abs(m["weight_bytes"] - u["weight_bytes"]) < 0.01 * u["weight_bytes"]
+                    else "mixed smaller" if m["weight_bytes"] < u["weight_bytes"] else "mixed larger")
+            out.append(f"- {mixed} ({m['weight_bytes'] / 1e6:.2f} MB, mean bpb {_mean_bpb(m, datasets):.4f}) vs "
+                       f"{uniform} ({u['weight_bytes'] / 1e6:.2f} MB, {_mean_bpb(u, datasets):.4f}; {size}): "
+                       f"mixed precision better: {verdict(better)}")
     gating = [r for r in by.values() if r["family"] == "dynamic gating"]
     good = [r for r in gating if r["experts_per_token"] <= 0.8 * base["experts_per_token"] and worst(r["name"]) < 1.0]
     if gating:
