@@ -107,7 +107,7 @@ def test_list_shows_workloads_and_axes(capsys) -> None:
 
     assert main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "decode-b1" in out and "suites: default" in out
+    assert "decode-b1" in out and "suites: compare, default" in out
     assert "kernel       auto, reference, cpu, triton" in out and "int4" in out and "lru" in out
 
 
