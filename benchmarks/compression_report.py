@@ -77,28 +77,34 @@ def pareto_plot(rows: list[dict[str, Any]], datasets: list[str], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 6))
     families = sorted({r["family"] for r in rows})
-    cmap = plt.get_cmap("tab10")
-    for i, fam in enumerate(families):
-        pts = [r for r in rows if r["family"] == fam]
-        ax.scatter([r["weight_bytes"] / 1e6 for r in pts], [_mean_bpb(r, datasets) for r in pts],
-                   label=fam, color=cmap(i % 10), s=36)
-        for r in pts:
-            ax.annotate(str(r["strength"]), (r["weight_bytes"] / 1e6, _mean_bpb(r, datasets)), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^v<>Ph*X"
+    ymax = 2.6  # sparse-to-dense sits far above: annotated at the top edge instead
     front, best = [], float("inf")
     for r in sorted(rows, key=lambda r: r["weight_bytes"]):
         if _mean_bpb(r, datasets) < best:
             best = _mean_bpb(r, datasets)
             front.append(r)
-    ax.step([r["weight_bytes"] / 1e6 for r in front], [_mean_bpb(r, datasets) for r in front], where="post",
-            color="grey", lw=1, ls="--", label="Pareto front")
+    for i, fam in enumerate(families):
+        pts = [r for r in rows if r["family"] == fam]
+        ax.scatter([r["weight_bytes"] / 1e6 for r in pts], [min(_mean_bpb(r, datasets), ymax) for r in pts],
+                   label=fam, color=cmap(i % 20), marker=markers[i % len(markers)], s=40)
+    for r in rows:
+        y = _mean_bpb(r, datasets)
+        if r in front or y > ymax:
+            text = f"{r['name']}" + (f" ({y:.2f}, off scale)" if y > ymax else "")
+            ax.annotate(text, (r["weight_bytes"] / 1e6, min(y, ymax)), fontsize=7, xytext=(4, -9),
+                        textcoords="offset points")
+    ax.step([r["weight_bytes"] / 1e6 for r in front], [min(_mean_bpb(r, datasets), ymax) for r in front],
+            where="post", color="grey", lw=1, ls="--", label="Pareto front")
+    ax.set_ylim(top=ymax + 0.03)
     ax.set_xlabel("weight bytes as stored (MB; floating tensors at bf16)")
     ax.set_ylabel(f"mean bits per byte ({' + '.join(datasets)}), lower is better")
     ax.set_title("moeinfer-tiny: quality vs size of every compression method")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
