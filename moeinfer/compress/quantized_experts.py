@@ -16,10 +16,14 @@ Forward (mirrors moeinfer.model.moe's stages; only the expert-compute stage diff
 2. for each expert with slots: dequantize its two matrices to the input's dtype, then run the same
    SwiGLU as `expert_compute` (so the result equals `expert_compute` on the dequantized weights);
 3. combine with the routing weights.
+On CUDA with triton, a layer whose experts share one width in {2, 4, 8} runs these steps fused instead
+(moeinfer/kernels/fused_moe_quant.py: codes dequantized in registers inside the grouped GEMMs);
+`eager_forward` is the reference it is tested against.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,7 +145,18 @@ class QuantizedExperts(nn.Module):
         return 8 * sum(p.numel() * p.element_size() for p in self.parameters()) / n
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x [N, D] -> weighted sum of the routed experts' outputs [N, D]."""
+        """x [N, D] -> weighted sum of the routed experts' outputs [N, D]: on CUDA with triton, a layer of
+        one width in {2, 4, 8} runs the fused dequantizing kernel (moeinfer/kernels/fused_moe_quant.py);
+        everything else the eager path."""
+        if x.is_cuda and importlib.util.find_spec("triton") is not None:
+            from moeinfer.kernels.fused_moe_quant import fused_moe_quantized, quantized_unsupported
+
+            if quantized_unsupported(self) is None:
+                return fused_moe_quantized(x, routing.indices, routing.weights, self)
+        return self.eager_forward(x, routing)
+
+    def eager_forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The reference: steps 1-3 of the module docstring, dequantizing only the routed experts."""
         # 1. dispatch
         d = dispatch(routing.indices, self.num_experts)
         xs = x[d.tokens]  # [S, D]
