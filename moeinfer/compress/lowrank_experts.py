@@ -21,7 +21,7 @@ from torch import nn
 
 from moeinfer.compress.layout import register_experts_kind
 from moeinfer.config import ModelConfig
-from moeinfer.model.moe import Routing, combine, dispatch
+from moeinfer.model.moe import Routing, routed_forward
 
 
 def _factors(shapes: Sequence[tuple[int, int]], dtype: torch.dtype) -> nn.ParameterList:
@@ -85,20 +85,12 @@ class LowRankExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, D] -> weighted sum of the routed experts' outputs [N, D]."""
-        d = dispatch(routing.indices, self.num_experts)
-        xs = x[d.tokens]  # [S, D]
-        y = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(d.counts.tolist()):
-            if n == 0:
-                continue
-            seg = xs[start:start + n]
+        def expert(e: int, seg: torch.Tensor) -> torch.Tensor:
             h = F.linear(F.linear(seg, self.gate_up_b[e].to(x.dtype)), self.gate_up_a[e].to(x.dtype))  # [n, 2I]
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-            y[start:start + n] = F.linear(F.linear(h, self.down_b[e].to(x.dtype)), self.down_a[e].to(x.dtype))
-            start += n
-        return combine(y, d, routing.weights, x.shape[0])
+            return F.linear(F.linear(F.silu(gate) * up, self.down_b[e].to(x.dtype)), self.down_a[e].to(x.dtype))
+
+        return routed_forward(x, routing, self.num_experts, expert)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, ranks_gate_up={self.ranks_gate_up}, ranks_down={self.ranks_down}, "

@@ -35,7 +35,7 @@ from moeinfer.compress.layout import register_experts_kind
 from moeinfer.compress.quant.groupwise import QuantizedTensor, check_bits, dequantize, num_groups, quantize
 from moeinfer.compress.quant.packing import packed_cols
 from moeinfer.config import ModelConfig
-from moeinfer.model.moe import Routing, combine, dispatch
+from moeinfer.model.moe import Routing, routed_forward
 
 _MATRICES = ("gate_up", "down")
 
@@ -157,22 +157,13 @@ class QuantizedExperts(nn.Module):
 
     def eager_forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The reference: steps 1-3 of the module docstring, dequantizing only the routed experts."""
-        # 1. dispatch
-        d = dispatch(routing.indices, self.num_experts)
-        xs = x[d.tokens]  # [S, D]
-        y = torch.empty_like(xs)
-        start = 0
-        # 2. dequantize and run only the experts with slots
-        for e, n in enumerate(d.counts.tolist()):
-            if n == 0:
-                continue
+        def expert(e: int, seg: torch.Tensor) -> torch.Tensor:
+            # 2. dequantize this routed expert only (1. dispatch and 3. combine: routed_forward)
             gate_up, down = self.expert_weights(e, x.dtype)
-            seg = xs[start:start + n]
             gate, up = F.linear(seg, gate_up).chunk(2, dim=-1)
-            y[start:start + n] = F.linear(F.silu(gate) * up, down)
-            start += n
-        # 3. combine
-        return combine(y, d, routing.weights, x.shape[0])
+            return F.linear(F.silu(gate) * up, down)
+
+        return routed_forward(x, routing, self.num_experts, expert)
 
     def extra_repr(self) -> str:
         widths = {b: self.bits.count(b) for b in sorted(set(self.bits))}

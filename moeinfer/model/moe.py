@@ -111,6 +111,23 @@ def expert_compute(x_sorted: torch.Tensor, counts: torch.Tensor,
     return y
 
 
+def routed_forward(x: torch.Tensor, routing: Routing, num_experts: int,
+                   expert_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """dispatch -> expert_fn(e, x_e [n_e, D]) -> [n_e, D] for each expert with slots -> combine.
+
+    The expert stage of experts modules whose weights are not stacked tensors (quantized, low-rank):
+    only experts that received slots are computed."""
+    d = dispatch(routing.indices, num_experts)
+    xs = x[d.tokens]  # [S, D]
+    y = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(d.counts.tolist()):
+        if n:
+            y[start:start + n] = expert_fn(e, xs[start:start + n])
+            start += n
+    return combine(y, d, routing.weights, x.shape[0])
+
+
 def combine(y_sorted: torch.Tensor, d: Dispatch, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Weighted sum of each token's expert outputs: y_sorted [S, D] -> out [N, D]."""
     w = weights.reshape(-1)[d.order].to(y_sorted.dtype)  # [S]
