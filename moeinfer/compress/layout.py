@@ -50,26 +50,23 @@ MODULES_KEY = "modules"  # reserved layout key: replaced non-expert modules (see
 MODULE_KINDS: dict[str, type] = {}  # kind -> class with layout_params() and classmethod empty(config, params)
 
 
-def register_module_kind(name: str) -> Callable[[type], type]:
-    """Register a replacement for a non-expert module (e.g. a quantized linear) under `name`."""
-
+def _registrar(table: dict[str, type], name: str) -> Callable[[type], type]:
     def deco(cls: type) -> type:
-        MODULE_KINDS[name] = cls
+        table[name] = cls
         cls.kind = name
         return cls
 
     return deco
+
+
+def register_module_kind(name: str) -> Callable[[type], type]:
+    """Register a replacement for a non-expert module (e.g. a quantized linear) under `name`."""
+    return _registrar(MODULE_KINDS, name)
 
 
 def register_experts_kind(name: str) -> Callable[[type], type]:
     """Register an experts module class under `name` for layouts (it sets `cls.kind = name`)."""
-
-    def deco(cls: type) -> type:
-        KINDS[name] = cls
-        cls.kind = name
-        return cls
-
-    return deco
+    return _registrar(KINDS, name)
 
 
 def _kind_of(module: nn.Module) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from moeinfer.offload.config import OffloadError
+from moeinfer.offload.registry import build, calibration_trace
 from moeinfer.offload.visits import Visit, all_visits
 
 Key = tuple[int, int]
@@ -101,24 +102,11 @@ def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
 
 
 def make_policy(name: str, ctx: PolicyContext, **kwargs: Any) -> CachePolicy:
-    if name not in POLICIES:
-        raise ValueError(f"cache policy {name!r} is not known; choose one of {', '.join(sorted(POLICIES))}")
-    try:
-        policy = POLICIES[name](**kwargs)
-    except TypeError as e:
-        raise ValueError(f"cache policy {name!r}: bad arguments {kwargs} ({e})") from None
-    policy.bind(ctx)
-    return policy
+    return build("cache policy", POLICIES, name, ctx, kwargs)
 
 
 def _need_calibration(name: str, ctx: PolicyContext) -> Any:
-    if ctx.calibration is None:
-        raise ValueError(f"cache policy {name!r} needs a calibration routing trace (OffloadConfig.calibration)")
-    trace = ctx.calibration
-    if trace.num_layers != ctx.num_layers or trace.num_experts != ctx.num_experts:
-        raise ValueError(f"cache policy {name!r}: calibration trace has {trace.num_layers} layers x "
-                         f"{trace.num_experts} experts, the model {ctx.num_layers} x {ctx.num_experts}")
-    return trace
+    return calibration_trace("cache policy", name, ctx)
 
 
 def popularity(trace: Any) -> np.ndarray:

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeinfer.offload.registry import build, calibration_trace
+
 PrefetchFactory = Callable[..., "Prefetcher"]
 PREFETCHERS: dict[str, PrefetchFactory] = {}
 
@@ -85,24 +87,11 @@ class Prefetcher:
 
 
 def make_prefetcher(name: str, ctx: PrefetchContext, **kwargs: Any) -> Prefetcher:
-    if name not in PREFETCHERS:
-        raise ValueError(f"prefetcher {name!r} is not known; choose one of {', '.join(sorted(PREFETCHERS))}")
-    try:
-        p = PREFETCHERS[name](**kwargs)
-    except TypeError as e:
-        raise ValueError(f"prefetcher {name!r}: bad arguments {kwargs} ({e})") from None
-    p.bind(ctx)
-    return p
+    return build("prefetcher", PREFETCHERS, name, ctx, kwargs)
 
 
 def _calibration(name: str, ctx: PrefetchContext) -> Any:
-    trace = ctx.calibration
-    if trace is None:
-        raise ValueError(f"prefetcher {name!r} needs a calibration routing trace (OffloadConfig.calibration)")
-    if trace.num_layers != ctx.num_layers or trace.num_experts != ctx.num_experts:
-        raise ValueError(f"prefetcher {name!r}: calibration trace has {trace.num_layers} layers x "
-                         f"{trace.num_experts} experts, the model {ctx.num_layers} x {ctx.num_experts}")
-    return trace
+    return calibration_trace("prefetcher", name, ctx)
 
 
 def routing_features(experts: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
