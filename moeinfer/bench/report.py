@@ -139,6 +139,14 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _legend(plt: Any, ax: Any, configs: list[str], kinds: list[str], markers: str) -> None:
+    """Colour = configuration, grey marker = workload or dataset."""
+    handles = [plt.Line2D([], [], color=f"C{i % 10}", marker="o", ls="", label=c) for i, c in enumerate(configs)]
+    handles += [plt.Line2D([], [], color="grey", marker=markers[i % len(markers)], ls="", label=k)
+                for i, k in enumerate(kinds)]
+    ax.legend(handles=handles, fontsize=7, loc="best")
+
+
 def make_plots(data: dict[str, Any], out: Path) -> dict[str, str | None]:
     """Step 3: {png name: None when written, else the note saying why it was skipped}."""
     import matplotlib
@@ -184,10 +192,7 @@ def make_plots(data: dict[str, Any], out: Path) -> dict[str, str | None]:
             pts.sort()
             ax.plot([x for _, x, _ in pts], [y for _, _, y in pts], color=f"C{configs.index(label) % 10}",
                     lw=1, alpha=0.6)
-    handles = [plt.Line2D([], [], color=f"C{i % 10}", marker="o", ls="", label=c) for i, c in enumerate(configs)]
-    handles += [plt.Line2D([], [], color="grey", marker=markers[i % len(markers)], ls="", label=w)
-                for i, w in enumerate(wls)]
-    ax.legend(handles=handles, fontsize=7, loc="best")
+    _legend(plt, ax, configs, wls, markers)
     ax.set(xlabel="TPOT p50 (ms)", ylabel="throughput (output tokens/s)", title="Throughput vs latency")
     ax.grid(alpha=0.3)
     save(fig, PLOTS[0])
@@ -205,10 +210,7 @@ def make_plots(data: dict[str, Any], out: Path) -> dict[str, str | None]:
         for d in sorted(q):
             ax.scatter(mem, q[d]["bits_per_byte"], color=f"C{configs.index(label) % 10}",
                        marker=markers[datasets.index(d) % len(markers)], s=45)
-    handles = [plt.Line2D([], [], color=f"C{i % 10}", marker="o", ls="", label=c) for i, c in enumerate(configs)]
-    handles += [plt.Line2D([], [], color="grey", marker=markers[i % len(markers)], ls="", label=d)
-                for i, d in enumerate(datasets)]
-    ax.legend(handles=handles, fontsize=7, loc="best")
+    _legend(plt, ax, configs, datasets, markers)
     ax.set(xlabel="weight memory (MiB)", ylabel="bits per byte (lower is better)", title="Quality vs memory")
     ax.grid(alpha=0.3)
     save(fig, PLOTS[1])
