@@ -118,9 +118,8 @@ def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device) -> N
             if buf is not None and buf.is_floating_point():
                 keep_fp32 = name == "e_score_correction_bias" or name == "inv_freq"
                 module._buffers[name] = buf.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
-            elif buf is not None:
-                module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device) \
-                    if buf.device.type == "meta" else buf.to(device)
+            elif buf is not None:  # integer buffers keep their dtype (buffers are never on meta here)
+                module._buffers[name] = buf.to(device)
 
 
 def _expert_layer(name: str) -> int:
