@@ -123,3 +123,21 @@ def test_cli_option_sets_and_clears_the_mode(root):
     assert model.moe_blocks()[0].gate.mode is not None
     routing.apply_(model, p.parse_args(["--routing", "default"]))
     assert model.moe_blocks()[0].gate.mode is None and "moeinfer_routing" not in model.config.hf_config
+
+
+def test_gated_tokens_run_through_a_fast_kernel_as_through_the_reference(root):
+    """Tokens grouped by k go through whatever experts stage the block has: the cpu kernel agrees."""
+    from moeinfer.kernels import use_kernel_
+
+    _, model, calib = tiny("mixtral", root)
+    block = model.moe_blocks()[-1]
+    block.gate.weight.data *= 4
+    x = calib.layer(block).x[:40]
+    set_routing_(model, "threshold:0.5")
+    assert len(block.gate(x).k.unique()) > 1
+    with torch.no_grad():
+        want = block(x)
+        use_kernel_(model, "cpu")
+        got = block(x)
+        use_kernel_(model, "reference")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
