@@ -11,6 +11,7 @@ import torch
 
 from kernel_cases import make_problem, tolerance
 from moeinfer.kernels import KernelUnavailableError, get_kernel, resolve, use_kernel_
+from moeinfer.kernels.cpu import SCHEDULES, cpu_moe
 from moeinfer.kernels.reference import reference_moe
 
 GRID = [(E, K) for E in (8, 60, 64, 128) for K in (1, 2, 4, 6, 8) if K <= E]
@@ -28,6 +29,53 @@ def check(name: str, p, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("E,K", GRID)
 def test_cpu_matches_reference(E, K, N, dtype):
     check("cpu", make_problem(N=N, E=E, K=K, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,i", [(36, 20), (64, 32)], ids=["unaligned", "aligned"])
+@pytest.mark.parametrize("E,K,N,hot", [(8, 2, 3, None), (64, 4, 64, 5), (60, 8, 257, None)])
+def test_every_cpu_schedule_matches_reference(schedule, dtype, d, i, E, K, N, hot):
+    """Each schedule forced, whatever this CPU would choose, on shapes that torch._grouped_mm's
+    16-byte stride rule accepts and refuses in half precision (where 'grouped' must fall back)."""
+    p = make_problem(N=N, E=E, K=K, dtype=dtype, hot=hot, d=d, i=i)
+    out = cpu_moe(*p.args(), schedule=schedule)
+    ref = reference_moe(*p.args())
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=tolerance(ref, dtype), rtol=0)
+
+
+def test_schedule_choice_follows_the_cpu_and_the_shape(monkeypatch):
+    from moeinfer.kernels import cpu
+
+    monkeypatch.setattr(cpu, "slow_half_matmul", lambda dtype: dtype != torch.float32)
+    assert cpu.choose_schedule(torch.bfloat16, 64, 32) == "widened"
+    monkeypatch.setattr(cpu, "slow_half_matmul", lambda dtype: False)
+    monkeypatch.setattr(cpu, "grouped_mm_works", lambda dtype, d, i: d % 8 == 0 and i % 8 == 0)
+    assert cpu.choose_schedule(torch.bfloat16, 64, 32) == "grouped"
+    assert cpu.choose_schedule(torch.bfloat16, 36, 20) == "per-expert"
+    with pytest.raises(ValueError, match="valid: grouped, per-expert, widened"):
+        p = make_problem(N=3, E=8, K=2)
+        cpu_moe(*p.args(), schedule="fast")
+
+
+def test_grouped_mm_probe_uses_the_real_shapes():
+    """The probe must answer for the shapes the kernel passes (the CI failure: aligned probe, unaligned
+    model); a shape torch refuses in the probe is one it refuses in the kernel, never an exception."""
+    from moeinfer.kernels.cpu import grouped_mm_works
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for d, i in ((36, 20), (64, 32)):
+            works = grouped_mm_works(dtype, d, i)
+            p = make_problem(N=5, E=4, K=2, dtype=dtype, d=d, i=i)
+            offs = torch.tensor([2, 4, 7, 10], dtype=torch.int32)
+            try:
+                torch._grouped_mm(p.x.repeat(2, 1), p.gate_up.transpose(1, 2), offs=offs)
+                torch._grouped_mm(torch.ones(10, i, dtype=dtype), p.down.transpose(1, 2), offs=offs)
+                ran = True
+            except RuntimeError:
+                ran = False
+            assert works == ran, (dtype, d, i)
 
 
 @pytest.mark.parametrize("N", [1, 64, 257])

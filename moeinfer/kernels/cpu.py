@@ -5,12 +5,16 @@ Shapes: N tokens, D hidden, E local experts, K top-k, I inner size, S = N*K slot
 
 Steps:
 1. Map and sort the S slots by expert (absent experts last, dropped); count slots per expert.
-2. Expert compute on the sorted rows, one of two schedules:
-   - grouped GEMM: `torch._grouped_mm` over all experts at once (group ends = cumulative counts),
-     one call per projection, no Python loop; used when the dtype has a native CPU matmul;
-   - per active expert: one GEMM pair per expert that received slots (counts read once, free on a
-     CPU); used for bf16/fp16 on CPUs without native half matmul, where only the active experts'
-     weights are widened to fp32 (below).
+2. Expert compute on the sorted rows, one of three schedules (`SCHEDULES`; `choose_schedule` picks
+   one from the CPU and the shapes, `cpu_moe(..., schedule=...)` forces one, so tests run every
+   schedule on any CPU):
+   - "grouped": `torch._grouped_mm` over all experts at once (group ends = cumulative counts),
+     one call per projection, no Python loop; used when the dtype has a native CPU matmul and
+     `_grouped_mm` accepts the shapes (its weight strides must be multiples of 16 bytes, so bf16
+     needs D and I multiples of 8: probed per shape, never assumed);
+   - "per-expert": one GEMM pair per expert that received slots (counts read once, free on a CPU);
+   - "widened": per expert, with the active experts' half-precision weights widened to fp32 from
+     WIDEN_MIN_ROWS rows on; used for bf16/fp16 on CPUs without native half matmul (below).
 3. SiLU(gate) * up, down projection, multiply by the routing weight.
 4. Combine: put the outputs back in slot order and sum each token's K weighted rows
    (a scatter-add over threads was slow here). Batch-1 decode skips sorting (K matvecs on views).
@@ -45,18 +49,35 @@ def slow_half_matmul(dtype: torch.dtype) -> bool:
     return False
 
 
+SCHEDULES = ("grouped", "per-expert", "widened")
+
+
 @lru_cache(maxsize=None)
-def grouped_mm_works(dtype: torch.dtype) -> bool:
-    """torch._grouped_mm runs on the CPU for `dtype` (torch >= 2.9 has a CPU implementation)."""
+def grouped_mm_works(dtype: torch.dtype, hidden: int = 8, inner: int = 8) -> bool:
+    """torch._grouped_mm runs on the CPU for `dtype` with both projections of experts of hidden size
+    `hidden` and inner size `inner`, laid out as the kernel passes them (transposed stacked weights).
+
+    Probed with those exact sizes (torch >= 2.9 has a CPU implementation; some of its paths refuse
+    strides that are not multiples of 16 bytes), so an unsupported shape falls back, never raises."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        a = torch.ones(3, 8, dtype=dtype)
-        b = torch.ones(2, 16, 8, dtype=dtype).transpose(1, 2)
-        out = torch._grouped_mm(a, b, offs=torch.tensor([1, 3], dtype=torch.int32))
-        return bool((out == 8).all())
+        offs = torch.tensor([1, 3], dtype=torch.int32)
+        for d_in, d_out in ((hidden, 2 * inner), (inner, hidden)):
+            a = torch.ones(3, d_in, dtype=dtype)
+            b = torch.ones(2, d_out, d_in, dtype=dtype).transpose(1, 2)
+            if not bool((torch._grouped_mm(a, b, offs=offs) == d_in).all()):
+                return False
+        return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False
+
+
+def choose_schedule(dtype: torch.dtype, hidden: int, inner: int) -> str:
+    """The fastest schedule that this CPU runs correctly for experts of this dtype and shape."""
+    if slow_half_matmul(dtype):
+        return "widened"
+    return "grouped" if grouped_mm_works(dtype, hidden, inner) else "per-expert"
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -82,10 +103,18 @@ def _not_cpu(device: torch.device) -> str | None:
 @register_kernel("cpu", why_unavailable=_not_cpu)
 def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             gate_up: torch.Tensor, down: torch.Tensor, *,
-            expert_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Sorted slots, one grouped GEMM per projection (or a GEMM pair per active expert), weighted sum."""
+            expert_map: torch.Tensor | None = None, schedule: str | None = None) -> torch.Tensor:
+    """Sorted slots, one grouped GEMM per projection (or a GEMM pair per active expert), weighted sum.
+
+    `schedule` forces one of SCHEDULES (default: `choose_schedule`); batch-1 decode has its own path."""
     N, K = indices.shape
     E = gate_up.shape[0]
+    if schedule is None:
+        schedule = choose_schedule(x.dtype, gate_up.shape[2], down.shape[2])
+    elif schedule not in SCHEDULES:
+        raise ValueError(f"unknown cpu schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if schedule == "grouped" and not grouped_mm_works(x.dtype, gate_up.shape[2], down.shape[2]):
+        schedule = "per-expert"  # torch refuses these shapes here: same result, one GEMM pair per expert
     if N == 1:
         return _one_token(x, indices, weights, gate_up, down, expert_map)
     flat = indices.reshape(-1)
@@ -102,12 +131,12 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
         order = order[:present]
         xs = x[order // K]  # [S', D]
         # 2-3. Expert compute on one of two schedules.
-        if not slow_half_matmul(x.dtype) and grouped_mm_works(x.dtype):
+        if schedule == "grouped":
             offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end row of each expert's group
             h = _swiglu(torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))  # [S', I]
             y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [S', D]
         else:
-            widen = slow_half_matmul(x.dtype)  # only the active experts' weights get widened
+            widen = schedule == "widened" and x.dtype != torch.float32  # only active experts' weights
             y = torch.empty_like(xs)
             start = 0
             for e, n in enumerate(counts_host):
