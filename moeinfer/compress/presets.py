@@ -8,6 +8,8 @@ from typing import Any
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "int8": [{"method": "quantize", "bits": 8, "group_size": 128, "algorithm": "rtn"}],
     "int4": [{"method": "quantize", "bits": 4, "group_size": 128, "algorithm": "hqq"}],
+    "q8_0": [{"method": "quantize", "bits": 8, "group_size": 32, "algorithm": "sym"}],
+    "q4_0": [{"method": "quantize", "bits": 4, "group_size": 32, "algorithm": "sym"}],
     "int3": [{"method": "quantize", "bits": 3, "group_size": 64, "algorithm": "hqq"}],
     "int2": [{"method": "quantize", "bits": 2, "group_size": 64, "algorithm": "hqq"}],
     "mixed-2.5": [{"method": "quantize_mixed", "avg_bits": 2.5, "candidates": [2, 3, 4], "group_size": 64}],

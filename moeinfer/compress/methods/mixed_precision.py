@@ -43,7 +43,7 @@ class MixedPrecisionParams:
     avg_bits: float = 2.5  # budget: mean code bits per expert weight (scales and zeros not counted)
     candidates: tuple[int, ...] = (2, 3, 4)  # bit widths an expert may get
     group_size: int = 128
-    algorithm: str = "hqq"  # "rtn" or "hqq"
+    algorithm: str = "hqq"  # one of groupwise.ALGORITHMS: "rtn", "hqq", "sym" (Q8_0/Q4_0)
     error: str = "auto"  # "output" (needs calibration inputs), "weight", or "auto" (output when available)
     max_tokens: int = 512  # calibration tokens per layer used to measure output error
     importance: str = "gate"  # "gate": frequency x mean gate weight (MC-MoE); "none": error alone (ablation)

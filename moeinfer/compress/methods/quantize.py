@@ -27,6 +27,7 @@ from torch import nn
 
 from moeinfer.compress.calibration import CalibrationData
 from moeinfer.compress.quant.groupwise import ALGORITHMS, SUPPORTED_BITS
+from moeinfer.compress.quant.symmetric import SYMMETRIC_BITS
 from moeinfer.compress.quantized_experts import QuantizedExperts
 from moeinfer.compress.quantized_linear import QuantizedLinear
 from moeinfer.compress.registry import register_method
@@ -40,7 +41,7 @@ SCOPES = ("experts", "all")
 class QuantizeParams:
     bits: int = 4  # 8, 4, 3 or 2
     group_size: int = 128  # input columns per scale/zero; a last, shorter group takes the remainder
-    algorithm: str = "hqq"  # "rtn" or "hqq"
+    algorithm: str = "hqq"  # one of groupwise.ALGORITHMS: "rtn", "hqq", "sym" (Q8_0/Q4_0)
     scope: str = "experts"  # "experts" (routed experts) or "all" (every linear layer but routers)
     lm_head: bool = False  # with scope "all": quantize lm_head too
 
@@ -60,6 +61,8 @@ def check_quant_fields(bits: Any, group_size: Any, algorithm: Any) -> None:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r} "
                          "(GPTQ is not implemented; HQQ is the error-minimising method)")
+    if algorithm == "sym" and bits not in SYMMETRIC_BITS:
+        raise ValueError(f"algorithm 'sym' (ggml's Q8_0/Q4_0) supports bits {SYMMETRIC_BITS}, got {bits!r}")
 
 
 def relative_error(ref: torch.Tensor, got: torch.Tensor) -> float:

@@ -5,7 +5,10 @@ Shapes: [...] leading axes (experts, rows), C columns, G = ceil(C / group_size) 
 A column count that `group_size` does not divide gets a shorter last group: the codes are stored
 for exactly C columns (no padding on disk), and only the arithmetic pads.
 
-Steps (`quantize`):
+`algorithm="sym"` is the symmetric scheme of ggml's Q8_0/Q4_0 (moeinfer.compress.quant.symmetric):
+the same storage with a constant zero-point, so those weights round-trip to GGUF bit for bit.
+
+Steps (`quantize`, asymmetric algorithms):
 1. pad the columns to G * g by repeating the last column (min and max of the last group unchanged);
 2. per group: s = (max - min) / (2^bits - 1) and z = round(-min / s) (round-to-nearest, RTN), or
    HQQ's optimised zero-point (moeinfer.compress.quant.hqq);
@@ -19,9 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from moeinfer.compress.quant.packing import pack, unpack_codes
+from moeinfer.compress.quant.symmetric import quantize_symmetric
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-ALGORITHMS = ("rtn", "hqq")
+ALGORITHMS = ("rtn", "hqq", "sym")
 
 
 def check_bits(bits: int) -> int:
@@ -70,6 +74,9 @@ def quantize(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str = "r
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     C = w.shape[-1]
+    if algorithm == "sym":
+        codes, scale, zero = quantize_symmetric(w, bits=bits, group_size=group_size)
+        return QuantizedTensor(pack(codes, bits), scale, zero, bits, group_size, C)
     G = num_groups(C, group_size)
     qmax = (1 << bits) - 1
     # 1. pad to whole groups
