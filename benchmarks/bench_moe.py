@@ -166,12 +166,13 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
 
 def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...], scale: int, *,
                 peaks: tuple[float, float] | None = None, gpu_path: bool | None = None,
-                shapes: list[str] | None = None, budget_s: float = 4.0, warmup: int = 3,
+                shapes: list[str] | None = None, budget_s: float = 4.0, warmup: int = 3, reps: int | None = None,
                 on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """The layer table. `peaks` (copy bytes/s, matmul FLOP/s) skips measuring them again; `gpu_path`
     (default: on CUDA) times the GPU candidates (triton, torch._grouped_mm, a CUDA-graph replay)
     even on the CPU, where Triton's interpreter and plain calls stand in (benchmarks/gpu_suite.py
-    --dry-run); `budget_s` caps each candidate's timing; `on_row` sees each row as it is made."""
+    --dry-run); `budget_s` caps each candidate's timing (after `warmup` calls; `reps` timed calls at
+    most); `on_row` sees each row as it is made."""
     from moeinfer.kernels import get_kernel
     from moeinfer.kernels.registry import KERNELS, resolve
 
@@ -231,7 +232,7 @@ def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...
                     graphed.add("moeinfer triton, CUDA graph")
             for backend, fn in cands.items():
                 with torch.no_grad():
-                    t = time_fn(fn, device, warmup=warmup, reps=10 if N >= 512 else 30, budget_s=budget_s,
+                    t = time_fn(fn, device, warmup=warmup, reps=reps or (10 if N >= 512 else 30), budget_s=budget_s,
                                 cuda_graph=backend in graphed)
                 rows.append(dict(shape=label, tokens=N, backend=backend, seconds=t, experts_used=used,
                                  gb_s=nbytes / t / 1e9, pct_bandwidth=100 * nbytes / t / bandwidth,

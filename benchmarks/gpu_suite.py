@@ -199,11 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{part.letter}  {part.name:8s} {part.title} (share {part.share_s:.0f} s of 480)")
         return 0
     names = select_parts(args.only, args.skip)
-    # The parent never initialises CUDA (forked children could not use it then): CUDA's presence is
-    # asked of NVML, not the driver. The dry run's kernels run in Triton's interpreter.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"
     traces = args.traces or next((t for t in DEFAULT_TRACES if t.is_dir()), DEFAULT_TRACES[0])
     if "offload" in names and not (traces / "humaneval_2_routing.jsonl").is_file():
         raise SystemExit(f"--traces {traces}: no humaneval_2_routing.jsonl there (part f replays the Mixtral "
@@ -212,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "results.json").exists() and not args.overwrite:
         raise SystemExit(f"{out / 'results.json'} exists: pass --overwrite to replace it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
+    # The parent never initialises CUDA (forked children could not use it then): CUDA's presence is
+    # asked of NVML, not the driver. The dry run's kernels run in Triton's interpreter.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():

@@ -45,7 +45,7 @@ def run(ctx: Context) -> Result:
     env = dict(os.environ, GPU_SUITE_PYTEST_LOG=str(log),
                PYTHONPATH=os.pathsep.join(p for p in (str(ctx.repo), here, os.environ.get("PYTHONPATH")) if p))
     timeout = max(ctx.time_left() - 3, 1)
-    result: Result = dict(command=" ".join(cmd[1:]), timed_out=False)
+    result: Result = dict(command=" ".join(cmd[1:]), timed_out=False, dry_run=ctx.dry_run)
     try:
         proc = subprocess.run(cmd, cwd=ctx.repo, env=env, capture_output=True, text=True, timeout=timeout)
         result.update(exit_code=proc.returncode, output_tail=(proc.stdout + proc.stderr)[-4000:])
@@ -55,8 +55,10 @@ def run(ctx: Context) -> Result:
                       output_tail=(out.decode(errors="replace") if isinstance(out, bytes) else out)[-4000:])
     tests = read_log(log)
     counts = Counter(t["outcome"] for t in tests)
-    result.update(tests=tests, counts=dict(counts))
-    bad = counts["failed"] + counts["error"] + (0 if ctx.dry_run else counts["skipped"])
+    # 3. without CUDA (the dry run) every gpu test must skip, saying it needs CUDA; on a GPU none may
+    odd = [t["test"] for t in tests if t["outcome"] == "skipped" and (not ctx.dry_run or "CUDA" not in t["message"])]
+    result.update(tests=tests, counts=dict(counts), unexpected_skips=odd)
+    bad = counts["failed"] + counts["error"] + len(odd)
     if result["timed_out"]:
         result["status"] = "timeout"
     elif bad or not tests or result["exit_code"] not in (0, 5):
@@ -69,7 +71,9 @@ def markdown(r: Result) -> str:
     lines = [f"`{r.get('command')}`: {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, "
              f"{c.get('error', 0)} errors, {c.get('skipped', 0)} skipped"
              + (" (stopped at the deadline)" if r.get("timed_out") else "") + "."]
-    bad = [t for t in r.get("tests", []) if t["outcome"] != "passed"]
+    # skips are listed where they are failures (on a GPU); the dry run's are all "needs a CUDA GPU"
+    shown = ("failed", "error") if r.get("dry_run") else ("failed", "error", "skipped")
+    bad = [t for t in r.get("tests", []) if t["outcome"] in shown]
     if bad:
         lines += ["", "| test | outcome | message (end) |", "|---|---|---|"]
         for t in bad[:60]:

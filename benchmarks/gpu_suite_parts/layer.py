@@ -4,7 +4,7 @@ Mixtral-8x7B, Qwen3-30B-A3B and OLMoE-1B-7B at 1/8/64/512/4096 tokens, bf16: moe
 its CUDA-graph replay at <= 64 tokens), the eager reference, transformers' experts implementations
 (eager, batched_mm, grouped_mm) and torch._grouped_mm, each as % of the measured copy bandwidth and
 of dense matmul (part a's limits). Each candidate's timing gets an equal slice of the part's time.
-The dry run: shapes divided by 32 (E and K kept), 1 token, Triton's interpreter, one timed call.
+The dry run: shapes divided by 32 (E and K kept), 1 token, Triton's interpreter, one call each.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def run(ctx: Context) -> Result:
         ctx.save(result)
 
     bench_layer(dev, torch.bfloat16, tokens, DRY_SCALE if ctx.dry_run else 1, peaks=peaks, gpu_path=True,
-                budget_s=budget, warmup=0 if ctx.dry_run else 3, on_row=on_row)
+                budget_s=budget, warmup=0 if ctx.dry_run else 3, reps=1 if ctx.dry_run else None, on_row=on_row)
     return result
 
 
