@@ -117,8 +117,8 @@ def _register_host(t: Any) -> bool:
     torch's caching host allocator would round a 1.9 GB request up to 2 GiB."""
     import torch
 
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    return int(err) == 0
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1)  # portable
+    return int(err) == 0 and t.is_pinned()
 
 
 def random_model(hf: dict[str, Any], *, device: Any, dtype: Any, experts_on_host: bool = False,

@@ -179,6 +179,9 @@ def run(ctx: Context) -> Result:
     hf = DRY_MIXTRAL if ctx.dry_run else MIXTRAL_8X7B
     model, result["build_s"] = timed(lambda: random_model(hf, device=ctx.torch_device(), dtype=torch.bfloat16,
                                                           experts_on_host=True, pin=cuda))
+    if cuda and not all(t.is_pinned() for b in model.moe_blocks() for t in b.experts.parameters()):
+        # offload_'s host tier would otherwise make a pinned copy of 90 GB beside them
+        raise RuntimeError("the experts' host memory is not page-locked; the cpu tier needs it pinned")
     shape = ModelShape.from_model(model, "mixtral-8x7b-shaped" + (" (dry run: D=32)" if ctx.dry_run else ""))
     result["expert_bytes"] = shape.expert_bytes
     if cuda:
