@@ -368,16 +368,17 @@ def olmoe_pair(device: torch.device, shape: dict[str, int] = OLMOE_1B_7B, *, tmp
 
 def bench_e2e(device: torch.device, new_tokens: int, *, shape: dict[str, int] = OLMOE_1B_7B,
               bandwidth: float | None = None, tmp_dir: str | None = None,
-              allow_cpu: bool = False) -> list[dict[str, Any]]:
+              allow_cpu: bool = False, pair: tuple[Any, Any] | None = None) -> list[dict[str, Any]]:
     """Batch-1 decode of an OLMoE-1B-7B-shaped model with random weights: moeinfer (triton kernel,
     CUDA-graph decode) vs transformers generate on the same weights, and % of the roofline.
-    `allow_cpu`: the dry run of benchmarks/gpu_suite.py (tiny `shape`, Triton's interpreter, no graph)."""
+    `allow_cpu`: the dry run of benchmarks/gpu_suite.py (tiny `shape`, Triton's interpreter, no graph);
+    `pair`: (transformers model, moeinfer model) already made by `olmoe_pair`."""
     if device.type != "cuda" and not allow_cpu:
         raise SystemExit("--part e2e needs --device cuda")
     from moeinfer.kernels import use_kernel_
 
     bandwidth = bandwidth or measure_bandwidth(device)
-    hf, model = olmoe_pair(device, shape, tmp_dir=tmp_dir)
+    hf, model = pair or olmoe_pair(device, shape, tmp_dir=tmp_dir)
     use_kernel_(model, "triton")
     prompt = list(range(10, 26))
     params = model.num_parameters()
@@ -389,7 +390,8 @@ def bench_e2e(device: torch.device, new_tokens: int, *, shape: dict[str, int] = 
         ids = torch.tensor([prompt], device=device)
         theirs = transformers_decode_rate(hf, ids, new_tokens, sync=sync)
     roofline = bandwidth / bytes_per_token
-    for name, rate in (("moeinfer triton + CUDA graph", ours), ("transformers generate", theirs)):
+    impl = getattr(hf.config, "_experts_implementation", None)
+    for name, rate in (("moeinfer triton + CUDA graph", ours), (f"transformers generate (experts: {impl})", theirs)):
         rows.append(dict(system=name, decode_tok_s=rate, pct_roofline=100 * rate / roofline))
         print(f"  {name}: {rate:.1f} tok/s ({100 * rate / roofline:.0f}% of the {roofline:.0f} tok/s roofline)")
     return [dict(measured_bandwidth_bytes_s=bandwidth, bytes_per_token=bytes_per_token)] + rows

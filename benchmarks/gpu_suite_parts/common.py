@@ -83,10 +83,15 @@ class Context:
 
         return torch.device(self.device)
 
-    def tmp_dir(self) -> str | None:
-        """A folder in RAM for checkpoints that exist only to be read back (no disk write), if any."""
+    def tmp_dir(self, need_bytes: int = 0) -> str | None:
+        """A folder in RAM with `need_bytes` free, for checkpoints that exist only to be read back (no
+        disk write); None (the default temp folder) where there is none."""
+        import shutil
+
         shm = Path("/dev/shm")
-        return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+        if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1.2 * need_bytes:
+            return str(shm)
+        return None
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -112,13 +117,16 @@ OLMOE_1B_7B = {"model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 
                "tie_word_embeddings": False}
 
 
-def _register_host(t: Any) -> bool:
+def _register_host(t: Any) -> None:
     """Page-lock `t`'s host memory in place (cudaHostRegister): pinned at its exact size, where
-    torch's caching host allocator would round a 1.9 GB request up to 2 GiB."""
+    torch's caching host allocator would round a 1.9 GB request up to 2 GiB. No fallback to a pinned
+    copy: for Mixtral's 90 GB of experts a second copy would not fit in host memory."""
     import torch
 
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1)  # portable
-    return int(err) == 0 and t.is_pinned()
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1))  # portable
+    if err != 0 or not t.is_pinned():
+        raise RuntimeError(f"page-locking {t.numel() * t.element_size():,} bytes of host memory for experts failed "
+                           f"(cudaHostRegister error {err}, is_pinned {t.is_pinned()})")
 
 
 def random_model(hf: dict[str, Any], *, device: Any, dtype: Any, experts_on_host: bool = False,
@@ -146,8 +154,8 @@ def random_model(hf: dict[str, Any], *, device: Any, dtype: Any, experts_on_host
 
     def make(shape: tuple[int, ...], fan_in: int) -> Any:
         t = torch.empty(shape, dtype=dtype, device=where)
-        if pin and where.type == "cpu" and not _register_host(t):
-            t = t.pin_memory()  # registration refused: the caching allocator's pinned copy
+        if pin and where.type == "cpu":
+            _register_host(t)
         for e in range(shape[0]):  # one expert at a time: a small staging tensor on `device`
             t[e].copy_(torch.randn(shape[1:], generator=g, device=device, dtype=dtype) / fan_in**0.5)
         return t

@@ -21,6 +21,7 @@ The dry run: 32 layers of D=32, I=48 in ordinary host memory, a few tokens, the 
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -152,6 +153,9 @@ def live_run(model: Any, cfg: Any, trace: Any, *, cuda: bool) -> dict[str, Any]:
         model.offload.close()
         restore_routing_(model)
         restore_experts_(model, layers, observer)
+        gc.collect()  # the closed runtime's cache slots (~20 GB) go before the next run allocates its own
+        if cuda:
+            torch.cuda.empty_cache()
     return row
 
 
