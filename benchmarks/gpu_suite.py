@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for part in PARTS.values():
-            print(f"{part.letter}  {part.name:8s} {part.title} (share {part.share_s:.0f} s of 480)")
+            total = sum(q.share_s for q in PARTS.values())
+            print(f"{part.letter}  {part.name:8s} {part.title} (share {part.share_s:.0f} of {total:.0f}, scaled to "
+                  "--budget-s)")
         return 0
     names = select_parts(args.only, args.skip)
     traces = args.traces or next((t for t in DEFAULT_TRACES if t.is_dir()), DEFAULT_TRACES[0])
@@ -206,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     if (out / "results.json").exists() and not args.overwrite:
         raise SystemExit(f"{out / 'results.json'} exists: pass --overwrite to replace it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
     # The parent never initialises CUDA (forked children could not use it then): CUDA's presence is
     # asked of NVML, not the driver. The dry run's kernels run in Triton's interpreter.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA device is visible; on a CPU run the rehearsal: --dry-run")
+    out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:  # nothing here can touch CUDA: load the heavy modules once, before forking
         import transformers.models.mixtral.modeling_mixtral  # noqa: F401
         import transformers.models.olmoe.modeling_olmoe  # noqa: F401
