@@ -114,8 +114,9 @@ def run_part(name: str, ctx: Context, timeout: float) -> dict[str, Any]:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
+            except ProcessLookupError:  # it had not made its own group yet
+                if proc.is_alive():
+                    os.kill(proc.pid, sig)
             proc.join(5)
             if not proc.is_alive():
                 break
