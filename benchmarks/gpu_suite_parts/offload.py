@@ -13,7 +13,8 @@ Mixtral routing replayed, against the offload simulator's prediction of the same
 5. live, tier "cpu": the on-demand baseline (LRU, no prefetch, no assist) and the chosen one, each
    decoding the first tokens of a humaneval request with its routing replayed
    (moeinfer.offload.replay); tokens/s from the wall time of the whole run;
-6. the simulator's prediction of each live run (same rows, same settings): within 25%?
+6. the simulator's prediction of each live run (same rows, settings and calibrated CPU-assist cost
+   model): within 25%? and are its hit and miss counts the live ones?
 Mixed-precision loading (HOBBIT's low-bit copies) lives in the disk tier's store only, which for
 this model needs ~113 GB of disk; it is predicted by the simulator and not run live.
 The dry run: 32 layers of D=32, I=48 in ordinary host memory, a few tokens, the CPU's loader thread.
@@ -121,8 +122,9 @@ def restore_experts_(model: Any, layers: list[tuple[Any, Any]], observer: Any) -
         del model.offload
 
 
-def live_run(model: Any, cfg: Any, trace: Any, *, cuda: bool) -> dict[str, Any]:
-    """Step 5: offload, replay `trace`'s routing, decode its tokens; tokens/s over the whole run."""
+def live_run(model: Any, cfg: Any, trace: Any, *, cuda: bool) -> tuple[dict[str, Any], Any]:
+    """Step 5: offload, replay `trace`'s routing, decode its tokens; tokens/s over the whole run, and
+    the CPU-assist cost model the run calibrated (None without assist)."""
     import torch
 
     import moeinfer
@@ -149,6 +151,7 @@ def live_run(model: Any, cfg: Any, trace: Any, *, cuda: bool) -> dict[str, Any]:
                    bytes_loaded=st.bytes_loaded, stall_s=rt.stall_s, assisted_s=rt.assisted_s, offload_s=offload_s,
                    slots=model.offload.cache.num_slots,
                    peak_gpu_bytes=torch.cuda.max_memory_allocated() if cuda else None)
+        cost_model = rt.extra.get("cost_model")
     finally:
         model.offload.close()
         restore_routing_(model)
@@ -156,7 +159,7 @@ def live_run(model: Any, cfg: Any, trace: Any, *, cuda: bool) -> dict[str, Any]:
         gc.collect()  # the closed runtime's cache slots (~20 GB) go before the next run allocates its own
         if cuda:
             torch.cuda.empty_cache()
-    return row
+    return row, cost_model
 
 
 @part("offload", letter="f", title="Offloaded Mixtral-8x7B-shaped decode vs the simulator", share_s=105,
@@ -198,10 +201,12 @@ def run(ctx: Context) -> Result:
     # 5.-6. live runs and their predictions
     on_demand = OffloadConfig(tier="cpu", cache=n_cache, scope="global", policy="lru", prefetch="none")
     for label, cfg in (("on-demand", on_demand), ("best", best)):
-        row = live_run(model, cfg, run_trace, cuda=cuda)
-        pred = simulate(run_trace, shape=shape, config=cfg, hardware=hw)
+        row, cost_model = live_run(model, cfg, run_trace, cuda=cuda)
+        # 6. the same run predicted: same rows, settings, and the cost model the live run calibrated
+        pred = simulate(run_trace, shape=shape, config=cfg, hardware=hw, cost_model=cost_model)
         row.update(label=label, predicted_tok_s=pred.tokens_per_s, predicted_hit_rate=pred.hit_rate,
-                   prediction_error=pred.tokens_per_s / row["tok_s"] - 1.0)
+                   prediction_error=pred.tokens_per_s / row["tok_s"] - 1.0,
+                   simulator_counts_equal=(pred.cache["hits"], pred.cache["misses"]) == (row["hits"], row["misses"]))
         result["live"].append(row)
         ctx.save(result)
     mixed = OffloadConfig(tier="cpu", cache=n_cache, scope="global", policy=best.policy, prefetch=best.prefetch,
@@ -220,16 +225,16 @@ def run(ctx: Context) -> Result:
 
 def markdown(r: Result) -> str:
     lines = [f"Budget {r['budget_bytes'] / 1e9:.0f} GB of GPU memory: cache of {r['cache_experts']} experts of "
-             f"{r.get('expert_bytes', 0) / 1e6:.0f} MB (one pool), {r['tokens']} tokens of a humaneval request with "
+             f"{r.get('expert_bytes', 0) / 1e6:.3g} MB (one pool), {r['tokens']} tokens of a humaneval request with "
              f"Mixtral-8x7B's routing replayed; model built in {r.get('build_s', 0):.0f} s.", ""]
     if r.get("live"):
         lines += ["| run | policy | prefetch | CPU assist | hit rate | tok/s | simulator tok/s | sim error | "
-                  "peak GPU GB |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+                  "sim hits = live | peak GPU GB |", "|---|---|---|---|---:|---:|---:|---:|---|---:|"]
         for x in r["live"]:
             peak = f"{x['peak_gpu_bytes'] / 1e9:.1f}" if x.get("peak_gpu_bytes") else "-"
             lines.append(f"| {x['label']} | {x['policy']} | {x['prefetch']} | {x['cpu_assist']} | {x['hit_rate']:.3f} "
                          f"| {x['tok_s']:.2f} | {x['predicted_tok_s']:.2f} | {100 * x['prediction_error']:+.0f}% "
-                         f"| {peak} |")
+                         f"| {'yes' if x.get('simulator_counts_equal') else '**no**'} | {peak} |")
     if r.get("predicted"):
         lines += ["", "Simulated only:", ""]
         lines += [f"- {x['label']} ({x['policy']}, {x['prefetch']}, assist {x['cpu_assist']}): "
