@@ -124,9 +124,10 @@ def transformers_experts(shape: dict[str, int], gate_up: torch.Tensor, down: tor
     cfg = MixtralConfig(hidden_size=shape["D"], intermediate_size=shape["I"], num_local_experts=shape["E"],
                         num_experts_per_tok=shape["K"])
     cfg._experts_implementation = impl
-    experts = MixtralExperts(cfg).to(device=gate_up.device, dtype=gate_up.dtype)
-    experts.gate_up_proj.data = gate_up
-    experts.down_proj.data = down
+    with torch.device("meta"):  # no random init of weights that are replaced at once
+        experts = MixtralExperts(cfg)
+    experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+    experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
     return experts
 
 
@@ -163,23 +164,41 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
     return bandwidth, 2 * n**3 / time_fn(lambda: a @ b, device, reps=5)
 
 
-def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...], scale: int) -> list[dict[str, Any]]:
+def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...], scale: int, *,
+                peaks: tuple[float, float] | None = None, gpu_path: bool | None = None,
+                shapes: list[str] | None = None, budget_s: float = 4.0, warmup: int = 3, reps: int | None = None,
+                on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """The layer table. `peaks` (copy bytes/s, matmul FLOP/s) skips measuring them again; `gpu_path`
+    (default: on CUDA) times the GPU candidates (triton, torch._grouped_mm, a CUDA-graph replay)
+    even on the CPU, where Triton's interpreter and plain calls stand in (benchmarks/gpu_suite.py
+    --dry-run); `budget_s` caps each candidate's timing (after `warmup` calls; `reps` timed calls at
+    most); `on_row` sees each row as it is made."""
     from moeinfer.kernels import get_kernel
     from moeinfer.kernels.registry import KERNELS, resolve
 
-    bandwidth, matmul = measure_peaks(device, dtype)
+    gpu_path = device.type == "cuda" if gpu_path is None else gpu_path
+    bandwidth, matmul = peaks or measure_peaks(device, dtype)
     print(f"measured: copy bandwidth {bandwidth / 1e9:.1f} GB/s, dense {dtype} matmul {matmul / 1e12:.3f} TFLOP/s")
     rows = []
     for name, full in LAYER_SHAPES.items():
+        if shapes is not None and name not in shapes:
+            continue
         shape = dict(full, D=full["D"] // scale, I=full["I"] // scale)
         E, K, D, I = shape["E"], shape["K"], shape["D"], shape["I"]
         label = name if scale == 1 else f"{name} /{scale} (E={E}, K={K}, D={D}, I={I})"
         g = torch.Generator(device="cpu").manual_seed(0)
-        gate_up = (torch.randn(E, 2 * I, D, generator=g) / D**0.5).to(device=device, dtype=dtype)
-        down = (torch.randn(E, D, I, generator=g) / I**0.5).to(device=device, dtype=dtype)
+        gw = torch.Generator(device=device).manual_seed(0)  # weights drawn where they live (GB on a GPU)
+        gate_up = (torch.randn(E, 2 * I, D, generator=gw, device=device) / D**0.5).to(dtype)
+        down = (torch.randn(E, D, I, generator=gw, device=device) / I**0.5).to(dtype)
         gate_up32 = down32 = None
-        if device.type == "cpu" and dtype != torch.float32:
+        if device.type == "cpu" and dtype != torch.float32 and not gpu_path:
             gate_up32, down32 = gate_up.float(), down.float()
+        hf_experts = {}
+        for impl in ("eager", "batched_mm", "grouped_mm"):
+            try:
+                hf_experts[impl] = transformers_experts(shape, gate_up, down, impl)
+            except Exception as e:  # an implementation missing in this version is recorded
+                print(f"  transformers {impl}: unavailable ({type(e).__name__}: {str(e)[:80]})")
         for N in tokens:
             x = torch.randn(N, D, generator=g).to(device=device, dtype=dtype)
             idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]).to(device)
@@ -190,32 +209,36 @@ def bench_layer(device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...
             cands: dict[str, Callable[[], Any]] = {}
             graphed = set()  # backends also timed as a CUDA-graph replay (no host sync inside)
             resolve("auto", device)  # registers the backends
-            for k in (["reference", "cpu"] if device.type == "cpu" else ["triton", "reference"]):
+            for k in (["triton", "reference"] if gpu_path else ["reference", "cpu"]):
                 if KERNELS[k].why_unavailable(device) is None:
                     cands[f"moeinfer {k}"] = (lambda fn=get_kernel(k, device): fn(x, idx, w, gate_up, down))
             if gate_up32 is not None:
                 cands["moeinfer cpu, fp32 weights"] = lambda: get_kernel("cpu")(x.float(), idx, w, gate_up32,
                                                                                 down32).to(dtype)
-            for impl in ("eager", "batched_mm", "grouped_mm"):
+            for impl, hf in hf_experts.items():
                 try:
-                    hf = transformers_experts(shape, gate_up, down, impl)
                     hf(x, idx, w.to(dtype))
                     cands[f"transformers {impl}"] = (lambda hf=hf: hf(x, idx, w.to(dtype)))
                 except Exception as e:  # an implementation missing on this device/version is recorded
                     print(f"  transformers {impl}: unavailable ({type(e).__name__}: {str(e)[:80]})")
-            if device.type == "cuda":
-                cands["torch._grouped_mm"] = lambda: grouped_mm_baseline(x, idx, w, gate_up, down)
-                if "moeinfer triton" in cands and N <= 64:
+            if gpu_path:
+                try:
+                    grouped_mm_baseline(x, idx, w, gate_up, down)
+                    cands["torch._grouped_mm"] = lambda: grouped_mm_baseline(x, idx, w, gate_up, down)
+                except RuntimeError as e:  # e.g. rows not 16-byte aligned, or no kernel for this device
+                    print(f"  torch._grouped_mm: unavailable ({type(e).__name__}: {str(e)[:80]})")
+                if "moeinfer triton" in cands and N <= 64 and device.type == "cuda":
                     cands["moeinfer triton, CUDA graph"] = cands["moeinfer triton"]
                     graphed.add("moeinfer triton, CUDA graph")
-            budget = 4.0
             for backend, fn in cands.items():
                 with torch.no_grad():
-                    t = time_fn(fn, device, reps=10 if N >= 512 else 30, budget_s=budget,
+                    t = time_fn(fn, device, warmup=warmup, reps=reps or (10 if N >= 512 else 30), budget_s=budget_s,
                                 cuda_graph=backend in graphed)
                 rows.append(dict(shape=label, tokens=N, backend=backend, seconds=t, experts_used=used,
                                  gb_s=nbytes / t / 1e9, pct_bandwidth=100 * nbytes / t / bandwidth,
                                  tflop_s=flops / t / 1e12, pct_matmul=100 * flops / t / matmul))
+                if on_row is not None:
+                    on_row(rows[-1])
                 print(f"  {label} N={N} {backend}: {t * 1e6:.0f} us, {nbytes / t / 1e9:.1f} GB/s "
                       f"({100 * nbytes / t / bandwidth:.0f}% of copy), {100 * flops / t / matmul:.0f}% of matmul",
                       flush=True)
@@ -316,42 +339,59 @@ def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- end to end on the GPU
 
-def bench_e2e(device: torch.device, new_tokens: int) -> list[dict[str, Any]]:
-    """Batch-1 decode of an OLMoE-1B-7B-shaped model with random weights: moeinfer (triton kernel,
-    CUDA-graph decode) vs transformers generate on the same weights, and % of the roofline."""
-    if device.type != "cuda":
-        raise SystemExit("--part e2e needs --device cuda")
+# OLMoE-1B-7B-0924's shape: 16 layers, D=2048, 64 experts, top-8, I=1024, 16 heads, vocab 50304.
+OLMOE_1B_7B = dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_experts=64,
+                   num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=16, vocab_size=50304)
+
+
+def olmoe_pair(device: torch.device, shape: dict[str, int] = OLMOE_1B_7B, *, tmp_dir: str | None = None):
+    """transformers' OlmoeForCausalLM with random bf16 weights made on `device`, and the same weights
+    loaded by moeinfer (through a checkpoint in `tmp_dir`, e.g. /dev/shm: RAM, no disk)."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     import moeinfer
-    from moeinfer.kernels import use_kernel_
 
-    bandwidth = measure_bandwidth(device)
-    # OLMoE-1B-7B-0924's shape: 16 layers, D=2048, 64 experts, top-8, I=1024, 16 heads, vocab 50304.
-    cfg = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_experts=64,
-                      num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=16, vocab_size=50304)
-    with tempfile.TemporaryDirectory() as tmp:
+    cfg = OlmoeConfig(**shape)
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
         torch.manual_seed(0)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         try:
-            with torch.device(device):  # random init straight on the GPU
+            with torch.device(device):  # random init straight on the device
                 hf = OlmoeForCausalLM(cfg).eval()
         finally:
             torch.set_default_dtype(previous)
         hf.save_pretrained(tmp)
         model = moeinfer.load(tmp, device=str(device), dtype="bfloat16")
+    return hf, model
+
+
+def bench_e2e(device: torch.device, new_tokens: int, *, shape: dict[str, int] = OLMOE_1B_7B,
+              bandwidth: float | None = None, tmp_dir: str | None = None,
+              allow_cpu: bool = False, pair: tuple[Any, Any] | None = None) -> list[dict[str, Any]]:
+    """Batch-1 decode of an OLMoE-1B-7B-shaped model with random weights: moeinfer (triton kernel,
+    CUDA-graph decode) vs transformers generate on the same weights, and % of the roofline.
+    `allow_cpu`: the dry run of benchmarks/gpu_suite.py (tiny `shape`, Triton's interpreter, no graph);
+    `pair`: (transformers model, moeinfer model) already made by `olmoe_pair`."""
+    if device.type != "cuda" and not allow_cpu:
+        raise SystemExit("--part e2e needs --device cuda")
+    from moeinfer.kernels import use_kernel_
+
+    bandwidth = bandwidth or measure_bandwidth(device)
+    hf, model = pair or olmoe_pair(device, shape, tmp_dir=tmp_dir)
     use_kernel_(model, "triton")
     prompt = list(range(10, 26))
     params = model.num_parameters()
     bytes_per_token = params["active"] * 2  # bf16 weights read once per token at batch 1
     rows = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         ours = moeinfer_decode_rate(model, prompt, new_tokens)  # on_token reads each token: synchronised
         ids = torch.tensor([prompt], device=device)
-        theirs = transformers_decode_rate(hf, ids, new_tokens, sync=torch.cuda.synchronize)
+        theirs = transformers_decode_rate(hf, ids, new_tokens, sync=sync)
     roofline = bandwidth / bytes_per_token
-    for name, rate in (("moeinfer triton + CUDA graph", ours), ("transformers generate", theirs)):
+    impl = getattr(hf.config, "_experts_implementation", None)
+    for name, rate in (("moeinfer triton + CUDA graph", ours), (f"transformers generate (experts: {impl})", theirs)):
         rows.append(dict(system=name, decode_tok_s=rate, pct_roofline=100 * rate / roofline))
         print(f"  {name}: {rate:.1f} tok/s ({100 * rate / roofline:.0f}% of the {roofline:.0f} tok/s roofline)")
     return [dict(measured_bandwidth_bytes_s=bandwidth, bytes_per_token=bytes_per_token)] + rows

@@ -80,6 +80,7 @@ def test_blocker_and_cpu_fallback(tiny):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
 def test_cuda_graph_decode_same_tokens():
     model = moeinfer.load("tiny", device="cuda", dtype="bfloat16")

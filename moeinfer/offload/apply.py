@@ -93,7 +93,9 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     blocks = _check_model(model)
     first = blocks[0].experts
     E, two_i, D = first.gate_up_proj.shape
-    dtype, device = first.gate_up_proj.dtype, first.gate_up_proj.device
+    # the fast tier is where the rest of the model runs: experts already in (pinned) host memory, as
+    # a model larger than the GPU is built, are used in place as the "cpu" tier
+    dtype, device = first.gate_up_proj.dtype, model.device
     layers = [(b.experts.gate_up_proj.data, b.experts.down_proj.data) for b in blocks]
     codec = None
     if config.low_bit_threshold is not None:
