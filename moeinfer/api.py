@@ -46,8 +46,13 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
                            on_expert_error=on_expert_error)
 
 
-def save(model: MoEModel, path: str | os.PathLike[str], *, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write `model` as an HF-format checkpoint directory (atomically: temp dir, then rename)."""
+def save(model: MoEModel, path: str | os.PathLike[str], *, overwrite: bool = False,
+         max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write `model` as an HF-format checkpoint directory (atomically: temp dir beside, then swapped in).
+
+    A missing or empty `path` is written; one that holds a checkpoint is replaced only with `overwrite=True`;
+    any other non-empty directory, the current directory and the model's source checkpoint (or a parent
+    of either) are refused with `moeinfer.fsutil.OutputDirError` (overwrite=True allows the last two)."""
     from moeinfer.loading.save import save_checkpoint
 
-    return save_checkpoint(model, path, max_shard_bytes=max_shard_bytes)
+    return save_checkpoint(model, path, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
