@@ -27,23 +27,28 @@ def resolve_model_path(path: str | os.PathLike[str]) -> Path:
 
 def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = None, progress: bool = True,
-         expert_parallel: ExpertParallelConfig | None = None, on_expert_error: str = "raise") -> MoEModel:
+         expert_parallel: ExpertParallelConfig | None = None, on_expert_error: str = "raise",
+         check_weights: bool = False) -> MoEModel:
     """Load a local HF-format MoE checkpoint (or a shipped model by name) as an eval-mode MoEModel.
 
     expert_parallel: under torchrun, read only this rank's experts and spread them over the ranks
     (`moeinfer.parallel.apply_expert_parallel_`).
     on_expert_error: "mask" loads a checkpoint whose routed experts are missing, mis-shaped or not
-    finite with those experts masked in their routers (`model.failed_experts` says which and why)."""
-    from moeinfer.loading.checkpoint import load_checkpoint
+    finite with those experts masked in their routers (`model.failed_experts` says which and why).
+    check_weights: refuse weights holding NaN or Inf (a CheckpointError names them; one pass over the weights)."""
+    from moeinfer.loading.checkpoint import check_finite, load_checkpoint
 
     if expert_parallel is not None:
         from moeinfer.parallel.apply import load_expert_parallel
 
-        return load_expert_parallel(resolve_model_path(path), config=expert_parallel, device=device, dtype=dtype,
-                                    progress=progress)
+        model = load_expert_parallel(resolve_model_path(path), config=expert_parallel, device=device, dtype=dtype,
+                                     progress=progress)
+        if check_weights:
+            check_finite(model, path)  # this rank's experts and the shared weights
+        return model
 
     return load_checkpoint(resolve_model_path(path), device=device, dtype=dtype, progress=progress,
-                           on_expert_error=on_expert_error)
+                           on_expert_error=on_expert_error, check_weights=check_weights)
 
 
 def save(model: MoEModel, path: str | os.PathLike[str], *, overwrite: bool = False,

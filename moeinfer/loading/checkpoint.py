@@ -29,7 +29,8 @@ from torch import nn
 
 from moeinfer.arch import get_arch, parse_config
 from moeinfer.config import ConfigError
-from moeinfer.loading.config_json import check_config_fields, check_weight_map, read_json
+from moeinfer.loading.devices import parse_device
+from moeinfer.loading.config_json import EXPERT_COUNTS, check_config_fields, check_weight_map, read_json
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
 from moeinfer.loading.safetensors_io import STAGING_BYTES, SafetensorsFile
@@ -246,15 +247,16 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
         raise ValueError("on_expert_error='mask' cannot be combined with expert_slots")
     from tqdm.auto import tqdm
 
+    parse_device(device)  # before any reading
     root = Path(path)
     hf = read_config(root)
-    config = model_config(hf, root / "config.json")
-    spec = get_arch(config.model_type)
     paths, weight_map = shard_files(root)
     files = [SafetensorsFile(p) for p in paths]
-    _check_counts(config, files, root)
+    _check_counts(hf, files, root)
+    config = model_config(hf, root / "config.json")
+    spec = get_arch(config.model_type)
     target_dtype = parse_dtype(dtype) or _checkpoint_dtype(hf, files)
-    device = torch.device(device)
+    device = parse_device(device)
 
     # A model entirely on the meta device (nothing allocated, not even transiently) to check the files against
     with torch.device("meta"):
@@ -358,16 +360,20 @@ def _build(config: Any, hf: dict[str, Any], root: Path,
     return model
 
 
-def _check_counts(config: Any, files: list[SafetensorsFile], root: Path) -> None:
-    """Layer and expert counts that the files cannot hold are refused before a model of that size is built."""
+def _check_counts(hf: dict[str, Any], files: list[SafetensorsFile], root: Path) -> None:
+    """Layer and expert counts that the files cannot hold are refused before anything of that size is built
+    (config.json's values, read before the adapter makes per-layer tuples of them)."""
     n = sum(len(f.entries) for f in files)
     widest = max((e.shape[0] for f in files for e in f.entries.values() if e.shape), default=0)
-    if config.num_layers > n:
-        raise CheckpointError(f"{root}/config.json: num_hidden_layers={config.num_layers}, but the checkpoint "
+    layers = hf.get("num_hidden_layers")
+    if isinstance(layers, (int, float)) and layers > n:
+        raise CheckpointError(f"{root}/config.json: num_hidden_layers={layers}, but the checkpoint "
                               f"holds only {n} tensors")
-    if config.num_experts > max(n, widest):
-        raise CheckpointError(f"{root}/config.json: {config.num_experts} experts, but the checkpoint's {n} "
-                              "tensors cannot hold that many")
+    for field in EXPERT_COUNTS:
+        experts = hf.get(field)
+        if isinstance(experts, (int, float)) and experts > max(n, widest):
+            raise CheckpointError(f"{root}/config.json: {field}={experts} experts, but the checkpoint's {n} "
+                                  "tensors cannot hold that many")
 
 
 def _check_plan(params: dict[str, torch.Tensor], files: list[SafetensorsFile],

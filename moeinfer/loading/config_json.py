@@ -34,6 +34,10 @@ NON_NEGATIVE_INTS = ("sliding_window", "first_k_dense_replace", "n_shared_expert
 MAX_HEAD_DIM = 1 << 16
 HEAD_DIMS = ("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+# Counts the adapters turn into per-layer / per-expert Python objects; the loader also checks them against
+# the number of tensors in the files, this cap protects readers of config.json alone.
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+MAX_COUNT = 1 << 20
 
 
 def parse_json(raw: bytes, where: str | Path) -> Any:
@@ -92,6 +96,9 @@ def check_config_fields(hf: dict[str, Any], where: str | Path) -> None:
     for field in HEAD_DIMS:
         if hf.get(field) is not None and hf[field] > MAX_HEAD_DIM:
             raise ConfigError(f"{where}: {field}={hf[field]!r} is implausibly large (at most {MAX_HEAD_DIM})")
+    for field in ("num_hidden_layers", *EXPERT_COUNTS):
+        if hf.get(field) is not None and hf[field] > MAX_COUNT:
+            raise ConfigError(f"{where}: {field}={hf[field]!r} is implausibly large (at most {MAX_COUNT})")
     eos = hf.get("eos_token_id")
     for i, token in enumerate(eos if isinstance(eos, list) else [] if eos is None else [eos]):
         as_int(token, "eos_token_id" + (f"[{i}]" if isinstance(eos, list) else ""), where, minimum=0)
