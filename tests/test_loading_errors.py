@@ -198,3 +198,17 @@ def test_good_checkpoint_still_loads_exactly(ckpt):
     ids = torch.arange(12)[None] % 97
     with torch.no_grad():
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+def test_huge_max_position_embeddings_does_not_size_the_kv_cache(copy, limited_memory):
+    """max_position_embeddings: 1e9 loaded, then `serve` tried to allocate a KV cache of that length; now the
+    cache's bytes are checked first (a one-line error naming --max-model-len), and a given length works."""
+    from moeinfer.engine.batching import make_cache
+
+    _edit_config(copy, max_position_embeddings=1e9)
+    model = moeinfer.load(copy, progress=False)
+    with pytest.raises(ValueError, match=r"KV cache of 8 rows x 1,000,000,000 tokens needs .* --max-model-len"):
+        make_cache(model, max_batch=8, max_context=None)
+    cache = make_cache(model, max_batch=8, max_context=64)
+    assert cache.max_length == 64 and cache.nbytes() == 8 * 64 * 2 * 2 * model.config.num_kv_heads \
+        * model.config.head_dim * 4
