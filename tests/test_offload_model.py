@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from offload_helpers import random_mixtral
+from offload_helpers import generate_with_logits, random_mixtral
 
 import moeinfer
 from moeinfer.engine.trace import record_routing
@@ -36,15 +36,7 @@ def reference():
 
 
 def _generate(model) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens of PROMPT and the logits of every forward of that generation (prefill and decode
-    steps, concatenated), taken at the LM head as the run computes them."""
-    seen: list[torch.Tensor] = []
-    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().reshape(-1)))
-    try:
-        tokens = moeinfer.generate(model, [PROMPT], max_new_tokens=NEW)[0].token_ids
-    finally:
-        handle.remove()
-    return tokens, torch.cat(seen)
+    return generate_with_logits(model, PROMPT, NEW)
 
 
 def _run(cfg: OffloadConfig, **kw):
