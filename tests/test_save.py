@@ -21,6 +21,15 @@ def loaded(request, tmp_path_factory):
     return moeinfer.load(path, progress=False)
 
 
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """One architecture for the write-safety tests: they exercise the writer, not the family's names."""
+    path = tmp_path_factory.mktemp("one")
+    save_hf_checkpoint("mixtral", path, vocab_size=300)
+    write_tokenizer(path)
+    return moeinfer.load(path, progress=False)
+
+
 def _ids():
     return torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
 
@@ -52,49 +61,49 @@ def test_bf16_save_keeps_dtype(loaded, tmp_path):
     assert again.dtype == torch.bfloat16
 
 
-def test_save_into_empty_dir(loaded, tmp_path):
+def test_save_into_empty_dir(mixtral, tmp_path):
     dest = tmp_path / "out"
     dest.mkdir()
-    moeinfer.save(loaded, dest)
+    moeinfer.save(mixtral, dest)
     assert (dest / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_save_refuses_a_directory_that_is_not_a_checkpoint(loaded, tmp_path):
+def test_save_refuses_a_directory_that_is_not_a_checkpoint(mixtral, tmp_path):
     """Defect 1 (issue 14): a non-empty directory that holds no checkpoint was silently replaced."""
     dest = tmp_path / "project"
     (dest / ".git").mkdir(parents=True)
     (dest / "notes.txt").write_text("mine")
     for overwrite in (False, True):
         with pytest.raises(OutputDirError, match="not empty and does not hold a checkpoint"):
-            moeinfer.save(loaded, dest, overwrite=overwrite)
+            moeinfer.save(mixtral, dest, overwrite=overwrite)
     assert sorted(p.name for p in dest.iterdir()) == [".git", "notes.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["project"]
 
 
-def test_save_replaces_a_checkpoint_only_with_overwrite(loaded, tmp_path):
-    dest = moeinfer.save(loaded, tmp_path / "out")
+def test_save_replaces_a_checkpoint_only_with_overwrite(mixtral, tmp_path):
+    dest = moeinfer.save(mixtral, tmp_path / "out")
     (dest / "stale.txt").write_text("old")
     with pytest.raises(OutputDirError, match="already holds a checkpoint.*overwrite"):
-        moeinfer.save(loaded, dest)
+        moeinfer.save(mixtral, dest)
     assert (dest / "stale.txt").exists()
-    moeinfer.save(loaded, dest, overwrite=True)
+    moeinfer.save(mixtral, dest, overwrite=True)
     assert not (dest / "stale.txt").exists()
     assert (dest / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_save_refuses_current_directory_and_source(loaded, tmp_path, monkeypatch):
+def test_save_refuses_current_directory_and_source(mixtral, tmp_path, monkeypatch):
     """`--out .` and the source checkpoint (or a parent of it) need overwrite, even when empty / a checkpoint."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     with pytest.raises(OutputDirError, match="current directory"):
-        moeinfer.save(loaded, ".")
+        moeinfer.save(mixtral, ".")
     with pytest.raises(OutputDirError, match="current directory"):
-        moeinfer.save(loaded, "..")
+        moeinfer.save(mixtral, "..")
     monkeypatch.chdir(tmp_path.parent)
-    source = moeinfer.load(moeinfer.save(loaded, tmp_path / "src"), progress=False)
+    source = moeinfer.load(moeinfer.save(mixtral, tmp_path / "src"), progress=False)
     for dest in (tmp_path / "src", tmp_path):
         with pytest.raises(OutputDirError, match="src, an input of this run"):
             moeinfer.save(source, dest)
@@ -103,10 +112,10 @@ def test_save_refuses_current_directory_and_source(loaded, tmp_path, monkeypatch
     assert moeinfer.load(tmp_path / "src", progress=False).config == source.config
 
 
-def test_save_refuses_a_file(loaded, tmp_path):
+def test_save_refuses_a_file(mixtral, tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputDirError, match="exists and is not a directory"):
-        moeinfer.save(loaded, tmp_path / "f", overwrite=True)
+        moeinfer.save(mixtral, tmp_path / "f", overwrite=True)
     assert (tmp_path / "f").read_text() == "x"
 
 
@@ -150,7 +159,7 @@ def test_saved_checkpoint_has_usual_permissions(loaded, tmp_path):
 
 @pytest.mark.parametrize("kill_after", [1, 2, 3])
 @pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "two-renames"])
-def test_killed_save_keeps_a_loadable_checkpoint(loaded, tmp_path, kill_after, atomic, monkeypatch):
+def test_killed_save_keeps_a_loadable_checkpoint(mixtral, tmp_path, kill_after, atomic, monkeypatch):
     """Defect 6 (issue 14): kill -9 after the k-th rename of a save over an existing checkpoint; the
     directory still loads (old or new) once the next run starts, and the next save leaves no debris."""
     import os
@@ -159,7 +168,7 @@ def test_killed_save_keeps_a_loadable_checkpoint(loaded, tmp_path, kill_after, a
 
     if not atomic:
         monkeypatch.setattr(fsutil, "exchange_dirs", lambda a, b: False)
-    dest = moeinfer.save(loaded, tmp_path / "out")
+    dest = moeinfer.save(mixtral, tmp_path / "out")
     pid = os.fork()
     if pid == 0:
         try:
@@ -176,7 +185,7 @@ def test_killed_save_keeps_a_loadable_checkpoint(loaded, tmp_path, kill_after, a
 
             os.replace = counted(os.replace)
             fsutil.exchange_dirs = counted(fsutil.exchange_dirs)
-            moeinfer.save(loaded, dest, overwrite=True)
+            moeinfer.save(mixtral, dest, overwrite=True)
             os._exit(0)
         finally:
             os._exit(3)
@@ -185,6 +194,6 @@ def test_killed_save_keeps_a_loadable_checkpoint(loaded, tmp_path, kill_after, a
     fsutil.recover_dir(dest)  # the first step of any later write
     again = moeinfer.load(dest, progress=False)
     with torch.no_grad():
-        assert torch.equal(again(_ids()), loaded(_ids()))
-    moeinfer.save(loaded, dest, overwrite=True)
+        assert torch.equal(again(_ids()), mixtral(_ids()))
+    moeinfer.save(mixtral, dest, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
