@@ -188,3 +188,12 @@ def test_readme_command_lines_parse():
     for line in lines:
         argv = ["2" if word == "N" else word for word in shlex.split(line)[1:]]  # placeholders of ints
         parser.parse_args(argv)
+
+
+def test_bench_refuses_a_folder_that_is_not_a_results_folder(tmp_path, capsys, monkeypatch):
+    """bench writes report.md, report.html and plots into --out: never into someone's project folder."""
+    (tmp_path / "report.md").write_text("my own report")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--out", ".", "--no-progress"]) == 1
+    _one_line_error(capsys, "bench", "not empty and does not hold a bench results folder")
+    assert (tmp_path / "report.md").read_text() == "my own report"
