@@ -6,7 +6,6 @@ import pytest
 import torch
 from offload_helpers import generate_with_logits, random_mixtral
 
-import moeinfer
 from moeinfer.engine.trace import record_routing
 from moeinfer.offload import OffloadConfig, offload_, simulate
 from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate, swiglu

@@ -29,8 +29,8 @@ from torch import nn
 
 from moeinfer.arch import get_arch, parse_config
 from moeinfer.config import ConfigError
-from moeinfer.loading.devices import parse_device
 from moeinfer.loading.config_json import EXPERT_COUNTS, check_config_fields, check_weight_map, read_json
+from moeinfer.loading.devices import parse_device
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
 from moeinfer.loading.safetensors_io import STAGING_BYTES, SafetensorsFile
@@ -247,7 +247,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
         raise ValueError("on_expert_error='mask' cannot be combined with expert_slots")
     from tqdm.auto import tqdm
 
-    parse_device(device)  # before any reading
+    device = parse_device(device)  # before any reading
     root = Path(path)
     hf = read_config(root)
     paths, weight_map = shard_files(root)
@@ -256,7 +256,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     config = model_config(hf, root / "config.json")
     spec = get_arch(config.model_type)
     target_dtype = parse_dtype(dtype) or _checkpoint_dtype(hf, files)
-    device = parse_device(device)
 
     # A model entirely on the meta device (nothing allocated, not even transiently) to check the files against
     with torch.device("meta"):

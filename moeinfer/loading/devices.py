@@ -27,5 +27,6 @@ def parse_device(device: torch.device | str) -> torch.device:
             raise ValueError(f"device {str(device)!r}: CUDA is not available ({build}); use --device cpu")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s) "
+                             f"(cuda:0..cuda:{count - 1})")
     return dev
