@@ -27,27 +27,37 @@ def resolve_model_path(path: str | os.PathLike[str]) -> Path:
 
 def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = None, progress: bool = True,
-         expert_parallel: ExpertParallelConfig | None = None, on_expert_error: str = "raise") -> MoEModel:
+         expert_parallel: ExpertParallelConfig | None = None, on_expert_error: str = "raise",
+         check_weights: bool = False) -> MoEModel:
     """Load a local HF-format MoE checkpoint (or a shipped model by name) as an eval-mode MoEModel.
 
     expert_parallel: under torchrun, read only this rank's experts and spread them over the ranks
     (`moeinfer.parallel.apply_expert_parallel_`).
     on_expert_error: "mask" loads a checkpoint whose routed experts are missing, mis-shaped or not
-    finite with those experts masked in their routers (`model.failed_experts` says which and why)."""
-    from moeinfer.loading.checkpoint import load_checkpoint
+    finite with those experts masked in their routers (`model.failed_experts` says which and why).
+    check_weights: refuse weights holding NaN or Inf (a CheckpointError names them; one pass over the weights)."""
+    from moeinfer.loading.checkpoint import check_finite, load_checkpoint
 
     if expert_parallel is not None:
         from moeinfer.parallel.apply import load_expert_parallel
 
-        return load_expert_parallel(resolve_model_path(path), config=expert_parallel, device=device, dtype=dtype,
-                                    progress=progress)
+        model = load_expert_parallel(resolve_model_path(path), config=expert_parallel, device=device, dtype=dtype,
+                                     progress=progress)
+        if check_weights:
+            check_finite(model, path)  # this rank's experts and the shared weights
+        return model
 
     return load_checkpoint(resolve_model_path(path), device=device, dtype=dtype, progress=progress,
-                           on_expert_error=on_expert_error)
+                           on_expert_error=on_expert_error, check_weights=check_weights)
 
 
-def save(model: MoEModel, path: str | os.PathLike[str], *, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write `model` as an HF-format checkpoint directory (atomically: temp dir, then rename)."""
+def save(model: MoEModel, path: str | os.PathLike[str], *, overwrite: bool = False,
+         max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write `model` as an HF-format checkpoint directory (atomically: temp dir beside, then swapped in).
+
+    A missing or empty `path` is written; one that holds a checkpoint is replaced only with `overwrite=True`;
+    any other non-empty directory, the current directory and the model's source checkpoint (or a parent
+    of either) are refused with `moeinfer.fsutil.OutputDirError` (overwrite=True allows the last two)."""
     from moeinfer.loading.save import save_checkpoint
 
-    return save_checkpoint(model, path, max_shard_bytes=max_shard_bytes)
+    return save_checkpoint(model, path, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

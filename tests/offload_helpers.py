@@ -35,3 +35,18 @@ def hand_trace(experts: list[list[list[int]]], *, seq: list[int] | None = None, 
                         seq=seq if seq is not None else [0] * N, pos=list(range(N)),
                         is_prompt=np.zeros(N, dtype=bool), layers=np.arange(e.shape[1]), num_experts=num_experts,
                         step=step)
+
+
+def generate_with_logits(model: MoEModel, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of `prompt` and the logits of every forward of that generation (prefill and decode
+    steps, flattened and concatenated), taken at the LM head as the run computes them: exact paths
+    compare them with torch.equal, since equal greedy tokens let a 1% error through."""
+    import moeinfer
+
+    seen: list[torch.Tensor] = []
+    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().reshape(-1).cpu()))
+    try:
+        tokens = moeinfer.generate(model, [prompt], max_new_tokens=max_new_tokens)[0].token_ids
+    finally:
+        handle.remove()
+    return tokens, torch.cat(seen)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from offload_helpers import random_mixtral
+from offload_helpers import generate_with_logits, random_mixtral
 
-import moeinfer
 from moeinfer.engine.trace import record_routing
 from moeinfer.offload import OffloadConfig, offload_, simulate
 from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate, swiglu
@@ -45,13 +44,15 @@ def test_cpu_experts_match_the_reference_and_run_in_parallel():
 def test_assisted_run_is_exact_and_simulated_exactly(tier, tmp_path):
     model = random_mixtral()
     prompt = [4, 8, 15, 16, 23, 42]
-    ref = moeinfer.generate(model, [prompt], max_new_tokens=8)[0].token_ids
+    ref, ref_logits = generate_with_logits(model, prompt, 8)
     cost = CostModel(**{**COST.__dict__, "weights_on_host": True})  # assist experts with < 8 tokens
     model = random_mixtral()
     cfg = {"cache": 3, "cpu_assist": True}
     offload_(model, OffloadConfig(tier=tier, offload_dir=tmp_path, **cfg), cost_model=cost)
     with record_routing(model, logits=False) as rec:
-        assert moeinfer.generate(model, [prompt], max_new_tokens=8)[0].token_ids == ref
+        tokens, logits = generate_with_logits(model, prompt, 8)
+    assert tokens == ref
+    assert torch.equal(logits, ref_logits)  # CPU-assisted experts compute exactly what resident ones do
     live = model.offload.cache.stats
     assert live.assisted > 0 and live.hits + live.misses == live.assisted + live.hits + live.demand_loads
     sim = simulate(rec.trace(), shape=ModelShape.from_model(random_mixtral()), config=OffloadConfig(tier="cpu", **cfg),

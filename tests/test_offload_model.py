@@ -1,5 +1,6 @@
-"""End-to-end offloading on the CPU: greedy output identical to the resident model for every policy
-and prefetcher, simulator hit counts equal to the live run's, and bad input named clearly."""
+"""End-to-end offloading on the CPU: logits bit-identical to the resident model's (and so the same greedy
+tokens) for every policy and prefetcher, simulator hit counts equal to the live run's, and bad input named
+clearly. Offloading moves weights, it does not change arithmetic: exact paths compare with torch.equal."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import pytest
 import torch
-from offload_helpers import random_mixtral
+from offload_helpers import generate_with_logits, random_mixtral
 
 import moeinfer
 from moeinfer.engine.trace import record_routing
@@ -27,29 +28,34 @@ PREFETCHERS = ["none", "next-layer", "transition", "mlp"]
 def reference():
     model = random_mixtral()
     with record_routing(model, logits=False) as rec:
-        tokens = moeinfer.generate(model, [PROMPT], max_new_tokens=NEW)[0].token_ids
+        tokens, logits = _generate(model)
     future = rec.trace()
     with record_routing(model, logits=False) as rec:
         moeinfer.generate(model, [OTHER], max_new_tokens=NEW)
-    return tokens, future, rec.trace()
+    return tokens, future, rec.trace(), logits
+
+
+def _generate(model) -> tuple[list[int], torch.Tensor]:
+    return generate_with_logits(model, PROMPT, NEW)
 
 
 def _run(cfg: OffloadConfig, **kw):
     model = random_mixtral()
     offload_(model, cfg, **kw)
     with record_routing(model, logits=False) as rec:
-        tokens = moeinfer.generate(model, [PROMPT], max_new_tokens=NEW)[0].token_ids
-    return model, tokens, rec.trace()
+        tokens, logits = _generate(model)
+    return model, tokens, logits, rec.trace()
 
 
 @pytest.mark.parametrize("prefetch", PREFETCHERS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_and_prefetcher_is_exact_and_simulated_exactly(policy, prefetch, reference, tmp_path):
-    ref_tokens, future, calib = reference
+    ref_tokens, future, calib, ref_logits = reference
     settings = {"cache": 2, "scope": "layer", "policy": policy, "prefetch": prefetch, "calibration": calib, "future": future,
                     "prefetch_args": {"epochs": 60} if prefetch == "mlp" else {}}
-    model, tokens, trace = _run(OffloadConfig(tier="disk", offload_dir=tmp_path, **settings))
+    model, tokens, logits, trace = _run(OffloadConfig(tier="disk", offload_dir=tmp_path, **settings))
     assert tokens == ref_tokens
+    assert torch.equal(logits, ref_logits)
     live = model.offload.cache.stats
     shape = ModelShape.from_model(random_mixtral(), "random")
     sim_cfg = OffloadConfig(tier="cpu", **settings)
@@ -64,12 +70,27 @@ def test_every_policy_and_prefetcher_is_exact_and_simulated_exactly(policy, pref
     model.offload.close()
 
 
+def test_a_one_percent_error_in_cached_experts_is_caught(reference, tmp_path, monkeypatch):
+    """Issue 14: scaling cached experts' outputs by 0.99 passed every offload test, which compared greedy
+    tokens only. The tokens still agree here; the exact logits check above does not."""
+    import moeinfer.offload.experts as experts_mod
+
+    ref_tokens, _, _, ref_logits = reference
+    real = experts_mod.swiglu
+    monkeypatch.setattr(experts_mod, "swiglu", lambda *a: real(*a) * 0.99)
+    model, tokens, logits, _ = _run(OffloadConfig(tier="disk", offload_dir=tmp_path, cache=2, scope="layer"))
+    assert tokens == ref_tokens  # what the old tests looked at
+    assert not torch.equal(logits, ref_logits)
+    model.offload.close()
+
+
 def test_global_byte_budget_cpu_tier_and_stats(reference):
-    ref_tokens, _, _ = reference
+    ref_tokens, _, _, ref_logits = reference
     model = random_mixtral()
     expert_bytes = model.moe_blocks()[0].experts.gate_up_proj[0].numel() * 3 // 2 * 4
-    model, tokens, _ = _run(OffloadConfig(tier="cpu", cache=f"{5 * expert_bytes + 7}B", prefetch="next-layer"))
+    model, tokens, logits, _ = _run(OffloadConfig(tier="cpu", cache=f"{5 * expert_bytes + 7}B", prefetch="next-layer"))
     assert tokens == ref_tokens
+    assert torch.equal(logits, ref_logits)
     rt = model.offload
     assert rt.cache.num_slots == 5 and rt.stats.steps == NEW and rt.stats.tokens == len(PROMPT) + NEW - 1
     assert rt.cache.stats.bytes_loaded == (rt.cache.stats.demand_loads + rt.cache.stats.prefetch_loads) * expert_bytes
@@ -79,12 +100,17 @@ def test_global_byte_budget_cpu_tier_and_stats(reference):
 
 def test_shipped_reference_model_on_disk(tmp_path):
     prompt = [5, 17, 200, 33, 9]
-    ref = moeinfer.generate(moeinfer.load("tiny", progress=False), [prompt], max_new_tokens=12)[0].token_ids
+    resident = moeinfer.load("tiny", progress=False)
+    ref = moeinfer.generate(resident, [prompt], max_new_tokens=12)[0].token_ids
+    with torch.no_grad():
+        ref_logits = resident(torch.tensor([prompt + ref]))
     for policy, prefetch in (("lru", "next-layer"), ("lfu", "none")):
         model = moeinfer.load("tiny", progress=False)
         offload_(model, OffloadConfig(tier="disk", offload_dir=tmp_path / policy, cache=3, policy=policy,
                                       prefetch=prefetch))
         assert moeinfer.generate(model, [prompt], max_new_tokens=12)[0].token_ids == ref
+        with torch.no_grad():
+            assert torch.equal(model(torch.tensor([prompt + ref])), ref_logits)
         assert sorted(p.name for p in (tmp_path / policy).iterdir()) == [f"experts-{i:03d}.safetensors" for i in range(4)]
         model.offload.close()
 

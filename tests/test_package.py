@@ -19,8 +19,21 @@ def test_import_touches_no_gpu_and_no_optional_dependency():
 
 
 def test_public_api():
-    for name in moeinfer.__all__:
-        assert getattr(moeinfer, name) is not None
+    """Each public name is the object its defining module exports (not a stub or a stale alias), and the
+    entry points are callable with the keyword options the docs promise."""
+    import importlib
+    import inspect
+
+    from moeinfer import _LAZY
+
+    assert set(moeinfer.__all__) == set(_LAZY) | {"__version__"}
+    for name, module in _LAZY.items():
+        assert getattr(moeinfer, name) is getattr(importlib.import_module(module), name), name
+        assert callable(getattr(moeinfer, name)), name
+    assert moeinfer.__version__.count(".") == 2
+    load, save = inspect.signature(moeinfer.load).parameters, inspect.signature(moeinfer.save).parameters
+    assert {"device", "dtype", "check_weights"} <= {n for n, p in load.items() if p.kind is p.KEYWORD_ONLY}
+    assert save["overwrite"].kind is inspect.Parameter.KEYWORD_ONLY and save["overwrite"].default is False
     with pytest.raises(AttributeError):
         moeinfer.not_a_thing  # noqa: B018
 

@@ -17,8 +17,9 @@ def tiny():
     return moeinfer.load("tiny", dtype="float32")
 
 
-def greedy(model, prompts, steps, *, static, cuda_graph=False):
-    """Left-padded prefill, then `steps` greedy tokens; returns tokens [B, steps] and last logits."""
+def greedy(model, prompts, steps, *, static, cuda_graph=False, finish_row0_at=2):
+    """Left-padded prefill, then `steps` greedy tokens; returns tokens [B, steps] and last logits.
+    Row 0 is marked finished after `finish_row0_at` steps (None: never), exercising padded rows."""
     device = model.device
     B, T = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(B, T, dtype=torch.long, device=device)
@@ -35,7 +36,7 @@ def greedy(model, prompts, steps, *, static, cuda_graph=False):
     for i in range(steps):
         nxt = logits.argmax(-1)
         out.append(nxt)
-        if i == 2:
+        if i == finish_row0_at:
             active[0] = False  # row 0 finished: its later tokens count as padding
         logits = decode(nxt, active)
     return torch.stack(out, 1), logits
@@ -87,8 +88,12 @@ def test_cuda_graph_decode_same_tokens():
     use_kernel_(model, "triton")
     assert static_decode_blocker(model) is None
     prompts = [[5, 17, 99, 3, 250], [7, 8]]
-    ref, _ = greedy(model, prompts, 16, static=True, cuda_graph=False)
-    tokens, _ = greedy(model, prompts, 16, static=True, cuda_graph=True)
+    ref, ref_logits = greedy(model, prompts, 16, static=True, cuda_graph=False)
+    tokens, logits = greedy(model, prompts, 16, static=True, cuda_graph=True)
     assert torch.equal(tokens, ref)
-    out = moeinfer.generate(model, ["Once upon a time"], max_new_tokens=8)
-    assert len(out[0].token_ids) == 8
+    assert torch.equal(logits, ref_logits)  # a graph replays the same kernels: bit-identical
+    out = moeinfer.generate(model, ["Once upon a time"], max_new_tokens=8)[0]
+    ids = model.tokenizer.encode("Once upon a time")
+    want, _ = greedy(model, [ids], 8, static=True, cuda_graph=False, finish_row0_at=None)
+    assert out.token_ids == want[0].tolist()[:len(out.token_ids)]
+    assert len(out.token_ids) == 8 or out.finish_reason == "eos"

@@ -243,7 +243,7 @@ def ship(model: MoEModel, tok: Any, dest: Path, dtype: torch.dtype) -> None:
     for block in clone.moe_blocks():
         block.experts.__dict__.pop("forward", None)
     clone.tokenizer = tok
-    save(clone, dest)
+    save(clone, dest, overwrite=True)  # re-shipping replaces the previous reference checkpoint
 
 
 def plot(log: list[dict[str, Any]], path: Path) -> None:

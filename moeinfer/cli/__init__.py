@@ -36,9 +36,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model/--device/--dtype, shared by every subcommand that loads a model."""
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"checkpoint directory or shipped model name (default: {DEFAULT_MODEL})")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--check-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse weights holding NaN or Inf (default: on for serve, off otherwise)")
     from moeinfer.cli import options
     from moeinfer.parallel.launch import add_expert_parallel_args
 
@@ -51,8 +53,9 @@ def load_model(args: argparse.Namespace):
     from moeinfer.parallel.launch import expert_parallel_config, secondary_rank_quiet_
 
     ep = expert_parallel_config(args)
+    check = args.check_weights if getattr(args, "check_weights", None) is not None else args.command == "serve"
     model = load(args.model, device=args.device, dtype=args.dtype, expert_parallel=ep,
-                 on_expert_error=getattr(args, "on_expert_error", "raise"))
+                 on_expert_error=getattr(args, "on_expert_error", "raise"), check_weights=check)
     if ep is not None:
         secondary_rank_quiet_(args, model)  # rank 0 alone prints and writes files
     from moeinfer.cli import options
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     from moeinfer.loading.errors import CheckpointError
 
     try:
+        if getattr(args, "device", None) is not None:
+            from moeinfer.loading.devices import parse_device
+
+            parse_device(args.device)  # before any work: a one-line error for banana, meta, cuda without CUDA
         return int(args.func(args) or 0)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"moeinfer {args.command}: error: {e}", file=sys.stderr)

@@ -57,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.list:
         return _list()
+    from moeinfer.fsutil import check_output_dir
+
+    # bench replaces only its own files (results.json, report.*, plots) in OUT, never deletes; still, a
+    # non-empty folder that is not a bench results folder (`--out .` in a project) is refused
+    check_output_dir(args.out, overwrite=True, holds_output=lambda d: (d / "results.json").is_file(),
+                     what="bench results folder (results.json)")
     cfg = load_sweep(args.config)
     if args.model:
         cfg.models = args.model

@@ -20,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", "-r", default=None, help="recipe YAML file, or one method's name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="parameter of a one-method recipe (repeatable; values parsed as YAML)")
-    p.add_argument("--out", "-o", default=None, help="output checkpoint directory (written atomically)")
+    p.add_argument("--out", "-o", default=None,
+                   help="output checkpoint directory: new or empty (written atomically; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it already holds a checkpoint (never any other non-empty directory)")
     p.add_argument("--calibration", default=None,
                    help="calibration source: heldout (default), english, python, a text file, or a trace .npz")
     p.add_argument("--calibration-tokens", type=int, default=None, help="calibration tokens (default 4096)")
@@ -73,21 +76,22 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from moeinfer.api import save
+    from moeinfer.api import resolve_model_path, save
     from moeinfer.cli import load_model
     from moeinfer.compress.api import cast_floating_, compress_, weight_bytes
+    from moeinfer.loading.checkpoint import read_config
+    from moeinfer.loading.save import check_checkpoint_dest
 
     if args.dtype is None and str(args.device).startswith("cpu"):
         args.dtype = "float32"  # calibrate and quantize in fp32 on CPUs (bf16 matmul is slow there)
-    from moeinfer.api import resolve_model_path
-    from moeinfer.loading.checkpoint import read_config
-
-    source = read_config(resolve_model_path(args.model))
+    source_dir = resolve_model_path(args.model)
+    check_checkpoint_dest(args.out, overwrite=args.overwrite, source=source_dir)  # before minutes of work
+    source = read_config(source_dir)
     save_dtype = args.save_dtype or source.get("dtype") or source.get("torch_dtype") or "float32"
     model = load_model(args)
     report = compress_(model, recipe, progress=not args.no_progress)
     cast_floating_(model, getattr(torch, save_dtype))
-    out = save(model, args.out)
+    out = save(model, args.out, overwrite=args.overwrite)
     print(json.dumps({"out": str(out), "hf_loadable": report.hf_loadable, "dtype": save_dtype,
                       "weight_bytes_saved": weight_bytes(model),
                       "steps": [{"method": s["method"], "summary": s["summary"]} for s in report.steps]}, indent=1))

@@ -9,6 +9,8 @@ needs: "none", "routing" (expert frequencies and gate weights: a text or a routi
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -40,10 +42,50 @@ class Method:
         if bad:
             raise CompressionError(f"{where}method {self.name!r} has no parameter(s) {', '.join(bad)}; "
                                    f"its parameters: {', '.join(sorted(known)) or '(none)'}")
+        hints = typing.get_type_hints(self.params)
+        for key, value in raw.items():
+            if not _matches(value, hints.get(key, Any)):
+                raise CompressionError(f"{where}method {self.name!r}: parameter {key} must be "
+                                       f"{_type_name(hints[key])}, got {value!r:.60}")
         try:
             return self.params(**raw)
         except (TypeError, ValueError) as e:
             raise CompressionError(f"{where}method {self.name!r}: {e}") from None
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Does a recipe value (parsed YAML/JSON) fit a params field's annotation? Plain types, X | None,
+    Literal, list/tuple/set/dict of them; anything more exotic is left to the dataclass's own checks."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set):
+        if not isinstance(value, (list, tuple, set)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 METHODS: dict[str, Method] = {}

@@ -1,11 +1,15 @@
 """Loading a local Hugging Face checkpoint directory into the eager MoE model.
 
 Steps:
-1. read config.json and pick the architecture adapter by `model_type`;
-2. build the model with parameters on the meta device (no memory), buffers real;
-3. allocate each parameter once, in the requested dtype and device;
+1. read config.json (types and ranges of its fields checked, see `config_json`) and pick the
+   architecture adapter by `model_type`; read every shard's header (offsets checked against the file);
+2. build the model entirely on the meta device and check every expected tensor's presence, shape and
+   dtype kind against the headers, so a config that disagrees with the files is named before anything
+   is allocated;
+3. build it again with parameters on meta and buffers real, and allocate each parameter once, in the
+   requested dtype and device;
 4. read every tensor of every shard (in file order) straight into its parameter or expert slice;
-5. check that every parameter was filled, then attach the tokenizer.
+5. optionally (`check_weights`) scan the weights for NaN/Inf, then attach the tokenizer.
 Only safetensors are read; pickle files are never opened. With `expert_slots` (expert parallelism),
 each MoE layer is built with only the listed experts and the other experts' tensors are never read.
 """
@@ -13,7 +17,6 @@ each MoE layer is built with only the listed experts and the other experts' tens
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections import defaultdict
@@ -25,6 +28,9 @@ import torch
 from torch import nn
 
 from moeinfer.arch import get_arch, parse_config
+from moeinfer.config import ConfigError
+from moeinfer.loading.config_json import EXPERT_COUNTS, check_config_fields, check_weight_map, read_json
+from moeinfer.loading.devices import parse_device
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
 from moeinfer.loading.safetensors_io import STAGING_BYTES, SafetensorsFile
@@ -46,28 +52,36 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    """config.json of checkpoint directory `path`, with the fields moeinfer reads type- and range-checked."""
+    path = Path(path)
     cfg_path = path / "config.json"
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory (give the directory that holds "
+                              "config.json and the *.safetensors files)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path} is missing: a checkpoint directory needs a config.json")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{cfg_path} must hold a JSON object")
+    hf = read_json(cfg_path)
+    check_config_fields(hf, cfg_path)
     return hf
+
+
+def model_config(hf: dict[str, Any], where: Path) -> Any:
+    """parse_config with the file named in every error (a value an adapter cannot use, a bad combination)."""
+    try:
+        return parse_config(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if str(where) not in str(e) else str(e)) from None
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        raise ConfigError(f"{where}: a field has a value moeinfer cannot use ({type(e).__name__}: {e})") from None
 
 
 def shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     """Shard paths and the index's tensor -> file map (empty for a single file)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        weight_map = check_weight_map(read_json(index), index)
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
@@ -217,42 +231,35 @@ def _checkpoint_dtype(hf: dict[str, Any], files: list[SafetensorsFile]) -> torch
 def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
                     dtype: torch.dtype | str | None = None, progress: bool = True,
                     expert_slots: Mapping[int, Sequence[int]] | None = None,
-                    on_expert_error: str = "raise") -> MoEModel:
+                    on_expert_error: str = "raise", check_weights: bool = False) -> MoEModel:
     """Load a local HF-format MoE checkpoint directory; see the module docstring for the steps.
 
     expert_slots: {MoE layer index: experts to keep, in row order}; those layers hold only these
     experts (the expert-parallel loader passes this rank's experts).
     on_expert_error: "raise" (default), or "mask": a routed expert whose tensors are missing, of the
     wrong shape or not finite is zeroed and masked in its router (graceful degradation); the model's
-    `failed_experts` maps (layer, expert) to the reason. Any other bad tensor still raises."""
+    `failed_experts` maps (layer, expert) to the reason. Any other bad tensor still raises.
+    check_weights: scan every floating-point weight for NaN/Inf after reading and raise a CheckpointError
+    naming the tensors (one pass over the weights)."""
     if on_expert_error not in ("raise", "mask"):
         raise ValueError(f"on_expert_error must be 'raise' or 'mask', got {on_expert_error!r}")
     if on_expert_error == "mask" and expert_slots is not None:
         raise ValueError("on_expert_error='mask' cannot be combined with expert_slots")
     from tqdm.auto import tqdm
 
+    device = parse_device(device)  # before any reading
     root = Path(path)
     hf = read_config(root)
-    config = parse_config(hf)
-    spec = get_arch(config.model_type)
     paths, weight_map = shard_files(root)
     files = [SafetensorsFile(p) for p in paths]
+    _check_counts(hf, files, root)
+    config = model_config(hf, root / "config.json")
+    spec = get_arch(config.model_type)
     target_dtype = parse_dtype(dtype) or _checkpoint_dtype(hf, files)
-    device = torch.device(device)
 
-    with meta_parameters():
-        model = MoEModel(config)
-    record = hf.get("moeinfer_compression")
-    if record is not None:
-        _restore_compressed(model, record, root, expert_slots)
-    if hf.get("moeinfer_routing") is not None:  # a dynamic-gating mode saved with the model
-        from moeinfer.model.gating import set_routing_
-
-        set_routing_(model, hf["moeinfer_routing"])
-    if expert_slots is not None:
-        _keep_local_experts(model, expert_slots)
-    _materialize(model, target_dtype, device)
-    params = model.state_dict(keep_vars=True)
+    # A model entirely on the meta device (nothing allocated, not even transiently) to check the files against
+    with torch.device("meta"):
+        model = _build(config, hf, root, expert_slots)
     skipped: set[str] = set()
     expected = _targets(model, spec, expert_slots, skipped)
     partial = {f"layers.{layer}.mlp.experts.{p}": list(slots) for layer, slots in (expert_slots or {}).items()
@@ -293,6 +300,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     if surprising:
         log.warning("%s: ignoring %d tensor(s) the model does not use: %s", root, len(surprising),
                     ", ".join(surprising[:8]))
+    # Every shape and dtype is checked against the (meta) model before anything is allocated, so a config
+    # that disagrees with the files (vocab_size: 1e9) is named instead of allocating what it implies.
+    _check_plan(model.state_dict(keep_vars=True), files, plan, partial, failed if on_expert_error == "mask" else None)
+    with meta_parameters():  # the model to fill: parameters on meta, buffers (RoPE tables) real
+        model = _build(config, hf, root, expert_slots)
+    _materialize(model, target_dtype, device)
+    params = model.state_dict(keep_vars=True)
     total = sum(f.entries[n].nbytes * len(partial[t.name]) // f.entries[n].shape[0]
                 if t.expert is None and t.name in partial else f.entries[n].nbytes
                 for f in files for n, t in plan[f.path])
@@ -306,6 +320,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
                         if target.expert is None and target.name in partial:
                             _read_rows(f, name, partial[target.name], params[target.name], handle)
                         elif on_expert_error == "mask" and target.expert is not None:
+                            if (_expert_layer(target.name), target.expert) in failed:
+                                bar.update(f.entries[name].nbytes)
+                                continue
                             try:
                                 f.read_into(name, target.view(params[target.name]), handle, staging)
                             except CheckpointError as e:
@@ -315,6 +332,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
                     bar.update(f.entries[name].nbytes)
     if on_expert_error == "mask":
         _mask_failed_experts(model, failed)
+    if check_weights:
+        check_finite(model, root)
     model.eval()
     model.requires_grad_(False)
     model.source_dir = str(root)
@@ -322,6 +341,85 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
 
     model.tokenizer = Tokenizer.from_dir(root)
     return model
+
+
+def _build(config: Any, hf: dict[str, Any], root: Path,
+           expert_slots: Mapping[int, Sequence[int]] | None) -> MoEModel:
+    """The model config.json describes, including a saved compression layout and routing mode."""
+    model = MoEModel(config)
+    record = hf.get("moeinfer_compression")
+    if record is not None:
+        _restore_compressed(model, record, root, expert_slots)
+    if hf.get("moeinfer_routing") is not None:  # a dynamic-gating mode saved with the model
+        from moeinfer.model.gating import set_routing_
+
+        set_routing_(model, hf["moeinfer_routing"])
+    if expert_slots is not None:
+        _keep_local_experts(model, expert_slots)
+    return model
+
+
+def _check_counts(hf: dict[str, Any], files: list[SafetensorsFile], root: Path) -> None:
+    """Layer and expert counts that the files cannot hold are refused before anything of that size is built
+    (config.json's values, read before the adapter makes per-layer tuples of them)."""
+    n = sum(len(f.entries) for f in files)
+    widest = max((e.shape[0] for f in files for e in f.entries.values() if e.shape), default=0)
+    layers = hf.get("num_hidden_layers")
+    if isinstance(layers, (int, float)) and layers > n:
+        raise CheckpointError(f"{root}/config.json: num_hidden_layers={layers}, but the checkpoint "
+                              f"holds only {n} tensors")
+    for field in EXPERT_COUNTS:
+        experts = hf.get(field)
+        if isinstance(experts, (int, float)) and experts > max(n, widest):
+            raise CheckpointError(f"{root}/config.json: {field}={experts} experts, but the checkpoint's {n} "
+                                  "tensors cannot hold that many")
+
+
+def _check_plan(params: dict[str, torch.Tensor], files: list[SafetensorsFile],
+                plan: dict[Path, list[tuple[str, Target]]], partial: dict[str, list[int]],
+                failed: dict[tuple[int, int], str] | None) -> None:
+    """Each planned tensor's shape and dtype kind against its (meta) parameter; `failed` (mask mode) collects
+    bad routed experts instead of raising."""
+    for f in files:
+        for name, target in plan[f.path]:
+            entry, param = f.entries[name], params[target.name]
+            if target.expert is None and target.name in partial:
+                want = (max(partial[target.name]) + 1, *param.shape[1:])
+                ok = entry.shape[1:] == want[1:] and entry.shape[:1] >= want[:1]
+            else:
+                want = tuple(target.view(param).shape)
+                ok = entry.shape == want
+            problem = None
+            if not ok:
+                problem = (f"{f.path}: tensor {name!r} has shape {list(entry.shape)}, expected {list(want)} "
+                           "from config.json")
+            elif entry.dtype.is_floating_point != param.is_floating_point() or (
+                    not param.is_floating_point() and entry.dtype != param.dtype):
+                problem = (f"{f.path}: tensor {name!r} is stored as {entry.dtype_label}, but its parameter holds "
+                           f"{'floating-point' if param.is_floating_point() else str(param.dtype)} values")
+            if problem is None:
+                continue
+            if failed is not None and target.expert is not None:
+                failed[(_expert_layer(target.name), target.expert)] = problem
+            else:
+                raise CheckpointError(problem)
+
+
+def check_finite(model: MoEModel, where: Path | str) -> None:
+    """Raise a CheckpointError naming the weights that hold NaN or Inf (checked a chunk at a time)."""
+    bad: list[str] = []
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        flat = t.reshape(-1)
+        for start in range(0, flat.numel(), 1 << 24):
+            if not torch.isfinite(flat[start:start + (1 << 24)]).all():
+                bad.append(name)
+                break
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(f"checkpoint {where}: weights hold NaN or Inf in {', '.join(bad[:5])}{more} "
+                              "(--no-check-weights / check_weights=False loads them anyway)")
 
 
 def _mask_failed_experts(model: MoEModel, failed: dict[tuple[int, int], str]) -> None:

@@ -11,7 +11,6 @@ Writing uses the `safetensors` library.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from moeinfer.loading.config_json import parse_json
 from moeinfer.loading.errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -30,6 +30,12 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 STAGING_BYTES = 4 * 1024 * 1024  # dtype conversion goes through a buffer this big
 
 
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a non-negative integer")
+    return value
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
@@ -37,6 +43,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
     nbytes: int
+    dtype_label: str = ""  # the header's name for dtype (F32, BF16, ...)
 
 
 class SafetensorsFile:
@@ -45,7 +52,8 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise CheckpointError(f"checkpoint file {self.path} does not exist")
+            raise CheckpointError(f"checkpoint file {self.path} "
+                                  + ("is not a regular file" if self.path.exists() else "does not exist"))
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
@@ -56,23 +64,37 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path} is corrupt or truncated: header length {n} "
                                       f"does not fit in a {size}-byte file")
             try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.path} is corrupt: its header is not valid JSON ({e})") from e
+                header = parse_json(f.read(n), "its header")
+            except CheckpointError as e:
+                raise CheckpointError(f"{self.path} is corrupt: {e}") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path} is corrupt: header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError(f"{self.path} is corrupt: __metadata__ must be an object")
         self.entries: dict[str, TensorEntry] = {}
         for name, info in header.items():
             self.entries[name] = self._entry(name, info, data_start=8 + n, size=size)
+        self._check_overlaps()
+
+    def _check_overlaps(self) -> None:
+        """Two tensors may not share bytes (the format lays them end to end); an overlap means a corrupt
+        or crafted header whose tensors would silently alias each other's data."""
+        spans = sorted((e.offset, e.offset + e.nbytes, e.name) for e in self.entries.values() if e.nbytes)
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise CheckpointError(f"{self.path} is corrupt: tensors {a!r} and {b!r} overlap (their "
+                                      "data_offsets share bytes)")
 
     def _entry(self, name: str, info: dict, *, data_start: int, size: int) -> TensorEntry:
         try:
             dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
+            shape = tuple(_count(s) for s in info["shape"])
+            begin, end = (_count(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}") from e
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r:.200} "
+                                  f"(dtype one of {', '.join(DTYPES)}, shape and data_offsets non-negative "
+                                  "integers)") from e
         numel = 1
         for s in shape:
             numel *= s
@@ -83,7 +105,7 @@ class SafetensorsFile:
         if data_start + end > size:
             raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte "
                                   f"{data_start + end} but the file has {size} bytes")
-        return TensorEntry(name, dtype, shape, data_start + begin, expected)
+        return TensorEntry(name, dtype, shape, data_start + begin, expected, info["dtype"])
 
     def read_into(self, name: str, out: torch.Tensor, f, staging: torch.Tensor | None = None) -> None:
         """Copy tensor `name` into `out` (same shape; converts dtype/device when they differ).

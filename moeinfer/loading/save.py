@@ -4,8 +4,12 @@ Steps:
 1. unstack expert tensors into the checkpoint's per-expert names (views, no copy of the model);
 2. split into shards of at most `max_shard_bytes`, write them with the `safetensors` library and
    an index when there is more than one, plus config.json and the tokenizer files;
-3. everything goes to a temporary sibling directory that is renamed into place at the end, so a
-   failure never leaves a half-written checkpoint.
+3. everything goes to a temporary sibling directory that is swapped into place at the end
+   (`fsutil.staged_dir`), so a failure or a kill never leaves a half-written checkpoint, and the old
+   one is deleted only once the new one is in place.
+An existing directory is replaced only when it holds a checkpoint and `overwrite=True`
+(`fsutil.check_output_dir`); any other non-empty directory, the current directory and the source
+checkpoint's directory (or their parents) are refused.
 """
 
 from __future__ import annotations
@@ -13,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moeinfer.arch import get_arch
-from moeinfer.fsutil import publishable_
+from moeinfer.fsutil import check_output_dir, staged_dir
 from moeinfer.loading.names import expert_checkpoint_names, to_checkpoint
 from moeinfer.model.transformer import MoEModel
 
@@ -55,15 +58,35 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
-def save_checkpoint(model: MoEModel, path: str | os.PathLike[str], *, max_shard_bytes: int = 2 * 1024**3,
-                    config_updates: dict[str, Any] | None = None) -> Path:
-    """Write `model` to directory `path` atomically; returns the path."""
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
+    """Does `path` hold a moeinfer / HF checkpoint (config.json plus weights)? Only such a directory
+    may be replaced by a save (with overwrite=True)."""
+    p = Path(path)
+    return (p / "config.json").is_file() and (any((p / f).is_file() for f in WEIGHT_FILES)
+                                              or any(p.glob("*.safetensors")))
+
+
+def check_checkpoint_dest(path: str | os.PathLike[str], *, overwrite: bool = False,
+                          source: str | os.PathLike[str] | None = None) -> Path:
+    """May a checkpoint be written at `path`? The absolute path, or an OutputDirError saying why not
+    (see `fsutil.check_output_dir`); `source` is the checkpoint the model was loaded from."""
+    return check_output_dir(path, overwrite=overwrite, holds_output=is_checkpoint_dir, what="checkpoint",
+                            protect=[source])
+
+
+def save_checkpoint(model: MoEModel, path: str | os.PathLike[str], *, overwrite: bool = False,
+                    max_shard_bytes: int = 2 * 1024**3, config_updates: dict[str, Any] | None = None) -> Path:
+    """Write `model` to directory `path` atomically; returns the path.
+
+    overwrite: replace a directory that already holds a checkpoint (never any other non-empty one)."""
     from safetensors.torch import save_file
 
-    dest = Path(path).resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    dest = check_checkpoint_dest(path, overwrite=overwrite, source=model.source_dir)
+    with staged_dir(dest) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in checkpoint_tensors(model).items()}
         shards = _shards(tensors, max_shard_bytes)
         weight_map: dict[str, str] = {}
@@ -87,26 +110,4 @@ def save_checkpoint(model: MoEModel, path: str | os.PathLike[str], *, max_shard_
             model.tokenizer.save(tmp)
         if model.source_dir and (Path(model.source_dir) / "generation_config.json").is_file():
             shutil.copy(Path(model.source_dir) / "generation_config.json", tmp / "generation_config.json")
-        publishable_(tmp)  # mkdtemp and safetensors create private (0700/0600) entries
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Move src to dest; an existing dest is swapped out first and removed after."""
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    if not dest.is_dir():
-        raise FileExistsError(f"{dest} exists and is not a directory")
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    os.replace(dest, old)
-    try:
-        os.replace(src, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

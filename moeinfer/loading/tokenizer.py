@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moeinfer.loading.config_json import read_json
 from moeinfer.loading.errors import CheckpointError
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -14,6 +15,23 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 """Used when a checkpoint has no chat template: `<|role|>\\ncontent\\n` per message, then `<|assistant|>\\n`."""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def _chat_template(value: Any, where: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of {name, template} (take "default")."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in value):
+        return next((t["template"] for t in value if t.get("name") == "default"), None)
+    raise CheckpointError(f"{where}: chat_template must be a string or a list of {{\"name\", \"template\"}} "
+                          f"objects, got {value!r:.60}")
 
 
 def _token_text(value: Any) -> str | None:
@@ -55,16 +73,17 @@ class Tokenizer:
         config: dict[str, Any] = {}
         cfg_file = root / "tokenizer_config.json"
         if cfg_file.is_file():
-            try:
-                config = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
-        template = config.pop("chat_template", None)
-        if isinstance(template, list):  # named templates: take "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            config = read_json(cfg_file)
+        template = _chat_template(config.pop("chat_template", None), cfg_file)
+        for field in ("bos_token", "eos_token", "pad_token"):
+            value = config.get(field)
+            if not (value is None or isinstance(value, str)
+                    or (isinstance(value, dict) and isinstance(value.get("content"), str))):
+                raise CheckpointError(f"{cfg_file}: {field} must be a token string (or an AddedToken object "
+                                      f"with a \"content\" string), got {value!r:.60}")
         jinja = root / "chat_template.jinja"
         if jinja.is_file():
-            template = jinja.read_text()
+            template = _read_text(jinja)
         return cls(backend, config, template)
 
     @property

@@ -56,6 +56,33 @@ class LayerKV:
         return self.a[upto], self.b[upto]
 
 
+def cache_bytes(config: ModelConfig, *, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+    """Bytes a KVCache of this shape allocates (keys/values or MLA latents, plus the validity mask)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if config.attention == "mla" and config.mla is not None:
+        per_token = config.mla.kv_lora_rank + config.mla.qk_rope_head_dim
+    else:
+        per_token = 2 * config.num_kv_heads * config.head_dim
+    return batch_size * max_length * (config.num_layers * per_token * itemsize + 1)
+
+
+def free_bytes(device: torch.device | str) -> int | None:
+    """Memory free for new allocations on `device` (MemAvailable on CPUs), or None when unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class KVCache:
     """Static-shape cache for `batch_size` rows of up to `max_length` tokens each."""
 
@@ -63,6 +90,12 @@ class KVCache:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
+        need = cache_bytes(config, batch_size=batch_size, max_length=max_length, dtype=dtype)
+        free = free_bytes(device)
+        if free is not None and need > free:
+            raise ValueError(f"a KV cache of {batch_size} rows x {max_length:,} tokens needs {need / 2**30:,.1f} GiB, "
+                             f"more than the {free / 2**30:,.1f} GiB free on {torch.device(device)}: ask for a "
+                             "shorter context (serve --max-model-len) or fewer rows (--max-batch)")
         self.max_length = max_length
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # on the host: read without a device sync
