@@ -37,6 +37,7 @@ from moeinfer.compress.layout import register_experts_kind
 from moeinfer.compress.quant.groupwise import QuantizedTensor, check_bits, dequantize, num_groups, quantize
 from moeinfer.compress.quant.packing import packed_cols
 from moeinfer.config import ModelConfig
+from moeinfer.kernels.quantized_cpu import quantized_moe_cpu, unsupported
 from moeinfer.model.moe import Routing, routed_forward
 
 _MATRICES = ("gate_up", "down")
@@ -160,8 +161,6 @@ class QuantizedExperts(nn.Module):
             if quantized_unsupported(self) is None:
                 return fused_moe_quantized(x, routing.indices, routing.weights, self)
         if x.device.type == "cpu" and self.cpu_engine != "eager":
-            from moeinfer.kernels.quantized_cpu import quantized_moe_cpu, unsupported
-
             if self.cpu_engine is not None or unsupported(self) is None:
                 return quantized_moe_cpu(x, routing.indices, routing.weights, self, engine=self.cpu_engine)
         return self.eager_forward(x, routing)

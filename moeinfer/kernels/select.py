@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeinfer.kernels.linear import use_cpu_linears_
 from moeinfer.kernels.registry import resolve
 
 
@@ -23,8 +24,6 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
     use_kernel_ again after anything that changes the expert weights. Ignored for 'reference'.
     """
     if linears:
-        from moeinfer.kernels.linear import use_cpu_linears_
-
         use_cpu_linears_(model)
     blocks = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "kernel_fn")]
     if not blocks:
