@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 SRC_DIR = Path(__file__).resolve().parent / "csrc"
-BUILD_DIR = Path(__file__).resolve().parents[3] / "build" / "native"
+# the checkout's build/ (gitignored) for the editable install `make install` makes; overridable
+BUILD_DIR = Path(os.environ.get("MOEINFER_NATIVE_BUILD_DIR", Path(__file__).resolve().parents[3] / "build" / "native"))
 LIBRARY = "libmoeinfer_native.so"
 
 # variant -> its source and the compiler flags it needs (the ops file is portable)
@@ -30,6 +31,7 @@ VARIANT_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def library_path() -> Path:
+    """Where the library is loaded from: $MOEINFER_NATIVE_LIB, else BUILD_DIR."""
     return Path(os.environ.get("MOEINFER_NATIVE_LIB", BUILD_DIR / LIBRARY))
 
 
