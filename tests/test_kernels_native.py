@@ -209,3 +209,15 @@ def test_build_without_a_compiler_says_so(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler-xyz'"):
         build()
+
+
+def test_importing_loads_nothing_native():
+    import subprocess
+    import sys
+
+    code = ("import torch, moeinfer.kernels, moeinfer.compress.quantized_experts, moeinfer.kernels.linear\n"
+            "from moeinfer.kernels import native\n"
+            "assert native._state == {}, native._state\n"
+            "assert not any('moeinfer_native' in str(l) for l in torch.ops.loaded_libraries)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
