@@ -17,7 +17,8 @@ from moeinfer.compress.quantized_experts import QuantizedExperts
 from moeinfer.kernels import native
 from moeinfer.kernels.cpu import cpu_moe
 from moeinfer.kernels.cpu_native import ENGINES, choose_engine
-from moeinfer.kernels.quantized_cpu import DECODE_MAX_TOKENS, quantized_moe_cpu
+from moeinfer.kernels import quantized_cpu
+from moeinfer.kernels.quantized_cpu import quantized_moe_cpu
 from moeinfer.kernels.reference import reference_moe
 from moeinfer.model.moe import Routing
 from native_helpers import native_ops, require, variant_params
@@ -110,9 +111,12 @@ def routing(N, E, K, seed=1):
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("bits,group_size,algorithm", SCHEMES, ids=[f"{a}{b}g{g}" for b, g, a in SCHEMES])
 @pytest.mark.parametrize("d,i", [(36, 20), (64, 32), (160, 96)], ids=["unaligned", "aligned", "wider"])
-@pytest.mark.parametrize("N", [1, DECODE_MAX_TOKENS, 5, 33])
-def test_quantized_matches_eager(variant, bits, group_size, algorithm, d, i, N):
+@pytest.mark.parametrize("N,path", [(1, "decode"), (2, "decode"), (5, "prefill"), (33, "decode"),
+                                    (33, "prefill")])
+def test_quantized_matches_eager(variant, bits, group_size, algorithm, d, i, N, path, monkeypatch):
+    """Both the decode and the prefill path on every shape (the slot threshold forced either way)."""
     require(variant)
+    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 10**6 if path == "decode" else 0)
     if algorithm == "sym" and (d % group_size or i % group_size):
         d, i = 64, 32  # the symmetric formats need whole groups
     qe = quantized_problem(bits, group_size, algorithm, d=d, i=i)
@@ -127,9 +131,10 @@ def test_quantized_matches_eager(variant, bits, group_size, algorithm, d, i, N):
 
 
 @pytest.mark.parametrize("variant", variant_params())
-@pytest.mark.parametrize("N", [1, 9])
-def test_quantized_mixed_widths(variant, N):
+@pytest.mark.parametrize("N,path", [(1, "decode"), (9, "decode"), (9, "prefill")])
+def test_quantized_mixed_widths(variant, N, path, monkeypatch):
     require(variant)
+    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 10**6 if path == "decode" else 0)
     qe = quantized_problem(4, 32, "rtn", d=64, i=48, mixed=True)
     assert sorted(set(qe.bits)) == [4, 8]
     r = routing(N, 8, 4)

@@ -4,10 +4,11 @@ stay in their stored layout and are never dequantized as a whole.
 
 Shapes: N tokens, D hidden, K top-k, I expert inner size, E_b experts of width b.
 
-- Decode (N <= DECODE_MAX_TOKENS): per token and per bit width, one native call runs the token's
-  experts of that width: codes widened in registers, w = (u - z) * s folded into per-group sums
-  (csrc/ops.cpp), gate_up -> SiLU * up -> down -> weighted sum. Reads each routed expert's bytes once.
-- Prefill (more tokens): dispatch by expert; each expert with slots is dequantized tile by tile into
+- Decode (few slots per routed expert: N * K <= DECODE_SLOTS_PER_EXPERT * experts routed): per token
+  and per bit width, one native call runs the token's experts of that width: codes widened in
+  registers, w = (u - z) * s folded into per-group sums (csrc/ops.cpp), gate_up -> SiLU * up ->
+  down -> weighted sum. Reads each routed expert's bytes once per token.
+- Prefill (more slots per expert): dispatch by expert; each expert with slots is dequantized tile by tile into
   one reused fp32 buffer per projection (native, parallel), then two fp32 GEMMs; combine in fp32.
   The buffers are shared by all layers (`_BUFFERS`, one per shape), so steady-state prefill
   allocates nothing weight-sized and holds one expert's fp32 weights in all.
@@ -26,7 +27,10 @@ import torch.nn.functional as F
 from moeinfer.kernels import native
 
 NATIVE_BITS = (4, 8)
-DECODE_MAX_TOKENS = 2  # from 3 tokens on, dequantized tiles + GEMM beat one decode call per token
+# A dequantized fp32 tile costs ~9 bytes of traffic per code (read codes, write and read 4-byte
+# floats) once per expert; decoding a slot reads 1 (int8) or 0.5 (int4) bytes per code: below this
+# many slots per routed expert, decoding token by token moves fewer bytes.
+DECODE_SLOTS_PER_EXPERT = 8
 
 
 class PackedExperts(Protocol):
@@ -74,7 +78,8 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
         return x.new_zeros(x.shape)
     D, I, gs = experts.hidden_size, experts.intermediate_size, experts.group_size
     rows = _rows_by_width(experts)
-    if N <= DECODE_MAX_TOKENS:
+    routed = int(torch.unique(indices).numel())
+    if N * indices.shape[1] <= DECODE_SLOTS_PER_EXPERT * routed:
         xf = x.float()
         wf = weights.float()
         out = torch.zeros(N, D)

@@ -249,10 +249,21 @@ void dequant_into(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z,
     for (int64_t r = b; r < e; ++r) {
       const uint8_t* qr = qp + r * P;
       float* o = op + r * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        const int64_t g = r * G + j / group_size;
-        const float u = bits == 8 ? float(qr[j]) : float((qr[j >> 1] >> ((j & 1) * 4)) & 0xF);
-        o[j] = u * sp[g] + (-zp[g] * sp[g]);
+      for (int64_t g = 0, c = 0; c < cols; ++g, c += group_size) {
+        const int64_t end = c + group_size < cols ? c + group_size : cols;
+        const float sc = sp[r * G + g], off = -zp[r * G + g] * sc;
+        if (bits == 8) {
+          for (int64_t j = c; j < end; ++j) o[j] = float(qr[j]) * sc + off;
+        } else {
+          int64_t j = c;
+          if (j % 2 == 0)  // whole bytes: low nibble to column j, high to j + 1
+            for (; j + 2 <= end; j += 2) {
+              const uint8_t byte = qr[j >> 1];
+              o[j] = float(byte & 0xF) * sc + off;
+              o[j + 1] = float(byte >> 4) * sc + off;
+            }
+          for (; j < end; ++j) o[j] = float((qr[j >> 1] >> ((j & 1) * 4)) & 0xF) * sc + off;
+        }
       }
     }
   });
