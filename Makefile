@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all bench demo clean
+.PHONY: install native test test-all bench demo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,7 +12,12 @@ $(STAMP): pyproject.toml
 	# torch 2.13.0 CPU lies on this machine's disk; asking for it first keeps pip from fetching a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# native CPU kernels (g++ and torch's headers) into build/native; without them the torch paths run
+	$(BIN)/python -m moeinfer.kernels.native build --allow-failure
 	touch $(STAMP)
+
+native: $(STAMP)
+	$(BIN)/python -m moeinfer.kernels.native build
 
 install: $(STAMP)
 

@@ -17,8 +17,10 @@ Forward (mirrors moeinfer.model.moe's stages; only the expert-compute stage diff
    SwiGLU as `expert_compute` (so the result equals `expert_compute` on the dequantized weights);
 3. combine with the routing weights.
 On CUDA with triton, a layer whose experts share one width in {2, 4, 8} runs these steps fused instead
-(moeinfer/kernels/fused_moe_quant.py: codes dequantized in registers inside the grouped GEMMs);
-`eager_forward` is the reference it is tested against.
+(moeinfer/kernels/fused_moe_quant.py: codes dequantized in registers inside the grouped GEMMs); on
+the CPU, experts of widths {4, 8} run the native kernels when they are built
+(moeinfer/kernels/quantized_cpu.py: decode reads the packed codes in place, prefill dequantizes one
+expert at a time into a reused tile); `eager_forward` is the reference both are tested against.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from moeinfer.compress.layout import register_experts_kind
 from moeinfer.compress.quant.groupwise import QuantizedTensor, check_bits, dequantize, num_groups, quantize
 from moeinfer.compress.quant.packing import packed_cols
 from moeinfer.config import ModelConfig
+from moeinfer.kernels.quantized_cpu import quantized_moe_cpu, unsupported
 from moeinfer.model.moe import Routing, routed_forward
 
 _MATRICES = ("gate_up", "down")
@@ -51,6 +54,9 @@ class QuantizedExperts(nn.Module):
     # Scales and zero-points stay fp32 whatever the model's dtype (loading and `cast_floating_` keep it):
     # bf16 would round an int8 zero-point by up to half a quantization step.
     keep_float_dtype = True
+    # CPU engine: None = the native kernels when available (else eager), "eager", or a native variant
+    # (moeinfer.kernels.native.VARIANTS) forced by hand.
+    cpu_engine: str | None = None
 
     def __init__(self, bits: Sequence[int], hidden_size: int, intermediate_size: int, group_size: int,
                  *, scale_dtype: torch.dtype = torch.float32) -> None:
@@ -147,12 +153,16 @@ class QuantizedExperts(nn.Module):
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, D] -> weighted sum of the routed experts' outputs [N, D]: on CUDA with triton, a layer of
         one width in {2, 4, 8} runs the fused dequantizing kernel (moeinfer/kernels/fused_moe_quant.py);
+        on the CPU, widths {4, 8} the native kernels (moeinfer/kernels/quantized_cpu.py, `cpu_engine`);
         everything else the eager path."""
         if x.is_cuda and importlib.util.find_spec("triton") is not None:
             from moeinfer.kernels.fused_moe_quant import fused_moe_quantized, quantized_unsupported
 
             if quantized_unsupported(self) is None:
                 return fused_moe_quantized(x, routing.indices, routing.weights, self)
+        if x.device.type == "cpu" and self.cpu_engine != "eager":
+            if self.cpu_engine is not None or unsupported(self) is None:
+                return quantized_moe_cpu(x, routing.indices, routing.weights, self, engine=self.cpu_engine)
         return self.eager_forward(x, routing)
 
     def eager_forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

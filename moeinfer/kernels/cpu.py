@@ -17,7 +17,10 @@ Steps:
      WIDEN_MIN_ROWS rows on; used for bf16/fp16 on CPUs without native half matmul (below).
 3. SiLU(gate) * up, down projection, multiply by the routing weight.
 4. Combine: put the outputs back in slot order and sum each token's K weighted rows
-   (a scatter-add over threads was slow here). Batch-1 decode skips sorting (K matvecs on views).
+   (a scatter-add over threads was slow here).
+Batch-1 decode skips sorting: with the native library (moeinfer.kernels.native) all K experts of the
+token run in one call (gate_up, SiLU * up, down and the weighted sum, bf16 widened in registers,
+fp32 accumulation); otherwise K matvecs on views. `engine=` forces one (moeinfer.kernels.cpu_native).
 Matmuls run on torch's intra-op pool, so all cores are used (`torch.set_num_threads`).
 On CPUs without native bf16/fp16 matmul (AVX2) an expert with >= 2 rows is computed in fp32 from
 its weights converted on the fly: the conversion costs far less than the half-precision GEMM.
@@ -30,6 +33,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from moeinfer.kernels.cpu_native import choose_engine, moe_decode, native_weights
 from moeinfer.kernels.registry import register_kernel
 
 WIDEN_MIN_ROWS = 2  # widen a half-precision expert's weights to fp32 from this many rows on
@@ -103,10 +107,12 @@ def _not_cpu(device: torch.device) -> str | None:
 @register_kernel("cpu", why_unavailable=_not_cpu)
 def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             gate_up: torch.Tensor, down: torch.Tensor, *,
-            expert_map: torch.Tensor | None = None, schedule: str | None = None) -> torch.Tensor:
+            expert_map: torch.Tensor | None = None, schedule: str | None = None,
+            engine: str | None = None) -> torch.Tensor:
     """Sorted slots, one grouped GEMM per projection (or a GEMM pair per active expert), weighted sum.
 
-    `schedule` forces one of SCHEDULES (default: `choose_schedule`); batch-1 decode has its own path."""
+    `schedule` forces one of SCHEDULES (default: `choose_schedule`); batch-1 decode has its own path,
+    whose engine ('torch' or a native variant, moeinfer.kernels.cpu_native.ENGINES) `engine` forces."""
     N, K = indices.shape
     E = gate_up.shape[0]
     if schedule is None:
@@ -116,6 +122,9 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     if schedule == "grouped" and not grouped_mm_works(x.dtype, gate_up.shape[2], down.shape[2]):
         schedule = "per-expert"  # torch refuses these shapes here: same result, one GEMM pair per expert
     if N == 1:
+        engine = choose_engine(engine)
+        if engine != "torch" and native_weights(gate_up, down):
+            return moe_decode(x, indices, weights, gate_up, down, expert_map=expert_map, engine=engine)
         return _one_token(x, indices, weights, gate_up, down, expert_map)
     flat = indices.reshape(-1)
     if expert_map is not None:

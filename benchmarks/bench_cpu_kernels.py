@@ -1,0 +1,182 @@
+"""CPU kernel micro-benchmark: one OLMoE-1B-7B MoE layer (D=2048, I=1024, E=64, K=8), batch-1 decode
+and a few prefill sizes, bf16 / int8 / int4 / q8_0 / q4_0 experts, old path vs new, beside the
+machine's read bandwidth measured in the same run.
+
+    python benchmarks/bench_cpu_kernels.py                    # 2 threads (torch default), wall clock
+    python benchmarks/bench_cpu_kernels.py --tokens 1 --formats bf16,q4_0
+
+Paths: bf16 "old" = the cpu kernel's torch ops (K matvec pairs at one token, `engine="torch"`);
+"new" = the native call (all K experts in one, `engine=None`); prefill runs the cpu kernel's
+widened schedule for both. Quantized "old" = QuantizedExperts.eager_forward (dequantize routed
+experts each step); "new" = QuantizedExperts.forward (moeinfer/kernels/quantized_cpu.py).
+
+Bandwidth (the roofline): the best of (a) a read-only reduction over 512 MiB (torch.sum), (b) torch's
+fp32 matrix-vector product over a 512 MiB matrix, (c) the native fp32 GEMV over the same matrix,
+(d) a tensor copy (read + write bytes); each best of a few repetitions. Decode GB/s = bytes the token
+must read (its K experts' stored weights: codes, scales and zeros) / time; "% roofline" against
+the best bandwidth. Memory: the bf16 layer (805 MB) plus one quantized copy at a time (< 3 GB).
+Results: benchmarks/results/cpu_kernels.json and markdown on stdout. Numbers from a shared, busy
+machine are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_moe import RESULTS, environment, time_fn  # noqa: E402  (one timing helper for all benchmarks)
+
+from moeinfer.compress.quantized_experts import QuantizedExperts  # noqa: E402
+from moeinfer.kernels import native  # noqa: E402
+from moeinfer.kernels.cpu import cpu_moe  # noqa: E402
+from moeinfer.model.moe import Routing  # noqa: E402
+
+SHAPE = dict(D=2048, I=1024, E=64, K=8)
+FORMATS = {  # name -> (bits, group size, algorithm); None = bf16 stacked experts
+    "bf16": None, "int8": (8, 128, "rtn"), "int4": (4, 128, "rtn"), "q8_0": (8, 32, "sym"), "q4_0": (4, 32, "sym"),
+}
+CPU = torch.device("cpu")
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split()
+                              if f.startswith(("avx", "fma", "f16c", "amx", "sse4", "vnni")))
+    except OSError:
+        pass
+    return []
+
+
+def read_bandwidth(reps: int) -> dict[str, float]:
+    """Bytes/s of the read-bound methods in the module docstring (best of `reps` each)."""
+    def best(fn, nbytes: int) -> float:
+        fn()
+        t = min(_timed(fn) for _ in range(reps))
+        return nbytes / t
+
+    big = torch.ones(128 << 20)  # 512 MiB fp32
+    mat = big.view(64 << 10, 2048)
+    vec = torch.ones(2048)
+    out = {"torch_sum": best(lambda: big.sum(), big.numel() * 4),
+           "torch_fp32_gemv": best(lambda: mat @ vec, mat.numel() * 4)}
+    if native.best_variant() is not None:
+        ops, v = native.load(), native.best_variant()
+        out["native_fp32_gemv"] = best(lambda: ops.gemv(vec, mat, v), mat.numel() * 4)
+    half = big[: 64 << 20]
+    dst = torch.empty_like(half)
+    out["torch_copy_rw"] = best(lambda: dst.copy_(half), 2 * half.numel() * 4)
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def make_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bf16 experts, generated expert by expert (no fp32 copy of the layer)."""
+    D, I, E = SHAPE["D"], SHAPE["I"], SHAPE["E"]
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.empty(E, 2 * I, D, dtype=torch.bfloat16)
+    down = torch.empty(E, D, I, dtype=torch.bfloat16)
+    for e in range(E):
+        gate_up[e] = torch.randn(2 * I, D, generator=g) / D**0.5
+        down[e] = torch.randn(D, I, generator=g) / I**0.5
+    return gate_up, down
+
+
+def make_routing(N: int, seed: int = 1) -> Routing:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, SHAPE["E"], generator=g)
+    w, idx = logits.softmax(-1).topk(SHAPE["K"], dim=-1)
+    return Routing(indices=idx, weights=w / w.sum(-1, keepdim=True), logits=logits)
+
+
+def decode_bytes(fmt: str, gate_up: torch.Tensor, qe: QuantizedExperts | None) -> float:
+    """Bytes one token reads: its K experts' stored weights."""
+    if qe is None:
+        return SHAPE["K"] * 3 * SHAPE["D"] * SHAPE["I"] * gate_up.element_size()
+    return SHAPE["K"] * sum(p.numel() * p.element_size() for p in qe.parameters()) / SHAPE["E"]
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    env = environment(CPU)
+    env.update(cpu_flags=cpu_flags(), native_variant=native.best_variant(),
+               native_unavailable=native.unavailable_reason())
+    bw = read_bandwidth(args.bw_reps)
+    roof = max(bw.values())
+    print(f"# CPU kernels, one OLMoE-1B-7B MoE layer {SHAPE}, {args.threads} threads")
+    print(f"cpu: {env['hardware']['cpu']}; flags: {' '.join(env['cpu_flags'])}; native: {env['native_variant']}")
+    print("read bandwidth (GB/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bw.items())
+          + f"; roofline = best = {roof / 1e9:.1f}")
+    gate_up, down = make_layer()
+    rows = []
+    print("\n| format | tokens | old ms | new ms | speed-up | new GB/s (decode) | % roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for fmt in args.formats.split(","):
+        spec = FORMATS[fmt]
+        qe = None
+        if spec is not None:
+            bits, gs, alg = spec
+            t0 = time.perf_counter()
+            qe = QuantizedExperts.from_float(gate_up, down, [bits] * SHAPE["E"], group_size=gs, algorithm=alg)
+            print(f"<!-- quantized {fmt} in {time.perf_counter() - t0:.0f} s -->")
+        for N in args.tokens:
+            r = make_routing(N)
+            x = torch.randn(N, SHAPE["D"], generator=torch.Generator().manual_seed(2)).bfloat16()
+            with torch.no_grad():
+                if qe is None:
+                    old = lambda: cpu_moe(x, r.indices, r.weights, gate_up, down, engine="torch")  # noqa: E731
+                    new = lambda: cpu_moe(x, r.indices, r.weights, gate_up, down)  # noqa: E731
+                else:
+                    old = lambda: qe.eager_forward(x, r)  # noqa: E731
+                    new = lambda: qe(x, r)  # noqa: E731
+                t_new = time_fn(new, CPU, warmup=2, reps=args.reps, budget_s=args.budget)
+                t_old = (time_fn(old, CPU, warmup=1, reps=args.reps, budget_s=args.budget)
+                         if N <= args.old_max_tokens else None)
+            row = dict(format=fmt, tokens=N, old_s=t_old, new_s=t_new)
+            if N == 1:
+                nbytes = decode_bytes(fmt, gate_up, qe)
+                row.update(bytes=nbytes, new_GBps=nbytes / t_new / 1e9, roofline_frac=nbytes / t_new / roof)
+            rows.append(row)
+            gbps = f"{row['new_GBps']:.1f}" if N == 1 else "-"
+            frac = f"{100 * row['roofline_frac']:.0f}%" if N == 1 else "-"
+            old_ms = f"{t_old * 1e3:.2f}" if t_old else "-"
+            spd = f"{t_old / t_new:.1f}x" if t_old else "-"
+            print(f"| {fmt} | {N} | {old_ms} | {t_new * 1e3:.2f} | {spd} | {gbps} | {frac} |", flush=True)
+        del qe
+    env["load_average_after"] = __import__("bench_moe").load_average()
+    return dict(environment=env, shape=SHAPE, bandwidth_Bps=bw, roofline_Bps=roof, rows=rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1, 16, 128, 512])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--bw-reps", type=int, default=5)
+    p.add_argument("--budget", type=float, default=5.0, help="seconds per timed path at most (>= 3 calls)")
+    p.add_argument("--old-max-tokens", type=int, default=128, help="skip the old path above this many tokens")
+    p.add_argument("--out", type=Path, default=RESULTS / "cpu_kernels.json")
+    args = p.parse_args()
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(args.out)
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()

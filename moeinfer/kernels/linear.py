@@ -1,0 +1,95 @@
+"""`use_cpu_linears_(model)`: the dense linears of a loaded model (attention projections, shared
+expert, lm_head, ...) on the native CPU kernels, in place (applied after loading, like
+`use_kernel_`; the model code is untouched).
+
+Each eligible `nn.Linear` becomes a `CpuLinear` (a subclass: same parameters, same state dict, saved
+and loaded as before; `restore_linears_` turns them back). Its forward:
+1. one token (decode): a native GEMV reading the bf16 weight once, widened in registers,
+   accumulated in fp32 (csrc/ops.cpp `gemv`), on torch's thread pool;
+2. more tokens, on CPUs without native bf16 matmul: the weight widened to fp32 tile by tile
+   (TILE_ROWS rows into one reused buffer) and multiplied in fp32, since a bf16 GEMM is ~10x slower
+   there and a whole fp32 copy would double the memory;
+3. otherwise torch's F.linear.
+Eligible: CPU, bf16 weight, native library available (else nothing changes and `use_cpu_linears_`
+says why); under autograd (grad enabled and a tensor requiring grad) F.linear runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeinfer.kernels import native
+from moeinfer.kernels.cpu import slow_half_matmul
+
+TILE_ROWS = 512
+_TILES: dict[int, torch.Tensor] = {}  # in_features -> reused [TILE_ROWS, in_features] fp32 tile
+
+
+class CpuLinear(nn.Linear):
+    """nn.Linear whose forward runs the native CPU paths (module docstring); `engine` forces a
+    native variant (default: the best this CPU runs)."""
+
+    engine: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.device.type != "cpu" or w.dtype != torch.bfloat16 or (
+                torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+            return F.linear(x, w, self.bias)  # the native paths do not differentiate
+        lead = x.shape[:-1]
+        n = x.numel() // self.in_features
+        if n == 1:
+            # 1. decode: one native GEMV
+            variant = native.resolve_variant(self.engine)
+            y = native.load().gemv(x.reshape(-1).float().contiguous(), w, variant)
+        elif slow_half_matmul(torch.bfloat16):
+            # 2. prefill on AVX2: fp32 tiles of the weight
+            xf = x.reshape(n, self.in_features).float()
+            yt = torch.empty(self.out_features, n)  # [O, n]: row tiles of it are contiguous
+            tile = _TILES.get(self.in_features)
+            if tile is None:
+                tile = _TILES[self.in_features] = torch.empty(TILE_ROWS, self.in_features)
+            for r0 in range(0, self.out_features, TILE_ROWS):
+                r1 = min(r0 + TILE_ROWS, self.out_features)
+                t = tile[: r1 - r0]
+                t.copy_(w[r0:r1])
+                torch.mm(t, xf.t(), out=yt[r0:r1])
+            y = yt.t()
+        else:
+            return F.linear(x, w, self.bias)  # 3.
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+def use_cpu_linears_(model: nn.Module, *, engine: str | None = None) -> int:
+    """Turn every bf16 CPU nn.Linear of `model` into a CpuLinear, in place; returns how many.
+
+    Raises RuntimeError naming the reason when the native library is unavailable, ValueError when
+    `engine` names a variant this CPU cannot run."""
+    why = native.unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"use_cpu_linears_: native kernels unavailable: {why}")
+    if engine is not None:
+        native.resolve_variant(engine)
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.bfloat16:
+            module.__class__ = CpuLinear
+            count += 1
+        if isinstance(module, CpuLinear):
+            module.engine = engine
+    return count
+
+
+def restore_linears_(model: nn.Module) -> int:
+    """Undo `use_cpu_linears_`: CpuLinear modules become plain nn.Linear again; returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, CpuLinear):
+            module.__class__ = nn.Linear
+            module.__dict__.pop("engine", None)
+            count += 1
+    return count

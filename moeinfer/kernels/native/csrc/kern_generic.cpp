@@ -1,0 +1,55 @@
+// Portable variant: plain loops (8 partial sums so the compiler can vectorise without -ffast-math).
+#include "kern.h"
+
+namespace moeinfer_native {
+namespace {
+
+float dot_f32(const float* w, const float* x, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += w[j + l] * x[j + l];
+  float s = 0.f;
+  for (; j < n; ++j) s += w[j] * x[j];
+  for (int l = 0; l < 8; ++l) s += acc[l];
+  return s;
+}
+
+float dot_bf16(const uint16_t* w, const float* x, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += bf16_to_f32(w[j + l]) * x[j + l];
+  float s = 0.f;
+  for (; j < n; ++j) s += bf16_to_f32(w[j]) * x[j];
+  for (int l = 0; l < 8; ++l) s += acc[l];
+  return s;
+}
+
+float qrow8(const uint8_t* q, const float* s, const float* z, const float* x, const float* xsum,
+            int64_t cols, int64_t gs) {
+  float y = 0.f;
+  for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
+    int64_t end = c + gs < cols ? c + gs : cols;
+    y += s[g] * (tail_u8(q, x, c, end) - z[g] * xsum[g]);
+  }
+  return y;
+}
+
+float qrow4(const uint8_t* q, const float* s, const float* z, const float* x, const float* /*xperm*/,
+            const float* xsum, int64_t cols, int64_t gs) {
+  float y = 0.f;
+  for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
+    int64_t end = c + gs < cols ? c + gs : cols;
+    y += s[g] * (tail_u4(q, x, c, end) - z[g] * xsum[g]);
+  }
+  return y;
+}
+
+const Kern table{"generic", dot_f32, dot_bf16, qrow8, qrow4};
+
+}  // namespace
+
+const Kern* kern_generic() { return &table; }
+
+}  // namespace moeinfer_native

@@ -1,0 +1,287 @@
+// Torch-facing ops of moeinfer's native CPU kernels (torch.ops.moeinfer_native.*), registered with
+// TORCH_LIBRARY so the library needs no Python headers. Threads: torch's own intra-op pool
+// (at::parallel_for), so the op shares the pool and the thread count of the rest of the model.
+//
+// Batch-1 decode of an MoE layer's routed experts in one call (gpt-fast / llama.cpp style GEMV):
+// 1. gate_up: rows (k, i) split over threads; h[k, i] = silu(gate_k[i] . x) * (up_k[i] . x);
+// 2. per expert: group sums (and the nibble order) of h for the quantized down rows;
+// 3. down: output rows r split over threads; out[r] = sum_k w_k * (down_k[r] . h_k).
+// Weights are read once, straight from their stored layout (bf16, fp32, or packed codes with
+// group scales/zeros); nothing the size of a weight matrix is allocated.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kern.h"
+
+namespace moeinfer_native {
+namespace {
+
+bool cpu_supports(const std::string& variant) {
+  if (variant == "generic") return true;
+  if (variant == "avx2") {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }
+  return false;
+}
+
+const Kern* pick(const std::string& variant) {
+  TORCH_CHECK(variant == "generic" || variant == "avx2", "moeinfer_native: unknown variant '", variant,
+              "'; valid: generic, avx2");
+  TORCH_CHECK(cpu_supports(variant), "moeinfer_native: this CPU cannot run variant '", variant, "'");
+  return variant == "avx2" ? kern_avx2() : kern_generic();
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// Row dot product of a bf16 or fp32 weight row with an fp32 vector.
+inline float dot_row(const Kern* k, const at::Tensor& w, const void* base, int64_t row, int64_t n,
+                     const float* x) {
+  if (w.scalar_type() == at::kBFloat16)
+    return k->dot_bf16(static_cast<const uint16_t*>(base) + row * n, x, n);
+  return k->dot_f32(static_cast<const float*>(base) + row * n, x, n);
+}
+
+void check_weights(const at::Tensor& w, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "moeinfer_native: ", what, " must be a contiguous CPU tensor");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat, "moeinfer_native: ", what,
+              " must be bfloat16 or float32, got ", w.scalar_type());
+}
+
+void check_vec(const at::Tensor& x, int64_t n, const char* what) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 1 && x.size(0) == n,
+              "moeinfer_native: ", what, " must be a contiguous float32 vector of ", n, " elements, got ", x.sizes());
+}
+
+// x [D] f32, experts [K] int64 (row in gate_up/down, < 0 = skip), weights [K] f32,
+// gate_up [E, 2I, D], down [E, D, I] (bf16 or f32) -> out [D] f32.
+at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                      const at::Tensor& gate_up, const at::Tensor& down, const std::string& variant) {
+  const Kern* kern = pick(variant);
+  check_weights(gate_up, "gate_up");
+  check_weights(down, "down");
+  TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "moeinfer_native: gate_up and down dtypes differ");
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, D = gate_up.size(2);
+  TORCH_CHECK(down.size(0) == E && down.size(1) == D && down.size(2) == I, "moeinfer_native: down shape ",
+              down.sizes(), " does not match gate_up ", gate_up.sizes());
+  check_vec(x, D, "x");
+  const int64_t K = experts.numel();
+  std::vector<int64_t> ex(K);
+  std::vector<float> wk(K);
+  auto ea = experts.to(at::kLong).contiguous();
+  auto wa = weights.to(at::kFloat).contiguous();
+  for (int64_t k = 0; k < K; ++k) {
+    ex[k] = ea.data_ptr<int64_t>()[k];
+    wk[k] = wa.data_ptr<float>()[k];
+    TORCH_CHECK(ex[k] < E, "moeinfer_native: expert row ", ex[k], " out of range (", E, " experts)");
+  }
+  at::Tensor h = at::zeros({K, I}, x.options());
+  at::Tensor out = at::empty({D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  const void* gu = gate_up.data_ptr();
+  const void* dn = down.data_ptr();
+  // 1. gate_up rows
+  at::parallel_for(0, K * I, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t k = t / I, i = t % I;
+      if (ex[k] < 0) continue;
+      const int64_t base = ex[k] * 2 * I;
+      hp[t] = silu(dot_row(kern, gate_up, gu, base + i, D, xp)) * dot_row(kern, gate_up, gu, base + I + i, D, xp);
+    }
+  });
+  // 3. down rows, summed over experts with their routing weights
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k)
+        if (ex[k] >= 0) acc += wk[k] * dot_row(kern, down, dn, ex[k] * D + r, I, hp + k * I);
+      op[r] = acc;
+    }
+  });
+  return out;
+}
+
+// x [N? no: D] f32, w [O, D] bf16/f32 -> y [O] f32 (a dense linear at batch 1).
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::string& variant) {
+  const Kern* kern = pick(variant);
+  check_weights(w, "weight");
+  TORCH_CHECK(w.dim() == 2, "moeinfer_native: gemv weight must be 2-D, got ", w.sizes());
+  const int64_t O = w.size(0), D = w.size(1);
+  check_vec(x, D, "x");
+  at::Tensor y = at::empty({O}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const void* wp = w.data_ptr();
+  at::parallel_for(0, O, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) yp[r] = dot_row(kern, w, wp, r, D, xp);
+  });
+  return y;
+}
+
+// Activation side of a quantized row product: group sums, and the nibble order for 4-bit codes.
+struct QVec {
+  const float* x;
+  std::vector<float> sum, perm;
+  QVec(const float* x_, int64_t cols, int64_t gs, int bits) : x(x_) {
+    const int64_t G = (cols + gs - 1) / gs;
+    sum.assign(G, 0.f);
+    for (int64_t j = 0; j < cols; ++j) sum[j / gs] += x[j];
+    if (bits == 4) {
+      perm.assign(cols, 0.f);
+      for (int64_t r = 0; r + 16 <= cols; r += 16)
+        for (int l = 0; l < 8; ++l) {
+          perm[r + l] = x[r + 2 * l];
+          perm[r + 8 + l] = x[r + 2 * l + 1];
+        }
+    }
+  }
+};
+
+struct QMat {
+  const uint8_t* q;
+  const float* s;
+  const float* z;
+  int64_t rows, P, G;
+};
+
+QMat qmat(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t rows, int64_t P, int64_t G,
+          const char* what) {
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 3 && q.size(1) == rows &&
+                  q.size(2) == P,
+              "moeinfer_native: ", what, " codes must be contiguous uint8 [E, ", rows, ", ", P, "], got ", q.sizes());
+  for (const at::Tensor* t : {&s, &z})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == q.size(0) &&
+                    t->size(1) == rows && t->size(2) == G,
+                "moeinfer_native: ", what, " scales/zeros must be contiguous float32 [E, ", rows, ", ", G, "], got ",
+                t->sizes());
+  return {q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), rows, P, G};
+}
+
+inline float qdot(const Kern* k, const QMat& m, int64_t row, const QVec& v, int64_t cols, int64_t gs, int bits) {
+  const uint8_t* q = m.q + row * m.P;
+  const float* s = m.s + row * m.G;
+  const float* z = m.z + row * m.G;
+  if (bits == 8) return k->qrow8(q, s, z, v.x, v.sum.data(), cols, gs);
+  return k->qrow4(q, s, z, v.x, v.perm.data(), v.sum.data(), cols, gs);
+}
+
+// Quantized experts of one bit width (moeinfer.compress.quantized_experts storage), batch-1 decode.
+at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                        const at::Tensor& q_gu, const at::Tensor& s_gu, const at::Tensor& z_gu,
+                        const at::Tensor& q_dn, const at::Tensor& s_dn, const at::Tensor& z_dn, int64_t bits,
+                        int64_t group_size, int64_t D, int64_t I, const std::string& variant) {
+  const Kern* kern = pick(variant);
+  TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: quantized experts need 8 or 4 bits, got ", bits);
+  TORCH_CHECK(group_size >= 1, "moeinfer_native: group_size must be >= 1");
+  check_vec(x, D, "x");
+  auto packed = [&](int64_t cols) { return bits == 8 ? cols : (cols + 7) / 8 * 4; };
+  auto groups = [&](int64_t cols) { return (cols + group_size - 1) / group_size; };
+  const QMat gu = qmat(q_gu, s_gu, z_gu, 2 * I, packed(D), groups(D), "gate_up");
+  const QMat dn = qmat(q_dn, s_dn, z_dn, D, packed(I), groups(I), "down");
+  const int64_t E = q_gu.size(0), K = experts.numel();
+  TORCH_CHECK(q_dn.size(0) == E, "moeinfer_native: gate_up and down hold different expert counts");
+  std::vector<int64_t> ex(K);
+  std::vector<float> wk(K);
+  auto ea = experts.to(at::kLong).contiguous();
+  auto wa = weights.to(at::kFloat).contiguous();
+  for (int64_t k = 0; k < K; ++k) {
+    ex[k] = ea.data_ptr<int64_t>()[k];
+    wk[k] = wa.data_ptr<float>()[k];
+    TORCH_CHECK(ex[k] < E, "moeinfer_native: expert row ", ex[k], " out of range (", E, " experts)");
+  }
+  const QVec xv(x.data_ptr<float>(), D, group_size, int(bits));
+  at::Tensor h = at::zeros({K, I}, x.options());
+  float* hp = h.data_ptr<float>();
+  // 1. gate_up rows
+  at::parallel_for(0, K * I, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t k = t / I, i = t % I;
+      if (ex[k] < 0) continue;
+      const int64_t base = ex[k] * 2 * I;
+      hp[t] = silu(qdot(kern, gu, base + i, xv, D, group_size, int(bits))) *
+              qdot(kern, gu, base + I + i, xv, D, group_size, int(bits));
+    }
+  });
+  // 2. the activation side of each expert's down rows
+  std::vector<QVec> hv;
+  hv.reserve(K);
+  for (int64_t k = 0; k < K; ++k) hv.emplace_back(hp + k * I, I, group_size, int(bits));
+  // 3. down rows
+  at::Tensor out = at::empty({D}, x.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k)
+        if (ex[k] >= 0) acc += wk[k] * qdot(kern, dn, ex[k] * D + r, hv[k], I, group_size, int(bits));
+      op[r] = acc;
+    }
+  });
+  return out;
+}
+
+// Dequantize rows of packed codes into `out` [R, cols] f32 (a reused buffer: the prefill path's tile),
+// as moeinfer.compress.quant.groupwise.dequantize computes them: w = u * s + (-z * s).
+void dequant_into(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t bits, int64_t group_size,
+                  at::Tensor& out) {
+  TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: dequant needs 8 or 4 bits, got ", bits);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2,
+              "moeinfer_native: dequant output must be a contiguous float32 matrix");
+  const int64_t R = out.size(0), cols = out.size(1);
+  const int64_t P = bits == 8 ? cols : (cols + 7) / 8 * 4, G = (cols + group_size - 1) / group_size;
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.numel() == R * P,
+              "moeinfer_native: dequant codes must be contiguous uint8 with ", R, "x", P, " elements");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && z.scalar_type() == at::kFloat && s.is_contiguous() &&
+                  z.is_contiguous() && s.numel() == R * G && z.numel() == R * G,
+              "moeinfer_native: dequant scales/zeros must be contiguous float32 with ", R, "x", G, " elements");
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const uint8_t* qr = qp + r * P;
+      float* o = op + r * cols;
+      for (int64_t g = 0, c = 0; c < cols; ++g, c += group_size) {
+        const int64_t end = c + group_size < cols ? c + group_size : cols;
+        const float sc = sp[r * G + g], off = -zp[r * G + g] * sc;
+        if (bits == 8) {
+          for (int64_t j = c; j < end; ++j) o[j] = float(qr[j]) * sc + off;
+        } else {
+          int64_t j = c;
+          if (j % 2 == 0)  // whole bytes: low nibble to column j, high to j + 1
+            for (; j + 2 <= end; j += 2) {
+              const uint8_t byte = qr[j >> 1];
+              o[j] = float(byte & 0xF) * sc + off;
+              o[j + 1] = float(byte >> 4) * sc + off;
+            }
+          for (; j < end; ++j) o[j] = float((qr[j >> 1] >> ((j & 1) * 4)) & 0xF) * sc + off;
+        }
+      }
+    }
+  });
+}
+
+bool supports(const std::string& variant) { return cpu_supports(variant); }
+
+}  // namespace
+}  // namespace moeinfer_native
+
+TORCH_LIBRARY(moeinfer_native, m) {
+  m.def("supports(str variant) -> bool", &moeinfer_native::supports);
+  m.def("moe_decode(Tensor x, Tensor experts, Tensor weights, Tensor gate_up, Tensor down, str variant) -> Tensor",
+        &moeinfer_native::moe_decode);
+  m.def("gemv(Tensor x, Tensor w, str variant) -> Tensor", &moeinfer_native::gemv);
+  m.def("moe_decode_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor z_gu, "
+        "Tensor q_dn, Tensor s_dn, Tensor z_dn, int bits, int group_size, int hidden, int inner, str variant) -> Tensor",
+        &moeinfer_native::moe_decode_q);
+  m.def("dequant_into(Tensor q, Tensor s, Tensor z, int bits, int group_size, Tensor(a!) out) -> ()",
+        &moeinfer_native::dequant_into);
+}

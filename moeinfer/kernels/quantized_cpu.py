@@ -1,0 +1,134 @@
+"""CPU expert stage for packed group-wise int8/int4 experts (moeinfer.compress.quantized_experts), on
+the native library (moeinfer.kernels.native), in the style of llama.cpp's CPU backend: the weights
+stay in their stored layout and are never dequantized as a whole.
+
+Shapes: N tokens, D hidden, K top-k, I expert inner size, E_b experts of width b.
+
+- Decode (few slots per routed expert: N * K <= DECODE_SLOTS_PER_EXPERT * experts routed): per token
+  and per bit width, one native call runs the token's experts of that width: codes widened in
+  registers, w = (u - z) * s folded into per-group sums (csrc/ops.cpp), gate_up -> SiLU * up ->
+  down -> weighted sum. Reads each routed expert's bytes once per token.
+- Prefill (more slots per expert): dispatch by expert; each expert with slots is dequantized tile by tile into
+  one reused fp32 buffer per projection (native, parallel), then two fp32 GEMMs; combine in fp32.
+  The buffers are shared by all layers (`_BUFFERS`, one per shape), so steady-state prefill
+  allocates nothing weight-sized and holds one expert's fp32 weights in all.
+
+`unsupported(experts)` says why a module cannot run here (bit widths other than 4 and 8); `engine`
+forces a native variant (moeinfer.kernels.cpu_native.ENGINES minus 'torch').
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from moeinfer.kernels import native
+
+NATIVE_BITS = (4, 8)
+# A dequantized fp32 tile costs ~9 bytes of traffic per code (read codes, write and read 4-byte
+# floats) once per expert; decoding a slot reads 1 (int8) or 0.5 (int4) bytes per code: below this
+# many slots per routed expert, decoding token by token moves fewer bytes.
+DECODE_SLOTS_PER_EXPERT = 8
+
+
+class PackedExperts(Protocol):
+    """What this reads of QuantizedExperts (not imported: kernels sit below compress): the stacks
+    q{b}_gate_up, s{b}_gate_up, z{b}_gate_up, q{b}_down, ... and expert e's stack row slot[e]."""
+
+    bits: list[int]
+    slot: list[int]
+    group_size: int
+    hidden_size: int
+    intermediate_size: int
+
+
+def unsupported(experts: PackedExperts) -> str | None:
+    """Why the native quantized path cannot run these experts (None = it can)."""
+    other = sorted(set(experts.bits) - set(NATIVE_BITS))
+    if other:
+        return f"{other} -bit codes (native CPU path: {', '.join(map(str, NATIVE_BITS))})"
+    return native.unavailable_reason()
+
+
+def _stack(experts: PackedExperts, b: int) -> list[torch.Tensor]:
+    return [getattr(experts, f"{p}{b}_{m}") for m in ("gate_up", "down") for p in "qsz"]
+
+
+def _rows_by_width(experts: PackedExperts) -> dict[int, torch.Tensor]:
+    """Bit width -> [E] int64 row of each expert in that width's stack (-1 = other width); cached."""
+    cache = experts.__dict__.get("_native_rows")
+    if cache is None:
+        cache = {}
+        for b in sorted(set(experts.bits)):
+            cache[b] = torch.tensor([experts.slot[e] if w == b else -1 for e, w in enumerate(experts.bits)],
+                                    dtype=torch.long)
+        experts.__dict__["_native_rows"] = cache
+    return cache
+
+
+def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: PackedExperts, *,
+                      engine: str | None = None) -> torch.Tensor:
+    """x [N, D], indices/weights [N, K] -> sum_k weights[n, k] * expert_{indices[n, k]}(x[n]) [N, D]."""
+    variant = native.resolve_variant(engine)
+    ops = native.load()
+    N = x.shape[0]
+    if N == 0:
+        return x.new_zeros(x.shape)
+    D, I, gs = experts.hidden_size, experts.intermediate_size, experts.group_size
+    rows = _rows_by_width(experts)
+    routed = int(torch.unique(indices).numel())
+    if N * indices.shape[1] <= DECODE_SLOTS_PER_EXPERT * routed:
+        xf = x.float()
+        wf = weights.float()
+        out = torch.zeros(N, D)
+        for b, row in rows.items():
+            stack = _stack(experts, b)
+            for n in range(N):
+                out[n] += ops.moe_decode_q(xf[n].contiguous(), row[indices[n]], wf[n], *stack, b, gs, D, I, variant)
+        return out.to(x.dtype)
+    return _prefill(x, indices, weights, experts, rows, ops)
+
+
+_BUFFERS: dict[tuple[str, int, int], torch.Tensor] = {}
+
+
+def _buffer(name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """The reused fp32 tile for `name` at `shape` (one per shape for the whole process)."""
+    key = (name, *shape)
+    if key not in _BUFFERS:
+        _BUFFERS[key] = torch.empty(shape)
+    return _BUFFERS[key]
+
+
+def _prefill(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: PackedExperts,
+             rows: dict[int, torch.Tensor], ops) -> torch.Tensor:
+    N, K = indices.shape
+    D, I, gs = experts.hidden_size, experts.intermediate_size, experts.group_size
+    # 1. dispatch: slots sorted by expert
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # [S]
+    counts = torch.bincount(flat, minlength=len(experts.bits)).tolist()
+    xs = x.float()[order // K]  # [S, D]
+    ys = torch.empty_like(xs)  # [S, D]
+    w_gu = _buffer("gate_up", (2 * I, D))
+    w_dn = _buffer("down", (D, I))
+    start = 0
+    for e, n in enumerate(counts):
+        if not n:
+            continue
+        b, r = experts.bits[e], experts.slot[e]
+        q_gu, s_gu, z_gu, q_dn, s_dn, z_dn = _stack(experts, b)
+        # 2. this expert's weights into the reused tiles, then two fp32 GEMMs
+        ops.dequant_into(q_gu[r], s_gu[r], z_gu[r], b, gs, w_gu)
+        ops.dequant_into(q_dn[r], s_dn[r], z_dn[r], b, gs, w_dn)
+        seg = slice(start, start + n)
+        gate, up = F.linear(xs[seg], w_gu).chunk(2, dim=-1)
+        ys[seg] = F.linear(F.silu(gate).mul_(up), w_dn)
+        start += n
+    # 3. combine in fp32: each slot's output times its weight, summed per token
+    y_slots = torch.empty_like(ys)
+    y_slots[order] = ys
+    out = (y_slots.view(N, K, D) * weights.float()[..., None]).sum(1)
+    return out.to(x.dtype)

@@ -1,0 +1,37 @@
+"""The native CPU kernels for tests: built once if missing (a clear skip, with the compiler's message,
+when this machine cannot build them), and the variants this CPU runs, each forced by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeinfer.kernels import native
+
+
+def native_ops():
+    """torch.ops.moeinfer_native, building the library first when it is not built or stale."""
+    from moeinfer.kernels.native.build import build, is_current
+
+    if not is_current():
+        native._state.clear()
+        try:
+            build()
+        except RuntimeError as err:
+            pytest.skip(f"native kernels cannot be built here: {err}")
+    native._state.clear()
+    ops = native.load()
+    assert ops is not None, native.unavailable_reason()
+    return ops
+
+
+def variant_params():
+    """pytest params, one per native variant; one this CPU cannot run is skipped naming the reason."""
+    return [pytest.param(v, id=v) for v in native.VARIANTS]
+
+
+def require(variant: str) -> str:
+    native_ops()
+    why = native.why_not(variant)
+    if why is not None:
+        pytest.skip(f"variant {variant!r} cannot run on this CPU: {why}")
+    return variant
