@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["generate", "inspect", "eval", "trace", "serve", "placement", "bench", "compress", "simulate"]
+SUBCOMMANDS = ["generate", "inspect", "init", "eval", "trace", "serve", "placement", "bench", "compress", "simulate"]
 DEFAULT_MODEL = "tiny"
 
 

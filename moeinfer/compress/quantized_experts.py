@@ -128,6 +128,18 @@ class QuantizedExperts(nn.Module):
                 setattr(module, f"z{b}_{m}", _param(torch.stack([p.zero for p in parts]).to(dtype)))
         return module.to(device)
 
+    @torch.no_grad()
+    def set_experts_(self, matrix: str, start: int, qt: QuantizedTensor) -> None:
+        """Write experts start .. start + n - 1 (one width) of `matrix` ("gate_up" or "down") from qt
+        [n, rows, ...] into this module's preallocated storage (quantizing a layer a few experts at a time)."""
+        n = qt.packed.shape[0]
+        b = self.bits[start]
+        if matrix not in _MATRICES or any(x != b for x in self.bits[start:start + n]) or qt.bits != b:
+            raise ValueError(f"set_experts_: experts {start}..{start + n - 1} of {matrix!r} are not all {qt.bits}-bit")
+        row = self.slot[start]
+        for prefix, t in (("q", qt.packed), ("s", qt.scale), ("z", qt.zero)):
+            getattr(self, f"{prefix}{b}_{matrix}")[row:row + n].copy_(t)
+
     # --- weights ---
     def _matrix(self, e: int, m: str, dtype: torch.dtype) -> torch.Tensor:
         b, row = self.bits[e], self.slot[e]

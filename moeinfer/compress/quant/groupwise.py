@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from moeinfer.compress.quant.packing import pack, unpack_codes
+from moeinfer.compress.quant.packing import pack, packed_cols, unpack_codes
 from moeinfer.compress.quant.symmetric import quantize_symmetric
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 ALGORITHMS = ("rtn", "hqq", "sym")
+BLOCK_ELEMS = 1 << 22  # elements quantized at a time (fp32 temporaries of 16 MB)
 
 
 def check_bits(bits: int) -> int:
@@ -67,12 +68,35 @@ def _pad_cols(w: torch.Tensor, total: int) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str = "rtn") -> QuantizedTensor:
-    """w [..., C] float -> QuantizedTensor (codes packed; scale/zero fp32)."""
+    """w [..., C] float -> QuantizedTensor (codes packed; scale/zero fp32). A tensor of more than
+    BLOCK_ELEMS elements is quantized a block of rows at a time into preallocated outputs, so the fp32
+    temporaries stay ~16 MB each whatever its size (rows are independent)."""
     check_bits(bits)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown quantization algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
+    C = w.shape[-1]
+    rows = w.numel() // max(C, 1)
+    if w.numel() <= BLOCK_ELEMS or rows <= 1:
+        return _quantize_rows(w, bits=bits, group_size=group_size, algorithm=algorithm)
+    flat = w.reshape(rows, C)
+    G = num_groups(C, group_size)
+    packed = torch.empty(rows, packed_cols(C, bits), dtype=torch.uint8, device=w.device)
+    scale = torch.empty(rows, G, dtype=torch.float32, device=w.device)
+    zero = torch.empty(rows, G, dtype=torch.float32, device=w.device)
+    step = max(1, BLOCK_ELEMS // C)
+    for start in range(0, rows, step):
+        part = _quantize_rows(flat[start:start + step], bits=bits, group_size=group_size, algorithm=algorithm)
+        packed[start:start + step], scale[start:start + step], zero[start:start + step] = (part.packed, part.scale,
+                                                                                           part.zero)
+    lead = w.shape[:-1]
+    return QuantizedTensor(packed.reshape(*lead, -1), scale.reshape(*lead, G), zero.reshape(*lead, G), bits,
+                           group_size, C)
+
+
+def _quantize_rows(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str) -> QuantizedTensor:
+    """`quantize` on one block (steps 1-3 of the module docstring, or the symmetric scheme)."""
     C = w.shape[-1]
     if algorithm == "sym":
         codes, scale, zero = quantize_symmetric(w, bits=bits, group_size=group_size)
@@ -82,7 +106,7 @@ def quantize(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str = "r
     # 1. pad to whole groups
     wg = _pad_cols(w.float(), G * group_size).reshape(*w.shape[:-1], G, group_size)  # [..., G, g]
     # 2. scale and zero per group
-    lo, hi = wg.amin(-1), wg.amax(-1)  # [..., G]
+    lo, hi = torch.aminmax(wg, dim=-1)  # [..., G]
     scale = (hi - lo) / qmax
     flat = scale <= 0  # a constant group c: s = |c| (or 1), and z puts c on code 1 (c > 0) or 0 (c <= 0)
     scale = torch.where(flat, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)), scale)
@@ -92,7 +116,8 @@ def quantize(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str = "r
 
         zero = optimize_zero(wg, scale, zero, bits=bits)
     # 3. codes
-    q = torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, qmax)
+    q = wg / scale[..., None]  # round(w / s + z) clamped, in place on one temporary (the model can be large)
+    q.add_(zero[..., None]).round_().clamp_(0, qmax)
     q = q.reshape(*w.shape[:-1], G * group_size)[..., :C].to(torch.uint8)
     return QuantizedTensor(pack(q, bits), scale, zero, bits, group_size, C)
 

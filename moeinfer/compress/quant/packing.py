@@ -30,6 +30,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"cannot pack {bits}-bit codes; supported: {', '.join(map(str, _PACKABLE))}")
     if bits == 8:
         return codes.to(torch.uint8)
+    if bits in (2, 4):
+        return _pack_whole_bytes(codes, bits)
     C = codes.shape[-1]
     # 1. pad to whole runs of 8 codes
     x = F.pad(codes.to(torch.int32), (0, (-C) % 8)).reshape(*codes.shape[:-1], -1, 8)  # [..., C8, 8]
@@ -40,6 +42,20 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     byte_shifts = torch.arange(bits, dtype=torch.int32, device=codes.device) * 8
     out = (word[..., None] >> byte_shifts) & 0xFF  # [..., C8, bits]
     return out.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+def _pack_whole_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Steps 1-3 for 2- and 4-bit codes, whose runs never straddle a byte: byte j of a row holds codes
+    j*k .. j*k + k-1 (k = 8 / bits), the first in the low bits: the same bytes, made in uint8 directly."""
+    C, k = codes.shape[-1], 8 // bits
+    x = codes.to(torch.uint8)
+    if C % 8:
+        x = F.pad(x, (0, (-C) % 8))
+    x = x.reshape(*codes.shape[:-1], -1, k)  # [..., P, k]
+    out = x[..., 0].clone()
+    for i in range(1, k):
+        out |= x[..., i] << (i * bits)
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
