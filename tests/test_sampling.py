@@ -103,3 +103,23 @@ def test_top_p_of_one_token_is_the_best_token_even_below_float_resolution():
 def test_non_finite_params_are_refused(kwargs):
     with pytest.raises(ValueError, match="temperature|top_p"):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_generate_cli_refuses_bad_temperature_in_one_line(value, capsys):
+    from moeinfer.cli import main
+
+    assert main(["generate", "--temperature", value, "-n", "2", "To be"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"moeinfer generate: error: temperature must be a finite number >= 0, got {float(value)}"
+
+
+def test_generate_cli_tiny_temperature_is_greedy(capsys):
+    from moeinfer.cli import main
+
+    assert main(["generate", "-n", "8", "To be"]) == 0
+    greedy = capsys.readouterr()
+    for flags in (["--temperature", "1e-300"], ["--temperature", "1", "--top-p", "1e-300"]):
+        assert main(["generate", *flags, "-n", "8", "To be"]) == 0
+        out = capsys.readouterr()
+        assert out.out == greedy.out and "Traceback" not in out.err
