@@ -137,6 +137,35 @@ def test_every_error_is_openai_shaped(server, case):
         conn.close()
 
 
+def test_an_unexpected_error_is_a_500_on_a_connection_that_stays_usable():
+    """ErrorShield: what no handler expected still gets an OpenAI-shaped 500, and keep-alive survives
+    (starlette's own last handler re-raises, and uvicorn then drops the connection)."""
+    from fastapi import FastAPI
+
+    from moeinfer.serve.middleware import ErrorShield
+
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/boom")
+    async def boom():
+        raise TypeError("a bug")
+
+    app.add_middleware(ErrorShield)
+    server = ThreadServer(app)
+    conn = RawHTTP(server.port)
+    try:
+        status, headers, got = conn.request("GET", "/boom")
+        assert status == 500 and assert_openai_error(got)["message"] == "internal error: TypeError"
+        assert conn.request("GET", "/health")[0] == 200
+    finally:
+        conn.close()
+        server.stop()
+
+
 def test_chunked_body_over_the_limit_is_413(server):
     conn = RawHTTP(server.port)  # the default limit: 1 MiB
     conn.send("POST", "/v1/completions", chunks=[b'{"model": "tiny-test", "prompt": "' + b"x" * 65536] * 20)
