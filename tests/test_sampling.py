@@ -68,3 +68,58 @@ def test_max_new_tokens_and_context_checked(model):
         moeinfer.generate(model, [[1] * 10], max_new_tokens=1000)
     [res] = moeinfer.generate(model, [[1]], max_new_tokens=5, ignore_eos=True)
     assert len(res.token_ids) == 5 and res.finish_reason == "length"
+
+
+# -- numerically safe for every accepted value (issue 14, defect 2) ------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-300), dict(temperature=1e-40), dict(temperature=3e-39),
+                                    dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, top_p=1e-40),
+                                    dict(temperature=1e-30, top_p=1e-300)])
+def test_tiny_temperature_and_top_p_are_greedy(kwargs, dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 97, generator=g) * 30).to(dtype)
+    for _ in range(20):
+        got = sample(logits, SamplingParams(**kwargs), g)
+        assert torch.equal(got, logits.argmax(-1)), kwargs
+
+
+def test_small_temperatures_sharpen_without_overflow():
+    """Temperatures just above greedy's threshold, on logits far apart: finite, and the best token wins."""
+    logits = torch.tensor([[1e4, -1e4, 0.0, 3e4], [-3e38, 3e38, 0.0, 1.0]])
+    for t in (1e-38, 1e-20, 1e-3):
+        got = sample(logits, SamplingParams(temperature=t), torch.Generator().manual_seed(1))
+        assert got.tolist() == [3, 1]
+
+
+def test_top_p_of_one_token_is_the_best_token_even_below_float_resolution():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]])
+    for p in (1e-300, 1e-8, 0.5):
+        out = filter_logits(logits, top_p=p)
+        assert torch.isfinite(out[0, 1]) and torch.isinf(out[0, [0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                    dict(temperature=-1e-300), dict(top_p=float("nan")), dict(top_p=float("inf"))])
+def test_non_finite_params_are_refused(kwargs):
+    with pytest.raises(ValueError, match="temperature|top_p"):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_generate_cli_refuses_bad_temperature_in_one_line(value, capsys):
+    from moeinfer.cli import main
+
+    assert main(["generate", "--temperature", value, "-n", "2", "To be"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"moeinfer generate: error: temperature must be a finite number >= 0, got {float(value)}"
+
+
+def test_generate_cli_tiny_temperature_is_greedy(capsys):
+    from moeinfer.cli import main
+
+    assert main(["generate", "-n", "8", "To be"]) == 0
+    greedy = capsys.readouterr()
+    for flags in (["--temperature", "1e-300"], ["--temperature", "1", "--top-p", "1e-300"]):
+        assert main(["generate", *flags, "-n", "8", "To be"]) == 0
+        out = capsys.readouterr()
+        assert out.out == greedy.out and "Traceback" not in out.err

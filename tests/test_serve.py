@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,48 +16,9 @@ import pytest
 
 import moeinfer
 from hf_peers import save_hf_checkpoint
+from serve_helpers import MODEL, Server
+from serve_helpers import free_port as _free_port
 from tiny_tokenizer import write_tokenizer
-
-MODEL = "tiny-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, ckpt: Path, *extra: str, env: dict | None = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moeinfer", "serve", "--model", str(ckpt), "--served-model-name", MODEL,
-             "--port", str(self.port), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not start in 60 s")
-
-    def client(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -229,31 +188,6 @@ def test_metrics(server):
                  "moeinfer_batch_size", 'moeinfer_expert_tokens_total{expert="0",layer="0"}',
                  "moeinfer_degraded_tokens_total"):
         assert name in text, name
-
-
-def test_fuzzed_bodies_never_cause_5xx(server):
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    values = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False)
-                          | st.text(max_size=20), lambda v: st.lists(v, max_size=4)
-                          | st.dictionaries(st.text(max_size=8), v, max_size=4), max_leaves=8)
-    keys = st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stream",
-                            "stop", "seed", "logprobs", "stream_options", "echo", "max_completion_tokens"])
-    body = st.dictionaries(keys, values, max_size=8).map(lambda d: {"model": MODEL, **d} if len(d) % 2 else d)
-    client = httpx.Client(base_url=server.url, timeout=60)
-
-    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(body, st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
-    def check(b, path):
-        if isinstance(b.get("max_tokens"), int) and b["max_tokens"] > 8:
-            b["max_tokens"] = 8
-        b.pop("max_completion_tokens", None)
-        r = client.post(path, content=json.dumps(b))
-        assert r.status_code < 500, (b, r.text)
-
-    check()
-    assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
 def test_api_key(ckpt):

@@ -27,7 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moeinfer.cli import load_model
     from moeinfer.engine.generate import generate
+    from moeinfer.engine.sampling import SamplingParams
 
+    # Bad sampling values (nan, inf, < 0) are a one-line error before the model loads.
+    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = load_model(args)
     prompt: object = args.prompt
     if args.chat:

@@ -17,11 +17,23 @@ Each engine step:
 4. decode one token for every running row, sample per request (own seed, temperature, top-p), and
    retire rows that hit eos, a stop string or max_new_tokens.
 The model runs on one dedicated thread; results reach callers through a callback.
+
+Failures stay with the request that caused them: an error while sampling, detokenizing or delivering
+one request's token ends that request with an `ErrorEvent` and nothing else; a failed forward ends
+the requests of that forward (the prefill forward holds one request; a decode forward holds the
+running rows, or one row in deterministic mode).
+
+Deterministic mode (`deterministic=True`) decodes every running row in its own forward, so the
+numbers a request sees never depend on which other requests share the batch: its tokens are the same
+alone or in any crowd, in bf16 as in fp32 (the kernels' reductions then always see one row; the
+prefill forward already holds one request). This is the batch-invariance that vLLM and SGLang offer
+as a mode; it costs throughput, since R rows take R forwards.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -36,6 +48,10 @@ from moeinfer.engine.lockstep import LocalOps
 from moeinfer.engine.sampling import SamplingParams, sample
 from moeinfer.model.kv_cache import KVCache
 from moeinfer.model.transformer import MoEModel
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_MESSAGE = "the server shut down before this request finished"
 
 
 class QueueFull(RuntimeError):
@@ -103,6 +119,7 @@ class _Active:
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     finish_reason: str | None = None
+    error: str | None = None  # set when this request failed; it then ends with an ErrorEvent
 
 
 @dataclass
@@ -110,6 +127,7 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     requests_finished: int = 0
+    requests_failed: int = 0
     tokens_generated: int = 0
     prompt_tokens: int = 0
     steps: int = 0
@@ -119,13 +137,15 @@ class BatchEngine:
     """Serve many concurrent generation requests over one model with continuous batching."""
 
     def __init__(self, model: MoEModel, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
-                 max_context: int | None = None, ops: Any = None) -> None:
+                 max_context: int | None = None, ops: Any = None, deterministic: bool = False) -> None:
         """`ops` runs the model and cache operations (default: LocalOps on `self.cache`; LeaderOps
-        under expert parallelism, see moeinfer.engine.lockstep)."""
+        under expert parallelism, see moeinfer.engine.lockstep). `deterministic`: decode each row in
+        its own forward, so a request's tokens do not depend on the rest of the batch (module doc)."""
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError("max_batch, max_queue and prefill_chunk must be >= 1")
         self.model = model
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.deterministic = deterministic
         self.cache = make_cache(model, max_batch=max_batch, max_context=max_context)
         self.max_context = self.cache.max_length
         self.ops = ops(model, self.cache) if ops is not None else LocalOps(model, self.cache)
@@ -149,7 +169,8 @@ class BatchEngine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish in-flight requests for up to `timeout` seconds, then cancel what is left."""
+        """Finish in-flight requests for up to `timeout` seconds; what is left then ends with an
+        `ErrorEvent` saying the server shut down."""
         deadline = time.monotonic() + timeout
         while self.busy() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -160,7 +181,11 @@ class BatchEngine:
             self._thread.join(timeout=max(1.0, deadline - time.monotonic() + 1.0))
         self.ops.close()
         for a in [*self._inbox, *self._waiting, *self._running, *([self._prefilling] if self._prefilling else [])]:
-            self._finish(a, "cancelled")
+            if a.handle.cancelled.is_set():
+                self._finish(a, "cancelled")
+            else:
+                a.error = SHUTDOWN_MESSAGE
+                self._finish(a, None)
         self._inbox.clear()
         self._waiting.clear()
         self._running.clear()
@@ -217,14 +242,16 @@ class BatchEngine:
             try:
                 with torch.inference_mode():
                     self._step()
-            except Exception as e:  # a failing step must not kill the server: fail its requests
-                for a in [*self._running, *([self._prefilling] if self._prefilling else [])]:
-                    a.on_event(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
-                    a.finish_reason = "error"
-                for i in range(len(self._running) + (1 if self._prefilling else 0)):
-                    self.ops.clear_row(i)
+            except Exception as e:  # not one request's fault (step bookkeeping): fail the batch, keep serving
+                log.exception("engine step failed")
+                rows = [*self._running, *([self._prefilling] if self._prefilling else [])]
+                for i in range(len(rows)):
+                    self._quietly(self.ops.clear_row, i)
                 self._running.clear()
                 self._prefilling = None
+                for a in rows:
+                    a.error = a.error or _describe(e)
+                    self._finish(a, None)
 
     def _step(self) -> None:
         self.stats.steps += 1
@@ -238,22 +265,54 @@ class BatchEngine:
             self._prefilling = None
         self._retire([i for i, a in enumerate(self._running) if a.handle.cancelled.is_set()], "cancelled")
 
-        # 3. Prefill one chunk of the next request.
+        # 3. Prefill one chunk of the next request; a failure ends that request alone.
         if self._prefilling is None and self._waiting and len(self._running) < self.max_batch:
             self._prefilling = self._waiting.popleft()
         if self._prefilling is not None:
-            self._prefill_chunk(self._prefilling)
+            a = self._prefilling
+            try:
+                self._prefill_chunk(a)
+            except Exception as e:
+                log.warning("request %s failed in prefill: %s", a.handle.id, _describe(e))
+                self._prefilling = None
+                self._quietly(self.ops.clear_row, len(self._running))
+                a.error = _describe(e)
+                self._finish(a, None)
 
-        # 4. One decode step for every running row.
+        # 4. One decode step for every running row (one forward per row in deterministic mode).
         if self._running:
-            rows = len(self._running)
-            logits = self.ops.forward([[a.generated[-1]] for a in self._running], 0, rows)
-            done = [i for i, a in enumerate(self._running) if self._accept(a, logits[i:i + 1])]
-            self._retire(done, None)
+            self._decode()
         self.stats.running = len(self._running)
         self.stats.waiting = len(self._waiting) + len(self._inbox)
 
+    def _decode(self) -> None:
+        rows = len(self._running)
+        groups = [(i, i + 1) for i in range(rows)] if self.deterministic else [(0, rows)]
+        ended: list[int] = []
+        for start, stop in groups:
+            try:
+                logits = self.ops.forward([[a.generated[-1]] for a in self._running[start:stop]], start, stop)
+            except Exception as e:  # the rows of this forward cannot go on
+                log.warning("decode forward of rows %d..%d failed: %s", start, stop - 1, _describe(e))
+                for i in range(start, stop):
+                    self._running[i].error = _describe(e)
+                ended += range(start, stop)
+                continue
+            for i in range(start, stop):
+                a = self._running[i]
+                try:
+                    if self._accept(a, logits[i - start:i - start + 1]):
+                        ended.append(i)
+                except Exception as e:  # this request alone fails
+                    log.warning("request %s failed: %s", a.handle.id, _describe(e))
+                    a.error = _describe(e)
+                    ended.append(i)
+        self._retire(ended, None)
+
     def _prefill_chunk(self, a: _Active) -> None:
+        """Prefill a's next chunk in row len(_running); when its prompt is done, sample its first token
+        and move it to the decode batch (or finish it). `_prefilling` stays a until then, so a failure
+        anywhere in here is seen by the caller as a's."""
         row = len(self._running)
         prompt = a.req.prompt_ids
         if a.prefilled == 0:
@@ -263,9 +322,10 @@ class BatchEngine:
         a.prefilled += len(chunk)
         if a.prefilled < len(prompt):
             return
+        finished = self._accept(a, logits)
         self.stats.prompt_tokens += len(prompt)
         self._prefilling = None
-        if self._accept(a, logits):
+        if finished:
             self.ops.clear_row(row)
             self._finish(a, a.finish_reason)
         else:
@@ -286,7 +346,7 @@ class BatchEngine:
         delta = a.stream.push(a.generated, final=a.finish_reason is not None)
         if a.stream.stopped:
             a.finish_reason = "stop"
-        a.on_event(TokenEvent(token, delta))
+        self._emit(a, TokenEvent(token, delta))
         return a.finish_reason is not None
 
     def _retire(self, rows: list[int], reason: str | None) -> None:
@@ -305,17 +365,46 @@ class BatchEngine:
             self._finish(a, reason or a.finish_reason or "length")
 
     def _finish(self, a: _Active, reason: str | None) -> None:
-        now = time.perf_counter()
-        first = a.first_token_at if a.first_token_at is not None else now
-        n = len(a.generated)
-        text = None
-        if self.model.tokenizer is not None:
-            a.stream.push(a.generated, final=True)
-            text = a.stream.text
-        self.stats.requests_finished += 1
-        a.on_event(FinishEvent(token_ids=list(a.generated), text=text, finish_reason=reason or "length",
-                               prompt_tokens=len(a.req.prompt_ids), ttft_s=first - a.submitted,
-                               tpot_s=(now - first) / (n - 1) if n > 1 else None, latency_s=now - a.submitted))
+        """End a: an ErrorEvent if it failed, else a FinishEvent. Never raises."""
+        if a.error is None:
+            try:
+                now = time.perf_counter()
+                first = a.first_token_at if a.first_token_at is not None else now
+                n = len(a.generated)
+                text = None
+                if self.model.tokenizer is not None:
+                    a.stream.push(a.generated, final=True)
+                    text = a.stream.text
+                event: Event = FinishEvent(
+                    token_ids=list(a.generated), text=text, finish_reason=reason or "length",
+                    prompt_tokens=len(a.req.prompt_ids), ttft_s=first - a.submitted,
+                    tpot_s=(now - first) / (n - 1) if n > 1 else None, latency_s=now - a.submitted)
+            except Exception as e:
+                a.error = _describe(e)
+        if a.error is not None:
+            self.stats.requests_failed += 1
+            event = ErrorEvent(a.error if a.error == SHUTDOWN_MESSAGE else f"generation failed: {a.error}")
+        else:
+            self.stats.requests_finished += 1
+        self._emit(a, event)
+
+    def _emit(self, a: _Active, event: Event) -> None:
+        """Deliver an event; a callback that raises has lost its consumer, so its request is cancelled."""
+        try:
+            a.on_event(event)
+        except Exception as e:
+            log.warning("request %s: event callback failed (%s); cancelling it", a.handle.id, _describe(e))
+            a.handle.cancel()
+
+    def _quietly(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("engine cleanup failed")
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def make_cache(model: MoEModel, *, max_batch: int, max_context: int | None) -> KVCache:

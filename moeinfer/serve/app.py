@@ -3,7 +3,14 @@
 Requests become `EngineRequest`s on the continuous-batching engine's thread; its events come back
 to the event loop through a per-request asyncio queue and are sent as one JSON body or as
 server-sent events (`data: {...}` chunks, then `data: [DONE]`) exactly as OpenAI clients expect.
-A client that disconnects cancels its request, which frees its batch slot at the next step.
+
+Guarantees (tested in tests/test_serve*.py):
+- every error is an OpenAI-style body `{"error": {...}}`, whatever failed (moeinfer/serve/errors.py);
+- a client that disconnects, streaming or not, cancels its request the moment the server sees the
+  connection close (a task waits for `http.disconnect`), so its batch slot is free at the next step;
+- a request that fails in the engine ends with an error; the other requests never see it;
+- draining (`drain`, run on SIGTERM): /health says "draining" (503), new requests get 503, in-flight
+  ones finish until the deadline; a stream cut at the deadline gets an error chunk, then `[DONE]`.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,15 +29,20 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moeinfer.engine.batching import (BatchEngine, EngineRequest, ErrorEvent, FinishEvent, QueueFull,
-                                      TokenEvent)
+from moeinfer.engine.batching import (SHUTDOWN_MESSAGE, BatchEngine, EngineRequest, ErrorEvent, FinishEvent,
+                                      QueueFull, TokenEvent)
 from moeinfer.engine.sampling import SamplingParams
-from moeinfer.serve.errors import APIError, error_body, error_response
+from moeinfer.serve.errors import APIError, error_body, error_response, http_error
 from moeinfer.serve.metrics import ServerMetrics
+from moeinfer.serve.middleware import BodySizeLimit, ErrorShield
 from moeinfer.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,42 +55,21 @@ class ServerLimits:
     retry_after_s: int = 1
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over the limit, declared or streamed."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = JSONResponse(error_body(413, f"request body exceeds {self.max_bytes} bytes"), status_code=413)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise APIError(413, f"request body exceeds {self.max_bytes} bytes")
-            return message
-
-        return await self.app(scope, limited_receive, send)
-
-
 def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
 def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = None,
                limits: ServerLimits | None = None, faults: Any = None, expert_load: Any = None,
-               shutdown_timeout: float = 10.0) -> FastAPI:
+               shutdown_timeout: float = 10.0, public_metrics: bool = False) -> FastAPI:
     """Build the app around a started engine. `faults`/`expert_load` feed /health and /metrics.
-    On shutdown the engine finishes in-flight requests for up to `shutdown_timeout` seconds."""
+
+    With an `api_key`, /v1/* need `Authorization: Bearer <key>`, and so do /metrics, /docs, /redoc and
+    /openapi.json unless `public_metrics`; /health is always open (load balancers probe it).
+    `app.state.drain(timeout)` drains the server (module doc); on shutdown it runs with
+    `shutdown_timeout` if nobody ran it before."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key must not be empty (leave it out to serve without a key)")
     from moeinfer.engine.faults import ExpertFaults, ExpertLoad
 
     limits = limits or ServerLimits()
@@ -86,21 +79,37 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
     tokenizer = engine.model.tokenizer
     max_prompt = limits.max_prompt_tokens or engine.max_context - 1
     max_tokens_cap = limits.max_tokens or engine.max_context
-    state = {"draining": False}
+    state: dict[str, Any] = {"draining": False, "drained": False, "in_flight": 0}
+    idle = threading.Condition()
+
+    def count(path: str, status: int) -> None:
+        metrics.requests.labels(path if path in KNOWN_PATHS else "other", str(status)).inc()
+
+    def drain(timeout: float) -> None:
+        """Refuse new requests, let in-flight ones finish for `timeout` s, then end the rest with an
+        error, and wait (briefly) until their responses are sent. Blocking; idempotent."""
+        if state["drained"]:
+            return
+        state["draining"] = True
+        log.info("draining: finishing in-flight requests for up to %.1f s", timeout)
+        engine.stop(timeout)
+        with idle:
+            idle.wait_for(lambda: state["in_flight"] == 0, timeout=5.0)
+        state["drained"] = True
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        state["draining"] = True
-        await asyncio.to_thread(engine.stop, shutdown_timeout)
+        await asyncio.to_thread(drain, shutdown_timeout)
 
     app = FastAPI(title="moeinfer", version="1", summary="OpenAI-compatible MoE inference server",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.faults, app.state.state = engine, metrics, faults, state
+    app.state.drain = drain
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        count(request.url.path, exc.status)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -108,17 +117,23 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg", "invalid request"))
-        metrics.requests.labels(request.url.path, "400").inc()
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            msg = f"the request body is not valid JSON: {(first.get('ctx') or {}).get('error', msg)}"
+            loc = None
+        message = f"{loc}: {msg}" if loc else msg
+        count(request.url.path, 400)
         return JSONResponse(error_body(400, message, param=loc), status_code=400)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        metrics.requests.labels(request.url.path, "500").inc()
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = http_error(exc.status_code, exc.detail, exc.__cause__, request.method, request.url.path)
+        count(request.url.path, err.status)
+        return JSONResponse(error_body(err.status, err.message, err.param, err.code), status_code=err.status,
+                            headers=dict(exc.headers or {}))
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
+    def authorize(request: Request, *, admin: bool = False) -> None:
+        if api_key is None or (admin and public_metrics):
             return
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
@@ -130,6 +145,12 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
         if name != model_name:
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
+
+    def tokenize(fn: Any, param: str) -> Any:
+        try:
+            return fn()
+        except (TypeError, ValueError) as e:  # the schemas admit only valid text; this is the backstop
+            raise APIError(400, f"{param} could not be tokenized: {e}", param=param) from e
 
     def engine_request(body: Any, prompt_ids: list[int], max_tokens: int | None) -> EngineRequest:
         if len(prompt_ids) == 0:
@@ -150,7 +171,7 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
         try:
             sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param="temperature" if "temperature" in str(e) else "top_p") from e
         return EngineRequest(prompt_ids=prompt_ids, max_new_tokens=max_tokens, sampling=sampling,
                              stop=tuple(body.stop_list()))
 
@@ -166,25 +187,51 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
         try:
             handle = engine.submit(req, on_event)
         except QueueFull as e:
+            if state["draining"]:
+                raise APIError(503, "the server is shutting down") from e
             raise APIError(429, str(e), headers={"Retry-After": str(limits.retry_after_s)}) from e
         except ValueError as e:
             raise APIError(400, str(e)) from e
+        with idle:
+            state["in_flight"] += 1
         return handle, queue
 
-    async def wait_finish(request: Request, handle: Any, queue: asyncio.Queue) -> FinishEvent:
-        while True:
-            try:
-                ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    handle.cancel()
-                    raise APIError(400, "client disconnected") from None
-                continue
-            if isinstance(ev, FinishEvent):
-                metrics.observe_finish(ev)
-                return ev
-            if isinstance(ev, ErrorEvent):
-                raise APIError(500, ev.message)
+    def done_with(handle: Any) -> None:
+        """The response of `handle` is over: cancel it if it still runs (a no-op otherwise)."""
+        handle.cancel()
+        with idle:
+            state["in_flight"] -= 1
+            idle.notify_all()
+
+    def engine_error(ev: ErrorEvent) -> APIError:
+        if ev.message == SHUTDOWN_MESSAGE:
+            return APIError(503, ev.message, code="server_shutdown")
+        return APIError(500, ev.message, code="generation_failed")
+
+    async def disconnected(request: Request) -> None:
+        """Returns when the client closes its connection (the body has been read by then)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def wait_finish(request: Request, handle: Any, queue: asyncio.Queue, endpoint: str) -> FinishEvent:
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            while True:
+                nxt = asyncio.ensure_future(queue.get())
+                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    handle.cancel()  # the engine drops it at its next step
+                    raise APIError(499, "client disconnected")
+                ev = nxt.result()
+                if isinstance(ev, FinishEvent):
+                    metrics.observe_finish(ev)
+                    return ev
+                if isinstance(ev, ErrorEvent):
+                    raise engine_error(ev)
+        finally:
+            gone.cancel()
+            done_with(handle)
 
     def usage(ev: FinishEvent) -> dict[str, int]:
         n = len(ev.token_ids)
@@ -192,7 +239,8 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
 
     async def sse(request: Request, handle: Any, queue: asyncio.Queue, chunk: Any, include_usage: bool,
                   endpoint: str) -> AsyncIterator[str]:
-        done = False
+        """Server-sent events of one request. Starlette cancels this generator when the client
+        disconnects; the `finally` then cancels the request in the engine."""
         try:
             first = chunk(None, None, role=True)
             if first is not None:
@@ -213,16 +261,16 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
                         tail["choices"], tail["usage"] = [], usage(ev)
                         yield f"data: {json.dumps(tail)}\n\n"
                     yield "data: [DONE]\n\n"
-                    done = True
-                    metrics.requests.labels(endpoint, "200").inc()
+                    count(endpoint, 200)
                     return
-                elif isinstance(ev, ErrorEvent):
-                    yield f"data: {json.dumps(error_body(500, ev.message))}\n\n"
-                    done = True
+                elif isinstance(ev, ErrorEvent):  # e.g. cut at the shutdown deadline: say so, then end
+                    err = engine_error(ev)
+                    yield f"data: {json.dumps(error_body(err.status, err.message, code=err.code))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    count(endpoint, err.status)
                     return
         finally:
-            if not done:  # client went away: free the batch slot
-                handle.cancel()
+            done_with(handle)
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Any:
@@ -237,7 +285,7 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-            ids = tokenizer.encode(prompt)
+            ids = tokenize(lambda: tokenizer.encode(prompt), "prompt")
         else:
             ids = [int(t) for t in prompt]
         req = engine_request(body, ids, body.max_tokens)
@@ -254,8 +302,8 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(request, handle, queue, chunk, include, "/v1/completions"),
                                      media_type="text/event-stream")
-        ev = await wait_finish(request, handle, queue)
-        metrics.requests.labels("/v1/completions", "200").inc()
+        ev = await wait_finish(request, handle, queue, "/v1/completions")
+        count("/v1/completions", 200)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "text": ev.text or "", "logprobs": None,
                              "finish_reason": _finish_reason(ev.finish_reason)}],
@@ -268,11 +316,8 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it cannot serve chat")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        text = tokenize(lambda: tokenizer.apply_chat_template(messages), "messages")
+        ids = tokenize(lambda: tokenizer.encode(text, add_special_tokens=False), "messages")
         req = engine_request(body, ids, body.max_completion_tokens or body.max_tokens)
         handle, queue = await run(request, req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -287,8 +332,8 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(request, handle, queue, chunk, include, "/v1/chat/completions"),
                                      media_type="text/event-stream")
-        ev = await wait_finish(request, handle, queue)
-        metrics.requests.labels("/v1/chat/completions", "200").inc()
+        ev = await wait_finish(request, handle, queue, "/v1/chat/completions")
+        count("/v1/chat/completions", 200)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": ev.text or ""},
                              "logprobs": None, "finish_reason": _finish_reason(ev.finish_reason)}],
@@ -309,8 +354,29 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
         return JSONResponse(body, status_code=503 if state["draining"] else 200)
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
+    async def prometheus(request: Request) -> PlainTextResponse:
+        authorize(request, admin=True)
         return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        authorize(request, admin=True)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Any:
+        authorize(request, admin=True)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="moeinfer API")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> Any:
+        authorize(request, admin=True)
+        return get_redoc_html(openapi_url="/openapi.json", title="moeinfer API")
+
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, on_reject=count)
+    app.add_middleware(ErrorShield, on_error=count)
     return app
+
+
+KNOWN_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+                         "/docs", "/redoc", "/openapi.json"})

@@ -1,14 +1,37 @@
 """Request bodies of the OpenAI API subset moeinfer serves, validated with pydantic.
 
 Unknown fields are ignored (clients send many); fields whose values moeinfer cannot honour
-(n > 1, logprobs, ...) are rejected with a 400 that names them.
+(n > 1, logprobs, ...) are rejected with a 400 that names them. Numbers must be finite (NaN and
+Infinity, which Python's JSON reader accepts, are refused) and text must be valid Unicode: a lone
+surrogate escape such as "\\ud800" cannot be encoded, so it is refused with the field it is in.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def invalid_text_at(data: Any) -> str | None:
+    """The path of the first string in `data` (nested lists/dicts, any depth) that is not valid
+    Unicode (a lone surrogate), or None. Iterative, so deep nesting cannot exhaust the stack."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{path or 'body'} (a lone surrogate at character {e.start})"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                key = str(k)
+                stack.append((f"{path}.{key}" if path else key, v))
+                stack.append((path or "body", key))  # keys must be valid text too
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -17,7 +40,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str = Field(min_length=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -28,6 +51,14 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     logprobs: Union[bool, int, None] = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        where = invalid_text_at(data)
+        if where is not None:
+            raise ValueError(f"invalid text in {where}: strings must be valid Unicode")
+        return data
 
     @field_validator("n")
     @classmethod
