@@ -83,7 +83,7 @@ def tiny_profiles(prompts: int = 32, prompt_tokens: int = 64, new_tokens: int = 
     """Routing of the shipped reference model (moeinfer.load("tiny")) on English and Python text."""
     import moeinfer
     from moeinfer.engine.generate import generate
-    from moeinfer.engine.trace import record_routing
+    from moeinfer.traces.trace import record_routing
     from moeinfer.models import shipped_model_dir
     from moeinfer.parallel.profile import from_trace
 

@@ -9,20 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeinfer.model.transformer import MoEModel
+from moeinfer.models import resolve_model_path
 
 if TYPE_CHECKING:
     from moeinfer.parallel.config import ExpertParallelConfig
-
-
-def resolve_model_path(path: str | os.PathLike[str]) -> Path:
-    """A directory, or the name of a model shipped with moeinfer."""
-    p = Path(path)
-    if p.exists():
-        return p
-    from moeinfer.models import shipped_model_dir
-
-    shipped = shipped_model_dir(str(path))
-    return shipped if shipped is not None else p
 
 
 def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",

@@ -93,14 +93,14 @@ def test_model_shape_matches_the_weights(tmp_path: Path) -> None:
 
 
 def test_instrument_agrees_with_routing_traces_and_changes_nothing(tmp_path: Path) -> None:
-    """The per-forward hooks see the same expert load as moeinfer.engine.trace, and leave outputs alone."""
+    """The per-forward hooks see the same expert load as moeinfer.traces.trace, and leave outputs alone."""
     from hf_peers import save_hf_checkpoint
 
     import moeinfer
     from moeinfer.bench.instrument import instrument
     from moeinfer.engine.generate import generate
-    from moeinfer.engine.trace import record_routing
-    from moeinfer.engine.trace_stats import summarize
+    from moeinfer.traces.trace import record_routing
+    from moeinfer.traces.stats import summarize
 
     save_hf_checkpoint("mixtral", tmp_path / "m")
     model = moeinfer.load(tmp_path / "m", dtype=torch.float32, progress=False)

@@ -9,8 +9,8 @@ import torch
 import moeinfer
 from compress_quant_helpers import ARCHS, random_calibration, random_model, sample_ids
 from moeinfer.compress.api import compress_
-from moeinfer.compress.layout import RECORD_KEY
-from moeinfer.compress.lowrank_experts import LowRankExperts
+from moeinfer.formats.layout import RECORD_KEY
+from moeinfer.formats.lowrank_experts import LowRankExperts
 from moeinfer.compress.methods.lowrank import allocate_ranks
 from moeinfer.compress.registry import CompressionError
 from moeinfer.model.moe import Experts, Routing, combine, dispatch, expert_compute

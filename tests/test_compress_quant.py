@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from moeinfer.compress.methods.mixed_precision import choose_bits
-from moeinfer.compress.quant import dequantize, pack, packed_cols, quantize, unpack
-from moeinfer.compress.quantized_experts import QuantizedExperts
-from moeinfer.compress.quantized_linear import QuantizedLinear
+from moeinfer.formats.quant import dequantize, pack, packed_cols, quantize, unpack
+from moeinfer.formats.quantized_experts import QuantizedExperts
+from moeinfer.formats.quantized_linear import QuantizedLinear
 from moeinfer.compress.registry import CompressionError, get_method
 from moeinfer.model.moe import Routing, combine, dispatch, expert_compute
 

@@ -13,9 +13,9 @@ import moeinfer
 from compress_quant_helpers import ARCHS, file_bytes, random_calibration, random_model, sample_ids
 from moeinfer.compress.api import compress_, weight_bytes
 from moeinfer.compress.calibration import CalibrationData, LayerCalibration
-from moeinfer.compress.layout import MODULES_KEY, RECORD_KEY
-from moeinfer.compress.quantized_experts import QuantizedExperts
-from moeinfer.compress.quantized_linear import QuantizedLinear
+from moeinfer.formats.layout import MODULES_KEY, RECORD_KEY
+from moeinfer.formats.quantized_experts import QuantizedExperts
+from moeinfer.formats.quantized_linear import QuantizedLinear
 from moeinfer.compress.registry import CompressionError
 from moeinfer.model.moe import Experts
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from moeinfer.compress.quant.groupwise import dequantize, quantize
-from moeinfer.compress.quant.packing import unpack_codes
+from moeinfer.formats.quant.groupwise import dequantize, quantize
+from moeinfer.formats.quant.packing import unpack_codes
 
 
 def ggml_reference(row: np.ndarray, bits: int, g: int = 32) -> tuple[list[int], list[float]]:

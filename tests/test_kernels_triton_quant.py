@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kernel_cases import tolerance  # noqa: E402
-from moeinfer.compress.quantized_experts import QuantizedExperts  # noqa: E402
+from moeinfer.formats.quantized_experts import QuantizedExperts  # noqa: E402
 from moeinfer.kernels.configs import KernelConfig  # noqa: E402
 from moeinfer.kernels.fused_moe_quant import fused_moe_quantized, quantized_unsupported  # noqa: E402
 from moeinfer.model.moe import Routing  # noqa: E402

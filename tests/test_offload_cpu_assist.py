@@ -7,7 +7,7 @@ import torch
 from offload_helpers import random_mixtral
 
 import moeinfer
-from moeinfer.engine.trace import record_routing
+from moeinfer.traces.trace import record_routing
 from moeinfer.offload import OffloadConfig, offload_, simulate
 from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate, swiglu
 from moeinfer.offload.hardware import ModelShape, load_profile

@@ -7,8 +7,8 @@ import torch
 from offload_helpers import random_mixtral
 
 import moeinfer
-from moeinfer.compress.quant.groupwise import quantize
-from moeinfer.engine.trace import record_routing
+from moeinfer.formats.quant.groupwise import quantize
+from moeinfer.traces.trace import record_routing
 from moeinfer.offload import OffloadConfig, OffloadError, offload_, simulate
 from moeinfer.offload.hardware import ModelShape, load_profile
 

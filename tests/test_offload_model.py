@@ -11,7 +11,7 @@ import torch
 from offload_helpers import random_mixtral
 
 import moeinfer
-from moeinfer.engine.trace import record_routing
+from moeinfer.traces.trace import record_routing
 from moeinfer.offload import OffloadConfig, OffloadError, offload_, simulate
 from moeinfer.offload.hardware import ModelShape, load_profile
 from moeinfer.offload.store import DiskStore, layer_file

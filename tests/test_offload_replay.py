@@ -10,7 +10,7 @@ import pytest
 from offload_helpers import random_mixtral
 
 import moeinfer
-from moeinfer.engine.trace import RoutingTrace, TraceError, record_routing
+from moeinfer.traces.trace import RoutingTrace, TraceError, record_routing
 from moeinfer.offload import OffloadConfig, offload_, replay_routing_, simulate
 from moeinfer.offload.hardware import ModelShape, load_profile
 from moeinfer.offload.replay import restore_routing_
@@ -54,7 +54,7 @@ def test_trace_shape_mismatch_is_a_clear_error():
 
 @pytest.mark.skipif(not (MIXTRAL / "gsm8k_2_routing.jsonl").is_file(), reason="shared Mixtral traces not present")
 def test_real_mixtral_routing_on_a_random_model_matches_the_simulator():
-    from moeinfer.engine.trace_convert import convert_mixtral
+    from moeinfer.traces.convert import convert_mixtral
 
     full = convert_mixtral(MIXTRAL / "gsm8k_2_routing.jsonl")
     rows = np.flatnonzero(full.seq == full.seq[0])[:16]  # one sequence, decoded one token per step

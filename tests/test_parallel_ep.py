@@ -123,7 +123,7 @@ def check_models(rank: int, world: int, *, ckpts: dict[str, str], scratch: str) 
             gen = [g.token_ids for g in generate(model, prompts, max_new_tokens=6, ignore_eos=True)]
             assert gen == want_gen, f"{arch} {case}: generation {gen} != {want_gen}"
             if case["placement"] == "contiguous":  # routing traces record the same experts
-                from moeinfer.engine.trace import record_routing
+                from moeinfer.traces.trace import record_routing
 
                 traces = []
                 for m in (ref, model):

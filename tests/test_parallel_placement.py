@@ -91,7 +91,7 @@ def test_profile_from_json_and_moeinfer_trace(tmp_path):
     assert torch.equal(again.indices, idx) and again.layers == [1, 3]
     with pytest.raises(ProfileError, match="does not exist"):
         read_profile(tmp_path / "missing.json")
-    trace_mod = pytest.importorskip("moeinfer.engine.trace")
+    trace_mod = pytest.importorskip("moeinfer.traces.trace")
     n = idx.shape[0]
     trace = trace_mod.RoutingTrace(experts=idx.numpy(), weights=torch.ones(2, 2, 2).numpy(), seq=[0] * n,
                                    pos=list(range(n)), is_prompt=[False] * n, layers=[1, 3], num_experts=4)

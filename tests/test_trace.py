@@ -12,8 +12,8 @@ import torch
 import moeinfer
 from hf_peers import save_hf_checkpoint
 from moeinfer.cli import main
-from moeinfer.engine.trace import RoutingTrace, TraceError, record_routing
-from moeinfer.engine.trace_stats import format_summary, summarize
+from moeinfer.traces.trace import RoutingTrace, TraceError, record_routing
+from moeinfer.traces.stats import format_summary, summarize
 from tiny_tokenizer import write_tokenizer
 
 MAX_NEW = 8

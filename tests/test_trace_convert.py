@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from moeinfer.cli import main
-from moeinfer.engine.trace import RoutingTrace, TraceError
-from moeinfer.engine.trace_convert import convert_mixtral
-from moeinfer.engine.trace_stats import expert_counts, summarize
+from moeinfer.traces.trace import RoutingTrace, TraceError
+from moeinfer.traces.convert import convert_mixtral
+from moeinfer.traces.stats import expert_counts, summarize
 
 DATA = Path(os.environ.get("MOEINFER_MIXTRAL_TRACES", "/work/shared/data/traces/mixtral-8x7b-instruct"))
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real Mixtral traces not found at {DATA}")

@@ -127,7 +127,7 @@ def sparse_utilization(forwards: Sequence[ForwardRecord], m: ModelShape, *, band
 
 def expert_load(forwards: Sequence[ForwardRecord], counts: np.ndarray | None) -> dict[str, Any]:
     """Distinct experts per MoE layer per decode step (mean over steps, per layer and overall) and the
-    load imbalance max_e c[l,e] / mean_e c[l,e] of the tokens per expert (as moeinfer.engine.trace_stats)."""
+    load imbalance max_e c[l,e] / mean_e c[l,e] of the tokens per expert (as moeinfer.traces.stats)."""
     dec = [f.distinct for f in forwards if f.phase == "decode" and f.distinct]
     per_layer = np.asarray(dec, dtype=float).mean(0).tolist() if dec else []
     out: dict[str, Any] = dict(distinct_per_layer_decode=per_layer,

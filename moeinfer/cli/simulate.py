@@ -41,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def read_trace(paths: list[str]) -> Any:
-    from moeinfer.engine.trace import RoutingTrace
-    from moeinfer.engine.trace_convert import convert_mixtral
+    from moeinfer.traces.trace import RoutingTrace
+    from moeinfer.traces.convert import convert_mixtral
 
     if all(p.endswith(".jsonl") for p in paths):
         return convert_mixtral(paths)

@@ -74,7 +74,7 @@ def read_prompts(path: str) -> list[Any]:
 
 
 def _print_summary(trace: Any, as_json: bool) -> None:
-    from moeinfer.engine.trace_stats import format_summary, summarize
+    from moeinfer.traces.stats import format_summary, summarize
 
     s = summarize(trace)
     print(json.dumps(s, indent=1) if as_json else format_summary(s))
@@ -83,7 +83,7 @@ def _print_summary(trace: Any, as_json: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from moeinfer.cli import load_model
     from moeinfer.engine.generate import generate
-    from moeinfer.engine.trace import RoutingRecorder
+    from moeinfer.traces.trace import RoutingRecorder
 
     if args.prompts is None or args.out is None:
         raise ValueError("recording needs --prompts FILE and --out FILE "
@@ -109,14 +109,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_summary(args: argparse.Namespace) -> int:
-    from moeinfer.engine.trace import RoutingTrace
+    from moeinfer.traces.trace import RoutingTrace
 
     _print_summary(RoutingTrace.load(args.file), args.json)
     return 0
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from moeinfer.engine.trace_convert import convert_mixtral
+    from moeinfer.traces.convert import convert_mixtral
 
     trace = convert_mixtral(args.jsonl)
     path = trace.save(args.out)

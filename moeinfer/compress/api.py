@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moeinfer.compress.calibration import CalibrationConfig, CalibrationData, collect
-from moeinfer.compress.layout import RECORD_KEY, RECORD_VERSION, describe, is_plain, sync_config_
+from moeinfer.formats.layout import RECORD_KEY, RECORD_VERSION, describe, is_plain, sync_config_
 from moeinfer.compress.recipe import Recipe, Step, load_recipe
 from moeinfer.compress.registry import CompressionError, get_method
 from moeinfer.model.transformer import MoEModel

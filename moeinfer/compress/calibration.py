@@ -172,7 +172,7 @@ def collect(model: MoEModel, cfg: CalibrationConfig | None = None, *, progress: 
 
 
 def _from_trace(model: MoEModel, cfg: CalibrationConfig) -> CalibrationData:
-    from moeinfer.engine.trace import RoutingTrace
+    from moeinfer.traces.trace import RoutingTrace
 
     trace = RoutingTrace.load(cfg.source)
     moe = [b.layer_idx for b in model.moe_blocks()]

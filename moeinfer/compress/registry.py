@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moeinfer.formats.errors import CompressionError
+
+__all__ = ["CompressionError", "Method", "METHODS", "register_method", "get_method", "available_methods"]
+
 Needs = Literal["none", "routing", "activations"]
 MethodFn = Callable[..., dict[str, Any]]
-
-
-class CompressionError(ValueError):
-    """A recipe, its parameters or the model cannot be compressed as asked."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moeinfer.compress.layout import replace_experts_
+from moeinfer.formats.layout import replace_experts_
 from moeinfer.compress.registry import CompressionError
 from moeinfer.model.moe import Experts, MoEBlock
 

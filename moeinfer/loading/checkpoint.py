@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from moeinfer.arch import get_arch, parse_config
+from moeinfer.formats.layout import RECORD_VERSION, is_plain, restore_
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
 from moeinfer.loading.safetensors_io import STAGING_BYTES, SafetensorsFile
+from moeinfer.model.meta import meta_parameters
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 
@@ -79,23 +81,6 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
     hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded)" if pickles else ""
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
-
-
-@contextlib.contextmanager
-def meta_parameters() -> Iterator[None]:
-    """Create nn.Parameters on the meta device while keeping buffers (e.g. RoPE tables) real."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device) -> None:
@@ -155,8 +140,6 @@ def _targets(model: MoEModel, spec: Any, expert_slots: Mapping[int, Sequence[int
 def _restore_compressed(model: MoEModel, record: Any, root: Path,
                         expert_slots: Mapping[int, Sequence[int]] | None) -> None:
     """Reshape the MoE layers of a moeinfer-compressed checkpoint (config.json's moeinfer_compression)."""
-    from moeinfer.compress.layout import RECORD_VERSION, is_plain, restore_
-
     if not isinstance(record, dict) or not isinstance(record.get("layout"), dict):
         raise CheckpointError(f"{root}/config.json: moeinfer_compression must be a mapping with a 'layout'")
     if record.get("version") != RECORD_VERSION:

@@ -25,7 +25,7 @@ from moeinfer.model.norm import RMSNorm
 
 TokenObserver = Callable[[torch.Tensor, torch.Tensor, bool], None]
 """token_observer(valid [B, T] bool, positions [B, T] int64, new_sequences): called by forward before
-the layers run, so that routing observers can tell real tokens from padding (moeinfer.engine.trace).
+the layers run, so that routing observers can tell real tokens from padding (moeinfer.traces.trace).
 new_sequences is True when the tokens start their rows (no cache, or an empty one)."""
 
 

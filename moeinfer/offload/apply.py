@@ -36,7 +36,7 @@ def as_trace(value: Any, what: str) -> Any:
     """A RoutingTrace, or a path to one (.npz), or None."""
     if value is None:
         return None
-    from moeinfer.engine.trace import RoutingTrace
+    from moeinfer.traces.trace import RoutingTrace
 
     if isinstance(value, RoutingTrace):
         return value

@@ -118,7 +118,7 @@ SHAPES: dict[str, ModelShape] = {"mixtral-8x7b": _mixtral_8x7b()}
 
 def shape_from_checkpoint(path: str | os.PathLike[str]) -> ModelShape:
     """The shape of a checkpoint folder (or shipped model name) from its config.json; no weights read."""
-    from moeinfer.api import resolve_model_path
+    from moeinfer.models import resolve_model_path
     from moeinfer.arch import parse_config
     from moeinfer.loading.checkpoint import parse_dtype, read_config
     from moeinfer.model.transformer import MoEModel

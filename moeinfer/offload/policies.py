@@ -111,7 +111,7 @@ def _need_calibration(name: str, ctx: PolicyContext) -> Any:
 
 def popularity(trace: Any) -> np.ndarray:
     """Tokens per expert per layer of a trace, [L, E] float."""
-    from moeinfer.engine.trace_stats import expert_counts
+    from moeinfer.traces.stats import expert_counts
 
     return expert_counts(trace).astype(np.float64)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeinfer.engine.trace import RoutingTrace, TraceError
+from moeinfer.traces.trace import RoutingTrace, TraceError
 from moeinfer.model.moe import Routing
 from moeinfer.model.transformer import MoEModel
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moeinfer.engine.trace import RoutingTrace, TraceError
+from moeinfer.traces.trace import RoutingTrace, TraceError
 from moeinfer.offload.apply import as_trace, build_cache
 from moeinfer.offload.cache import Load
 from moeinfer.offload.config import OffloadConfig

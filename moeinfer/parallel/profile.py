@@ -4,9 +4,9 @@ Shapes: T tokens, L MoE layers, K top-k, E experts.
 
 A `RoutingProfile` holds either token-level choices `indices [T, L, K]` (a trace) or only the
 expected load `load [L, E]` (tokens per expert). Readers:
-- moeinfer's own routing traces (.npz, `moeinfer.engine.trace.RoutingTrace`); -1 marks an unused slot;
+- moeinfer's own routing traces (.npz, `moeinfer.traces.trace.RoutingTrace`); -1 marks an unused slot;
 - the third-party Mixtral-8x7B jsonl traces (one line per token and layer with "experts"), through
-  `moeinfer.engine.trace_convert` when present;
+  `moeinfer.traces.convert` when present;
 - a profile JSON written by `RoutingProfile.save` ({"num_experts", "layers", "load"} and optional
   "indices").
 """
@@ -133,14 +133,14 @@ def read_profile(path: str | os.PathLike[str], *, num_experts: int | None = None
                               None if idx is not None else torch.tensor(data["load"], dtype=torch.float),
                               source=str(path))
     if path.suffix == ".npz":
-        from moeinfer.engine.trace import RoutingTrace
+        from moeinfer.traces.trace import RoutingTrace
 
         return from_trace(RoutingTrace.load(path), source=str(path))
     raise ProfileError(f"{path}: not a routing trace (.npz), Mixtral routing .jsonl or profile .json")
 
 
 def from_trace(trace: Any, *, source: str = "") -> RoutingProfile:
-    """A moeinfer RoutingTrace (moeinfer.engine.trace) -> RoutingProfile (-1 slots stay -1)."""
+    """A moeinfer RoutingTrace (moeinfer.traces.trace) -> RoutingProfile (-1 slots stay -1)."""
     return RoutingProfile(int(trace.num_experts), [int(v) for v in trace.layers],
                           torch.from_numpy(trace.experts.astype("int64")), source=source)
 
@@ -148,7 +148,7 @@ def from_trace(trace: Any, *, source: str = "") -> RoutingProfile:
 def _mixtral(files: list[Path], num_experts: int | None) -> RoutingProfile:
     """Through the engine's converter when it is there (it checks every field), else our parser."""
     try:
-        from moeinfer.engine.trace_convert import convert_mixtral
+        from moeinfer.traces.convert import convert_mixtral
     except ImportError:
         return read_mixtral_jsonl(files, num_experts=num_experts or 8)
     return from_trace(convert_mixtral(files, num_experts=num_experts or 8),

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from moeinfer.compress.calibration import CalibrationData
 from moeinfer.compress.methods.quantize import check_quant_fields
-from moeinfer.compress.quant.groupwise import QuantizedTensor, quantize
-from moeinfer.compress.quantized_experts import QuantizedExperts
+from moeinfer.formats.quant.groupwise import QuantizedTensor, quantize
+from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.compress.registry import CompressionError, register_method
 from moeinfer.compress.surgery import plain_experts
 from moeinfer.model.transformer import MoEModel

@@ -26,7 +26,7 @@ SYMMETRIC_BITS = (4, 8)
 def quantize_symmetric(w: torch.Tensor, *, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor]:
     """w [..., C] float, C a multiple of group_size -> (codes [..., C] uint8, scale [..., G] fp32,
-    zero [..., G] fp32); pack the codes with moeinfer.compress.quant.packing.pack."""
+    zero [..., G] fp32); pack the codes with moeinfer.formats.quant.packing.pack."""
     if bits not in SYMMETRIC_BITS:
         raise ValueError(f"symmetric quantization supports {SYMMETRIC_BITS} bits (Q4_0, Q8_0), got {bits}")
     C = w.shape[-1]

@@ -5,13 +5,13 @@ Shapes: [...] leading axes (experts, rows), C columns, G = ceil(C / group_size) 
 A column count that `group_size` does not divide gets a shorter last group: the codes are stored
 for exactly C columns (no padding on disk), and only the arithmetic pads.
 
-`algorithm="sym"` is the symmetric scheme of ggml's Q8_0/Q4_0 (moeinfer.compress.quant.symmetric):
+`algorithm="sym"` is the symmetric scheme of ggml's Q8_0/Q4_0 (moeinfer.formats.quant.symmetric):
 the same storage with a constant zero-point, so those weights round-trip to GGUF bit for bit.
 
 Steps (`quantize`, asymmetric algorithms):
 1. pad the columns to G * g by repeating the last column (min and max of the last group unchanged);
 2. per group: s = (max - min) / (2^bits - 1) and z = round(-min / s) (round-to-nearest, RTN), or
-   HQQ's optimised zero-point (moeinfer.compress.quant.hqq);
+   HQQ's optimised zero-point (moeinfer.formats.quant.hqq);
 3. q = clamp(round(w / s + z), 0, 2^bits - 1), cut back to C columns and packed.
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moeinfer.compress.quant.packing import pack, unpack_codes
-from moeinfer.compress.quant.symmetric import quantize_symmetric
+from moeinfer.formats.quant.packing import pack, unpack_codes
+from moeinfer.formats.quant.symmetric import quantize_symmetric
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 ALGORITHMS = ("rtn", "hqq", "sym")
@@ -88,7 +88,7 @@ def quantize(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str = "r
     scale = torch.where(flat, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)), scale)
     zero = torch.where(flat, (lo < 0).to(lo.dtype), torch.round(-lo / scale))
     if algorithm == "hqq":
-        from moeinfer.compress.quant.hqq import optimize_zero
+        from moeinfer.formats.quant.hqq import optimize_zero
 
         zero = optimize_zero(wg, scale, zero, bits=bits)
     # 3. codes

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from moeinfer.engine.trace import RoutingTrace, TraceError
+from moeinfer.traces.trace import RoutingTrace, TraceError
 
 MIXTRAL_SOURCE = {
     "model": "mistralai/Mixtral-8x7B-Instruct-v0.1",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeinfer.compress.layout import register_experts_kind
+from moeinfer.formats.kinds import register_experts_kind
 from moeinfer.config import ModelConfig
 from moeinfer.model.moe import Routing, routed_forward
 

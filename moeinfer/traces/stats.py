@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from moeinfer.engine.trace import RoutingTrace, TraceError
+from moeinfer.traces.trace import RoutingTrace, TraceError
 
 
 def expert_counts(trace: RoutingTrace) -> np.ndarray:

@@ -10,9 +10,9 @@ row = ceil(C / group_size), P packed bytes per row = ceil(C / 8) * bits.
 
 from __future__ import annotations
 
-from moeinfer.compress.quant.groupwise import (SUPPORTED_BITS, QuantizedTensor, check_bits, dequantize,
+from moeinfer.formats.quant.groupwise import (SUPPORTED_BITS, QuantizedTensor, check_bits, dequantize,
                                                num_groups, quantize)
-from moeinfer.compress.quant.packing import pack, packed_cols, unpack
+from moeinfer.formats.quant.packing import pack, packed_cols, unpack
 
 __all__ = ["SUPPORTED_BITS", "QuantizedTensor", "check_bits", "dequantize", "num_groups", "pack",
            "packed_cols", "quantize", "unpack"]

@@ -19,54 +19,31 @@ checkpoint is moeinfer-format only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from moeinfer.compress.registry import CompressionError
-from moeinfer.config import ModelConfig
+from moeinfer.formats.errors import CompressionError
+from moeinfer.formats.kinds import KINDS, MODULE_KINDS, ExpertsKind, register_experts_kind, register_module_kind
+# The stored experts and module kinds register themselves in formats.kinds when imported:
+from moeinfer.formats.lowrank_experts import LowRankExperts
+from moeinfer.formats.quantized_experts import QuantizedExperts
+from moeinfer.formats.quantized_linear import QuantizedLinear
+from moeinfer.model.meta import meta_parameters
 from moeinfer.model.moe import Experts, MoEBlock
 from moeinfer.model.transformer import MoEModel
+
+__all__ = ["EXPERT_COUNT_KEYS", "KINDS", "MODULES_KEY", "MODULE_KINDS", "RECORD_KEY", "RECORD_VERSION",
+           "ExpertsKind", "LowRankExperts", "QuantizedExperts", "QuantizedLinear", "describe", "is_plain",
+           "register_experts_kind", "register_module_kind", "replace_experts_", "restore_", "set_num_experts_",
+           "sync_config_"]
 
 RECORD_KEY = "moeinfer_compression"
 RECORD_VERSION = 1
 # config.json's expert-count field per family (transformers' names).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-
-
-class ExpertsKind(Protocol):
-    """What a compressed experts module provides to be saved and rebuilt."""
-
-    def layout_params(self) -> dict[str, Any]: ...
-
-    @classmethod
-    def empty(cls, num_experts: int, config: ModelConfig, params: dict[str, Any]) -> nn.Module: ...
-
-
-KINDS: dict[str, type] = {}
 MODULES_KEY = "modules"  # reserved layout key: replaced non-expert modules (see the module docstring)
-MODULE_KINDS: dict[str, type] = {}  # kind -> class with layout_params() and classmethod empty(config, params)
-
-
-def _registrar(table: dict[str, type], name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        table[name] = cls
-        cls.kind = name
-        return cls
-
-    return deco
-
-
-def register_module_kind(name: str) -> Callable[[type], type]:
-    """Register a replacement for a non-expert module (e.g. a quantized linear) under `name`."""
-    return _registrar(MODULE_KINDS, name)
-
-
-def register_experts_kind(name: str) -> Callable[[type], type]:
-    """Register an experts module class under `name` for layouts (it sets `cls.kind = name`)."""
-    return _registrar(KINDS, name)
 
 
 def _kind_of(module: nn.Module) -> str:
@@ -149,9 +126,6 @@ def sync_config_(model: MoEModel) -> None:
 
 def restore_(model: MoEModel, layout: dict[str, Any]) -> None:
     """Reshape a freshly built (meta) model's MoE layers as `layout` says; used by the loader."""
-    from moeinfer.loading.checkpoint import meta_parameters
-
-    _ensure_kinds()
     modules = layout.get(MODULES_KEY) or {}
     layout = {k: v for k, v in layout.items() if k != MODULES_KEY}
     blocks = {str(b.layer_idx): b for b in model.moe_blocks()}
@@ -186,9 +160,3 @@ def restore_(model: MoEModel, layout: dict[str, Any]) -> None:
         with meta_parameters():
             module = MODULE_KINDS[kind].empty(cfg, dict(spec.get("params") or {}))
         setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _ensure_kinds() -> None:
-    from moeinfer.compress.registry import _ensure_registered
-
-    _ensure_registered()

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeinfer.compress.layout import register_experts_kind
-from moeinfer.compress.quant.groupwise import QuantizedTensor, check_bits, dequantize, num_groups, quantize
-from moeinfer.compress.quant.packing import packed_cols
+from moeinfer.formats.kinds import register_experts_kind
+from moeinfer.formats.quant.groupwise import QuantizedTensor, check_bits, dequantize, num_groups, quantize
+from moeinfer.formats.quant.packing import packed_cols
 from moeinfer.config import ModelConfig
 from moeinfer.model.moe import Routing, routed_forward
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeinfer.compress.layout import register_module_kind
-from moeinfer.compress.quant.groupwise import check_bits, dequantize, num_groups, quantize
-from moeinfer.compress.quant.packing import packed_cols
+from moeinfer.formats.kinds import register_module_kind
+from moeinfer.formats.quant.groupwise import check_bits, dequantize, num_groups, quantize
+from moeinfer.formats.quant.packing import packed_cols
 
 
 @register_module_kind("quantized_linear")

@@ -10,7 +10,7 @@ Shapes: N recorded tokens, L MoE layers, K top-k, E experts; B batch, T tokens o
 A trace is the input of expert-offload simulators and cache policies, in the spirit of the expert
 traces of MoE-Infinity (Xue et al., 2024) and Pre-gated MoE (Hwang et al., 2024). The file format
 (one compressed .npz, format version 1) is documented in docs/traces.md; statistics over a trace
-are in moeinfer.engine.trace_stats, the Mixtral-8x7B converter in moeinfer.engine.trace_convert.
+are in moeinfer.traces.stats, the Mixtral-8x7B converter in moeinfer.traces.convert.
 """
 
 from __future__ import annotations
