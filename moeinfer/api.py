@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moeinfer.loading.checkpoint import load_checkpoint
+from moeinfer.loading.save import save_checkpoint
 from moeinfer.model.transformer import MoEModel
 from moeinfer.models import resolve_model_path
+from moeinfer.parallel.apply import load_expert_parallel
 
 if TYPE_CHECKING:
     from moeinfer.parallel.config import ExpertParallelConfig
@@ -24,11 +27,7 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
     (`moeinfer.parallel.apply_expert_parallel_`).
     on_expert_error: "mask" loads a checkpoint whose routed experts are missing, mis-shaped or not
     finite with those experts masked in their routers (`model.failed_experts` says which and why)."""
-    from moeinfer.loading.checkpoint import load_checkpoint
-
     if expert_parallel is not None:
-        from moeinfer.parallel.apply import load_expert_parallel
-
         return load_expert_parallel(resolve_model_path(path), config=expert_parallel, device=device, dtype=dtype,
                                     progress=progress)
 
@@ -38,6 +37,4 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
 
 def save(model: MoEModel, path: str | os.PathLike[str], *, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write `model` as an HF-format checkpoint directory (atomically: temp dir, then rename)."""
-    from moeinfer.loading.save import save_checkpoint
-
     return save_checkpoint(model, path, max_shard_bytes=max_shard_bytes)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "moeinfer"
 # members and anything below (floor 3's members are independent of each other).
 FLOORS: list[list[str]] = [
     ["_optional", "fsutil", "timing", "lazy", "config"],
-    ["arch", "model", "formats", "kernels"],
+    ["arch", "model", "kernels", "formats"],
     ["loading", "traces", "engine", "eval", "models"],
     ["compress", "offload", "parallel"],
     ["api"],

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from moeinfer import __version__
+
 # Vendor datasheet peaks: memory bandwidth (bytes/s) and dense (no sparsity) FLOP/s per dtype.
 DATASHEET: dict[str, dict[str, Any]] = {
     "H100 SXM": dict(match=("H100", "HBM3"), bandwidth=3.35e12,
@@ -146,8 +148,6 @@ def git_commit(repo: str | Path | None = None) -> str | None:
 
 def software_info() -> dict[str, Any]:
     import numpy
-
-    from moeinfer import __version__
 
     return dict(moeinfer=__version__, python=platform.python_version(), torch=torch.__version__,
                 numpy=numpy.__version__, cuda=torch.version.cuda, platform=platform.platform())

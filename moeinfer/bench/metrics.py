@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from moeinfer.model.summary import expert_storage, summarize
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -47,14 +49,11 @@ class ModelShape:
 
     @classmethod
     def from_model(cls, model: Any) -> ModelShape:
-        from moeinfer.model.summary import summarize
-
         cfg = model.config
         s = summarize(model)
         b = s["bytes"]
         elem = model.dtype.itemsize
         blocks = model.moe_blocks()
-        from moeinfer.model.summary import expert_storage
 
         expert_params, expert_bytes = expert_storage(model) if blocks else (0, 0)
         attn_params = b["attention"] // elem
@@ -144,8 +143,6 @@ def expert_load(forwards: Sequence[ForwardRecord], counts: np.ndarray | None) ->
 
 def weight_stats(model: Any) -> dict[str, Any]:
     """Weight bytes, parameters and effective bits per parameter (8 * bytes / parameters)."""
-    from moeinfer.model.summary import summarize
-
     s = summarize(model)
     nbytes = sum(s["bytes"].values())
     return dict(weight_bytes=nbytes, params_total=s["params_total"], params_active=s["params_active"],

@@ -10,8 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from moeinfer.api import resolve_model_path, save
+from moeinfer.compress.api import as_recipe, cast_floating_, compress_, weight_bytes
+from moeinfer.compress.recipe import Recipe
+from moeinfer.compress.registry import available_methods, get_method
+from moeinfer.loading.checkpoint import read_config
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("compress", help="prune / merge / quantize / low-rank a checkpoint", description=__doc__,
@@ -36,9 +43,6 @@ def _recipe(args: argparse.Namespace):
 
     import yaml
 
-    from moeinfer.compress.api import as_recipe
-    from moeinfer.compress.recipe import Recipe
-
     recipe = as_recipe(args.recipe)
     if args.set:
         if len(recipe.steps) != 1:
@@ -60,8 +64,6 @@ def _recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeinfer.compress.registry import available_methods, get_method
-
     if args.list:
         for name in available_methods():
             m = get_method(name)
@@ -73,14 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from moeinfer.api import save
+    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
     from moeinfer.cli import load_model
-    from moeinfer.compress.api import cast_floating_, compress_, weight_bytes
 
     if args.dtype is None and str(args.device).startswith("cpu"):
         args.dtype = "float32"  # calibrate and quantize in fp32 on CPUs (bf16 matmul is slow there)
-    from moeinfer.api import resolve_model_path
-    from moeinfer.loading.checkpoint import read_config
 
     source = read_config(resolve_model_path(args.model))
     save_dtype = args.save_dtype or source.get("dtype") or source.get("torch_dtype") or "float32"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moeinfer.engine.generate import generate
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("generate", help="generate text from a prompt", description=__doc__)
@@ -25,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
     from moeinfer.cli import load_model
-    from moeinfer.engine.generate import generate
 
     model = load_model(args)
     prompt: object = args.prompt

@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from moeinfer.formats.layout import replace_experts_
+from moeinfer.compress.expert_stats import check_unmerged
 from moeinfer.compress.registry import CompressionError
+from moeinfer.compress.selection import check_balanced
+from moeinfer.formats.layout import replace_experts_
 from moeinfer.model.moe import Experts, MoEBlock
 
 
@@ -32,9 +34,6 @@ def check_keep(block: MoEBlock, keep: int, method: str) -> None:
 def keep_experts_(block: MoEBlock, keep: Sequence[int]) -> None:
     """Keep only experts `keep` (in that order); their router rows go with them, so the top-k over
     the remaining experts renormalises as the routing config says."""
-    from moeinfer.compress.expert_stats import check_unmerged
-    from moeinfer.compress.selection import check_balanced
-
     ex = plain_experts(block, "pruning")
     check_unmerged(block, "pruning")
     check_balanced(block, keep, "pruning")

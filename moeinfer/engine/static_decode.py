@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from moeinfer.kernels.registry import KERNELS
 from moeinfer.model.kv_cache import CacheStep, KVCache
 from moeinfer.model.moe import Experts, MoEBlock
 from moeinfer.model.transformer import MoEModel
@@ -137,7 +138,6 @@ def static_decode_blocker(model: MoEModel) -> str | None:
             return f"layer {block.layer_idx} has a routing observer or masked experts"
         if getattr(block.gate, "mode", None) is not None:
             return f"layer {block.layer_idx} uses dynamic gating (tokens grouped by k on the host)"
-        from moeinfer.kernels.registry import KERNELS
 
         spec = KERNELS.get(block.experts.kernel)
         if spec is None or not spec.graph_safe:

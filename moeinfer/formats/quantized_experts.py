@@ -149,6 +149,7 @@ class QuantizedExperts(nn.Module):
         one width in {2, 4, 8} runs the fused dequantizing kernel (moeinfer/kernels/fused_moe_quant.py);
         everything else the eager path."""
         if x.is_cuda and importlib.util.find_spec("triton") is not None:
+            # Imported here: fused_moe imports triton, an optional dependency.
             from moeinfer.kernels.fused_moe_quant import fused_moe_quantized, quantized_unsupported
 
             if quantized_unsupported(self) is None:

@@ -29,6 +29,8 @@ from moeinfer.formats.layout import RECORD_VERSION, is_plain, restore_
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
 from moeinfer.loading.safetensors_io import STAGING_BYTES, SafetensorsFile
+from moeinfer.loading.tokenizer import Tokenizer
+from moeinfer.model.gating import set_routing_
 from moeinfer.model.meta import meta_parameters
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
@@ -229,7 +231,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     if record is not None:
         _restore_compressed(model, record, root, expert_slots)
     if hf.get("moeinfer_routing") is not None:  # a dynamic-gating mode saved with the model
-        from moeinfer.model.gating import set_routing_
 
         set_routing_(model, hf["moeinfer_routing"])
     if expert_slots is not None:
@@ -301,7 +302,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     model.eval()
     model.requires_grad_(False)
     model.source_dir = str(root)
-    from moeinfer.loading.tokenizer import Tokenizer
 
     model.tokenizer = Tokenizer.from_dir(root)
     return model

@@ -18,6 +18,7 @@ from torch import nn
 from moeinfer.config import ModelConfig
 from moeinfer.model.attention import Attention
 from moeinfer.model.kv_cache import KVCache
+from moeinfer.model.mla import MLAttention
 from moeinfer.model.mlp import DenseMLP
 from moeinfer.model.moe import MoEBlock
 from moeinfer.model.norm import RMSNorm
@@ -51,8 +52,6 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.attention == "mla":
-            from moeinfer.model.mla import MLAttention
-
             self.self_attn: nn.Module = MLAttention(config, layer_idx)
         else:
             self.self_attn = Attention(config, layer_idx)

@@ -11,17 +11,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeinfer.offload.errors import OffloadError
+from moeinfer.offload.policies import POLICIES
+from moeinfer.offload.prefetch import PREFETCHERS
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 TIERS = ("disk", "cpu")
 SCOPES = ("global", "layer")
-
-
-class OffloadError(RuntimeError, ValueError):
-    """Offloading failed (a transfer, the store, a bad setting); the message names what is at fault.
-    A ValueError too, so the command line reports it as bad input."""
 
 
 @dataclass(frozen=True)
@@ -122,8 +121,6 @@ class OffloadConfig:
             raise ValueError(f"low_bit_threshold must be in (0, 1], got {self.low_bit_threshold}")
         if self.low_bit_threshold is not None and self.low_bit_bits not in (2, 3, 4, 8):
             raise ValueError(f"low_bit_bits must be 2, 3, 4 or 8, got {self.low_bit_bits}")
-        from moeinfer.offload.policies import POLICIES
-        from moeinfer.offload.prefetch import PREFETCHERS
 
         if self.policy not in POLICIES:
             raise ValueError(f"cache policy {self.policy!r} is not known; choose one of {', '.join(sorted(POLICIES))}")

@@ -20,7 +20,11 @@ from typing import Any
 
 import torch
 
+from moeinfer.arch import parse_config
 from moeinfer.fsutil import atomic_write_text
+from moeinfer.loading.checkpoint import parse_dtype, read_config
+from moeinfer.model.transformer import MoEModel
+from moeinfer.models import resolve_model_path
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -118,11 +122,6 @@ SHAPES: dict[str, ModelShape] = {"mixtral-8x7b": _mixtral_8x7b()}
 
 def shape_from_checkpoint(path: str | os.PathLike[str]) -> ModelShape:
     """The shape of a checkpoint folder (or shipped model name) from its config.json; no weights read."""
-    from moeinfer.models import resolve_model_path
-    from moeinfer.arch import parse_config
-    from moeinfer.loading.checkpoint import parse_dtype, read_config
-    from moeinfer.model.transformer import MoEModel
-
     root = resolve_model_path(path)
     hf = read_config(root)
     with torch.device("meta"):

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from moeinfer.offload.config import OffloadError
+from moeinfer.formats.quant import groupwise
+from moeinfer.offload.errors import OffloadError
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,6 @@ class LowBitCodec:
         return f".q{self.bits}g{self.group_size}"
 
     def _fns(self) -> Any:
-        try:
-            from moeinfer.formats.quant import groupwise
-        except ImportError as e:
-            raise OffloadError("mixed-precision loading needs moeinfer.formats.quant.groupwise, "
-                               f"which cannot be imported ({e})") from e
         return groupwise
 
     def quantize(self, w: torch.Tensor) -> Any:

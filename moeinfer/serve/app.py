@@ -23,8 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from moeinfer.engine.batching import (BatchEngine, EngineRequest, ErrorEvent, FinishEvent, QueueFull,
-                                      TokenEvent)
+from moeinfer.engine.batching import BatchEngine, EngineRequest, ErrorEvent, FinishEvent, QueueFull, TokenEvent
+from moeinfer.engine.faults import ExpertFaults, ExpertLoad
 from moeinfer.engine.sampling import SamplingParams
 from moeinfer.serve.errors import APIError, error_body, error_response
 from moeinfer.serve.metrics import ServerMetrics
@@ -77,8 +77,6 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
                shutdown_timeout: float = 10.0) -> FastAPI:
     """Build the app around a started engine. `faults`/`expert_load` feed /health and /metrics.
     On shutdown the engine finishes in-flight requests for up to `shutdown_timeout` seconds."""
-    from moeinfer.engine.faults import ExpertFaults, ExpertLoad
-
     limits = limits or ServerLimits()
     faults = faults or ExpertFaults(engine.model)
     expert_load = expert_load if expert_load is not None else ExpertLoad(engine.model)

@@ -10,11 +10,14 @@ import argparse
 import tempfile
 from typing import Any
 
+from moeinfer.offload.apply import offload_
+from moeinfer.offload.config import OffloadConfig
+from moeinfer.offload.policies import POLICIES
+from moeinfer.offload.prefetch import PREFETCHERS
+from moeinfer.offload.replay import replay_routing_
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from moeinfer.offload.policies import POLICIES
-    from moeinfer.offload.prefetch import PREFETCHERS
-
     g = p.add_argument_group("expert offloading (docs/offloading.md)")
     g.add_argument("--offload", nargs="?", const="disk", default=None, choices=["disk", "cpu"],
                    help="keep experts in a slow tier (disk: default; cpu: host memory) with a cache in fast memory")
@@ -36,8 +39,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from moeinfer.offload.config import OffloadConfig
-
     offload_dir = args.offload_dir
     if args.offload == "disk" and offload_dir is None:
         offload_dir = tempfile.mkdtemp(prefix="moeinfer-experts-")
@@ -49,11 +50,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def apply_(model: Any, args: argparse.Namespace) -> Any:
     if getattr(args, "offload", None):
-        from moeinfer.offload.apply import offload_
-
         offload_(model, config_from_args(args), progress=True)
     if getattr(args, "replay_trace", None):
-        from moeinfer.offload.replay import replay_routing_
-
         replay_routing_(model, args.replay_trace)
     return model

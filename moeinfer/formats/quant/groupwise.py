@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeinfer.formats.quant.hqq import optimize_zero
 from moeinfer.formats.quant.packing import pack, unpack_codes
 from moeinfer.formats.quant.symmetric import quantize_symmetric
 
@@ -88,8 +89,6 @@ def quantize(w: torch.Tensor, *, bits: int, group_size: int, algorithm: str = "r
     scale = torch.where(flat, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)), scale)
     zero = torch.where(flat, (lo < 0).to(lo.dtype), torch.round(-lo / scale))
     if algorithm == "hqq":
-        from moeinfer.formats.quant.hqq import optimize_zero
-
         zero = optimize_zero(wg, scale, zero, bits=bits)
     # 3. codes
     q = torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, qmax)
