@@ -9,7 +9,8 @@ from offload_helpers import random_mixtral
 import moeinfer
 from moeinfer.traces.trace import record_routing
 from moeinfer.offload import OffloadConfig, offload_, simulate
-from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate, swiglu
+from moeinfer.model.mlp import swiglu
+from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate
 from moeinfer.offload.hardware import ModelShape, load_profile
 from moeinfer.offload.simulator import cost_model_for
 

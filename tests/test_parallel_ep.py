@@ -164,7 +164,8 @@ def check_sharded(rank: int, world: int, *, ckpt: str) -> dict:
         assert empty.shape == ((0, x.shape[1]) if rank == 0 else x.shape)
         sent[dedup] = expert_parallel_stats(model).total().bytes_sent
     # The simulator predicts the runtime's bytes exactly for the same routing (what the docs rely on).
-    from moeinfer.parallel.simulator import ClusterProfile, MoEShape, simulate
+    from moeinfer.model.shape import ModelShape
+    from moeinfer.parallel.simulator import ClusterProfile, simulate
 
     model = moeinfer.load(ckpt, dtype="float32", progress=False)
     apply_expert_parallel_(model, placement="contiguous", config=ExpertParallelConfig(tokens="sharded"))
@@ -177,8 +178,7 @@ def check_sharded(rank: int, world: int, *, ckpt: str) -> dict:
     measured = torch.tensor([expert_parallel_stats(model).total().bytes_sent])
     dist.all_reduce(measured)
     cfg = ref.config
-    shape = MoEShape("t", hidden=cfg.hidden_size, inner=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
-                     top_k=cfg.top_k, dtype_bytes=4)
+    shape = ModelShape.from_config(cfg, "t", dtype_bytes=4)
     cluster = ClusterProfile("loopback", ranks_per_node=world, intra_gbps=1, inter_gbps=1, latency_us=0,
                              expert_tflops=1)
     sim = simulate(torch.cat(every)[:, None], [blk.layer_idx], model.expert_placement, shape=shape,

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "moeinfer"
 # The floors of docs/architecture.md, lowest first; a package may import its own floor's earlier
 # members and anything below (floor 3's members are independent of each other).
 FLOORS: list[list[str]] = [
-    ["_optional", "fsutil", "timing", "lazy", "config"],
+    ["_optional", "_lazy", "fsutil", "timing", "config"],
     ["arch", "model", "kernels", "formats"],
     ["loading", "traces", "engine", "eval", "models"],
     ["compress", "offload", "parallel"],

@@ -39,9 +39,7 @@ from moeinfer.compress.presets import PRESETS
 from moeinfer.kernels import CHOICES, use_kernel_
 from moeinfer.model.gating import parse_mode, set_routing_
 from moeinfer.offload.apply import offload_
-from moeinfer.offload.config import OffloadConfig, parse_size
-from moeinfer.offload.policies import POLICIES
-from moeinfer.offload.prefetch import PREFETCHERS
+from moeinfer.offload.config import SPEC_FORMAT, OffloadConfig, parse_offload_spec
 
 SUITES_DIR = Path(__file__).parent / "suites"
 Transform = Callable[[Any, str], None]
@@ -88,16 +86,12 @@ def _routing(model: Any, value: str) -> None:
     set_routing_(model, value)
 
 
-def parse_offload(value: str) -> Any:
+def parse_offload(value: str) -> OffloadConfig:
     """'lru:8' / 'lfu:512MB:next_layer' / 'lru:8:none:cpu-assist' -> OffloadConfig (disk tier, temp dir)."""
     import tempfile
 
-    parts = str(value).split(":")
-    if not 2 <= len(parts) <= 4 or (len(parts) == 4 and parts[3] != "cpu-assist"):
-        raise ValueError(f"offload {value!r}: expected POLICY:CACHE[:PREFETCH[:cpu-assist]], e.g. lru:8")
-    return OffloadConfig(tier="disk", cache=parts[1], policy=parts[0],
-                         prefetch=parts[2] if len(parts) > 2 else "none", cpu_assist=len(parts) == 4,
-                         offload_dir=tempfile.mkdtemp(prefix="moeinfer-bench-experts-"))
+    parse_offload_spec(value, tier="cpu")  # validated before a folder is made
+    return parse_offload_spec(value, tier="disk", offload_dir=tempfile.mkdtemp(prefix="moeinfer-bench-experts-"))
 
 
 def _offload(model: Any, value: str) -> None:
@@ -160,14 +154,10 @@ def _validate(axis: str, value: str) -> None:
         except ValueError as e:
             raise ValueError(f"unknown routing mode {value!r}: {e}") from None
     elif axis == "offload":
-        parts = value.split(":")
-        if (not 2 <= len(parts) <= 4 or parts[0] not in POLICIES
-                or (len(parts) > 2 and parts[2] not in PREFETCHERS) or (len(parts) == 4 and parts[3] != "cpu-assist")):
-            raise ValueError(f"unknown offload {value!r}; expected none or POLICY:CACHE[:PREFETCH[:cpu-assist]] "
-                             f"with POLICY in {', '.join(sorted(POLICIES))} and PREFETCH in "
-                             f"{', '.join(sorted(PREFETCHERS))}")
-
-        parse_size(parts[1])
+        try:
+            parse_offload_spec(value, tier="cpu")
+        except ValueError as e:
+            raise ValueError(f"unknown offload {value!r}; expected none or {SPEC_FORMAT}: {e}") from None
 
 
 def apply_axes(model: Any, point: Point) -> None:

@@ -11,13 +11,6 @@ import importlib
 import logging
 import sys
 
-from moeinfer import __version__
-from moeinfer.api import load
-from moeinfer.cli import options
-from moeinfer.config import ConfigError
-from moeinfer.loading.errors import CheckpointError
-from moeinfer.parallel.launch import add_expert_parallel_args, expert_parallel_config, secondary_rank_quiet_
-
 SUBCOMMANDS = ["generate", "inspect", "eval", "trace", "serve", "placement", "bench", "compress", "simulate"]
 DEFAULT_MODEL = "tiny"
 
@@ -34,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer import __version__
+
     return f"moeinfer {__version__}"
 
 
@@ -44,16 +40,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: the checkpoint's)")
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.cli import options
+    from moeinfer.parallel.launch import add_expert_parallel_args
+
     add_expert_parallel_args(p)
     options.add_args(p)
 
 
 def load_model(args: argparse.Namespace):
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.api import load
+    from moeinfer.parallel.launch import expert_parallel_config, secondary_rank_quiet_
+
     ep = expert_parallel_config(args)
     model = load(args.model, device=args.device, dtype=args.dtype, expert_parallel=ep,
                  on_expert_error=getattr(args, "on_expert_error", "raise"))
     if ep is not None:
         secondary_rank_quiet_(args, model)  # rank 0 alone prints and writes files
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.cli import options
+
     return options.apply_(model, args)
 
 
@@ -64,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.config import ConfigError
+    from moeinfer.loading.errors import CheckpointError
 
     try:
         return int(args.func(args) or 0)

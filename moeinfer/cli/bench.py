@@ -13,18 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from moeinfer.bench import config as c
-from moeinfer.bench.compare import compare_files
-from moeinfer.bench.config import load_sweep
-from moeinfer.bench.report import summary_table, write_report
-from moeinfer.bench.results import read_results
-from moeinfer.bench.runner import run_sweep
-from moeinfer.bench.workloads import workloads
-from moeinfer.compress.presets import PRESETS
-from moeinfer.kernels import CHOICES
-from moeinfer.offload.policies import POLICIES
-from moeinfer.offload.prefetch import PREFETCHERS
-
 DEFAULT_OUT = "bench-results"
 
 
@@ -65,6 +53,9 @@ def _results_path(x: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.bench.config import load_sweep
+
     if args.list:
         return _list()
     cfg = load_sweep(args.config)
@@ -81,10 +72,14 @@ def run(args: argparse.Namespace) -> int:
     if args.no_peaks:
         cfg.peaks = False
     cfg.__post_init__()  # validate the overrides like the file
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.bench.runner import run_sweep
 
     data = run_sweep(cfg, args.out, resume=args.resume, progress=not args.no_progress,
                      log_fn=lambda s: print(s, file=sys.stderr))
     failed = [p for p in data["points"] if p["status"] != "ok"]
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.bench.report import summary_table
 
     print(summary_table(data))
     print(f"{len(data['points']) - len(failed)} points ok, {len(failed)} failed; "
@@ -95,11 +90,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.bench.compare import compare_files
+
     print(compare_files(_results_path(args.a), _results_path(args.b), threshold=args.threshold))
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.bench.report import write_report
+    from moeinfer.bench.results import read_results
+
     path = _results_path(args.results)
     for p in write_report(read_results(path), path.parent):
         print(p)
@@ -107,11 +109,20 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.bench import config as c
+    from moeinfer.bench.workloads import workloads
+
     print("workloads:")
     for w in workloads().values():
         print(f"  {w.name:<14} v{w.version}  {w.kind:<10} {w.prompt_tokens:>5} in / {w.output_tokens:>4} out, "
               f"{w.num_requests} requests, batch {w.batch_size}  {w.description}")
     print("axes:")
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.compress.presets import PRESETS
+    from moeinfer.kernels import CHOICES
+    from moeinfer.offload.policies import POLICIES
+    from moeinfer.offload.prefetch import PREFETCHERS
 
     print(f"  kernel       {', '.join(CHOICES)}")
     print(f"  compression  none, {', '.join(PRESETS)}, or a recipe YAML file")

@@ -10,15 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from moeinfer.api import resolve_model_path, save
-from moeinfer.compress.api import as_recipe, cast_floating_, compress_, weight_bytes
-from moeinfer.compress.recipe import Recipe
-from moeinfer.compress.registry import available_methods, get_method
-from moeinfer.loading.checkpoint import read_config
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("compress", help="prune / merge / quantize / low-rank a checkpoint", description=__doc__,
@@ -43,6 +37,10 @@ def _recipe(args: argparse.Namespace):
 
     import yaml
 
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.compress.api import as_recipe
+    from moeinfer.compress.recipe import Recipe
+
     recipe = as_recipe(args.recipe)
     if args.set:
         if len(recipe.steps) != 1:
@@ -64,6 +62,9 @@ def _recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.compress.registry import available_methods, get_method
+
     if args.list:
         for name in available_methods():
             m = get_method(name)
@@ -75,11 +76,16 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.api import save
     from moeinfer.cli import load_model
+    from moeinfer.compress.api import cast_floating_, compress_, weight_bytes
 
     if args.dtype is None and str(args.device).startswith("cpu"):
         args.dtype = "float32"  # calibrate and quantize in fp32 on CPUs (bf16 matmul is slow there)
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.models import resolve_model_path
+    from moeinfer.loading.checkpoint import read_config
 
     source = read_config(resolve_model_path(args.model))
     save_dtype = args.save_dtype or source.get("dtype") or source.get("torch_dtype") or "float32"

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from moeinfer.eval import evaluate
-from moeinfer.eval.datasets import DATASETS
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
+    from moeinfer.eval.datasets import DATASETS
 
     p = sub.add_parser("eval", help="bits per byte / perplexity on held-out text", description=__doc__)
     add_model_args(p)
@@ -30,8 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import load_model
+    from moeinfer.eval import evaluate
+    from moeinfer.eval.datasets import DATASETS
 
     if args.dtype is None and str(args.device).startswith("cpu"):
         args.dtype = "float32"  # CPUs without bf16 matmul units run bf16 checkpoints far slower

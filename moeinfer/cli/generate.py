@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeinfer.engine.generate import generate
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("generate", help="generate text from a prompt", description=__doc__)
@@ -28,8 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import load_model
+    from moeinfer.engine.generate import generate
 
     model = load_model(args)
     prompt: object = args.prompt

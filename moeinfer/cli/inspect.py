@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from moeinfer.model.summary import summarize
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("inspect", help="describe a checkpoint", description=__doc__)
@@ -20,8 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import load_model
+    from moeinfer.model.summary import summarize
 
     model = load_model(args)
     info = summarize(model)

@@ -9,12 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from moeinfer.engine.faults import parse_fault
-from moeinfer.engine.lockstep import LeaderOps
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__)
@@ -38,8 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import load_model
+    from moeinfer.engine.faults import parse_fault
     from moeinfer.serve.app import ServerLimits
     from moeinfer.serve.server import ServeConfig, follow_leader, serve
 
@@ -56,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     import functools
 
     import torch.distributed as dist
+
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.engine.lockstep import LeaderOps
 
     group = dist.new_group(backend="gloo")  # object broadcasts, whatever the experts' backend
     if dist.get_rank() != 0:

@@ -14,12 +14,6 @@ import argparse
 import json
 from typing import Any
 
-from moeinfer.offload.config import OffloadConfig
-from moeinfer.offload.hardware import SHAPES, calibrate, load_profile, shape_from_checkpoint
-from moeinfer.offload.simulator import simulate
-from moeinfer.traces.convert import convert_mixtral
-from moeinfer.traces.trace import RoutingTrace
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="simulate expert offloading on a routing trace", description=__doc__,
@@ -47,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def read_trace(paths: list[str]) -> Any:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.traces.trace import RoutingTrace
+    from moeinfer.traces.convert import convert_mixtral
+
     if all(p.endswith(".jsonl") for p in paths):
         return convert_mixtral(paths)
     if len(paths) != 1:
@@ -55,6 +53,9 @@ def read_trace(paths: list[str]) -> Any:
 
 
 def resolve_shape(name: str | None, trace: Any) -> Any:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.offload.hardware import SHAPES, shape_from_checkpoint
+
     if name is None:
         if str(trace.meta.get("model", "")).startswith("mistralai/Mixtral-8x7B"):
             return SHAPES["mixtral-8x7b"]
@@ -67,6 +68,9 @@ def resolve_shape(name: str | None, trace: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.offload.hardware import calibrate, load_profile
+
     if args.calibrate:
         prof = calibrate(mib=args.calibrate_mib)
         if args.out:
@@ -75,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.trace:
         raise ValueError("--trace is required (or --calibrate)")
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.offload.config import OffloadConfig
+    from moeinfer.offload.simulator import simulate
 
     trace = read_trace(args.trace)
     calib = read_trace([args.calibration]) if args.calibration else None

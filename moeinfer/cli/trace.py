@@ -14,14 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moeinfer.engine.generate import generate
-from moeinfer.traces.convert import convert_mixtral
-from moeinfer.traces.stats import format_summary, summarize
-from moeinfer.traces.trace import RoutingRecorder, RoutingTrace
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("trace", help="record, summarize and convert expert-routing traces", description=__doc__,
@@ -80,13 +75,18 @@ def read_prompts(path: str) -> list[Any]:
 
 
 def _print_summary(trace: Any, as_json: bool) -> None:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.traces.stats import format_summary, summarize
+
     s = summarize(trace)
     print(json.dumps(s, indent=1) if as_json else format_summary(s))
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here: moeinfer.cli imports this module to build its parser (circular at module level).
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import load_model
+    from moeinfer.engine.generate import generate
+    from moeinfer.traces.trace import RoutingRecorder
 
     if args.prompts is None or args.out is None:
         raise ValueError("recording needs --prompts FILE and --out FILE "
@@ -112,11 +112,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_summary(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.traces.trace import RoutingTrace
+
     _print_summary(RoutingTrace.load(args.file), args.json)
     return 0
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.traces.convert import convert_mixtral
+
     trace = convert_mixtral(args.jsonl)
     path = trace.save(args.out)
     print(f"wrote {path}: {trace.num_tokens} tokens x {trace.num_layers} MoE layers", file=sys.stderr)

@@ -30,6 +30,10 @@ def _factors(shapes: Sequence[tuple[int, int]], dtype: torch.dtype) -> nn.Parame
 
 @register_experts_kind("lowrank")
 class LowRankExperts(nn.Module):
+    kernels = ("reference",)  # ExpertStage (moeinfer/model/moe.py): its own eager expert stage
+    kernel = "reference"
+    graph_safe = False
+
     def __init__(self, ranks_gate_up: Sequence[int], ranks_down: Sequence[int], hidden_size: int,
                  intermediate_size: int, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()

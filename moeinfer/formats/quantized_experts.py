@@ -28,13 +28,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeinfer.formats.kinds import register_experts_kind
 from moeinfer.formats.quant.groupwise import QuantizedTensor, check_bits, dequantize, num_groups, quantize
 from moeinfer.formats.quant.packing import packed_cols
 from moeinfer.config import ModelConfig
+from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, routed_forward
 
 _MATRICES = ("gate_up", "down")
@@ -47,6 +47,12 @@ def _param(t: torch.Tensor) -> nn.Parameter:
 @register_experts_kind("quantized")
 class QuantizedExperts(nn.Module):
     """Routed experts with per-expert bit widths; see the module docstring for storage and forward."""
+
+    # ExpertStage (moeinfer/model/moe.py): "auto" runs the fused dequantizing Triton kernel on CUDA where
+    # it applies, "reference" always the eager path.
+    kernels = ("auto", "reference", "triton")
+    kernel = "auto"
+    graph_safe = False
 
     # Scales and zero-points stay fp32 whatever the model's dtype (loading and `cast_floating_` keep it):
     # bf16 would round an int8 zero-point by up to half a quantization step.
@@ -148,7 +154,7 @@ class QuantizedExperts(nn.Module):
         """x [N, D] -> weighted sum of the routed experts' outputs [N, D]: on CUDA with triton, a layer of
         one width in {2, 4, 8} runs the fused dequantizing kernel (moeinfer/kernels/fused_moe_quant.py);
         everything else the eager path."""
-        if x.is_cuda and importlib.util.find_spec("triton") is not None:
+        if self.kernel != "reference" and x.is_cuda and importlib.util.find_spec("triton") is not None:
             # Imported here: fused_moe imports triton, an optional dependency.
             from moeinfer.kernels.fused_moe_quant import fused_moe_quantized, quantized_unsupported
 
@@ -161,8 +167,7 @@ class QuantizedExperts(nn.Module):
         def expert(e: int, seg: torch.Tensor) -> torch.Tensor:
             # 2. dequantize this routed expert only (1. dispatch and 3. combine: routed_forward)
             gate_up, down = self.expert_weights(e, x.dtype)
-            gate, up = F.linear(seg, gate_up).chunk(2, dim=-1)
-            return F.linear(F.silu(gate) * up, down)
+            return swiglu(seg, gate_up, down)
 
         return routed_forward(x, routing, self.num_experts, expert)
 

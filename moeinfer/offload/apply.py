@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from moeinfer.kernels.select import reapply_kernel_
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.cache import ExpertCache, resolve_capacities
@@ -142,14 +143,11 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
         b.experts = OffloadedExperts(layer=pos, num_experts=E, runtime=runtime)
     del layers, first
     # 6. steps, requests, warm-up
-    prev = model.token_observer
-
     def on_tokens(valid: torch.Tensor, positions: torch.Tensor, new_sequences: bool) -> None:
         runtime.begin_step(new_sequences, int(valid.sum()))
-        if prev is not None:
-            prev(valid, positions, new_sequences)
 
-    model.token_observer = on_tokens
+    runtime.token_handle = model.add_token_observer(on_tokens)
     model.offload = runtime  # type: ignore[attr-defined]
+    reapply_kernel_(model)  # the kernel chosen before: offloaded experts say whether they run it
     runtime.warm()
     return model

@@ -127,3 +127,19 @@ class OffloadConfig:
         if self.prefetch not in PREFETCHERS:
             raise ValueError(f"prefetcher {self.prefetch!r} is not known; choose one of "
                              f"{', '.join(sorted(PREFETCHERS))}")
+
+
+SPEC_FORMAT = "POLICY:CACHE[:PREFETCH[:cpu-assist]]"
+
+
+def parse_offload_spec(text: str, **fields: Any) -> OffloadConfig:
+    """The compact offload setting `POLICY:CACHE[:PREFETCH[:cpu-assist]]` ('lru:8', 'lfu:512MB:next_layer',
+    'lru:8:none:cpu-assist'; the benchmark's offload axis) -> OffloadConfig; `fields` set the rest
+    (tier, offload_dir, ...). The one parser of that form: OffloadConfig validates what it names."""
+    parts = str(text).split(":")
+    if (not 2 <= len(parts) <= 4 or parts[0] not in POLICIES or (len(parts) > 2 and parts[2] not in PREFETCHERS)
+            or (len(parts) == 4 and parts[3] != "cpu-assist")):
+        raise ValueError(f"offload {text!r}: expected {SPEC_FORMAT} with POLICY in {', '.join(sorted(POLICIES))} "
+                         f"and PREFETCH in {', '.join(sorted(PREFETCHERS))}, e.g. lru:8")
+    return OffloadConfig(policy=parts[0], cache=parts[1], prefetch=parts[2] if len(parts) > 2 else "none",
+                         cpu_assist=len(parts) == 4, **fields)

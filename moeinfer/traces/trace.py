@@ -229,7 +229,7 @@ class RoutingRecorder:
         self._blocks = blocks
         self._layers = [b.layer_idx for b in blocks]
         self._num_experts = blocks[0].experts.num_experts
-        self._saved: tuple[Any, list[Any]] | None = None
+        self._saved: tuple[Any, Any] | None = None  # the ObserverHandles while attached
         self._step: _Step | None = None
         self._rows: torch.Tensor | None = None  # [B] sequence id of each batch row
         self._next_seq = 0
@@ -240,33 +240,16 @@ class RoutingRecorder:
     def attach(self) -> RoutingRecorder:
         if self._saved is not None:
             raise RuntimeError("this RoutingRecorder is already attached")
-        self._saved = (self.model.token_observer, [b.observer for b in self._blocks])
-        prev_tokens = self.model.token_observer
-
-        def on_tokens(valid: torch.Tensor, positions: torch.Tensor, new_sequences: bool) -> None:
-            self._on_tokens(valid, positions, new_sequences)
-            if prev_tokens is not None:
-                prev_tokens(valid, positions, new_sequences)
-
-        self.model.token_observer = on_tokens
-        for block in self._blocks:
-            block.observer = self._chain(block.observer)
+        self._saved = (self.model.add_token_observer(self._on_tokens),
+                       self.model.add_routing_observer(self._on_routing))
         return self
-
-    def _chain(self, prev: Any) -> Any:
-        def on_routing(layer_idx: int, routing: Routing) -> None:
-            self._on_routing(layer_idx, routing)
-            if prev is not None:
-                prev(layer_idx, routing)
-        return on_routing
 
     def detach(self) -> None:
         if self._saved is None:
             return
         self._flush()
-        self.model.token_observer, observers = self._saved
-        for block, obs in zip(self._blocks, observers):
-            block.observer = obs
+        for handle in self._saved:
+            handle.remove()
         self._saved = None
 
     # 2. One step per forward.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from moeinfer.kernels import use_kernel_
 from moeinfer.kernels.registry import CHOICES
 
 
@@ -22,4 +21,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_(model: Any, args: argparse.Namespace) -> Any:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.kernels import use_kernel_
+
     return use_kernel_(model, args.kernel, fp32_weights=args.kernel_fp32_weights)

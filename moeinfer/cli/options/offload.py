@@ -10,14 +10,12 @@ import argparse
 import tempfile
 from typing import Any
 
-from moeinfer.offload.apply import offload_
-from moeinfer.offload.config import OffloadConfig
-from moeinfer.offload.policies import POLICIES
-from moeinfer.offload.prefetch import PREFETCHERS
-from moeinfer.offload.replay import replay_routing_
-
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.offload.policies import POLICIES
+    from moeinfer.offload.prefetch import PREFETCHERS
+
     g = p.add_argument_group("expert offloading (docs/offloading.md)")
     g.add_argument("--offload", nargs="?", const="disk", default=None, choices=["disk", "cpu"],
                    help="keep experts in a slow tier (disk: default; cpu: host memory) with a cache in fast memory")
@@ -39,6 +37,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.offload.config import OffloadConfig
+
     offload_dir = args.offload_dir
     if args.offload == "disk" and offload_dir is None:
         offload_dir = tempfile.mkdtemp(prefix="moeinfer-experts-")
@@ -50,7 +51,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def apply_(model: Any, args: argparse.Namespace) -> Any:
     if getattr(args, "offload", None):
+        # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+        from moeinfer.offload.apply import offload_
+
         offload_(model, config_from_args(args), progress=True)
     if getattr(args, "replay_trace", None):
+        # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+        from moeinfer.offload.replay import replay_routing_
+
         replay_routing_(model, args.replay_trace)
     return model

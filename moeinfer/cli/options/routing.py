@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from moeinfer.model.gating import set_routing_
-
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", default=None, metavar="MODE",
@@ -24,5 +22,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def apply_(model: Any, args: argparse.Namespace) -> Any:
     if getattr(args, "routing", None) is None:
         return model
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.model.gating import set_routing_
 
     return set_routing_(model, args.routing)
