@@ -19,7 +19,8 @@ import torch
 
 from moeinfer.parallel.placement import Placement, imbalance, make_placement
 from moeinfer.parallel.profile import RoutingProfile, read_profile
-from moeinfer.parallel.simulator import SHAPES, get_cluster, simulate, skew_of, synthetic_trace
+from moeinfer.model.shape import SHAPES
+from moeinfer.parallel.simulator import get_cluster, simulate, skew_of, synthetic_trace
 
 TRACES = Path("/work/shared/data/traces/mixtral-8x7b-instruct")
 STRATEGIES = ["contiguous", "round_robin", "balanced", "replicated@0", "replicated"]

@@ -11,7 +11,8 @@ import torch
 from moeinfer.cli import main
 from moeinfer.parallel.placement import STRATEGIES, Placement, PlacementError, imbalance, make_placement
 from moeinfer.parallel.profile import ProfileError, RoutingProfile, read_profile
-from moeinfer.parallel.simulator import CLUSTERS, SHAPES, get_cluster, simulate, synthetic_trace
+from moeinfer.model.shape import SHAPES
+from moeinfer.parallel.simulator import CLUSTERS, get_cluster, simulate, synthetic_trace
 
 SKEWED = [[float(v) for v in (40, 1, 1, 30, 2, 2, 20, 4, 1, 3)]]  # one layer, 10 experts
 
