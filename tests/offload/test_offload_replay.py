@@ -15,7 +15,7 @@ from moeinfer.offload import OffloadConfig, offload_, replay_routing_, simulate
 from moeinfer.offload.hardware import ModelShape, load_profile
 from moeinfer.offload.replay import restore_routing_
 
-MIXTRAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "mixtral-8x7b-instruct"
+MIXTRAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "mixtral-8x7b-instruct"
 
 
 def random_trace(n: int, layers: int = 3, experts: int = 8, seed: int = 1) -> RoutingTrace:

@@ -13,7 +13,7 @@ from hf_peers import save_hf_checkpoint
 
 from moeinfer.loading.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
