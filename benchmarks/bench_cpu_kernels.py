@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_moe import RESULTS, environment, time_fn  # noqa: E402  (one timing helper for all benchmarks)
 
-from moeinfer.compress.quantized_experts import QuantizedExperts  # noqa: E402
+from moeinfer.formats.quantized_experts import QuantizedExperts  # noqa: E402
 from moeinfer.kernels import native  # noqa: E402
 from moeinfer.kernels.cpu import cpu_moe  # noqa: E402
 from moeinfer.model.moe import Routing  # noqa: E402

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from moeinfer.bench.hardware import hardware_info, measure_bandwidth, measure_matmul, software_info
+from moeinfer.timing import time_call
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,36 +58,10 @@ def _sync(device: torch.device) -> None:
 
 def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, reps: int = 20,
             cuda_graph: bool = False, budget_s: float = 10.0) -> float:
-    """Median seconds of one call of `fn`: warm-up, then timed repetitions (CUDA events on GPU,
-    optionally replaying `fn` captured in a CUDA graph to remove launch overhead for tiny kernels).
-    Stops early once `budget_s` is spent (at least 3 timed calls)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if cuda_graph and device.type == "cuda":
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        call: Callable[[], Any] = graph.replay
-    else:
-        call = fn
-    times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            call()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = CLOCK()
-            call()
-            times.append(CLOCK() - t0)
-        if len(times) >= 3 and time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times)
+    """Median seconds of one call of `fn` through moeinfer.timing.time_call (warm-up, CUDA events on
+    GPU, optional CUDA-graph replay), read with this script's CLOCK on the CPU."""
+    return time_call(fn, device=device, warmup=warmup, reps=reps, cuda_graph=cuda_graph, budget_s=budget_s,
+                     clock=CLOCK)
 
 
 def load_average() -> str:

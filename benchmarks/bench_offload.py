@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 import moeinfer
 from moeinfer.bench.hardware import cpu_name, git_commit, software_info
-from moeinfer.engine.trace import record_routing
-from moeinfer.engine.trace_convert import convert_mixtral
+from moeinfer.traces.trace import record_routing
+from moeinfer.traces.convert import convert_mixtral
 from moeinfer.fsutil import atomic_write_text
 from moeinfer.offload import OffloadConfig, offload_, simulate
 from moeinfer.offload.hardware import SHAPES, ModelShape, load_profile

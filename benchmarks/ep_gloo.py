@@ -111,11 +111,12 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
 def _simulated(result: dict, world: int, traces: str) -> dict:
     from moeinfer.parallel.placement import Placement
     from moeinfer.parallel.profile import read_profile
-    from moeinfer.parallel.simulator import ClusterProfile, MoEShape, simulate
+    from moeinfer.model.shape import ModelShape
+    from moeinfer.parallel.simulator import ClusterProfile, simulate
 
     prof = read_profile(traces)
     plc = Placement.from_json(result["placement"])
-    shape = MoEShape("bench", hidden=D, inner=I, num_experts=8, top_k=prof.top_k, dtype_bytes=4)
+    shape = ModelShape("bench", num_layers=1, num_experts=8, top_k=prof.top_k, hidden=D, inter=I, dtype_bytes=4)
     cluster = ClusterProfile("loopback", ranks_per_node=world, intra_gbps=1.0, inter_gbps=1.0, latency_us=0.0,
                              expert_tflops=1.0)
     sim = simulate(prof.indices, prof.layers, plc, shape=shape, cluster=cluster,

@@ -19,7 +19,8 @@ import torch
 
 from moeinfer.parallel.placement import Placement, imbalance, make_placement
 from moeinfer.parallel.profile import RoutingProfile, read_profile
-from moeinfer.parallel.simulator import SHAPES, get_cluster, simulate, skew_of, synthetic_trace
+from moeinfer.model.shape import SHAPES
+from moeinfer.parallel.simulator import get_cluster, simulate, skew_of, synthetic_trace
 
 TRACES = Path("/work/shared/data/traces/mixtral-8x7b-instruct")
 STRATEGIES = ["contiguous", "round_robin", "balanced", "replicated@0", "replicated"]
@@ -83,7 +84,7 @@ def tiny_profiles(prompts: int = 32, prompt_tokens: int = 64, new_tokens: int = 
     """Routing of the shipped reference model (moeinfer.load("tiny")) on English and Python text."""
     import moeinfer
     from moeinfer.engine.generate import generate
-    from moeinfer.engine.trace import record_routing
+    from moeinfer.traces.trace import record_routing
     from moeinfer.models import shipped_model_dir
     from moeinfer.parallel.profile import from_trace
 

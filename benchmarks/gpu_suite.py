@@ -3,7 +3,7 @@
     python benchmarks/gpu_suite.py                      # on a CUDA machine: parts a-f within 480 s
     python benchmarks/gpu_suite.py --skip offload,tests --budget-s 300
     python benchmarks/gpu_suite.py --only layer
-    python benchmarks/gpu_suite.py --dry-run --out /tmp/gpu-dry   # the CPU rehearsal (tests/test_gpu_suite.py)
+    python benchmarks/gpu_suite.py --dry-run --out /tmp/gpu-dry   # the CPU rehearsal (tests/bench/test_gpu_suite.py)
 
 Parts, in order (benchmarks/gpu_suite_parts/, one file each; docs/gpu-suite.md says what each
 measures and which target of the issue it checks):

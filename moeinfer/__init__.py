@@ -7,7 +7,9 @@ Importing the package loads torch but initialises no GPU and imports no optional
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moeinfer._lazy import lazy_exports
 
 __version__ = "0.1.0"
 __all__ = ["load", "save", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
@@ -46,9 +48,4 @@ if TYPE_CHECKING:
     from moeinfer.model.gating import set_routing_
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moeinfer' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -8,21 +8,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moeinfer.loading.checkpoint import check_finite, load_checkpoint
+from moeinfer.loading.save import save_checkpoint
 from moeinfer.model.transformer import MoEModel
+from moeinfer.models import resolve_model_path
+from moeinfer.parallel.apply import load_expert_parallel
 
 if TYPE_CHECKING:
     from moeinfer.parallel.config import ExpertParallelConfig
-
-
-def resolve_model_path(path: str | os.PathLike[str]) -> Path:
-    """A directory, or the name of a model shipped with moeinfer."""
-    p = Path(path)
-    if p.exists():
-        return p
-    from moeinfer.models import shipped_model_dir
-
-    shipped = shipped_model_dir(str(path))
-    return shipped if shipped is not None else p
 
 
 def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
@@ -36,11 +29,7 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
     on_expert_error: "mask" loads a checkpoint whose routed experts are missing, mis-shaped or not
     finite with those experts masked in their routers (`model.failed_experts` says which and why).
     check_weights: refuse weights holding NaN or Inf (a CheckpointError names them; one pass over the weights)."""
-    from moeinfer.loading.checkpoint import check_finite, load_checkpoint
-
     if expert_parallel is not None:
-        from moeinfer.parallel.apply import load_expert_parallel
-
         model = load_expert_parallel(resolve_model_path(path), config=expert_parallel, device=device, dtype=dtype,
                                      progress=progress)
         if check_weights:
@@ -58,6 +47,4 @@ def save(model: MoEModel, path: str | os.PathLike[str], *, overwrite: bool = Fal
     A missing or empty `path` is written; one that holds a checkpoint is replaced only with `overwrite=True`;
     any other non-empty directory, the current directory and the model's source checkpoint (or a parent
     of either) are refused with `moeinfer.fsutil.OutputDirError` (overwrite=True allows the last two)."""
-    from moeinfer.loading.save import save_checkpoint
-
     return save_checkpoint(model, path, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

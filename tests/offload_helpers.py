@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from moeinfer.arch import parse_config
-from moeinfer.engine.trace import RoutingTrace
+from moeinfer.traces.trace import RoutingTrace
 from moeinfer.model.transformer import MoEModel
 
 

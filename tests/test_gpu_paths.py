@@ -79,7 +79,7 @@ def fused_quantized(x: torch.Tensor, routing: object, layer: object) -> torch.Te
 
 
 def check_fused_quantized(bits: int, E: int, K: int, N: int, dtype: torch.dtype, device: str) -> None:
-    from moeinfer.compress.quantized_experts import QuantizedExperts
+    from moeinfer.formats.quantized_experts import QuantizedExperts
     from moeinfer.model.moe import Routing
 
     p = make_problem(N=N, E=E, K=K, seed=bits * 7 + N)

@@ -275,12 +275,12 @@ def plot(log: list[dict[str, Any]], path: Path) -> None:
 
 def expert_usage(model: MoEModel, text: str, *, context: int, windows: int) -> np.ndarray:
     """Share of top-k choices per expert at each MoE layer [L, E] over the text's first `windows`
-    non-overlapping windows (through moeinfer.engine.trace when present, else a plain observer)."""
+    non-overlapping windows (through moeinfer.traces.trace when present, else a plain observer)."""
     ids = torch.tensor(model.tokenizer.encode(text)[: context * windows])
     batch = ids[: len(ids) // context * context].view(-1, context)  # [W, C]
     L, E = len(model.moe_blocks()), model.config.num_experts
     try:
-        from moeinfer.engine.trace import record_routing
+        from moeinfer.traces.trace import record_routing
     except ImportError:
         record_routing = None
     if record_routing is not None:

@@ -73,7 +73,7 @@ def first_rows(trace: Any, n: int) -> Any:
     """The first `n` tokens of the trace's first request, as a trace of their own."""
     import numpy as np
 
-    from moeinfer.engine.trace import RoutingTrace
+    from moeinfer.traces.trace import RoutingTrace
 
     rows = np.flatnonzero(trace.seq == trace.seq[0])[:n]
     return RoutingTrace(experts=trace.experts[rows], weights=trace.weights[rows], seq=trace.seq[rows],
@@ -167,7 +167,7 @@ def live_run(model: Any, cfg: Any, trace: Any, *, cuda: bool) -> tuple[dict[str,
 def run(ctx: Context) -> Result:
     import torch
 
-    from moeinfer.engine.trace_convert import convert_mixtral
+    from moeinfer.traces.convert import convert_mixtral
     from moeinfer.offload import OffloadConfig, simulate
     from moeinfer.offload.hardware import ModelShape
 

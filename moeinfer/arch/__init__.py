@@ -39,6 +39,7 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 def _ensure_registered() -> None:
     if not ARCHITECTURES:
+        # Imported here: the adapters register themselves here when imported (circular at module level).
         from moeinfer.arch import deepseek, mixtral, olmoe, qwen_moe  # noqa: F401
 
 

@@ -12,16 +12,11 @@ defines every metric. Nothing heavy is imported until used.
 
 from __future__ import annotations
 
-from typing import Any
+from moeinfer._lazy import lazy_exports
 
 __all__ = ["SweepConfig", "compare_files", "load_sweep", "read_results", "run_sweep", "write_report"]
 _WHERE = {"SweepConfig": "config", "load_sweep": "config", "run_sweep": "runner", "read_results": "results",
           "write_report": "report", "compare_files": "compare"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"moeinfer.bench.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'moeinfer.bench' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {name: f"moeinfer.bench.{module}" for name, module in _WHERE.items()})

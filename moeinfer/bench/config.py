@@ -33,6 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from moeinfer.bench.latency import SLO
+from moeinfer.bench.workloads import get_workload
+from moeinfer.compress.api import compress_
+from moeinfer.compress.presets import PRESETS
+from moeinfer.kernels import CHOICES, use_kernel_
+from moeinfer.model.gating import parse_mode, set_routing_
+from moeinfer.offload.apply import offload_
+from moeinfer.offload.config import SPEC_FORMAT, OffloadConfig, parse_offload_spec
 
 SUITES_DIR = Path(__file__).parent / "suites"
 Transform = Callable[[Any, str], None]
@@ -68,40 +75,26 @@ def register_offload(name: str) -> Callable[[Transform], Transform]:
 
 
 def _kernel(model: Any, value: str) -> None:
-    from moeinfer.kernels import use_kernel_
-
     use_kernel_(model, value)
 
 
 def _compression(model: Any, value: str) -> None:
-    from moeinfer.compress.api import compress_
-
     compress_(model, value, progress=False)
 
 
 def _routing(model: Any, value: str) -> None:
-    from moeinfer.model.gating import set_routing_
-
     set_routing_(model, value)
 
 
-def parse_offload(value: str) -> Any:
+def parse_offload(value: str) -> OffloadConfig:
     """'lru:8' / 'lfu:512MB:next_layer' / 'lru:8:none:cpu-assist' -> OffloadConfig (disk tier, temp dir)."""
     import tempfile
 
-    from moeinfer.offload.config import OffloadConfig
-
-    parts = str(value).split(":")
-    if not 2 <= len(parts) <= 4 or (len(parts) == 4 and parts[3] != "cpu-assist"):
-        raise ValueError(f"offload {value!r}: expected POLICY:CACHE[:PREFETCH[:cpu-assist]], e.g. lru:8")
-    return OffloadConfig(tier="disk", cache=parts[1], policy=parts[0],
-                         prefetch=parts[2] if len(parts) > 2 else "none", cpu_assist=len(parts) == 4,
-                         offload_dir=tempfile.mkdtemp(prefix="moeinfer-bench-experts-"))
+    parse_offload_spec(value, tier="cpu")  # validated before a folder is made
+    return parse_offload_spec(value, tier="disk", offload_dir=tempfile.mkdtemp(prefix="moeinfer-bench-experts-"))
 
 
 def _offload(model: Any, value: str) -> None:
-    from moeinfer.offload.apply import offload_
-
     offload_(model, parse_offload(value), progress=False)
 
 
@@ -134,8 +127,6 @@ def _check_value(axis: str, value: Any, where: str) -> None:
                                                  or value <= 0):
         raise ValueError(f"{where}: rate must be null or a number > 0 (requests/s), got {value!r}")
     if axis == "workload":
-        from moeinfer.bench.workloads import get_workload
-
         try:
             get_workload(value)
         except ValueError as e:
@@ -148,38 +139,25 @@ def _validate(axis: str, value: str) -> None:
     if value in custom or value in ("none", "default") and axis != "kernel":
         return
     if axis == "kernel":
-        from moeinfer.kernels import CHOICES
-
         if value not in CHOICES:
             raise ValueError(f"unknown kernel {value!r}; available: {', '.join(CHOICES)}")
     elif axis == "compression":
-        from moeinfer.compress.presets import PRESETS
-
         if value not in PRESETS and not Path(value).is_file():
             raise ValueError(f"unknown compression {value!r}; available: none, {', '.join(PRESETS)}, "
                              f"or a recipe YAML file")
     elif axis == "routing":
         if value.partition(":")[0] in ROUTING:
             return
-        from moeinfer.model.gating import parse_mode
 
         try:
             parse_mode(value)
         except ValueError as e:
             raise ValueError(f"unknown routing mode {value!r}: {e}") from None
     elif axis == "offload":
-        from moeinfer.offload.policies import POLICIES
-        from moeinfer.offload.prefetch import PREFETCHERS
-
-        parts = value.split(":")
-        if (not 2 <= len(parts) <= 4 or parts[0] not in POLICIES
-                or (len(parts) > 2 and parts[2] not in PREFETCHERS) or (len(parts) == 4 and parts[3] != "cpu-assist")):
-            raise ValueError(f"unknown offload {value!r}; expected none or POLICY:CACHE[:PREFETCH[:cpu-assist]] "
-                             f"with POLICY in {', '.join(sorted(POLICIES))} and PREFETCH in "
-                             f"{', '.join(sorted(PREFETCHERS))}")
-        from moeinfer.offload.config import parse_size
-
-        parse_size(parts[1])
+        try:
+            parse_offload_spec(value, tier="cpu")
+        except ValueError as e:
+            raise ValueError(f"unknown offload {value!r}; expected none or {SPEC_FORMAT}: {e}") from None
 
 
 def apply_axes(model: Any, point: Point) -> None:
@@ -327,8 +305,6 @@ class SweepConfig:
 
 def _without_rate_repeats(points: list[Point]) -> list[Point]:
     """A rate only matters to Poisson-arrival workloads: drop it elsewhere, and the repeats it made."""
-    from moeinfer.bench.workloads import get_workload
-
     out = [p if p.rate is None or get_workload(p.workload).arrival == "poisson" else dataclasses.replace(p, rate=None)
            for p in points]
     return list(dict.fromkeys(out))

@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from moeinfer import __version__
+from moeinfer.timing import time_call
 
 # Vendor datasheet peaks: memory bandwidth (bytes/s) and dense (no sparsity) FLOP/s per dtype.
 DATASHEET: dict[str, dict[str, Any]] = {
@@ -53,30 +55,13 @@ def datasheet_peak(device_name: str | None) -> dict[str, Any] | None:
     return None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_time(fn, device: torch.device, reps: int) -> float:
-    fn()  # warm-up
-    _sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure_bandwidth(device: torch.device | str = "cpu", *, nbytes: int | None = None, reps: int = 5) -> float:
     """Copy bandwidth in bytes/s: 2 * nbytes (read + write) / best copy time."""
     device = torch.device(device)
     nbytes = nbytes or (1 << 30 if device.type == "cuda" else 128 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    t = _best_time(lambda: dst.copy_(src), device, reps)
+    t = time_call(lambda: dst.copy_(src), device=device, reps=reps, stat="min")
     return 2 * src.numel() * 4 / t
 
 
@@ -87,7 +72,7 @@ def measure_matmul(device: torch.device | str = "cpu", dtype: torch.dtype = torc
     n = n or (8192 if device.type == "cuda" else (1024 if dtype == torch.float32 else 512))
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    t = _best_time(lambda: a @ b, device, reps)
+    t = time_call(lambda: a @ b, device=device, reps=reps, stat="min")
     return 2 * n**3 / t
 
 
@@ -146,8 +131,6 @@ def git_commit(repo: str | Path | None = None) -> str | None:
 
 def software_info() -> dict[str, Any]:
     import numpy
-
-    from moeinfer import __version__
 
     return dict(moeinfer=__version__, python=platform.python_version(), torch=torch.__version__,
                 numpy=numpy.__version__, cuda=torch.version.cuda, platform=platform.platform())

@@ -37,7 +37,7 @@ class Instrument:
         self._layer_counts: list[torch.Tensor | None] = [None] * len(self.blocks)
         self._pending: tuple[float, int, int, int] | None = None
         self._handles: list[Any] = []
-        self._saved: list[Any] = []
+        self._observers: list[Any] = []  # ObserverHandle of each block
         self.cuda = model.device.type == "cuda"
 
     def _sync(self) -> None:
@@ -55,13 +55,11 @@ class Instrument:
         self._pending = (time.perf_counter(), B, T, end)
 
     # 2.
-    def _observer(self, block: Any, prev: Any) -> Any:
+    def _observer(self, block: Any) -> Any:
         i = self._pos[id(block)]
         E = self.counts.shape[1]
 
         def on_routing(layer_idx: int, routing: Any) -> None:
-            if prev is not None:
-                prev(layer_idx, routing)
             idx = routing.indices
             k = getattr(routing, "k", None)  # dynamic gating: token n uses its first k[n] slots only
             if k is not None:
@@ -90,17 +88,15 @@ class Instrument:
     def attach(self) -> Instrument:
         self._handles = [self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
                          self.model.register_forward_hook(self._post, with_kwargs=True)]
-        self._saved = [b.observer for b in self.blocks]
-        for b in self.blocks:
-            b.observer = self._observer(b, b.observer)
+        self._observers = [b.add_routing_observer(self._observer(b)) for b in self.blocks]
         return self
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
-        for b, obs in zip(self.blocks, self._saved):
-            b.observer = obs
-        self._handles = []
+        for o in self._observers:
+            o.remove()
+        self._handles, self._observers = [], []
 
 
 @contextmanager

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from moeinfer.model.summary import expert_storage, summarize
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -47,14 +49,11 @@ class ModelShape:
 
     @classmethod
     def from_model(cls, model: Any) -> ModelShape:
-        from moeinfer.model.summary import summarize
-
         cfg = model.config
         s = summarize(model)
         b = s["bytes"]
         elem = model.dtype.itemsize
         blocks = model.moe_blocks()
-        from moeinfer.model.summary import expert_storage
 
         expert_params, expert_bytes = expert_storage(model) if blocks else (0, 0)
         attn_params = b["attention"] // elem
@@ -127,7 +126,7 @@ def sparse_utilization(forwards: Sequence[ForwardRecord], m: ModelShape, *, band
 
 def expert_load(forwards: Sequence[ForwardRecord], counts: np.ndarray | None) -> dict[str, Any]:
     """Distinct experts per MoE layer per decode step (mean over steps, per layer and overall) and the
-    load imbalance max_e c[l,e] / mean_e c[l,e] of the tokens per expert (as moeinfer.engine.trace_stats)."""
+    load imbalance max_e c[l,e] / mean_e c[l,e] of the tokens per expert (as moeinfer.traces.stats)."""
     dec = [f.distinct for f in forwards if f.phase == "decode" and f.distinct]
     per_layer = np.asarray(dec, dtype=float).mean(0).tolist() if dec else []
     out: dict[str, Any] = dict(distinct_per_layer_decode=per_layer,
@@ -144,8 +143,6 @@ def expert_load(forwards: Sequence[ForwardRecord], counts: np.ndarray | None) ->
 
 def weight_stats(model: Any) -> dict[str, Any]:
     """Weight bytes, parameters and effective bits per parameter (8 * bytes / parameters)."""
-    from moeinfer.model.summary import summarize
-
     s = summarize(model)
     nbytes = sum(s["bytes"].values())
     return dict(weight_bytes=nbytes, params_total=s["params_total"], params_active=s["params_active"],

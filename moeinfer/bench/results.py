@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from moeinfer._optional import require
 from moeinfer.fsutil import atomic_write_text
 
 SCHEMA_FILE = Path(__file__).parent / "results.schema.json"
@@ -49,8 +50,6 @@ def clean(x: Any) -> Any:
 
 def validate(data: Any, where: str = "results") -> None:
     """Raise ResultsError naming `where` and the JSON path of the first problem found."""
-    from moeinfer._optional import require
-
     jsonschema = require("jsonschema", "validating benchmark results")
     if isinstance(data, dict) and data.get("schema") == SCHEMA_NAME and data.get("schema_version") != SCHEMA_VERSION:
         raise ResultsError(f"{where}: schema_version {data.get('schema_version')!r} is not supported "

@@ -27,35 +27,21 @@ from typing import Any
 
 import torch
 
+from moeinfer.api import load, resolve_model_path
 from moeinfer.bench.config import Point, SweepConfig, apply_axes
 from moeinfer.bench.energy import EnergyMeter, default_meter
+from moeinfer.bench.hardware import git_commit, hardware_info, measure_matmul, measure_peaks, software_info
 from moeinfer.bench.instrument import instrument
 from moeinfer.bench.latency import summarize
-from moeinfer.bench.metrics import (
-    ModelShape,
-    expert_load,
-    gpu_peak_bytes,
-    kv_cache_bytes,
-    peak_rss_bytes,
-    reset_gpu_peak,
-    reset_peak_rss,
-    sparse_utilization,
-    weight_stats,
-)
-from moeinfer.bench.results import (
-    SCHEMA_NAME,
-    SCHEMA_VERSION,
-    finished_points,
-    write_results,
-)
+from moeinfer.bench.metrics import (ModelShape, expert_load, gpu_peak_bytes, kv_cache_bytes, peak_rss_bytes,
+                                    reset_gpu_peak, reset_peak_rss, sparse_utilization, weight_stats)
+from moeinfer.bench.report import write_report
+from moeinfer.bench.results import SCHEMA_NAME, SCHEMA_VERSION, finished_points, write_results
 from moeinfer.bench.workload_run import run_workload
-from moeinfer.bench.workloads import (
-    arrival_times,
-    build_prompts,
-    get_workload,
-    resolve,
-    source_token_ids,
-)
+from moeinfer.bench.workloads import arrival_times, build_prompts, get_workload, resolve, source_token_ids
+from moeinfer.engine.generate import generate
+from moeinfer.eval import evaluate
+from moeinfer.models import SHIPPED
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
@@ -107,13 +93,6 @@ class Sweep:
 
     # 1-2. Machine, peaks, energy.
     def _setup(self, points: list[Point]) -> None:
-        from moeinfer.bench.hardware import (
-            git_commit,
-            hardware_info,
-            measure_peaks,
-            software_info,
-        )
-
         cfg = self.config
         dtypes = sorted({p.dtype or "float32" for p in points} | {"float32"})
         peaks = measure_peaks(self.device, dtypes) if cfg.peaks else None
@@ -131,8 +110,6 @@ class Sweep:
     def _loaded(self, p: Point) -> _Loaded:
         if p.model_key in self._models:
             return self._models[p.model_key]
-        from moeinfer.api import load
-        from moeinfer.eval import evaluate
 
         self._models.clear()  # one model in memory at a time
         model = load(p.model, device=self.device, dtype=p.dtype, progress=False)
@@ -151,8 +128,6 @@ class Sweep:
 
     def _calibrate(self, model: Any) -> tuple[float, float]:
         """Warm-up generation, timed: (seconds per prefill token, seconds per decode step at batch 1)."""
-        from moeinfer.engine.generate import generate
-
         P = min(64, model.config.max_position_embeddings // 2)
         with instrument(model) as ins:
             generate(model, [[1 % model.config.vocab_size] * P], max_new_tokens=8, ignore_eos=True)
@@ -208,7 +183,6 @@ class Sweep:
         cdt = str(model.dtype).removeprefix("torch.")
         peaks = self.data.get("peaks") or {}
         if peaks and cdt not in peaks["measured"]["flops"]:  # the checkpoint's dtype, known only now
-            from moeinfer.bench.hardware import measure_matmul
 
             peaks["measured"]["flops"][cdt] = measure_matmul(self.device, model.dtype)
         util: dict[str, Any] = {}
@@ -247,8 +221,6 @@ class Sweep:
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"{self.config.source}: the sweep lists the same point more than once: {dup[:3]}")
-        from moeinfer.api import resolve_model_path
-        from moeinfer.models import SHIPPED
 
         missing = [m for m in self.config.models if not resolve_model_path(m).exists()]
         if missing:
@@ -322,7 +294,5 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, resume: bool = False,
     """Run `config`, write results.json (and report.md, report.html, plots) into `out_dir`."""
     data = Sweep(config, out_dir, resume=resume, meter=meter, progress=progress, log_fn=log_fn).run()
     if report:
-        from moeinfer.bench.report import write_report
-
         write_report(data, out_dir)
     return data

@@ -20,6 +20,8 @@ from typing import Any
 
 from moeinfer.bench.latency import RequestTiming
 from moeinfer.bench.workloads import ResolvedWorkload
+from moeinfer.engine.batching import BatchEngine, EngineRequest, ErrorEvent, FinishEvent, TokenEvent
+from moeinfer.engine.generate import generate
 
 
 @dataclass
@@ -39,8 +41,6 @@ class RequestRecord:
 
 
 def run_sequential(model: Any, w: ResolvedWorkload, prompts: list[list[int]]) -> list[RequestRecord]:
-    from moeinfer.engine.generate import generate
-
     t0 = time.perf_counter()
     records: list[RequestRecord] = []
     for i in range(0, len(prompts), w.batch_size):
@@ -58,14 +58,6 @@ def run_sequential(model: Any, w: ResolvedWorkload, prompts: list[list[int]]) ->
 
 def run_engine(model: Any, w: ResolvedWorkload, prompts: list[list[int]], arrivals: list[float], *,
                prefill_chunk: int = 256, timeout_s: float = 3600.0) -> list[RequestRecord]:
-    from moeinfer.engine.batching import (
-        BatchEngine,
-        EngineRequest,
-        ErrorEvent,
-        FinishEvent,
-        TokenEvent,
-    )
-
     engine = BatchEngine(model, max_batch=w.batch_size, max_queue=len(prompts) + 1, prefill_chunk=prefill_chunk,
                          max_context=w.prompt_tokens + w.output_tokens).start()
     records = [RequestRecord(sent=0.0, prompt_tokens=len(p)) for p in prompts]

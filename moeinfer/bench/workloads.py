@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from moeinfer.eval import load_dataset
+
 WORKLOADS_FILE = Path(__file__).parent / "workloads.yaml"
 KINDS = ("sequential", "engine")
 ARRIVALS = ("burst", "poisson")
@@ -174,8 +176,6 @@ def resolve(w: Workload, *, device_type: str, context: int, scale: float = 1.0,
 
 def source_token_ids(tokenizer: Any, source: str) -> list[int]:
     """Token ids of a held-out text ("english", "python") or a user's file, first SOURCE_BYTES bytes."""
-    from moeinfer.eval import load_dataset
-
     text = load_dataset(source).text
     text = text.encode("utf-8")[:SOURCE_BYTES].decode("utf-8", errors="ignore")
     return list(tokenizer.encode(text))

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer import __version__
 
     return f"moeinfer {__version__}"
@@ -41,6 +42,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight dtype (default: the checkpoint's)")
     p.add_argument("--check-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="refuse weights holding NaN or Inf (default: on for serve, off otherwise)")
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import options
     from moeinfer.parallel.launch import add_expert_parallel_args
 
@@ -49,6 +51,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.api import load
     from moeinfer.parallel.launch import expert_parallel_config, secondary_rank_quiet_
 
@@ -58,6 +61,7 @@ def load_model(args: argparse.Namespace):
                  on_expert_error=getattr(args, "on_expert_error", "raise"), check_weights=check)
     if ep is not None:
         secondary_rank_quiet_(args, model)  # rank 0 alone prints and writes files
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import options
 
     return options.apply_(model, args)
@@ -70,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.config import ConfigError
     from moeinfer.loading.errors import CheckpointError
 
     try:
         if getattr(args, "device", None) is not None:
+            # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
             from moeinfer.loading.devices import parse_device
 
             parse_device(args.device)  # before any work: a one-line error for banana, meta, cuda without CUDA

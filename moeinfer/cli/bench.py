@@ -53,10 +53,12 @@ def _results_path(x: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.bench.config import load_sweep
 
     if args.list:
         return _list()
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.fsutil import check_output_dir
 
     # bench replaces only its own files (results.json, report.*, plots) in OUT, never deletes; still, a
@@ -77,11 +79,13 @@ def run(args: argparse.Namespace) -> int:
     if args.no_peaks:
         cfg.peaks = False
     cfg.__post_init__()  # validate the overrides like the file
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.bench.runner import run_sweep
 
     data = run_sweep(cfg, args.out, resume=args.resume, progress=not args.no_progress,
                      log_fn=lambda s: print(s, file=sys.stderr))
     failed = [p for p in data["points"] if p["status"] != "ok"]
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.bench.report import summary_table
 
     print(summary_table(data))
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.bench.compare import compare_files
 
     print(compare_files(_results_path(args.a), _results_path(args.b), threshold=args.threshold))
@@ -100,6 +105,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.bench.report import write_report
     from moeinfer.bench.results import read_results
 
@@ -110,6 +116,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.bench import config as c
     from moeinfer.bench.workloads import workloads
 
@@ -118,6 +125,7 @@ def _list() -> int:
         print(f"  {w.name:<14} v{w.version}  {w.kind:<10} {w.prompt_tokens:>5} in / {w.output_tokens:>4} out, "
               f"{w.num_requests} requests, batch {w.batch_size}  {w.description}")
     print("axes:")
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.compress.presets import PRESETS
     from moeinfer.kernels import CHOICES
     from moeinfer.offload.policies import POLICIES

@@ -12,6 +12,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("compress", help="prune / merge / quantize / low-rank a checkpoint", description=__doc__,
@@ -39,6 +40,7 @@ def _recipe(args: argparse.Namespace):
 
     import yaml
 
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.compress.api import as_recipe
     from moeinfer.compress.recipe import Recipe
 
@@ -63,6 +65,7 @@ def _recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.compress.registry import available_methods, get_method
 
     if args.list:
@@ -76,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from moeinfer.api import resolve_model_path, save
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.api import save
+    from moeinfer.models import resolve_model_path
     from moeinfer.cli import load_model
     from moeinfer.compress.api import cast_floating_, compress_, weight_bytes
     from moeinfer.loading.checkpoint import read_config

@@ -7,6 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
     from moeinfer.eval.datasets import DATASETS
 
@@ -27,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import load_model
     from moeinfer.eval import evaluate
     from moeinfer.eval.datasets import DATASETS

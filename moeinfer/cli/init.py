@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.loading.shapes import ARCH_DEFAULT_SHAPE, SHAPES
 
     if args.list:
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ValueError("--out is required")
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.loading.random_init import init_checkpoint
 
     path = init_checkpoint(args.out, arch=args.arch, shape=args.shape, layers=args.layers, dtype=args.dtype,

@@ -8,6 +8,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("inspect", help="describe a checkpoint", description=__doc__)
@@ -17,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import load_model
     from moeinfer.model.summary import summarize
 

@@ -49,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _model_slots(args: argparse.Namespace, prof) -> int | None:
     """Check the trace against the model's config; turn --budget-gib into experts per rank."""
-    from moeinfer.api import resolve_model_path
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.models import resolve_model_path
     from moeinfer.arch import parse_config
     from moeinfer.loading.checkpoint import read_config
     from moeinfer.parallel.placement import slots_for_budget
@@ -70,7 +71,9 @@ def _model_slots(args: argparse.Namespace, prof) -> int | None:
 def _simulate(args: argparse.Namespace, prof, placements: dict) -> None:
     from dataclasses import replace
 
-    from moeinfer.parallel.simulator import SHAPES, MoEShape, get_cluster, simulate
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.model.shape import SHAPES, ModelShape
+    from moeinfer.parallel.simulator import get_cluster, simulate
 
     if prof.indices is None:
         raise ValueError(f"--simulate needs token-level routing; {args.trace} holds per-expert loads only")
@@ -80,17 +83,17 @@ def _simulate(args: argparse.Namespace, prof, placements: dict) -> None:
             raise ValueError(f"model shape {args.shape!r} is not known; valid: {', '.join(sorted(SHAPES))}")
         shape = SHAPES[args.shape]
     elif args.model is not None:
-        from moeinfer.api import resolve_model_path
+        # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+        from moeinfer.models import resolve_model_path
         from moeinfer.arch import parse_config
         from moeinfer.loading.checkpoint import read_config
 
         mc = parse_config(read_config(resolve_model_path(args.model)))
-        shape = MoEShape(str(args.model), hidden=mc.hidden_size, inner=mc.moe_intermediate_size,
-                         num_experts=mc.num_experts, top_k=mc.top_k, dtype_bytes=args.dtype_bytes)
+        shape = ModelShape.from_config(mc, str(args.model), dtype_bytes=args.dtype_bytes)
     else:
         shape = replace(SHAPES["mixtral-8x7b"], num_experts=prof.num_experts, top_k=prof.top_k)
     print(f"\nsimulated on {cluster.name} ({cluster.ranks_per_node} ranks/node), {shape.name} shape "
-          f"(D={shape.hidden}, I={shape.inner}), {args.tokens_per_rank} tokens/rank/step:")
+          f"(D={shape.hidden}, I={shape.inter}), {args.tokens_per_rank} tokens/rank/step:")
     print(f"{'strategy':<12} {'imb/step':>8} {'KiB/tok/layer':>13} {'inter-node':>10} {'a2a us':>7} "
           f"{'experts us':>10} {'layer us':>8} {'TBO us':>7} {'dedup saves':>11}")
     for name, plc in placements.items():
@@ -104,6 +107,7 @@ def _simulate(args: argparse.Namespace, prof, placements: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.parallel.placement import STRATEGIES, get_strategy, imbalance, make_placement
     from moeinfer.parallel.profile import read_profile
 

@@ -13,6 +13,7 @@ import os
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__)
@@ -43,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import load_model
     from moeinfer.engine.faults import parse_fault
     from moeinfer.serve.app import ServerLimits
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.engine.lockstep import LeaderOps
 
     group = dist.new_group(backend="gloo")  # object broadcasts, whatever the experts' backend

@@ -41,8 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def read_trace(paths: list[str]) -> Any:
-    from moeinfer.engine.trace import RoutingTrace
-    from moeinfer.engine.trace_convert import convert_mixtral
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.traces.trace import RoutingTrace
+    from moeinfer.traces.convert import convert_mixtral
 
     if all(p.endswith(".jsonl") for p in paths):
         return convert_mixtral(paths)
@@ -52,6 +53,7 @@ def read_trace(paths: list[str]) -> Any:
 
 
 def resolve_shape(name: str | None, trace: Any) -> Any:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.offload.hardware import SHAPES, shape_from_checkpoint
 
     if name is None:
@@ -66,6 +68,7 @@ def resolve_shape(name: str | None, trace: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.offload.hardware import calibrate, load_profile
 
     if args.calibrate:
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.trace:
         raise ValueError("--trace is required (or --calibrate)")
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.offload.config import OffloadConfig
     from moeinfer.offload.simulator import simulate
 

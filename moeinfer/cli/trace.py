@@ -16,6 +16,7 @@ from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import add_model_args
 
     p = sub.add_parser("trace", help="record, summarize and convert expert-routing traces", description=__doc__,
@@ -74,16 +75,18 @@ def read_prompts(path: str) -> list[Any]:
 
 
 def _print_summary(trace: Any, as_json: bool) -> None:
-    from moeinfer.engine.trace_stats import format_summary, summarize
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.traces.stats import format_summary, summarize
 
     s = summarize(trace)
     print(json.dumps(s, indent=1) if as_json else format_summary(s))
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.cli import load_model
     from moeinfer.engine.generate import generate
-    from moeinfer.engine.trace import RoutingRecorder
+    from moeinfer.traces.trace import RoutingRecorder
 
     if args.prompts is None or args.out is None:
         raise ValueError("recording needs --prompts FILE and --out FILE "
@@ -109,14 +112,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_summary(args: argparse.Namespace) -> int:
-    from moeinfer.engine.trace import RoutingTrace
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.traces.trace import RoutingTrace
 
     _print_summary(RoutingTrace.load(args.file), args.json)
     return 0
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from moeinfer.engine.trace_convert import convert_mixtral
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.traces.convert import convert_mixtral
 
     trace = convert_mixtral(args.jsonl)
     path = trace.save(args.out)

@@ -10,7 +10,9 @@ Methods: `available_methods()`; each method's docstring names the paper it follo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moeinfer._lazy import lazy_exports
 
 __all__ = ["CalibrationConfig", "CalibrationData", "CompressionError", "CompressionReport", "Recipe", "Step",
            "available_methods", "collect", "compress_", "get_method", "load_recipe", "register_method"]
@@ -32,9 +34,4 @@ if TYPE_CHECKING:
                                             register_method)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moeinfer.compress' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from moeinfer.compress.calibration import CalibrationConfig, CalibrationData, collect
-from moeinfer.compress.layout import RECORD_KEY, RECORD_VERSION, describe, is_plain, sync_config_
+from moeinfer.compress.presets import PRESETS
 from moeinfer.compress.recipe import Recipe, Step, load_recipe
 from moeinfer.compress.registry import CompressionError, get_method
+from moeinfer.formats.layout import RECORD_KEY, RECORD_VERSION, describe, is_plain, sync_config_
+from moeinfer.kernels.select import reapply_kernel_
 from moeinfer.model.transformer import MoEModel
 
 RecipeLike = Recipe | list[Step | dict[str, Any] | str] | dict[str, Any] | str | os.PathLike[str]
@@ -79,7 +81,6 @@ def as_recipe(config: RecipeLike) -> Recipe:
         text = os.fspath(config)
         if text.endswith((".yaml", ".yml", ".json")) or os.path.isfile(text):
             return load_recipe(text)
-        from moeinfer.compress.presets import PRESETS
 
         if text in PRESETS:
             return Recipe.of(*PRESETS[text], name=text)
@@ -131,4 +132,5 @@ def compress_(model: MoEModel, config: RecipeLike, *,
                                           "layout": layout}
     report.bytes_after = weight_bytes(model)
     report.hf_loadable = is_plain(layout)
+    reapply_kernel_(model)  # the kernel chosen before, on the experts modules compression swapped in
     return report

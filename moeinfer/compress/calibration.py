@@ -27,8 +27,10 @@ from typing import Any
 import torch
 
 from moeinfer.compress.registry import CompressionError
+from moeinfer.eval.datasets import load_dataset
 from moeinfer.model.moe import MoEBlock, Routing, route
 from moeinfer.model.transformer import MoEModel
+from moeinfer.traces.trace import RoutingTrace
 
 SHIPPED = ("english", "python")
 
@@ -105,8 +107,6 @@ class CalibrationData:
 
 def _texts(source: str) -> list[tuple[str, str, bool]]:
     """(name, text, take_from_end) per text."""
-    from moeinfer.eval.datasets import load_dataset
-
     if source == "heldout":
         return [(n, load_dataset(n).text, True) for n in SHIPPED]
     if source in SHIPPED:
@@ -172,8 +172,6 @@ def collect(model: MoEModel, cfg: CalibrationConfig | None = None, *, progress: 
 
 
 def _from_trace(model: MoEModel, cfg: CalibrationConfig) -> CalibrationData:
-    from moeinfer.engine.trace import RoutingTrace
-
     trace = RoutingTrace.load(cfg.source)
     moe = [b.layer_idx for b in model.moe_blocks()]
     layers = [int(x) for x in trace.layers]

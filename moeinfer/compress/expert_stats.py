@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moeinfer.compress.registry import CompressionError
+from moeinfer.model.mlp import swiglu_hidden
 from moeinfer.model.moe import Experts, MoEBlock, Routing, route
 
 
@@ -32,8 +33,7 @@ def subsample(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
 
 def expert_hidden(ex: Experts, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert e's inner activation silu(gate x) * up x: x [N, D] -> h [N, I] (fp32)."""
-    gate, up = F.linear(x.float(), ex.gate_up_proj[e].float()).chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return swiglu_hidden(x.float(), ex.gate_up_proj[e].float())
 
 
 def expert_output(ex: Experts, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moeinfer.compress.presets import PRESETS
+from moeinfer.formats.errors import CompressionError
+
+__all__ = ["CompressionError", "Method", "METHODS", "register_method", "get_method", "available_methods"]
+
 Needs = Literal["none", "routing", "activations"]
 MethodFn = Callable[..., dict[str, Any]]
-
-
-class CompressionError(ValueError):
-    """A recipe, its parameters or the model cannot be compressed as asked."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def _ensure_registered() -> None:
     import importlib
     import pkgutil
 
+    # Imported here: the method modules register themselves here when imported (circular at module level).
     import moeinfer.compress.methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
@@ -118,8 +120,6 @@ def _ensure_registered() -> None:
 def get_method(name: str) -> Method:
     _ensure_registered()
     if name not in METHODS:
-        from moeinfer.compress.presets import PRESETS
-
         raise CompressionError(f"unknown compression method {name!r}; methods: {', '.join(sorted(METHODS))}; "
                                f"named recipes: {', '.join(PRESETS)}")
     return METHODS[name]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from moeinfer.compress.layout import replace_experts_
+from moeinfer.compress.expert_stats import check_unmerged
 from moeinfer.compress.registry import CompressionError
+from moeinfer.compress.selection import check_balanced
+from moeinfer.formats.layout import replace_experts_
 from moeinfer.model.moe import Experts, MoEBlock
 
 
@@ -32,9 +35,6 @@ def check_keep(block: MoEBlock, keep: int, method: str) -> None:
 def keep_experts_(block: MoEBlock, keep: Sequence[int]) -> None:
     """Keep only experts `keep` (in that order); their router rows go with them, so the top-k over
     the remaining experts renormalises as the routing config says."""
-    from moeinfer.compress.expert_stats import check_unmerged
-    from moeinfer.compress.selection import check_balanced
-
     ex = plain_experts(block, "pruning")
     check_unmerged(block, "pruning")
     check_balanced(block, keep, "pruning")
@@ -63,3 +63,17 @@ def layer_keep_counts(blocks: Sequence[MoEBlock], *, keep: int | None, ratio: fl
                                    f"{b.gate.cfg.n_group}; the experts kept ({n}) must be divisible by it")
         out.append(n)
     return out
+
+
+def prune_layers_(blocks: Sequence[MoEBlock], *, keep: int | None, ratio: float | None, method: str,
+                  choose: Callable[[MoEBlock, int], list[int]], progress: bool = False) -> dict[str, list[int]]:
+    """The steps every pruning method shares: per MoE layer, the number of experts to keep (`keep` or
+    `ratio`, checked for every layer first), `choose(block, n)` -> the experts kept (the method's own
+    criterion), then `keep_experts_`. Returns {layer: experts kept}."""
+    counts = layer_keep_counts(blocks, keep=keep, ratio=ratio, method=method)
+    kept: dict[str, list[int]] = {}
+    for block, n in tqdm(list(zip(blocks, counts)), desc=method, unit="layer", disable=not progress or None):
+        chosen = choose(block, n)
+        keep_experts_(block, chosen)
+        kept[str(block.layer_idx)] = chosen
+    return kept

@@ -12,6 +12,7 @@ architecture does); 3. each router counts tokens whose unmasked top-k held a mas
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,15 +62,20 @@ class ExpertLoad:
 
     def __init__(self, model: MoEModel) -> None:
         self.counts: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(0, dtype=np.int64))
+        self.handles: list[Any] = []
         for block in model.moe_blocks():
             E = block.experts.num_experts
             self.counts[block.layer_idx] = np.zeros(E, dtype=np.int64)
-            block.observer = self._chain(block.observer, E)
+            self.handles.append(block.add_routing_observer(self._observer(E)))
 
-    def _chain(self, previous, num_experts: int):  # noqa: ANN001, ANN202
+    def _observer(self, num_experts: int):  # noqa: ANN202
         def observe(layer: int, routing: Routing) -> None:
             self.counts[layer] += torch.bincount(routing.indices.reshape(-1), minlength=num_experts).cpu().numpy()
-            if previous is not None:
-                previous(layer, routing)
 
         return observe
+
+    def detach(self) -> None:
+        """Stop counting (the counts so far stay)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []

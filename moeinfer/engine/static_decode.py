@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from moeinfer.model.kv_cache import CacheStep, KVCache
-from moeinfer.model.moe import Experts, MoEBlock
+from moeinfer.model.moe import MoEBlock
 from moeinfer.model.transformer import MoEModel
 
 log = logging.getLogger(__name__)
@@ -124,25 +124,29 @@ class StaticDecoder:
 
 
 def static_decode_blocker(model: MoEModel) -> str | None:
-    """Why the model's decode step cannot be captured in a CUDA graph, or None when it can."""
-    if type(model) is not MoEModel or model.token_observer is not None:
+    """Why the model's decode step cannot be captured in a CUDA graph, or None when it can.
+
+    Asks the MoE blocks' seams (moeinfer/model/moe.py): observers, routing transforms and the experts
+    stage each say whether they run without reading tensors back to the host."""
+    if type(model) is not MoEModel or model.token_observers:
         return "the model is wrapped or observed (routing traces)"
     for layer in model.layers:
         block = layer.mlp
         if not isinstance(block, MoEBlock):
             continue
-        if type(block) is not MoEBlock or type(block.experts) is not Experts:
-            return f"layer {block.layer_idx}'s MoE block is replaced (offloading or expert parallelism)"
-        if block.observer is not None or block.gate.available is not None:
-            return f"layer {block.layer_idx} has a routing observer or masked experts"
-        if getattr(block.gate, "mode", None) is not None:
-            return f"layer {block.layer_idx} uses dynamic gating (tokens grouped by k on the host)"
-        from moeinfer.kernels.registry import KERNELS
-
-        spec = KERNELS.get(block.experts.kernel)
-        if spec is None or not spec.graph_safe:
-            return (f"layer {block.layer_idx} uses the {block.experts.kernel!r} MoE kernel, which reads expert "
-                    "counts back to the host; use_kernel_(model, 'triton') makes decode capturable")
+        if type(block) is not MoEBlock:
+            return f"layer {block.layer_idx}'s MoE block is replaced"
+        if block.routing_observers:
+            return f"layer {block.layer_idx} has a routing observer"
+        unsafe = [t.name for t in block.gate.transforms if not t.graph_safe]
+        if unsafe:
+            return (f"layer {block.layer_idx} has routing transforms that sync with the host ({', '.join(unsafe)}: "
+                    "masked experts, dynamic gating, merged experts or replay)")
+        stage = block.experts
+        if not getattr(stage, "graph_safe", False):
+            return (f"layer {block.layer_idx}'s experts stage {type(stage).__name__} runs the "
+                    f"{getattr(stage, 'kernel', '?')!r} kernel, which reads expert counts back to the host; "
+                    "use_kernel_(model, 'triton') makes decode capturable")
     return None
 
 

@@ -7,7 +7,7 @@ the float weights never exist in memory. The unpacking follows vLLM's `fused_moe
 Shapes: N tokens, D hidden, E experts, K top-k, I inner size, S = N*K slots, P(C) packed bytes of a
 row of C codes, G(C) groups of a row, M/BN/BK block sizes.
 
-Storage (moeinfer/compress/quantized_experts.py, moeinfer/compress/quant/packing.py): every expert
+Storage (moeinfer/formats/quantized_experts.py, moeinfer/formats/quant/packing.py): every expert
 of the layer has the same width b in {2, 4, 8}; code c of a row sits in byte c // (8 / b) at bit
 (c % (8 / b)) * b (8-bit: one byte per code; the first code in the low bits); group-wise
 asymmetric dequant w = q * s + (-z * s), one fp32 scale s and zero z per `group_size` columns
@@ -42,7 +42,7 @@ FUSED_BITS = (2, 4, 8)
 
 
 class PackedExperts(Protocol):
-    """What the kernel reads of moeinfer.compress.quantized_experts.QuantizedExperts (not imported:
+    """What the kernel reads of moeinfer.formats.quantized_experts.QuantizedExperts (not imported:
     kernels sit below compress); the stacks are attributes q{b}_gate_up, s{b}_gate_up, ...."""
 
     bits: list[int]

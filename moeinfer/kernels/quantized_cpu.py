@@ -1,4 +1,4 @@
-"""CPU expert stage for packed group-wise int8/int4 experts (moeinfer.compress.quantized_experts), on
+"""CPU expert stage for packed group-wise int8/int4 experts (moeinfer.formats.quantized_experts), on
 the native library (moeinfer.kernels.native), in the style of llama.cpp's CPU backend: the weights
 stay in their stored layout and are never dequantized as a whole.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from moeinfer.kernels.registry import register_kernel
+from moeinfer.model.moe import combine, dispatch, expert_compute
 
 
 def map_experts(indices: torch.Tensor, num_local: int, expert_map: torch.Tensor | None) -> torch.Tensor:
@@ -24,8 +25,6 @@ def reference_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                   gate_up: torch.Tensor, down: torch.Tensor, *,
                   expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """Eager dispatch -> per-expert compute -> index_add combine (moeinfer.model.moe)."""
-    from moeinfer.model.moe import combine, dispatch, expert_compute
-
     E = gate_up.shape[0]
     local = map_experts(indices, E, expert_map)
     # 1. Absent experts form a trailing bucket E that is never computed; its slots get y = 0.

@@ -65,7 +65,8 @@ def register_kernel(name: str, *, why_unavailable: Callable[[torch.device], str 
 
 
 def _load_backends() -> None:
-    # Importing the backend modules registers them; none imports triton at module level.
+    # Imported here: the backend modules register themselves here when imported (circular at module level);
+    # none imports triton at module level.
     from moeinfer.kernels import cpu, reference, triton_backend  # noqa: F401
 
 

@@ -1,14 +1,35 @@
 """`use_kernel_(model, name)`: choose the expert-stage kernel of every MoE block of a loaded model,
 in place (the model knows nothing of kernels; like torchao's `quantize_`, applied after loading).
+
+Each block's experts module says which kernels it can run (`ExpertStage.kernels` in
+moeinfer/model/moe.py: None = every registered kernel, for stacked float experts); a kernel a stage
+cannot run is a ValueError naming the stage. The choice is remembered on the model
+(`model.kernel_choice`), and `compress_` / `offload_` re-apply it to the experts modules they swap in
+(`reapply_kernel_`), so the order of the transforms does not matter.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 from moeinfer.kernels.linear import use_cpu_linears_
 from moeinfer.kernels.registry import resolve
+
+log = logging.getLogger(__name__)
+
+
+def _stacked(model: nn.Module) -> list[nn.Module]:
+    """Experts modules with stacked float weights: they run any registered kernel."""
+    return [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "kernel_fn")]
+
+
+def _own_stages(model: nn.Module) -> list[nn.Module]:
+    """Experts modules that run their own expert stage (quantized, low-rank, offloaded, expert-parallel)."""
+    blocks = getattr(model, "moe_blocks", list)()
+    return [b.experts for b in blocks if not hasattr(b.experts, "kernel_fn")]
 
 
 def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = False,
@@ -25,23 +46,56 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
     """
     if linears:
         use_cpu_linears_(model)
-    blocks = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "kernel_fn")]
-    if not blocks:
-        # Compressed (quantized, low-rank) or offloaded experts run their own expert stage.
-        others = sorted({type(b.experts).__name__ for b in getattr(model, "moe_blocks", list)()})
-        if name in ("auto", "reference") and others:
-            return model
+    stacked, others = _stacked(model), _own_stages(model)
+    refused = sorted({type(s).__name__ for s in others if name != "auto" and name not in _kernels_of(s)})
+    if refused:
+        runs = sorted({k for s in others for k in _kernels_of(s)})
         raise ValueError(f"use_kernel_: kernel {name!r} runs plain stacked experts; this model's MoE layers hold "
-                         f"{', '.join(others) or 'no experts'}, which run their own expert stage "
-                         "(use --kernel auto or reference)")
-    device = blocks[0].gate_up_proj.device
-    spec = resolve(name, device)
-    for experts in blocks:
+                         f"{', '.join(refused)}, which run their own expert stage (kernels: auto, "
+                         f"{', '.join(runs)}; use --kernel auto or reference)")
+    if not stacked and not others:
+        raise ValueError(f"use_kernel_: kernel {name!r}: the model holds no experts")
+    _set_stacked(stacked, name, fp32_weights)
+    for stage in others:
+        stage.kernel = type(stage).kernel if name == "auto" else name
+    if hasattr(model, "moe_blocks"):
+        model.kernel_choice = (name, fp32_weights)  # re-applied by compress_ / offload_
+    return model
+
+
+def _set_stacked(stacked: list[nn.Module], name: str, fp32_weights: bool) -> None:
+    if not stacked:
+        return
+    spec = resolve(name, stacked[0].gate_up_proj.device)
+    for experts in stacked:
         experts.kernel = spec.name
         experts.kernel_fn = None if spec.name == "reference" else spec.fn
+        experts.kernel_graph_safe = spec.graph_safe and spec.name != "reference"
         experts.compute_weights = None
         if fp32_weights and spec.name != "reference" and experts.gate_up_proj.dtype != torch.float32:
             experts.compute_weights = (experts.gate_up_proj.detach().float(), experts.down_proj.detach().float())
+
+
+def _kernels_of(stage: nn.Module) -> tuple[str, ...]:
+    return tuple(getattr(stage, "kernels", None) or ("reference",))
+
+
+def reapply_kernel_(model: nn.Module) -> nn.Module:
+    """After experts modules were swapped (compress_, offload_): give them the kernel `use_kernel_`
+    chose before, where they can run it (the others keep their own default, logged)."""
+    choice = getattr(model, "kernel_choice", None)
+    if choice is None:
+        return model
+    name, fp32_weights = choice
+    for stage in _own_stages(model):
+        if name in _kernels_of(stage):
+            stage.kernel = name
+        else:
+            if name != "auto":
+                log.info("kernel %r: %s runs its own expert stage; it keeps its default kernel",
+                         name, type(stage).__name__)
+            stage.kernel = type(stage).kernel
+    _set_stacked(_stacked(model), name, fp32_weights)
     return model
 
 

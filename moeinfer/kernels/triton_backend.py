@@ -28,6 +28,7 @@ def triton_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                gate_up: torch.Tensor, down: torch.Tensor, *,
                expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """Fused Triton MoE: block-aligned grouped GEMMs, SiLU*up fused, weighted atomic combine."""
+    # Imported here: fused_moe imports triton, an optional dependency.
     from moeinfer.kernels.fused_moe import fused_moe
 
     return fused_moe(x, indices, weights, gate_up, down, expert_map=expert_map)

@@ -31,9 +31,13 @@ from moeinfer.arch import get_arch, parse_config
 from moeinfer.config import ConfigError
 from moeinfer.loading.config_json import EXPERT_COUNTS, check_config_fields, check_weight_map, read_json
 from moeinfer.loading.devices import parse_device
+from moeinfer.formats.layout import RECORD_VERSION, is_plain, restore_
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
 from moeinfer.loading.safetensors_io import STAGING_BYTES, SafetensorsFile
+from moeinfer.loading.tokenizer import Tokenizer
+from moeinfer.model.gating import set_routing_
+from moeinfer.model.meta import meta_parameters
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 
@@ -95,23 +99,6 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
 
 
-@contextlib.contextmanager
-def meta_parameters() -> Iterator[None]:
-    """Create nn.Parameters on the meta device while keeping buffers (e.g. RoPE tables) real."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
 def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device) -> None:
     """Give every meta parameter real (uninitialised) storage, once; keeps weight tying."""
     seen: dict[int, nn.Parameter] = {}
@@ -169,8 +156,6 @@ def _targets(model: MoEModel, spec: Any, expert_slots: Mapping[int, Sequence[int
 def _restore_compressed(model: MoEModel, record: Any, root: Path,
                         expert_slots: Mapping[int, Sequence[int]] | None) -> None:
     """Reshape the MoE layers of a moeinfer-compressed checkpoint (config.json's moeinfer_compression)."""
-    from moeinfer.compress.layout import RECORD_VERSION, is_plain, restore_
-
     if not isinstance(record, dict) or not isinstance(record.get("layout"), dict):
         raise CheckpointError(f"{root}/config.json: moeinfer_compression must be a mapping with a 'layout'")
     if record.get("version") != RECORD_VERSION:
@@ -337,7 +322,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     model.eval()
     model.requires_grad_(False)
     model.source_dir = str(root)
-    from moeinfer.loading.tokenizer import Tokenizer
 
     model.tokenizer = Tokenizer.from_dir(root)
     return model
@@ -351,8 +335,6 @@ def _build(config: Any, hf: dict[str, Any], root: Path,
     if record is not None:
         _restore_compressed(model, record, root, expert_slots)
     if hf.get("moeinfer_routing") is not None:  # a dynamic-gating mode saved with the model
-        from moeinfer.model.gating import set_routing_
-
         set_routing_(model, hf["moeinfer_routing"])
     if expert_slots is not None:
         _keep_local_experts(model, expert_slots)

@@ -33,10 +33,13 @@ from typing import Any
 
 import torch
 
+from moeinfer.arch import get_arch, parse_config
 from moeinfer.fsutil import publishable_
 from moeinfer.loading.checkpoint import parse_dtype
 from moeinfer.loading.names import expert_checkpoint_names, to_checkpoint
 from moeinfer.loading.shapes import resolve_shape
+from moeinfer.model.transformer import MoEModel
+from moeinfer.models import shipped_model_dir
 
 CHUNK_BYTES = 8 * 1024**2  # fp32 bytes generated at a time
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -75,9 +78,6 @@ def _init_kind(name: str) -> str:
 
 def tensor_specs(hf: dict[str, Any]) -> list[TensorSpec]:
     """Step 2: every tensor the loader expects for config `hf`, in model order."""
-    from moeinfer.arch import get_arch, parse_config
-    from moeinfer.model.transformer import MoEModel
-
     config = parse_config(hf)
     spec = get_arch(config.model_type)
     with torch.device("meta"):  # no storage at all (meta_parameters would allocate each one first)
@@ -148,8 +148,6 @@ def _write_shard(path: Path, specs: list[TensorSpec], dtype: torch.dtype, seed: 
 
 
 def _tokenizer_dir() -> Path:
-    from moeinfer.models import shipped_model_dir
-
     src = shipped_model_dir("tiny")
     if src is None:
         raise FileNotFoundError("the shipped model's tokenizer (moeinfer/models/moeinfer-tiny) is missing")

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from moeinfer.arch import parse_config
 from moeinfer.config import ConfigError
 
 _COMMON: dict[str, Any] = dict(hidden_act="silu", initializer_range=0.02, attention_dropout=0.0,
@@ -111,7 +112,5 @@ def resolve_shape(shape: str | None, *, arch: str | None = None, layers: int | N
         hf["num_hidden_layers"] = layers
     if hf["model_type"] == "qwen3_moe":
         hf["max_window_layers"] = hf["num_hidden_layers"]
-    from moeinfer.arch import parse_config
-
     parse_config(hf)  # the loader's own checks (head counts, groups, ...) before anything is written
     return hf

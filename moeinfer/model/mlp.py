@@ -7,6 +7,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert from its stacked weights: x [n, D], gate_up [2I, D] (gate rows first),
+    down [D, I] -> down(silu(gate x) * up x) [n, D]. Every eager expert computation uses this."""
+    return F.linear(swiglu_hidden(x, gate_up), down)
+
+
+def swiglu_hidden(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """The inner activation of `swiglu`: x [n, D], gate_up [2I, D] -> silu(gate x) * up x [n, I]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class DenseMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()

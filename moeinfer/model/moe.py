@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moeinfer.config import ModelConfig, RouterConfig
-from moeinfer.model.mlp import DenseMLP
+from moeinfer.model.mlp import DenseMLP, swiglu
 
 
 @dataclass
@@ -56,8 +57,14 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig,
     `available` [E] bool removes failed experts from the choice (moeinfer.engine.faults); the tokens
     that would have used one are counted in `Routing.rerouted`.
     """
+    return select(F.linear(x.float(), weight.float()), cfg, bias, top_k=top_k, available=available)
+
+
+def select(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None, *,
+           top_k: int | None = None, available: torch.Tensor | None = None) -> Routing:
+    """The route stage after the router matmul: logits [N, E] fp32 -> Routing (scores, group limit,
+    top-k, weights). Expert masking re-runs it on the same logits with `available`."""
     k = top_k or cfg.top_k
-    logits = F.linear(x.float(), weight.float())  # [N, E]
     scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
     choice = scores if bias is None else scores + bias.float()
     if cfg.n_group > 1:
@@ -104,9 +111,7 @@ def expert_compute(x_sorted: torch.Tensor, counts: torch.Tensor,
     for e, n in enumerate(counts.tolist()):
         if n == 0:
             continue
-        seg = x_sorted[start:start + n]
-        gate, up = F.linear(seg, gate_up[e]).chunk(2, dim=-1)
-        y[start:start + n] = F.linear(F.silu(gate) * up, down[e])
+        y[start:start + n] = swiglu(x_sorted[start:start + n], gate_up[e], down[e])
         start += n
     return y
 
@@ -152,8 +157,78 @@ def fold_duplicates(routing: Routing, expert_map: torch.Tensor) -> Routing:
                                k=first.sum(-1))
 
 
+class RoutingTransform(nn.Module):
+    """One step applied to the route stage's Routing, in the router's ordered `transforms` list.
+
+    `order` fixes where a transform runs whatever the order they were added in (replay 0, expert
+    masking 10, dynamic gating 20, merged-expert folding 30); `graph_safe` says whether it runs
+    without reading tensors back to the host (so a decode step using it can be a CUDA graph);
+    `replaces_route` transforms (replay) produce the routing themselves, the router's matmul is skipped.
+    """
+
+    name = "transform"
+    order = 50
+    graph_safe = False
+    replaces_route = False
+
+    def forward(self, routing: Routing | None, router: Router, x: torch.Tensor) -> Routing:  # noqa: D102
+        raise NotImplementedError
+
+
+class ExpertMask(RoutingTransform):
+    """Failed experts removed from the choice (moeinfer.engine.faults): the selection is re-run on the
+    same logits without them; the tokens that wanted one are counted in `router.rerouted_tokens`."""
+
+    name, order = "mask", 10
+
+    def __init__(self, available: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("available", available, persistent=False)  # [E] bool
+
+    def forward(self, routing: Routing | None, router: Router, x: torch.Tensor) -> Routing:
+        assert routing is not None
+        out = select(routing.logits, router.cfg, router.e_score_correction_bias, top_k=router.top_k,
+                     available=self.available)
+        router.rerouted_tokens += int(out.rerouted)
+        return out
+
+
+class DynamicGating(RoutingTransform):
+    """Dynamic gating (moeinfer.model.gating): `mode(routing, cfg)` gives each token a prefix k[n] of
+    its top-k; the block then runs tokens grouped by k (which reads k back to the host)."""
+
+    name, order = "gating", 20
+
+    def __init__(self, mode: Callable[[Routing, RouterConfig], Routing]) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def extra_repr(self) -> str:
+        return str(self.mode)
+
+    def forward(self, routing: Routing | None, router: Router, x: torch.Tensor) -> Routing:
+        assert routing is not None
+        return self.mode(routing, router.cfg)
+
+
+class MergedExperts(RoutingTransform):
+    """Merged experts (moeinfer.compress.methods.merge): router expert e runs experts row expert_map[e];
+    a token that picked two experts merged into one gets it once (`fold_duplicates`)."""
+
+    name, order = "merge", 30
+
+    def __init__(self, expert_map: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("expert_map", expert_map, persistent=False)  # [E] int64
+
+    def forward(self, routing: Routing | None, router: Router, x: torch.Tensor) -> Routing:
+        assert routing is not None
+        return fold_duplicates(routing, self.expert_map)
+
+
 class Router(nn.Module):
-    """Holds the router weight [E, D] (and DeepSeek-V3's correction bias [E])."""
+    """Holds the router weight [E, D] (and DeepSeek-V3's correction bias [E]), and the ordered list of
+    routing transforms applied after the route stage (`transforms`: see RoutingTransform)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -164,14 +239,59 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.top_k: int | None = None  # override of cfg.top_k at run time (dynamic gating)
-        self.available: torch.Tensor | None = None  # [E] bool; None = all (see moeinfer.engine.faults)
+        self.transforms = nn.ModuleList()  # RoutingTransform, sorted by `order`
         self.rerouted_tokens = 0
-        # Dynamic gating (moeinfer.model.gating): a rule giving each token a prefix k[n] of its top-k.
-        self.mode: Callable[[Routing, RouterConfig], Routing] | None = None
-        # Merged experts (moeinfer.compress.methods.merge): router expert e runs experts row expert_map[e].
-        self.register_buffer("expert_map", None, persistent=False)  # [E] int64 or None
         self.tokens_routed = 0  # counters behind moeinfer.model.gating.experts_per_token
         self.slots_used = 0
+
+    # The transform list.
+    def add_transform(self, transform: RoutingTransform) -> RoutingTransform:
+        """Insert `transform` at its place by `order`, replacing one of the same name."""
+        self.remove_transform(transform.name)
+        at = next((i for i, t in enumerate(self.transforms) if t.order > transform.order), len(self.transforms))
+        self.transforms.insert(at, transform)
+        return transform
+
+    def remove_transform(self, name: str) -> RoutingTransform | None:
+        for i, t in enumerate(self.transforms):
+            if t.name == name:
+                del self.transforms[i]
+                return t
+        return None
+
+    def get_transform(self, name: str) -> Any:
+        return next((t for t in self.transforms if t.name == name), None)
+
+    # Views of the transforms by what they hold (read by saving, graph capture, expert parallelism).
+    @property
+    def available(self) -> torch.Tensor | None:
+        """[E] bool of the experts not masked; None = all (see moeinfer.engine.faults)."""
+        t = self.get_transform("mask")
+        return None if t is None else t.available
+
+    @available.setter
+    def available(self, value: torch.Tensor | None) -> None:
+        self.remove_transform("mask") if value is None else self.add_transform(ExpertMask(value))
+
+    @property
+    def expert_map(self) -> torch.Tensor | None:
+        """[E] int64 experts row of each router expert (merged experts); None = identity."""
+        t = self.get_transform("merge")
+        return None if t is None else t.expert_map
+
+    @expert_map.setter
+    def expert_map(self, value: torch.Tensor | None) -> None:
+        self.remove_transform("merge") if value is None else self.add_transform(MergedExperts(value))
+
+    @property
+    def mode(self) -> Any:
+        """The dynamic-gating mode (moeinfer.model.gating.GatingMode) or None."""
+        t = self.get_transform("gating")
+        return None if t is None else t.mode
+
+    @mode.setter
+    def mode(self, value: Callable[[Routing, RouterConfig], Routing] | None) -> None:
+        self.remove_transform("gating") if value is None else self.add_transform(DynamicGating(value))
 
     def mask_expert(self, expert: int) -> None:
         """Remove `expert` from the choice (its weights failed); at least top_k experts must remain."""
@@ -187,18 +307,43 @@ class Router(nn.Module):
         self.available = available
 
     def forward(self, x: torch.Tensor) -> Routing:
-        routing = route(x, self.weight, self.cfg, self.e_score_correction_bias, top_k=self.top_k,
-                        available=self.available)
-        if routing.rerouted is not None:
-            self.rerouted_tokens += int(routing.rerouted)
-        if self.mode is not None:
-            routing = self.mode(routing, self.cfg)
-        if self.expert_map is not None:
-            routing = fold_duplicates(routing, self.expert_map)
+        transforms = list(self.transforms)
+        if transforms and transforms[0].replaces_route:
+            routing = transforms.pop(0)(None, self, x)
+        else:
+            routing = route(x, self.weight, self.cfg, self.e_score_correction_bias, top_k=self.top_k)
+        for t in transforms:
+            routing = t(routing, self, x)
         n, k = routing.indices.shape
         self.tokens_routed += n
         self.slots_used += n * k if routing.k is None else int(routing.k.sum())
         return routing
+
+
+@runtime_checkable
+class ExpertStage(Protocol):
+    """The expert stage of an MoE block: what every experts module (stacked `Experts`, quantized,
+    low-rank, offloaded, expert-parallel) provides, so kernels, graph capture and saving ask it
+    rather than guess from its type.
+
+    - `forward(x [N, D], routing) -> [N, D]`: dispatch, expert compute and combine;
+    - `num_experts`: expert rows it holds;
+    - `kernels`: the kernel names it can run (`use_kernel_` refuses others with a clear error);
+      None = every registered kernel for stacked float weights (moeinfer.kernels);
+    - `kernel`: the one it runs now;
+    - `graph_safe`: its forward reads nothing back to the host, so a CUDA graph can capture it.
+    """
+
+    kernels: tuple[str, ...] | None
+    kernel: str
+
+    @property
+    def num_experts(self) -> int: ...
+
+    @property
+    def graph_safe(self) -> bool: ...
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor: ...
 
 
 class Experts(nn.Module):
@@ -214,7 +359,14 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.kernel = "reference"
         self.kernel_fn: Callable[..., torch.Tensor] | None = None  # None = the eager stages
+        self.kernel_graph_safe = False  # the eager stages read expert counts back to the host
         self.compute_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (gate_up, down) to compute with
+
+    kernels = None  # ExpertStage: every registered kernel runs stacked float experts
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.kernel_graph_safe
 
     @property
     def num_experts(self) -> int:
@@ -233,6 +385,43 @@ class Experts(nn.Module):
 RoutingObserver = Callable[[int, Routing], None]
 
 
+class ObserverHandle:
+    """Returned by `add_routing_observer` / `add_token_observer`: `remove()` detaches exactly that
+    observer (from every list it was added to), whatever was added or removed since."""
+
+    def __init__(self, lists: list[list[Any]], fn: Any) -> None:
+        self._lists, self.fn = lists, fn
+
+    def remove(self) -> None:
+        for observers in self._lists:
+            for i, f in enumerate(observers):
+                if f is self.fn:
+                    del observers[i]
+                    break
+        self._lists = []
+
+    def __enter__(self) -> ObserverHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def combined(observers: list[Any]) -> Any:
+    """The observers as one callable (None when there are none): the view `observer` attributes give."""
+    if not observers:
+        return None
+    if len(observers) == 1:
+        return observers[0]
+    snapshot = list(observers)
+
+    def call_all(*args: Any) -> None:
+        for f in snapshot:
+            f(*args)
+
+    return call_all
+
+
 class MoEBlock(nn.Module):
     """Router + routed experts + optional shared expert (DeepSeek, Qwen2-MoE's sigmoid-gated one)."""
 
@@ -245,14 +434,28 @@ class MoEBlock(nn.Module):
                               if config.shared_intermediate_size else None)
         self.shared_expert_gate = (nn.Linear(config.hidden_size, 1, bias=False)
                                    if config.shared_expert_gate else None)
-        self.observer: RoutingObserver | None = None
+        self.routing_observers: list[RoutingObserver] = []  # called in order with (layer_idx, routing)
+
+    def add_routing_observer(self, fn: RoutingObserver) -> ObserverHandle:
+        """Call `fn(layer_idx, routing)` on every routing decision of this block until `handle.remove()`."""
+        self.routing_observers.append(fn)
+        return ObserverHandle([self.routing_observers], fn)
+
+    @property
+    def observer(self) -> RoutingObserver | None:
+        """The observers as one callable (None = none); assigning replaces them all (None clears)."""
+        return combined(self.routing_observers)
+
+    @observer.setter
+    def observer(self, fn: RoutingObserver | None) -> None:
+        self.routing_observers[:] = [] if fn is None else [fn]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         routing = self.gate(x)
-        if self.observer is not None:
-            self.observer(self.layer_idx, routing)
+        for fn in self.routing_observers:
+            fn(self.layer_idx, routing)
         out = self.experts(x, routing) if routing.k is None else self._experts_by_k(x, routing)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -18,14 +18,15 @@ from torch import nn
 from moeinfer.config import ModelConfig
 from moeinfer.model.attention import Attention
 from moeinfer.model.kv_cache import KVCache
+from moeinfer.model.mla import MLAttention
 from moeinfer.model.mlp import DenseMLP
-from moeinfer.model.moe import MoEBlock
+from moeinfer.model.moe import MoEBlock, ObserverHandle, RoutingObserver, combined
 from moeinfer.model.norm import RMSNorm
 
 
 TokenObserver = Callable[[torch.Tensor, torch.Tensor, bool], None]
 """token_observer(valid [B, T] bool, positions [B, T] int64, new_sequences): called by forward before
-the layers run, so that routing observers can tell real tokens from padding (moeinfer.engine.trace).
+the layers run, so that routing observers can tell real tokens from padding (moeinfer.traces.trace).
 new_sequences is True when the tokens start their rows (no cache, or an empty one)."""
 
 
@@ -51,8 +52,6 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.attention == "mla":
-            from moeinfer.model.mla import MLAttention
-
             self.self_attn: nn.Module = MLAttention(config, layer_idx)
         else:
             self.self_attn = Attention(config, layer_idx)
@@ -87,7 +86,7 @@ class MoEModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.tokenizer: Any = None  # moeinfer.loading.tokenizer.Tokenizer, set by load()
         self.source_dir: str | None = None
-        self.token_observer: TokenObserver | None = None
+        self.token_observers: list[TokenObserver] = []  # called in order before each forward
 
     @property
     def device(self) -> torch.device:
@@ -99,6 +98,29 @@ class MoEModel(nn.Module):
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
+
+    def add_routing_observer(self, fn: RoutingObserver) -> ObserverHandle:
+        """Call `fn(layer_idx, routing)` on every routing decision of every MoE layer until
+        `handle.remove()`, which detaches exactly this observer whatever else was attached since."""
+        lists = []
+        for block in self.moe_blocks():
+            block.routing_observers.append(fn)
+            lists.append(block.routing_observers)
+        return ObserverHandle(lists, fn)
+
+    def add_token_observer(self, fn: TokenObserver) -> ObserverHandle:
+        """Call `fn(valid, positions, new_sequences)` before every forward until `handle.remove()`."""
+        self.token_observers.append(fn)
+        return ObserverHandle([self.token_observers], fn)
+
+    @property
+    def token_observer(self) -> TokenObserver | None:
+        """The token observers as one callable (None = none); assigning replaces them all (None clears)."""
+        return combined(self.token_observers)
+
+    @token_observer.setter
+    def token_observer(self, fn: TokenObserver | None) -> None:
+        self.token_observers[:] = [] if fn is None else [fn]
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
@@ -116,8 +138,8 @@ class MoEModel(nn.Module):
             key_valid, q_slots = cache.valid[:, :step.end], step.q_slots
         # Position of each new token = number of real tokens before it in its row.
         positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slots)  # [B, T]
-        if self.token_observer is not None:
-            self.token_observer(new_valid, positions, step is None or step.uniform_start == 0)
+        for fn in self.token_observers:
+            fn(new_valid, positions, step is None or step.uniform_start == 0)
         masks: dict[int | None, torch.Tensor] = {}
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):

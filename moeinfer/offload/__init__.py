@@ -11,7 +11,9 @@ See docs/offloading.md. Importing this package loads nothing heavy and touches n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moeinfer._lazy import lazy_exports
 
 __all__ = ["POLICIES", "PREFETCHERS", "OffloadConfig", "OffloadError", "offload_", "replay_routing_", "simulate"]
 
@@ -34,9 +36,4 @@ if TYPE_CHECKING:
     from moeinfer.offload.simulator import simulate
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moeinfer.offload' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

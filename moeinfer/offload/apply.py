@@ -19,24 +19,26 @@ from typing import Any
 
 import torch
 
+from moeinfer.kernels.select import reapply_kernel_
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.cache import ExpertCache, resolve_capacities
 from moeinfer.offload.config import OffloadConfig, OffloadError
 from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate
-from moeinfer.offload.experts import OffloadedExperts, OffloadRuntime
+from moeinfer.offload.experts import OffloadRuntime, OffloadedExperts
+from moeinfer.offload.lowbit import find_codec
 from moeinfer.offload.policies import PolicyContext, make_policy
 from moeinfer.offload.prefetch import PrefetchContext, Prefetcher, make_prefetcher
 from moeinfer.offload.store import DiskStore, HostStore
 from moeinfer.offload.transfer import CudaLoader, ThreadLoader
 from moeinfer.offload.visits import all_visits
+from moeinfer.traces.trace import RoutingTrace
 
 
 def as_trace(value: Any, what: str) -> Any:
     """A RoutingTrace, or a path to one (.npz), or None."""
     if value is None:
         return None
-    from moeinfer.engine.trace import RoutingTrace
 
     if isinstance(value, RoutingTrace):
         return value
@@ -99,8 +101,6 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     layers = [(b.experts.gate_up_proj.data, b.experts.down_proj.data) for b in blocks]
     codec = None
     if config.low_bit_threshold is not None:
-        from moeinfer.offload.lowbit import find_codec
-
         if config.tier != "disk":
             raise OffloadError("mixed-precision loading (low_bit_threshold) keeps its low-bit copies in the "
                                "disk store: use tier='disk'")
@@ -145,14 +145,11 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
         b.experts = OffloadedExperts(layer=pos, num_experts=E, runtime=runtime)
     del layers, first
     # 6. steps, requests, warm-up
-    prev = model.token_observer
-
     def on_tokens(valid: torch.Tensor, positions: torch.Tensor, new_sequences: bool) -> None:
         runtime.begin_step(new_sequences, int(valid.sum()))
-        if prev is not None:
-            prev(valid, positions, new_sequences)
 
-    model.token_observer = on_tokens
+    runtime.token_handle = model.add_token_observer(on_tokens)
     model.offload = runtime  # type: ignore[attr-defined]
+    reapply_kernel_(model)  # the kernel chosen before: offloaded experts say whether they run it
     runtime.warm()
     return model

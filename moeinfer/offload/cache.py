@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moeinfer.offload.config import OffloadError
+from moeinfer.offload.config import OffloadError, parse_size
 from moeinfer.offload.policies import Belady, CachePolicy, Key
 from moeinfer.offload.visits import Visit
 
@@ -270,8 +270,6 @@ def resolve_capacities(size: Any, *, scope: str, num_layers: int, num_experts: i
     layer: a count is experts per layer; bytes are split over the layers (as the policy asks, or evenly).
     A pool never exceeds what it could hold (E per layer, L*E in all).
     """
-    from moeinfer.offload.config import parse_size
-
     size = parse_size(size)
     n = size.resolve(expert_bytes)
     if scope == "global":

@@ -11,17 +11,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeinfer.offload.errors import OffloadError
+from moeinfer.offload.policies import POLICIES
+from moeinfer.offload.prefetch import PREFETCHERS
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 TIERS = ("disk", "cpu")
 SCOPES = ("global", "layer")
-
-
-class OffloadError(RuntimeError, ValueError):
-    """Offloading failed (a transfer, the store, a bad setting); the message names what is at fault.
-    A ValueError too, so the command line reports it as bad input."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +121,25 @@ class OffloadConfig:
             raise ValueError(f"low_bit_threshold must be in (0, 1], got {self.low_bit_threshold}")
         if self.low_bit_threshold is not None and self.low_bit_bits not in (2, 3, 4, 8):
             raise ValueError(f"low_bit_bits must be 2, 3, 4 or 8, got {self.low_bit_bits}")
-        from moeinfer.offload.policies import POLICIES
-        from moeinfer.offload.prefetch import PREFETCHERS
 
         if self.policy not in POLICIES:
             raise ValueError(f"cache policy {self.policy!r} is not known; choose one of {', '.join(sorted(POLICIES))}")
         if self.prefetch not in PREFETCHERS:
             raise ValueError(f"prefetcher {self.prefetch!r} is not known; choose one of "
                              f"{', '.join(sorted(PREFETCHERS))}")
+
+
+SPEC_FORMAT = "POLICY:CACHE[:PREFETCH[:cpu-assist]]"
+
+
+def parse_offload_spec(text: str, **fields: Any) -> OffloadConfig:
+    """The compact offload setting `POLICY:CACHE[:PREFETCH[:cpu-assist]]` ('lru:8', 'lfu:512MB:next_layer',
+    'lru:8:none:cpu-assist'; the benchmark's offload axis) -> OffloadConfig; `fields` set the rest
+    (tier, offload_dir, ...). The one parser of that form: OffloadConfig validates what it names."""
+    parts = str(text).split(":")
+    if (not 2 <= len(parts) <= 4 or parts[0] not in POLICIES or (len(parts) > 2 and parts[2] not in PREFETCHERS)
+            or (len(parts) == 4 and parts[3] != "cpu-assist")):
+        raise ValueError(f"offload {text!r}: expected {SPEC_FORMAT} with POLICY in {', '.join(sorted(POLICIES))} "
+                         f"and PREFETCH in {', '.join(sorted(PREFETCHERS))}, e.g. lru:8")
+    return OffloadConfig(policy=parts[0], cache=parts[1], prefetch=parts[2] if len(parts) > 2 else "none",
+                         cpu_assist=len(parts) == 4, **fields)

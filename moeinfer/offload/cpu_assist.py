@@ -17,13 +17,14 @@ link. Shapes: n tokens of one expert, D hidden, I expert inner size.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from moeinfer.model.mlp import swiglu
+from moeinfer.timing import time_call
 
 Key = tuple[int, int]
 
@@ -54,12 +55,6 @@ class CostModel:
         return self.cpu_s(tokens) < self.transfer_s()
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One expert, exactly as `moeinfer.model.moe.expert_compute` computes it: x [n, D] -> [n, D]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
-
-
 def calibrate(*, read: Callable[[Key, torch.Tensor, torch.Tensor], None], keys: Sequence[Key],
               gate_up_shape: tuple[int, ...], down_shape: tuple[int, ...], dtype: torch.dtype,
               weights_on_host: bool, repeats: int = 3, device: torch.device | str = "cpu") -> CostModel:
@@ -68,27 +63,18 @@ def calibrate(*, read: Callable[[Key, torch.Tensor, torch.Tensor], None], keys: 
     `read(key, gate_up, down)` is the whole transfer into buffers on `device` (offload_ passes its
     loader: slow tier -> fast tier, waited for), so the link measured is the one loads will use."""
     g0, d0 = torch.empty(gate_up_shape, dtype=dtype, device=device), torch.empty(down_shape, dtype=dtype, device=device)
-    reads = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        read(keys[i % len(keys)], g0, d0)
-        reads.append(time.perf_counter() - t0)
+    calls = iter(range(repeats))
+    read_s = time_call(lambda: read(keys[next(calls) % len(keys)], g0, d0), warmup=0, reps=repeats)
     g, d = g0.cpu(), d0.cpu()
     nbytes = (g.numel() + d.numel()) * g.element_size()
     D = gate_up_shape[1]
     per: dict[int, float] = {}
     for n in (1, 16):
         x = torch.randn(n, D).to(dtype)
-        swiglu(x, g, d)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            swiglu(x, g, d)
-            times.append(time.perf_counter() - t0)
-        per[n] = sorted(times)[len(times) // 2]
+        per[n] = time_call(lambda: swiglu(x, g, d), warmup=1, reps=repeats)
     per_token = max((per[16] - per[1]) / 15, 0.0)
     return CostModel(expert_bytes=nbytes, activation_bytes=2 * D * g.element_size(),
-                     link_bytes_per_s=nbytes / max(sorted(reads)[len(reads) // 2], 1e-9),
+                     link_bytes_per_s=nbytes / max(read_s, 1e-9),
                      cpu_s_per_token=per_token, cpu_s_fixed=max(per[1] - per_token, 0.0),
                      weights_on_host=weights_on_host)
 

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, combine, dispatch
 from moeinfer.offload.cache import ExpertCache, Load
-from moeinfer.offload.cpu_assist import CpuExperts, swiglu
+from moeinfer.offload.cpu_assist import CpuExperts
 from moeinfer.offload.prefetch import LayerContext, Prefetcher
 from moeinfer.offload.transfer import Handle
 from moeinfer.offload.visits import visit_of
@@ -62,6 +63,7 @@ class OffloadRuntime:
         self.pending: dict[int, Handle] = {}  # slot -> its latest load, until waited
         self.stats = RunStats()
         self.closed = False
+        self.token_handle: Any = None  # the model's token observer that begins each step (offload_)
 
     # -- steps and transfers ------------------------------------------------------------------------
     def begin_step(self, new_request: bool, num_tokens: int) -> None:
@@ -123,6 +125,8 @@ class OffloadRuntime:
 
     def close(self) -> None:
         if not self.closed:
+            if self.token_handle is not None:
+                self.token_handle.remove()
             self.loader.close()
             if self.cpu_experts is not None:
                 self.cpu_experts.close()
@@ -132,6 +136,10 @@ class OffloadRuntime:
 
 class OffloadedExperts(nn.Module):
     """The experts of one MoE layer, served from the offload runtime (steps in the module docstring)."""
+
+    kernels = ("reference",)  # ExpertStage (moeinfer/model/moe.py): its own expert stage over the cache
+    kernel = "reference"
+    graph_safe = False  # visits the cache on the host
 
     def __init__(self, *, layer: int, num_experts: int, runtime: OffloadRuntime) -> None:
         super().__init__()

@@ -13,14 +13,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moeinfer.arch import parse_config
 from moeinfer.fsutil import atomic_write_text
+from moeinfer.loading.checkpoint import parse_dtype, read_config
+from moeinfer.model.shape import SHAPES as MODEL_SHAPES
+from moeinfer.model.shape import ModelShape
+from moeinfer.model.transformer import MoEModel
+from moeinfer.models import resolve_model_path
+from moeinfer.timing import time_call
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -66,63 +72,12 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
         raise ValueError(f"hardware profile {p} is malformed: {e}") from e
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """Bytes and flops per token of a MoE model (what the simulator charges)."""
-
-    name: str
-    num_layers: int
-    num_experts: int
-    top_k: int
-    hidden: int
-    inter: int
-    dtype_bytes: int = 2
-    dense_params_per_layer: int = 0  # attention, norms, router (read every step)
-    other_params: int = 0  # embeddings and LM head
-
-    @property
-    def expert_bytes(self) -> int:
-        return 3 * self.hidden * self.inter * self.dtype_bytes
-
-    def expert_flops(self, tokens: int) -> float:
-        return 6.0 * self.hidden * self.inter * tokens
-
-    @property
-    def dense_bytes_per_layer(self) -> int:
-        return self.dense_params_per_layer * self.dtype_bytes
-
-    @classmethod
-    def from_model(cls, model: Any, name: str = "model") -> ModelShape:
-        c = model.config
-        blocks = model.moe_blocks()
-        n_exp = 0
-        for b in blocks:
-            n_exp += sum(p.numel() for p in b.experts.parameters())
-        other = model.embed_tokens.weight.numel() + (0 if c.tie_word_embeddings else model.lm_head.weight.numel())
-        total = sum(p.numel() for p in model.parameters())
-        dense = (total - n_exp - other) // c.num_layers
-        return cls(name=name, num_layers=len(blocks), num_experts=c.num_experts, top_k=c.top_k, hidden=c.hidden_size,
-                   inter=c.moe_intermediate_size, dtype_bytes=model.dtype.itemsize, dense_params_per_layer=dense,
-                   other_params=other)
-
-
-def _mixtral_8x7b() -> ModelShape:
-    D, L, V = 4096, 32, 32000
-    attn = D * D * 2 + D * 1024 * 2  # q, o [D, D]; k, v [1024, D] (8 KV heads of 128)
-    return ModelShape(name="mixtral-8x7b", num_layers=L, num_experts=8, top_k=2, hidden=D, inter=14336,
-                      dtype_bytes=2, dense_params_per_layer=attn + 8 * D + 2 * D, other_params=2 * V * D)
-
-
-SHAPES: dict[str, ModelShape] = {"mixtral-8x7b": _mixtral_8x7b()}
+# The shapes the offload simulator can charge: those whose dense parameters are known too.
+SHAPES: dict[str, ModelShape] = {n: s for n, s in MODEL_SHAPES.items() if s.dense_params_per_layer}
 
 
 def shape_from_checkpoint(path: str | os.PathLike[str]) -> ModelShape:
     """The shape of a checkpoint folder (or shipped model name) from its config.json; no weights read."""
-    from moeinfer.api import resolve_model_path
-    from moeinfer.arch import parse_config
-    from moeinfer.loading.checkpoint import parse_dtype, read_config
-    from moeinfer.model.transformer import MoEModel
-
     root = resolve_model_path(path)
     hf = read_config(root)
     with torch.device("meta"):
@@ -130,16 +85,6 @@ def shape_from_checkpoint(path: str | os.PathLike[str]) -> ModelShape:
     shape = ModelShape.from_model(model, name=root.name)
     dtype = parse_dtype(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16")
     return ModelShape(**{**asdict(shape), "dtype_bytes": dtype.itemsize if dtype is not None else 2})
-
-
-def _median_time(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def calibrate(*, scratch_dir: str | os.PathLike[str] | None = None, mib: int = 128, repeats: int = 5) -> HardwareProfile:
@@ -163,13 +108,13 @@ def calibrate(*, scratch_dir: str | os.PathLike[str] | None = None, mib: int = 1
             def cold_read() -> None:
                 os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
                 os.preadv(fd, [memoryview(buf.numpy())], 0)
-            link_s = _median_time(cold_read, repeats)
+            link_s = time_call(cold_read, reps=repeats)
         finally:
             os.close(fd)
     src, dst = torch.ones(n // 4), torch.empty(n // 4)
-    mem_s = _median_time(lambda: dst.copy_(src), repeats)
+    mem_s = time_call(lambda: dst.copy_(src), reps=repeats)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    mm_s = _median_time(lambda: a @ b, repeats)
+    mm_s = time_call(lambda: a @ b, reps=repeats)
     gflops = 2 * 1024**3 / mm_s / 1e9
     mem_gbps = 2 * n / mem_s / 1e9
     return HardwareProfile(

@@ -7,7 +7,7 @@ serves later low-weight tokens; a high-weight token is a miss that reloads full 
 same slot (`ExpertCache`), and the hobbit policy evicts low-bit copies first.
 
 1. `offload_` quantizes every expert with the compression package's group-wise integer quantizer
-   (moeinfer.compress.quant.groupwise: asymmetric, one scale and zero per group) and writes the codes
+   (moeinfer.formats.quant.groupwise: asymmetric, one scale and zero per group) and writes the codes
    beside the full-precision store (`experts-LLL.q4g128.safetensors`);
 2. a low-bit load reads the packed codes, scales and zeros (its bytes are what the cache and the
    simulator count) and dequantizes them into the fast-tier slot, so expert compute is unchanged.
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from moeinfer.offload.config import OffloadError
+from moeinfer.formats.quant import groupwise
+from moeinfer.offload.errors import OffloadError
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,6 @@ class LowBitCodec:
         return f".q{self.bits}g{self.group_size}"
 
     def _fns(self) -> Any:
-        try:
-            from moeinfer.compress.quant import groupwise
-        except ImportError as e:
-            raise OffloadError("mixed-precision loading needs moeinfer.compress.quant.groupwise, "
-                               f"which cannot be imported ({e})") from e
         return groupwise
 
     def quantize(self, w: torch.Tensor) -> Any:

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from moeinfer.offload.config import OffloadError
+from moeinfer.offload.errors import OffloadError
 from moeinfer.offload.registry import build, calibration_trace
 from moeinfer.offload.visits import Visit, all_visits
+from moeinfer.traces.stats import expert_counts
 
 Key = tuple[int, int]
 
@@ -111,8 +112,6 @@ def _need_calibration(name: str, ctx: PolicyContext) -> Any:
 
 def popularity(trace: Any) -> np.ndarray:
     """Tokens per expert per layer of a trace, [L, E] float."""
-    from moeinfer.engine.trace_stats import expert_counts
-
     return expert_counts(trace).astype(np.float64)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeinfer.model.moe import route
 from moeinfer.offload.registry import build, calibration_trace
 
 PrefetchFactory = Callable[..., "Prefetcher"]
@@ -128,7 +129,6 @@ class NextLayer(Prefetcher):
         t = self.target(c.layer)
         if t is None or c.hidden is None:
             return []
-        from moeinfer.model.moe import route
 
         assert self.ctx.routers is not None
         r = self.ctx.routers[t]

@@ -6,7 +6,8 @@ Shapes: N tokens of a forward, K top-k, E experts, L MoE layers.
 
 1. `replay_routing_(model, trace)` checks the trace against the model (MoE layers, experts, top-k,
    no unused slots): a mismatch is a `TraceError` naming both shapes;
-2. each block's router is replaced by a `ReplayRouter` sharing one `ReplayCursor`;
+2. each block's router gets a `RoutingReplay` transform (in place of its route stage), all sharing
+   one `ReplayCursor`;
 3. the first MoE layer of a forward takes the next N trace rows (the tokens in row order: for
    batch 1 that is the prompt, then one row per decoded token); every layer of that forward reads
    its own column of those rows; the rows' weights are the combine weights;
@@ -19,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeinfer.engine.trace import RoutingTrace, TraceError
-from moeinfer.model.moe import Routing
+from moeinfer.traces.trace import RoutingTrace, TraceError
+from moeinfer.model.moe import Routing, RoutingTransform
 from moeinfer.model.transformer import MoEModel
 
 
@@ -42,23 +43,19 @@ class ReplayCursor:
         return self.rows
 
 
-class ReplayRouter(nn.Module):
-    """Stands in for a `Router`: returns the trace's experts and weights for the cursor's rows."""
+class RoutingReplay(RoutingTransform):
+    """A routing transform that replaces the route stage: the trace's experts and weights for the
+    cursor's rows (the router's matmul is skipped; later transforms still apply)."""
 
-    def __init__(self, original: nn.Module, *, position: int, cursor: ReplayCursor, experts: torch.Tensor,
-                 weights: torch.Tensor) -> None:
+    name, order, replaces_route = "replay", 0, True
+
+    def __init__(self, *, position: int, cursor: ReplayCursor, experts: torch.Tensor, weights: torch.Tensor) -> None:
         super().__init__()
-        self.original = original
         self.position, self.cursor = position, cursor
         self.register_buffer("trace_experts", experts, persistent=False)  # [N_trace, K] int64
         self.register_buffer("trace_weights", weights, persistent=False)  # [N_trace, K] fp32
-        # what other stages read from a router
-        self.cfg, self.weight = original.cfg, original.weight
-        self.e_score_correction_bias = original.e_score_correction_bias
-        self.top_k, self.available, self.rerouted_tokens = None, None, 0
-        self.mode, self.expert_map, self.tokens_routed, self.slots_used = None, None, 0, 0
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, routing: Routing | None, router: nn.Module, x: torch.Tensor) -> Routing:
         n = x.shape[0]
         rows = self.cursor.take(n) if self.position == 0 else self.cursor.rows
         if rows.numel() != n:
@@ -66,11 +63,9 @@ class ReplayRouter(nn.Module):
                              f"MoE layer {rows.numel()}")
         rows = rows.to(self.trace_experts.device)
         indices, weights = self.trace_experts[rows], self.trace_weights[rows]
-        E = self.weight.shape[0]
+        E = router.weight.shape[0]
         logits = torch.full((n, E), -1e4, device=x.device).scatter_(1, indices.to(x.device),
                                                                     weights.clamp_min(1e-30).log().to(x.device))
-        self.tokens_routed += n
-        self.slots_used += indices.numel()
         return Routing(indices=indices.to(x.device), weights=weights.to(x.device), logits=logits)
 
 
@@ -93,14 +88,13 @@ def replay_routing_(model: MoEModel, trace: RoutingTrace | str, *, wrap: bool = 
     cursor = ReplayCursor(trace, wrap=wrap)
     device = model.device
     for pos, block in enumerate(model.moe_blocks()):
-        original = block.gate.original if isinstance(block.gate, ReplayRouter) else block.gate
         experts = torch.from_numpy(trace.experts[:, pos].astype("int64")).to(device)
         weights = torch.from_numpy(trace.weights[:, pos].astype("float32")).to(device)
-        block.gate = ReplayRouter(original, position=pos, cursor=cursor, experts=experts, weights=weights)
+        block.gate.add_transform(RoutingReplay(position=pos, cursor=cursor, experts=experts, weights=weights))
     return cursor
 
 
 def restore_routing_(model: MoEModel) -> None:
+    """Route with the routers' weights again (removes the replay transforms)."""
     for block in model.moe_blocks():
-        if isinstance(block.gate, ReplayRouter):
-            block.gate = block.gate.original
+        block.gate.remove_transform("replay")

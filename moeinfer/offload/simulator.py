@@ -26,14 +26,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moeinfer.engine.trace import RoutingTrace, TraceError
 from moeinfer.offload.apply import as_trace, build_cache
 from moeinfer.offload.cache import Load
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.cpu_assist import CostModel
 from moeinfer.offload.hardware import HardwareProfile, ModelShape
+from moeinfer.offload.lowbit import low_bit_bytes as estimate
 from moeinfer.offload.prefetch import LayerContext
 from moeinfer.offload.visits import planned_steps
+from moeinfer.traces.trace import RoutingTrace, TraceError
 
 
 @dataclass
@@ -76,8 +77,6 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
         raise TraceError(f"routing trace has {trace.num_layers} MoE layers x {trace.num_experts} experts; the "
                          f"model shape {shape.name!r} {shape.num_layers} x {shape.num_experts}")
     if config.low_bit_threshold is not None and low_bit_bytes is None:
-        from moeinfer.offload.lowbit import low_bit_bytes as estimate
-
         low_bit_bytes = estimate(shape.expert_bytes, bits=config.low_bit_bits, group=config.low_bit_group_size,
                                  dtype_bytes=shape.dtype_bytes)
     assist = None

@@ -27,7 +27,7 @@ import torch
 from moeinfer.fsutil import publishable_
 from moeinfer.loading.errors import CheckpointError
 from moeinfer.loading.safetensors_io import DTYPES, SafetensorsFile
-from moeinfer.offload.config import OffloadError
+from moeinfer.offload.errors import OffloadError
 
 if TYPE_CHECKING:
     from moeinfer.offload.lowbit import LowBitCodec

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from moeinfer.offload.config import OffloadError
+from moeinfer.offload.errors import OffloadError
 
 Key = tuple[int, int]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeinfer.engine.trace import RoutingTrace
+from moeinfer.traces.trace import RoutingTrace
 
 
 @dataclass(frozen=True)

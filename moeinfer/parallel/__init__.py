@@ -8,7 +8,9 @@ and a simulator for clusters this machine does not have. Nothing here initialise
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moeinfer._lazy import lazy_exports
 
 __all__ = [
     "STRATEGIES",
@@ -55,9 +57,4 @@ if TYPE_CHECKING:
     from moeinfer.parallel.stats import gather_stats, summarize
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moeinfer.parallel' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

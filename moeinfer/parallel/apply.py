@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moeinfer.arch import parse_config
+from moeinfer.loading.checkpoint import load_checkpoint, read_config
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 from moeinfer.parallel.config import ExpertParallelConfig
 from moeinfer.parallel.dist import ExpertParallelError, default_backend, guarded, init_distributed
 from moeinfer.parallel.expert_parallel import ExpertParallelExperts
-from moeinfer.parallel.placement import STRATEGIES, Placement, PlacementError, make_placement
+from moeinfer.parallel.placement import Placement, PlacementError, STRATEGIES, make_placement
+from moeinfer.parallel.profile import read_profile
 from moeinfer.parallel.stats import RankStats
 
 
@@ -35,8 +38,6 @@ def resolve_placement(placement: Placement | str, *, num_ranks: int, num_experts
     elif placement in STRATEGIES:
         load = None
         if profile is not None:
-            from moeinfer.parallel.profile import read_profile
-
             prof = read_profile(profile, num_experts=num_experts)
             if prof.num_experts != num_experts:
                 raise PlacementError(f"routing profile {profile} has {prof.num_experts} experts, the model {num_experts}")
@@ -134,9 +135,6 @@ def load_expert_parallel(path: str | os.PathLike[str], *, config: ExpertParallel
                          device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
                          progress: bool = True) -> MoEModel:
     """Load a checkpoint with this rank's experts only, then apply expert parallelism."""
-    from moeinfer.arch import parse_config
-    from moeinfer.loading.checkpoint import load_checkpoint, read_config
-
     backend = config.backend
     if backend is None:  # nccl moves CUDA tensors only: a model on the CPU needs gloo even on a GPU machine
         backend = default_backend() if str(device).startswith("cuda") else "gloo"

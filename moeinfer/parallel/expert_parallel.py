@@ -58,6 +58,9 @@ class ExpertParallelExperts(nn.Module):
     """This rank's experts of one MoE layer plus the exchange; forward(x [N, D], routing) -> [N, D]."""
 
     collective = True  # every rank must run each forward (moeinfer.model.gating refuses per-token k)
+    kernels = ("reference",)  # ExpertStage (moeinfer/model/moe.py): its own all-to-all expert stage
+    kernel = "reference"
+    graph_safe = False  # exchanges counts with the other ranks
 
     def __init__(self, *, layer: int, placement: Placement, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                  group: dist.ProcessGroup, config: ExpertParallelConfig, stats: RankStats) -> None:

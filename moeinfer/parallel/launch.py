@@ -14,6 +14,10 @@ import sys
 import tempfile
 from typing import Any
 
+from moeinfer.parallel.apply import expert_parallel_stats
+from moeinfer.parallel.config import ExpertParallelConfig
+from moeinfer.parallel.stats import format_summary, gather_stats, summarize
+
 OUTPUT_ARGS = ("out", "output", "output_dir")
 """Options naming files a subcommand writes; on ranks other than 0 they point into a scratch folder."""
 
@@ -40,7 +44,6 @@ def expert_parallel_config(args: argparse.Namespace) -> Any:
     n = getattr(args, "expert_parallel", 0) or 0
     if n <= 0:
         return None
-    from moeinfer.parallel.config import ExpertParallelConfig
 
     return ExpertParallelConfig(size=n, placement=args.placement, profile=args.placement_trace,
                                 slots_per_rank=args.slots_per_rank, overlap=args.ep_overlap,
@@ -71,9 +74,6 @@ def secondary_rank_quiet_(args: argparse.Namespace, model: Any = None) -> None:
 
 def _report(model: Any) -> None:
     """Every rank joins the gather; rank 0 prints. Best effort: a failed peer only loses the report."""
-    from moeinfer.parallel.apply import expert_parallel_stats
-    from moeinfer.parallel.stats import format_summary, gather_stats, summarize
-
     try:
         ranks = gather_stats(expert_parallel_stats(model))
     except Exception as e:  # noqa: BLE001 - at exit, after the command's own result

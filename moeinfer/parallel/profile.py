@@ -4,9 +4,9 @@ Shapes: T tokens, L MoE layers, K top-k, E experts.
 
 A `RoutingProfile` holds either token-level choices `indices [T, L, K]` (a trace) or only the
 expected load `load [L, E]` (tokens per expert). Readers:
-- moeinfer's own routing traces (.npz, `moeinfer.engine.trace.RoutingTrace`); -1 marks an unused slot;
+- moeinfer's own routing traces (.npz, `moeinfer.traces.trace.RoutingTrace`); -1 marks an unused slot;
 - the third-party Mixtral-8x7B jsonl traces (one line per token and layer with "experts"), through
-  `moeinfer.engine.trace_convert` when present;
+  `moeinfer.traces.convert` when present;
 - a profile JSON written by `RoutingProfile.save` ({"num_experts", "layers", "load"} and optional
   "indices").
 """
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from moeinfer.traces.convert import convert_mixtral
+from moeinfer.traces.trace import RoutingTrace
 
 
 class ProfileError(ValueError):
@@ -75,29 +77,6 @@ class RoutingProfile:
         Path(path).write_text(json.dumps(data))
 
 
-def read_mixtral_jsonl(paths: list[Path], *, num_experts: int = 8) -> RoutingProfile:
-    """Third-party Mixtral traces: {"dataset", "problem_id", "layer", "experts", "token_idx"} per line.
-    Tokens missing a layer are dropped (their replay would be incomplete)."""
-    tokens: dict[tuple[Any, ...], dict[int, list[int]]] = defaultdict(dict)
-    for path in paths:
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    key = (str(path), rec.get("dataset"), rec.get("problem_id"), int(rec["token_idx"]))
-                    tokens[key][int(rec["layer"])] = [int(e) for e in rec["experts"]]
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ProfileError(f"{path}:{n}: not a routing record ({e!r})") from e
-    if not tokens:
-        raise ProfileError(f"no routing records in {', '.join(map(str, paths))}")
-    layers = sorted({layer for rec in tokens.values() for layer in rec})
-    full = [rec for rec in tokens.values() if len(rec) == len(layers)]
-    indices = torch.tensor([[rec[layer] for layer in layers] for rec in full], dtype=torch.long)
-    return RoutingProfile(num_experts, layers, indices, source=", ".join(p.name for p in paths))
-
-
 def _is_mixtral_jsonl(path: Path) -> bool:
     with open(path) as f:
         first = f.readline()
@@ -133,23 +112,17 @@ def read_profile(path: str | os.PathLike[str], *, num_experts: int | None = None
                               None if idx is not None else torch.tensor(data["load"], dtype=torch.float),
                               source=str(path))
     if path.suffix == ".npz":
-        from moeinfer.engine.trace import RoutingTrace
-
         return from_trace(RoutingTrace.load(path), source=str(path))
     raise ProfileError(f"{path}: not a routing trace (.npz), Mixtral routing .jsonl or profile .json")
 
 
 def from_trace(trace: Any, *, source: str = "") -> RoutingProfile:
-    """A moeinfer RoutingTrace (moeinfer.engine.trace) -> RoutingProfile (-1 slots stay -1)."""
+    """A moeinfer RoutingTrace (moeinfer.traces.trace) -> RoutingProfile (-1 slots stay -1)."""
     return RoutingProfile(int(trace.num_experts), [int(v) for v in trace.layers],
                           torch.from_numpy(trace.experts.astype("int64")), source=source)
 
 
 def _mixtral(files: list[Path], num_experts: int | None) -> RoutingProfile:
-    """Through the engine's converter when it is there (it checks every field), else our parser."""
-    try:
-        from moeinfer.engine.trace_convert import convert_mixtral
-    except ImportError:
-        return read_mixtral_jsonl(files, num_experts=num_experts or 8)
+    """Through the trace converter (moeinfer.traces.convert checks every field)."""
     return from_trace(convert_mixtral(files, num_experts=num_experts or 8),
                       source=", ".join(p.name for p in files))

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moeinfer.model.shape import ModelShape
 from moeinfer.parallel.placement import Placement
 
 # -- cluster profiles and model shapes (registries) --------------------------------------------------
@@ -71,23 +72,6 @@ register_cluster(ClusterProfile("a100-nvlink-ib200", ranks_per_node=8, intra_gbp
                                 latency_us=25.0, expert_tflops=200.0))
 register_cluster(ClusterProfile("l40s-pcie-eth100", ranks_per_node=4, intra_gbps=20.0, inter_gbps=10.0,
                                 latency_us=50.0, expert_tflops=180.0))
-
-
-@dataclass(frozen=True)
-class MoEShape:
-    name: str
-    hidden: int
-    inner: int
-    num_experts: int
-    top_k: int
-    dtype_bytes: int = 2
-
-
-SHAPES: dict[str, MoEShape] = {s.name: s for s in (
-    MoEShape("mixtral-8x7b", hidden=4096, inner=14336, num_experts=8, top_k=2),
-    MoEShape("qwen3-30b-a3b", hidden=2048, inner=768, num_experts=128, top_k=8),
-    MoEShape("deepseek-v3", hidden=7168, inner=2048, num_experts=256, top_k=8),
-)}
 
 
 # -- simulation ---------------------------------------------------------------------------------------
@@ -142,7 +126,7 @@ def _tables(plc: Placement) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def simulate(indices: torch.Tensor, layers: list[int], placement: Placement, *, shape: MoEShape,
+def simulate(indices: torch.Tensor, layers: list[int], placement: Placement, *, shape: ModelShape,
              cluster: ClusterProfile, tokens_per_rank: int, dedup: bool = True, max_steps: int = 64) -> SimResult:
     """Replay trace `indices [N, L, K]` (column l = model layer layers[l]); see the module docstring."""
     W = placement.num_ranks
@@ -156,7 +140,7 @@ def simulate(indices: torch.Tensor, layers: list[int], placement: Placement, *, 
     node = torch.arange(W) // cluster.ranks_per_node
     unit_bytes = shape.hidden * shape.dtype_bytes + K * 8  # dispatch: activations + (slot, weight) pairs
     back_bytes = shape.hidden * shape.dtype_bytes
-    flops_per_slot = 6 * shape.hidden * shape.inner
+    flops_per_slot = 6 * shape.hidden * shape.inter
     src = torch.arange(T) // tokens_per_rank  # 1.
     imb, a2a, expert, step_t, step_o = [], [], [], [], []
     total_load = torch.zeros(L, W)

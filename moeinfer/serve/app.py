@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeinfer.engine.batching import (SHUTDOWN_MESSAGE, BatchEngine, EngineRequest, ErrorEvent, FinishEvent,
                                       QueueFull, TokenEvent)
+from moeinfer.engine.faults import ExpertFaults, ExpertLoad
 from moeinfer.engine.sampling import SamplingParams
 from moeinfer.serve.errors import APIError, error_body, error_response, http_error
 from moeinfer.serve.metrics import ServerMetrics
@@ -70,8 +71,6 @@ def create_app(engine: BatchEngine, *, model_name: str, api_key: str | None = No
     `shutdown_timeout` if nobody ran it before."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key must not be empty (leave it out to serve without a key)")
-    from moeinfer.engine.faults import ExpertFaults, ExpertLoad
-
     limits = limits or ServerLimits()
     faults = faults or ExpertFaults(engine.model)
     expert_load = expert_load if expert_load is not None else ExpertLoad(engine.model)

@@ -16,8 +16,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeinfer.engine.batching import BatchEngine
+from moeinfer.engine.batching import BatchEngine, make_cache
 from moeinfer.engine.faults import ExpertFaults, ExpertLoad
+from moeinfer.engine.lockstep import follow
 from moeinfer.model.transformer import MoEModel
 from moeinfer.serve.app import ServerLimits, create_app
 
@@ -112,9 +113,6 @@ def serve(model: MoEModel, cfg: ServeConfig, *, ops: Any = None) -> int:
 def follow_leader(model: MoEModel, cfg: ServeConfig, group: Any) -> int:
     """Ranks other than 0 under expert parallelism: mirror rank 0's engine until it stops.
     SIGTERM is ignored here: rank 0 drains its requests, then tells the followers to stop."""
-    from moeinfer.engine.batching import make_cache
-    from moeinfer.engine.lockstep import follow
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     inject_faults(model, cfg)

@@ -21,6 +21,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_(model: Any, args: argparse.Namespace) -> Any:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.kernels import use_kernel_
 
     return use_kernel_(model, args.kernel, fp32_weights=args.kernel_fp32_weights)

@@ -12,6 +12,7 @@ from typing import Any
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.offload.policies import POLICIES
     from moeinfer.offload.prefetch import PREFETCHERS
 
@@ -36,6 +37,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.offload.config import OffloadConfig
 
     offload_dir = args.offload_dir
@@ -49,10 +51,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def apply_(model: Any, args: argparse.Namespace) -> Any:
     if getattr(args, "offload", None):
+        # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
         from moeinfer.offload.apply import offload_
 
         offload_(model, config_from_args(args), progress=True)
     if getattr(args, "replay_trace", None):
+        # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
         from moeinfer.offload.replay import replay_routing_
 
         replay_routing_(model, args.replay_trace)

@@ -22,6 +22,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def apply_(model: Any, args: argparse.Namespace) -> Any:
     if getattr(args, "routing", None) is None:
         return model
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.model.gating import set_routing_
 
     return set_routing_(model, args.routing)

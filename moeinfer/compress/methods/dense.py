@@ -25,7 +25,7 @@ import torch
 
 from moeinfer.compress.calibration import CalibrationData
 from moeinfer.compress.expert_stats import check_unmerged
-from moeinfer.compress.layout import replace_experts_
+from moeinfer.formats.layout import replace_experts_
 from moeinfer.compress.registry import CompressionError, register_method
 from moeinfer.compress.surgery import plain_experts
 from moeinfer.model.moe import Experts, MoEBlock, route

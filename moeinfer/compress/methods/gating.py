@@ -17,6 +17,7 @@ from typing import Any
 
 from moeinfer.compress.calibration import CalibrationData
 from moeinfer.compress.registry import CompressionError, register_method
+from moeinfer.model.gating import GatingError, parse_mode, set_routing_
 from moeinfer.model.transformer import MoEModel
 
 
@@ -25,8 +26,6 @@ class GatingParams:
     mode: str = "top-p:0.7"  # NAME:VALUE[:MAX_K], e.g. top-p:0.7, threshold:0.3, entropy:0.8, top-k:1
 
     def __post_init__(self) -> None:
-        from moeinfer.model.gating import parse_mode
-
         if parse_mode(self.mode) is None:  # 1. parse (raises on a bad mode)
             raise ValueError("mode must name a routing mode (top-k, top-p, threshold, entropy), not 'default'")
 
@@ -35,8 +34,6 @@ class GatingParams:
 def gating(model: MoEModel, p: GatingParams, calib: CalibrationData | None, *,
            progress: bool = True) -> dict[str, Any]:
     """Route each token to a prefix of its top-k (top-p, threshold, entropy or fixed k); no retraining."""
-    from moeinfer.model.gating import GatingError, parse_mode, set_routing_
-
     try:
         set_routing_(model, p.mode)  # 2.-3. every router, recorded in hf_config
     except GatingError as e:

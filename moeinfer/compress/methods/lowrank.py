@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from moeinfer.compress.calibration import CalibrationData
-from moeinfer.compress.lowrank_experts import LowRankExperts
+from moeinfer.formats.lowrank_experts import LowRankExperts
 from moeinfer.compress.registry import CompressionError, register_method
 from moeinfer.compress.surgery import plain_experts
 from moeinfer.model.transformer import MoEModel

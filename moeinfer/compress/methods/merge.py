@@ -34,7 +34,7 @@ from moeinfer.compress.alignment import align
 from moeinfer.compress.calibration import CalibrationData
 from moeinfer.compress.clustering import LINKAGES, agglomerate
 from moeinfer.compress.expert_stats import check_unmerged, expert_output, subsample
-from moeinfer.compress.layout import replace_experts_
+from moeinfer.formats.layout import replace_experts_
 from moeinfer.compress.registry import register_method
 from moeinfer.compress.selection import groups, per_group
 from moeinfer.compress.surgery import layer_keep_counts, plain_experts

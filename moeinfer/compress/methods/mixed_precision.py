@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moeinfer.compress.calibration import CalibrationData
 from moeinfer.compress.methods.quantize import check_quant_fields
-from moeinfer.compress.quant.groupwise import QuantizedTensor, quantize
-from moeinfer.compress.quantized_experts import QuantizedExperts
+from moeinfer.formats.quant.groupwise import QuantizedTensor, quantize
+from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.compress.registry import CompressionError, register_method
 from moeinfer.compress.surgery import plain_experts
+from moeinfer.model.mlp import swiglu
 from moeinfer.model.transformer import MoEModel
 
 ERRORS = ("auto", "output", "weight")
@@ -64,11 +64,6 @@ class MixedPrecisionParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
-
-
-def _expert_out(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
 
 
 def choose_bits(importance: torch.Tensor, loss: torch.Tensor, candidates: Sequence[int],
@@ -133,14 +128,14 @@ def quantize_mixed(model: MoEModel, p: MixedPrecisionParams, calib: CalibrationD
         layer_codes = []
         for e in range(ex.num_experts):
             gu, dn = ex.gate_up_proj.data[e].float(), ex.down_proj.data[e].float()
-            ref = _expert_out(x, gu, dn) if x is not None else None
+            ref = swiglu(x, gu, dn) if x is not None else None
             per = []
             for c, b in enumerate(p.candidates):
                 qgu = quantize(gu, bits=b, group_size=p.group_size, algorithm=p.algorithm)
                 qdn = quantize(dn, bits=b, group_size=p.group_size, algorithm=p.algorithm)
                 wgu, wdn = qgu.dequantize(), qdn.dequantize()
                 if ref is not None:
-                    layer_loss[e, c] = (_expert_out(x, wgu, wdn) - ref).float().pow(2).sum(-1).mean()
+                    layer_loss[e, c] = (swiglu(x, wgu, wdn) - ref).float().pow(2).sum(-1).mean()
                 else:
                     layer_loss[e, c] = (wgu - gu).float().pow(2).sum() + (wdn - dn).float().pow(2).sum()
                 per.append((qgu, qdn))

@@ -16,7 +16,8 @@ from typing import Any
 from moeinfer.compress.calibration import CalibrationData
 from moeinfer.compress.registry import register_method
 from moeinfer.compress.selection import select_top
-from moeinfer.compress.surgery import keep_experts_, layer_keep_counts
+from moeinfer.compress.surgery import prune_layers_
+from moeinfer.model.moe import MoEBlock
 from moeinfer.model.transformer import MoEModel
 
 
@@ -37,13 +38,10 @@ class FrequencyPruneParams:
 def prune_frequency(model: MoEModel, p: FrequencyPruneParams, calib: CalibrationData, *,
                     progress: bool = True) -> dict[str, Any]:
     """Remove the least-used experts of every layer (SEER-MoE-style heavy-hitter counting)."""
-    blocks = model.moe_blocks()
-    counts = layer_keep_counts(blocks, keep=p.keep, ratio=p.ratio, method="prune_frequency")
-    kept: dict[str, list[int]] = {}
-    for block, n in zip(blocks, counts):
+    def choose(block: MoEBlock, n: int) -> list[int]:
         lc = calib.layer(block)  # 1. route
         score = lc.frequency(block) if p.score == "count" else lc.gate_mass(block)  # 2. count
-        keep = select_top(block, score, n, "prune_frequency")  # 3. keep the heaviest (per DeepSeek group)
-        keep_experts_(block, keep)
-        kept[str(block.layer_idx)] = keep
-    return {"kept": kept}
+        return select_top(block, score, n, "prune_frequency")  # 3. keep the heaviest (per DeepSeek group)
+
+    return {"kept": prune_layers_(model.moe_blocks(), keep=p.keep, ratio=p.ratio, method="prune_frequency",
+                                  choose=choose)}

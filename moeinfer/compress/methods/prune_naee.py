@@ -39,7 +39,7 @@ from moeinfer.compress.expert_stats import (
 )
 from moeinfer.compress.registry import register_method
 from moeinfer.compress.selection import count_subsets, groups, per_group, subsets
-from moeinfer.compress.surgery import keep_experts_, layer_keep_counts, plain_experts
+from moeinfer.compress.surgery import plain_experts, prune_layers_
 from moeinfer.model.moe import MoEBlock
 from moeinfer.model.transformer import MoEModel
 
@@ -111,19 +111,17 @@ def naee_search(block: MoEBlock, x: torch.Tensor, n: int, p: NaeePruneParams) ->
 def prune_naee(model: MoEModel, p: NaeePruneParams, calib: CalibrationData, *,
                progress: bool = True) -> dict[str, Any]:
     """Keep the subset of experts whose layer output changes least on calibration data (NAEE)."""
-    from tqdm.auto import tqdm
-
-    blocks = model.moe_blocks()
-    counts = layer_keep_counts(blocks, keep=p.keep, ratio=p.ratio, method="prune_naee")
-    kept: dict[str, list[int]] = {}
     losses: dict[str, float] = {}
     searches: set[str] = set()
-    for block, n in tqdm(list(zip(blocks, counts)), desc="prune_naee", unit="layer", disable=not progress or None):
+
+    def choose(block: MoEBlock, n: int) -> list[int]:
         check_unmerged(block, "prune_naee")
         x = subsample(calib.layer(block).x, p.max_tokens)
         keep, loss, search = naee_search(block, x, n, p)
-        keep_experts_(block, keep)  # 4. keep the best subset
-        kept[str(block.layer_idx)] = keep
         losses[str(block.layer_idx)] = round(loss, 6)
         searches.add(search)
+        return keep  # 4. keep the best subset
+
+    kept = prune_layers_(model.moe_blocks(), keep=p.keep, ratio=p.ratio, method="prune_naee", choose=choose,
+                         progress=progress)
     return {"kept": kept, "reconstruction_loss": losses, "search": sorted(searches)}

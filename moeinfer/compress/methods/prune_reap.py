@@ -29,7 +29,7 @@ from moeinfer.compress.calibration import CalibrationData
 from moeinfer.compress.expert_stats import check_unmerged, expert_output
 from moeinfer.compress.registry import register_method
 from moeinfer.compress.selection import select_top
-from moeinfer.compress.surgery import keep_experts_, layer_keep_counts, plain_experts
+from moeinfer.compress.surgery import plain_experts, prune_layers_
 from moeinfer.model.moe import MoEBlock, route
 from moeinfer.model.transformer import MoEModel
 
@@ -66,17 +66,14 @@ def reap_saliency(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
 def prune_reap(model: MoEModel, p: ReapPruneParams, calib: CalibrationData, *,
                progress: bool = True) -> dict[str, Any]:
     """Remove the experts with the least router-weighted output norm (REAP-style saliency)."""
-    from tqdm.auto import tqdm
-
-    blocks = model.moe_blocks()
-    counts = layer_keep_counts(blocks, keep=p.keep, ratio=p.ratio, method="prune_reap")
-    kept: dict[str, list[int]] = {}
     saliency: dict[str, list[float]] = {}
-    for block, n in tqdm(list(zip(blocks, counts)), desc="prune_reap", unit="layer", disable=not progress or None):
+
+    def choose(block: MoEBlock, n: int) -> list[int]:
         check_unmerged(block, "prune_reap")
         score = reap_saliency(block, calib.layer(block).x)
-        keep = select_top(block, score, n, "prune_reap")  # 4. keep the most salient
-        keep_experts_(block, keep)
-        kept[str(block.layer_idx)] = keep
         saliency[str(block.layer_idx)] = [round(float(s), 6) for s in score]
+        return select_top(block, score, n, "prune_reap")  # 4. keep the most salient
+
+    kept = prune_layers_(model.moe_blocks(), keep=p.keep, ratio=p.ratio, method="prune_reap", choose=choose,
+                         progress=progress)
     return {"kept": kept, "saliency": saliency}

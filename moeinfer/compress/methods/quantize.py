@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from moeinfer.compress.calibration import CalibrationData
-from moeinfer.compress.quant.groupwise import ALGORITHMS, SUPPORTED_BITS
-from moeinfer.compress.quant.groupwise import quantize as quantize_tensor
-from moeinfer.compress.quant.symmetric import SYMMETRIC_BITS
-from moeinfer.compress.quantized_experts import QuantizedExperts
-from moeinfer.compress.quantized_linear import QuantizedLinear
+from moeinfer.formats.quant.groupwise import ALGORITHMS, SUPPORTED_BITS
+from moeinfer.formats.quant.groupwise import quantize as quantize_tensor
+from moeinfer.formats.quant.symmetric import SYMMETRIC_BITS
+from moeinfer.formats.quantized_experts import QuantizedExperts
+from moeinfer.formats.quantized_linear import QuantizedLinear
 from moeinfer.compress.registry import register_method
 from moeinfer.compress.surgery import plain_experts
 from moeinfer.model.transformer import MoEModel

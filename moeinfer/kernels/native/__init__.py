@@ -25,6 +25,7 @@ def load() -> Any | None:
         return _state["ops"]
     import torch
 
+    # Imported here: the build helpers are needed only on first use, never at `import moeinfer`.
     from moeinfer.kernels.native.build import is_current, library_path
 
     ops, why = None, None

@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-failure", action="store_true",
                         help="exit 0 when the build fails (the torch paths run instead)")
     args = parser.parse_args(argv)
+    # Imported here: `--help` answers without importing torch.
     from moeinfer.kernels.native.build import build
 
     try:

@@ -1,0 +1,70 @@
+"""QuantizedLinear: an nn.Linear stored as packed group-wise codes (quantize scope "all": attention,
+dense and shared-expert MLPs, optionally lm_head), dequantized on every call (nothing cached).
+
+Shapes: O out features, C in features, P packed bytes per row, G groups per row.
+    qweight [O, P] uint8, scales / zeros [O, G] (model float dtype), bias [O] (when the layer had one)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeinfer.formats.kinds import register_module_kind
+from moeinfer.formats.quant.groupwise import check_bits, dequantize, num_groups, quantize
+from moeinfer.formats.quant.packing import packed_cols
+
+
+@register_module_kind("quantized_linear")
+class QuantizedLinear(nn.Module):
+    keep_float_dtype = True  # scales, zeros (and bias) stay fp32, as in QuantizedExperts
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, bias: bool,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = check_bits(bits), group_size
+        G = num_groups(in_features, group_size)
+        self.qweight = nn.Parameter(torch.empty(out_features, packed_cols(in_features, bits), dtype=torch.uint8),
+                                    requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, G, dtype=dtype), requires_grad=False)
+        self.zeros = nn.Parameter(torch.empty(out_features, G, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int, algorithm: str) -> QuantizedLinear:
+        w = linear.weight
+        qt = quantize(w, bits=bits, group_size=group_size, algorithm=algorithm)
+        m = cls(w.shape[1], w.shape[0], bits=bits, group_size=group_size, bias=linear.bias is not None)
+        m.qweight = nn.Parameter(qt.packed, requires_grad=False)
+        m.scales = nn.Parameter(qt.scale.float(), requires_grad=False)
+        m.zeros = nn.Parameter(qt.zero.float(), requires_grad=False)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+        return m.to(w.device)
+
+    def layout_params(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, config: Any, params: dict[str, Any]) -> QuantizedLinear:
+        return cls(int(params["in_features"]), int(params["out_features"]), bits=int(params["bits"]),
+                   group_size=int(params["group_size"]), bias=bool(params["bias"]))
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [O, C] in `dtype`."""
+        return dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
+                          cols=self.in_features, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

@@ -1,0 +1,112 @@
+"""The fused Triton MoE over quantized experts against QuantizedExperts' eager dequantizing forward.
+Without a GPU it runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before the kernels
+are defined), on small shapes: D, I not multiples of 16, group sizes leaving a shorter last group."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from kernel_cases import tolerance  # noqa: E402
+from moeinfer.formats.quantized_experts import QuantizedExperts  # noqa: E402
+from moeinfer.kernels.configs import KernelConfig  # noqa: E402
+from moeinfer.kernels.fused_moe_quant import fused_moe_quantized, quantized_unsupported  # noqa: E402
+from moeinfer.model.moe import Routing  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_layer(*, E: int, D: int, I: int, bits: list[int], group_size: int, algorithm: str = "rtn",
+               seed: int = 0) -> QuantizedExperts:
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(E, 2 * I, D, generator=g) / D**0.5
+    down = torch.randn(E, D, I, generator=g) / I**0.5
+    return QuantizedExperts.from_float(gate_up, down, bits, group_size=group_size, algorithm=algorithm).to(DEVICE)
+
+
+def make_routing(*, N: int, E: int, K: int, hot: int | None = None, seed: int = 0) -> Routing:
+    """K distinct experts per token among the first `hot` (the others receive nothing)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    idx = torch.stack([torch.randperm(hot or E, generator=g)[:K] for _ in range(N)])
+    w = torch.rand(N, K, generator=g)
+    return Routing(indices=idx.to(DEVICE), weights=w.to(DEVICE), logits=torch.zeros(N, E, device=DEVICE))
+
+
+def check(layer: QuantizedExperts, N: int, K: int, *, hot: int | None = None, dtype: torch.dtype = torch.float32,
+          config: KernelConfig | None = None) -> None:
+    routing = make_routing(N=N, E=layer.num_experts, K=K, hot=hot)
+    x = torch.randn(N, layer.hidden_size, generator=torch.Generator().manual_seed(N)).to(DEVICE, dtype)
+    out = fused_moe_quantized(x, routing.indices, routing.weights, layer, config=config)
+    ref = layer.eager_forward(x, routing)
+    assert out.shape == ref.shape and out.dtype == ref.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=tolerance(ref, dtype), rtol=0)
+
+
+CASES = [  # bits, E, D, I, group_size, N, K, hot
+    (8, 6, 36, 20, 16, 7, 2, 4),  # groups 16, 16, 4 of D; 16, 4 of I; experts 4, 5 idle
+    (8, 4, 40, 27, 32, 1, 1, None),  # one token, top-1, group longer than I
+    (4, 6, 36, 20, 16, 7, 2, 4),
+    (4, 4, 40, 27, 32, 1, 1, None),
+    (4, 5, 50, 22, 12, 7, 1, 3),  # odd I: the last byte of a 4-bit row holds one code
+    (2, 6, 36, 20, 16, 7, 2, None),
+    (4, 8, 36, 20, 16, 1, 2, None),  # one token, top-2
+    (8, 8, 36, 20, 16, 1, 2, None),
+]
+
+
+@pytest.mark.parametrize("bits,E,D,I,group_size,N,K,hot", CASES)
+def test_fused_quant_matches_eager(bits, E, D, I, group_size, N, K, hot):
+    check(make_layer(E=E, D=D, I=I, bits=[bits] * E, group_size=group_size), N, K, hot=hot)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_quant_small_blocks(bits):
+    """Several K-tiles per row, tiles that cut groups (16 vs group 12) and several blocks per expert."""
+    cfg = KernelConfig(block_m=16, block_n_gate_up=16, block_k_gate_up=16, block_n_down=16, block_k_down=16)
+    check(make_layer(E=3, D=44, I=26, bits=[bits] * 3, group_size=12), 20, 2, config=cfg)
+
+
+def test_fused_quant_hqq_zero_points_and_bf16():
+    """HQQ's fractional zero-points, and bf16 activations (weights rounded to bf16 as the eager path does)."""
+    layer = make_layer(E=4, D=36, I=20, bits=[4] * 4, group_size=16, algorithm="hqq")
+    check(layer, 7, 2)
+    check(layer, 7, 2, dtype=torch.bfloat16)
+
+
+def test_fused_quant_no_tokens():
+    layer = make_layer(E=4, D=36, I=20, bits=[8] * 4, group_size=16)
+    x = torch.zeros(0, 36, device=DEVICE)
+    out = fused_moe_quantized(x, torch.zeros(0, 2, dtype=torch.long, device=DEVICE),
+                              torch.zeros(0, 2, device=DEVICE), layer)
+    assert out.shape == (0, 36)
+
+
+def test_fused_quant_refuses_mixed_and_3bit():
+    mixed = make_layer(E=3, D=36, I=20, bits=[4, 8, 4], group_size=16)
+    three = make_layer(E=3, D=36, I=20, bits=[3] * 3, group_size=16)
+    assert "mixed" in quantized_unsupported(mixed) and "3-bit" in quantized_unsupported(three)
+    assert quantized_unsupported(make_layer(E=2, D=36, I=20, bits=[4, 4], group_size=16)) is None
+    routing = make_routing(N=2, E=3, K=1)
+    with pytest.raises(ValueError, match="mixed bit widths"):
+        fused_moe_quantized(torch.randn(2, 36, device=DEVICE), routing.indices, routing.weights, mixed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_experts_forward_uses_fused_on_cuda(bits, dtype, monkeypatch):
+    """On CUDA the module's forward takes the fused kernel (eager never runs) and matches eager."""
+    layer = make_layer(E=8, D=136, I=72, bits=[bits] * 8, group_size=32)
+    routing = make_routing(N=33, E=8, K=2, hot=6)
+    x = torch.randn(33, 136, device=DEVICE, dtype=dtype)
+    ref = layer.eager_forward(x, routing)
+    monkeypatch.setattr(QuantizedExperts, "eager_forward", lambda *a: pytest.fail("eager path ran on CUDA"))
+    out = layer(x, routing)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tolerance(ref, dtype), rtol=0)
