@@ -107,6 +107,16 @@ def forward_cost(f: ForwardRecord, m: ModelShape) -> tuple[int, int]:
     return nbytes, flops
 
 
+def compute_peak(flops: dict[str, float], dtype: str) -> float | None:
+    """The matmul peak a model of `dtype` is measured against: the fastest of its own dtype and fp32.
+
+    Kernels may compute a half-precision model in fp32 (the CPU kernels widen bf16 on CPUs without
+    native bf16 matmul), so the bf16 peak alone understates what the machine can do and gave S-MFU
+    above 100%; the larger of the two is the machine's real limit for this work."""
+    rates = [flops[d] for d in (dtype, "float32") if flops.get(d)]
+    return max(rates) if rates else None
+
+
 def sparse_utilization(forwards: Sequence[ForwardRecord], m: ModelShape, *, bandwidth: float | None,
                        flops_peak: float | None) -> dict[str, dict[str, float | None]]:
     """Per phase: seconds, bytes, FLOPs, achieved GB/s and TFLOP/s, S-MBU and S-MFU against the peaks."""

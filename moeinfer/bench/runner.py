@@ -33,8 +33,8 @@ from moeinfer.bench.energy import EnergyMeter, default_meter
 from moeinfer.bench.hardware import git_commit, hardware_info, measure_matmul, measure_peaks, software_info
 from moeinfer.bench.instrument import instrument
 from moeinfer.bench.latency import summarize
-from moeinfer.bench.metrics import (ModelShape, expert_load, gpu_peak_bytes, kv_cache_bytes, peak_rss_bytes,
-                                    reset_gpu_peak, reset_peak_rss, sparse_utilization, weight_stats)
+from moeinfer.bench.metrics import (ModelShape, compute_peak, expert_load, gpu_peak_bytes, kv_cache_bytes,
+                                    peak_rss_bytes, reset_gpu_peak, reset_peak_rss, sparse_utilization, weight_stats)
 from moeinfer.bench.report import write_report
 from moeinfer.bench.results import SCHEMA_NAME, SCHEMA_VERSION, finished_points, write_results
 from moeinfer.bench.workload_run import run_workload
@@ -182,14 +182,14 @@ class Sweep:
         kv = kv_cache_bytes(entry.shape, rows, w.prompt_tokens + w.output_tokens)
         cdt = str(model.dtype).removeprefix("torch.")
         peaks = self.data.get("peaks") or {}
-        if peaks and cdt not in peaks["measured"]["flops"]:  # the checkpoint's dtype, known only now
-
-            peaks["measured"]["flops"][cdt] = measure_matmul(self.device, model.dtype)
+        for d in (cdt, "float32"):  # the checkpoint's dtype, known only now, and fp32 (see compute_peak)
+            if peaks and d not in peaks["measured"]["flops"]:
+                peaks["measured"]["flops"][d] = measure_matmul(self.device, getattr(torch, d))
         util: dict[str, Any] = {}
         for which in ("measured", "datasheet"):
             pk = peaks.get(which)
             util[which] = (sparse_utilization(ins.forwards, entry.shape, bandwidth=pk["bandwidth_bytes_s"],
-                                              flops_peak=pk["flops"].get(cdt)) if pk else None)
+                                              flops_peak=compute_peak(pk["flops"], cdt)) if pk else None)
         if not peaks.get("datasheet"):
             util["datasheet_note"] = peaks.get("datasheet_note", "peaks not measured")
         above = energy.above_idle_j

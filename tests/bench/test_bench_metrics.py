@@ -11,6 +11,7 @@ import torch
 from moeinfer.bench.metrics import (
     ForwardRecord,
     ModelShape,
+    compute_peak,
     expert_load,
     forward_cost,
     kv_cache_bytes,
@@ -45,6 +46,20 @@ def test_s_mbu_s_mfu_by_hand() -> None:
     assert p["bytes_per_s"] == pytest.approx(1256.0) and p["flops_per_s"] == pytest.approx(2656.0)
     none = sparse_utilization(DECODE, SHAPE, bandwidth=None, flops_peak=None)
     assert none["decode"]["s_mbu"] is None and none["prefill"]["seconds"] == 0 and none["prefill"]["s_mfu"] is None
+
+
+def test_compute_peak_is_the_faster_of_the_dtype_and_fp32() -> None:
+    """A CPU without native bf16 matmul runs bf16 experts in fp32: measured against the bf16 rate alone,
+    S-MFU read 231%. The peak is the fastest rate the machine offers for the work."""
+    cpu = {"bfloat16": 0.4e12, "float32": 1.5e12}
+    assert compute_peak(cpu, "bfloat16") == 1.5e12
+    gpu = {"bfloat16": 989e12, "float32": 67e12}
+    assert compute_peak(gpu, "bfloat16") == 989e12 and compute_peak(gpu, "float32") == 67e12
+    assert compute_peak({}, "bfloat16") is None
+    # the work a widened kernel did at the fp32 rate stays under 100%
+    u = sparse_utilization([PREFILL], SHAPE, bandwidth=None, flops_peak=compute_peak({"bfloat16": 2000.0,
+                                                                                      "float32": 2656.0}, "bfloat16"))
+    assert u["prefill"]["s_mfu"] == pytest.approx(1.0)
 
 
 def test_expert_load_distinct_and_imbalance() -> None:
