@@ -107,10 +107,10 @@ def _torch_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         import moeinfer
 
         model = moeinfer.load(cfg["path"], dtype=torch.bfloat16, progress=False)
-        if cfg.get("kernel"):
-            from moeinfer.kernels.select import use_kernel_
+        from moeinfer.kernels.select import use_kernel_
 
-            use_kernel_(model, cfg["kernel"])
+        # the CLI's default kernel (auto: the cpu kernel), plus the native bf16 linears unless --no-linears
+        use_kernel_(model, cfg.get("kernel") or "auto", linears=cfg.get("linears", True))
 
         def run(ids: list[int], n: int) -> list[float]:
             stamps: list[float] = []
@@ -353,7 +353,8 @@ def measure(args: argparse.Namespace, files: dict[str, dict[str, Path]], llama_p
                 if system == "llama.cpp":
                     cmd = [llama_py, "-c", LLAMA_WORKER, json.dumps({**common, "gguf": str(files["llama.cpp"][precision])})]
                 else:
-                    cfg = {**common, "system": system, "path": str(files[system][precision]), "kernel": args.kernel}
+                    cfg = {**common, "system": system, "path": str(files[system][precision]), "kernel": args.kernel,
+                           "linears": not args.no_linears}
                     cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
@@ -455,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="moeinfer quantizes experts only (q8_0/q4_0) or every linear layer (q8_0-all/q4_0-all)")
     ap.add_argument("--no-pure", dest="pure", action="store_false",
                     help="llama.cpp's Q4_0 with its default mix (output matrix at Q6_K)")
-    ap.add_argument("--kernel", default=None, help="moeinfer kernel (moeinfer.kernels.select.use_kernel_)")
+    ap.add_argument("--kernel", default=None, help="moeinfer kernel (moeinfer.kernels.select.use_kernel_; "
+                    "default auto, as the CLI)")
+    ap.add_argument("--no-linears", action="store_true",
+                    help="leave moeinfer's dense linears on torch (default: the native CPU linears)")
     ap.add_argument("--out", default=str(HERE / "results" / "cpu_real.json"))
     args = ap.parse_args(argv)
     if args.worker:
