@@ -45,7 +45,7 @@ from moeinfer.plan.spec import FLOAT, OBJECTIVES, Plan, PlanError, PlanOffload, 
 DEFAULT_PRECISIONS = (FLOAT, "int8", "int4")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 POLICIES = ("lru", "lfu")  # policies that need no calibration trace at run time
-PREFETCHERS = ("none", "next-layer")
+PREFETCHERS = ("none",)  # next-layer needs hidden states (not simulable); transition/mlp a calibration trace at run time
 MAX_SIM_TOKENS = 256
 
 
@@ -221,9 +221,12 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
         model = _load_for_measurement(model_or_path, sizes)
     text = calibration if calibration is not None else "english"
     if wants_quality and model is not None:
-        from moeinfer.plan.quality import measure_quality
+        from moeinfer.plan.quality import cached_quality, measure_quality
 
-        quality = measure_quality(model, text, precisions, progress=progress)
+        if loaded is None:
+            quality = cached_quality(model_or_path, model, text, precisions, progress=progress)
+        else:
+            quality = measure_quality(model, text, precisions, progress=progress)
     if quality is not None:
         notes.append(f"quality measured on {quality.source}: bpb {quality.base_bpb:.4f} at {FLOAT}; uniform "
                      + ", ".join(f"{p} {b:.4f}" for p, b in quality.fit.items()) + f"; slope {quality.alpha:.4g}")

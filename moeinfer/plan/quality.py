@@ -21,7 +21,6 @@ prediction against `moeinfer eval` for each chosen plan.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -59,15 +58,22 @@ class QualityModel:
 
 
 @torch.inference_mode()
-def layer_errors(model: Any, ids: torch.Tensor, precisions: Sequence[str]) -> dict[str, list[float]]:
-    """Steps 1-2: err[l, p] for each quantized precision; ids [R, T] token rows."""
+def layer_errors(model: Any, ids: torch.Tensor, precisions: Sequence[str], *,
+                 keep: dict[str, list[Any]] | None = None) -> dict[str, list[float]]:
+    """Steps 1-2: err[l, p] for each quantized precision; ids [R, T] token rows. `keep`, when given,
+    receives each precision's quantized experts per layer (reused for the uniform evaluations)."""
     from moeinfer.compress.methods.quantize_layers import layer_quantizer
     from moeinfer.compress.quantized_experts import QuantizedExperts
 
     blocks = model.moe_blocks()
     inputs: dict[int, torch.Tensor] = {}
-    hooks = [b.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].reshape(-1, args[0].shape[-1])))
-             for i, b in enumerate(blocks)]
+
+    def capture(i: int) -> Any:
+        def hook(module: Any, args: tuple[torch.Tensor, ...]) -> None:
+            inputs[i] = args[0].reshape(-1, args[0].shape[-1])
+        return hook
+
+    hooks = [b.register_forward_pre_hook(capture(i)) for i, b in enumerate(blocks)]
     try:
         model(ids.to(model.device))
     finally:
@@ -79,7 +85,7 @@ def layer_errors(model: Any, ids: torch.Tensor, precisions: Sequence[str]) -> di
             continue
         q = layer_quantizer(p)
         assert q is not None
-        errs = []
+        errs, mods = [], []
         for i, b in enumerate(blocks):
             x = inputs[i]
             routing = b.gate(x)
@@ -89,7 +95,10 @@ def layer_errors(model: Any, ids: torch.Tensor, precisions: Sequence[str]) -> di
                                               group_size=q.group_size, algorithm=q.algorithm)
             yq = qex(x, routing).float()
             errs.append(float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)))
+            mods.append(qex)
         out[p] = errs
+        if keep is not None:
+            keep[p] = mods
     return out
 
 
@@ -106,28 +115,60 @@ def fit_alpha(base_bpb: float, measured: dict[str, float], errors: dict[str, lis
 def measure_quality(model: Any, text: Any, precisions: Sequence[str], *, max_bytes: int = 16384,
                     tokens: int = 512, progress: bool = False) -> QualityModel:
     """Steps 1-4 on `text` (a dataset name, file or EvalText); `model` is not changed."""
-    from moeinfer.compress.api import compress_
     from moeinfer.eval import evaluate
+    from moeinfer.eval.perplexity import as_eval_text
 
     if model.tokenizer is None:
         raise ValueError("measuring quality needs the model's tokenizer (tokenizer.json)")
-    from moeinfer.eval.perplexity import as_eval_text
-
     data = as_eval_text(text)
     ids = model.tokenizer.encode(data.text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore"))
     width = min(model.config.max_position_embeddings, 256)
     rows = max(1, min(len(ids), tokens) // width)
     batch = torch.tensor([ids[r * width:(r + 1) * width] for r in range(rows)], dtype=torch.long)
-    errors = layer_errors(model, batch, precisions)
+    quantized: dict[str, list[Any]] = {}
+    errors = layer_errors(model, batch, precisions, keep=quantized)
     base = evaluate(model, data, max_bytes=max_bytes, progress=progress).bits_per_byte
     measured: dict[str, float] = {}
-    for p in precisions:
-        if p == FLOAT:
-            continue
-        m = copy.deepcopy(model)
-        compress_(m, [{"method": "quantize_layers", "precisions": [p] * len(m.moe_blocks())}], progress=False)
-        measured[p] = evaluate(m, data, max_bytes=max_bytes, progress=progress).bits_per_byte
-        del m
+    blocks = model.moe_blocks()
+    originals = [b.experts for b in blocks]
+    try:
+        for p, mods in quantized.items():  # every layer at p: the experts quantized in step 2
+            for b, mod in zip(blocks, mods):
+                b.experts = mod
+            measured[p] = evaluate(model, data, max_bytes=max_bytes, progress=progress).bits_per_byte
+    finally:
+        for b, ex in zip(blocks, originals):
+            b.experts = ex
     alpha = fit_alpha(base, measured, errors)
     return QualityModel(base_bpb=base, alpha=alpha, errors=errors, fit=measured,
                         source=f"{data.name} (first {max_bytes} bytes)")
+
+
+def cached_quality(path: Any, model: Any, text: Any, precisions: Sequence[str], *, max_bytes: int = 16384,
+                   progress: bool = False) -> QualityModel:
+    """`measure_quality`, cached in the user cache folder by checkpoint files (names, sizes, times),
+    calibration text and precisions, so planning the same model again measures nothing."""
+    import hashlib
+    import json
+
+    from moeinfer.api import resolve_model_path
+    from moeinfer.eval.perplexity import as_eval_text
+    from moeinfer.fsutil import atomic_write_text
+    from moeinfer.plan.profile import cache_dir
+
+    root = resolve_model_path(path).resolve()
+    data = as_eval_text(text)
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.safetensors")) + [root / "config.json"]:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update(f"{data.name}:{hashlib.sha256(data.text.encode()).hexdigest()}:{max_bytes}:{sorted(precisions)}:v1".encode())
+    file = cache_dir() / "quality" / f"{h.hexdigest()[:24]}.json"
+    if file.is_file():
+        try:
+            return QualityModel.from_dict(json.loads(file.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            pass  # measured again
+    q = measure_quality(model, data, precisions, max_bytes=max_bytes, progress=progress)
+    atomic_write_text(file, json.dumps(q.to_dict(), indent=1) + "\n")
+    return q

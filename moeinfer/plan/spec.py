@@ -155,9 +155,9 @@ class Plan:
                 if k in d and (isinstance(d[k], bool) or not isinstance(d[k], int)):
                     raise PlanError(f"{where}.{k} must be an integer, got {d[k]!r}")
             return cls(**d)
-        except PlanError:
-            raise
         except (TypeError, ValueError) as e:
+            if str(e).startswith(where):
+                raise
             raise PlanError(f"{where}: {e}") from e
 
     def save(self, path: str | os.PathLike[str]) -> Path:
