@@ -80,7 +80,7 @@ def test_parse_budget():
     assert parse_budget(1000) == 1000
     with pytest.raises(PlanError, match="needs a unit"):
         parse_budget("8")
-    with pytest.raises(ValueError):
+    with pytest.raises(PlanError, match="not a size"):
         parse_budget("lots")
 
 

@@ -57,7 +57,10 @@ def parse_budget(budget: int | str) -> int:
         if budget < 1:
             raise PlanError(f"memory budget must be > 0 bytes, got {budget}")
         return budget
-    size = parse_size(str(budget))
+    try:
+        size = parse_size(str(budget))
+    except ValueError:
+        raise PlanError(f"memory budget {budget!r} is not a size (e.g. 8GB, 512MB, 1.5GiB)") from None
     if size.bytes is None:
         raise PlanError(f"memory budget {budget!r} needs a unit (e.g. 8GB, 512MB)")
     if size.bytes < 1:

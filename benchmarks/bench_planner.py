@@ -1,0 +1,113 @@
+"""Planner benchmark: predicted vs measured decode/prefill tokens/s and quality for the plans
+`moeinfer plan` chooses (and its runners-up) at several memory budgets.
+
+    PYTHONPATH=. python benchmarks/bench_planner.py [--model tiny] [--budgets auto | 80MB,120MB,...]
+        [--tokens 32] [--repeats 3] [--max-bytes 16384] [--out planner-bench.json]
+
+For each budget (default: three budgets from the model's own sizes: a few float experts over the
+fixed memory, half the float experts, all of them), plan with the default settings, then for the
+chosen plan and its 3 runners-up:
+1. load the model, `apply_plan_`, warm up;
+2. generate `--tokens` tokens greedily from a fixed prompt `--repeats` times under the benchmark's
+   instrumentation (moeinfer.bench.instrument): decode tok/s = 1 / median decode step, prefill tok/s
+   = prompt tokens / median prefill forward;
+3. bits per byte on the held-out english text (`moeinfer.evaluate`, first `--max-bytes` bytes, fp32
+   compute on the CPU like `moeinfer eval`) against the unquantized model: measured quality loss;
+4. print a table (plan, predicted and measured decode/prefill, ratio, predicted/measured quality) and
+   write all of it, with the machine profile and load average, as JSON.
+Timing numbers from a shared or busy machine are not results: the script records the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def measure(model_name: str, plan: Any, *, tokens: int, repeats: int, max_bytes: int, base_bpb: float,
+            dtype: str | None = None) -> dict[str, Any]:
+    import moeinfer
+    from moeinfer.bench.instrument import instrument
+
+    model = moeinfer.load(model_name, progress=False, dtype=dtype)
+    moeinfer.apply_plan_(model, plan)
+    prompt = "Once upon a time, in a small village by the sea, there lived"
+    moeinfer.generate(model, [prompt], max_new_tokens=4, ignore_eos=True)  # warm-up
+    dec: list[float] = []
+    pre: list[float] = []
+    for _ in range(repeats):
+        with instrument(model) as ins:
+            moeinfer.generate(model, [prompt] * plan.batch_size, max_new_tokens=tokens, ignore_eos=True)
+        dec += [f.seconds for f in ins.forwards if f.phase == "decode"]
+        pre += [f.seconds / f.tokens for f in ins.forwards if f.phase == "prefill"]
+    decode = plan.batch_size / statistics.median(dec) if dec else None
+    prefill = 1.0 / statistics.median(pre) if pre else None
+    del model
+    qmodel = moeinfer.load(model_name, progress=False, dtype="float32")
+    moeinfer.apply_plan_(qmodel, plan)
+    bpb = moeinfer.evaluate(qmodel, "english", max_bytes=max_bytes, progress=False).bits_per_byte
+    return {"decode_tok_s": decode, "prefill_tok_s": prefill, "bits_per_byte": bpb,
+            "quality_loss": (bpb - base_bpb) / base_bpb}
+
+
+def default_budgets(model_name: str) -> list[int]:
+    from moeinfer.plan.costs import expert_bytes, fixed_bytes
+    from moeinfer.plan.sizes import sizes_from_checkpoint
+
+    s = sizes_from_checkpoint(model_name)
+    fixed = fixed_bytes(s, batch=1, context=min(1024, s.max_context))
+    one = expert_bytes(s, "bf16")
+    n = s.num_layers * s.num_experts
+    return [int(fixed + k * one) + 1 for k in (max(2, n // 8), n // 2, n + 1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--budgets", default="auto")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-bytes", type=int, default=16384)
+    ap.add_argument("--max-quality-loss", type=float, default=0.01)
+    ap.add_argument("--out", default="planner-bench.json")
+    args = ap.parse_args(argv)
+
+    import moeinfer
+    from moeinfer.plan.planner import parse_budget
+    from moeinfer.plan.profile import machine_profile
+
+    budgets = default_budgets(args.model) if args.budgets == "auto" else [parse_budget(b) for b in args.budgets.split(",")]
+    profile = machine_profile("cpu", variants=("int8", "int4"), progress=True)
+    base = moeinfer.evaluate(moeinfer.load(args.model, progress=False, dtype="float32"), "english",
+                             max_bytes=args.max_bytes, progress=False).bits_per_byte
+    rows = []
+    for budget in budgets:
+        t0 = time.perf_counter()
+        chosen = moeinfer.plan(args.model, budget, max_quality_loss=args.max_quality_loss, profile=profile)
+        plan_s = time.perf_counter() - t0
+        for rank, p in enumerate((chosen, *chosen.runners_up)):
+            got = measure(args.model, p, tokens=args.tokens, repeats=args.repeats, max_bytes=args.max_bytes,
+                          base_bpb=base)
+            pr = p.predicted
+            rows.append({"budget": budget, "rank": rank, "plan": p.describe(), "plan_s": plan_s if rank == 0 else None,
+                         "predicted": vars(pr), "measured": got, "load_avg": os.getloadavg()[0]})
+            ratio = got["decode_tok_s"] / pr.decode_tok_s if got["decode_tok_s"] else float("nan")
+            print(f"{budget / 1e6:8.1f} MB  #{rank + 1}  {p.describe():<60}  decode {pr.decode_tok_s:8.1f} -> "
+                  f"{got['decode_tok_s']:8.1f} ({ratio:5.2f}x)  prefill {pr.prefill_tok_s:8.1f} -> "
+                  f"{got['prefill_tok_s']:8.1f}  quality {100 * (pr.quality_loss or 0):+.2f}% -> "
+                  f"{100 * got['quality_loss']:+.2f}%", flush=True)
+    out = {"model": args.model, "profile": profile.to_dict(), "base_bits_per_byte": base, "rows": rows,
+           "note": "timings from the machine this ran on; check load_avg before reading them as results"}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
