@@ -76,6 +76,11 @@ class _Candidate:
     batch: int
     offload: PlanOffload | None = None
 
+    def __post_init__(self) -> None:
+        if FLOAT not in self.precisions:  # no float experts: the kernel choice does not apply
+            object.__setattr__(self, "kernel", "auto")
+            object.__setattr__(self, "fp32", False)
+
 
 def _kernels(profile: MachineProfile) -> list[tuple[str, bool]]:
     out = []
@@ -93,14 +98,14 @@ def _memory(sizes: ModelSizes, c: _Candidate, context: int) -> int:
     return int(fixed + sum(sizes.num_experts * expert_bytes(sizes, p, fp32_weights=c.fp32) for p in c.precisions))
 
 
-def _resident_candidates(trace: Any, sizes: ModelSizes, profile: MachineProfile, quality: QualityModel | None,
+def _resident_candidates(views: dict[int, Any], sizes: ModelSizes, profile: MachineProfile, quality: QualityModel | None,
                          precisions: Sequence[str], budget: int, max_loss: float, batches: Sequence[int],
                          context: int) -> list[_Candidate]:
     """Step 4a."""
     L, E = sizes.num_layers, sizes.num_experts
     out: list[_Candidate] = []
     for B in batches:
-        tr = routes.batched(trace, B)
+        tr = views[B]
         room = budget - fixed_bytes(sizes, batch=B, context=context)
         if room <= 0:
             continue
@@ -139,12 +144,13 @@ def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Se
     return out
 
 
-def _predict(c: _Candidate, trace: Any, sizes: ModelSizes, profile: MachineProfile, quality: QualityModel | None,
-             context: int) -> Prediction:
-    """Step 5."""
-    dec = simulate_plan(routes.batched(trace, c.batch), sizes, profile, c.precisions, kernel=c.kernel,
+def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSizes, profile: MachineProfile,
+             quality: QualityModel | None, context: int) -> Prediction:
+    """Step 5 (`views`: the decode trace per batch size; one object each, so the simulator's step
+    grouping is computed once)."""
+    dec = simulate_plan(views[c.batch], sizes, profile, c.precisions, kernel=c.kernel,
                         fp32_weights=c.fp32, offload=c.offload)
-    pre = simulate_plan(routes.prefill(trace), sizes, profile, c.precisions, kernel=c.kernel, fp32_weights=c.fp32,
+    pre = simulate_plan(prefill, sizes, profile, c.precisions, kernel=c.kernel, fp32_weights=c.fp32,
                         offload=c.offload)
     lossless = all(p == FLOAT for p in c.precisions)
     loss = 0.0 if lossless else (quality.loss(c.precisions) if quality is not None else None)
@@ -255,7 +261,9 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
         trace = _first_tokens(trace, MAX_SIM_TOKENS)
     # 4. candidates
     batches = (1,) if objective == "latency" else tuple(batch_sizes)
-    cands = _resident_candidates(trace, sizes, profile, quality, precisions, budget_bytes, max_quality_loss,
+    views = {B: routes.batched(trace, B) for B in batches}
+    prefill_view = routes.prefill(trace)
+    cands = _resident_candidates(views, sizes, profile, quality, precisions, budget_bytes, max_quality_loss,
                                  batches, context)
     cands += _offload_candidates(sizes, device, budget_bytes, batches, context)
     cands = list(dict.fromkeys(cands))
@@ -266,7 +274,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     # 5. predict and rank
     scored = []
     for c in cands:
-        pred = _predict(c, trace, sizes, profile, quality, context)
+        pred = _predict(c, views, prefill_view, sizes, profile, quality, context)
         if pred.memory_bytes <= budget_bytes:
             scored.append((c, pred))
     scored.sort(key=lambda cp: (-cp[1].decode_tok_s, cp[1].memory_bytes))

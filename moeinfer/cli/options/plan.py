@@ -25,7 +25,11 @@ def apply_(model: Any, args: argparse.Namespace) -> Any:
         from moeinfer.plan.sizes import available_memory
 
         device = "cuda" if str(args.device).startswith("cuda") else "cpu"
-        chosen = plan(model, available_memory(device), device=device)
+        from moeinfer.compress.api import weight_bytes
+
+        # planned from the checkpoint (its quality measurement is cached), for what is free plus what the
+        # loaded model already holds
+        chosen = plan(args.model, available_memory(device) + weight_bytes(model), device=device)
     else:
         chosen = Plan.load(args.plan)
     return apply_plan_(model, chosen, progress=True)
