@@ -136,6 +136,20 @@ def test_quantize_layers_rejects_unknown_precision():
         compress_(model, [{"method": "quantize_layers", "precisions": ["int8"] * 3}], progress=False)
 
 
+def test_memory_model_counts_quantized_experts_as_stored():
+    from moeinfer.compress.quantized_experts import QuantizedExperts
+    from moeinfer.plan.profile import stored_expert_bytes
+
+    D, I, E = 192, 384, 3  # the shipped model's shape: groups of 128 do not divide D
+    g = torch.Generator().manual_seed(0)
+    gu, dn = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)
+    for name, bits, group, algorithm in (("int8", 8, 128, "rtn"), ("int4", 4, 128, "rtn"), ("q4_0", 4, 32, "sym")):
+        q = QuantizedExperts.from_float(gu, dn, [bits] * E, group_size=group, algorithm=algorithm)
+        stored = sum(p.numel() * p.element_size() for p in q.parameters())
+        assert stored_expert_bytes(name, D, I) * E == stored
+    assert stored_expert_bytes("bf16/cpu", D, I) == 3 * D * I * 2
+
+
 # --- sizes without weights ---
 
 def test_sizes_from_config_alone_equal_the_loaded_model(tmp_path):

@@ -3,7 +3,8 @@
 What is measured (about 10 s on a CPU; each figure a median of a few runs):
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
    simulate --calibrate` measures), pinned host-to-device copies on CUDA; memory read bandwidth
-   (a reduction over a 256 MiB tensor) and dense fp32 matmul rate;
+   (a reduction over a 256 MiB tensor) and dense fp32 matmul rate (on CUDA: of the GPU, and of the
+   host too, which prices CPU-assisted experts);
 2. per expert-stage variant (precision x kernel: bf16 with each usable kernel, bf16 with fp32
    compute weights, and each quantize preset the search may choose): the time of one experts
    module forward at two sizes and two top-k values, fitted to
@@ -64,6 +65,8 @@ class MachineProfile:
     step_fixed_s: float
     experts: dict[str, ExpertRate] = field(default_factory=dict)  # "bf16/cpu", "bf16/cpu+fp32", "int4", ...
     measured: str = ""  # when and how
+    host_mem_gbps: float | None = None  # CUDA: the host's read bandwidth and fp32 matmul (CPU-assisted experts)
+    host_gflops: float | None = None
     version: int = PROFILE_VERSION
 
     def rate(self, variant: str) -> ExpertRate:
@@ -78,7 +81,8 @@ class MachineProfile:
 
         return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=self.link_gbps,
                                fast_mem_gbps=self.mem_read_gbps, compute_tflops=self.matmul_gflops / 1e3,
-                               cpu_mem_gbps=self.mem_read_gbps, cpu_gflops=self.matmul_gflops, measured=True,
+                               cpu_mem_gbps=self.host_mem_gbps or self.mem_read_gbps,
+                               cpu_gflops=self.host_gflops or self.matmul_gflops, measured=True,
                                description=f"moeinfer plan machine profile ({self.cpu}, {self.threads} threads)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,10 +198,15 @@ def stored_expert_bytes(variant: str, D: int, I: int, dtype_bytes: int = 2) -> f
     if variant.startswith("bf16/"):
         return params * dtype_bytes
     from moeinfer.compress.methods.quantize_layers import layer_quantizer
+    from moeinfer.compress.quant.groupwise import num_groups
+    from moeinfer.compress.quant.packing import packed_cols
 
     q = layer_quantizer(variant)
     assert q is not None
-    return params * q.bits / 8 + params / q.group_size * 8
+    total = 0
+    for rows, cols in ((2 * I, D), (D, I)):  # gate_up [2I, D], down [D, I]: codes, fp32 scale and zero per group
+        total += rows * (packed_cols(cols, q.bits) + 8 * num_groups(cols, q.group_size))
+    return total
 
 
 def _routing(N: int, K: int, E: int, device: torch.device) -> Any:
@@ -276,8 +285,17 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     return layer_fixed, step_fixed
 
 
+def _host_rates() -> tuple[float, float]:
+    """(memory read GB/s, fp32 GFLOP/s) of the host CPU."""
+    src = torch.ones(64 << 20)  # 256 MiB fp32
+    read = _median(lambda: src.sum(), 5, torch.device("cpu"))
+    a = torch.randn(1024, 1024)
+    mm = _median(lambda: a @ a, 3, torch.device("cpu"))
+    return src.numel() * 4 / read / 1e9, 2 * 1024**3 / mm / 1e9
+
+
 def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
-    """(link kind, link GB/s, memory read GB/s, fp32 GFLOP/s)."""
+    """(link kind, link GB/s, memory read GB/s, fp32 GFLOP/s) of the device."""
     from moeinfer.offload.hardware import calibrate
 
     if device.type == "cuda":
@@ -291,9 +309,8 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
         mm = _median(lambda: a @ a, 5, device)
         return "host", n / h2d / 1e9, n / read / 1e9, 2 * 4096**3 / mm / 1e9
     hw = calibrate(mib=64, repeats=3)
-    src = torch.ones(64 << 20)  # 256 MiB fp32
-    read = _median(lambda: src.sum(), 5, device)
-    return "disk", hw.link_gbps, src.numel() * 4 / read / 1e9, hw.cpu_gflops
+    read_gbps, _ = _host_rates()
+    return "disk", hw.link_gbps, read_gbps, hw.cpu_gflops
 
 
 def default_variants(device: str, precisions: tuple[str, ...] = ("int8", "int4")) -> tuple[str, ...]:
@@ -324,9 +341,11 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
             print(f"measuring expert variant {v} ...", flush=True)
         rates[v] = measure_variant(v, dev)
     layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
+    host = _host_rates() if dev.type == "cuda" else (None, None)
     name, _ = _cpu_identity()
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
                           torch_version=torch.__version__, link=link, link_gbps=link_gbps, mem_read_gbps=read_gbps,
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
+                          host_mem_gbps=host[0], host_gflops=host[1],
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
                                    f"load average {os.getloadavg()[0]:.2f}")
