@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     from moeinfer.plan.planner import parse_budget
     from moeinfer.plan.profile import machine_profile
 
-    budgets = default_budgets(args.model) if args.budgets == "auto" else [parse_budget(b) for b in args.budgets.split(",")]
+    budgets = (default_budgets(args.model) if args.budgets == "auto"
+               else [parse_budget(b) for b in args.budgets.split(",")])
     profile = machine_profile("cpu", variants=("int8", "int4"), progress=True)
     base = moeinfer.evaluate(moeinfer.load(args.model, progress=False, dtype="float32"), "english",
                              max_bytes=args.max_bytes, progress=False).bits_per_byte

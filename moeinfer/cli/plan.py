@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="choose precision, placement and caching for a memory budget",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"checkpoint folder or shipped model (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"checkpoint folder or shipped model (default: {DEFAULT_MODEL})")
     p.add_argument("--memory", required=True, help="memory budget, e.g. 8GB, 512MB")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     p.add_argument("--max-quality-loss", type=_fraction, default=0.01,

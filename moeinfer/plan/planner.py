@@ -45,7 +45,9 @@ from moeinfer.plan.spec import FLOAT, OBJECTIVES, Plan, PlanError, PlanOffload, 
 DEFAULT_PRECISIONS = (FLOAT, "int8", "int4")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 POLICIES = ("lru", "lfu")  # policies that need no calibration trace at run time
-PREFETCHERS = ("none",)  # next-layer needs hidden states (not simulable); transition/mlp a calibration trace at run time
+# next-layer needs hidden states (the simulator replays routing only); transition/mlp need a calibration
+# trace at run time, which a plan file does not carry
+PREFETCHERS = ("none",)
 MAX_SIM_TOKENS = 256
 
 
@@ -98,7 +100,8 @@ def _memory(sizes: ModelSizes, c: _Candidate, context: int) -> int:
     return int(fixed + sum(sizes.num_experts * expert_bytes(sizes, p, fp32_weights=c.fp32) for p in c.precisions))
 
 
-def _resident_candidates(views: dict[int, Any], sizes: ModelSizes, profile: MachineProfile, quality: QualityModel | None,
+def _resident_candidates(views: dict[int, Any], sizes: ModelSizes, profile: MachineProfile,
+                         quality: QualityModel | None,
                          precisions: Sequence[str], budget: int, max_loss: float, batches: Sequence[int],
                          context: int) -> list[_Candidate]:
     """Step 4a."""

@@ -162,7 +162,8 @@ def cached_quality(path: Any, model: Any, text: Any, precisions: Sequence[str], 
     for f in sorted(root.glob("*.safetensors")) + [root / "config.json"]:
         st = f.stat()
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
-    h.update(f"{data.name}:{hashlib.sha256(data.text.encode()).hexdigest()}:{max_bytes}:{sorted(precisions)}:v1".encode())
+    digest = hashlib.sha256(data.text.encode()).hexdigest()
+    h.update(f"{data.name}:{digest}:{max_bytes}:{sorted(precisions)}:v1".encode())
     file = cache_dir() / "quality" / f"{h.hexdigest()[:24]}.json"
     if file.is_file():
         try:
