@@ -308,3 +308,15 @@ def test_layer_errors_order_precisions():
         assert 0 < errs["int8"][l] < errs["int4"][l] < 1
     assert all(math.isfinite(e) for e in errs["int4"])
     assert isinstance(np.float64(errs["int8"][0]), np.float64)
+
+
+def test_moeinfer_plan_is_callable_as_package_and_function_and_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, moeinfer; f = moeinfer.plan; import moeinfer.plan.spec; "
+            "heavy = [m for m in ('transformers', 'triton', 'fastapi', 'matplotlib') if m in sys.modules]; "
+            "print(callable(f), callable(moeinfer.plan), moeinfer.plan.plan is moeinfer.plan.planner.plan, heavy, "
+            "torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True True True [] False"
