@@ -55,3 +55,23 @@ def test_generate_and_eval_with_a_plan_file(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("model: tiny\n")
     assert main(["generate", "--plan", str(tmp_path / "bad.yaml"), "-n", "1", "The"]) == 1
     assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_bench_reports_predicted_beside_measured(tmp_path, capsys):
+    from moeinfer.bench.results import read_results
+    from moeinfer.plan import Prediction
+
+    p = Plan(model="tiny", device="cpu", budget_bytes=10**8, objective="latency", precisions=("int8",) * 4,
+             kernel="auto", predicted=Prediction(decode_tok_s=42.0, prefill_tok_s=420.0, memory_bytes=10**7,
+                                                 quality_loss=0.001))
+    plan_file = p.save(tmp_path / "plan.yaml")
+    (tmp_path / "s.yaml").write_text(
+        "name: plan\nmodels: [tiny]\naxes: {workload: [decode-b1]}\nscale: 0.05\n"
+        "peaks: false\nquality: {datasets: [python], max_bytes: 500}\nenergy: {min_window_s: 1, idle_s: 0}\n")
+    assert main(["bench", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--plan", str(plan_file)]) == 0
+    assert "decode predicted 42.0 tok/s, measured" in capsys.readouterr().out
+    [point] = read_results(tmp_path / "o" / "results.json")["points"]
+    got = point["metrics"]["plan"]
+    assert got["configuration"] == p.describe() and got["predicted"]["decode_tok_s"] == 42.0
+    assert got["measured_decode_tok_s"] > 0
