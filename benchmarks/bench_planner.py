@@ -12,7 +12,8 @@ chosen plan and its 3 runners-up:
    instrumentation (moeinfer.bench.instrument): decode tok/s = 1 / median decode step, prefill tok/s
    = prompt tokens / median prefill forward;
 3. bits per byte on the held-out english text (`moeinfer.evaluate`, first `--max-bytes` bytes, fp32
-   compute on the CPU like `moeinfer eval`) against the unquantized model: measured quality loss;
+   compute on the CPU like `moeinfer eval`) against the unquantized model: measured quality loss
+   (plans whose experts all stay in float keep the weights, so their loss is 0 without an evaluation);
 4. print a table (plan, predicted and measured decode/prefill, ratio, predicted/measured quality) and
    write all of it, with the machine profile and load average, as JSON.
 Timing numbers from a shared or busy machine are not results: the script records the load average.
@@ -49,6 +50,9 @@ def measure(model_name: str, plan: Any, *, tokens: int, repeats: int, max_bytes:
     decode = plan.batch_size / statistics.median(dec) if dec else None
     prefill = 1.0 / statistics.median(pre) if pre else None
     del model
+    if all(p == "bf16" for p in plan.precisions):  # offloading and kernels do not change the weights
+        return {"decode_tok_s": decode, "prefill_tok_s": prefill, "bits_per_byte": base_bpb, "quality_loss": 0.0,
+                "quality_note": "float experts: the unquantized model's bits per byte"}
     qmodel = moeinfer.load(model_name, progress=False, dtype="float32")
     moeinfer.apply_plan_(qmodel, plan)
     bpb = moeinfer.evaluate(qmodel, "english", max_bytes=max_bytes, progress=False).bits_per_byte
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-bytes", type=int, default=16384)
     ap.add_argument("--max-quality-loss", type=float, default=0.01)
+    ap.add_argument("--runners", type=int, default=3, help="runners-up measured per budget (default: 3)")
     ap.add_argument("--out", default="planner-bench.json")
     args = ap.parse_args(argv)
 
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         chosen = moeinfer.plan(args.model, budget, max_quality_loss=args.max_quality_loss, profile=profile)
         plan_s = time.perf_counter() - t0
-        for rank, p in enumerate((chosen, *chosen.runners_up)):
+        for rank, p in enumerate((chosen, *chosen.runners_up[:args.runners])):
             got = measure(args.model, p, tokens=args.tokens, repeats=args.repeats, max_bytes=args.max_bytes,
                           base_bpb=base)
             pr = p.predicted
