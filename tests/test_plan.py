@@ -126,6 +126,15 @@ def test_apply_plan_layer_count_mismatch():
         apply_plan_(model, sample_plan(precisions=("bf16",) * 3, runners_up=()))
 
 
+def test_plan_applied_model_saves_and_loads_equal(tmp_path):
+    model = apply_plan_(moeinfer.load("tiny", progress=False), sample_plan(kernel="reference", fp32_weights=False))
+    again = moeinfer.load(moeinfer.save(model, tmp_path / "planned"), progress=False)
+    assert [type(b.experts).__name__ for b in again.moe_blocks()] == [
+        "QuantizedExperts", "Experts", "QuantizedExperts", "Experts"]
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(model(ids), again(ids))
+
+
 def test_quantize_layers_rejects_unknown_precision():
     from moeinfer.compress.api import compress_
 
