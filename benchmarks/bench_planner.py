@@ -14,7 +14,9 @@ chosen plan and its 3 runners-up:
 3. bits per byte on the held-out english text (`moeinfer.evaluate`, first `--max-bytes` bytes, fp32
    compute on the CPU like `moeinfer eval`) against the unquantized model: measured quality loss
    (plans whose experts all stay in float keep the weights, so their loss is 0 without an evaluation);
-4. print a table (plan, predicted and measured decode/prefill, ratio, predicted/measured quality) and
+4. the same measurements for the issue's baselines that fit the budget (`baselines`: the default,
+   a `--fit`-like memory-only rule, uniform int4), for the "at least as fast as the best of them" check;
+5. print a table (plan, predicted and measured decode/prefill, ratio, predicted/measured quality) and
    write all of it, with the machine profile and load average, as JSON.
 Timing numbers from a shared or busy machine are not results: the script records the load average.
 """
@@ -60,6 +62,32 @@ def measure(model_name: str, plan: Any, *, tokens: int, repeats: int, max_bytes:
             "quality_loss": (bpb - base_bpb) / base_bpb}
 
 
+def baselines(model_name: str, budget: int) -> dict[str, Any]:
+    """The issue's comparison points at `budget` (those that fit by the planner's memory model):
+    (a) the default: every expert resident in float, kernel auto; (b) a memory-only rule like
+    llama.cpp's --fit: float weights, experts spilled to the slow tier with every slot the budget
+    leaves in a plain LRU cache; (c) uniform int4, resident."""
+    from moeinfer.plan import Plan, PlanOffload
+    from moeinfer.plan.costs import expert_bytes, fixed_bytes
+    from moeinfer.plan.sizes import sizes_from_checkpoint
+
+    s = sizes_from_checkpoint(model_name)
+    fixed = fixed_bytes(s, batch=1, context=min(1024, s.max_context))
+    n, L = s.num_layers * s.num_experts, s.num_layers
+    common = dict(model=model_name, device="cpu", budget_bytes=budget, objective="latency")
+    out: dict[str, Any] = {}
+    if fixed + n * expert_bytes(s, "bf16") <= budget:
+        out["default"] = Plan(precisions=("bf16",) * L, kernel="auto", **common)
+    else:
+        slots = int((budget - fixed) // expert_bytes(s, "bf16"))
+        if slots >= 1:
+            out["fit-rule"] = Plan(precisions=("bf16",) * L, kernel="reference",
+                                   offload=PlanOffload(tier="disk", cache_experts=slots, policy="lru"), **common)
+    if fixed + n * expert_bytes(s, "int4") <= budget:
+        out["uniform-int4"] = Plan(precisions=("int4",) * L, kernel="auto", **common)
+    return out
+
+
 def default_budgets(model_name: str) -> list[int]:
     from moeinfer.plan.costs import expert_bytes, fixed_bytes
     from moeinfer.plan.sizes import sizes_from_checkpoint
@@ -80,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-bytes", type=int, default=16384)
     ap.add_argument("--max-quality-loss", type=float, default=0.01)
     ap.add_argument("--runners", type=int, default=3, help="runners-up measured per budget (default: 3)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the default / --fit-like / int4 baselines")
     ap.add_argument("--out", default="planner-bench.json")
     args = ap.parse_args(argv)
 
@@ -108,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{got['decode_tok_s']:8.1f} ({ratio:5.2f}x)  prefill {pr.prefill_tok_s:8.1f} -> "
                   f"{got['prefill_tok_s']:8.1f}  quality {100 * (pr.quality_loss or 0):+.2f}% -> "
                   f"{100 * got['quality_loss']:+.2f}%", flush=True)
+        if not args.no_baselines:
+            for name, b in baselines(args.model, budget).items():
+                got = measure(args.model, b, tokens=args.tokens, repeats=args.repeats, max_bytes=args.max_bytes,
+                              base_bpb=base)
+                rows.append({"budget": budget, "baseline": name, "plan": b.describe(), "measured": got,
+                             "load_avg": os.getloadavg()[0]})
+                print(f"{budget / 1e6:8.1f} MB  {name:<14}  {b.describe():<60}  decode measured "
+                      f"{got['decode_tok_s']:8.1f}  prefill {got['prefill_tok_s']:8.1f}  quality "
+                      f"{100 * got['quality_loss']:+.2f}%", flush=True)
     out = {"model": args.model, "profile": profile.to_dict(), "base_bits_per_byte": base, "rows": rows,
            "note": "timings from the machine this ran on; check load_avg before reading them as results"}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
