@@ -8,7 +8,8 @@ For each budget (default: three budgets from the model's own sizes: a few float 
 fixed memory, half the float experts, all of them), plan with the default settings, then for the
 chosen plan and its 3 runners-up:
 1. load the model, `apply_plan_`, warm up;
-2. generate `--tokens` tokens greedily from a fixed prompt `--repeats` times under the benchmark's
+2. generate `--tokens` tokens greedily from a 64-token prompt (the length of the planner's prefill
+   sequences) `--repeats` times under the benchmark's
    instrumentation (moeinfer.bench.instrument): decode tok/s = 1 / median decode step, prefill tok/s
    = prompt tokens / median prefill forward;
 3. bits per byte on the held-out english text (`moeinfer.evaluate`, first `--max-bytes` bytes, fp32
@@ -33,14 +34,20 @@ from pathlib import Path
 from typing import Any
 
 
+PROMPT_TOKENS = 64
+
+
 def measure(model_name: str, plan: Any, *, tokens: int, repeats: int, max_bytes: int, base_bpb: float,
             dtype: str | None = None) -> dict[str, Any]:
     import moeinfer
     from moeinfer.bench.instrument import instrument
 
+    from moeinfer.eval.datasets import load_dataset
+
     model = moeinfer.load(model_name, progress=False, dtype=dtype)
     moeinfer.apply_plan_(model, plan)
-    prompt = "Once upon a time, in a small village by the sea, there lived"
+    # a prompt as long as the planner's prefill sequences (64 tokens of held-out text)
+    prompt = model.tokenizer.encode(load_dataset("english").text[:4000])[:PROMPT_TOKENS]
     moeinfer.generate(model, [prompt], max_new_tokens=4, ignore_eos=True)  # warm-up
     dec: list[float] = []
     pre: list[float] = []
