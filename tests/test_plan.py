@@ -266,6 +266,16 @@ def test_plan_offloads_when_experts_do_not_fit():
         plan("tiny", fixed // 2, profile=prof, quality=toy_quality(4))
 
 
+def test_plan_argument_errors():
+    prof = synthetic_profile()
+    with pytest.raises(ValueError, match="layer precision 'int5' is not known"):
+        plan("tiny", "200MB", profile=prof, precisions=("bf16", "int5"))
+    with pytest.raises(PlanError, match="objective"):
+        plan("tiny", "200MB", profile=prof, objective="fastest")
+    with pytest.raises(PlanError, match="fraction"):
+        plan("tiny", "200MB", profile=prof, max_quality_loss=5)
+
+
 def test_throughput_objective_picks_a_batch():
     prof = synthetic_profile()
     p = plan("tiny", "200MB", profile=prof, quality=toy_quality(4), objective="throughput", batch_sizes=(1, 4))

@@ -206,7 +206,12 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
         raise PlanError(f"device must be cpu or cuda, got {device!r}")
     if not 0 <= max_quality_loss < 1:
         raise PlanError(f"max_quality_loss is a fraction (0.01 = 1%), got {max_quality_loss}")
+    from moeinfer.compress.methods.quantize_layers import layer_quantizer
+
     precisions = tuple(dict.fromkeys(precisions))
+    for p in precisions:
+        if p != FLOAT:
+            layer_quantizer(p)  # a clear error for an unknown precision, before anything is measured
     if FLOAT not in precisions:
         precisions = (FLOAT, *precisions)
     budget_bytes = parse_budget(budget)
