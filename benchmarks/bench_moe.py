@@ -268,7 +268,7 @@ def transformers_decode_rate(hf: Any, ids: torch.Tensor, n: int, sync: Callable[
 def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
     """moeinfer-tiny: batch-1 decode and a 512-token prefill, moeinfer kernels vs transformers."""
     import moeinfer
-    from moeinfer.api import resolve_model_path
+    from moeinfer.models import resolve_model_path
     from moeinfer.kernels import use_kernel_
 
     torch.set_num_threads(threads)

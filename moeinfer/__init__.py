@@ -1,7 +1,8 @@
 """moeinfer: fast, small and reliable inference for Mixture-of-Experts language models.
 
 Public API (stable): `load`, `save`, `generate`, `Generation`, `MoEModel`, `ModelConfig`; transforms applied
-after loading, in place: `compress_`, `use_kernel_`, `set_routing_`, `offload_`.
+after loading, in place: `compress_`, `use_kernel_`, `set_routing_`, `offload_`;
+automatic configuration: `plan`, `apply_plan_`, `Plan`.
 Importing the package loads torch but initialises no GPU and imports no optional dependency.
 """
 
@@ -14,7 +15,7 @@ from moeinfer._lazy import lazy_exports
 __version__ = "0.1.0"
 __all__ = ["load", "save", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
            "evaluate", "offload_", "OffloadConfig", "use_kernel_", "compress_", "Recipe", "set_routing_",
-           "__version__"]
+           "plan", "apply_plan_", "Plan", "__version__"]
 
 _LAZY = {
     "load": "moeinfer.api",
@@ -31,6 +32,9 @@ _LAZY = {
     "compress_": "moeinfer.compress.api",
     "Recipe": "moeinfer.compress.recipe",
     "set_routing_": "moeinfer.model.gating",
+    "plan": "moeinfer.plan.planner",
+    "apply_plan_": "moeinfer.plan.apply",
+    "Plan": "moeinfer.plan.spec",
 }
 
 if TYPE_CHECKING:
@@ -46,6 +50,9 @@ if TYPE_CHECKING:
     from moeinfer.compress.api import compress_
     from moeinfer.compress.recipe import Recipe
     from moeinfer.model.gating import set_routing_
+    from moeinfer.plan.apply import apply_plan_
+    from moeinfer.plan.planner import plan
+    from moeinfer.plan.spec import Plan
 
 
 __getattr__ = lazy_exports(__name__, _LAZY)

@@ -42,6 +42,7 @@ from moeinfer.bench.workloads import arrival_times, build_prompts, get_workload,
 from moeinfer.engine.generate import generate
 from moeinfer.eval import evaluate
 from moeinfer.models import SHIPPED
+from moeinfer.plan import apply_plan_
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
@@ -82,8 +83,9 @@ def model_identity(model: Any, *, hash_limit: int = 2 << 30) -> dict[str, Any]:
 class Sweep:
     def __init__(self, config: SweepConfig, out_dir: str | Path, *, resume: bool = False,
                  meter: EnergyMeter | None = None, progress: bool = True,
-                 log_fn: Callable[[str], None] = print) -> None:
+                 log_fn: Callable[[str], None] = print, plan: Any = None) -> None:
         self.config, self.out = config, Path(out_dir)
+        self.plan = plan  # a moeinfer.plan.Plan applied after the axes; its predictions go beside the measurements
         self.resume, self.progress, self.say = resume, progress, log_fn
         self.device = torch.device(config.device)
         self.meter = meter
@@ -114,6 +116,9 @@ class Sweep:
         self._models.clear()  # one model in memory at a time
         model = load(p.model, device=self.device, dtype=p.dtype, progress=False)
         apply_axes(model, p)
+        if self.plan is not None:
+
+            apply_plan_(model, self.plan)
         if model.tokenizer is None:
             raise ValueError(f"{p.model} has no tokenizer.json: the benchmark's prompts are cut from text")
         quality = {}
@@ -211,6 +216,10 @@ class Sweep:
         raw = dict(requests=[r.to_dict() for r in records], forwards=[f.to_list() for f in ins.forwards],
                    energy=energy.to_dict(), peak_rss_bytes=rss, gpu_peak_bytes=gpu)
         wl = {**w.to_dict(), "description": get_workload(p.workload).description}
+        if self.plan is not None and self.plan.predicted is not None:
+            tpot = latency["tpot_s"]["p50"]
+            metrics["plan"] = dict(configuration=self.plan.describe(), predicted=vars(self.plan.predicted),
+                                   measured_decode_tok_s=min(w.batch_size, w.num_requests) / tpot if tpot > 0 else None)
         return dict(id=p.id, config=p.to_dict(), status="ok", error=None, seconds=time.perf_counter() - t_start,
                     model=entry.info, workload=wl, raw=raw, metrics=metrics)
 
@@ -290,9 +299,10 @@ def _fmt_s(s: float) -> str:
 
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, resume: bool = False, report: bool = True,
               progress: bool = True, meter: EnergyMeter | None = None,
-              log_fn: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run `config`, write results.json (and report.md, report.html, plots) into `out_dir`."""
-    data = Sweep(config, out_dir, resume=resume, meter=meter, progress=progress, log_fn=log_fn).run()
+              log_fn: Callable[[str], None] = print, plan: Any = None) -> dict[str, Any]:
+    """Run `config`, write results.json (and report.md, report.html, plots) into `out_dir`; `plan`: a
+    moeinfer.plan.Plan applied to every model, its predictions recorded beside the measurements."""
+    data = Sweep(config, out_dir, resume=resume, meter=meter, progress=progress, log_fn=log_fn, plan=plan).run()
     if report:
         write_report(data, out_dir)
     return data

@@ -11,7 +11,8 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["generate", "inspect", "init", "eval", "trace", "serve", "placement", "bench", "compress", "simulate"]
+SUBCOMMANDS = ["generate", "inspect", "init", "eval", "trace", "serve", "placement", "bench", "compress", "simulate",
+               "plan"]
 DEFAULT_MODEL = "tiny"
 
 

@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-source", default=None,
                    help="text the prompts are cut from: english, python, or a file/folder (default: the sweep's)")
     p.add_argument("--no-peaks", action="store_true", help="skip the bandwidth/matmul peak measurement")
+    p.add_argument("--plan", default=None, help="plan.yaml (moeinfer plan) applied to every model; predicted beside measured")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list workloads and axes, then exit")
     p.set_defaults(func=run)
@@ -82,8 +83,12 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.bench.runner import run_sweep
 
+    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+    from moeinfer.plan.spec import Plan
+
+    plan = Plan.load(args.plan) if args.plan else None
     data = run_sweep(cfg, args.out, resume=args.resume, progress=not args.no_progress,
-                     log_fn=lambda s: print(s, file=sys.stderr))
+                     log_fn=lambda s: print(s, file=sys.stderr), plan=plan)
     failed = [p for p in data["points"] if p["status"] != "ok"]
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.bench.report import summary_table
@@ -93,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
           f"results: {Path(args.out) / 'results.json'}, report: {Path(args.out) / 'report.md'}")
     for p in failed:
         print(f"  failed: {p['id']}: {p['error']}", file=sys.stderr)
+    for p in data["points"]:
+        pl = (p.get("metrics") or {}).get("plan")
+        if pl:
+            got = pl["measured_decode_tok_s"]
+            print(f"plan {pl['configuration']}: {p['id']}: decode predicted {pl['predicted']['decode_tok_s']:.1f} "
+                  f"tok/s, measured {'-' if got is None else f'{got:.1f}'}")
     return 1 if failed else 0
 
 

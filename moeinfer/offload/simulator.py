@@ -17,14 +17,17 @@ run's exactly. Only the clock is modelled, from a `HardwareProfile` and a `Model
    with overlap=False (the on-demand baseline) each layer first waits for all its loads;
 5. report hits, bytes moved, stall, total time and tokens/s, and the lower bound
    (bytes moved / link bandwidth).
-Not modelled: attention's KV-cache reads, kernel launch overheads, contention of the link by other
-traffic, page-cache effects of a disk tier.
+The costs of steps 2 and 4 and of the LM head come from a `StepCosts` (default `RooflineCosts`: the
+formulas above, from the profile alone); the planner (moeinfer.plan) passes its measured per-layer,
+per-precision costs instead, so `moeinfer plan` and `moeinfer simulate` share this one clock.
+Not modelled: attention's KV-cache reads, kernel launch overheads (unless a StepCosts measures them),
+contention of the link by other traffic, page-cache effects of a disk tier.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from moeinfer.offload.apply import as_trace, build_cache
 from moeinfer.offload.cache import Load
@@ -60,6 +63,35 @@ class SimResult:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s, "hit_rate": self.hit_rate}
 
 
+class StepCosts(Protocol):
+    """Seconds the simulator charges; `tokens` = rows of the step (dense, head) or routed to the expert."""
+
+    def dense_s(self, layer: int, tokens: int) -> float: ...
+
+    def expert_s(self, layer: int, tokens: int) -> float: ...
+
+    def head_s(self, tokens: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class RooflineCosts:
+    """The default clock: max(bytes / fast-memory bandwidth, flops / compute) from a profile and a shape."""
+
+    shape: ModelShape
+    hardware: HardwareProfile
+
+    def dense_s(self, layer: int, tokens: int) -> float:
+        mem_bw, flops = self.hardware.fast_mem_gbps * 1e9, self.hardware.compute_tflops * 1e12
+        return max(self.shape.dense_bytes_per_layer / mem_bw, 2.0 * self.shape.dense_params_per_layer * tokens / flops)
+
+    def expert_s(self, layer: int, tokens: int) -> float:
+        mem_bw, flops = self.hardware.fast_mem_gbps * 1e9, self.hardware.compute_tflops * 1e12
+        return max(self.shape.expert_bytes / mem_bw, self.shape.expert_flops(tokens) / flops)
+
+    def head_s(self, tokens: int) -> float:
+        return self.shape.other_params * self.shape.dtype_bytes / (self.hardware.fast_mem_gbps * 1e9)
+
+
 def cost_model_for(shape: ModelShape, hw: HardwareProfile, *, weights_on_host: bool = True) -> CostModel:
     """The CPU-assist cost model a profile implies (the live run calibrates its own)."""
     cpu_token = shape.expert_flops(1) / (hw.cpu_gflops * 1e9)
@@ -70,8 +102,8 @@ def cost_model_for(shape: ModelShape, hw: HardwareProfile, *, weights_on_host: b
 
 def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadConfig, hardware: HardwareProfile,
              cost_model: CostModel | None = None, low_bit_bytes: int | None = None, overlap: bool = True,
-             progress: bool = False) -> SimResult:
-    """Replay `trace` (steps 1-5 of the module docstring)."""
+             progress: bool = False, costs: StepCosts | None = None) -> SimResult:
+    """Replay `trace` (steps 1-5 of the module docstring); `costs`: the clock (default RooflineCosts)."""
     trace = as_trace(trace, "trace")
     if (trace.num_layers, trace.num_experts) != (shape.num_layers, shape.num_experts):
         raise TraceError(f"routing trace has {trace.num_layers} MoE layers x {trace.num_experts} experts; the "
@@ -86,7 +118,8 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
                                     top_k=trace.top_k, expert_bytes=shape.expert_bytes, assist=assist,
                                     low_bit_bytes=low_bit_bytes)
     cache.warm()
-    link_bw, mem_bw, flops = hardware.link_gbps * 1e9, hardware.fast_mem_gbps * 1e9, hardware.compute_tflops * 1e12
+    link_bw = hardware.link_gbps * 1e9
+    clock: StepCosts = costs if costs is not None else RooflineCosts(shape, hardware)
     latency = hardware.link_latency_us * 1e-6
     now = link_free = stall = 0.0
     slot_ready: dict[int, float] = {}
@@ -115,7 +148,7 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
         n = len(step.rows)
         for v in visits:
             # 2. the dense part of the layer, then the cache's decision
-            now += max(shape.dense_bytes_per_layer / mem_bw, 2.0 * shape.dense_params_per_layer * n / flops)
+            now += clock.dense_s(v.layer, n)
             plan = cache.visit(v)
             # 3. demand loads, then prefetches, on one FIFO link
             ready = queue(plan.loads)
@@ -135,18 +168,18 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
                 if t_ready > now:
                     stall += t_ready - now
                     now = t_ready
-                now += max(shape.expert_bytes / mem_bw, shape.expert_flops(tokens[e]) / flops)
+                now += clock.expert_s(v.layer, tokens[e])
             cpu_end = start + sum(assist.cpu_s(tokens[e]) for e in plan.assisted) if assist is not None else start
             for e in ready:
                 if ready[e] > now:
                     stall += ready[e] - now
                     now = ready[e]
-                now += max(shape.expert_bytes / mem_bw, shape.expert_flops(tokens[e]) / flops)
+                now += clock.expert_s(v.layer, tokens[e])
             if cpu_end > now:
                 stall += cpu_end - now
                 now = cpu_end
         # the LM head and embeddings once per step
-        now += shape.other_params * shape.dtype_bytes / mem_bw
+        now += clock.head_s(n)
     st = cache.stats
     settings = {"policy": config.policy, "prefetch": config.prefetch, "cache": str(config.cache),
                 "scope": config.scope, "slots": cache.num_slots, "cpu_assist": config.cpu_assist,

@@ -10,7 +10,7 @@ import argparse
 import importlib
 from typing import Any
 
-OPTIONS: list[str] = ["kernel", "routing", "offload"]
+OPTIONS: list[str] = ["kernel", "routing", "offload", "plan"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,86 @@
+"""Per-layer expert precision: each MoE layer quantized with its own uniform preset, or kept in float.
+
+The step a plan (`moeinfer plan`, docs/planner.md) writes when its search gives layers different
+precisions, e.g. `{"method": "quantize_layers", "precisions": ["int8", "none", "int4", "int4"]}`.
+It follows layer-wise mixed precision as in MC-MoE's per-layer budget view (Huang et al., 2024) but
+the widths come from the caller, not from an importance measure.
+
+Steps:
+1. resolve every layer's precision: "none" keeps the layer's experts as they are, any other name must
+   be a preset made of one experts-only `quantize` step (int8, int4, q8_0, q4_0, int3, int2);
+2. per MoE layer (progress bar): quantize its plain experts with that preset's bits, group size and
+   algorithm -> QuantizedExperts, exactly as the `quantize` step would for the whole model;
+3. summary: the precision and relative weight error of each layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from moeinfer.compress.calibration import CalibrationData
+from moeinfer.compress.methods.quantize import QuantizeParams, relative_error
+from moeinfer.formats.quantized_experts import QuantizedExperts
+from moeinfer.compress.registry import CompressionError, register_method
+from moeinfer.compress.surgery import plain_experts
+from moeinfer.model.transformer import MoEModel
+from moeinfer.compress.presets import PRESETS
+
+KEEP = "none"
+
+
+def layer_quantizer(name: str) -> QuantizeParams | None:
+    """The QuantizeParams of precision `name` ("none" -> None); a clear error for anything else."""
+    if name == KEEP:
+        return None
+
+    steps = PRESETS.get(name)
+    ok = sorted(k for k, v in PRESETS.items() if len(v) == 1 and v[0]["method"] == "quantize"
+                and v[0].get("scope", "experts") == "experts")
+    if steps is None or name not in ok:
+        raise ValueError(f"layer precision {name!r} is not known; choose 'none' or one of {', '.join(ok)}")
+    params = {k: v for k, v in steps[0].items() if k != "method"}
+    return QuantizeParams(**params)
+
+
+@dataclass(frozen=True)
+class QuantizeLayersParams:
+    precisions: tuple[str, ...] = ()  # one per MoE layer, in order: "none" or a quantize preset name
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.precisions, (list, tuple)) or not self.precisions:
+            raise ValueError(f"precisions must be a non-empty list (one per MoE layer), got {self.precisions!r}")
+        object.__setattr__(self, "precisions", tuple(str(p) for p in self.precisions))
+        for p in self.precisions:
+            layer_quantizer(p)
+
+
+@register_method("quantize_layers", params=QuantizeLayersParams, needs="none")
+def quantize_layers(model: MoEModel, p: QuantizeLayersParams, calib: CalibrationData | None, *,
+                    progress: bool = True) -> dict[str, Any]:
+    """Quantize each MoE layer's experts with its own preset (steps in the module docstring)."""
+    from tqdm.auto import tqdm
+
+    blocks = model.moe_blocks()
+    # 1. check everything before changing anything
+    if len(p.precisions) != len(blocks):
+        raise CompressionError(f"quantize_layers: {len(p.precisions)} precisions for {len(blocks)} MoE layers")
+    quantizers = [layer_quantizer(name) for name in p.precisions]
+    for block, q in zip(blocks, quantizers):
+        if q is not None:
+            plain_experts(block, "quantize_layers")
+    # 2. layer by layer
+    errors: dict[str, float] = {}
+    for block, name, q in tqdm(list(zip(blocks, p.precisions, quantizers)), desc="quantize layers", unit="layer",
+                               disable=not progress or None):
+        if q is None:
+            continue
+        ex = block.experts
+        new = QuantizedExperts.from_float(ex.gate_up_proj.data, ex.down_proj.data, [q.bits] * ex.num_experts,
+                                          group_size=q.group_size, algorithm=q.algorithm)
+        gu, dn = new.dequantize_all(ex.gate_up_proj.dtype)
+        errors[str(block.layer_idx)] = round((relative_error(ex.gate_up_proj, gu)
+                                              + relative_error(ex.down_proj, dn)) / 2, 8)
+        block.experts = new
+    # 3. summary
+    return {"precisions": list(p.precisions), "expert_rel_error": errors}

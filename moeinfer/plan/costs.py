@@ -1,0 +1,165 @@
+"""The planner's cost model: what a configuration costs in time and memory on this machine.
+
+Shapes: L MoE layers, E experts per layer, K top-k, D hidden, I expert inner size, B batch rows.
+
+Time comes from the offload simulator's clock (`moeinfer.offload.simulator.simulate`, the engine of
+`moeinfer simulate`), fed with `MeasuredCosts`, which prices each piece of a step from the machine
+profile (moeinfer.plan.profile) instead of from datasheet rates:
+- the dense part of a MoE layer (attention, norms, router): layer_fixed_s + dense bytes / memory
+  read bandwidth (or its matmul flops / matmul rate, whichever is larger);
+- an expert of layer l at precision p_l with t tokens: the fitted rate of that precision and kernel,
+  expert_fixed_s + max(stored bytes / bytes_per_s, 6 D I t / flops_per_s), plus the experts
+  module's call_s once per layer (charged with the dense part);
+- once per step: step_fixed_s + LM head bytes / memory read bandwidth.
+A resident configuration is simulated with a cache that holds every expert (static placement, warm
+before the first step), so it reduces to the sum above; an offloaded one with the real policy,
+prefetcher and link. `layer_seconds` gives the same sum split per layer, which the search uses.
+
+Memory (`fixed_bytes` + per-layer expert bytes): dense weights and embeddings in the checkpoint's
+dtype, each layer's experts in its precision (codes plus fp32 scale and zero per group; an fp32
+compute copy when the kernel keeps one), the expert cache's slots, the KV cache of B rows x context
+tokens, and working memory (the logits of a prefill chunk, plus a fixed 64 MiB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moeinfer.plan.profile import MachineProfile, stored_expert_bytes
+from moeinfer.plan.spec import FLOAT
+from moeinfer.offload.config import OffloadConfig
+from moeinfer.offload.hardware import ModelShape
+from moeinfer.offload.simulator import simulate
+from moeinfer.offload.visits import planned_steps
+from moeinfer.traces.trace import RoutingTrace
+
+WORKING_BYTES = 64 * 2**20
+PREFILL_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the cost and memory models need of a model, read from config.json alone."""
+
+    name: str
+    num_layers: int  # MoE layers
+    num_experts: int
+    top_k: int
+    hidden: int
+    inter: int
+    dtype_bytes: int
+    dense_params_per_layer: int
+    other_params: int  # embeddings + LM head
+    head_params: int  # LM head alone (read every step)
+    kv_bytes_per_token: int  # all layers, K and V, in the checkpoint's dtype
+    vocab: int
+    max_context: int
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden * self.inter
+
+    @property
+    def dense_bytes(self) -> int:
+        return (self.dense_params_per_layer * self.num_layers + self.other_params) * self.dtype_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.dense_bytes + self.num_layers * self.num_experts * self.expert_params * self.dtype_bytes
+
+    def shape(self) -> Any:
+        """The offload simulator's ModelShape."""
+        return ModelShape(name=self.name, num_layers=self.num_layers, num_experts=self.num_experts, top_k=self.top_k,
+                          hidden=self.hidden, inter=self.inter, dtype_bytes=self.dtype_bytes,
+                          dense_params_per_layer=self.dense_params_per_layer, other_params=self.other_params)
+
+
+def variant(precision: str, kernel: str, fp32_weights: bool) -> str:
+    """The profile's name of an expert-stage variant: "bf16/<kernel>[+fp32]" or the quantize preset."""
+    if precision == FLOAT:
+        return f"bf16/{kernel}{'+fp32' if fp32_weights else ''}"
+    return precision
+
+
+def expert_bytes(sizes: ModelSizes, precision: str, *, fp32_weights: bool = False) -> float:
+    """Memory one expert takes at `precision` (with the kernel's fp32 compute copy for float experts)."""
+    if precision == FLOAT:
+        return sizes.expert_params * (sizes.dtype_bytes + (4 if fp32_weights else 0))
+    return stored_expert_bytes(precision, sizes.hidden, sizes.inter)
+
+
+def fixed_bytes(sizes: ModelSizes, *, batch: int, context: int) -> int:
+    """Memory that does not depend on the experts' placement or precision."""
+    logits = min(context, PREFILL_CHUNK) * sizes.vocab * 4
+    return int(sizes.dense_bytes + sizes.kv_bytes_per_token * batch * context + logits + WORKING_BYTES)
+
+
+class MeasuredCosts:
+    """`StepCosts` for the simulator from a machine profile and per-layer precisions (module docstring)."""
+
+    def __init__(self, sizes: ModelSizes, profile: MachineProfile, precisions: Sequence[str], *,
+                 kernel: str, fp32_weights: bool = False) -> None:
+        if len(precisions) != sizes.num_layers:
+            raise ValueError(f"{len(precisions)} precisions for {sizes.num_layers} MoE layers")
+        self.sizes, self.profile = sizes, profile
+        self.rates = [profile.rate(variant(p, kernel, fp32_weights)) for p in precisions]
+        self.stored = [stored_expert_bytes(variant(p, kernel, fp32_weights), sizes.hidden, sizes.inter,
+                                           sizes.dtype_bytes) for p in precisions]
+        self.mem_bw = profile.mem_read_gbps * 1e9
+        self.flops = profile.matmul_gflops * 1e9
+
+    def dense_s(self, layer: int, tokens: int) -> float:
+        s = self.sizes
+        work = max(s.dense_params_per_layer * s.dtype_bytes / self.mem_bw,
+                   2.0 * s.dense_params_per_layer * tokens / self.flops)
+        return self.profile.layer_fixed_s + self.rates[layer].call_s + work
+
+    def expert_s(self, layer: int, tokens: int) -> float:
+        return self.rates[layer].expert_s(self.stored[layer], 6.0 * self.sizes.hidden * self.sizes.inter * tokens)
+
+    def head_s(self, tokens: int) -> float:
+        s = self.sizes
+        work = max(s.head_params * s.dtype_bytes / self.mem_bw, 2.0 * s.head_params * tokens / self.flops)
+        return self.profile.step_fixed_s + work
+
+
+def layer_seconds(trace: Any, costs: MeasuredCosts) -> tuple[list[float], float]:
+    """A resident configuration's time on `trace`, split: (seconds per MoE layer, seconds per-step
+    costs); their total equals `simulate` with every expert resident (tested)."""
+    per_layer = [0.0] * costs.sizes.num_layers
+    steps = 0.0
+    for step, visits in planned_steps(trace):
+        n = len(step.rows)
+        for v in visits:
+            per_layer[v.layer] += costs.dense_s(v.layer, n) + sum(costs.expert_s(v.layer, t) for t in v.tokens)
+        steps += costs.head_s(n)
+    return per_layer, steps
+
+
+def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precisions: Sequence[str], *,
+                  kernel: str, fp32_weights: bool = False, offload: Any = None) -> Any:
+    """The offload simulator's replay of `trace` under a configuration; `offload` = a PlanOffload or
+    None (every expert resident: a static cache of all L x E experts, warm before the first step)."""
+    costs = MeasuredCosts(sizes, profile, precisions, kernel=kernel, fp32_weights=fp32_weights)
+    if offload is None:
+        cfg = OffloadConfig(tier="cpu", cache=sizes.num_layers * sizes.num_experts, scope="global", policy="static",
+                            calibration=_all_experts_trace(sizes))
+    else:
+        cfg = offload.config(offload_dir="unused-by-the-simulator")
+    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=profile.hardware(), costs=costs)
+
+
+def _all_experts_trace(sizes: ModelSizes) -> Any:
+    """A one-token-per-expert trace: the static policy's popularity then places every expert."""
+    import numpy as np
+
+    L, E, K = sizes.num_layers, sizes.num_experts, sizes.top_k
+    rows = -(-E // K)
+    experts = np.full((rows, L, K), -1, dtype=np.int16)
+    for r in range(rows):
+        ids = [e for e in range(r * K, min(E, (r + 1) * K))]
+        experts[r, :, :len(ids)] = ids
+    return RoutingTrace(experts=experts, weights=np.ones((rows, L, K), np.float32) / K, seq=np.arange(rows),
+                        pos=np.zeros(rows), is_prompt=np.ones(rows, bool), layers=np.arange(L), num_experts=E)

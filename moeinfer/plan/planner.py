@@ -1,0 +1,304 @@
+"""`moeinfer.plan(model, budget)`: choose expert precision, placement, caching, kernel and batch size
+for a memory budget, from measured costs and measured quality (docs/planner.md).
+
+Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
+
+1. sizes from config.json and safetensors headers (moeinfer.plan.sizes): the model is never loaded
+   for this, so a checkpoint bigger than memory is planned as well;
+2. the machine profile (moeinfer.plan.profile), measured once and cached;
+3. when the model fits in memory (or is given loaded): its routing on the calibration text and its
+   quality model (moeinfer.plan.quality); otherwise the user's trace or uniform routing, and only
+   lossless choices (the plan's notes say so);
+4. the search space (each family priced by the offload simulator's clock, moeinfer.plan.costs):
+   a. every expert resident, per-layer precision (float / each quantize preset) chosen by the
+      layer search (moeinfer.plan.search: exact or DP) under the memory left after dense weights,
+      KV cache and working memory, and under `max_quality_loss`; for each kernel variant and batch;
+   b. every expert in the checkpoint's precision in the slow tier (disk on a CPU, host memory on
+      CUDA) with a fast-tier cache of all the slots the budget leaves, for each cache policy and
+      prefetcher (and CPU assist on CUDA);
+5. predict decode (at the batch) and prefill tokens/s of each candidate with `simulate`, rank by
+   decode tokens/s (the objective sets the batch sizes tried: 1 for latency), keep the best and the
+   next three distinct ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from moeinfer.plan import routing as routes
+from moeinfer.plan.costs import (
+    MeasuredCosts,
+    ModelSizes,
+    expert_bytes,
+    fixed_bytes,
+    layer_seconds,
+    simulate_plan,
+)
+from moeinfer.plan.search import Option, search
+from moeinfer.plan.spec import FLOAT, OBJECTIVES, Plan, PlanError, PlanOffload, Prediction
+from moeinfer.api import load
+from moeinfer.compress.methods.quantize_layers import layer_quantizer
+from moeinfer.eval.perplexity import as_eval_text
+from moeinfer.model.transformer import MoEModel
+from moeinfer.offload.apply import as_trace
+from moeinfer.offload.config import parse_size
+from moeinfer.plan.profile import MachineProfile, machine_profile
+from moeinfer.plan.quality import QualityModel, cached_quality, measure_quality
+from moeinfer.plan.sizes import available_memory, sizes_from_checkpoint, sizes_from_model
+
+DEFAULT_PRECISIONS = (FLOAT, "int8", "int4")
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+POLICIES = ("lru", "lfu")  # policies that need no calibration trace at run time
+# next-layer needs hidden states (the simulator replays routing only); transition/mlp need a calibration
+# trace at run time, which a plan file does not carry
+PREFETCHERS = ("none",)
+MAX_SIM_TOKENS = 256
+
+
+def parse_budget(budget: int | str) -> int:
+    """Bytes from an int or a size such as "8GB", "512MiB"."""
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        if budget < 1:
+            raise PlanError(f"memory budget must be > 0 bytes, got {budget}")
+        return budget
+    try:
+        size = parse_size(str(budget))
+    except ValueError:
+        raise PlanError(f"memory budget {budget!r} is not a size (e.g. 8GB, 512MB, 1.5GiB)") from None
+    if size.bytes is None:
+        raise PlanError(f"memory budget {budget!r} needs a unit (e.g. 8GB, 512MB)")
+    if size.bytes < 1:
+        raise PlanError(f"memory budget must be > 0 bytes, got {budget!r}")
+    return size.bytes
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    precisions: tuple[str, ...]
+    kernel: str
+    fp32: bool
+    batch: int
+    offload: PlanOffload | None = None
+
+    def __post_init__(self) -> None:
+        if FLOAT not in self.precisions:  # no float experts: the kernel choice does not apply
+            object.__setattr__(self, "kernel", "auto")
+            object.__setattr__(self, "fp32", False)
+
+
+def _kernels(profile: MachineProfile) -> list[tuple[str, bool]]:
+    out = []
+    for v in profile.experts:
+        if v.startswith("bf16/"):
+            k, _, extra = v.removeprefix("bf16/").partition("+")
+            out.append((k, extra == "fp32"))
+    return out
+
+
+def _memory(sizes: ModelSizes, c: _Candidate, context: int) -> int:
+    fixed = fixed_bytes(sizes, batch=c.batch, context=context)
+    if c.offload is not None:
+        return int(fixed + c.offload.cache_experts * expert_bytes(sizes, FLOAT))
+    return int(fixed + sum(sizes.num_experts * expert_bytes(sizes, p, fp32_weights=c.fp32) for p in c.precisions))
+
+
+def _resident_candidates(views: dict[int, Any], sizes: ModelSizes, profile: MachineProfile,
+                         quality: QualityModel | None,
+                         precisions: Sequence[str], budget: int, max_loss: float, batches: Sequence[int],
+                         context: int) -> list[_Candidate]:
+    """Step 4a."""
+    L, E = sizes.num_layers, sizes.num_experts
+    out: list[_Candidate] = []
+    for B in batches:
+        tr = views[B]
+        room = budget - fixed_bytes(sizes, batch=B, context=context)
+        if room <= 0:
+            continue
+        for kernel, fp32 in _kernels(profile):
+            times = {p: layer_seconds(tr, MeasuredCosts(sizes, profile, [p] * L, kernel=kernel, fp32_weights=fp32))[0]
+                     for p in precisions}
+            options = [[Option(time=times[p][l], memory=E * expert_bytes(sizes, p, fp32_weights=fp32),
+                               quality=quality.layer_cost(l, p) if quality is not None else 0.0)
+                        for p in precisions] for l in range(L)]
+            best = search(options, memory=room, quality=max_loss)
+            if best is not None:
+                out.append(_Candidate(tuple(precisions[c] for c in best.picks), kernel, fp32, B))
+            for p in precisions:  # uniform precisions: runners-up and baselines
+                q = quality.loss([p] * L) if quality is not None else 0.0
+                if E * L * expert_bytes(sizes, p, fp32_weights=fp32) <= room and q <= max_loss:
+                    out.append(_Candidate((p,) * L, kernel, fp32, B))
+    return out
+
+
+def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Sequence[int],
+                        context: int) -> list[_Candidate]:
+    """Step 4b."""
+    out = []
+    for B in batches:
+        room = budget - fixed_bytes(sizes, batch=B, context=context)
+        slots = int(room // expert_bytes(sizes, FLOAT)) if room > 0 else 0
+        slots = min(slots, sizes.num_layers * sizes.num_experts - 1)
+        if slots < 1:
+            continue
+        for policy in POLICIES:
+            for prefetch in PREFETCHERS:
+                for assist in ((False, True) if device == "cuda" else (False,)):
+                    off = PlanOffload(tier="disk" if device == "cpu" else "cpu", cache_experts=slots, scope="global",
+                                      policy=policy, prefetch=prefetch, cpu_assist=assist)
+                    out.append(_Candidate((FLOAT,) * sizes.num_layers, "reference", False, B, off))
+    return out
+
+
+def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSizes, profile: MachineProfile,
+             quality: QualityModel | None, context: int) -> Prediction:
+    """Step 5 (`views`: the decode trace per batch size; one object each, so the simulator's step
+    grouping is computed once)."""
+    dec = simulate_plan(views[c.batch], sizes, profile, c.precisions, kernel=c.kernel,
+                        fp32_weights=c.fp32, offload=c.offload)
+    pre = simulate_plan(prefill, sizes, profile, c.precisions, kernel=c.kernel, fp32_weights=c.fp32,
+                        offload=c.offload)
+    lossless = all(p == FLOAT for p in c.precisions)
+    loss = 0.0 if lossless else (quality.loss(c.precisions) if quality is not None else None)
+    bpb = None
+    if quality is not None:
+        bpb = quality.base_bpb + (0.0 if lossless else quality.delta_bpb(c.precisions))
+    return Prediction(decode_tok_s=dec.tokens_per_s, prefill_tok_s=pre.tokens_per_s,
+                      memory_bytes=_memory(sizes, c, context), quality_loss=loss, bits_per_byte=bpb,
+                      step_ms=1e3 * dec.time_s / max(1, dec.steps))
+
+
+def _load_for_measurement(path: Any, sizes: ModelSizes) -> Any:
+    """The model in fp32 on the CPU when it (and one quantized copy) fits comfortably in free memory."""
+    need = 2 * sizes.total_bytes * 4 // sizes.dtype_bytes
+    if need > available_memory("cpu") // 2:
+        return None
+
+    return load(path, dtype="float32", progress=False)
+
+
+def _calibration_ids(model: Any, text: Any, max_bytes: int = 65536) -> list[int]:
+    data = as_eval_text(text)
+    return model.tokenizer.encode(data.text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore"))
+
+
+def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_quality_loss: float = 0.01,
+         objective: str = "latency", trace: Any = None, calibration: Any = None,
+         precisions: Sequence[str] = DEFAULT_PRECISIONS, context: int = 1024,
+         batch_sizes: Sequence[int] = BATCH_SIZES, profile: MachineProfile | None = None,
+         quality: QualityModel | None = None, progress: bool = False) -> Plan:
+    """The best configuration of `model_or_path` (a loaded MoEModel, a checkpoint folder or a shipped
+    model name) in `budget` bytes (an int, or "8GB") on `device`; steps in the module docstring.
+
+    max_quality_loss: the largest predicted relative bits-per-byte increase allowed (0.01 = 1%);
+    trace: a routing trace (.npz path or RoutingTrace) to price routing with; calibration: the text
+    the quality model and routing are measured on (a dataset name or file; default "english");
+    profile / quality: use these instead of measuring (tests, a profile from another machine).
+    """
+    if objective not in OBJECTIVES:
+        raise PlanError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if device not in ("cpu", "cuda"):
+        raise PlanError(f"device must be cpu or cuda, got {device!r}")
+    if not 0 <= max_quality_loss < 1:
+        raise PlanError(f"max_quality_loss is a fraction (0.01 = 1%), got {max_quality_loss}")
+
+    precisions = tuple(dict.fromkeys(precisions))
+    for p in precisions:
+        if p != FLOAT:
+            layer_quantizer(p)  # a clear error for an unknown precision, before anything is measured
+    if FLOAT not in precisions:
+        precisions = (FLOAT, *precisions)
+    budget_bytes = parse_budget(budget)
+    notes: list[str] = []
+    # 1. sizes
+    loaded = model_or_path if isinstance(model_or_path, MoEModel) else None
+    if loaded is not None:
+        sizes = sizes_from_model(loaded)
+        name = str(loaded.source_dir) if getattr(loaded, "source_dir", None) else sizes.name
+    else:
+        sizes = sizes_from_checkpoint(model_or_path)
+        name = os.fspath(model_or_path)
+    context = min(context, sizes.max_context)
+    # 2. machine
+    if profile is None:
+        profile = machine_profile(device, variants=tuple(p for p in precisions if p != FLOAT), progress=progress)
+    notes.append(f"machine profile {profile.key} ({profile.cpu}, {profile.threads} threads; {profile.measured})")
+    # 3. routing and quality
+    wants_quality = quality is None and any(p != FLOAT for p in precisions)
+    model = loaded
+    if model is None and (trace is None or wants_quality):
+        model = _load_for_measurement(model_or_path, sizes)
+    text = calibration if calibration is not None else "english"
+    if wants_quality and model is not None:
+        if loaded is None:
+            quality = cached_quality(model_or_path, model, text, precisions, progress=progress)
+        else:
+            quality = measure_quality(model, text, precisions, progress=progress)
+    if quality is not None:
+        notes.append(f"quality measured on {quality.source}: bpb {quality.base_bpb:.4f} at {FLOAT}; uniform "
+                     + ", ".join(f"{p} {b:.4f}" for p, b in quality.fit.items()) + f"; slope {quality.alpha:.4g}")
+    elif any(p != FLOAT for p in precisions):
+        notes.append("quality not measured (the model does not fit in memory for measurement): only "
+                     f"{FLOAT} experts considered")
+        precisions = (FLOAT,)
+    if trace is not None:
+        trace = as_trace(trace, "trace")
+        notes.append(f"routing from the trace {trace.meta.get('source') or trace.meta.get('model') or 'given'}")
+    elif model is not None and model.tokenizer is not None:
+        trace = routes.record(model, _calibration_ids(model, text))
+        notes.append(f"routing recorded on the calibration text ({trace.num_tokens} tokens)")
+    else:
+        trace = routes.uniform(num_layers=sizes.num_layers, num_experts=sizes.num_experts, top_k=sizes.top_k)
+        notes.append("routing assumed uniform (no trace given, model not loaded): caches are predicted pessimistically")
+    if (trace.num_layers, trace.num_experts) != (sizes.num_layers, sizes.num_experts):
+        raise PlanError(f"the routing trace has {trace.num_layers} MoE layers x {trace.num_experts} experts; "
+                        f"the model {sizes.num_layers} x {sizes.num_experts}")
+    if trace.num_tokens > MAX_SIM_TOKENS:
+        trace = _first_tokens(trace, MAX_SIM_TOKENS)
+    # 4. candidates
+    batches = (1,) if objective == "latency" else tuple(batch_sizes)
+    views = {B: routes.batched(trace, B) for B in batches}
+    prefill_view = routes.prefill(trace)
+    cands = _resident_candidates(views, sizes, profile, quality, precisions, budget_bytes, max_quality_loss,
+                                 batches, context)
+    cands += _offload_candidates(sizes, device, budget_bytes, batches, context)
+    cands = list(dict.fromkeys(cands))
+    if not cands:
+        floor = fixed_bytes(sizes, batch=1, context=context) + expert_bytes(sizes, FLOAT)
+        raise PlanError(f"nothing fits in {budget_bytes:,} bytes: dense weights, a {context}-token KV cache, working "
+                        f"memory and one expert take {floor:,} bytes")
+    # 5. predict and rank
+    scored = []
+    for c in cands:
+        pred = _predict(c, views, prefill_view, sizes, profile, quality, context)
+        if pred.memory_bytes <= budget_bytes:
+            scored.append((c, pred))
+    scored.sort(key=lambda cp: (-cp[1].decode_tok_s, cp[1].memory_bytes))
+    plans: list[Plan] = []
+    for c, pred in scored:
+        p = Plan(model=name, device=device, budget_bytes=budget_bytes, objective=objective, precisions=c.precisions,
+                 offload=c.offload, kernel=c.kernel, fp32_weights=c.fp32, batch_size=c.batch, predicted=pred)
+        if all(p.describe() != q.describe() for q in plans):
+            plans.append(p)
+        if len(plans) == 4:
+            break
+    return replace(plans[0], notes=tuple(notes), runners_up=tuple(plans[1:]))
+
+
+def _first_tokens(trace: Any, n: int) -> Any:
+    """The whole sequences that fit in `n` tokens (at least the first sequence's first n)."""
+    import numpy as np
+
+    seqs, counts = np.unique(trace.seq, return_counts=True)
+    keep, total = [], 0
+    for s, c in zip(seqs, counts):
+        if total + c > n and keep:
+            break
+        keep.append(s)
+        total += c
+    rows = np.nonzero(np.isin(trace.seq, keep))[0][:n]
+    return routes.subset(trace, rows)
+
+

@@ -1,0 +1,340 @@
+"""The machine profile the planner's cost model reads: measured once, cached per machine.
+
+What is measured (about 10 s on a CPU; each figure a median of a few runs):
+1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
+   simulate --calibrate` measures), pinned host-to-device copies on CUDA; memory read bandwidth
+   (a reduction over a 256 MiB tensor) and dense fp32 matmul rate (on CUDA: of the GPU, and of the
+   host too, which prices CPU-assisted experts);
+2. per expert-stage variant (precision x kernel: bf16 with each usable kernel, bf16 with fp32
+   compute weights, and each quantize preset the search may choose): the time of one experts
+   module forward at two sizes and two top-k values, fitted to
+       call_s + active experts x (expert_fixed_s + stored expert bytes / bytes_per_s)      (decode)
+   and, at 64 tokens, a matmul rate `flops_per_s` (prefill: an expert costs
+   expert_fixed_s + max(bytes / bytes_per_s, 6 D I tokens / flops_per_s));
+3. fixed costs outside the experts: one-token forwards of two small random models (1 and 3
+   layers) give the per-layer cost of attention, norms and router (`layer_fixed_s`) and the
+   per-step cost of embeddings, head and Python (`step_fixed_s`).
+The profile is keyed by device, CPU model and flags, thread count and torch version, and cached as
+JSON in the user cache folder (`$MOEINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/moeinfer`, else
+`~/.cache/moeinfer`), so `moeinfer plan` measures a machine once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeinfer.fsutil import atomic_write_text
+from moeinfer.arch import parse_config
+from moeinfer.compress.methods.quantize_layers import layer_quantizer
+from moeinfer.formats.quant.groupwise import num_groups
+from moeinfer.formats.quant.packing import packed_cols
+from moeinfer.formats.quantized_experts import QuantizedExperts
+from moeinfer.kernels import use_kernel_
+from moeinfer.kernels.registry import KernelUnavailableError, resolve
+from moeinfer.model.moe import Experts, Routing
+from moeinfer.model.transformer import MoEModel
+from moeinfer.offload.hardware import HardwareProfile, calibrate
+
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExpertRate:
+    """Fitted cost of one expert-stage variant (step 2 of the module docstring)."""
+
+    call_s: float  # per experts-module call
+    expert_fixed_s: float  # per active expert
+    bytes_per_s: float  # stored weight bytes streamed per second (decode)
+    flops_per_s: float  # at many tokens per expert (prefill)
+
+    def expert_s(self, nbytes: float, flops: float) -> float:
+        return self.expert_fixed_s + max(nbytes / self.bytes_per_s, flops / self.flops_per_s)
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    key: str
+    device: str
+    cpu: str
+    threads: int
+    torch_version: str
+    link: str  # "disk" (CPU: the slow tier is a disk store) or "host" (CUDA: pinned host memory)
+    link_gbps: float
+    mem_read_gbps: float
+    matmul_gflops: float  # dense fp32
+    layer_fixed_s: float
+    step_fixed_s: float
+    experts: dict[str, ExpertRate] = field(default_factory=dict)  # "bf16/cpu", "bf16/cpu+fp32", "int4", ...
+    measured: str = ""  # when and how
+    host_mem_gbps: float | None = None  # CUDA: the host's read bandwidth and fp32 matmul (CPU-assisted experts)
+    host_gflops: float | None = None
+    version: int = PROFILE_VERSION
+
+    def rate(self, variant: str) -> ExpertRate:
+        if variant not in self.experts:
+            raise ValueError(f"machine profile {self.key}: no measurement for expert variant {variant!r}; "
+                             f"measured: {', '.join(sorted(self.experts))}")
+        return self.experts[variant]
+
+    def hardware(self) -> Any:
+        """The offload simulator's HardwareProfile for this machine (its link and fallback rates)."""
+        return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=self.link_gbps,
+                               fast_mem_gbps=self.mem_read_gbps, compute_tflops=self.matmul_gflops / 1e3,
+                               cpu_mem_gbps=self.host_mem_gbps or self.mem_read_gbps,
+                               cpu_gflops=self.host_gflops or self.matmul_gflops, measured=True,
+                               description=f"moeinfer plan machine profile ({self.cpu}, {self.threads} threads)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MachineProfile:
+        d = dict(d)
+        d["experts"] = {k: ExpertRate(**v) for k, v in d.get("experts", {}).items()}
+        return cls(**d)
+
+
+# --- identity and cache ---
+
+def cache_dir() -> Path:
+    env = os.environ.get("MOEINFER_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "moeinfer"
+
+
+def _cpu_identity() -> tuple[str, str]:
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name, flags
+
+
+def machine_key(device: str) -> str:
+    """sha256 of what the measurements depend on: device, CPU model and flags, threads, torch version."""
+    name, flags = _cpu_identity()
+    parts = [device, name, flags, str(torch.get_num_threads()), torch.__version__, str(PROFILE_VERSION)]
+    if device == "cuda" and torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def profile_path(device: str) -> Path:
+    return cache_dir() / "profiles" / f"{device}-{machine_key(device)}.json"
+
+
+def machine_profile(device: str = "cpu", *, refresh: bool = False, variants: tuple[str, ...] = (),
+                    progress: bool = False) -> MachineProfile:
+    """The cached profile of this machine, or a new measurement (cached) when there is none, when it
+    lacks one of `variants`, or with `refresh`."""
+    path = profile_path(device)
+    if path.is_file() and not refresh:
+        try:
+            prof = MachineProfile.from_dict(json.loads(path.read_text()))
+            if all(v in prof.experts for v in variants):
+                return prof
+        except (json.JSONDecodeError, TypeError, KeyError):
+            pass  # an old or damaged cache entry is measured again
+    prof = measure(device, variants=variants, progress=progress)
+    atomic_write_text(path, json.dumps(prof.to_dict(), indent=2) + "\n")
+    return prof
+
+
+# --- measurement ---
+
+def _median(fn: Any, repeats: int, device: torch.device) -> float:
+    def run() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
+    """An experts module of this variant ("bf16/<kernel>[+fp32]" or a quantize preset name)."""
+    g = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(E, 2 * I, D, generator=g) * 0.02).to(torch.bfloat16)
+    down = (torch.randn(E, D, I, generator=g) * 0.02).to(torch.bfloat16)
+    if variant.startswith("bf16/"):
+        kernel, _, extra = variant.removeprefix("bf16/").partition("+")
+        ex = Experts(E, D, I)
+        ex.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+        ex.down_proj = torch.nn.Parameter(down, requires_grad=False)
+        ex = ex.to(device)
+        use_kernel_(ex, kernel, fp32_weights=extra == "fp32")
+        return ex
+    q = layer_quantizer(variant)
+    if q is None:
+        raise ValueError(f"expert variant {variant!r} is not a quantize preset")
+    algorithm = "rtn" if q.algorithm == "hqq" else q.algorithm  # same layout and kernel; rtn is instant
+    return QuantizedExperts.from_float(gate_up, down, [q.bits] * E, group_size=q.group_size,
+                                       algorithm=algorithm).to(device)
+
+
+def stored_expert_bytes(variant: str, D: int, I: int, dtype_bytes: int = 2) -> float:
+    """Bytes one expert's weights take in this variant (what decode streams): codes + fp32 scale and
+    zero per group for a quantize preset, `dtype_bytes` per weight in floating point."""
+    params = 3 * D * I
+    if variant.startswith("bf16/"):
+        return params * dtype_bytes
+    q = layer_quantizer(variant)
+    assert q is not None
+    total = 0
+    for rows, cols in ((2 * I, D), (D, I)):  # gate_up [2I, D], down [D, I]: codes, fp32 scale and zero per group
+        total += rows * (packed_cols(cols, q.bits) + 8 * num_groups(cols, q.group_size))
+    return total
+
+
+def _routing(N: int, K: int, E: int, device: torch.device) -> Any:
+    g = torch.Generator().manual_seed(N * 31 + K)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]).to(device)
+    w = torch.full((N, K), 1.0 / K, device=device)
+    return Routing(indices=idx, weights=w, logits=torch.zeros(N, E, device=device))
+
+
+def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int] = (128, 128),
+                    large: tuple[int, int] = (768, 768), experts: int = 8, repeats: int = 5) -> ExpertRate:
+    """Step 2: fit call_s, expert_fixed_s, bytes_per_s and flops_per_s of one variant."""
+    modules: dict[tuple[int, int], Any] = {}
+
+    def t(D: int, I: int, N: int, K: int) -> float:
+        if (D, I) not in modules:
+            modules[(D, I)] = _experts_module(variant, experts, D, I, device)
+        mod = modules[(D, I)]
+        x = torch.randn(N, D, device=device).to(torch.bfloat16)
+        routings = [_routing(N, K, experts, device) for _ in range(4)]
+        i = [0]
+
+        def call() -> None:
+            i[0] = (i[0] + 1) % len(routings)
+            with torch.inference_mode():
+                mod(x, routings[i[0]])
+        return _median(call, repeats, device)
+
+    (Ds, Is), (Dl, Il) = small, large
+    bs, bl = stored_expert_bytes(variant, Ds, Is), stored_expert_bytes(variant, Dl, Il)
+    s1, s2, l2 = t(Ds, Is, 1, 1), t(Ds, Is, 1, 2), t(Dl, Il, 1, 2)
+    bw = 2 * (bl - bs) / max(l2 - s2, 1e-9)
+    fixed = max(0.0, s2 - s1 - bs / bw)
+    call = max(0.0, s1 - fixed - bs / bw)
+    N = 64
+    p = t(Dl, Il, N, 2)
+    flops = 6.0 * Dl * Il * N * 2
+    active = experts  # 128 token-slots over 8 experts: all active
+    rate = flops / max(p - call - active * fixed, 1e-9)
+    return ExpertRate(call_s=call, expert_fixed_s=fixed, bytes_per_s=bw, flops_per_s=rate)
+
+
+def _tiny_model(layers: int, device: torch.device) -> Any:
+    hf = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": layers,
+          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "num_local_experts": 4,
+          "num_experts_per_tok": 2, "vocab_size": 256, "max_position_embeddings": 64,
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    torch.manual_seed(0)
+    model = MoEModel(parse_config(hf))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.to(device=device, dtype=torch.bfloat16).eval()
+
+
+def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 9) -> tuple[float, float]:
+    """Step 3: (layer_fixed_s, step_fixed_s) from one-token forwards of 1- and 3-layer models."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    times = []
+    for layers in (1, 3):
+        m = _tiny_model(layers, device)
+
+        def fwd() -> None:
+            with torch.inference_mode():
+                m(ids)
+        times.append(_median(fwd, repeats, device))
+    per_layer = max(0.0, (times[1] - times[0]) / 2)
+    experts_part = rate.call_s + top_k * rate.expert_fixed_s  # the tiny layer's own expert stage
+    layer_fixed = max(0.0, per_layer - experts_part)
+    step_fixed = max(0.0, times[0] - per_layer)
+    return layer_fixed, step_fixed
+
+
+def _host_rates() -> tuple[float, float]:
+    """(memory read GB/s, fp32 GFLOP/s) of the host CPU."""
+    src = torch.ones(64 << 20)  # 256 MiB fp32
+    read = _median(lambda: src.sum(), 5, torch.device("cpu"))
+    a = torch.randn(1024, 1024)
+    mm = _median(lambda: a @ a, 3, torch.device("cpu"))
+    return src.numel() * 4 / read / 1e9, 2 * 1024**3 / mm / 1e9
+
+
+def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
+    """(link kind, link GB/s, memory read GB/s, fp32 GFLOP/s) of the device."""
+    if device.type == "cuda":
+        n = 256 << 20
+        host = torch.empty(n, dtype=torch.uint8).pin_memory()
+        dev = torch.empty(n, dtype=torch.uint8, device=device)
+        h2d = _median(lambda: dev.copy_(host, non_blocking=True), 5, device)
+        src = torch.ones(n // 4, device=device)
+        read = _median(lambda: src.sum(), 5, device)
+        a = torch.randn(4096, 4096, device=device)
+        mm = _median(lambda: a @ a, 5, device)
+        return "host", n / h2d / 1e9, n / read / 1e9, 2 * 4096**3 / mm / 1e9
+    hw = calibrate(mib=64, repeats=3)
+    read_gbps, _ = _host_rates()
+    return "disk", hw.link_gbps, read_gbps, hw.cpu_gflops
+
+
+def default_variants(device: str, precisions: tuple[str, ...] = ("int8", "int4")) -> tuple[str, ...]:
+    """The variants the search may choose on `device`: bf16 with each usable kernel, then the presets."""
+    out = ["bf16/reference"]
+    for k in (("cpu",) if device == "cpu" else ("triton",)):
+        try:
+            resolve(k, device)
+        except KernelUnavailableError:
+            continue
+        out.append(f"bf16/{k}")
+        if device == "cpu":
+            out.append(f"bf16/{k}+fp32")
+    return tuple(out) + tuple(precisions)
+
+
+def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bool = False) -> MachineProfile:
+    """Measure this machine (steps 1-3 of the module docstring)."""
+    dev = torch.device(device)
+    t0 = time.time()
+    link, link_gbps, read_gbps, gflops = _link_gbps(dev)
+    wanted = tuple(dict.fromkeys(default_variants(device) + tuple(variants)))
+    rates = {}
+    for v in wanted:
+        if progress:
+            print(f"measuring expert variant {v} ...", flush=True)
+        rates[v] = measure_variant(v, dev)
+    layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
+    host = _host_rates() if dev.type == "cuda" else (None, None)
+    name, _ = _cpu_identity()
+    return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
+                          torch_version=torch.__version__, link=link, link_gbps=link_gbps, mem_read_gbps=read_gbps,
+                          matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
+                          host_mem_gbps=host[0], host_gflops=host[1],
+                          measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
+                                   f"load average {os.getloadavg()[0]:.2f}")

@@ -1,0 +1,77 @@
+"""`moeinfer plan` and `--plan` on the model-loading commands (a synthetic machine profile in the cache:
+tests never time anything)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from plan_helpers import synthetic_profile
+
+from moeinfer.cli import main
+from moeinfer.plan import Plan, PlanOffload
+from moeinfer.plan.profile import profile_path
+
+
+@pytest.fixture
+def cached_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEINFER_CACHE_DIR", str(tmp_path / "cache"))
+    path = profile_path("cpu")
+    path.parent.mkdir(parents=True)
+    prof = synthetic_profile()
+    path.write_text(json.dumps({**prof.to_dict(), "key": path.stem.split("-", 1)[1]}))
+    return path
+
+
+def test_plan_command_writes_a_plan(tmp_path, cached_profile, capsys):
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--model", "tiny", "--memory", "200MB", "--precisions", "bf16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "chosen" in text and "decode tok/s" in text and "#2" in text
+    p = Plan.load(out)
+    assert p.budget_bytes == 200 * 10**6 and set(p.precisions) == {"bf16"} and p.predicted is not None
+    assert p.predicted.memory_bytes <= p.budget_bytes
+    # an existing file is not overwritten without --force
+    before = out.read_text()
+    assert main(["plan", "--model", "tiny", "--memory", "100MB", "--precisions", "bf16", "--out", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err and out.read_text() == before
+    # bad budget and bad quality loss are clear errors
+    assert main(["plan", "--model", "tiny", "--memory", "lots", "--precisions", "bf16"]) == 1
+    assert "memory budget 'lots' is not a size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "tiny", "--memory", "1GB", "--max-quality-loss", "much"])
+
+
+def test_generate_and_eval_with_a_plan_file(tmp_path, capsys):
+    p = Plan(model="tiny", device="cpu", budget_bytes=10**8, objective="latency", precisions=("bf16",) * 4,
+             offload=PlanOffload(tier="disk", cache_experts=6, policy="lfu"), kernel="reference")
+    path = p.save(tmp_path / "plan.yaml")
+    assert main(["generate", "--plan", str(path), "-n", "3", "--no-stream", "The"]) == 0
+    assert main(["eval", "--plan", str(path), "english", "--max-bytes", "400", "--no-progress"]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+    # --plan with --offload is refused; a bad plan file names itself
+    assert main(["generate", "--plan", str(path), "--offload", "-n", "1", "The"]) == 1
+    assert "drop --offload" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("model: tiny\n")
+    assert main(["generate", "--plan", str(tmp_path / "bad.yaml"), "-n", "1", "The"]) == 1
+    assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_bench_reports_predicted_beside_measured(tmp_path, capsys):
+    from moeinfer.bench.results import read_results
+    from moeinfer.plan import Prediction
+
+    p = Plan(model="tiny", device="cpu", budget_bytes=10**8, objective="latency", precisions=("int8",) * 4,
+             kernel="auto", predicted=Prediction(decode_tok_s=42.0, prefill_tok_s=420.0, memory_bytes=10**7,
+                                                 quality_loss=0.001))
+    plan_file = p.save(tmp_path / "plan.yaml")
+    (tmp_path / "s.yaml").write_text(
+        "name: plan\nmodels: [tiny]\naxes: {workload: [decode-b1]}\nscale: 0.05\n"
+        "peaks: false\nquality: {datasets: [python], max_bytes: 500}\nenergy: {min_window_s: 1, idle_s: 0}\n")
+    assert main(["bench", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--plan", str(plan_file)]) == 0
+    assert "decode predicted 42.0 tok/s, measured" in capsys.readouterr().out
+    [point] = read_results(tmp_path / "o" / "results.json")["points"]
+    got = point["metrics"]["plan"]
+    assert got["configuration"] == p.describe() and got["predicted"]["decode_tok_s"] == 42.0
+    assert got["measured_decode_tok_s"] > 0
