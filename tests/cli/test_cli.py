@@ -179,7 +179,7 @@ def test_readme_command_lines_parse():
 
     from moeinfer.cli import build_parser
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     block = readme.split("## Command line", 1)[1].split("```")[1]
     lines = [re.sub(r"\[[^\]]*\]", "", line.split("#")[0]).strip() for line in block.splitlines()]
     lines = [line for line in lines if line.startswith("moeinfer ")]

@@ -178,7 +178,7 @@ def test_lru_agrees_with_a_textbook_lru_on_real_mixtral_routing():
 
     from moeinfer.traces.convert import convert_mixtral
 
-    trace = convert_mixtral(Path(__file__).parent / "data/traces/mixtral-8x7b-instruct/gsm8k_routing_trimmed.jsonl")
+    trace = convert_mixtral(Path(__file__).parents[1] / "data/traces/mixtral-8x7b-instruct/gsm8k_routing_trimmed.jsonl")
     visits = all_visits(trace)
     ctx = PolicyContext(num_layers=32, num_experts=8)
     cache = ExpertCache(num_layers=32, num_experts=8, capacities=[4] * 32, policy=make_policy("lru", ctx),
