@@ -1,6 +1,6 @@
 """moeinfer: fast, small and reliable inference for Mixture-of-Experts language models.
 
-Public API (stable): `load`, `save`, `generate`, `Generation`, `MoEModel`, `ModelConfig`; transforms applied
+Public API (stable): `load`, `save`, `export`, `generate`, `Generation`, `MoEModel`, `ModelConfig`; transforms applied
 after loading, in place: `compress_`, `use_kernel_`, `set_routing_`, `offload_`.
 Importing the package loads torch but initialises no GPU and imports no optional dependency.
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
+__all__ = ["load", "save", "export", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
            "evaluate", "offload_", "OffloadConfig", "use_kernel_", "compress_", "Recipe", "set_routing_",
            "__version__"]
 
 _LAZY = {
     "load": "moeinfer.api",
     "save": "moeinfer.api",
+    "export": "moeinfer.api",
     "generate": "moeinfer.engine.generate",
     "Generation": "moeinfer.engine.generate",
     "MoEModel": "moeinfer.model.transformer",
@@ -32,7 +33,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from moeinfer.api import load, save
+    from moeinfer.api import export, load, save
     from moeinfer.arch import supported_model_types
     from moeinfer.config import ModelConfig
     from moeinfer.engine.generate import Generation, generate

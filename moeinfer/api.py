@@ -1,10 +1,11 @@
-"""`moeinfer.load` and `moeinfer.save`: the entry points from and to HF-format checkpoint dirs."""
+"""`moeinfer.load`, `moeinfer.save` and `moeinfer.export`: the entry points from and to HF-format checkpoint
+dirs (and GGUF files: `load` reads them, `export` writes them)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,7 +29,8 @@ def resolve_model_path(path: str | os.PathLike[str]) -> Path:
 def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = None, progress: bool = True,
          expert_parallel: ExpertParallelConfig | None = None, on_expert_error: str = "raise") -> MoEModel:
-    """Load a local HF-format MoE checkpoint (or a shipped model by name) as an eval-mode MoEModel.
+    """Load a local HF-format MoE checkpoint (or a shipped model by name, or a GGUF file) as an eval-mode
+    MoEModel.
 
     expert_parallel: under torchrun, read only this rank's experts and spread them over the ranks
     (`moeinfer.parallel.apply_expert_parallel_`).
@@ -36,6 +38,12 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
     finite with those experts masked in their routers (`model.failed_experts` says which and why)."""
     from moeinfer.loading.checkpoint import load_checkpoint
 
+    if resolve_model_path(path).is_file():  # a GGUF file (llama.cpp's format): moeinfer.interop.gguf
+        from moeinfer.interop.gguf import load_gguf
+
+        if expert_parallel is not None:
+            raise ValueError(f"{path}: expert parallelism loads HF-format checkpoint directories, not GGUF files")
+        return load_gguf(resolve_model_path(path), device=device, dtype=dtype, progress=progress)
     if expert_parallel is not None:
         from moeinfer.parallel.apply import load_expert_parallel
 
@@ -44,6 +52,17 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
 
     return load_checkpoint(resolve_model_path(path), device=device, dtype=dtype, progress=progress,
                            on_expert_error=on_expert_error)
+
+
+def export(model: MoEModel, path: str | os.PathLike[str], *, format: str = "gguf", quant: str = "auto",
+           overwrite: bool = False, progress: bool = True) -> Any:
+    """Write `model` in another system's format: "gguf" (llama.cpp, Ollama; `quant` in auto, bf16, f16, f32,
+    q8_0, q4_0; see moeinfer.interop.gguf.export). Returns the export report (types written, notes)."""
+    if format != "gguf":
+        raise ValueError(f"export format {format!r} is not supported; supported: gguf")
+    from moeinfer.interop.gguf import export_gguf
+
+    return export_gguf(model, path, quant=quant, overwrite=overwrite, progress=progress)
 
 
 def save(model: MoEModel, path: str | os.PathLike[str], *, max_shard_bytes: int = 2 * 1024**3) -> Path:
