@@ -11,7 +11,8 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["generate", "inspect", "eval", "trace", "serve", "placement", "bench", "compress", "simulate"]
+SUBCOMMANDS = ["generate", "inspect", "eval", "trace", "serve", "placement", "bench", "compress", "simulate",
+               "export"]
 DEFAULT_MODEL = "tiny"
 
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"moeinfer {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
