@@ -5,6 +5,7 @@ named errors. No llama.cpp needed (benchmarks/bench_gguf_llamacpp.py runs llama.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,23 @@ def test_bf16_round_trip_is_exact(tiny, tmp_path):
     for (n1, p1), (n2, p2) in zip(tiny.named_parameters(), back.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2), n1
     assert torch.equal(_logits(tiny), _logits(back))
+    assert back.config == tiny.config  # every field but the raw config.json dict
+
+
+def test_gguf_path_works_where_a_checkpoint_dir_does(tiny, tmp_path):
+    """read_config (used by compress, placement, offload's hardware model) reads a GGUF file's metadata."""
+    from moeinfer.arch import parse_config
+    from moeinfer.cli import main
+    from moeinfer.loading.checkpoint import read_config
+
+    path = tmp_path / "tiny.gguf"
+    export_gguf(tiny, path, progress=False)
+    assert parse_config(read_config(path)) == tiny.config
+    assert read_config(path)["dtype"] == "bfloat16"
+    for src, out in ((str(path), tmp_path / "from-gguf"), ("tiny", tmp_path / "from-dir")):
+        assert main(["compress", "--model", src, "--recipe", "q8_0", "--out", str(out), "--no-progress"]) == 0
+    assert torch.equal(_logits(moeinfer.load(tmp_path / "from-gguf", progress=False)),
+                       _logits(moeinfer.load(tmp_path / "from-dir", progress=False)))
 
 
 @pytest.mark.parametrize("recipe", ["q8_0", "q4_0"])
@@ -254,7 +272,11 @@ def test_other_families_round_trip(arch, tmp_path):
     assert reader.fields["general.architecture"].contents() == {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
                                                                 "olmoe": "olmoe"}[arch]
     back = load_gguf(path, progress=False)
-    assert back.config.model_type == arch
+    # special ids the config leaves unset come from the tokenizer (this test checkpoint's config has none)
+    special = ("bos_token_id", "eos_token_ids", "pad_token_id")
+    for key in special:
+        assert getattr(model.config, key) in (None, (), getattr(back.config, key)), key
+    assert dataclasses.replace(back.config, **{k: getattr(model.config, k) for k in special}) == model.config
     assert torch.equal(_logits(model, CASE_IDS), _logits(back, CASE_IDS))
 
 

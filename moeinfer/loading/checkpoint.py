@@ -46,6 +46,10 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    if path.is_file():  # a GGUF file: config.json fields from its metadata (moeinfer.interop.gguf)
+        from moeinfer.interop.gguf import gguf_config
+
+        return gguf_config(path)
     cfg_path = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")

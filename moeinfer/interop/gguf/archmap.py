@@ -176,6 +176,7 @@ def hf_config(meta: Metadata, family: Family, *, has_output: bool, has_qkv_bias:
         "rope_parameters": rope, "tie_word_embeddings": not has_output,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": None if eos is None else int(eos),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "num_experts_per_tok": meta.int(f"{a}.expert_used_count"),
         "norm_topk_prob": bool(meta.get(f"{a}.expert_weights_norm", family.norm_topk)),
     }

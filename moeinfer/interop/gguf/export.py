@@ -287,7 +287,8 @@ def export_gguf(model: MoEModel, path: str | os.PathLike[str], *, quant: str = "
     writer.add_file_type(_file_type(quant, plans))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_metadata(writer, cfg, family, num_experts=counts[0])
-    write_tokenizer(writer, model.tokenizer, cfg.vocab_size)
+    write_tokenizer(writer, model.tokenizer, cfg.vocab_size, bos=cfg.bos_token_id,
+                    eos=cfg.eos_token_ids[0] if cfg.eos_token_ids else None, pad=cfg.pad_token_id)
     for p in plans:
         nbytes = 1
         for s in p.shape:

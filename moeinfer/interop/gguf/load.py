@@ -115,6 +115,28 @@ def _expert_kinds(model: MoEModel, tensors: dict[str, Any], path: Path) -> dict[
     return out
 
 
+def _read_config(p: Path) -> tuple[Any, Metadata, Any, dict[str, Any]]:
+    """Step 1: (reader, metadata, family, config.json fields) of a GGUF file."""
+    if not p.is_file():
+        raise GGUFError(f"GGUF file {p} does not exist")
+    reader = _open(p)
+    meta = Metadata(reader.fields, str(p))
+    family = family_for_import(str(meta.require("general.architecture")), str(p))
+    names = {t.name: t for t in reader.tensors}
+    hf = hf_config(meta, family, has_output="output.weight" in names, has_qkv_bias="blk.0.attn_q.bias" in names,
+                   has_o_bias="blk.0.attn_output.bias" in names)
+    embd = names.get("token_embd.weight")
+    hf["dtype"] = str(_DEFAULT_DTYPE.get(_type_name(embd), torch.bfloat16) if embd is not None
+                      else torch.bfloat16).removeprefix("torch.")
+    return reader, meta, family, hf
+
+
+def gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A GGUF file's model description as config.json fields (what `read_config` gives for a checkpoint
+    directory), read from its metadata; no tensor data is read."""
+    return _read_config(Path(path))[3]
+
+
 def load_gguf(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
               dtype: torch.dtype | str | None = None, progress: bool = True) -> MoEModel:
     """Load a GGUF file as an eval-mode MoEModel; see the module docstring for the steps."""
@@ -124,15 +146,9 @@ def load_gguf(path: str | os.PathLike[str], *, device: torch.device | str = "cpu
     from moeinfer.loading.checkpoint import _materialize, meta_parameters, parse_dtype
 
     p = Path(path)
-    if not p.is_file():
-        raise GGUFError(f"GGUF file {p} does not exist")
     # 1. metadata -> config
-    reader = _open(p)
-    meta = Metadata(reader.fields, str(p))
-    family = family_for_import(str(meta.require("general.architecture")), str(p))
+    reader, meta, family, hf = _read_config(p)
     tensors = {t.name: t for t in reader.tensors}
-    hf = hf_config(meta, family, has_output="output.weight" in tensors, has_qkv_bias="blk.0.attn_q.bias" in tensors,
-                   has_o_bias="blk.0.attn_output.bias" in tensors)
     try:
         config = parse_config(hf)
     except ConfigError as e:

@@ -45,9 +45,11 @@ def _pre_name(pre: dict[str, Any] | None) -> str:
                     f"supported: ByteLevel (gpt-2), {', '.join(SPLIT_REGEX)}")
 
 
-def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, *, bos: int | None = None, eos: int | None = None,
+                    pad: int | None = None) -> None:
     """Write a moeinfer Tokenizer (moeinfer.loading.tokenizer) as GGUF keys; `vocab_size` is the model's
-    embedding rows (ids past the tokenizer's are written as unused padding tokens)."""
+    embedding rows (ids past the tokenizer's are written as unused padding tokens). bos/eos/pad: the model
+    config's special ids, which take precedence over the tokenizer's."""
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
@@ -72,12 +74,13 @@ def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     writer.add_array("tokenizer.ggml.token_type", kinds)
     writer.add_array("tokenizer.ggml.merges", merges)
     probe = tokenizer.encode("a", add_special_tokens=True)
-    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                          ("padding", tokenizer.pad_token_id)):
+    for key, token_id in (("bos", bos if bos is not None else tokenizer.bos_token_id),
+                          ("eos", eos if eos is not None else tokenizer.eos_token_id),
+                          ("padding", pad if pad is not None else tokenizer.pad_token_id)):
         if token_id is not None:
             writer.add_uint32(f"tokenizer.ggml.{key}_token_id", token_id)
-    bos = tokenizer.bos_token_id
-    writer.add_bool("tokenizer.ggml.add_bos_token", bos is not None and bool(probe) and probe[0] == bos)
+    first = tokenizer.bos_token_id
+    writer.add_bool("tokenizer.ggml.add_bos_token", first is not None and bool(probe) and probe[0] == first)
     writer.add_bool("tokenizer.ggml.add_eos_token",
                     tokenizer.eos_token_id is not None and bool(probe) and probe[-1] == tokenizer.eos_token_id)
     if tokenizer.chat_template:
