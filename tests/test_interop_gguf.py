@@ -233,6 +233,13 @@ def test_mixed_precision_is_rounded_up_and_said(tiny, tmp_path):
         assert err < 0.01  # Q8_0 on top of the 4/8-bit weights: well under 1%
 
 
+def test_requantizing_to_another_block_type_is_said(tiny, tmp_path):
+    q8 = _quantized(tiny, "q8_0")
+    report = export_gguf(q8, tmp_path / "q4.gguf", quant="q4_0", progress=False)
+    assert len(report.notes) == 4 and all("asked for as q4_0" in n for n in report.notes)
+    assert {t for n, t in report.tensor_types.items() if "_exps" in n} == {"Q4_0"}
+
+
 def test_pruned_model_round_trip(tiny, tmp_path):
     pruned = _quantized(tiny, "prune-25")
     path = tmp_path / "p25.gguf"

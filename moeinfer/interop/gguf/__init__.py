@@ -2,8 +2,7 @@
 
 - `export_gguf(model, path, quant=...)`: one .gguf file (moeinfer.interop.gguf.export);
 - `load_gguf(path)`: a MoEModel from a .gguf file (moeinfer.interop.gguf.load);
-- `gguf_config(path)`: its config.json fields, from the metadata (what `read_config` returns for it);
-- `is_gguf(path)`: whether a --model path names a GGUF file.
+- `gguf_config(path)`: its config.json fields, from the metadata (what `read_config` returns for it).
 Both use the `gguf` package, llama.cpp's own Python reader and writer.
 """
 
@@ -11,7 +10,7 @@ from __future__ import annotations
 
 from moeinfer.interop.gguf.errors import GGUFError
 from moeinfer.interop.gguf.export import QUANT_CHOICES, ExportReport, export_gguf, fold_merged_routers_
-from moeinfer.interop.gguf.load import gguf_config, is_gguf, load_gguf
+from moeinfer.interop.gguf.load import gguf_config, load_gguf
 
 __all__ = ["GGUFError", "QUANT_CHOICES", "ExportReport", "export_gguf", "fold_merged_routers_", "gguf_config",
-           "is_gguf", "load_gguf"]
+           "load_gguf"]

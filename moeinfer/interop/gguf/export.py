@@ -139,9 +139,10 @@ def _expert_plans(block: MoEBlock, quant: str, float_type: str, notes: list[str]
         if quant == "auto" or quant.startswith("q"):
             target = 8 if quant == "auto" else int(quant[1])
             what = f"{ex.num_experts} experts at bits {dict((w, ex.bits.count(w)) for w in widths)}, group {ex.group_size}"
-            notes.append(f"layer {layer}: {what} are not a GGUF block type (GGUF holds one type per layer's stacked "
-                         f"expert tensor; moeinfer's symmetric group-32 int8/int4 are Q8_0/Q4_0): requantized to "
-                         f"Q{target}_0 from the dequantized weights")
+            why = (f"Q{b}_0 blocks, asked for as {quant}" if exact else
+                   "not a GGUF block type (GGUF holds one type per layer's stacked expert tensor; moeinfer's "
+                   "symmetric group-32 int8/int4 are Q8_0/Q4_0)")
+            notes.append(f"layer {layer}: {what}: {why}: requantized to Q{target}_0 from the dequantized weights")
             return _requantized(ex, names, D, I, target)
         gate_up, down = ex.dequantize_all(torch.float32)
         notes.append(f"layer {layer}: quantized experts dequantized to {float_type}")
@@ -158,9 +159,8 @@ def _expert_plans(block: MoEBlock, quant: str, float_type: str, notes: list[str]
             return _requantized(ex, names, D, I, int(quant[1]), (gate_up, down))
     else:
         raise GGUFError(f"layer {layer}: experts of kind {type(ex).__name__} cannot be exported to GGUF")
-    E = gate_up.shape[0]
     return [_float_plan(names["gate"], gate_up[:, :I], float_type), _float_plan(names["up"], gate_up[:, I:], float_type),
-            _float_plan(names["down"], down, float_type)] if E else []
+            _float_plan(names["down"], down, float_type)]
 
 
 def _requantized(ex: nn.Module, names: dict[str, str], D: int, I: int, bits: int,

@@ -43,20 +43,6 @@ _FLOAT_NP = {"F32": np.float32, "F16": np.float16}
 _DEFAULT_DTYPE = {"F32": torch.float32, "F16": torch.float16}
 
 
-def is_gguf(path: str | os.PathLike[str]) -> bool:
-    """A file named *.gguf, or any file starting with GGUF's magic bytes."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    if p.suffix.lower() == ".gguf":
-        return True
-    try:
-        with open(p, "rb") as f:
-            return f.read(4) == MAGIC
-    except OSError:
-        return False
-
-
 def _open(path: Path) -> Any:
     from gguf import GGUFReader
 
