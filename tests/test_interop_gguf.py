@@ -299,9 +299,9 @@ def test_unsupported_family_is_named(tmp_path):
 # --- bad files -------------------------------------------------------------------------------------------
 
 def _rewrite(src: Path, dst: Path, *, arch: str | None = None, drop_keys: tuple[str, ...] = (),
-             retype: dict[str, str] | None = None) -> None:
+             retype: dict[str, str] | None = None, replace: dict[str, tuple[str, np.ndarray]] | None = None) -> None:
     """Copy a GGUF file with changes: another architecture name, keys dropped, tensors re-encoded in
-    another ggml type (through gguf-py's reference quantizers)."""
+    another ggml type (through gguf-py's reference quantizers) or replaced by (type, raw bytes)."""
     from gguf.quants import dequantize, quantize
 
     reader = gguf.GGUFReader(src)
@@ -320,6 +320,8 @@ def _rewrite(src: Path, dst: Path, *, arch: str | None = None, drop_keys: tuple[
         if retype and t.name in retype:
             qtype = gguf.GGMLQuantizationType[retype[t.name]]
             data = quantize(dequantize(data, t.tensor_type), qtype)
+        if replace and t.name in replace:
+            qtype, data = gguf.GGMLQuantizationType[replace[t.name][0]], replace[t.name][1]
         writer.add_tensor(t.name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -390,6 +392,39 @@ def test_other_ggml_types_are_dequantized_by_gguf(exported, tmp_path):
     reader = gguf.GGUFReader(path)
     want = torch.from_numpy(dequantize(np.array(_tensor(reader, names[2]).data), gguf.GGMLQuantizationType.Q4_1))
     assert torch.equal(ex.down_proj, want.to(torch.bfloat16))
+
+
+def test_k_quant_experts_are_dequantized_into_bf16(tiny, tmp_path):
+    """A llama.cpp K-quant (Q4_K: 256-weight super-blocks) is dequantized by gguf's reference dequantizer."""
+    from gguf.quants import dequantize
+
+    from moeinfer.arch import parse_config
+
+    hf = {**{k: v for k, v in tiny.config.hf_config.items()}, "hidden_size": 256, "intermediate_size": 256,
+          "head_dim": 32, "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 1}
+    torch.manual_seed(0)
+    model = moeinfer.MoEModel(parse_config(hf)).to(torch.bfloat16).eval()
+    model.tokenizer = tiny.tokenizer
+    src, path = tmp_path / "f.gguf", tmp_path / "k.gguf"
+    export_gguf(model, src, progress=False)
+    # Q4_K bytes: random codes and sub-block scales, sane fp16 super-block scales (d, dmin)
+    rng = np.random.default_rng(0)
+    reader = gguf.GGUFReader(src)
+    blocks = {}
+    for part in ("gate", "up", "down"):
+        name = f"blk.0.ffn_{part}_exps.weight"
+        E, rows, cols = (int(x) for x in reversed(_tensor(reader, name).shape.tolist()))
+        raw = rng.integers(0, 256, size=(E, rows, cols // 256, 144), dtype=np.uint8)
+        raw[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        raw[..., 2:4] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+        blocks[name] = raw.reshape(E, rows, -1)
+    del reader
+    _rewrite(src, path, replace={n: ("Q4_K", b) for n, b in blocks.items()})
+    back = load_gguf(path, progress=False)
+    ex = back.moe_blocks()[0].experts
+    assert isinstance(ex, Experts) and ex.down_proj.dtype == torch.bfloat16
+    want = torch.from_numpy(dequantize(blocks["blk.0.ffn_down_exps.weight"], gguf.GGMLQuantizationType.Q4_K))
+    assert want.abs().max() > 0 and torch.equal(ex.down_proj, want.to(torch.bfloat16))
 
 
 def test_tensor_of_wrong_shape(exported, tmp_path):
