@@ -243,7 +243,8 @@ def main() -> None:
     p.add_argument("--words", type=int, default=24, help="words per prompt")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--real-shape", action="store_true", help="add an OLMoE-shaped random model (about 0.8 GB per layer in bf16)")
+    p.add_argument("--real-shape", action="store_true",
+                   help="add an OLMoE-shaped random model (about 0.8 GB per layer in bf16)")
     p.add_argument("--real-shape-layers", type=int, default=1)
     args = p.parse_args()
     if args.worker:

@@ -64,7 +64,8 @@ def check_exportable(config: ModelConfig, family: Family, num_experts: int) -> l
         raise GGUFError(f"{config.model_type}: sliding-window attention has no GGUF key for llama.cpp's "
                         f"{family.arch!r} architecture")
     if any(kind != "moe" for kind in config.layer_ffn):
-        raise GGUFError(f"{config.model_type}: dense FFN layers {[i for i, k in enumerate(config.layer_ffn) if k != 'moe']}"
+        dense = [i for i, k in enumerate(config.layer_ffn) if k != "moe"]
+        raise GGUFError(f"{config.model_type}: dense FFN layers {dense}"
                         f" have no place in llama.cpp's {family.arch!r} architecture (every layer is MoE there)")
     if config.rope.type not in ("default", "linear"):
         raise GGUFError(f"rope scaling {config.rope.type!r} is not exported to GGUF yet (supported: default, linear)")
@@ -73,7 +74,8 @@ def check_exportable(config: ModelConfig, family: Family, num_experts: int) -> l
         raise GGUFError(f"{config.model_type}: a router with {r.score_func} scores, {r.n_group} groups or scaling "
                         f"{r.scaling} has no equivalent in llama.cpp's {family.arch!r} architecture")
     if r.norm_topk_prob != family.norm_topk:
-        notes.append(f"norm_topk_prob={r.norm_topk_prob} is written as {family.arch}.expert_weights_norm, but llama.cpp's "
+        notes.append(f"norm_topk_prob={r.norm_topk_prob} is written as {family.arch}.expert_weights_norm, but "
+                     f"llama.cpp's "
                      f"{family.arch!r} always uses {family.norm_topk}: llama.cpp's top-k weights will differ")
     if config.clip_qkv is not None and family.arch != "olmoe":
         raise GGUFError(f"clip_qkv has no GGUF key for llama.cpp's {family.arch!r} architecture")

@@ -138,7 +138,8 @@ def _expert_plans(block: MoEBlock, quant: str, float_type: str, notes: list[str]
             ]
         if quant == "auto" or quant.startswith("q"):
             target = 8 if quant == "auto" else int(quant[1])
-            what = f"{ex.num_experts} experts at bits {dict((w, ex.bits.count(w)) for w in widths)}, group {ex.group_size}"
+            counts = {w: ex.bits.count(w) for w in widths}
+            what = f"{ex.num_experts} experts at bits {counts}, group {ex.group_size}"
             why = (f"Q{b}_0 blocks, asked for as {quant}" if exact else
                    "not a GGUF block type (GGUF holds one type per layer's stacked expert tensor; moeinfer's "
                    "symmetric group-32 int8/int4 are Q8_0/Q4_0)")
@@ -159,7 +160,8 @@ def _expert_plans(block: MoEBlock, quant: str, float_type: str, notes: list[str]
             return _requantized(ex, names, D, I, int(quant[1]), (gate_up, down))
     else:
         raise GGUFError(f"layer {layer}: experts of kind {type(ex).__name__} cannot be exported to GGUF")
-    return [_float_plan(names["gate"], gate_up[:, :I], float_type), _float_plan(names["up"], gate_up[:, I:], float_type),
+    return [_float_plan(names["gate"], gate_up[:, :I], float_type),
+            _float_plan(names["up"], gate_up[:, I:], float_type),
             _float_plan(names["down"], down, float_type)]
 
 

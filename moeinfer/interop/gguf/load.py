@@ -212,9 +212,11 @@ def _fill_experts(block: Any, bits: int | None, tensors: dict[str, Any], path: P
             getattr(ex, f"{m}{bits}_down").copy_(parts["down"][i])
     else:
         I = ex.down_proj.shape[2]
-        gate = _shape(_float_tensor(tensors[names["gate"]], path), tuple(ex.gate_up_proj[:, :I].shape), names["gate"], path)
-        up = _shape(_float_tensor(tensors[names["up"]], path), tuple(ex.gate_up_proj[:, I:].shape), names["up"], path)
-        down = _shape(_float_tensor(tensors[names["down"]], path), tuple(ex.down_proj.shape), names["down"], path)
+        def read(part: str, like: torch.Tensor) -> torch.Tensor:
+            return _shape(_float_tensor(tensors[names[part]], path), tuple(like.shape), names[part], path)
+
+        gate, up = read("gate", ex.gate_up_proj[:, :I]), read("up", ex.gate_up_proj[:, I:])
+        down = read("down", ex.down_proj)
         ex.gate_up_proj[:, :I].copy_(gate)
         ex.gate_up_proj[:, I:].copy_(up)
         ex.down_proj.copy_(down)

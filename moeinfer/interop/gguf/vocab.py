@@ -127,7 +127,8 @@ def read_tokenizer(meta: Any) -> Any:
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
             if not 0 <= int(token_id) < len(names):
-                raise GGUFError(f"{meta.path}: tokenizer.ggml.{key}_token_id {token_id} is outside the {len(names)} tokens")
+                raise GGUFError(f"{meta.path}: tokenizer.ggml.{key}_token_id {token_id} is outside the "
+                                f"{len(names)} tokens")
             config[field] = names[int(token_id)]
     if meta.get("tokenizer.ggml.add_bos_token", False) and "bos_token" in config:
         bos = config["bos_token"]
