@@ -214,6 +214,24 @@ def test_export_failure_leaves_nothing(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_per_layer_widths_keep_their_types(tiny, tmp_path):
+    """Layers quantized at different widths (each layer uniform): each layer's tensors in its own type, exact."""
+    model = copy.deepcopy(tiny)
+    for block in model.moe_blocks():
+        ex = block.experts
+        bits = [8 if block.layer_idx % 2 else 4] * ex.num_experts
+        block.experts = QuantizedExperts.from_float(ex.gate_up_proj, ex.down_proj, bits, group_size=32,
+                                                    algorithm="sym")
+    path = tmp_path / "per-layer.gguf"
+    report = export_gguf(model, path, progress=False)
+    assert report.notes == []
+    assert [report.tensor_types[f"blk.{i}.ffn_down_exps.weight"] for i in range(4)] == ["Q4_0", "Q8_0"] * 2
+    back = load_gguf(path, progress=False)
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), back.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    assert torch.equal(_logits(model), _logits(back))
+
+
 def test_mixed_precision_is_rounded_up_and_said(tiny, tmp_path):
     """Experts of several widths in one layer: GGUF has one type per stacked tensor -> Q8_0, with a note."""
     model = copy.deepcopy(tiny)
