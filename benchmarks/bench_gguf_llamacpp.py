@@ -8,8 +8,8 @@ It compares numbers, it times nothing.
 Steps:
 1. build the variants in moeinfer: the shipped model (bf16; q8_0 and q4_0 = moeinfer's symmetric group-32
    presets), REAP-pruned (recipe prune-25) + q4_0, and optionally (--real-shape) a random model with
-   OLMoE-1B-7B's layer shapes (hidden 2048, 64 experts top-8, expert inner 1024; few layers, the shipped
-   vocabulary so it has a tokenizer);
+   OLMoE-1B-7B's layer shapes (hidden 2048, 16 heads, 64 experts top-8, expert inner 1024; few layers, the
+   shipped vocabulary so it has a tokenizer), in bf16 and with Q4_0 experts;
 2. export each with `moeinfer.export(..., format="gguf")` (q8_0/q4_0 experts written without requantizing);
 3. moeinfer: greedy continuations of held-out prompts, and the logits at every position of
    prompt + continuation, both in the model's dtype and in fp32 (the same weights upcast);
@@ -27,6 +27,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,36 +133,36 @@ def real_shape_model(tokenizer: Any, layers: int) -> Any:
     return model
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
-    """(name, moeinfer model the file must match, --quant for export)."""
+def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
+    """(name, moeinfer model, --quant for export, reload), one at a time (one real-shape model in memory).
+    reload: moeinfer's side runs on the exported file loaded back (for the real-shape q4_0, whose
+    quantization by `compress_` takes minutes and GBs here; tests/test_interop_gguf.py shows that
+    file = `compress_(model, "q4_0")` bit for bit on the shipped model)."""
     import copy
 
     import moeinfer
     from moeinfer.compress.calibration import CalibrationConfig
 
     tiny = moeinfer.load("tiny", progress=False)
-    out: list[tuple[str, Any, str]] = [("tiny bf16", tiny, "auto")]
+    yield "tiny bf16", tiny, "auto", False
     for q in ("q8_0", "q4_0"):
         m = copy.deepcopy(tiny)
         moeinfer.compress_(m, q, progress=False)
-        out.append((f"tiny {q}", m, "auto"))
+        yield f"tiny {q}", m, "auto", False
     pruned = copy.deepcopy(tiny)
     # the presets prune-25 then q4_0, as one recipe
     recipe = [{"method": "prune_reap", "ratio": 0.25}, {"method": "quantize", "bits": 4, "group_size": 32,
                                                        "algorithm": "sym"}]
     moeinfer.compress_(pruned, recipe, calibration=CalibrationConfig(source="heldout"), progress=False)
-    out.append(("tiny REAP-25% + q4_0", pruned, "auto"))
+    yield "tiny REAP-25% + q4_0", pruned, "auto", False
     if args.real_shape:
         big = real_shape_model(tiny.tokenizer, args.real_shape_layers)
-        out.append((f"olmoe-shape {args.real_shape_layers}L bf16", big, "auto"))
-        q = copy.deepcopy(big)
-        moeinfer.compress_(q, "q4_0", progress=False)
-        out.append((f"olmoe-shape {args.real_shape_layers}L q4_0", q, "auto"))
-        del big
-    return out
+        yield f"olmoe-shape {args.real_shape_layers}L bf16", big, "auto", False
+        yield f"olmoe-shape {args.real_shape_layers}L q4_0", big, "q4_0", True
 
 
-def compare(name: str, model: Any, quant: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Namespace, out_dir: Path
+            ) -> dict[str, Any]:
     import copy
 
     import numpy as np
@@ -172,6 +173,8 @@ def compare(name: str, model: Any, quant: str, args: argparse.Namespace, out_dir
     slug = name.replace(" ", "-").replace("%", "").replace("+", "")
     path = out_dir / f"{slug}.gguf"
     report = moeinfer.export(model, path, format="gguf", quant=quant, overwrite=True, progress=False)
+    if reload:
+        model = moeinfer.load(path, progress=False)
     texts = prompts(model.tokenizer, args.prompts, args.words)
     ids = [model.tokenizer.encode(t) for t in texts]
     conts = [greedy(model, p, args.new_tokens) for p in ids]
@@ -256,9 +259,10 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for name, model, quant in variants(args):
+    for name, model, quant, reload in variants(args):
         print(f"== {name}", file=sys.stderr, flush=True)
-        results.append(compare(name, model, quant, args, out_dir))
+        results.append(compare(name, model, quant, reload, args, out_dir))
+        del model
         print(json.dumps(results[-1], indent=1), file=sys.stderr, flush=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))
