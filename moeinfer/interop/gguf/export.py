@@ -229,6 +229,10 @@ def plan_tensors(model: MoEModel, quant: str, notes: list[str]) -> list[_Planned
             notes.append(f"layer {b.layer_idx}: {b.gate.weight.shape[0]} router rows merged onto "
                          f"{b.experts.num_experts} experts; each merged expert's router row is the mean of its "
                          "members' (llama.cpp routes over the experts it has)")
+        if b.gate.available is not None and not bool(b.gate.available.all()):
+            masked = (~b.gate.available).nonzero().flatten().tolist()
+            notes.append(f"layer {b.layer_idx}: masked experts {masked} are written as they are; llama.cpp has no "
+                         "mask and may route tokens to them")
         if b.gate.mode is not None or b.gate.top_k is not None:
             notes.append(f"layer {b.layer_idx}: dynamic gating is not written (GGUF has a fixed top-k)")
         plans += _expert_plans(b, quant, float_type, notes)
