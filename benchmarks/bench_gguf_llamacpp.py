@@ -181,7 +181,9 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
     seqs = [p + c for p, c in zip(ids, conts)]
     ours = all_logits(model, seqs)
     small = sum(p.numel() for p in model.parameters()) < 100_000_000
-    ours32 = all_logits(copy.deepcopy(model).float(), seqs) if small else None  # fp32: same weights upcast
+    model32 = copy.deepcopy(model).float() if small else None  # fp32: the same weights upcast
+    ours32 = all_logits(model32, seqs) if small else None
+    conts32 = [greedy(model32, p, args.new_tokens) for p in ids] if small else None
     job = {"gguf": str(path), "n_ctx": max(len(s) for s in seqs) + 8, "threads": args.threads, "texts": texts,
            "prompts": ids, "sequences": seqs, "new_tokens": args.new_tokens,
            "logits_out": str(out_dir / f"{slug}.llama-logits.npy"), "result": str(out_dir / f"{slug}.llama.json")}
@@ -200,14 +202,22 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
         return {"max_abs": float(d.max()), "max_rel_to_std": float((d / spread).max()),
                 "argmax_agree": float(np.mean(a.argmax(-1) == b.argmax(-1))), "top5_overlap": float(top5)}
 
-    greedy_match = [sum(x == y for x, y in zip(c, g)) / len(c) for c, g in zip(conts, theirs_json["greedy"])]
-    first_div = [next((i for i, (x, y) in enumerate(zip(c, g)) if x != y), None)
-                 for c, g in zip(conts, theirs_json["greedy"])]
+    def match(mine: list[list[int]] | None) -> tuple[list[float], list[int | None]] | tuple[None, None]:
+        if mine is None:
+            return None, None
+        frac = [sum(x == y for x, y in zip(c, g)) / len(c) for c, g in zip(mine, theirs_json["greedy"])]
+        first = [next((i for i, (x, y) in enumerate(zip(c, g)) if x != y), None)
+                 for c, g in zip(mine, theirs_json["greedy"])]
+        return frac, first
+
+    greedy_match, first_div = match(conts)
+    greedy_match32, first_div32 = match(conts32)
     return {
         "variant": name, "file": path.name, "file_mib": path.stat().st_size / 2**20,
         "types": report.type_counts(), "notes": report.notes, "llama_cpp_python": theirs_json["version"],
         "tokenization_equal": [a == b for a, b in zip(ids, theirs_json["tokenized"])],
         "greedy_match_fraction": greedy_match, "first_divergence": first_div,
+        "greedy_match_fraction_fp32": greedy_match32, "first_divergence_fp32": first_div32,
         "positions": int(ours.shape[0]),
         "vs_moeinfer_model_dtype": diffs(ours, theirs),
         "vs_moeinfer_fp32": diffs(ours32, theirs) if ours32 is not None else None,
@@ -216,15 +226,15 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| variant | file | tokenization equal | greedy tokens equal | vs moeinfer | argmax agree | "
+    lines = ["| variant | file | tokenization equal | greedy tokens equal | moeinfer in | argmax agree | "
              "top-5 overlap | max abs logit diff | same / logit std | (moeinfer bf16 vs fp32: max abs) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['variant']} | error: {r['error'].strip().splitlines()[-1][:200]} |||||||||")
             continue
-        g = r["greedy_match_fraction"]
-        for which, v in (("model dtype", r["vs_moeinfer_model_dtype"]), ("fp32", r["vs_moeinfer_fp32"])):
+        for which, v, g in (("model dtype", r["vs_moeinfer_model_dtype"], r["greedy_match_fraction"]),
+                            ("fp32", r["vs_moeinfer_fp32"], r["greedy_match_fraction_fp32"])):
             if v is None:
                 continue
             own = f"{r['moeinfer_dtype_vs_fp32']['max_abs']:.4f}" if r["moeinfer_dtype_vs_fp32"] else "-"
