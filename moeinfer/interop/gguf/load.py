@@ -94,7 +94,7 @@ def _expert_kinds(model: MoEModel, tensors: dict[str, Any], path: Path) -> dict[
         if missing:
             raise GGUFError(f"{path}: expert tensor(s) {', '.join(missing)} are missing")
         kinds = {_type_name(tensors[n]) for n in names}
-        bits = _PACKED_BITS.get(kinds.pop()) if len(kinds) == 1 else None
+        bits = _PACKED_BITS.get(next(iter(kinds))) if len(kinds) == 1 else None
         if bits is None and kinds & set(_PACKED_BITS):
             log.info("%s: layer %d mixes expert types; dequantized", path.name, block.layer_idx)
         out[block.layer_idx] = bits
