@@ -259,6 +259,7 @@ def main() -> None:
     p.add_argument("--real-shape", action="store_true",
                    help="add an OLMoE-shaped random model (about 0.8 GB per layer in bf16)")
     p.add_argument("--real-shape-layers", type=int, default=1)
+    p.add_argument("--only", nargs="*", default=None, help="run the variants whose name contains one of these words")
     args = p.parse_args()
     if args.worker:
         worker(args.worker)
@@ -270,6 +271,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for name, model, quant, reload in variants(args):
+        if args.only and not any(word in name for word in args.only):
+            continue
         print(f"== {name}", file=sys.stderr, flush=True)
         results.append(compare(name, model, quant, reload, args, out_dir))
         del model
