@@ -1,7 +1,7 @@
 """moeinfer: fast, small and reliable inference for Mixture-of-Experts language models.
 
-Public API (stable): `load`, `save`, `generate`, `Generation`, `MoEModel`, `ModelConfig`; transforms applied
-after loading, in place: `compress_`, `use_kernel_`, `set_routing_`, `offload_`;
+Public API (stable): `load`, `save`, `export`, `generate`, `Generation`, `MoEModel`, `ModelConfig`; transforms
+applied after loading, in place: `compress_`, `use_kernel_`, `set_routing_`, `offload_`;
 automatic configuration: `plan`, `apply_plan_`, `Plan`.
 Importing the package loads torch but initialises no GPU and imports no optional dependency.
 """
@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 from moeinfer._lazy import lazy_exports
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
+__all__ = ["load", "save", "export", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
            "evaluate", "offload_", "OffloadConfig", "use_kernel_", "compress_", "Recipe", "set_routing_",
            "plan", "apply_plan_", "Plan", "__version__"]
 
 _LAZY = {
     "load": "moeinfer.api",
     "save": "moeinfer.api",
+    "export": "moeinfer.api",
     "generate": "moeinfer.engine.generate",
     "Generation": "moeinfer.engine.generate",
     "MoEModel": "moeinfer.model.transformer",
@@ -38,7 +39,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from moeinfer.api import load, save
+    from moeinfer.api import export, load, save
     from moeinfer.arch import supported_model_types
     from moeinfer.config import ModelConfig
     from moeinfer.engine.generate import Generation, generate

@@ -1,14 +1,17 @@
-"""`moeinfer.load` and `moeinfer.save`: the entry points from and to HF-format checkpoint dirs."""
+"""`moeinfer.load`, `moeinfer.save` and `moeinfer.export`: the entry points from and to HF-format checkpoint
+dirs (and GGUF files: `load` reads them, `export` writes them)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moeinfer.loading.checkpoint import check_finite, load_checkpoint
+from moeinfer.loading.filetype import is_gguf
+from moeinfer.loading.gguf import export_gguf, load_gguf
 from moeinfer.loading.save import save_checkpoint
 from moeinfer.model.transformer import MoEModel
 from moeinfer.models import resolve_model_path
@@ -22,13 +25,21 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = None, progress: bool = True,
          expert_parallel: ExpertParallelConfig | None = None, on_expert_error: str = "raise",
          check_weights: bool = False) -> MoEModel:
-    """Load a local HF-format MoE checkpoint (or a shipped model by name) as an eval-mode MoEModel.
+    """Load a local HF-format MoE checkpoint (or a shipped model by name, or a GGUF file) as an eval-mode
+    MoEModel.
 
     expert_parallel: under torchrun, read only this rank's experts and spread them over the ranks
     (`moeinfer.parallel.apply_expert_parallel_`).
     on_expert_error: "mask" loads a checkpoint whose routed experts are missing, mis-shaped or not
     finite with those experts masked in their routers (`model.failed_experts` says which and why).
     check_weights: refuse weights holding NaN or Inf (a CheckpointError names them; one pass over the weights)."""
+    if is_gguf(resolve_model_path(path)):  # llama.cpp's format: moeinfer.loading.gguf
+        if expert_parallel is not None:
+            raise ValueError(f"{path}: expert parallelism loads HF-format checkpoint directories, not GGUF files")
+        model = load_gguf(resolve_model_path(path), device=device, dtype=dtype, progress=progress)
+        if check_weights:
+            check_finite(model, path)
+        return model
     if expert_parallel is not None:
         model = load_expert_parallel(resolve_model_path(path), config=expert_parallel, device=device, dtype=dtype,
                                      progress=progress)
@@ -38,6 +49,15 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
 
     return load_checkpoint(resolve_model_path(path), device=device, dtype=dtype, progress=progress,
                            on_expert_error=on_expert_error, check_weights=check_weights)
+
+
+def export(model: MoEModel, path: str | os.PathLike[str], *, format: str = "gguf", quant: str = "auto",
+           overwrite: bool = False, progress: bool = True) -> Any:
+    """Write `model` in another system's format: "gguf" (llama.cpp, Ollama; `quant` in auto, bf16, f16, f32,
+    q8_0, q4_0; see moeinfer.loading.gguf.export). Returns the export report (types written, notes)."""
+    if format != "gguf":
+        raise ValueError(f"export format {format!r} is not supported; supported: gguf")
+    return export_gguf(model, path, quant=quant, overwrite=overwrite, progress=progress)
 
 
 def save(model: MoEModel, path: str | os.PathLike[str], *, overwrite: bool = False,

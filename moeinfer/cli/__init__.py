@@ -12,7 +12,7 @@ import logging
 import sys
 
 SUBCOMMANDS = ["generate", "inspect", "init", "eval", "trace", "serve", "placement", "bench", "compress", "simulate",
-               "plan"]
+               "plan", "export"]
 DEFAULT_MODEL = "tiny"
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
             parse_device(args.device)  # before any work: a one-line error for banana, meta, cuda without CUDA
         return int(args.func(args) or 0)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"moeinfer {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

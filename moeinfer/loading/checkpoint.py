@@ -33,6 +33,7 @@ from moeinfer.loading.config_json import EXPERT_COUNTS, check_config_fields, che
 from moeinfer.loading.devices import parse_device
 from moeinfer.formats.layout import RECORD_VERSION, is_plain, restore_
 from moeinfer.loading.errors import CheckpointError
+from moeinfer.loading.filetype import is_gguf
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
 from moeinfer.loading.safetensors_io import STAGING_BYTES, SafetensorsFile
 from moeinfer.loading.tokenizer import Tokenizer
@@ -56,8 +57,14 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """config.json of checkpoint directory `path`, with the fields moeinfer reads type- and range-checked."""
+    """config.json of checkpoint directory `path`, with the fields moeinfer reads type- and range-checked;
+    for a GGUF file, the same fields from its metadata (moeinfer.loading.gguf)."""
     path = Path(path)
+    if is_gguf(path):
+        # Imported here: moeinfer.loading.gguf builds on this module (a cycle at module level).
+        from moeinfer.loading.gguf import gguf_config
+
+        return gguf_config(path)
     cfg_path = path / "config.json"
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a checkpoint directory (give the directory that holds "

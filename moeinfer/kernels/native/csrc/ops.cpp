@@ -172,7 +172,7 @@ inline float qdot(const Kern* k, const QMat& m, int64_t row, const QVec& v, int6
   return k->qrow4(q, s, z, v.x, v.perm.data(), v.sum.data(), cols, gs);
 }
 
-// Quantized experts of one bit width (moeinfer.compress.quantized_experts storage), batch-1 decode.
+// Quantized experts of one bit width (moeinfer.formats.quantized_experts storage), batch-1 decode.
 at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
                         const at::Tensor& q_gu, const at::Tensor& s_gu, const at::Tensor& z_gu,
                         const at::Tensor& q_dn, const at::Tensor& s_dn, const at::Tensor& z_dn, int64_t bits,
@@ -228,7 +228,7 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
 }
 
 // Dequantize rows of packed codes into `out` [R, cols] f32 (a reused buffer: the prefill path's tile),
-// as moeinfer.compress.quant.groupwise.dequantize computes them: w = u * s + (-z * s).
+// as moeinfer.formats.quant.groupwise.dequantize computes them: w = u * s + (-z * s).
 void dequant_into(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t bits, int64_t group_size,
                   at::Tensor& out) {
   TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: dequant needs 8 or 4 bits, got ", bits);

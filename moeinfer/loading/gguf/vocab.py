@@ -1,0 +1,136 @@
+"""Byte-level BPE tokenizers <-> GGUF's `tokenizer.ggml.*` keys (llama.cpp's "gpt2" tokenizer model).
+
+GGUF keeps a BPE tokenizer as lists: tokens (by id), token types (1 normal, 3 control, 4 user-defined,
+5 unused), merges ("a b"), special-token ids, add_bos/add_eos flags, the chat template, and the
+name of the pre-tokenizer (`tokenizer.ggml.pre`), whose split regex llama.cpp has built in.
+
+Export reads the checkpoint's tokenizer.json (through the `tokenizers` library) and names its
+pre-tokenizer; import rebuilds a `tokenizers` BPE from the lists with the named pre-tokenizer's regex.
+Pre-tokenizers known both ways: "gpt-2" (GPT-2's regex inside ByteLevel), "qwen2" and "llama-bpe".
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from moeinfer.loading.gguf.errors import GGUFError
+from moeinfer.loading.tokenizer import Tokenizer
+
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+# Split regexes of the pre-tokenizers llama.cpp names (as their tokenizer.json files write them).
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_REGEX = {"qwen2": _QWEN2, "llama-bpe": _LLAMA3}
+BYTE_LEVEL_PRE = ("gpt-2", "olmo", "default")  # GPT-2's regex (ByteLevel with use_regex)
+
+
+def _pre_name(pre: dict[str, Any] | None) -> str:
+    """tokenizer.json's pre_tokenizer -> llama.cpp's pre-tokenizer name."""
+    if pre is None:
+        raise GGUFError("the tokenizer has no pre-tokenizer; GGUF export needs a byte-level BPE tokenizer")
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers") or []
+        if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
+                and not parts[1].get("use_regex", True)):
+            pattern = (parts[0].get("pattern") or {}).get("Regex")
+            for name, regex in SPLIT_REGEX.items():
+                if pattern == regex:
+                    return name
+    raise GGUFError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp names; "
+                    f"supported: ByteLevel (gpt-2), {', '.join(SPLIT_REGEX)}")
+
+
+def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, *, bos: int | None = None, eos: int | None = None,
+                    pad: int | None = None) -> None:
+    """Write a moeinfer Tokenizer (moeinfer.loading.tokenizer) as GGUF keys; `vocab_size` is the model's
+    embedding rows (ids past the tokenizer's are written as unused padding tokens). bos/eos/pad: the model
+    config's special ids, which take precedence over the tokenizer's."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise GGUFError(f"tokenizer model {model.get('type')!r} (byte_fallback={model.get('byte_fallback')}) cannot "
+                        "be written to GGUF yet: only byte-level BPE tokenizers are supported")
+    pre = _pre_name(spec.get("pre_tokenizer"))
+    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    types = {i: NORMAL for i in tokens}
+    for added in spec.get("added_tokens") or []:
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    if max(tokens) >= vocab_size:
+        raise GGUFError(f"the tokenizer has token id {max(tokens)} but the model's vocabulary has {vocab_size} rows")
+    names, kinds = [], []
+    for i in range(vocab_size):
+        names.append(tokens.get(i, f"[PAD{i}]"))
+        kinds.append(types.get(i, UNUSED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_string("tokenizer.ggml.pre", pre)
+    writer.add_array("tokenizer.ggml.tokens", names)
+    writer.add_array("tokenizer.ggml.token_type", kinds)
+    writer.add_array("tokenizer.ggml.merges", merges)
+    probe = tokenizer.encode("a", add_special_tokens=True)
+    for key, token_id in (("bos", bos if bos is not None else tokenizer.bos_token_id),
+                          ("eos", eos if eos is not None else tokenizer.eos_token_id),
+                          ("padding", pad if pad is not None else tokenizer.pad_token_id)):
+        if token_id is not None:
+            writer.add_uint32(f"tokenizer.ggml.{key}_token_id", token_id)
+    first = tokenizer.bos_token_id
+    writer.add_bool("tokenizer.ggml.add_bos_token", first is not None and bool(probe) and probe[0] == first)
+    writer.add_bool("tokenizer.ggml.add_eos_token",
+                    tokenizer.eos_token_id is not None and bool(probe) and probe[-1] == tokenizer.eos_token_id)
+    if tokenizer.chat_template:
+        writer.add_string("tokenizer.chat_template", tokenizer.chat_template)
+
+
+def read_tokenizer(meta: Any) -> Any:
+    """A moeinfer Tokenizer rebuilt from a GGUF file's tokenizer keys (`meta`: archmap.Metadata), or None
+    when the file has no tokenizer."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return None
+    if kind != "gpt2":
+        raise GGUFError(f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', byte-level BPE)")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in BYTE_LEVEL_PRE and pre not in SPLIT_REGEX:
+        raise GGUFError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
+                        f"{', '.join(BYTE_LEVEL_PRE + tuple(SPLIT_REGEX))}")
+    names = list(meta.require("tokenizer.ggml.tokens"))
+    kinds = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(names))
+    if len(kinds) != len(names):
+        raise GGUFError(f"{meta.path}: tokenizer.ggml.token_type has {len(kinds)} entries for {len(names)} tokens")
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    vocab = {t: i for i, t in enumerate(names)}
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    if pre in SPLIT_REGEX:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_REGEX[pre]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    special = [AddedToken(names[i], special=True, normalized=False) for i, k in enumerate(kinds) if k == CONTROL]
+    user = [AddedToken(names[i], special=False, normalized=False) for i, k in enumerate(kinds) if k == USER_DEFINED]
+    backend.add_special_tokens(special)
+    backend.add_tokens(user)
+    config: dict[str, Any] = {}
+    for key, field in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            if not 0 <= int(token_id) < len(names):
+                raise GGUFError(f"{meta.path}: tokenizer.ggml.{key}_token_id {token_id} is outside the "
+                                f"{len(names)} tokens")
+            config[field] = names[int(token_id)]
+    if meta.get("tokenizer.ggml.add_bos_token", False) and "bos_token" in config:
+        bos = config["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    return Tokenizer(backend, config, meta.get("tokenizer.chat_template"))
