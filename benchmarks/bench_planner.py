@@ -74,9 +74,9 @@ def baselines(model_name: str, budget: int) -> dict[str, Any]:
     (a) the default: every expert resident in float, kernel auto; (b) a memory-only rule like
     llama.cpp's --fit: float weights, experts spilled to the slow tier with every slot the budget
     leaves in a plain LRU cache; (c) uniform int4, resident."""
-    from moeinfer.plan import Plan, PlanOffload
-    from moeinfer.plan.costs import expert_bytes, fixed_bytes
-    from moeinfer.plan.sizes import sizes_from_checkpoint
+    from moeinfer.planning import Plan, PlanOffload
+    from moeinfer.planning.costs import expert_bytes, fixed_bytes
+    from moeinfer.planning.sizes import sizes_from_checkpoint
 
     s = sizes_from_checkpoint(model_name)
     fixed = fixed_bytes(s, batch=1, context=min(1024, s.max_context))
@@ -96,8 +96,8 @@ def baselines(model_name: str, budget: int) -> dict[str, Any]:
 
 
 def default_budgets(model_name: str) -> list[int]:
-    from moeinfer.plan.costs import expert_bytes, fixed_bytes
-    from moeinfer.plan.sizes import sizes_from_checkpoint
+    from moeinfer.planning.costs import expert_bytes, fixed_bytes
+    from moeinfer.planning.sizes import sizes_from_checkpoint
 
     s = sizes_from_checkpoint(model_name)
     fixed = fixed_bytes(s, batch=1, context=min(1024, s.max_context))
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import moeinfer
-    from moeinfer.plan.planner import parse_budget
-    from moeinfer.plan.profile import machine_profile
+    from moeinfer.planning.planner import parse_budget
+    from moeinfer.planning.profile import machine_profile
 
     budgets = (default_budgets(args.model) if args.budgets == "auto"
                else [parse_budget(b) for b in args.budgets.split(",")])

@@ -33,9 +33,9 @@ _LAZY = {
     "compress_": "moeinfer.compress.api",
     "Recipe": "moeinfer.compress.recipe",
     "set_routing_": "moeinfer.model.gating",
-    "plan": "moeinfer.plan.planner",
-    "apply_plan_": "moeinfer.plan.apply",
-    "Plan": "moeinfer.plan.spec",
+    "plan": "moeinfer.planning.planner",
+    "apply_plan_": "moeinfer.planning.apply",
+    "Plan": "moeinfer.planning.spec",
 }
 
 if TYPE_CHECKING:
@@ -51,9 +51,9 @@ if TYPE_CHECKING:
     from moeinfer.compress.api import compress_
     from moeinfer.compress.recipe import Recipe
     from moeinfer.model.gating import set_routing_
-    from moeinfer.plan.apply import apply_plan_
-    from moeinfer.plan.planner import plan
-    from moeinfer.plan.spec import Plan
+    from moeinfer.planning.apply import apply_plan_
+    from moeinfer.planning.planner import plan
+    from moeinfer.planning.spec import Plan
 
 
 __getattr__ = lazy_exports(__name__, _LAZY)

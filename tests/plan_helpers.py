@@ -3,9 +3,9 @@ hand-made quality model."""
 
 from __future__ import annotations
 
-from moeinfer.plan.profile import ExpertRate, MachineProfile
-from moeinfer.plan.quality import QualityModel
-from moeinfer.plan.spec import FLOAT
+from moeinfer.planning.profile import ExpertRate, MachineProfile
+from moeinfer.planning.quality import QualityModel
+from moeinfer.planning.spec import FLOAT
 
 
 def synthetic_profile(*, int4_bytes_per_s: float = 8e9, device: str = "cpu") -> MachineProfile:

@@ -42,7 +42,7 @@ from moeinfer.bench.workloads import arrival_times, build_prompts, get_workload,
 from moeinfer.engine.generate import generate
 from moeinfer.eval import evaluate
 from moeinfer.models import SHIPPED
-from moeinfer.plan import apply_plan_
+from moeinfer.planning import apply_plan_
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
@@ -85,7 +85,7 @@ class Sweep:
                  meter: EnergyMeter | None = None, progress: bool = True,
                  log_fn: Callable[[str], None] = print, plan: Any = None) -> None:
         self.config, self.out = config, Path(out_dir)
-        self.plan = plan  # a moeinfer.plan.Plan applied after the axes; its predictions go beside the measurements
+        self.plan = plan  # a moeinfer.planning.Plan applied after the axes; its predictions go beside the measurements
         self.resume, self.progress, self.say = resume, progress, log_fn
         self.device = torch.device(config.device)
         self.meter = meter
@@ -301,7 +301,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, resume: bool = False,
               progress: bool = True, meter: EnergyMeter | None = None,
               log_fn: Callable[[str], None] = print, plan: Any = None) -> dict[str, Any]:
     """Run `config`, write results.json (and report.md, report.html, plots) into `out_dir`; `plan`: a
-    moeinfer.plan.Plan applied to every model, its predictions recorded beside the measurements."""
+    moeinfer.planning.Plan applied to every model, its predictions recorded beside the measurements."""
     data = Sweep(config, out_dir, resume=resume, meter=meter, progress=progress, log_fn=log_fn, plan=plan).run()
     if report:
         write_report(data, out_dir)

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from moeinfer.bench.runner import run_sweep
 
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
-    from moeinfer.plan.spec import Plan
+    from moeinfer.planning.spec import Plan
 
     plan = Plan.load(args.plan) if args.plan else None
     data = run_sweep(cfg, args.out, resume=args.resume, progress=not args.no_progress,

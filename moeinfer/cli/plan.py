@@ -50,14 +50,14 @@ def run(args: argparse.Namespace) -> int:
 
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
-    from moeinfer.plan.planner import plan
-    from moeinfer.plan.report import format_plan
+    from moeinfer.planning.planner import plan
+    from moeinfer.planning.report import format_plan
 
     if args.out and Path(args.out).exists() and not args.force:
         raise ValueError(f"{args.out} exists; pass --force to overwrite it")
     if args.refresh_profile:
         # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
-        from moeinfer.plan.profile import machine_profile
+        from moeinfer.planning.profile import machine_profile
 
         machine_profile(args.device, refresh=True, progress=True)
     result = plan(args.model, args.memory, device=args.device, max_quality_loss=args.max_quality_loss,

@@ -53,7 +53,7 @@ class QuantizedExperts(nn.Module):
 
     # ExpertStage (moeinfer/model/moe.py): "auto" runs the fused dequantizing Triton kernel on CUDA where
     # it applies, "reference" always the eager path.
-    kernels = ("auto", "reference", "triton")
+    kernels = ("auto", "reference", "cpu", "triton")  # cpu: the native CPU kernels; triton: the fused one
     kernel = "auto"
     graph_safe = False
 

@@ -49,10 +49,11 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
     stacked, others = _stacked(model), _own_stages(model)
     refused = sorted({type(s).__name__ for s in others if name != "auto" and name not in _kernels_of(s)})
     if refused:
-        runs = sorted({k for s in others for k in _kernels_of(s)})
-        raise ValueError(f"use_kernel_: kernel {name!r} runs plain stacked experts; this model's MoE layers hold "
-                         f"{', '.join(refused)}, which run their own expert stage (kernels: auto, "
-                         f"{', '.join(runs)}; use --kernel auto or reference)")
+        runs = sorted(set.intersection(*(set(_kernels_of(s)) | {"auto"} for s in others
+                                         if type(s).__name__ in refused)))
+        raise ValueError(f"use_kernel_: kernel {name!r} cannot run this model's MoE layers: they hold "
+                         f"{', '.join(refused)}, which run their own expert stage (kernels they run: "
+                         f"{', '.join(runs)})")
     if not stacked and not others:
         raise ValueError(f"use_kernel_: kernel {name!r}: the model holds no experts")
     _set_stacked(stacked, name, fp32_weights)

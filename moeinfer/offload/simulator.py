@@ -18,7 +18,7 @@ run's exactly. Only the clock is modelled, from a `HardwareProfile` and a `Model
 5. report hits, bytes moved, stall, total time and tokens/s, and the lower bound
    (bytes moved / link bandwidth).
 The costs of steps 2 and 4 and of the LM head come from a `StepCosts` (default `RooflineCosts`: the
-formulas above, from the profile alone); the planner (moeinfer.plan) passes its measured per-layer,
+formulas above, from the profile alone); the planner (moeinfer.planning) passes its measured per-layer,
 per-precision costs instead, so `moeinfer plan` and `moeinfer simulate` share this one clock.
 Not modelled: attention's KV-cache reads, kernel launch overheads (unless a StepCosts measures them),
 contention of the link by other traffic, page-cache effects of a disk tier.

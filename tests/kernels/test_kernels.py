@@ -198,5 +198,9 @@ def test_auto_kernel_leaves_compressed_experts_alone_and_explicit_kernels_say_wh
     model = moeinfer.load("tiny", dtype="float32", progress=False)
     moeinfer.compress_(model, [{"method": "quantize", "bits": 8}], progress=False)
     assert use_kernel_(model, "auto") is model and use_kernel_(model, "reference") is model
-    with pytest.raises(ValueError, match="QuantizedExperts, which run their own expert stage"):
-        use_kernel_(model, "cpu")
+    assert use_kernel_(model, "cpu") is model  # quantized experts run the native CPU kernels
+    lowrank = moeinfer.load("tiny", dtype="float32", progress=False)
+    moeinfer.compress_(lowrank, [{"method": "lowrank", "keep": 0.5}], progress=False)
+    assert use_kernel_(lowrank, "auto") is lowrank
+    with pytest.raises(ValueError, match="LowRankExperts, which run their own expert stage"):
+        use_kernel_(lowrank, "cpu")

@@ -113,9 +113,7 @@ def test_kernel_choice_is_asked_of_the_stage_and_survives_compression(model) -> 
     moeinfer.compress_(model, [{"method": "gating", "mode": "top-k:2"}], progress=False)
     assert {b.experts.kernel for b in model.moe_blocks()} == {"cpu"}  # compress_ re-applied the choice
     moeinfer.compress_(model, [{"method": "quantize", "bits": 8}], progress=False)
-    assert {b.experts.kernel for b in model.moe_blocks()} == {"auto"}  # quantized experts cannot run 'cpu'
-    with pytest.raises(ValueError, match="QuantizedExperts, which run their own expert stage"):
-        use_kernel_(model, "cpu")
+    assert {b.experts.kernel for b in model.moe_blocks()} == {"cpu"}  # quantized experts run 'cpu' natively
     use_kernel_(model, "reference")
     block = model.moe_blocks()[0]
     assert block.experts.kernel == "reference"

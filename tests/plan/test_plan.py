@@ -11,12 +11,12 @@ import torch
 from plan_helpers import synthetic_profile, toy_quality
 
 import moeinfer
-from moeinfer.plan import Plan, PlanError, PlanOffload, Prediction, apply_plan_
-from moeinfer.plan import routing as routes
-from moeinfer.plan.costs import MeasuredCosts, fixed_bytes, layer_seconds, simulate_plan
-from moeinfer.plan.planner import parse_budget, plan
-from moeinfer.plan.quality import fit_alpha
-from moeinfer.plan.sizes import checkpoint_bytes, sizes_from_checkpoint, sizes_from_model
+from moeinfer.planning import Plan, PlanError, PlanOffload, Prediction, apply_plan_
+from moeinfer.planning import routing as routes
+from moeinfer.planning.costs import MeasuredCosts, fixed_bytes, layer_seconds, simulate_plan
+from moeinfer.planning.planner import parse_budget, plan
+from moeinfer.planning.quality import fit_alpha
+from moeinfer.planning.sizes import checkpoint_bytes, sizes_from_checkpoint, sizes_from_model
 
 
 def sample_plan(**kw) -> Plan:
@@ -129,6 +129,7 @@ def test_apply_plan_layer_count_mismatch():
 def test_plan_applied_model_saves_and_loads_equal(tmp_path):
     model = apply_plan_(moeinfer.load("tiny", progress=False), sample_plan(kernel="reference", fp32_weights=False))
     again = moeinfer.load(moeinfer.save(model, tmp_path / "planned"), progress=False)
+    moeinfer.use_kernel_(again, "reference")  # the kernel is a run-time choice, not part of the checkpoint
     assert [type(b.experts).__name__ for b in again.moe_blocks()] == [
         "QuantizedExperts", "Experts", "QuantizedExperts", "Experts"]
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -147,7 +148,7 @@ def test_quantize_layers_rejects_unknown_precision():
 
 def test_memory_model_counts_quantized_experts_as_stored():
     from moeinfer.formats.quantized_experts import QuantizedExperts
-    from moeinfer.plan.profile import stored_expert_bytes
+    from moeinfer.planning.profile import stored_expert_bytes
 
     D, I, E = 192, 384, 3  # the shipped model's shape: groups of 128 do not divide D
     g = torch.Generator().manual_seed(0)
@@ -286,7 +287,7 @@ def test_throughput_objective_picks_a_batch():
 
 def test_bigger_than_memory_checkpoint_is_planned_from_its_config(tmp_path, monkeypatch):
     """A Mixtral-8x7B-shaped folder holding only config.json (93 GB of bf16 weights if it had them)."""
-    from moeinfer.plan import planner, sizes as sizes_mod
+    from moeinfer.planning import planner, sizes as sizes_mod
 
     cfg = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 4096,
            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -317,7 +318,7 @@ def test_fit_alpha_recovers_a_known_slope():
 
 
 def test_layer_errors_order_precisions():
-    from moeinfer.plan.quality import layer_errors
+    from moeinfer.planning.quality import layer_errors
 
     model = moeinfer.load("tiny", dtype="float32", progress=False)
     ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -328,13 +329,13 @@ def test_layer_errors_order_precisions():
     assert all(math.isfinite(e) for e in errs["q4_0"])
 
 
-def test_moeinfer_plan_is_callable_as_package_and_function_and_import_is_light():
+def test_moeinfer_plan_is_the_function_even_after_importing_the_package_and_import_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, torch, moeinfer; f = moeinfer.plan; import moeinfer.plan.spec; "
+    code = ("import sys, torch, moeinfer; f = moeinfer.plan; import moeinfer.planning.spec; "
             "heavy = [m for m in ('transformers', 'triton', 'fastapi', 'matplotlib') if m in sys.modules]; "
-            "print(callable(f), callable(moeinfer.plan), moeinfer.plan.plan is moeinfer.plan.planner.plan, heavy, "
+            "print(f is moeinfer.planning.planner.plan, moeinfer.plan is f, moeinfer.planning.plan is f, heavy, "
             "torch.cuda.is_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True True True [] False"

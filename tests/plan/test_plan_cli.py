@@ -9,8 +9,8 @@ import pytest
 from plan_helpers import synthetic_profile
 
 from moeinfer.cli import main
-from moeinfer.plan import Plan, PlanOffload
-from moeinfer.plan.profile import profile_path
+from moeinfer.planning import Plan, PlanOffload
+from moeinfer.planning.profile import profile_path
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_generate_and_eval_with_a_plan_file(tmp_path, capsys):
 
 def test_bench_reports_predicted_beside_measured(tmp_path, capsys):
     from moeinfer.bench.results import read_results
-    from moeinfer.plan import Prediction
+    from moeinfer.planning import Prediction
 
     p = Plan(model="tiny", device="cpu", budget_bytes=10**8, objective="latency", precisions=("int8",) * 4,
              kernel="auto", predicted=Prediction(decode_tok_s=42.0, prefill_tok_s=420.0, memory_bytes=10**7,

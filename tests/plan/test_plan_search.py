@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from moeinfer.plan.search import Option, search, search_dp, search_exact
+from moeinfer.planning.search import Option, search, search_dp, search_exact
 
 
 def toy() -> list[list[Option]]:

@@ -17,16 +17,16 @@ def apply_(model: Any, args: argparse.Namespace) -> Any:
         return model
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
-    from moeinfer.plan import apply_plan_
-    from moeinfer.plan.spec import Plan, PlanError
+    from moeinfer.planning import apply_plan_
+    from moeinfer.planning.spec import Plan, PlanError
 
     if getattr(args, "offload", None):
         raise PlanError("--plan sets the offload settings itself: drop --offload")
     if args.plan == "auto":
         # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
         # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
-        from moeinfer.plan.planner import plan
-        from moeinfer.plan.sizes import available_memory
+        from moeinfer.planning.planner import plan
+        from moeinfer.planning.sizes import available_memory
 
         device = "cuda" if str(args.device).startswith("cuda") else "cpu"
         # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).

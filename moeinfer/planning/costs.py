@@ -4,7 +4,7 @@ Shapes: L MoE layers, E experts per layer, K top-k, D hidden, I expert inner siz
 
 Time comes from the offload simulator's clock (`moeinfer.offload.simulator.simulate`, the engine of
 `moeinfer simulate`), fed with `MeasuredCosts`, which prices each piece of a step from the machine
-profile (moeinfer.plan.profile) instead of from datasheet rates:
+profile (moeinfer.planning.profile) instead of from datasheet rates:
 - the dense part of a MoE layer (attention, norms, router): layer_fixed_s + dense bytes / memory
   read bandwidth (or its matmul flops / matmul rate, whichever is larger);
 - an expert of layer l at precision p_l with t tokens: the fitted rate of that precision and kernel,
@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from moeinfer.plan.profile import MachineProfile, stored_expert_bytes
-from moeinfer.plan.spec import FLOAT
+from moeinfer.planning.profile import MachineProfile, stored_expert_bytes
+from moeinfer.planning.spec import FLOAT
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import ModelShape
 from moeinfer.offload.simulator import simulate

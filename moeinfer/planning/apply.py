@@ -16,7 +16,7 @@ import os
 import tempfile
 from typing import Any
 
-from moeinfer.plan.spec import FLOAT, Plan, PlanError
+from moeinfer.planning.spec import FLOAT, Plan, PlanError
 from moeinfer.compress.api import compress_
 from moeinfer.kernels import use_kernel_
 from moeinfer.offload.apply import offload_

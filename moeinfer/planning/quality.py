@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from moeinfer.plan.spec import FLOAT
+from moeinfer.planning.spec import FLOAT
 from moeinfer.compress.methods.quantize_layers import layer_quantizer
 from moeinfer.eval import evaluate
 from moeinfer.eval.perplexity import as_eval_text
 from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.fsutil import atomic_write_text
 from moeinfer.models import resolve_model_path
-from moeinfer.plan.profile import cache_dir
+from moeinfer.planning.profile import cache_dir
 
 
 @dataclass(frozen=True)

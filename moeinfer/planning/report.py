@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moeinfer.plan.spec import Plan
+from moeinfer.planning.spec import Plan
 
 
 def _gb(n: int) -> str:

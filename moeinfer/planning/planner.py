@@ -3,15 +3,15 @@ for a memory budget, from measured costs and measured quality (docs/planner.md).
 
 Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
 
-1. sizes from config.json and safetensors headers (moeinfer.plan.sizes): the model is never loaded
+1. sizes from config.json and safetensors headers (moeinfer.planning.sizes): the model is never loaded
    for this, so a checkpoint bigger than memory is planned as well;
-2. the machine profile (moeinfer.plan.profile), measured once and cached;
+2. the machine profile (moeinfer.planning.profile), measured once and cached;
 3. when the model fits in memory (or is given loaded): its routing on the calibration text and its
-   quality model (moeinfer.plan.quality); otherwise the user's trace or uniform routing, and only
+   quality model (moeinfer.planning.quality); otherwise the user's trace or uniform routing, and only
    lossless choices (the plan's notes say so);
-4. the search space (each family priced by the offload simulator's clock, moeinfer.plan.costs):
+4. the search space (each family priced by the offload simulator's clock, moeinfer.planning.costs):
    a. every expert resident, per-layer precision (float / each quantize preset) chosen by the
-      layer search (moeinfer.plan.search: exact or DP) under the memory left after dense weights,
+      layer search (moeinfer.planning.search: exact or DP) under the memory left after dense weights,
       KV cache and working memory, and under `max_quality_loss`; for each kernel variant and batch;
    b. every expert in the checkpoint's precision in the slow tier (disk on a CPU, host memory on
       CUDA) with a fast-tier cache of all the slots the budget leaves, for each cache policy and
@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from moeinfer.plan import routing as routes
-from moeinfer.plan.costs import (
+from moeinfer.planning import routing as routes
+from moeinfer.planning.costs import (
     MeasuredCosts,
     ModelSizes,
     expert_bytes,
@@ -37,17 +37,17 @@ from moeinfer.plan.costs import (
     layer_seconds,
     simulate_plan,
 )
-from moeinfer.plan.search import Option, search
-from moeinfer.plan.spec import FLOAT, OBJECTIVES, Plan, PlanError, PlanOffload, Prediction
+from moeinfer.planning.search import Option, search
+from moeinfer.planning.spec import FLOAT, OBJECTIVES, Plan, PlanError, PlanOffload, Prediction
 from moeinfer.api import load
 from moeinfer.compress.methods.quantize_layers import layer_quantizer
 from moeinfer.eval.perplexity import as_eval_text
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.apply import as_trace
 from moeinfer.offload.config import parse_size
-from moeinfer.plan.profile import MachineProfile, machine_profile
-from moeinfer.plan.quality import QualityModel, cached_quality, measure_quality
-from moeinfer.plan.sizes import available_memory, sizes_from_checkpoint, sizes_from_model
+from moeinfer.planning.profile import MachineProfile, machine_profile
+from moeinfer.planning.quality import QualityModel, cached_quality, measure_quality
+from moeinfer.planning.sizes import available_memory, sizes_from_checkpoint, sizes_from_model
 
 DEFAULT_PRECISIONS = (FLOAT, "int8", "int4")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from moeinfer.plan.costs import ModelSizes
+from moeinfer.planning.costs import ModelSizes
 from moeinfer.arch import parse_config
 from moeinfer.loading.checkpoint import parse_dtype, read_config, shard_files
 from moeinfer.loading.safetensors_io import SafetensorsFile

@@ -1,0 +1,13 @@
+"""Automatic configuration: `plan(model, budget)` (exported as `moeinfer.plan`) chooses expert precision,
+placement, caching, kernel and batch size for a memory budget from measured costs and quality;
+`apply_plan_(model, plan)` puts a plan into effect (docs/planner.md). Importing this package measures
+nothing."""
+
+from __future__ import annotations
+
+from moeinfer.planning.apply import apply_plan_
+from moeinfer.planning.planner import parse_budget, plan
+from moeinfer.planning.spec import Plan, PlanError, PlanOffload, Prediction
+
+__all__ = ["plan", "apply_plan_", "Plan", "PlanOffload", "Prediction", "PlanError", "parse_budget"]
+
