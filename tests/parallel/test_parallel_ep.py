@@ -248,6 +248,7 @@ def test_two_ranks_match_single_process_and_dedup_saves_bytes(ckpts, tmp_path):
     assert dedup < plain
 
 
+@pytest.mark.slow  # 40 s on 2 cores; the two-rank tests cover the same paths in the default run
 def test_four_ranks_match_single_process(ckpts, tmp_path):
     results = run_ranks("check_models", 4, tmp_path, ckpts=ckpts, scratch=str(tmp_path))
     assert_all_ok(results)
