@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_moe import RESULTS, environment, time_fn  # noqa: E402  (one timing helper for all benchmarks)
 
 from moeinfer.formats.quantized_experts import QuantizedExperts  # noqa: E402
+from moeinfer.cpuinfo import cpu_flags  # noqa: E402
 from moeinfer.kernels import native  # noqa: E402
 from moeinfer.kernels.cpu import cpu_moe  # noqa: E402
 from moeinfer.model.moe import Routing  # noqa: E402
@@ -44,15 +45,9 @@ FORMATS = {  # name -> (bits, group size, algorithm); None = bf16 stacked expert
 CPU = torch.device("cpu")
 
 
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(f for f in line.split(":", 1)[1].split()
-                              if f.startswith(("avx", "fma", "f16c", "amx", "sse4", "vnni")))
-    except OSError:
-        pass
-    return []
+def simd_flags() -> list[str]:
+    """The CPU flags that decide which kernels run (moeinfer.cpuinfo.cpu_flags, filtered)."""
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx", "sse4", "vnni")))
 
 
 def read_bandwidth(reps: int) -> dict[str, float]:
@@ -111,7 +106,7 @@ def decode_bytes(fmt: str, gate_up: torch.Tensor, qe: QuantizedExperts | None) -
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     env = environment(CPU)
-    env.update(cpu_flags=cpu_flags(), native_variant=native.best_variant(),
+    env.update(cpu_flags=simd_flags(), native_variant=native.best_variant(),
                native_unavailable=native.unavailable_reason())
     bw = read_bandwidth(args.bw_reps)
     roof = max(bw.values())

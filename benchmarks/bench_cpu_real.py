@@ -46,6 +46,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from moeinfer.cpuinfo import cpu_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 LLAMA_VERSION = "0.3.36"
@@ -159,16 +161,6 @@ def _torch_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
     print("+", " ".join(map(str, cmd))[:300], flush=True)
     return subprocess.run(cmd, check=True, **kw)
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return []
 
 
 def llama_python(args: argparse.Namespace) -> str:

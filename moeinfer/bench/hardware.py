@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from moeinfer import __version__
+from moeinfer.cpuinfo import cpu_name
 from moeinfer.timing import time_call
 
 # Vendor datasheet peaks: memory bandwidth (bytes/s) and dense (no sparsity) FLOP/s per dtype.
@@ -74,16 +75,6 @@ def measure_matmul(device: torch.device | str = "cpu", dtype: torch.dtype = torc
     b = torch.randn(n, n, device=device).to(dtype)
     t = time_call(lambda: a @ b, device=device, reps=reps, stat="min")
     return 2 * n**3 / t
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware_info(device: torch.device | str = "cpu") -> dict[str, Any]:

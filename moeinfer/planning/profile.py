@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from moeinfer.cpuinfo import cpu_flags, cpu_name
 from moeinfer.fsutil import atomic_write_text
 from moeinfer.arch import parse_config
 from moeinfer.compress.methods.quantize_layers import layer_quantizer
@@ -114,16 +114,7 @@ def cache_dir() -> Path:
 
 
 def _cpu_identity() -> tuple[str, str]:
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name, flags
+    return cpu_name(), " ".join(cpu_flags())
 
 
 def machine_key(device: str) -> str:
