@@ -22,6 +22,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from decode_helpers import left_padded_prefill  # noqa: E402
 from kernel_cases import make_problem, tolerance  # noqa: E402
 from offload_helpers import random_mixtral  # noqa: E402
 
@@ -108,14 +109,8 @@ def greedy(model: MoEModel, prompts: list[list[int]], steps: int, *, static: boo
     from moeinfer.engine.static_decode import StaticDecoder
 
     device = model.device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.tensor(p)
-        mask[b, T - len(p):] = True
-    cache = KVCache(model.config, batch_size=B, max_length=T + steps, device=device, dtype=model.dtype)
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    B = len(prompts)
+    cache, logits = left_padded_prefill(model, prompts, steps)
     decoder = StaticDecoder(model, cache, cuda_graph=cuda_graph) if static else None
     active = torch.ones(B, 1, dtype=torch.bool, device=device)
     tokens, all_logits = [], []

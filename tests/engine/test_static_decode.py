@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decode_helpers import left_padded_prefill
+
 import moeinfer
 from moeinfer.engine.static_decode import StaticDecoder, decode_step, static_decode_blocker
 from moeinfer.kernels import use_kernel_
@@ -21,14 +23,8 @@ def greedy(model, prompts, steps, *, static, cuda_graph=False, finish_row0_at=2)
     """Left-padded prefill, then `steps` greedy tokens; returns tokens [B, steps] and last logits.
     Row 0 is marked finished after `finish_row0_at` steps (None: never), exercising padded rows."""
     device = model.device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.tensor(p)
-        mask[b, T - len(p):] = True
-    cache = KVCache(model.config, batch_size=B, max_length=T + steps, device=device, dtype=model.dtype)
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    B = len(prompts)
+    cache, logits = left_padded_prefill(model, prompts, steps)
     decode = (StaticDecoder(model, cache, cuda_graph=cuda_graph) if static
               else lambda n, a: model(n[:, None], attention_mask=a, cache=cache)[:, -1])
     out = []
