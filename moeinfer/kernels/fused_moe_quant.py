@@ -21,7 +21,8 @@ Steps (comments below carry the numbers):
    then h[slot] = silu(x @ gate^T) * (x @ up^T) exactly as the float kernel;
 3. down kernel: dequantize the down tile the same way; out[token] += w[slot] * (h @ down^T) by fp32
    atomic adds.
-Launch configurations are the float kernel's (moeinfer/kernels/configs.py); mixed widths in one
+Launch configurations are the float kernel's (moeinfer/kernels/configs.py), their K-tiles fitted
+inside the quantization groups (`fit_to_groups`); mixed widths in one
 layer and 3-bit codes (which straddle bytes) are not handled here: callers keep the eager path
 (`quantized_unsupported` says why).
 """
@@ -29,6 +30,7 @@ layer and 3-bit codes (which straddle bytes) are not handled here: callers keep 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -52,18 +54,27 @@ class PackedExperts(Protocol):
 
 
 @triton.jit
-def _dequant_tile(q_base, s_base, z_base, offs_k, offs_n, mask,
+def _dequant_tile(q_base, s_base, z_base, k0, offs_k, offs_n, k_ok, n_ok,
                   stride_qn, stride_qk, stride_sn, stride_sg,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """Codes of input columns offs_k [BK] of rows offs_n [BN] -> fp32 weights [BK, BN] (0 where masked)."""
     per_byte = 8 // BITS  # constexpr: codes per byte
+    mask = k_ok[:, None] & n_ok[None, :]
     byte = tl.load(q_base + offs_n[None, :] * stride_qn + (offs_k[:, None] // per_byte) * stride_qk,
                    mask=mask, other=0).to(tl.int32)
     code = (byte >> ((offs_k[:, None] % per_byte) * BITS)) & ((1 << BITS) - 1)
-    group = offs_k[:, None] // GROUP_SIZE
-    s = tl.load(s_base + offs_n[None, :] * stride_sn + group * stride_sg, mask=mask, other=0.0)
-    z = tl.load(z_base + offs_n[None, :] * stride_sn + group * stride_sg, mask=mask, other=0.0)
-    return code.to(tl.float32) * s + (-z * s)
+    if GROUP_SIZE % BLOCK_K == 0:
+        # The tile lies inside one group: one scale and zero per row [BN], not per element.
+        group = k0 // GROUP_SIZE
+        s = tl.load(s_base + offs_n * stride_sn + group * stride_sg, mask=n_ok, other=0.0)
+        z = tl.load(z_base + offs_n * stride_sn + group * stride_sg, mask=n_ok, other=0.0)
+        w = code.to(tl.float32) * s[None, :] + (-z * s)[None, :]
+    else:
+        group = offs_k[:, None] // GROUP_SIZE
+        s = tl.load(s_base + offs_n[None, :] * stride_sn + group * stride_sg, mask=mask, other=0.0)
+        z = tl.load(z_base + offs_n[None, :] * stride_sn + group * stride_sg, mask=mask, other=0.0)
+        w = code.to(tl.float32) * s + (-z * s)
+    return tl.where(mask, w, 0.0)
 
 
 @triton.jit
@@ -95,12 +106,11 @@ def _gate_up_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, slots_ptr, block_ex
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < D
         a = tl.load(x_rows + offs_k[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & n_ok[None, :]
         # 2. dequantize in registers, rounded to the activation dtype as the eager path does
-        w_gate = _dequant_tile(q_base, s_base, z_base, offs_k, offs_n, w_mask, stride_qn, stride_qk,
-                               stride_sn, stride_sg, BITS, GROUP_SIZE).to(x_ptr.dtype.element_ty)
-        w_up = _dequant_tile(q_base, s_base, z_base, offs_k, offs_n + I, w_mask, stride_qn, stride_qk,
-                             stride_sn, stride_sg, BITS, GROUP_SIZE).to(x_ptr.dtype.element_ty)
+        w_gate = _dequant_tile(q_base, s_base, z_base, k0, offs_k, offs_n, k_ok, n_ok, stride_qn, stride_qk,
+                               stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K).to(x_ptr.dtype.element_ty)
+        w_up = _dequant_tile(q_base, s_base, z_base, k0, offs_k, offs_n + I, k_ok, n_ok, stride_qn, stride_qk,
+                             stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K).to(x_ptr.dtype.element_ty)
         if DOT_F32:
             a, w_gate, w_up = a.to(tl.float32), w_gate.to(tl.float32), w_up.to(tl.float32)
         acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=PRECISION)
@@ -139,8 +149,8 @@ def _down_quant_kernel(h_ptr, q_ptr, s_ptr, z_ptr, out_ptr, slots_ptr, block_exp
         k_ok = offs_k < I
         a = tl.load(h_rows + offs_k[None, :] * stride_hi, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         # 3. dequantize the down tile in registers
-        w = _dequant_tile(q_base, s_base, z_base, offs_k, offs_n, k_ok[:, None] & n_ok[None, :], stride_qn,
-                          stride_qk, stride_sn, stride_sg, BITS, GROUP_SIZE).to(h_ptr.dtype.element_ty)
+        w = _dequant_tile(q_base, s_base, z_base, k0, offs_k, offs_n, k_ok, n_ok, stride_qn,
+                          stride_qk, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_K).to(h_ptr.dtype.element_ty)
         if DOT_F32:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
@@ -148,6 +158,16 @@ def _down_quant_kernel(h_ptr, q_ptr, s_ptr, z_ptr, out_ptr, slots_ptr, block_exp
     acc = acc * route_w[:, None]
     tl.atomic_add(out_ptr + token[:, None] * stride_on + offs_n[None, :] * stride_od, acc,
                   mask=row_ok[:, None] & n_ok[None, :])
+
+
+def fit_to_groups(cfg: KernelConfig, group_size: int) -> KernelConfig:
+    """The launch config with K-tiles that lie inside one quantization group (then each tile reads one
+    scale and zero per row, not per element), else K-tiles of 16 (the per-element path's gathers of
+    scales stay small enough for the multiprocessor's shared memory)."""
+    pow2 = group_size & -group_size  # the largest power of two dividing group_size
+    def fit(bk: int) -> int:
+        return bk if group_size % bk == 0 else (min(bk, pow2) if pow2 >= 16 else 16)
+    return replace(cfg, block_k_gate_up=fit(cfg.block_k_gate_up), block_k_down=fit(cfg.block_k_down))
 
 
 def quantized_unsupported(experts: PackedExperts) -> str | None:
@@ -193,7 +213,7 @@ def fused_moe_packed(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     out = torch.zeros(N, D, dtype=torch.float32, device=x.device)
     if N == 0:
         return out.to(x.dtype)
-    cfg = config or get_config(E=E, N=I, K=D, tokens=N, device=x.device)
+    cfg = config or fit_to_groups(get_config(E=E, N=I, K=D, tokens=N, device=x.device), group_size)
     S = N * K
     # 1.
     aligned = align_slots(indices.reshape(-1), E, cfg.block_m)

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from kernel_cases import tolerance  # noqa: E402
 from moeinfer.formats.quantized_experts import QuantizedExperts  # noqa: E402
 from moeinfer.kernels.configs import KernelConfig  # noqa: E402
-from moeinfer.kernels.fused_moe_quant import fused_moe_quantized, quantized_unsupported  # noqa: E402
+from moeinfer.kernels.fused_moe_quant import fit_to_groups, fused_moe_quantized, quantized_unsupported  # noqa: E402
 from moeinfer.model.moe import Routing  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,3 +110,18 @@ def test_quantized_experts_forward_uses_fused_on_cuda(bits, dtype, monkeypatch):
     monkeypatch.setattr(QuantizedExperts, "eager_forward", lambda *a: pytest.fail("eager path ran on CUDA"))
     out = layer(x, routing)
     torch.testing.assert_close(out.float(), ref.float(), atol=tolerance(ref, dtype), rtol=0)
+
+
+@pytest.mark.parametrize("group_size,expected_bk", [(128, 128), (64, 64), (32, 32), (96, 32), (12, 16), (24, 16)])
+def test_k_tiles_fit_inside_quantization_groups(group_size, expected_bk):
+    """K-tiles that divide the group read one scale per row (the fast path); groups with no power-of-two
+    divisor >= 16 get K-tiles of 16 (the per-element path, small enough for shared memory)."""
+    cfg = fit_to_groups(KernelConfig(block_k_gate_up=128, block_k_down=128), group_size)
+    assert cfg.block_k_gate_up == cfg.block_k_down == expected_bk
+
+
+@pytest.mark.parametrize("group_size", [32, 12])
+def test_fused_quant_row_scales_and_element_scales_agree_with_eager(group_size):
+    """Both dequantization paths of the kernel over several groups per row: tiles inside one group
+    (group 32, scales per row) and tiles cutting groups (group 12, scales per element)."""
+    check(make_layer(E=4, D=136, I=72, bits=[4] * 4, group_size=group_size), 5, 2)
