@@ -33,14 +33,25 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SHAPE_KEYS = {"mixtral": "Mixtral-8x7B", "qwen3": "Qwen3-30B-A3B", "olmoe": "OLMoE-1B-7B"}
 
 
+# Likely winners first (tried when --max-configs cuts the list): small N-tiles spread a decode's few
+# weight rows over every multiprocessor; large M and N tiles with deep pipelines suit prefill.
+DECODE_FIRST = [(16, 32, 128, 4, 4), (16, 16, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 64, 4, 4),
+                (16, 16, 256, 4, 3), (16, 32, 256, 4, 3)]
+PREFILL_FIRST = [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+                 (128, 64, 64, 4, 4), (64, 128, 64, 8, 3)]
+
+
 def search_space(tokens: int, top_k: int, num_experts: int) -> list[KernelConfig]:
-    """Block sizes sensible for the slots per expert this bucket gives (small M for decode)."""
+    """Block sizes sensible for the slots per expert this bucket gives (small M for decode), the likely
+    winners first."""
     per_expert = max(1, tokens * top_k // num_experts)
     block_ms = [16] if per_expert <= 16 else ([16, 32, 64] if per_expert <= 128 else [32, 64, 128])
-    out = []
-    for m, n, k, warps, stages in itertools.product(block_ms, (32, 64, 128), (64, 128), (4, 8), (2, 3, 4)):
-        if m >= 64 and n == 32:
-            continue
+    first = DECODE_FIRST if per_expert <= 16 else (PREFILL_FIRST if per_expert > 128 else [])
+    grid = [(m, n, k, w, st) for m, n, k, w, st in itertools.product(block_ms, (16, 32, 64, 128), (64, 128), (4, 8),
+                                                                     (2, 3, 4))
+            if not (m >= 64 and n <= 32)]
+    out: list[KernelConfig] = []
+    for m, n, k, warps, stages in first + [c for c in grid if c not in first]:
         out.append(KernelConfig(block_m=m, block_n_gate_up=n, block_k_gate_up=k, block_n_down=n,
                                 block_k_down=k, num_warps=warps, num_stages=stages))
     return out

@@ -66,6 +66,30 @@ def decode_rate(model: Any, new_tokens: int) -> float:
         return moeinfer_decode_rate(model, PROMPT, new_tokens)
 
 
+def kernel_profile(model: Any, device: str, *, tokens: int = 8, top: int = 12) -> dict[str, Any]:
+    """Where a decode's device time goes: torch.profiler over `decode_rate(model, tokens)` (two
+    `generate` calls of `tokens` new tokens after the 16-token prompt), the `top` kernels by total
+    device time (host time in the dry run). A failure is recorded, not raised: this is a diagnosis."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    try:
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            decode_rate(model, tokens)
+            if cuda:
+                torch.cuda.synchronize()
+        def spent(e: Any) -> float:
+            return float(getattr(e, "device_time_total", 0.0) if cuda else e.cpu_time_total)
+        events = [e for e in prof.key_averages() if spent(e) > 0]
+        total = sum(spent(e) for e in events)
+        rows = [dict(kernel=e.key[:90], calls=e.count, total_us=spent(e), share=spent(e) / total)
+                for e in sorted(events, key=spent, reverse=True)[:top]]
+        return dict(clock="device" if cuda else "host", tokens=2 * tokens, total_us=total, rows=rows)
+    except Exception as e:  # noqa: BLE001 - a diagnosis never fails the part
+        return dict(error=f"{type(e).__name__}: {e}")
+
+
 def graph_note(model: Any, device: str) -> str:
     """Whether `generate` decodes this model through a CUDA graph, and if not, why."""
     from moeinfer.engine.static_decode import static_decode_blocker
@@ -94,6 +118,8 @@ def run_int4(ctx: Context) -> Result:
     result["rows"].append(dict(experts="bf16", decode_tok_s=bf16, bytes_per_token=nbytes,
                                pct_roofline=100 * bf16 * nbytes / bandwidth, cuda_graph=graph_note(model, ctx.device)))
     ctx.save(result)
+    result["profile_bf16"] = kernel_profile(model, ctx.device)
+    ctx.save(result)
     group = 16 if ctx.dry_run else 128
     recipe = [{"method": "quantize", "bits": 4, "group_size": group, "algorithm": "rtn"}]
     _, result["quantize_s"] = timed(lambda: compress_(model, recipe, progress=False))
@@ -104,6 +130,8 @@ def run_int4(ctx: Context) -> Result:
                                bytes_per_token=nbytes, pct_roofline=100 * int4 * nbytes / bandwidth,
                                cuda_graph=graph_note(model, ctx.device)))
     result["int4_over_bf16"] = int4 / bf16
+    ctx.save(result)
+    result["profile_int4"] = kernel_profile(model, ctx.device)
     return result
 
 
@@ -126,4 +154,16 @@ def markdown_int4(r: Result) -> str:
               f"{x['pct_roofline']:.0f} | {x.get('cuda_graph', '?')} |" for x in r.get("rows", [])]
     if "int4_over_bf16" in r:
         lines += ["", f"int4 / bf16 decode: {r['int4_over_bf16']:.2f}x."]
+    for name in ("bf16", "int4"):
+        prof = r.get(f"profile_{name}")
+        if not prof:
+            continue
+        if "error" in prof:
+            lines += ["", f"Profile of the {name} decode failed: {prof['error']}"]
+            continue
+        lines += ["", f"Where the {name} decode's {prof['clock']} time goes ({prof['tokens']} new tokens after a "
+                      f"16-token prompt, twice; {prof['total_us'] / 1e3:.1f} ms in all):", "",
+                  "| kernel | calls | total (us) | share |", "|---|---:|---:|---:|"]
+        lines += [f"| `{x['kernel']}` | {x['calls']} | {x['total_us']:.0f} | {100 * x['share']:.1f}% |"
+                  for x in prof["rows"]]
     return "\n".join(lines)

@@ -40,10 +40,11 @@ def run(ctx: Context) -> Result:
     return result
 
 
-# Tuning order: decode buckets of the smaller shapes first (their weights are made fastest); the dry
-# run tunes tune_moe.py's smoke shape in fp32 with one config.
-TUNE_PLAN = [("OLMoE-1B-7B", b) for b in (1, 8, 64)] + [("Qwen3-30B-A3B", b) for b in (1, 8, 64)] + [
-    ("Mixtral-8x7B", b) for b in (1, 8, 64)]
+# Tuning order: the 4096-token prefill (the target furthest off after the first GPU run), then batch-1
+# decode, the smaller shapes first (their weights are made fastest); the dry run tunes tune_moe.py's
+# smoke shape in fp32 with one config.
+TUNE_PLAN = [("Qwen3-30B-A3B", 4096), ("Mixtral-8x7B", 4096), ("OLMoE-1B-7B", 4096)] + [
+    (s, b) for b in (1, 8) for s in ("OLMoE-1B-7B", "Qwen3-30B-A3B", "Mixtral-8x7B")]
 TUNE_CONFIGS = 6  # configs tried per bucket: each costs a Triton compile (~1-2 s)
 # A step starts only with twice its expected cost left (compiles, plus drawing Mixtral's 1.9 B weights).
 TUNE_STEP_S = {"OLMoE-1B-7B": 12.0, "Qwen3-30B-A3B": 12.0, "Mixtral-8x7B": 25.0}

@@ -144,9 +144,10 @@ def static_decode_blocker(model: MoEModel) -> str | None:
                     "masked experts, dynamic gating, merged experts or replay)")
         stage = block.experts
         if not getattr(stage, "graph_safe", False):
-            return (f"layer {block.layer_idx}'s experts stage {type(stage).__name__} runs the "
-                    f"{getattr(stage, 'kernel', '?')!r} kernel, which reads expert counts back to the host; "
-                    "use_kernel_(model, 'triton') makes decode capturable")
+            return (f"layer {block.layer_idx}'s experts stage {type(stage).__name__} (kernel "
+                    f"{getattr(stage, 'kernel', '?')!r}) reads expert counts back to the host; float experts "
+                    "are capturable under use_kernel_(model, 'triton'), quantized ones when the fused kernel "
+                    "covers them (one width in 2, 4, 8 bits)")
     return None
 
 

@@ -55,7 +55,6 @@ class QuantizedExperts(nn.Module):
     # it applies, "reference" always the eager path.
     kernels = ("auto", "reference", "cpu", "triton")  # cpu: the native CPU kernels; triton: the fused one
     kernel = "auto"
-    graph_safe = False
 
     # Scales and zero-points stay fp32 whatever the model's dtype (loading and `cast_floating_` keep it):
     # bf16 would round an int8 zero-point by up to half a quantization step.
@@ -167,6 +166,17 @@ class QuantizedExperts(nn.Module):
         """Stored bits per expert weight, scales and zeros included."""
         n = self.num_experts * 3 * self.hidden_size * self.intermediate_size
         return 8 * sum(p.numel() * p.element_size() for p in self.parameters()) / n
+
+    @property
+    def graph_safe(self) -> bool:
+        """On CUDA, a layer the fused dequantizing kernel covers reads nothing back to the host (its
+        slot alignment has static shapes), so decode can be captured in a CUDA graph."""
+        if self.kernel in ("reference", "cpu") or importlib.util.find_spec("triton") is None:
+            return False
+        # Imported here: fused_moe_quant imports triton, an optional dependency.
+        from moeinfer.kernels.fused_moe_quant import quantized_unsupported
+
+        return quantized_unsupported(self) is None
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, D] -> weighted sum of the routed experts' outputs [N, D]: on CUDA with triton, a layer of

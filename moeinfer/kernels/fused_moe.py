@@ -7,7 +7,8 @@ M/BN/BK block sizes.
 
 Steps (comments below carry the numbers):
 1. map global expert ids to local rows (expert_map, -1 = absent) and align the slots to blocks of
-   M rows per expert (moeinfer/kernels/align.py: no host synchronisation);
+   M rows per expert (moeinfer/kernels/align_triton.py: one program for decode-sized slot counts,
+   align.py's torch ops otherwise; no host synchronisation either way);
 2. gate_up kernel: h[slot] = silu(x[token] @ gate_e^T) * (x[token] @ up_e^T), both halves of
    gate_up [E, 2I, D] accumulated in the same program, so the activation never leaves registers;
 3. down kernel: out[token] += w[slot] * (h[slot] @ down_e^T), the routing weight multiplied in and
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeinfer.kernels.align import align_slots
+from moeinfer.kernels.align_triton import align_for_kernel
 from moeinfer.kernels.configs import KernelConfig, get_config
 
 
@@ -111,7 +112,7 @@ def _grouped(x: torch.Tensor, local: torch.Tensor, route_w: torch.Tensor, top_k:
     I = two_i // 2
     S = local.numel()
     # 1.
-    aligned = align_slots(local, E, cfg.block_m)
+    aligned = align_for_kernel(local, E, cfg.block_m)
     blocks = aligned.block_expert.numel()
     h = torch.empty(S, I, dtype=x.dtype, device=x.device)  # [S, I]
     # Triton's CPU interpreter (3.9) returns garbage from tl.dot on bf16 tiles: widen them there.

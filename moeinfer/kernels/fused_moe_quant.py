@@ -16,7 +16,7 @@ asymmetric dequant w = q * s + (-z * s), one fp32 scale s and zero z per `group_
     q_down    [E, D,  P(I)] uint8   s_down,    z_down    [E, D,  G(I)]
 
 Steps (comments below carry the numbers):
-1. align the slots to blocks of M rows per expert (moeinfer/kernels/align.py, as the float kernel);
+1. align the slots to blocks of M rows per expert (moeinfer/kernels/align_triton.py, as the float kernel);
 2. gate_up kernel: per K-tile, dequantize the gate and up tiles [BK, BN] to the activation dtype,
    then h[slot] = silu(x @ gate^T) * (x @ up^T) exactly as the float kernel;
 3. down kernel: dequantize the down tile the same way; out[token] += w[slot] * (h @ down^T) by fp32
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeinfer.kernels.align import align_slots
+from moeinfer.kernels.align_triton import align_for_kernel
 from moeinfer.kernels.configs import KernelConfig, get_config
 
 FUSED_BITS = (2, 4, 8)
@@ -216,7 +216,7 @@ def fused_moe_packed(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     cfg = config or fit_to_groups(get_config(E=E, N=I, K=D, tokens=N, device=x.device), group_size)
     S = N * K
     # 1.
-    aligned = align_slots(indices.reshape(-1), E, cfg.block_m)
+    aligned = align_for_kernel(indices.reshape(-1), E, cfg.block_m)
     blocks = aligned.block_expert.numel()
     route_w = weights.reshape(-1).float().contiguous()
     h = torch.empty(S, I, dtype=x.dtype, device=x.device)  # [S, I]

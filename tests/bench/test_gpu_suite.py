@@ -70,6 +70,11 @@ def test_dry_run_wires_every_part(tmp_path):
     assert [r["system"].split(" ")[0] for r in p["decode"]["rows"]] == ["moeinfer", "transformers"]
     assert [r["experts"][:4] for r in p["int4"]["rows"]] == ["bf16", "int4"]
     assert "QuantizedExperts" in p["int4"]["rows"][1]["experts"]
+    for name in ("bf16", "int4"):  # where decode time goes: kernels named, shares summing to at most 1
+        prof = p["int4"][f"profile_{name}"]
+        assert "error" not in prof, prof
+        assert prof["rows"] and all(r["calls"] > 0 and r["total_us"] > 0 for r in prof["rows"])
+        assert 0 < sum(r["share"] for r in prof["rows"]) <= 1 + 1e-9
     live = p["offload"]["live"]
     assert [r["label"] for r in live] == ["on-demand", "best"]
     assert all(r["tokens"] == r["generated"] and r["hits"] + r["misses"] > 0 for r in live)

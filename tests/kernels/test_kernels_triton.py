@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from kernel_cases import make_problem, tolerance  # noqa: E402
 from moeinfer.kernels import get_kernel  # noqa: E402
 from moeinfer.kernels.align import align_slots, padded_capacity  # noqa: E402
+from moeinfer.kernels.align_triton import align_for_kernel, align_slots_one_program, fits  # noqa: E402
 from moeinfer.kernels.configs import KernelConfig, config_file_name, get_config  # noqa: E402
 from moeinfer.kernels.fused_moe import fused_moe  # noqa: E402
 from moeinfer.kernels.reference import reference_moe  # noqa: E402
@@ -101,6 +102,25 @@ def test_align_slots(S, E, M):
             assert (local[real.long()] == e).all()
     placed = a.slots[a.slots < S].sort().values
     assert torch.equal(placed.long(), (local < E).nonzero().flatten())  # every present slot once
+
+
+@pytest.mark.parametrize("S,E,M", [(0, 8, 16), (1, 8, 16), (2, 8, 16), (16, 8, 16), (8, 64, 16), (7, 60, 32),
+                                   (64, 128, 16), (128, 256, 16), (5, 3, 64)])
+def test_one_program_align_equals_the_torch_ops(S, E, M):
+    """The decode-sized Triton alignment gives exactly align_slots' slots and block experts."""
+    g = torch.Generator().manual_seed(S * 31 + E)
+    local = torch.randint(0, E + 1, (S,), generator=g).to(DEVICE)  # E = absent
+    ref = align_slots(local, E, M)
+    got = align_slots_one_program(local, E, M)
+    assert torch.equal(got.slots, ref.slots) and torch.equal(got.block_expert, ref.block_expert)
+
+
+def test_one_program_align_size_limit():
+    assert fits(128, 256) and not fits(129, 8) and not fits(64, 1024)
+    local = torch.randint(0, 9, (300,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with pytest.raises(ValueError, match="exceed one program"):
+        align_slots_one_program(local, 8, 16)
+    assert torch.equal(align_for_kernel(local, 8, 16).slots, align_slots(local, 8, 16).slots)  # torch ops
 
 
 def test_config_lookup(tmp_path):
