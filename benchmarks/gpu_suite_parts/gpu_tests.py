@@ -22,8 +22,8 @@ from gpu_suite_parts.common import Context, Result, part
 
 def gpu_test_files(repo: Path) -> list[str]:
     """The test files that hold `gpu`-marked tests (only they are collected: the others' optional
-    dependencies, e.g. the server's, need not be installed on a GPU machine)."""
-    files = sorted(str(p.relative_to(repo)) for p in (repo / "tests").glob("test_*.py")
+    dependencies, e.g. the server's, need not be installed on a GPU machine), in every folder of tests/."""
+    files = sorted(str(p.relative_to(repo)) for p in (repo / "tests").rglob("test_*.py")
                    if "pytest.mark.gpu" in p.read_text())
     if not files:
         raise FileNotFoundError(f"no test file under {repo / 'tests'} holds a pytest.mark.gpu test")

@@ -173,3 +173,16 @@ def test_targets_read_off_results():
     assert got["offloaded Mixtral-8x7B at 24 GB: tok/s"] == (6.0, True)
     assert got["offloaded: x on-demand"] == (3.0, True)
     assert got["simulator error (worst live run)"] == (pytest.approx(30.0), False)
+
+
+def test_part_b_collects_every_file_with_gpu_tests():
+    """Part b's file list is every test file, in any folder, that marks a test `gpu` (the first GPU run
+    collected only the top-level file: the subfolders' GPU tests never ran)."""
+    from gpu_suite_parts.gpu_tests import gpu_test_files
+
+    expected = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+                      if "pytest.mark.gpu" in p.read_text())
+    files = gpu_test_files(ROOT)
+    assert files == expected and len(files) >= 4
+    assert {"tests/test_gpu_paths.py", "tests/kernels/test_kernels_triton_quant.py",
+            "tests/offload/test_offload_gpu.py", "tests/engine/test_static_decode.py"} <= set(files)
