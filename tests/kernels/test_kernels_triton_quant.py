@@ -125,3 +125,44 @@ def test_fused_quant_row_scales_and_element_scales_agree_with_eager(group_size):
     """Both dequantization paths of the kernel over several groups per row: tiles inside one group
     (group 32, scales per row) and tiles cutting groups (group 12, scales per element)."""
     check(make_layer(E=4, D=136, I=72, bits=[4] * 4, group_size=group_size), 5, 2)
+
+
+def test_fused_quant_expert_map_drops_absent_experts():
+    """The packed variant takes an expert map as the float one does (expert parallelism): global ids
+    mapped to local rows, slots of absent experts (-1) add nothing."""
+    local = make_layer(E=4, D=36, I=20, bits=[4] * 4, group_size=16)
+    expert_map = torch.tensor([2, -1, 0, -1, 3, 1, -1, -1], device=DEVICE)  # 8 global experts, 4 here
+    routing = make_routing(N=9, E=8, K=2)
+    x = torch.randn(9, 36, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out = fused_moe_quantized(x, routing.indices, routing.weights, local, expert_map=expert_map)
+    mapped = expert_map[routing.indices]
+    ref = local.eager_forward(x, Routing(indices=mapped.clamp(min=0), weights=routing.weights * (mapped >= 0),
+                                         logits=torch.zeros(9, 4, device=DEVICE)))
+    assert (mapped < 0).any() and (mapped >= 0).any()
+    torch.testing.assert_close(out, ref, atol=tolerance(ref, torch.float32), rtol=0)
+
+
+@pytest.mark.parametrize("shared_kind", ["float", "packed"])
+def test_fused_quant_shared_expert_with_gate(shared_kind):
+    """A shared expert (float or packed) added to every token, scaled by its sigmoid gate."""
+    from moeinfer.kernels.fused_moe import ExpertWeights
+    from moeinfer.kernels.fused_moe_quant import packed_weights
+
+    routed = make_layer(E=6, D=36, I=20, bits=[8] * 6, group_size=16)
+    one = make_layer(E=1, D=36, I=24, bits=[4], group_size=16, seed=5)
+    routing = make_routing(N=7, E=6, K=2)
+    x = torch.randn(7, 36, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    gate = torch.rand(7, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    shared_routing = Routing(indices=torch.zeros(7, 1, dtype=torch.long, device=DEVICE), weights=gate[:, None],
+                             logits=torch.zeros(7, 1, device=DEVICE))
+    if shared_kind == "packed":
+        shared = packed_weights(*[getattr(one, f"{k}4_{m}") for m in ("gate_up", "down") for k in ("q", "s", "z")],
+                                bits=4, group_size=16, hidden_size=36, intermediate_size=24)
+        shared_ref = one.eager_forward(x, shared_routing)
+    else:
+        gate_up, down = one.expert_weights(0, torch.float32)
+        shared = ExpertWeights(gate_up[None].contiguous(), down[None].contiguous(), 24)
+        shared_ref = one.eager_forward(x, shared_routing)  # the same dequantized weights, float this time
+    out = fused_moe_quantized(x, routing.indices, routing.weights, routed, shared=shared, shared_weight=gate)
+    ref = routed.eager_forward(x, routing) + shared_ref
+    torch.testing.assert_close(out, ref, atol=tolerance(ref, torch.float32), rtol=0)
