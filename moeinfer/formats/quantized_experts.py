@@ -179,17 +179,21 @@ class QuantizedExperts(nn.Module):
         return quantized_unsupported(self) is None
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x [N, D] -> weighted sum of the routed experts' outputs [N, D]: on CUDA with triton, a layer of
-        one width in {2, 4, 8} runs the fused dequantizing kernel (moeinfer/kernels/fused_moe_quant.py);
-        on the CPU, widths {4, 8} the native kernels (moeinfer/kernels/quantized_cpu.py, `cpu_engine`);
-        everything else the eager path."""
-        if self.kernel != "reference" and x.is_cuda and importlib.util.find_spec("triton") is not None:
+        """x [N, D] -> weighted sum of the routed experts' outputs [N, D]. Kernel 'auto': on CUDA with
+        triton, a layer of one width in {2, 4, 8} runs the fused dequantizing kernel
+        (moeinfer/kernels/fused_moe_quant.py), on the CPU widths {4, 8} the native kernels
+        (moeinfer/kernels/quantized_cpu.py, `cpu_engine`); 'triton' and 'cpu' run only their own
+        (use_kernel_ checks the device can), 'reference' the eager path; what a kernel does not
+        cover runs the eager path."""
+        fused = self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda
+                                            and importlib.util.find_spec("triton") is not None)
+        if fused:
             # Imported here: fused_moe imports triton, an optional dependency.
             from moeinfer.kernels.fused_moe_quant import fused_moe_quantized, quantized_unsupported
 
             if quantized_unsupported(self) is None:
                 return fused_moe_quantized(x, routing.indices, routing.weights, self)
-        if self.kernel != "reference" and x.device.type == "cpu" and self.cpu_engine != "eager":
+        if self.kernel in ("auto", "cpu") and x.device.type == "cpu" and self.cpu_engine != "eager":
             if self.cpu_engine is not None or unsupported(self) is None:
                 return quantized_moe_cpu(x, routing.indices, routing.weights, self, engine=self.cpu_engine)
         return self.eager_forward(x, routing)

@@ -56,6 +56,9 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
                          f"{', '.join(runs)})")
     if not stacked and not others:
         raise ValueError(f"use_kernel_: kernel {name!r}: the model holds no experts")
+    if name not in ("auto", "reference"):
+        for stage in others:  # a kernel the stage lists must also run where the stage's weights are
+            resolve(name, _device_of(stage))
     _set_stacked(stacked, name, fp32_weights)
     for stage in others:
         stage.kernel = type(stage).kernel if name == "auto" else name
@@ -75,6 +78,13 @@ def _set_stacked(stacked: list[nn.Module], name: str, fp32_weights: bool) -> Non
         experts.compute_weights = None
         if fp32_weights and spec.name != "reference" and experts.gate_up_proj.dtype != torch.float32:
             experts.compute_weights = (experts.gate_up_proj.detach().float(), experts.down_proj.detach().float())
+
+
+def _device_of(stage: nn.Module) -> torch.device:
+    tensor = next(iter(stage.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(stage.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _kernels_of(stage: nn.Module) -> tuple[str, ...]:

@@ -166,3 +166,45 @@ def test_fused_quant_shared_expert_with_gate(shared_kind):
     out = fused_moe_quantized(x, routing.indices, routing.weights, routed, shared=shared, shared_weight=gate)
     ref = routed.eager_forward(x, routing) + shared_ref
     torch.testing.assert_close(out, ref, atol=tolerance(ref, torch.float32), rtol=0)
+
+
+def quantized_model():
+    from offload_helpers import random_mixtral
+
+    model = random_mixtral(layers=2, hidden=40, inter=20, vocab=64)
+    for layer in model.layers:
+        ex = layer.mlp.experts
+        layer.mlp.experts = QuantizedExperts.from_float(ex.gate_up_proj.detach(), ex.down_proj.detach(), [4] * 8,
+                                                        group_size=16, algorithm="rtn")
+    return model
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's refusal of the triton kernel")
+def test_triton_kernel_for_quantized_experts_off_cuda_is_refused_or_honoured(monkeypatch):
+    """`--kernel triton` on quantized experts on the CPU is an error naming why (Triton runs on CUDA)
+    unless Triton's interpreter is on; then the fused kernel is what runs, and 'reference' runs eager."""
+    import moeinfer.formats.quantized_experts as qe
+    from moeinfer.kernels import use_kernel_
+    from moeinfer.kernels.registry import KernelUnavailableError
+
+    model = quantized_model()
+    ids = torch.tensor([[3, 9, 27, 1, 5]])
+    with torch.no_grad():
+        ref = model(ids)  # auto on the CPU: native kernels or eager
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KernelUnavailableError, match="'triton' is unavailable on cpu.*CUDA"):
+        use_kernel_(model, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_kernel_(model, "triton")
+    monkeypatch.setattr(qe, "quantized_moe_cpu", lambda *a, **k: pytest.fail("the CPU kernel ran under 'triton'"))
+    monkeypatch.setattr(QuantizedExperts, "eager_forward", lambda *a: pytest.fail("eager ran under 'triton'"))
+    with torch.no_grad():
+        out = model(ids)
+    torch.testing.assert_close(out, ref, atol=tolerance(ref, torch.float32), rtol=0)
+    monkeypatch.undo()
+    use_kernel_(model, "reference")
+    import moeinfer.kernels.fused_moe_quant as fq
+    monkeypatch.setattr(fq, "fused_moe_quantized", lambda *a, **k: pytest.fail("fused ran under 'reference'"))
+    monkeypatch.setattr(qe, "quantized_moe_cpu", lambda *a, **k: pytest.fail("the CPU kernel ran under 'reference'"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref, atol=tolerance(ref, torch.float32), rtol=0)
