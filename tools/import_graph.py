@@ -1,5 +1,6 @@
-"""Count moeinfer's internal imports by package: cycles, upward imports (against the floors of
-docs/architecture.md), function-level imports. Run: `python tools/import_graph.py [--list]`.
+"""Count moeinfer's internal imports by package: cycles, upward imports (against the floors of the
+import-linter contract in pyproject.toml, which docs/architecture.md draws), function-level imports.
+Run: `python tools/import_graph.py [--list]`.
 
 Reads the source with `ast` (imports nothing), so it works on a broken tree too.
 """
@@ -9,23 +10,29 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "moeinfer"
 
-# The floors of docs/architecture.md, lowest first; a package may import its own floor's earlier
-# members and anything below (floor 3's members are independent of each other).
-FLOORS: list[list[str]] = [
-    ["_optional", "_lazy", "fsutil", "timing", "config"],
-    ["arch", "model", "kernels", "formats"],
-    ["loading", "traces", "engine", "eval", "models"],
-    ["compress", "offload", "parallel"],
-    ["api"],
-    ["serve", "bench"],
-    ["cli"],
-]
-INDEPENDENT = {"compress", "offload", "parallel", "serve", "bench"}
+def read_floors() -> tuple[list[list[str]], set[str]]:
+    """The floors of the import-linter `layers` contract in pyproject.toml (the one source of the
+    layering; docs/architecture.md draws the same), lowest first, and the packages that must not
+    import their floor's other members (`a | b` in the contract)."""
+    with open(ROOT.parent / "pyproject.toml", "rb") as f:
+        contracts = tomllib.load(f)["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    floors, independent = [], set()
+    for layer in reversed(layers):
+        members = [m.strip().removeprefix("moeinfer.") for m in layer.split("|")]
+        floors.append(members)
+        if len(members) > 1:
+            independent |= set(members)
+    return floors, independent
+
+
+FLOORS, INDEPENDENT = read_floors()
 
 
 def package_of(module: str) -> str:
@@ -133,13 +140,12 @@ def main() -> None:
     upward = []
     for e in internal:
         s, sp, d, dp = e[:4]
-        if sp == dp or sp == "__init__" or dp == "__init__":
-            continue
+        if sp == dp or sp in ("__init__", "__main__") or dp == "__init__":
+            continue  # the package root and `python -m moeinfer` sit above every floor
         fs, fd = floor_of(sp), floor_of(dp)
         if fs is None or fd is None:
             upward.append((e, "unplaced"))
-        elif fd > fs or (fd == fs and (sp in INDEPENDENT or
-                                       FLOORS[fs].index(dp) > FLOORS[fs].index(sp))):
+        elif fd > fs or (fd == fs and sp in INDEPENDENT):
             upward.append((e, "up" if fd > fs else "sideways"))
     func = [e for e in internal if e[5]]
     stmts = {(e[7], e[4]) for e in internal}

@@ -31,47 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from moeinfer.model.summary import expert_storage, summarize
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the cost model needs to know about a model (from_model, or by hand in tests)."""
-
-    dense_bytes: int
-    embed_row_bytes: int
-    vocab_size: int
-    expert_bytes: int
-    expert_params: int
-    dense_matmul_params: int
-    kv_slot_bytes: int
-    attn_flops_per_key: int
-
-    @classmethod
-    def from_model(cls, model: Any) -> ModelShape:
-        cfg = model.config
-        s = summarize(model)
-        b = s["bytes"]
-        elem = model.dtype.itemsize
-        blocks = model.moe_blocks()
-
-        expert_params, expert_bytes = expert_storage(model) if blocks else (0, 0)
-        attn_params = b["attention"] // elem
-        matmul = attn_params + (b["routers"] + b["shared_experts"] + b["dense_ffn"]) // elem
-        matmul += model.lm_head.weight.numel()
-        if cfg.attention == "mla":
-            assert cfg.mla is not None
-            slot = cfg.num_layers * (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * elem
-            per_key = 2 * cfg.num_heads * (cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim + cfg.mla.v_head_dim)
-        else:
-            slot = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * elem
-            per_key = 4 * cfg.num_heads * cfg.head_dim
-        embed = model.embed_tokens.weight
-        dense_bytes = sum(b[k] for k in ("attention", "routers", "shared_experts", "dense_ffn", "norms"))
-        dense_bytes += model.lm_head.weight.numel() * elem
-        return cls(dense_bytes=dense_bytes, embed_row_bytes=embed.shape[1] * elem, vocab_size=embed.shape[0],
-                   expert_bytes=expert_bytes, expert_params=expert_params, dense_matmul_params=matmul,
-                   kv_slot_bytes=slot, attn_flops_per_key=per_key * cfg.num_layers)
+from moeinfer.model.shape import ModelShape
+from moeinfer.model.summary import summarize
 
 
 @dataclass(frozen=True)
@@ -100,7 +61,7 @@ class ForwardRecord:
 def forward_cost(f: ForwardRecord, m: ModelShape) -> tuple[int, int]:
     """(bytes moved, FLOPs) of one forward, by the formulas of the module docstring."""
     n = f.rows * f.tokens
-    nbytes = (m.dense_bytes + min(n, m.vocab_size) * m.embed_row_bytes + sum(f.distinct) * m.expert_bytes
+    nbytes = (m.dense_read_bytes + min(n, m.vocab_size) * m.embed_row_bytes + sum(f.distinct) * m.expert_bytes
               + f.rows * f.kv_end * m.kv_slot_bytes)
     flops = (2 * n * m.dense_matmul_params + sum(2 * s * m.expert_params for s in f.slots)
              + n * f.kv_end * m.attn_flops_per_key)

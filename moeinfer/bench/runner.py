@@ -33,14 +33,15 @@ from moeinfer.bench.energy import EnergyMeter, default_meter
 from moeinfer.bench.hardware import git_commit, hardware_info, measure_matmul, measure_peaks, software_info
 from moeinfer.bench.instrument import instrument
 from moeinfer.bench.latency import summarize
-from moeinfer.bench.metrics import (ModelShape, compute_peak, expert_load, gpu_peak_bytes, kv_cache_bytes,
-                                    peak_rss_bytes, reset_gpu_peak, reset_peak_rss, sparse_utilization, weight_stats)
+from moeinfer.bench.metrics import (compute_peak, expert_load, gpu_peak_bytes, kv_cache_bytes, peak_rss_bytes,
+                                    reset_gpu_peak, reset_peak_rss, sparse_utilization, weight_stats)
 from moeinfer.bench.report import write_report
 from moeinfer.bench.results import SCHEMA_NAME, SCHEMA_VERSION, finished_points, write_results
 from moeinfer.bench.workload_run import run_workload
 from moeinfer.bench.workloads import arrival_times, build_prompts, get_workload, resolve, source_token_ids
 from moeinfer.engine.generate import generate
 from moeinfer.eval import evaluate
+from moeinfer.model.shape import ModelShape
 from moeinfer.models import SHIPPED
 from moeinfer.planning import apply_plan_
 

@@ -1,6 +1,7 @@
 """The sizes of an MoE model that cost models need, without its weights: the offload simulator,
-the expert-parallel simulator and the planner to come read a `ModelShape` (from a built model, a
-config, or a named shape of a published model).
+the expert-parallel simulator, the planner and the benchmark's sparse utilization (S-MBU/S-MFU,
+moeinfer.bench.metrics) all read one `ModelShape` (from a built model, a config, or a named shape
+of a published model).
 
 Shapes: L MoE layers, E experts, K top-k, D hidden, I expert inner size.
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeinfer.config import ModelConfig
+from moeinfer.model.summary import expert_storage, summarize
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,26 @@ class ModelShape:
     dtype_bytes: int = 2
     dense_params_per_layer: int = 0  # attention, norms, router (read every step); 0 = not known
     other_params: int = 0  # embeddings and LM head
+    # Counted from a built model (from_model); 0 = not known, or derived from the sizes above.
+    stored_expert_bytes: int = 0  # one expert as stored (quantized, low-rank); 0 = 3*D*I*dtype_bytes
+    stored_expert_params: int = 0  # one expert's parameters as stored; 0 = 3*D*I
+    vocab_size: int = 0
+    dense_read_bytes: int = 0  # every non-expert weight a forward reads (LM head included, embedding not)
+    dense_matmul_params: int = 0  # non-expert parameters in matmuls (attention, routers, shared/dense FFN, LM head)
+    kv_slot_bytes: int = 0  # one token's KV-cache entry over all layers
+    attn_flops_per_key: int = 0  # attention FLOPs per (query token, cached key), all layers
 
     @property
     def expert_bytes(self) -> int:
-        return 3 * self.hidden * self.inter * self.dtype_bytes
+        return self.stored_expert_bytes or 3 * self.hidden * self.inter * self.dtype_bytes
+
+    @property
+    def expert_params(self) -> int:
+        return self.stored_expert_params or 3 * self.hidden * self.inter
+
+    @property
+    def embed_row_bytes(self) -> int:
+        return self.hidden * self.dtype_bytes
 
     def expert_flops(self, tokens: int) -> float:
         return 6.0 * self.hidden * self.inter * tokens
@@ -49,9 +67,24 @@ class ModelShape:
         other = model.embed_tokens.weight.numel() + (0 if c.tie_word_embeddings else model.lm_head.weight.numel())
         total = sum(p.numel() for p in model.parameters())
         dense = (total - n_exp - other) // c.num_layers
+        elem = model.dtype.itemsize
+        stored_params, stored_bytes = expert_storage(model) if blocks else (0, 0)
+        b = summarize(model)["bytes"]
+        lm_head = model.lm_head.weight.numel()
+        matmul = (b["attention"] + b["routers"] + b["shared_experts"] + b["dense_ffn"]) // elem + lm_head
+        if c.attention == "mla":
+            assert c.mla is not None
+            slot = c.num_layers * (c.mla.kv_lora_rank + c.mla.qk_rope_head_dim) * elem
+            per_key = 2 * c.num_heads * (c.mla.qk_nope_head_dim + c.mla.qk_rope_head_dim + c.mla.v_head_dim)
+        else:
+            slot = c.num_layers * 2 * c.num_kv_heads * c.head_dim * elem
+            per_key = 4 * c.num_heads * c.head_dim
+        read = sum(b[k] for k in ("attention", "routers", "shared_experts", "dense_ffn", "norms")) + lm_head * elem
         return cls(name=name, num_layers=len(blocks), num_experts=c.num_experts, top_k=c.top_k, hidden=c.hidden_size,
-                   inter=c.moe_intermediate_size, dtype_bytes=model.dtype.itemsize, dense_params_per_layer=dense,
-                   other_params=other)
+                   inter=c.moe_intermediate_size, dtype_bytes=elem, dense_params_per_layer=dense,
+                   other_params=other, stored_expert_bytes=stored_bytes, stored_expert_params=stored_params,
+                   vocab_size=model.embed_tokens.weight.shape[0], dense_read_bytes=read, dense_matmul_params=matmul,
+                   kv_slot_bytes=slot, attn_flops_per_key=per_key * c.num_layers)
 
     @classmethod
     def from_config(cls, config: ModelConfig, name: str = "model", *, dtype_bytes: int = 2) -> ModelShape:

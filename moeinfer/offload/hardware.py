@@ -80,11 +80,10 @@ def shape_from_checkpoint(path: str | os.PathLike[str]) -> ModelShape:
     """The shape of a checkpoint folder (or shipped model name) from its config.json; no weights read."""
     root = resolve_model_path(path)
     hf = read_config(root)
+    dtype = parse_dtype(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16") or torch.bfloat16
     with torch.device("meta"):
-        model = MoEModel(parse_config(hf))
-    shape = ModelShape.from_model(model, name=root.name)
-    dtype = parse_dtype(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16")
-    return ModelShape(**{**asdict(shape), "dtype_bytes": dtype.itemsize if dtype is not None else 2})
+        model = MoEModel(parse_config(hf)).to(dtype)  # sizes in the checkpoint's dtype
+    return ModelShape.from_model(model, name=root.name)
 
 
 def calibrate(*, scratch_dir: str | os.PathLike[str] | None = None, mib: int = 128, repeats: int = 5) -> HardwareProfile:

@@ -10,7 +10,6 @@ import torch
 
 from moeinfer.bench.metrics import (
     ForwardRecord,
-    ModelShape,
     compute_peak,
     expert_load,
     forward_cost,
@@ -19,8 +18,11 @@ from moeinfer.bench.metrics import (
     sparse_utilization,
     weight_stats,
 )
+from moeinfer.model.shape import ModelShape
 
-SHAPE = ModelShape(dense_bytes=1000, embed_row_bytes=10, vocab_size=100, expert_bytes=200, expert_params=50,
+# embed_row_bytes = hidden * dtype_bytes = 10
+SHAPE = ModelShape("by-hand", num_layers=2, num_experts=4, top_k=2, hidden=5, inter=3, dtype_bytes=2,
+                   dense_read_bytes=1000, vocab_size=100, stored_expert_bytes=200, stored_expert_params=50,
                    dense_matmul_params=100, kv_slot_bytes=4, attn_flops_per_key=8)
 DECODE = [ForwardRecord(0.5, rows=2, tokens=1, kv_end=10, distinct=(3, 2), slots=(4, 4)),
           ForwardRecord(0.5, rows=2, tokens=1, kv_end=11, distinct=(2, 2), slots=(4, 4))]
