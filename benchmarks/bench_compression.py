@@ -31,6 +31,7 @@ from moeinfer.compress.api import compress_
 from moeinfer.compress.calibration import CalibrationConfig, collect
 from moeinfer.engine.generate import generate
 from moeinfer.eval import evaluate
+from moeinfer.model.counters import RoutingCounter
 from moeinfer.model.moe import Experts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,29 +54,6 @@ def weight_stats(model: Any, expert_weights: int) -> dict[str, Any]:
         if ".experts." in name:
             expert += b
     return {"weight_bytes": total, "expert_bytes": expert, "expert_bits_per_param": 8 * expert / expert_weights}
-
-
-class SlotCounter:
-    """Slots dispatched to experts per token and MoE layer (dynamic gating lowers it)."""
-
-    def __init__(self, model: Any) -> None:
-        self.slots = 0
-        self.tokens = 0
-        self.blocks = model.moe_blocks()
-        for b in self.blocks:
-            b.observer = self
-
-    def __call__(self, layer: int, routing: Any) -> None:
-        k = routing.k  # [N] slots each token uses under dynamic gating; None = all K
-        self.slots += int(k.sum()) if k is not None else int((routing.indices >= 0).sum())
-        self.tokens += routing.indices.shape[0]
-
-    def per_token(self) -> float:
-        return self.slots / max(1, self.tokens)
-
-    def detach(self) -> None:
-        for b in self.blocks:
-            b.observer = None
 
 
 def decode_rate(model: Any, tokens: int, repeats: int = 3) -> float:
@@ -113,13 +91,13 @@ def run_entry(entry: dict[str, Any], calibs: dict[str, Any], args: argparse.Name
                     or k == "experts_per_token"})
         row["decode_tok_s"] = decode_rate(model, args.decode_tokens)
         return row
-    counter = SlotCounter(model)
+    counter = RoutingCounter.attach(model)
     for dataset in args.datasets:
         r = evaluate(model, dataset, max_bytes=args.max_bytes, progress=False)
         row[f"bpb_{dataset}"] = r.bits_per_byte
         if dataset == args.datasets[0]:
             row["experts_per_token"] = counter.per_token()  # slots per token per MoE layer
-    counter.detach()
+    counter.remove()
     row["decode_tok_s"] = decode_rate(model, args.decode_tokens)
     return row
 

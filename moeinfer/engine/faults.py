@@ -6,7 +6,8 @@ keeps answering, and every rerouted token is counted.
 
 Steps: 1. `mask(layer, expert)` marks the expert unavailable in that layer's Router;
 2. the route stage removes masked experts from the choice before top-k (weights renormalise as the
-architecture does); 3. each router counts tokens whose unmasked top-k held a masked expert.
+architecture does) and records in `Routing.rerouted` the tokens whose unmasked top-k held a masked
+expert; 3. a routing counter (moeinfer.model.counters), attached while any expert is masked, sums them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeinfer.model.counters import RoutingCounter
 from moeinfer.model.moe import MoEBlock, Routing
 from moeinfer.model.transformer import MoEModel
 
@@ -34,8 +36,12 @@ class ExpertFaults:
     """Which experts are masked, per layer, and how many tokens were rerouted because of it."""
 
     def __init__(self, model: MoEModel) -> None:
+        self.model = model
         self.blocks: dict[int, MoEBlock] = {b.layer_idx: b for b in model.moe_blocks()}
         self.reasons: dict[tuple[int, int], str] = dict(getattr(model, "failed_experts", {}))
+        # Counting observes every routing (and so keeps decode out of a CUDA graph): only once an
+        # expert is masked, when there is something to count.
+        self.counter: RoutingCounter | None = RoutingCounter.attach(model) if self.reasons else None
 
     def mask(self, layer: int, expert: int, reason: str = "injected") -> None:
         if layer not in self.blocks:
@@ -45,6 +51,8 @@ class ExpertFaults:
         except ValueError as e:
             raise ValueError(f"layer {layer}: {e}") from None
         self.reasons[(layer, expert)] = reason
+        if self.counter is None:
+            self.counter = RoutingCounter.attach(self.model)
 
     def masked(self) -> list[tuple[int, int]]:
         return sorted(self.reasons)
@@ -54,7 +62,8 @@ class ExpertFaults:
 
     @property
     def degraded_tokens(self) -> int:
-        return sum(b.gate.rerouted_tokens for b in self.blocks.values())
+        """Tokens routed away from a masked expert since the first expert was masked."""
+        return self.counter.rerouted if self.counter is not None else 0
 
 
 class ExpertLoad:

@@ -17,8 +17,8 @@ Steps (`GatingMode.__call__`, run by `Router.forward` after the route stage):
 2. the rule gives k [N] in 1..K from p and the slots' weights;
 3. with `norm_topk_prob` the kept weights are renormalised (as if the model had routed to k experts),
    otherwise they stay raw probabilities;
-4. `MoEBlock` runs each group of tokens with equal k on their first k slots; `Router` counts the
-   slots used, `experts_per_token(model)` reports the average.
+4. `MoEBlock` runs each group of tokens with equal k on their first k slots; a routing counter
+   (moeinfer.model.counters.RoutingCounter) reports the experts run per token.
 """
 
 from __future__ import annotations
@@ -139,16 +139,4 @@ def set_routing_(model: Any, mode: str | GatingMode | None) -> Any:
         model.config.hf_config.pop("moeinfer_routing", None)
     else:
         model.config.hf_config["moeinfer_routing"] = str(m)
-    reset_counters_(model)
     return model
-
-
-def reset_counters_(model: Any) -> None:
-    for block in model.moe_blocks():
-        block.gate.tokens_routed = block.gate.slots_used = 0
-
-
-def experts_per_token(model: Any) -> float:
-    """Average routed experts per token per MoE layer since the last reset (0.0 before any token)."""
-    tokens = sum(b.gate.tokens_routed for b in model.moe_blocks())
-    return sum(b.gate.slots_used for b in model.moe_blocks()) / tokens if tokens else 0.0

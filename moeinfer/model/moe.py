@@ -177,7 +177,8 @@ class RoutingTransform(nn.Module):
 
 class ExpertMask(RoutingTransform):
     """Failed experts removed from the choice (moeinfer.engine.faults): the selection is re-run on the
-    same logits without them; the tokens that wanted one are counted in `router.rerouted_tokens`."""
+    same logits without them; the tokens that wanted one are counted in `Routing.rerouted` (observers
+    read it: moeinfer.model.counters)."""
 
     name, order = "mask", 10
 
@@ -187,10 +188,8 @@ class ExpertMask(RoutingTransform):
 
     def forward(self, routing: Routing | None, router: Router, x: torch.Tensor) -> Routing:
         assert routing is not None
-        out = select(routing.logits, router.cfg, router.e_score_correction_bias, top_k=router.top_k,
-                     available=self.available)
-        router.rerouted_tokens += int(out.rerouted)
-        return out
+        return select(routing.logits, router.cfg, router.e_score_correction_bias, top_k=router.top_k,
+                      available=self.available)
 
 
 class DynamicGating(RoutingTransform):
@@ -240,9 +239,6 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
         self.top_k: int | None = None  # override of cfg.top_k at run time (dynamic gating)
         self.transforms = nn.ModuleList()  # RoutingTransform, sorted by `order`
-        self.rerouted_tokens = 0
-        self.tokens_routed = 0  # counters behind moeinfer.model.gating.experts_per_token
-        self.slots_used = 0
 
     # The transform list.
     def add_transform(self, transform: RoutingTransform) -> RoutingTransform:
@@ -314,9 +310,6 @@ class Router(nn.Module):
             routing = route(x, self.weight, self.cfg, self.e_score_correction_bias, top_k=self.top_k)
         for t in transforms:
             routing = t(routing, self, x)
-        n, k = routing.indices.shape
-        self.tokens_routed += n
-        self.slots_used += n * k if routing.k is None else int(routing.k.sum())
         return routing
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import moeinfer
 from compress_cases import ARCHS, logits, tiny
 from moeinfer.compress import CompressionError, compress_
-from moeinfer.model.gating import GatingError, GatingMode, experts_per_token, parse_mode, set_routing_
+from moeinfer.model.counters import RoutingCounter
+from moeinfer.model.gating import GatingError, GatingMode, parse_mode, set_routing_
 from moeinfer.model.moe import route
 
 
@@ -72,16 +73,21 @@ def test_lossless_settings_are_bit_identical_to_default(arch, root):
 
 
 def test_experts_per_token_counts_what_ran(root):
+    """A routing counter (an observer) counts the experts each mode really ran; once removed it stops."""
     _, model, _ = tiny("mixtral", root)
+    counter = RoutingCounter.attach(model)
     set_routing_(model, None)
     logits(model)
-    assert experts_per_token(model) == 2.0
-    set_routing_(model, "top-k:1")
+    assert counter.per_token() == 2.0 and counter.tokens > 0
+    for mode, expect in (("top-k:1", lambda v: v == 1.0), ("threshold:0.9", lambda v: 1.0 <= v < 2.0)):
+        counter.reset()
+        set_routing_(model, mode)
+        logits(model)
+        assert expect(counter.per_token()), (mode, counter.per_token())
+    counter.remove()
+    tokens = counter.tokens
     logits(model)
-    assert experts_per_token(model) == 1.0
-    set_routing_(model, "threshold:0.9")
-    logits(model)
-    assert 1.0 <= experts_per_token(model) < 2.0
+    assert counter.tokens == tokens and not any(b.routing_observers for b in model.moe_blocks())
 
 
 @pytest.mark.parametrize("text, match", [("top-q:0.5", "unknown routing mode"), ("top-p:1.5", "mass in"),
