@@ -10,11 +10,6 @@ from compress_cases import ARCHS, hf_logits, logits, num_experts, tiny
 from moeinfer.compress import CompressionError, compress_
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("dense")
-
-
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a != "deepseek_v3"])
 def test_dense_round_trips_and_transformers_loads_it(arch, root, tmp_path):
     _, model, calib = tiny(arch, root)

@@ -16,11 +16,6 @@ from moeinfer.compress.surgery import keep_experts_
 MINE = {"prune_frequency", "prune_reap", "prune_naee", "prune_unstructured", "merge", "dense", "gating"}
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("framework")
-
-
 def test_methods_are_registered_with_docs():
     from moeinfer.compress import get_method
 

@@ -16,11 +16,6 @@ from moeinfer.model.gating import GatingError, GatingMode, parse_mode, set_routi
 from moeinfer.model.moe import route
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("gating")
-
-
 def _reference(block, x, k):
     """Eager reference: each token's first k[n] slots, weights renormalised as the config says."""
     g = block.gate

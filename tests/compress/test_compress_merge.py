@@ -16,11 +16,6 @@ from moeinfer.compress.clustering import agglomerate
 from moeinfer.model.moe import Experts, MoEBlock, route
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("merge")
-
-
 def test_agglomerate_joins_the_closest():
     f = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [-1.0, 0.0]])
     assert agglomerate(f, 3) == [[0, 1], [2, 3], [4]]

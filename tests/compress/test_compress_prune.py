@@ -18,11 +18,6 @@ from moeinfer.compress.surgery import keep_experts_
 METHODS = ["prune_reap", "prune_naee", "prune_frequency"]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("prune")
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 def test_prune_round_trips(arch, method, root, tmp_path):

@@ -11,11 +11,6 @@ from moeinfer.compress import CompressionError, compress_
 from moeinfer.compress.methods.prune_unstructured import prune_rows_
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("unstructured")
-
-
 def test_rows_lose_the_lowest_scores():
     w = torch.tensor([[1.0, -4.0, 2.0, 3.0], [5.0, 1.0, -1.0, 2.0]])
     norms = torch.tensor([1.0, 0.1, 1.0, 1.0])  # column 1's input is small: |-4| x 0.1 = 0.4

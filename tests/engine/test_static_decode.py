@@ -15,8 +15,8 @@ from moeinfer.model.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return moeinfer.load("tiny", dtype="float32")
+def tiny(tiny_fp32_shared):
+    return tiny_fp32_shared
 
 
 def greedy(model, prompts, steps, *, static, cuda_graph=False, finish_row0_at=2):

@@ -136,10 +136,8 @@ def test_import_touches_no_triton():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    import moeinfer
-
-    return moeinfer.load("tiny", dtype="float32")
+def tiny(tiny_fp32_shared):
+    return tiny_fp32_shared
 
 
 @pytest.mark.parametrize("fp32_weights", [False, True])

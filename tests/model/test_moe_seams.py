@@ -16,8 +16,8 @@ from moeinfer.model.moe import ExpertStage, Experts, MergedExperts
 
 
 @pytest.fixture
-def model():
-    return moeinfer.load("tiny", dtype="float32", progress=False)
+def model(tiny_fp32):
+    return tiny_fp32
 
 
 def _ids() -> torch.Tensor:
