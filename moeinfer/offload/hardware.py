@@ -40,6 +40,9 @@ class HardwareProfile:
     link_latency_us: float = 0.0
     cpu_mem_gbps: float = 20.0
     cpu_gflops: float = 50.0
+    # Host time of one offloaded layer visit outside transfers and kernels (routing read back, cache
+    # bookkeeping, launching per-expert work): measured from a live run, 0 = not charged.
+    host_us_per_layer: float = 0.0
     description: str = ""
     measured: bool = False
     details: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +51,9 @@ class HardwareProfile:
         for f in ("link_gbps", "fast_mem_gbps", "compute_tflops", "cpu_mem_gbps", "cpu_gflops"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"hardware profile {self.name!r}: {f} must be > 0, got {getattr(self, f)}")
+        if not self.host_us_per_layer >= 0:
+            raise ValueError(f"hardware profile {self.name!r}: host_us_per_layer must be >= 0, "
+                             f"got {self.host_us_per_layer}")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         return atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")

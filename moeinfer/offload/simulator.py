@@ -7,7 +7,8 @@ registered policy and prefetcher), so on the same trace and settings the hit cou
 run's exactly. Only the clock is modelled, from a `HardwareProfile` and a `ModelShape`:
 1. group the trace into steps (`trace_steps`); a step that starts a request tells the policy;
 2. per MoE layer of a step: the dense part of the layer costs max(bytes / fast-memory bandwidth,
-   flops / compute); then the cache decides the visit;
+   flops / compute), plus the profile's host time per offloaded layer visit (`host_us_per_layer`,
+   measured from a live run: routing read back, cache bookkeeping); then the cache decides the visit;
 3. demand loads, then the prefetcher's loads, queue on one link (FIFO): each costs latency +
    bytes / link bandwidth and is ready when it leaves the queue;
 4. experts run one after another: hits first, then CPU-assisted experts (on the CPU, concurrently
@@ -20,7 +21,8 @@ run's exactly. Only the clock is modelled, from a `HardwareProfile` and a `Model
 The costs of steps 2 and 4 and of the LM head come from a `StepCosts` (default `RooflineCosts`: the
 formulas above, from the profile alone); the planner (moeinfer.planning) passes its measured per-layer,
 per-precision costs instead, so `moeinfer plan` and `moeinfer simulate` share this one clock.
-Not modelled: attention's KV-cache reads, kernel launch overheads (unless a StepCosts measures them),
+Not modelled: attention's KV-cache reads, kernel launch overheads (unless a StepCosts or
+`host_us_per_layer` measures them),
 contention of the link by other traffic, page-cache effects of a disk tier.
 """
 
@@ -121,6 +123,7 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
     link_bw = hardware.link_gbps * 1e9
     clock: StepCosts = costs if costs is not None else RooflineCosts(shape, hardware)
     latency = hardware.link_latency_us * 1e-6
+    host_s = hardware.host_us_per_layer * 1e-6
     now = link_free = stall = 0.0
     slot_ready: dict[int, float] = {}
 
@@ -147,8 +150,8 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
             cache.begin_request()
         n = len(step.rows)
         for v in visits:
-            # 2. the dense part of the layer, then the cache's decision
-            now += clock.dense_s(v.layer, n)
+            # 2. the dense part of the layer, the host's share of the visit, then the cache's decision
+            now += clock.dense_s(v.layer, n) + host_s
             plan = cache.visit(v)
             # 3. demand loads, then prefetches, on one FIFO link
             ready = queue(plan.loads)

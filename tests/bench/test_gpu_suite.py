@@ -78,6 +78,7 @@ def test_dry_run_wires_every_part(tmp_path):
     live = p["offload"]["live"]
     assert [r["label"] for r in live] == ["on-demand", "best"]
     assert all(r["tokens"] == r["generated"] and r["hits"] + r["misses"] > 0 for r in live)
+    assert p["offload"]["host_us_per_layer"] >= 0 and "prediction_error_calibrated" in live[1]
     assert {t["target"] for t in res["targets"]} and all(t["value"] is not None for t in res["targets"]
                                                          if not t["target"].startswith("layer, 4096"))
     md = (out / "summary.md").read_text()
@@ -173,6 +174,12 @@ def test_targets_read_off_results():
     assert got["offloaded Mixtral-8x7B at 24 GB: tok/s"] == (6.0, True)
     assert got["offloaded: x on-demand"] == (3.0, True)
     assert got["simulator error (worst live run)"] == (pytest.approx(30.0), False)
+    # with the host time calibrated on the on-demand run, the out-of-sample run's calibrated error counts
+    res["offload"]["host_us_per_layer"] = 4000.0
+    res["offload"]["live"][0]["prediction_error"] = 0.0  # fitted: not a check
+    res["offload"]["live"][1]["prediction_error_calibrated"] = -0.12
+    got = {t["target"]: (t["value"], t["holds"]) for t in evaluate(res)}
+    assert got["simulator error (worst live run)"] == (pytest.approx(12.0), True)
 
 
 def test_part_b_collects_every_file_with_gpu_tests():

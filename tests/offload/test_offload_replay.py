@@ -87,3 +87,26 @@ def test_replaying_a_models_own_routing_is_exact():
     again_tokens, again = generate_with_logits(replayed, [3, 17, 99, 42], 8)
     assert again_tokens == tokens
     assert torch.equal(again, logits)
+
+
+def test_host_time_per_layer_visit_is_charged_once_per_visit():
+    """A profile's host_us_per_layer adds exactly (visits x host time) to an on-demand run without
+    overlap (the clock is additive there), and changes no cache decision; a negative one is refused."""
+    import dataclasses
+
+    from moeinfer.traces.convert import convert_mixtral
+
+    full = convert_mixtral(MIXTRAL)
+    rows = np.flatnonzero(full.seq == full.seq[0])[:8]
+    trace = RoutingTrace(experts=full.experts[rows], weights=full.weights[rows], seq=full.seq[rows],
+                         pos=full.pos[rows], is_prompt=full.is_prompt[rows], layers=full.layers, num_experts=8)
+    shape = ModelShape.from_model(random_mixtral(layers=32, hidden=16, inter=16, vocab=64))
+    cfg = OffloadConfig(tier="cpu", cache=4, scope="global", policy="lru", prefetch="none")
+    hw = load_profile("h100-pcie5")
+    base = simulate(trace, shape=shape, config=cfg, hardware=hw, overlap=False)
+    slow = simulate(trace, shape=shape, config=cfg, hardware=dataclasses.replace(hw, host_us_per_layer=250.0),
+                    overlap=False)
+    assert slow.cache == base.cache
+    assert slow.time_s - base.time_s == pytest.approx(32 * len(rows) * 250e-6, rel=1e-9)
+    with pytest.raises(ValueError, match="host_us_per_layer"):
+        dataclasses.replace(hw, host_us_per_layer=-1.0)
