@@ -57,8 +57,9 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
     if not stacked and not others:
         raise ValueError(f"use_kernel_: kernel {name!r}: the model holds no experts")
     if name not in ("auto", "reference"):
-        for stage in others:  # a kernel the stage lists must also run where the stage's weights are
-            resolve(name, _device_of(stage))
+        fallback = getattr(model, "device", torch.device("cpu"))
+        for stage in others:  # a kernel the stage lists must also run where the stage computes
+            resolve(name, _device_of(stage, fallback))
     _set_stacked(stacked, name, fp32_weights)
     for stage in others:
         stage.kernel = type(stage).kernel if name == "auto" else name
@@ -80,11 +81,12 @@ def _set_stacked(stacked: list[nn.Module], name: str, fp32_weights: bool) -> Non
             experts.compute_weights = (experts.gate_up_proj.detach().float(), experts.down_proj.detach().float())
 
 
-def _device_of(stage: nn.Module) -> torch.device:
+def _device_of(stage: nn.Module, fallback: torch.device) -> torch.device:
+    """Where the stage computes: its weights' device, else the model's (offloaded stages hold none)."""
     tensor = next(iter(stage.parameters()), None)
     if tensor is None:
         tensor = next(iter(stage.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+    return tensor.device if tensor is not None else fallback
 
 
 def _kernels_of(stage: nn.Module) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeinfer.kernels import get_kernel
 from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, combine, dispatch
 from moeinfer.offload.cache import ExpertCache, Load
@@ -137,7 +138,9 @@ class OffloadRuntime:
 class OffloadedExperts(nn.Module):
     """The experts of one MoE layer, served from the offload runtime (steps in the module docstring)."""
 
-    kernels = ("reference",)  # ExpertStage (moeinfer/model/moe.py): its own expert stage over the cache
+    # ExpertStage (moeinfer/model/moe.py): its own expert stage over the cache; each cached or loaded
+    # expert runs as eager SwiGLU ('reference') or through the CPU kernel on a CPU fast tier ('cpu').
+    kernels = ("reference", "cpu")
     kernel = "reference"
     graph_safe = False  # visits the cache on the host
 
@@ -156,8 +159,22 @@ class OffloadedExperts(nn.Module):
         return (f"layer={self.layer}, experts={self._num_experts}, policy={c.policy.name}, "
                 f"prefetch={self.runtime.prefetcher.name}, slots={c.num_slots}")
 
+    def _expert_fn(self, x: torch.Tensor) -> Any:
+        """SwiGLU of one expert's tokens with its weights, by the chosen kernel."""
+        if self.kernel != "cpu" or x.device.type != "cpu":
+            return swiglu
+        cpu = get_kernel("cpu", x.device)
+
+        def run(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+            n = xs.shape[0]
+            return cpu(xs, torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=xs.dtype), gate_up[None],
+                       down[None])
+
+        return run
+
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         rt = self.runtime
+        expert = self._expert_fn(x)
         N = x.shape[0]
         # 1. dispatch and the visit
         d = dispatch(routing.indices, self._num_experts)
@@ -180,7 +197,7 @@ class OffloadedExperts(nn.Module):
 
         for e, slot in plan.hits.items():
             gate_up, down = rt.slot_weights(slot)
-            y[seg(e)] = swiglu(x_sorted[seg(e)], gate_up, down)
+            y[seg(e)] = expert(x_sorted[seg(e)], gate_up, down)
             rt.loader.used(slot)
         if plan.assisted:
             assert rt.cpu_experts is not None
@@ -191,7 +208,7 @@ class OffloadedExperts(nn.Module):
             rt.stats.assisted_s += time.perf_counter() - t0
         for e, (gate_up, down, h, slot) in loaded.items():
             rt.wait(h, slot)
-            y[seg(e)] = swiglu(x_sorted[seg(e)], gate_up, down)
+            y[seg(e)] = expert(x_sorted[seg(e)], gate_up, down)
             rt.loader.used(slot)
         # 5. combine
         return combine(y, d, routing.weights, N)

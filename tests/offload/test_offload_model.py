@@ -162,3 +162,37 @@ def test_failed_or_stuck_transfers_raise_instead_of_hanging(tmp_path):
     with pytest.raises(OffloadError, match="did not finish within 0.2 s"):
         moeinfer.generate(model, [PROMPT], max_new_tokens=2)
     model.offload.close()
+
+
+@pytest.mark.parametrize("order", ["kernel-then-offload", "offload-then-kernel"])
+def test_cpu_kernel_runs_offloaded_experts_in_either_order(order, monkeypatch):
+    """`--kernel cpu` reaches the offloaded experts whether chosen before or after offload_: every cached
+    or loaded expert runs through the CPU kernel (counted), and the logits match the resident model on
+    the same kernel within fp32 tolerance (one expert per call instead of a grouped layer)."""
+    import moeinfer.offload.experts as offloaded
+    from kernel_cases import tolerance
+
+    from moeinfer.kernels import get_kernel, use_kernel_
+
+    resident = random_mixtral()
+    use_kernel_(resident, "cpu")
+    ref_tokens, ref_logits = generate_with_logits(resident, [3, 17, 99, 42], 6)
+    calls = []
+
+    def counting(name, device):
+        fn = get_kernel(name, device)
+        return lambda *a, **k: calls.append(name) or fn(*a, **k)
+
+    monkeypatch.setattr(offloaded, "get_kernel", counting)
+    model = random_mixtral()
+    if order == "kernel-then-offload":
+        use_kernel_(model, "cpu")
+    offload_(model, OffloadConfig(tier="cpu", cache=3, scope="layer", policy="lru"))
+    if order == "offload-then-kernel":
+        use_kernel_(model, "cpu")
+    assert {b.experts.kernel for b in model.moe_blocks()} == {"cpu"}
+    tokens, logits = generate_with_logits(model, [3, 17, 99, 42], 6)
+    model.offload.close()
+    assert calls and set(calls) == {"cpu"}
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=tolerance(ref_logits, torch.float32) * 10, rtol=0)
