@@ -179,7 +179,8 @@ def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) 
     q = layer_quantizer(variant)
     if q is None:
         raise ValueError(f"expert variant {variant!r} is not a quantize preset")
-    algorithm = "rtn" if q.algorithm == "hqq" else q.algorithm  # same layout and kernel; rtn is instant
+    # hqq (and "auto", which picks hqq or rtn) store the same layout and run the same kernel: rtn is instant
+    algorithm = "rtn" if q.algorithm in ("hqq", "auto") else q.algorithm
     return QuantizedExperts.from_float(gate_up, down, [q.bits] * E, group_size=q.group_size,
                                        algorithm=algorithm).to(device)
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from moeinfer.planning.spec import FLOAT
+from moeinfer.compress.methods.quantize import resolve_algorithm
 from moeinfer.compress.methods.quantize_layers import layer_quantizer
 from moeinfer.eval import evaluate
 from moeinfer.eval.perplexity import as_eval_text
@@ -96,7 +97,7 @@ def layer_errors(model: Any, ids: torch.Tensor, precisions: Sequence[str], *,
             ex = b.experts
             y = ex(x, routing).float()
             qex = QuantizedExperts.from_float(ex.gate_up_proj.data, ex.down_proj.data, [q.bits] * ex.num_experts,
-                                              group_size=q.group_size, algorithm=q.algorithm)
+                                              group_size=q.group_size, algorithm=resolve_algorithm(model, q.algorithm))
             yq = qex(x, routing).float()
             errs.append(float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)))
             mods.append(qex)

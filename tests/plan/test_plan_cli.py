@@ -75,3 +75,38 @@ def test_bench_reports_predicted_beside_measured(tmp_path, capsys):
     got = point["metrics"]["plan"]
     assert got["configuration"] == p.describe() and got["predicted"]["decode_tok_s"] == 42.0
     assert got["measured_decode_tok_s"] > 0
+
+
+def _plan_auto(monkeypatch, free_bytes: int, **overrides):
+    """Run `generate --plan auto` with `free_bytes` free; return the plans the planner made."""
+    import moeinfer.planning.planner as planner_mod
+    import moeinfer.planning.sizes as sizes
+
+    chosen = []
+    real_plan = planner_mod.plan
+
+    def recording_plan(*a, **k):
+        chosen.append(real_plan(*a, **{**k, **overrides}))
+        return chosen[-1]
+
+    monkeypatch.setattr(sizes, "available_memory", lambda device: free_bytes)
+    monkeypatch.setattr(planner_mod, "plan", recording_plan)
+    assert main(["generate", "--plan", "auto", "-n", "2", "--no-stream", "The"]) == 0
+    return chosen
+
+
+def test_generate_with_plan_auto_plans_for_the_free_memory(cached_profile, monkeypatch, capsys):
+    """`--plan auto` plans for the memory free on the device plus what the loaded model holds, and
+    applies the plan before generating (bf16 only here: the quality measurement is the slow test's)."""
+    [p] = _plan_auto(monkeypatch, 200 * 10**6, precisions=("bf16",))
+    assert p.device == "cpu" and p.model == "tiny" and set(p.precisions) == {"bf16"}
+    assert p.budget_bytes > 200 * 10**6 and p.predicted.memory_bytes <= p.budget_bytes
+    assert capsys.readouterr().out.strip()
+
+
+def test_plan_auto_with_every_precision(cached_profile, monkeypatch):
+    """The default search (bf16, int8, int4 presets) measures every precision's quality: the int4
+    preset's algorithm "auto" is resolved before quantizing (it reached the quantizer unresolved)."""
+    [p] = _plan_auto(monkeypatch, 100 * 10**6)
+    assert p.predicted.memory_bytes <= p.budget_bytes
+    assert set(p.precisions) <= {"bf16", "int8", "int4"} and p.predicted.quality_loss is not None

@@ -16,7 +16,6 @@ def apply_(model: Any, args: argparse.Namespace) -> Any:
     if not getattr(args, "plan", None):
         return model
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
-    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.planning import apply_plan_
     from moeinfer.planning.spec import Plan, PlanError
 
@@ -25,12 +24,11 @@ def apply_(model: Any, args: argparse.Namespace) -> Any:
     if args.plan == "auto":
         # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
         # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+        from moeinfer.compress.api import weight_bytes
         from moeinfer.planning.planner import plan
         from moeinfer.planning.sizes import available_memory
 
         device = "cuda" if str(args.device).startswith("cuda") else "cpu"
-        # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
-        from moeinfer.compress.api import weight_bytes
 
         # planned from the checkpoint (its quality measurement is cached), for what is free plus what the
         # loaded model already holds

@@ -95,7 +95,8 @@ def resolve_algorithm(model: MoEModel, algorithm: str) -> str:
     """"auto" -> "hqq" when the routed experts hold at most HQQ_AUTO_MAX_PARAMS weights, else "rtn"."""
     if algorithm != "auto":
         return algorithm
-    n = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in model.moe_blocks())
+    n = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in model.moe_blocks()
+            if hasattr(b.experts, "gate_up_proj"))  # the float experts still to quantize
     return "hqq" if n <= HQQ_AUTO_MAX_PARAMS else "rtn"
 
 

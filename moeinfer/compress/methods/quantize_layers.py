@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeinfer.compress.calibration import CalibrationData
-from moeinfer.compress.methods.quantize import QuantizeParams, relative_error
+from moeinfer.compress.methods.quantize import QuantizeParams, relative_error, resolve_algorithm
 from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.compress.registry import CompressionError, register_method
 from moeinfer.compress.surgery import plain_experts
@@ -69,6 +69,7 @@ def quantize_layers(model: MoEModel, p: QuantizeLayersParams, calib: Calibration
     for block, q in zip(blocks, quantizers):
         if q is not None:
             plain_experts(block, "quantize_layers")
+    algorithms = {q.algorithm: resolve_algorithm(model, q.algorithm) for q in quantizers if q is not None}
     # 2. layer by layer
     errors: dict[str, float] = {}
     for block, name, q in tqdm(list(zip(blocks, p.precisions, quantizers)), desc="quantize layers", unit="layer",
@@ -77,7 +78,7 @@ def quantize_layers(model: MoEModel, p: QuantizeLayersParams, calib: Calibration
             continue
         ex = block.experts
         new = QuantizedExperts.from_float(ex.gate_up_proj.data, ex.down_proj.data, [q.bits] * ex.num_experts,
-                                          group_size=q.group_size, algorithm=q.algorithm)
+                                          group_size=q.group_size, algorithm=algorithms[q.algorithm])
         gu, dn = new.dequantize_all(ex.gate_up_proj.dtype)
         errors[str(block.layer_idx)] = round((relative_error(ex.gate_up_proj, gu)
                                               + relative_error(ex.down_proj, dn)) / 2, 8)
