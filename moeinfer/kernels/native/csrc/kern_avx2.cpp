@@ -1,6 +1,9 @@
 // AVX2 + FMA + F16C variant (compiled with -mavx2 -mfma -mf16c; run only where the CPU has them):
 // bf16 weights widened to fp32 in registers (a 16-bit shift), int8/int4 codes widened with
 // vpmovzxbd, every product accumulated in fp32 with FMA, one horizontal sum per row.
+// Int8 activations (kern.h): integer block dots with vpmaddubsw (unsigned x signed bytes -> int16 pair
+// sums) then vpmaddwd against ones (-> int32), as llama.cpp's Q4_0/Q8_0 x Q8_0 AVX2 dot products do;
+// one int32 -> fp32 conversion and one FMA with the block scale per 32 columns.
 #include <immintrin.h>
 
 #include "kern.h"
@@ -114,7 +117,80 @@ float qrow4(const uint8_t* q, const float* s, const float* z, const float* x, co
   return hsum(y) + ys;
 }
 
-const Kern table{"avx2", dot_f32, dot_bf16, qrow8, qrow4};
+// 8-bit codes: u * xq pairs reach 2 * 255 * 127 > 32767 and vpmaddubsw would saturate, so the codes are
+// centred, v = u - 128 in [-128, 127] (a xor with 0x80), and multiplied as |v| (unsigned, <= 128) by
+// xq carrying v's sign: pairs stay <= 2 * 128 * 127 = 32512. The 128 * sum(xq) put back is folded into
+// the group term: sum_b d_b (u . xq)_b = sum_b d_b (v . xq)_b + 128 * xsum_g.
+inline __m256i dot_centred(__m256i u, __m256i xq, __m256i flip, __m256i ones) {
+  const __m256i v = _mm256_xor_si256(u, flip);
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(xq, v));
+  return _mm256_madd_epi16(p, ones);
+}
+
+float qrow8_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+  const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
+  __m256 y = _mm256_setzero_ps();
+  float ys = 0.f;  // scalar part: a partial last block and the zero-point terms
+  for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
+    const int64_t end = c + gs < cols ? c + gs : cols;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t b = c;
+    for (; b + 2 * QBLOCK <= end; b += 2 * QBLOCK) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + b) + PREFETCH, _MM_HINT_T0);
+      const __m256i p0 = dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b)),
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b)), flip, ones);
+      const __m256i p1 = dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b + QBLOCK)),
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b + QBLOCK)), flip, ones);
+      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK), _mm256_cvtepi32_ps(p0), a0);
+      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK + 1), _mm256_cvtepi32_ps(p1), a1);
+    }
+    for (; b + QBLOCK <= end; b += QBLOCK) {
+      const __m256i p0 = dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b)),
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b)), flip, ones);
+      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK), _mm256_cvtepi32_ps(p0), a0);
+    }
+    const float tail = b < end ? x.d[b / QBLOCK] * float(itail_u8(q, x.q, b, end, 128)) : 0.f;
+    y = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), _mm256_add_ps(a0, a1), y);
+    ys += s[g] * (tail + (128.f - z[g]) * x.gsum[g]);
+  }
+  return hsum(y) + ys;
+}
+
+// 4-bit codes (<= 15) cannot saturate: 16 packed bytes give the 16 low nibbles (even columns) and the 16
+// high ones (odd columns), multiplied with the nibble-ordered activations x.q4.
+inline __m256i dot_nibbles(const uint8_t* q, const int8_t* xq4, __m256i m, __m256i ones) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m);
+  const __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq4)));
+  return _mm256_madd_epi16(p, ones);
+}
+
+float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+  const __m256i m = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 y = _mm256_setzero_ps();
+  float ys = 0.f;
+  for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
+    const int64_t end = c + gs < cols ? c + gs : cols;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t b = c;
+    for (; b + 2 * QBLOCK <= end; b += 2 * QBLOCK) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + b / 2) + PREFETCH, _MM_HINT_T0);
+      const __m256i p0 = dot_nibbles(q + b / 2, x.q4 + b, m, ones);
+      const __m256i p1 = dot_nibbles(q + b / 2 + QBLOCK / 2, x.q4 + b + QBLOCK, m, ones);
+      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK), _mm256_cvtepi32_ps(p0), a0);
+      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK + 1), _mm256_cvtepi32_ps(p1), a1);
+    }
+    for (; b + QBLOCK <= end; b += QBLOCK)
+      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK), _mm256_cvtepi32_ps(dot_nibbles(q + b / 2, x.q4 + b, m, ones)),
+                           a0);
+    const float tail = b < end ? x.d[b / QBLOCK] * float(itail_u4(q, x.q, b, end)) : 0.f;
+    y = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), _mm256_add_ps(a0, a1), y);
+    ys += s[g] * (tail - z[g] * x.gsum[g]);
+  }
+  return hsum(y) + ys;
+}
+
+const Kern table{"avx2", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8};
 
 }  // namespace
 

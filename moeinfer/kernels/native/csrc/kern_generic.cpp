@@ -46,7 +46,32 @@ float qrow4(const uint8_t* q, const float* s, const float* z, const float* x, co
   return y;
 }
 
-const Kern table{"generic", dot_f32, dot_bf16, qrow8, qrow4};
+// int8 activations: the integer dot of each block of 32 (exact in int32), scaled by the block's d_b.
+float qrow8_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+  float y = 0.f;
+  for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
+    const int64_t end = c + gs < cols ? c + gs : cols;
+    float acc = 0.f;
+    for (int64_t b = c; b < end; b += QBLOCK)
+      acc += x.d[b / QBLOCK] * float(itail_u8(q, x.q, b, b + QBLOCK < end ? b + QBLOCK : end, 0));
+    y += s[g] * (acc - z[g] * x.gsum[g]);
+  }
+  return y;
+}
+
+float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+  float y = 0.f;
+  for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
+    const int64_t end = c + gs < cols ? c + gs : cols;
+    float acc = 0.f;
+    for (int64_t b = c; b < end; b += QBLOCK)
+      acc += x.d[b / QBLOCK] * float(itail_u4(q, x.q, b, b + QBLOCK < end ? b + QBLOCK : end));
+    y += s[g] * (acc - z[g] * x.gsum[g]);
+  }
+  return y;
+}
+
+const Kern table{"generic", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8};
 
 }  // namespace
 
