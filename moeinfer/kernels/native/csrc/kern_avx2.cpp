@@ -127,33 +127,62 @@ inline __m256i dot_centred(__m256i u, __m256i xq, __m256i flip, __m256i ones) {
   return _mm256_madd_epi16(p, ones);
 }
 
+// Per-block scales d_b * s_g in block order without a division per block (gs = bpg blocks).
+struct GroupScale {
+  const float* s;
+  int64_t bpg, left;
+  float next() {
+    const float c = *s;
+    if (--left == 0) ++s, left = bpg;
+    return c;
+  }
+};
+
+// sum_g s_g * (off - z_g) * xsum_g over the G groups of a row, 8 groups at a time.
+inline float zero_terms(const float* s, const float* z, const float* xsum, int64_t G, float off) {
+  __m256 a = _mm256_setzero_ps();
+  const __m256 o = _mm256_set1_ps(off);
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_sub_ps(o, _mm256_loadu_ps(z + g))),
+                        _mm256_loadu_ps(xsum + g), a);
+  float r = hsum(a);
+  for (; g < G; ++g) r += s[g] * (off - z[g]) * xsum[g];
+  return r;
+}
+
+// Both int8-activation rows: blocks in order, four independent accumulators across group boundaries
+// (each block's product scaled by d_b * s_g), so small groups do not serialise on one sum; `dot(b)`
+// is block b's int32 x 8 products and `tail` the integer sum of a partial last block.
+template <class Dot, class Tail>
+inline float qrow_q8(const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs, float off, Dot dot,
+                     Tail tail) {
+  const int64_t nfull = cols / QBLOCK;
+  GroupScale sc{s, gs / QBLOCK, gs / QBLOCK};
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t b = 0;
+  for (; b + 4 <= nfull; b += 4) {
+    a0 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * sc.next()), _mm256_cvtepi32_ps(dot(b)), a0);
+    a1 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + 1] * sc.next()), _mm256_cvtepi32_ps(dot(b + 1)), a1);
+    a2 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + 2] * sc.next()), _mm256_cvtepi32_ps(dot(b + 2)), a2);
+    a3 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + 3] * sc.next()), _mm256_cvtepi32_ps(dot(b + 3)), a3);
+  }
+  for (; b < nfull; ++b) a0 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * sc.next()), _mm256_cvtepi32_ps(dot(b)), a0);
+  float ys = nfull * QBLOCK < cols ? x.d[nfull] * sc.next() * float(tail(nfull * QBLOCK)) : 0.f;
+  ys += zero_terms(s, z, x.gsum, (cols + gs - 1) / gs, off);
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + ys;
+}
+
 float qrow8_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
   const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
-  __m256 y = _mm256_setzero_ps();
-  float ys = 0.f;  // scalar part: a partial last block and the zero-point terms
-  for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
-    const int64_t end = c + gs < cols ? c + gs : cols;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int64_t b = c;
-    for (; b + 2 * QBLOCK <= end; b += 2 * QBLOCK) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + b) + PREFETCH, _MM_HINT_T0);
-      const __m256i p0 = dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b)),
-                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b)), flip, ones);
-      const __m256i p1 = dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b + QBLOCK)),
-                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b + QBLOCK)), flip, ones);
-      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK), _mm256_cvtepi32_ps(p0), a0);
-      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK + 1), _mm256_cvtepi32_ps(p1), a1);
-    }
-    for (; b + QBLOCK <= end; b += QBLOCK) {
-      const __m256i p0 = dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b)),
-                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b)), flip, ones);
-      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK), _mm256_cvtepi32_ps(p0), a0);
-    }
-    const float tail = b < end ? x.d[b / QBLOCK] * float(itail_u8(q, x.q, b, end, 128)) : 0.f;
-    y = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), _mm256_add_ps(a0, a1), y);
-    ys += s[g] * (tail + (128.f - z[g]) * x.gsum[g]);
-  }
-  return hsum(y) + ys;
+  auto dot = [&](int64_t b) {
+    const int64_t c = b * QBLOCK;
+    _mm_prefetch(reinterpret_cast<const char*>(q + c) + PREFETCH, _MM_HINT_T0);
+    return dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c)),
+                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + c)), flip, ones);
+  };
+  auto tail = [&](int64_t c) { return itail_u8(q, x.q, c, cols, 128); };
+  return qrow_q8(s, z, x, cols, gs, 128.f, dot, tail);
 }
 
 // 4-bit codes (<= 15) cannot saturate: 16 packed bytes give the 16 low nibbles (even columns) and the 16
@@ -167,27 +196,13 @@ inline __m256i dot_nibbles(const uint8_t* q, const int8_t* xq4, __m256i m, __m25
 
 float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
   const __m256i m = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 y = _mm256_setzero_ps();
-  float ys = 0.f;
-  for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
-    const int64_t end = c + gs < cols ? c + gs : cols;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int64_t b = c;
-    for (; b + 2 * QBLOCK <= end; b += 2 * QBLOCK) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + b / 2) + PREFETCH, _MM_HINT_T0);
-      const __m256i p0 = dot_nibbles(q + b / 2, x.q4 + b, m, ones);
-      const __m256i p1 = dot_nibbles(q + b / 2 + QBLOCK / 2, x.q4 + b + QBLOCK, m, ones);
-      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK), _mm256_cvtepi32_ps(p0), a0);
-      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK + 1), _mm256_cvtepi32_ps(p1), a1);
-    }
-    for (; b + QBLOCK <= end; b += QBLOCK)
-      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x.d + b / QBLOCK), _mm256_cvtepi32_ps(dot_nibbles(q + b / 2, x.q4 + b, m, ones)),
-                           a0);
-    const float tail = b < end ? x.d[b / QBLOCK] * float(itail_u4(q, x.q, b, end)) : 0.f;
-    y = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), _mm256_add_ps(a0, a1), y);
-    ys += s[g] * (tail - z[g] * x.gsum[g]);
-  }
-  return hsum(y) + ys;
+  auto dot = [&](int64_t b) {
+    const int64_t c = b * QBLOCK;
+    if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + c / 2) + PREFETCH, _MM_HINT_T0);
+    return dot_nibbles(q + c / 2, x.q4 + c, m, ones);
+  };
+  auto tail = [&](int64_t c) { return itail_u4(q, x.q, c, cols); };
+  return qrow_q8(s, z, x, cols, gs, 0.f, dot, tail);
 }
 
 const Kern table{"avx2", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8};
