@@ -119,6 +119,21 @@ def test_decode_matches_the_reference(variant, bits, gs, algorithm, d, i, N, mon
     assert float(allow.max()) < 0.01 * float(ref.abs().max())  # the allowance never hides a 1% error
 
 
+@pytest.mark.parametrize("variant", variant_params())
+def test_decode_of_mixed_widths_matches_the_reference(variant, monkeypatch):
+    require(variant)
+    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 10**6)
+    qe = quantized_problem(4, 32, "rtn", d=64, i=48, mixed=True)
+    assert sorted(set(qe.bits)) == [4, 8]
+    r = routing(2, 8, 4)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    out = quantized_moe_cpu(x, r.indices, r.weights, qe, engine=variant, activations="q8")
+    gate_up, down = qe.dequantize_all()
+    ref = reference_moe_q8(x, r.indices, r.weights, gate_up, down)
+    allow = tie_allowance(x, r.indices, r.weights, gate_up, down)
+    assert not bool(((out - ref).abs() > 1e-5 * float(ref.abs().max()) + 1e-5 * ref.abs() + allow).any())
+
+
 def rounding_rms(x, indices, weights, gate_up, down) -> float:
     """Predicted RMS of (q8 decode - fp32 decode) over [N, D]: each quantized element a uniform error of
     variance d_b^2 / 12, to first order through down (SiLU * up) and down * SwiGLU'(x) (x)."""
