@@ -7,7 +7,8 @@ Shapes: N tokens, D hidden, E experts, K top-k, I expert inner size, n columns, 
 
 1. `quantize_q8`: x [..., n] -> codes [..., nb * 32] int8 (zero-padded) and scales [..., nb], with
    d_b = max|x_b| / 127 and xq_j = round-half-even(x_j * (1 / d_b)) (0 where d_b = 0), bit for bit what
-   the native `quantize_q8` computes;
+   the native `quantize_q8` computes (a block holding inf or NaN: d_b = NaN, codes 0, so the
+   products it enters are NaN as in fp32);
 2. `q8_round_trip`: x -> d_b * xq_j [..., n], the vector every int8-activation row product sees;
 3. `reference_moe_q8`: the batch-1 expert stage with steps 1-2 applied where the native decode applies
    them: to each token's x before gate_up, and to each expert's SiLU(gate) * up before down.
@@ -26,9 +27,11 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
     nb = -(-n // QBLOCK)
     blocks = F.pad(x.float(), (0, nb * QBLOCK - n)).unflatten(-1, (nb, QBLOCK))  # [..., nb, 32]
-    d = blocks.abs().amax(-1) / 127.0  # [..., nb]
-    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    q = torch.round(blocks * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    finite = torch.isfinite(blocks).all(-1)  # a block with inf or NaN: scale NaN, codes 0
+    d = torch.where(finite, blocks.abs().amax(-1) / 127.0, torch.nan)  # [..., nb]
+    inv = torch.where(finite & (d != 0), 1.0 / d, torch.zeros_like(d))
+    clean = torch.where(finite[..., None], blocks, torch.zeros_like(blocks))
+    q = torch.round(clean * inv[..., None]).clamp_(-127, 127).to(torch.int8)
     return q.flatten(-2), d
 
 

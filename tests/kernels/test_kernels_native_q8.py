@@ -42,6 +42,12 @@ def test_activation_quantization_is_bit_exact():
         rq, rd = quantize_q8(x)
         assert torch.equal(q, rq) and torch.equal(d, rd)
     assert quantize_q8(ties)[0][:8].tolist() == [127, 0, 2, 2, 0, -2, -126, 3]
+    bad = torch.randn(96, generator=g)
+    bad[3], bad[70] = float("inf"), float("nan")
+    q, d = ops.quantize_q8(bad)
+    rq, rd = quantize_q8(bad)
+    assert torch.equal(q, rq) and torch.equal(d.isnan(), rd.isnan()) and d.isnan().tolist() == [True, False, True]
+    assert torch.equal(d[1], rd[1]) and not bool(q[:32].any()) and not bool(q[64:].any())
     x = torch.randn(100, generator=g)
     err = (q8_round_trip(x) - x).abs()
     assert float(err.max()) <= float(x.abs().max()) / 127 / 2 * (1 + 1e-6)  # half a step at most
@@ -202,6 +208,20 @@ def test_activations_default_and_errors(monkeypatch):
     r3 = routing(1, 8, 2)
     x3 = torch.randn(1, 96)
     close(odd(x3, r3), odd.eager_forward(x3, r3), torch.float32)
+
+
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("bits", [4, 8])
+def test_non_finite_activations_give_nan_as_fp32_does(variant, bits, monkeypatch):
+    require(variant)
+    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 10**6)
+    qe = quantized_problem(bits, 32, "rtn", d=64, i=32)
+    r = routing(1, 8, 2)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 64)
+        x[0, 5] = bad
+        outs = [quantized_moe_cpu(x, r.indices, r.weights, qe, engine=variant, activations=a) for a in ("f32", "q8")]
+        assert bool(outs[1].isnan().all()) and bool((~outs[0].isfinite()).all())
 
 
 def test_prefill_ignores_the_activation_choice(monkeypatch):

@@ -84,11 +84,18 @@ inline void quantize_q8(const float* x, int64_t n, int8_t* q, float* d) {
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t c = b * QBLOCK, end = c + QBLOCK < n ? c + QBLOCK : n;
     float amax = 0.f;
-    for (int64_t j = c; j < end; ++j) amax = std::fabs(x[j]) > amax ? std::fabs(x[j]) : amax;
-    const float db = amax / 127.f, id = db != 0.f ? 1.f / db : 0.f;
+    bool finite = true;
+    for (int64_t j = c; j < end; ++j) {
+      const float a = std::fabs(x[j]);
+      finite = finite && a <= 3.4028235e38f;  // false for inf and NaN
+      amax = a > amax ? a : amax;
+    }
+    // a block holding inf or NaN gets scale NaN and codes 0, so every product it enters is NaN, as the
+    // fp32 path's would be
+    const float db = finite ? amax / 127.f : NAN, id = finite && db != 0.f ? 1.f / db : 0.f;
     d[b] = db;
     for (int64_t j = c; j < c + QBLOCK; ++j) {
-      float v = j < end ? std::nearbyint(x[j] * id) : 0.f;  // round half to even, as torch.round
+      float v = j < end && finite ? std::nearbyint(x[j] * id) : 0.f;  // round half to even, as torch.round
       v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
       q[j] = int8_t(v);
     }
