@@ -5,7 +5,8 @@
 // Batch-1 decode of an MoE layer's routed experts in one call (gpt-fast / llama.cpp style GEMV):
 // 1. gate_up: rows (k, i) split over threads; h[k, i] = silu(gate_k[i] . x) * (up_k[i] . x);
 // 2. per expert: group sums (and the nibble order) of h for the quantized down rows;
-// 3. down: output rows r split over threads; out[r] = sum_k w_k * (down_k[r] . h_k).
+// 3. down: output rows r split over threads; out[r] = sum_k w_k * (down_k[r] . h_k)
+//    (quantized experts: rows (k, r) split over threads, then the sum over k).
 // Weights are read once, straight from their stored layout (bf16, fp32, or packed codes with
 // group scales/zeros); nothing the size of a weight matrix is allocated.
 #include <ATen/ATen.h>
@@ -262,17 +263,24 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
   std::vector<AnyVec> hv;
   hv.reserve(K);
   for (int64_t k = 0; k < K; ++k) hv.emplace_back(hp + k * I, I, group_size, int(bits), q8);
-  // 3. down rows
-  at::Tensor out = at::empty({D}, x.options());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k)
-        if (ex[k] >= 0) acc += wk[k] * qdot(kern, dn, ex[k] * D + r, hv[k], I, group_size, int(bits));
-      op[r] = acc;
+  // 3. down rows, expert by expert (each thread streams contiguous rows of one expert's matrix), then
+  //    summed over experts in routing order
+  at::Tensor yk = at::zeros({K, D}, x.options());
+  float* yp = yk.data_ptr<float>();
+  at::parallel_for(0, K * D, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t k = t / D, r = t % D;
+      if (ex[k] >= 0) yp[t] = qdot(kern, dn, ex[k] * D + r, hv[k], I, group_size, int(bits));
     }
   });
+  at::Tensor out = at::empty({D}, x.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < D; ++r) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      if (ex[k] >= 0) acc += wk[k] * yp[k * D + r];
+    op[r] = acc;
+  }
   return out;
 }
 
