@@ -8,7 +8,10 @@ machine's read bandwidth measured in the same run.
 Paths: bf16 "old" = the cpu kernel's torch ops (K matvec pairs at one token, `engine="torch"`);
 "new" = the native call (all K experts in one, `engine=None`); prefill runs the cpu kernel's
 widened schedule for both. Quantized "old" = QuantizedExperts.eager_forward (dequantize routed
-experts each step); "new" = QuantizedExperts.forward (moeinfer/kernels/quantized_cpu.py).
+experts each step); "new" = QuantizedExperts.forward (moeinfer/kernels/quantized_cpu.py) with fp32
+activations (`cpu_activations="f32"`); "q8" = the same with int8 activations (Q8_0-style blocks of 32,
+integer dot products; the default where the group size allows), timed in the same run. Decode GB/s and
+% roofline are of the fastest new path.
 
 Bandwidth (the roofline): the best of (a) a read-only reduction over 512 MiB (torch.sum), (b) torch's
 fp32 matrix-vector product over a 512 MiB matrix, (c) the native fp32 GEMV over the same matrix,
@@ -36,6 +39,7 @@ from moeinfer.formats.quantized_experts import QuantizedExperts  # noqa: E402
 from moeinfer.cpuinfo import cpu_flags  # noqa: E402
 from moeinfer.kernels import native  # noqa: E402
 from moeinfer.kernels.cpu import cpu_moe  # noqa: E402
+from moeinfer.kernels.quantized_cpu import decode_activations  # noqa: E402
 from moeinfer.model.moe import Routing  # noqa: E402
 
 SHAPE = dict(D=2048, I=1024, E=64, K=8)
@@ -77,6 +81,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _with_activations(qe: QuantizedExperts, activations: str, x: torch.Tensor, r: Routing) -> torch.Tensor:
+    qe.cpu_activations = activations
+    try:
+        return qe(x, r)
+    finally:
+        qe.cpu_activations = None
+
+
 def make_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random bf16 experts, generated expert by expert (no fp32 copy of the layer)."""
     D, I, E = SHAPE["D"], SHAPE["I"], SHAPE["E"]
@@ -116,8 +128,8 @@ def run(args: argparse.Namespace) -> dict:
           + f"; roofline = best = {roof / 1e9:.1f}")
     gate_up, down = make_layer()
     rows = []
-    print("\n| format | tokens | old ms | new ms | speed-up | new GB/s (decode) | % roofline |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| format | tokens | old ms | new ms | q8 ms | speed-up | new GB/s (decode) | % roofline |")
+    print("|---|---|---|---|---|---|---|---|")
     for fmt in args.formats.split(","):
         spec = FORMATS[fmt]
         qe = None
@@ -135,20 +147,26 @@ def run(args: argparse.Namespace) -> dict:
                     new = lambda: cpu_moe(x, r.indices, r.weights, gate_up, down)  # noqa: E731
                 else:
                     old = lambda: qe.eager_forward(x, r)  # noqa: E731
-                    new = lambda: qe(x, r)  # noqa: E731
+                    new = lambda: _with_activations(qe, "f32", x, r)  # noqa: E731
                 t_new = time_fn(new, CPU, warmup=2, reps=args.reps, budget_s=args.budget)
+                t_q8 = None
+                if qe is not None and decode_activations(None, qe.group_size) == "q8":
+                    t_q8 = time_fn(lambda: _with_activations(qe, "q8", x, r), CPU, warmup=2, reps=args.reps,
+                                   budget_s=args.budget)
                 t_old = (time_fn(old, CPU, warmup=1, reps=args.reps, budget_s=args.budget)
                          if N <= args.old_max_tokens else None)
-            row = dict(format=fmt, tokens=N, old_s=t_old, new_s=t_new)
+            row = dict(format=fmt, tokens=N, old_s=t_old, new_s=t_new, q8_s=t_q8)
+            best = min(t for t in (t_new, t_q8) if t is not None)
             if N == 1:
                 nbytes = decode_bytes(fmt, gate_up, qe)
-                row.update(bytes=nbytes, new_GBps=nbytes / t_new / 1e9, roofline_frac=nbytes / t_new / roof)
+                row.update(bytes=nbytes, new_GBps=nbytes / best / 1e9, roofline_frac=nbytes / best / roof)
             rows.append(row)
             gbps = f"{row['new_GBps']:.1f}" if N == 1 else "-"
             frac = f"{100 * row['roofline_frac']:.0f}%" if N == 1 else "-"
             old_ms = f"{t_old * 1e3:.2f}" if t_old else "-"
-            spd = f"{t_old / t_new:.1f}x" if t_old else "-"
-            print(f"| {fmt} | {N} | {old_ms} | {t_new * 1e3:.2f} | {spd} | {gbps} | {frac} |", flush=True)
+            spd = f"{t_old / best:.1f}x" if t_old else "-"
+            q8_ms = f"{t_q8 * 1e3:.2f}" if t_q8 else "-"
+            print(f"| {fmt} | {N} | {old_ms} | {t_new * 1e3:.2f} | {q8_ms} | {spd} | {gbps} | {frac} |", flush=True)
         del qe
     env["load_average_after"] = __import__("bench_moe").load_average()
     return dict(environment=env, shape=SHAPE, bandwidth_Bps=bw, roofline_Bps=roof, rows=rows)

@@ -62,6 +62,9 @@ class QuantizedExperts(nn.Module):
     # CPU engine: None = the native kernels when available (else eager), "eager", or a native variant
     # (moeinfer.kernels.native.VARIANTS) forced by hand.
     cpu_engine: str | None = None
+    # Native decode's activations: None = int8 blocks ("q8") where the group size allows, else "f32"
+    # (moeinfer/kernels/quantized_cpu.py, decode_activations); set "f32" for the exact fp32 products.
+    cpu_activations: str | None = None
 
     def __init__(self, bits: Sequence[int], hidden_size: int, intermediate_size: int, group_size: int,
                  *, scale_dtype: torch.dtype = torch.float32) -> None:
@@ -195,7 +198,8 @@ class QuantizedExperts(nn.Module):
                 return fused_moe_quantized(x, routing.indices, routing.weights, self)
         if self.kernel in ("auto", "cpu") and x.device.type == "cpu" and self.cpu_engine != "eager":
             if self.cpu_engine is not None or unsupported(self) is None:
-                return quantized_moe_cpu(x, routing.indices, routing.weights, self, engine=self.cpu_engine)
+                return quantized_moe_cpu(x, routing.indices, routing.weights, self, engine=self.cpu_engine,
+                                         activations=self.cpu_activations)
         return self.eager_forward(x, routing)
 
     def eager_forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

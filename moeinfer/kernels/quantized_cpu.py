@@ -5,16 +5,21 @@ stay in their stored layout and are never dequantized as a whole.
 Shapes: N tokens, D hidden, K top-k, I expert inner size, E_b experts of width b.
 
 - Decode (few slots per routed expert: N * K <= DECODE_SLOTS_PER_EXPERT * experts routed): per token
-  and per bit width, one native call runs the token's experts of that width: codes widened in
-  registers, w = (u - z) * s folded into per-group sums (csrc/ops.cpp), gate_up -> SiLU * up ->
-  down -> weighted sum. Reads each routed expert's bytes once per token.
+  and per bit width, one native call runs the token's experts of that width: w = (u - z) * s folded
+  into per-group sums (csrc/ops.cpp), gate_up -> SiLU * up -> down -> weighted sum. Reads each
+  routed expert's bytes once per token. Activations (`ACTIVATIONS`): "q8" (default where the group
+  size is a multiple of 32) quantizes x, and each expert's SiLU * up vector, once to int8 blocks of 32
+  as llama.cpp's Q8_0 and takes integer dot products with the codes (csrc/kern.h; eager reference:
+  q8_reference.py); "f32" widens the codes to fp32 against fp32 activations (exact up to fp32
+  rounding; the only choice for other group sizes).
 - Prefill (more slots per expert): dispatch by expert; each expert with slots is dequantized tile by tile into
   one reused fp32 buffer per projection (native, parallel), then two fp32 GEMMs; combine in fp32.
   The buffers are shared by all layers (`_BUFFERS`, one per shape), so steady-state prefill
   allocates nothing weight-sized and holds one expert's fp32 weights in all.
 
 `unsupported(experts)` says why a module cannot run here (bit widths other than 4 and 8); `engine`
-forces a native variant (moeinfer.kernels.cpu_native.ENGINES minus 'torch').
+forces a native variant (moeinfer.kernels.cpu_native.ENGINES minus 'torch'), `activations` the decode's
+form of activations.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import torch.nn.functional as F
 from moeinfer.kernels import native
 
 NATIVE_BITS = (4, 8)
+ACTIVATIONS = ("f32", "q8")
+QBLOCK = 32  # columns per int8 activation block (csrc/kern.h)
 # A dequantized fp32 tile costs ~9 bytes of traffic per code (read codes, write and read 4-byte
 # floats) once per expert; decoding a slot reads 1 (int8) or 0.5 (int4) bytes per code: below this
 # many slots per routed expert, decoding token by token moves fewer bytes.
@@ -52,6 +59,18 @@ def unsupported(experts: PackedExperts) -> str | None:
     return native.unavailable_reason()
 
 
+def decode_activations(activations: str | None, group_size: int) -> str:
+    """`activations` checked against the group size, or the default: "q8" where groups are whole
+    int8 blocks (a multiple of QBLOCK columns), else "f32"."""
+    if activations is None:
+        return "q8" if group_size % QBLOCK == 0 else "f32"
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r}; valid: {', '.join(ACTIVATIONS)}")
+    if activations == "q8" and group_size % QBLOCK:
+        raise ValueError(f"activations 'q8' need a group size that is a multiple of {QBLOCK}, got {group_size}")
+    return activations
+
+
 def _stack(experts: PackedExperts, b: int) -> list[torch.Tensor]:
     return [getattr(experts, f"{p}{b}_{m}") for m in ("gate_up", "down") for p in "qsz"]
 
@@ -69,9 +88,11 @@ def _rows_by_width(experts: PackedExperts) -> dict[int, torch.Tensor]:
 
 
 def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: PackedExperts, *,
-                      engine: str | None = None) -> torch.Tensor:
-    """x [N, D], indices/weights [N, K] -> sum_k weights[n, k] * expert_{indices[n, k]}(x[n]) [N, D]."""
+                      engine: str | None = None, activations: str | None = None) -> torch.Tensor:
+    """x [N, D], indices/weights [N, K] -> sum_k weights[n, k] * expert_{indices[n, k]}(x[n]) [N, D].
+    `activations` ("f32" | "q8" | None = the default of `decode_activations`) applies to decode only."""
     variant = native.resolve_variant(engine)
+    acts = decode_activations(activations, experts.group_size)
     ops = native.load()
     N = x.shape[0]
     if N == 0:
@@ -86,7 +107,8 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
         for b, row in rows.items():
             stack = _stack(experts, b)
             for n in range(N):
-                out[n] += ops.moe_decode_q(xf[n].contiguous(), row[indices[n]], wf[n], *stack, b, gs, D, I, variant)
+                out[n] += ops.moe_decode_q(xf[n].contiguous(), row[indices[n]], wf[n], *stack, b, gs, D, I, variant,
+                                           acts)
         return out.to(x.dtype)
     return _prefill(x, indices, weights, experts, rows, ops)
 

@@ -1,7 +1,8 @@
 """The native CPU kernels (moeinfer/kernels/native) against the eager references, each instruction-set
 variant forced by name: stacked bf16/fp32 experts at batch 1 (cpu kernel), packed int8/int4 experts
 (QuantizedExperts, asymmetric RTN/HQQ groups of 128 and 32, symmetric Q8_0/Q4_0 groups of 32,
-decode and prefill), dense linears; plus the fallback when the library is missing.
+decode and prefill, fp32 activations; the int8-activation decode: test_kernels_native_q8.py), dense
+linears; plus the fallback when the library is missing.
 
 Tolerances: paths that compute in fp32 compare with a fp32 reference on the same weights at 1e-5 of
 the output's scale (only the order of fp32 additions differs); bf16 outputs at one bf16 rounding
@@ -122,12 +123,12 @@ def test_quantized_matches_eager(variant, bits, group_size, algorithm, d, i, N, 
     qe = quantized_problem(bits, group_size, algorithm, d=d, i=i)
     r = routing(N, 8, 3)
     x = torch.randn(N, d, generator=torch.Generator().manual_seed(2))
-    out = quantized_moe_cpu(x, r.indices, r.weights, qe, engine=variant)
+    out = quantized_moe_cpu(x, r.indices, r.weights, qe, engine=variant, activations="f32")
     close(out, qe.eager_forward(x, r), torch.float32)
     # bf16 activations: against the fp32 reference on the same (bf16-rounded) inputs
     xb = x.bfloat16()
-    close(quantized_moe_cpu(xb, r.indices, r.weights, qe, engine=variant), qe.eager_forward(xb.float(), r),
-          torch.bfloat16)
+    close(quantized_moe_cpu(xb, r.indices, r.weights, qe, engine=variant, activations="f32"),
+          qe.eager_forward(xb.float(), r), torch.bfloat16)
 
 
 @pytest.mark.parametrize("variant", variant_params())
@@ -139,12 +140,14 @@ def test_quantized_mixed_widths(variant, N, path, monkeypatch):
     assert sorted(set(qe.bits)) == [4, 8]
     r = routing(N, 8, 4)
     x = torch.randn(N, 64)
-    close(quantized_moe_cpu(x, r.indices, r.weights, qe, engine=variant), qe.eager_forward(x, r), torch.float32)
+    close(quantized_moe_cpu(x, r.indices, r.weights, qe, engine=variant, activations="f32"), qe.eager_forward(x, r),
+          torch.float32)
 
 
 def test_quantized_forward_takes_the_native_path_and_can_be_forced_eager(monkeypatch):
     native_ops()
     qe = quantized_problem(4, 32, "sym", d=64, i=32)
+    qe.cpu_activations = "f32"  # exact products (the int8-activation default: test_kernels_native_q8.py)
     r = routing(1, 8, 2)
     x = torch.randn(1, 64)
     ref = qe.eager_forward(x, r)

@@ -9,10 +9,31 @@
 // so the codes are widened in registers and the per-group sums of x are computed once per vector.
 // For 4-bit codes x is also given "nibble-ordered" per run of 16 columns (xperm: the 8 even columns,
 // then the 8 odd ones), so the low and high nibbles of 8 packed bytes meet their activations in order.
+//
+// Int8 activations (llama.cpp's Q8_0 activation blocks, the technique of its ggml-cpu quants): x is
+// quantized once per vector to blocks of QBLOCK = 32 columns, x_j ~ d_b * xq_j with d_b = max|x_b| / 127
+// (fp32, not fp16 as in Q8_0) and xq_j = round-half-even(x_j / d_b) in [-127, 127]. Then for groups
+// whose size is a multiple of 32 every product is an integer dot over a block:
+//     y = sum_g s_g * (sum_{b in g} d_b * (sum_{j in b} u_j xq_j) - z_g * xsum_g)
+// with xsum_g = sum_{b in g} d_b * (sum_{j in b} xq_j), the group sums of the *quantized* x, so y is
+// exactly the dot product of the dequantized row with the dequantized x (up to fp32 rounding).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 namespace moeinfer_native {
+
+constexpr int64_t QBLOCK = 32;
+
+// One vector quantized to int8 blocks (see above). q: cols rounded up to whole blocks, zero-padded;
+// q4: the same codes nibble-ordered per block (the 16 even columns, then the 16 odd ones), for
+// 4-bit rows; d: one scale per block; gsum: xsum_g per weight group.
+struct Q8Act {
+  const int8_t* q;
+  const int8_t* q4;
+  const float* d;
+  const float* gsum;
+};
 
 struct Kern {
   const char* name;
@@ -22,6 +43,9 @@ struct Kern {
                  int64_t cols, int64_t gs);
   float (*qrow4)(const uint8_t* q, const float* s, const float* z, const float* x, const float* xperm,
                  const float* xsum, int64_t cols, int64_t gs);
+  // int8-activation rows; gs a multiple of QBLOCK
+  float (*qrow8_q8)(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs);
+  float (*qrow4_q8)(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs);
 };
 
 const Kern* kern_generic();
@@ -38,6 +62,44 @@ inline float tail_u4(const uint8_t* q, const float* x, int64_t begin, int64_t en
   float acc = 0.f;
   for (int64_t j = begin; j < end; ++j) acc += float((q[j >> 1] >> ((j & 1) * 4)) & 0xF) * x[j];
   return acc;
+}
+
+// Integer tails: sum_{j in [begin, end)} (u_j - off) * xq_j, codes in storage order.
+inline int32_t itail_u8(const uint8_t* q, const int8_t* xq, int64_t begin, int64_t end, int32_t off) {
+  int32_t acc = 0;
+  for (int64_t j = begin; j < end; ++j) acc += (int32_t(q[j]) - off) * int32_t(xq[j]);
+  return acc;
+}
+
+inline int32_t itail_u4(const uint8_t* q, const int8_t* xq, int64_t begin, int64_t end) {
+  int32_t acc = 0;
+  for (int64_t j = begin; j < end; ++j) acc += int32_t((q[j >> 1] >> ((j & 1) * 4)) & 0xF) * int32_t(xq[j]);
+  return acc;
+}
+
+// Quantize x [n] to blocks of QBLOCK (q [nb * QBLOCK], zero-padded; d [nb]), the formula above. Shared by
+// every variant, so all of them see the same codes; moeinfer/kernels/q8_reference.py mirrors it.
+inline void quantize_q8(const float* x, int64_t n, int8_t* q, float* d) {
+  const int64_t nb = (n + QBLOCK - 1) / QBLOCK;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t c = b * QBLOCK, end = c + QBLOCK < n ? c + QBLOCK : n;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t j = c; j < end; ++j) {
+      const float a = std::fabs(x[j]);
+      finite = finite && a <= 3.4028235e38f;  // false for inf and NaN
+      amax = a > amax ? a : amax;
+    }
+    // a block holding inf or NaN gets scale NaN and codes 0, so every product it enters is NaN, as the
+    // fp32 path's would be
+    const float db = finite ? amax / 127.f : NAN, id = finite && db != 0.f ? 1.f / db : 0.f;
+    d[b] = db;
+    for (int64_t j = c; j < c + QBLOCK; ++j) {
+      float v = j < end && finite ? std::nearbyint(x[j] * id) : 0.f;  // round half to even, as torch.round
+      v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+      q[j] = int8_t(v);
+    }
+  }
 }
 
 inline float bf16_to_f32(uint16_t v) {

@@ -1,6 +1,9 @@
 // AVX2 + FMA + F16C variant (compiled with -mavx2 -mfma -mf16c; run only where the CPU has them):
 // bf16 weights widened to fp32 in registers (a 16-bit shift), int8/int4 codes widened with
 // vpmovzxbd, every product accumulated in fp32 with FMA, one horizontal sum per row.
+// Int8 activations (kern.h): integer block dots with vpmaddubsw (unsigned x signed bytes -> int16 pair
+// sums) then vpmaddwd against ones (-> int32), as llama.cpp's Q4_0/Q8_0 x Q8_0 AVX2 dot products do;
+// one int32 -> fp32 conversion and one FMA with the block scale per 32 columns.
 #include <immintrin.h>
 
 #include "kern.h"
@@ -114,7 +117,95 @@ float qrow4(const uint8_t* q, const float* s, const float* z, const float* x, co
   return hsum(y) + ys;
 }
 
-const Kern table{"avx2", dot_f32, dot_bf16, qrow8, qrow4};
+// 8-bit codes: u * xq pairs reach 2 * 255 * 127 > 32767 and vpmaddubsw would saturate, so the codes are
+// centred, v = u - 128 in [-128, 127] (a xor with 0x80), and multiplied as |v| (unsigned, <= 128) by
+// xq carrying v's sign: pairs stay <= 2 * 128 * 127 = 32512. The 128 * sum(xq) put back is folded into
+// the group term: sum_b d_b (u . xq)_b = sum_b d_b (v . xq)_b + 128 * xsum_g.
+inline __m256i dot_centred(__m256i u, __m256i xq, __m256i flip, __m256i ones) {
+  const __m256i v = _mm256_xor_si256(u, flip);
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(xq, v));
+  return _mm256_madd_epi16(p, ones);
+}
+
+// Per-block scales d_b * s_g in block order without a division per block (gs = bpg blocks).
+struct GroupScale {
+  const float* s;
+  int64_t bpg, left;
+  float next() {
+    const float c = *s;
+    if (--left == 0) ++s, left = bpg;
+    return c;
+  }
+};
+
+// sum_g s_g * (off - z_g) * xsum_g over the G groups of a row, 8 groups at a time.
+inline float zero_terms(const float* s, const float* z, const float* xsum, int64_t G, float off) {
+  __m256 a = _mm256_setzero_ps();
+  const __m256 o = _mm256_set1_ps(off);
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_sub_ps(o, _mm256_loadu_ps(z + g))),
+                        _mm256_loadu_ps(xsum + g), a);
+  float r = hsum(a);
+  for (; g < G; ++g) r += s[g] * (off - z[g]) * xsum[g];
+  return r;
+}
+
+// Both int8-activation rows: blocks in order, four independent accumulators across group boundaries
+// (each block's product scaled by d_b * s_g), so small groups do not serialise on one sum; `dot(b)`
+// is block b's int32 x 8 products and `tail` the integer sum of a partial last block.
+template <class Dot, class Tail>
+inline float qrow_q8(const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs, float off, Dot dot,
+                     Tail tail) {
+  const int64_t nfull = cols / QBLOCK;
+  GroupScale sc{s, gs / QBLOCK, gs / QBLOCK};
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t b = 0;
+  for (; b + 4 <= nfull; b += 4) {
+    a0 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * sc.next()), _mm256_cvtepi32_ps(dot(b)), a0);
+    a1 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + 1] * sc.next()), _mm256_cvtepi32_ps(dot(b + 1)), a1);
+    a2 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + 2] * sc.next()), _mm256_cvtepi32_ps(dot(b + 2)), a2);
+    a3 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + 3] * sc.next()), _mm256_cvtepi32_ps(dot(b + 3)), a3);
+  }
+  for (; b < nfull; ++b) a0 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * sc.next()), _mm256_cvtepi32_ps(dot(b)), a0);
+  float ys = nfull * QBLOCK < cols ? x.d[nfull] * sc.next() * float(tail(nfull * QBLOCK)) : 0.f;
+  ys += zero_terms(s, z, x.gsum, (cols + gs - 1) / gs, off);
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + ys;
+}
+
+float qrow8_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+  const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
+  auto dot = [&](int64_t b) {
+    const int64_t c = b * QBLOCK;
+    _mm_prefetch(reinterpret_cast<const char*>(q + c) + PREFETCH, _MM_HINT_T0);
+    return dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c)),
+                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + c)), flip, ones);
+  };
+  auto tail = [&](int64_t c) { return itail_u8(q, x.q, c, cols, 128); };
+  return qrow_q8(s, z, x, cols, gs, 128.f, dot, tail);
+}
+
+// 4-bit codes (<= 15) cannot saturate: 16 packed bytes give the 16 low nibbles (even columns) and the 16
+// high ones (odd columns), multiplied with the nibble-ordered activations x.q4.
+inline __m256i dot_nibbles(const uint8_t* q, const int8_t* xq4, __m256i m, __m256i ones) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m);
+  const __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq4)));
+  return _mm256_madd_epi16(p, ones);
+}
+
+float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+  const __m256i m = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  auto dot = [&](int64_t b) {
+    const int64_t c = b * QBLOCK;
+    if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + c / 2) + PREFETCH, _MM_HINT_T0);
+    return dot_nibbles(q + c / 2, x.q4 + c, m, ones);
+  };
+  auto tail = [&](int64_t c) { return itail_u4(q, x.q, c, cols); };
+  return qrow_q8(s, z, x, cols, gs, 0.f, dot, tail);
+}
+
+const Kern table{"avx2", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8};
 
 }  // namespace
 

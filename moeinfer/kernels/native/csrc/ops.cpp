@@ -5,7 +5,8 @@
 // Batch-1 decode of an MoE layer's routed experts in one call (gpt-fast / llama.cpp style GEMV):
 // 1. gate_up: rows (k, i) split over threads; h[k, i] = silu(gate_k[i] . x) * (up_k[i] . x);
 // 2. per expert: group sums (and the nibble order) of h for the quantized down rows;
-// 3. down: output rows r split over threads; out[r] = sum_k w_k * (down_k[r] . h_k).
+// 3. down: output rows r split over threads; out[r] = sum_k w_k * (down_k[r] . h_k)
+//    (quantized experts: rows (k, r) split over threads, then the sum over k).
 // Weights are read once, straight from their stored layout (bf16, fp32, or packed codes with
 // group scales/zeros); nothing the size of a weight matrix is allocated.
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kern.h"
@@ -164,22 +166,70 @@ QMat qmat(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t
   return {q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), rows, P, G};
 }
 
-inline float qdot(const Kern* k, const QMat& m, int64_t row, const QVec& v, int64_t cols, int64_t gs, int bits) {
+// The same vector quantized to int8 blocks (kern.h, Q8Act): built once, read by every row.
+struct Q8Vec {
+  std::vector<int8_t> q, q4;
+  std::vector<float> d, gsum;
+  Q8Vec(const float* x, int64_t cols, int64_t gs, int bits) {
+    const int64_t nb = (cols + QBLOCK - 1) / QBLOCK, G = (cols + gs - 1) / gs;
+    q.resize(nb * QBLOCK);
+    d.resize(nb);
+    quantize_q8(x, cols, q.data(), d.data());
+    gsum.assign(G, 0.f);
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t bs = 0;
+      for (int64_t j = b * QBLOCK; j < (b + 1) * QBLOCK; ++j) bs += q[j];
+      gsum[b * QBLOCK / gs] += d[b] * float(bs);
+    }
+    if (bits == 4) {
+      q4.resize(q.size());
+      for (int64_t c = 0; c < nb * QBLOCK; c += QBLOCK)
+        for (int l = 0; l < QBLOCK / 2; ++l) {
+          q4[c + l] = q[c + 2 * l];
+          q4[c + QBLOCK / 2 + l] = q[c + 2 * l + 1];
+        }
+    }
+  }
+  Q8Act act() const { return {q.data(), q4.empty() ? q.data() : q4.data(), d.data(), gsum.data()}; }
+};
+
+// Activation side of a row product in either form: fp32 (QVec) or int8 blocks (Q8Vec).
+struct AnyVec {
+  bool q8;
+  QVec f;
+  Q8Vec i;
+  AnyVec(const float* x, int64_t cols, int64_t gs, int bits, bool q8_)
+      : q8(q8_), f(x, q8_ ? 0 : cols, gs, bits), i(x, q8_ ? cols : 0, gs, bits) {}
+};
+
+inline float qdot(const Kern* k, const QMat& m, int64_t row, const AnyVec& v, int64_t cols, int64_t gs, int bits) {
   const uint8_t* q = m.q + row * m.P;
   const float* s = m.s + row * m.G;
   const float* z = m.z + row * m.G;
-  if (bits == 8) return k->qrow8(q, s, z, v.x, v.sum.data(), cols, gs);
-  return k->qrow4(q, s, z, v.x, v.perm.data(), v.sum.data(), cols, gs);
+  if (v.q8) return bits == 8 ? k->qrow8_q8(q, s, z, v.i.act(), cols, gs) : k->qrow4_q8(q, s, z, v.i.act(), cols, gs);
+  if (bits == 8) return k->qrow8(q, s, z, v.f.x, v.f.sum.data(), cols, gs);
+  return k->qrow4(q, s, z, v.f.x, v.f.perm.data(), v.f.sum.data(), cols, gs);
+}
+
+// "f32" or "q8" (int8 activations; group sizes that are multiples of QBLOCK) -> whether q8.
+bool use_q8(const std::string& activations, int64_t group_size) {
+  TORCH_CHECK(activations == "f32" || activations == "q8", "moeinfer_native: unknown activations '", activations,
+              "'; valid: f32, q8");
+  TORCH_CHECK(activations == "f32" || group_size % QBLOCK == 0, "moeinfer_native: int8 activations need a group size ",
+              "that is a multiple of ", QBLOCK, ", got ", group_size);
+  return activations == "q8";
 }
 
 // Quantized experts of one bit width (moeinfer.formats.quantized_experts storage), batch-1 decode.
 at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
                         const at::Tensor& q_gu, const at::Tensor& s_gu, const at::Tensor& z_gu,
                         const at::Tensor& q_dn, const at::Tensor& s_dn, const at::Tensor& z_dn, int64_t bits,
-                        int64_t group_size, int64_t D, int64_t I, const std::string& variant) {
+                        int64_t group_size, int64_t D, int64_t I, const std::string& variant,
+                        const std::string& activations) {
   const Kern* kern = pick(variant);
   TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: quantized experts need 8 or 4 bits, got ", bits);
   TORCH_CHECK(group_size >= 1, "moeinfer_native: group_size must be >= 1");
+  const bool q8 = use_q8(activations, group_size);
   check_vec(x, D, "x");
   auto packed = [&](int64_t cols) { return bits == 8 ? cols : (cols + 7) / 8 * 4; };
   auto groups = [&](int64_t cols) { return (cols + group_size - 1) / group_size; };
@@ -196,7 +246,7 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
     wk[k] = wa.data_ptr<float>()[k];
     TORCH_CHECK(ex[k] < E, "moeinfer_native: expert row ", ex[k], " out of range (", E, " experts)");
   }
-  const QVec xv(x.data_ptr<float>(), D, group_size, int(bits));
+  const AnyVec xv(x.data_ptr<float>(), D, group_size, int(bits), q8);
   at::Tensor h = at::zeros({K, I}, x.options());
   float* hp = h.data_ptr<float>();
   // 1. gate_up rows
@@ -210,21 +260,62 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
     }
   });
   // 2. the activation side of each expert's down rows
-  std::vector<QVec> hv;
+  std::vector<AnyVec> hv;
   hv.reserve(K);
-  for (int64_t k = 0; k < K; ++k) hv.emplace_back(hp + k * I, I, group_size, int(bits));
-  // 3. down rows
-  at::Tensor out = at::empty({D}, x.options());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k)
-        if (ex[k] >= 0) acc += wk[k] * qdot(kern, dn, ex[k] * D + r, hv[k], I, group_size, int(bits));
-      op[r] = acc;
+  for (int64_t k = 0; k < K; ++k) hv.emplace_back(hp + k * I, I, group_size, int(bits), q8);
+  // 3. down rows, expert by expert (each thread streams contiguous rows of one expert's matrix), then
+  //    summed over experts in routing order
+  at::Tensor yk = at::zeros({K, D}, x.options());
+  float* yp = yk.data_ptr<float>();
+  at::parallel_for(0, K * D, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t k = t / D, r = t % D;
+      if (ex[k] >= 0) yp[t] = qdot(kern, dn, ex[k] * D + r, hv[k], I, group_size, int(bits));
     }
   });
+  at::Tensor out = at::empty({D}, x.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < D; ++r) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      if (ex[k] >= 0) acc += wk[k] * yp[k * D + r];
+    op[r] = acc;
+  }
   return out;
+}
+
+// x [cols] f32, one packed matrix q [R, P] u8, s/z [R, G] f32 -> y [R] f32: the row kernels of
+// moe_decode_q on their own (a quantized linear at batch 1), with either form of activations.
+at::Tensor gemv_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t bits,
+                  int64_t group_size, const std::string& variant, const std::string& activations) {
+  const Kern* kern = pick(variant);
+  TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: gemv_q needs 8 or 4 bits, got ", bits);
+  TORCH_CHECK(group_size >= 1, "moeinfer_native: group_size must be >= 1");
+  const bool q8 = use_q8(activations, group_size);
+  TORCH_CHECK(x.dim() == 1, "moeinfer_native: gemv_q x must be a vector, got ", x.sizes());
+  const int64_t cols = x.size(0), R = q.dim() == 2 ? q.size(0) : -1;
+  check_vec(x, cols, "x");
+  const int64_t P = bits == 8 ? cols : (cols + 7) / 8 * 4, G = (cols + group_size - 1) / group_size;
+  const QMat m = qmat(q.unsqueeze(0), s.unsqueeze(0), z.unsqueeze(0), R, P, G, "gemv_q");
+  const AnyVec xv(x.data_ptr<float>(), cols, group_size, int(bits), q8);
+  at::Tensor y = at::empty({R}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) yp[r] = qdot(kern, m, r, xv, cols, group_size, int(bits));
+  });
+  return y;
+}
+
+// x [n] f32 -> (q [ceil(n / 32) * 32] int8, zero-padded; d [ceil(n / 32)] f32): the activation
+// quantization every int8-activation row product uses (kern.h quantize_q8).
+std::tuple<at::Tensor, at::Tensor> quantize_q8_op(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 1, "moeinfer_native: quantize_q8 x must be a vector, got ", x.sizes());
+  check_vec(x, x.size(0), "x");
+  const int64_t nb = (x.size(0) + QBLOCK - 1) / QBLOCK;
+  at::Tensor q = at::empty({nb * QBLOCK}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({nb}, x.options());
+  quantize_q8(x.data_ptr<float>(), x.size(0), q.data_ptr<int8_t>(), d.data_ptr<float>());
+  return {q, d};
 }
 
 // Dequantize rows of packed codes into `out` [R, cols] f32 (a reused buffer: the prefill path's tile),
@@ -280,8 +371,11 @@ TORCH_LIBRARY(moeinfer_native, m) {
         &moeinfer_native::moe_decode);
   m.def("gemv(Tensor x, Tensor w, str variant) -> Tensor", &moeinfer_native::gemv);
   m.def("moe_decode_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor z_gu, "
-        "Tensor q_dn, Tensor s_dn, Tensor z_dn, int bits, int group_size, int hidden, int inner, str variant) -> Tensor",
+        "Tensor q_dn, Tensor s_dn, Tensor z_dn, int bits, int group_size, int hidden, int inner, str variant, str activations=\"f32\") -> Tensor",
         &moeinfer_native::moe_decode_q);
+  m.def("gemv_q(Tensor x, Tensor q, Tensor s, Tensor z, int bits, int group_size, str variant, "
+        "str activations) -> Tensor", &moeinfer_native::gemv_q);
+  m.def("quantize_q8(Tensor x) -> (Tensor, Tensor)", &moeinfer_native::quantize_q8_op);
   m.def("dequant_into(Tensor q, Tensor s, Tensor z, int bits, int group_size, Tensor(a!) out) -> ()",
         &moeinfer_native::dequant_into);
 }
