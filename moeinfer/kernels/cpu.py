@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from moeinfer.kernels.cpu_native import choose_engine, moe_decode, native_weights
 from moeinfer.kernels.registry import register_kernel
+from moeinfer.model.mlp import silu_and_mul
 
 WIDEN_MIN_ROWS = 2  # widen a half-precision expert's weights to fp32 from this many rows on
 
@@ -84,18 +85,13 @@ def choose_schedule(dtype: torch.dtype, hidden: int, inner: int) -> str:
     return "grouped" if grouped_mm_works(dtype, hidden, inner) else "per-expert"
 
 
-def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)
-
-
 def _one_token(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                down: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
     """Batch-1 decode: K matrix-vector pairs on views of the chosen experts, no sorting, no copies."""
     experts = indices[0].tolist()
     if expert_map is not None:
         experts = [int(expert_map[e]) for e in experts]
-    ys = [F.linear(_swiglu(F.linear(x, gate_up[e])), down[e]) if e >= 0 else x.new_zeros(x.shape)
+    ys = [F.linear(silu_and_mul(F.linear(x, gate_up[e])), down[e]) if e >= 0 else x.new_zeros(x.shape)
           for e in experts]  # K x [1, D]
     return torch.mm(weights.to(x.dtype), torch.cat(ys))  # [1, K] @ [K, D]
 
@@ -142,7 +138,7 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
         # 2-3. Expert compute on one of two schedules.
         if schedule == "grouped":
             offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end row of each expert's group
-            h = _swiglu(torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))  # [S', I]
+            h = silu_and_mul(torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))  # [S', I]
             y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [S', D]
         else:
             widen = schedule == "widened" and x.dtype != torch.float32  # only active experts' weights
@@ -154,7 +150,7 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                     xe, gu, dn = xs[seg], gate_up[e], down[e]
                     if widen and n >= WIDEN_MIN_ROWS:  # converting the weights beats a half GEMM
                         xe, gu, dn = xe.float(), gu.float(), dn.float()
-                    y[seg] = F.linear(_swiglu(F.linear(xe, gu)), dn)
+                    y[seg] = F.linear(silu_and_mul(F.linear(xe, gu)), dn)
                     start += n
         y_slots[order] = y
     # 4. Combine: each token's K outputs weighted and summed in fp32 (no scatter-add).

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from moeinfer.kernels import native
+from moeinfer.model.mlp import silu_and_mul
 
 NATIVE_BITS = (4, 8)
 ACTIVATIONS = ("f32", "q8")
@@ -146,8 +147,7 @@ def _prefill(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expe
         ops.dequant_into(q_gu[r], s_gu[r], z_gu[r], b, gs, w_gu)
         ops.dequant_into(q_dn[r], s_dn[r], z_dn[r], b, gs, w_dn)
         seg = slice(start, start + n)
-        gate, up = F.linear(xs[seg], w_gu).chunk(2, dim=-1)
-        ys[seg] = F.linear(F.silu(gate).mul_(up), w_dn)
+        ys[seg] = F.linear(silu_and_mul(F.linear(xs[seg], w_gu)), w_dn)
         start += n
     # 3. combine in fp32: each slot's output times its weight, summed per token
     y_slots = torch.empty_like(ys)

@@ -15,8 +15,14 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
 
 def swiglu_hidden(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """The inner activation of `swiglu`: x [n, D], gate_up [2I, D] -> silu(gate x) * up x [n, I]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return silu_and_mul(F.linear(x, gate_up))
+
+
+def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    """h [..., 2I] = (gate x, up x) -> silu(gate x) * up x [..., I]: the activation every expert path
+    (eager, grouped CPU kernels, dequantized tiles) applies to its gate_up product."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
 
 
 class DenseMLP(nn.Module):
