@@ -1,5 +1,8 @@
 """QuantizedLinear: an nn.Linear stored as packed group-wise codes (quantize scope "all": attention,
-dense and shared-expert MLPs, optionally lm_head), dequantized on every call (nothing cached).
+dense and shared-expert MLPs, optionally lm_head). On the CPU, a few rows (decode) run on the native
+row kernels of the quantized experts (codes read in place, int8 activations where the groups allow:
+moeinfer.kernels.quantized_cpu.quantized_linear_cpu); otherwise the weight is dequantized on every
+call (nothing cached) — `eager_forward`, the reference.
 
 Shapes: O out features, C in features, P packed bytes per row, G groups per row.
     qweight [O, P] uint8, scales / zeros [O, G] (model float dtype), bias [O] (when the layer had one)
@@ -16,6 +19,7 @@ from torch import nn
 from moeinfer.formats.kinds import register_module_kind
 from moeinfer.formats.quant.groupwise import check_bits, dequantize, num_groups, quantize
 from moeinfer.formats.quant.packing import packed_cols
+from moeinfer.kernels.quantized_cpu import quantized_linear_cpu
 
 
 @register_module_kind("quantized_linear")
@@ -61,7 +65,23 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
                           cols=self.in_features, dtype=dtype)
 
+    # "auto": the native row kernels where they apply, else eager; "eager": always the reference
+    kernel = "auto"
+    cpu_activations: str | None = None  # None = "q8" where the group size is a multiple of 32, else "f32"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "auto" and x.device.type == "cpu":
+            rows = x.reshape(-1, self.in_features)
+            y = quantized_linear_cpu(rows, self.qweight, self.scales, self.zeros, bits=self.bits,
+                                     group_size=self.group_size, activations=self.cpu_activations)
+            if y is not None:
+                if self.bias is not None:
+                    y = y + self.bias.float()
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self.eager_forward(x)
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference: the whole weight dequantized to x's dtype, then one matmul."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized(x.dtype), bias)
 

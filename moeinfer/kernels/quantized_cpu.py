@@ -154,3 +154,25 @@ def _prefill(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expe
     y_slots[order] = ys
     out = (y_slots.view(N, K, D) * weights.float()[..., None]).sum(1)
     return out.to(x.dtype)
+
+
+LINEAR_MAX_ROWS = 8  # a quantized linear runs row by row on the native kernels up to this many rows
+
+
+def quantized_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *,
+                         bits: int, group_size: int, activations: str | None = None,
+                         engine: str | None = None) -> torch.Tensor | None:
+    """x [N, C] (N <= LINEAR_MAX_ROWS) times a packed group-wise matrix (qweight [O, P], fp32 scales and
+    zeros [O, G]) -> [N, O] fp32 on the native row kernels (codes read in place, as the decode of
+    quantized experts); None where they cannot run it (other widths, no native library, more rows):
+    the caller dequantizes instead."""
+    if (bits not in NATIVE_BITS or x.shape[0] > LINEAR_MAX_ROWS or native.unavailable_reason() is not None
+            or scales.dtype != torch.float32 or zeros.dtype != torch.float32):
+        return None
+    ops = native.load()
+    variant = native.resolve_variant(engine)
+    act = decode_activations(activations, group_size)
+    q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    xf = x.float()
+    return torch.stack([ops.gemv_q(xf[n].contiguous(), q, s, z, bits, group_size, variant, act)
+                        for n in range(x.shape[0])])
