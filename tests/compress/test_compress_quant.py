@@ -118,7 +118,7 @@ def test_quantized_linear_matches_dequantized_weight() -> None:
     lin = nn.Linear(40, 12, bias=True)
     q = QuantizedLinear.from_linear(lin, bits=4, group_size=16, algorithm="hqq")
     x = torch.randn(5, 40)
-    ref = nn.functional.linear(x, q.dequantized(), lin.bias)
+    ref = nn.functional.linear(x, q.dequantized(), lin.bias.detach())
     assert torch.equal(q.eager_forward(x), ref)
     torch.testing.assert_close(q(x), ref, atol=1e-5 * float(ref.abs().max()), rtol=0)  # native rows, fp32
     w = lin.weight.detach()
