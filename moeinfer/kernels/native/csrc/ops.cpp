@@ -60,6 +60,25 @@ void check_vec(const at::Tensor& x, int64_t n, const char* what) {
               "moeinfer_native: ", what, " must be a contiguous float32 vector of ", n, " elements, got ", x.sizes());
 }
 
+// experts [K] (row of each routed expert, < 0 = skip) and weights [K] read to the host, rows checked < E.
+void routed(const at::Tensor& experts, const at::Tensor& weights, int64_t E, std::vector<int64_t>& ex,
+            std::vector<float>& wk) {
+  const int64_t K = experts.numel();
+  ex.resize(K);
+  wk.resize(K);
+  auto ea = experts.to(at::kLong).contiguous();
+  auto wa = weights.to(at::kFloat).contiguous();
+  for (int64_t k = 0; k < K; ++k) {
+    ex[k] = ea.data_ptr<int64_t>()[k];
+    wk[k] = wa.data_ptr<float>()[k];
+    TORCH_CHECK(ex[k] < E, "moeinfer_native: expert row ", ex[k], " out of range (", E, " experts)");
+  }
+}
+
+// Bytes of a row of `cols` codes as moeinfer.formats.quant.packing stores them, and its groups.
+int64_t packed_bytes(int64_t cols, int64_t bits) { return bits == 8 ? cols : (cols + 7) / 8 * 4; }
+int64_t num_groups(int64_t cols, int64_t group_size) { return (cols + group_size - 1) / group_size; }
+
 // x [D] f32, experts [K] int64 (row in gate_up/down, < 0 = skip), weights [K] f32,
 // gate_up [E, 2I, D], down [E, D, I] (bf16 or f32) -> out [D] f32.
 at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
@@ -73,15 +92,9 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
               down.sizes(), " does not match gate_up ", gate_up.sizes());
   check_vec(x, D, "x");
   const int64_t K = experts.numel();
-  std::vector<int64_t> ex(K);
-  std::vector<float> wk(K);
-  auto ea = experts.to(at::kLong).contiguous();
-  auto wa = weights.to(at::kFloat).contiguous();
-  for (int64_t k = 0; k < K; ++k) {
-    ex[k] = ea.data_ptr<int64_t>()[k];
-    wk[k] = wa.data_ptr<float>()[k];
-    TORCH_CHECK(ex[k] < E, "moeinfer_native: expert row ", ex[k], " out of range (", E, " experts)");
-  }
+  std::vector<int64_t> ex;
+  std::vector<float> wk;
+  routed(experts, weights, E, ex, wk);
   at::Tensor h = at::zeros({K, I}, x.options());
   at::Tensor out = at::empty({D}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -231,21 +244,13 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
   TORCH_CHECK(group_size >= 1, "moeinfer_native: group_size must be >= 1");
   const bool q8 = use_q8(activations, group_size);
   check_vec(x, D, "x");
-  auto packed = [&](int64_t cols) { return bits == 8 ? cols : (cols + 7) / 8 * 4; };
-  auto groups = [&](int64_t cols) { return (cols + group_size - 1) / group_size; };
-  const QMat gu = qmat(q_gu, s_gu, z_gu, 2 * I, packed(D), groups(D), "gate_up");
-  const QMat dn = qmat(q_dn, s_dn, z_dn, D, packed(I), groups(I), "down");
+  const QMat gu = qmat(q_gu, s_gu, z_gu, 2 * I, packed_bytes(D, bits), num_groups(D, group_size), "gate_up");
+  const QMat dn = qmat(q_dn, s_dn, z_dn, D, packed_bytes(I, bits), num_groups(I, group_size), "down");
   const int64_t E = q_gu.size(0), K = experts.numel();
   TORCH_CHECK(q_dn.size(0) == E, "moeinfer_native: gate_up and down hold different expert counts");
-  std::vector<int64_t> ex(K);
-  std::vector<float> wk(K);
-  auto ea = experts.to(at::kLong).contiguous();
-  auto wa = weights.to(at::kFloat).contiguous();
-  for (int64_t k = 0; k < K; ++k) {
-    ex[k] = ea.data_ptr<int64_t>()[k];
-    wk[k] = wa.data_ptr<float>()[k];
-    TORCH_CHECK(ex[k] < E, "moeinfer_native: expert row ", ex[k], " out of range (", E, " experts)");
-  }
+  std::vector<int64_t> ex;
+  std::vector<float> wk;
+  routed(experts, weights, E, ex, wk);
   const AnyVec xv(x.data_ptr<float>(), D, group_size, int(bits), q8);
   at::Tensor h = at::zeros({K, I}, x.options());
   float* hp = h.data_ptr<float>();
@@ -295,7 +300,7 @@ at::Tensor gemv_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
   TORCH_CHECK(x.dim() == 1, "moeinfer_native: gemv_q x must be a vector, got ", x.sizes());
   const int64_t cols = x.size(0), R = q.dim() == 2 ? q.size(0) : -1;
   check_vec(x, cols, "x");
-  const int64_t P = bits == 8 ? cols : (cols + 7) / 8 * 4, G = (cols + group_size - 1) / group_size;
+  const int64_t P = packed_bytes(cols, bits), G = num_groups(cols, group_size);
   const QMat m = qmat(q.unsqueeze(0), s.unsqueeze(0), z.unsqueeze(0), R, P, G, "gemv_q");
   const AnyVec xv(x.data_ptr<float>(), cols, group_size, int(bits), q8);
   at::Tensor y = at::empty({R}, x.options());
@@ -326,7 +331,7 @@ void dequant_into(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z,
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2,
               "moeinfer_native: dequant output must be a contiguous float32 matrix");
   const int64_t R = out.size(0), cols = out.size(1);
-  const int64_t P = bits == 8 ? cols : (cols + 7) / 8 * 4, G = (cols + group_size - 1) / group_size;
+  const int64_t P = packed_bytes(cols, bits), G = num_groups(cols, group_size);
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.numel() == R * P,
               "moeinfer_native: dequant codes must be contiguous uint8 with ", R, "x", P, " elements");
   TORCH_CHECK(s.scalar_type() == at::kFloat && z.scalar_type() == at::kFloat && s.is_contiguous() &&
