@@ -19,8 +19,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="compute the experts of a bf16/fp16 model from an fp32 copy of their weights "
                         "(faster on CPUs without bf16 matmul; +2x expert weight memory)")
     p.add_argument("--cpu-linears", action="store_true",
-                   help="also run the bf16 dense linears (attention, shared expert, lm_head) on the native "
-                        "CPU kernels (built by `make install`; an error when they are not built)")
+                   help="also run the dense path on the native CPU kernels: the bf16 linears (attention, "
+                        "shared expert, lm_head) and the RMSNorms (built by `make install`; an error when "
+                        "they are not built)")
 
 
 def apply_(model: Any, args: argparse.Namespace) -> Any:

@@ -1,0 +1,55 @@
+"""`use_cpu_norms_(model)`: the model's RMSNorms on one native call each (csrc/dense.cpp `rms_norm`),
+in place, like `use_cpu_linears_`: each eligible `RMSNorm` becomes a `CpuRMSNorm` (a subclass: same
+weight, same state dict; `restore_norms_` turns them back).
+
+At batch 1 the eager RMSNorm (moeinfer.model.norm, the reference) is eight torch ops on one row of
+a few thousand numbers, so its cost is dispatch, not arithmetic: a decode step of a 16-layer OLMoE
+model runs 33 of them. The native op computes the same formula in one pass (the mean of squares in
+double, then the fp32 normalisation cast to the input's dtype and scaled in it, as the reference).
+Eligible: CPU tensors, x and weight both bf16 or both fp32, no autograd; otherwise the reference runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeinfer.kernels import native
+from moeinfer.model.norm import RMSNorm
+
+_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class CpuRMSNorm(RMSNorm):
+    """RMSNorm whose forward is the native `rms_norm` where it applies (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.device.type != "cpu" or x.dtype != w.dtype or x.dtype not in _DTYPES
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            return super().forward(x)
+        return native.load().rms_norm(x, w, self.eps)
+
+
+def use_cpu_norms_(model: nn.Module) -> int:
+    """Turn every CPU RMSNorm of `model` into a CpuRMSNorm, in place; returns how many.
+    RuntimeError naming the reason when the native library is unavailable."""
+    why = native.unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"use_cpu_norms_: native kernels unavailable: {why}")
+    count = 0
+    for module in model.modules():
+        if type(module) is RMSNorm and module.weight.device.type == "cpu":
+            module.__class__ = CpuRMSNorm
+            count += 1
+    return count
+
+
+def restore_norms_(model: nn.Module) -> int:
+    """Undo `use_cpu_norms_`; returns how many modules changed back."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, CpuRMSNorm):
+            module.__class__ = RMSNorm
+            count += 1
+    return count
