@@ -45,7 +45,8 @@ class Attention(nn.Module):
         self.scale = Dh**-0.5
 
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor,
-                kv: LayerKV | None = None, step: CacheStep | None = None) -> torch.Tensor:
+                kv: LayerKV | None = None, step: CacheStep | None = None,
+                rope_memo: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*Dh] ...
         if self.qk_norm == "full":
@@ -58,7 +59,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H*, T, Dh]
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype, rope_memo)
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if kv is not None:
             assert step is not None, "a KV cache needs the CacheStep of the new tokens"

@@ -76,7 +76,8 @@ class MLAttention(nn.Module):
         self.scale = softmax_scale(config.rope, self.qk_head_dim)
 
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor,
-                kv: LayerKV | None = None, step: CacheStep | None = None) -> torch.Tensor:
+                kv: LayerKV | None = None, step: CacheStep | None = None,
+                rope_memo: dict | None = None) -> torch.Tensor:
         """x [B, T, D], positions [B, T], mask [B, 1, T, S] bool -> [B, T, D]."""
         B, T, _ = x.shape
         H = self.num_heads
@@ -93,7 +94,7 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)  # [B, T, C]
 
         # 3. Decoupled RoPE: per-head query part, one key part shared by all heads.
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [B, T, R]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype, rope_memo)  # [B, T, R]
         q_rope = self.rotary.rotate(q_rope, cos, sin)  # [B, H, T, R]
         k_rope = self.rotary.rotate(k_rope[:, None], cos, sin)[:, 0]  # [B, T, R]
 

@@ -61,21 +61,34 @@ def inverse_frequencies(rope: RopeConfig, dim: int, max_position_embeddings: int
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes cos/sin for given positions and rotates q and k."""
+    """Computes cos/sin for given positions and rotates q and k.
+
+    Every layer of a model rotates the same positions with the same frequencies: `cos_sin` takes an
+    optional per-forward `memo` dict (the model makes a new one for each forward) in which the first
+    layer's cos/sin serve the others; a rotary embedding with other frequencies gets its own entry.
+    """
 
     def __init__(self, rope: RopeConfig, dim: int, max_position_embeddings: int) -> None:
         super().__init__()
         inv_freq, self.attention_scaling = inverse_frequencies(rope, dim, max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleaved = rope.interleaved
+        self._key = (repr(rope), dim, max_position_embeddings)  # what the frequencies are made from
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                memo: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, T, R] in `dtype` (computed in fp32)."""
+        key = (self._key, dtype, positions.device)
+        if memo is not None and key in memo:
+            return memo[key]
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # [B, T, R/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
+        out = cos.to(dtype), sin.to(dtype)
+        if memo is not None:
+            memo[key] = out
+        return out
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, H, T, R], cos/sin [B, T, R] -> rotated x."""

@@ -141,12 +141,13 @@ class MoEModel(nn.Module):
         for fn in self.token_observers:
             fn(new_valid, positions, step is None or step.uniform_start == 0)
         masks: dict[int | None, torch.Tensor] = {}
+        rope_memo: dict = {}  # cos/sin computed by the first layer serve the others (RotaryEmbedding)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             if layer.window not in masks:
                 masks[layer.window] = build_mask(key_valid, q_slots, layer.window)
             x = layer(x, positions=positions, mask=masks[layer.window],
-                      kv=cache.layers[i] if cache is not None else None, step=step)
+                      kv=cache.layers[i] if cache is not None else None, step=step, rope_memo=rope_memo)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 

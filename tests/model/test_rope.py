@@ -78,3 +78,28 @@ def test_inverse_frequencies_match_transformers(case, spelling):
     torch.testing.assert_close(inv_freq, ref_inv_freq.float(), rtol=0, atol=0)
     assert factor == pytest.approx(float(ref_factor), rel=1e-12)
 
+
+
+def test_one_forward_computes_cos_sin_once_for_all_layers(tiny_fp32, monkeypatch):
+    """The per-forward memo: the first layer's cos/sin serve every other layer, each forward anew
+    (a memo kept across forwards would hand a later step the positions of an earlier one)."""
+    from moeinfer.model.rope import RotaryEmbedding
+
+    calls = []
+    original = RotaryEmbedding.cos_sin
+
+    def counting(self, positions, dtype, memo=None):
+        out = original(self, positions, dtype, memo)
+        calls.append((positions.tolist(), out[0]))
+        return out
+
+    ids = torch.arange(3, 12).reshape(1, -1)
+    with torch.no_grad():
+        want = tiny_fp32(ids)
+        monkeypatch.setattr(RotaryEmbedding, "cos_sin", counting)
+        got = tiny_fp32(ids)
+        assert torch.equal(got, want)
+        assert len(calls) == tiny_fp32.config.num_layers
+        assert all(c[1] is calls[0][1] for c in calls)  # one tensor shared by all layers
+        tiny_fp32(ids[:, :4])
+        assert calls[-1][0] == [list(range(4))] and calls[-1][1].shape[1] == 4
