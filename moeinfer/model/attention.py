@@ -16,8 +16,21 @@ from moeinfer.model.rope import RotaryEmbedding
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B,H,T,Dq], k [B,H,S,Dq], v [B,H,S,Dv], mask [B,1,T,S] bool -> [B,T,H*Dv]."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    """q [B,H,T,Dq], k [B,Hkv,S,Dq], v [B,Hkv,S,Dv] (H a multiple of Hkv), mask [B,1,T,S] bool -> [B,T,H*Dv].
+
+    Grouped-query heads: on the CPU, SDPA reads each kv head for its group of query heads
+    (`enable_gqa`, the same numbers as repeating them); elsewhere the kv heads are repeated, the
+    form every CUDA attention backend accepts.
+    """
+    H, Hkv = q.shape[1], k.shape[1]
+    if H == Hkv:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif q.device.type == "cpu":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        rep = H // Hkv
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
+                                             attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
@@ -64,7 +77,4 @@ class Attention(nn.Module):
         if kv is not None:
             assert step is not None, "a KV cache needs the CacheStep of the new tokens"
             k, v = kv.write(step, k, v)  # [B, Hkv, S, Dh]
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return self.o_proj(attend(q, k, v, mask, self.scale))
