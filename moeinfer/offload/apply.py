@@ -4,7 +4,9 @@ Follows the expert-offloading systems of the survey's section 4.2 (Mixtral-offlo
 Fiddler, HOBBIT, AdapMoE, EdgeMoE, ProMoE); the model never knows (like `apply_expert_parallel_`).
 1. check the model: MoE layers with experts of one shape, on one device: plain stacked experts, or
    group-wise quantized experts of one width (moved as byte blobs, moeinfer.offload.packed);
-2. write every expert to the slow tier (a disk store in `offload_dir`, or host memory);
+2. write every expert to the slow tier (a disk store in `offload_dir`, or host memory); a model
+   loaded with its experts left on disk (`model.expert_files`, moeinfer.loading.expert_files) uses
+   the checkpoint itself as its disk tier (CheckpointStore: nothing written, `offload_dir` unused);
 3. build the policy, the cache (capacities from bytes or counts) and the prefetcher: `build_cache`,
    which the simulator calls too, so both take the same decisions;
 4. calibrate the CPU-assist cost model when asked;
@@ -25,6 +27,7 @@ from moeinfer.kernels.select import reapply_kernel_
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.cache import ExpertCache, resolve_capacities
+from moeinfer.offload.checkpoint_store import CheckpointStore
 from moeinfer.offload.config import OffloadConfig, OffloadError
 from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate
 from moeinfer.offload.experts import OffloadRuntime, OffloadedExperts
@@ -109,7 +112,20 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     # 1. the model
     blocks, packed = _check_model(model)
     device = model.device
-    if packed is None:
+    files = getattr(model, "expert_files", None)
+    streamed = packed is None and blocks[0].experts.gate_up_proj.is_meta
+    if streamed:
+        if files is None:
+            raise OffloadError("the model's experts hold no weights (meta tensors) and it records no checkpoint "
+                               "files to read them from")
+        if config.tier != "disk" or config.low_bit_threshold is not None:
+            raise OffloadError("experts left on disk by the loader are offloaded to tier='disk' (the checkpoint "
+                               "is the slow tier), without low_bit_threshold; load the model whole for other tiers")
+        if device.type != "cpu":
+            raise OffloadError("experts left on disk by the loader run on a CPU fast tier only (for now)")
+        E, dtype, layers = files.num_experts, files.dtype, []
+        gate_up_shape, down_shape = files.gate_up_shape, files.down_shape
+    elif packed is None:
         first = blocks[0].experts
         E, two_i, D = first.gate_up_proj.shape
         # the fast tier is where the rest of the model runs: experts already in (pinned) host memory, as
@@ -132,9 +148,11 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
                                "disk store: use tier='disk'")
         codec = find_codec(config.low_bit_bits, config.low_bit_group_size)
     # 2. the slow tier
-    if config.tier == "disk":
+    if streamed:
+        store: Any = CheckpointStore(files, evict_page_cache=config.evict_page_cache)
+    elif config.tier == "disk":
         assert config.offload_dir is not None
-        store: Any = DiskStore.create(Path(config.offload_dir), layers, evict_page_cache=config.evict_page_cache,
+        store = DiskStore.create(Path(config.offload_dir), layers, evict_page_cache=config.evict_page_cache,
                                       progress=progress, codec=codec)
     else:
         store = HostStore(layers, pin=device.type == "cuda")
