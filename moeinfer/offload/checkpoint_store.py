@@ -71,8 +71,8 @@ class CheckpointStore:
             raise OffloadError(f"reading MoE layer {key[0]} expert {key[1]} from {p.path} failed ({e.strerror})") from e
         if got != p.nbytes:
             raise OffloadError(f"checkpoint file {p.path} is truncated while reading MoE layer {key[0]} expert {key[1]}")
-        if not direct:
-            out.copy_(dst)
+        if not direct:  # converted, then written as bytes (the loader's thread is outside inference mode)
+            _bytes_of(out)[:] = _bytes_of(dst.to(out.dtype))
         if self.evict_page_cache:
             os.posix_fadvise(fd, p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
 

@@ -153,3 +153,17 @@ def test_cli_generate_with_an_offloading_plan_streams_the_experts(tmp_path, monk
                "Once upon a time"])
     assert rc == 0 and seen["store"].reads > 0
     assert capsys.readouterr().out.strip()
+
+
+def test_converting_reads_work_under_inference_mode(tmp_path):
+    """`moeinfer eval` runs in inference mode with fp32 weights: slots are inference tensors that the
+    loader's thread (outside inference mode) fills with converted bf16 experts."""
+    ref = moeinfer.load("tiny", dtype=torch.float32, progress=False)
+    model = moeinfer.load("tiny", dtype=torch.float32, progress=False, offload=_cfg(tmp_path))
+    try:
+        ids = torch.tensor([PROMPT])
+        with torch.inference_mode():
+            got, want = model(ids), ref(ids)
+        assert torch.equal(got, want)
+    finally:
+        model.offload.close()
