@@ -29,7 +29,7 @@ from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, combine, dispatch
 from moeinfer.offload.cache import ExpertCache, Load
 from moeinfer.offload.cpu_assist import CpuExperts
-from moeinfer.offload.packed import PackedFormat
+from moeinfer.offload.packed import PackedFormat, native_expert_fn
 from moeinfer.offload.prefetch import LayerContext, Prefetcher
 from moeinfer.offload.transfer import Handle
 from moeinfer.offload.visits import visit_of
@@ -147,6 +147,10 @@ class OffloadedExperts(nn.Module):
     kernels = ("reference", "cpu")
     kernel = "reference"
     graph_safe = False  # visits the cache on the host
+    # quantized experts with kernel 'cpu' (as QuantizedExperts): a native variant forced by hand, and
+    # the decode activations ("q8" / "f32"; None = the kernels' default)
+    cpu_engine: str | None = None
+    cpu_activations: str | None = None
 
     def __init__(self, *, layer: int, num_experts: int, runtime: OffloadRuntime) -> None:
         super().__init__()
@@ -164,9 +168,14 @@ class OffloadedExperts(nn.Module):
                 f"prefetch={self.runtime.prefetcher.name}, slots={c.num_slots}")
 
     def _expert_fn(self, x: torch.Tensor) -> Any:
-        """SwiGLU of one expert's tokens with its weights, by the chosen kernel (quantized experts: their
-        eager reference, each matrix dequantized from the slot's blob)."""
+        """SwiGLU of one expert's tokens with its weights, by the chosen kernel (quantized experts: the
+        native quantized kernels on the slot's codes with 'cpu' where built, else their eager reference,
+        each matrix dequantized from the slot's blob)."""
         packed = self.runtime.packed
+        if packed is not None and self.kernel == "cpu" and x.device.type == "cpu":
+            native = native_expert_fn(packed, engine=self.cpu_engine, activations=self.cpu_activations)
+            if native is not None:
+                return native
         if packed is not None:
             def run_packed(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
                 return swiglu(xs, packed.dequantize(gate_up, "gate_up", xs.dtype),

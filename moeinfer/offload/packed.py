@@ -12,18 +12,23 @@ with gate_up (rows 2I, cols D) and down (rows D, cols I), scales and zeros in th
 2. `stacked` writes each expert's blobs [E, n] (what the slow tier stores);
 3. the fast tier computes a cached expert from views of its slot (`dequantize` of each matrix, then
    SwiGLU): the same function and the same bytes as QuantizedExperts' eager reference, so an
-   offloaded layer gives exactly the resident layer's output (its `eager_forward`).
+   offloaded layer gives exactly the resident layer's output (its `eager_forward`);
+4. or, with kernel "cpu" on a CPU fast tier (widths 4 and 8, native library built), through the native
+   quantized kernels (moeinfer/kernels/quantized_cpu.py) reading the slot's codes in place, one expert
+   per call (`native_expert_fn`): equal to the resident native path up to fp32 summation order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from moeinfer.formats.quant.groupwise import dequantize, num_groups
 from moeinfer.formats.quant.packing import packed_cols
 from moeinfer.formats.quantized_experts import QuantizedExperts
+from moeinfer.kernels.quantized_cpu import quantized_moe_cpu, unsupported
 from moeinfer.offload.errors import OffloadError
 
 MATRICES = ("gate_up", "down")
@@ -100,3 +105,32 @@ class PackedFormat:
         """Step 3: matrix `m` of one expert from its blob, exactly as QuantizedExperts dequantizes it."""
         q, s, z = self.views(blob, m)
         return dequantize(q, s, z, bits=self.bits, group_size=self.group_size, cols=self._dims(m)[1], dtype=dtype)
+
+
+class _SlotExperts:
+    """One cached expert as the native kernels' `PackedExperts` (a one-expert stack of views)."""
+
+    def __init__(self, fmt: PackedFormat) -> None:
+        self.bits, self.slot = [fmt.bits], [0]
+        self.group_size, self.hidden_size, self.intermediate_size = fmt.group_size, fmt.hidden, fmt.inter
+
+    def set_(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        for m, blob in (("gate_up", gate_up), ("down", down)):
+            for name, t in zip("qsz", fmt.views(blob, m)):
+                setattr(self, f"{name}{fmt.bits}_{m}", t[None])
+
+
+def native_expert_fn(fmt: PackedFormat, *, engine: str | None = None, activations: str | None = None) -> Any:
+    """Step 4: (x [n, D], gate_up blob, down blob) -> SwiGLU [n, D] on the native kernels, or None when
+    they cannot run this format here (the caller keeps the eager reference)."""
+    view = _SlotExperts(fmt)
+    if unsupported(view) is not None:
+        return None
+
+    def run(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        view.set_(fmt, gate_up, down)
+        n = xs.shape[0]
+        return quantized_moe_cpu(xs, torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1), view, engine=engine,
+                                 activations=activations)
+
+    return run

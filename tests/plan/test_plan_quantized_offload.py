@@ -84,6 +84,8 @@ def test_apply_plan_round_trip_of_a_quantized_offloaded_plan(tmp_path):
         assert model.offload.packed is not None and model.offload.packed.bits == 8
         assert model.offload.cache.num_slots == 6
         assert model.plan == p
+        assert {b.experts.kernel for b in model.moe_blocks()} == {"cpu"}  # native kernels where built
+        moeinfer.use_kernel_(model, "reference")  # the eager reference: exact
         _, got = generate_with_logits(model, PROMPT, 6)
         assert model.offload.cache.stats.misses > 0
         assert torch.equal(got, want)
