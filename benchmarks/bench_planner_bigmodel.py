@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         report["whole_load"] = f"refused: {e}"
     report["peak_rss_after_refusal"] = rss()
-    print(f"moeinfer.load whole: {report['whole_load'][:160]}... (peak RSS {report['peak_rss_after_refusal'] / 1e9:.2f} GB)")
+    print(f"moeinfer.load whole: {report['whole_load'][:160]}... "
+          f"(peak RSS {report['peak_rss_after_refusal'] / 1e9:.2f} GB)")
     # 3. plan
     t0 = time.perf_counter()
     plan = Plan.load(args.plan) if args.plan else moeinfer.plan(args.model, args.memory, progress=False)
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     report["plan"] = plan.to_dict()
     pred = plan.predicted
     print(f"plan ({report['plan_s']:.0f} s): {plan.describe()}; predicted decode "
-          f"{pred.decode_tok_s if pred else float('nan'):.2f} tok/s, memory {pred.memory_bytes / 1e9 if pred else 0:.2f} GB")
+          f"{pred.decode_tok_s if pred else float('nan'):.2f} tok/s, "
+          f"memory {pred.memory_bytes / 1e9 if pred else 0:.2f} GB")
     # 4. load into the plan
     t0 = time.perf_counter()
     model = moeinfer.load_planned(args.model, plan, progress=False)

@@ -140,7 +140,8 @@ def check_fits(need: int, device: torch.device, root: Path) -> None:
             "or moeinfer.load(path, offload=OffloadConfig(...))), or free memory")
 
 
-def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device, skip: frozenset[int] = frozenset()) -> None:
+def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device,
+                 skip: frozenset[int] = frozenset()) -> None:
     """Give every meta parameter real (uninitialised) storage, once; keeps weight tying. Parameters
     whose id is in `skip` stay on meta (experts left on disk)."""
     seen: dict[int, nn.Parameter] = {}

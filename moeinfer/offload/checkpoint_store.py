@@ -70,7 +70,8 @@ class CheckpointStore:
         except OSError as e:
             raise OffloadError(f"reading MoE layer {key[0]} expert {key[1]} from {p.path} failed ({e.strerror})") from e
         if got != p.nbytes:
-            raise OffloadError(f"checkpoint file {p.path} is truncated while reading MoE layer {key[0]} expert {key[1]}")
+            raise OffloadError(f"checkpoint file {p.path} is truncated while reading MoE layer {key[0]} "
+                               f"expert {key[1]}")
         if not direct:  # converted, then written as bytes (the loader's thread is outside inference mode)
             _bytes_of(out)[:] = _bytes_of(dst.to(out.dtype))
         if self.evict_page_cache:

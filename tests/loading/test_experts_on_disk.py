@@ -13,7 +13,6 @@ from offload_helpers import generate_with_logits
 import moeinfer
 import moeinfer.loading.checkpoint as ckpt
 from moeinfer.loading.errors import CheckpointError
-from moeinfer.loading.random_init import init_checkpoint
 from moeinfer.loading.safetensors_io import SafetensorsFile
 from moeinfer.models import resolve_model_path
 from moeinfer.offload import OffloadConfig, offload_
