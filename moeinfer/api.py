@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = None, progress: bool = True,
          expert_parallel: ExpertParallelConfig | None = None, on_expert_error: str = "raise",
-         check_weights: bool = False, offload: OffloadConfig | None = None) -> MoEModel:
+         check_weights: bool = False, offload: OffloadConfig | None = None,
+         check_memory: bool = True) -> MoEModel:
     """Load a local HF-format MoE checkpoint (or a shipped model by name, or a GGUF file) as an eval-mode
     MoEModel.
 
@@ -39,8 +40,9 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
     into memory: the checkpoint's own files are the disk tier (read per expert; `offload_dir` is not
     used), so a checkpoint bigger than memory loads with only its dense weights and the cache resident.
 
-    A checkpoint whose weights exceed the free memory is refused with a CheckpointError before anything
-    is allocated (offload it, or plan it: `moeinfer.load_planned`)."""
+    check_memory: a checkpoint whose weights exceed the free memory is refused with a CheckpointError
+    before anything is allocated (offload it, or plan it: `moeinfer.load_planned`); False skips the check
+    (e.g. with swap)."""
     if is_gguf(resolve_model_path(path)):  # llama.cpp's format: moeinfer.loading.gguf
         if expert_parallel is not None:
             raise ValueError(f"{path}: expert parallelism loads HF-format checkpoint directories, not GGUF files")
@@ -52,7 +54,8 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
         if expert_parallel is not None or on_expert_error != "raise":
             raise ValueError("load(offload=...) cannot be combined with expert_parallel or on_expert_error='mask'")
         model = load_checkpoint(resolve_model_path(path), device=device, dtype=dtype, progress=progress,
-                                check_weights=check_weights, experts_on_disk=offload.tier == "disk")
+                                check_weights=check_weights, experts_on_disk=offload.tier == "disk",
+                                check_memory=check_memory)
         return offload_(model, offload, progress=progress)
     if expert_parallel is not None:
         model = load_expert_parallel(resolve_model_path(path), config=expert_parallel, device=device, dtype=dtype,
@@ -62,7 +65,7 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
         return model
 
     return load_checkpoint(resolve_model_path(path), device=device, dtype=dtype, progress=progress,
-                           on_expert_error=on_expert_error, check_weights=check_weights)
+                           on_expert_error=on_expert_error, check_weights=check_weights, check_memory=check_memory)
 
 
 def export(model: MoEModel, path: str | os.PathLike[str], *, format: str = "gguf", quant: str = "auto",

@@ -108,6 +108,7 @@ def test_a_checkpoint_bigger_than_free_memory_is_refused_before_allocating(monke
     monkeypatch.setattr(ckpt, "memory_available", lambda device: total - experts // 2)  # dense fits, all doesn't
     with pytest.raises(CheckpointError, match=r"needs .* GB of memory for its weights, but only .* GB is available"):
         moeinfer.load("tiny", progress=False)
+    assert len(moeinfer.load("tiny", progress=False, check_memory=False).layers) == len(whole.layers)  # opted out
     # the same checkpoint loads with its experts left on disk, under a plan that offloads them
     plan = Plan(model="tiny", device="cpu", budget_bytes=total, objective="latency", precisions=("bf16",) * 4,
                 offload=PlanOffload(tier="disk", cache_experts=6, policy="lru"))
