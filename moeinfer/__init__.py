@@ -2,7 +2,7 @@
 
 Public API (stable): `load`, `save`, `export`, `generate`, `Generation`, `MoEModel`, `ModelConfig`; transforms
 applied after loading, in place: `compress_`, `use_kernel_`, `set_routing_`, `offload_`;
-automatic configuration: `plan`, `apply_plan_`, `Plan`.
+automatic configuration: `plan`, `apply_plan_`, `load_planned`, `Plan`.
 Importing the package loads torch but initialises no GPU and imports no optional dependency.
 """
 
@@ -15,7 +15,7 @@ from moeinfer._lazy import lazy_exports
 __version__ = "0.1.0"
 __all__ = ["load", "save", "export", "generate", "Generation", "MoEModel", "ModelConfig", "supported_model_types",
            "evaluate", "offload_", "OffloadConfig", "use_kernel_", "compress_", "Recipe", "set_routing_",
-           "plan", "apply_plan_", "Plan", "__version__"]
+           "plan", "apply_plan_", "load_planned", "Plan", "__version__"]
 
 _LAZY = {
     "load": "moeinfer.api",
@@ -35,6 +35,7 @@ _LAZY = {
     "set_routing_": "moeinfer.model.gating",
     "plan": "moeinfer.planning.planner",
     "apply_plan_": "moeinfer.planning.apply",
+    "load_planned": "moeinfer.planning.load",
     "Plan": "moeinfer.planning.spec",
 }
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from moeinfer.compress.recipe import Recipe
     from moeinfer.model.gating import set_routing_
     from moeinfer.planning.apply import apply_plan_
+    from moeinfer.planning.load import load_planned
     from moeinfer.planning.planner import plan
     from moeinfer.planning.spec import Plan
 

@@ -58,8 +58,15 @@ def load_model(args: argparse.Namespace):
 
     ep = expert_parallel_config(args)
     check = args.check_weights if getattr(args, "check_weights", None) is not None else args.command == "serve"
-    model = load(args.model, device=args.device, dtype=args.dtype, expert_parallel=ep,
-                 on_expert_error=getattr(args, "on_expert_error", "raise"), check_weights=check)
+    if getattr(args, "plan", None) and ep is None and not getattr(args, "offload", None):
+        # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
+        from moeinfer.planning.load import load_planned
+
+        # loaded straight into the plan: an offloading plan leaves the experts in the checkpoint
+        model = load_planned(args.model, args.plan, device=args.device, dtype=args.dtype, check_weights=check)
+    else:
+        model = load(args.model, device=args.device, dtype=args.dtype, expert_parallel=ep,
+                     on_expert_error=getattr(args, "on_expert_error", "raise"), check_weights=check)
     if ep is not None:
         secondary_rank_quiet_(args, model)  # rank 0 alone prints and writes files
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).

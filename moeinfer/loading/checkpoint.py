@@ -10,6 +10,11 @@ Steps:
    requested dtype and device;
 4. read every tensor of every shard (in file order) straight into its parameter or expert slice;
 5. optionally (`check_weights`) scan the weights for NaN/Inf, then attach the tokenizer.
+Before step 3 the bytes to allocate are compared with the memory free on the device: a checkpoint
+that does not fit is refused with a clear error instead of being killed for memory half-way. With
+`experts_on_disk`, the routed experts are not allocated nor read: their parameters stay on the meta
+device and `model.expert_files` records where each expert lies in the files
+(moeinfer.loading.expert_files), for `offload_` to use the checkpoint itself as its disk tier.
 Only safetensors are read; pickle files are never opened. With `expert_slots` (expert parallelism),
 each MoE layer is built with only the listed experts and the other experts' tensors are never read.
 """
@@ -33,6 +38,7 @@ from moeinfer.loading.config_json import EXPERT_COUNTS, check_config_fields, che
 from moeinfer.loading.devices import parse_device
 from moeinfer.formats.layout import RECORD_VERSION, is_plain, restore_
 from moeinfer.loading.errors import CheckpointError
+from moeinfer.loading.expert_files import ExpertFiles, ExpertPart, memory_available
 from moeinfer.loading.filetype import is_gguf
 from moeinfer.loading.names import Target, expert_checkpoint_names, to_checkpoint, to_internal
 from moeinfer.loading.safetensors_io import STAGING_BYTES, SafetensorsFile
@@ -106,14 +112,44 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
 
 
-def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device) -> None:
-    """Give every meta parameter real (uninitialised) storage, once; keeps weight tying."""
+def _allocation_bytes(model: MoEModel, dtype: torch.dtype, skip: frozenset[int]) -> int:
+    """Bytes `_materialize` will allocate (parameters once each, floating ones in `dtype`)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        keep = getattr(module, "keep_float_dtype", False)
+        for param in module._parameters.values():
+            if param is None or id(param) in skip or id(param) in seen:
+                continue
+            seen.add(id(param))
+            own = not param.is_floating_point() or keep
+            total += param.numel() * (param.element_size() if own else itemsize)
+    return total
+
+
+def check_fits(need: int, device: torch.device, root: Path) -> None:
+    """Refuse to allocate `need` bytes of weights when the device has less free (a clear error, before
+    anything is allocated, instead of the process being killed for memory)."""
+    free = memory_available(device)
+    if need > free:
+        raise CheckpointError(
+            f"checkpoint {root} needs {need / 1e9:.1f} GB of memory for its weights, but only {free / 1e9:.1f} GB "
+            f"is available on {device}: load it with its experts offloaded (`moeinfer plan --model {root} "
+            f"--memory ...` then `--plan plan.yaml`, or `--plan auto`; in Python moeinfer.load_planned(path, plan) "
+            "or moeinfer.load(path, offload=OffloadConfig(...))), or free memory")
+
+
+def _materialize(model: MoEModel, dtype: torch.dtype, device: torch.device,
+                 skip: frozenset[int] = frozenset()) -> None:
+    """Give every meta parameter real (uninitialised) storage, once; keeps weight tying. Parameters
+    whose id is in `skip` stay on meta (experts left on disk)."""
     seen: dict[int, nn.Parameter] = {}
     for module in model.modules():
         # packed integer tensors and quantization scales (`keep_float_dtype` modules) keep their dtype
         keep = getattr(module, "keep_float_dtype", False)
         for name, param in list(module._parameters.items()):
-            if param is None:
+            if param is None or id(param) in skip:
                 continue
             if id(param) not in seen:
                 own = not param.is_floating_point() or keep
@@ -223,7 +259,8 @@ def _checkpoint_dtype(hf: dict[str, Any], files: list[SafetensorsFile]) -> torch
 def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
                     dtype: torch.dtype | str | None = None, progress: bool = True,
                     expert_slots: Mapping[int, Sequence[int]] | None = None,
-                    on_expert_error: str = "raise", check_weights: bool = False) -> MoEModel:
+                    on_expert_error: str = "raise", check_weights: bool = False,
+                    experts_on_disk: bool = False, check_memory: bool = True) -> MoEModel:
     """Load a local HF-format MoE checkpoint directory; see the module docstring for the steps.
 
     expert_slots: {MoE layer index: experts to keep, in row order}; those layers hold only these
@@ -232,7 +269,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     wrong shape or not finite is zeroed and masked in its router (graceful degradation); the model's
     `failed_experts` maps (layer, expert) to the reason. Any other bad tensor still raises.
     check_weights: scan every floating-point weight for NaN/Inf after reading and raise a CheckpointError
-    naming the tensors (one pass over the weights)."""
+    naming the tensors (one pass over the weights; experts left on disk are not scanned).
+    experts_on_disk: leave the routed experts in the files (module docstring); the model runs only once
+    `offload_` gives it a slow tier over them (moeinfer.load(path, offload=...) does both).
+    check_memory: refuse (CheckpointError) when the weights to allocate exceed the memory free now."""
+    if experts_on_disk and (expert_slots is not None or on_expert_error != "raise"):
+        raise ValueError("experts_on_disk cannot be combined with expert_slots or on_expert_error='mask'")
     if on_expert_error not in ("raise", "mask"):
         raise ValueError(f"on_expert_error must be 'raise' or 'mask', got {on_expert_error!r}")
     if on_expert_error == "mask" and expert_slots is not None:
@@ -297,17 +339,25 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
     _check_plan(model.state_dict(keep_vars=True), files, plan, partial, failed if on_expert_error == "mask" else None)
     with meta_parameters():  # the model to fill: parameters on meta, buffers (RoPE tables) real
         model = _build(config, hf, root, expert_slots)
-    _materialize(model, target_dtype, device)
+    on_disk = _experts_left_on_disk(model, root, target_dtype) if experts_on_disk else None
+    skip = frozenset(id(p) for b in model.moe_blocks() for p in b.experts.parameters()) if on_disk else frozenset()
+    if check_memory:
+        check_fits(_allocation_bytes(model, target_dtype, skip), device, root)
+    _materialize(model, target_dtype, device, skip)
     params = model.state_dict(keep_vars=True)
+    moe_pos = {b.layer_idx: i for i, b in enumerate(model.moe_blocks())}
     total = sum(f.entries[n].nbytes * len(partial[t.name]) // f.entries[n].shape[0]
                 if t.expert is None and t.name in partial else f.entries[n].nbytes
-                for f in files for n, t in plan[f.path])
+                for f in files for n, t in plan[f.path] if on_disk is None or not _is_expert_param(t.name))
     staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {root.name}",
               disable=not progress or None) as bar:
         for f in files:
             with open(f.path, "rb") as handle:
                 for name, target in sorted(plan[f.path], key=lambda nt: f.entries[nt[0]].offset):
+                    if on_disk is not None and _is_expert_param(target.name):
+                        _record_expert(on_disk, f, name, target, moe_pos[_expert_layer(target.name)])
+                        continue
                     with torch.no_grad():
                         if target.expert is None and target.name in partial:
                             _read_rows(f, name, partial[target.name], params[target.name], handle)
@@ -324,6 +374,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
                     bar.update(f.entries[name].nbytes)
     if on_expert_error == "mask":
         _mask_failed_experts(model, failed)
+    if on_disk is not None:
+        on_disk.check_complete()
+        model.expert_files = on_disk
     if check_weights:
         check_finite(model, root)
     model.eval()
@@ -332,6 +385,39 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str 
 
     model.tokenizer = Tokenizer.from_dir(root)
     return model
+
+
+def _is_expert_param(name: str) -> bool:
+    return name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+
+
+def _experts_left_on_disk(model: MoEModel, root: Path, dtype: torch.dtype) -> ExpertFiles:
+    """The (empty) record of where the experts lie; the MoE layers must hold plain stacked experts."""
+    blocks = model.moe_blocks()
+    if not blocks:
+        raise CheckpointError(f"checkpoint {root} has no MoE layers: no experts to leave on disk")
+    kinds = {type(b.experts).__name__ for b in blocks}
+    if kinds != {"Experts"}:
+        raise CheckpointError(f"checkpoint {root}: experts left on disk must be plain stacked experts; this "
+                              f"checkpoint holds {', '.join(sorted(kinds))} (load it whole, or offload after loading)")
+    shapes = {(tuple(b.experts.gate_up_proj.shape), tuple(b.experts.down_proj.shape)) for b in blocks}
+    if len(shapes) != 1:
+        raise CheckpointError(f"checkpoint {root}: MoE layers have experts of different shapes {sorted(shapes)}")
+    (gu, dn), = shapes
+    return ExpertFiles(root=root, num_layers=len(blocks), num_experts=gu[0], gate_up_shape=(gu[1], gu[2]),
+                       down_shape=(dn[1], dn[2]), dtype=dtype)
+
+
+def _record_expert(out: ExpertFiles, f: SafetensorsFile, name: str, target: Target, pos: int) -> None:
+    """Where tensor `name` (one expert's part, or a fused [E, ...] tensor: one row per expert) lies."""
+    entry = f.entries[name]
+    if target.expert is not None:
+        out.add((pos, target.expert), ExpertPart(f.path, entry.offset, entry.nbytes, entry.dtype, str(target.part)))
+        return
+    part = "down" if target.name.endswith("down_proj") else "gate_up"
+    row = entry.nbytes // entry.shape[0]
+    for e in range(entry.shape[0]):
+        out.add((pos, e), ExpertPart(f.path, entry.offset + e * row, row, entry.dtype, part))
 
 
 def _build(config: Any, hf: dict[str, Any], root: Path,
@@ -398,7 +484,7 @@ def check_finite(model: MoEModel, where: Path | str) -> None:
     """Raise a CheckpointError naming the weights that hold NaN or Inf (checked a chunk at a time)."""
     bad: list[str] = []
     for name, t in model.state_dict().items():
-        if not t.is_floating_point():
+        if not t.is_floating_point() or t.is_meta:  # experts left on disk are not read here
             continue
         flat = t.reshape(-1)
         for start in range(0, flat.numel(), 1 << 24):

@@ -2,8 +2,11 @@
 
 Follows the expert-offloading systems of the survey's section 4.2 (Mixtral-offloading, MoE-Infinity,
 Fiddler, HOBBIT, AdapMoE, EdgeMoE, ProMoE); the model never knows (like `apply_expert_parallel_`).
-1. check the model: MoE layers with experts of one shape, on one device;
-2. write every expert to the slow tier (a disk store in `offload_dir`, or host memory);
+1. check the model: MoE layers with experts of one shape, on one device: plain stacked experts, or
+   group-wise quantized experts of one width (moved as byte blobs, moeinfer.offload.packed);
+2. write every expert to the slow tier (a disk store in `offload_dir`, or host memory); a model
+   loaded with its experts left on disk (`model.expert_files`, moeinfer.loading.expert_files) uses
+   the checkpoint itself as its disk tier (CheckpointStore: nothing written, `offload_dir` unused);
 3. build the policy, the cache (capacities from bytes or counts) and the prefetcher: `build_cache`,
    which the simulator calls too, so both take the same decisions;
 4. calibrate the CPU-assist cost model when asked;
@@ -19,14 +22,17 @@ from typing import Any
 
 import torch
 
+from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.kernels.select import reapply_kernel_
 from moeinfer.model.moe import Experts
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.cache import ExpertCache, resolve_capacities
+from moeinfer.offload.checkpoint_store import CheckpointStore
 from moeinfer.offload.config import OffloadConfig, OffloadError
 from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate
 from moeinfer.offload.experts import OffloadRuntime, OffloadedExperts
 from moeinfer.offload.lowbit import find_codec
+from moeinfer.offload.packed import PackedFormat
 from moeinfer.offload.policies import PolicyContext, make_policy
 from moeinfer.offload.prefetch import PrefetchContext, Prefetcher, make_prefetcher
 from moeinfer.offload.store import DiskStore, HostStore
@@ -68,20 +74,32 @@ def build_cache(config: OffloadConfig, *, num_layers: int, num_experts: int, top
     return cache, prefetcher
 
 
-def _check_model(model: MoEModel) -> list[Any]:
+def _check_model(model: MoEModel) -> tuple[list[Any], PackedFormat | None]:
+    """Step 1: the MoE blocks, and the packed format when their experts are quantized (None: float)."""
     blocks = model.moe_blocks()
     if not blocks:
         raise OffloadError("the model has no MoE layers: nothing to offload")
     for b in blocks:
         if isinstance(b.experts, OffloadedExperts):
             raise OffloadError("the model is already offloaded")
-        if type(b.experts) is not Experts:
+        if type(b.experts) not in (Experts, QuantizedExperts):
             raise OffloadError(f"MoE layer {b.layer_idx}: experts are {type(b.experts).__name__}; offloading "
-                               "needs the plain stacked experts (apply it before other expert transforms)")
+                               "needs plain stacked experts or quantized experts (apply it before other expert "
+                               "transforms)")
+    kinds = {type(b.experts) for b in blocks}
+    if len(kinds) != 1:
+        raise OffloadError("MoE layers mix float and quantized experts; offloading needs one kind in every "
+                           "layer (quantize every layer to one precision, or none)")
+    if kinds == {QuantizedExperts}:
+        formats = {PackedFormat.of(b.experts) for b in blocks}
+        if len(formats) != 1:
+            raise OffloadError(f"quantized MoE layers differ in format {sorted(map(str, formats))}; offloading "
+                               "needs one (the same precision in every layer)")
+        return blocks, formats.pop()
     shapes = {(tuple(b.experts.gate_up_proj.shape), tuple(b.experts.down_proj.shape)) for b in blocks}
     if len(shapes) != 1:
         raise OffloadError(f"MoE layers have experts of different shapes {sorted(shapes)}; offloading needs one")
-    return blocks
+    return blocks, None
 
 
 def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
@@ -92,13 +110,37 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     `cost_model` overrides the start-up calibration of CPU assist (tests, the simulator's twin runs).
     """
     # 1. the model
-    blocks = _check_model(model)
-    first = blocks[0].experts
-    E, two_i, D = first.gate_up_proj.shape
-    # the fast tier is where the rest of the model runs: experts already in (pinned) host memory, as
-    # a model larger than the GPU is built, are used in place as the "cpu" tier
-    dtype, device = first.gate_up_proj.dtype, model.device
-    layers = [(b.experts.gate_up_proj.data, b.experts.down_proj.data) for b in blocks]
+    blocks, packed = _check_model(model)
+    device = model.device
+    files = getattr(model, "expert_files", None)
+    streamed = packed is None and blocks[0].experts.gate_up_proj.is_meta
+    if streamed:
+        if files is None:
+            raise OffloadError("the model's experts hold no weights (meta tensors) and it records no checkpoint "
+                               "files to read them from")
+        if config.tier != "disk" or config.low_bit_threshold is not None:
+            raise OffloadError("experts left on disk by the loader are offloaded to tier='disk' (the checkpoint "
+                               "is the slow tier), without low_bit_threshold; load the model whole for other tiers")
+        if device.type != "cpu":
+            raise OffloadError("experts left on disk by the loader run on a CPU fast tier only (for now)")
+        E, dtype, layers = files.num_experts, files.dtype, []
+        gate_up_shape, down_shape = files.gate_up_shape, files.down_shape
+    elif packed is None:
+        first = blocks[0].experts
+        E, two_i, D = first.gate_up_proj.shape
+        # the fast tier is where the rest of the model runs: experts already in (pinned) host memory, as
+        # a model larger than the GPU is built, are used in place as the "cpu" tier
+        dtype = first.gate_up_proj.dtype
+        layers = [(b.experts.gate_up_proj.data, b.experts.down_proj.data) for b in blocks]
+        gate_up_shape, down_shape = (two_i, D), (D, two_i // 2)
+        del first
+    else:
+        E, dtype = blocks[0].experts.num_experts, torch.uint8
+        if config.cpu_assist or config.low_bit_threshold is not None:
+            raise OffloadError("quantized experts are offloaded as their codes: CPU assist and mixed-precision "
+                               "loading (low_bit_threshold) need float experts")
+        layers = [packed.stacked(b.experts) for b in blocks]
+        gate_up_shape, down_shape = (packed.nbytes("gate_up"),), (packed.nbytes("down"),)
     codec = None
     if config.low_bit_threshold is not None:
         if config.tier != "disk":
@@ -106,9 +148,11 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
                                "disk store: use tier='disk'")
         codec = find_codec(config.low_bit_bits, config.low_bit_group_size)
     # 2. the slow tier
-    if config.tier == "disk":
+    if streamed:
+        store: Any = CheckpointStore(files, evict_page_cache=config.evict_page_cache)
+    elif config.tier == "disk":
         assert config.offload_dir is not None
-        store: Any = DiskStore.create(Path(config.offload_dir), layers, evict_page_cache=config.evict_page_cache,
+        store = DiskStore.create(Path(config.offload_dir), layers, evict_page_cache=config.evict_page_cache,
                                       progress=progress, codec=codec)
     else:
         store = HostStore(layers, pin=device.type == "cuda")
@@ -121,8 +165,8 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
             def transfer(key: tuple[int, int], g: torch.Tensor, d: torch.Tensor) -> None:
                 loader.submit(key, lambda a, b: store.read(key, a, b), g, d, None).wait()
 
-            assist = calibrate(read=transfer, keys=[(0, e) for e in range(E)], gate_up_shape=(two_i, D),
-                               down_shape=(D, two_i // 2), dtype=dtype, weights_on_host=config.tier == "cpu",
+            assist = calibrate(read=transfer, keys=[(0, e) for e in range(E)], gate_up_shape=gate_up_shape,
+                               down_shape=down_shape, dtype=dtype, weights_on_host=config.tier == "cpu",
                                device=device)
         elif config.cpu_assist:
             assist = cost_model
@@ -136,14 +180,14 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
         store.close()
         raise
     runtime = OffloadRuntime(cache=cache, prefetcher=prefetcher, store=store, loader=loader,
-                             gate_up_shape=(two_i, D), down_shape=(D, two_i // 2), dtype=dtype, device=device,
+                             gate_up_shape=gate_up_shape, down_shape=down_shape, dtype=dtype, device=device,
                              cpu_experts=CpuExperts(threads=torch.get_num_threads()) if config.cpu_assist else None,
-                             config=config)
+                             config=config, packed=packed)
     runtime.stats.extra["cost_model"] = assist
     # 5. swap the experts in
     for pos, b in enumerate(blocks):
         b.experts = OffloadedExperts(layer=pos, num_experts=E, runtime=runtime)
-    del layers, first
+    del layers
     # 6. steps, requests, warm-up
     def on_tokens(valid: torch.Tensor, positions: torch.Tensor, new_sequences: bool) -> None:
         runtime.begin_step(new_sequences, int(valid.sum()))

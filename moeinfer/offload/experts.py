@@ -9,7 +9,8 @@ dispatch and combine stages are the reference ones. Per forward of MoE layer l:
 3. issue the demand loads, then ask the prefetcher about later layers and issue those loads:
    they run behind this layer's compute on the loader's thread / copy stream;
 4. compute the hits first, then CPU-assisted experts, then each loaded expert as it arrives,
-   every expert exactly as the reference `expert_compute` does (bit-identical outputs);
+   every expert exactly as the reference `expert_compute` does (bit-identical outputs); quantized
+   experts (slots of byte blobs, moeinfer.offload.packed) exactly as QuantizedExperts' eager reference;
 5. combine (reference `combine`).
 """
 
@@ -28,6 +29,7 @@ from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, combine, dispatch
 from moeinfer.offload.cache import ExpertCache, Load
 from moeinfer.offload.cpu_assist import CpuExperts
+from moeinfer.offload.packed import PackedFormat, native_expert_fn
 from moeinfer.offload.prefetch import LayerContext, Prefetcher
 from moeinfer.offload.transfer import Handle
 from moeinfer.offload.visits import visit_of
@@ -52,8 +54,10 @@ class OffloadRuntime:
 
     def __init__(self, *, cache: ExpertCache, prefetcher: Prefetcher, store: Any, loader: Any,
                  gate_up_shape: tuple[int, int], down_shape: tuple[int, int], dtype: torch.dtype,
-                 device: torch.device, cpu_experts: CpuExperts | None = None, config: Any = None) -> None:
+                 device: torch.device, cpu_experts: CpuExperts | None = None, config: Any = None,
+                 packed: PackedFormat | None = None) -> None:
         self.cache, self.prefetcher, self.store, self.loader = cache, prefetcher, store, loader
+        self.packed = packed  # quantized experts: slots hold byte blobs in this format (None: float weights)
         self.gate_up_shape, self.down_shape = gate_up_shape, down_shape
         self.dtype, self.device = dtype, device
         self.cpu_experts = cpu_experts
@@ -143,6 +147,10 @@ class OffloadedExperts(nn.Module):
     kernels = ("reference", "cpu")
     kernel = "reference"
     graph_safe = False  # visits the cache on the host
+    # quantized experts with kernel 'cpu' (as QuantizedExperts): a native variant forced by hand, and
+    # the decode activations ("q8" / "f32"; None = the kernels' default)
+    cpu_engine: str | None = None
+    cpu_activations: str | None = None
 
     def __init__(self, *, layer: int, num_experts: int, runtime: OffloadRuntime) -> None:
         super().__init__()
@@ -160,7 +168,20 @@ class OffloadedExperts(nn.Module):
                 f"prefetch={self.runtime.prefetcher.name}, slots={c.num_slots}")
 
     def _expert_fn(self, x: torch.Tensor) -> Any:
-        """SwiGLU of one expert's tokens with its weights, by the chosen kernel."""
+        """SwiGLU of one expert's tokens with its weights, by the chosen kernel (quantized experts: the
+        native quantized kernels on the slot's codes with 'cpu' where built, else their eager reference,
+        each matrix dequantized from the slot's blob)."""
+        packed = self.runtime.packed
+        if packed is not None and self.kernel == "cpu" and x.device.type == "cpu":
+            native = native_expert_fn(packed, engine=self.cpu_engine, activations=self.cpu_activations)
+            if native is not None:
+                return native
+        if packed is not None:
+            def run_packed(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+                return swiglu(xs, packed.dequantize(gate_up, "gate_up", xs.dtype),
+                              packed.dequantize(down, "down", xs.dtype))
+
+            return run_packed
         if self.kernel != "cpu" or x.device.type != "cpu":
             return swiglu
         cpu = get_kernel("cpu", x.device)

@@ -104,8 +104,10 @@ def cost_model_for(shape: ModelShape, hw: HardwareProfile, *, weights_on_host: b
 
 def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadConfig, hardware: HardwareProfile,
              cost_model: CostModel | None = None, low_bit_bytes: int | None = None, overlap: bool = True,
-             progress: bool = False, costs: StepCosts | None = None) -> SimResult:
-    """Replay `trace` (steps 1-5 of the module docstring); `costs`: the clock (default RooflineCosts)."""
+             progress: bool = False, costs: StepCosts | None = None, expert_bytes: int | None = None) -> SimResult:
+    """Replay `trace` (steps 1-5 of the module docstring); `costs`: the clock (default RooflineCosts);
+    `expert_bytes`: bytes one expert moves over the link (default the shape's: its float weights; the
+    stored size for quantized experts)."""
     trace = as_trace(trace, "trace")
     if (trace.num_layers, trace.num_experts) != (shape.num_layers, shape.num_experts):
         raise TraceError(f"routing trace has {trace.num_layers} MoE layers x {trace.num_experts} experts; the "
@@ -117,7 +119,7 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
     if config.cpu_assist:
         assist = cost_model or cost_model_for(shape, hardware, weights_on_host=config.tier == "cpu")
     cache, prefetcher = build_cache(config, num_layers=shape.num_layers, num_experts=shape.num_experts,
-                                    top_k=trace.top_k, expert_bytes=shape.expert_bytes, assist=assist,
+                                    top_k=trace.top_k, expert_bytes=expert_bytes or shape.expert_bytes, assist=assist,
                                     low_bit_bytes=low_bit_bytes)
     cache.warm()
     link_bw = hardware.link_gbps * 1e9

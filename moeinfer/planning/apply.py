@@ -6,7 +6,8 @@
 3. `offload_`: the plan's offload settings (a new temporary folder for a disk tier unless
    `offload_dir` is given);
 4. `use_kernel_`: the plan's kernel (float experts that stay resident run it; quantized and
-   offloaded experts run their own expert stage);
+   offloaded experts run their own expert stage; offloaded quantized experts on a CPU run 'cpu':
+   the native quantized kernels on the cached codes where they are built);
 5. `model.plan` records the plan, so a benchmark can set its predictions beside what it measures.
 """
 
@@ -52,6 +53,10 @@ def apply_plan_(model: Any, plan: Plan | str | os.PathLike[str], *, offload_dir:
     if plan.offload is None or plan.kernel in ("auto", "reference"):
         if any(type(b.experts).__name__ == "Experts" for b in blocks):
             use_kernel_(model, plan.kernel, fp32_weights=plan.fp32_weights)
+    if plan.offload is not None and plan.precisions[0] != FLOAT and model.device.type == "cpu":
+        # offloaded codes run the native quantized kernels where built (else their eager reference), as
+        # the resident preset the machine profile measured does
+        use_kernel_(model, "cpu")
     # 5. record
     model.plan = plan
     return model

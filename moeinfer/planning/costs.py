@@ -148,7 +148,12 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
                             calibration=_all_experts_trace(sizes))
     else:
         cfg = offload.config(offload_dir="unused-by-the-simulator")
-    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=profile.hardware(), costs=costs)
+    # offloaded quantized experts move their stored bytes (codes, scales, zeros) over the link
+    moved = None
+    if offload is not None and precisions[0] != FLOAT:
+        moved = int(costs.stored[0])
+    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=profile.hardware(), costs=costs,
+                    expert_bytes=moved)
 
 
 def _all_experts_trace(sizes: ModelSizes) -> Any:

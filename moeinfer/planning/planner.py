@@ -13,9 +13,10 @@ Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
    a. every expert resident, per-layer precision (float / each quantize preset) chosen by the
       layer search (moeinfer.planning.search: exact or DP) under the memory left after dense weights,
       KV cache and working memory, and under `max_quality_loss`; for each kernel variant and batch;
-   b. every expert in the checkpoint's precision in the slow tier (disk on a CPU, host memory on
-      CUDA) with a fast-tier cache of all the slots the budget leaves, for each cache policy and
-      prefetcher (and CPU assist on CUDA);
+   b. every expert in the slow tier (disk on a CPU, host memory on CUDA) at one precision for all
+      layers (the checkpoint's, or a quantize preset within the quality budget: its codes move between
+      the tiers) with a fast-tier cache of all the slots the budget leaves at that precision, for each
+      cache policy and prefetcher (and CPU assist on CUDA, float experts only);
 5. predict decode (at the batch) and prefill tokens/s of each candidate with `simulate`, rank by
    decode tokens/s (the objective sets the batch sizes tried: 1 for latency), keep the best and the
    next three distinct ones.
@@ -100,8 +101,8 @@ def _kernels(profile: MachineProfile) -> list[tuple[str, bool]]:
 
 def _memory(sizes: ModelSizes, c: _Candidate, context: int) -> int:
     fixed = fixed_bytes(sizes, batch=c.batch, context=context)
-    if c.offload is not None:
-        return int(fixed + c.offload.cache_experts * expert_bytes(sizes, FLOAT))
+    if c.offload is not None:  # offloaded experts share one precision (Plan)
+        return int(fixed + c.offload.cache_experts * expert_bytes(sizes, c.precisions[0]))
     return int(fixed + sum(sizes.num_experts * expert_bytes(sizes, p, fp32_weights=c.fp32) for p in c.precisions))
 
 
@@ -133,22 +134,28 @@ def _resident_candidates(views: dict[int, Any], sizes: ModelSizes, profile: Mach
     return out
 
 
-def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Sequence[int],
-                        context: int) -> list[_Candidate]:
-    """Step 4b."""
+def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Sequence[int], context: int,
+                        precisions: Sequence[str], quality: QualityModel | None,
+                        max_loss: float) -> list[_Candidate]:
+    """Step 4b: for each precision (float, or a preset within the quality budget), every slot the budget
+    leaves at that precision's stored expert size."""
     out = []
+    L = sizes.num_layers
+    usable = [p for p in precisions
+              if p == FLOAT or (quality is not None and quality.loss([p] * L) <= max_loss)]
     for B in batches:
         room = budget - fixed_bytes(sizes, batch=B, context=context)
-        slots = int(room // expert_bytes(sizes, FLOAT)) if room > 0 else 0
-        slots = min(slots, sizes.num_layers * sizes.num_experts - 1)
-        if slots < 1:
-            continue
-        for policy in POLICIES:
-            for prefetch in PREFETCHERS:
-                for assist in ((False, True) if device == "cuda" else (False,)):
-                    off = PlanOffload(tier="disk" if device == "cpu" else "cpu", cache_experts=slots, scope="global",
-                                      policy=policy, prefetch=prefetch, cpu_assist=assist)
-                    out.append(_Candidate((FLOAT,) * sizes.num_layers, "reference", False, B, off))
+        for p in usable:
+            slots = int(room // expert_bytes(sizes, p)) if room > 0 else 0
+            slots = min(slots, L * sizes.num_experts - 1)
+            if slots < 1:
+                continue
+            for policy in POLICIES:
+                for prefetch in PREFETCHERS:
+                    for assist in ((False, True) if device == "cuda" and p == FLOAT else (False,)):
+                        off = PlanOffload(tier="disk" if device == "cpu" else "cpu", cache_experts=slots,
+                                          scope="global", policy=policy, prefetch=prefetch, cpu_assist=assist)
+                        out.append(_Candidate((p,) * L, "reference", False, B, off))
     return out
 
 
@@ -263,7 +270,8 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     prefill_view = routes.prefill(trace)
     cands = _resident_candidates(views, sizes, profile, quality, precisions, budget_bytes, max_quality_loss,
                                  batches, context)
-    cands += _offload_candidates(sizes, device, budget_bytes, batches, context)
+    cands += _offload_candidates(sizes, device, budget_bytes, batches, context, precisions, quality,
+                                 max_quality_loss)
     cands = list(dict.fromkeys(cands))
     if not cands:
         floor = fixed_bytes(sizes, batch=1, context=context) + expert_bytes(sizes, FLOAT)

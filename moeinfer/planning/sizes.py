@@ -12,6 +12,7 @@ import torch
 from moeinfer.planning.costs import ModelSizes
 from moeinfer.arch import parse_config
 from moeinfer.loading.checkpoint import parse_dtype, read_config, shard_files
+from moeinfer.loading.expert_files import memory_available
 from moeinfer.loading.safetensors_io import SafetensorsFile
 from moeinfer.model.transformer import MoEModel
 from moeinfer.models import resolve_model_path
@@ -54,13 +55,4 @@ def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
 
 def available_memory(device: str) -> int:
     """Bytes free now: MemAvailable on the CPU, free GPU memory on CUDA."""
-    if device == "cuda":
-        free, _ = torch.cuda.mem_get_info()
-        return int(free)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return memory_available(device)

@@ -4,7 +4,8 @@ A plan says, for one model, device and memory budget:
 - `precisions`: each MoE layer's expert precision ("bf16" = the checkpoint's floating weights kept,
   or a quantize preset name: int8, int4, q8_0, q4_0, ...), applied by `compress_` (quantize_layers);
 - `offload`: None (every expert resident) or where the experts live and how the fast-tier cache
-  runs (the fields of `moeinfer.OffloadConfig`), applied by `offload_`;
+  runs (the fields of `moeinfer.OffloadConfig`), applied by `offload_` after `compress_`: offloaded
+  experts share one precision (float, or one quantize preset whose codes move between the tiers);
 - `kernel` / `fp32_weights`: the expert-stage kernel, applied by `use_kernel_`;
 - `batch_size`: the decode batch the predictions assume (the throughput objective chooses it);
 - `predicted`: decode and prefill tokens/s, memory and quality cost from the cost and quality models
@@ -90,9 +91,9 @@ class Plan:
             raise PlanError(f"plan.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not self.precisions:
             raise PlanError("plan.precisions must list one precision per MoE layer")
-        if self.offload is not None and any(p != FLOAT for p in self.precisions):
-            raise PlanError("plan: offloaded experts run in the checkpoint's precision (offload_ needs plain "
-                            f"experts); precisions must all be {FLOAT!r} when offload is set")
+        if self.offload is not None and len(set(self.precisions)) != 1:
+            raise PlanError("plan: offloaded experts share one precision in every MoE layer (offload_ moves "
+                            f"experts of one format); got {', '.join(sorted(set(self.precisions)))}")
         if self.batch_size < 1:
             raise PlanError(f"plan.batch_size must be >= 1, got {self.batch_size}")
         if self.budget_bytes < 1:

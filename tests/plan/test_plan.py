@@ -69,7 +69,7 @@ def test_plan_file_errors(tmp_path):
     (tmp_path / "x.yaml").write_text("a: [1,")
     with pytest.raises(PlanError, match="not valid YAML"):
         Plan.load(tmp_path / "x.yaml")
-    with pytest.raises(PlanError, match="offloaded experts run in the checkpoint's precision"):
+    with pytest.raises(PlanError, match="offloaded experts share one precision"):
         sample_plan(offload=PlanOffload())
 
 

@@ -13,8 +13,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_(model: Any, args: argparse.Namespace) -> Any:
-    if not getattr(args, "plan", None):
-        return model
+    if not getattr(args, "plan", None) or getattr(model, "plan", None) is not None:
+        return model  # no plan, or loaded straight into it (moeinfer.cli.load_model: load_planned)
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.planning import apply_plan_
     from moeinfer.planning.spec import Plan, PlanError
@@ -22,7 +22,6 @@ def apply_(model: Any, args: argparse.Namespace) -> Any:
     if getattr(args, "offload", None):
         raise PlanError("--plan sets the offload settings itself: drop --offload")
     if args.plan == "auto":
-        # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
         # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
         from moeinfer.compress.api import weight_bytes
         from moeinfer.planning.planner import plan
