@@ -15,8 +15,10 @@ from moeinfer.model.norm import RMSNorm
 from moeinfer.model.rope import RotaryEmbedding
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B,H,T,Dq], k [B,Hkv,S,Dq], v [B,Hkv,S,Dv] (H a multiple of Hkv), mask [B,1,T,S] bool -> [B,T,H*Dv].
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """q [B,H,T,Dq], k [B,Hkv,S,Dq], v [B,Hkv,S,Dv] (H a multiple of Hkv), mask [B,1,T,S] bool or None
+    (every key visible) -> [B,T,H*Dv].
 
     Grouped-query heads: on the CPU, SDPA reads each kv head for its group of query heads
     (`enable_gqa`, the same numbers as repeating them); elsewhere the kv heads are repeated, the
@@ -57,7 +59,7 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(config.rope, Dh, config.max_position_embeddings)
         self.scale = Dh**-0.5
 
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor | None,
                 kv: LayerKV | None = None, step: CacheStep | None = None,
                 rope_memo: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape

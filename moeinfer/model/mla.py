@@ -75,7 +75,7 @@ class MLAttention(nn.Module):
         self.rotary = RotaryEmbedding(config.rope, self.rope_dim, config.max_position_embeddings)
         self.scale = softmax_scale(config.rope, self.qk_head_dim)
 
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor | None,
                 kv: LayerKV | None = None, step: CacheStep | None = None,
                 rope_memo: dict | None = None) -> torch.Tensor:
         """x [B, T, D], positions [B, T], mask [B, 1, T, S] bool -> [B, T, D]."""

@@ -140,12 +140,16 @@ class MoEModel(nn.Module):
         positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slots)  # [B, T]
         for fn in self.token_observers:
             fn(new_valid, positions, step is None or step.uniform_start == 0)
-        masks: dict[int | None, torch.Tensor] = {}
+        masks: dict[int | None, torch.Tensor | None] = {}
         rope_memo: dict = {}  # cos/sin computed by the first layer serve the others (RotaryEmbedding)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             if layer.window not in masks:
-                masks[layer.window] = build_mask(key_valid, q_slots, layer.window)
+                mask = build_mask(key_valid, q_slots, layer.window)
+                # A mask that hides nothing (decode of an unpadded row) is dropped on the CPU: attention
+                # then skips the boolean-to-additive conversion; the numbers are the same. (Off the CPU
+                # the test would synchronise the device, and graph capture forbids it.)
+                masks[layer.window] = None if device.type == "cpu" and bool(mask.all()) else mask
             x = layer(x, positions=positions, mask=masks[layer.window],
                       kv=cache.layers[i] if cache is not None else None, step=step, rope_memo=rope_memo)
         x = self.norm(x)

@@ -25,3 +25,29 @@ def test_grouped_heads_equal_repeated_heads(dtype, T, S, H, Hkv):
     got = attend(q, k, v, mask, 0.17)
     tol = 1e-6 if dtype == torch.float32 else 2.0**-8
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_a_mask_hiding_nothing_is_dropped_with_the_same_numbers(tiny_fp32, monkeypatch):
+    """An unpadded one-token forward on the CPU passes no mask to attention, and each layer's output
+    equals what the all-visible boolean mask gives; a causal prefill keeps its mask."""
+    import moeinfer.model.attention as attention
+
+    seen = []
+    original = attention.attend
+
+    def spy(q, k, v, mask, scale):
+        out = original(q, k, v, mask, scale)
+        if mask is None:
+            visible = torch.ones(q.shape[0], 1, q.shape[2], k.shape[2], dtype=torch.bool)
+            assert torch.equal(out, original(q, k, v, visible, scale))
+        seen.append(mask)
+        return out
+
+    monkeypatch.setattr(attention, "attend", spy)
+    ids = torch.arange(3, 12).reshape(1, -1)
+    with torch.no_grad():
+        tiny_fp32(ids)
+        assert len(seen) == tiny_fp32.config.num_layers and all(m is not None for m in seen)
+        seen.clear()
+        tiny_fp32(ids[:, :1])
+        assert len(seen) == tiny_fp32.config.num_layers and all(m is None for m in seen)
