@@ -14,7 +14,11 @@ Steps:
      needs D and I multiples of 8: probed per shape, never assumed);
    - "per-expert": one GEMM pair per expert that received slots (counts read once, free on a CPU);
    - "widened": per expert, with the active experts' half-precision weights widened to fp32 from
-     WIDEN_MIN_ROWS rows on; used for bf16/fp16 on CPUs without native half matmul (below).
+     WIDEN_MIN_ROWS rows on; used for fp16 on CPUs without native half matmul (below);
+   - "rows": one native call (csrc/moe_rows.cpp) that reads each routed expert's bf16/fp32 weight
+     rows once, widened in registers, against all of its token rows; used for bf16 on CPUs without
+     native bf16 matmul when the native library is built (widening whole experts for a GEMM moves
+     ~5x the weight bytes). Where it cannot run (fp16, engine 'torch', no library) it is "widened".
 3. SiLU(gate) * up, down projection, multiply by the routing weight.
 4. Combine: put the outputs back in slot order and sum each token's K weighted rows
    (a scatter-add over threads was slow here).
@@ -22,8 +26,8 @@ Batch-1 decode skips sorting: with the native library (moeinfer.kernels.native) 
 token run in one call (gate_up, SiLU * up, down and the weighted sum, bf16 widened in registers,
 fp32 accumulation); otherwise K matvecs on views. `engine=` forces one (moeinfer.kernels.cpu_native).
 Matmuls run on torch's intra-op pool, so all cores are used (`torch.set_num_threads`).
-On CPUs without native bf16/fp16 matmul (AVX2) an expert with >= 2 rows is computed in fp32 from
-its weights converted on the fly: the conversion costs far less than the half-precision GEMM.
+On CPUs without native bf16/fp16 matmul (AVX2) a half-precision GEMM is slow: bf16 experts run
+"rows" (weights widened in registers), fp16 ones (or bf16 without the native library) "widened".
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from moeinfer.kernels.cpu_native import choose_engine, moe_decode, native_weights
+from moeinfer.kernels import native
+from moeinfer.kernels.cpu_native import choose_engine, moe_decode, moe_rows, native_weights
 from moeinfer.kernels.registry import register_kernel
 from moeinfer.model.mlp import silu_and_mul
 
@@ -54,7 +59,7 @@ def slow_half_matmul(dtype: torch.dtype) -> bool:
     return False
 
 
-SCHEDULES = ("grouped", "per-expert", "widened")
+SCHEDULES = ("grouped", "per-expert", "widened", "rows")
 
 
 @lru_cache(maxsize=None)
@@ -81,7 +86,7 @@ def grouped_mm_works(dtype: torch.dtype, hidden: int = 8, inner: int = 8) -> boo
 def choose_schedule(dtype: torch.dtype, hidden: int, inner: int) -> str:
     """The fastest schedule that this CPU runs correctly for experts of this dtype and shape."""
     if slow_half_matmul(dtype):
-        return "widened"
+        return "rows" if dtype == torch.bfloat16 and native.best_variant() is not None else "widened"
     return "grouped" if grouped_mm_works(dtype, hidden, inner) else "per-expert"
 
 
@@ -117,11 +122,15 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
         raise ValueError(f"unknown cpu schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     if schedule == "grouped" and not grouped_mm_works(x.dtype, gate_up.shape[2], down.shape[2]):
         schedule = "per-expert"  # torch refuses these shapes here: same result, one GEMM pair per expert
-    if N == 1:
+    if N == 1 or schedule == "rows":
         engine = choose_engine(engine)
         if engine != "torch" and native_weights(gate_up, down):
-            return moe_decode(x, indices, weights, gate_up, down, expert_map=expert_map, engine=engine)
-        return _one_token(x, indices, weights, gate_up, down, expert_map)
+            if N == 1:
+                return moe_decode(x, indices, weights, gate_up, down, expert_map=expert_map, engine=engine)
+            return moe_rows(x, indices, weights, gate_up, down, expert_map=expert_map, engine=engine)
+        if N == 1:
+            return _one_token(x, indices, weights, gate_up, down, expert_map)
+        schedule = "widened"  # the native rows cannot run these weights or this engine: same result
     flat = indices.reshape(-1)
     if expert_map is not None:
         flat = expert_map.to(flat.device)[flat]

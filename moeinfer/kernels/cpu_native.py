@@ -44,6 +44,16 @@ def moe_decode(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ga
     return out.to(x.dtype)[None]
 
 
+def moe_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+             down: torch.Tensor, *, expert_map: torch.Tensor | None, engine: str) -> torch.Tensor:
+    """x [N, D] -> [N, D]: every token's routed experts in one native call (csrc/moe_rows.cpp), each
+    expert's bf16/fp32 weight rows read once for all of its tokens."""
+    experts = local_experts(indices, expert_map).long().contiguous()
+    out = native.load().moe_rows(x.float().contiguous(), experts, weights.float().contiguous(), gate_up.contiguous(),
+                                 down.contiguous(), engine)
+    return out.to(x.dtype)
+
+
 def native_weights(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """The native expert stage reads these weights (bf16 or fp32, CPU, same dtype)."""
     return (gate_up.device.type == "cpu" and gate_up.dtype == down.dtype

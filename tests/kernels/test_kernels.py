@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kernel_cases import make_problem, tolerance
-from moeinfer.kernels import KernelUnavailableError, get_kernel, resolve, use_kernel_
+from native_helpers import require
+from moeinfer.kernels import KernelUnavailableError, get_kernel, native, resolve, use_kernel_
 from moeinfer.kernels.cpu import SCHEDULES, cpu_moe
 from moeinfer.kernels.reference import reference_moe
 
@@ -49,14 +50,34 @@ def test_schedule_choice_follows_the_cpu_and_the_shape(monkeypatch):
     from moeinfer.kernels import cpu
 
     monkeypatch.setattr(cpu, "slow_half_matmul", lambda dtype: dtype != torch.float32)
+    monkeypatch.setattr(cpu.native, "best_variant", lambda: "generic")
+    assert cpu.choose_schedule(torch.bfloat16, 64, 32) == "rows"
+    assert cpu.choose_schedule(torch.float16, 64, 32) == "widened"
+    monkeypatch.setattr(cpu.native, "best_variant", lambda: None)  # no native library
     assert cpu.choose_schedule(torch.bfloat16, 64, 32) == "widened"
     monkeypatch.setattr(cpu, "slow_half_matmul", lambda dtype: False)
     monkeypatch.setattr(cpu, "grouped_mm_works", lambda dtype, d, i: d % 8 == 0 and i % 8 == 0)
     assert cpu.choose_schedule(torch.bfloat16, 64, 32) == "grouped"
     assert cpu.choose_schedule(torch.bfloat16, 36, 20) == "per-expert"
-    with pytest.raises(ValueError, match="valid: grouped, per-expert, widened"):
+    with pytest.raises(ValueError, match="valid: grouped, per-expert, widened, rows"):
         p = make_problem(N=3, E=8, K=2)
         cpu_moe(*p.args(), schedule="fast")
+
+
+@pytest.mark.parametrize("engine", ["torch", *native.VARIANTS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,i", [(36, 20), (64, 32)], ids=["unaligned", "aligned"])
+@pytest.mark.parametrize("E,K,N,hot,half_map", [(8, 2, 3, None, False), (64, 4, 64, 5, False), (60, 8, 33, None, True)])
+def test_rows_schedule_every_engine_matches_reference(engine, dtype, d, i, E, K, N, hot, half_map):
+    """The native "rows" schedule with each variant forced (and its fallbacks: engine 'torch', fp16
+    weights), with idle experts and experts not held here (an expert map)."""
+    if engine != "torch":
+        require(engine)
+    p = make_problem(N=N, E=E, K=K, dtype=dtype, hot=hot, d=d, i=i, map_half=half_map)
+    out = cpu_moe(*p.args(), expert_map=p.expert_map, schedule="rows", engine=engine)
+    ref = reference_moe(*p.args(), expert_map=p.expert_map)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=tolerance(ref, dtype), rtol=0)
 
 
 def test_grouped_mm_probe_uses_the_real_shapes():

@@ -71,7 +71,7 @@ def build(*, verbose: bool = False, compiler: str | None = None) -> Path:
     objdir.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:
         objects = []
-        for src, flags in [("ops.cpp", ()), ("dense.cpp", ()), *VARIANT_SOURCES.values()]:
+        for src, flags in [("ops.cpp", ()), ("dense.cpp", ()), ("moe_rows.cpp", ()), *VARIANT_SOURCES.values()]:
             # objects are cached by what they are built from (sources, flags, torch), so a rebuild
             # after editing one variant recompiles only that one
             key = _digest([*common, *flags, cxx], [SRC_DIR / src, SRC_DIR / "kern.h"])
