@@ -106,7 +106,7 @@ def generate(model: MoEModel, prompts: Sequence[Prompt], *, max_new_tokens: int 
         ids[b, T - len(p):] = torch.tensor(p, device=device)
         mask[b, T - len(p):] = True
     cache = KVCache(model.config, batch_size=B, max_length=T + max_new_tokens, device=device, dtype=model.dtype)
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # [B, V]
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]  # [B, V]
     decode = decode_step(model, cache)  # a CUDA-graph replay on CUDA when the model allows it
 
     # 2. Decode one token per step for every unfinished row.

@@ -26,7 +26,7 @@ class LocalOps:
     def forward(self, ids: list[list[int]], start: int, stop: int) -> torch.Tensor:
         """Logits of the last position of each row, [rows, V], for new tokens ids in cache rows [start, stop)."""
         x = torch.tensor(ids, device=self.model.device)
-        return self.model(x, cache=self.cache.rows(start, stop))[:, -1]
+        return self.model(x, cache=self.cache.rows(start, stop), logits_to_keep=1)[:, -1]
 
     def move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)

@@ -123,7 +123,11 @@ class MoEModel(nn.Module):
         self.token_observers[:] = [] if fn is None else [fn]
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, return_hidden: bool = False, logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or the final hidden states [B, T, D] with `return_hidden`).
+        `logits_to_keep` n > 0: logits of the last n positions only, [B, n, V] (transformers' argument
+        of that name): generation needs one, and over a long prompt the LM head is the prefill's largest
+        matmul."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -153,7 +157,11 @@ class MoEModel(nn.Module):
             x = layer(x, positions=positions, mask=masks[layer.window],
                       kv=cache.layers[i] if cache is not None else None, step=step, rope_memo=rope_memo)
         x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
+        return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
 
     def num_parameters(self) -> dict[str, int]:
         """Total parameters and parameters active per token (shared + top-k routed experts)."""

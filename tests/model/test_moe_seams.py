@@ -120,3 +120,19 @@ def test_kernel_choice_is_asked_of_the_stage_and_survives_compression(model) -> 
     x = torch.randn(5, model.config.hidden_size)
     routing = block.gate(x)
     assert torch.equal(block.experts(x, routing), block.experts.eager_forward(x, routing))
+
+
+def test_logits_to_keep_gives_the_last_positions(tiny_fp32_shared):
+    """transformers' `logits_to_keep`: the last n positions' logits, as the full forward gives them
+    (up to the matmul's row blocking), and a clear error for a negative n."""
+    model = tiny_fp32_shared
+    ids = torch.arange(3, 30).reshape(1, -1)
+    with torch.no_grad():
+        full = model(ids)
+        for n in (1, 5):
+            last = model(ids, logits_to_keep=n)
+            assert last.shape == (1, n, model.config.vocab_size)
+            torch.testing.assert_close(last, full[:, -n:], rtol=1e-5, atol=1e-5)
+        assert torch.equal(model(ids, logits_to_keep=0), full)
+        with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+            model(ids, logits_to_keep=-1)
