@@ -6,9 +6,9 @@ Each eligible `nn.Linear` becomes a `CpuLinear` (a subclass: same parameters, sa
 and loaded as before; `restore_linears_` turns them back). Its forward:
 1. one token (decode): a native GEMV reading the bf16 weight once, widened in registers,
    accumulated in fp32 (csrc/ops.cpp `gemv`), on torch's thread pool;
-2. more tokens, on CPUs without native bf16 matmul: the weight widened to fp32 tile by tile
-   (TILE_ROWS rows into one reused buffer) and multiplied in fp32, since a bf16 GEMM is ~10x slower
-   there and a whole fp32 copy would double the memory;
+2. more tokens, on CPUs without native bf16 matmul: one native call reading each bf16 weight row
+   once for all the rows, widened in registers (csrc/moe_rows.cpp `linear_rows`), since a bf16 GEMM
+   is ~10x slower there and widening the weight to fp32 for an fp32 GEMM moves ~5x its bytes;
 3. otherwise torch's F.linear.
 Eligible: CPU, bf16 weight, native library available (else nothing changes and `use_cpu_linears_`
 says why); under autograd (grad enabled and a tensor requiring grad) F.linear runs.
@@ -22,10 +22,6 @@ from torch import nn
 
 from moeinfer.kernels import native
 from moeinfer.kernels.cpu import slow_half_matmul
-
-TILE_ROWS = 512
-_TILES: dict[int, torch.Tensor] = {}  # in_features -> reused [TILE_ROWS, in_features] fp32 tile
-
 
 class CpuLinear(nn.Linear):
     """nn.Linear whose forward runs the native CPU paths (module docstring); `engine` forces a
@@ -45,18 +41,9 @@ class CpuLinear(nn.Linear):
             variant = native.resolve_variant(self.engine)
             y = native.load().gemv(x.reshape(-1).float().contiguous(), w, variant)
         elif slow_half_matmul(torch.bfloat16):
-            # 2. prefill on AVX2: fp32 tiles of the weight
-            xf = x.reshape(n, self.in_features).float()
-            yt = torch.empty(self.out_features, n)  # [O, n]: row tiles of it are contiguous
-            tile = _TILES.get(self.in_features)
-            if tile is None:
-                tile = _TILES[self.in_features] = torch.empty(TILE_ROWS, self.in_features)
-            for r0 in range(0, self.out_features, TILE_ROWS):
-                r1 = min(r0 + TILE_ROWS, self.out_features)
-                t = tile[: r1 - r0]
-                t.copy_(w[r0:r1])
-                torch.mm(t, xf.t(), out=yt[r0:r1])
-            y = yt.t()
+            # 2. prefill on AVX2: each weight row read once for all rows, widened in registers
+            variant = native.resolve_variant(self.engine)
+            y = native.load().linear_rows(x.reshape(n, self.in_features).float().contiguous(), w, variant)
         else:
             return F.linear(x, w, self.bias)  # 3.
         if self.bias is not None:

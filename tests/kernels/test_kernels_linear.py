@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeinfer.kernels import use_kernel_
+from moeinfer.kernels import linear, use_kernel_
 from moeinfer.kernels.linear import CpuLinear, restore_linears_, use_cpu_linears_
 from native_helpers import native_ops, require, variant_params
 
@@ -32,8 +32,12 @@ def pair(d_in: int, d_out: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
 @pytest.mark.parametrize("d_in,d_out", [(36, 20), (64, 1100), (2048, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (5,), (2, 7)])
-def test_cpu_linear_matches_fp32_reference(variant, d_in, d_out, bias, lead):
+@pytest.mark.parametrize("half_matmul", ["slow", "native"])
+def test_cpu_linear_matches_fp32_reference(variant, d_in, d_out, bias, lead, half_matmul, monkeypatch):
+    """Each path forced whatever this CPU is: several rows take the native rows product where bf16
+    matmul is slow (AVX2) and torch's F.linear where it is native (AVX512-BF16/AMX)."""
     require(variant)
+    monkeypatch.setattr(linear, "slow_half_matmul", lambda dtype: half_matmul == "slow")
     fast, plain = pair(d_in, d_out, bias)
     assert use_cpu_linears_(fast, engine=variant) == 1 and isinstance(fast, CpuLinear)
     x = torch.randn(*lead, d_in).bfloat16()

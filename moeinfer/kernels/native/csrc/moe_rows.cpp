@@ -1,4 +1,5 @@
-// Few-token MoE expert stage for bf16/fp32 weights (torch.ops.moeinfer_native.moe_rows): prefill and
+// Few-token MoE expert stage for bf16/fp32 weights (torch.ops.moeinfer_native.moe_rows; `linear_rows` is
+// the same for one dense matrix): prefill and
 // small batches on CPUs without a native bf16 matmul, where widening whole experts to fp32 for a GEMM
 // moves ~5x the weight bytes (read bf16, write fp32, read fp32) and dominates short prompts.
 //
@@ -212,10 +213,31 @@ at::Tensor moe_rows(const at::Tensor& x, const at::Tensor& experts, const at::Te
   return out;
 }
 
+// x [N, C] f32 times w [O, C] (bf16 or fp32) transposed -> [N, O] f32: a dense linear with every weight row read
+// once for all N rows (few-token prefill of the dense layers, as the experts above).
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::string& variant) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "moeinfer_native: linear_rows x must be a contiguous float32 [N, C] matrix");
+  TORCH_CHECK((w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat) && w.dim() == 2 &&
+                  w.is_contiguous() && w.size(1) == x.size(1),
+              "moeinfer_native: linear_rows weight must be a contiguous bf16/fp32 [O, ", x.size(1), "] matrix, got ",
+              w.sizes());
+  const int64_t N = x.size(0), C = x.size(1), O = w.size(0);
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  const Dots dots = pick_dots(variant, bf16);
+  at::Tensor y = at::empty({N, O}, x.options());
+  const std::vector<int64_t> one{0}, all{0, N};
+  if (N && O)
+    expert_rows(dots, static_cast<const uint8_t*>(w.data_ptr()), 0, C * (bf16 ? 2 : 4), O, C, one, all,
+                x.data_ptr<float>(), C, y.data_ptr<float>(), O);
+  return y;
+}
+
 }  // namespace
 }  // namespace moeinfer_native
 
 TORCH_LIBRARY_FRAGMENT(moeinfer_native, m) {
+  m.def("linear_rows(Tensor x, Tensor w, str variant) -> Tensor", &moeinfer_native::linear_rows);
   m.def("moe_rows(Tensor x, Tensor experts, Tensor weights, Tensor gate_up, Tensor down, str variant) -> Tensor",
         &moeinfer_native::moe_rows);
 }
