@@ -286,6 +286,8 @@ def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
         ]
         if dtype != "float32":
             variants.append(("moeinfer cpu, fp32 expert weights", lambda: use_kernel_(model, "cpu", fp32_weights=True)))
+        # last: the native dense path (bf16 linears, RMSNorms) stays on the model once applied
+        variants.append(("moeinfer cpu, native dense path", lambda: use_kernel_(model, "cpu", linears=True)))
         for label, setup in variants:
             setup()
             with torch.no_grad():
