@@ -239,6 +239,9 @@ inline void gemm_tile(const uint8_t* const* wq, const float* const* ws, const fl
     for (int j = 0; j < RN; ++j) dx[j] = _mm256_broadcast_ss(xd + j * nb + b);
     for (int i = 0; i < RM; ++i) {
       __m256i u, v;
+      // the weight rows stream from memory when the tile has few activation rows (decode-like sizes)
+      if ((b & (Q4 ? 3 : 1)) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(wq[i] + b * (Q4 ? QBLOCK / 2 : QBLOCK)) + PREFETCH, _MM_HINT_T0);
       if (Q4) {
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wq[i] + b * (QBLOCK / 2)));
         u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m);
