@@ -1,6 +1,7 @@
 """The native quantized GEMM (`gemm_q`, csrc/kern.h: int8 activation rows x packed 4/8-bit codes, the
 register-tiled microkernel on AVX2) and the quantized experts' prefill built on it (`moe_prefill_q`),
-each variant forced by name and run on 1 and 2 threads, against their eager references:
+each variant forced by name, against their eager references (and on 1 and 2 threads: every output
+element is computed by one thread in a fixed order, so the results are bit-equal):
 - gemm_q "q8": the dequantized weight times the activation rows as quantize_q8 rounds them
   (q8_reference.q8_round_trip), in fp64; "f32": the dequantized weight times the rows themselves;
 - moe_prefill_q: reference_moe_q8 (x quantized per token, SiLU * up per token and expert), with the
@@ -50,7 +51,7 @@ def q8_ref(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("cols", [36, 200, 256], ids=["partial-block", "partial-group", "aligned"])
 @pytest.mark.parametrize("N", [1, 3, 8, 9, 17, 64])
-def test_gemm_q_matches_the_reference(variant, bits, gs, cols, N, threads):
+def test_gemm_q_matches_the_reference(variant, bits, gs, cols, N):
     """O = 50: two work items of 24 rows and a partial one, a partial tile of rows; N: partial tiles of
     activation rows; cols: a partial last block, a partial last group, whole groups."""
     ops = native_ops()
@@ -64,7 +65,7 @@ def test_gemm_q_matches_the_reference(variant, bits, gs, cols, N, threads):
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("cols", [64, 200])
-def test_extreme_codes_do_not_saturate(variant, bits, cols, threads):
+def test_extreme_codes_do_not_saturate(variant, bits, cols):
     """Rows of codes 0 / 15 or 255 / alternating against activation rows whose codes reach +-127 (the
     int16 pair sums vpmaddubsw would saturate on uncentred 8-bit codes)."""
     ops = native_ops()
@@ -141,6 +142,34 @@ def test_gemm_q_names_bad_input():
         ops.gemm_q(x, q, s, z, 4, 32, "generic", "q8", torch.zeros(29))
 
 
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("bits", [4, 8])
+def test_thread_count_does_not_change_results(variant, bits, threads, monkeypatch):
+    """The GEMM and the experts' prefill on 2 threads against the reference, and bit-equal to 1 thread."""
+    ops = native_ops()
+    require(variant)
+    q, s, z, W = matrix(bits, 64, 100, 200)
+    x = torch.randn(17, 200, generator=torch.Generator().manual_seed(8))
+    force_expert_path(monkeypatch, "prefill")
+    qe = quantized_problem(bits, 32, "rtn", d=160, i=96)
+    r = routing(33, 8, 3)
+    xe = torch.randn(33, 160, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        return (ops.gemm_q(x, q, s, z, bits, 64, variant, "q8"),
+                quantized_moe_cpu(xe, r.indices, r.weights, qe, engine=variant, activations="q8"))
+
+    y, out = run()
+    close(y, q8_ref(x, W), torch.float32)
+    gate_up, down = qe.dequantize_all()
+    ref = reference_moe_q8(xe, r.indices, r.weights, gate_up, down)
+    allow = tie_allowance(xe, r.indices, r.weights, gate_up, down)
+    assert not bool(((out - ref).abs() > 1e-5 * float(ref.abs().max()) + 1e-5 * ref.abs() + allow).any())
+    torch.set_num_threads(3 - threads)
+    y2, out2 = run()
+    assert torch.equal(y, y2) and torch.equal(out, out2)
+
+
 # --- quantized experts' prefill (moe_prefill_q) ---
 
 @pytest.mark.parametrize("variant", variant_params())
@@ -148,7 +177,7 @@ def test_gemm_q_names_bad_input():
                                                (4, 64, "rtn")])
 @pytest.mark.parametrize("d,i", [(36, 20), (64, 32), (160, 96)], ids=["unaligned", "aligned", "wider"])
 @pytest.mark.parametrize("N", [5, 33])
-def test_prefill_matches_the_reference(variant, bits, gs, algorithm, d, i, N, threads, monkeypatch):
+def test_prefill_matches_the_reference(variant, bits, gs, algorithm, d, i, N, monkeypatch):
     require(variant)
     force_expert_path(monkeypatch, "prefill")
     if algorithm == "sym" and (d % gs or i % gs):

@@ -230,27 +230,33 @@ inline void gemm_tile(const uint8_t* const* wq, const float* const* ws, const fl
   const int8_t* xb = (Q4 ? x.q4 : x.q) + j0 * xs;
   const float* xd = x.d + j0 * nb;
   const __m256i ones = _mm256_set1_epi16(1), m = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(char(0x80));
+  // the accumulators are named registers only when every loop over them is unrolled
   __m256 acc[RM][RN];
+#pragma GCC unroll 8
   for (int i = 0; i < RM; ++i)
+#pragma GCC unroll 8
     for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
   int64_t g = 0, left = bpg;
   for (int64_t b = 0; b < nfull; ++b) {
     __m256 dx[RN];
+#pragma GCC unroll 8
     for (int j = 0; j < RN; ++j) dx[j] = _mm256_broadcast_ss(xd + j * nb + b);
+#pragma GCC unroll 8
     for (int i = 0; i < RM; ++i) {
-      __m256i u, v;
       // the weight rows stream from memory when the tile has few activation rows (decode-like sizes)
-      if ((b & (Q4 ? 3 : 1)) == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(wq[i] + b * (Q4 ? QBLOCK / 2 : QBLOCK)) + PREFETCH, _MM_HINT_T0);
+      const uint8_t* wb = wq[i] + b * (Q4 ? QBLOCK / 2 : QBLOCK);
+      _mm_prefetch(reinterpret_cast<const char*>(wb) + PREFETCH, _MM_HINT_T0);
+      __m256i u, v;
       if (Q4) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wq[i] + b * (QBLOCK / 2)));
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb));
         u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m);
         v = u;
       } else {
-        v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[i] + b * QBLOCK)), flip);
+        v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb)), flip);
         u = _mm256_sign_epi8(v, v);
       }
       const __m256 si = _mm256_set1_ps(ws[i][g]);
+#pragma GCC unroll 8
       for (int j = 0; j < RN; ++j) {
         __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + j * xs + b * QBLOCK));
         if (!Q4) xq = _mm256_sign_epi8(xq, v);
@@ -261,6 +267,11 @@ inline void gemm_tile(const uint8_t* const* wq, const float* const* ws, const fl
     if (--left == 0) ++g, left = bpg;
   }
   const int64_t c = nfull * QBLOCK, G = x.G;
+#pragma GCC unroll 8
+  for (int i = 0; i < RM; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < RN; ++j) out[i][j] = hsum(acc[i][j]);
+  // the partial last block and the zero-point terms, as the row kernels
   for (int i = 0; i < RM; ++i)
     for (int j = 0; j < RN; ++j) {
       const int8_t* xq = x.q + (j0 + j) * xs;
@@ -268,8 +279,7 @@ inline void gemm_tile(const uint8_t* const* wq, const float* const* ws, const fl
       if (c < cols)
         t = xd[j * nb + nfull] * ws[i][c / gs] *
             float(Q4 ? itail_u4(wq[i], xq, c, cols) : itail_u8(wq[i], xq, c, cols, 128));
-      t += zero_terms(ws[i], wz[i], x.gsum + (j0 + j) * G, G, Q4 ? 0.f : 128.f);
-      out[i][j] = hsum(acc[i][j]) + t;
+      out[i][j] += t + zero_terms(ws[i], wz[i], x.gsum + (j0 + j) * G, G, Q4 ? 0.f : 128.f);
     }
 }
 
