@@ -9,6 +9,10 @@
 //    (quantized experts: rows (k, r) split over threads, then the sum over k).
 // Weights are read once, straight from their stored layout (bf16, fp32, or packed codes with
 // group scales/zeros); nothing the size of a weight matrix is allocated.
+//
+// Many rows on packed codes (prefill, and a quantized linear at any batch): `gemm_q` quantizes the
+// activation rows once to int8 blocks and runs the tiled integer GEMM of kern.h; `moe_prefill_q` runs a
+// whole quantized-experts prefill on it in one call (dispatch, two GEMMs per routed expert, combine).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
