@@ -111,7 +111,7 @@ def test_one_row_is_the_row_kernel(variant, bits, activations):
 
 
 @pytest.mark.parametrize("variant", variant_params())
-def test_bias_and_bf16_rows(variant):
+def test_bias_bf16_rows_and_strided_weights(variant):
     ops = native_ops()
     require(variant)
     q, s, z, _ = matrix(4, 32, 30, 64)
@@ -124,6 +124,9 @@ def test_bias_and_bf16_rows(variant):
     assert yb.dtype == torch.bfloat16
     assert torch.equal(yb, (ops.gemm_q(xb.float(), q, s, z, 4, 32, variant, "q8") + bias).bfloat16())
     assert ops.gemm_q(x[:0], q, s, z, 4, 32, variant, "q8").shape == (0, 30)
+    strided = [t.t().contiguous().t() for t in (q, s, z)]  # the same values, not contiguous
+    assert not strided[0].is_contiguous()
+    assert torch.equal(ops.gemm_q(x, *strided, 4, 32, variant, "q8"), y)
 
 
 def test_gemm_q_names_bad_input():

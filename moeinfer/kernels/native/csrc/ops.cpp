@@ -379,7 +379,9 @@ at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s
   const bool q8 = use_q8(activations, group_size);
   const at::Tensor x = rows_f32(x_, "gemm_q x");
   const int64_t N = x.size(0), cols = x.size(1), O = q.dim() == 2 ? q.size(0) : -1;
-  const QMat m = qmat(q.unsqueeze(0), s.unsqueeze(0), z.unsqueeze(0), O, packed_bytes(cols, bits),
+  // a layer's parameters are contiguous; anything else is copied here rather than refused
+  const at::Tensor qc = q.contiguous(), sc = s.contiguous(), zc = z.contiguous();
+  const QMat m = qmat(qc.unsqueeze(0), sc.unsqueeze(0), zc.unsqueeze(0), O, packed_bytes(cols, bits),
                       num_groups(cols, group_size), "gemm_q");
   at::Tensor y = at::empty({N, O}, x.options());
   const float* xp = x.data_ptr<float>();
