@@ -44,9 +44,10 @@ _NATIVE_X = (torch.float32, torch.bfloat16)  # activation dtypes the native ops 
 # floats) once per expert; decoding a slot reads 1 (int8) or 0.5 (int4) bytes per code: below this
 # many slots per routed expert, decoding token by token moves fewer bytes.
 DECODE_SLOTS_PER_EXPERT = 8
-# "q8": the integer GEMM reads each routed expert once and costs about what the decode's row kernels
-# cost per slot; measured on an OLMoE-1B-7B layer (one thread, q4_0 and int8) the two meet between 1.4
-# and 2.4 slots per routed expert (6 to 16 tokens).
+# "q8": the integer GEMM reads each routed expert once; with few slots per expert its tiles are narrow
+# and it costs what the decode's row kernels cost: measured on an OLMoE-1B-7B layer (one thread, q4_0
+# and int8, 2 to 16 tokens = 1 to 2.4 slots per routed expert) the two paths were within noise of each
+# other; at 128 tokens the GEMM is ~3x the dequantized tiles (benchmarks/bench_cpu_kernels.py).
 Q8_DECODE_SLOTS_PER_EXPERT = 2
 
 
