@@ -4,14 +4,21 @@ machine's read bandwidth measured in the same run.
 
     python benchmarks/bench_cpu_kernels.py                    # 2 threads (torch default), wall clock
     python benchmarks/bench_cpu_kernels.py --tokens 1 --formats bf16,q4_0
+    python benchmarks/bench_cpu_kernels.py --threads 1 --clock cpu --tokens 128 --formats int4,q4_0,int8,q8_0 \
+        --linear 128                                          # prefill; plus the LM head's QuantizedLinear
 
 Paths: bf16 "old" = the cpu kernel's torch ops (K matvec pairs at one token, `engine="torch"`);
 "new" = the native call (all K experts in one, `engine=None`); prefill runs the cpu kernel's
 widened schedule for both. Quantized "old" = QuantizedExperts.eager_forward (dequantize routed
 experts each step); "new" = QuantizedExperts.forward (moeinfer/kernels/quantized_cpu.py) with fp32
 activations (`cpu_activations="f32"`); "q8" = the same with int8 activations (Q8_0-style blocks of 32,
-integer dot products; the default where the group size allows), timed in the same run. Decode GB/s and
-% roofline are of the fastest new path.
+integer dot products; the default where the group size allows; prefill: the tiled integer GEMM
+`moe_prefill_q`), timed in the same run. Decode GB/s and % roofline are of the fastest new path.
+
+`--linear ROWS`: also one QuantizedLinear of the LM head's shape (2048 -> 50304) per quantized format at
+ROWS rows: "old" = eager_forward (the whole weight dequantized, one fp32 matmul: what every call above 8
+rows did before the native GEMM), "new" = forward with fp32 activations (the row kernels; "-" above 8
+rows, where it dequantizes too), "q8" = forward with int8 activations (`gemm_q`).
 
 Bandwidth (the roofline): the best of (a) a read-only reduction over 512 MiB (torch.sum), (b) torch's
 fp32 matrix-vector product over a 512 MiB matrix, (c) the native fp32 GEMV over the same matrix,
@@ -35,14 +42,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_moe import RESULTS, environment, time_fn  # noqa: E402  (one timing helper for all benchmarks)
 
+import bench_moe  # noqa: E402
 from moeinfer.formats.quantized_experts import QuantizedExperts  # noqa: E402
+from moeinfer.formats.quantized_linear import QuantizedLinear  # noqa: E402
 from moeinfer.cpuinfo import cpu_flags  # noqa: E402
 from moeinfer.kernels import native  # noqa: E402
 from moeinfer.kernels.cpu import cpu_moe  # noqa: E402
-from moeinfer.kernels.quantized_cpu import decode_activations  # noqa: E402
+from moeinfer.kernels.quantized_cpu import LINEAR_MAX_ROWS, decode_activations  # noqa: E402
 from moeinfer.model.moe import Routing  # noqa: E402
 
 SHAPE = dict(D=2048, I=1024, E=64, K=8)
+LM_HEAD = (2048, 50304)  # in, out features of OLMoE-1B-7B's LM head
 FORMATS = {  # name -> (bits, group size, algorithm); None = bf16 stacked experts
     "bf16": None, "int8": (8, 128, "rtn"), "int4": (4, 128, "rtn"), "q8_0": (8, 32, "sym"), "q4_0": (4, 32, "sym"),
 }
@@ -115,6 +125,42 @@ def decode_bytes(fmt: str, gate_up: torch.Tensor, qe: QuantizedExperts | None) -
     return SHAPE["K"] * sum(p.numel() * p.element_size() for p in qe.parameters()) / SHAPE["E"]
 
 
+def bench_linear(args: argparse.Namespace) -> list[dict]:
+    """The `--linear` table of the module docstring."""
+    C, O = LM_HEAD
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(C, O, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(O, C, generator=g) / C**0.5)
+    rows = []
+    print(f"\n| QuantizedLinear {C}->{O} | rows | old ms | new ms | q8 ms | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for fmt in args.formats.split(","):
+        if FORMATS[fmt] is None:
+            continue
+        bits, gs, alg = FORMATS[fmt]
+        m = QuantizedLinear.from_linear(lin, bits=bits, group_size=gs, algorithm=alg)
+        x = torch.randn(args.linear, C, generator=g).bfloat16()
+
+        def with_acts(acts: str | None):
+            m.cpu_activations = acts
+            return m(x)
+
+        with torch.no_grad():
+            t_old = time_fn(lambda: m.eager_forward(x), CPU, warmup=1, reps=args.reps, budget_s=args.budget)
+            t_new = (time_fn(lambda: with_acts("f32"), CPU, warmup=1, reps=args.reps, budget_s=args.budget)
+                     if args.linear <= LINEAR_MAX_ROWS else None)
+            t_q8 = (time_fn(lambda: with_acts("q8"), CPU, warmup=1, reps=args.reps, budget_s=args.budget)
+                    if decode_activations(None, gs) == "q8" else None)
+        best = min(t for t in (t_new, t_q8) if t is not None) if (t_new or t_q8) else None
+        rows.append(dict(format=fmt, shape=[C, O], rows=args.linear, old_s=t_old, new_s=t_new, q8_s=t_q8))
+        cells = [f"{t * 1e3:.1f}" if t else "-" for t in (t_old, t_new, t_q8)]
+        spd = f"{t_old / best:.1f}x" if best else "-"
+        print(f"| {fmt} | {args.linear} | {' | '.join(cells)} | {spd} |", flush=True)
+        del m
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     env = environment(CPU)
@@ -168,8 +214,10 @@ def run(args: argparse.Namespace) -> dict:
             q8_ms = f"{t_q8 * 1e3:.2f}" if t_q8 else "-"
             print(f"| {fmt} | {N} | {old_ms} | {t_new * 1e3:.2f} | {q8_ms} | {spd} | {gbps} | {frac} |", flush=True)
         del qe
-    env["load_average_after"] = __import__("bench_moe").load_average()
-    return dict(environment=env, shape=SHAPE, bandwidth_Bps=bw, roofline_Bps=roof, rows=rows)
+    linear = bench_linear(args) if args.linear else []
+    env["load_average_after"] = bench_moe.load_average()
+    env["clock"] = args.clock
+    return dict(environment=env, shape=SHAPE, bandwidth_Bps=bw, roofline_Bps=roof, rows=rows, linear=linear)
 
 
 def main() -> None:
@@ -181,8 +229,16 @@ def main() -> None:
     p.add_argument("--bw-reps", type=int, default=5)
     p.add_argument("--budget", type=float, default=5.0, help="seconds per timed path at most (>= 3 calls)")
     p.add_argument("--old-max-tokens", type=int, default=128, help="skip the old path above this many tokens")
+    p.add_argument("--linear", type=int, default=0, metavar="ROWS",
+                   help="also time the LM head's QuantizedLinear at ROWS rows (module docstring)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or process CPU time (with --threads 1 on a shared machine)")
     p.add_argument("--out", type=Path, default=RESULTS / "cpu_kernels.json")
     args = p.parse_args()
+    if args.clock == "cpu":
+        if args.threads != 1:
+            p.error("--clock cpu needs --threads 1 (CPU time of several threads counts spinning)")
+        bench_moe.CLOCK = time.process_time
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

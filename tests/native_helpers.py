@@ -35,3 +35,13 @@ def require(variant: str) -> str:
     if why is not None:
         pytest.skip(f"variant {variant!r} cannot run on this CPU: {why}")
     return variant
+
+
+def force_expert_path(monkeypatch, path: str) -> None:
+    """Make quantized_moe_cpu take its token-by-token decode ("decode") or its prefill ("prefill") for
+    every batch, whatever the form of activations."""
+    from moeinfer.kernels import quantized_cpu
+
+    slots = {"decode": 10**6, "prefill": 0}[path]
+    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", slots)
+    monkeypatch.setattr(quantized_cpu, "Q8_DECODE_SLOTS_PER_EXPERT", slots)

@@ -1,8 +1,8 @@
 """QuantizedLinear: an nn.Linear stored as packed group-wise codes (quantize scope "all": attention,
-dense and shared-expert MLPs, optionally lm_head). On the CPU, a few rows (decode) run on the native
-row kernels of the quantized experts (codes read in place, int8 activations where the groups allow:
-moeinfer.kernels.quantized_cpu.quantized_linear_cpu); otherwise the weight is dequantized on every
-call (nothing cached) — `eager_forward`, the reference.
+dense and shared-expert MLPs, optionally lm_head). On the CPU it runs on the native quantized GEMM
+(codes read in place; int8 activations where the groups allow, at any number of rows; fp32 activations
+up to a few rows: moeinfer.kernels.quantized_cpu.quantized_linear_cpu); otherwise the weight is
+dequantized on every call (nothing cached) — `eager_forward`, the reference.
 
 Shapes: O out features, C in features, P packed bytes per row, G groups per row.
     qweight [O, P] uint8, scales / zeros [O, G] (model float dtype), bias [O] (when the layer had one)
@@ -71,13 +71,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "auto" and x.device.type == "cpu":
-            rows = x.reshape(-1, self.in_features)
-            y = quantized_linear_cpu(rows, self.qweight, self.scales, self.zeros, bits=self.bits,
-                                     group_size=self.group_size, activations=self.cpu_activations)
+            # one native call does the activation quantization, the GEMM, the bias and the output dtype
+            y = quantized_linear_cpu(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros,
+                                     bits=self.bits, group_size=self.group_size, activations=self.cpu_activations,
+                                     bias=self.bias)
             if y is not None:
-                if self.bias is not None:
-                    y = y + self.bias.float()
-                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+                return y.view(*x.shape[:-1], self.out_features)
         return self.eager_forward(x)
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:

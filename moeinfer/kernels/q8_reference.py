@@ -1,4 +1,5 @@
-"""Int8 activations, the eager reference of the native kernels' "q8" decode (csrc/kern.h): an fp32
+"""Int8 activations, the eager reference of the native kernels' "q8" paths (csrc/kern.h: decode, the
+quantized GEMM `gemm_q`, the experts' prefill `moe_prefill_q`): an fp32
 activation vector quantized once to blocks of 32 columns, as llama.cpp's Q8_0 activation blocks
 (symmetric, one scale per block, round to nearest; the scale kept in fp32, not fp16), then the
 weights' dot products taken against the dequantized vector.
@@ -10,8 +11,9 @@ Shapes: N tokens, D hidden, E experts, K top-k, I expert inner size, n columns, 
    the native `quantize_q8` computes (a block holding inf or NaN: d_b = NaN, codes 0, so the
    products it enters are NaN as in fp32);
 2. `q8_round_trip`: x -> d_b * xq_j [..., n], the vector every int8-activation row product sees;
-3. `reference_moe_q8`: the batch-1 expert stage with steps 1-2 applied where the native decode applies
-   them: to each token's x before gate_up, and to each expert's SiLU(gate) * up before down.
+3. `reference_moe_q8`: the expert stage with steps 1-2 applied where the native decode and prefill
+   apply them: to each token's x before gate_up, and to each (token, expert)'s SiLU(gate) * up before
+   down. A GEMM's reference is step 2 on each of its activation rows, then the matmul.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ stay in their stored layout and are never dequantized as a whole.
 
 Shapes: N tokens, D hidden, K top-k, I expert inner size, E_b experts of width b.
 
-- Decode (few slots per routed expert: N * K <= DECODE_SLOTS_PER_EXPERT * experts routed): per token
+- Decode (few slots per routed expert: N * K <= decode_slots(activations) * experts routed): per token
   and per bit width, one native call runs the token's experts of that width: w = (u - z) * s folded
   into per-group sums (csrc/ops.cpp), gate_up -> SiLU * up -> down -> weighted sum. Reads each
   routed expert's bytes once per token. Activations (`ACTIVATIONS`): "q8" (default where the group
@@ -12,14 +12,18 @@ Shapes: N tokens, D hidden, K top-k, I expert inner size, E_b experts of width b
   as llama.cpp's Q8_0 and takes integer dot products with the codes (csrc/kern.h; eager reference:
   q8_reference.py); "f32" widens the codes to fp32 against fp32 activations (exact up to fp32
   rounding; the only choice for other group sizes).
-- Prefill (more slots per expert): dispatch by expert; each expert with slots is dequantized tile by tile into
-  one reused fp32 buffer per projection (native, parallel), then two fp32 GEMMs; combine in fp32.
-  The buffers are shared by all layers (`_BUFFERS`, one per shape), so steady-state prefill
-  allocates nothing weight-sized and holds one expert's fp32 weights in all.
+- Prefill (more slots per expert), "q8" activations: one native call per bit width (`moe_prefill_q`,
+  as llama.cpp's mul_mat_id on quantized weights): dispatch by expert, every token quantized once to
+  int8 blocks, gate_up and down as tiled integer GEMMs on the codes in place (csrc/kern.h), SiLU * up
+  quantized per slot, combine in fp32. No weight is dequantized and no Python runs per expert.
+- Prefill, "f32" activations: each expert with slots is dequantized tile by tile into one reused fp32
+  buffer per projection (native, parallel), then two fp32 GEMMs; combine in fp32. The buffers are
+  shared by all layers (`_BUFFERS`, one per shape), so steady-state prefill allocates nothing
+  weight-sized and holds one expert's fp32 weights in all.
 
 `unsupported(experts)` says why a module cannot run here (bit widths other than 4 and 8); `engine`
-forces a native variant (moeinfer.kernels.cpu_native.ENGINES minus 'torch'), `activations` the decode's
-form of activations.
+forces a native variant (moeinfer.kernels.cpu_native.ENGINES minus 'torch'), `activations` the form
+of activations of decode and prefill.
 """
 
 from __future__ import annotations
@@ -35,10 +39,21 @@ from moeinfer.model.mlp import silu_and_mul
 NATIVE_BITS = (4, 8)
 ACTIVATIONS = ("f32", "q8")
 QBLOCK = 32  # columns per int8 activation block (csrc/kern.h)
-# A dequantized fp32 tile costs ~9 bytes of traffic per code (read codes, write and read 4-byte
+_NATIVE_X = (torch.float32, torch.bfloat16)  # activation dtypes the native ops take as they are
+# "f32": a dequantized fp32 tile costs ~9 bytes of traffic per code (read codes, write and read 4-byte
 # floats) once per expert; decoding a slot reads 1 (int8) or 0.5 (int4) bytes per code: below this
 # many slots per routed expert, decoding token by token moves fewer bytes.
 DECODE_SLOTS_PER_EXPERT = 8
+# "q8": the integer GEMM reads each routed expert once; with few slots per expert its tiles are narrow
+# and it costs what the decode's row kernels cost: measured on an OLMoE-1B-7B layer (one thread, q4_0
+# and int8, 2 to 16 tokens = 1 to 2.4 slots per routed expert) the two paths were within noise of each
+# other; at 128 tokens the GEMM is ~3x the dequantized tiles (benchmarks/bench_cpu_kernels.py).
+Q8_DECODE_SLOTS_PER_EXPERT = 2
+
+
+def decode_slots(activations: str) -> float:
+    """Slots per routed expert up to which the token-by-token decode runs (module constants above)."""
+    return Q8_DECODE_SLOTS_PER_EXPERT if activations == "q8" else DECODE_SLOTS_PER_EXPERT
 
 
 class PackedExperts(Protocol):
@@ -91,7 +106,7 @@ def _rows_by_width(experts: PackedExperts) -> dict[int, torch.Tensor]:
 def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: PackedExperts, *,
                       engine: str | None = None, activations: str | None = None) -> torch.Tensor:
     """x [N, D], indices/weights [N, K] -> sum_k weights[n, k] * expert_{indices[n, k]}(x[n]) [N, D].
-    `activations` ("f32" | "q8" | None = the default of `decode_activations`) applies to decode only."""
+    `activations`: "f32" | "q8" | None = the default of `decode_activations`."""
     variant = native.resolve_variant(engine)
     acts = decode_activations(activations, experts.group_size)
     ops = native.load()
@@ -101,7 +116,7 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
     D, I, gs = experts.hidden_size, experts.intermediate_size, experts.group_size
     rows = _rows_by_width(experts)
     routed = int(torch.unique(indices).numel())
-    if N * indices.shape[1] <= DECODE_SLOTS_PER_EXPERT * routed:
+    if N * indices.shape[1] <= decode_slots(acts) * routed:
         xf = x.float()
         wf = weights.float()
         out = torch.zeros(N, D)
@@ -110,6 +125,14 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
             for n in range(N):
                 out[n] += ops.moe_decode_q(xf[n].contiguous(), row[indices[n]], wf[n], *stack, b, gs, D, I, variant,
                                            acts)
+        return out.to(x.dtype)
+    if acts == "q8":
+        # one native call per bit width: dispatch, both GEMMs on the codes, combine (csrc/ops.cpp)
+        xn = x if x.dtype in _NATIVE_X else x.float()
+        out = None
+        for b, row in rows.items():
+            y = ops.moe_prefill_q(xn, row[indices], weights, *_stack(experts, b), b, gs, D, I, variant)
+            out = y if out is None else out.add_(y)
         return out.to(x.dtype)
     return _prefill(x, indices, weights, experts, rows, ops)
 
@@ -156,23 +179,29 @@ def _prefill(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expe
     return out.to(x.dtype)
 
 
-LINEAR_MAX_ROWS = 8  # a quantized linear runs row by row on the native kernels up to this many rows
+# With fp32 activations a quantized linear runs on the row kernels up to this many rows (each row reads
+# the whole weight); above it the caller's dequantize + GEMM wins. Int8 activations run the GEMM at any N.
+LINEAR_MAX_ROWS = 8
 
 
 def quantized_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *,
-                         bits: int, group_size: int, activations: str | None = None,
-                         engine: str | None = None) -> torch.Tensor | None:
-    """x [N, C] (N <= LINEAR_MAX_ROWS) times a packed group-wise matrix (qweight [O, P], fp32 scales and
-    zeros [O, G]) -> [N, O] fp32 on the native row kernels (codes read in place, as the decode of
-    quantized experts); None where they cannot run it (other widths, no native library, more rows):
-    the caller dequantizes instead."""
-    if (bits not in NATIVE_BITS or x.shape[0] > LINEAR_MAX_ROWS or native.unavailable_reason() is not None
-            or scales.dtype != torch.float32 or zeros.dtype != torch.float32):
+                         bits: int, group_size: int, activations: str | None = None, engine: str | None = None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [N, C] times a packed group-wise matrix (qweight [O, P], fp32 scales and zeros [O, G]), plus
+    `bias` [O] -> [N, O] in x's dtype, in one native call (`gemm_q`: codes read in place; "q8"
+    activations: the N rows quantized once, then the tiled integer GEMM, one row the row kernels of
+    the experts' decode; "f32": the fp32 row kernels). None where it cannot run (other widths, no
+    native library, fp32 activations on more than LINEAR_MAX_ROWS rows): the caller dequantizes."""
+    if (bits not in NATIVE_BITS or native.unavailable_reason() is not None or scales.dtype != torch.float32
+            or zeros.dtype != torch.float32):
         return None
-    ops = native.load()
-    variant = native.resolve_variant(engine)
     act = decode_activations(activations, group_size)
-    q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    xf = x.float()
-    return torch.stack([ops.gemv_q(xf[n].contiguous(), q, s, z, bits, group_size, variant, act)
-                        for n in range(x.shape[0])])
+    if act == "f32" and x.shape[0] > LINEAR_MAX_ROWS:
+        return None
+    xn = x if x.dtype in _NATIVE_X else x.float()
+    fp32_bias = bias is None or bias.dtype == torch.float32
+    y = native.load().gemm_q(xn, qweight, scales, zeros, bits, group_size, native.resolve_variant(engine), act,
+                             bias if fp32_bias else None)
+    if not fp32_bias:
+        y = y + bias.to(y.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)

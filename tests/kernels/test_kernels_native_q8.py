@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from moeinfer.formats.quant.groupwise import dequantize, quantize
-from moeinfer.kernels import quantized_cpu
 from moeinfer.kernels.q8_reference import QBLOCK, q8_round_trip, quantize_q8, reference_moe_q8
 from moeinfer.kernels.quantized_cpu import decode_activations, quantized_moe_cpu
-from native_helpers import native_ops, require, variant_params
+from native_helpers import force_expert_path, native_ops, require, variant_params
 from test_kernels_native import close, quantized_problem, routing
 
 COLS = [36, 64, 160, 200, 2048]  # a partial block, whole blocks, partial groups of 128, a model's width
@@ -109,7 +108,7 @@ def tie_allowance(x, indices, weights, gate_up, down) -> torch.Tensor:
 @pytest.mark.parametrize("N", [1, 3])
 def test_decode_matches_the_reference(variant, bits, gs, algorithm, d, i, N, monkeypatch):
     require(variant)
-    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 10**6)
+    force_expert_path(monkeypatch, "decode")
     if algorithm == "sym" and (d % gs or i % gs):
         d, i = 64, 32  # the symmetric formats need whole groups
     qe = quantized_problem(bits, gs, algorithm, d=d, i=i)
@@ -128,7 +127,7 @@ def test_decode_matches_the_reference(variant, bits, gs, algorithm, d, i, N, mon
 @pytest.mark.parametrize("variant", variant_params())
 def test_decode_of_mixed_widths_matches_the_reference(variant, monkeypatch):
     require(variant)
-    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 10**6)
+    force_expert_path(monkeypatch, "decode")
     qe = quantized_problem(4, 32, "rtn", d=64, i=48, mixed=True)
     assert sorted(set(qe.bits)) == [4, 8]
     r = routing(2, 8, 4)
@@ -167,7 +166,7 @@ def rounding_rms(x, indices, weights, gate_up, down) -> float:
 @pytest.mark.parametrize("bits,gs,algorithm", [(8, 128, "rtn"), (4, 128, "rtn"), (8, 32, "sym"), (4, 32, "sym")])
 def test_decode_error_against_fp32_is_the_activation_rounding(bits, gs, algorithm, monkeypatch):
     native_ops()
-    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 10**6)
+    force_expert_path(monkeypatch, "decode")
     qe = quantized_problem(bits, gs, algorithm, d=256, i=128)
     r = routing(4, 8, 3)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(2))
@@ -192,7 +191,7 @@ def test_activations_default_and_errors(monkeypatch):
         decode_activations("q8", 48)
     with pytest.raises(ValueError, match="unknown activations 'int4'; valid: f32, q8"):
         decode_activations("int4", 128)
-    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 10**6)
+    force_expert_path(monkeypatch, "decode")
     qe = quantized_problem(4, 32, "rtn", d=64, i=32)
     r = routing(2, 8, 2)
     x = torch.randn(2, 64)
@@ -214,7 +213,7 @@ def test_activations_default_and_errors(monkeypatch):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_non_finite_activations_give_nan_as_fp32_does(variant, bits, monkeypatch):
     require(variant)
-    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 10**6)
+    force_expert_path(monkeypatch, "decode")
     qe = quantized_problem(bits, 32, "rtn", d=64, i=32)
     r = routing(1, 8, 2)
     for bad in (float("nan"), float("inf")):
@@ -222,17 +221,6 @@ def test_non_finite_activations_give_nan_as_fp32_does(variant, bits, monkeypatch
         x[0, 5] = bad
         outs = [quantized_moe_cpu(x, r.indices, r.weights, qe, engine=variant, activations=a) for a in ("f32", "q8")]
         assert bool(outs[1].isnan().all()) and bool((~outs[0].isfinite()).all())
-
-
-def test_prefill_ignores_the_activation_choice(monkeypatch):
-    native_ops()
-    monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", 0)
-    qe = quantized_problem(4, 128, "rtn", d=160, i=96)
-    r = routing(5, 8, 3)
-    x = torch.randn(5, 160)
-    q8 = quantized_moe_cpu(x, r.indices, r.weights, qe, activations="q8")
-    assert torch.equal(q8, quantized_moe_cpu(x, r.indices, r.weights, qe, activations="f32"))
-    close(q8, qe.eager_forward(x, r), torch.float32)
 
 
 def test_native_op_names_bad_activations():

@@ -1,6 +1,7 @@
-"""QuantizedLinear (the "-all" presets' attention, dense MLPs, LM head) on the native row kernels at
-decode sizes, against its eager reference (the whole weight dequantized, one matmul); int8 activations
-against the same math on the activation row as the kernel quantizes it (q8_reference)."""
+"""QuantizedLinear (the "-all" presets' attention, dense MLPs, LM head) on the native quantized GEMM
+(`gemm_q`), against its eager reference (the whole weight dequantized, one matmul); int8 activations
+against the same math on the activation rows as the kernel quantizes them (q8_reference), at decode
+and prefill sizes; fp32 activations on the row kernels up to LINEAR_MAX_ROWS rows."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def layer(bits: int, gs: int, *, cols: int = 192, out: int = 72, bias: bool = Tr
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("gs", [32, 128])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 9, 64])
 @pytest.mark.parametrize("bias", [True, False])
 def test_native_rows_match_the_reference(bits, gs, rows, bias, monkeypatch):
     native_ops()
@@ -52,12 +53,45 @@ def test_native_rows_match_the_reference(bits, gs, rows, bias, monkeypatch):
     assert not torch.allclose(ref_q8, ref, atol=tolerance(ref, torch.float32), rtol=0)  # the two differ
 
 
-def test_many_rows_and_the_eager_kernel_take_the_reference():
+def test_many_rows_of_fp32_activations_and_the_eager_kernel_take_the_reference():
+    native_ops()
     m = layer(4, 32)
+    m.cpu_activations = "f32"
     x = torch.randn(LINEAR_MAX_ROWS + 1, 192)
     assert torch.equal(m(x), m.eager_forward(x))
+    m.cpu_activations = None  # "q8": the GEMM at any number of rows
+    assert not torch.equal(m(x), m.eager_forward(x))
     m.kernel = "eager"
     assert torch.equal(m(x[:1]), m.eager_forward(x[:1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_one_is_one_native_call(dtype):
+    """Decode calls every QuantizedLinear once per token: the torch calls it makes from Python are the
+    input's reshape, the native GEMM (quantization, bias and output dtype inside) and the output's view
+    (parameter reads aside)."""
+    from torch.overrides import TorchFunctionMode
+
+    native_ops()
+
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            if name != "__get__":
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    m = layer(4, 32)
+    x = torch.randn(1, 1, 192).to(dtype)
+    ref = m(x)
+    with Calls() as seen:
+        y = m(x)
+    assert torch.equal(y, ref) and y.dtype == dtype
+    assert seen.names == ["reshape", "gemm_q", "view"]
 
 
 def test_bf16_activations_within_bf16_tolerance():

@@ -1,6 +1,7 @@
 """Native CPU kernels (C++, torch's intra-op thread pool): batch-1 MoE expert stage in bf16/fp32 and in
-packed int8/int4 codes, dense GEMV, and tile dequantization for prefill. See csrc/ops.cpp for the
-algorithm and docs/kernels.md for the measurements behind it.
+packed int8/int4 codes, dense GEMV, the quantized GEMM (int8 activation rows x packed codes) and the
+quantized experts' prefill built on it, and tile dequantization for fp32-activation prefill. See
+csrc/ops.cpp for the algorithm and docs/kernels.md for the measurements behind it.
 
 Lazy and optional: nothing is loaded at import. `load()` loads the library built by
 `python -m moeinfer.kernels.native build` (`make install` runs it) on first use; when it is missing,

@@ -17,6 +17,12 @@
 //     y = sum_g s_g * (sum_{b in g} d_b * (sum_{j in b} u_j xq_j) - z_g * xsum_g)
 // with xsum_g = sum_{b in g} d_b * (sum_{j in b} xq_j), the group sums of the *quantized* x, so y is
 // exactly the dot product of the dequantized row with the dequantized x (up to fp32 rounding).
+//
+// Quantized GEMM (prefill; the technique of llamafile's tinyBLAS and llama.cpp's ggml-cpu Q4_0 x Q8_0
+// GEMM): many activation rows quantized as above, then a tile of weight rows x activation rows per
+// block of 32 columns, each weight block loaded (and unpacked) once per tile and each activation block
+// once per weight row of it, integer block products scaled by d_b * s_g into fp32 accumulators; the
+// zero-point term from each activation row's group sums, as for one row.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -35,6 +41,33 @@ struct Q8Act {
   const float* gsum;
 };
 
+// N activation rows quantized as Q8Act, each row's arrays at a fixed stride: codes (and nibble-ordered
+// codes) nb * QBLOCK apart, scales nb apart, group sums G apart.
+struct Q8Rows {
+  const int8_t* q;
+  const int8_t* q4;
+  const float* d;
+  const float* gsum;
+  int64_t n, nb, G;
+  Q8Act row(int64_t j) const {
+    return {q + j * nb * QBLOCK, q4 + j * nb * QBLOCK, d + j * nb, gsum + j * G};
+  }
+};
+
+// A packed matrix (one expert's, or a linear's): row r's codes at q + r * P, scales/zeros at s/z + r * G.
+struct QRows {
+  const uint8_t* q;
+  const float* s;
+  const float* z;
+  int64_t P, G;
+};
+
+// Activation rows a GEMM keeps in cache while it walks its weight rows: about 128 KiB of codes.
+inline int64_t token_chunk(int64_t cols) {
+  const int64_t t = (int64_t(128) << 10) / (cols > 0 ? cols : 1);
+  return t < 8 ? 8 : t;
+}
+
 struct Kern {
   const char* name;
   float (*dot_f32)(const float* w, const float* x, int64_t n);
@@ -46,6 +79,10 @@ struct Kern {
   // int8-activation rows; gs a multiple of QBLOCK
   float (*qrow8_q8)(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs);
   float (*qrow4_q8)(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs);
+  // y[j * ldy + r] = row r of w . activation row j, for r in [r0, r1) and every j < x.n; gs a multiple of
+  // QBLOCK; bits 4 or 8
+  void (*gemm_q8)(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64_t cols, int64_t gs,
+                  float* y, int64_t ldy);
 };
 
 const Kern* kern_generic();

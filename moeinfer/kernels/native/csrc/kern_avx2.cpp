@@ -3,7 +3,9 @@
 // vpmovzxbd, every product accumulated in fp32 with FMA, one horizontal sum per row.
 // Int8 activations (kern.h): integer block dots with vpmaddubsw (unsigned x signed bytes -> int16 pair
 // sums) then vpmaddwd against ones (-> int32), as llama.cpp's Q4_0/Q8_0 x Q8_0 AVX2 dot products do;
-// one int32 -> fp32 conversion and one FMA with the block scale per 32 columns.
+// one int32 -> fp32 conversion and one FMA with the block scale per 32 columns. The quantized GEMM
+// (gemm_q8) runs the same block products on a tile of GEMM_RM weight rows x up to GEMM_RN activation
+// rows held in GEMM_RM * GEMM_RN vector accumulators (llamafile tinyBLAS's register tiling).
 #include <immintrin.h>
 
 #include "kern.h"
@@ -205,7 +207,126 @@ float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x,
   return qrow_q8(s, z, x, cols, gs, 0.f, dot, tail);
 }
 
-const Kern table{"avx2", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8};
+// --- quantized GEMM (kern.h) ---
+
+#ifndef MOEINFER_GEMM_RM
+#define MOEINFER_GEMM_RM 4
+#endif
+#ifndef MOEINFER_GEMM_RN
+#define MOEINFER_GEMM_RN 3
+#endif
+// Tile: RM weight rows x RN activation rows, RM * RN accumulators plus the unpacked weight block, its
+// scale and the RN activation scales in the 16 ymm registers.
+constexpr int GEMM_RM = MOEINFER_GEMM_RM, GEMM_RN = MOEINFER_GEMM_RN;
+
+// One tile: out[i][j] = row i of `w` (pointers wq/ws/wz) . activation row j0 + j. Per full block: each
+// weight row's codes unpacked once (4-bit: the 32 nibbles; 8-bit: centred v and |v|, as dot_centred),
+// then one integer product per activation row, scaled by d_b * s_g; then the partial last block (scalar)
+// and the zero-point terms, as the row kernels.
+template <int RM, int RN, bool Q4>
+inline void gemm_tile(const uint8_t* const* wq, const float* const* ws, const float* const* wz, const Q8Rows& x,
+                      int64_t j0, int64_t cols, int64_t gs, float out[][GEMM_RN]) {
+  const int64_t nb = x.nb, nfull = cols / QBLOCK, bpg = gs / QBLOCK, xs = nb * QBLOCK;
+  const int8_t* xb = (Q4 ? x.q4 : x.q) + j0 * xs;
+  const float* xd = x.d + j0 * nb;
+  const __m256i ones = _mm256_set1_epi16(1), m = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(char(0x80));
+  // the accumulators are named registers only when every loop over them is unrolled
+  __m256 acc[RM][RN];
+#pragma GCC unroll 8
+  for (int i = 0; i < RM; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t g = 0, left = bpg;
+  for (int64_t b = 0; b < nfull; ++b) {
+    __m256 dx[RN];
+#pragma GCC unroll 8
+    for (int j = 0; j < RN; ++j) dx[j] = _mm256_broadcast_ss(xd + j * nb + b);
+#pragma GCC unroll 8
+    for (int i = 0; i < RM; ++i) {
+      // the weight rows stream from memory when the tile has few activation rows (decode-like sizes)
+      const uint8_t* wb = wq[i] + b * (Q4 ? QBLOCK / 2 : QBLOCK);
+      _mm_prefetch(reinterpret_cast<const char*>(wb) + PREFETCH, _MM_HINT_T0);
+      __m256i u, v;
+      if (Q4) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb));
+        u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m);
+        v = u;
+      } else {
+        v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb)), flip);
+        u = _mm256_sign_epi8(v, v);
+      }
+      const __m256 si = _mm256_set1_ps(ws[i][g]);
+#pragma GCC unroll 8
+      for (int j = 0; j < RN; ++j) {
+        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + j * xs + b * QBLOCK));
+        if (!Q4) xq = _mm256_sign_epi8(xq, v);
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xq), ones);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(si, dx[j]), acc[i][j]);
+      }
+    }
+    if (--left == 0) ++g, left = bpg;
+  }
+  const int64_t c = nfull * QBLOCK, G = x.G;
+#pragma GCC unroll 8
+  for (int i = 0; i < RM; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < RN; ++j) out[i][j] = hsum(acc[i][j]);
+  // the partial last block and the zero-point terms, as the row kernels
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) {
+      const int8_t* xq = x.q + (j0 + j) * xs;
+      float t = 0.f;
+      if (c < cols)
+        t = xd[j * nb + nfull] * ws[i][c / gs] *
+            float(Q4 ? itail_u4(wq[i], xq, c, cols) : itail_u8(wq[i], xq, c, cols, 128));
+      out[i][j] += t + zero_terms(ws[i], wz[i], x.gsum + (j0 + j) * G, G, Q4 ? 0.f : 128.f);
+    }
+}
+
+// Activation rows [j, j1) of one weight-row tile in tiles of RN rows, the remainder in a narrower tile.
+template <int RN, bool Q4>
+inline void gemm_tiles(const uint8_t* const* wq, const float* const* ws, const float* const* wz, int rows,
+                       const Q8Rows& x, int64_t j, int64_t j1, int64_t cols, int64_t gs, float* y, int64_t ldy,
+                       int64_t r) {
+  float out[GEMM_RM][GEMM_RN];
+  for (; j + RN <= j1; j += RN) {
+    gemm_tile<GEMM_RM, RN, Q4>(wq, ws, wz, x, j, cols, gs, out);
+    for (int jj = 0; jj < RN; ++jj)
+      for (int i = 0; i < rows; ++i) y[(j + jj) * ldy + r + i] = out[i][jj];
+  }
+  if constexpr (RN > 1)
+    if (j < j1) gemm_tiles<RN - 1, Q4>(wq, ws, wz, rows, x, j, j1, cols, gs, y, ldy, r);
+}
+
+template <bool Q4>
+void gemm_q8_bits(const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64_t cols, int64_t gs, float* y,
+                  int64_t ldy) {
+  const int64_t tc = (token_chunk(cols) + GEMM_RN - 1) / GEMM_RN * GEMM_RN;
+  for (int64_t j0 = 0; j0 < x.n; j0 += tc) {
+    const int64_t j1 = j0 + tc < x.n ? j0 + tc : x.n;
+    for (int64_t r = r0; r < r1; r += GEMM_RM) {
+      // a partial tile of rows repeats its last row (computed, not written)
+      const int rows = int(r + GEMM_RM <= r1 ? GEMM_RM : r1 - r);
+      const uint8_t* wq[GEMM_RM];
+      const float *ws[GEMM_RM], *wz[GEMM_RM];
+      for (int i = 0; i < GEMM_RM; ++i) {
+        const int64_t ri = r + (i < rows ? i : rows - 1);
+        wq[i] = w.q + ri * w.P, ws[i] = w.s + ri * w.G, wz[i] = w.z + ri * w.G;
+      }
+      gemm_tiles<GEMM_RN, Q4>(wq, ws, wz, rows, x, j0, j1, cols, gs, y, ldy, r);
+    }
+  }
+}
+
+void gemm_q8(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64_t cols, int64_t gs, float* y,
+             int64_t ldy) {
+  if (bits == 4)
+    gemm_q8_bits<true>(w, r0, r1, x, cols, gs, y, ldy);
+  else
+    gemm_q8_bits<false>(w, r0, r1, x, cols, gs, y, ldy);
+}
+
+const Kern table{"avx2", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8, gemm_q8};
 
 }  // namespace
 

@@ -80,7 +80,20 @@ float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x,
   return y;
 }
 
-const Kern table{"generic", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8};
+// The GEMM as row products (kern.h), activation rows taken in cache-sized chunks so a weight row is
+// read from memory once per chunk: the same sums as the row kernels, in the same order.
+void gemm_q8(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64_t cols, int64_t gs, float* y,
+             int64_t ldy) {
+  const auto row = bits == 8 ? qrow8_q8 : qrow4_q8;
+  const int64_t tc = token_chunk(cols);
+  for (int64_t j0 = 0; j0 < x.n; j0 += tc) {
+    const int64_t j1 = j0 + tc < x.n ? j0 + tc : x.n;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = j0; j < j1; ++j) y[j * ldy + r] = row(w.q + r * w.P, w.s + r * w.G, w.z + r * w.G, x.row(j), cols, gs);
+  }
+}
+
+const Kern table{"generic", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8, gemm_q8};
 
 }  // namespace
 

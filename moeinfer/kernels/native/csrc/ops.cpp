@@ -9,11 +9,17 @@
 //    (quantized experts: rows (k, r) split over threads, then the sum over k).
 // Weights are read once, straight from their stored layout (bf16, fp32, or packed codes with
 // group scales/zeros); nothing the size of a weight matrix is allocated.
+//
+// Many rows on packed codes (prefill, and a quantized linear at any batch): `gemm_q` quantizes the
+// activation rows once to int8 blocks and runs the tiled integer GEMM of kern.h; `moe_prefill_q` runs a
+// whole quantized-experts prefill on it in one call (dispatch, two GEMMs per routed expert, combine).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -179,47 +185,72 @@ QMat qmat(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t
   return {q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), rows, P, G};
 }
 
-// The same vector quantized to int8 blocks (kern.h, Q8Act): built once, read by every row.
-struct Q8Vec {
+// Activation rows quantized to int8 blocks (kern.h, Q8Act / Q8Rows), each row with its group sums and,
+// for 4-bit weights, its nibble-ordered copy: built once, read by every weight row.
+struct Q8Buf {
   std::vector<int8_t> q, q4;
   std::vector<float> d, gsum;
-  Q8Vec(const float* x, int64_t cols, int64_t gs, int bits) {
-    const int64_t nb = (cols + QBLOCK - 1) / QBLOCK, G = (cols + gs - 1) / gs;
-    q.resize(nb * QBLOCK);
-    d.resize(nb);
-    quantize_q8(x, cols, q.data(), d.data());
-    gsum.assign(G, 0.f);
+  int64_t n, cols, gs, nb, G;
+  bool nibbles;
+  Q8Buf(int64_t n_, int64_t cols_, int64_t gs_, int bits)
+      : n(n_), cols(cols_), gs(gs_), nb((cols_ + QBLOCK - 1) / QBLOCK), G(num_groups(cols_, gs_)), nibbles(bits == 4) {
+    q.resize(n * nb * QBLOCK);
+    q4.resize(nibbles ? q.size() : 0);
+    d.resize(n * nb);
+    gsum.resize(n * G);
+  }
+  // row j from x [cols]
+  void quantize(int64_t j, const float* x) {
+    int8_t* qj = q.data() + j * nb * QBLOCK;
+    float* dj = d.data() + j * nb;
+    float* gj = gsum.data() + j * G;
+    quantize_q8(x, cols, qj, dj);
+    for (int64_t g = 0; g < G; ++g) gj[g] = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       int32_t bs = 0;
-      for (int64_t j = b * QBLOCK; j < (b + 1) * QBLOCK; ++j) bs += q[j];
-      gsum[b * QBLOCK / gs] += d[b] * float(bs);
+      for (int64_t c = b * QBLOCK; c < (b + 1) * QBLOCK; ++c) bs += qj[c];
+      gj[b * QBLOCK / gs] += dj[b] * float(bs);
     }
-    if (bits == 4) {
-      q4.resize(q.size());
+    if (nibbles) {
+      int8_t* pj = q4.data() + j * nb * QBLOCK;
       for (int64_t c = 0; c < nb * QBLOCK; c += QBLOCK)
         for (int l = 0; l < QBLOCK / 2; ++l) {
-          q4[c + l] = q[c + 2 * l];
-          q4[c + QBLOCK / 2 + l] = q[c + 2 * l + 1];
+          pj[c + l] = qj[c + 2 * l];
+          pj[c + QBLOCK / 2 + l] = qj[c + 2 * l + 1];
         }
     }
   }
-  Q8Act act() const { return {q.data(), q4.empty() ? q.data() : q4.data(), d.data(), gsum.data()}; }
+  // row j = row `from` of `src` (same columns, groups and bits)
+  void copy_row(int64_t j, const Q8Buf& src, int64_t from) {
+    const int64_t w = nb * QBLOCK;
+    std::copy_n(src.q.data() + from * w, w, q.data() + j * w);
+    if (nibbles) std::copy_n(src.q4.data() + from * w, w, q4.data() + j * w);
+    std::copy_n(src.d.data() + from * nb, nb, d.data() + j * nb);
+    std::copy_n(src.gsum.data() + from * G, G, gsum.data() + j * G);
+  }
+  Q8Rows rows(int64_t j0, int64_t count) const {
+    const int8_t* p4 = nibbles ? q4.data() : q.data();
+    return {q.data() + j0 * nb * QBLOCK, p4 + j0 * nb * QBLOCK, d.data() + j0 * nb, gsum.data() + j0 * G, count, nb, G};
+  }
+  Q8Act act(int64_t j) const { return rows(j, 1).row(0); }
 };
 
-// Activation side of a row product in either form: fp32 (QVec) or int8 blocks (Q8Vec).
+// Activation side of a row product in either form: fp32 (QVec) or int8 blocks (Q8Buf, one row).
 struct AnyVec {
   bool q8;
   QVec f;
-  Q8Vec i;
+  Q8Buf i;
   AnyVec(const float* x, int64_t cols, int64_t gs, int bits, bool q8_)
-      : q8(q8_), f(x, q8_ ? 0 : cols, gs, bits), i(x, q8_ ? cols : 0, gs, bits) {}
+      : q8(q8_), f(x, q8_ ? 0 : cols, gs, bits), i(q8_ ? 1 : 0, cols, gs, bits) {
+    if (q8) i.quantize(0, x);
+  }
 };
 
 inline float qdot(const Kern* k, const QMat& m, int64_t row, const AnyVec& v, int64_t cols, int64_t gs, int bits) {
   const uint8_t* q = m.q + row * m.P;
   const float* s = m.s + row * m.G;
   const float* z = m.z + row * m.G;
-  if (v.q8) return bits == 8 ? k->qrow8_q8(q, s, z, v.i.act(), cols, gs) : k->qrow4_q8(q, s, z, v.i.act(), cols, gs);
+  if (v.q8) return bits == 8 ? k->qrow8_q8(q, s, z, v.i.act(0), cols, gs) : k->qrow4_q8(q, s, z, v.i.act(0), cols, gs);
   if (bits == 8) return k->qrow8(q, s, z, v.f.x, v.f.sum.data(), cols, gs);
   return k->qrow4(q, s, z, v.f.x, v.f.perm.data(), v.f.sum.data(), cols, gs);
 }
@@ -311,6 +342,169 @@ at::Tensor gemv_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
   return y;
 }
 
+// Weight rows per work item of a GEMM (parallel_for splits the items over the threads).
+constexpr int64_t GEMM_ROWS = 24;  // a multiple of every tile height
+
+// Expert e's matrix of a stack as the GEMM reads it.
+QRows expert_rows(const QMat& m, int64_t e) {
+  return {m.q + e * m.rows * m.P, m.s + e * m.rows * m.G, m.z + e * m.rows * m.G, m.P, m.G};
+}
+
+// `x` as a contiguous float32 [N, cols] matrix (a copy only when it is not one already: bf16 rows).
+at::Tensor rows_f32(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.device().is_cpu(),
+              "moeinfer_native: ", what, " must be a float32 or bfloat16 CPU matrix, got ", x.scalar_type(), " ",
+              x.sizes());
+  return x.to(at::kFloat).contiguous();
+}
+
+// Rows [0, n) of `x` quantized into `buf` (rows of x `ld` floats apart), in parallel.
+void quantize_rows(Q8Buf& buf, const float* x, int64_t ld) {
+  at::parallel_for(0, buf.n, 4, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) buf.quantize(j, x + j * ld);
+  });
+}
+
+// x [N, C] f32 or bf16, one packed matrix q [O, P] u8, s/z [O, G] f32, bias [O] f32 or None -> y [N, O] in
+// x's dtype: the quantized linear at any N. "q8": the N rows quantized once (Q8Buf), then the tiled
+// integer GEMM (kern.h) over GEMM_ROWS-row items of the weight split across threads (one row: the row
+// kernels, as gemv_q); "f32": the fp32-activation row kernels, each weight row against every activation
+// row while it is in cache.
+at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t bits,
+                  int64_t group_size, const std::string& variant, const std::string& activations,
+                  const std::optional<at::Tensor>& bias) {
+  const Kern* kern = pick(variant);
+  TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: gemm_q needs 8 or 4 bits, got ", bits);
+  TORCH_CHECK(group_size >= 1, "moeinfer_native: group_size must be >= 1");
+  const bool q8 = use_q8(activations, group_size);
+  const at::Tensor x = rows_f32(x_, "gemm_q x");
+  const int64_t N = x.size(0), cols = x.size(1), O = q.dim() == 2 ? q.size(0) : -1;
+  // a layer's parameters are contiguous; anything else is copied here rather than refused
+  const at::Tensor qc = q.contiguous(), sc = s.contiguous(), zc = z.contiguous();
+  const QMat m = qmat(qc.unsqueeze(0), sc.unsqueeze(0), zc.unsqueeze(0), O, packed_bytes(cols, bits),
+                      num_groups(cols, group_size), "gemm_q");
+  at::Tensor y = at::empty({N, O}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const QRows w = expert_rows(m, 0);
+  if (q8 && N > 1) {
+    Q8Buf xq(N, cols, group_size, int(bits));
+    quantize_rows(xq, xp, cols);
+    const Q8Rows xr = xq.rows(0, N);
+    at::parallel_for(0, (O + GEMM_ROWS - 1) / GEMM_ROWS, 1, [&](int64_t b, int64_t e) {
+      kern->gemm_q8(int(bits), w, b * GEMM_ROWS, std::min(e * GEMM_ROWS, O), xr, cols, group_size, yp, O);
+    });
+  } else {  // one row (decode: the row kernels stream the weight at memory speed), or fp32 activations
+    std::vector<AnyVec> xv;
+    xv.reserve(N);
+    for (int64_t j = 0; j < N; ++j) xv.emplace_back(xp + j * cols, cols, group_size, int(bits), q8);
+    at::parallel_for(0, O, GEMM_ROWS, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        for (int64_t j = 0; j < N; ++j) yp[j * O + r] = qdot(kern, m, r, xv[j], cols, group_size, int(bits));
+    });
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == O,
+                "moeinfer_native: gemm_q bias must be float32 [", O, "], got ", bias->scalar_type(), " ", bias->sizes());
+    y.add_(*bias);
+  }
+  return x_.scalar_type() == at::kFloat ? y : y.to(x_.scalar_type());
+}
+
+// Prefill of quantized experts of one bit width (moeinfer.formats.quantized_experts storage) in one
+// call, int8 activations, as llama.cpp's CPU MoE prefill (mul_mat_id): no weight is dequantized.
+// x [N, D] f32/bf16, experts [N, K] int64 (row in the stack, < 0 = skip), weights [N, K] -> out [N, D] f32.
+// 1. dispatch: the token-slots grouped by expert (counting sort; token order within an expert);
+// 2. every token quantized once (Q8Buf), its rows copied to slot order;
+// 3. gate_up: every expert's GEMM over its slots, the work split as (expert, GEMM_ROWS weight rows) items;
+// 4. per slot: SiLU(gate) * up, quantized to int8 blocks;
+// 5. down: the same GEMM items -> y [S, D];
+// 6. combine: out[n] = sum_k weights[n, k] * y[slot(n, k)], in routing order.
+at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const at::Tensor& weights,
+                         const at::Tensor& q_gu, const at::Tensor& s_gu, const at::Tensor& z_gu,
+                         const at::Tensor& q_dn, const at::Tensor& s_dn, const at::Tensor& z_dn, int64_t bits,
+                         int64_t group_size, int64_t D, int64_t I, const std::string& variant) {
+  const Kern* kern = pick(variant);
+  TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: quantized experts need 8 or 4 bits, got ", bits);
+  TORCH_CHECK(group_size >= 1 && group_size % QBLOCK == 0, "moeinfer_native: moe_prefill_q needs a group size that ",
+              "is a multiple of ", QBLOCK, ", got ", group_size);
+  const at::Tensor x = rows_f32(x_, "x");
+  TORCH_CHECK(x.size(1) == D, "moeinfer_native: x has ", x.size(1), " columns, the experts ", D);
+  const int64_t N = x.size(0);
+  TORCH_CHECK(experts.dim() == 2 && experts.size(0) == N && weights.sizes() == experts.sizes(),
+              "moeinfer_native: experts and weights must both be [", N, ", K], got ", experts.sizes(), " and ",
+              weights.sizes());
+  const int64_t K = experts.size(1);
+  const QMat gu = qmat(q_gu, s_gu, z_gu, 2 * I, packed_bytes(D, bits), num_groups(D, group_size), "gate_up");
+  const QMat dn = qmat(q_dn, s_dn, z_dn, D, packed_bytes(I, bits), num_groups(I, group_size), "down");
+  const int64_t E = q_gu.size(0);
+  TORCH_CHECK(q_dn.size(0) == E, "moeinfer_native: gate_up and down hold different expert counts");
+  std::vector<int64_t> ex;
+  std::vector<float> wk;
+  routed(experts.reshape({-1}), weights.reshape({-1}), E, ex, wk);
+  at::Tensor out = at::zeros({N, D}, x.options());
+  // 1. dispatch
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t t = 0; t < N * K; ++t)
+    if (ex[t] >= 0) ++start[ex[t] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  const int64_t S = start[E];
+  if (S == 0) return out;
+  std::vector<int64_t> slot(N * K, -1), token(S), fill(start.begin(), start.end() - 1);
+  for (int64_t t = 0; t < N * K; ++t)
+    if (ex[t] >= 0) slot[t] = fill[ex[t]]++, token[slot[t]] = t / K;
+  // 2. activations in slot order
+  Q8Buf xq(N, D, group_size, int(bits)), xs(S, D, group_size, int(bits));
+  quantize_rows(xq, x.data_ptr<float>(), D);
+  at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) xs.copy_row(j, xq, token[j]);
+  });
+  // 3. / 5. the GEMM of every routed expert, as (expert, weight rows) items over all threads
+  auto experts_gemm = [&](const QMat& m, const Q8Buf& act, int64_t cols, float* y) {
+    std::vector<std::tuple<int64_t, int64_t>> items;  // (expert, first row)
+    for (int64_t e = 0; e < E; ++e)
+      if (start[e + 1] > start[e])
+        for (int64_t r = 0; r < m.rows; r += GEMM_ROWS) items.emplace_back(e, r);
+    at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t it = b; it < end; ++it) {
+        const auto [e, r] = items[it];
+        kern->gemm_q8(int(bits), expert_rows(m, e), r, std::min(r + GEMM_ROWS, m.rows),
+                      act.rows(start[e], start[e + 1] - start[e]), cols, group_size, y + start[e] * m.rows, m.rows);
+      }
+    });
+  };
+  at::Tensor gate_up = at::empty({S, 2 * I}, x.options());
+  float* gp = gate_up.data_ptr<float>();
+  experts_gemm(gu, xs, D, gp);
+  // 4. SiLU(gate) * up per slot, quantized
+  Q8Buf hs(S, I, group_size, int(bits));
+  at::parallel_for(0, S, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> h(I);
+    for (int64_t j = b; j < e; ++j) {
+      const float* g = gp + j * 2 * I;
+      for (int64_t i = 0; i < I; ++i) h[i] = silu(g[i]) * g[I + i];
+      hs.quantize(j, h.data());
+    }
+  });
+  at::Tensor y = at::empty({S, D}, x.options());
+  float* yp = y.data_ptr<float>();
+  experts_gemm(dn, hs, I, yp);
+  // 6. combine
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 4, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t sl = slot[n * K + k];
+        if (sl < 0) continue;
+        const float w = wk[n * K + k];
+        const float* ys = yp + sl * D;
+        float* o = op + n * D;
+        for (int64_t c = 0; c < D; ++c) o[c] += w * ys[c];
+      }
+  });
+  return out;
+}
+
 // x [n] f32 -> (q [ceil(n / 32) * 32] int8, zero-padded; d [ceil(n / 32)] f32): the activation
 // quantization every int8-activation row product uses (kern.h quantize_q8).
 std::tuple<at::Tensor, at::Tensor> quantize_q8_op(const at::Tensor& x) {
@@ -380,6 +574,11 @@ TORCH_LIBRARY(moeinfer_native, m) {
         &moeinfer_native::moe_decode_q);
   m.def("gemv_q(Tensor x, Tensor q, Tensor s, Tensor z, int bits, int group_size, str variant, "
         "str activations) -> Tensor", &moeinfer_native::gemv_q);
+  m.def("gemm_q(Tensor x, Tensor q, Tensor s, Tensor z, int bits, int group_size, str variant, str activations, "
+        "Tensor? bias=None) -> Tensor", &moeinfer_native::gemm_q);
+  m.def("moe_prefill_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor z_gu, "
+        "Tensor q_dn, Tensor s_dn, Tensor z_dn, int bits, int group_size, int hidden, int inner, str variant) -> Tensor",
+        &moeinfer_native::moe_prefill_q);
   m.def("quantize_q8(Tensor x) -> (Tensor, Tensor)", &moeinfer_native::quantize_q8_op);
   m.def("dequant_into(Tensor q, Tensor s, Tensor z, int bits, int group_size, Tensor(a!) out) -> ()",
         &moeinfer_native::dequant_into);
