@@ -19,7 +19,8 @@ Forward (mirrors moeinfer.model.moe's stages; only the expert-compute stage diff
 On CUDA with triton, a layer whose experts share one width in {2, 4, 8} runs these steps fused instead
 (moeinfer/kernels/fused_moe_quant.py: codes dequantized in registers inside the grouped GEMMs); on
 the CPU, experts of widths {4, 8} run the native kernels when they are built
-(moeinfer/kernels/quantized_cpu.py: decode reads the packed codes in place, prefill dequantizes one
+(moeinfer/kernels/quantized_cpu.py: decode reads the packed codes in place; prefill with int8
+activations is one native quantized GEMM call per bit width, with fp32 activations it dequantizes one
 expert at a time into a reused tile); `eager_forward` is the reference both are tested against.
 """
 

@@ -115,10 +115,15 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
         return x.new_zeros(x.shape)
     D, I, gs = experts.hidden_size, experts.intermediate_size, experts.group_size
     rows = _rows_by_width(experts)
-    routed = int(torch.unique(indices).numel())
-    if N * indices.shape[1] <= decode_slots(acts) * routed:
+    # one token is always decoded (its K slots go to K distinct experts), without counting them
+    if N == 1 or N * indices.shape[1] <= decode_slots(acts) * int(torch.unique(indices).numel()):
         xf = x.float()
         wf = weights.float()
+        if N == 1 and len(rows) == 1:  # batch-1 decode of one width: one call, nothing else
+            ((b, row),) = rows.items()
+            y = ops.moe_decode_q(xf[0].contiguous(), row[indices[0]], wf[0], *_stack(experts, b), b, gs, D, I,
+                                 variant, acts)
+            return y.to(x.dtype)[None]
         out = torch.zeros(N, D)
         for b, row in rows.items():
             stack = _stack(experts, b)
