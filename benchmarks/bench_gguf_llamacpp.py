@@ -9,7 +9,11 @@ Steps:
 1. build the variants in moeinfer: the shipped model (bf16; q8_0 and q4_0 = moeinfer's symmetric group-32
    presets), REAP-pruned (recipe prune-25) + q4_0, and optionally (--real-shape) a random model with
    OLMoE-1B-7B's layer shapes (hidden 2048, 16 heads, 64 experts top-8, expert inner 1024; few layers, the
-   shipped vocabulary so it has a tokenizer), in bf16 and with Q4_0 experts;
+   shipped vocabulary so it has a tokenizer), in bf16 and with Q4_0 experts; and optionally (--deepseek)
+   random DeepSeek models (llama.cpp's deepseek2): DeepSeek-V2-Lite's attention (MLA without q_lora,
+   kv_lora 512, 16 heads, YaRN x40 with mscale 0.707) and FFN shapes with 16 of its 64 experts, 2 layers
+   (one dense), and a small DeepSeek-V3-style model (q_lora, sigmoid router with a random correction
+   bias, 8 groups keep 4, top-8, routed scaling 2.5), in bf16 and with Q8_0 experts;
 2. export each with `moeinfer.export(..., format="gguf")` (q8_0/q4_0 experts written without requantizing);
 3. moeinfer: greedy continuations of held-out prompts, and the logits at every position of
    prompt + continuation, both in the model's dtype and in fp32 (the same weights upcast);
@@ -133,6 +137,43 @@ def real_shape_model(tokenizer: Any, layers: int) -> Any:
     return model
 
 
+def deepseek_model(tokenizer: Any, shape: str, layers: int, *, bias: bool) -> Any:
+    """Random weights (normal(0, 0.02), norms 1) for a `moeinfer init` shape (moeinfer.loading.shapes), the
+    shipped tokenizer's vocabulary; `bias`: a random V3 correction bias, so expert choice depends on it."""
+    import torch
+
+    import moeinfer
+    from moeinfer.arch import parse_config
+    from moeinfer.loading.shapes import resolve_shape
+
+    hf = resolve_shape(f"{shape},vocab_size={tokenizer.vocab_size}", layers=layers)
+    torch.manual_seed(0)
+    model = moeinfer.MoEModel(parse_config(hf)).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+        for block in model.moe_blocks():
+            correction = block.gate.e_score_correction_bias
+            if correction is not None:
+                correction.zero_()
+                if bias:
+                    correction.uniform_(-0.05, 0.05)
+    model.eval()
+    model.tokenizer = tokenizer
+    return model
+
+
+DEEPSEEK_SHAPES = {
+    "deepseek-v2-lite-shape": "DeepSeek-V2-Lite,n_routed_experts=16",
+    "deepseek-v3-small": ("DeepSeek-V3,hidden_size=1024,num_attention_heads=16,num_key_value_heads=16,"
+                          "q_lora_rank=384,n_routed_experts=32,moe_intermediate_size=256,intermediate_size=2048,"
+                          "first_k_dense_replace=1"),
+}
+
+
 def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
     """(name, moeinfer model, --quant for export, reload), one at a time (one real-shape model in memory).
     reload: moeinfer's side runs on the exported file loaded back (for the real-shape q4_0, whose
@@ -155,6 +196,12 @@ def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
                                                        "algorithm": "sym"}]
     moeinfer.compress_(pruned, recipe, calibration=CalibrationConfig(source="heldout"), progress=False)
     yield "tiny REAP-25% + q4_0", pruned, "auto", False
+    if args.deepseek:
+        for label, shape in DEEPSEEK_SHAPES.items():
+            model = deepseek_model(tiny.tokenizer, shape, args.deepseek_layers, bias="v3" in label)
+            yield f"{label} {args.deepseek_layers}L bf16", model, "auto", False
+            yield f"{label} {args.deepseek_layers}L q8_0", model, "q8_0", True
+            del model
     if args.real_shape:
         big = real_shape_model(tiny.tokenizer, args.real_shape_layers)
         yield f"olmoe-shape {args.real_shape_layers}L bf16", big, "auto", False
@@ -180,7 +227,7 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
     conts = [greedy(model, p, args.new_tokens) for p in ids]
     seqs = [p + c for p, c in zip(ids, conts)]
     ours = all_logits(model, seqs)
-    small = sum(p.numel() for p in model.parameters()) < 100_000_000
+    small = sum(p.numel() for p in model.parameters()) < 300_000_000
     model32 = copy.deepcopy(model).float() if small else None  # fp32: the same weights upcast
     ours32 = all_logits(model32, seqs) if small else None
     conts32 = [greedy(model32, p, args.new_tokens) for p in ids] if small else None
@@ -259,6 +306,9 @@ def main() -> None:
     p.add_argument("--real-shape", action="store_true",
                    help="add an OLMoE-shaped random model (about 0.8 GB per layer in bf16)")
     p.add_argument("--real-shape-layers", type=int, default=1)
+    p.add_argument("--deepseek", action="store_true",
+                   help="add random DeepSeek-V2-Lite-shaped and small V3-style models (llama.cpp's deepseek2)")
+    p.add_argument("--deepseek-layers", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="run the variants whose name contains one of these words")
     args = p.parse_args()
     if args.worker:
