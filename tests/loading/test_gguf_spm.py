@@ -50,7 +50,10 @@ def _heldout(chars: int | None) -> dict[str, str]:
 @pytest.mark.parametrize("chars", [100_000, pytest.param(None, marks=pytest.mark.slow)], ids=["head", "full"])
 def test_same_ids_on_heldout_texts(spm, tmp_path, chars):
     back, _ = _through_gguf(spm, tmp_path / "tok.gguf")
+    metaspace = spm.backend.normalizer is None
     for name, text in {**_heldout(chars), "odd": ODD}.items():
+        if metaspace:  # GGUF (llama.cpp) puts "▁" after a special token, Metaspace(prepend_scheme="first") not:
+            text = text.replace("<s>", "<S>").replace("</s>", "</S>")  # python.txt holds a literal "<s>"
         ids = spm.encode(text)
         assert back.encode(text) == ids, name
         assert back.decode(ids) == spm.decode(ids), name
