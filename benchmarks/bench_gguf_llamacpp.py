@@ -13,7 +13,9 @@ Steps:
    random DeepSeek models (llama.cpp's deepseek2): DeepSeek-V2-Lite's attention (MLA without q_lora,
    kv_lora 512, 16 heads, YaRN x40 with mscale 0.707) and FFN shapes with 16 of its 64 experts, 2 layers
    (one dense), and a small DeepSeek-V3-style model (q_lora, sigmoid router with a random correction
-   bias, 8 groups keep 4, top-8, routed scaling 2.5), in bf16 and with Q8_0 experts;
+   bias, 8 groups keep 4, top-8, routed scaling 2.5), in bf16 and with Q8_0 experts; and optionally (--spm)
+   the shipped model with a SentencePiece-style tokenizer (tests/spm_tokenizer.py, Llama's layout,
+   trained on the held-out texts), for llama.cpp's "llama" tokenizer on the same prompts;
 2. export each with `moeinfer.export(..., format="gguf")` (q8_0/q4_0 experts written without requantizing);
 3. moeinfer: greedy continuations of held-out prompts, and the logits at every position of
    prompt + continuation, both in the model's dtype and in fp32 (the same weights upcast);
@@ -196,6 +198,16 @@ def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
                                                        "algorithm": "sym"}]
     moeinfer.compress_(pruned, recipe, calibration=CalibrationConfig(source="heldout"), progress=False)
     yield "tiny REAP-25% + q4_0", pruned, "auto", False
+    if args.spm:
+        import dataclasses
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test's tokenizer builder
+        from spm_tokenizer import moeinfer_tokenizer
+
+        spm = copy.deepcopy(tiny)
+        spm.tokenizer = moeinfer_tokenizer("normalizer")
+        spm.config = dataclasses.replace(spm.config, bos_token_id=1, eos_token_ids=(2,))
+        yield "tiny spm-tokenizer bf16", spm, "auto", False
     if args.deepseek:
         for label, shape in DEEPSEEK_SHAPES.items():
             model = deepseek_model(tiny.tokenizer, shape, args.deepseek_layers, bias="v3" in label)
@@ -306,6 +318,7 @@ def main() -> None:
     p.add_argument("--real-shape", action="store_true",
                    help="add an OLMoE-shaped random model (about 0.8 GB per layer in bf16)")
     p.add_argument("--real-shape-layers", type=int, default=1)
+    p.add_argument("--spm", action="store_true", help="add the shipped model with a SentencePiece-style tokenizer")
     p.add_argument("--deepseek", action="store_true",
                    help="add random DeepSeek-V2-Lite-shaped and small V3-style models (llama.cpp's deepseek2)")
     p.add_argument("--deepseek-layers", type=int, default=2)
