@@ -1,5 +1,5 @@
-"""moeinfer parameter (and correction-bias buffer) names <-> llama.cpp's GGUF tensor names (gguf-py's TENSOR_NAMES), and the q/k
-row order of llama.cpp's `llama` architecture.
+"""moeinfer parameter (and correction-bias buffer) names <-> llama.cpp's GGUF tensor names (gguf-py's
+TENSOR_NAMES), and the q/k row order of llama.cpp's `llama` architecture.
 
 GGUF stacks each MoE layer's experts per projection: `blk.{i}.ffn_{gate,up,down}_exps.weight`
 with numpy shapes [E, I, D], [E, I, D], [E, D, I] (ggml lists the dimensions reversed); moeinfer's

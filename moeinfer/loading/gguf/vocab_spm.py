@@ -13,9 +13,9 @@ adjacent pair whose concatenation is the vocabulary piece of highest score.
 Export (`spm_lists`): a merged piece scores minus the rank of the first merge that makes it, so "earlier
 merge" = "higher score"; other pieces score 0 (single characters, bytes, specials: never a merge result).
 Import (`spm_backend`): a Prepend + Replace normalizer (llama.cpp's prefix goes before the text and after
-each special token, as in Llama 2's own tokenizer.json), and the merges are rebuilt from the scores as SentencePiece's own conversion does
-(transformers' SentencePieceExtractor): every split of a piece into two pieces, pieces by decreasing
-score; so the rebuilt tokenizer merges as llama.cpp does.
+each special token, as in Llama 2's own tokenizer.json), and the merges rebuilt from the scores as
+SentencePiece's own conversion does (transformers' SentencePieceExtractor): every split of a piece into
+two pieces, pieces by decreasing score; so the rebuilt tokenizer merges as llama.cpp does.
 """
 
 from __future__ import annotations
