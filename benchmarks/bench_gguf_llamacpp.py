@@ -13,7 +13,8 @@ Steps:
    random DeepSeek models (llama.cpp's deepseek2): DeepSeek-V2-Lite's attention (MLA without q_lora,
    kv_lora 512, 16 heads, YaRN x40 with mscale 0.707) and FFN shapes with 16 of its 64 experts, 2 layers
    (one dense), and a small DeepSeek-V3-style model (q_lora, sigmoid router with a random correction
-   bias, 8 groups keep 4, top-8, routed scaling 2.5), in bf16 and with Q8_0 experts; and optionally (--spm)
+   bias, 8 groups keep 4, top-8, routed scaling 2.5), in bf16 and with Q8_0 experts, and (--deepseek-f32)
+   the V2-Lite-shaped one in fp32 throughout (F32 file, F32 KV cache in llama.cpp); and optionally (--spm)
    the shipped model with a SentencePiece-style tokenizer (tests/spm_tokenizer.py, Llama's layout,
    trained on the held-out texts), for llama.cpp's "llama" tokenizer on the same prompts;
 2. export each with `moeinfer.export(..., format="gguf")` (q8_0/q4_0 experts written without requantizing);
@@ -47,8 +48,10 @@ def worker(job_path: str) -> None:
     from llama_cpp import Llama
 
     job = json.loads(Path(job_path).read_text())
+    # an all-F32 file is run with an F32 KV cache and no flash attention, so llama.cpp keeps fp32 throughout
+    exact = dict(type_k=0, type_v=0, flash_attn=False) if job.get("f32") else {}  # 0 = GGML_TYPE_F32
     llm = Llama(model_path=job["gguf"], n_ctx=job["n_ctx"], n_threads=job["threads"], n_batch=512,
-                logits_all=True, verbose=False, seed=0)
+                logits_all=True, verbose=False, seed=0, **exact)
     out: dict[str, Any] = {"tokenized": [], "greedy": [], "logits_file": job["logits_out"]}
     for text in job["texts"]:
         out["tokenized"].append(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
@@ -150,7 +153,7 @@ def deepseek_model(tokenizer: Any, shape: str, layers: int, *, bias: bool) -> An
 
     hf = resolve_shape(f"{shape},vocab_size={tokenizer.vocab_size}", layers=layers)
     torch.manual_seed(0)
-    model = moeinfer.MoEModel(parse_config(hf)).to(torch.bfloat16)
+    model = moeinfer.MoEModel(parse_config(hf))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -163,6 +166,8 @@ def deepseek_model(tokenizer: Any, shape: str, layers: int, *, bias: bool) -> An
                 correction.zero_()
                 if bias:
                     correction.uniform_(-0.05, 0.05)
+        for p in model.parameters():  # bf16 weights; RoPE frequencies and the correction bias stay fp32, as loaded
+            p.data = p.data.to(torch.bfloat16)
     model.eval()
     model.tokenizer = tokenizer
     return model
@@ -213,6 +218,8 @@ def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
             model = deepseek_model(tiny.tokenizer, shape, args.deepseek_layers, bias="v3" in label)
             yield f"{label} {args.deepseek_layers}L bf16", model, "auto", False
             yield f"{label} {args.deepseek_layers}L q8_0", model, "q8_0", True
+            if args.deepseek_f32 and "v2" in label:
+                yield f"{label} {args.deepseek_layers}L f32", model.float(), "f32", False
             del model
     if args.real_shape:
         big = real_shape_model(tiny.tokenizer, args.real_shape_layers)
@@ -240,11 +247,13 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
     seqs = [p + c for p, c in zip(ids, conts)]
     ours = all_logits(model, seqs)
     small = sum(p.numel() for p in model.parameters()) < 300_000_000
-    model32 = copy.deepcopy(model).float() if small else None  # fp32: the same weights upcast
+    model32 = None
+    if small:  # fp32: the same weights upcast
+        model32 = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
     ours32 = all_logits(model32, seqs) if small else None
     conts32 = [greedy(model32, p, args.new_tokens) for p in ids] if small else None
     job = {"gguf": str(path), "n_ctx": max(len(s) for s in seqs) + 8, "threads": args.threads, "texts": texts,
-           "prompts": ids, "sequences": seqs, "new_tokens": args.new_tokens,
+           "prompts": ids, "sequences": seqs, "new_tokens": args.new_tokens, "f32": quant == "f32",
            "logits_out": str(out_dir / f"{slug}.llama-logits.npy"), "result": str(out_dir / f"{slug}.llama.json")}
     job_path = out_dir / f"{slug}.job.json"
     job_path.write_text(json.dumps(job))
@@ -322,6 +331,7 @@ def main() -> None:
     p.add_argument("--deepseek", action="store_true",
                    help="add random DeepSeek-V2-Lite-shaped and small V3-style models (llama.cpp's deepseek2)")
     p.add_argument("--deepseek-layers", type=int, default=2)
+    p.add_argument("--deepseek-f32", action="store_true", help="with --deepseek: also the V2-Lite shape in fp32")
     p.add_argument("--only", nargs="*", default=None, help="run the variants whose name contains one of these words")
     args = p.parse_args()
     if args.worker:
