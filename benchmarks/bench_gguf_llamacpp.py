@@ -16,7 +16,8 @@ Steps:
    bias, 8 groups keep 4, top-8, routed scaling 2.5), in bf16 and with Q8_0 experts, and (--deepseek-f32)
    the V2-Lite-shaped one in fp32 throughout (F32 file, F32 KV cache in llama.cpp); and optionally (--spm)
    the shipped model with a SentencePiece-style tokenizer (tests/spm_tokenizer.py, Llama's layout,
-   trained on the held-out texts), for llama.cpp's "llama" tokenizer on the same prompts;
+   trained on the held-out texts), for llama.cpp's "llama" tokenizer on the prompts and on the whole
+   held-out texts;
 2. export each with `moeinfer.export(..., format="gguf")` (q8_0/q4_0 experts written without requantizing);
 3. moeinfer: greedy continuations of held-out prompts, and the logits at every position of
    prompt + continuation, both in the model's dtype and in fp32 (the same weights upcast);
@@ -55,6 +56,9 @@ def worker(job_path: str) -> None:
     out: dict[str, Any] = {"tokenized": [], "greedy": [], "logits_file": job["logits_out"]}
     for text in job["texts"]:
         out["tokenized"].append(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+    # whole documents, special-token text parsed as tokenizers does (python.txt holds a literal "<s>")
+    out["documents"] = [llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+                        for text in job.get("documents", [])]
     logits = []
     for prompt, seq in zip(job["prompts"], job["sequences"]):
         # greedy continuation from the prompt ids (the same ids moeinfer used)
@@ -92,6 +96,13 @@ def prompts(tokenizer: Any, n: int, words: int) -> list[str]:
         start = text.find("\n", start) + 1
         out.append(" ".join(text[start:start + 4000].split(" ")[:words]).strip())
     return out
+
+
+def heldout_documents() -> list[str]:
+    """The shipped held-out texts, whole (english and python)."""
+    from moeinfer.eval.datasets import load_dataset
+
+    return [load_dataset("english").text, load_dataset("python").text]
 
 
 def greedy(model: Any, ids: list[int], new_tokens: int) -> list[int]:
@@ -242,6 +253,7 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
     if reload:
         model = moeinfer.load(path, progress=False)
     texts = prompts(model.tokenizer, args.prompts, args.words)
+    documents = heldout_documents() if "spm" in name else []
     ids = [model.tokenizer.encode(t) for t in texts]
     conts = [greedy(model, p, args.new_tokens) for p in ids]
     seqs = [p + c for p, c in zip(ids, conts)]
@@ -254,6 +266,7 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
     conts32 = [greedy(model32, p, args.new_tokens) for p in ids] if small else None
     job = {"gguf": str(path), "n_ctx": max(len(s) for s in seqs) + 8, "threads": args.threads, "texts": texts,
            "prompts": ids, "sequences": seqs, "new_tokens": args.new_tokens, "f32": quant == "f32",
+           "documents": documents,
            "logits_out": str(out_dir / f"{slug}.llama-logits.npy"), "result": str(out_dir / f"{slug}.llama.json")}
     job_path = out_dir / f"{slug}.job.json"
     job_path.write_text(json.dumps(job))
@@ -284,6 +297,10 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
         "variant": name, "file": path.name, "file_mib": path.stat().st_size / 2**20,
         "types": report.type_counts(), "notes": report.notes, "llama_cpp_python": theirs_json["version"],
         "tokenization_equal": [a == b for a, b in zip(ids, theirs_json["tokenized"])],
+        "documents": [{"chars": len(d), "tokens": len(a), "equal": a == b,
+                       "first_difference": next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)}
+                      for d, a, b in zip(documents, [model.tokenizer.encode(d) for d in documents],
+                                         theirs_json["documents"])],
         "greedy_match_fraction": greedy_match, "first_divergence": first_div,
         "greedy_match_fraction_fp32": greedy_match32, "first_divergence_fp32": first_div32,
         "positions": int(ours.shape[0]),

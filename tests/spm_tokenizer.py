@@ -29,8 +29,16 @@ def build(style: str = "normalizer", *, vocab_size: int = 1200, limit_alphabet: 
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=limit_alphabet, show_progress=False)
-    trainer_tok.train_from_iterator([training_text()], trainer)
+    text = training_text()
+    # the `limit_alphabet` most frequent characters, ties by character: the trainer's own choice breaks ties
+    # in hash order, which changes from process to process
+    counts: dict[str, int] = {}
+    for ch in text.replace(" ", SPACE):
+        counts[ch] = counts.get(ch, 0) + 1
+    alphabet = sorted(counts, key=lambda ch: (-counts[ch], ch))[:limit_alphabet]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=limit_alphabet, initial_alphabet=alphabet,
+                                  show_progress=False)
+    trainer_tok.train_from_iterator([text], trainer)
     trained = trainer_tok.get_vocab()
     vocab = {t: i for i, t in enumerate(SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
     for piece, _ in sorted(trained.items(), key=lambda kv: kv[1]):
