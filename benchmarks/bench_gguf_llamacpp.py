@@ -14,7 +14,7 @@ Steps:
    kv_lora 512, 16 heads, YaRN x40 with mscale 0.707) and FFN shapes with 16 of its 64 experts, 2 layers
    (one dense), and a small DeepSeek-V3-style model (q_lora, sigmoid router with a random correction
    bias, 8 groups keep 4, top-8, routed scaling 2.5), in bf16 and with Q8_0 experts, and (--deepseek-f32)
-   the V2-Lite-shaped one in fp32 throughout (F32 file, F32 KV cache in llama.cpp); and optionally (--spm)
+   in fp32 throughout (F32 file, F32 KV cache in llama.cpp); and optionally (--spm)
    the shipped model with a SentencePiece-style tokenizer (tests/spm_tokenizer.py, Llama's layout,
    trained on the held-out texts), for llama.cpp's "llama" tokenizer on the prompts and on the whole
    held-out texts;
@@ -229,7 +229,7 @@ def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
             model = deepseek_model(tiny.tokenizer, shape, args.deepseek_layers, bias="v3" in label)
             yield f"{label} {args.deepseek_layers}L bf16", model, "auto", False
             yield f"{label} {args.deepseek_layers}L q8_0", model, "q8_0", True
-            if args.deepseek_f32 and "v2" in label:
+            if args.deepseek_f32:
                 yield f"{label} {args.deepseek_layers}L f32", model.float(), "f32", False
             del model
     if args.real_shape:
@@ -348,7 +348,7 @@ def main() -> None:
     p.add_argument("--deepseek", action="store_true",
                    help="add random DeepSeek-V2-Lite-shaped and small V3-style models (llama.cpp's deepseek2)")
     p.add_argument("--deepseek-layers", type=int, default=2)
-    p.add_argument("--deepseek-f32", action="store_true", help="with --deepseek: also the V2-Lite shape in fp32")
+    p.add_argument("--deepseek-f32", action="store_true", help="with --deepseek: also each model in fp32")
     p.add_argument("--only", nargs="*", default=None, help="run the variants whose name contains one of these words")
     args = p.parse_args()
     if args.worker:
