@@ -195,7 +195,7 @@ DEEPSEEK_SHAPES = {
 def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
     """(name, moeinfer model, --quant for export, reload), one at a time (one real-shape model in memory).
     reload: moeinfer's side runs on the exported file loaded back (for the real-shape q4_0, whose
-    quantization by `compress_` takes minutes and GBs here; tests/test_interop_gguf.py shows that
+    quantization by `compress_` takes minutes and GBs here; tests/loading/test_gguf.py shows that
     file = `compress_(model, "q4_0")` bit for bit on the shipped model)."""
     import copy
 
