@@ -34,8 +34,8 @@ from moeinfer.config import ModelConfig
 from moeinfer.formats.quant.groupwise import quantize
 from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.loading.gguf.archmap import check_exportable, family_for_export, write_metadata
-from moeinfer.loading.gguf.deepseek import adjacent_rope_rows, split_kv_b
 from moeinfer.loading.gguf.blocks import BLOCK_BYTES, GROUP, is_ggml_exact, to_ggml
+from moeinfer.loading.gguf.deepseek import adjacent_rope_rows, split_kv_b
 from moeinfer.loading.gguf.errors import GGUFError
 from moeinfer.loading.gguf.names import expert_tensor, permute_qk, qk_heads, to_gguf
 from moeinfer.loading.gguf.vocab import write_tokenizer
@@ -249,10 +249,10 @@ def plan_tensors(model: MoEModel, quant: str, notes: list[str]) -> list[_Planned
             raise GGUFError(f"layer {b.layer_idx}: merged experts with a correction bias cannot be folded into "
                             "llama.cpp's router")
     if unmapped:
-        bad = unmapped
-        raise GGUFError(f"{len(bad)} tensor(s) have no GGUF name for llama.cpp's {family.arch!r}: {', '.join(bad[:6])}"
+        raise GGUFError(f"{len(unmapped)} tensor(s) have no GGUF name for llama.cpp's {family.arch!r}: "
+                        f"{', '.join(unmapped[:6])}"
                         + (" (modules replaced by compression, e.g. quantized attention, are moeinfer-format only)"
-                           if any(".self_attn." in n or n.startswith("lm_head") for n in bad) else ""))
+                           if any(".self_attn." in n or n.startswith("lm_head") for n in unmapped) else ""))
     return plans
 
 

@@ -173,7 +173,9 @@ def load_gguf(path: str | os.PathLike[str], *, device: torch.device | str = "cpu
             used.add(gname)
             bar.update(int(t.n_bytes))
         if config.mla is not None:
+            before = set(used)
             _fill_kv_b(model, tensors, p, used)
+            bar.update(sum(int(tensors[n].n_bytes) for n in used - before if n in tensors))
         for block in model.moe_blocks():
             _fill_experts(block, packed[block.layer_idx], tensors, p, used)
             bar.update(sum(int(tensors[expert_tensor(block.layer_idx, q)].n_bytes) for q in EXPERT_PARTS))
