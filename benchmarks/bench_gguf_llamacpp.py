@@ -9,7 +9,15 @@ Steps:
 1. build the variants in moeinfer: the shipped model (bf16; q8_0 and q4_0 = moeinfer's symmetric group-32
    presets), REAP-pruned (recipe prune-25) + q4_0, and optionally (--real-shape) a random model with
    OLMoE-1B-7B's layer shapes (hidden 2048, 16 heads, 64 experts top-8, expert inner 1024; few layers, the
-   shipped vocabulary so it has a tokenizer), in bf16 and with Q4_0 experts;
+   shipped vocabulary so it has a tokenizer), in bf16 and with Q4_0 experts; and optionally (--deepseek)
+   random DeepSeek models (llama.cpp's deepseek2): DeepSeek-V2-Lite's attention (MLA without q_lora,
+   kv_lora 512, 16 heads, YaRN x40 with mscale 0.707) and FFN shapes with 16 of its 64 experts, 2 layers
+   (one dense), and a small DeepSeek-V3-style model (q_lora, sigmoid router with a random correction
+   bias, 8 groups keep 4, top-8, routed scaling 2.5), in bf16 and with Q8_0 experts, and (--deepseek-f32)
+   in fp32 throughout (F32 file, F32 KV cache in llama.cpp); and optionally (--spm)
+   the shipped model with a SentencePiece-style tokenizer (tests/spm_tokenizer.py, Llama's layout,
+   trained on the held-out texts), for llama.cpp's "llama" tokenizer on the prompts and on the whole
+   held-out texts;
 2. export each with `moeinfer.export(..., format="gguf")` (q8_0/q4_0 experts written without requantizing);
 3. moeinfer: greedy continuations of held-out prompts, and the logits at every position of
    prompt + continuation, both in the model's dtype and in fp32 (the same weights upcast);
@@ -41,11 +49,16 @@ def worker(job_path: str) -> None:
     from llama_cpp import Llama
 
     job = json.loads(Path(job_path).read_text())
+    # an all-F32 file is run with an F32 KV cache and no flash attention, so llama.cpp keeps fp32 throughout
+    exact = dict(type_k=0, type_v=0, flash_attn=False) if job.get("f32") else {}  # 0 = GGML_TYPE_F32
     llm = Llama(model_path=job["gguf"], n_ctx=job["n_ctx"], n_threads=job["threads"], n_batch=512,
-                logits_all=True, verbose=False, seed=0)
+                logits_all=True, verbose=False, seed=0, **exact)
     out: dict[str, Any] = {"tokenized": [], "greedy": [], "logits_file": job["logits_out"]}
     for text in job["texts"]:
         out["tokenized"].append(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+    # whole documents, special-token text parsed as tokenizers does (python.txt holds a literal "<s>")
+    out["documents"] = [llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+                        for text in job.get("documents", [])]
     logits = []
     for prompt, seq in zip(job["prompts"], job["sequences"]):
         # greedy continuation from the prompt ids (the same ids moeinfer used)
@@ -83,6 +96,13 @@ def prompts(tokenizer: Any, n: int, words: int) -> list[str]:
         start = text.find("\n", start) + 1
         out.append(" ".join(text[start:start + 4000].split(" ")[:words]).strip())
     return out
+
+
+def heldout_documents() -> list[str]:
+    """The shipped held-out texts, whole (english and python)."""
+    from moeinfer.eval.datasets import load_dataset
+
+    return [load_dataset("english").text, load_dataset("python").text]
 
 
 def greedy(model: Any, ids: list[int], new_tokens: int) -> list[int]:
@@ -133,10 +153,49 @@ def real_shape_model(tokenizer: Any, layers: int) -> Any:
     return model
 
 
+def deepseek_model(tokenizer: Any, shape: str, layers: int, *, bias: bool) -> Any:
+    """Random weights (normal(0, 0.02), norms 1) for a `moeinfer init` shape (moeinfer.loading.shapes), the
+    shipped tokenizer's vocabulary; `bias`: a random V3 correction bias, so expert choice depends on it."""
+    import torch
+
+    import moeinfer
+    from moeinfer.arch import parse_config
+    from moeinfer.loading.shapes import resolve_shape
+
+    hf = resolve_shape(f"{shape},vocab_size={tokenizer.vocab_size}", layers=layers)
+    torch.manual_seed(0)
+    model = moeinfer.MoEModel(parse_config(hf))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+        for block in model.moe_blocks():
+            correction = block.gate.e_score_correction_bias
+            if correction is not None:
+                correction.zero_()
+                if bias:
+                    correction.uniform_(-0.05, 0.05)
+        for p in model.parameters():  # bf16 weights; RoPE frequencies and the correction bias stay fp32, as loaded
+            p.data = p.data.to(torch.bfloat16)
+    model.eval()
+    model.tokenizer = tokenizer
+    return model
+
+
+DEEPSEEK_SHAPES = {
+    "deepseek-v2-lite-shape": "DeepSeek-V2-Lite,n_routed_experts=16",
+    "deepseek-v3-small": ("DeepSeek-V3,hidden_size=1024,num_attention_heads=16,num_key_value_heads=16,"
+                          "q_lora_rank=384,n_routed_experts=32,moe_intermediate_size=256,intermediate_size=2048,"
+                          "first_k_dense_replace=1"),
+}
+
+
 def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
     """(name, moeinfer model, --quant for export, reload), one at a time (one real-shape model in memory).
     reload: moeinfer's side runs on the exported file loaded back (for the real-shape q4_0, whose
-    quantization by `compress_` takes minutes and GBs here; tests/test_interop_gguf.py shows that
+    quantization by `compress_` takes minutes and GBs here; tests/loading/test_gguf.py shows that
     file = `compress_(model, "q4_0")` bit for bit on the shipped model)."""
     import copy
 
@@ -155,6 +214,24 @@ def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
                                                        "algorithm": "sym"}]
     moeinfer.compress_(pruned, recipe, calibration=CalibrationConfig(source="heldout"), progress=False)
     yield "tiny REAP-25% + q4_0", pruned, "auto", False
+    if args.spm:
+        import dataclasses
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test's tokenizer builder
+        from spm_tokenizer import moeinfer_tokenizer
+
+        spm = copy.deepcopy(tiny)
+        spm.tokenizer = moeinfer_tokenizer("normalizer")
+        spm.config = dataclasses.replace(spm.config, bos_token_id=1, eos_token_ids=(2,))
+        yield "tiny spm-tokenizer bf16", spm, "auto", False
+    if args.deepseek:
+        for label, shape in DEEPSEEK_SHAPES.items():
+            model = deepseek_model(tiny.tokenizer, shape, args.deepseek_layers, bias="v3" in label)
+            yield f"{label} {args.deepseek_layers}L bf16", model, "auto", False
+            yield f"{label} {args.deepseek_layers}L q8_0", model, "q8_0", True
+            if args.deepseek_f32:
+                yield f"{label} {args.deepseek_layers}L f32", model.float(), "f32", False
+            del model
     if args.real_shape:
         big = real_shape_model(tiny.tokenizer, args.real_shape_layers)
         yield f"olmoe-shape {args.real_shape_layers}L bf16", big, "auto", False
@@ -176,16 +253,20 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
     if reload:
         model = moeinfer.load(path, progress=False)
     texts = prompts(model.tokenizer, args.prompts, args.words)
+    documents = heldout_documents() if "spm" in name else []
     ids = [model.tokenizer.encode(t) for t in texts]
     conts = [greedy(model, p, args.new_tokens) for p in ids]
     seqs = [p + c for p, c in zip(ids, conts)]
     ours = all_logits(model, seqs)
-    small = sum(p.numel() for p in model.parameters()) < 100_000_000
-    model32 = copy.deepcopy(model).float() if small else None  # fp32: the same weights upcast
+    small = sum(p.numel() for p in model.parameters()) < 300_000_000
+    model32 = None
+    if small:  # fp32: the same weights upcast
+        model32 = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
     ours32 = all_logits(model32, seqs) if small else None
     conts32 = [greedy(model32, p, args.new_tokens) for p in ids] if small else None
     job = {"gguf": str(path), "n_ctx": max(len(s) for s in seqs) + 8, "threads": args.threads, "texts": texts,
-           "prompts": ids, "sequences": seqs, "new_tokens": args.new_tokens,
+           "prompts": ids, "sequences": seqs, "new_tokens": args.new_tokens, "f32": quant == "f32",
+           "documents": documents,
            "logits_out": str(out_dir / f"{slug}.llama-logits.npy"), "result": str(out_dir / f"{slug}.llama.json")}
     job_path = out_dir / f"{slug}.job.json"
     job_path.write_text(json.dumps(job))
@@ -216,6 +297,10 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
         "variant": name, "file": path.name, "file_mib": path.stat().st_size / 2**20,
         "types": report.type_counts(), "notes": report.notes, "llama_cpp_python": theirs_json["version"],
         "tokenization_equal": [a == b for a, b in zip(ids, theirs_json["tokenized"])],
+        "documents": [{"chars": len(d), "tokens": len(a), "equal": a == b,
+                       "first_difference": next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)}
+                      for d, a, b in zip(documents, [model.tokenizer.encode(d) for d in documents],
+                                         theirs_json["documents"])],
         "greedy_match_fraction": greedy_match, "first_divergence": first_div,
         "greedy_match_fraction_fp32": greedy_match32, "first_divergence_fp32": first_div32,
         "positions": int(ours.shape[0]),
@@ -259,6 +344,11 @@ def main() -> None:
     p.add_argument("--real-shape", action="store_true",
                    help="add an OLMoE-shaped random model (about 0.8 GB per layer in bf16)")
     p.add_argument("--real-shape-layers", type=int, default=1)
+    p.add_argument("--spm", action="store_true", help="add the shipped model with a SentencePiece-style tokenizer")
+    p.add_argument("--deepseek", action="store_true",
+                   help="add random DeepSeek-V2-Lite-shaped and small V3-style models (llama.cpp's deepseek2)")
+    p.add_argument("--deepseek-layers", type=int, default=2)
+    p.add_argument("--deepseek-f32", action="store_true", help="with --deepseek: also each model in fp32")
     p.add_argument("--only", nargs="*", default=None, help="run the variants whose name contains one of these words")
     args = p.parse_args()
     if args.worker:

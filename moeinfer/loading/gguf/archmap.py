@@ -10,7 +10,11 @@ so one parser (moeinfer.arch) serves both checkpoint kinds.
     qwen2_moe             qwen2moe    shared expert with a sigmoid gate; top-k weights not renormalised
     qwen3_moe             qwen3moe    per-head q/k RMSNorm; top-k weights renormalised
     olmoe                 olmoe       q/k RMSNorm over the full projection; not renormalised
-DeepSeek (llama.cpp's deepseek2: MLA with split k_b/v_b tensors) is not mapped yet.
+    deepseek_v2 / v3      deepseek2   MLA with kv_b split into k_b/v_b; leading dense layers, shared
+                                      experts, groups, sigmoid + correction bias (moeinfer.loading.gguf.deepseek)
+
+RoPE scaling (linear, YaRN) goes through moeinfer.loading.gguf.ropekeys. None of these llama.cpp
+architectures reads a sliding-window key, so a model with one is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from moeinfer.config import ModelConfig
+from moeinfer.loading.gguf import deepseek
 from moeinfer.loading.gguf.errors import GGUFError
+from moeinfer.loading.gguf.ropekeys import check_rope, f32, read_rope, write_rope
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,10 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen2_moe", "qwen2moe", permute_qk=False, norm_topk=False),
     Family("qwen3_moe", "qwen3moe", permute_qk=False, norm_topk=True),
     Family("olmoe", "olmoe", permute_qk=False, norm_topk=False),
+    Family("deepseek_v2", deepseek.ARCH, permute_qk=False, norm_topk=False),
+    Family("deepseek_v3", deepseek.ARCH, permute_qk=False, norm_topk=True),
 )}
-BY_ARCH = {f.arch: f for f in FAMILIES.values()}
+BY_ARCH = {f.arch: f for f in FAMILIES.values()}  # deepseek2: v2 or v3 is decided by the gating function
 
 
 def family_for_export(config: ModelConfig) -> Family:
@@ -61,14 +69,17 @@ def check_exportable(config: ModelConfig, family: Family, num_experts: int) -> l
     """Refuse what llama.cpp cannot express for the family; return notes on what it will read differently."""
     notes: list[str] = []
     if config.sliding_window is not None and any(w is not None for w in config.sliding_window):
-        raise GGUFError(f"{config.model_type}: sliding-window attention has no GGUF key for llama.cpp's "
-                        f"{family.arch!r} architecture")
+        raise GGUFError(f"{config.model_type}: sliding-window attention: llama.cpp's {family.arch!r} architecture "
+                        "reads no sliding-window key (it would attend over the full context)")
+    check_rope(config.rope, family.arch, mla=config.attention == "mla")
+    if num_experts < config.router.top_k:
+        raise GGUFError(f"{num_experts} experts per layer cannot serve top_k={config.router.top_k}")
+    if family.arch == deepseek.ARCH:
+        return notes + deepseek.check(config)
     if any(kind != "moe" for kind in config.layer_ffn):
         dense = [i for i, k in enumerate(config.layer_ffn) if k != "moe"]
         raise GGUFError(f"{config.model_type}: dense FFN layers {dense}"
                         f" have no place in llama.cpp's {family.arch!r} architecture (every layer is MoE there)")
-    if config.rope.type not in ("default", "linear"):
-        raise GGUFError(f"rope scaling {config.rope.type!r} is not exported to GGUF yet (supported: default, linear)")
     r = config.router
     if r.score_func != "softmax" or r.n_group != 1 or r.scaling != 1.0 or r.correction_bias:
         raise GGUFError(f"{config.model_type}: a router with {r.score_func} scores, {r.n_group} groups or scaling "
@@ -79,8 +90,6 @@ def check_exportable(config: ModelConfig, family: Family, num_experts: int) -> l
                      f"{family.arch!r} always uses {family.norm_topk}: llama.cpp's top-k weights will differ")
     if config.clip_qkv is not None and family.arch != "olmoe":
         raise GGUFError(f"clip_qkv has no GGUF key for llama.cpp's {family.arch!r} architecture")
-    if num_experts < r.top_k:
-        raise GGUFError(f"{num_experts} experts per layer cannot serve top_k={r.top_k}")
     return notes
 
 
@@ -88,6 +97,10 @@ def write_metadata(writer: Any, config: ModelConfig, family: Family, *, num_expe
     """The {arch}.* keys llama.cpp reads for the family (names as in llama.cpp's gguf-py Keys)."""
     a = family.arch
     w = writer
+    if a == deepseek.ARCH:
+        deepseek.write_metadata(w, config, num_experts=num_experts)
+        write_rope(w, a, config.rope, mla=True)
+        return
     w.add_uint32(f"{a}.vocab_size", config.vocab_size)
     w.add_uint32(f"{a}.context_length", config.max_position_embeddings)
     w.add_uint32(f"{a}.embedding_length", config.hidden_size)
@@ -106,18 +119,10 @@ def write_metadata(writer: Any, config: ModelConfig, family: Family, *, num_expe
     if config.clip_qkv is not None:
         w.add_float32(f"{a}.attention.clamp_kqv", config.clip_qkv)
     w.add_uint32(f"{a}.rope.dimension_count", config.head_dim)
-    w.add_float32(f"{a}.rope.freq_base", config.rope.theta)
-    if config.rope.type == "linear":
-        w.add_string(f"{a}.rope.scaling.type", "linear")
-        w.add_float32(f"{a}.rope.scaling.factor", config.rope.factor)
+    write_rope(w, a, config.rope, mla=False)
     w.add_uint32(f"{a}.expert_count", num_experts)
     w.add_uint32(f"{a}.expert_used_count", config.router.top_k)
     w.add_bool(f"{a}.expert_weights_norm", config.router.norm_topk_prob)
-
-
-def _f32(value: float) -> float:
-    """A float32 key as the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)."""
-    return float(str(np.float32(value)))
 
 
 class Metadata:
@@ -160,20 +165,15 @@ def hf_config(meta: Metadata, family: Family, *, has_output: bool, has_qkv_bias:
     vocab = meta.int(f"{a}.vocab_size", len(tokens) if tokens is not None else 0)
     if vocab < 1:
         raise GGUFError(f"{meta.path}: neither {a}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
-    ff = meta.int(f"{a}.feed_forward_length")
-    rope: dict[str, Any] = {"rope_theta": _f32(meta.get(f"{a}.rope.freq_base", 10000.0)), "rope_type": "default"}
-    scaling = meta.get(f"{a}.rope.scaling.type", "none")
-    if scaling == "linear":
-        rope.update(rope_type="linear", factor=_f32(meta.require(f"{a}.rope.scaling.factor")))
-    elif scaling not in ("none", None):
-        raise GGUFError(f"{meta.path}: {a}.rope.scaling.type {scaling!r} is not supported (none, linear)")
+    mla = a == deepseek.ARCH
+    rope = read_rope(meta, a, mla=mla)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     hf: dict[str, Any] = {
         "model_type": family.model_type, "architectures": [None], "hidden_act": "silu",
         "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": meta.int(f"{a}.block_count"),
         "num_attention_heads": heads, "num_key_value_heads": meta.int(f"{a}.attention.head_count_kv", heads),
         "head_dim": meta.int(f"{a}.attention.key_length", hidden // heads),
-        "rms_norm_eps": _f32(meta.require(f"{a}.attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": f32(meta.require(f"{a}.attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": meta.int(f"{a}.context_length", 4096),
         "rope_parameters": rope, "tie_word_embeddings": not has_output,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
@@ -182,12 +182,16 @@ def hf_config(meta: Metadata, family: Family, *, has_output: bool, has_qkv_bias:
         "num_experts_per_tok": meta.int(f"{a}.expert_used_count"),
         "norm_topk_prob": bool(meta.get(f"{a}.expert_weights_norm", family.norm_topk)),
     }
-    if family.model_type == "mixtral":
+    ff = meta.int(f"{a}.feed_forward_length")
+    if mla:  # MLA's head sizes and DeepSeek's router: its own keys; key_length is the latent's there
+        del hf["head_dim"]
+        hf.update(deepseek.hf_fields(meta), num_key_value_heads=heads)
+    elif family.model_type == "mixtral":
         hf.update(intermediate_size=ff, num_local_experts=experts, sliding_window=None)
     elif family.model_type == "olmoe":
         clip = meta.get(f"{a}.attention.clamp_kqv")
         hf.update(intermediate_size=ff, num_experts=experts, attention_bias=has_qkv_bias,
-                  clip_qkv=None if clip is None else _f32(clip))
+                  clip_qkv=None if clip is None else f32(clip))
     else:
         moe_ff = meta.int(f"{a}.expert_feed_forward_length")
         hf.update(intermediate_size=ff, moe_intermediate_size=moe_ff, num_experts=experts)
@@ -196,9 +200,10 @@ def hf_config(meta: Metadata, family: Family, *, has_output: bool, has_qkv_bias:
                       shared_expert_intermediate_size=meta.int(f"{a}.expert_shared_feed_forward_length", 0))
         else:
             hf.update(attention_bias=has_qkv_bias or has_o_bias)
-    hf["architectures"] = [_HF_CLASS[family.model_type]]
+    hf["architectures"] = [_HF_CLASS[hf["model_type"]]]
     return hf
 
 
 _HF_CLASS = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-             "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+             "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+             "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}

@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeinfer.config import ModelConfig
 from moeinfer.formats.quant.groupwise import quantize
 from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.loading.gguf.archmap import check_exportable, family_for_export, write_metadata
 from moeinfer.loading.gguf.blocks import BLOCK_BYTES, GROUP, is_ggml_exact, to_ggml
+from moeinfer.loading.gguf.deepseek import adjacent_rope_rows, split_kv_b
 from moeinfer.loading.gguf.errors import GGUFError
 from moeinfer.loading.gguf.names import expert_tensor, permute_qk, qk_heads, to_gguf
 from moeinfer.loading.gguf.vocab import write_tokenizer
@@ -77,10 +79,12 @@ def _float_bytes(t: torch.Tensor, ggml_type: str) -> torch.Tensor:
     return t.detach().to("cpu", _TORCH[ggml_type]).contiguous().view(torch.uint8)
 
 
-def _float_plan(name: str, t: torch.Tensor, ggml_type: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-                ) -> _Planned:
+def _float_plan(name: str, t: torch.Tensor, ggml_type: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                *, shape: tuple[int, ...] | torch.Size | None = None) -> _Planned:
+    """`shape`: the shape `fn(t)` has, when `fn` changes it."""
     size = _TORCH[ggml_type].itemsize
-    shape = (*t.shape[:-1], t.shape[-1] * size)
+    dims = tuple(shape if shape is not None else t.shape)
+    shape = (*dims[:-1], dims[-1] * size)
     return _Planned(name, ggml_type, tuple(shape), lambda: _float_bytes(fn(t) if fn else t, ggml_type))
 
 
@@ -206,7 +210,8 @@ def plan_tensors(model: MoEModel, quant: str, notes: list[str]) -> list[_Planned
     plans: list[_Planned] = []
     unmapped: list[str] = []
     blocks = {b.layer_idx: b for b in model.moe_blocks()}
-    for name, p in model.named_parameters():
+    biases = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+    for name, p in [*model.named_parameters(), *biases]:
         if ".mlp.experts." in name:
             continue
         gname = to_gguf(name)
@@ -215,7 +220,11 @@ def plan_tensors(model: MoEModel, quant: str, notes: list[str]) -> list[_Planned
             continue
         heads = qk_heads(name, cfg.num_heads, cfg.num_kv_heads) if family.permute_qk else None
         fn = (lambda t, h=heads: permute_qk(t, h)) if heads else None
-        if name.endswith(".mlp.gate.weight"):
+        if cfg.mla is not None and not cfg.rope.interleaved:
+            fn = (lambda t, n=name: adjacent_rope_rows(n, t, cfg))
+        if name.endswith("self_attn.kv_b_proj.weight"):
+            plans += _kv_b_plans(gname, p, cfg, float_type)
+        elif name.endswith(".mlp.gate.weight"):
             layer = int(name.split(".")[1])
             plans.append(_float_plan(gname, folded_router(blocks[layer]), "F32"))
         elif name.endswith("shared_expert_gate.weight"):
@@ -236,13 +245,28 @@ def plan_tensors(model: MoEModel, quant: str, notes: list[str]) -> list[_Planned
         if b.gate.mode is not None or b.gate.top_k is not None:
             notes.append(f"layer {b.layer_idx}: dynamic gating is not written (GGUF has a fixed top-k)")
         plans += _expert_plans(b, quant, float_type, notes)
-    buffers = [n for n, _ in model.named_buffers() if n.endswith("e_score_correction_bias")]
-    if unmapped or buffers:
-        bad = unmapped + buffers
-        raise GGUFError(f"{len(bad)} tensor(s) have no GGUF name for llama.cpp's {family.arch!r}: {', '.join(bad[:6])}"
+        if b.gate.expert_map is not None and b.gate.e_score_correction_bias is not None:
+            raise GGUFError(f"layer {b.layer_idx}: merged experts with a correction bias cannot be folded into "
+                            "llama.cpp's router")
+    if unmapped:
+        raise GGUFError(f"{len(unmapped)} tensor(s) have no GGUF name for llama.cpp's {family.arch!r}: "
+                        f"{', '.join(unmapped[:6])}"
                         + (" (modules replaced by compression, e.g. quantized attention, are moeinfer-format only)"
-                           if any(".self_attn." in n or n.startswith("lm_head") for n in bad) else ""))
+                           if any(".self_attn." in n or n.startswith("lm_head") for n in unmapped) else ""))
     return plans
+
+
+def _kv_b_plans(gname: str, w: torch.Tensor, cfg: ModelConfig, float_type: str) -> list[_Planned]:
+    """MLA's kv_b_proj [H*(Dn+Dv), C] as llama.cpp's attn_k_b [H, C, Dn] and attn_v_b [H, Dv, C]."""
+    mla = cfg.mla
+    assert mla is not None
+    H, C, Dn, Dv = cfg.num_heads, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.v_head_dim
+
+    def part(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda t: split_kv_b(t, heads=H, nope=Dn, v_dim=Dv)[i]
+
+    return [_float_plan(gname.replace("attn_kv_b", "attn_k_b"), w, float_type, part(0), shape=(H, C, Dn)),
+            _float_plan(gname.replace("attn_kv_b", "attn_v_b"), w, float_type, part(1), shape=(H, Dv, C))]
 
 
 def _file_type(quant: str, plans: list[_Planned]) -> int:

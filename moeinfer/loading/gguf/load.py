@@ -11,7 +11,8 @@ Steps:
 4. fill them: Q8_0/Q4_0 expert blocks moved into moeinfer's storage bit for bit (blocks); F32/F16/BF16
    tensors copied as they are; any other ggml type (K-quants, ...) dequantized by the gguf package's
    reference dequantizers and cast to the model dtype (bf16 unless asked otherwise); llama's q/k rows
-   put back into HF's rotate-half order;
+   put back into HF's rotate-half order; MLA's attn_k_b/attn_v_b merged back into kv_b_proj (deepseek);
+   a sigmoid router's correction bias (exp_probs_b) is zero when the file has none;
 5. rebuild the tokenizer from the GGUF tokenizer keys (vocab).
 Every problem with the file is a GGUFError naming the file and the key, tensor or type.
 """
@@ -30,6 +31,7 @@ from moeinfer.arch import parse_config
 from moeinfer.config import ConfigError
 from moeinfer.loading.gguf.archmap import Metadata, family_for_import, hf_config
 from moeinfer.loading.gguf.blocks import from_ggml
+from moeinfer.loading.gguf.deepseek import merge_kv_b
 from moeinfer.loading.gguf.errors import GGUFError
 from moeinfer.loading.gguf.vocab import read_tokenizer
 from moeinfer.model.transformer import MoEModel
@@ -154,6 +156,8 @@ def load_gguf(path: str | os.PathLike[str], *, device: torch.device | str = "cpu
     target = parse_dtype(dtype) or _DEFAULT_DTYPE.get(_type_name(tensors["token_embd.weight"]), torch.bfloat16)
     _materialize(model, target, torch.device(device))
     params = dict(model.named_parameters())
+    biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    params.update(biases)
     # 4. fill
     used: set[str] = set()
     total = sum(int(t.n_bytes) for t in reader.tensors)
@@ -168,9 +172,17 @@ def load_gguf(path: str | os.PathLike[str], *, device: torch.device | str = "cpu
             params[name].copy_(unpermute_qk(value, heads) if heads else value)
             used.add(gname)
             bar.update(int(t.n_bytes))
+        if config.mla is not None:
+            before = set(used)
+            _fill_kv_b(model, tensors, p, used)
+            bar.update(sum(int(tensors[n].n_bytes) for n in used - before if n in tensors))
         for block in model.moe_blocks():
             _fill_experts(block, packed[block.layer_idx], tensors, p, used)
             bar.update(sum(int(tensors[expert_tensor(block.layer_idx, q)].n_bytes) for q in EXPERT_PARTS))
+    for name, bias in biases.items():
+        if to_gguf(name) not in used:  # a sigmoid router without a selection bias
+            bias.zero_()
+            used.add(str(to_gguf(name)))
     expected = {n for n in (_gguf_name(k) for k in params) if n is not None}
     missing = sorted(expected - used)
     if missing:
@@ -189,6 +201,26 @@ def load_gguf(path: str | os.PathLike[str], *, device: torch.device | str = "cpu
 
 def _gguf_name(name: str) -> str | None:
     return None if ".mlp.experts." in name else to_gguf(name)
+
+
+def _fill_kv_b(model: MoEModel, tensors: dict[str, Any], path: Path, used: set[str]) -> None:
+    """Step 4 for MLA: kv_b_proj from llama.cpp's attn_k_b [H, C, Dn] + attn_v_b [H, Dv, C] (deepseek.merge_kv_b);
+    files holding attn_kv_b whole were read with the other tensors."""
+    mla, H = model.config.mla, model.config.num_heads
+    assert mla is not None
+    C, Dn, Dv = mla.kv_lora_rank, mla.qk_nope_head_dim, mla.v_head_dim
+    for i, layer in enumerate(model.layers):
+        k_name, v_name = f"blk.{i}.attn_k_b.weight", f"blk.{i}.attn_v_b.weight"
+        if k_name not in tensors and v_name not in tensors:
+            continue
+        for name in (k_name, v_name):
+            if name not in tensors:
+                raise GGUFError(f"{path}: tensor {name!r} is missing (attn_k_b and attn_v_b come in pairs)")
+        k_b = _shape(_float_tensor(tensors[k_name], path), (H, C, Dn), k_name, path)
+        v_b = _shape(_float_tensor(tensors[v_name], path), (H, Dv, C), v_name, path)
+        with torch.no_grad():
+            layer.self_attn.kv_b_proj.weight.copy_(merge_kv_b(k_b, v_b))
+        used.update((k_name, v_name, f"blk.{i}.attn_kv_b.weight"))
 
 
 def _fill_experts(block: Any, bits: int | None, tensors: dict[str, Any], path: Path, used: set[str]) -> None:

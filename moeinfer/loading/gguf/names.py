@@ -1,5 +1,5 @@
-"""moeinfer parameter names <-> llama.cpp's GGUF tensor names (gguf-py's TENSOR_NAMES), and the q/k
-row order of llama.cpp's `llama` architecture.
+"""moeinfer parameter (and correction-bias buffer) names <-> llama.cpp's GGUF tensor names (gguf-py's
+TENSOR_NAMES), and the q/k row order of llama.cpp's `llama` architecture.
 
 GGUF stacks each MoE layer's experts per projection: `blk.{i}.ffn_{gate,up,down}_exps.weight`
 with numpy shapes [E, I, D], [E, I, D], [E, D, I] (ggml lists the dimensions reversed); moeinfer's
@@ -29,6 +29,13 @@ _LAYER = {
     "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    # DeepSeek (MLA, correction bias); kv_b_proj is written as attn_k_b + attn_v_b (deepseek.split_kv_b),
+    # attn_kv_b being the name older files hold it under whole
+    "self_attn.q_a_proj.weight": "attn_q_a.weight", "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight", "self_attn.kv_b_proj.weight": "attn_kv_b.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
 }
 _LAYER_BACK = {v: k for k, v in _LAYER.items()}
 _GLOBAL_BACK = {v: k for k, v in _GLOBAL.items()}

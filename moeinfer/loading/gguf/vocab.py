@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizers <-> GGUF's `tokenizer.ggml.*` keys (llama.cpp's "gpt2" tokenizer model).
+"""Tokenizers <-> GGUF's `tokenizer.ggml.*` keys: byte-level BPE (llama.cpp's "gpt2" tokenizer model) here,
+SentencePiece-style BPE (its "llama" model: Llama, Mistral, Mixtral) through vocab_spm.
 
 GGUF keeps a BPE tokenizer as lists: tokens (by id), token types (1 normal, 3 control, 4 user-defined,
 5 unused), merges ("a b"), special-token ids, add_bos/add_eos flags, the chat template, and the
@@ -15,6 +16,7 @@ import json
 from typing import Any
 
 from moeinfer.loading.gguf.errors import GGUFError
+from moeinfer.loading.gguf.vocab_spm import UNKNOWN, space_prefix, spm_backend, spm_lists
 from moeinfer.loading.tokenizer import Tokenizer
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -53,27 +55,38 @@ def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, *, bos: int | 
     config's special ids, which take precedence over the tokenizer's."""
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    prefix = space_prefix(spec)
+    if prefix is not None:  # SentencePiece-style
+        names, scores, kinds = spm_lists(spec, vocab_size)
+        writer.add_string("tokenizer.ggml.model", "llama")
+        writer.add_array("tokenizer.ggml.tokens", names)
+        writer.add_array("tokenizer.ggml.scores", scores)
+        writer.add_array("tokenizer.ggml.token_type", kinds)
+        writer.add_bool("tokenizer.ggml.add_space_prefix", prefix)
+        if UNKNOWN in kinds:
+            writer.add_uint32("tokenizer.ggml.unknown_token_id", kinds.index(UNKNOWN))
+    elif model.get("type") != "BPE" or model.get("byte_fallback"):
         raise GGUFError(f"tokenizer model {model.get('type')!r} (byte_fallback={model.get('byte_fallback')}) cannot "
-                        "be written to GGUF yet: only byte-level BPE tokenizers are supported")
-    pre = _pre_name(spec.get("pre_tokenizer"))
-    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    types = {i: NORMAL for i in tokens}
-    for added in spec.get("added_tokens") or []:
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
-    if max(tokens) >= vocab_size:
-        raise GGUFError(f"the tokenizer has token id {max(tokens)} but the model's vocabulary has {vocab_size} rows")
-    names, kinds = [], []
-    for i in range(vocab_size):
-        names.append(tokens.get(i, f"[PAD{i}]"))
-        kinds.append(types.get(i, UNUSED))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    writer.add_string("tokenizer.ggml.model", "gpt2")
-    writer.add_string("tokenizer.ggml.pre", pre)
-    writer.add_array("tokenizer.ggml.tokens", names)
-    writer.add_array("tokenizer.ggml.token_type", kinds)
-    writer.add_array("tokenizer.ggml.merges", merges)
+                        "be written to GGUF: supported are byte-level BPE and SentencePiece-style BPE (byte "
+                        "fallback, spaces as '\u2581' by a Prepend/Replace normalizer or a Metaspace pre-tokenizer)")
+    else:
+        pre = _pre_name(spec.get("pre_tokenizer"))
+        tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+        types = {i: NORMAL for i in tokens}
+        for added in spec.get("added_tokens") or []:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+        if max(tokens) >= vocab_size:
+            raise GGUFError(f"the tokenizer has token id {max(tokens)} but the model's vocabulary has {vocab_size} "
+                            "rows")
+        names = [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+        kinds = [types.get(i, UNUSED) for i in range(vocab_size)]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        writer.add_string("tokenizer.ggml.model", "gpt2")
+        writer.add_string("tokenizer.ggml.pre", pre)
+        writer.add_array("tokenizer.ggml.tokens", names)
+        writer.add_array("tokenizer.ggml.token_type", kinds)
+        writer.add_array("tokenizer.ggml.merges", merges)
     probe = tokenizer.encode("a", add_special_tokens=True)
     for key, token_id in (("bos", bos if bos is not None else tokenizer.bos_token_id),
                           ("eos", eos if eos is not None else tokenizer.eos_token_id),
@@ -97,27 +110,35 @@ def read_tokenizer(meta: Any) -> Any:
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         return None
-    if kind != "gpt2":
-        raise GGUFError(f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', byte-level BPE)")
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in BYTE_LEVEL_PRE and pre not in SPLIT_REGEX:
-        raise GGUFError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
-                        f"{', '.join(BYTE_LEVEL_PRE + tuple(SPLIT_REGEX))}")
+    if kind not in ("gpt2", "llama"):
+        raise GGUFError(f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported ('gpt2': byte-level BPE, "
+                        "'llama': SentencePiece-style BPE)")
     names = list(meta.require("tokenizer.ggml.tokens"))
     kinds = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(names))
     if len(kinds) != len(names):
         raise GGUFError(f"{meta.path}: tokenizer.ggml.token_type has {len(kinds)} entries for {len(names)} tokens")
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     vocab = {t: i for i, t in enumerate(names)}
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    if pre in SPLIT_REGEX:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SPLIT_REGEX[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if kind == "llama":
+        unk = meta.get("tokenizer.ggml.unknown_token_id")
+        backend = spm_backend(names, list(meta.require("tokenizer.ggml.scores")), kinds,
+                              add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                              unk_id=None if unk is None else int(unk), path=meta.path)
     else:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    special = [AddedToken(names[i], special=True, normalized=False) for i, k in enumerate(kinds) if k == CONTROL]
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in BYTE_LEVEL_PRE and pre not in SPLIT_REGEX:
+            raise GGUFError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
+                            f"{', '.join(BYTE_LEVEL_PRE + tuple(SPLIT_REGEX))}")
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        if pre in SPLIT_REGEX:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(SPLIT_REGEX[pre]), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+    special = [AddedToken(names[i], special=True, normalized=False) for i, k in enumerate(kinds)
+               if k == CONTROL or (k == UNKNOWN and kind == "llama")]
     user = [AddedToken(names[i], special=False, normalized=False) for i, k in enumerate(kinds) if k == USER_DEFINED]
     backend.add_special_tokens(special)
     backend.add_tokens(user)
