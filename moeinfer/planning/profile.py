@@ -14,7 +14,8 @@ What is measured (about 10 s on a CPU; each figure a median of a few runs):
 3. fixed costs outside the experts: one-token forwards of two small random models (1 and 3
    layers) give the per-layer cost of attention, norms and router (`layer_fixed_s`) and the
    per-step cost of embeddings, head and Python (`step_fixed_s`).
-The profile is keyed by device, CPU model and flags, thread count and torch version, and cached as
+The profile is keyed by device, CPU model and flags, thread count, torch version and the native CPU
+kernels' source stamp (none when they are not built or stale), and cached as
 JSON in the user cache folder (`$MOEINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/moeinfer`, else
 `~/.cache/moeinfer`), so `moeinfer plan` measures a machine once.
 """
@@ -39,6 +40,7 @@ from moeinfer.formats.quant.groupwise import num_groups
 from moeinfer.formats.quant.packing import packed_cols
 from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.kernels import use_kernel_
+from moeinfer.kernels.native.build import is_current, library_path
 from moeinfer.kernels.registry import KernelUnavailableError, resolve
 from moeinfer.model.moe import Experts, Routing
 from moeinfer.model.transformer import MoEModel
@@ -117,10 +119,20 @@ def _cpu_identity() -> tuple[str, str]:
     return cpu_name(), " ".join(cpu_flags())
 
 
+def native_kernels_stamp() -> str:
+    """The native CPU kernel library's source stamp when it is built and current (the kernels the
+    measured variants then run), else "none" (the torch paths run)."""
+    if not is_current():
+        return "none"
+    return library_path().with_suffix(".stamp").read_text().strip()
+
+
 def machine_key(device: str) -> str:
-    """sha256 of what the measurements depend on: device, CPU model and flags, threads, torch version."""
+    """sha256 of what the measurements depend on: device, CPU model and flags, threads, torch version,
+    and the native kernels' source stamp (a profile measured with other kernels is not reused)."""
     name, flags = _cpu_identity()
-    parts = [device, name, flags, str(torch.get_num_threads()), torch.__version__, str(PROFILE_VERSION)]
+    parts = [device, name, flags, str(torch.get_num_threads()), torch.__version__, str(PROFILE_VERSION),
+             native_kernels_stamp()]
     if device == "cuda" and torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
