@@ -1,6 +1,7 @@
 """The machine profile the planner's cost model reads: measured once, cached per machine.
 
-What is measured (about 10 s on a CPU; each figure a median of a few runs):
+What is measured (about 10 s on a CPU; each figure the least of a few runs: other processes only
+ever add time to a run, so the least is the machine's own cost and the median of a busy machine is not):
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
    simulate --calibrate` measures), pinned host-to-device copies on CUDA; memory read bandwidth
    (a reduction over a 256 MiB tensor) and dense fp32 matmul rate (on CUDA: of the GPU, and of the
@@ -46,7 +47,7 @@ from moeinfer.model.moe import Experts, Routing
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: the least of the repeats, not the median
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def machine_profile(device: str = "cpu", *, refresh: bool = False, variants: tup
 
 # --- measurement ---
 
-def _median(fn: Any, repeats: int, device: torch.device) -> float:
+def _least(fn: Any, repeats: int, device: torch.device) -> float:
+    """The least wall time of `repeats` runs after one warm-up (module docstring: why not the median)."""
     def run() -> None:
         fn()
         if device.type == "cuda":
@@ -172,7 +174,7 @@ def _median(fn: Any, repeats: int, device: torch.device) -> float:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
@@ -235,7 +237,7 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
             i[0] = (i[0] + 1) % len(routings)
             with torch.inference_mode():
                 mod(x, routings[i[0]])
-        return _median(call, repeats, device)
+        return _least(call, repeats, device)
 
     (Ds, Is), (Dl, Il) = small, large
     bs, bl = stored_expert_bytes(variant, Ds, Is), stored_expert_bytes(variant, Dl, Il)
@@ -274,7 +276,7 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
         def fwd() -> None:
             with torch.inference_mode():
                 m(ids)
-        times.append(_median(fwd, repeats, device))
+        times.append(_least(fwd, repeats, device))
     per_layer = max(0.0, (times[1] - times[0]) / 2)
     experts_part = rate.call_s + top_k * rate.expert_fixed_s  # the tiny layer's own expert stage
     layer_fixed = max(0.0, per_layer - experts_part)
@@ -285,9 +287,9 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
 def _host_rates() -> tuple[float, float]:
     """(memory read GB/s, fp32 GFLOP/s) of the host CPU."""
     src = torch.ones(64 << 20)  # 256 MiB fp32
-    read = _median(lambda: src.sum(), 5, torch.device("cpu"))
+    read = _least(lambda: src.sum(), 5, torch.device("cpu"))
     a = torch.randn(1024, 1024)
-    mm = _median(lambda: a @ a, 3, torch.device("cpu"))
+    mm = _least(lambda: a @ a, 3, torch.device("cpu"))
     return src.numel() * 4 / read / 1e9, 2 * 1024**3 / mm / 1e9
 
 
@@ -297,11 +299,11 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
         n = 256 << 20
         host = torch.empty(n, dtype=torch.uint8).pin_memory()
         dev = torch.empty(n, dtype=torch.uint8, device=device)
-        h2d = _median(lambda: dev.copy_(host, non_blocking=True), 5, device)
+        h2d = _least(lambda: dev.copy_(host, non_blocking=True), 5, device)
         src = torch.ones(n // 4, device=device)
-        read = _median(lambda: src.sum(), 5, device)
+        read = _least(lambda: src.sum(), 5, device)
         a = torch.randn(4096, 4096, device=device)
-        mm = _median(lambda: a @ a, 5, device)
+        mm = _least(lambda: a @ a, 5, device)
         return "host", n / h2d / 1e9, n / read / 1e9, 2 * 4096**3 / mm / 1e9
     hw = calibrate(mib=64, repeats=3)
     read_gbps, _ = _host_rates()
