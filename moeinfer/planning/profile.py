@@ -5,7 +5,9 @@ ever add time to a run, so the least is the machine's own cost and the median of
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
    simulate --calibrate` measures), pinned host-to-device copies on CUDA; memory read bandwidth
    (a reduction over a 256 MiB tensor) and dense fp32 matmul rate (on CUDA: of the GPU, and of the
-   host too, which prices CPU-assisted experts);
+   host too, which prices CPU-assisted experts); the rate of a prefill-sized linear in fp32, bf16 and
+   fp16 (the dense part and LM head run in the checkpoint's dtype: bf16 is several times slower
+   than fp32 on a CPU without bf16 instructions);
 2. per expert-stage variant (precision x kernel: bf16 with each usable kernel, bf16 with fp32
    compute weights, and each quantize preset the search may choose): the time of one experts
    module forward at two sizes and two top-k values, fitted to
@@ -47,7 +49,8 @@ from moeinfer.model.moe import Experts, Routing
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 
-PROFILE_VERSION = 2  # 2: the least of the repeats, not the median
+PROFILE_VERSION = 3  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype
+DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,16 @@ class MachineProfile:
     measured: str = ""  # when and how
     host_mem_gbps: float | None = None  # CUDA: the host's read bandwidth and fp32 matmul (CPU-assisted experts)
     host_gflops: float | None = None
+    # dtype name -> GFLOP/s of a [64, 1024] x [1024, 4096] linear in that dtype on the device: the dense
+    # part and LM head run in the checkpoint's dtype, and bf16 matmuls on a CPU without bf16
+    # instructions are several times slower than fp32 ones
+    dense_gflops: dict[str, float] = field(default_factory=dict)
     version: int = PROFILE_VERSION
+
+    def matmul_rate(self, dtype: str) -> float:
+        """FLOP/s of dense matmuls in `dtype` ("bfloat16", ...); the fp32 rate for a dtype not measured
+        (a synthetic profile)."""
+        return self.dense_gflops.get(dtype, self.matmul_gflops) * 1e9
 
     def rate(self, variant: str) -> ExpertRate:
         if variant not in self.experts:
@@ -310,6 +322,18 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
     return "disk", hw.link_gbps, read_gbps, hw.cpu_gflops
 
 
+def _dense_gflops(device: torch.device) -> dict[str, float]:
+    """GFLOP/s of a prefill-sized linear ([64, 1024] x [1024, 4096]) in each of DENSE_DTYPES."""
+    out = {}
+    for name in DENSE_DTYPES:
+        dt = getattr(torch, name)
+        x = torch.randn(64, 1024, device=device).to(dt)
+        w = torch.randn(4096, 1024, device=device).to(dt)
+        s = _least(lambda: torch.nn.functional.linear(x, w), 3, device)
+        out[name] = 2 * 64 * 1024 * 4096 / s / 1e9
+    return out
+
+
 def default_variants(device: str, precisions: tuple[str, ...] = ("int8", "int4")) -> tuple[str, ...]:
     """The variants the search may choose on `device`: bf16 with each usable kernel, then the presets."""
     out = ["bf16/reference"]
@@ -336,11 +360,12 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
             print(f"measuring expert variant {v} ...", flush=True)
         rates[v] = measure_variant(v, dev)
     layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
+    dense = _dense_gflops(dev)
     host = _host_rates() if dev.type == "cuda" else (None, None)
     name, _ = _cpu_identity()
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
                           torch_version=torch.__version__, link=link, link_gbps=link_gbps, mem_read_gbps=read_gbps,
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
-                          host_mem_gbps=host[0], host_gflops=host[1],
+                          host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
                                    f"load average {os.getloadavg()[0]:.2f}")
