@@ -153,7 +153,8 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     moved = None
     if offload is not None and precisions[0] != FLOAT:
         moved = int(costs.stored[0])
-    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=profile.hardware(), costs=costs,
+    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=profile.hardware(offloaded=offload is not None),
+                    costs=costs,
                     expert_bytes=moved)
 
 

@@ -16,7 +16,10 @@ ever add time to a run, so the least is the machine's own cost and the median of
    expert_fixed_s + max(bytes / bytes_per_s, 6 D I tokens / flops_per_s));
 3. fixed costs outside the experts: one-token forwards of two small random models (1 and 3
    layers) give the per-layer cost of attention, norms and router (`layer_fixed_s`) and the
-   per-step cost of embeddings, head and Python (`step_fixed_s`).
+   per-step cost of embeddings, head and Python (`step_fixed_s`);
+4. host costs of offloading: the 3-layer model offloaded with every expert it uses cached, then
+   with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
+   load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy).
 The profile is keyed by device, CPU model and flags, thread count, torch version and the native CPU
 kernels' source stamp (none when they are not built or stale), and cached as
 JSON in the user cache folder (`$MOEINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/moeinfer`, else
@@ -49,7 +52,8 @@ from moeinfer.model.moe import Experts, Routing
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 
-PROFILE_VERSION = 3  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype
+PROFILE_VERSION = 4  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+# 4: host costs of offloaded layers and loads
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -87,6 +91,10 @@ class MachineProfile:
     # part and LM head run in the checkpoint's dtype, and bf16 matmuls on a CPU without bf16
     # instructions are several times slower than fp32 ones
     dense_gflops: dict[str, float] = field(default_factory=dict)
+    # offloaded layers (step 4): host time per layer visit beyond a resident layer's, and per load
+    # beyond its bytes over the link (thread hand-off, store lookup, slot copy)
+    offload_layer_s: float = 0.0
+    load_latency_s: float = 0.0
     version: int = PROFILE_VERSION
 
     def matmul_rate(self, dtype: str) -> float:
@@ -100,9 +108,13 @@ class MachineProfile:
                              f"measured: {', '.join(sorted(self.experts))}")
         return self.experts[variant]
 
-    def hardware(self) -> Any:
-        """The offload simulator's HardwareProfile for this machine (its link and fallback rates)."""
-        return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=self.link_gbps,
+    def hardware(self, *, offloaded: bool = False) -> Any:
+        """The offload simulator's HardwareProfile for this machine (its link and fallback rates); with
+        `offloaded`, the host costs of offloaded layers and loads too (the simulator charges them on
+        every visit, so a resident configuration is simulated without them)."""
+        extra = {"host_us_per_layer": 1e6 * self.offload_layer_s,
+                 "link_latency_us": 1e6 * self.load_latency_s} if offloaded else {}
+        return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=self.link_gbps, **extra,
                                fast_mem_gbps=self.mem_read_gbps, compute_tflops=self.matmul_gflops / 1e3,
                                cpu_mem_gbps=self.host_mem_gbps or self.mem_read_gbps,
                                cpu_gflops=self.host_gflops or self.matmul_gflops, measured=True,
@@ -296,6 +308,49 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     return layer_fixed, step_fixed
 
 
+def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15) -> tuple[float, float]:
+    """Step 4: (offload_layer_s, load_latency_s) from one-token forwards of a 3-layer random model
+    (12 experts, top-2) resident, offloaded with a cache that holds every expert it uses (all hits), and
+    offloaded with 2 slots (every expert of every layer a miss). The three are timed in turn, each
+    figure the least of its runs, so a change of load on the machine touches all three alike."""
+    import tempfile
+
+    from moeinfer.offload.apply import offload_
+    from moeinfer.offload.config import OffloadConfig
+
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    layers = 3
+    tier = "disk" if device.type == "cpu" else "cpu"
+    with tempfile.TemporaryDirectory(prefix="moeinfer-profile-") as tmp:
+        models = []
+        for cache in (None, 11, 2):  # resident, all hits, all misses
+            m = _tiny_model(layers, device)
+            if cache is not None:
+                offload_(m, OffloadConfig(tier=tier, cache=cache, scope="global", policy="lru",
+                                          offload_dir=f"{tmp}/{cache}"))
+            models.append(m)
+        best = [float("inf")] * 3
+        with torch.inference_mode():
+            for m in models:  # warm-up
+                m(ids)
+            loads0 = models[2].offload.cache.stats.demand_loads
+            for _ in range(repeats):
+                for i, m in enumerate(models):
+                    t0 = time.perf_counter()
+                    m(ids)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    best[i] = min(best[i], time.perf_counter() - t0)
+        loads = (models[2].offload.cache.stats.demand_loads - loads0) / repeats
+        for m in models[1:]:
+            m.offload.close()
+    resident, hits, misses = best
+    layer_s = max(0.0, (hits - resident) / layers)
+    nbytes = 3 * 64 * 64 * 2  # one expert of the random model (D = I = 64, bf16)
+    per_load = (misses - hits) / loads if loads else 0.0
+    return layer_s, max(0.0, per_load - nbytes / (link_gbps * 1e9))
+
+
 def _host_rates() -> tuple[float, float]:
     """(memory read GB/s, fp32 GFLOP/s) of the host CPU."""
     src = torch.ones(64 << 20)  # 256 MiB fp32
@@ -361,11 +416,13 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
         rates[v] = measure_variant(v, dev)
     layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
     dense = _dense_gflops(dev)
+    offload_layer, load_latency = measure_offload(dev, link_gbps)
     host = _host_rates() if dev.type == "cuda" else (None, None)
     name, _ = _cpu_identity()
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
                           torch_version=torch.__version__, link=link, link_gbps=link_gbps, mem_read_gbps=read_gbps,
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
                           host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
+                          offload_layer_s=offload_layer, load_latency_s=load_latency,
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
                                    f"load average {os.getloadavg()[0]:.2f}")

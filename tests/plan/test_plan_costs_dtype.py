@@ -35,3 +35,29 @@ def test_a_profile_without_dtype_rates_falls_back_to_fp32_and_round_trips():
     measured = replace(prof, dense_gflops={"bfloat16": 4.5})
     back = MachineProfile.from_dict(measured.to_dict())
     assert back == measured and back.matmul_rate("bfloat16") == 4.5e9
+
+
+def test_offloaded_layers_and_loads_pay_the_profiles_host_costs():
+    from moeinfer.planning import PlanOffload
+    from moeinfer.planning import routing as routes
+    from moeinfer.planning.costs import simulate_plan
+
+    sizes = sizes_from_checkpoint("tiny")
+    L = sizes.num_layers
+    tr = routes.batched(routes.uniform(num_layers=L, num_experts=8, top_k=2, sequences=2, tokens=8), 1)
+    off = PlanOffload(tier="disk", cache_experts=10, policy="lru")
+    base = synthetic_profile()
+    plain = simulate_plan(tr, sizes, base, ["bf16"] * L, kernel="reference", offload=off)
+    # each offloaded layer visit costs 1 ms more: exactly steps x layers ms more in all
+    host = simulate_plan(tr, sizes, replace(base, offload_layer_s=1e-3), ["bf16"] * L, kernel="reference",
+                         offload=off)
+    assert host.time_s - plain.time_s == pytest.approx(plain.steps * L * 1e-3, rel=1e-9)
+    # a load latency of 50 ms makes the link the bottleneck: at least one latency per load
+    slow = simulate_plan(tr, sizes, replace(base, load_latency_s=0.05), ["bf16"] * L, kernel="reference",
+                         offload=off)
+    loads = slow.cache["demand_loads"] + slow.cache["prefetch_loads"]
+    assert loads > 0 and slow.time_s >= loads * 0.05
+    # a resident configuration pays neither
+    res = [simulate_plan(tr, sizes, p, ["bf16"] * L, kernel="reference")
+           for p in (base, replace(base, offload_layer_s=1e-3, load_latency_s=0.05))]
+    assert res[0].time_s == res[1].time_s
