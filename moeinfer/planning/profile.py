@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ from moeinfer.kernels.native.build import is_current, library_path
 from moeinfer.kernels.registry import KernelUnavailableError, resolve
 from moeinfer.model.moe import Experts, Routing
 from moeinfer.model.transformer import MoEModel
+from moeinfer.offload.apply import offload_
+from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 
 PROFILE_VERSION = 4  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
@@ -313,11 +316,6 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15) -
     (12 experts, top-2) resident, offloaded with a cache that holds every expert it uses (all hits), and
     offloaded with 2 slots (every expert of every layer a miss). The three are timed in turn, each
     figure the least of its runs, so a change of load on the machine touches all three alike."""
-    import tempfile
-
-    from moeinfer.offload.apply import offload_
-    from moeinfer.offload.config import OffloadConfig
-
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
     layers = 3
     tier = "disk" if device.type == "cpu" else "cpu"
