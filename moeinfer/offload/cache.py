@@ -12,12 +12,16 @@ Per visit (one MoE layer of one step, `moeinfer.offload.visits.Visit`):
 4. each miss is either computed where its weights live (CPU assist, when the cost model says so),
    or placed: a free slot of its pool, else the policy's victim among the pool's keys not needed in
    this visit, if the policy admits it; with no slot the expert streams through a transient buffer.
+   A policy whose ranks change only at a key's own accesses (LRU, LFU: `heap_rank`) has its victim
+   taken from a lazy heap per pool (an entry per rank a resident key had; stale ones are dropped when
+   they surface), so an eviction costs O(log slots) instead of ranking every slot: the same victim.
 `prefetch` places predicted keys the same way, pinning this visit's keys. Loads are returned in the
 order they must be issued; the caller performs them (real I/O, or the simulator's clock).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -115,6 +119,8 @@ class ExpertCache:
         self.predicted: dict[int, set[int]] = {}
         self.pinned: set[Key] = set()
         self.t = -1
+        self.rank = policy.heap_rank()
+        self.heaps: list[list[tuple[Any, Key]]] = [[] for _ in self.capacities]
         self.stats = CacheStats(layer_hits=[0] * num_layers, layer_misses=[0] * num_layers)
 
     @property
@@ -132,17 +138,15 @@ class ExpertCache:
         if key in self.resident:  # a low-bit copy upgraded to full precision in place
             self.low[key] = low_bit
             self.policy.on_insert(key, self.t, low_bit=low_bit)
+            self._push(key)
             return self.resident[key], None
         pool = self.pool_of(key)
         evicted = None
         if self.free[pool]:
             slot = self.free[pool].pop(0)
         else:
-            cands = sorted(k for k in self.pool_keys[pool] if k not in self.pinned)
-            if not cands:
-                return None, None
-            victim = self.policy.victim(cands, self.t)
-            if not self.policy.admit(key, victim, self.t):
+            victim = self._victim(pool)
+            if victim is None or not self.policy.admit(key, victim, self.t):
                 return None, None
             slot = self._evict(victim)
             evicted = victim
@@ -150,7 +154,39 @@ class ExpertCache:
         self.low[key] = low_bit
         self.pool_keys[pool].add(key)
         self.policy.on_insert(key, self.t, low_bit=low_bit)
+        self._push(key)
         return slot, evicted
+
+    def _victim(self, pool: int) -> Key | None:
+        """The policy's victim among the pool's unpinned keys (None: every key is pinned)."""
+        if self.rank is None:
+            cands = sorted(k for k in self.pool_keys[pool] if k not in self.pinned)
+            return self.policy.victim(cands, self.t) if cands else None
+        heap, keys, held = self.heaps[pool], self.pool_keys[pool], []
+        victim = None
+        while heap:
+            rank, key = heap[0]
+            if key not in keys or rank != self.rank(key):  # evicted since, or ranked again since
+                heapq.heappop(heap)
+            elif key in self.pinned:
+                held.append(heapq.heappop(heap))
+            else:
+                victim = key
+                break
+        for entry in held:
+            heapq.heappush(heap, entry)
+        return victim
+
+    def _push(self, key: Key) -> None:
+        """Record a resident key's current rank (heap policies); rebuild a heap grown stale."""
+        if self.rank is None:
+            return
+        pool = self.pool_of(key)
+        heap = self.heaps[pool]
+        heapq.heappush(heap, (self.rank(key), key))
+        if len(heap) > 4 * self.capacities[pool] + 64:
+            self.heaps[pool] = [(self.rank(k), k) for k in self.pool_keys[pool]]
+            heapq.heapify(self.heaps[pool])
 
     def _evict(self, key: Key) -> int:
         slot = self.resident.pop(key)
@@ -190,6 +226,8 @@ class ExpertCache:
                      for e, w in zip(v.experts, v.max_weight)}
         for key, w in zip(keys, v.max_weight):
             self.policy.on_access(key, self.t, w)
+            if key in self.resident:
+                self._push(key)
         # 2. hits and misses
         hits: dict[int, int] = {}
         misses: list[int] = []

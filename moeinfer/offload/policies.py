@@ -79,6 +79,13 @@ class CachePolicy:
     def victim(self, candidates: Sequence[Key], t: int) -> Key:
         return min(candidates, key=lambda k: (self.last.get(k, 0), k))
 
+    def heap_rank(self) -> Callable[[Key], tuple[Any, ...]] | None:
+        """A key's eviction rank (the victim is the least) when `victim` is the minimum of that rank
+        and the rank changes only when that key is accessed or inserted (LRU, LFU): the cache then
+        keeps the resident keys in a heap instead of ranking every candidate at each eviction.
+        None (the default): `victim` is asked with every candidate."""
+        return None
+
     def admit(self, key: Key, victim: Key, t: int) -> bool:
         return True
 
@@ -121,6 +128,15 @@ class LRU(CachePolicy):
 
     name = "lru"
 
+    def rank(self, key: Key) -> tuple[int, Key]:
+        return (self.last.get(key, 0), key)
+
+    def victim(self, candidates: Sequence[Key], t: int) -> Key:
+        return min(candidates, key=self.rank)
+
+    def heap_rank(self) -> Callable[[Key], tuple[Any, ...]] | None:
+        return self.rank if type(self).victim is LRU.victim else None  # a subclass may rank otherwise
+
 
 @register_policy("lfu")
 class LFU(CachePolicy):
@@ -128,8 +144,14 @@ class LFU(CachePolicy):
 
     name = "lfu"
 
+    def rank(self, key: Key) -> tuple[int, int, Key]:
+        return (self.count.get(key, 0), self.last.get(key, 0), key)
+
     def victim(self, candidates: Sequence[Key], t: int) -> Key:
-        return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, 0), k))
+        return min(candidates, key=self.rank)
+
+    def heap_rank(self) -> Callable[[Key], tuple[Any, ...]] | None:
+        return self.rank if type(self).victim is LFU.victim else None
 
 
 @register_policy("static")

@@ -6,7 +6,7 @@ Time comes from the offload simulator's clock (`moeinfer.offload.simulator.simul
 `moeinfer simulate`), fed with `MeasuredCosts`, which prices each piece of a step from the machine
 profile (moeinfer.planning.profile) instead of from datasheet rates:
 - the dense part of a MoE layer (attention, norms, router): layer_fixed_s + dense bytes / memory
-  read bandwidth (or its matmul flops / matmul rate, whichever is larger);
+  read bandwidth (or its matmul flops / the matmul rate in the checkpoint's dtype, whichever is larger);
 - an expert of layer l at precision p_l with t tokens: the fitted rate of that precision and kernel,
   expert_fixed_s + max(stored bytes / bytes_per_s, 6 D I t / flops_per_s), plus the experts
   module's call_s once per layer (charged with the dense part);
@@ -56,6 +56,7 @@ class ModelSizes:
     kv_bytes_per_token: int  # all layers, K and V, in the checkpoint's dtype
     vocab: int
     max_context: int
+    dtype: str = "bfloat16"  # the dense weights' dtype (torch name): their matmul rate
 
     @property
     def expert_params(self) -> int:
@@ -108,7 +109,7 @@ class MeasuredCosts:
         self.stored = [stored_expert_bytes(variant(p, kernel, fp32_weights), sizes.hidden, sizes.inter,
                                            sizes.dtype_bytes) for p in precisions]
         self.mem_bw = profile.mem_read_gbps * 1e9
-        self.flops = profile.matmul_gflops * 1e9
+        self.flops = profile.matmul_rate(sizes.dtype)  # dense part and head: the checkpoint's dtype
 
     def dense_s(self, layer: int, tokens: int) -> float:
         s = self.sizes
@@ -152,7 +153,8 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     moved = None
     if offload is not None and precisions[0] != FLOAT:
         moved = int(costs.stored[0])
-    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=profile.hardware(), costs=costs,
+    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=profile.hardware(offloaded=offload is not None),
+                    costs=costs,
                     expert_bytes=moved)
 
 

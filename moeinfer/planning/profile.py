@@ -1,10 +1,13 @@
 """The machine profile the planner's cost model reads: measured once, cached per machine.
 
-What is measured (about 10 s on a CPU; each figure a median of a few runs):
+What is measured (about 10 s on a CPU; each figure the least of a few runs: other processes only
+ever add time to a run, so the least is the machine's own cost and the median of a busy machine is not):
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
    simulate --calibrate` measures), pinned host-to-device copies on CUDA; memory read bandwidth
    (a reduction over a 256 MiB tensor) and dense fp32 matmul rate (on CUDA: of the GPU, and of the
-   host too, which prices CPU-assisted experts);
+   host too, which prices CPU-assisted experts); the rate of a prefill-sized linear in fp32, bf16 and
+   fp16 (the dense part and LM head run in the checkpoint's dtype: bf16 is several times slower
+   than fp32 on a CPU without bf16 instructions);
 2. per expert-stage variant (precision x kernel: bf16 with each usable kernel, bf16 with fp32
    compute weights, and each quantize preset the search may choose): the time of one experts
    module forward at two sizes and two top-k values, fitted to
@@ -13,8 +16,12 @@ What is measured (about 10 s on a CPU; each figure a median of a few runs):
    expert_fixed_s + max(bytes / bytes_per_s, 6 D I tokens / flops_per_s));
 3. fixed costs outside the experts: one-token forwards of two small random models (1 and 3
    layers) give the per-layer cost of attention, norms and router (`layer_fixed_s`) and the
-   per-step cost of embeddings, head and Python (`step_fixed_s`).
-The profile is keyed by device, CPU model and flags, thread count and torch version, and cached as
+   per-step cost of embeddings, head and Python (`step_fixed_s`);
+4. host costs of offloading: the 3-layer model offloaded with every expert it uses cached, then
+   with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
+   load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy).
+The profile is keyed by device, CPU model and flags, thread count, torch version and the native CPU
+kernels' source stamp (none when they are not built or stale), and cached as
 JSON in the user cache folder (`$MOEINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/moeinfer`, else
 `~/.cache/moeinfer`), so `moeinfer plan` measures a machine once.
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,12 +47,17 @@ from moeinfer.formats.quant.groupwise import num_groups
 from moeinfer.formats.quant.packing import packed_cols
 from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.kernels import use_kernel_
+from moeinfer.kernels.native.build import is_current, library_path
 from moeinfer.kernels.registry import KernelUnavailableError, resolve
 from moeinfer.model.moe import Experts, Routing
 from moeinfer.model.transformer import MoEModel
+from moeinfer.offload.apply import offload_
+from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 4  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+# 4: host costs of offloaded layers and loads
+DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,20 @@ class MachineProfile:
     measured: str = ""  # when and how
     host_mem_gbps: float | None = None  # CUDA: the host's read bandwidth and fp32 matmul (CPU-assisted experts)
     host_gflops: float | None = None
+    # dtype name -> GFLOP/s of a [64, 1024] x [1024, 4096] linear in that dtype on the device: the dense
+    # part and LM head run in the checkpoint's dtype, and bf16 matmuls on a CPU without bf16
+    # instructions are several times slower than fp32 ones
+    dense_gflops: dict[str, float] = field(default_factory=dict)
+    # offloaded layers (step 4): host time per layer visit beyond a resident layer's, and per load
+    # beyond its bytes over the link (thread hand-off, store lookup, slot copy)
+    offload_layer_s: float = 0.0
+    load_latency_s: float = 0.0
     version: int = PROFILE_VERSION
+
+    def matmul_rate(self, dtype: str) -> float:
+        """FLOP/s of dense matmuls in `dtype` ("bfloat16", ...); the fp32 rate for a dtype not measured
+        (a synthetic profile)."""
+        return self.dense_gflops.get(dtype, self.matmul_gflops) * 1e9
 
     def rate(self, variant: str) -> ExpertRate:
         if variant not in self.experts:
@@ -85,9 +111,13 @@ class MachineProfile:
                              f"measured: {', '.join(sorted(self.experts))}")
         return self.experts[variant]
 
-    def hardware(self) -> Any:
-        """The offload simulator's HardwareProfile for this machine (its link and fallback rates)."""
-        return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=self.link_gbps,
+    def hardware(self, *, offloaded: bool = False) -> Any:
+        """The offload simulator's HardwareProfile for this machine (its link and fallback rates); with
+        `offloaded`, the host costs of offloaded layers and loads too (the simulator charges them on
+        every visit, so a resident configuration is simulated without them)."""
+        extra = {"host_us_per_layer": 1e6 * self.offload_layer_s,
+                 "link_latency_us": 1e6 * self.load_latency_s} if offloaded else {}
+        return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=self.link_gbps, **extra,
                                fast_mem_gbps=self.mem_read_gbps, compute_tflops=self.matmul_gflops / 1e3,
                                cpu_mem_gbps=self.host_mem_gbps or self.mem_read_gbps,
                                cpu_gflops=self.host_gflops or self.matmul_gflops, measured=True,
@@ -117,10 +147,20 @@ def _cpu_identity() -> tuple[str, str]:
     return cpu_name(), " ".join(cpu_flags())
 
 
+def native_kernels_stamp() -> str:
+    """The native CPU kernel library's source stamp when it is built and current (the kernels the
+    measured variants then run), else "none" (the torch paths run)."""
+    if not is_current():
+        return "none"
+    return library_path().with_suffix(".stamp").read_text().strip()
+
+
 def machine_key(device: str) -> str:
-    """sha256 of what the measurements depend on: device, CPU model and flags, threads, torch version."""
+    """sha256 of what the measurements depend on: device, CPU model and flags, threads, torch version,
+    and the native kernels' source stamp (a profile measured with other kernels is not reused)."""
     name, flags = _cpu_identity()
-    parts = [device, name, flags, str(torch.get_num_threads()), torch.__version__, str(PROFILE_VERSION)]
+    parts = [device, name, flags, str(torch.get_num_threads()), torch.__version__, str(PROFILE_VERSION),
+             native_kernels_stamp()]
     if device == "cuda" and torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -149,7 +189,8 @@ def machine_profile(device: str = "cpu", *, refresh: bool = False, variants: tup
 
 # --- measurement ---
 
-def _median(fn: Any, repeats: int, device: torch.device) -> float:
+def _least(fn: Any, repeats: int, device: torch.device) -> float:
+    """The least wall time of `repeats` runs after one warm-up (module docstring: why not the median)."""
     def run() -> None:
         fn()
         if device.type == "cuda":
@@ -160,7 +201,7 @@ def _median(fn: Any, repeats: int, device: torch.device) -> float:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
@@ -223,7 +264,7 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
             i[0] = (i[0] + 1) % len(routings)
             with torch.inference_mode():
                 mod(x, routings[i[0]])
-        return _median(call, repeats, device)
+        return _least(call, repeats, device)
 
     (Ds, Is), (Dl, Il) = small, large
     bs, bl = stored_expert_bytes(variant, Ds, Is), stored_expert_bytes(variant, Dl, Il)
@@ -262,7 +303,7 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
         def fwd() -> None:
             with torch.inference_mode():
                 m(ids)
-        times.append(_median(fwd, repeats, device))
+        times.append(_least(fwd, repeats, device))
     per_layer = max(0.0, (times[1] - times[0]) / 2)
     experts_part = rate.call_s + top_k * rate.expert_fixed_s  # the tiny layer's own expert stage
     layer_fixed = max(0.0, per_layer - experts_part)
@@ -270,12 +311,50 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     return layer_fixed, step_fixed
 
 
+def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15) -> tuple[float, float]:
+    """Step 4: (offload_layer_s, load_latency_s) from one-token forwards of a 3-layer random model
+    (12 experts, top-2) resident, offloaded with a cache that holds every expert it uses (all hits), and
+    offloaded with 2 slots (every expert of every layer a miss). The three are timed in turn, each
+    figure the least of its runs, so a change of load on the machine touches all three alike."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    layers = 3
+    tier = "disk" if device.type == "cpu" else "cpu"
+    with tempfile.TemporaryDirectory(prefix="moeinfer-profile-") as tmp:
+        models = []
+        for cache in (None, 11, 2):  # resident, all hits, all misses
+            m = _tiny_model(layers, device)
+            if cache is not None:
+                offload_(m, OffloadConfig(tier=tier, cache=cache, scope="global", policy="lru",
+                                          offload_dir=f"{tmp}/{cache}"))
+            models.append(m)
+        best = [float("inf")] * 3
+        with torch.inference_mode():
+            for m in models:  # warm-up
+                m(ids)
+            loads0 = models[2].offload.cache.stats.demand_loads
+            for _ in range(repeats):
+                for i, m in enumerate(models):
+                    t0 = time.perf_counter()
+                    m(ids)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    best[i] = min(best[i], time.perf_counter() - t0)
+        loads = (models[2].offload.cache.stats.demand_loads - loads0) / repeats
+        for m in models[1:]:
+            m.offload.close()
+    resident, hits, misses = best
+    layer_s = max(0.0, (hits - resident) / layers)
+    nbytes = 3 * 64 * 64 * 2  # one expert of the random model (D = I = 64, bf16)
+    per_load = (misses - hits) / loads if loads else 0.0
+    return layer_s, max(0.0, per_load - nbytes / (link_gbps * 1e9))
+
+
 def _host_rates() -> tuple[float, float]:
     """(memory read GB/s, fp32 GFLOP/s) of the host CPU."""
     src = torch.ones(64 << 20)  # 256 MiB fp32
-    read = _median(lambda: src.sum(), 5, torch.device("cpu"))
+    read = _least(lambda: src.sum(), 5, torch.device("cpu"))
     a = torch.randn(1024, 1024)
-    mm = _median(lambda: a @ a, 3, torch.device("cpu"))
+    mm = _least(lambda: a @ a, 3, torch.device("cpu"))
     return src.numel() * 4 / read / 1e9, 2 * 1024**3 / mm / 1e9
 
 
@@ -285,15 +364,27 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
         n = 256 << 20
         host = torch.empty(n, dtype=torch.uint8).pin_memory()
         dev = torch.empty(n, dtype=torch.uint8, device=device)
-        h2d = _median(lambda: dev.copy_(host, non_blocking=True), 5, device)
+        h2d = _least(lambda: dev.copy_(host, non_blocking=True), 5, device)
         src = torch.ones(n // 4, device=device)
-        read = _median(lambda: src.sum(), 5, device)
+        read = _least(lambda: src.sum(), 5, device)
         a = torch.randn(4096, 4096, device=device)
-        mm = _median(lambda: a @ a, 5, device)
+        mm = _least(lambda: a @ a, 5, device)
         return "host", n / h2d / 1e9, n / read / 1e9, 2 * 4096**3 / mm / 1e9
     hw = calibrate(mib=64, repeats=3)
     read_gbps, _ = _host_rates()
     return "disk", hw.link_gbps, read_gbps, hw.cpu_gflops
+
+
+def _dense_gflops(device: torch.device) -> dict[str, float]:
+    """GFLOP/s of a prefill-sized linear ([64, 1024] x [1024, 4096]) in each of DENSE_DTYPES."""
+    out = {}
+    for name in DENSE_DTYPES:
+        dt = getattr(torch, name)
+        x = torch.randn(64, 1024, device=device).to(dt)
+        w = torch.randn(4096, 1024, device=device).to(dt)
+        s = _least(lambda: torch.nn.functional.linear(x, w), 3, device)
+        out[name] = 2 * 64 * 1024 * 4096 / s / 1e9
+    return out
 
 
 def default_variants(device: str, precisions: tuple[str, ...] = ("int8", "int4")) -> tuple[str, ...]:
@@ -322,11 +413,14 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
             print(f"measuring expert variant {v} ...", flush=True)
         rates[v] = measure_variant(v, dev)
     layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
+    dense = _dense_gflops(dev)
+    offload_layer, load_latency = measure_offload(dev, link_gbps)
     host = _host_rates() if dev.type == "cuda" else (None, None)
     name, _ = _cpu_identity()
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
                           torch_version=torch.__version__, link=link, link_gbps=link_gbps, mem_read_gbps=read_gbps,
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
-                          host_mem_gbps=host[0], host_gflops=host[1],
+                          host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
+                          offload_layer_s=offload_layer, load_latency_s=load_latency,
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
                                    f"load average {os.getloadavg()[0]:.2f}")

@@ -19,22 +19,23 @@ from moeinfer.models import resolve_model_path
 from moeinfer.offload.hardware import ModelShape
 
 
-def _sizes_of(model: Any, name: str, dtype_bytes: int) -> ModelSizes:
+def _sizes_of(model: Any, name: str, dtype: torch.dtype) -> ModelSizes:
     c = model.config
     shape = ModelShape.from_model(model, name=name)
     head = model.lm_head.weight.numel()
+    dtype_bytes = dtype.itemsize
     kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * dtype_bytes
     return ModelSizes(name=name, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
                       hidden=shape.hidden, inter=shape.inter, dtype_bytes=dtype_bytes,
                       dense_params_per_layer=shape.dense_params_per_layer, other_params=shape.other_params,
                       head_params=head, kv_bytes_per_token=kv_per_token, vocab=c.vocab_size,
-                      max_context=c.max_position_embeddings)
+                      max_context=c.max_position_embeddings, dtype=str(dtype).removeprefix("torch."))
 
 
 def sizes_from_model(model: Any, name: str | None = None) -> ModelSizes:
     """Sizes of a loaded model (its parameters' dtype)."""
     src = getattr(model, "source_dir", None)
-    return _sizes_of(model, name or (Path(src).name if src else "model"), model.dtype.itemsize)
+    return _sizes_of(model, name or (Path(src).name if src else "model"), model.dtype)
 
 
 def sizes_from_checkpoint(path: str | os.PathLike[str]) -> ModelSizes:
@@ -44,7 +45,7 @@ def sizes_from_checkpoint(path: str | os.PathLike[str]) -> ModelSizes:
     with torch.device("meta"):
         model = MoEModel(parse_config(hf))
     dtype = parse_dtype(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16")
-    return _sizes_of(model, root.name, dtype.itemsize if dtype is not None else 2)
+    return _sizes_of(model, root.name, dtype if dtype is not None else torch.bfloat16)
 
 
 def checkpoint_bytes(path: str | os.PathLike[str]) -> int:

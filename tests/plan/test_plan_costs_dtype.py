@@ -1,0 +1,63 @@
+"""The dense part and LM head are priced at the matmul rate of the checkpoint's dtype (toy numbers)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from plan_helpers import synthetic_profile
+
+from moeinfer.planning.costs import MeasuredCosts
+from moeinfer.planning.profile import MachineProfile
+from moeinfer.planning.sizes import sizes_from_checkpoint
+
+
+def test_dense_and_head_use_the_checkpoint_dtype_rate():
+    sizes = sizes_from_checkpoint("tiny")
+    assert sizes.dtype == "bfloat16"
+    # compute-bound numbers: 10 TB/s of memory, so only the matmul rate matters
+    prof = replace(synthetic_profile(), mem_read_gbps=1e4, matmul_gflops=50.0,
+                   dense_gflops={"float32": 50.0, "bfloat16": 5.0})
+    T = 64
+    bf16 = MeasuredCosts(sizes, prof, ["bf16"] * sizes.num_layers, kernel="reference")
+    want_head = prof.step_fixed_s + 2.0 * sizes.head_params * T / 5e9
+    assert bf16.head_s(T) == pytest.approx(want_head, rel=1e-9)
+    want_dense = prof.layer_fixed_s + prof.rate("bf16/reference").call_s + 2.0 * sizes.dense_params_per_layer * T / 5e9
+    assert bf16.dense_s(0, T) == pytest.approx(want_dense, rel=1e-9)
+    # the same model in fp32 runs its dense part 10x faster on this toy machine
+    fp32 = MeasuredCosts(replace(sizes, dtype="float32"), prof, ["bf16"] * sizes.num_layers, kernel="reference")
+    assert fp32.head_s(T) - prof.step_fixed_s == pytest.approx((want_head - prof.step_fixed_s) / 10, rel=1e-9)
+
+
+def test_a_profile_without_dtype_rates_falls_back_to_fp32_and_round_trips():
+    prof = synthetic_profile()
+    assert prof.matmul_rate("bfloat16") == prof.matmul_gflops * 1e9
+    measured = replace(prof, dense_gflops={"bfloat16": 4.5})
+    back = MachineProfile.from_dict(measured.to_dict())
+    assert back == measured and back.matmul_rate("bfloat16") == 4.5e9
+
+
+def test_offloaded_layers_and_loads_pay_the_profiles_host_costs():
+    from moeinfer.planning import PlanOffload
+    from moeinfer.planning import routing as routes
+    from moeinfer.planning.costs import simulate_plan
+
+    sizes = sizes_from_checkpoint("tiny")
+    L = sizes.num_layers
+    tr = routes.batched(routes.uniform(num_layers=L, num_experts=8, top_k=2, sequences=2, tokens=8), 1)
+    off = PlanOffload(tier="disk", cache_experts=10, policy="lru")
+    base = synthetic_profile()
+    plain = simulate_plan(tr, sizes, base, ["bf16"] * L, kernel="reference", offload=off)
+    # each offloaded layer visit costs 1 ms more: exactly steps x layers ms more in all
+    host = simulate_plan(tr, sizes, replace(base, offload_layer_s=1e-3), ["bf16"] * L, kernel="reference",
+                         offload=off)
+    assert host.time_s - plain.time_s == pytest.approx(plain.steps * L * 1e-3, rel=1e-9)
+    # a load latency of 50 ms makes the link the bottleneck: at least one latency per load
+    slow = simulate_plan(tr, sizes, replace(base, load_latency_s=0.05), ["bf16"] * L, kernel="reference",
+                         offload=off)
+    loads = slow.cache["demand_loads"] + slow.cache["prefetch_loads"]
+    assert loads > 0 and slow.time_s >= loads * 0.05
+    # a resident configuration pays neither
+    res = [simulate_plan(tr, sizes, p, ["bf16"] * L, kernel="reference")
+           for p in (base, replace(base, offload_layer_s=1e-3, load_latency_s=0.05))]
+    assert res[0].time_s == res[1].time_s
