@@ -7,7 +7,9 @@ name of the pre-tokenizer (`tokenizer.ggml.pre`), whose split regex llama.cpp ha
 
 Export reads the checkpoint's tokenizer.json (through the `tokenizers` library) and names its
 pre-tokenizer; import rebuilds a `tokenizers` BPE from the lists with the named pre-tokenizer's regex.
-Pre-tokenizers known both ways: "gpt-2" (GPT-2's regex inside ByteLevel), "qwen2" and "llama-bpe".
+Pre-tokenizers known both ways: "gpt-2" (GPT-2's regex inside ByteLevel), "qwen2", "llama-bpe" and
+"deepseek-v3" (DeepSeek-V3/R1's three splits). DeepSeek-V2's "deepseek-llm" is not known yet (a named
+error).
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p
           r"|\s+(?!\S)|\s+")
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLIT_REGEX = {"qwen2": _QWEN2, "llama-bpe": _LLAMA3}
+# DeepSeek-V3's tokenizer (also R1's): digits in runs of up to three, CJK runs, then a GPT-4-like split
+_DEEPSEEK3 = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+              r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+              r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's pre-tokenizer name -> the isolated Split regexes applied in order before byte-level BPE
+SPLIT_REGEX: dict[str, tuple[str, ...]] = {"qwen2": (_QWEN2,), "llama-bpe": (_LLAMA3,), "deepseek-v3": _DEEPSEEK3}
 BYTE_LEVEL_PRE = ("gpt-2", "olmo", "default")  # GPT-2's regex (ByteLevel with use_regex)
 
 
@@ -38,11 +45,12 @@ def _pre_name(pre: dict[str, Any] | None) -> str:
         return "gpt-2"
     if pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers") or []
-        if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
-                and not parts[1].get("use_regex", True)):
-            pattern = (parts[0].get("pattern") or {}).get("Regex")
-            for name, regex in SPLIT_REGEX.items():
-                if pattern == regex:
+        if (len(parts) >= 2 and all(p.get("type") == "Split" and p.get("behavior", "Isolated") == "Isolated"
+                                    and not p.get("invert") for p in parts[:-1])
+                and parts[-1].get("type") == "ByteLevel" and not parts[-1].get("use_regex", True)):
+            patterns = tuple((p.get("pattern") or {}).get("Regex") for p in parts[:-1])
+            for name, regexes in SPLIT_REGEX.items():
+                if patterns == regexes:
                     return name
     raise GGUFError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp names; "
                     f"supported: ByteLevel (gpt-2), {', '.join(SPLIT_REGEX)}")
@@ -132,7 +140,7 @@ def read_tokenizer(meta: Any) -> Any:
         backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         if pre in SPLIT_REGEX:
             backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(SPLIT_REGEX[pre]), behavior="isolated", invert=False),
+                *(pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in SPLIT_REGEX[pre]),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         else:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
