@@ -152,7 +152,9 @@ print(json.dumps({"base": base, "peak": peak, "size": size}))
 
 
 def test_writing_streams_peak_rss_far_below_the_model(tmp_path):
-    """~200 MB of bf16 weights written with < 0.2x their size added to the process's peak RSS."""
+    """~200 MB of bf16 weights written with < 0.3x their size added to the process's peak RSS (a writer
+    holding the model would add >= 1x; runs of the streaming writer add 22-46 MiB, as the allocator's
+    arenas happen to grow)."""
     shape = "hidden_size=512,intermediate_size=512,num_experts=16,num_experts_per_tok=2,num_attention_heads=8,"\
             "num_key_value_heads=8"
     out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "big"), shape], capture_output=True, text=True,
@@ -161,4 +163,4 @@ def test_writing_streams_peak_rss_far_below_the_model(tmp_path):
     assert m["size"] > 190 * 1024**2
     added = m["peak"] - m["base"]
     print(f"\nmodel {m['size'] / 2**20:.0f} MiB, peak RSS added {added / 2**20:.0f} MiB")
-    assert added < 0.2 * m["size"]
+    assert added < 0.3 * m["size"]
