@@ -74,7 +74,7 @@ def build(*, verbose: bool = False, compiler: str | None = None) -> Path:
         for src, flags in [("ops.cpp", ()), ("dense.cpp", ()), ("moe_rows.cpp", ()), *VARIANT_SOURCES.values()]:
             # objects are cached by what they are built from (sources, flags, torch), so a rebuild
             # after editing one variant recompiles only that one
-            key = _digest([*common, *flags, cxx], [SRC_DIR / src, SRC_DIR / "kern.h"])
+            key = _digest([*common, *flags, cxx], [SRC_DIR / src, *sorted(SRC_DIR.glob("*.h"))])
             obj = objdir / f"{Path(src).stem}-{key}.o"
             if not obj.exists():
                 part = Path(tmp) / obj.name

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kern.h"
+#include "slots.h"
 
 namespace moeinfer_native {
 namespace {
@@ -200,16 +201,7 @@ at::Tensor moe_rows(const at::Tensor& x, const at::Tensor& experts, const at::Te
 
   // 5. weighted sum per token, k in order
   at::Tensor out = at::zeros({N, D}, x.options());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n)
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t t = slot_of[n * K + k];
-        if (t < 0) continue;
-        const float w = wp[n * K + k];
-        for (int64_t d = 0; d < D; ++d) op[n * D + d] += w * yp[t * D + d];
-      }
-  });
+  combine_slots(yp, slot_of.data(), wp, N, K, D, out.data_ptr<float>());
   return out;
 }
 

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "kern.h"
+#include "slots.h"
 
 namespace moeinfer_native {
 namespace {
@@ -490,18 +491,7 @@ at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const 
   float* yp = y.data_ptr<float>();
   experts_gemm(dn, hs, I, yp);
   // 6. combine
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 4, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n)
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t sl = slot[n * K + k];
-        if (sl < 0) continue;
-        const float w = wk[n * K + k];
-        const float* ys = yp + sl * D;
-        float* o = op + n * D;
-        for (int64_t c = 0; c < D; ++c) o[c] += w * ys[c];
-      }
-  });
+  combine_slots(yp, slot.data(), wk.data(), N, K, D, out.data_ptr<float>());
   return out;
 }
 
