@@ -11,8 +11,8 @@ import pytest
 
 import moeinfer
 from moeinfer.loading.gguf import GGUFError
-from moeinfer.loading.gguf.archmap import Metadata
-from moeinfer.loading.gguf.vocab import SPLIT_REGEX, read_tokenizer, write_tokenizer
+from gguf_helpers import tokenizer_through_gguf
+from moeinfer.loading.gguf.vocab import SPLIT_REGEX
 from moeinfer.loading.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -37,14 +37,7 @@ def _trained(name: str) -> Tokenizer:
 
 
 def _through_gguf(tokenizer: Tokenizer, path: Path):
-    writer = gguf.GGUFWriter(path, "deepseek2")
-    write_tokenizer(writer, tokenizer, tokenizer.backend.get_vocab_size())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    reader = gguf.GGUFReader(path)
-    return read_tokenizer(Metadata(reader.fields, str(path))), reader
+    return tokenizer_through_gguf(tokenizer, path, arch="deepseek2", vocab_size=tokenizer.backend.get_vocab_size())
 
 
 @pytest.mark.parametrize("name", sorted(SPLIT_REGEX))

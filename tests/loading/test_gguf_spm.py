@@ -14,8 +14,7 @@ import torch
 
 import moeinfer
 from moeinfer.loading.gguf import GGUFError, export_gguf, load_gguf
-from moeinfer.loading.gguf.archmap import Metadata
-from moeinfer.loading.gguf.vocab import read_tokenizer, write_tokenizer
+from gguf_helpers import tokenizer_through_gguf
 from spm_tokenizer import moeinfer_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -31,15 +30,7 @@ def spm(request):
 
 
 def _through_gguf(tokenizer, path: Path):
-    """Write only the tokenizer keys to a GGUF file, read them back."""
-    writer = gguf.GGUFWriter(path, "llama")
-    write_tokenizer(writer, tokenizer, VOCAB)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    reader = gguf.GGUFReader(path)
-    return read_tokenizer(Metadata(reader.fields, str(path))), reader
+    return tokenizer_through_gguf(tokenizer, path, arch="llama", vocab_size=VOCAB)
 
 
 def _heldout(chars: int | None) -> dict[str, str]:
