@@ -146,6 +146,7 @@ def test_model_with_triton_kernel():
     torch.testing.assert_close(model(ids), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # ~12 s under Triton's interpreter; test_model_with_triton_kernel keeps the kernel in the model
 @torch.no_grad()
 def test_static_decode_with_triton_kernel():
     """The graph-safe path without the graph: static step + fused kernel = ordinary greedy decode."""
