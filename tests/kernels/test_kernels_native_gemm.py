@@ -23,7 +23,7 @@ from moeinfer.kernels.q8_reference import q8_round_trip, quantize_q8, reference_
 from moeinfer.kernels.quantized_cpu import quantized_moe_cpu
 from native_helpers import force_expert_path, native_ops, require, variant_params
 from test_kernels_native import close, quantized_problem, routing
-from test_kernels_native_q8 import codes_problem, tie_allowance
+from test_kernels_native_q8 import assert_matches_q8_reference, codes_problem, tie_allowance
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -189,13 +189,7 @@ def test_prefill_matches_the_reference(variant, bits, gs, algorithm, d, i, N, mo
     r = routing(N, 8, 3)
     x = torch.randn(N, d, generator=torch.Generator().manual_seed(2))
     out = quantized_moe_cpu(x, r.indices, r.weights, qe, engine=variant, activations="q8")
-    gate_up, down = qe.dequantize_all()
-    ref = reference_moe_q8(x, r.indices, r.weights, gate_up, down)
-    allow = tie_allowance(x, r.indices, r.weights, gate_up, down)
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    bad = (out - ref).abs() > 1e-5 * float(ref.abs().max()) + 1e-5 * ref.abs() + allow
-    assert not bool(bad.any()), f"{int(bad.sum())} outputs off the reference"
-    assert float(allow.max()) < 0.01 * float(ref.abs().max())  # the allowance never hides a 1% error
+    assert_matches_q8_reference(out, x, r, qe)
     # bf16 rows: the same computation on the bf16-rounded rows, one bf16 rounding at the end
     xb = x.bfloat16()
     out_b = quantized_moe_cpu(xb, r.indices, r.weights, qe, engine=variant, activations="q8")

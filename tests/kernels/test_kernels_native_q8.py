@@ -102,6 +102,18 @@ def tie_allowance(x, indices, weights, gate_up, down) -> torch.Tensor:
     return out
 
 
+def assert_matches_q8_reference(out: torch.Tensor, x: torch.Tensor, r, qe) -> None:
+    """`out` of the native quantized experts on x with routing r equals the eager int8-activation
+    reference up to fp32 rounding (plus the allowance for rounding ties, which never hides a 1% error)."""
+    gate_up, down = qe.dequantize_all()
+    ref = reference_moe_q8(x, r.indices, r.weights, gate_up, down)
+    allow = tie_allowance(x, r.indices, r.weights, gate_up, down)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    bad = (out - ref).abs() > 1e-5 * float(ref.abs().max()) + 1e-5 * ref.abs() + allow
+    assert not bool(bad.any()), f"{int(bad.sum())} outputs off the reference"
+    assert float(allow.max()) < 0.01 * float(ref.abs().max())  # the allowance never hides a 1% error
+
+
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("bits,gs,algorithm", [(8, 128, "rtn"), (4, 128, "rtn"), (8, 32, "sym"), (4, 32, "rtn")])
 @pytest.mark.parametrize("d,i", [(36, 20), (64, 32), (160, 96)], ids=["unaligned", "aligned", "wider"])
@@ -115,13 +127,7 @@ def test_decode_matches_the_reference(variant, bits, gs, algorithm, d, i, N, mon
     r = routing(N, 8, 3)
     x = torch.randn(N, d, generator=torch.Generator().manual_seed(2))
     out = quantized_moe_cpu(x, r.indices, r.weights, qe, engine=variant, activations="q8")
-    gate_up, down = qe.dequantize_all()
-    ref = reference_moe_q8(x, r.indices, r.weights, gate_up, down)
-    allow = tie_allowance(x, r.indices, r.weights, gate_up, down)
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    bad = (out - ref).abs() > 1e-5 * float(ref.abs().max()) + 1e-5 * ref.abs() + allow
-    assert not bool(bad.any()), f"{int(bad.sum())} outputs off the reference"
-    assert float(allow.max()) < 0.01 * float(ref.abs().max())  # the allowance never hides a 1% error
+    assert_matches_q8_reference(out, x, r, qe)
 
 
 @pytest.mark.parametrize("variant", variant_params())
