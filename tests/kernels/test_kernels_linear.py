@@ -32,12 +32,17 @@ def pair(d_in: int, d_out: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
 @pytest.mark.parametrize("d_in,d_out", [(36, 20), (64, 1100), (2048, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (5,), (2, 7)])
-@pytest.mark.parametrize("half_matmul", ["slow", "native"])
+@pytest.mark.parametrize("half_matmul", ["slow", "slow-widened", "native"])
 def test_cpu_linear_matches_fp32_reference(variant, d_in, d_out, bias, lead, half_matmul, monkeypatch):
     """Each path forced whatever this CPU is: several rows take the native rows product where bf16
-    matmul is slow (AVX2) and torch's F.linear where it is native (AVX512-BF16/AMX)."""
+    matmul is slow (AVX2), or from WIDEN_ROWS rows (forced down to 2 here) the widened weight in
+    slices (forced to 7 output rows, so slices and a partial last one are used) and torch's fp32
+    GEMM; torch's F.linear where bf16 matmul is native (AVX512-BF16/AMX)."""
     require(variant)
-    monkeypatch.setattr(linear, "slow_half_matmul", lambda dtype: half_matmul == "slow")
+    monkeypatch.setattr(linear, "slow_half_matmul", lambda dtype: half_matmul != "native")
+    if half_matmul == "slow-widened":
+        monkeypatch.setattr(linear, "WIDEN_ROWS", 2)
+        monkeypatch.setattr(linear, "WIDEN_SLICE_BYTES", 7 * 4 * d_in)
     fast, plain = pair(d_in, d_out, bias)
     assert use_cpu_linears_(fast, engine=variant) == 1 and isinstance(fast, CpuLinear)
     x = torch.randn(*lead, d_in).bfloat16()
