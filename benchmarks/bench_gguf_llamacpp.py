@@ -444,9 +444,10 @@ def table(results: list[dict[str, Any]]) -> str:
                                                f"{d['llama_around']!r}"
                 lines.append(f"| {r['variant']} | {name} | {d['chars']} | {d['tokens']} | {d['llama_tokens']} | "
                              f"{'yes' if d['equal'] else 'no'} | {around} |")
-            if r.get("documents_equal_with_llama_digit_runs"):
+            digit_runs = r.get("documents_equal_with_llama_digit_runs")
+            if digit_runs:
                 lines.append(f"| {r['variant']}, moeinfer with llama.cpp's digit runs | english, python | | | | "
-                             f"{', '.join('yes' if e else 'no' for e in r['documents_equal_with_llama_digit_runs'])} | |")
+                             f"{', '.join('yes' if e else 'no' for e in digit_runs)} | |")
         for r in tokenized:
             if r.get("reference_cases"):
                 lines.append(f"\n{r['variant']}: reference cases equal, moeinfer {r['moeinfer_equals_reference']}/"

@@ -14,8 +14,12 @@ Rows: "qwen2" and "llama-bpe" (one GPT-4-like split each), "deepseek-v3" (DeepSe
 runs of up to three, CJK runs, a GPT-4-like split) and "deepseek-llm" (DeepSeek-LLM, DeepSeek-V2 and
 V2-Lite: newlines, letter runs, punctuation runs, trailing whitespace, CJK/Hangul runs, then each digit
 alone). The deepseek-llm letter class is not a Unicode category but an explicit list of code-point
-ranges (cased letters of some Unicode version, ǅ-like titlecase included, ƻ and other caseless letters
-left out), kept below as data.
+ranges (titlecase ǅ in, the caseless letter ƻ out, ...), kept below as data.
+
+llama.cpp's built-in "deepseek-llm" differs from DeepSeek's tokenizer.json in one step: it keeps runs of
+digits together (regex "\\p{N}+") where the file splits each digit alone. On DeepSeek's own vocabulary the
+ids are the same (no token holds two numeric characters); on a vocabulary with digit merges llama.cpp
+would use them. moeinfer follows tokenizer.json (benchmarks/bench_gguf_llamacpp.py measures both).
 """
 
 from __future__ import annotations
