@@ -17,7 +17,12 @@ Steps:
    in fp32 throughout (F32 file, F32 KV cache in llama.cpp); and optionally (--spm)
    the shipped model with a SentencePiece-style tokenizer (tests/spm_tokenizer.py, Llama's layout,
    trained on the held-out texts), for llama.cpp's "llama" tokenizer on the prompts and on the whole
-   held-out texts;
+   held-out texts; and optionally (--deepseek-llm) the shipped model with DeepSeek-LLM/V2's pre-tokenizer
+   swapped into its tokenizer (llama.cpp's "deepseek-llm"), the same two comparisons;
+   and (--deepseek-llm-vocab FILE, e.g. llama.cpp's models/ggml-vocab-deepseek-llm.gguf: DeepSeek's real
+   102k vocabulary, written by llama.cpp's converter) a vocabulary-only file: moeinfer's tokenizer rebuilt
+   from it vs llama.cpp's on the whole held-out texts, and vs the reference ids in FILE.inp/.out beside it
+   (written by llama.cpp's converter with DeepSeek's own Hugging Face tokenizer);
 2. export each with `moeinfer.export(..., format="gguf")` (q8_0/q4_0 experts written without requantizing);
 3. moeinfer: greedy continuations of held-out prompts, and the logits at every position of
    prompt + continuation, both in the model's dtype and in fp32 (the same weights upcast);
@@ -49,6 +54,13 @@ def worker(job_path: str) -> None:
     from llama_cpp import Llama
 
     job = json.loads(Path(job_path).read_text())
+    if job.get("vocab_only"):  # a tokenizer alone: documents as tokenize() gives them, reference cases bare
+        llm = Llama(model_path=job["gguf"], vocab_only=True, verbose=False)
+        Path(job["result"]).write_text(json.dumps({
+            "version": __import__("llama_cpp").__version__,
+            "documents": [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in job["documents"]],
+            "cases": [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in job["cases"]]}))
+        return
     # an all-F32 file is run with an F32 KV cache and no flash attention, so llama.cpp keeps fp32 throughout
     exact = dict(type_k=0, type_v=0, flash_attn=False) if job.get("f32") else {}  # 0 = GGML_TYPE_F32
     llm = Llama(model_path=job["gguf"], n_ctx=job["n_ctx"], n_threads=job["threads"], n_batch=512,
@@ -184,6 +196,94 @@ def deepseek_model(tokenizer: Any, shape: str, layers: int, *, bias: bool) -> An
     return model
 
 
+def deepseek_llm_model(tiny: Any) -> Any:
+    """The shipped model, its tokenizer's pre-tokenizer replaced by DeepSeek-LLM/V2's (llama.cpp's "deepseek-llm")."""
+    import copy
+
+    from tokenizers import Tokenizer as Backend
+
+    from moeinfer.loading.gguf.pretokenizers import build_pre_tokenizer
+
+    model = copy.deepcopy(tiny)
+    backend = Backend.from_str(tiny.tokenizer.backend.to_str())  # its own copy: tiny's tokenizer stays as it is
+    backend.pre_tokenizer = build_pre_tokenizer("deepseek-llm")
+    model.tokenizer = copy.copy(tiny.tokenizer)
+    model.tokenizer.backend = backend
+    return model
+
+
+def with_digit_runs(tokenizer: Any) -> Any:
+    """A copy of a deepseek-llm tokenizer whose digits step is llama.cpp's: runs of \\p{N} kept whole (regex
+    "\\p{N}+", src/llama-vocab.cpp) where DeepSeek's tokenizer.json splits each digit alone (Digits with
+    individual_digits); the two differ only on a vocabulary with merges of two numeric characters."""
+    import copy
+
+    from tokenizers import Regex, pre_tokenizers
+
+    from moeinfer.loading.gguf.pretokenizers import PRE_STEPS
+
+    steps = [pre_tokenizers.Split(Regex(s if isinstance(s, str) else r"\p{N}+"), behavior="isolated", invert=False)
+             for s in PRE_STEPS["deepseek-llm"]]
+    out = copy.copy(tokenizer)
+    out.backend = type(tokenizer.backend).from_str(tokenizer.backend.to_str())
+    out.backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [*steps, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return out
+
+
+def document_report(tokenizer: Any, text: str, ours: list[int], theirs: list[int]) -> dict[str, Any]:
+    """Whether llama.cpp's ids of `text` equal moeinfer's; where not, the first position that differs and the
+    tokens around it on both sides."""
+    first = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), None)
+    if first is None and len(ours) != len(theirs):
+        first = min(len(ours), len(theirs))
+    out: dict[str, Any] = {"chars": len(text), "tokens": len(ours), "llama_tokens": len(theirs),
+                           "equal": ours == theirs, "first_difference": first}
+    if first is not None:
+        def pieces(ids: list[int]) -> list[str]:
+            return [tokenizer.decode([i]) for i in ids[max(0, first - 3):first + 6]]
+
+        out["moeinfer_around"], out["llama_around"] = pieces(ours), pieces(theirs)
+    return out
+
+
+def vocab_check(path: Path, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """moeinfer's tokenizer rebuilt from a vocabulary-only GGUF file vs llama.cpp's (held-out texts) and vs the
+    reference ids beside it (FILE.inp / FILE.out, llama.cpp's tokenizer test data, when present)."""
+    import gguf
+
+    from moeinfer.loading.gguf.archmap import Metadata
+    from moeinfer.loading.gguf.vocab import read_tokenizer
+
+    meta = Metadata(gguf.GGUFReader(path).fields, str(path))
+    tokenizer = read_tokenizer(meta)
+    documents = heldout_documents()
+    inp, ref = Path(f"{path}.inp"), Path(f"{path}.out")
+    cases = inp.read_text().split("\n__ggml_vocab_test__\n") if inp.is_file() and ref.is_file() else []
+    expected = [[int(t) for t in line.split()] for line in ref.read_text().split("\n")[:len(cases)]] if cases else []
+    slug = path.name.replace(".", "-")
+    job = {"gguf": str(path), "vocab_only": True, "documents": documents, "cases": cases,
+           "result": str(out_dir / f"{slug}.llama.json")}
+    job_path = out_dir / f"{slug}.job.json"
+    job_path.write_text(json.dumps(job))
+    proc = subprocess.run([args.llama_python, __file__, "--worker", str(job_path)], capture_output=True, text=True)
+    name = f"vocabulary {path.name} ({meta.get('tokenizer.ggml.pre')})"
+    if proc.returncode != 0:
+        return {"variant": name, "error": proc.stderr[-2000:]}
+    theirs = json.loads(Path(job["result"]).read_text())
+    ours_cases = [tokenizer.encode(c, add_special_tokens=False) for c in cases]
+    return {"variant": name, "vocab_only": True, "llama_cpp_python": theirs["version"],
+            "tokens": len(meta.require("tokenizer.ggml.tokens")),
+            "documents": [document_report(tokenizer, d, tokenizer.encode(d), b)
+                          for d, b in zip(documents, theirs["documents"])],
+            "reference_cases": len(cases),
+            "moeinfer_equals_reference": sum(a == b for a, b in zip(ours_cases, expected)),
+            "llama_equals_reference": sum(a == b for a, b in zip(theirs["cases"], expected)),
+            "reference_mismatches": [{"text": c, "reference": e, "moeinfer": a, "llama": b}
+                                     for c, e, a, b in zip(cases, expected, ours_cases, theirs["cases"])
+                                     if not a == b == e]}
+
+
 DEEPSEEK_SHAPES = {
     "deepseek-v2-lite-shape": "DeepSeek-V2-Lite,n_routed_experts=16",
     "deepseek-v3-small": ("DeepSeek-V3,hidden_size=1024,num_attention_heads=16,num_key_value_heads=16,"
@@ -224,6 +324,8 @@ def variants(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, bool]]:
         spm.tokenizer = moeinfer_tokenizer("normalizer")
         spm.config = dataclasses.replace(spm.config, bos_token_id=1, eos_token_ids=(2,))
         yield "tiny spm-tokenizer bf16", spm, "auto", False
+    if args.deepseek_llm:
+        yield "tiny deepseek-llm-tokenizer bf16", deepseek_llm_model(tiny), "auto", False
     if args.deepseek:
         for label, shape in DEEPSEEK_SHAPES.items():
             model = deepseek_model(tiny.tokenizer, shape, args.deepseek_layers, bias="v3" in label)
@@ -253,7 +355,7 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
     if reload:
         model = moeinfer.load(path, progress=False)
     texts = prompts(model.tokenizer, args.prompts, args.words)
-    documents = heldout_documents() if "spm" in name else []
+    documents = heldout_documents() if "tokenizer" in name else []
     ids = [model.tokenizer.encode(t) for t in texts]
     conts = [greedy(model, p, args.new_tokens) for p in ids]
     seqs = [p + c for p, c in zip(ids, conts)]
@@ -297,10 +399,12 @@ def compare(name: str, model: Any, quant: str, reload: bool, args: argparse.Name
         "variant": name, "file": path.name, "file_mib": path.stat().st_size / 2**20,
         "types": report.type_counts(), "notes": report.notes, "llama_cpp_python": theirs_json["version"],
         "tokenization_equal": [a == b for a, b in zip(ids, theirs_json["tokenized"])],
-        "documents": [{"chars": len(d), "tokens": len(a), "equal": a == b,
-                       "first_difference": next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)}
-                      for d, a, b in zip(documents, [model.tokenizer.encode(d) for d in documents],
-                                         theirs_json["documents"])],
+        "documents": [document_report(model.tokenizer, d, a, b) for d, a, b in
+                      zip(documents, [model.tokenizer.encode(d) for d in documents], theirs_json["documents"])],
+        # deepseek-llm: are the differences all llama.cpp's digit runs? (its ids vs moeinfer's with that step)
+        "documents_equal_with_llama_digit_runs": [with_digit_runs(model.tokenizer).encode(d) == b for d, b in
+                                                  zip(documents, theirs_json["documents"])]
+        if "deepseek-llm" in name else None,
         "greedy_match_fraction": greedy_match, "first_divergence": first_div,
         "greedy_match_fraction_fp32": greedy_match32, "first_divergence_fp32": first_div32,
         "positions": int(ours.shape[0]),
@@ -315,6 +419,8 @@ def table(results: list[dict[str, Any]]) -> str:
              "top-5 overlap | max abs logit diff | same / logit std | (moeinfer bf16 vs fp32: max abs) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if r.get("vocab_only"):
+            continue
         if "error" in r:
             lines.append(f"| {r['variant']} | error: {r['error'].strip().splitlines()[-1][:200]} |||||||||")
             continue
@@ -328,6 +434,24 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{len(r['tokenization_equal'])} | {sum(x == 1.0 for x in g)}/{len(g)} prompts "
                 f"({100 * sum(g) / len(g):.0f}% of tokens) | {which} | {100 * v['argmax_agree']:.1f}% | "
                 f"{100 * v['top5_overlap']:.1f}% | {v['max_abs']:.4f} | {v['max_rel_to_std']:.4f} | {own} |")
+    tokenized = [r for r in results if r.get("documents") and "error" not in r]
+    if tokenized:
+        lines += ["", "| variant | held-out text | characters | moeinfer tokens | llama.cpp tokens | equal | "
+                  "first difference (moeinfer / llama.cpp tokens around it) |", "|---|---|---|---|---|---|---|"]
+        for r in tokenized:
+            for name, d in zip(("english", "python"), r["documents"]):
+                around = "" if d["equal"] else f"at {d['first_difference']}: {d['moeinfer_around']!r} / " \
+                                               f"{d['llama_around']!r}"
+                lines.append(f"| {r['variant']} | {name} | {d['chars']} | {d['tokens']} | {d['llama_tokens']} | "
+                             f"{'yes' if d['equal'] else 'no'} | {around} |")
+            digit_runs = r.get("documents_equal_with_llama_digit_runs")
+            if digit_runs:
+                lines.append(f"| {r['variant']}, moeinfer with llama.cpp's digit runs | english, python | | | | "
+                             f"{', '.join('yes' if e else 'no' for e in digit_runs)} | |")
+        for r in tokenized:
+            if r.get("reference_cases"):
+                lines.append(f"\n{r['variant']}: reference cases equal, moeinfer {r['moeinfer_equals_reference']}/"
+                             f"{r['reference_cases']}, llama.cpp {r['llama_equals_reference']}/{r['reference_cases']}")
     return "\n".join(lines)
 
 
@@ -345,6 +469,11 @@ def main() -> None:
                    help="add an OLMoE-shaped random model (about 0.8 GB per layer in bf16)")
     p.add_argument("--real-shape-layers", type=int, default=1)
     p.add_argument("--spm", action="store_true", help="add the shipped model with a SentencePiece-style tokenizer")
+    p.add_argument("--deepseek-llm", action="store_true",
+                   help="add the shipped model with DeepSeek-LLM/V2's pre-tokenizer (llama.cpp's deepseek-llm)")
+    p.add_argument("--deepseek-llm-vocab", type=Path, default=None,
+                   help="a vocabulary-only GGUF file (llama.cpp's models/ggml-vocab-deepseek-llm.gguf) to compare "
+                        "tokenizers on")
     p.add_argument("--deepseek", action="store_true",
                    help="add random DeepSeek-V2-Lite-shaped and small V3-style models (llama.cpp's deepseek2)")
     p.add_argument("--deepseek-layers", type=int, default=2)
@@ -367,6 +496,9 @@ def main() -> None:
         results.append(compare(name, model, quant, reload, args, out_dir))
         del model
         print(json.dumps(results[-1], indent=1), file=sys.stderr, flush=True)
+    if args.deepseek_llm_vocab:
+        results.append(vocab_check(args.deepseek_llm_vocab, args, out_dir))
+        print(json.dumps(results[-1], indent=1, ensure_ascii=False)[:4000], file=sys.stderr, flush=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))
 

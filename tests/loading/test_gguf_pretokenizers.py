@@ -1,7 +1,8 @@
 """Byte-level BPE tokenizers whose pre-tokenizer is a sequence of regex splits (llama.cpp names each such
-sequence: "qwen2", "llama-bpe", "deepseek-v3") through GGUF: the name is recognised on export, and the
+sequence: "qwen2", "llama-bpe", "deepseek-v3", "deepseek-llm") through GGUF: the name is recognised on export, and the
 tokenizer rebuilt from it gives the original's ids. DeepSeek-V3's three splits (digit runs of at most
-three, CJK runs, a GPT-4-like split) are the ones real DeepSeek-V3/R1 GGUF files name."""
+three, CJK runs, a GPT-4-like split) are the ones real DeepSeek-V3/R1 GGUF files name; DeepSeek-V2's
+"deepseek-llm" has its own tests (test_gguf_deepseek_llm.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import moeinfer
 from moeinfer.loading.gguf import GGUFError
 from gguf_helpers import tokenizer_through_gguf
-from moeinfer.loading.gguf.vocab import SPLIT_REGEX
+from moeinfer.loading.gguf.pretokenizers import PRE_STEPS, build_pre_tokenizer
 from moeinfer.loading.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -23,12 +24,10 @@ ODD = "In 2024, 1234567 items cost $89.99!\n\n漢字とカタカナ、ひらが�
 
 
 def _trained(name: str) -> Tokenizer:
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        *(pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in SPLIT_REGEX[name]),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.pre_tokenizer = build_pre_tokenizer(name)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<bos>", "<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -40,7 +39,7 @@ def _through_gguf(tokenizer: Tokenizer, path: Path):
     return tokenizer_through_gguf(tokenizer, path, arch="deepseek2", vocab_size=tokenizer.backend.get_vocab_size())
 
 
-@pytest.mark.parametrize("name", sorted(SPLIT_REGEX))
+@pytest.mark.parametrize("name", sorted(PRE_STEPS))
 def test_split_sequences_are_named_and_rebuilt(name, tmp_path):
     tok = _trained(name)
     back, reader = _through_gguf(tok, tmp_path / "tok.gguf")

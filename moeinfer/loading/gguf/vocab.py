@@ -3,13 +3,13 @@ SentencePiece-style BPE (its "llama" model: Llama, Mistral, Mixtral) through voc
 
 GGUF keeps a BPE tokenizer as lists: tokens (by id), token types (1 normal, 3 control, 4 user-defined,
 5 unused), merges ("a b"), special-token ids, add_bos/add_eos flags, the chat template, and the
-name of the pre-tokenizer (`tokenizer.ggml.pre`), whose split regex llama.cpp has built in.
+name of the pre-tokenizer (`tokenizer.ggml.pre`), whose split regexes llama.cpp has built in.
 
 Export reads the checkpoint's tokenizer.json (through the `tokenizers` library) and names its
-pre-tokenizer; import rebuilds a `tokenizers` BPE from the lists with the named pre-tokenizer's regex.
-Pre-tokenizers known both ways: "gpt-2" (GPT-2's regex inside ByteLevel), "qwen2", "llama-bpe" and
-"deepseek-v3" (DeepSeek-V3/R1's three splits). DeepSeek-V2's "deepseek-llm" is not known yet (a named
-error).
+pre-tokenizer; import rebuilds a `tokenizers` BPE from the lists with the named pre-tokenizer. The names
+and the steps each stands for are in pretokenizers.py: "gpt-2" (GPT-2's regex inside ByteLevel; "olmo" and
+"default" read as it), "qwen2", "llama-bpe", "deepseek-v3" (DeepSeek-V3/R1's three splits) and
+"deepseek-llm" (DeepSeek-LLM, DeepSeek-V2 and V2-Lite: five splits, then each digit alone).
 """
 
 from __future__ import annotations
@@ -18,42 +18,11 @@ import json
 from typing import Any
 
 from moeinfer.loading.gguf.errors import GGUFError
+from moeinfer.loading.gguf.pretokenizers import build_pre_tokenizer, pre_name
 from moeinfer.loading.gguf.vocab_spm import UNKNOWN, space_prefix, spm_backend, spm_lists
 from moeinfer.loading.tokenizer import Tokenizer
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-
-# Split regexes of the pre-tokenizers llama.cpp names (as their tokenizer.json files write them).
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-          r"|\s+(?!\S)|\s+")
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# DeepSeek-V3's tokenizer (also R1's): digits in runs of up to three, CJK runs, then a GPT-4-like split
-_DEEPSEEK3 = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-              r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
-              r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# llama.cpp's pre-tokenizer name -> the isolated Split regexes applied in order before byte-level BPE
-SPLIT_REGEX: dict[str, tuple[str, ...]] = {"qwen2": (_QWEN2,), "llama-bpe": (_LLAMA3,), "deepseek-v3": _DEEPSEEK3}
-BYTE_LEVEL_PRE = ("gpt-2", "olmo", "default")  # GPT-2's regex (ByteLevel with use_regex)
-
-
-def _pre_name(pre: dict[str, Any] | None) -> str:
-    """tokenizer.json's pre_tokenizer -> llama.cpp's pre-tokenizer name."""
-    if pre is None:
-        raise GGUFError("the tokenizer has no pre-tokenizer; GGUF export needs a byte-level BPE tokenizer")
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        return "gpt-2"
-    if pre.get("type") == "Sequence":
-        parts = pre.get("pretokenizers") or []
-        if (len(parts) >= 2 and all(p.get("type") == "Split" and p.get("behavior", "Isolated") == "Isolated"
-                                    and not p.get("invert") for p in parts[:-1])
-                and parts[-1].get("type") == "ByteLevel" and not parts[-1].get("use_regex", True)):
-            patterns = tuple((p.get("pattern") or {}).get("Regex") for p in parts[:-1])
-            for name, regexes in SPLIT_REGEX.items():
-                if patterns == regexes:
-                    return name
-    raise GGUFError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp names; "
-                    f"supported: ByteLevel (gpt-2), {', '.join(SPLIT_REGEX)}")
 
 
 def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, *, bos: int | None = None, eos: int | None = None,
@@ -78,7 +47,7 @@ def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, *, bos: int | 
                         "be written to GGUF: supported are byte-level BPE and SentencePiece-style BPE (byte "
                         "fallback, spaces as '\u2581' by a Prepend/Replace normalizer or a Metaspace pre-tokenizer)")
     else:
-        pre = _pre_name(spec.get("pre_tokenizer"))
+        pre = pre_name(spec.get("pre_tokenizer"))
         tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
         types = {i: NORMAL for i in tokens}
         for added in spec.get("added_tokens") or []:
@@ -112,7 +81,7 @@ def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, *, bos: int | 
 def read_tokenizer(meta: Any) -> Any:
     """A moeinfer Tokenizer rebuilt from a GGUF file's tokenizer keys (`meta`: archmap.Metadata), or None
     when the file has no tokenizer."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, decoders, models, processors
     from tokenizers import Tokenizer as Backend
 
     kind = meta.get("tokenizer.ggml.model")
@@ -132,18 +101,10 @@ def read_tokenizer(meta: Any) -> Any:
                               add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
                               unk_id=None if unk is None else int(unk), path=meta.path)
     else:
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in BYTE_LEVEL_PRE and pre not in SPLIT_REGEX:
-            raise GGUFError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
-                            f"{', '.join(BYTE_LEVEL_PRE + tuple(SPLIT_REGEX))}")
+        pre = build_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), path=meta.path)
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
         backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        if pre in SPLIT_REGEX:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                *(pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in SPLIT_REGEX[pre]),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        else:
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.pre_tokenizer = pre
         backend.decoder = decoders.ByteLevel()
     special = [AddedToken(names[i], special=True, normalized=False) for i, k in enumerate(kinds)
                if k == CONTROL or (k == UNKNOWN and kind == "llama")]
