@@ -93,3 +93,19 @@ def test_use_kernel_applies_linears_on_request():
         out = model(ids[:, :1]).float()
     # a bf16 model end to end (fp32 accumulation vs bf16 products): close at bf16's level, not bit-equal
     torch.testing.assert_close(out, ref, rtol=0, atol=0.05 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("variant", variant_params())
+def test_gemv_takes_bf16_activations_as_the_widened_ones(variant):
+    """Decode without a bias hands the bf16 row to the GEMV, which widens it and rounds the result: the
+    same numbers as widening before and rounding after the fp32 GEMV."""
+    require(variant)
+    ops = native_ops()
+    torch.manual_seed(1)
+    w = torch.randn(300, 130).bfloat16()
+    x = torch.randn(130).bfloat16()
+    out = ops.gemv(x, w, variant)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ops.gemv(x.float(), w, variant).bfloat16())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.gemv(x.half(), w, variant)

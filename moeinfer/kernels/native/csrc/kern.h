@@ -146,4 +146,13 @@ inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
+// fp32 -> bf16 with round-to-nearest-even, as torch's .to(torch.bfloat16) (NaN stays a quiet NaN).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
 }  // namespace moeinfer_native

@@ -130,12 +130,17 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
   return out;
 }
 
-// x [N? no: D] f32, w [O, D] bf16/f32 -> y [O] f32 (a dense linear at batch 1).
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::string& variant) {
+// x [D] f32 or bf16, w [O, D] bf16/f32 -> y [O] in x's dtype (a dense linear at batch 1): a bf16 x is
+// widened once and y rounded once at the end, as x.float() before and y.to(bf16) after the product.
+at::Tensor gemv(const at::Tensor& x_, const at::Tensor& w, const std::string& variant) {
   const Kern* kern = pick(variant);
   check_weights(w, "weight");
   TORCH_CHECK(w.dim() == 2, "moeinfer_native: gemv weight must be 2-D, got ", w.sizes());
   const int64_t O = w.size(0), D = w.size(1);
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16,
+              "moeinfer_native: gemv x must be float32 or bfloat16, got ", x_.scalar_type());
+  const bool half = x_.scalar_type() == at::kBFloat16;
+  const at::Tensor x = half ? x_.to(at::kFloat) : x_;
   check_vec(x, D, "x");
   at::Tensor y = at::empty({O}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -144,7 +149,11 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::string& var
   at::parallel_for(0, O, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) yp[r] = dot_row(kern, w, wp, r, D, xp);
   });
-  return y;
+  if (!half) return y;
+  at::Tensor out = at::empty({O}, x_.options());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t r = 0; r < O; ++r) op[r] = f32_to_bf16(yp[r]);
+  return out;
 }
 
 // Activation side of a quantized row product: group sums, and the nibble order for 4-bit codes.
