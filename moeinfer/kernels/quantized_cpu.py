@@ -87,8 +87,24 @@ def decode_activations(activations: str | None, group_size: int) -> str:
     return activations
 
 
-def _stack(experts: PackedExperts, b: int) -> list[torch.Tensor]:
-    return [getattr(experts, f"{p}{b}_{m}") for m in ("gate_up", "down") for p in "qsz"]
+def read_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """`zeros`, or None where every zero-point is the midpoint 2^(bits-1) (the symmetric Q8_0/Q4_0
+    storage): the native kernels then use the constant and do not read the zeros (4 of a Q4_0 block's
+    24 bytes). Checked once per tensor, bit width and version (the answer kept on the tensor)."""
+    key = (zeros._version, bits)
+    seen = getattr(zeros, "_moeinfer_midpoint", None)
+    if seen is None or seen[0] != key:
+        seen = (key, bool((zeros == float(1 << (bits - 1))).all()))
+        zeros._moeinfer_midpoint = seen
+    return None if seen[1] else zeros
+
+
+def _stack(experts: PackedExperts, b: int, *, midpoints: bool = True) -> list[torch.Tensor | None]:
+    """Codes, scales, zeros of gate_up then down (`midpoints`: symmetric zeros as None, read_zeros)."""
+    out = [getattr(experts, f"{p}{b}_{m}") for m in ("gate_up", "down") for p in "qsz"]
+    if midpoints:
+        out[2], out[5] = read_zeros(out[2], b), read_zeros(out[5], b)
+    return out
 
 
 def _rows_by_width(experts: PackedExperts) -> dict[int, torch.Tensor]:
@@ -170,7 +186,7 @@ def _prefill(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expe
         if not n:
             continue
         b, r = experts.bits[e], experts.slot[e]
-        q_gu, s_gu, z_gu, q_dn, s_dn, z_dn = _stack(experts, b)
+        q_gu, s_gu, z_gu, q_dn, s_dn, z_dn = _stack(experts, b, midpoints=False)
         # 2. this expert's weights into the reused tiles, then two fp32 GEMMs
         ops.dequant_into(q_gu[r], s_gu[r], z_gu[r], b, gs, w_gu)
         ops.dequant_into(q_dn[r], s_dn[r], z_dn[r], b, gs, w_dn)
@@ -205,8 +221,8 @@ def quantized_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         return None
     xn = x if x.dtype in _NATIVE_X else x.float()
     fp32_bias = bias is None or bias.dtype == torch.float32
-    y = native.load().gemm_q(xn, qweight, scales, zeros, bits, group_size, native.resolve_variant(engine), act,
-                             bias if fp32_bias else None)
+    y = native.load().gemm_q(xn, qweight, scales, read_zeros(zeros, bits), bits, group_size,
+                             native.resolve_variant(engine), act, bias if fp32_bias else None)
     if not fp32_bias:
         y = y + bias.to(y.dtype)
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -2,7 +2,8 @@
 // kern_avx2.cpp, ...). ops.cpp owns threading and the torch-facing ops; these see raw rows.
 //
 // Quantized rows use moeinfer's group-wise storage (moeinfer/compress/quant): w = (u - z) * s per
-// group of `gs` columns, codes u packed by moeinfer/compress/quant/packing.py (8-bit: one byte per
+// group of `gs` columns (z == nullptr: every zero-point is the midpoint 2^(bits-1), the symmetric
+// Q8_0/Q4_0 storage, whose zeros then need not be read: 4 of a Q4_0 block's 24 bytes), codes u packed by moeinfer/compress/quant/packing.py (8-bit: one byte per
 // code; 4-bit: byte j holds code 2j in its low nibble and code 2j+1 in its high one). A row's dot
 // product with x is computed without materialising w:
 //     y = sum_g s_g * (sum_{j in g} u_j x_j - z_g * sum_{j in g} x_j)
@@ -67,6 +68,11 @@ inline int64_t token_chunk(int64_t cols) {
   const int64_t t = (int64_t(128) << 10) / (cols > 0 ? cols : 1);
   return t < 8 ? 8 : t;
 }
+
+// Zero-point of group g (nullptr: the symmetric midpoint, 8 for 4-bit and 128 for 8-bit codes).
+inline float zero_at(const float* z, int64_t g, float mid) { return z ? z[g] : mid; }
+// Row `r` of a per-group array `G` wide, or nullptr for nullptr.
+inline const float* row_of(const float* z, int64_t r, int64_t G) { return z ? z + r * G : nullptr; }
 
 struct Kern {
   const char* name;

@@ -83,7 +83,7 @@ float qrow8(const uint8_t* q, const float* s, const float* z, const float* x, co
                            _mm256_loadu_ps(x + j), a0);
     const __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
     y = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), acc, y);
-    ys += s[g] * (tail_u8(q, x, j, end) - z[g] * xsum[g]);
+    ys += s[g] * (tail_u8(q, x, j, end) - zero_at(z, g, 128.f) * xsum[g]);
   }
   return hsum(y) + ys;
 }
@@ -114,7 +114,7 @@ float qrow4(const uint8_t* q, const float* s, const float* z, const float* x, co
     }
     const __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
     y = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), acc, y);
-    ys += s[g] * (tail_u4(q, x, j, end) - z[g] * xsum[g]);
+    ys += s[g] * (tail_u4(q, x, j, end) - zero_at(z, g, 8.f) * xsum[g]);
   }
   return hsum(y) + ys;
 }
@@ -140,16 +140,17 @@ struct GroupScale {
   }
 };
 
-// sum_g s_g * (off - z_g) * xsum_g over the G groups of a row, 8 groups at a time.
-inline float zero_terms(const float* s, const float* z, const float* xsum, int64_t G, float off) {
+// sum_g s_g * (off - z_g) * xsum_g over the G groups of a row, 8 groups at a time (z == nullptr: every
+// z_g = mid, not read).
+inline float zero_terms(const float* s, const float* z, const float* xsum, int64_t G, float off, float mid) {
   __m256 a = _mm256_setzero_ps();
-  const __m256 o = _mm256_set1_ps(off);
+  const __m256 o = _mm256_set1_ps(off), m = _mm256_set1_ps(mid);
   int64_t g = 0;
   for (; g + 8 <= G; g += 8)
-    a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_sub_ps(o, _mm256_loadu_ps(z + g))),
+    a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_sub_ps(o, z ? _mm256_loadu_ps(z + g) : m)),
                         _mm256_loadu_ps(xsum + g), a);
   float r = hsum(a);
-  for (; g < G; ++g) r += s[g] * (off - z[g]) * xsum[g];
+  for (; g < G; ++g) r += s[g] * (off - zero_at(z, g, mid)) * xsum[g];
   return r;
 }
 
@@ -157,8 +158,8 @@ inline float zero_terms(const float* s, const float* z, const float* xsum, int64
 // (each block's product scaled by d_b * s_g), so small groups do not serialise on one sum; `dot(b)`
 // is block b's int32 x 8 products and `tail` the integer sum of a partial last block.
 template <class Dot, class Tail>
-inline float qrow_q8(const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs, float off, Dot dot,
-                     Tail tail) {
+inline float qrow_q8(const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs, float off, float mid,
+                     Dot dot, Tail tail) {
   const int64_t nfull = cols / QBLOCK;
   GroupScale sc{s, gs / QBLOCK, gs / QBLOCK};
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -171,7 +172,7 @@ inline float qrow_q8(const float* s, const float* z, const Q8Act& x, int64_t col
   }
   for (; b < nfull; ++b) a0 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * sc.next()), _mm256_cvtepi32_ps(dot(b)), a0);
   float ys = nfull * QBLOCK < cols ? x.d[nfull] * sc.next() * float(tail(nfull * QBLOCK)) : 0.f;
-  ys += zero_terms(s, z, x.gsum, (cols + gs - 1) / gs, off);
+  ys += zero_terms(s, z, x.gsum, (cols + gs - 1) / gs, off, mid);
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + ys;
 }
 
@@ -184,7 +185,7 @@ float qrow8_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x,
                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + c)), flip, ones);
   };
   auto tail = [&](int64_t c) { return itail_u8(q, x.q, c, cols, 128); };
-  return qrow_q8(s, z, x, cols, gs, 128.f, dot, tail);
+  return qrow_q8(s, z, x, cols, gs, 128.f, 128.f, dot, tail);
 }
 
 // 4-bit codes (<= 15) cannot saturate: 16 packed bytes give the 16 low nibbles (even columns) and the 16
@@ -204,7 +205,7 @@ float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x,
     return dot_nibbles(q + c / 2, x.q4 + c, m, ones);
   };
   auto tail = [&](int64_t c) { return itail_u4(q, x.q, c, cols); };
-  return qrow_q8(s, z, x, cols, gs, 0.f, dot, tail);
+  return qrow_q8(s, z, x, cols, gs, 0.f, 8.f, dot, tail);
 }
 
 // --- quantized GEMM (kern.h) ---
@@ -279,7 +280,7 @@ inline void gemm_tile(const uint8_t* const* wq, const float* const* ws, const fl
       if (c < cols)
         t = xd[j * nb + nfull] * ws[i][c / gs] *
             float(Q4 ? itail_u4(wq[i], xq, c, cols) : itail_u8(wq[i], xq, c, cols, 128));
-      out[i][j] += t + zero_terms(ws[i], wz[i], x.gsum + (j0 + j) * G, G, Q4 ? 0.f : 128.f);
+      out[i][j] += t + zero_terms(ws[i], wz[i], x.gsum + (j0 + j) * G, G, Q4 ? 0.f : 128.f, Q4 ? 8.f : 128.f);
     }
 }
 
@@ -311,7 +312,7 @@ void gemm_q8_bits(const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64
       const float *ws[GEMM_RM], *wz[GEMM_RM];
       for (int i = 0; i < GEMM_RM; ++i) {
         const int64_t ri = r + (i < rows ? i : rows - 1);
-        wq[i] = w.q + ri * w.P, ws[i] = w.s + ri * w.G, wz[i] = w.z + ri * w.G;
+        wq[i] = w.q + ri * w.P, ws[i] = w.s + ri * w.G, wz[i] = row_of(w.z, ri, w.G);
       }
       gemm_tiles<GEMM_RN, Q4>(wq, ws, wz, rows, x, j0, j1, cols, gs, y, ldy, r);
     }

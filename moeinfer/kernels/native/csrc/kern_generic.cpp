@@ -31,7 +31,7 @@ float qrow8(const uint8_t* q, const float* s, const float* z, const float* x, co
   float y = 0.f;
   for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
     int64_t end = c + gs < cols ? c + gs : cols;
-    y += s[g] * (tail_u8(q, x, c, end) - z[g] * xsum[g]);
+    y += s[g] * (tail_u8(q, x, c, end) - zero_at(z, g, 128.f) * xsum[g]);
   }
   return y;
 }
@@ -41,7 +41,7 @@ float qrow4(const uint8_t* q, const float* s, const float* z, const float* x, co
   float y = 0.f;
   for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
     int64_t end = c + gs < cols ? c + gs : cols;
-    y += s[g] * (tail_u4(q, x, c, end) - z[g] * xsum[g]);
+    y += s[g] * (tail_u4(q, x, c, end) - zero_at(z, g, 8.f) * xsum[g]);
   }
   return y;
 }
@@ -54,7 +54,7 @@ float qrow8_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x,
     float acc = 0.f;
     for (int64_t b = c; b < end; b += QBLOCK)
       acc += x.d[b / QBLOCK] * float(itail_u8(q, x.q, b, b + QBLOCK < end ? b + QBLOCK : end, 0));
-    y += s[g] * (acc - z[g] * x.gsum[g]);
+    y += s[g] * (acc - zero_at(z, g, 128.f) * x.gsum[g]);
   }
   return y;
 }
@@ -75,7 +75,7 @@ float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x,
     float acc = 0.f;
     for (int64_t b = c; b < end; b += QBLOCK)
       acc += x.d[b / QBLOCK] * float(b + QBLOCK <= end ? block_u4(q + b / 2, x.q4 + b) : itail_u4(q, x.q, b, end));
-    y += s[g] * (acc - z[g] * x.gsum[g]);
+    y += s[g] * (acc - zero_at(z, g, 8.f) * x.gsum[g]);
   }
   return y;
 }
@@ -89,7 +89,7 @@ void gemm_q8(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, 
   for (int64_t j0 = 0; j0 < x.n; j0 += tc) {
     const int64_t j1 = j0 + tc < x.n ? j0 + tc : x.n;
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = j0; j < j1; ++j) y[j * ldy + r] = row(w.q + r * w.P, w.s + r * w.G, w.z + r * w.G, x.row(j), cols, gs);
+      for (int64_t j = j0; j < j1; ++j) y[j * ldy + r] = row(w.q + r * w.P, w.s + r * w.G, row_of(w.z, r, w.G), x.row(j), cols, gs);
   }
 }
 

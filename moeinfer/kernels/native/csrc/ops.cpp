@@ -182,17 +182,20 @@ struct QMat {
   int64_t rows, P, G;
 };
 
-QMat qmat(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t rows, int64_t P, int64_t G,
+// Zeros None: the symmetric storage's midpoints (kern.h), not read.
+using Zeros = std::optional<at::Tensor>;
+
+QMat qmat(const at::Tensor& q, const at::Tensor& s, const Zeros& z, int64_t rows, int64_t P, int64_t G,
           const char* what) {
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 3 && q.size(1) == rows &&
                   q.size(2) == P,
               "moeinfer_native: ", what, " codes must be contiguous uint8 [E, ", rows, ", ", P, "], got ", q.sizes());
-  for (const at::Tensor* t : {&s, &z})
+  for (const at::Tensor* t : {&s, z.has_value() ? &*z : &s})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == q.size(0) &&
                     t->size(1) == rows && t->size(2) == G,
                 "moeinfer_native: ", what, " scales/zeros must be contiguous float32 [E, ", rows, ", ", G, "], got ",
                 t->sizes());
-  return {q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), rows, P, G};
+  return {q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.has_value() ? z->data_ptr<float>() : nullptr, rows, P, G};
 }
 
 // Activation rows quantized to int8 blocks (kern.h, Q8Act / Q8Rows), each row with its group sums and,
@@ -259,7 +262,7 @@ struct AnyVec {
 inline float qdot(const Kern* k, const QMat& m, int64_t row, const AnyVec& v, int64_t cols, int64_t gs, int bits) {
   const uint8_t* q = m.q + row * m.P;
   const float* s = m.s + row * m.G;
-  const float* z = m.z + row * m.G;
+  const float* z = row_of(m.z, row, m.G);
   if (v.q8) return bits == 8 ? k->qrow8_q8(q, s, z, v.i.act(0), cols, gs) : k->qrow4_q8(q, s, z, v.i.act(0), cols, gs);
   if (bits == 8) return k->qrow8(q, s, z, v.f.x, v.f.sum.data(), cols, gs);
   return k->qrow4(q, s, z, v.f.x, v.f.perm.data(), v.f.sum.data(), cols, gs);
@@ -276,8 +279,8 @@ bool use_q8(const std::string& activations, int64_t group_size) {
 
 // Quantized experts of one bit width (moeinfer.formats.quantized_experts storage), batch-1 decode.
 at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
-                        const at::Tensor& q_gu, const at::Tensor& s_gu, const at::Tensor& z_gu,
-                        const at::Tensor& q_dn, const at::Tensor& s_dn, const at::Tensor& z_dn, int64_t bits,
+                        const at::Tensor& q_gu, const at::Tensor& s_gu, const Zeros& z_gu,
+                        const at::Tensor& q_dn, const at::Tensor& s_dn, const Zeros& z_dn, int64_t bits,
                         int64_t group_size, int64_t D, int64_t I, const std::string& variant,
                         const std::string& activations) {
   const Kern* kern = pick(variant);
@@ -332,7 +335,7 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
 
 // x [cols] f32, one packed matrix q [R, P] u8, s/z [R, G] f32 -> y [R] f32: the row kernels of
 // moe_decode_q on their own (a quantized linear at batch 1), with either form of activations.
-at::Tensor gemv_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t bits,
+at::Tensor gemv_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const Zeros& z, int64_t bits,
                   int64_t group_size, const std::string& variant, const std::string& activations) {
   const Kern* kern = pick(variant);
   TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: gemv_q needs 8 or 4 bits, got ", bits);
@@ -342,7 +345,7 @@ at::Tensor gemv_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
   const int64_t cols = x.size(0), R = q.dim() == 2 ? q.size(0) : -1;
   check_vec(x, cols, "x");
   const int64_t P = packed_bytes(cols, bits), G = num_groups(cols, group_size);
-  const QMat m = qmat(q.unsqueeze(0), s.unsqueeze(0), z.unsqueeze(0), R, P, G, "gemv_q");
+  const QMat m = qmat(q.unsqueeze(0), s.unsqueeze(0), z ? Zeros(z->unsqueeze(0)) : Zeros(), R, P, G, "gemv_q");
   const AnyVec xv(x.data_ptr<float>(), cols, group_size, int(bits), q8);
   at::Tensor y = at::empty({R}, x.options());
   float* yp = y.data_ptr<float>();
@@ -357,7 +360,7 @@ constexpr int64_t GEMM_ROWS = 24;  // a multiple of every tile height
 
 // Expert e's matrix of a stack as the GEMM reads it.
 QRows expert_rows(const QMat& m, int64_t e) {
-  return {m.q + e * m.rows * m.P, m.s + e * m.rows * m.G, m.z + e * m.rows * m.G, m.P, m.G};
+  return {m.q + e * m.rows * m.P, m.s + e * m.rows * m.G, row_of(m.z, e * m.rows, m.G), m.P, m.G};
 }
 
 // `x` as a contiguous float32 [N, cols] matrix (a copy only when it is not one already: bf16 rows).
@@ -380,7 +383,7 @@ void quantize_rows(Q8Buf& buf, const float* x, int64_t ld) {
 // integer GEMM (kern.h) over GEMM_ROWS-row items of the weight split across threads (one row: the row
 // kernels, as gemv_q); "f32": the fp32-activation row kernels, each weight row against every activation
 // row while it is in cache.
-at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t bits,
+at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s, const Zeros& z, int64_t bits,
                   int64_t group_size, const std::string& variant, const std::string& activations,
                   const std::optional<at::Tensor>& bias) {
   const Kern* kern = pick(variant);
@@ -390,8 +393,9 @@ at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s
   const at::Tensor x = rows_f32(x_, "gemm_q x");
   const int64_t N = x.size(0), cols = x.size(1), O = q.dim() == 2 ? q.size(0) : -1;
   // a layer's parameters are contiguous; anything else is copied here rather than refused
-  const at::Tensor qc = q.contiguous(), sc = s.contiguous(), zc = z.contiguous();
-  const QMat m = qmat(qc.unsqueeze(0), sc.unsqueeze(0), zc.unsqueeze(0), O, packed_bytes(cols, bits),
+  const at::Tensor qc = q.contiguous(), sc = s.contiguous();
+  const Zeros zc = z ? Zeros(z->contiguous().unsqueeze(0)) : Zeros();
+  const QMat m = qmat(qc.unsqueeze(0), sc.unsqueeze(0), zc, O, packed_bytes(cols, bits),
                       num_groups(cols, group_size), "gemm_q");
   at::Tensor y = at::empty({N, O}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -431,8 +435,8 @@ at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s
 // 5. down: the same GEMM items -> y [S, D];
 // 6. combine: out[n] = sum_k weights[n, k] * y[slot(n, k)], in routing order.
 at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const at::Tensor& weights,
-                         const at::Tensor& q_gu, const at::Tensor& s_gu, const at::Tensor& z_gu,
-                         const at::Tensor& q_dn, const at::Tensor& s_dn, const at::Tensor& z_dn, int64_t bits,
+                         const at::Tensor& q_gu, const at::Tensor& s_gu, const Zeros& z_gu,
+                         const at::Tensor& q_dn, const at::Tensor& s_dn, const Zeros& z_dn, int64_t bits,
                          int64_t group_size, int64_t D, int64_t I, const std::string& variant) {
   const Kern* kern = pick(variant);
   TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: quantized experts need 8 or 4 bits, got ", bits);
@@ -568,15 +572,15 @@ TORCH_LIBRARY(moeinfer_native, m) {
   m.def("moe_decode(Tensor x, Tensor experts, Tensor weights, Tensor gate_up, Tensor down, str variant) -> Tensor",
         &moeinfer_native::moe_decode);
   m.def("gemv(Tensor x, Tensor w, str variant) -> Tensor", &moeinfer_native::gemv);
-  m.def("moe_decode_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor z_gu, "
-        "Tensor q_dn, Tensor s_dn, Tensor z_dn, int bits, int group_size, int hidden, int inner, str variant, str activations=\"f32\") -> Tensor",
+  m.def("moe_decode_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor? z_gu, "
+        "Tensor q_dn, Tensor s_dn, Tensor? z_dn, int bits, int group_size, int hidden, int inner, str variant, str activations=\"f32\") -> Tensor",
         &moeinfer_native::moe_decode_q);
-  m.def("gemv_q(Tensor x, Tensor q, Tensor s, Tensor z, int bits, int group_size, str variant, "
+  m.def("gemv_q(Tensor x, Tensor q, Tensor s, Tensor? z, int bits, int group_size, str variant, "
         "str activations) -> Tensor", &moeinfer_native::gemv_q);
-  m.def("gemm_q(Tensor x, Tensor q, Tensor s, Tensor z, int bits, int group_size, str variant, str activations, "
+  m.def("gemm_q(Tensor x, Tensor q, Tensor s, Tensor? z, int bits, int group_size, str variant, str activations, "
         "Tensor? bias=None) -> Tensor", &moeinfer_native::gemm_q);
-  m.def("moe_prefill_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor z_gu, "
-        "Tensor q_dn, Tensor s_dn, Tensor z_dn, int bits, int group_size, int hidden, int inner, str variant) -> Tensor",
+  m.def("moe_prefill_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor? z_gu, "
+        "Tensor q_dn, Tensor s_dn, Tensor? z_dn, int bits, int group_size, int hidden, int inner, str variant) -> Tensor",
         &moeinfer_native::moe_prefill_q);
   m.def("quantize_q8(Tensor x) -> (Tensor, Tensor)", &moeinfer_native::quantize_q8_op);
   m.def("dequant_into(Tensor q, Tensor s, Tensor z, int bits, int group_size, Tensor(a!) out) -> ()",
