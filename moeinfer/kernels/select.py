@@ -15,6 +15,7 @@ import logging
 import torch
 from torch import nn
 
+from moeinfer.kernels.attention import use_cpu_attention_
 from moeinfer.kernels.linear import use_cpu_linears_
 from moeinfer.kernels.norm import use_cpu_norms_
 from moeinfer.kernels.rope import use_cpu_rope_
@@ -40,8 +41,9 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
 
     linears: also run the model's dense path on the native CPU kernels: its bf16 linears (attention,
     shared expert, lm_head; moeinfer.kernels.linear.use_cpu_linears_) and its RMSNorms
-    (moeinfer.kernels.norm.use_cpu_norms_) and rotary embeddings (moeinfer.kernels.rope.use_cpu_rope_);
-    RuntimeError when they are not built.
+    (moeinfer.kernels.norm.use_cpu_norms_), rotary embeddings (moeinfer.kernels.rope.use_cpu_rope_) and
+    one-token attention (moeinfer.kernels.attention.use_cpu_attention_); RuntimeError when they are not
+    built.
 
     fp32_weights: keep an fp32 copy of the expert weights and compute the experts in fp32. On CPUs
     without native bf16 matmul (AVX2) this is much faster for a bf16 model, at the cost of 2x the
@@ -52,6 +54,7 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
         use_cpu_linears_(model)
         use_cpu_norms_(model)
         use_cpu_rope_(model)
+        use_cpu_attention_(model)
     stacked, others = _stacked(model), _own_stages(model)
     refused = sorted({type(s).__name__ for s in others if name != "auto" and name not in _kernels_of(s)})
     if refused:

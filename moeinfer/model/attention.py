@@ -79,4 +79,8 @@ class Attention(nn.Module):
         if kv is not None:
             assert step is not None, "a KV cache needs the CacheStep of the new tokens"
             k, v = kv.write(step, k, v)  # [B, Hkv, S, Dh]
-        return self.o_proj(attend(q, k, v, mask, self.scale))
+        return self.o_proj(self.attention(q, k, v, mask))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention of `attend` with this layer's scale (a kernel may override it: moeinfer.kernels)."""
+        return attend(q, k, v, mask, self.scale)

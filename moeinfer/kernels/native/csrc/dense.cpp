@@ -6,8 +6,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "kern.h"
 
@@ -115,10 +118,93 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return y;
 }
 
+// Attention of one new token per row over its cached keys (decode, no mask):
+// q [B, H, 1, Dk], k [B, Hkv, S, Dk], v [B, Hkv, S, Dv] (any strides, last dims contiguous; head h reads
+// kv head h / (H / Hkv)) -> out [B, H, 1, Dv] contiguous in q's dtype:
+//     out = softmax(scale * q . k_s over s) . v
+// computed in fp32 (scores by the variant's row dot products, max-subtracted exponentials, their sum, the
+// weighted sum of v), rounded once at the end, as torch's CPU flash attention does for bf16; threads over
+// (row, head) pairs.
+template <class T, class Load, class Store, class Dot>
+void attend_rows(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t S,
+                 int64_t Dk, int64_t Dv, const int64_t* qs, const int64_t* ks, const int64_t* vs, float scale,
+                 Load load, Store store, Dot dot_row) {
+  const int64_t rep = H / Hkv;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, S * (Dk + Dv)));
+  at::parallel_for(0, B * H, grain, [&](int64_t b0, int64_t e0) {
+    std::vector<float> p(S), qf(Dk), acc(Dv);
+    for (int64_t i = b0; i < e0; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / rep;
+      const T* qr = q + b * qs[0] + h * qs[1];
+      for (int64_t d = 0; d < Dk; ++d) qf[d] = load(qr[d]);
+      const T* kb = k + b * ks[0] + g * ks[1];
+      const T* vb = v + b * vs[0] + g * vs[1];
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = dot_row(kb + s * ks[2], qf.data(), Dk) * scale;
+        mx = std::max(mx, p[s]);
+      }
+      float sum = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = std::exp(p[s] - mx);
+        sum += p[s];
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s = 0; s < S; ++s) {
+        const T* vr = vb + s * vs[2];
+        const float w = p[s];
+        for (int64_t d = 0; d < Dv; ++d) acc[d] += w * load(vr[d]);
+      }
+      T* o = out + i * Dv;
+      for (int64_t d = 0; d < Dv; ++d) o[d] = store(acc[d] / sum);
+    }
+  });
+}
+
+at::Tensor attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                         const std::string& variant) {
+  const Kern* kern = pick_kern(variant.c_str());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "moeinfer_native: attend_decode needs CPU tensors");
+  TORCH_CHECK((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat) &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "moeinfer_native: attend_decode needs q, k, v all bfloat16 or all float32");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+              "moeinfer_native: attend_decode takes q [B, H, 1, D], k/v [B, Hkv, S, D], got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), S = k.size(2), Dk = q.size(3), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == Dk &&
+                  Hkv > 0 && H % Hkv == 0 && S > 0,
+              "moeinfer_native: attend_decode shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ",
+              v.sizes());
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "moeinfer_native: attend_decode needs the head dimension contiguous");
+  at::Tensor out = at::empty({B, H, 1, Dv}, q.options());
+  const int64_t qs[2] = {q.stride(0), q.stride(1)}, ks[3] = {k.stride(0), k.stride(1), k.stride(2)},
+                vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  const float sc = float(scale);
+  if (q.scalar_type() == at::kFloat) {
+    auto id = [](float x) { return x; };
+    auto dot = [kern](const float* w, const float* x, int64_t n) { return kern->dot_f32(w, x, n); };
+    attend_rows(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(), B, H, Hkv,
+                S, Dk, Dv, qs, ks, vs, sc, id, id, dot);
+  } else {
+    auto load = [](uint16_t x) { return bf16_to_f32(x); };
+    auto store = [](float x) { return f32_to_bf16(x); };
+    auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+    auto dot = [kern](const uint16_t* w, const float* x, int64_t n) { return kern->dot_bf16(w, x, n); };
+    attend_rows(u16(q), u16(k), u16(v), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), B, H, Hkv, S,
+                Dk, Dv, qs, ks, vs, sc, load, store, dot);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace moeinfer_native
 
 TORCH_LIBRARY_FRAGMENT(moeinfer_native, m) {
+  m.def("attend_decode(Tensor q, Tensor k, Tensor v, float scale, str variant) -> Tensor",
+        &moeinfer_native::attend_decode);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &moeinfer_native::rms_norm);
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", &moeinfer_native::rope);
 }

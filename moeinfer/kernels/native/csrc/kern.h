@@ -93,6 +93,8 @@ struct Kern {
 
 const Kern* kern_generic();
 const Kern* kern_avx2();
+// The variant named (ops.cpp; an error naming the valid ones, or saying this CPU cannot run it).
+const Kern* pick_kern(const char* variant);
 
 // Scalar tails shared by every variant: columns [begin, end) of a row, in storage order.
 inline float tail_u8(const uint8_t* q, const float* x, int64_t begin, int64_t end) {

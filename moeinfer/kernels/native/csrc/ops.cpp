@@ -46,6 +46,12 @@ const Kern* pick(const std::string& variant) {
   return variant == "avx2" ? kern_avx2() : kern_generic();
 }
 
+}  // namespace
+
+const Kern* pick_kern(const char* variant) { return pick(variant); }
+
+namespace {
+
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
 // Row dot product of a bf16 or fp32 weight row with an fp32 vector.

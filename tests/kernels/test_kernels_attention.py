@@ -1,0 +1,104 @@
+"""use_cpu_attention_: the native one-token attention (csrc/dense.cpp `attend_decode`) against
+moeinfer.model.attention.attend (the reference: torch's SDPA) on the same q, k, v. Both compute in fp32
+and round once: fp32 outputs agree to 1e-5 relative, bf16 outputs to one bf16 rounding (a 1% error
+fails both checks); each native variant forced by name."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moeinfer.kernels import use_kernel_
+from moeinfer.kernels.attention import CpuAttention, restore_attention_, use_cpu_attention_
+from moeinfer.model.attention import Attention, attend
+from native_helpers import native_ops, require, variant_params
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if ref.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2.0**-7, atol=2.0**-8 * float(ref.abs().max()))
+
+
+def qkv(B, H, Hkv, S, D, dtype, *, cache: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, 1, H, D, generator=g) * 2).to(dtype).transpose(1, 2)  # as the layer makes it
+    if cache:  # a preallocated cache [B, Hkv, max, D] read up to S, as KVCache.write returns it
+        k = (torch.randn(B, Hkv, S + 5, D, generator=g)).to(dtype)[:, :, :S]
+        v = (torch.randn(B, Hkv, S + 5, D, generator=g)).to(dtype)[:, :, :S]
+    else:
+        k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+        v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 16, 16, 1, 128), (1, 16, 4, 37, 64), (3, 4, 2, 300, 32),
+                                         (2, 6, 1, 9, 20)])
+@pytest.mark.parametrize("cache", [False, True])
+def test_native_attention_matches_the_reference(variant, dtype, B, H, Hkv, S, D, cache):
+    require(variant)
+    ops = native_ops()
+    q, k, v = qkv(B, H, Hkv, S, D, dtype, cache=cache)
+    scale = D**-0.5
+    out = ops.attend_decode(q, k, v, scale, variant).view(B, 1, -1)
+    check(out, attend(q, k, v, None, scale))
+
+
+def test_a_one_percent_error_fails_the_check():
+    ref = torch.linspace(-1, 1, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(AssertionError):
+            check((ref * 1.01).to(dtype), ref.to(dtype))
+
+
+def test_native_op_refuses_bad_shapes_by_name():
+    ops = native_ops()
+    q, k, v = qkv(1, 4, 2, 5, 8, torch.float32, cache=False)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        ops.attend_decode(q, k, v[:, :, :4], 1.0, "generic")
+    with pytest.raises(RuntimeError, match=r"q \[B, H, 1, D\]"):
+        ops.attend_decode(torch.randn(1, 4, 2, 8), k, v, 1.0, "generic")
+
+
+def decode_logits(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """Logits of a prefill then `steps` one-token decode steps over a KV cache (greedy tokens fed back)."""
+    from moeinfer.model.kv_cache import KVCache
+
+    cache = KVCache(model.config, batch_size=1, max_length=len(prompt) + steps + 1, device="cpu", dtype=model.dtype)
+    out = [model(torch.tensor([prompt]), cache=cache)[:, -1]]
+    for _ in range(steps):
+        out.append(model(out[-1].argmax(-1)[:, None], cache=cache)[:, -1])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_with_native_attention_match(tiny_fp32, dtype):
+    """The model's decode steps (one token over its KV cache, heads as configured) with the native
+    attention give the reference's logits within the dtype's tolerance; prefill keeps the reference."""
+    native_ops()
+    model = tiny_fp32.to(dtype)
+    fast = copy.deepcopy(model)
+    n = use_cpu_attention_(fast)
+    assert n == sum(type(m) is Attention for m in model.modules()) > 0
+    with torch.no_grad():
+        want = decode_logits(model, list(range(5, 25)), 6)
+        got = decode_logits(fast, list(range(5, 25)), 6)
+    assert torch.equal(got[0], want[0])  # prefill: the reference in both
+    for a, b in zip(got[1:], want[1:]):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * float(b.abs().max()))
+    assert restore_attention_(fast) == n and not any(isinstance(m, CpuAttention) for m in fast.modules())
+
+
+def test_use_kernel_linears_swaps_attention(tiny_fp32):
+    native_ops()
+    use_kernel_(tiny_fp32, "auto", linears=True)
+    assert any(isinstance(m, CpuAttention) for m in tiny_fp32.modules())
