@@ -10,7 +10,9 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
 - an expert of layer l at precision p_l with t tokens: the fitted rate of that precision and kernel,
   expert_fixed_s + max(stored bytes / bytes_per_s, 6 D I t / flops_per_s), plus the experts
   module's call_s once per layer (charged with the dense part);
-- once per step: step_fixed_s + LM head bytes / memory read bandwidth.
+- once per step: step_fixed_s + LM head bytes / memory read bandwidth;
+- offloaded: each layer visit and each load pay the host costs the profile measured for offloaded
+  experts of the plan's precision (`MachineProfile.offload_costs`), on top of the resident rates.
 A resident configuration is simulated with a cache that holds every expert (static placement, warm
 before the first step), so it reduces to the sum above; an offloaded one with the real policy,
 prefetcher and link. `layer_seconds` gives the same sum split per layer, which the search uses.
@@ -153,9 +155,9 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     moved = None
     if offload is not None and precisions[0] != FLOAT:
         moved = int(costs.stored[0])
-    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=profile.hardware(offloaded=offload is not None),
-                    costs=costs,
-                    expert_bytes=moved)
+    # and pay the host costs measured for offloaded layers of their precision (profile step 4)
+    hardware = profile.hardware(offloaded=offload is not None, precision=precisions[0])
+    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=costs, expert_bytes=moved)
 
 
 def _all_experts_trace(sizes: ModelSizes) -> Any:

@@ -20,6 +20,11 @@ ever add time to a run, so the least is the machine's own cost and the median of
 4. host costs of offloading: the 3-layer model offloaded with every expert it uses cached, then
    with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
    load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy).
+   Measured for float experts and again for each quantize preset measured in step 2 (`offload_host`):
+   offloaded quantized experts run one native call per cached expert on the slot's codes
+   (moeinfer/offload/packed.py) where the resident layer runs one call for all its experts, so their
+   visit costs more than a float one's; the figure is always offloaded-minus-resident at the same
+   precision, so it adds to the resident variant's rate without counting anything twice.
 The profile is keyed by device, CPU model and flags, thread count, torch version and the native CPU
 kernels' source stamp (none when they are not built or stale), and cached as
 JSON in the user cache folder (`$MOEINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/moeinfer`, else
@@ -55,8 +60,8 @@ from moeinfer.offload.apply import offload_
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 
-PROFILE_VERSION = 4  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
-# 4: host costs of offloaded layers and loads
+PROFILE_VERSION = 5  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+# 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host)
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -71,6 +76,14 @@ class ExpertRate:
 
     def expert_s(self, nbytes: float, flops: float) -> float:
         return self.expert_fixed_s + max(nbytes / self.bytes_per_s, flops / self.flops_per_s)
+
+
+@dataclass(frozen=True)
+class OffloadHost:
+    """Host costs of an offloaded layer at one precision (step 4 of the module docstring)."""
+
+    layer_s: float  # per offloaded layer visit, beyond a resident layer of the same precision
+    load_latency_s: float  # per load, beyond its stored bytes over the link
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,8 @@ class MachineProfile:
     # beyond its bytes over the link (thread hand-off, store lookup, slot copy)
     offload_layer_s: float = 0.0
     load_latency_s: float = 0.0
+    # the same per quantize preset ("int4", ...): offloaded quantized layers (float: the two fields above)
+    offload_host: dict[str, OffloadHost] = field(default_factory=dict)
     version: int = PROFILE_VERSION
 
     def matmul_rate(self, dtype: str) -> float:
@@ -111,12 +126,18 @@ class MachineProfile:
                              f"measured: {', '.join(sorted(self.experts))}")
         return self.experts[variant]
 
-    def hardware(self, *, offloaded: bool = False) -> Any:
+    def offload_costs(self, precision: str = "bf16") -> OffloadHost:
+        """Host costs of an offloaded layer whose experts are at `precision` (a quantize preset, or
+        "bf16"); a preset not measured (an older or synthetic profile) gets the float figures."""
+        return self.offload_host.get(precision, OffloadHost(self.offload_layer_s, self.load_latency_s))
+
+    def hardware(self, *, offloaded: bool = False, precision: str = "bf16") -> Any:
         """The offload simulator's HardwareProfile for this machine (its link and fallback rates); with
-        `offloaded`, the host costs of offloaded layers and loads too (the simulator charges them on
-        every visit, so a resident configuration is simulated without them)."""
-        extra = {"host_us_per_layer": 1e6 * self.offload_layer_s,
-                 "link_latency_us": 1e6 * self.load_latency_s} if offloaded else {}
+        `offloaded`, the host costs of offloaded layers and loads of experts at `precision` too (the
+        simulator charges them on every visit, so a resident configuration is simulated without them)."""
+        host = self.offload_costs(precision)
+        extra = {"host_us_per_layer": 1e6 * host.layer_s,
+                 "link_latency_us": 1e6 * host.load_latency_s} if offloaded else {}
         return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=self.link_gbps, **extra,
                                fast_mem_gbps=self.mem_read_gbps, compute_tflops=self.matmul_gflops / 1e3,
                                cpu_mem_gbps=self.host_mem_gbps or self.mem_read_gbps,
@@ -130,6 +151,7 @@ class MachineProfile:
     def from_dict(cls, d: dict[str, Any]) -> MachineProfile:
         d = dict(d)
         d["experts"] = {k: ExpertRate(**v) for k, v in d.get("experts", {}).items()}
+        d["offload_host"] = {k: OffloadHost(**v) for k, v in d.get("offload_host", {}).items()}
         return cls(**d)
 
 
@@ -217,13 +239,18 @@ def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) 
         ex = ex.to(device)
         use_kernel_(ex, kernel, fp32_weights=extra == "fp32")
         return ex
-    q = layer_quantizer(variant)
+    return _quantized_experts(variant, gate_up, down).to(device)
+
+
+def _quantized_experts(preset: str, gate_up: torch.Tensor, down: torch.Tensor) -> QuantizedExperts:
+    """Stacked float experts at quantize preset `preset`."""
+    q = layer_quantizer(preset)
     if q is None:
-        raise ValueError(f"expert variant {variant!r} is not a quantize preset")
+        raise ValueError(f"expert variant {preset!r} is not a quantize preset")
     # hqq (and "auto", which picks hqq or rtn) store the same layout and run the same kernel: rtn is instant
     algorithm = "rtn" if q.algorithm in ("hqq", "auto") else q.algorithm
-    return QuantizedExperts.from_float(gate_up, down, [q.bits] * E, group_size=q.group_size,
-                                       algorithm=algorithm).to(device)
+    return QuantizedExperts.from_float(gate_up, down, [q.bits] * gate_up.shape[0], group_size=q.group_size,
+                                       algorithm=algorithm)
 
 
 def stored_expert_bytes(variant: str, D: int, I: int, dtype_bytes: int = 2) -> float:
@@ -311,11 +338,21 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     return layer_fixed, step_fixed
 
 
-def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15) -> tuple[float, float]:
+def _quantized_(model: Any, precision: str) -> None:
+    """Every MoE layer of `model` at quantize preset `precision`."""
+    for b in model.moe_blocks():
+        ex = b.experts
+        b.experts = _quantized_experts(precision, ex.gate_up_proj.data, ex.down_proj.data).to(ex.gate_up_proj.device)
+
+
+def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15,
+                    precision: str = "bf16") -> tuple[float, float]:
     """Step 4: (offload_layer_s, load_latency_s) from one-token forwards of a 3-layer random model
-    (12 experts, top-2) resident, offloaded with a cache that holds every expert it uses (all hits), and
-    offloaded with 2 slots (every expert of every layer a miss). The three are timed in turn, each
-    figure the least of its runs, so a change of load on the machine touches all three alike."""
+    (12 experts, top-2) with its experts at `precision` (bf16 or a quantize preset) resident, offloaded
+    with a cache that holds every expert it uses (all hits), and offloaded with 2 slots (every expert of
+    every layer a miss); offloaded quantized experts run kernel 'cpu' on a CPU, as `apply_plan_` sets it.
+    The three are timed in turn, each figure the least of its runs, so a change of load on the machine
+    touches all three alike."""
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
     layers = 3
     tier = "disk" if device.type == "cpu" else "cpu"
@@ -323,9 +360,13 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15) -
         models = []
         for cache in (None, 11, 2):  # resident, all hits, all misses
             m = _tiny_model(layers, device)
+            if precision != "bf16":
+                _quantized_(m, precision)
             if cache is not None:
                 offload_(m, OffloadConfig(tier=tier, cache=cache, scope="global", policy="lru",
                                           offload_dir=f"{tmp}/{cache}"))
+                if precision != "bf16" and device.type == "cpu":
+                    use_kernel_(m, "cpu")
             models.append(m)
         best = [float("inf")] * 3
         with torch.inference_mode():
@@ -344,7 +385,8 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15) -
             m.offload.close()
     resident, hits, misses = best
     layer_s = max(0.0, (hits - resident) / layers)
-    nbytes = 3 * 64 * 64 * 2  # one expert of the random model (D = I = 64, bf16)
+    # one expert of the random model (D = I = 64) as stored: bf16, or the preset's codes, scales and zeros
+    nbytes = stored_expert_bytes("bf16/reference" if precision == "bf16" else precision, 64, 64)
     per_load = (misses - hits) / loads if loads else 0.0
     return layer_s, max(0.0, per_load - nbytes / (link_gbps * 1e9))
 
@@ -402,7 +444,7 @@ def default_variants(device: str, precisions: tuple[str, ...] = ("int8", "int4")
 
 
 def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bool = False) -> MachineProfile:
-    """Measure this machine (steps 1-3 of the module docstring)."""
+    """Measure this machine (steps 1-4 of the module docstring)."""
     dev = torch.device(device)
     t0 = time.time()
     link, link_gbps, read_gbps, gflops = _link_gbps(dev)
@@ -415,12 +457,18 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
     dense = _dense_gflops(dev)
     offload_layer, load_latency = measure_offload(dev, link_gbps)
+    offload_host = {}
+    for v in wanted:
+        if not v.startswith("bf16/"):  # a quantize preset
+            if progress:
+                print(f"measuring offloaded {v} experts ...", flush=True)
+            offload_host[v] = OffloadHost(*measure_offload(dev, link_gbps, precision=v))
     host = _host_rates() if dev.type == "cuda" else (None, None)
     name, _ = _cpu_identity()
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
                           torch_version=torch.__version__, link=link, link_gbps=link_gbps, mem_read_gbps=read_gbps,
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
                           host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
-                          offload_layer_s=offload_layer, load_latency_s=load_latency,
+                          offload_layer_s=offload_layer, load_latency_s=load_latency, offload_host=offload_host,
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
                                    f"load average {os.getloadavg()[0]:.2f}")

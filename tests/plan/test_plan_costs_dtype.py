@@ -61,3 +61,31 @@ def test_offloaded_layers_and_loads_pay_the_profiles_host_costs():
     res = [simulate_plan(tr, sizes, p, ["bf16"] * L, kernel="reference")
            for p in (base, replace(base, offload_layer_s=1e-3, load_latency_s=0.05))]
     assert res[0].time_s == res[1].time_s
+
+
+def test_offloaded_quantized_layers_pay_their_own_precisions_host_costs():
+    """An offloaded int4 plan is charged the host costs measured for offloaded int4 layers (one native
+    call per cached expert), a float one the float figures; a preset not measured falls back to those."""
+    from moeinfer.planning import PlanOffload
+    from moeinfer.planning import routing as routes
+    from moeinfer.planning.costs import simulate_plan
+    from moeinfer.planning.profile import OffloadHost
+
+    sizes = sizes_from_checkpoint("tiny")
+    L = sizes.num_layers
+    tr = routes.batched(routes.uniform(num_layers=L, num_experts=8, top_k=2, sequences=2, tokens=8), 1)
+    off = PlanOffload(tier="disk", cache_experts=10, policy="lru")
+    base = replace(synthetic_profile(), offload_layer_s=1e-4)
+    measured = replace(base, offload_host={"int4": OffloadHost(layer_s=2e-3, load_latency_s=0.0)})
+    assert measured.offload_costs("int4") == OffloadHost(2e-3, 0.0)
+    assert measured.offload_costs("int8") == measured.offload_costs("bf16") == OffloadHost(1e-4, 0.0)
+    q_plain = simulate_plan(tr, sizes, base, ["int4"] * L, kernel="reference", offload=off)
+    q_host = simulate_plan(tr, sizes, measured, ["int4"] * L, kernel="reference", offload=off)
+    # same cache decisions; every layer visit costs 2 ms - 0.1 ms more
+    assert q_host.cache == q_plain.cache
+    assert q_host.time_s - q_plain.time_s == pytest.approx(q_plain.steps * L * (2e-3 - 1e-4), rel=1e-9)
+    f_plain = simulate_plan(tr, sizes, base, ["bf16"] * L, kernel="reference", offload=off)
+    f_host = simulate_plan(tr, sizes, measured, ["bf16"] * L, kernel="reference", offload=off)
+    assert f_host.time_s == f_plain.time_s
+    back = MachineProfile.from_dict(measured.to_dict())
+    assert back == measured and back.offload_costs("int4") == OffloadHost(2e-3, 0.0)
