@@ -320,17 +320,24 @@ def _tiny_model(layers: int, device: torch.device) -> Any:
     return model.to(device=device, dtype=torch.bfloat16).eval()
 
 
-def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 9) -> tuple[float, float]:
-    """Step 3: (layer_fixed_s, step_fixed_s) from one-token forwards of 1- and 3-layer models."""
+def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 15) -> tuple[float, float]:
+    """Step 3: (layer_fixed_s, step_fixed_s) from one-token forwards of 1- and 3-layer models, timed
+    in turn (as `measure_offload`), each the least of its runs, so a change of load on the machine
+    touches both alike: the figure is their difference. (On a machine whose cores are all busy it
+    still moves: a profile is measured on an idle machine.)"""
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-    times = []
-    for layers in (1, 3):
-        m = _tiny_model(layers, device)
-
-        def fwd() -> None:
-            with torch.inference_mode():
+    models = [_tiny_model(layers, device) for layers in (1, 3)]
+    times = [float("inf")] * 2
+    with torch.inference_mode():
+        for m in models:  # warm-up
+            m(ids)
+        for _ in range(repeats):
+            for i, m in enumerate(models):
+                t0 = time.perf_counter()
                 m(ids)
-        times.append(_least(fwd, repeats, device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[i] = min(times[i], time.perf_counter() - t0)
     per_layer = max(0.0, (times[1] - times[0]) / 2)
     experts_part = rate.call_s + top_k * rate.expert_fixed_s  # the tiny layer's own expert stage
     layer_fixed = max(0.0, per_layer - experts_part)
