@@ -83,13 +83,19 @@ class Runner:
         from moeinfer.bench.instrument import instrument
 
         B = self.plan.batch_size
+        cache = getattr(getattr(self.model, "offload", None), "cache", None)
+        before = (cache.stats.hits, cache.stats.misses) if cache is not None else None
         with instrument(self.model) as ins:
             moeinfer.generate(self.model, [self.prompt] * B, max_new_tokens=tokens, ignore_eos=True)
         dec = [f.seconds for f in ins.forwards if f.phase == "decode"]
         pre = [f for f in ins.forwards if f.phase == "prefill"]
-        return {"decode_tok_s": B * len(dec) / sum(dec) if dec else float("nan"),
-                "prefill_tok_s": sum(f.tokens for f in pre) / sum(f.seconds for f in pre) if pre else float("nan"),
-                "fastest_decode_step_tok_s": B / min(dec) if dec else float("nan")}
+        out = {"decode_tok_s": B * len(dec) / sum(dec) if dec else float("nan"),
+               "prefill_tok_s": sum(f.tokens for f in pre) / sum(f.seconds for f in pre) if pre else float("nan"),
+               "fastest_decode_step_tok_s": B / min(dec) if dec else float("nan")}
+        if cache is not None and before is not None:  # the live cache's hit rate (prefill and decode)
+            hits, misses = cache.stats.hits - before[0], cache.stats.misses - before[1]
+            out["hit_rate"] = hits / max(1, hits + misses)
+        return out
 
     def close(self) -> None:
         off = getattr(self.model, "offload", None)
@@ -106,6 +112,8 @@ def summarize(rounds: list[dict[str, float]]) -> dict[str, Any]:
         out[k] = max(vals)
         out[f"{k}_median_round"] = statistics.median(vals)
     out["decode_best_step_tok_s"] = max(r["fastest_decode_step_tok_s"] for r in rounds)
+    if "hit_rate" in rounds[0]:
+        out["hit_rate"] = statistics.mean(r["hit_rate"] for r in rounds)
     return out
 
 
@@ -298,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["decode_ratio"] = got["decode_tok_s"] / pr.decode_tok_s
                 row["prefill_ratio"] = None if real else got["prefill_tok_s"] / pr.prefill_tok_s
             rows.append(row)
+            hits = ""
+            if "hit_rate" in got:  # predicted (the simulator, decode) and live (the rounds) cache hit rates
+                want = pr.hit_rate if pr is not None and pr.hit_rate is not None else float("nan")
+                hits = f"  hit rate {want:.0%} -> {got['hit_rate']:.0%}"
             q = ""
             if not real:
                 q = f"  quality {100 * (pr.quality_loss or 0):+.2f}% -> " if pr else "  quality "
@@ -305,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{budget / 1e6:9.1f} MB  {name:<13} {p.describe():<60}  decode {_fmt(pr and pr.decode_tok_s)} -> "
                   f"{_fmt(got['decode_tok_s'])} ({_fmt(row.get('decode_ratio'), 5)}x; median round "
                   f"{_fmt(got['decode_tok_s_median_round'])})  prefill {_fmt(pr and pr.prefill_tok_s)} -> "
-                  f"{_fmt(got['prefill_tok_s'])}{q}", flush=True)
+                  f"{_fmt(got['prefill_tok_s'])}{q}{hits}", flush=True)
     out = {"model": model_name, "real_shape": args.real_shape, "trace": trace.meta if trace is not None else None,
            "tokens": args.tokens, "rounds": args.rounds, "interleave": args.interleave,
            "statistic": "best round of decode tokens / summed decode step time (median round beside it)",

@@ -174,7 +174,8 @@ def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSiz
         bpb = quality.base_bpb + (0.0 if lossless else quality.delta_bpb(c.precisions))
     return Prediction(decode_tok_s=dec.tokens_per_s, prefill_tok_s=pre.tokens_per_s,
                       memory_bytes=_memory(sizes, c, context), quality_loss=loss, bits_per_byte=bpb,
-                      step_ms=1e3 * dec.time_s / max(1, dec.steps))
+                      step_ms=1e3 * dec.time_s / max(1, dec.steps),
+                      hit_rate=dec.hit_rate if c.offload is not None else None)
 
 
 def _load_for_measurement(path: Any, sizes: ModelSizes) -> Any:
