@@ -160,20 +160,23 @@ def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Se
 
 
 def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSizes, profile: MachineProfile,
-             quality: QualityModel | None, context: int) -> Prediction:
+             quality: QualityModel | None, context: int, free_bytes: int = 0) -> Prediction:
     """Step 5 (`views`: the decode trace per batch size; one object each, so the simulator's step
-    grouping is computed once)."""
+    grouping is computed once; `free_bytes`: memory free when planning, of which what the plan does not
+    take holds a disk tier's pages)."""
+    memory = _memory(sizes, c, context)
+    cache = max(0, free_bytes - memory)
     dec = simulate_plan(views[c.batch], sizes, profile, c.precisions, kernel=c.kernel,
-                        fp32_weights=c.fp32, offload=c.offload)
+                        fp32_weights=c.fp32, offload=c.offload, page_cache_bytes=cache)
     pre = simulate_plan(prefill, sizes, profile, c.precisions, kernel=c.kernel, fp32_weights=c.fp32,
-                        offload=c.offload)
+                        offload=c.offload, page_cache_bytes=cache)
     lossless = all(p == FLOAT for p in c.precisions)
     loss = 0.0 if lossless else (quality.loss(c.precisions) if quality is not None else None)
     bpb = None
     if quality is not None:
         bpb = quality.base_bpb + (0.0 if lossless else quality.delta_bpb(c.precisions))
     return Prediction(decode_tok_s=dec.tokens_per_s, prefill_tok_s=pre.tokens_per_s,
-                      memory_bytes=_memory(sizes, c, context), quality_loss=loss, bits_per_byte=bpb,
+                      memory_bytes=memory, quality_loss=loss, bits_per_byte=bpb,
                       step_ms=1e3 * dec.time_s / max(1, dec.steps),
                       hit_rate=dec.hit_rate if c.offload is not None else None)
 
@@ -229,10 +232,15 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
         sizes = sizes_from_checkpoint(model_or_path)
         name = os.fspath(model_or_path)
     context = min(context, sizes.max_context)
+    # memory free now, before anything is loaded to measure: what a plan leaves of it caches a disk tier
+    free_bytes = available_memory("cpu") if device == "cpu" else 0
     # 2. machine
     if profile is None:
         profile = machine_profile(device, variants=tuple(p for p in precisions if p != FLOAT), progress=progress)
     notes.append(f"machine profile {profile.key} ({profile.cpu}, {profile.threads} threads; {profile.measured})")
+    if profile.cached_link_gbps is not None and device == "cpu":
+        notes.append(f"{free_bytes / 1e9:.1f} GB free when planned: what a plan leaves of it holds a disk tier's "
+                     f"pages (read at {profile.cached_link_gbps:.1f} GB/s, the disk at {profile.link_gbps:.2f})")
     # 3. routing and quality
     wants_quality = quality is None and any(p != FLOAT for p in precisions)
     model = loaded
@@ -281,7 +289,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     # 5. predict and rank
     scored = []
     for c in cands:
-        pred = _predict(c, views, prefill_view, sizes, profile, quality, context)
+        pred = _predict(c, views, prefill_view, sizes, profile, quality, context, free_bytes)
         if pred.memory_bytes <= budget_bytes:
             scored.append((c, pred))
     scored.sort(key=lambda cp: (-cp[1].decode_tok_s, cp[1].memory_bytes))

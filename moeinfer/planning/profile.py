@@ -3,7 +3,9 @@
 What is measured (about 10 s on a CPU; each figure the least of a few runs: other processes only
 ever add time to a run, so the least is the machine's own cost and the median of a busy machine is not):
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
-   simulate --calibrate` measures), pinned host-to-device copies on CUDA; memory read bandwidth
+   simulate --calibrate` measures) and reads of a file the page cache holds (`cached_link_gbps`: a
+   disk tier that fits in the memory a plan leaves free is read from RAM, not from the disk),
+   pinned host-to-device copies on CUDA; memory read bandwidth
    (a reduction over a 256 MiB tensor) and dense fp32 matmul rate (on CUDA: of the GPU, and of the
    host too, which prices CPU-assisted experts); the rate of a prefill-sized linear in fp32, bf16 and
    fp16 (the dense part and LM head run in the checkpoint's dtype: bf16 is several times slower
@@ -61,7 +63,8 @@ from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 
 PROFILE_VERSION = 5  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
-# 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host)
+# 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
+# page-cached disk reads (cached_link_gbps)
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -113,6 +116,8 @@ class MachineProfile:
     load_latency_s: float = 0.0
     # the same per quantize preset ("int4", ...): offloaded quantized layers (float: the two fields above)
     offload_host: dict[str, OffloadHost] = field(default_factory=dict)
+    # CPU: GB/s of reads from a disk-tier file the page cache holds (None: not measured; a synthetic profile)
+    cached_link_gbps: float | None = None
     version: int = PROFILE_VERSION
 
     def matmul_rate(self, dtype: str) -> float:
@@ -131,14 +136,24 @@ class MachineProfile:
         "bf16"); a preset not measured (an older or synthetic profile) gets the float figures."""
         return self.offload_host.get(precision, OffloadHost(self.offload_layer_s, self.load_latency_s))
 
-    def hardware(self, *, offloaded: bool = False, precision: str = "bf16") -> Any:
+    def effective_link_gbps(self, cached_fraction: float = 0.0) -> float:
+        """The link's GB/s when `cached_fraction` of the bytes it moves come from the page cache (the
+        rest from the disk): time per byte blended, 1 / (f / cached + (1 - f) / cold)."""
+        f = min(1.0, max(0.0, cached_fraction))
+        if self.cached_link_gbps is None or f == 0.0:
+            return self.link_gbps
+        return 1.0 / (f / self.cached_link_gbps + (1.0 - f) / self.link_gbps)
+
+    def hardware(self, *, offloaded: bool = False, precision: str = "bf16", cached_fraction: float = 0.0) -> Any:
         """The offload simulator's HardwareProfile for this machine (its link and fallback rates); with
         `offloaded`, the host costs of offloaded layers and loads of experts at `precision` too (the
-        simulator charges them on every visit, so a resident configuration is simulated without them)."""
+        simulator charges them on every visit, so a resident configuration is simulated without them),
+        and a link of which `cached_fraction` is read from the page cache (`effective_link_gbps`)."""
         host = self.offload_costs(precision)
         extra = {"host_us_per_layer": 1e6 * host.layer_s,
                  "link_latency_us": 1e6 * host.load_latency_s} if offloaded else {}
-        return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=self.link_gbps, **extra,
+        link = self.effective_link_gbps(cached_fraction) if offloaded else self.link_gbps
+        return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=link, **extra,
                                fast_mem_gbps=self.mem_read_gbps, compute_tflops=self.matmul_gflops / 1e3,
                                cpu_mem_gbps=self.host_mem_gbps or self.mem_read_gbps,
                                cpu_gflops=self.host_gflops or self.matmul_gflops, measured=True,
@@ -424,6 +439,22 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
     return "disk", hw.link_gbps, read_gbps, hw.cpu_gflops
 
 
+def _cached_read_gbps(mib: int = 64) -> float:
+    """GB/s of `os.preadv` from a file the page cache holds (written, then read once), into one buffer:
+    what a disk-tier miss costs when the store's pages are cached."""
+    n = mib * 2**20
+    buf = torch.empty(n, dtype=torch.uint8)
+    with tempfile.TemporaryDirectory(prefix="moeinfer-profile-") as d:
+        path = Path(d) / "cached.bin"
+        path.write_bytes(memoryview(torch.randint(0, 255, (n,), dtype=torch.uint8).numpy()))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            s = _least(lambda: os.preadv(fd, [memoryview(buf.numpy())], 0), 5, torch.device("cpu"))
+        finally:
+            os.close(fd)
+    return n / s / 1e9
+
+
 def _dense_gflops(device: torch.device) -> dict[str, float]:
     """GFLOP/s of a prefill-sized linear ([64, 1024] x [1024, 4096]) in each of DENSE_DTYPES."""
     out = {}
@@ -455,6 +486,7 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     dev = torch.device(device)
     t0 = time.time()
     link, link_gbps, read_gbps, gflops = _link_gbps(dev)
+    cached_gbps = _cached_read_gbps() if dev.type == "cpu" else None
     wanted = tuple(dict.fromkeys(default_variants(device) + tuple(variants)))
     rates = {}
     for v in wanted:
@@ -477,5 +509,6 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
                           host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
                           offload_layer_s=offload_layer, load_latency_s=load_latency, offload_host=offload_host,
+                          cached_link_gbps=cached_gbps,
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
                                    f"load average {os.getloadavg()[0]:.2f}")

@@ -89,3 +89,37 @@ def test_offloaded_quantized_layers_pay_their_own_precisions_host_costs():
     assert f_host.time_s == f_plain.time_s
     back = MachineProfile.from_dict(measured.to_dict())
     assert back == measured and back.offload_costs("int4") == OffloadHost(2e-3, 0.0)
+
+
+def test_a_disk_tier_the_page_cache_holds_is_read_at_the_cached_rate():
+    """cached_fraction = free memory over the store's bytes (at most 1); the link's time per byte is
+    blended between the cached-read and the cold-disk rates by it."""
+    from moeinfer.planning import PlanOffload
+    from moeinfer.planning import routing as routes
+    from moeinfer.planning.costs import cached_fraction, expert_bytes, simulate_plan
+
+    sizes = sizes_from_checkpoint("tiny")
+    L, E = sizes.num_layers, sizes.num_experts
+    store = L * E * expert_bytes(sizes, "bf16")
+    prof = replace(synthetic_profile(), cached_link_gbps=9.0)  # disk 1 GB/s
+    assert cached_fraction(sizes, prof, "bf16", tier="disk", page_cache_bytes=0) == 0.0
+    assert cached_fraction(sizes, prof, "bf16", tier="disk", page_cache_bytes=store // 4) == pytest.approx(0.25)
+    assert cached_fraction(sizes, prof, "bf16", tier="disk", page_cache_bytes=10 * store) == 1.0
+    assert cached_fraction(sizes, prof, "bf16", tier="cpu", page_cache_bytes=10 * store) == 0.0  # not a disk
+    int4_store = L * E * expert_bytes(sizes, "int4")
+    assert cached_fraction(sizes, prof, "int4", tier="disk", page_cache_bytes=int4_store // 2) == pytest.approx(0.5)
+    # half cached: 1 / (0.5 / 9 + 0.5 / 1) GB/s; no cached rate measured (an older profile): the disk's
+    assert prof.effective_link_gbps(0.5) == pytest.approx(1.0 / (0.5 / 9.0 + 0.5 / 1.0))
+    assert prof.effective_link_gbps(1.0) == pytest.approx(9.0)
+    assert synthetic_profile().effective_link_gbps(1.0) == 1.0
+    # the simulator moves the same bytes over a faster link: same cache, less time; 0 bytes: unchanged
+    tr = routes.batched(routes.uniform(num_layers=L, num_experts=E, top_k=2, sequences=2, tokens=8), 1)
+    off = PlanOffload(tier="disk", cache_experts=4, policy="lru")
+    cold = simulate_plan(tr, sizes, prof, ["bf16"] * L, kernel="reference", offload=off)
+    same = simulate_plan(tr, sizes, replace(prof, cached_link_gbps=None), ["bf16"] * L, kernel="reference",
+                         offload=off, page_cache_bytes=10 * store)
+    warm = simulate_plan(tr, sizes, prof, ["bf16"] * L, kernel="reference", offload=off, page_cache_bytes=10 * store)
+    assert same.time_s == cold.time_s
+    assert warm.cache == cold.cache and warm.bytes_moved == cold.bytes_moved and warm.time_s < cold.time_s
+    back = MachineProfile.from_dict(prof.to_dict())
+    assert back.cached_link_gbps == 9.0
