@@ -237,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-quality-loss", type=float, default=0.01)
     ap.add_argument("--runners", type=int, default=3, help="runners-up measured per budget (default: 3)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the default / --fit-like / int4 baselines")
+    ap.add_argument("--refresh-profile", action="store_true", help="measure the machine profile again first")
     ap.add_argument("--out", default="planner-bench.json")
     args = ap.parse_args(argv)
     real = args.real_shape is not None
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     real = args.real_shape is not None
-    profile = machine_profile("cpu", variants=("int8", "int4"), progress=True)
+    profile = machine_profile("cpu", variants=("int8", "int4"), refresh=args.refresh_profile, progress=True)
     if real:
         path, trace = real_shape_model(args.real_shape, layers=args.layers, traces=args.traces)
         model_name, precisions, base = str(path), ("bf16",), None
