@@ -235,16 +235,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="time each configuration's rounds in a row (always so with --real-shape)")
     ap.add_argument("--max-bytes", type=int, default=16384)
     ap.add_argument("--max-quality-loss", type=float, default=0.01)
-    ap.add_argument("--runners", type=int, default=3, help="runners-up measured per budget (default: 3)")
+    ap.add_argument("--runners", type=int, default=None, help="runners-up measured per budget (default: 3; "
+                                                                "--real-shape: 1)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the default / --fit-like / int4 baselines")
     ap.add_argument("--refresh-profile", action="store_true", help="measure the machine profile again first")
     ap.add_argument("--out", default="planner-bench.json")
     args = ap.parse_args(argv)
     real = args.real_shape is not None
-    args.tokens = args.tokens or (8 if real else 32)
-    args.rounds = args.rounds or (3 if real else 9)
-    if args.tokens < 2 or args.rounds < 1 or args.layers < 1:
-        ap.error("--tokens must be >= 2, --rounds and --layers >= 1")
+    args.tokens = (8 if real else 32) if args.tokens is None else args.tokens
+    args.rounds = (3 if real else 9) if args.rounds is None else args.rounds
+    args.runners = (1 if real else 3) if args.runners is None else args.runners
+    if args.tokens < 2 or args.rounds < 1 or args.layers < 1 or args.runners < 0:
+        ap.error("--tokens must be >= 2, --rounds and --layers >= 1, --runners >= 0")
     args.interleave = not (args.no_interleave or real)
     if real and args.traces is None:
         args.traces = Path(os.environ.get("MOEINFER_MIXTRAL_TRACES",
