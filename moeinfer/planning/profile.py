@@ -22,7 +22,7 @@ ever add time to a run, so the least is the machine's own cost and the median of
 4. host costs of offloading: the 3-layer model offloaded with every expert it uses cached, then
    with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
    load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy).
-   Measured for float experts and again for each quantize preset measured in step 2 (`offload_host`):
+   Measured for float experts and, on a CPU, again for each quantize preset of step 2 (`offload_host`):
    offloaded quantized experts run one native call per cached expert on the slot's codes
    (moeinfer/offload/packed.py) where the resident layer runs one call for all its experts, so their
    visit costs more than a float one's; the figure is always offloaded-minus-resident at the same
@@ -497,7 +497,8 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     dense = _dense_gflops(dev)
     offload_layer, load_latency = measure_offload(dev, link_gbps)
     offload_host = {}
-    for v in wanted:
+    # offloaded quantized layers, on a CPU (on CUDA, not measured on a GPU yet: the float figures serve)
+    for v in wanted if dev.type == "cpu" else ():
         if not v.startswith("bf16/"):  # a quantize preset
             if progress:
                 print(f"measuring offloaded {v} experts ...", flush=True)
