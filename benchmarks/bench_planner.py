@@ -321,6 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_fmt(got['decode_tok_s'])} ({_fmt(row.get('decode_ratio'), 5)}x; median round "
                   f"{_fmt(got['decode_tok_s_median_round'])})  prefill {_fmt(pr and pr.prefill_tok_s)} -> "
                   f"{_fmt(got['prefill_tok_s'])}{q}{hits}", flush=True)
+        base_names = [n for n in configs if not n.startswith("#")]
+        if base_names:  # the check: the chosen plan against the best baseline, measured together
+            best = max(base_names, key=lambda n: timed[n]["decode_tok_s"])
+            speedup = timed["#1"]["decode_tok_s"] / timed[best]["decode_tok_s"]
+            rows.append({"budget": budget, "summary": True, "best_baseline": best, "chosen_over_best_baseline": speedup})
+            print(f"{budget / 1e6:9.1f} MB  chosen / best baseline ({best}): {speedup:.2f}x decode", flush=True)
+    ratios = [r["decode_ratio"] for r in rows if r.get("decode_ratio") is not None]
+    within = sum(abs(x - 1.0) <= 0.25 for x in ratios)
+    print(f"decode within 25% of its prediction: {within} of {len(ratios)} plans", flush=True)
     out = {"model": model_name, "real_shape": args.real_shape, "trace": trace.meta if trace is not None else None,
            "tokens": args.tokens, "rounds": args.rounds, "interleave": args.interleave,
            "statistic": "best round of decode tokens / summed decode step time (median round beside it)",
