@@ -175,7 +175,8 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     # and pay the host costs measured for offloaded layers of their precision (profile step 4)
     cached = 0.0 if offload is None else cached_fraction(sizes, profile, precisions[0], tier=offload.tier,
                                                          page_cache_bytes=page_cache_bytes)
-    hardware = profile.hardware(offloaded=offload is not None, precision=precisions[0], cached_fraction=cached)
+    host_key = precisions[0] if precisions[0] != FLOAT or kernel != "cpu" else "bf16/cpu"
+    hardware = profile.hardware(offloaded=offload is not None, precision=host_key, cached_fraction=cached)
     return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=costs, expert_bytes=moved)
 
 

@@ -136,11 +136,15 @@ def _resident_candidates(views: dict[int, Any], sizes: ModelSizes, profile: Mach
 
 def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Sequence[int], context: int,
                         precisions: Sequence[str], quality: QualityModel | None,
-                        max_loss: float) -> list[_Candidate]:
+                        max_loss: float, profile: MachineProfile | None = None) -> list[_Candidate]:
     """Step 4b: for each precision (float, or a preset within the quality budget), every slot the budget
-    leaves at that precision's stored expert size."""
+    leaves at that precision's stored expert size; float experts on a CPU fast tier also with the 'cpu'
+    kernel when the profile measured it (offloaded experts run 'reference' or 'cpu')."""
     out = []
     L = sizes.num_layers
+    float_kernels = ["reference"]
+    if device == "cpu" and profile is not None and "bf16/cpu" in profile.experts:
+        float_kernels.append("cpu")
     usable = [p for p in precisions
               if p == FLOAT or (quality is not None and quality.loss([p] * L) <= max_loss)]
     for B in batches:
@@ -155,7 +159,8 @@ def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Se
                     for assist in ((False, True) if device == "cuda" and p == FLOAT else (False,)):
                         off = PlanOffload(tier="disk" if device == "cpu" else "cpu", cache_experts=slots,
                                           scope="global", policy=policy, prefetch=prefetch, cpu_assist=assist)
-                        out.append(_Candidate((p,) * L, "reference", False, B, off))
+                        for kernel in (float_kernels if p == FLOAT and not assist else ["reference"]):
+                            out.append(_Candidate((p,) * L, kernel, False, B, off))
     return out
 
 
@@ -280,7 +285,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     cands = _resident_candidates(views, sizes, profile, quality, precisions, budget_bytes, max_quality_loss,
                                  batches, context)
     cands += _offload_candidates(sizes, device, budget_bytes, batches, context, precisions, quality,
-                                 max_quality_loss)
+                                 max_quality_loss, profile)
     cands = list(dict.fromkeys(cands))
     if not cands:
         floor = fixed_bytes(sizes, batch=1, context=context) + expert_bytes(sizes, FLOAT)

@@ -22,7 +22,8 @@ ever add time to a run, so the least is the machine's own cost and the median of
 4. host costs of offloading: the 3-layer model offloaded with every expert it uses cached, then
    with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
    load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy).
-   Measured for float experts and, on a CPU, again for each quantize preset of step 2 (`offload_host`):
+   Measured for float experts and, on a CPU, again for each quantize preset of step 2 and for float
+   experts on the 'cpu' kernel (`offload_host`, keys "int4", ..., "bf16/cpu"):
    offloaded quantized experts run one native call per cached expert on the slot's codes
    (moeinfer/offload/packed.py) where the resident layer runs one call for all its experts, so their
    visit costs more than a float one's; the figure is always offloaded-minus-resident at the same
@@ -368,11 +369,12 @@ def _quantized_(model: Any, precision: str) -> None:
 
 
 def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15,
-                    precision: str = "bf16") -> tuple[float, float]:
+                    precision: str = "bf16", kernel: str | None = None) -> tuple[float, float]:
     """Step 4: (offload_layer_s, load_latency_s) from one-token forwards of a 3-layer random model
     (12 experts, top-2) with its experts at `precision` (bf16 or a quantize preset) resident, offloaded
     with a cache that holds every expert it uses (all hits), and offloaded with 2 slots (every expert of
-    every layer a miss); offloaded quantized experts run kernel 'cpu' on a CPU, as `apply_plan_` sets it.
+    every layer a miss); offloaded quantized experts run kernel 'cpu' on a CPU, as `apply_plan_` sets it,
+    float ones `kernel` (None: the default, 'reference'), resident and offloaded alike.
     The three are timed in turn, each figure the least of its runs, so a change of load on the machine
     touches all three alike."""
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -384,11 +386,15 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15,
             m = _tiny_model(layers, device)
             if precision != "bf16":
                 _quantized_(m, precision)
+            elif kernel is not None:
+                use_kernel_(m, kernel)
             if cache is not None:
                 offload_(m, OffloadConfig(tier=tier, cache=cache, scope="global", policy="lru",
                                           offload_dir=f"{tmp}/{cache}"))
                 if precision != "bf16" and device.type == "cpu":
                     use_kernel_(m, "cpu")
+                elif kernel is not None:
+                    use_kernel_(m, kernel)
             models.append(m)
         best = [float("inf")] * 3
         with torch.inference_mode():
@@ -503,6 +509,8 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
             if progress:
                 print(f"measuring offloaded {v} experts ...", flush=True)
             offload_host[v] = OffloadHost(*measure_offload(dev, link_gbps, precision=v))
+    if "bf16/cpu" in rates:  # offloaded float experts on the CPU kernel, one call per cached expert
+        offload_host["bf16/cpu"] = OffloadHost(*measure_offload(dev, link_gbps, kernel="cpu"))
     host = _host_rates() if dev.type == "cuda" else (None, None)
     name, _ = _cpu_identity()
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
