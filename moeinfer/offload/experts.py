@@ -29,7 +29,7 @@ from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, combine, dispatch
 from moeinfer.offload.cache import ExpertCache, Load
 from moeinfer.offload.cpu_assist import CpuExperts
-from moeinfer.offload.packed import PackedFormat, native_expert_fn
+from moeinfer.offload.packed import PackedFormat, SlotViews, native_expert_fn
 from moeinfer.offload.prefetch import LayerContext, Prefetcher
 from moeinfer.offload.transfer import Handle
 from moeinfer.offload.visits import visit_of
@@ -65,6 +65,9 @@ class OffloadRuntime:
         S = cache.num_slots
         self.slot_gate_up = torch.empty(S, *gate_up_shape, dtype=dtype, device=device)  # [S, 2I, D]
         self.slot_down = torch.empty(S, *down_shape, dtype=dtype, device=device)  # [S, D, I]
+        # quantized slots on a CPU: each slot's views for the native kernels, made once
+        self.slot_views = (SlotViews(packed, self.slot_gate_up, self.slot_down)
+                           if packed is not None and device.type == "cpu" else None)
         self.pending: dict[int, Handle] = {}  # slot -> its latest load, until waited
         self.stats = RunStats()
         self.closed = False
@@ -173,7 +176,8 @@ class OffloadedExperts(nn.Module):
         each matrix dequantized from the slot's blob)."""
         packed = self.runtime.packed
         if packed is not None and self.kernel == "cpu" and x.device.type == "cpu":
-            native = native_expert_fn(packed, engine=self.cpu_engine, activations=self.cpu_activations)
+            native = native_expert_fn(packed, engine=self.cpu_engine, activations=self.cpu_activations,
+                                      slots=self.runtime.slot_views)
             if native is not None:
                 return native
         if packed is not None:

@@ -15,7 +15,9 @@ with gate_up (rows 2I, cols D) and down (rows D, cols I), scales and zeros in th
    offloaded layer gives exactly the resident layer's output (its `eager_forward`);
 4. or, with kernel "cpu" on a CPU fast tier (widths 4 and 8, native library built), through the native
    quantized kernels (moeinfer/kernels/quantized_cpu.py) reading the slot's codes in place, one expert
-   per call (`native_expert_fn`): equal to the resident native path up to fp32 summation order.
+   per call (`native_expert_fn`): equal to the resident native path up to fp32 summation order. Each
+   slot's views are made once (`SlotViews`): making six views per call had cost about as much as
+   the native call itself on a small model.
 """
 
 from __future__ import annotations
@@ -120,15 +122,43 @@ class _SlotExperts:
                 setattr(self, f"{name}{fmt.bits}_{m}", t[None])
 
 
-def native_expert_fn(fmt: PackedFormat, *, engine: str | None = None, activations: str | None = None) -> Any:
+class SlotViews:
+    """The fast tier's slots (gate_up [S, n_gu], down [S, n_d] uint8 blobs) as one-expert
+    `PackedExperts` views, made once: a load into a slot changes the bytes its views see, not the
+    views. Any other pair of blobs (a transient load) gets fresh views."""
+
+    def __init__(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        self.fmt = fmt
+        self.by_ptr: dict[int, tuple[int, _SlotExperts]] = {}
+        for s in range(gate_up.shape[0]):
+            view = _SlotExperts(fmt)
+            view.set_(fmt, gate_up[s], down[s])
+            self.by_ptr[gate_up[s].data_ptr()] = (down[s].data_ptr(), view)
+
+    def get(self, gate_up: torch.Tensor, down: torch.Tensor) -> _SlotExperts:
+        hit = self.by_ptr.get(gate_up.data_ptr())
+        if hit is not None and hit[0] == down.data_ptr():
+            return hit[1]
+        view = _SlotExperts(self.fmt)
+        view.set_(self.fmt, gate_up, down)
+        return view
+
+
+def native_expert_fn(fmt: PackedFormat, *, engine: str | None = None, activations: str | None = None,
+                     slots: SlotViews | None = None) -> Any:
     """Step 4: (x [n, D], gate_up blob, down blob) -> SwiGLU [n, D] on the native kernels, or None when
-    they cannot run this format here (the caller keeps the eager reference)."""
-    view = _SlotExperts(fmt)
-    if unsupported(view) is not None:
+    they cannot run this format here (the caller keeps the eager reference); `slots`: the views of the
+    runtime's slots, reused (else every call makes its own)."""
+    probe = _SlotExperts(fmt)
+    if unsupported(probe) is not None:
         return None
 
     def run(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        view.set_(fmt, gate_up, down)
+        if slots is not None:
+            view = slots.get(gate_up, down)
+        else:
+            view = probe
+            view.set_(fmt, gate_up, down)
         n = xs.shape[0]
         return quantized_moe_cpu(xs, torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1), view, engine=engine,
                                  activations=activations)

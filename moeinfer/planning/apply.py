@@ -5,9 +5,9 @@
    layers are left as they are);
 3. `offload_`: the plan's offload settings (a new temporary folder for a disk tier unless
    `offload_dir` is given);
-4. `use_kernel_`: the plan's kernel (float experts that stay resident run it; quantized and
-   offloaded experts run their own expert stage; offloaded quantized experts on a CPU run 'cpu':
-   the native quantized kernels on the cached codes where they are built);
+4. `use_kernel_`: the plan's kernel (float experts that stay resident run it, offloaded float
+   experts 'reference' or 'cpu'; quantized experts run their own expert stage; offloaded quantized
+   experts on a CPU run 'cpu': the native quantized kernels on the cached codes where they are built);
 5. `model.plan` records the plan, so a benchmark can set its predictions beside what it measures.
 """
 
@@ -53,6 +53,8 @@ def apply_plan_(model: Any, plan: Plan | str | os.PathLike[str], *, offload_dir:
     if plan.offload is None or plan.kernel in ("auto", "reference"):
         if any(type(b.experts).__name__ == "Experts" for b in blocks):
             use_kernel_(model, plan.kernel, fp32_weights=plan.fp32_weights)
+    if plan.offload is not None and plan.precisions[0] == FLOAT and plan.kernel == "cpu":
+        use_kernel_(model, "cpu")  # offloaded float experts run the CPU kernel on each cached expert
     if plan.offload is not None and plan.precisions[0] != FLOAT and model.device.type == "cpu":
         # offloaded codes run the native quantized kernels where built (else their eager reference), as
         # the resident preset the machine profile measured does

@@ -10,7 +10,11 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
 - an expert of layer l at precision p_l with t tokens: the fitted rate of that precision and kernel,
   expert_fixed_s + max(stored bytes / bytes_per_s, 6 D I t / flops_per_s), plus the experts
   module's call_s once per layer (charged with the dense part);
-- once per step: step_fixed_s + LM head bytes / memory read bandwidth.
+- once per step: step_fixed_s + LM head bytes / memory read bandwidth;
+- offloaded: each layer visit and each load pay the host costs the profile measured for offloaded
+  experts of the plan's precision (`MachineProfile.offload_costs`), on top of the resident rates;
+  a disk tier's misses are read from the page cache in the share of the store that fits in the
+  memory the plan leaves free (`cached_fraction`), at the profile's cached-read rate.
 A resident configuration is simulated with a cache that holds every expert (static placement, warm
 before the first step), so it reduces to the sum above; an offloaded one with the real policy,
 prefetcher and link. `layer_seconds` gives the same sum split per layer, which the search uses.
@@ -139,10 +143,25 @@ def layer_seconds(trace: Any, costs: MeasuredCosts) -> tuple[list[float], float]
     return per_layer, steps
 
 
+def cached_fraction(sizes: ModelSizes, profile: MachineProfile, precision: str, *, tier: str,
+                    page_cache_bytes: int) -> float:
+    """The share of a disk tier's misses the page cache serves: the memory a plan leaves free over the
+    store's bytes (every expert at `precision`), at most 1. The kernel keeps recently read pages; with
+    misses spread over the store, that share of them finds their pages cached (a first-order model:
+    a store that fits is read from RAM, as every run of the shipped model is)."""
+    if tier != "disk" or page_cache_bytes <= 0:
+        return 0.0
+    store = sizes.num_layers * sizes.num_experts * stored_expert_bytes(variant(precision, "reference", False),
+                                                                       sizes.hidden, sizes.inter, sizes.dtype_bytes)
+    return min(1.0, page_cache_bytes / store)
+
+
 def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precisions: Sequence[str], *,
-                  kernel: str, fp32_weights: bool = False, offload: Any = None) -> Any:
+                  kernel: str, fp32_weights: bool = False, offload: Any = None, page_cache_bytes: int = 0) -> Any:
     """The offload simulator's replay of `trace` under a configuration; `offload` = a PlanOffload or
-    None (every expert resident: a static cache of all L x E experts, warm before the first step)."""
+    None (every expert resident: a static cache of all L x E experts, warm before the first step);
+    `page_cache_bytes`: memory left free for the page cache (a disk tier's misses then partly read
+    from RAM, `cached_fraction`)."""
     costs = MeasuredCosts(sizes, profile, precisions, kernel=kernel, fp32_weights=fp32_weights)
     if offload is None:
         cfg = OffloadConfig(tier="cpu", cache=sizes.num_layers * sizes.num_experts, scope="global", policy="static",
@@ -153,9 +172,12 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     moved = None
     if offload is not None and precisions[0] != FLOAT:
         moved = int(costs.stored[0])
-    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=profile.hardware(offloaded=offload is not None),
-                    costs=costs,
-                    expert_bytes=moved)
+    # and pay the host costs measured for offloaded layers of their precision (profile step 4)
+    cached = 0.0 if offload is None else cached_fraction(sizes, profile, precisions[0], tier=offload.tier,
+                                                         page_cache_bytes=page_cache_bytes)
+    host_key = precisions[0] if precisions[0] != FLOAT or kernel != "cpu" else "bf16/cpu"
+    hardware = profile.hardware(offloaded=offload is not None, precision=host_key, cached_fraction=cached)
+    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=costs, expert_bytes=moved)
 
 
 def _all_experts_trace(sizes: ModelSizes) -> Any:

@@ -136,11 +136,15 @@ def _resident_candidates(views: dict[int, Any], sizes: ModelSizes, profile: Mach
 
 def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Sequence[int], context: int,
                         precisions: Sequence[str], quality: QualityModel | None,
-                        max_loss: float) -> list[_Candidate]:
+                        max_loss: float, profile: MachineProfile | None = None) -> list[_Candidate]:
     """Step 4b: for each precision (float, or a preset within the quality budget), every slot the budget
-    leaves at that precision's stored expert size."""
+    leaves at that precision's stored expert size; float experts on a CPU fast tier also with the 'cpu'
+    kernel when the profile measured it (offloaded experts run 'reference' or 'cpu')."""
     out = []
     L = sizes.num_layers
+    float_kernels = ["reference"]
+    if device == "cpu" and profile is not None and "bf16/cpu" in profile.experts:
+        float_kernels.append("cpu")
     usable = [p for p in precisions
               if p == FLOAT or (quality is not None and quality.loss([p] * L) <= max_loss)]
     for B in batches:
@@ -155,26 +159,31 @@ def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Se
                     for assist in ((False, True) if device == "cuda" and p == FLOAT else (False,)):
                         off = PlanOffload(tier="disk" if device == "cpu" else "cpu", cache_experts=slots,
                                           scope="global", policy=policy, prefetch=prefetch, cpu_assist=assist)
-                        out.append(_Candidate((p,) * L, "reference", False, B, off))
+                        for kernel in (float_kernels if p == FLOAT and not assist else ["reference"]):
+                            out.append(_Candidate((p,) * L, kernel, False, B, off))
     return out
 
 
 def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSizes, profile: MachineProfile,
-             quality: QualityModel | None, context: int) -> Prediction:
+             quality: QualityModel | None, context: int, free_bytes: int = 0) -> Prediction:
     """Step 5 (`views`: the decode trace per batch size; one object each, so the simulator's step
-    grouping is computed once)."""
+    grouping is computed once; `free_bytes`: memory free when planning, of which what the plan does not
+    take holds a disk tier's pages)."""
+    memory = _memory(sizes, c, context)
+    cache = max(0, free_bytes - memory)
     dec = simulate_plan(views[c.batch], sizes, profile, c.precisions, kernel=c.kernel,
-                        fp32_weights=c.fp32, offload=c.offload)
+                        fp32_weights=c.fp32, offload=c.offload, page_cache_bytes=cache)
     pre = simulate_plan(prefill, sizes, profile, c.precisions, kernel=c.kernel, fp32_weights=c.fp32,
-                        offload=c.offload)
+                        offload=c.offload, page_cache_bytes=cache)
     lossless = all(p == FLOAT for p in c.precisions)
     loss = 0.0 if lossless else (quality.loss(c.precisions) if quality is not None else None)
     bpb = None
     if quality is not None:
         bpb = quality.base_bpb + (0.0 if lossless else quality.delta_bpb(c.precisions))
     return Prediction(decode_tok_s=dec.tokens_per_s, prefill_tok_s=pre.tokens_per_s,
-                      memory_bytes=_memory(sizes, c, context), quality_loss=loss, bits_per_byte=bpb,
-                      step_ms=1e3 * dec.time_s / max(1, dec.steps))
+                      memory_bytes=memory, quality_loss=loss, bits_per_byte=bpb,
+                      step_ms=1e3 * dec.time_s / max(1, dec.steps),
+                      hit_rate=dec.hit_rate if c.offload is not None else None)
 
 
 def _load_for_measurement(path: Any, sizes: ModelSizes) -> Any:
@@ -228,10 +237,15 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
         sizes = sizes_from_checkpoint(model_or_path)
         name = os.fspath(model_or_path)
     context = min(context, sizes.max_context)
+    # memory free now, before anything is loaded to measure: what a plan leaves of it caches a disk tier
+    free_bytes = available_memory("cpu") if device == "cpu" else 0
     # 2. machine
     if profile is None:
         profile = machine_profile(device, variants=tuple(p for p in precisions if p != FLOAT), progress=progress)
     notes.append(f"machine profile {profile.key} ({profile.cpu}, {profile.threads} threads; {profile.measured})")
+    if profile.cached_link_gbps is not None and device == "cpu":
+        notes.append(f"{free_bytes / 1e9:.1f} GB free when planned: what a plan leaves of it holds a disk tier's "
+                     f"pages (read at {profile.cached_link_gbps:.1f} GB/s, the disk at {profile.link_gbps:.2f})")
     # 3. routing and quality
     wants_quality = quality is None and any(p != FLOAT for p in precisions)
     model = loaded
@@ -271,7 +285,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     cands = _resident_candidates(views, sizes, profile, quality, precisions, budget_bytes, max_quality_loss,
                                  batches, context)
     cands += _offload_candidates(sizes, device, budget_bytes, batches, context, precisions, quality,
-                                 max_quality_loss)
+                                 max_quality_loss, profile)
     cands = list(dict.fromkeys(cands))
     if not cands:
         floor = fixed_bytes(sizes, batch=1, context=context) + expert_bytes(sizes, FLOAT)
@@ -280,7 +294,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     # 5. predict and rank
     scored = []
     for c in cands:
-        pred = _predict(c, views, prefill_view, sizes, profile, quality, context)
+        pred = _predict(c, views, prefill_view, sizes, profile, quality, context, free_bytes)
         if pred.memory_bytes <= budget_bytes:
             scored.append((c, pred))
     scored.sort(key=lambda cp: (-cp[1].decode_tok_s, cp[1].memory_bytes))

@@ -3,7 +3,9 @@
 What is measured (about 10 s on a CPU; each figure the least of a few runs: other processes only
 ever add time to a run, so the least is the machine's own cost and the median of a busy machine is not):
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
-   simulate --calibrate` measures), pinned host-to-device copies on CUDA; memory read bandwidth
+   simulate --calibrate` measures) and reads of a file the page cache holds (`cached_link_gbps`: a
+   disk tier that fits in the memory a plan leaves free is read from RAM, not from the disk),
+   pinned host-to-device copies on CUDA; memory read bandwidth
    (a reduction over a 256 MiB tensor) and dense fp32 matmul rate (on CUDA: of the GPU, and of the
    host too, which prices CPU-assisted experts); the rate of a prefill-sized linear in fp32, bf16 and
    fp16 (the dense part and LM head run in the checkpoint's dtype: bf16 is several times slower
@@ -20,6 +22,12 @@ ever add time to a run, so the least is the machine's own cost and the median of
 4. host costs of offloading: the 3-layer model offloaded with every expert it uses cached, then
    with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
    load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy).
+   Measured for float experts and, on a CPU, again for each quantize preset of step 2 and for float
+   experts on the 'cpu' kernel (`offload_host`, keys "int4", ..., "bf16/cpu"):
+   offloaded quantized experts run one native call per cached expert on the slot's codes
+   (moeinfer/offload/packed.py) where the resident layer runs one call for all its experts, so their
+   visit costs more than a float one's; the figure is always offloaded-minus-resident at the same
+   precision, so it adds to the resident variant's rate without counting anything twice.
 The profile is keyed by device, CPU model and flags, thread count, torch version and the native CPU
 kernels' source stamp (none when they are not built or stale), and cached as
 JSON in the user cache folder (`$MOEINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/moeinfer`, else
@@ -55,8 +63,9 @@ from moeinfer.offload.apply import offload_
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 
-PROFILE_VERSION = 4  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
-# 4: host costs of offloaded layers and loads
+PROFILE_VERSION = 5  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+# 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
+# page-cached disk reads (cached_link_gbps)
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -71,6 +80,14 @@ class ExpertRate:
 
     def expert_s(self, nbytes: float, flops: float) -> float:
         return self.expert_fixed_s + max(nbytes / self.bytes_per_s, flops / self.flops_per_s)
+
+
+@dataclass(frozen=True)
+class OffloadHost:
+    """Host costs of an offloaded layer at one precision (step 4 of the module docstring)."""
+
+    layer_s: float  # per offloaded layer visit, beyond a resident layer of the same precision
+    load_latency_s: float  # per load, beyond its stored bytes over the link
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,10 @@ class MachineProfile:
     # beyond its bytes over the link (thread hand-off, store lookup, slot copy)
     offload_layer_s: float = 0.0
     load_latency_s: float = 0.0
+    # the same per quantize preset ("int4", ...): offloaded quantized layers (float: the two fields above)
+    offload_host: dict[str, OffloadHost] = field(default_factory=dict)
+    # CPU: GB/s of reads from a disk-tier file the page cache holds (None: not measured; a synthetic profile)
+    cached_link_gbps: float | None = None
     version: int = PROFILE_VERSION
 
     def matmul_rate(self, dtype: str) -> float:
@@ -111,13 +132,29 @@ class MachineProfile:
                              f"measured: {', '.join(sorted(self.experts))}")
         return self.experts[variant]
 
-    def hardware(self, *, offloaded: bool = False) -> Any:
+    def offload_costs(self, precision: str = "bf16") -> OffloadHost:
+        """Host costs of an offloaded layer whose experts are at `precision` (a quantize preset, or
+        "bf16"); a preset not measured (an older or synthetic profile) gets the float figures."""
+        return self.offload_host.get(precision, OffloadHost(self.offload_layer_s, self.load_latency_s))
+
+    def effective_link_gbps(self, cached_fraction: float = 0.0) -> float:
+        """The link's GB/s when `cached_fraction` of the bytes it moves come from the page cache (the
+        rest from the disk): time per byte blended, 1 / (f / cached + (1 - f) / cold)."""
+        f = min(1.0, max(0.0, cached_fraction))
+        if self.cached_link_gbps is None or f == 0.0:
+            return self.link_gbps
+        return 1.0 / (f / self.cached_link_gbps + (1.0 - f) / self.link_gbps)
+
+    def hardware(self, *, offloaded: bool = False, precision: str = "bf16", cached_fraction: float = 0.0) -> Any:
         """The offload simulator's HardwareProfile for this machine (its link and fallback rates); with
-        `offloaded`, the host costs of offloaded layers and loads too (the simulator charges them on
-        every visit, so a resident configuration is simulated without them)."""
-        extra = {"host_us_per_layer": 1e6 * self.offload_layer_s,
-                 "link_latency_us": 1e6 * self.load_latency_s} if offloaded else {}
-        return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=self.link_gbps, **extra,
+        `offloaded`, the host costs of offloaded layers and loads of experts at `precision` too (the
+        simulator charges them on every visit, so a resident configuration is simulated without them),
+        and a link of which `cached_fraction` is read from the page cache (`effective_link_gbps`)."""
+        host = self.offload_costs(precision)
+        extra = {"host_us_per_layer": 1e6 * host.layer_s,
+                 "link_latency_us": 1e6 * host.load_latency_s} if offloaded else {}
+        link = self.effective_link_gbps(cached_fraction) if offloaded else self.link_gbps
+        return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=link, **extra,
                                fast_mem_gbps=self.mem_read_gbps, compute_tflops=self.matmul_gflops / 1e3,
                                cpu_mem_gbps=self.host_mem_gbps or self.mem_read_gbps,
                                cpu_gflops=self.host_gflops or self.matmul_gflops, measured=True,
@@ -130,6 +167,7 @@ class MachineProfile:
     def from_dict(cls, d: dict[str, Any]) -> MachineProfile:
         d = dict(d)
         d["experts"] = {k: ExpertRate(**v) for k, v in d.get("experts", {}).items()}
+        d["offload_host"] = {k: OffloadHost(**v) for k, v in d.get("offload_host", {}).items()}
         return cls(**d)
 
 
@@ -217,13 +255,18 @@ def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) 
         ex = ex.to(device)
         use_kernel_(ex, kernel, fp32_weights=extra == "fp32")
         return ex
-    q = layer_quantizer(variant)
+    return _quantized_experts(variant, gate_up, down).to(device)
+
+
+def _quantized_experts(preset: str, gate_up: torch.Tensor, down: torch.Tensor) -> QuantizedExperts:
+    """Stacked float experts at quantize preset `preset`."""
+    q = layer_quantizer(preset)
     if q is None:
-        raise ValueError(f"expert variant {variant!r} is not a quantize preset")
+        raise ValueError(f"expert variant {preset!r} is not a quantize preset")
     # hqq (and "auto", which picks hqq or rtn) store the same layout and run the same kernel: rtn is instant
     algorithm = "rtn" if q.algorithm in ("hqq", "auto") else q.algorithm
-    return QuantizedExperts.from_float(gate_up, down, [q.bits] * E, group_size=q.group_size,
-                                       algorithm=algorithm).to(device)
+    return QuantizedExperts.from_float(gate_up, down, [q.bits] * gate_up.shape[0], group_size=q.group_size,
+                                       algorithm=algorithm)
 
 
 def stored_expert_bytes(variant: str, D: int, I: int, dtype_bytes: int = 2) -> float:
@@ -293,17 +336,24 @@ def _tiny_model(layers: int, device: torch.device) -> Any:
     return model.to(device=device, dtype=torch.bfloat16).eval()
 
 
-def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 9) -> tuple[float, float]:
-    """Step 3: (layer_fixed_s, step_fixed_s) from one-token forwards of 1- and 3-layer models."""
+def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 15) -> tuple[float, float]:
+    """Step 3: (layer_fixed_s, step_fixed_s) from one-token forwards of 1- and 3-layer models, timed
+    in turn (as `measure_offload`), each the least of its runs, so a change of load on the machine
+    touches both alike: the figure is their difference. (On a machine whose cores are all busy it
+    still moves: a profile is measured on an idle machine.)"""
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-    times = []
-    for layers in (1, 3):
-        m = _tiny_model(layers, device)
-
-        def fwd() -> None:
-            with torch.inference_mode():
+    models = [_tiny_model(layers, device) for layers in (1, 3)]
+    times = [float("inf")] * 2
+    with torch.inference_mode():
+        for m in models:  # warm-up
+            m(ids)
+        for _ in range(repeats):
+            for i, m in enumerate(models):
+                t0 = time.perf_counter()
                 m(ids)
-        times.append(_least(fwd, repeats, device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[i] = min(times[i], time.perf_counter() - t0)
     per_layer = max(0.0, (times[1] - times[0]) / 2)
     experts_part = rate.call_s + top_k * rate.expert_fixed_s  # the tiny layer's own expert stage
     layer_fixed = max(0.0, per_layer - experts_part)
@@ -311,11 +361,22 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     return layer_fixed, step_fixed
 
 
-def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15) -> tuple[float, float]:
+def _quantized_(model: Any, precision: str) -> None:
+    """Every MoE layer of `model` at quantize preset `precision`."""
+    for b in model.moe_blocks():
+        ex = b.experts
+        b.experts = _quantized_experts(precision, ex.gate_up_proj.data, ex.down_proj.data).to(ex.gate_up_proj.device)
+
+
+def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15,
+                    precision: str = "bf16", kernel: str | None = None) -> tuple[float, float]:
     """Step 4: (offload_layer_s, load_latency_s) from one-token forwards of a 3-layer random model
-    (12 experts, top-2) resident, offloaded with a cache that holds every expert it uses (all hits), and
-    offloaded with 2 slots (every expert of every layer a miss). The three are timed in turn, each
-    figure the least of its runs, so a change of load on the machine touches all three alike."""
+    (12 experts, top-2) with its experts at `precision` (bf16 or a quantize preset) resident, offloaded
+    with a cache that holds every expert it uses (all hits), and offloaded with 2 slots (every expert of
+    every layer a miss); offloaded quantized experts run kernel 'cpu' on a CPU, as `apply_plan_` sets it,
+    float ones `kernel` (None: the default, 'reference'), resident and offloaded alike.
+    The three are timed in turn, each figure the least of its runs, so a change of load on the machine
+    touches all three alike."""
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
     layers = 3
     tier = "disk" if device.type == "cpu" else "cpu"
@@ -323,9 +384,17 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15) -
         models = []
         for cache in (None, 11, 2):  # resident, all hits, all misses
             m = _tiny_model(layers, device)
+            if precision != "bf16":
+                _quantized_(m, precision)
+            elif kernel is not None:
+                use_kernel_(m, kernel)
             if cache is not None:
                 offload_(m, OffloadConfig(tier=tier, cache=cache, scope="global", policy="lru",
                                           offload_dir=f"{tmp}/{cache}"))
+                if precision != "bf16" and device.type == "cpu":
+                    use_kernel_(m, "cpu")
+                elif kernel is not None:
+                    use_kernel_(m, kernel)
             models.append(m)
         best = [float("inf")] * 3
         with torch.inference_mode():
@@ -344,7 +413,8 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15) -
             m.offload.close()
     resident, hits, misses = best
     layer_s = max(0.0, (hits - resident) / layers)
-    nbytes = 3 * 64 * 64 * 2  # one expert of the random model (D = I = 64, bf16)
+    # one expert of the random model (D = I = 64) as stored: bf16, or the preset's codes, scales and zeros
+    nbytes = stored_expert_bytes("bf16/reference" if precision == "bf16" else precision, 64, 64)
     per_load = (misses - hits) / loads if loads else 0.0
     return layer_s, max(0.0, per_load - nbytes / (link_gbps * 1e9))
 
@@ -375,6 +445,22 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
     return "disk", hw.link_gbps, read_gbps, hw.cpu_gflops
 
 
+def _cached_read_gbps(mib: int = 64) -> float:
+    """GB/s of `os.preadv` from a file the page cache holds (written, then read once), into one buffer:
+    what a disk-tier miss costs when the store's pages are cached."""
+    n = mib * 2**20
+    buf = torch.empty(n, dtype=torch.uint8)
+    with tempfile.TemporaryDirectory(prefix="moeinfer-profile-") as d:
+        path = Path(d) / "cached.bin"
+        path.write_bytes(memoryview(torch.randint(0, 255, (n,), dtype=torch.uint8).numpy()))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            s = _least(lambda: os.preadv(fd, [memoryview(buf.numpy())], 0), 5, torch.device("cpu"))
+        finally:
+            os.close(fd)
+    return n / s / 1e9
+
+
 def _dense_gflops(device: torch.device) -> dict[str, float]:
     """GFLOP/s of a prefill-sized linear ([64, 1024] x [1024, 4096]) in each of DENSE_DTYPES."""
     out = {}
@@ -402,10 +488,11 @@ def default_variants(device: str, precisions: tuple[str, ...] = ("int8", "int4")
 
 
 def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bool = False) -> MachineProfile:
-    """Measure this machine (steps 1-3 of the module docstring)."""
+    """Measure this machine (steps 1-4 of the module docstring)."""
     dev = torch.device(device)
     t0 = time.time()
     link, link_gbps, read_gbps, gflops = _link_gbps(dev)
+    cached_gbps = _cached_read_gbps() if dev.type == "cpu" else None
     wanted = tuple(dict.fromkeys(default_variants(device) + tuple(variants)))
     rates = {}
     for v in wanted:
@@ -415,12 +502,22 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
     dense = _dense_gflops(dev)
     offload_layer, load_latency = measure_offload(dev, link_gbps)
+    offload_host = {}
+    # offloaded quantized layers, on a CPU (on CUDA, not measured on a GPU yet: the float figures serve)
+    for v in wanted if dev.type == "cpu" else ():
+        if not v.startswith("bf16/"):  # a quantize preset
+            if progress:
+                print(f"measuring offloaded {v} experts ...", flush=True)
+            offload_host[v] = OffloadHost(*measure_offload(dev, link_gbps, precision=v))
+    if "bf16/cpu" in rates:  # offloaded float experts on the CPU kernel, one call per cached expert
+        offload_host["bf16/cpu"] = OffloadHost(*measure_offload(dev, link_gbps, kernel="cpu"))
     host = _host_rates() if dev.type == "cuda" else (None, None)
     name, _ = _cpu_identity()
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
                           torch_version=torch.__version__, link=link, link_gbps=link_gbps, mem_read_gbps=read_gbps,
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
                           host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
-                          offload_layer_s=offload_layer, load_latency_s=load_latency,
+                          offload_layer_s=offload_layer, load_latency_s=load_latency, offload_host=offload_host,
+                          cached_link_gbps=cached_gbps,
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
                                    f"load average {os.getloadavg()[0]:.2f}")

@@ -9,7 +9,8 @@ The cost model replays a routing trace (which experts each token uses, layer by 
    which the plan's notes say (real routing is skewed, which caches exploit: the prediction for a
    cache is then pessimistic).
 Views of one trace: `batched(trace, B)` runs B sequences in lockstep, one decode step per position;
-`prefill(trace)` runs each sequence's tokens in one step; `split` halves a trace by sequence.
+`prefill(trace)` runs each sequence's tokens in one step; `split` halves a trace by sequence;
+`layers(trace, ids)` keeps some MoE layers (a real 32-layer trace for a model cut to fewer layers).
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ def split(trace: RoutingTrace) -> tuple[RoutingTrace, RoutingTrace]:
         return trace, trace
     first = np.isin(trace.seq, seqs[: len(seqs) // 2])
     return _with(trace, first, None), _with(trace, ~first, None)
+
+
+def layers(trace: RoutingTrace, ids: list[int]) -> RoutingTrace:
+    """The trace's MoE layers `ids` (columns, in that order), renumbered 0..len(ids)-1: the routing of
+    a model cut to len(ids) layers, e.g. a random-weight Mixtral-shaped model with 2 layers replaying
+    two layers of the real Mixtral-8x7B routing."""
+    L = trace.num_layers
+    bad = [i for i in ids if not 0 <= i < L]
+    if not ids or bad:
+        raise ValueError(f"layers {list(ids)}: the trace has MoE layers 0..{L - 1}" + (f" (not {bad})" if bad else ""))
+    cols = np.asarray(ids, dtype=np.int64)
+    return RoutingTrace(experts=trace.experts[:, cols], weights=trace.weights[:, cols], seq=trace.seq, pos=trace.pos,
+                        is_prompt=trace.is_prompt, layers=np.arange(len(ids)), num_experts=trace.num_experts,
+                        logits=None, step=trace.step, meta={**trace.meta, "layers_kept": [int(i) for i in ids]})
 
 
 def uniform(*, num_layers: int, num_experts: int, top_k: int, sequences: int = 8, tokens: int = 32,

@@ -66,6 +66,7 @@ class Prediction:
     quality_loss: float | None  # predicted relative bits-per-byte increase (0.01 = 1%); None = not measured
     bits_per_byte: float | None = None  # predicted bits per byte on the calibration text
     step_ms: float = 0.0  # one decode step at the batch size
+    hit_rate: float | None = None  # decode: the simulated expert cache's hit rate (None: every expert resident)
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,41 @@ def test_offloaded_quantized_experts_on_the_native_kernels(precision, tmp_path, 
         assert calls  # the native path ran
     finally:
         model.offload.close()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_slot_views_made_once_give_the_same_outputs(precision, tmp_path, monkeypatch):
+    """Native offloaded experts reuse each slot's views (SlotViews): per-step logits equal (torch.equal)
+    to views made afresh on every call, through hits, misses, evictions and transient loads; the slots'
+    views are the ones used (no fresh view for a slot's blobs)."""
+    from native_helpers import native_ops
+
+    import moeinfer.offload.packed as packed_mod
+
+    native_ops()  # built if missing (a clear skip when this machine cannot build it)
+
+    def run(reuse: bool):
+        model = _quantized(precision)
+        offload_(model, OffloadConfig(tier="disk", offload_dir=tmp_path / f"{reuse}", cache=3, scope="layer"))
+        for b in model.moe_blocks():
+            b.experts.kernel = "cpu"
+        if not reuse:
+            model.offload.slot_views = None
+        try:
+            _, logits = generate_with_logits(model, PROMPT, NEW)
+            st = model.offload.cache.stats
+            assert st.hits > 0 and st.evictions > 0
+            return logits, model.offload.slot_views, st.transient_loads
+        finally:
+            model.offload.close()
+
+    fresh, _, _ = run(False)
+    made = []
+    real_set = packed_mod._SlotExperts.set_
+    monkeypatch.setattr(packed_mod._SlotExperts, "set_", lambda self, *a: (made.append(1), real_set(self, *a))[1])
+    reused, views, transient = run(True)
+    assert torch.equal(reused, fresh)
+    assert views is not None and len(views.by_ptr) == 3 * 3  # 3 slots per layer x 3 layers
+    # views made: once per slot, then only for the experts of a prefill that had no slot (transient
+    # buffers); every cached expert's call reused its slot's views
+    assert len(made) == 3 * 3 + transient

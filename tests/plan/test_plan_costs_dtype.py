@@ -61,3 +61,65 @@ def test_offloaded_layers_and_loads_pay_the_profiles_host_costs():
     res = [simulate_plan(tr, sizes, p, ["bf16"] * L, kernel="reference")
            for p in (base, replace(base, offload_layer_s=1e-3, load_latency_s=0.05))]
     assert res[0].time_s == res[1].time_s
+
+
+def test_offloaded_quantized_layers_pay_their_own_precisions_host_costs():
+    """An offloaded int4 plan is charged the host costs measured for offloaded int4 layers (one native
+    call per cached expert), a float one the float figures; a preset not measured falls back to those."""
+    from moeinfer.planning import PlanOffload
+    from moeinfer.planning import routing as routes
+    from moeinfer.planning.costs import simulate_plan
+    from moeinfer.planning.profile import OffloadHost
+
+    sizes = sizes_from_checkpoint("tiny")
+    L = sizes.num_layers
+    tr = routes.batched(routes.uniform(num_layers=L, num_experts=8, top_k=2, sequences=2, tokens=8), 1)
+    off = PlanOffload(tier="disk", cache_experts=10, policy="lru")
+    base = replace(synthetic_profile(), offload_layer_s=1e-4)
+    measured = replace(base, offload_host={"int4": OffloadHost(layer_s=2e-3, load_latency_s=0.0)})
+    assert measured.offload_costs("int4") == OffloadHost(2e-3, 0.0)
+    assert measured.offload_costs("int8") == measured.offload_costs("bf16") == OffloadHost(1e-4, 0.0)
+    q_plain = simulate_plan(tr, sizes, base, ["int4"] * L, kernel="reference", offload=off)
+    q_host = simulate_plan(tr, sizes, measured, ["int4"] * L, kernel="reference", offload=off)
+    # same cache decisions; every layer visit costs 2 ms - 0.1 ms more
+    assert q_host.cache == q_plain.cache
+    assert q_host.time_s - q_plain.time_s == pytest.approx(q_plain.steps * L * (2e-3 - 1e-4), rel=1e-9)
+    f_plain = simulate_plan(tr, sizes, base, ["bf16"] * L, kernel="reference", offload=off)
+    f_host = simulate_plan(tr, sizes, measured, ["bf16"] * L, kernel="reference", offload=off)
+    assert f_host.time_s == f_plain.time_s
+    back = MachineProfile.from_dict(measured.to_dict())
+    assert back == measured and back.offload_costs("int4") == OffloadHost(2e-3, 0.0)
+
+
+def test_a_disk_tier_the_page_cache_holds_is_read_at_the_cached_rate():
+    """cached_fraction = free memory over the store's bytes (at most 1); the link's time per byte is
+    blended between the cached-read and the cold-disk rates by it."""
+    from moeinfer.planning import PlanOffload
+    from moeinfer.planning import routing as routes
+    from moeinfer.planning.costs import cached_fraction, expert_bytes, simulate_plan
+
+    sizes = sizes_from_checkpoint("tiny")
+    L, E = sizes.num_layers, sizes.num_experts
+    store = L * E * expert_bytes(sizes, "bf16")
+    prof = replace(synthetic_profile(), cached_link_gbps=9.0)  # disk 1 GB/s
+    assert cached_fraction(sizes, prof, "bf16", tier="disk", page_cache_bytes=0) == 0.0
+    assert cached_fraction(sizes, prof, "bf16", tier="disk", page_cache_bytes=store // 4) == pytest.approx(0.25)
+    assert cached_fraction(sizes, prof, "bf16", tier="disk", page_cache_bytes=10 * store) == 1.0
+    assert cached_fraction(sizes, prof, "bf16", tier="cpu", page_cache_bytes=10 * store) == 0.0  # not a disk
+    int4_store = L * E * expert_bytes(sizes, "int4")
+    assert cached_fraction(sizes, prof, "int4", tier="disk", page_cache_bytes=int4_store // 2) == pytest.approx(0.5)
+    # half cached: 1 / (0.5 / 9 + 0.5 / 1) GB/s; no cached rate measured (an older profile): the disk's
+    assert prof.effective_link_gbps(0.5) == pytest.approx(1.0 / (0.5 / 9.0 + 0.5 / 1.0))
+    assert prof.effective_link_gbps(1.0) == pytest.approx(9.0)
+    assert synthetic_profile().effective_link_gbps(1.0) == 1.0
+    # the simulator moves the same bytes over a faster link: same cache, less time; 0 bytes: unchanged
+    tr = routes.batched(routes.uniform(num_layers=L, num_experts=E, top_k=2, sequences=2, tokens=8), 1)
+    off = PlanOffload(tier="disk", cache_experts=4, policy="lru")
+    cold = simulate_plan(tr, sizes, prof, ["bf16"] * L, kernel="reference", offload=off)
+    same = simulate_plan(tr, sizes, replace(prof, cached_link_gbps=None), ["bf16"] * L, kernel="reference",
+                         offload=off, page_cache_bytes=10 * store)
+    warm = simulate_plan(tr, sizes, prof, ["bf16"] * L, kernel="reference", offload=off, page_cache_bytes=10 * store)
+    assert same.time_s == cold.time_s
+    assert warm.cache == cold.cache and warm.bytes_moved == cold.bytes_moved and warm.time_s < cold.time_s
+    back = MachineProfile.from_dict(prof.to_dict())
+    assert back.cached_link_gbps == 9.0

@@ -62,10 +62,15 @@ def test_search_finds_int4_offloaded_when_it_is_the_optimum():
     assert p.offload.cache_experts == int(room // expert_bytes(sizes, "int4"))
     assert p.predicted.memory_bytes <= p.budget_bytes
     assert all(r.predicted.decode_tok_s < p.predicted.decode_tok_s for r in p.runners_up)
+    # the prediction carries the simulated cache's hit rate: what a benchmark compares with the live cache's
+    assert 0.0 < p.predicted.hit_rate < 1.0
+    assert Plan.from_dict(p.to_dict()).predicted.hit_rate == p.predicted.hit_rate
     # no loss allowed: the same budget offloads float experts, 10 slots
     exact = plan("tiny", fixed + room, profile=prof, quality=toy_quality(4), max_quality_loss=0.0)
     assert exact.precisions == ("bf16",) * 4 and exact.offload is not None and exact.offload.cache_experts == 8
     assert exact.predicted.decode_tok_s < p.predicted.decode_tok_s  # what made int4 offloaded the optimum
+    big = plan("tiny", 10**9, profile=prof, quality=toy_quality(4))
+    assert big.offload is None and big.predicted.hit_rate is None  # resident: no cache to predict
 
 
 def test_apply_plan_round_trip_of_a_quantized_offloaded_plan(tmp_path):

@@ -1,0 +1,81 @@
+"""benchmarks/bench_planner.py: its options (the shipped model interleaved; --real-shape measured in a
+row with its own defaults and trace folder) and the best-round statistic. Nothing here times anything."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_planner as bp  # noqa: E402
+
+
+def test_shipped_model_defaults_interleave_the_configurations():
+    a = bp.parse_args([])
+    assert (a.model, a.real_shape, a.tokens, a.rounds, a.runners, a.interleave) == ("tiny", None, 32, 9, 3, True)
+    assert a.traces is None
+    assert bp.parse_args(["--no-interleave", "--rounds", "4"]).interleave is False
+
+
+def test_real_shape_defaults_and_trace_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEINFER_MIXTRAL_TRACES", str(tmp_path))
+    a = bp.parse_args(["--real-shape", "mixtral"])
+    assert (a.real_shape, a.layers, a.tokens, a.rounds, a.runners, a.interleave) == ("mixtral", 2, 8, 3, 1, False)
+    assert a.traces == tmp_path
+    monkeypatch.delenv("MOEINFER_MIXTRAL_TRACES")
+    b = bp.parse_args(["--real-shape", "mixtral", "--tokens", "16", "--layers", "1"])
+    assert b.tokens == 16 and b.layers == 1
+    assert b.traces == ROOT.parent / "shared" / "data" / "traces" / "mixtral-8x7b-instruct"
+
+
+@pytest.mark.parametrize("argv", [["--real-shape", "gpt2"], ["--tokens", "1"], ["--rounds", "0"],
+                                  ["--real-shape", "mixtral", "--layers", "0"]])
+def test_bad_options_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        bp.parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_missing_trace_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(bp, "REAL_DIR", tmp_path)
+    (tmp_path / "mixtral-8x7b-2l").mkdir()
+    (tmp_path / "mixtral-8x7b-2l" / "config.json").write_text("{}")  # present: not built
+    with pytest.raises(SystemExit, match="humaneval_2_routing.jsonl"):
+        bp.real_shape_model("mixtral", layers=2, traces=tmp_path / "none")
+
+
+def test_best_round_and_median_round():
+    rounds = [{"decode_tok_s": 10.0, "prefill_tok_s": 100.0, "fastest_decode_step_tok_s": 12.0, "hit_rate": 0.5},
+              {"decode_tok_s": 30.0, "prefill_tok_s": 90.0, "fastest_decode_step_tok_s": 40.0, "hit_rate": 0.7},
+              {"decode_tok_s": 20.0, "prefill_tok_s": 80.0, "fastest_decode_step_tok_s": 25.0, "hit_rate": 0.6}]
+    s = bp.summarize(rounds)
+    assert (s["decode_tok_s"], s["decode_tok_s_median_round"]) == (30.0, 20.0)
+    assert (s["prefill_tok_s"], s["prefill_tok_s_median_round"]) == (100.0, 90.0)
+    assert s["decode_best_step_tok_s"] == 40.0 and s["hit_rate"] == pytest.approx(0.6)
+
+
+def test_interleaved_rounds_rotate_the_starting_configuration():
+    order: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def round(self, tokens: int) -> dict[str, float]:
+            order.append(self.name)
+            return {"decode_tok_s": 1.0, "prefill_tok_s": 1.0, "fastest_decode_step_tok_s": 1.0}
+
+        def close(self) -> None:
+            order.append(f"close {self.name}")
+
+    got = bp.time_configs({"a": "a", "b": "b", "c": "c"}, Fake, rounds=3, tokens=4, interleave=True)
+    assert order[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert sorted(order[9:]) == ["close a", "close b", "close c"]
+    assert set(got) == {"a", "b", "c"} and len(got["a"]["rounds"]) == 3
+    order.clear()
+    bp.time_configs({"a": "a", "b": "b"}, Fake, rounds=2, tokens=4, interleave=False)
+    assert order == ["a", "a", "close a", "b", "b", "close b"]
