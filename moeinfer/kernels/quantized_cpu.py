@@ -90,7 +90,10 @@ def decode_activations(activations: str | None, group_size: int) -> str:
 def read_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor | None:
     """`zeros`, or None where every zero-point is the midpoint 2^(bits-1) (the symmetric Q8_0/Q4_0
     storage): the native kernels then use the constant and do not read the zeros (4 of a Q4_0 block's
-    24 bytes). Checked once per tensor, bit width and version (the answer kept on the tensor)."""
+    24 bytes). Checked once per tensor, bit width and version (the answer kept on the tensor); an
+    inference-mode tensor has no version, so it is checked at every call."""
+    if zeros.is_inference():
+        return None if bool((zeros == float(1 << (bits - 1))).all()) else zeros
     key = (zeros._version, bits)
     seen = getattr(zeros, "_moeinfer_midpoint", None)
     if seen is None or seen[0] != key:

@@ -73,3 +73,8 @@ def test_read_zeros_drops_only_midpoints_and_sees_changes():
     assert read_zeros(z, 4) is z
     asym = quantize(torch.randn(8, 64), bits=4, group_size=32, algorithm="rtn").zero.float()
     assert read_zeros(asym, 4) is asym
+    with torch.inference_mode():  # no version counter: checked every time
+        _, _, zi = sym_matrix(4, 8, 64)
+        assert read_zeros(zi, 4) is None
+        zi[0, 0] = 3.0
+        assert read_zeros(zi, 4) is zi
