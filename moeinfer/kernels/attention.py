@@ -46,7 +46,7 @@ def use_cpu_attention_(model: nn.Module, *, engine: str | None = None) -> int:
         raise RuntimeError(f"use_cpu_attention_: native kernels unavailable: {why}")
     count = 0
     for module in model.modules():
-        if type(module) is Attention and module.q_proj.weight.device.type == "cpu":
+        if type(module) is Attention and next(module.parameters()).device.type == "cpu":
             module.__class__ = CpuAttention
             if engine is not None:
                 module.engine = engine

@@ -102,3 +102,22 @@ def test_use_kernel_linears_swaps_attention(tiny_fp32):
     native_ops()
     use_kernel_(tiny_fp32, "auto", linears=True)
     assert any(isinstance(m, CpuAttention) for m in tiny_fp32.modules())
+
+
+def test_use_kernel_linears_on_a_model_with_quantized_attention(tiny_fp32):
+    """The -all presets replace the attention projections by QuantizedLinear (no `weight`): the swap
+    still applies (alone and through use_kernel_) and decode matches the model without it."""
+    native_ops()
+    from moeinfer.compress import compress_
+
+    compress_(tiny_fp32, "q8_0-all")
+    fast = copy.deepcopy(tiny_fp32)
+    assert use_cpu_attention_(fast) > 0
+    with torch.no_grad():
+        want = decode_logits(tiny_fp32, list(range(5, 20)), 3)
+        got = decode_logits(fast, list(range(5, 20)), 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    restore_attention_(fast)
+    use_kernel_(fast, "auto", linears=True)
+    assert any(isinstance(m, CpuAttention) for m in fast.modules())
