@@ -92,9 +92,10 @@ def read_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor | None:
     storage): the native kernels then use the constant and do not read the zeros (4 of a Q4_0 block's
     24 bytes). Checked once per tensor, bit width and version (the answer kept on the tensor); an
     inference-mode tensor has no version, so it is checked at every call."""
-    if zeros.is_inference():
+    try:
+        key = (zeros._version, bits)
+    except RuntimeError:  # an inference tensor: no version counter
         return None if bool((zeros == float(1 << (bits - 1))).all()) else zeros
-    key = (zeros._version, bits)
     seen = getattr(zeros, "_moeinfer_midpoint", None)
     if seen is None or seen[0] != key:
         seen = (key, bool((zeros == float(1 << (bits - 1))).all()))
