@@ -234,17 +234,19 @@ def _token_intervals(run: Callable[[Callable[[], None]], Any], n: int) -> float:
     return statistics.median(gaps)
 
 
-def moeinfer_decode_rate(model: Any, prompt: list[int], n: int) -> float:
+def moeinfer_runner(model: Any, prompt: list[int], n: int) -> Callable[[Callable[[], None]], None]:
+    """`run(stamp)`: one greedy generation of n tokens by moeinfer, stamp() per new token."""
     import moeinfer
 
     def run(stamp: Callable[[], None]) -> None:
         moeinfer.generate(model, [prompt], max_new_tokens=n, ignore_eos=True, on_token=lambda b, t, d: stamp())
 
-    run(lambda: None)  # warm-up
-    return 1 / _token_intervals(run, n)
+    return run
 
 
-def transformers_decode_rate(hf: Any, ids: torch.Tensor, n: int, sync: Callable[[], None] = lambda: None) -> float:
+def transformers_runner(hf: Any, ids: torch.Tensor, n: int,
+                        sync: Callable[[], None] = lambda: None) -> Callable[[Callable[[], None]], None]:
+    """`run(stamp)`: one greedy `generate` of n tokens by transformers, stamp() per new token."""
     from transformers.generation.streamers import BaseStreamer
 
     class Stamps(BaseStreamer):
@@ -261,12 +263,44 @@ def transformers_decode_rate(hf: Any, ids: torch.Tensor, n: int, sync: Callable[
     def run(stamp: Callable[[], None]) -> None:
         hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=Stamps(stamp))
 
+    return run
+
+
+def moeinfer_decode_rate(model: Any, prompt: list[int], n: int) -> float:
+    run = moeinfer_runner(model, prompt, n)
+    run(lambda: None)  # warm-up
+    return 1 / _token_intervals(run, n)
+
+
+def transformers_decode_rate(hf: Any, ids: torch.Tensor, n: int, sync: Callable[[], None] = lambda: None) -> float:
+    run = transformers_runner(hf, ids, n, sync)
     run(lambda: None)
     return 1 / _token_intervals(run, n)
 
 
-def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
-    """moeinfer-tiny: batch-1 decode and a 512-token prefill, moeinfer kernels vs transformers."""
+def interleaved_rates(runs: dict[str, Callable[[Callable[[], None]], None]], n: int,
+                      rounds: int) -> dict[str, list[float]]:
+    """Decode tok/s of every configuration in `rounds` rounds, each round running every configuration
+    once (1 / median gap between tokens of one generation), the order rotated by one each round so
+    that no configuration always follows the same one: a slow spell of the machine then costs every
+    configuration alike instead of one."""
+    labels = list(runs)
+    for label in labels:
+        runs[label](lambda: None)  # warm-up
+    rates: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            rates[label].append(1 / _token_intervals(runs[label], n))
+    return rates
+
+
+def bench_cpu_model(threads: int, new_tokens: int, rounds: int = 5) -> list[dict[str, Any]]:
+    """moeinfer-tiny: batch-1 decode and a 512-token prefill, moeinfer kernels vs transformers.
+
+    Every configuration is a model of its own, all loaded together, and decode is measured in
+    interleaved rounds (`interleaved_rates`): decode_tok_s = the best round (the machine's least
+    disturbed moment, comparable across configurations measured in the same rounds), with the median
+    round beside it. Prefill: best of 5 forwards of 512 tokens per configuration."""
     import moeinfer
     from moeinfer.models import resolve_model_path
     from moeinfer.kernels import use_kernel_
@@ -277,24 +311,22 @@ def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
     prompt = list(range(10, 26))  # 16 prompt tokens
     g = torch.Generator().manual_seed(0)
     for dtype in ("bfloat16", "float32"):
-        model = moeinfer.load("tiny", dtype=dtype)
-        ctx = model.config.max_position_embeddings
-        prefill_ids = torch.randint(0, model.config.vocab_size, (512 // ctx, ctx), generator=g)  # 512 tokens
-        variants: list[tuple[str, Callable[[], Any]]] = [
-            ("moeinfer reference", lambda: use_kernel_(model, "reference")),
-            ("moeinfer cpu", lambda: use_kernel_(model, "cpu")),
+        setups: list[tuple[str, Callable[[Any], Any]]] = [
+            ("moeinfer reference", lambda m: use_kernel_(m, "reference")),
+            ("moeinfer cpu", lambda m: use_kernel_(m, "cpu")),
         ]
         if dtype != "float32":
-            variants.append(("moeinfer cpu, fp32 expert weights", lambda: use_kernel_(model, "cpu", fp32_weights=True)))
-        # last: the native dense path (bf16 linears, RMSNorms) stays on the model once applied
-        variants.append(("moeinfer cpu, native dense path", lambda: use_kernel_(model, "cpu", linears=True)))
-        for label, setup in variants:
-            setup()
-            with torch.no_grad():
-                dec = moeinfer_decode_rate(model, prompt, new_tokens)
-                pre = prefill_ids.numel() / time_fn(lambda: model(prefill_ids), torch.device("cpu"), warmup=1, reps=5)
-            rows.append(dict(dtype=dtype, system=label, decode_tok_s=dec, prefill_tok_s=pre))
-            print(f"  {dtype} {label}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s", flush=True)
+            setups.append(("moeinfer cpu, fp32 expert weights", lambda m: use_kernel_(m, "cpu", fp32_weights=True)))
+        setups.append(("moeinfer cpu, native dense path", lambda m: use_kernel_(m, "cpu", linears=True)))
+        models: dict[str, Any] = {}
+        for label, setup in setups:
+            models[label] = moeinfer.load("tiny", dtype=dtype, progress=False)
+            setup(models[label])
+        ctx = models[setups[0][0]].config.max_position_embeddings
+        vocab = models[setups[0][0]].config.vocab_size
+        prefill_ids = torch.randint(0, vocab, (512 // ctx, ctx), generator=g)  # 512 tokens
+        runs = {label: moeinfer_runner(m, prompt, new_tokens) for label, m in models.items()}
+        forwards = {label: (lambda m=m: m(prefill_ids)) for label, m in models.items()}
         from transformers import MixtralForCausalLM
 
         for impl in ("eager", "batched_mm", "grouped_mm"):
@@ -304,13 +336,17 @@ def bench_cpu_model(threads: int, new_tokens: int) -> list[dict[str, Any]]:
             except Exception as e:
                 print(f"  transformers {impl}: unavailable ({type(e).__name__}: {str(e)[:80]})")
                 continue
-            ids = torch.tensor([prompt])
-            with torch.no_grad():
-                dec = transformers_decode_rate(hf, ids, new_tokens)
-                pre = prefill_ids.numel() / time_fn(lambda: hf(prefill_ids, use_cache=False), torch.device("cpu"),
-                                                    warmup=1, reps=5)
-            rows.append(dict(dtype=dtype, system=f"transformers {impl}", decode_tok_s=dec, prefill_tok_s=pre))
-            print(f"  {dtype} transformers {impl}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s", flush=True)
+            runs[f"transformers {impl}"] = transformers_runner(hf, torch.tensor([prompt]), new_tokens)
+            forwards[f"transformers {impl}"] = lambda hf=hf: hf(prefill_ids, use_cache=False)
+        with torch.no_grad():
+            rates = interleaved_rates(runs, new_tokens, rounds)
+            for label in runs:
+                pre = prefill_ids.numel() / time_fn(forwards[label], torch.device("cpu"), warmup=1, reps=5)
+                dec, med = max(rates[label]), statistics.median(rates[label])
+                rows.append(dict(dtype=dtype, system=label, decode_tok_s=dec, decode_tok_s_median_round=med,
+                                 decode_rounds=rates[label], prefill_tok_s=pre))
+                print(f"  {dtype} {label}: decode {dec:.1f} tok/s (median round {med:.1f}), prefill {pre:.0f} tok/s",
+                      flush=True)
     return rows
 
 
@@ -378,15 +414,19 @@ def markdown(part: str, rows: list[dict[str, Any]]) -> str:
     """The rows as the markdown tables of docs/benchmarks.md, ratios against baselines of this run."""
     lines = []
     if part == "cpu-model":
-        lines += ["| dtype | system | decode tok/s | vs best transformers | prefill tok/s | vs best transformers |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += ["| dtype | system | decode tok/s (best round) | vs best transformers | decode, median round | "
+                  "vs best transformers | prefill tok/s | vs best transformers |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for dtype in dict.fromkeys(r["dtype"] for r in rows):
             group = [r for r in rows if r["dtype"] == dtype]
             hf = [r for r in group if r["system"].startswith("transformers")]
             best_dec = max((r["decode_tok_s"] for r in hf), default=float("nan"))
+            best_med = max((r.get("decode_tok_s_median_round", float("nan")) for r in hf), default=float("nan"))
             best_pre = max((r["prefill_tok_s"] for r in hf), default=float("nan"))
             for r in group:
+                med = r.get("decode_tok_s_median_round", float("nan"))
                 lines.append(f"| {dtype} | {r['system']} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / best_dec:.2f}x "
+                             f"| {med:.1f} | {med / best_med:.2f}x "
                              f"| {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / best_pre:.2f}x |")
     elif part == "layer":
         meta, data = rows[0], rows[1:]
@@ -416,6 +456,8 @@ def main() -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="CPU timings: wall time, or process CPU time (use with --threads 1 on a shared machine)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds of --part cpu-model (best "
+                   "round reported, median beside it)")
     p.add_argument("--tokens", type=int, nargs="*", help="token counts for --part layer")
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/moe_<part>_<device>.json)")
     args = p.parse_args()
@@ -434,7 +476,7 @@ def main() -> None:
         tokens = tuple(args.tokens or (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS))
         rows = bench_layer(device, getattr(torch, args.dtype), tokens, scale)
     elif args.part == "cpu-model":
-        rows = bench_cpu_model(args.threads, args.new_tokens)
+        rows = bench_cpu_model(args.threads, args.new_tokens, args.rounds)
     else:
         rows = bench_e2e(device, args.new_tokens)
     env["load_average_after"] = load_average()
