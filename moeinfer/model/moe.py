@@ -91,8 +91,11 @@ def select(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = 
     indices = choice.topk(k, dim=-1).indices  # [N, K]
     weights = scores.gather(1, indices)
     if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if cfg.score_func == "sigmoid" else 0.0))
-    return Routing(indices=indices, weights=weights * cfg.scaling, logits=logits, rerouted=rerouted)
+        total = weights.sum(-1, keepdim=True)
+        weights = weights / (total + 1e-20 if cfg.score_func == "sigmoid" else total)
+    # (adding 0.0 to a positive sum, or scaling by 1.0, changes no bit: those ops are skipped)
+    return Routing(indices=indices, weights=weights * cfg.scaling if cfg.scaling != 1.0 else weights, logits=logits,
+                   rerouted=rerouted)
 
 
 def dispatch(indices: torch.Tensor, num_experts: int) -> Dispatch:
