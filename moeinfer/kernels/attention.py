@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moeinfer.kernels import native
+from moeinfer.kernels.swap import swap_in_, swap_out_
 from moeinfer.model.attention import Attention
 
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -41,25 +42,10 @@ class CpuAttention(Attention):
 def use_cpu_attention_(model: nn.Module, *, engine: str | None = None) -> int:
     """Turn every CPU Attention of `model` into a CpuAttention, in place; returns how many.
     RuntimeError naming the reason when the native library is unavailable."""
-    why = native.unavailable_reason()
-    if why is not None:
-        raise RuntimeError(f"use_cpu_attention_: native kernels unavailable: {why}")
-    count = 0
-    for module in model.modules():
-        if type(module) is Attention and next(module.parameters()).device.type == "cpu":
-            module.__class__ = CpuAttention
-            if engine is not None:
-                module.engine = engine
-            count += 1
-    return count
+    return swap_in_(model, Attention, CpuAttention, "use_cpu_attention_", engine=engine,
+                    eligible=lambda m: next(m.parameters()).device.type == "cpu")
 
 
 def restore_attention_(model: nn.Module) -> int:
     """Undo `use_cpu_attention_`; returns how many modules changed back."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, CpuAttention):
-            module.__dict__.pop("engine", None)
-            module.__class__ = Attention
-            count += 1
-    return count
+    return swap_out_(model, CpuAttention, Attention)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeinfer.kernels import native
+from moeinfer.kernels.swap import swap_in_, swap_out_
 from moeinfer.kernels.cpu import slow_half_matmul
 
 # Rows from which path 3 (widen + fp32 GEMM) replaces path 2 (row product), and the fp32 bytes of a
@@ -85,27 +86,10 @@ def use_cpu_linears_(model: nn.Module, *, engine: str | None = None) -> int:
 
     Raises RuntimeError naming the reason when the native library is unavailable, ValueError when
     `engine` names a variant this CPU cannot run."""
-    why = native.unavailable_reason()
-    if why is not None:
-        raise RuntimeError(f"use_cpu_linears_: native kernels unavailable: {why}")
-    if engine is not None:
-        native.resolve_variant(engine)
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.bfloat16:
-            module.__class__ = CpuLinear
-            count += 1
-        if isinstance(module, CpuLinear):
-            module.engine = engine
-    return count
+    return swap_in_(model, nn.Linear, CpuLinear, "use_cpu_linears_", engine=engine,
+                    eligible=lambda m: m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16)
 
 
 def restore_linears_(model: nn.Module) -> int:
     """Undo `use_cpu_linears_`: CpuLinear modules become plain nn.Linear again; returns how many."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, CpuLinear):
-            module.__class__ = nn.Linear
-            module.__dict__.pop("engine", None)
-            count += 1
-    return count
+    return swap_out_(model, CpuLinear, nn.Linear)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moeinfer.kernels import native
+from moeinfer.kernels.swap import swap_in_, swap_out_
 from moeinfer.model.norm import RMSNorm
 
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -34,22 +35,9 @@ class CpuRMSNorm(RMSNorm):
 def use_cpu_norms_(model: nn.Module) -> int:
     """Turn every CPU RMSNorm of `model` into a CpuRMSNorm, in place; returns how many.
     RuntimeError naming the reason when the native library is unavailable."""
-    why = native.unavailable_reason()
-    if why is not None:
-        raise RuntimeError(f"use_cpu_norms_: native kernels unavailable: {why}")
-    count = 0
-    for module in model.modules():
-        if type(module) is RMSNorm and module.weight.device.type == "cpu":
-            module.__class__ = CpuRMSNorm
-            count += 1
-    return count
+    return swap_in_(model, RMSNorm, CpuRMSNorm, "use_cpu_norms_", eligible=lambda m: m.weight.device.type == "cpu")
 
 
 def restore_norms_(model: nn.Module) -> int:
     """Undo `use_cpu_norms_`; returns how many modules changed back."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, CpuRMSNorm):
-            module.__class__ = RMSNorm
-            count += 1
-    return count
+    return swap_out_(model, CpuRMSNorm, RMSNorm)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moeinfer.kernels import native
+from moeinfer.kernels.swap import swap_in_, swap_out_
 from moeinfer.model.rope import RotaryEmbedding
 
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -38,22 +39,9 @@ class CpuRotaryEmbedding(RotaryEmbedding):
 def use_cpu_rope_(model: nn.Module) -> int:
     """Turn every RotaryEmbedding of `model` into a CpuRotaryEmbedding, in place; returns how many.
     RuntimeError naming the reason when the native library is unavailable."""
-    why = native.unavailable_reason()
-    if why is not None:
-        raise RuntimeError(f"use_cpu_rope_: native kernels unavailable: {why}")
-    count = 0
-    for module in model.modules():
-        if type(module) is RotaryEmbedding:
-            module.__class__ = CpuRotaryEmbedding
-            count += 1
-    return count
+    return swap_in_(model, RotaryEmbedding, CpuRotaryEmbedding, "use_cpu_rope_")
 
 
 def restore_rope_(model: nn.Module) -> int:
     """Undo `use_cpu_rope_`; returns how many modules changed back."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, CpuRotaryEmbedding):
-            module.__class__ = RotaryEmbedding
-            count += 1
-    return count
+    return swap_out_(model, CpuRotaryEmbedding, RotaryEmbedding)
