@@ -242,6 +242,25 @@ def _least(fn: Any, repeats: int, device: torch.device) -> float:
     return min(times)
 
 
+def _least_in_turn(models: list[Any], ids: torch.Tensor, repeats: int, device: torch.device, *,
+                   warm_up: bool = True) -> list[float]:
+    """The least wall time of a forward of each model on `ids`, the models timed in turn (after one
+    warm-up forward each unless `warm_up` is False: the caller did it), so a change of load on the
+    machine touches them alike."""
+    best = [float("inf")] * len(models)
+    with torch.inference_mode():
+        for m in models if warm_up else ():
+            m(ids)
+        for _ in range(repeats):
+            for i, m in enumerate(models):
+                t0 = time.perf_counter()
+                m(ids)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
 def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
     """An experts module of this variant ("bf16/<kernel>[+fp32]" or a quantize preset name)."""
     g = torch.Generator().manual_seed(0)
@@ -343,17 +362,7 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     still moves: a profile is measured on an idle machine.)"""
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
     models = [_tiny_model(layers, device) for layers in (1, 3)]
-    times = [float("inf")] * 2
-    with torch.inference_mode():
-        for m in models:  # warm-up
-            m(ids)
-        for _ in range(repeats):
-            for i, m in enumerate(models):
-                t0 = time.perf_counter()
-                m(ids)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[i] = min(times[i], time.perf_counter() - t0)
+    times = _least_in_turn(models, ids, repeats, device)
     per_layer = max(0.0, (times[1] - times[0]) / 2)
     experts_part = rate.call_s + top_k * rate.expert_fixed_s  # the tiny layer's own expert stage
     layer_fixed = max(0.0, per_layer - experts_part)
@@ -396,18 +405,11 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15,
                 elif kernel is not None:
                     use_kernel_(m, kernel)
             models.append(m)
-        best = [float("inf")] * 3
         with torch.inference_mode():
             for m in models:  # warm-up
                 m(ids)
-            loads0 = models[2].offload.cache.stats.demand_loads
-            for _ in range(repeats):
-                for i, m in enumerate(models):
-                    t0 = time.perf_counter()
-                    m(ids)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    best[i] = min(best[i], time.perf_counter() - t0)
+        loads0 = models[2].offload.cache.stats.demand_loads
+        best = _least_in_turn(models, ids, repeats, device, warm_up=False)
         loads = (models[2].offload.cache.stats.demand_loads - loads0) / repeats
         for m in models[1:]:
             m.offload.close()
