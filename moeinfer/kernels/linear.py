@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeinfer.kernels import native
-from moeinfer.kernels.swap import swap_in_, swap_out_
 from moeinfer.kernels.cpu import slow_half_matmul
+from moeinfer.kernels.swap import swap_in_, swap_out_
 
 # Rows from which path 3 (widen + fp32 GEMM) replaces path 2 (row product), and the fp32 bytes of a
 # widened weight slice.
