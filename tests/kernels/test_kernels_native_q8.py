@@ -28,7 +28,7 @@ from moeinfer.kernels.quantized_cpu import decode_activations, quantized_moe_cpu
 from native_helpers import force_expert_path, native_ops, require, variant_params
 from test_kernels_native import close, quantized_problem, routing
 
-COLS = [36, 64, 160, 200, 2048]  # a partial block, whole blocks, partial groups of 128, a model's width
+COLS = [36, 64, 96, 160, 200, 2048]  # a partial block, whole blocks (paired, one unpaired), partial groups of 128, a model's width
 
 
 def test_activation_quantization_is_bit_exact():
@@ -72,7 +72,7 @@ def codes_problem(bits: int, gs: int, cols: int, *, rows: int = 24, seed: int = 
 
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("gs", [32, 128])
+@pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("cols", COLS)
 def test_row_kernels_match_the_reference(variant, bits, gs, cols):
     ops = native_ops()

@@ -34,12 +34,14 @@ constexpr int64_t QBLOCK = 32;
 
 // One vector quantized to int8 blocks (see above). q: cols rounded up to whole blocks, zero-padded;
 // q4: the same codes nibble-ordered per block (the 16 even columns, then the 16 odd ones), for
-// 4-bit rows; d: one scale per block; gsum: xsum_g per weight group.
+// 4-bit rows; q4p: nibble-ordered per pair of blocks (`pair_order`), for row kernels that unpack two
+// blocks of codes at once; d: one scale per block; gsum: xsum_g per weight group.
 struct Q8Act {
   const int8_t* q;
   const int8_t* q4;
   const float* d;
   const float* gsum;
+  const int8_t* q4p;
 };
 
 // N activation rows quantized as Q8Act, each row's arrays at a fixed stride: codes (and nibble-ordered
@@ -50,10 +52,27 @@ struct Q8Rows {
   const float* d;
   const float* gsum;
   int64_t n, nb, G;
+  const int8_t* q4p;
   Q8Act row(int64_t j) const {
-    return {q + j * nb * QBLOCK, q4 + j * nb * QBLOCK, d + j * nb, gsum + j * G};
+    return {q + j * nb * QBLOCK, q4 + j * nb * QBLOCK, d + j * nb, gsum + j * G, q4p + j * nb * QBLOCK};
   }
 };
+
+// The codes of the `nb` whole blocks of q nibble-ordered per pair of blocks, for 4-bit rows unpacked 32 bytes
+// (two blocks) at a time: 32 packed bytes give the low nibbles of blocks 2p and 2p+1 (their even
+// columns) in one register and the high nibbles (odd columns) in another, so out holds, per 64
+// columns, block 2p's 16 even columns, block 2p+1's 16 even ones, then the odd ones of each. A last
+// unpaired block is ordered as q4 (its 16 even columns, then its 16 odd ones).
+inline void pair_order(const int8_t* q, int64_t nb, int8_t* out) {
+  const int64_t H = QBLOCK / 2;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* qb = q + b * QBLOCK;
+    const bool paired = (b | 1) < nb;
+    int8_t* even = out + (b & ~int64_t(1)) * QBLOCK + (paired ? (b & 1) * H : 0);
+    int8_t* odd = paired ? even + QBLOCK : even + H;
+    for (int64_t l = 0; l < H; ++l) even[l] = qb[2 * l], odd[l] = qb[2 * l + 1];
+  }
+}
 
 // A packed matrix (one expert's, or a linear's): row r's codes at q + r * P, scales/zeros at s/z + r * G.
 struct QRows {

@@ -207,7 +207,7 @@ QMat qmat(const at::Tensor& q, const at::Tensor& s, const Zeros& z, int64_t rows
 // Activation rows quantized to int8 blocks (kern.h, Q8Act / Q8Rows), each row with its group sums and,
 // for 4-bit weights, its nibble-ordered copy: built once, read by every weight row.
 struct Q8Buf {
-  std::vector<int8_t> q, q4;
+  std::vector<int8_t> q, q4, q4p;
   std::vector<float> d, gsum;
   int64_t n, cols, gs, nb, G;
   bool nibbles;
@@ -215,6 +215,7 @@ struct Q8Buf {
       : n(n_), cols(cols_), gs(gs_), nb((cols_ + QBLOCK - 1) / QBLOCK), G(num_groups(cols_, gs_)), nibbles(bits == 4) {
     q.resize(n * nb * QBLOCK);
     q4.resize(nibbles ? q.size() : 0);
+    q4p.resize(nibbles ? q.size() : 0);
     d.resize(n * nb);
     gsum.resize(n * G);
   }
@@ -237,19 +238,25 @@ struct Q8Buf {
           pj[c + l] = qj[c + 2 * l];
           pj[c + QBLOCK / 2 + l] = qj[c + 2 * l + 1];
         }
+      pair_order(qj, cols / QBLOCK, q4p.data() + j * nb * QBLOCK);  // a partial block: scalar tails
     }
   }
   // row j = row `from` of `src` (same columns, groups and bits)
   void copy_row(int64_t j, const Q8Buf& src, int64_t from) {
     const int64_t w = nb * QBLOCK;
     std::copy_n(src.q.data() + from * w, w, q.data() + j * w);
-    if (nibbles) std::copy_n(src.q4.data() + from * w, w, q4.data() + j * w);
+    if (nibbles) {
+      std::copy_n(src.q4.data() + from * w, w, q4.data() + j * w);
+      std::copy_n(src.q4p.data() + from * w, w, q4p.data() + j * w);
+    }
     std::copy_n(src.d.data() + from * nb, nb, d.data() + j * nb);
     std::copy_n(src.gsum.data() + from * G, G, gsum.data() + j * G);
   }
   Q8Rows rows(int64_t j0, int64_t count) const {
     const int8_t* p4 = nibbles ? q4.data() : q.data();
-    return {q.data() + j0 * nb * QBLOCK, p4 + j0 * nb * QBLOCK, d.data() + j0 * nb, gsum.data() + j0 * G, count, nb, G};
+    const int8_t* pp = nibbles ? q4p.data() : q.data();
+    return {q.data() + j0 * nb * QBLOCK, p4 + j0 * nb * QBLOCK, d.data() + j0 * nb, gsum.data() + j0 * G, count, nb, G,
+            pp + j0 * nb * QBLOCK};
   }
   Q8Act act(int64_t j) const { return rows(j, 1).row(0); }
 };
