@@ -258,8 +258,8 @@ float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x,
 // scale and the RN activation scales in the 16 ymm registers.
 constexpr int GEMM_RM = MOEINFER_GEMM_RM, GEMM_RN = MOEINFER_GEMM_RN;
 
-// One tile: out[i][j] = row i of `w` (pointers wq/ws/wz) . activation row j0 + j. Per full block: each
-// weight row's codes unpacked once (4-bit: the 32 nibbles; 8-bit: centred v and |v|, as dot_centred),
+// One tile: out[i][j] = row i of `w` (pointers wq/ws/wz) . activation row j0 + j. Per full block (4-bit:
+// per pair of them, as qrow4_q8): each weight row's codes unpacked once (8-bit: centred v and |v|, as dot_centred),
 // then one integer product per activation row, scaled by d_b * s_g; then the partial last block (scalar)
 // and the zero-point terms, as the row kernels.
 template <int RM, int RN, bool Q4>
@@ -275,8 +275,40 @@ inline void gemm_tile(const uint8_t* const* wq, const float* const* ws, const fl
   for (int i = 0; i < RM; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
-  int64_t g = 0, left = bpg;
-  for (int64_t b = 0; b < nfull; ++b) {
+  int64_t g = 0, left = bpg, b = 0;
+  if constexpr (Q4) {
+    // two blocks at a time, as qrow4_q8: each weight row's 32 packed bytes unpacked once against the
+    // pair-ordered activation rows, lanes 0-3 of every product block b's and lanes 4-7 block b + 1's
+    const int8_t* xp = x.q4p + j0 * xs;
+    for (; b + 2 <= nfull; b += 2) {
+      const int64_t g0 = g;
+      if (--left == 0) ++g, left = bpg;
+      const int64_t g1 = g;
+      if (--left == 0) ++g, left = bpg;
+      __m256 dx[RN];
+#pragma GCC unroll 8
+      for (int j = 0; j < RN; ++j)
+        dx[j] = _mm256_set_m128(_mm_broadcast_ss(xd + j * nb + b + 1), _mm_broadcast_ss(xd + j * nb + b));
+#pragma GCC unroll 8
+      for (int i = 0; i < RM; ++i) {
+        const uint8_t* wb = wq[i] + b * QBLOCK / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(wb) + PREFETCH, _MM_HINT_T0);
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+        const __m256i lo = _mm256_and_si256(raw, m), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
+        const __m256 si = _mm256_set_m128(_mm_broadcast_ss(ws[i] + g1), _mm_broadcast_ss(ws[i] + g0));
+#pragma GCC unroll 8
+        for (int j = 0; j < RN; ++j) {
+          const int8_t* xj = xp + j * xs + b * QBLOCK;
+          const __m256i p = _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xj))),
+              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xj + QBLOCK))));
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(si, dx[j]),
+                                      acc[i][j]);
+        }
+      }
+    }
+  }
+  for (; b < nfull; ++b) {  // 8-bit codes; for 4-bit codes an unpaired last whole block
     __m256 dx[RN];
 #pragma GCC unroll 8
     for (int j = 0; j < RN; ++j) dx[j] = _mm256_broadcast_ss(xd + j * nb + b);
