@@ -49,11 +49,12 @@ def q8_ref(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("cols", [36, 200, 256], ids=["partial-block", "partial-group", "aligned"])
+@pytest.mark.parametrize("cols", [36, 96, 200, 256], ids=["partial-block", "odd-blocks", "partial-group", "aligned"])
 @pytest.mark.parametrize("N", [1, 3, 8, 9, 17, 64])
 def test_gemm_q_matches_the_reference(variant, bits, gs, cols, N):
     """O = 50: two work items of 24 rows and a partial one, a partial tile of rows; N: partial tiles of
-    activation rows; cols: a partial last block, a partial last group, whole groups."""
+    activation rows; cols: a partial last block, an odd number of whole blocks (4-bit codes go two
+    blocks at a time, the last one alone), a partial last group, whole groups."""
     ops = native_ops()
     require(variant)
     q, s, z, W = matrix(bits, gs, 50, cols)
