@@ -112,6 +112,20 @@ def test_one_row_is_the_row_kernel(variant, bits, activations):
 
 
 @pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiles_do_not_change_any_sum(variant, bits):
+    """Activation rows 2..9 go through different tile widths (3+3+3, 3+2+2, 2+2, ...): every output
+    element is one tile's, accumulated in block order whatever the width, so the rows are bit-equal."""
+    ops = native_ops()
+    require(variant)
+    q, s, z, _ = matrix(bits, 32, 30, 96)
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(2))
+    full = ops.gemm_q(x, q, s, z, bits, 32, variant, "q8")
+    for n in range(2, 9):
+        assert torch.equal(ops.gemm_q(x[:n], q, s, z, bits, 32, variant, "q8"), full[:n]), n
+
+
+@pytest.mark.parametrize("variant", variant_params())
 def test_bias_bf16_rows_and_strided_weights(variant):
     ops = native_ops()
     require(variant)

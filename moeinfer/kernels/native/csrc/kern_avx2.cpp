@@ -360,7 +360,9 @@ inline void gemm_tiles(const uint8_t* const* wq, const float* const* ws, const f
                        const Q8Rows& x, int64_t j, int64_t j1, int64_t cols, int64_t gs, float* y, int64_t ldy,
                        int64_t r) {
   float out[GEMM_RM][GEMM_RN];
-  for (; j + RN <= j1; j += RN) {
+  // RN + 1 rows left go as two narrower tiles rather than a full one and a single row (whose weight
+  // unpacking would serve one row); tiles do not change any sum, each element being one tile's
+  for (; j + RN <= j1 && !(RN > 2 && j1 - j == RN + 1); j += RN) {
     gemm_tile<GEMM_RM, RN, Q4>(wq, ws, wz, x, j, cols, gs, out);
     for (int jj = 0; jj < RN; ++jj)
       for (int i = 0; i < rows; ++i) y[(j + jj) * ldy + r + i] = out[i][jj];
