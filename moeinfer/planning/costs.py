@@ -5,12 +5,17 @@ Shapes: L MoE layers, E experts per layer, K top-k, D hidden, I expert inner siz
 Time comes from the offload simulator's clock (`moeinfer.offload.simulator.simulate`, the engine of
 `moeinfer simulate`), fed with `MeasuredCosts`, which prices each piece of a step from the machine
 profile (moeinfer.planning.profile) instead of from datasheet rates:
-- the dense part of a MoE layer (attention, norms, router): layer_fixed_s + dense bytes / memory
-  read bandwidth (or its matmul flops / the matmul rate in the checkpoint's dtype, whichever is larger);
+- the dense part of a MoE layer (attention, norms, router), on the dense path a planned model runs
+  (moeinfer/planning/dense.py): layer_fixed_s + dense bytes / that path's one-token read rate
+  (`MachineProfile.dense_read_rate`) or its matmul flops / its matmul rate in the checkpoint's dtype,
+  whichever is larger;
 - an expert of layer l at precision p_l with t tokens: the fitted rate of that precision and kernel,
   expert_fixed_s + max(stored bytes / bytes_per_s, 6 D I t / flops_per_s), plus the experts
-  module's call_s once per layer (charged with the dense part);
-- once per step: step_fixed_s + LM head bytes / memory read bandwidth;
+  module's call_s once per layer (charged with the dense part); bytes_per_s is the rate of weights
+  streamed from memory (`stream_bytes_per_s`) when the weights a decode step reads (dense part, LM
+  head, top-k experts of every layer) do not fit in the last-level cache (`MachineProfile.streams`),
+  else the in-cache one;
+- once per step: step_fixed_s + the LM head likewise;
 - offloaded: each layer visit and each load pay the host costs the profile measured for offloaded
   experts of the plan's precision (`MachineProfile.offload_costs`), on top of the resident rates;
   a disk tier's misses are read from the page cache in the share of the store that fits in the
@@ -112,21 +117,26 @@ class MeasuredCosts:
         self.rates = [profile.rate(variant(p, kernel, fp32_weights)) for p in precisions]
         self.stored = [stored_expert_bytes(variant(p, kernel, fp32_weights), sizes.hidden, sizes.inter,
                                            sizes.dtype_bytes) for p in precisions]
-        self.mem_bw = profile.mem_read_gbps * 1e9
-        self.flops = profile.matmul_rate(sizes.dtype)  # dense part and head: the checkpoint's dtype
+        self.dense_bw = profile.dense_read_rate()  # dense part and head: the planned dense path's rates,
+        self.flops = profile.matmul_rate(sizes.dtype)  # in the checkpoint's dtype
+        # what one decode step reads: dense part and head, and top-k experts of every layer
+        step_bytes = ((sizes.dense_params_per_layer * sizes.num_layers + sizes.head_params) * sizes.dtype_bytes
+                      + sizes.top_k * sum(self.stored))
+        self.streamed = profile.streams(step_bytes)
 
     def dense_s(self, layer: int, tokens: int) -> float:
         s = self.sizes
-        work = max(s.dense_params_per_layer * s.dtype_bytes / self.mem_bw,
+        work = max(s.dense_params_per_layer * s.dtype_bytes / self.dense_bw,
                    2.0 * s.dense_params_per_layer * tokens / self.flops)
         return self.profile.layer_fixed_s + self.rates[layer].call_s + work
 
     def expert_s(self, layer: int, tokens: int) -> float:
-        return self.rates[layer].expert_s(self.stored[layer], 6.0 * self.sizes.hidden * self.sizes.inter * tokens)
+        return self.rates[layer].expert_s(self.stored[layer], 6.0 * self.sizes.hidden * self.sizes.inter * tokens,
+                                          streamed=self.streamed)
 
     def head_s(self, tokens: int) -> float:
         s = self.sizes
-        work = max(s.head_params * s.dtype_bytes / self.mem_bw, 2.0 * s.head_params * tokens / self.flops)
+        work = max(s.head_params * s.dtype_bytes / self.dense_bw, 2.0 * s.head_params * tokens / self.flops)
         return self.profile.step_fixed_s + work
 
 
