@@ -99,3 +99,16 @@ def test_dense_part_and_head_are_priced_at_the_dense_paths_read_rate():
         assert c.dense_s(0, 1) == pytest.approx(want_dense, rel=1e-9)
         want_head = prof.step_fixed_s + sizes.head_params * sizes.dtype_bytes / (gbps * 1e9)
         assert c.head_s(1) == pytest.approx(want_head, rel=1e-9)
+
+
+def test_the_profile_times_the_planned_dense_path(monkeypatch):
+    """The profile's dense rates and tiny models run the path a planned model runs."""
+    from moeinfer.planning.profile import _planned_linear, _tiny_model
+
+    native_ops()
+    cpu = torch.device("cpu")
+    assert type(_planned_linear(64, 32, torch.bfloat16, cpu)) is CpuLinear
+    assert _native_dense(_tiny_model(1, cpu))
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "not built (test)")
+    assert type(_planned_linear(64, 32, torch.bfloat16, cpu)) is nn.Linear
+    assert not _native_dense(_tiny_model(1, cpu))
