@@ -7,9 +7,10 @@ linears as one GEMV reading each weight once, short prefills as row products, RM
 embeddings and one-token attention natively), whatever expert kernel the plan names. The expert
 kernel is a choice the search makes by cost; the dense path is not one: the native modules compute
 the same operations as the eager ones (tested against them), and on a CPU without bf16 matmul
-instructions torch's bf16 `aten::mm` is the slow one (on the real-shape Mixtral model it took 36 ms a
-token for attention and LM head, at about 7 GB/s against the native GEMV's 10-19). Elsewhere (CUDA,
-the native library not built or stale) the torch modules run, and the profile times those.
+instructions torch's bf16 `aten::mm` is the slower one (in the profiled real-shape Mixtral run it
+took 36 ms a token for attention and LM head, ~12 GB/s of weights, where the native GEMV reads ~19).
+Elsewhere (CUDA, the native library not built or stale) the torch modules run, and the profile times
+those.
 """
 
 from __future__ import annotations
