@@ -19,7 +19,9 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
 - offloaded: each layer visit and each load pay the host costs the profile measured for offloaded
   experts of the plan's precision (`MachineProfile.offload_costs`), on top of the resident rates;
   a disk tier's misses are read from the page cache in the share of the store that fits in the
-  memory the plan leaves free (`cached_fraction`), at the profile's cached-read rate.
+  memory the plan leaves free (`cached_fraction`), at the profile's cached-read rate; a layer's loads
+  overlap its compute only where the profile found a read hidden behind expert decode
+  (`MachineProfile.overlaps_reads`, moeinfer/planning/reads.py), else they add to it.
 A resident configuration is simulated with a cache that holds every expert (static placement, warm
 before the first step), so it reduces to the sum above; an offloaded one with the real policy,
 prefetcher and link. `layer_seconds` gives the same sum split per layer, which the search uses.
@@ -187,7 +189,11 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
                                                          page_cache_bytes=page_cache_bytes)
     host_key = precisions[0] if precisions[0] != FLOAT or kernel != "cpu" else "bf16/cpu"
     hardware = profile.hardware(offloaded=offload is not None, precision=host_key, cached_fraction=cached)
-    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=costs, expert_bytes=moved)
+    # loads overlap compute where the profile found reads hidden behind it (on a CPU a page-cached read is
+    # a memcpy that shares cores and memory bandwidth with expert decode)
+    overlap = offload is None or profile.overlaps_reads()
+    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=costs, expert_bytes=moved,
+                    overlap=overlap)
 
 
 def _all_experts_trace(sizes: ModelSizes) -> Any:

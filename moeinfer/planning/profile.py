@@ -5,7 +5,9 @@ ever add time to a run, so the least is the machine's own cost and the median of
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
    simulate --calibrate` measures) and reads of a file the page cache holds (`cached_link_gbps`: a
    disk tier that fits in the memory a plan leaves free is read from RAM, not from the disk),
-   pinned host-to-device copies on CUDA; memory read bandwidth
+   pinned host-to-device copies on CUDA; on a CPU, how much of such a read hides behind expert
+   decode running at the same time (`read_overlap`, moeinfer/planning/reads.py: the simulator
+   overlaps a layer's loads with its compute only where it does); memory read bandwidth
    (a reduction over a 256 MiB tensor) and dense fp32 matmul rate (on CUDA: of the GPU, and of the
    host too, which prices CPU-assisted experts); on the dense path a planned model runs
    (moeinfer/planning/dense.py: the native CPU kernels where they are built, else torch), the rate of
@@ -71,12 +73,13 @@ from moeinfer.offload.apply import offload_
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import use_planned_dense_
+from moeinfer.planning.reads import cached_read_gbps, read_overlap
 
 PROFILE_VERSION = 6  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
-# (stream_bytes_per_s, llc_bytes)
+# (stream_bytes_per_s, llc_bytes), reads hidden behind compute (read_overlap)
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -143,7 +146,14 @@ class MachineProfile:
     # GB/s of a one-token bf16 linear on the planned dense path, weight beyond the last-level cache
     # (None: not measured, a synthetic or older profile: the memory read rate serves)
     dense_read_gbps: float | None = None
+    # CPU: share of a page-cached read hidden behind expert decode at the same time (None: not measured)
+    read_overlap: float | None = None
     version: int = PROFILE_VERSION
+
+    def overlaps_reads(self) -> bool:
+        """Whether an offloaded layer's loads proceed while its experts compute (the simulator's
+        `overlap`): where the profile measured at least half of a read hidden (not measured: yes)."""
+        return self.read_overlap is None or self.read_overlap >= 0.5
 
     def dense_read_rate(self) -> float:
         """Bytes per second a decode token's dense weights (attention, LM head) are read at."""
@@ -502,22 +512,6 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
     return "disk", hw.link_gbps, read_gbps, hw.cpu_gflops
 
 
-def _cached_read_gbps(mib: int = 64) -> float:
-    """GB/s of `os.preadv` from a file the page cache holds (written, then read once), into one buffer:
-    what a disk-tier miss costs when the store's pages are cached."""
-    n = mib * 2**20
-    buf = torch.empty(n, dtype=torch.uint8)
-    with tempfile.TemporaryDirectory(prefix="moeinfer-profile-") as d:
-        path = Path(d) / "cached.bin"
-        path.write_bytes(memoryview(torch.randint(0, 255, (n,), dtype=torch.uint8).numpy()))
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            s = _least(lambda: os.preadv(fd, [memoryview(buf.numpy())], 0), 5, torch.device("cpu"))
-        finally:
-            os.close(fd)
-    return n / s / 1e9
-
-
 def _planned_linear(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Any:
     """A bias-free linear [cols -> rows] in `dtype` (random weight) on the planned dense path."""
     lin = torch.nn.Linear(cols, rows, bias=False, device=device, dtype=dtype)
@@ -553,6 +547,20 @@ def _dense_read_gbps(device: torch.device, llc_bytes: int, cols: int = 4096) -> 
     return rows * cols * 2 / s / 1e9
 
 
+def _read_overlap(device: torch.device, llc_bytes: int, variant: str) -> float:
+    """`read_overlap` of a read and an expert call of the same bytes (two experts of `streaming_shape`,
+    decode of one token) of `variant`: what a miss's read and a hit's compute do in a decode step."""
+    D, I = streaming_shape(variant, llc_bytes)
+    mod = _experts_module(variant, 2, D, I, device)
+    x = torch.randn(1, D, device=device).to(torch.bfloat16)
+    routing = _routing(1, 2, 2, device)
+
+    def compute() -> None:
+        with torch.inference_mode():
+            mod(x, routing)
+    return read_overlap(compute, nbytes=int(2 * stored_expert_bytes(variant, D, I)))
+
+
 def cache_bytes(device: torch.device) -> int:
     """The last-level cache of `device`: the CPU's (sysfs), or a GPU's L2."""
     if device.type == "cuda":
@@ -579,7 +587,7 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     dev = torch.device(device)
     t0 = time.time()
     link, link_gbps, read_gbps, gflops = _link_gbps(dev)
-    cached_gbps = _cached_read_gbps() if dev.type == "cpu" else None
+    cached_gbps = cached_read_gbps() if dev.type == "cpu" else None
     wanted = tuple(dict.fromkeys(default_variants(device) + tuple(variants)))
     llc = cache_bytes(dev)
     rates = {}
@@ -590,6 +598,9 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
     dense = _dense_gflops(dev)
     dense_read = _dense_read_gbps(dev, llc)
+    overlap = None
+    if dev.type == "cpu":
+        overlap = _read_overlap(dev, llc, "bf16/cpu" if "bf16/cpu" in rates else "bf16/reference")
     offload_layer, load_latency = measure_offload(dev, link_gbps)
     offload_host = {}
     # offloaded quantized layers, on a CPU (on CUDA, not measured on a GPU yet: the float figures serve)
@@ -608,5 +619,6 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
                           host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
                           offload_layer_s=offload_layer, load_latency_s=load_latency, offload_host=offload_host,
                           cached_link_gbps=cached_gbps, llc_bytes=llc, dense_read_gbps=dense_read,
+                          read_overlap=overlap,
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
                                    f"load average {os.getloadavg()[0]:.2f}")
