@@ -55,3 +55,17 @@ def test_read_overlap_is_a_share_and_leaves_no_file():
     assert not os.path.exists(seen[0])
     share = read_overlap(lambda: sum(range(1000)), nbytes=1 << 16, repeats=2)
     assert 0.0 <= share <= 1.0
+
+
+def test_the_plan_says_when_reads_are_priced_without_overlap():
+    from plan_helpers import toy_quality
+
+    from moeinfer.planning.costs import expert_bytes, fixed_bytes
+    from moeinfer.planning.planner import plan
+
+    sizes = sizes_from_checkpoint("tiny")
+    budget = fixed_bytes(sizes, batch=1, context=256) + 8 * expert_bytes(sizes, "bf16")
+    for measured, noted in ((0.1, True), (0.9, False), (None, False)):
+        p = plan("tiny", budget, profile=replace(synthetic_profile(), read_overlap=measured), quality=toy_quality(4),
+                 precisions=("bf16",))
+        assert any("not overlapping" in n for n in p.notes) is noted
