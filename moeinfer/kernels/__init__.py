@@ -21,8 +21,8 @@ from moeinfer.kernels.attention import use_cpu_attention_
 from moeinfer.kernels.linear import use_cpu_linears_
 from moeinfer.kernels.norm import use_cpu_norms_
 from moeinfer.kernels.rope import use_cpu_rope_
-from moeinfer.kernels.select import use_kernel_
+from moeinfer.kernels.select import use_kernel_, use_native_dense_
 
 __all__ = ["CHOICES", "KERNELS", "KernelSpec", "KernelUnavailableError", "MoEKernel", "get_kernel",
            "register_kernel", "resolve", "use_cpu_attention_", "use_cpu_linears_", "use_cpu_norms_",
-           "use_cpu_rope_", "use_kernel_"]
+           "use_cpu_rope_", "use_kernel_", "use_native_dense_"]

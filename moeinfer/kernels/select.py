@@ -51,10 +51,7 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
     use_kernel_ again after anything that changes the expert weights. Ignored for 'reference'.
     """
     if linears:
-        use_cpu_linears_(model)
-        use_cpu_norms_(model)
-        use_cpu_rope_(model)
-        use_cpu_attention_(model)
+        use_native_dense_(model)
     stacked, others = _stacked(model), _own_stages(model)
     refused = sorted({type(s).__name__ for s in others if name != "auto" and name not in _kernels_of(s)})
     if refused:
@@ -74,6 +71,17 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
         stage.kernel = type(stage).kernel if name == "auto" else name
     if hasattr(model, "moe_blocks"):
         model.kernel_choice = (name, fp32_weights)  # re-applied by compress_ / offload_
+    return model
+
+
+def use_native_dense_(model: nn.Module) -> nn.Module:
+    """The model's dense path on the native CPU kernels, in place: its bf16 linears, RMSNorms, rotary
+    embeddings and one-token attention (the `linears` part of `use_kernel_`); RuntimeError when they are
+    not built. Returns the model."""
+    use_cpu_linears_(model)
+    use_cpu_norms_(model)
+    use_cpu_rope_(model)
+    use_cpu_attention_(model)
     return model
 
 

@@ -8,7 +8,9 @@
 4. `use_kernel_`: the plan's kernel (float experts that stay resident run it, offloaded float
    experts 'reference' or 'cpu'; quantized experts run their own expert stage; offloaded quantized
    experts on a CPU run 'cpu': the native quantized kernels on the cached codes where they are built);
-5. `model.plan` records the plan, so a benchmark can set its predictions beside what it measures.
+5. the dense path (attention, norms, LM head) on the native CPU kernels where they are built
+   (`use_planned_dense_`, moeinfer/planning/dense.py: the path the machine profile priced);
+6. `model.plan` records the plan, so a benchmark can set its predictions beside what it measures.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import tempfile
 from typing import Any
 
+from moeinfer.planning.dense import use_planned_dense_
 from moeinfer.planning.spec import FLOAT, Plan, PlanError
 from moeinfer.compress.api import compress_
 from moeinfer.kernels import use_kernel_
@@ -59,6 +62,8 @@ def apply_plan_(model: Any, plan: Plan | str | os.PathLike[str], *, offload_dir:
         # offloaded codes run the native quantized kernels where built (else their eager reference), as
         # the resident preset the machine profile measured does
         use_kernel_(model, "cpu")
-    # 5. record
+    # 5. dense path
+    use_planned_dense_(model)
+    # 6. record
     model.plan = plan
     return model

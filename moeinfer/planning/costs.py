@@ -5,16 +5,23 @@ Shapes: L MoE layers, E experts per layer, K top-k, D hidden, I expert inner siz
 Time comes from the offload simulator's clock (`moeinfer.offload.simulator.simulate`, the engine of
 `moeinfer simulate`), fed with `MeasuredCosts`, which prices each piece of a step from the machine
 profile (moeinfer.planning.profile) instead of from datasheet rates:
-- the dense part of a MoE layer (attention, norms, router): layer_fixed_s + dense bytes / memory
-  read bandwidth (or its matmul flops / the matmul rate in the checkpoint's dtype, whichever is larger);
+- the dense part of a MoE layer (attention, norms, router), on the dense path a planned model runs
+  (moeinfer/planning/dense.py): layer_fixed_s + dense bytes / that path's one-token read rate
+  (`MachineProfile.dense_read_rate`) or its matmul flops / its matmul rate in the checkpoint's dtype,
+  whichever is larger;
 - an expert of layer l at precision p_l with t tokens: the fitted rate of that precision and kernel,
   expert_fixed_s + max(stored bytes / bytes_per_s, 6 D I t / flops_per_s), plus the experts
-  module's call_s once per layer (charged with the dense part);
-- once per step: step_fixed_s + LM head bytes / memory read bandwidth;
+  module's call_s once per layer (charged with the dense part); bytes_per_s is the rate of weights
+  streamed from memory (`stream_bytes_per_s`) when the weights a decode step reads (dense part, LM
+  head, top-k experts of every layer) do not fit in the last-level cache (`MachineProfile.streams`),
+  else the in-cache one;
+- once per step: step_fixed_s + the LM head likewise;
 - offloaded: each layer visit and each load pay the host costs the profile measured for offloaded
   experts of the plan's precision (`MachineProfile.offload_costs`), on top of the resident rates;
   a disk tier's misses are read from the page cache in the share of the store that fits in the
-  memory the plan leaves free (`cached_fraction`), at the profile's cached-read rate.
+  memory the plan leaves free (`cached_fraction`), at the profile's cached-read rate; a layer's loads
+  overlap its compute only where the profile found a read hidden behind expert decode
+  (`MachineProfile.overlaps_reads`, moeinfer/planning/reads.py), else they add to it.
 A resident configuration is simulated with a cache that holds every expert (static placement, warm
 before the first step), so it reduces to the sum above; an offloaded one with the real policy,
 prefetcher and link. `layer_seconds` gives the same sum split per layer, which the search uses.
@@ -112,21 +119,26 @@ class MeasuredCosts:
         self.rates = [profile.rate(variant(p, kernel, fp32_weights)) for p in precisions]
         self.stored = [stored_expert_bytes(variant(p, kernel, fp32_weights), sizes.hidden, sizes.inter,
                                            sizes.dtype_bytes) for p in precisions]
-        self.mem_bw = profile.mem_read_gbps * 1e9
-        self.flops = profile.matmul_rate(sizes.dtype)  # dense part and head: the checkpoint's dtype
+        self.dense_bw = profile.dense_read_rate()  # dense part and head: the planned dense path's rates,
+        self.flops = profile.matmul_rate(sizes.dtype)  # in the checkpoint's dtype
+        # what one decode step reads: dense part and head, and top-k experts of every layer
+        step_bytes = ((sizes.dense_params_per_layer * sizes.num_layers + sizes.head_params) * sizes.dtype_bytes
+                      + sizes.top_k * sum(self.stored))
+        self.streamed = profile.streams(step_bytes)
 
     def dense_s(self, layer: int, tokens: int) -> float:
         s = self.sizes
-        work = max(s.dense_params_per_layer * s.dtype_bytes / self.mem_bw,
+        work = max(s.dense_params_per_layer * s.dtype_bytes / self.dense_bw,
                    2.0 * s.dense_params_per_layer * tokens / self.flops)
         return self.profile.layer_fixed_s + self.rates[layer].call_s + work
 
     def expert_s(self, layer: int, tokens: int) -> float:
-        return self.rates[layer].expert_s(self.stored[layer], 6.0 * self.sizes.hidden * self.sizes.inter * tokens)
+        return self.rates[layer].expert_s(self.stored[layer], 6.0 * self.sizes.hidden * self.sizes.inter * tokens,
+                                          streamed=self.streamed)
 
     def head_s(self, tokens: int) -> float:
         s = self.sizes
-        work = max(s.head_params * s.dtype_bytes / self.mem_bw, 2.0 * s.head_params * tokens / self.flops)
+        work = max(s.head_params * s.dtype_bytes / self.dense_bw, 2.0 * s.head_params * tokens / self.flops)
         return self.profile.step_fixed_s + work
 
 
@@ -177,7 +189,11 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
                                                          page_cache_bytes=page_cache_bytes)
     host_key = precisions[0] if precisions[0] != FLOAT or kernel != "cpu" else "bf16/cpu"
     hardware = profile.hardware(offloaded=offload is not None, precision=host_key, cached_fraction=cached)
-    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=costs, expert_bytes=moved)
+    # loads overlap compute where the profile found reads hidden behind it (on a CPU a page-cached read is
+    # a memcpy that shares cores and memory bandwidth with expert decode)
+    overlap = offload is None or profile.overlaps_reads()
+    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=costs, expert_bytes=moved,
+                    overlap=overlap)
 
 
 def _all_experts_trace(sizes: ModelSizes) -> Any:

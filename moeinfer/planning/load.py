@@ -8,7 +8,8 @@ killed). Here:
 2. a plan that offloads float experts to disk on a CPU loads the dense weights only and uses the
    checkpoint's own files as the disk tier (`moeinfer.load(path, offload=...)`: no expert is read
    until the cache loads it, nothing is written); peak memory is the dense weights plus the cache;
-   the plan's kernel 'cpu' is then set on the offloaded experts, as `apply_plan_` does;
+   the plan's kernel 'cpu' is then set on the offloaded experts and the dense path put on the native
+   CPU kernels where they are built, as `apply_plan_` does;
 3. any other plan (resident, quantized, host-memory tier) loads the model whole (the loader refuses
    with a clear error when it does not fit) and applies the plan (`apply_plan_`);
 4. `model.plan` records the plan either way.
@@ -25,6 +26,7 @@ from moeinfer.api import load
 from moeinfer.kernels import use_kernel_
 from moeinfer.models import resolve_model_path
 from moeinfer.planning.apply import apply_plan_
+from moeinfer.planning.dense import use_planned_dense_
 from moeinfer.planning.spec import FLOAT, Plan, PlanError
 
 
@@ -70,6 +72,7 @@ def load_planned(path: str | os.PathLike[str], plan: Plan | str | os.PathLike[st
                             f"{len(model.moe_blocks())}")
         if chosen.kernel == "cpu":  # offloaded float experts run the plan's kernel (as apply_plan_)
             use_kernel_(model, "cpu")
+        use_planned_dense_(model)
         model.plan = chosen  # 4.
         return model
     # 3. whole, then the plan

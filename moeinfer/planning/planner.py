@@ -246,6 +246,9 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     if profile.cached_link_gbps is not None and device == "cpu":
         notes.append(f"{free_bytes / 1e9:.1f} GB free when planned: what a plan leaves of it holds a disk tier's "
                      f"pages (read at {profile.cached_link_gbps:.1f} GB/s, the disk at {profile.link_gbps:.2f})")
+    if profile.read_overlap is not None and not profile.overlaps_reads():
+        notes.append(f"a disk tier's reads priced as not overlapping expert compute (the profile found "
+                     f"{profile.read_overlap:.0%} of a read hidden behind it)")
     # 3. routing and quality
     wants_quality = quality is None and any(p != FLOAT for p in precisions)
     model = loaded

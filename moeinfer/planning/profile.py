@@ -5,19 +5,29 @@ ever add time to a run, so the least is the machine's own cost and the median of
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
    simulate --calibrate` measures) and reads of a file the page cache holds (`cached_link_gbps`: a
    disk tier that fits in the memory a plan leaves free is read from RAM, not from the disk),
-   pinned host-to-device copies on CUDA; memory read bandwidth
+   pinned host-to-device copies on CUDA; on a CPU, how much of such a read hides behind expert
+   decode running at the same time (`read_overlap`, moeinfer/planning/reads.py: the simulator
+   overlaps a layer's loads with its compute only where it does); memory read bandwidth
    (a reduction over a 256 MiB tensor) and dense fp32 matmul rate (on CUDA: of the GPU, and of the
-   host too, which prices CPU-assisted experts); the rate of a prefill-sized linear in fp32, bf16 and
-   fp16 (the dense part and LM head run in the checkpoint's dtype: bf16 is several times slower
-   than fp32 on a CPU without bf16 instructions);
+   host too, which prices CPU-assisted experts); on the dense path a planned model runs
+   (moeinfer/planning/dense.py: the native CPU kernels where they are built, else torch), the rate of
+   a prefill-sized linear in fp32, bf16 and fp16 (the dense part and LM head run in the checkpoint's
+   dtype: bf16 is several times slower than fp32 on a CPU without bf16 instructions), and the read
+   rate of a one-token bf16 linear whose weight is twice the last-level cache (`dense_read_gbps`:
+   what a decode token's attention and LM head stream from memory);
 2. per expert-stage variant (precision x kernel: bf16 with each usable kernel, bf16 with fp32
    compute weights, and each quantize preset the search may choose): the time of one experts
    module forward at two sizes and two top-k values, fitted to
        call_s + active experts x (expert_fixed_s + stored expert bytes / bytes_per_s)      (decode)
    and, at 64 tokens, a matmul rate `flops_per_s` (prefill: an expert costs
-   expert_fixed_s + max(bytes / bytes_per_s, 6 D I tokens / flops_per_s));
+   expert_fixed_s + max(bytes / bytes_per_s, 6 D I tokens / flops_per_s)). Both sizes fit in the
+   last-level cache (`llc_bytes`, read from sysfs), where the weights stay between calls; a third
+   measurement, two experts of at least the cache's size each, gives the decode rate of weights
+   streamed from memory (`stream_bytes_per_s`), which an expert gets when the weights a decode step
+   reads do not fit in the cache (a real-size model: a 352 MB Mixtral expert ran at ~12 GB/s on the
+   native kernel where the in-cache fit said 18-27);
 3. fixed costs outside the experts: one-token forwards of two small random models (1 and 3
-   layers) give the per-layer cost of attention, norms and router (`layer_fixed_s`) and the
+   layers, on the planned dense path) give the per-layer cost of attention, norms and router (`layer_fixed_s`) and the
    per-step cost of embeddings, head and Python (`step_fixed_s`);
 4. host costs of offloading: the 3-layer model offloaded with every expert it uses cached, then
    with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
@@ -47,7 +57,7 @@ from typing import Any
 
 import torch
 
-from moeinfer.cpuinfo import cpu_flags, cpu_name
+from moeinfer.cpuinfo import cpu_flags, cpu_name, last_level_cache_bytes
 from moeinfer.fsutil import atomic_write_text
 from moeinfer.arch import parse_config
 from moeinfer.compress.methods.quantize_layers import layer_quantizer
@@ -62,10 +72,14 @@ from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.apply import offload_
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
+from moeinfer.planning.dense import use_planned_dense_
+from moeinfer.planning.reads import cached_read_gbps, read_overlap
 
-PROFILE_VERSION = 5  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 6  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
-# page-cached disk reads (cached_link_gbps)
+# page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
+# read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
+# (stream_bytes_per_s, llc_bytes), reads hidden behind compute (read_overlap)
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -75,11 +89,19 @@ class ExpertRate:
 
     call_s: float  # per experts-module call
     expert_fixed_s: float  # per active expert
-    bytes_per_s: float  # stored weight bytes streamed per second (decode)
+    bytes_per_s: float  # stored weight bytes read per second (decode), weights in the last-level cache
     flops_per_s: float  # at many tokens per expert (prefill)
+    # the same with the weights streamed from memory (None: not measured, a synthetic or older profile)
+    stream_bytes_per_s: float | None = None
 
-    def expert_s(self, nbytes: float, flops: float) -> float:
-        return self.expert_fixed_s + max(nbytes / self.bytes_per_s, flops / self.flops_per_s)
+    def read_rate(self, streamed: bool) -> float:
+        """Decode bytes per second: streamed from memory (when measured) or from the cache."""
+        return self.stream_bytes_per_s if streamed and self.stream_bytes_per_s else self.bytes_per_s
+
+    def expert_s(self, nbytes: float, flops: float, *, streamed: bool = False) -> float:
+        """One expert: fixed cost + the larger of its bytes' read time and its flops' time; `streamed`:
+        its weights come from memory, not the last-level cache."""
+        return self.expert_fixed_s + max(nbytes / self.read_rate(streamed), flops / self.flops_per_s)
 
 
 @dataclass(frozen=True)
@@ -119,8 +141,28 @@ class MachineProfile:
     offload_host: dict[str, OffloadHost] = field(default_factory=dict)
     # CPU: GB/s of reads from a disk-tier file the page cache holds (None: not measured; a synthetic profile)
     cached_link_gbps: float | None = None
+    # bytes of the last-level cache (0: unknown, a synthetic profile: nothing is priced as streamed)
+    llc_bytes: int = 0
+    # GB/s of a one-token bf16 linear on the planned dense path, weight beyond the last-level cache
+    # (None: not measured, a synthetic or older profile: the memory read rate serves)
+    dense_read_gbps: float | None = None
+    # CPU: share of a page-cached read hidden behind expert decode at the same time (None: not measured)
+    read_overlap: float | None = None
     version: int = PROFILE_VERSION
 
+    def overlaps_reads(self) -> bool:
+        """Whether an offloaded layer's loads proceed while its experts compute (the simulator's
+        `overlap`): where the profile measured at least half of a read hidden (not measured: yes)."""
+        return self.read_overlap is None or self.read_overlap >= 0.5
+
+    def dense_read_rate(self) -> float:
+        """Bytes per second a decode token's dense weights (attention, LM head) are read at."""
+        return (self.dense_read_gbps or self.mem_read_gbps) * 1e9
+
+    def streams(self, step_bytes: float) -> bool:
+        """Whether weights read `step_bytes` per decode step come from memory: they do not fit in the
+        last-level cache together, so each is evicted before the next step reads it again."""
+        return self.llc_bytes > 0 and step_bytes > self.llc_bytes
     def matmul_rate(self, dtype: str) -> float:
         """FLOP/s of dense matmuls in `dtype` ("bfloat16", ...); the fp32 rate for a dtype not measured
         (a synthetic profile)."""
@@ -264,8 +306,9 @@ def _least_in_turn(models: list[Any], ids: torch.Tensor, repeats: int, device: t
 def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
     """An experts module of this variant ("bf16/<kernel>[+fp32]" or a quantize preset name)."""
     g = torch.Generator().manual_seed(0)
-    gate_up = (torch.randn(E, 2 * I, D, generator=g) * 0.02).to(torch.bfloat16)
-    down = (torch.randn(E, D, I, generator=g) * 0.02).to(torch.bfloat16)
+    # drawn in bf16: an expert of the cache's size needs no fp32 copy
+    gate_up = torch.empty(E, 2 * I, D, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+    down = torch.empty(E, D, I, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
     if variant.startswith("bf16/"):
         kernel, _, extra = variant.removeprefix("bf16/").partition("+")
         ex = Experts(E, D, I)
@@ -309,17 +352,29 @@ def _routing(N: int, K: int, E: int, device: torch.device) -> Any:
     return Routing(indices=idx, weights=w, logits=torch.zeros(N, E, device=device))
 
 
+def streaming_shape(variant: str, llc_bytes: int, *, hidden: int = 2048, align: int = 128) -> tuple[int, int]:
+    """(D, I) of an expert whose stored bytes in `variant` are at least `llc_bytes` (I a multiple of
+    `align`): two of them read by one call cannot stay in the last-level cache."""
+    per_block = stored_expert_bytes(variant, hidden, align)  # bytes per `align` inner columns
+    blocks = max(1, -(-llc_bytes // int(per_block)))
+    return hidden, blocks * align
+
+
 def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int] = (128, 128),
-                    large: tuple[int, int] = (768, 768), experts: int = 8, repeats: int = 5) -> ExpertRate:
-    """Step 2: fit call_s, expert_fixed_s, bytes_per_s and flops_per_s of one variant."""
+                    large: tuple[int, int] = (768, 768), experts: int = 8, repeats: int = 5,
+                    llc_bytes: int = 0) -> ExpertRate:
+    """Step 2: fit call_s, expert_fixed_s, bytes_per_s and flops_per_s of one variant, and with
+    `llc_bytes` (> 0) stream_bytes_per_s: one token, top-2 of 2 experts of `streaming_shape` each
+    (every call reads twice the cache's bytes, so none stays cached)."""
     modules: dict[tuple[int, int], Any] = {}
 
-    def t(D: int, I: int, N: int, K: int) -> float:
+    def t(D: int, I: int, N: int, K: int, E: int = experts) -> float:
         if (D, I) not in modules:
-            modules[(D, I)] = _experts_module(variant, experts, D, I, device)
+            modules.clear()  # one size in memory at a time (the streaming one is 2x the cache)
+            modules[(D, I)] = _experts_module(variant, E, D, I, device)
         mod = modules[(D, I)]
         x = torch.randn(N, D, device=device).to(torch.bfloat16)
-        routings = [_routing(N, K, experts, device) for _ in range(4)]
+        routings = [_routing(N, K, E, device) for _ in range(4)]
         i = [0]
 
         def call() -> None:
@@ -330,7 +385,8 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
 
     (Ds, Is), (Dl, Il) = small, large
     bs, bl = stored_expert_bytes(variant, Ds, Is), stored_expert_bytes(variant, Dl, Il)
-    s1, s2, l2 = t(Ds, Is, 1, 1), t(Ds, Is, 1, 2), t(Dl, Il, 1, 2)
+    s1, s2 = t(Ds, Is, 1, 1), t(Ds, Is, 1, 2)
+    l2 = t(Dl, Il, 1, 2)
     bw = 2 * (bl - bs) / max(l2 - s2, 1e-9)
     fixed = max(0.0, s2 - s1 - bs / bw)
     call = max(0.0, s1 - fixed - bs / bw)
@@ -339,7 +395,14 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
     flops = 6.0 * Dl * Il * N * 2
     active = experts  # 128 token-slots over 8 experts: all active
     rate = flops / max(p - call - active * fixed, 1e-9)
-    return ExpertRate(call_s=call, expert_fixed_s=fixed, bytes_per_s=bw, flops_per_s=rate)
+    stream = None
+    if llc_bytes > 0:
+        Dh, Ih = streaming_shape(variant, llc_bytes)
+        h = t(Dh, Ih, 1, 2, E=2)
+        modules.clear()
+        stream = 2 * stored_expert_bytes(variant, Dh, Ih) / max(h - call - 2 * fixed, 1e-9)
+    return ExpertRate(call_s=call, expert_fixed_s=fixed, bytes_per_s=bw, flops_per_s=rate,
+                      stream_bytes_per_s=stream)
 
 
 def _tiny_model(layers: int, device: torch.device) -> Any:
@@ -352,7 +415,9 @@ def _tiny_model(layers: int, device: torch.device) -> Any:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    return model.to(device=device, dtype=torch.bfloat16).eval()
+    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    use_planned_dense_(model, device)  # the dense path a planned model runs
+    return model
 
 
 def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 15) -> tuple[float, float]:
@@ -447,32 +512,60 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
     return "disk", hw.link_gbps, read_gbps, hw.cpu_gflops
 
 
-def _cached_read_gbps(mib: int = 64) -> float:
-    """GB/s of `os.preadv` from a file the page cache holds (written, then read once), into one buffer:
-    what a disk-tier miss costs when the store's pages are cached."""
-    n = mib * 2**20
-    buf = torch.empty(n, dtype=torch.uint8)
-    with tempfile.TemporaryDirectory(prefix="moeinfer-profile-") as d:
-        path = Path(d) / "cached.bin"
-        path.write_bytes(memoryview(torch.randint(0, 255, (n,), dtype=torch.uint8).numpy()))
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            s = _least(lambda: os.preadv(fd, [memoryview(buf.numpy())], 0), 5, torch.device("cpu"))
-        finally:
-            os.close(fd)
-    return n / s / 1e9
+def _planned_linear(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Any:
+    """A bias-free linear [cols -> rows] in `dtype` (random weight) on the planned dense path."""
+    lin = torch.nn.Linear(cols, rows, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    use_planned_dense_(lin, device)
+    return lin
 
 
 def _dense_gflops(device: torch.device) -> dict[str, float]:
-    """GFLOP/s of a prefill-sized linear ([64, 1024] x [1024, 4096]) in each of DENSE_DTYPES."""
+    """GFLOP/s of a prefill-sized linear ([64, 1024] x [1024, 4096]) in each of DENSE_DTYPES, on the
+    planned dense path."""
     out = {}
     for name in DENSE_DTYPES:
         dt = getattr(torch, name)
         x = torch.randn(64, 1024, device=device).to(dt)
-        w = torch.randn(4096, 1024, device=device).to(dt)
-        s = _least(lambda: torch.nn.functional.linear(x, w), 3, device)
+        lin = _planned_linear(4096, 1024, dt, device)
+        with torch.inference_mode():
+            s = _least(lambda: lin(x), 3, device)
         out[name] = 2 * 64 * 1024 * 4096 / s / 1e9
     return out
+
+
+def _dense_read_gbps(device: torch.device, llc_bytes: int, cols: int = 4096) -> float:
+    """GB/s of a one-token bf16 linear on the planned dense path whose weight is twice the last-level
+    cache (at least 64 MiB): a decode token's attention and LM head read from memory."""
+    nbytes = max(2 * llc_bytes, 64 << 20)
+    rows = -(-nbytes // (2 * cols))
+    lin = _planned_linear(rows, cols, torch.bfloat16, device)
+    x = torch.randn(1, cols, device=device).to(torch.bfloat16)
+    with torch.inference_mode():
+        s = _least(lambda: lin(x), 5, device)
+    return rows * cols * 2 / s / 1e9
+
+
+def _read_overlap(device: torch.device, llc_bytes: int, variant: str) -> float:
+    """`read_overlap` of a read and an expert call of the same bytes (two experts of `streaming_shape`,
+    decode of one token) of `variant`: what a miss's read and a hit's compute do in a decode step."""
+    D, I = streaming_shape(variant, llc_bytes)
+    mod = _experts_module(variant, 2, D, I, device)
+    x = torch.randn(1, D, device=device).to(torch.bfloat16)
+    routing = _routing(1, 2, 2, device)
+
+    def compute() -> None:
+        with torch.inference_mode():
+            mod(x, routing)
+    return read_overlap(compute, nbytes=int(2 * stored_expert_bytes(variant, D, I)))
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache of `device`: the CPU's (sysfs), or a GPU's L2."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or (64 << 20)
+    return last_level_cache_bytes()
 
 
 def default_variants(device: str, precisions: tuple[str, ...] = ("int8", "int4")) -> tuple[str, ...]:
@@ -494,15 +587,20 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     dev = torch.device(device)
     t0 = time.time()
     link, link_gbps, read_gbps, gflops = _link_gbps(dev)
-    cached_gbps = _cached_read_gbps() if dev.type == "cpu" else None
+    cached_gbps = cached_read_gbps() if dev.type == "cpu" else None
     wanted = tuple(dict.fromkeys(default_variants(device) + tuple(variants)))
+    llc = cache_bytes(dev)
     rates = {}
     for v in wanted:
         if progress:
             print(f"measuring expert variant {v} ...", flush=True)
-        rates[v] = measure_variant(v, dev)
+        rates[v] = measure_variant(v, dev, llc_bytes=llc)
     layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
     dense = _dense_gflops(dev)
+    dense_read = _dense_read_gbps(dev, llc)
+    overlap = None
+    if dev.type == "cpu":
+        overlap = _read_overlap(dev, llc, "bf16/cpu" if "bf16/cpu" in rates else "bf16/reference")
     offload_layer, load_latency = measure_offload(dev, link_gbps)
     offload_host = {}
     # offloaded quantized layers, on a CPU (on CUDA, not measured on a GPU yet: the float figures serve)
@@ -520,6 +618,7 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
                           host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
                           offload_layer_s=offload_layer, load_latency_s=load_latency, offload_host=offload_host,
-                          cached_link_gbps=cached_gbps,
+                          cached_link_gbps=cached_gbps, llc_bytes=llc, dense_read_gbps=dense_read,
+                          read_overlap=overlap,
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "
                                    f"load average {os.getloadavg()[0]:.2f}")

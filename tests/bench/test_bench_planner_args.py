@@ -79,3 +79,27 @@ def test_interleaved_rounds_rotate_the_starting_configuration():
     order.clear()
     bp.time_configs({"a": "a", "b": "b"}, Fake, rounds=2, tokens=4, interleave=False)
     assert order == ["a", "a", "close a", "b", "b", "close b"]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_replayed_prediction_has_the_live_rounds_hit_rate(tmp_path, policy):
+    """--real-shape: the cost model on the rows the rounds replayed sees the live cache's hits (the
+    shipped model, offloaded, a random routing replayed with a one-token prompt as the benchmark does)."""
+    import moeinfer
+    from plan_helpers import synthetic_profile
+
+    from moeinfer.planning import Plan, PlanOffload
+    from moeinfer.planning import routing as routes
+
+    trace = routes.uniform(num_layers=4, num_experts=8, top_k=2, sequences=2, tokens=12)
+    plan = Plan(model="tiny", device="cpu", budget_bytes=10**9, objective="latency", precisions=("bf16",) * 4,
+                offload=PlanOffload(tier="disk", cache_experts=16, policy=policy), kernel="reference")
+    run = bp.Runner(lambda: moeinfer.apply_plan_(moeinfer.load("tiny", progress=False), plan, offload_dir=tmp_path),
+                    plan, [1] * bp.REAL_PROMPT_TOKENS, trace=trace)
+    try:
+        live = [run.round(5) for _ in range(3)]  # rows 4..18 of the 24-row trace
+    finally:
+        run.close()
+    got = bp.replayed_prediction(plan, "tiny", trace, synthetic_profile(), rounds=3, tokens=5)
+    assert got["hit_rate"] == pytest.approx(sum(r["hit_rate"] for r in live) / 3, abs=1e-12)
+    assert 0 < got["hit_rate"] < 1 and got["decode_tok_s"] > 0

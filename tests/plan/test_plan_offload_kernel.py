@@ -43,15 +43,18 @@ def _offloaded(kernel: str) -> Plan:
 
 def test_apply_plan_and_load_planned_run_the_plans_kernel(tmp_path):
     """In fp32: the reference kernel is bit-equal to the resident model; the cpu kernel (one call per
-    cached expert) matches the resident model on the same kernel within fp32 tolerance."""
+    cached expert) matches the resident model on the same kernel within fp32 tolerance (both on the
+    planned dense path: tests/plan/test_plan_dense_path.py compares it with the eager one)."""
     from kernel_cases import tolerance
 
     from moeinfer.kernels import use_kernel_
+    from moeinfer.planning.dense import use_planned_dense_
 
     prompt = [5, 9, 14, 3]
     for kernel in ("cpu", "reference"):
         ref = moeinfer.load("tiny", progress=False, dtype="float32")
         use_kernel_(ref, kernel)
+        use_planned_dense_(ref)
         _, want = generate_with_logits(ref, prompt, 4)
         model = apply_plan_(moeinfer.load("tiny", progress=False, dtype="float32"), _offloaded(kernel),
                             offload_dir=tmp_path / kernel)
