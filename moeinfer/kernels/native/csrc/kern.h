@@ -108,6 +108,15 @@ struct Kern {
   // QBLOCK; bits 4 or 8
   void (*gemm_q8)(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64_t cols, int64_t gs,
                   float* y, int64_t ldy);
+  // Four rows against one x at once, out[i] = the one-row kernel's result for row i, bit for bit (each
+  // row's operations in the same order): four weight streams read together keep more memory reads in
+  // flight than one, which a core needs to approach its share of the bandwidth at batch 1.
+  void (*dot4_f32)(const float* const* w, const float* x, int64_t n, float* out);
+  void (*dot4_bf16)(const uint16_t* const* w, const float* x, int64_t n, float* out);
+  void (*qrow8_q8_x4)(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x,
+                      int64_t cols, int64_t gs, float* out);
+  void (*qrow4_q8_x4)(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x,
+                      int64_t cols, int64_t gs, float* out);
 };
 
 const Kern* kern_generic();

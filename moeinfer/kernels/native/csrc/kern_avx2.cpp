@@ -29,38 +29,55 @@ inline __m256 load_bf16(const uint16_t* p) {
 
 inline __m256 u8x8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
-float dot_f32(const float* w, const float* x, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+inline __m256 load_w(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_w(const uint16_t* p) { return load_bf16(p); }
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) { return bf16_to_f32(v); }
+
+// R rows of fp32 or bf16 weights against x: per row four accumulators over runs of 32 columns, then
+// runs of 8 into the first, one horizontal sum, the scalar tail. R = 1 is the one-row kernel; R = 4
+// computes each row in the same order (the same bits) while reading four weight streams at once.
+template <int R, class T>
+inline void dot_rows(const T* const* w, const float* x, int64_t n, float* out) {
+  __m256 a[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) a[r][k] = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + j) + PREFETCH, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + j) + PREFETCH + 64, _MM_HINT_T0);
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const char* pw = reinterpret_cast<const char*>(w[r] + j);
+      _mm_prefetch(pw + PREFETCH, _MM_HINT_T0);
+      if (sizeof(T) == 4) _mm_prefetch(pw + PREFETCH + 64, _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) a[r][k] = _mm256_fmadd_ps(load_w(w[r] + j + 8 * k), _mm256_loadu_ps(x + j + 8 * k), a[r][k]);
+    }
   }
-  for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; j < n; ++j) s += w[j] * x[j];
-  return s;
+  for (int r = 0; r < R; ++r) {
+    int64_t i = j;
+    for (; i + 8 <= n; i += 8) a[r][0] = _mm256_fmadd_ps(load_w(w[r] + i), _mm256_loadu_ps(x + i), a[r][0]);
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
+    for (; i < n; ++i) acc += widen(w[r][i]) * x[i];
+    out[r] = acc;
+  }
+}
+
+float dot_f32(const float* w, const float* x, int64_t n) {
+  float out;
+  dot_rows<1>(&w, x, n, &out);
+  return out;
 }
 
 float dot_bf16(const uint16_t* w, const float* x, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + j) + PREFETCH, _MM_HINT_T0);
-    a0 = _mm256_fmadd_ps(load_bf16(w + j), _mm256_loadu_ps(x + j), a0);
-    a1 = _mm256_fmadd_ps(load_bf16(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-    a2 = _mm256_fmadd_ps(load_bf16(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-    a3 = _mm256_fmadd_ps(load_bf16(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-  }
-  for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(load_bf16(w + j), _mm256_loadu_ps(x + j), a0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; j < n; ++j) s += bf16_to_f32(w[j]) * x[j];
-  return s;
+  float out;
+  dot_rows<1>(&w, x, n, &out);
+  return out;
 }
+
+void dot4_f32(const float* const* w, const float* x, int64_t n, float* out) { dot_rows<4>(w, x, n, out); }
+void dot4_bf16(const uint16_t* const* w, const float* x, int64_t n, float* out) { dot_rows<4>(w, x, n, out); }
 
 float qrow8(const uint8_t* q, const float* s, const float* z, const float* x, const float* xsum,
             int64_t cols, int64_t gs) {
@@ -154,38 +171,62 @@ inline float zero_terms(const float* s, const float* z, const float* xsum, int64
   return r;
 }
 
-// Both int8-activation rows: blocks in order, four independent accumulators across group boundaries
-// (each block's product scaled by d_b * s_g), so small groups do not serialise on one sum; `dot(b)`
-// is block b's int32 x 8 products and `tail` the integer sum of a partial last block.
-template <class Dot, class Tail>
-inline float qrow_q8(const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs, float off, float mid,
-                     Dot dot, Tail tail) {
+// Both int8-activation rows, R at a time: blocks in order, four independent accumulators per row
+// across group boundaries (each block's product scaled by d_b * s_g), so small groups do not serialise
+// on one sum; `dot(r, b)` is row r's block b as int32 x 8 products and `tail(r, c)` the integer sum of
+// its partial last block from column c. Each row's operations are those of R = 1, in the same order.
+template <int R, class Dot, class Tail>
+inline void qrow_q8(const float* const* s, const float* const* z, const Q8Act& x, int64_t cols, int64_t gs, float off,
+                    float mid, Dot dot, Tail tail, float* out) {
   const int64_t nfull = cols / QBLOCK;
-  GroupScale sc{s, gs / QBLOCK, gs / QBLOCK};
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t b = 0;
-  for (; b + 4 <= nfull; b += 4) {
-    a0 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * sc.next()), _mm256_cvtepi32_ps(dot(b)), a0);
-    a1 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + 1] * sc.next()), _mm256_cvtepi32_ps(dot(b + 1)), a1);
-    a2 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + 2] * sc.next()), _mm256_cvtepi32_ps(dot(b + 2)), a2);
-    a3 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + 3] * sc.next()), _mm256_cvtepi32_ps(dot(b + 3)), a3);
+  GroupScale sc[R];
+  __m256 a[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    sc[r] = {s[r], gs / QBLOCK, gs / QBLOCK};
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) a[r][k] = _mm256_setzero_ps();
   }
-  for (; b < nfull; ++b) a0 = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * sc.next()), _mm256_cvtepi32_ps(dot(b)), a0);
-  float ys = nfull * QBLOCK < cols ? x.d[nfull] * sc.next() * float(tail(nfull * QBLOCK)) : 0.f;
-  ys += zero_terms(s, z, x.gsum, (cols + gs - 1) / gs, off, mid);
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + ys;
+  int64_t b = 0;
+  for (; b + 4 <= nfull; b += 4)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k)
+        a[r][k] = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + k] * sc[r].next()), _mm256_cvtepi32_ps(dot(r, b + k)), a[r][k]);
+  for (; b < nfull; ++b)
+    for (int r = 0; r < R; ++r)
+      a[r][0] = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * sc[r].next()), _mm256_cvtepi32_ps(dot(r, b)), a[r][0]);
+  for (int r = 0; r < R; ++r) {
+    float ys = nfull * QBLOCK < cols ? x.d[nfull] * sc[r].next() * float(tail(r, nfull * QBLOCK)) : 0.f;
+    ys += zero_terms(s[r], z[r], x.gsum, (cols + gs - 1) / gs, off, mid);
+    out[r] = hsum(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3]))) + ys;
+  }
+}
+
+template <int R>
+void qrow8_q8_rows(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+                   int64_t gs, float* out) {
+  const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
+  auto dot = [&](int r, int64_t b) {
+    const int64_t c = b * QBLOCK;
+    _mm_prefetch(reinterpret_cast<const char*>(q[r] + c) + PREFETCH, _MM_HINT_T0);
+    return dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + c)),
+                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + c)), flip, ones);
+  };
+  auto tail = [&](int r, int64_t c) { return itail_u8(q[r], x.q, c, cols, 128); };
+  qrow_q8<R>(s, z, x, cols, gs, 128.f, 128.f, dot, tail, out);
 }
 
 float qrow8_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
-  const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
-  auto dot = [&](int64_t b) {
-    const int64_t c = b * QBLOCK;
-    _mm_prefetch(reinterpret_cast<const char*>(q + c) + PREFETCH, _MM_HINT_T0);
-    return dot_centred(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c)),
-                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + c)), flip, ones);
-  };
-  auto tail = [&](int64_t c) { return itail_u8(q, x.q, c, cols, 128); };
-  return qrow_q8(s, z, x, cols, gs, 128.f, 128.f, dot, tail);
+  float out;
+  qrow8_q8_rows<1>(&q, &s, &z, x, cols, gs, &out);
+  return out;
+}
+
+void qrow8_q8_x4(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+                 int64_t gs, float* out) {
+  qrow8_q8_rows<4>(q, s, z, x, cols, gs, out);
 }
 
 // 4-bit codes (<= 15) cannot saturate: 16 packed bytes give the 16 low nibbles (even columns) and the 16
@@ -210,40 +251,66 @@ inline __m256i dot_nibble_pair(const uint8_t* q, const int8_t* xq4p, __m256i m, 
   return _mm256_madd_epi16(p, ones);
 }
 
-// 4-bit rows two blocks at a time (dot_nibble_pair), each pair's products scaled by a vector holding
-// the two blocks' d_b * s_g; groups of one block (Q4_0's) take four blocks' scales in one multiply.
-float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+// 4-bit rows two blocks at a time (dot_nibble_pair), R rows together, each pair's products scaled by a
+// vector holding the two blocks' d_b * s_g; groups of one block (Q4_0's) take four blocks' scales in one
+// multiply. Each row's operations are those of R = 1 (qrow4_q8), in the same order.
+template <int R>
+void qrow4_q8_rows(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+                   int64_t gs, float* out) {
   const __m256i m = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int64_t nfull = cols / QBLOCK, bpg = gs / QBLOCK;
-  auto pair = [&](int64_t b) {
-    if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + b * QBLOCK / 2) + PREFETCH, _MM_HINT_T0);
-    return _mm256_cvtepi32_ps(dot_nibble_pair(q + b * QBLOCK / 2, x.q4p + b * QBLOCK, m, ones));
+  auto pair = [&](int r, int64_t b) {
+    if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(q[r] + b * QBLOCK / 2) + PREFETCH, _MM_HINT_T0);
+    return _mm256_cvtepi32_ps(dot_nibble_pair(q[r] + b * QBLOCK / 2, x.q4p + b * QBLOCK, m, ones));
   };
-  auto scale = [&](int64_t b) { return x.d[b] * s[b / bpg]; };
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  auto scale = [&](int r, int64_t b) { return x.d[b] * s[r][b / bpg]; };
+  __m256 a0[R], a1[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
   int64_t b = 0;
   if (bpg == 1) {
     const __m256i first = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), second = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
     for (; b + 4 <= nfull; b += 4) {
-      const __m256 c = _mm256_castps128_ps256(_mm_mul_ps(_mm_loadu_ps(x.d + b), _mm_loadu_ps(s + b)));
-      a0 = _mm256_fmadd_ps(pair(b), _mm256_permutevar8x32_ps(c, first), a0);
-      a1 = _mm256_fmadd_ps(pair(b + 2), _mm256_permutevar8x32_ps(c, second), a1);
+      const __m128 d = _mm_loadu_ps(x.d + b);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256 c = _mm256_castps128_ps256(_mm_mul_ps(d, _mm_loadu_ps(s[r] + b)));
+        a0[r] = _mm256_fmadd_ps(pair(r, b), _mm256_permutevar8x32_ps(c, first), a0[r]);
+        a1[r] = _mm256_fmadd_ps(pair(r, b + 2), _mm256_permutevar8x32_ps(c, second), a1[r]);
+      }
     }
   } else {
-    GroupScale sc{s, bpg, bpg};
-    for (; b + 2 <= nfull; b += 2) {
-      const float c0 = x.d[b] * sc.next(), c1 = x.d[b + 1] * sc.next();
-      a0 = _mm256_fmadd_ps(pair(b), _mm256_set_m128(_mm_set1_ps(c1), _mm_set1_ps(c0)), a0);
-    }
+    GroupScale sc[R];
+    for (int r = 0; r < R; ++r) sc[r] = {s[r], bpg, bpg};
+    for (; b + 2 <= nfull; b += 2)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const float c0 = x.d[b] * sc[r].next(), c1 = x.d[b + 1] * sc[r].next();
+        a0[r] = _mm256_fmadd_ps(pair(r, b), _mm256_set_m128(_mm_set1_ps(c1), _mm_set1_ps(c0)), a0[r]);
+      }
   }
   for (; b + 2 <= nfull; b += 2)
-    a1 = _mm256_fmadd_ps(pair(b), _mm256_set_m128(_mm_set1_ps(scale(b + 1)), _mm_set1_ps(scale(b))), a1);
-  if (b < nfull)  // an unpaired last whole block, ordered in x.q4p as in x.q4
-    a1 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b)),
-                         _mm256_cvtepi32_ps(dot_nibbles(q + b * QBLOCK / 2, x.q4p + b * QBLOCK, m, ones)), a1);
-  float ys = nfull * QBLOCK < cols ? scale(nfull) * float(itail_u4(q, x.q, nfull * QBLOCK, cols)) : 0.f;
-  ys += zero_terms(s, z, x.gsum, (cols + gs - 1) / gs, 0.f, 8.f);
-  return hsum(_mm256_add_ps(a0, a1)) + ys;
+    for (int r = 0; r < R; ++r)
+      a1[r] = _mm256_fmadd_ps(pair(r, b), _mm256_set_m128(_mm_set1_ps(scale(r, b + 1)), _mm_set1_ps(scale(r, b))), a1[r]);
+  for (int r = 0; r < R; ++r) {
+    if (b < nfull)  // an unpaired last whole block, ordered in x.q4p as in x.q4
+      a1[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale(r, b)),
+                              _mm256_cvtepi32_ps(dot_nibbles(q[r] + b * QBLOCK / 2, x.q4p + b * QBLOCK, m, ones)), a1[r]);
+    float ys = nfull * QBLOCK < cols ? scale(r, nfull) * float(itail_u4(q[r], x.q, nfull * QBLOCK, cols)) : 0.f;
+    ys += zero_terms(s[r], z[r], x.gsum, (cols + gs - 1) / gs, 0.f, 8.f);
+    out[r] = hsum(_mm256_add_ps(a0[r], a1[r])) + ys;
+  }
+}
+
+float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+  float out;
+  qrow4_q8_rows<1>(&q, &s, &z, x, cols, gs, &out);
+  return out;
+}
+
+void qrow4_q8_x4(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+                 int64_t gs, float* out) {
+  qrow4_q8_rows<4>(q, s, z, x, cols, gs, out);
 }
 
 // --- quantized GEMM (kern.h) ---
@@ -399,7 +466,8 @@ void gemm_q8(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, 
     gemm_q8_bits<false>(w, r0, r1, x, cols, gs, y, ldy);
 }
 
-const Kern table{"avx2", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8, gemm_q8};
+const Kern table{"avx2",   dot_f32,  dot_bf16,  qrow8,       qrow4,      qrow8_q8, qrow4_q8,
+                 gemm_q8,  dot4_f32, dot4_bf16, qrow8_q8_x4, qrow4_q8_x4};
 
 }  // namespace
 

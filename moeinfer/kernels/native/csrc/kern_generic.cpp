@@ -93,7 +93,27 @@ void gemm_q8(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, 
   }
 }
 
-const Kern table{"generic", dot_f32, dot_bf16, qrow8, qrow4, qrow8_q8, qrow4_q8, gemm_q8};
+// Four rows: the one-row kernels in turn (the portable variant has no reads in flight to gain).
+void dot4_f32(const float* const* w, const float* x, int64_t n, float* out) {
+  for (int i = 0; i < 4; ++i) out[i] = dot_f32(w[i], x, n);
+}
+
+void dot4_bf16(const uint16_t* const* w, const float* x, int64_t n, float* out) {
+  for (int i = 0; i < 4; ++i) out[i] = dot_bf16(w[i], x, n);
+}
+
+void qrow8_q8_x4(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+                 int64_t gs, float* out) {
+  for (int i = 0; i < 4; ++i) out[i] = qrow8_q8(q[i], s[i], z[i], x, cols, gs);
+}
+
+void qrow4_q8_x4(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+                 int64_t gs, float* out) {
+  for (int i = 0; i < 4; ++i) out[i] = qrow4_q8(q[i], s[i], z[i], x, cols, gs);
+}
+
+const Kern table{"generic", dot_f32,  dot_bf16,  qrow8,       qrow4,      qrow8_q8, qrow4_q8,
+                 gemm_q8,   dot4_f32, dot4_bf16, qrow8_q8_x4, qrow4_q8_x4};
 
 }  // namespace
 

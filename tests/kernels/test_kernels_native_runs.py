@@ -1,0 +1,93 @@
+"""Batch-1 row products in interleaved runs (csrc/ops.cpp `in_runs`, kern.h's four-row kernels): a
+thread's rows are read four (or two gate/up pairs) at a time from distant parts of its share, so which
+rows go through a four-row kernel and which through the one-row kernel depends on the matrix's height
+and the thread count. Every four-row kernel computes each row in the one-row kernel's order, so every
+output must be bit-equal however the rows were grouped: compared with torch.equal.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from native_helpers import native_ops, require, variant_params
+
+HEIGHTS = range(1, 11)  # 0-2 four-row runs and 0-3 single rows
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [40, 200])  # a tail of 8 and a scalar tail
+def test_gemv_rows_do_not_depend_on_grouping(variant, dtype, cols, threads):
+    ops = native_ops()
+    require(variant)
+    g = torch.Generator().manual_seed(cols)
+    x, w = torch.randn(cols, generator=g), torch.randn(max(HEIGHTS), cols, generator=g).to(dtype)
+    full = ops.gemv(x, w, variant)
+    for n in HEIGHTS:
+        assert torch.equal(ops.gemv(x, w[:n].contiguous(), variant), full[:n]), n
+
+
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs", [32, 64])
+def test_quantized_rows_do_not_depend_on_grouping(variant, bits, gs, threads):
+    ops = native_ops()
+    require(variant)
+    g = torch.Generator().manual_seed(bits + gs)
+    cols = 200  # pairs of blocks, a partial block
+    q = torch.randint(0, 256, (max(HEIGHTS), cols // 2 if bits == 4 else cols), dtype=torch.uint8, generator=g)
+    s = torch.rand(max(HEIGHTS), -(-cols // gs), generator=g)
+    x = torch.randn(cols, generator=g)
+    full = ops.gemv_q(x, q, s, None, bits, gs, variant, "q8")
+    assert torch.equal(ops.gemm_q(x[None], q, s, None, bits, gs, variant, "q8", None)[0], full)
+    for n in HEIGHTS:
+        assert torch.equal(ops.gemv_q(x, q[:n].contiguous(), s[:n].contiguous(), None, bits, gs, variant, "q8"),
+                           full[:n]), n
+
+
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_do_not_depend_on_grouping(variant, dtype, threads):
+    """One routed expert alone, then beside others (the gate/up runs pair rows of different experts),
+    skipped slots included: its output is the same bits (the down sums follow the routing order)."""
+    ops = native_ops()
+    require(variant)
+    g = torch.Generator().manual_seed(3)
+    E, D, I = 5, 64, 36
+    gu, dn = torch.randn(E, 2 * I, D, generator=g).to(dtype), torch.randn(E, D, I, generator=g).to(dtype)
+    x = torch.randn(D, generator=g)
+    one = ops.moe_decode(x, torch.tensor([2]), torch.tensor([1.0]), gu, dn, variant)
+    for experts in ([2, -1], [2, 0, 4], [2, -1, 3, 1]):
+        w = torch.tensor([1.0] + [0.0] * (len(experts) - 1))
+        assert torch.equal(ops.moe_decode(x, torch.tensor(experts), w, gu, dn, variant), one), experts
+
+
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_experts_do_not_depend_on_grouping(variant, bits, threads):
+    ops = native_ops()
+    require(variant)
+    g = torch.Generator().manual_seed(bits)
+    E, D, I = 5, 96, 64
+    qgu = torch.randint(0, 256, (E, 2 * I, D // 2 if bits == 4 else D), dtype=torch.uint8, generator=g)
+    qdn = torch.randint(0, 256, (E, D, I // 2 if bits == 4 else I), dtype=torch.uint8, generator=g)
+    sgu, sdn = torch.rand(E, 2 * I, D // 32, generator=g), torch.rand(E, D, I // 32, generator=g)
+    x = torch.randn(D, generator=g)
+
+    def run(experts):
+        w = torch.tensor([1.0] + [0.0] * (len(experts) - 1))
+        return ops.moe_decode_q(x, torch.tensor(experts), w, qgu, sgu, None, qdn, sdn, None, bits, 32, D, I, variant,
+                                "q8")
+
+    one = run([2])
+    for experts in ([2, -1], [2, 0, 4], [2, -1, 3, 1]):
+        assert torch.equal(run(experts), one), experts
