@@ -35,17 +35,31 @@ them" check):
 (`moeinfer init`, streamed; reused when present); the real Mixtral-8x7B-Instruct routing
 (`$MOEINFER_MIXTRAL_TRACES`, default ../shared/data/traces/mixtral-8x7b-instruct/, both files) cut to
 its first `--layers` MoE layers is both the planner's `trace` and the routing replayed while
-measuring. Only speed is measured, and only decode is compared with its prediction: the weights
-are random, so a quality loss means nothing (plans keep bf16 experts: the planner cannot measure
-quality on them, `precisions=("bf16",)`), and its prefill would take minutes per round at 1
-thread. Its prompt is one token (`REAL_PROMPT_TOKENS`), so every forward replays one trace row, as
-the planner's decode view prices them: a prompt of several rows runs as one forward that loads every
-expert its rows use, which had flushed a small cache before each round's decode (at 6 of 16 slots, a
-live hit rate of 29% against 38-42% simulated: tests/plan/test_plan_replay_hits.py). Each configuration
-(baselines too) also gets the cost model's decode tokens/s and hit rate for the rows its rounds
-replayed (`replayed_prediction`; JSON `predicted_replayed`, `decode_ratio_replayed`): the rounds
-replay the trace's first rows only, so this separates the cost model's error from the trace's. Its configurations are measured one after the other (each holds up to its
-budget of memory; two would not fit beside each other in the machine's RAM), rounds in a row.
+measuring. Only speed is measured: the weights are random, so a quality loss means nothing.
+- Precisions: when the checkpoint fits in the memory available now with WHOLE_HEADROOM (`fits_whole`;
+  not with `--float-only`), the planner may quantize (int8, int4) and the uniform-int4 baseline is
+  measured: a quantized plan loads the model whole, quantizes, then offloads when it does (its
+  expert store in a temporary folder under benchmarks/.planner_real/, removed after). The planner
+  cannot measure quality on random weights, so it is given `stand_in_quality`: each precision costs
+  the loss measured for it on the shipped model, and --max-quality-loss acts as it does there.
+  Otherwise plans keep bf16 experts, loaded with the experts left in the checkpoint.
+- Budgets (`default_budgets`): with quantized plans, below uniform int4 (only the --fit-like rule
+  fits), just above it, and with every float expert resident (the default fits).
+- Decode: its prompt is one token (`REAL_PROMPT_TOKENS`), so every forward replays one trace row, as
+  the planner's decode view prices them: a prompt of several rows runs as one forward that loads every
+  expert its rows use, which had flushed a small cache before each round's decode (at 6 of 16 slots,
+  a live hit rate of 29% against 38-42% simulated: tests/plan/test_plan_replay_hits.py).
+- Prefill: one separate forward of `--prefill-tokens` tokens (default PROMPT_TOKENS, as the shipped
+  model's prompt) per configuration, after its rounds (`Runner.prefill`: it replays the trace's first
+  rows and puts the replay cursor back), so the decode rounds are unchanged; one forward, not the best
+  of several (a second would meet the cache the first left).
+- Each configuration (baselines too) also gets the cost model's figures for the rows its rounds and
+  its prefill forward replayed (`replayed_prediction`; JSON `predicted_replayed`,
+  `decode_ratio_replayed`, `prefill_ratio_replayed`): the rounds replay the trace's first rows only,
+  and the plan's own prefill prediction prices the trace's four prompts (78-252 tokens) in one
+  forward each, so these separate the cost model's error from the workload's.
+Its configurations are measured one after the other (each holds up to its budget of memory, a
+quantized one the whole model while it is quantized), rounds in a row.
 Timing numbers from a shared or busy machine are not results: the script records the load average.
 """
 
@@ -155,6 +169,11 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     from moeinfer.planning.sizes import available_memory, sizes_from_checkpoint
 
     sizes = sizes_from_checkpoint(model_name)
+    kernel = plan.kernel
+    if kernel == "auto":  # the default baseline: priced with the kernel 'auto' resolves to here
+        from moeinfer.kernels.registry import resolve
+
+        kernel = resolve("auto", "cpu").name
     rows = np.arange(WARM_UP_TOKENS + rounds * tokens) % trace.num_tokens
     # the memory the plan leaves free holds the disk tier's pages, as the planner prices it
     memory = plan.predicted.memory_bytes if plan.predicted is not None else 0
@@ -164,7 +183,7 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
         # n decode rows one per forward, then (prompt > 0) the trace's first `prompt` rows in one forward
         ids = np.concatenate([rows[:n], np.arange(prompt) % trace.num_tokens])
         step = np.concatenate([np.arange(n), np.full(prompt, n)])
-        return simulate_plan(routes.forwards(trace, ids, step), sizes, profile, plan.precisions, kernel=plan.kernel,
+        return simulate_plan(routes.forwards(trace, ids, step), sizes, profile, plan.precisions, kernel=kernel,
                              fp32_weights=plan.fp32_weights, offload=plan.offload, page_cache_bytes=page_cache)
 
     whole, warm = run(len(rows)), run(WARM_UP_TOKENS)
@@ -248,7 +267,10 @@ def baselines(model_name: str, budget: int, *, quantized: bool = True) -> dict[s
     """The issue's comparison points at `budget` (those that fit by the planner's memory model):
     (a) the default: every expert resident in float, kernel auto; (b) a memory-only rule like
     llama.cpp's --fit: float weights, experts spilled to the slow tier with every slot the budget
-    leaves in a plain LRU cache; (c) uniform int4, resident (not with `quantized=False`)."""
+    leaves in a plain LRU cache, run by the kernel 'auto' picks here (as the default is: llama.cpp's
+    --fit keeps its fast kernels; until session 6 this rule ran 'reference', which flattered the planner
+    where the native kernels are built); (c) uniform int4, resident (not with `quantized=False`)."""
+    from moeinfer.kernels.registry import resolve
     from moeinfer.planning import Plan, PlanOffload
     from moeinfer.planning.costs import expert_bytes, fixed_bytes
     from moeinfer.planning.sizes import sizes_from_checkpoint
@@ -263,7 +285,7 @@ def baselines(model_name: str, budget: int, *, quantized: bool = True) -> dict[s
     else:
         slots = int((budget - fixed) // expert_bytes(s, "bf16"))
         if slots >= 1:
-            out["fit-rule"] = Plan(precisions=("bf16",) * L, kernel="reference",
+            out["fit-rule"] = Plan(precisions=("bf16",) * L, kernel=resolve("auto", "cpu").name,
                                    offload=PlanOffload(tier="disk", cache_experts=slots, policy="lru"), **common)
     if quantized and fixed + n * expert_bytes(s, "int4") <= budget:
         out["uniform-int4"] = Plan(precisions=("int4",) * L, kernel="auto", **common)
