@@ -247,6 +247,22 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
     return {n: summarize(got[n], prefill=pre.get(n)) for n in names}
 
 
+def distinct_configs(configs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the configurations to measure, name -> the earlier name it duplicates): a baseline that is the
+    chosen plan itself (`describe()` equal: precisions, placement, cache, kernel, batch) is measured once
+    and reported with its twin's figures (--real-shape: each load of a quantized configuration costs
+    the whole model and minutes of quantization)."""
+    first: dict[str, str] = {}
+    same: dict[str, str] = {}
+    for name, p in configs.items():
+        key = p.describe()
+        if key in first:
+            same[name] = first[key]
+        else:
+            first[key] = name
+    return {n: p for n, p in configs.items() if n not in same}, same
+
+
 def quality(model_name: str, plan: Any, *, max_bytes: int, base_bpb: float) -> dict[str, Any]:
     """Step 4: measured quality loss of `plan` (0 without an evaluation for float experts)."""
     import moeinfer
@@ -474,14 +490,18 @@ def main(argv: list[str] | None = None) -> int:
         configs: dict[str, Any] = {f"#{i + 1}": p for i, p in enumerate((chosen, *chosen.runners_up[:args.runners]))}
         if not args.no_baselines:
             configs.update(baselines(model_name, budget, quantized=quantized))
-        timed = time_configs(configs, make, rounds=args.rounds, tokens=args.tokens, interleave=args.interleave,
+        # --real-shape: a configuration listed twice (a baseline that is the chosen plan) is measured once
+        measured, same = distinct_configs(configs) if real else (configs, {})
+        timed = time_configs(measured, make, rounds=args.rounds, tokens=args.tokens, interleave=args.interleave,
                              prefill_prompt=prefill_prompt)
+        timed.update({n: timed[twin] for n, twin in same.items()})
         for name, p in configs.items():
             got = timed[name]
             if not real:
                 got.update(quality(model_name, p, max_bytes=args.max_bytes, base_bpb=base))
             pr = p.predicted
             row = {"budget": budget, "config": name, "plan": p.describe(), "plan_s": plan_s if name == "#1" else None,
+                   "measured_as": same.get(name),
                    "predicted": vars(pr) if pr is not None else None, "measured": got,
                    "load_avg": os.getloadavg()[0]}
             if pr is not None:
@@ -509,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             if not real:
                 q = f"  quality {100 * (pr.quality_loss or 0):+.2f}% -> " if pr else "  quality "
                 q += f"{100 * got['quality_loss']:+.2f}%"
-            print(f"{budget / 1e6:9.1f} MB  {name:<13} {p.describe():<60}  decode {_fmt(pr and pr.decode_tok_s)} -> "
+            label = f"{name}={same[name]}" if name in same else name  # measured once, as its twin
+            print(f"{budget / 1e6:9.1f} MB  {label:<16} {p.describe():<60}  decode {_fmt(pr and pr.decode_tok_s)} -> "
                   f"{_fmt(got['decode_tok_s'])} ({_fmt(row.get('decode_ratio'), 5)}x; median round "
                   f"{_fmt(got['decode_tok_s_median_round'])})  prefill {_fmt(pr and pr.prefill_tok_s)} -> "
                   f"{_fmt(got['prefill_tok_s'])}{q}{hits}{replayed}", flush=True)
@@ -517,11 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         if base_names:  # the issue's check: the chosen plan against the best baseline, measured together
             best = max(base_names, key=lambda n: timed[n]["decode_tok_s"])
             speedup = timed["#1"]["decode_tok_s"] / timed[best]["decode_tok_s"]
-            same = configs[best].describe() == configs["#1"].describe()  # then the ratio is the noise alone
+            same_cfg = configs[best].describe() == configs["#1"].describe()  # then the ratio is the noise alone
             rows.append({"budget": budget, "summary": True, "best_baseline": best, "chosen_over_best_baseline": speedup,
-                         "same_configuration": same})
+                         "same_configuration": same_cfg})
             print(f"{budget / 1e6:9.1f} MB  chosen / best baseline ({best}): {speedup:.2f}x decode"
-                  + (" (the same configuration: this ratio is measurement noise)" if same else ""), flush=True)
+                  + (" (the same configuration" + (", measured once)" if best in same else
+                                                    ": this ratio is measurement noise)") if same_cfg else ""),
+                  flush=True)
     ratios = [r["decode_ratio"] for r in rows if r.get("decode_ratio") is not None]
     within = sum(abs(x - 1.0) <= 0.25 for x in ratios)
     print(f"decode within 25% of its prediction: {within} of {len(ratios)} plans", flush=True)

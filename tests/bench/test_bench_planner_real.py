@@ -125,3 +125,16 @@ def test_stand_in_quality_charges_the_shipped_models_loss_per_precision():
     assert q.loss(["int8", "int8"]) == pytest.approx(0.001) and q.loss(["int4", "int4"]) == pytest.approx(0.015)
     assert q.loss(["int4", "bf16"]) == pytest.approx(0.0075)  # losses add over layers, as the planner assumes
     assert "shipped model" in q.source
+
+
+def test_a_baseline_that_is_the_chosen_plan_is_measured_once():
+    from moeinfer.planning import Plan, PlanOffload
+
+    common = dict(model="m", device="cpu", budget_bytes=10**9, objective="latency")
+    int4 = Plan(precisions=("int4",) * 2, kernel="auto", **common)
+    off = Plan(precisions=("int4",) * 2, kernel="auto", offload=PlanOffload(tier="disk", cache_experts=4), **common)
+    off_lru = Plan(precisions=("int4",) * 2, kernel="auto",
+                   offload=PlanOffload(tier="disk", cache_experts=4, policy="lfu"), **common)
+    measured, same = bp.distinct_configs({"#1": int4, "#2": off, "#3": off_lru, "uniform-int4": int4})
+    assert list(measured) == ["#1", "#2", "#3"] and same == {"uniform-int4": "#1"}
+    assert bp.distinct_configs({"#1": int4, "#2": off}) == ({"#1": int4, "#2": off}, {})
