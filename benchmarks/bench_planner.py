@@ -5,6 +5,7 @@ real-shape random-weight model whose routing is replayed from a real routing tra
     PYTHONPATH=. python benchmarks/bench_planner.py [--model tiny] [--budgets auto | 80MB,120MB,...]
         [--tokens 32] [--rounds 9] [--max-bytes 16384] [--out planner-bench.json]
     PYTHONPATH=. python benchmarks/bench_planner.py --real-shape mixtral [--budgets auto] [--tokens 8] [--rounds 3]
+        [--prefill-tokens 64] [--float-only]
 
 For each budget (default: three budgets from the model's own sizes: a few float experts over the
 fixed memory, half the float experts, all of them), plan with the default settings, then for the
