@@ -5,6 +5,7 @@ real-shape random-weight model whose routing is replayed from a real routing tra
     PYTHONPATH=. python benchmarks/bench_planner.py [--model tiny] [--budgets auto | 80MB,120MB,...]
         [--tokens 32] [--rounds 9] [--max-bytes 16384] [--out planner-bench.json]
     PYTHONPATH=. python benchmarks/bench_planner.py --real-shape mixtral [--budgets auto] [--tokens 8] [--rounds 3]
+        [--prefill-tokens 64] [--float-only]
 
 For each budget (default: three budgets from the model's own sizes: a few float experts over the
 fixed memory, half the float experts, all of them), plan with the default settings, then for the
@@ -35,17 +36,31 @@ them" check):
 (`moeinfer init`, streamed; reused when present); the real Mixtral-8x7B-Instruct routing
 (`$MOEINFER_MIXTRAL_TRACES`, default ../shared/data/traces/mixtral-8x7b-instruct/, both files) cut to
 its first `--layers` MoE layers is both the planner's `trace` and the routing replayed while
-measuring. Only speed is measured, and only decode is compared with its prediction: the weights
-are random, so a quality loss means nothing (plans keep bf16 experts: the planner cannot measure
-quality on them, `precisions=("bf16",)`), and its prefill would take minutes per round at 1
-thread. Its prompt is one token (`REAL_PROMPT_TOKENS`), so every forward replays one trace row, as
-the planner's decode view prices them: a prompt of several rows runs as one forward that loads every
-expert its rows use, which had flushed a small cache before each round's decode (at 6 of 16 slots, a
-live hit rate of 29% against 38-42% simulated: tests/plan/test_plan_replay_hits.py). Each configuration
-(baselines too) also gets the cost model's decode tokens/s and hit rate for the rows its rounds
-replayed (`replayed_prediction`; JSON `predicted_replayed`, `decode_ratio_replayed`): the rounds
-replay the trace's first rows only, so this separates the cost model's error from the trace's. Its configurations are measured one after the other (each holds up to its
-budget of memory; two would not fit beside each other in the machine's RAM), rounds in a row.
+measuring. Only speed is measured: the weights are random, so a quality loss means nothing.
+- Precisions: when the checkpoint fits in the memory available now with WHOLE_HEADROOM (`fits_whole`;
+  not with `--float-only`), the planner may quantize (int8, int4) and the uniform-int4 baseline is
+  measured: a quantized plan loads the model whole, quantizes, then offloads when it does (its
+  expert store in a temporary folder under benchmarks/.planner_real/, removed after). The planner
+  cannot measure quality on random weights, so it is given `stand_in_quality`: each precision costs
+  the loss measured for it on the shipped model, and --max-quality-loss acts as it does there.
+  Otherwise plans keep bf16 experts, loaded with the experts left in the checkpoint.
+- Budgets (`default_budgets`): with quantized plans, below uniform int4 (only the --fit-like rule
+  fits), just above it, and with every float expert resident (the default fits).
+- Decode: its prompt is one token (`REAL_PROMPT_TOKENS`), so every forward replays one trace row, as
+  the planner's decode view prices them: a prompt of several rows runs as one forward that loads every
+  expert its rows use, which had flushed a small cache before each round's decode (at 6 of 16 slots,
+  a live hit rate of 29% against 38-42% simulated: tests/plan/test_plan_replay_hits.py).
+- Prefill: one separate forward of `--prefill-tokens` tokens (default PROMPT_TOKENS, as the shipped
+  model's prompt) per configuration, after its rounds (`Runner.prefill`: it replays the trace's first
+  rows and puts the replay cursor back), so the decode rounds are unchanged; one forward, not the best
+  of several (a second would meet the cache the first left).
+- Each configuration (baselines too) also gets the cost model's figures for the rows its rounds and
+  its prefill forward replayed (`replayed_prediction`; JSON `predicted_replayed`,
+  `decode_ratio_replayed`, `prefill_ratio_replayed`): the rounds replay the trace's first rows only,
+  and the plan's own prefill prediction prices the trace's four prompts (78-252 tokens) in one
+  forward each, so these separate the cost model's error from the workload's.
+Its configurations are measured one after the other (each holds up to its budget of memory, a
+quantized one the whole model while it is quantized), rounds in a row.
 Timing numbers from a shared or busy machine are not results: the script records the load average.
 """
 
@@ -56,6 +71,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,20 +85,23 @@ REAL_DIR = ROOT / "benchmarks" / ".planner_real"
 REAL_SHAPES = {"mixtral": ("Mixtral-8x7B", "mixtral-8x7b-instruct", ("humaneval_2_routing.jsonl",
                                                                       "gsm8k_2_routing.jsonl"))}
 REAL_PROMPT_TOKENS = 1  # --real-shape: one row per forward, the planner's decode view (module docstring)
+# --real-shape: quantized plans when the memory available is >= this x the checkpoint's bytes (peak RSS: 1.47x)
+WHOLE_HEADROOM = 1.6
 WARM_UP_TOKENS = 4
 
 
 class Runner:
     """One configuration, loaded and warmed up; `round()` generates once and returns its timings."""
 
-    def __init__(self, load: Callable[[], Any], plan: Any, prompt: list[int], *, trace: Any = None) -> None:
+    def __init__(self, load: Callable[[], Any], plan: Any, prompt: list[int], *, trace: Any = None,
+                 cleanup: Callable[[], None] | None = None) -> None:
         import moeinfer
         from moeinfer.offload.replay import replay_routing_
 
+        self.cleanup = cleanup  # called by close(): e.g. removing a quantized plan's expert store
         self.model = load()
         self.plan, self.prompt = plan, prompt
-        if trace is not None:
-            replay_routing_(self.model, trace, wrap=True)
+        self.cursor = replay_routing_(self.model, trace, wrap=True) if trace is not None else None
         moeinfer.generate(self.model, [prompt], max_new_tokens=WARM_UP_TOKENS, ignore_eos=True)  # warm-up
 
     def round(self, tokens: int) -> dict[str, float]:
@@ -104,20 +123,47 @@ class Runner:
             out["hit_rate"] = hits / max(1, hits + misses)
         return out
 
+    def prefill(self, prompt: list[int]) -> float:
+        """Prefill tokens/s of one forward of `prompt`, on its own (after the rounds: they are unchanged).
+        With routing replayed, the forward replays the trace's first len(prompt) rows and the cursor is
+        put back after it (`replayed_prediction` prices exactly that forward)."""
+        import moeinfer
+        from moeinfer.bench.instrument import instrument
+
+        at = self.cursor.next if self.cursor is not None else 0
+        if self.cursor is not None:
+            self.cursor.next = 0
+        try:
+            with instrument(self.model) as ins:
+                moeinfer.generate(self.model, [prompt], max_new_tokens=1, ignore_eos=True)
+        finally:
+            if self.cursor is not None:
+                self.cursor.next = at
+        pre = [f for f in ins.forwards if f.phase == "prefill"]
+        return sum(f.tokens for f in pre) / sum(f.seconds for f in pre) if pre else float("nan")
+
     def close(self) -> None:
+        import gc
+
         off = getattr(self.model, "offload", None)
         if off is not None:
             off.close()
         del self.model
+        gc.collect()  # the next configuration may need this one's memory (real-shape models)
+        if self.cleanup is not None:
+            self.cleanup()
 
 
 def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *, rounds: int,
-                        tokens: int) -> dict[str, float]:
+                        tokens: int, prefill_tokens: int = 0) -> dict[str, float]:
     """--real-shape: the cost model's decode tokens/s and hit rate for the rows the rounds replayed (the
     warm-up's WARM_UP_TOKENS rows, then `rounds` x `tokens`, one row per forward, wrapping), beside the
     plan's prediction for the whole trace: the rows differ (a few dozen of its hundreds), so this
     separates the cost model's error from the trace's. The rounds' time is the simulated time of
-    warm-up and rounds less that of the warm-up alone (same cache decisions up to its end)."""
+    warm-up and rounds less that of the warm-up alone (same cache decisions up to its end).
+    `prefill_tokens` > 0: also the prefill tokens/s of the separate prefill forward `Runner.prefill`
+    runs after the rounds (the trace's first `prefill_tokens` rows in one forward, the cache as the
+    rounds left it), as the time of rounds + that forward less that of the rounds."""
     import numpy as np
 
     from moeinfer.planning import routing as routes
@@ -125,28 +171,46 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     from moeinfer.planning.sizes import available_memory, sizes_from_checkpoint
 
     sizes = sizes_from_checkpoint(model_name)
+    kernel = plan.kernel
+    if kernel == "auto":  # the default baseline: priced with the kernel 'auto' resolves to here
+        from moeinfer.kernels.registry import resolve
+
+        kernel = resolve("auto", "cpu").name
     rows = np.arange(WARM_UP_TOKENS + rounds * tokens) % trace.num_tokens
     # the memory the plan leaves free holds the disk tier's pages, as the planner prices it
     memory = plan.predicted.memory_bytes if plan.predicted is not None else 0
     page_cache = max(0, available_memory("cpu") - memory)
 
-    def run(n: int) -> Any:
-        return simulate_plan(routes.subset(trace, rows[:n]), sizes, profile, plan.precisions, kernel=plan.kernel,
+    def run(n: int, prompt: int = 0) -> Any:
+        # n decode rows one per forward, then (prompt > 0) the trace's first `prompt` rows in one forward
+        ids = np.concatenate([rows[:n], np.arange(prompt) % trace.num_tokens])
+        step = np.concatenate([np.arange(n), np.full(prompt, n)])
+        return simulate_plan(routes.forwards(trace, ids, step), sizes, profile, plan.precisions, kernel=kernel,
                              fp32_weights=plan.fp32_weights, offload=plan.offload, page_cache_bytes=page_cache)
 
     whole, warm = run(len(rows)), run(WARM_UP_TOKENS)
     hits = whole.cache["hits"] - warm.cache["hits"]
     misses = whole.cache["misses"] - warm.cache["misses"]
-    return {"decode_tok_s": rounds * tokens / (whole.time_s - warm.time_s), "hit_rate": hits / max(1, hits + misses)}
+    out = {"decode_tok_s": rounds * tokens / (whole.time_s - warm.time_s), "hit_rate": hits / max(1, hits + misses)}
+    if prefill_tokens > 0:
+        pre = run(len(rows), prefill_tokens)
+        out["prefill_tok_s"] = prefill_tokens / (pre.time_s - whole.time_s)
+        hits, misses = pre.cache["hits"] - whole.cache["hits"], pre.cache["misses"] - whole.cache["misses"]
+        out["prefill_hit_rate"] = hits / max(1, hits + misses)
+    return out
 
 
-def summarize(rounds: list[dict[str, float]]) -> dict[str, Any]:
-    """Best and median round of each figure (module docstring, step 3)."""
+def summarize(rounds: list[dict[str, float]], *, prefill: float | None = None) -> dict[str, Any]:
+    """Best and median round of each figure (module docstring, step 3). `prefill`: the tokens/s of a
+    separate prefill forward (--real-shape), which then replaces the rounds' (one-token) prefill."""
     out: dict[str, Any] = {"rounds": rounds}
     for k in ("decode_tok_s", "prefill_tok_s"):
         vals = [r[k] for r in rounds]
         out[k] = max(vals)
         out[f"{k}_median_round"] = statistics.median(vals)
+    if prefill is not None:
+        out["prefill_tok_s"] = out["prefill_tok_s_median_round"] = prefill
+        out["prefill_separate_forward"] = True
     out["decode_best_step_tok_s"] = max(r["fastest_decode_step_tok_s"] for r in rounds)
     if "hit_rate" in rounds[0]:
         out["hit_rate"] = statistics.mean(r["hit_rate"] for r in rounds)
@@ -154,10 +218,15 @@ def summarize(rounds: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, rounds: int, tokens: int,
-                 interleave: bool) -> dict[str, dict[str, Any]]:
-    """Step 2 for the configurations of one budget (name -> plan): name -> `summarize` of its rounds."""
+                 interleave: bool, prefill_prompt: list[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Step 2 for the configurations of one budget (name -> plan): name -> `summarize` of its rounds.
+    `prefill_prompt` (not interleaved only): one prefill forward of it per configuration, after its
+    rounds (`Runner.prefill`), so the rounds see the cache exactly as without it."""
     names = list(configs)
     got: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    pre: dict[str, float] = {}
+    if interleave and prefill_prompt is not None:
+        raise ValueError("a separate prefill forward is measured only with interleave=False")
     if interleave:
         runners = {n: make(configs[n]) for n in names}
         try:
@@ -173,9 +242,27 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
             run = make(configs[n])
             try:
                 got[n] = [run.round(tokens) for _ in range(rounds)]
+                if prefill_prompt is not None:
+                    pre[n] = run.prefill(prefill_prompt)
             finally:
                 run.close()
-    return {n: summarize(got[n]) for n in names}
+    return {n: summarize(got[n], prefill=pre.get(n)) for n in names}
+
+
+def distinct_configs(configs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the configurations to measure, name -> the earlier name it duplicates): a baseline that is the
+    chosen plan itself (`describe()` equal: precisions, placement, cache, kernel, batch) is measured once
+    and reported with its twin's figures (--real-shape: each load of a quantized configuration costs
+    the whole model and minutes of quantization)."""
+    first: dict[str, str] = {}
+    same: dict[str, str] = {}
+    for name, p in configs.items():
+        key = p.describe()
+        if key in first:
+            same[name] = first[key]
+        else:
+            first[key] = name
+    return {n: p for n, p in configs.items() if n not in same}, same
 
 
 def quality(model_name: str, plan: Any, *, max_bytes: int, base_bpb: float) -> dict[str, Any]:
@@ -198,7 +285,10 @@ def baselines(model_name: str, budget: int, *, quantized: bool = True) -> dict[s
     """The issue's comparison points at `budget` (those that fit by the planner's memory model):
     (a) the default: every expert resident in float, kernel auto; (b) a memory-only rule like
     llama.cpp's --fit: float weights, experts spilled to the slow tier with every slot the budget
-    leaves in a plain LRU cache; (c) uniform int4, resident (not with `quantized=False`)."""
+    leaves in a plain LRU cache, run by the kernel 'auto' picks here (as the default is: llama.cpp's
+    --fit keeps its fast kernels; until session 6 this rule ran 'reference', which flattered the planner
+    where the native kernels are built); (c) uniform int4, resident (not with `quantized=False`)."""
+    from moeinfer.kernels.registry import resolve
     from moeinfer.planning import Plan, PlanOffload
     from moeinfer.planning.costs import expert_bytes, fixed_bytes
     from moeinfer.planning.sizes import sizes_from_checkpoint
@@ -213,17 +303,22 @@ def baselines(model_name: str, budget: int, *, quantized: bool = True) -> dict[s
     else:
         slots = int((budget - fixed) // expert_bytes(s, "bf16"))
         if slots >= 1:
-            out["fit-rule"] = Plan(precisions=("bf16",) * L, kernel="reference",
+            out["fit-rule"] = Plan(precisions=("bf16",) * L, kernel=resolve("auto", "cpu").name,
                                    offload=PlanOffload(tier="disk", cache_experts=slots, policy="lru"), **common)
     if quantized and fixed + n * expert_bytes(s, "int4") <= budget:
         out["uniform-int4"] = Plan(precisions=("int4",) * L, kernel="auto", **common)
     return out
 
 
-def default_budgets(model_name: str, *, real_shape: bool = False) -> list[int]:
-    """Three budgets: the fixed memory plus k float experts of the n the model has; k = n/8, n/2 and
-    n + 1 (every expert resident) on the shipped model, n/5, 3n/8 and 5n/8 (all offloaded, each
-    under ~5 GB for the 2-layer Mixtral shape) on a real-shape one."""
+def default_budgets(model_name: str, *, real_shape: bool = False, quantized: bool = True) -> list[int]:
+    """The fixed memory plus experts, n of them in the model:
+    - the shipped model: k = n/8, n/2 and n + 1 float experts (the last: every expert resident);
+    - a real-shape one with quantized plans (`quantized`): three budgets at which the issue's baselines
+      differ: 3/4 of the experts in int4 (below uniform int4: only the --fit-like rule fits), all of
+      them in int4 + 1 float expert (uniform int4 fits, and the --fit-like rule), and n + 1 float
+      experts (the default fits, and uniform int4);
+    - a real-shape one, float experts only: n/5, 3n/8 and 5n/8 float experts (all offloaded, each
+      under ~5 GB for the 2-layer Mixtral shape)."""
     from moeinfer.planning.costs import expert_bytes, fixed_bytes
     from moeinfer.planning.sizes import sizes_from_checkpoint
 
@@ -231,8 +326,34 @@ def default_budgets(model_name: str, *, real_shape: bool = False) -> list[int]:
     fixed = fixed_bytes(s, batch=1, context=min(1024, s.max_context))
     one = expert_bytes(s, "bf16")
     n = s.num_layers * s.num_experts
+    if real_shape and quantized:
+        int4 = n * expert_bytes(s, "int4")
+        return [int(fixed + b) + 1 for b in (0.75 * int4, int4 + one, (n + 1) * one)]
     counts = (max(2, n // 5), 3 * n // 8, 5 * n // 8) if real_shape else (max(2, n // 8), n // 2, n + 1)
     return [int(fixed + k * one) + 1 for k in counts]
+
+
+def fits_whole(model_name: str, *, headroom: float = WHOLE_HEADROOM) -> bool:
+    """--real-shape: whether the checkpoint can be loaded whole (then quantized) here: the memory
+    available now is at least `headroom` x its bytes (the float weights and their quantized copy)."""
+    from moeinfer.planning.sizes import available_memory, checkpoint_bytes
+
+    return checkpoint_bytes(model_name) * headroom <= available_memory("cpu")
+
+
+def stand_in_quality(layers: int, source: Any) -> Any:
+    """--real-shape: the quality model the planner gets for a random-weight model, whose own quality
+    loss means nothing: each precision costs the loss measured for it on the shipped model (`source`,
+    its QualityModel: bits per byte with every layer at that precision), spread evenly over `layers`,
+    so a uniform plan's predicted loss is the shipped model's. Quality is not judged on the random
+    weights; this only keeps the --max-quality-loss bound acting as it does on the shipped model."""
+    from moeinfer.planning.quality import QualityModel
+    from moeinfer.planning.spec import FLOAT
+
+    loss = {p: max(0.0, (bpb - source.base_bpb) / source.base_bpb) for p, bpb in source.fit.items()}
+    errors = {FLOAT: [0.0] * layers, **{p: [v / layers] * layers for p, v in loss.items()}}
+    return QualityModel(base_bpb=1.0, alpha=1.0, errors=errors, fit={p: 1.0 + v for p, v in loss.items()},
+                        source=f"stand-in: the shipped model's measured loss per precision ({source.source})")
 
 
 def real_shape_model(name: str, *, layers: int, traces: Path, progress: bool = True) -> tuple[Path, Any]:
@@ -274,6 +395,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runners", type=int, default=None, help="runners-up measured per budget (default: 3; "
                                                                 "--real-shape: 1)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the default / --fit-like / int4 baselines")
+    ap.add_argument("--prefill-tokens", type=int, default=None,
+                    help=f"--real-shape: tokens of the separate prefill forward measured after each configuration's "
+                         f"rounds (default: {PROMPT_TOKENS}, the shipped model's prompt; 0: none)")
+    ap.add_argument("--float-only", action="store_true",
+                    help="--real-shape: plan float experts only, even when the model fits in memory whole")
     ap.add_argument("--refresh-profile", action="store_true", help="measure the machine profile again first")
     ap.add_argument("--out", default="planner-bench.json")
     args = ap.parse_args(argv)
@@ -283,6 +409,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.runners = (1 if real else 3) if args.runners is None else args.runners
     if args.tokens < 2 or args.rounds < 1 or args.layers < 1 or args.runners < 0:
         ap.error("--tokens must be >= 2, --rounds and --layers >= 1, --runners >= 0")
+    if not real and (args.prefill_tokens is not None or args.float_only):
+        ap.error("--prefill-tokens and --float-only apply to --real-shape only (the shipped model's rounds prefill "
+                 f"a {PROMPT_TOKENS}-token prompt and plan every precision)")
+    args.prefill_tokens = PROMPT_TOKENS if args.prefill_tokens is None else args.prefill_tokens
+    if args.prefill_tokens < 0:
+        ap.error("--prefill-tokens must be >= 0")
     args.interleave = not (args.no_interleave or real)
     if real and args.traces is None:
         args.traces = Path(os.environ.get("MOEINFER_MIXTRAL_TRACES",
@@ -304,13 +436,41 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     real = args.real_shape is not None
     profile = machine_profile("cpu", variants=("int8", "int4"), refresh=args.refresh_profile, progress=True)
+    quantized, quality_model, prefill_prompt = True, None, None
     if real:
+        from moeinfer.planning.load import streams_experts
+        from moeinfer.planning.quality import cached_quality
+        from moeinfer.planning.sizes import available_memory, checkpoint_bytes
+
         path, trace = real_shape_model(args.real_shape, layers=args.layers, traces=args.traces)
-        model_name, precisions, base = str(path), ("bf16",), None
+        model_name, base = str(path), None
         prompt = list(range(1, REAL_PROMPT_TOKENS + 1))  # routing is replayed: the ids do not matter
+        if args.prefill_tokens:
+            prefill_prompt = list(range(1, args.prefill_tokens + 1))
+        quantized = not args.float_only and fits_whole(model_name)
+        print(f"real-shape model: {checkpoint_bytes(model_name) / 1e9:.1f} GB of weights, "
+              f"{available_memory('cpu') / 1e9:.1f} GB available: " +
+              ("quantized plans and the uniform-int4 baseline load it whole, quantize, then offload when the plan "
+               "does; quality is not judged on its random weights: each precision is charged the shipped model's "
+               "measured loss (stand_in_quality)" if quantized else
+               "float experts only (" + ("--float-only" if args.float_only else
+                                         f"it does not fit whole with {WHOLE_HEADROOM}x headroom") +
+               "), loaded with the experts left in the checkpoint"), flush=True)
+        if quantized:
+            precisions = tuple(DEFAULT_PRECISIONS)
+            shipped = cached_quality("tiny", moeinfer.load("tiny", progress=False, dtype="float32"), "english",
+                                     precisions, progress=True)
+            quality_model = stand_in_quality(args.layers, shipped)
+        else:
+            precisions = ("bf16",)
 
         def make(plan: Any) -> Runner:
-            return Runner(lambda: moeinfer.load_planned(path, plan, progress=False), plan, prompt, trace=trace)
+            if streams_experts(plan, "cpu"):
+                return Runner(lambda: moeinfer.load_planned(path, plan, progress=False), plan, prompt, trace=trace)
+            # loaded whole; a quantized offloaded plan writes its expert store here, removed by close()
+            tmp = tempfile.TemporaryDirectory(dir=REAL_DIR, prefix="offload-")
+            return Runner(lambda: moeinfer.load_planned(path, plan, offload_dir=tmp.name, progress=False), plan,
+                          prompt, trace=trace, cleanup=tmp.cleanup)
     else:
         model_name, trace, precisions = args.model, None, tuple(DEFAULT_PRECISIONS)
         base = moeinfer.evaluate(moeinfer.load(model_name, progress=False, dtype="float32"), "english",
@@ -321,37 +481,47 @@ def main(argv: list[str] | None = None) -> int:
 
         def make(plan: Any) -> Runner:
             return Runner(lambda: moeinfer.apply_plan_(moeinfer.load(model_name, progress=False), plan), plan, prompt)
-    budgets = (default_budgets(model_name, real_shape=real) if args.budgets == "auto"
+    budgets = (default_budgets(model_name, real_shape=real, quantized=quantized) if args.budgets == "auto"
                else [parse_budget(b) for b in args.budgets.split(",")])
     rows = []
     for budget in budgets:
         t0 = time.perf_counter()
         chosen = moeinfer.plan(model_name, budget, max_quality_loss=args.max_quality_loss, profile=profile,
-                               trace=trace, precisions=precisions)
+                               trace=trace, precisions=precisions, quality=quality_model)
         plan_s = time.perf_counter() - t0
         configs: dict[str, Any] = {f"#{i + 1}": p for i, p in enumerate((chosen, *chosen.runners_up[:args.runners]))}
         if not args.no_baselines:
-            configs.update(baselines(model_name, budget, quantized=not real))
-        timed = time_configs(configs, make, rounds=args.rounds, tokens=args.tokens, interleave=args.interleave)
+            configs.update(baselines(model_name, budget, quantized=quantized))
+        # --real-shape: a configuration listed twice (a baseline that is the chosen plan) is measured once
+        measured, same = distinct_configs(configs) if real else (configs, {})
+        timed = time_configs(measured, make, rounds=args.rounds, tokens=args.tokens, interleave=args.interleave,
+                             prefill_prompt=prefill_prompt)
+        timed.update({n: timed[twin] for n, twin in same.items()})
         for name, p in configs.items():
             got = timed[name]
             if not real:
                 got.update(quality(model_name, p, max_bytes=args.max_bytes, base_bpb=base))
             pr = p.predicted
             row = {"budget": budget, "config": name, "plan": p.describe(), "plan_s": plan_s if name == "#1" else None,
+                   "measured_as": same.get(name),
                    "predicted": vars(pr) if pr is not None else None, "measured": got,
                    "load_avg": os.getloadavg()[0]}
             if pr is not None:
                 row["decode_ratio"] = got["decode_tok_s"] / pr.decode_tok_s
-                row["prefill_ratio"] = None if real else got["prefill_tok_s"] / pr.prefill_tok_s
+                row["prefill_ratio"] = (None if real and prefill_prompt is None
+                                        else got["prefill_tok_s"] / pr.prefill_tok_s)
             replayed = ""
             if real:  # the cost model on the rows the rounds replayed (baselines too)
-                row["predicted_replayed"] = replayed_prediction(p, model_name, trace, profile, rounds=args.rounds,
-                                                                tokens=args.tokens)
-                row["decode_ratio_replayed"] = got["decode_tok_s"] / row["predicted_replayed"]["decode_tok_s"]
-                replayed = (f"  replayed rows: predicted {row['predicted_replayed']['decode_tok_s']:.2f} "
-                            f"({row['decode_ratio_replayed']:.2f}x), hit rate "
-                            f"{row['predicted_replayed']['hit_rate']:.0%}")
+                rp = row["predicted_replayed"] = replayed_prediction(
+                    p, model_name, trace, profile, rounds=args.rounds, tokens=args.tokens,
+                    prefill_tokens=args.prefill_tokens)
+                row["decode_ratio_replayed"] = got["decode_tok_s"] / rp["decode_tok_s"]
+                replayed = (f"  replayed rows: predicted {rp['decode_tok_s']:.2f} "
+                            f"({row['decode_ratio_replayed']:.2f}x), hit rate {rp['hit_rate']:.0%}")
+                if "prefill_tok_s" in rp:  # the separate prefill forward, priced on its own rows
+                    row["prefill_ratio_replayed"] = got["prefill_tok_s"] / rp["prefill_tok_s"]
+                    replayed += (f"; prefill {rp['prefill_tok_s']:.2f} ({row['prefill_ratio_replayed']:.2f}x, "
+                                 f"{args.prefill_tokens}-token forward)")
             rows.append(row)
             hits = ""
             if "hit_rate" in got:  # predicted (the simulator, decode) and live (the rounds) cache hit rates
@@ -361,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             if not real:
                 q = f"  quality {100 * (pr.quality_loss or 0):+.2f}% -> " if pr else "  quality "
                 q += f"{100 * got['quality_loss']:+.2f}%"
-            print(f"{budget / 1e6:9.1f} MB  {name:<13} {p.describe():<60}  decode {_fmt(pr and pr.decode_tok_s)} -> "
+            label = f"{name}={same[name]}" if name in same else name  # measured once, as its twin
+            print(f"{budget / 1e6:9.1f} MB  {label:<16} {p.describe():<60}  decode {_fmt(pr and pr.decode_tok_s)} -> "
                   f"{_fmt(got['decode_tok_s'])} ({_fmt(row.get('decode_ratio'), 5)}x; median round "
                   f"{_fmt(got['decode_tok_s_median_round'])})  prefill {_fmt(pr and pr.prefill_tok_s)} -> "
                   f"{_fmt(got['prefill_tok_s'])}{q}{hits}{replayed}", flush=True)
@@ -369,11 +540,13 @@ def main(argv: list[str] | None = None) -> int:
         if base_names:  # the issue's check: the chosen plan against the best baseline, measured together
             best = max(base_names, key=lambda n: timed[n]["decode_tok_s"])
             speedup = timed["#1"]["decode_tok_s"] / timed[best]["decode_tok_s"]
-            same = configs[best].describe() == configs["#1"].describe()  # then the ratio is the noise alone
+            same_cfg = configs[best].describe() == configs["#1"].describe()  # then the ratio is the noise alone
             rows.append({"budget": budget, "summary": True, "best_baseline": best, "chosen_over_best_baseline": speedup,
-                         "same_configuration": same})
+                         "same_configuration": same_cfg})
             print(f"{budget / 1e6:9.1f} MB  chosen / best baseline ({best}): {speedup:.2f}x decode"
-                  + (" (the same configuration: this ratio is measurement noise)" if same else ""), flush=True)
+                  + (" (the same configuration" + (", measured once)" if best in same else
+                                                    ": this ratio is measurement noise)") if same_cfg else ""),
+                  flush=True)
     ratios = [r["decode_ratio"] for r in rows if r.get("decode_ratio") is not None]
     within = sum(abs(x - 1.0) <= 0.25 for x in ratios)
     print(f"decode within 25% of its prediction: {within} of {len(ratios)} plans", flush=True)
@@ -383,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(abs(x - 1.0) <= 0.25 for x in again)} of {len(again)} plans", flush=True)
     out = {"model": model_name, "real_shape": args.real_shape, "trace": trace.meta if trace is not None else None,
            "tokens": args.tokens, "rounds": args.rounds, "interleave": args.interleave,
+           "precisions": list(precisions), "quality_model": quality_model.to_dict() if quality_model else None,
+           "prefill_tokens_separate": len(prefill_prompt) if prefill_prompt else None,
            "statistic": "best round of decode tokens / summed decode step time (median round beside it)",
            "profile": profile.to_dict(), "base_bits_per_byte": base, "rows": rows,
            "wall_s": time.perf_counter() - t_start,

@@ -9,7 +9,8 @@ The cost model replays a routing trace (which experts each token uses, layer by 
    which the plan's notes say (real routing is skewed, which caches exploit: the prediction for a
    cache is then pessimistic).
 Views of one trace: `batched(trace, B)` runs B sequences in lockstep, one decode step per position;
-`prefill(trace)` runs each sequence's tokens in one step; `split` halves a trace by sequence;
+`prefill(trace)` runs each sequence's tokens in one step; `forwards(trace, rows, step)` groups chosen
+rows as given; `split` halves a trace by sequence;
 `layers(trace, ids)` keeps some MoE layers (a real 32-layer trace for a model cut to fewer layers).
 """
 
@@ -31,6 +32,15 @@ def _with(trace: RoutingTrace, rows: np.ndarray | slice, step: np.ndarray | None
 def subset(trace: RoutingTrace, rows: np.ndarray) -> RoutingTrace:
     """The trace's rows `rows` (no step grouping)."""
     return _with(trace, rows, None)
+
+
+def forwards(trace: RoutingTrace, rows: np.ndarray, step: np.ndarray) -> RoutingTrace:
+    """The trace's rows `rows` grouped into forwards by `step` (rows with one step id run in one forward,
+    in increasing step order): e.g. a benchmark's replay, decode rows one per forward, then a prompt."""
+    rows, step = np.asarray(rows), np.asarray(step)
+    if rows.shape != step.shape:
+        raise ValueError(f"rows {rows.shape} and step {step.shape} must have the same shape")
+    return _with(trace, rows, step.astype(np.int32))
 
 
 def batched(trace: RoutingTrace, batch: int) -> RoutingTrace:

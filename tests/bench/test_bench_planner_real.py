@@ -1,0 +1,140 @@
+"""benchmarks/bench_planner.py --real-shape: the separate prefill forward (after the rounds, priced on the
+rows it replays), quantized plans when the model fits whole, the budgets at which the issue's baselines
+differ, and the stand-in quality model. Nothing here times anything."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_planner as bp  # noqa: E402
+
+
+def test_prefill_tokens_and_float_only_options(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEINFER_MIXTRAL_TRACES", str(tmp_path))
+    a = bp.parse_args(["--real-shape", "mixtral"])
+    assert (a.prefill_tokens, a.float_only) == (bp.PROMPT_TOKENS, False)
+    b = bp.parse_args(["--real-shape", "mixtral", "--prefill-tokens", "0", "--float-only"])
+    assert (b.prefill_tokens, b.float_only) == (0, True)
+
+
+@pytest.mark.parametrize("argv", [["--prefill-tokens", "8"], ["--float-only"],
+                                  ["--real-shape", "mixtral", "--prefill-tokens", "-1"]])
+def test_real_shape_only_options_are_refused_elsewhere(argv, capsys):
+    with pytest.raises(SystemExit):
+        bp.parse_args(argv)
+    assert "--prefill-tokens" in capsys.readouterr().err
+
+
+def test_separate_prefill_runs_after_the_rounds_and_replaces_their_prefill():
+    order: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def round(self, tokens: int) -> dict[str, float]:
+            order.append(f"round {self.name}")
+            return {"decode_tok_s": 5.0, "prefill_tok_s": 1.0, "fastest_decode_step_tok_s": 6.0}
+
+        def prefill(self, prompt: list[int]) -> float:
+            order.append(f"prefill {self.name} {len(prompt)}")
+            return 40.0 if self.name == "a" else 30.0
+
+        def close(self) -> None:
+            order.append(f"close {self.name}")
+
+    got = bp.time_configs({"a": "a", "b": "b"}, Fake, rounds=2, tokens=4, interleave=False, prefill_prompt=[1] * 7)
+    assert order == ["round a", "round a", "prefill a 7", "close a", "round b", "round b", "prefill b 7", "close b"]
+    assert (got["a"]["prefill_tok_s"], got["b"]["prefill_tok_s"]) == (40.0, 30.0)
+    assert got["a"]["prefill_separate_forward"] and got["a"]["decode_tok_s"] == 5.0
+    order.clear()
+    plain = bp.time_configs({"a": "a"}, Fake, rounds=1, tokens=4, interleave=False)
+    assert order == ["round a", "close a"] and plain["a"]["prefill_tok_s"] == 1.0
+    assert "prefill_separate_forward" not in plain["a"]
+    with pytest.raises(ValueError, match="interleave"):
+        bp.time_configs({"a": "a"}, Fake, rounds=1, tokens=4, interleave=True, prefill_prompt=[1])
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_prefill_forward_is_priced_on_the_rows_it_replays(tmp_path, policy):
+    """The separate prefill forward replays the trace's first rows with the cache the rounds left, and puts
+    the replay cursor back; the cost model's prefill for those rows sees the live cache's hits and misses."""
+    import moeinfer
+    from plan_helpers import synthetic_profile
+
+    from moeinfer.planning import Plan, PlanOffload
+    from moeinfer.planning import routing as routes
+
+    trace = routes.uniform(num_layers=4, num_experts=8, top_k=2, sequences=2, tokens=12, seed=3)
+    plan = Plan(model="tiny", device="cpu", budget_bytes=10**9, objective="latency", precisions=("bf16",) * 4,
+                offload=PlanOffload(tier="disk", cache_experts=12, policy=policy), kernel="reference")
+    cleaned: list[bool] = []
+    run = bp.Runner(lambda: moeinfer.apply_plan_(moeinfer.load("tiny", progress=False), plan, offload_dir=tmp_path),
+                    plan, [1] * bp.REAL_PROMPT_TOKENS, trace=trace, cleanup=lambda: cleaned.append(True))
+    try:
+        for _ in range(2):
+            run.round(4)  # rows 4..11
+        at = run.cursor.next
+        cache = run.model.offload.cache
+        before = (cache.stats.hits, cache.stats.misses)
+        tok_s = run.prefill([5] * 6)
+        hits, misses = cache.stats.hits - before[0], cache.stats.misses - before[1]
+        assert run.cursor.next == at  # later forwards continue where the rounds stopped
+        assert run.cursor.rows.tolist() == list(range(6))  # the prefill forward replayed rows 0..5
+    finally:
+        run.close()
+    assert cleaned == [True]
+    got = bp.replayed_prediction(plan, "tiny", trace, synthetic_profile(), rounds=2, tokens=4, prefill_tokens=6)
+    assert got["prefill_hit_rate"] == pytest.approx(hits / (hits + misses), abs=1e-12)
+    assert 0 < got["prefill_hit_rate"] < 1 and got["prefill_tok_s"] > 0 and tok_s > 0
+    assert "prefill_tok_s" not in bp.replayed_prediction(plan, "tiny", trace, synthetic_profile(), rounds=2, tokens=4)
+
+
+def test_real_shape_budgets_separate_the_baselines():
+    """Quantized plans allowed: below uniform int4 only the --fit-like rule fits; then uniform int4 fits
+    (the default not); then the default fits too. Float only: the three offloaded budgets as before."""
+    budgets = bp.default_budgets("tiny", real_shape=True)
+    kinds = [set(bp.baselines("tiny", b)) for b in budgets]
+    assert kinds == [{"fit-rule"}, {"fit-rule", "uniform-int4"}, {"default", "uniform-int4"}]
+    float_only = bp.default_budgets("tiny", real_shape=True, quantized=False)
+    assert all(set(bp.baselines("tiny", b, quantized=False)) == {"fit-rule"} for b in float_only)
+
+
+def test_quantized_plans_only_when_the_model_fits_whole(monkeypatch):
+    from moeinfer.planning import sizes
+
+    need = sizes.checkpoint_bytes("tiny")
+    monkeypatch.setattr(sizes, "available_memory", lambda device: int(1.5 * need))
+    assert bp.fits_whole("tiny", headroom=1.5)
+    assert not bp.fits_whole("tiny", headroom=1.6)
+
+
+def test_stand_in_quality_charges_the_shipped_models_loss_per_precision():
+    from moeinfer.planning.quality import QualityModel
+
+    shipped = QualityModel(base_bpb=2.0, alpha=0.1, errors={"bf16": [0.0] * 4, "int8": [0.01] * 4, "int4": [0.1] * 4},
+                           fit={"int8": 2.002, "int4": 2.03}, source="english")
+    q = bp.stand_in_quality(2, shipped)
+    assert q.loss(["bf16", "bf16"]) == 0.0
+    assert q.loss(["int8", "int8"]) == pytest.approx(0.001) and q.loss(["int4", "int4"]) == pytest.approx(0.015)
+    assert q.loss(["int4", "bf16"]) == pytest.approx(0.0075)  # losses add over layers, as the planner assumes
+    assert "shipped model" in q.source
+
+
+def test_a_baseline_that_is_the_chosen_plan_is_measured_once():
+    from moeinfer.planning import Plan, PlanOffload
+
+    common = dict(model="m", device="cpu", budget_bytes=10**9, objective="latency")
+    int4 = Plan(precisions=("int4",) * 2, kernel="auto", **common)
+    off = Plan(precisions=("int4",) * 2, kernel="auto", offload=PlanOffload(tier="disk", cache_experts=4), **common)
+    off_lru = Plan(precisions=("int4",) * 2, kernel="auto",
+                   offload=PlanOffload(tier="disk", cache_experts=4, policy="lfu"), **common)
+    measured, same = bp.distinct_configs({"#1": int4, "#2": off, "#3": off_lru, "uniform-int4": int4})
+    assert list(measured) == ["#1", "#2", "#3"] and same == {"uniform-int4": "#1"}
+    assert bp.distinct_configs({"#1": int4, "#2": off}) == ({"#1": int4, "#2": off}, {})
