@@ -65,7 +65,9 @@ def one_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
             or step.uniform_start is None or q.shape[1] != 1 or q.device.type != "cpu" or q.dtype not in _DTYPES):
         return False
     dtype, dk = q.dtype, q.shape[-1]
-    if any(t.dtype != dtype for t in (k, v, cos, sin, kv.a, kv.b)) or k.shape[-1] != dk or kv.a.shape[-1] != dk:
+    if not (k.dtype == v.dtype == cos.dtype == sin.dtype == kv.a.dtype == kv.b.dtype == dtype):
+        return False
+    if k.shape[-1] != dk or kv.a.shape[-1] != dk:
         return False
     if cos.shape != (q.shape[0], 1, dk) or sin.shape != cos.shape or v.shape[-1] != kv.b.shape[-1]:
         return False
