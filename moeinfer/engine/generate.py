@@ -117,6 +117,7 @@ def generate(model: MoEModel, prompts: Sequence[Prompt], *, max_new_tokens: int 
     reasons: list[str | None] = [None] * B
     detok = [_Detokenizer(model.tokenizer) for _ in range(B)]
     texts: list[str] = [""] * B
+    active_rows: list[bool] = []
     for step in range(max_new_tokens):
         next_ids = sample(logits, params, generator)  # [B]
         for b, t in enumerate(next_ids.tolist()):
@@ -139,8 +140,11 @@ def generate(model: MoEModel, prompts: Sequence[Prompt], *, max_new_tokens: int 
                 on_token(b, t, delta)
         if all(r is not None for r in reasons) or step == max_new_tokens - 1:
             break
-        # Finished rows keep running (static batch) but their new tokens count as padding.
-        active = torch.tensor([r is None for r in reasons], device=device)[:, None]  # [B, 1]
+        # Finished rows keep running (static batch) but their new tokens count as padding (the tensor is
+        # made again only when a row finishes).
+        running = [r is None for r in reasons]
+        if running != active_rows:
+            active, active_rows = torch.tensor(running, device=device)[:, None], running  # [B, 1]
         logits = decode(next_ids, active)
 
     results = []

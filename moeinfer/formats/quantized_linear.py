@@ -72,11 +72,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "auto" and x.device.type == "cpu":
             # one native call does the activation quantization, the GEMM, the bias and the output dtype
-            y = quantized_linear_cpu(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros,
-                                     bits=self.bits, group_size=self.group_size, activations=self.cpu_activations,
-                                     bias=self.bias)
+            y = quantized_linear_cpu(x, self.qweight, self.scales, self.zeros, bits=self.bits,
+                                     group_size=self.group_size, activations=self.cpu_activations, bias=self.bias)
             if y is not None:
-                return y.view(*x.shape[:-1], self.out_features)
+                return y
         return self.eager_forward(x)
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:

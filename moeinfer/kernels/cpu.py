@@ -116,20 +116,21 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     whose engine ('torch' or a native variant, moeinfer.kernels.cpu_native.ENGINES) `engine` forces."""
     N, K = indices.shape
     E = gate_up.shape[0]
-    if schedule is None:
-        schedule = choose_schedule(x.dtype, gate_up.shape[2], down.shape[2])
-    elif schedule not in SCHEDULES:
+    if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"unknown cpu schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if schedule == "grouped" and not grouped_mm_works(x.dtype, gate_up.shape[2], down.shape[2]):
-        schedule = "per-expert"  # torch refuses these shapes here: same result, one GEMM pair per expert
-    if N == 1 or schedule == "rows":
+    if N == 1:  # batch-1 decode, whatever the schedule
         engine = choose_engine(engine)
         if engine != "torch" and native_weights(gate_up, down):
-            if N == 1:
-                return moe_decode(x, indices, weights, gate_up, down, expert_map=expert_map, engine=engine)
+            return moe_decode(x, indices, weights, gate_up, down, expert_map=expert_map, engine=engine)
+        return _one_token(x, indices, weights, gate_up, down, expert_map)
+    if schedule is None:
+        schedule = choose_schedule(x.dtype, gate_up.shape[2], down.shape[2])
+    if schedule == "grouped" and not grouped_mm_works(x.dtype, gate_up.shape[2], down.shape[2]):
+        schedule = "per-expert"  # torch refuses these shapes here: same result, one GEMM pair per expert
+    if schedule == "rows":
+        engine = choose_engine(engine)
+        if engine != "torch" and native_weights(gate_up, down):
             return moe_rows(x, indices, weights, gate_up, down, expert_map=expert_map, engine=engine)
-        if N == 1:
-            return _one_token(x, indices, weights, gate_up, down, expert_map)
         schedule = "widened"  # the native rows cannot run these weights or this engine: same result
     flat = indices.reshape(-1)
     if expert_map is not None:

@@ -28,7 +28,7 @@ def choose_engine(engine: str | None) -> str:
 
 
 def local_experts(indices: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
-    """Global expert ids [K] -> local rows [K] (-1 = not held here)."""
+    """Global expert ids [..., K] -> local rows [..., K] (-1 = not held here)."""
     if expert_map is None:
         return indices
     return expert_map.to(indices.device)[indices]
@@ -36,12 +36,12 @@ def local_experts(indices: torch.Tensor, expert_map: torch.Tensor | None) -> tor
 
 def moe_decode(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                down: torch.Tensor, *, expert_map: torch.Tensor | None, engine: str) -> torch.Tensor:
-    """x [1, D] -> [1, D]: the K routed experts of one token in one native call (bf16/fp32 weights)."""
-    ops = native.load()
-    experts = local_experts(indices[0], expert_map)
-    out = ops.moe_decode(x[0].float().contiguous(), experts, weights[0].float(), gate_up.contiguous(),
-                         down.contiguous(), engine)
-    return out.to(x.dtype)[None]
+    """x [1, D] -> [1, D] in x's dtype: the K routed experts of one token in one native call (bf16/fp32
+    weights; a bf16 or fp32 x is widened and the result rounded inside it, other dtypes go through fp32)."""
+    xn = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+    out = native.load().moe_decode(xn.contiguous(), local_experts(indices, expert_map), weights.float(),
+                                   gate_up.contiguous(), down.contiguous(), engine)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def moe_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

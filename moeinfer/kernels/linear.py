@@ -62,10 +62,11 @@ class CpuLinear(nn.Linear):
         lead = x.shape[:-1]
         n = x.numel() // self.in_features
         if n == 1:
-            # 1. decode: one native GEMV (x widened and y rounded to x's dtype inside it without a bias)
+            # 1. decode: one native GEMV; without a bias it takes x as it is and returns y [..., O] in x's
+            # dtype (x widened and y rounded inside it), the only tensor it allocates
             variant = native.resolve_variant(self.engine)
             if self.bias is None and x.dtype in (torch.bfloat16, torch.float32):
-                return native.load().gemv(x.reshape(-1).contiguous(), w, variant).reshape(*lead, self.out_features)
+                return native.load().gemv(x.contiguous(), w, variant)
             y = native.load().gemv(x.reshape(-1).float().contiguous(), w, variant)
         elif slow_half_matmul(torch.bfloat16) and n < WIDEN_ROWS:
             # 2. short prefill on AVX2: each weight row read once for all rows, widened in registers

@@ -141,8 +141,8 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
         wf = weights.float()
         if N == 1 and len(rows) == 1:  # batch-1 decode of one width: one call, nothing else
             ((b, row),) = rows.items()
-            y = ops.moe_decode_q(xf[0].contiguous(), row[indices[0]], wf[0], *_stack(experts, b), b, gs, D, I,
-                                 variant, acts)
+            # (the op reads K expert rows and K weights whatever their shape: [1, K] as routed)
+            y = ops.moe_decode_q(xf[0].contiguous(), row[indices], wf, *_stack(experts, b), b, gs, D, I, variant, acts)
             return y.to(x.dtype)[None]
         out = torch.zeros(N, D)
         for b, row in rows.items():
@@ -212,21 +212,28 @@ LINEAR_MAX_ROWS = 8
 def quantized_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *,
                          bits: int, group_size: int, activations: str | None = None, engine: str | None = None,
                          bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [N, C] times a packed group-wise matrix (qweight [O, P], fp32 scales and zeros [O, G]), plus
-    `bias` [O] -> [N, O] in x's dtype, in one native call (`gemm_q`: codes read in place; "q8"
-    activations: the N rows quantized once, then the tiled integer GEMM, one row the row kernels of
-    the experts' decode; "f32": the fp32 row kernels). None where it cannot run (other widths, no
-    native library, fp32 activations on more than LINEAR_MAX_ROWS rows): the caller dequantizes."""
+    """x [..., C] times a packed group-wise matrix (qweight [O, P], fp32 scales and zeros [O, G]), plus
+    `bias` [O] -> [..., O] in x's dtype, in one native call (`gemm_q`: codes read in place; "q8"
+    activations: the rows quantized once, then the tiled integer GEMM; "f32": the fp32 row kernels; one
+    row (decode): `linear_q_row`, gemm_q's row kernels taking the row and returning y in its dtype, so
+    that nothing but y is allocated). None where it cannot run (other widths, no native library, fp32
+    activations on more than LINEAR_MAX_ROWS rows): the caller dequantizes."""
     if (bits not in NATIVE_BITS or native.unavailable_reason() is not None or scales.dtype != torch.float32
             or zeros.dtype != torch.float32):
         return None
     act = decode_activations(activations, group_size)
-    if act == "f32" and x.shape[0] > LINEAR_MAX_ROWS:
+    C = x.shape[-1]
+    N = x.numel() // C if C else 0
+    if act == "f32" and N > LINEAR_MAX_ROWS:
         return None
     xn = x if x.dtype in _NATIVE_X else x.float()
     fp32_bias = bias is None or bias.dtype == torch.float32
-    y = native.load().gemm_q(xn, qweight, scales, read_zeros(zeros, bits), bits, group_size,
-                             native.resolve_variant(engine), act, bias if fp32_bias else None)
+    ops, variant, z = native.load(), native.resolve_variant(engine), read_zeros(zeros, bits)
+    if N == 1 and fp32_bias:
+        y = ops.linear_q_row(xn.contiguous(), qweight, scales, z, bits, group_size, variant, act, bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    y = ops.gemm_q(xn.reshape(N, C), qweight, scales, z, bits, group_size, variant, act, bias if fp32_bias else None)
     if not fp32_bias:
         y = y + bias.to(y.dtype)
+    y = y.view(*x.shape[:-1], y.shape[-1])
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -62,6 +62,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor | None,
                 kv: LayerKV | None = None, step: CacheStep | None = None,
                 rope_memo: dict | None = None) -> torch.Tensor:
+        q, k, v = self.project(x)  # [B, T, H, Dh], [B, T, Hkv, Dh] x 2
+        cos, sin = self.rotary.cos_sin(positions, x.dtype, rope_memo)
+        return self.o_proj(self.rope_cache_attend(q, k, v, cos, sin, mask, kv, step))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, Hkv, Dh]: projections, q/k norms, clipping."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*Dh] ...
         if self.qk_norm == "full":
@@ -73,13 +79,20 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def rope_cache_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, mask: torch.Tensor | None, kv: LayerKV | None,
+                          step: CacheStep | None) -> torch.Tensor:
+        """The steps after the projections: q [B, T, H, Dh], k/v [B, T, Hkv, Dh], cos/sin [B, T, Dh] ->
+        rotate q and k, store k and v in the cache (when given), attend -> [B, T, H*Dh] (a kernel may
+        override it: moeinfer.kernels)."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H*, T, Dh]
-        cos, sin = self.rotary.cos_sin(positions, x.dtype, rope_memo)
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if kv is not None:
             assert step is not None, "a KV cache needs the CacheStep of the new tokens"
             k, v = kv.write(step, k, v)  # [B, Hkv, S, Dh]
-        return self.o_proj(self.attention(q, k, v, mask))
+        return self.attention(q, k, v, mask)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The attention of `attend` with this layer's scale (a kernel may override it: moeinfer.kernels)."""

@@ -23,7 +23,7 @@ from moeinfer.config import ModelConfig
 class CacheStep:
     """Where one forward's T new tokens go: row b writes slots starts[b] .. starts[b] + T - 1."""
 
-    q_slots: torch.Tensor  # [B, T] slot of each new token
+    q_slots: torch.Tensor  # [B, T] slot of each new token (may be a broadcast view: read it, never write it)
     uniform_start: int | None  # the common start when every row starts at the same slot
     end: int  # 1 + the last slot written in any row: attention reads slots [0, end)
 
@@ -123,16 +123,17 @@ class KVCache:
     def begin(self, new_valid: torch.Tensor) -> CacheStep:
         """Reserve slots for new tokens new_valid [B, T] (False = padding) and mark them."""
         B, T = new_valid.shape
-        starts = self.lengths.clone()
-        end = int(starts.max()) + T
+        starts = self.lengths.tolist()  # read on the host, in plain Python (a decode step's hot path)
+        end = max(starts) + T
         if end > self.max_length:
             raise ValueError(f"KV cache overflow: {end} tokens > max_length={self.max_length}")
         device = self.valid.device
-        uniform = int(starts[0]) if bool((starts == starts[0]).all()) else None
-        q_slots = starts.to(device)[:, None] + torch.arange(T, device=device)[None]  # [B, T]
+        uniform = starts[0] if all(s == starts[0] for s in starts) else None
         if uniform is not None:
+            q_slots = torch.arange(uniform, uniform + T, device=device).expand(B, T)  # [B, T]
             self.valid[:, uniform:uniform + T] = new_valid
         else:
+            q_slots = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)[None]
             self.valid[torch.arange(B, device=device)[:, None], q_slots] = new_valid
         self.lengths += T
         return CacheStep(q_slots=q_slots, uniform_start=uniform, end=end)

@@ -88,8 +88,11 @@ def select(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = 
         wanted = choice.topk(k, dim=-1).indices
         rerouted = (~available[wanted]).any(-1).sum()
         choice = choice.masked_fill(~available, float("-inf"))
-    indices = choice.topk(k, dim=-1).indices  # [N, K]
-    weights = scores.gather(1, indices)
+    if choice is scores:  # the chosen scores are the weights: topk's values are exactly what gather reads
+        weights, indices = choice.topk(k, dim=-1)  # [N, K]
+    else:
+        indices = choice.topk(k, dim=-1).indices  # [N, K]
+        weights = scores.gather(1, indices)
     if cfg.norm_topk_prob:
         total = weights.sum(-1, keepdim=True)
         weights = weights / (total + 1e-20 if cfg.score_func == "sigmoid" else total)

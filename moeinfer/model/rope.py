@@ -83,8 +83,9 @@ class RotaryEmbedding(nn.Module):
             return memo[key]
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # [B, T, R/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:  # (scaling by 1.0 changes no bit: skipped)
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         out = cos.to(dtype), sin.to(dtype)
         if memo is not None:
             memo[key] = out

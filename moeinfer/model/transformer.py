@@ -17,7 +17,7 @@ from torch import nn
 
 from moeinfer.config import ModelConfig
 from moeinfer.model.attention import Attention
-from moeinfer.model.kv_cache import KVCache
+from moeinfer.model.kv_cache import CacheStep, KVCache
 from moeinfer.model.mla import MLAttention
 from moeinfer.model.mlp import DenseMLP
 from moeinfer.model.moe import MoEBlock, ObserverHandle, RoutingObserver, combined
@@ -45,6 +45,16 @@ def build_mask(key_valid: torch.Tensor, q_slots: torch.Tensor, window: int | Non
         allowed &= (q - k_slots) < window
     mask = (allowed & key_valid[:, None, :]) | (k_slots == q)  # [B, T, S]
     return mask[:, None]
+
+
+def unpadded_on_cpu(key_valid: torch.Tensor, step: CacheStep | None) -> bool:
+    """Whether a forward's keys key_valid [B, S] are all real tokens (one prompt, or prompts of one length)
+    in rows that all start at one slot, tested on the CPU only (elsewhere the test would synchronise the
+    device, and graph capture forbids it). Then each new token's position is its slot, and one new token
+    per row is the last slot and sees every key (within a window of at least S): MoEModel.forward skips
+    counting real tokens and building masks, with the same numbers."""
+    return (key_valid.device.type == "cpu" and (step is None or step.uniform_start is not None)
+            and bool(key_valid.all()))
 
 
 class DecoderLayer(nn.Module):
@@ -140,8 +150,11 @@ class MoEModel(nn.Module):
         else:
             step = cache.begin(new_valid)
             key_valid, q_slots = cache.valid[:, :step.end], step.q_slots
+        unpadded = unpadded_on_cpu(key_valid, step)  # then the count of real tokens and masks are skipped
+        sees_all = unpadded and T == 1
         # Position of each new token = number of real tokens before it in its row.
-        positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slots)  # [B, T]
+        positions = (q_slots if unpadded
+                     else (key_valid.long().cumsum(-1) - 1).clamp(min=0).gather(1, q_slots))  # [B, T]
         for fn in self.token_observers:
             fn(new_valid, positions, step is None or step.uniform_start == 0)
         masks: dict[int | None, torch.Tensor | None] = {}
@@ -149,11 +162,13 @@ class MoEModel(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             if layer.window not in masks:
-                mask = build_mask(key_valid, q_slots, layer.window)
-                # A mask that hides nothing (decode of an unpadded row) is dropped on the CPU: attention
-                # then skips the boolean-to-additive conversion; the numbers are the same. (Off the CPU
-                # the test would synchronise the device, and graph capture forbids it.)
-                masks[layer.window] = None if device.type == "cpu" and bool(mask.all()) else mask
+                if sees_all and (layer.window is None or key_valid.shape[1] <= layer.window):
+                    masks[layer.window] = None  # the query is the last slot, every key within the window
+                else:
+                    mask = build_mask(key_valid, q_slots, layer.window)
+                    # A mask that hides nothing is dropped on the CPU as well: attention then skips the
+                    # boolean-to-additive conversion; the numbers are the same.
+                    masks[layer.window] = None if device.type == "cpu" and bool(mask.all()) else mask
             x = layer(x, positions=positions, mask=masks[layer.window],
                       kv=cache.layers[i] if cache is not None else None, step=step, rope_memo=rope_memo)
         x = self.norm(x)

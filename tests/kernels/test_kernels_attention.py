@@ -121,3 +121,68 @@ def test_use_kernel_linears_on_a_model_with_quantized_attention(tiny_fp32):
     restore_attention_(fast)
     use_kernel_(fast, "auto", linears=True)
     assert any(isinstance(m, CpuAttention) for m in fast.modules())
+
+
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,D,slot", [(1, 6, 2, 32, 0), (1, 16, 16, 64, 37), (3, 4, 2, 20, 9)])
+def test_decode_step_in_one_call_equals_the_steps(variant, dtype, B, H, Hkv, D, slot):
+    """attend_decode_step (rotate q and k, store k and v at the slot, attend) against the same steps one
+    op at a time: the native rope, the cache's slice writes, attend_decode over slots [0, slot]. Same
+    arithmetic, so the output and the whole cache are bit-equal. The cache is a row view of a larger
+    one (strided rows), as KVCache.rows gives."""
+    require(variant)
+    ops = native_ops()
+    g = torch.Generator().manual_seed(slot)
+    q = (torch.randn(B, 1, H, D, generator=g) * 2).to(dtype)
+    k = (torch.randn(B, 1, Hkv, D, generator=g) * 2).to(dtype)
+    v = torch.randn(B, 1, Hkv, D, generator=g).to(dtype)
+    angle = torch.rand(B, 1, D, generator=g) * 6
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    full = torch.randn(2, B + 1, Hkv, slot + 4, D, generator=g).to(dtype)
+    k_cache, v_cache = full[0, 1:].clone(), full[1, 1:].clone()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+
+    out = ops.attend_decode_step(q, k, v, cos, sin, k_cache, v_cache, slot, D**-0.5, variant)
+    q_rot = ops.rope(q.transpose(1, 2), cos, sin)
+    k_ref[:, :, slot:slot + 1] = ops.rope(k.transpose(1, 2), cos, sin)
+    v_ref[:, :, slot:slot + 1] = v.transpose(1, 2)
+    want = ops.attend_decode(q_rot, k_ref[:, :, :slot + 1], v_ref[:, :, :slot + 1], D**-0.5, variant).view(B, 1, -1)
+    assert out.shape == (B, 1, H * D) and out.dtype == dtype
+    assert torch.equal(out, want)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+def test_decode_step_refuses_bad_input_by_name():
+    ops = native_ops()
+    q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    cos = sin = torch.randn(1, 1, 8)
+    cache = torch.zeros(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="slot 5 outside the cache's 5 slots"):
+        ops.attend_decode_step(q, k, v, cos, sin, cache, cache.clone(), 5, 1.0, "generic")
+    with pytest.raises(RuntimeError, match="all bfloat16 or all float32"):
+        ops.attend_decode_step(q.bfloat16(), k, v, cos, sin, cache, cache.clone(), 0, 1.0, "generic")
+    with pytest.raises(RuntimeError, match="k/v must hold one new token per row"):
+        ops.attend_decode_step(q, torch.randn(1, 2, 2, 8), v, cos, sin, cache, cache.clone(), 0, 1.0, "generic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_decode_in_one_call_per_layer_equals_the_steps(tiny_fp32, dtype, monkeypatch):
+    """Whole-model decode under use_kernel_(linears=True), several steps: each layer's step in one
+    native call gives the logits of the same kernels one op at a time (torch.equal), and it ran."""
+    native_ops()
+    from moeinfer.kernels import attention
+
+    model = tiny_fp32.to(dtype)
+    use_kernel_(model, "cpu", linears=True)
+    runs = []
+    real = attention.one_step
+    monkeypatch.setattr(attention, "one_step", lambda *a: runs.append(real(*a)) or runs[-1])
+    with torch.no_grad():
+        fused = decode_logits(model, list(range(5, 25)), 6)
+    assert runs.count(True) == 6 * model.config.num_layers  # every decode step, never the prefill
+    monkeypatch.setattr(attention, "one_step", lambda *a: False)
+    with torch.no_grad():
+        steps = decode_logits(model, list(range(5, 25)), 6)
+    for a, b in zip(fused, steps):
+        assert torch.equal(a, b)

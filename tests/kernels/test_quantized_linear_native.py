@@ -68,8 +68,8 @@ def test_many_rows_of_fp32_activations_and_the_eager_kernel_take_the_reference()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_one_is_one_native_call(dtype):
     """Decode calls every QuantizedLinear once per token: the torch calls it makes from Python are the
-    input's reshape, the native GEMM (quantization, bias and output dtype inside) and the output's view
-    (parameter reads aside)."""
+    input's size and layout checks and the native one-row product (quantization, bias, output shape and
+    dtype inside; parameter reads aside)."""
     from torch.overrides import TorchFunctionMode
 
     native_ops()
@@ -91,7 +91,7 @@ def test_batch_one_is_one_native_call(dtype):
     with Calls() as seen:
         y = m(x)
     assert torch.equal(y, ref) and y.dtype == dtype
-    assert seen.names == ["reshape", "gemm_q", "view"]
+    assert seen.names == ["numel", "contiguous", "linear_q_row"]
 
 
 def test_bf16_activations_within_bf16_tolerance():

@@ -122,8 +122,42 @@ void routed(const at::Tensor& experts, const at::Tensor& weights, int64_t E, std
 int64_t packed_bytes(int64_t cols, int64_t bits) { return bits == 8 ? cols : (cols + 7) / 8 * 4; }
 int64_t num_groups(int64_t cols, int64_t group_size) { return (cols + group_size - 1) / group_size; }
 
-// x [D] f32, experts [K] int64 (row in gate_up/down, < 0 = skip), weights [K] f32,
-// gate_up [E, 2I, D], down [E, D, I] (bf16 or f32) -> out [D] f32.
+// One activation row [..., D] (any leading dims of size 1, contiguous; float32 or bfloat16) as float32:
+// `x` itself, or a bf16 row widened into `buf` (no tensor allocated).
+const float* one_row_f32(const at::Tensor& x, int64_t D, std::vector<float>& buf, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "moeinfer_native: ", what, " must be a float32 or bfloat16 CPU tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == D && x.numel() == D && x.is_contiguous(), "moeinfer_native: ", what,
+              " must be one contiguous row of ", D, " elements, got ", x.sizes());
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  buf.resize(D);
+  for (int64_t j = 0; j < D; ++j) buf[j] = bf16_to_f32(xp[j]);
+  return buf.data();
+}
+
+// An empty tensor shaped like the row `x` with its last dim `n`, in x's dtype; its data as float32 when
+// that is its dtype, else `buf` (n floats) for `store_row` to round into it.
+float* out_row(const at::Tensor& x, int64_t n, at::Tensor& out, std::vector<float>& buf) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  out = at::empty(shape, x.options());
+  if (x.scalar_type() == at::kFloat) return out.data_ptr<float>();
+  buf.resize(n);
+  return buf.data();
+}
+
+// The float32 results in `buf` rounded into a bf16 `out` (nothing to do for a float32 one).
+void store_row(at::Tensor& out, const std::vector<float>& buf) {
+  if (out.scalar_type() == at::kFloat) return;
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (size_t r = 0; r < buf.size(); ++r) op[r] = f32_to_bf16(buf[r]);
+}
+
+// x [..., D] one row, f32 or bf16, experts [K] int64 (any shape of K rows in gate_up/down, < 0 = skip),
+// weights [K] f32, gate_up [E, 2I, D], down [E, D, I] (bf16 or f32) -> out [..., D] in x's dtype (a bf16 x
+// widened once, the result rounded once, as x.float() before and out.to(bf16) after); no tensor but out
+// is allocated.
 at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
                       const at::Tensor& gate_up, const at::Tensor& down, const std::string& variant) {
   const Kern* kern = pick(variant);
@@ -133,15 +167,16 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
   const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, D = gate_up.size(2);
   TORCH_CHECK(down.size(0) == E && down.size(1) == D && down.size(2) == I, "moeinfer_native: down shape ",
               down.sizes(), " does not match gate_up ", gate_up.sizes());
-  check_vec(x, D, "x");
+  std::vector<float> xbuf, obuf;
+  const float* xp = one_row_f32(x, D, xbuf, "x");
   const int64_t K = experts.numel();
   std::vector<int64_t> ex;
   std::vector<float> wk;
   routed(experts, weights, E, ex, wk);
-  at::Tensor h = at::zeros({K, I}, x.options());
-  at::Tensor out = at::empty({D}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* hp = h.data_ptr<float>();
+  std::vector<float> h(K * I, 0.f);
+  at::Tensor out;
+  float* op = out_row(x, D, out, obuf);
+  float* hp = h.data();
   const void* gu = gate_up.data_ptr();
   const void* dn = down.data_ptr();
   // 1. gate_up rows
@@ -165,7 +200,6 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
     });
   });
   // 3. down rows, summed over experts with their routing weights
-  float* op = out.data_ptr<float>();
   at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       float acc = 0.f;
@@ -174,24 +208,22 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
       op[r] = acc;
     }
   });
+  store_row(out, obuf);
   return out;
 }
 
-// x [D] f32 or bf16, w [O, D] bf16/f32 -> y [O] in x's dtype (a dense linear at batch 1): a bf16 x is
-// widened once and y rounded once at the end, as x.float() before and y.to(bf16) after the product.
-at::Tensor gemv(const at::Tensor& x_, const at::Tensor& w, const std::string& variant) {
+// x [..., D] one row, f32 or bf16, w [O, D] bf16/f32 -> y [..., O] in x's dtype (a dense linear at batch
+// 1): a bf16 x is widened once and y rounded once at the end, as x.float() before and y.to(bf16) after the
+// product; no tensor but y is allocated.
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::string& variant) {
   const Kern* kern = pick(variant);
   check_weights(w, "weight");
   TORCH_CHECK(w.dim() == 2, "moeinfer_native: gemv weight must be 2-D, got ", w.sizes());
   const int64_t O = w.size(0), D = w.size(1);
-  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16,
-              "moeinfer_native: gemv x must be float32 or bfloat16, got ", x_.scalar_type());
-  const bool half = x_.scalar_type() == at::kBFloat16;
-  const at::Tensor x = half ? x_.to(at::kFloat) : x_;
-  check_vec(x, D, "x");
-  at::Tensor y = at::empty({O}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  std::vector<float> xbuf, ybuf;
+  const float* xp = one_row_f32(x, D, xbuf, "gemv x");
+  at::Tensor out;
+  float* yp = out_row(x, O, out, ybuf);
   const void* wp = w.data_ptr();
   at::parallel_for(0, O, 16, [&](int64_t b, int64_t e) {
     in_runs<4>(b, e, [&](int64_t r) { yp[r] = dot_row(kern, w, wp, r, D, xp); }, [&](const int64_t* r) {
@@ -200,10 +232,7 @@ at::Tensor gemv(const at::Tensor& x_, const at::Tensor& w, const std::string& va
       for (int j = 0; j < 4; ++j) yp[r[j]] = y4[j];
     });
   });
-  if (!half) return y;
-  at::Tensor out = at::empty({O}, x_.options());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  for (int64_t r = 0; r < O; ++r) op[r] = f32_to_bf16(yp[r]);
+  store_row(out, ybuf);
   return out;
 }
 
@@ -519,6 +548,50 @@ at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s
   return x_.scalar_type() == at::kFloat ? y : y.to(x_.scalar_type());
 }
 
+// x [..., C] one row, f32 or bf16, one packed matrix q [O, P] u8, s/z [O, G] f32 (z None: midpoints), bias
+// [O] f32 or None -> y [..., O] in x's dtype: gemm_q at one row (the same row kernels, activations and
+// bias, so the same bits) without its tensor steps around the product (x widened, y rounded in place):
+// a quantized linear at batch-1 decode is one call that allocates only y.
+at::Tensor linear_q_row(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const Zeros& z, int64_t bits,
+                        int64_t group_size, const std::string& variant, const std::string& activations,
+                        const std::optional<at::Tensor>& bias) {
+  const Kern* kern = pick(variant);
+  TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: linear_q_row needs 8 or 4 bits, got ", bits);
+  TORCH_CHECK(group_size >= 1, "moeinfer_native: group_size must be >= 1");
+  const bool q8 = use_q8(activations, group_size);
+  TORCH_CHECK(x.dim() >= 1, "moeinfer_native: linear_q_row x must have a feature dimension");
+  const int64_t cols = x.size(-1), O = q.dim() == 2 ? q.size(0) : -1;
+  std::vector<float> xbuf, ybuf;
+  const float* xp = one_row_f32(x, cols, xbuf, "linear_q_row x");
+  const at::Tensor qc = q.contiguous(), sc = s.contiguous();
+  const Zeros zc = z ? Zeros(z->contiguous()) : Zeros();
+  const int64_t P = packed_bytes(cols, bits), G = num_groups(cols, group_size);
+  TORCH_CHECK(qc.scalar_type() == at::kByte && qc.dim() == 2 && qc.size(1) == P, "moeinfer_native: linear_q_row ",
+              "codes must be uint8 [O, ", P, "], got ", q.sizes());
+  for (const at::Tensor* t : {&sc, zc.has_value() ? &*zc : &sc})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == O && t->size(1) == G,
+                "moeinfer_native: linear_q_row scales/zeros must be float32 [", O, ", ", G, "], got ", t->sizes());
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == O,
+                "moeinfer_native: linear_q_row bias must be float32 [", O, "], got ", bias->scalar_type(), " ",
+                bias->sizes());
+  const QMat m{qc.data_ptr<uint8_t>(), sc.data_ptr<float>(), zc.has_value() ? zc->data_ptr<float>() : nullptr, O, P,
+               G};
+  const AnyVec xv(xp, cols, group_size, int(bits), q8);
+  at::Tensor out;
+  float* yp = out_row(x, O, out, ybuf);
+  at::parallel_for(0, O, GEMM_ROWS, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) yp[r] = qdot(kern, m, r, xv, cols, group_size, int(bits));
+  });
+  if (bias.has_value()) {
+    const at::Tensor bc = bias->contiguous();
+    const float* bp = bc.data_ptr<float>();
+    for (int64_t r = 0; r < O; ++r) yp[r] += bp[r];
+  }
+  store_row(out, ybuf);
+  return out;
+}
+
 // Prefill of quantized experts of one bit width (moeinfer.formats.quantized_experts storage) in one
 // call, int8 activations, as llama.cpp's CPU MoE prefill (mul_mat_id): no weight is dequantized.
 // x [N, D] f32/bf16, experts [N, K] int64 (row in the stack, < 0 = skip), weights [N, K] -> out [N, D] f32.
@@ -673,6 +746,8 @@ TORCH_LIBRARY(moeinfer_native, m) {
         "str activations) -> Tensor", &moeinfer_native::gemv_q);
   m.def("gemm_q(Tensor x, Tensor q, Tensor s, Tensor? z, int bits, int group_size, str variant, str activations, "
         "Tensor? bias=None) -> Tensor", &moeinfer_native::gemm_q);
+  m.def("linear_q_row(Tensor x, Tensor q, Tensor s, Tensor? z, int bits, int group_size, str variant, "
+        "str activations, Tensor? bias=None) -> Tensor", &moeinfer_native::linear_q_row);
   m.def("moe_prefill_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor? z_gu, "
         "Tensor q_dn, Tensor s_dn, Tensor? z_dn, int bits, int group_size, int hidden, int inner, str variant) -> Tensor",
         &moeinfer_native::moe_prefill_q);
