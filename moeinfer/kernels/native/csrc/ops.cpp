@@ -580,9 +580,8 @@ at::Tensor linear_q_row(const at::Tensor& x, const at::Tensor& q, const at::Tens
   const AnyVec xv(xp, cols, group_size, int(bits), q8);
   at::Tensor out;
   float* yp = out_row(x, O, out, ybuf);
-  at::parallel_for(0, O, GEMM_ROWS, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) yp[r] = qdot(kern, m, r, xv, cols, group_size, int(bits));
-  });
+  at::parallel_for(0, O, GEMM_ROWS,
+                   [&](int64_t b, int64_t e) { qdot_rows(kern, m, b, e - b, xv, cols, group_size, int(bits), yp + b); });
   if (bias.has_value()) {
     const at::Tensor bc = bias->contiguous();
     const float* bp = bc.data_ptr<float>();
