@@ -108,7 +108,10 @@ Dots pick_dots(const std::string& variant, bool bf16) {
 }
 
 // Rows out[s] (stride ld_out) = W[e] . in[s] for the slots s of each expert: work items (expert, block
-// of BLOCK weight rows) over threads; `first[e]`..`first[e + 1]` are expert e's sorted slots.
+// of BLOCK weight rows) over threads; `first[e]`..`first[e + 1]` are expert e's sorted slots. Items go
+// block-major (every expert's first block, then every expert's second, ...), so the threads' contiguous
+// shares each hold part of every expert's rows and get equal work however unevenly tokens are routed
+// (expert-major, one thread got the first half of the experts and all their slots).
 void expert_rows(Dots dots, const uint8_t* wbase, int64_t expert_bytes, int64_t row_bytes, int64_t rows,
                  int64_t cols, const std::vector<int64_t>& experts, const std::vector<int64_t>& first,
                  const float* in, int64_t ld_in, float* out, int64_t ld_out) {
@@ -117,7 +120,7 @@ void expert_rows(Dots dots, const uint8_t* wbase, int64_t expert_bytes, int64_t 
     const float* xs[MAX_ROWS];
     float res[MAX_ROWS];
     for (int64_t item = b0; item < b1; ++item) {
-      const int64_t i = item / blocks, e = experts[i], r0 = (item % blocks) * BLOCK;
+      const int64_t i = item % int64_t(experts.size()), e = experts[i], r0 = (item / int64_t(experts.size())) * BLOCK;
       const int64_t r1 = r0 + BLOCK < rows ? r0 + BLOCK : rows;
       const uint8_t* we = wbase + e * expert_bytes;
       for (int64_t s0 = first[i]; s0 < first[i + 1]; s0 += MAX_ROWS) {

@@ -641,10 +641,12 @@ at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const 
   });
   // 3. / 5. the GEMM of every routed expert, as (expert, weight rows) items over all threads
   auto experts_gemm = [&](const QMat& m, const Q8Buf& act, int64_t cols, float* y) {
-    std::vector<std::tuple<int64_t, int64_t>> items;  // (expert, first row)
-    for (int64_t e = 0; e < E; ++e)
-      if (start[e + 1] > start[e])
-        for (int64_t r = 0; r < m.rows; r += GEMM_ROWS) items.emplace_back(e, r);
+    // (expert, first row) items, row-block-major: each thread's contiguous share holds part of every
+    // routed expert's rows, so the shares' work is equal however unevenly tokens are routed
+    std::vector<std::tuple<int64_t, int64_t>> items;
+    for (int64_t r = 0; r < m.rows; r += GEMM_ROWS)
+      for (int64_t e = 0; e < E; ++e)
+        if (start[e + 1] > start[e]) items.emplace_back(e, r);
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t end) {
       for (int64_t it = b; it < end; ++it) {
         const auto [e, r] = items[it];
