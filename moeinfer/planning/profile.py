@@ -61,6 +61,7 @@ from moeinfer.cpuinfo import cpu_flags, cpu_name, last_level_cache_bytes
 from moeinfer.fsutil import atomic_write_text
 from moeinfer.arch import parse_config
 from moeinfer.compress.methods.quantize_layers import layer_quantizer
+from moeinfer.engine.generate import generate
 from moeinfer.formats.quant.groupwise import num_groups
 from moeinfer.formats.quant.packing import packed_cols
 from moeinfer.formats.quantized_experts import QuantizedExperts
@@ -72,14 +73,15 @@ from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.apply import offload_
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
-from moeinfer.planning.dense import use_planned_dense_
+from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
 
-PROFILE_VERSION = 6  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 7  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
-# (stream_bytes_per_s, llc_bytes), reads hidden behind compute (read_overlap)
+# (stream_bytes_per_s, llc_bytes), reads hidden behind compute (read_overlap); 7: fixed costs with the
+# experts on the 'cpu' kernel where it runs (measure_fixed)
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -420,14 +422,38 @@ def _tiny_model(layers: int, device: torch.device) -> Any:
     return model
 
 
-def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 15) -> tuple[float, float]:
-    """Step 3: (layer_fixed_s, step_fixed_s) from one-token forwards of 1- and 3-layer models, timed
-    in turn (as `measure_offload`), each the least of its runs, so a change of load on the machine
-    touches both alike: the figure is their difference. (On a machine whose cores are all busy it
-    still moves: a profile is measured on an idle machine.)"""
-    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+def _decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16) -> list[float]:
+    """Per model, the least over `repeats` rounds of the median time between consecutive tokens of a
+    greedy `generate` of `tokens` tokens through its KV cache (the step a decode runs, with the
+    generation loop's own work, as benchmarks measure decode), the models taking turns each round."""
+    best = [float("inf")] * len(models)
+    for r in range(repeats + 1):  # round 0 warms up
+        for i, m in enumerate(models):
+            stamps: list[float] = []
+            generate(m, [[1, 2, 3]], max_new_tokens=tokens, ignore_eos=True,
+                     on_token=lambda b, t, d: stamps.append(time.perf_counter()))
+            gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
+            if r:
+                best[i] = min(best[i], gaps[len(gaps) // 2])
+    return best
+
+
+def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 7,
+                  kernel: str = "reference") -> tuple[float, float]:
+    """Step 3: (layer_fixed_s, step_fixed_s) from decode steps of 1- and 3-layer models with their
+    experts on `kernel` (the kernel `rate` was measured for) — the time between tokens of a greedy
+    generation through the KV cache (`_decode_gaps_in_turn`), the models taking turns, each figure the
+    least of its rounds, so a change of load on the machine touches both alike: the figure is their
+    difference, less the expert stage `rate` prices. Where the native kernels run, `kernel` is 'cpu':
+    its expert stage is small and priced closely, so the figure is the layer's own overhead. (Timing
+    one-token forwards without a cache, with 'reference' experts whose standalone fit was most of the
+    layer, had left a fifth of the shipped model's per-layer overhead and none of the generation
+    loop's, predicting it 1.5-2x too fast.) On a machine whose cores are all busy it still moves: a
+    profile is measured on an idle machine."""
     models = [_tiny_model(layers, device) for layers in (1, 3)]
-    times = _least_in_turn(models, ids, repeats, device)
+    for m in models:
+        use_kernel_(m, kernel)
+    times = _decode_gaps_in_turn(models, repeats)
     per_layer = max(0.0, (times[1] - times[0]) / 2)
     experts_part = rate.call_s + top_k * rate.expert_fixed_s  # the tiny layer's own expert stage
     layer_fixed = max(0.0, per_layer - experts_part)
@@ -595,7 +621,8 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
         if progress:
             print(f"measuring expert variant {v} ...", flush=True)
         rates[v] = measure_variant(v, dev, llc_bytes=llc)
-    layer_fixed, step_fixed = measure_fixed(dev, rates["bf16/reference"])
+    fixed_kernel = "cpu" if "bf16/cpu" in rates and native_dense(dev) else "reference"
+    layer_fixed, step_fixed = measure_fixed(dev, rates[f"bf16/{fixed_kernel}"], kernel=fixed_kernel)
     dense = _dense_gflops(dev)
     dense_read = _dense_read_gbps(dev, llc)
     overlap = None

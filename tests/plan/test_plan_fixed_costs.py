@@ -1,0 +1,67 @@
+"""The profile's fixed costs (moeinfer/planning/profile.py, step 3): decode steps (token gaps of a
+greedy generation through the KV cache) of 1- and 3-layer models with their experts on the kernel
+whose expert stage is subtracted, and that kernel is the native 'cpu' one where the planned model
+runs natively (its small, closely priced expert stage leaves the layer's own overhead)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeinfer.planning import profile
+from moeinfer.planning.profile import ExpertRate
+
+
+@pytest.mark.parametrize("kernel", ["reference", "cpu"])
+def test_fixed_costs_are_timed_on_the_kernel_they_subtract(monkeypatch, kernel):
+    seen = []
+
+    def fake_gaps(models, repeats, tokens=16):
+        seen.extend(models)
+        return [0.002, 0.005]  # 1 layer, 3 layers
+
+    monkeypatch.setattr(profile, "_decode_gaps_in_turn", fake_gaps)
+    rate = ExpertRate(call_s=1e-4, expert_fixed_s=2e-5, bytes_per_s=1e10, flops_per_s=1e10)
+    layer, step = profile.measure_fixed(torch.device("cpu"), rate, top_k=2, kernel=kernel)
+    assert [len(m.moe_blocks()) for m in seen] == [1, 3]
+    assert all(b.experts.kernel == kernel for m in seen for b in m.moe_blocks())
+    assert layer == pytest.approx(0.0015 - 1e-4 - 2 * 2e-5)  # per layer, less the expert stage
+    assert step == pytest.approx(0.002 - 0.0015)
+
+
+def test_measure_takes_the_cpu_kernel_where_the_dense_path_is_native(monkeypatch):
+    calls = []
+
+    def fake_fixed(device, rate, top_k=2, repeats=7, kernel="reference"):
+        calls.append((kernel, rate))
+        raise StopIteration  # the rest of the profile is not under test
+
+    rates = {v: ExpertRate(call_s=i * 1e-4, expert_fixed_s=0.0, bytes_per_s=1e10, flops_per_s=1e10)
+             for i, v in enumerate(("bf16/reference", "bf16/cpu"), start=1)}
+    monkeypatch.setattr(profile, "_link_gbps", lambda dev: ("disk", 1.0, 10.0, 100.0))
+    monkeypatch.setattr(profile, "cached_read_gbps", lambda: 5.0)
+    monkeypatch.setattr(profile, "default_variants", lambda device: tuple(rates))
+    monkeypatch.setattr(profile, "measure_variant", lambda v, dev, **kw: rates[v])
+    monkeypatch.setattr(profile, "measure_fixed", fake_fixed)
+    for native, kernel in ((True, "cpu"), (False, "reference")):
+        monkeypatch.setattr(profile, "native_dense", lambda dev, native=native: native)
+        with pytest.raises(StopIteration):
+            profile.measure("cpu")
+        assert calls[-1] == (kernel, rates[f"bf16/{kernel}"])
+
+
+def test_decode_gaps_time_generation_steps(monkeypatch):
+    """The real helper runs greedy generations of `tokens` tokens per model per round (plus a warm-up
+    round) and returns one finite figure per model (no timing is asserted)."""
+    runs = []
+    real = profile.generate
+
+    def counting_generate(model, prompts, **kw):
+        runs.append((id(model), kw["max_new_tokens"]))
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(profile, "generate", counting_generate)
+    models = [profile._tiny_model(layers, torch.device("cpu")) for layers in (1, 3)]
+    gaps = profile._decode_gaps_in_turn(models, repeats=2, tokens=6)
+    assert len(gaps) == 2 and all(0 < g < float("inf") for g in gaps)
+    assert runs == [(id(m), 6) for _ in range(3) for m in models]
