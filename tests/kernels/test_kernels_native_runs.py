@@ -11,16 +11,9 @@ import pytest
 import torch
 
 from native_helpers import native_ops, require, variant_params
+from test_kernels_native_gemm import threads  # noqa: F401 (the 1- and 2-thread fixture)
 
 HEIGHTS = range(1, 11)  # 0-2 four-row runs and 0-3 single rows
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("variant", variant_params())
