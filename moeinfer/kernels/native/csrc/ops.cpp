@@ -563,20 +563,15 @@ at::Tensor linear_q_row(const at::Tensor& x, const at::Tensor& q, const at::Tens
   const int64_t cols = x.size(-1), O = q.dim() == 2 ? q.size(0) : -1;
   std::vector<float> xbuf, ybuf;
   const float* xp = one_row_f32(x, cols, xbuf, "linear_q_row x");
+  // the weight checked as gemm_q checks it (one matrix of a stack, `qmat`)
   const at::Tensor qc = q.contiguous(), sc = s.contiguous();
-  const Zeros zc = z ? Zeros(z->contiguous()) : Zeros();
-  const int64_t P = packed_bytes(cols, bits), G = num_groups(cols, group_size);
-  TORCH_CHECK(qc.scalar_type() == at::kByte && qc.dim() == 2 && qc.size(1) == P, "moeinfer_native: linear_q_row ",
-              "codes must be uint8 [O, ", P, "], got ", q.sizes());
-  for (const at::Tensor* t : {&sc, zc.has_value() ? &*zc : &sc})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == O && t->size(1) == G,
-                "moeinfer_native: linear_q_row scales/zeros must be float32 [", O, ", ", G, "], got ", t->sizes());
+  const Zeros zc = z ? Zeros(z->contiguous().unsqueeze(0)) : Zeros();
+  const QMat m = qmat(qc.unsqueeze(0), sc.unsqueeze(0), zc, O, packed_bytes(cols, bits),
+                      num_groups(cols, group_size), "linear_q_row");
   if (bias.has_value())
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == O,
                 "moeinfer_native: linear_q_row bias must be float32 [", O, "], got ", bias->scalar_type(), " ",
                 bias->sizes());
-  const QMat m{qc.data_ptr<uint8_t>(), sc.data_ptr<float>(), zc.has_value() ? zc->data_ptr<float>() : nullptr, O, P,
-               G};
   const AnyVec xv(xp, cols, group_size, int(bits), q8);
   at::Tensor out;
   float* yp = out_row(x, O, out, ybuf);
