@@ -103,11 +103,34 @@ def read_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor | None:
     return None if seen[1] else zeros
 
 
+def read_scales(scales: torch.Tensor) -> torch.Tensor:
+    """`scales` as the int8-activation kernels read them: an fp16 copy where every scale is exactly an
+    fp16 value (the symmetric Q8_0/Q4_0 storage rounds its scales so, as GGUF stores them), else
+    `scales` itself. The kernels widen fp16 exactly, so results are the same bits, while a Q4_0 row
+    reads 18 bytes a block instead of 20 (Q8_0: 34 instead of 36), and batch-1 decode is bound by the
+    bytes it reads. The copy costs 2 bytes a group of memory beside the fp32 scales; it is made and
+    kept on the tensor once per version (an inference-mode tensor has no version: it is read as is)."""
+    if scales.dtype != torch.float32:
+        return scales
+    try:
+        key = scales._version
+    except RuntimeError:  # an inference tensor: no version counter
+        return scales
+    seen = getattr(scales, "_moeinfer_half", None)
+    if seen is None or seen[0] != key:
+        half = scales.to(torch.float16)
+        seen = (key, half if torch.equal(half.float(), scales) else None)
+        scales._moeinfer_half = seen
+    return scales if seen[1] is None else seen[1]
+
+
 def _stack(experts: PackedExperts, b: int, *, midpoints: bool = True) -> list[torch.Tensor | None]:
-    """Codes, scales, zeros of gate_up then down (`midpoints`: symmetric zeros as None, read_zeros)."""
+    """Codes, scales, zeros of gate_up then down (`midpoints`: symmetric zeros as None, read_zeros, and
+    fp16-exact scales in fp16, read_scales: the int8-activation kernels' forms)."""
     out = [getattr(experts, f"{p}{b}_{m}") for m in ("gate_up", "down") for p in "qsz"]
     if midpoints:
         out[2], out[5] = read_zeros(out[2], b), read_zeros(out[5], b)
+        out[1], out[4] = read_scales(out[1]), read_scales(out[4])
     return out
 
 
@@ -229,6 +252,7 @@ def quantized_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     xn = x if x.dtype in _NATIVE_X else x.float()
     fp32_bias = bias is None or bias.dtype == torch.float32
     ops, variant, z = native.load(), native.resolve_variant(engine), read_zeros(zeros, bits)
+    scales = read_scales(scales)  # fp16 where exact (the symmetric formats'), read_scales
     if N == 1 and fp32_bias:
         y = ops.linear_q_row(xn.contiguous(), qweight, scales, z, bits, group_size, variant, act, bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)

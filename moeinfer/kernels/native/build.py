@@ -63,7 +63,9 @@ def build(*, verbose: bool = False, compiler: str | None = None) -> Path:
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set CXX)")
     torch_lib = Path(torch.__file__).resolve().parent / "lib"
-    common = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-DNDEBUG",
+    # -ffp-contract=off: scalar arithmetic rounds as written (no multiply-add fused at the compiler's
+    # choice), so two instantiations of one kernel (fp32 or fp16 scales) give the same bits
+    common = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-DNDEBUG", "-ffp-contract=off",
               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
               *[f"-isystem{p}" for p in include_paths()]]
     BUILD_DIR.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,34 @@ struct QRows {
   int64_t P, G;
 };
 
+// IEEE fp16 -> fp32 (exact: every half is a float), subnormals, infinities and NaNs included.
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+  if (exp == 0x1Fu) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: m * 2^-24, normalised by shifting its leading one to bit 10
+    uint32_t shift = 0;
+    while (!(man & 0x400u)) man <<= 1, ++shift;
+    bits = sign | ((113u - shift) << 23) | ((man & 0x3FFu) << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+// A row's group scales: fp32 (f) or IEEE fp16 (h), one of the two set. The symmetric block formats
+// store theirs in fp16, as GGUF's Q8_0/Q4_0 do: a Q4_0 row reads 18 bytes a block instead of 20.
+struct Scales {
+  const float* f;
+  const uint16_t* h;
+  float at(int64_t g) const { return f ? f[g] : f16_to_f32(h[g]); }
+};
+
 // Activation rows a GEMM keeps in cache while it walks its weight rows: about 128 KiB of codes.
 inline int64_t token_chunk(int64_t cols) {
   const int64_t t = (int64_t(128) << 10) / (cols > 0 ? cols : 1);
@@ -101,11 +129,11 @@ struct Kern {
                  int64_t cols, int64_t gs);
   float (*qrow4)(const uint8_t* q, const float* s, const float* z, const float* x, const float* xperm,
                  const float* xsum, int64_t cols, int64_t gs);
-  // int8-activation rows; gs a multiple of QBLOCK
-  float (*qrow8_q8)(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs);
-  float (*qrow4_q8)(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs);
+  // int8-activation rows; gs a multiple of QBLOCK; fp32 or fp16 scales (Scales)
+  float (*qrow8_q8)(const uint8_t* q, Scales s, const float* z, const Q8Act& x, int64_t cols, int64_t gs);
+  float (*qrow4_q8)(const uint8_t* q, Scales s, const float* z, const Q8Act& x, int64_t cols, int64_t gs);
   // y[j * ldy + r] = row r of w . activation row j, for r in [r0, r1) and every j < x.n; gs a multiple of
-  // QBLOCK; bits 4 or 8
+  // QBLOCK; bits 4 or 8; fp32 scales (fp16 ones are widened per item by the caller)
   void (*gemm_q8)(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64_t cols, int64_t gs,
                   float* y, int64_t ldy);
   // Four rows against one x at once, out[i] = the one-row kernel's result for row i, bit for bit (each
@@ -113,10 +141,14 @@ struct Kern {
   // flight than one, which a core needs to approach its share of the bandwidth at batch 1.
   void (*dot4_f32)(const float* const* w, const float* x, int64_t n, float* out);
   void (*dot4_bf16)(const uint16_t* const* w, const float* x, int64_t n, float* out);
-  void (*qrow8_q8_x4)(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x,
-                      int64_t cols, int64_t gs, float* out);
-  void (*qrow4_q8_x4)(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x,
-                      int64_t cols, int64_t gs, float* out);
+  // (the four rows' scales all fp32 or all fp16)
+  void (*qrow8_q8_x4)(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
+                      int64_t gs, float* out);
+  void (*qrow4_q8_x4)(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
+                      int64_t gs, float* out);
+  // out[i] = h[i] widened from IEEE fp16 (exact in every variant, as f16_to_f32): fp16 scales for the
+  // kernels that take fp32 ones (the GEMM tiles, fp32-activation rows)
+  void (*half_to_f32)(const uint16_t* h, float* out, int64_t n);
 };
 
 const Kern* kern_generic();

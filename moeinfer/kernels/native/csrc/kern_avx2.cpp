@@ -146,12 +146,22 @@ inline __m256i dot_centred(__m256i u, __m256i xq, __m256i flip, __m256i ones) {
   return _mm256_madd_epi16(p, ones);
 }
 
+// Group scales stored in fp32 or fp16 (kern.h Scales), read as fp32: one, four or eight at a time
+// (F16C widens fp16 exactly, so both give the same products).
+inline float scale1(const float* s) { return *s; }
+inline float scale1(const uint16_t* s) { return _cvtsh_ss(*s); }
+inline __m128 scale4(const float* s) { return _mm_loadu_ps(s); }
+inline __m128 scale4(const uint16_t* s) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))); }
+inline __m256 scale8(const float* s) { return _mm256_loadu_ps(s); }
+inline __m256 scale8(const uint16_t* s) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))); }
+
 // Per-block scales d_b * s_g in block order without a division per block (gs = bpg blocks).
+template <class S>
 struct GroupScale {
-  const float* s;
+  const S* s;
   int64_t bpg, left;
   float next() {
-    const float c = *s;
+    const float c = scale1(s);
     if (--left == 0) ++s, left = bpg;
     return c;
   }
@@ -159,27 +169,35 @@ struct GroupScale {
 
 // sum_g s_g * (off - z_g) * xsum_g over the G groups of a row, 8 groups at a time (z == nullptr: every
 // z_g = mid, not read).
-inline float zero_terms(const float* s, const float* z, const float* xsum, int64_t G, float off, float mid) {
+template <class S>
+inline float zero_terms(const S* s, const float* z, const float* xsum, int64_t G, float off, float mid) {
   __m256 a = _mm256_setzero_ps();
   const __m256 o = _mm256_set1_ps(off), m = _mm256_set1_ps(mid);
   int64_t g = 0;
   for (; g + 8 <= G; g += 8)
-    a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_sub_ps(o, z ? _mm256_loadu_ps(z + g) : m)),
+    a = _mm256_fmadd_ps(_mm256_mul_ps(scale8(s + g), _mm256_sub_ps(o, z ? _mm256_loadu_ps(z + g) : m)),
                         _mm256_loadu_ps(xsum + g), a);
   float r = hsum(a);
-  for (; g < G; ++g) r += s[g] * (off - zero_at(z, g, mid)) * xsum[g];
+  for (; g < G; ++g) r += scale1(s + g) * (off - zero_at(z, g, mid)) * xsum[g];
   return r;
+}
+
+// Rows' scales of one storage type (the R rows of a kernel call share it), as typed pointers.
+template <int R>
+inline bool half_scales(const Scales* s, const float** f, const uint16_t** h) {
+  for (int r = 0; r < R; ++r) f[r] = s[r].f, h[r] = s[r].h;
+  return s[0].h != nullptr;
 }
 
 // Both int8-activation rows, R at a time: blocks in order, four independent accumulators per row
 // across group boundaries (each block's product scaled by d_b * s_g), so small groups do not serialise
 // on one sum; `dot(r, b)` is row r's block b as int32 x 8 products and `tail(r, c)` the integer sum of
 // its partial last block from column c. Each row's operations are those of R = 1, in the same order.
-template <int R, class Dot, class Tail>
-inline void qrow_q8(const float* const* s, const float* const* z, const Q8Act& x, int64_t cols, int64_t gs, float off,
+template <int R, class S, class Dot, class Tail>
+inline void qrow_q8(const S* const* s, const float* const* z, const Q8Act& x, int64_t cols, int64_t gs, float off,
                     float mid, Dot dot, Tail tail, float* out) {
   const int64_t nfull = cols / QBLOCK;
-  GroupScale sc[R];
+  GroupScale<S> sc[R];
   __m256 a[R][4];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
@@ -204,8 +222,8 @@ inline void qrow_q8(const float* const* s, const float* const* z, const Q8Act& x
   }
 }
 
-template <int R>
-void qrow8_q8_rows(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+template <int R, class S>
+void qrow8_q8_rows(const uint8_t* const* q, const S* const* s, const float* const* z, const Q8Act& x, int64_t cols,
                    int64_t gs, float* out) {
   const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
   auto dot = [&](int r, int64_t b) {
@@ -218,15 +236,26 @@ void qrow8_q8_rows(const uint8_t* const* q, const float* const* s, const float* 
   qrow_q8<R>(s, z, x, cols, gs, 128.f, 128.f, dot, tail, out);
 }
 
-float qrow8_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+template <int R>
+void qrow8_q8_any(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
+                  int64_t gs, float* out) {
+  const float* f[R];
+  const uint16_t* h[R];
+  if (half_scales<R>(s, f, h))
+    qrow8_q8_rows<R>(q, h, z, x, cols, gs, out);
+  else
+    qrow8_q8_rows<R>(q, f, z, x, cols, gs, out);
+}
+
+float qrow8_q8(const uint8_t* q, Scales s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
   float out;
-  qrow8_q8_rows<1>(&q, &s, &z, x, cols, gs, &out);
+  qrow8_q8_any<1>(&q, &s, &z, x, cols, gs, &out);
   return out;
 }
 
-void qrow8_q8_x4(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+void qrow8_q8_x4(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
                  int64_t gs, float* out) {
-  qrow8_q8_rows<4>(q, s, z, x, cols, gs, out);
+  qrow8_q8_any<4>(q, s, z, x, cols, gs, out);
 }
 
 // 4-bit codes (<= 15) cannot saturate: 16 packed bytes give the 16 low nibbles (even columns) and the 16
@@ -254,8 +283,8 @@ inline __m256i dot_nibble_pair(const uint8_t* q, const int8_t* xq4p, __m256i m, 
 // 4-bit rows two blocks at a time (dot_nibble_pair), R rows together, each pair's products scaled by a
 // vector holding the two blocks' d_b * s_g; groups of one block (Q4_0's) take four blocks' scales in one
 // multiply. Each row's operations are those of R = 1 (qrow4_q8), in the same order.
-template <int R>
-void qrow4_q8_rows(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+template <int R, class S>
+void qrow4_q8_rows(const uint8_t* const* q, const S* const* s, const float* const* z, const Q8Act& x, int64_t cols,
                    int64_t gs, float* out) {
   const __m256i m = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int64_t nfull = cols / QBLOCK, bpg = gs / QBLOCK;
@@ -263,7 +292,7 @@ void qrow4_q8_rows(const uint8_t* const* q, const float* const* s, const float* 
     if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(q[r] + b * QBLOCK / 2) + PREFETCH, _MM_HINT_T0);
     return _mm256_cvtepi32_ps(dot_nibble_pair(q[r] + b * QBLOCK / 2, x.q4p + b * QBLOCK, m, ones));
   };
-  auto scale = [&](int r, int64_t b) { return x.d[b] * s[r][b / bpg]; };
+  auto scale = [&](int r, int64_t b) { return x.d[b] * scale1(s[r] + b / bpg); };
   __m256 a0[R], a1[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
@@ -274,13 +303,13 @@ void qrow4_q8_rows(const uint8_t* const* q, const float* const* s, const float* 
       const __m128 d = _mm_loadu_ps(x.d + b);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const __m256 c = _mm256_castps128_ps256(_mm_mul_ps(d, _mm_loadu_ps(s[r] + b)));
+        const __m256 c = _mm256_castps128_ps256(_mm_mul_ps(d, scale4(s[r] + b)));
         a0[r] = _mm256_fmadd_ps(pair(r, b), _mm256_permutevar8x32_ps(c, first), a0[r]);
         a1[r] = _mm256_fmadd_ps(pair(r, b + 2), _mm256_permutevar8x32_ps(c, second), a1[r]);
       }
     }
   } else {
-    GroupScale sc[R];
+    GroupScale<S> sc[R];
     for (int r = 0; r < R; ++r) sc[r] = {s[r], bpg, bpg};
     for (; b + 2 <= nfull; b += 2)
 #pragma GCC unroll 4
@@ -302,15 +331,26 @@ void qrow4_q8_rows(const uint8_t* const* q, const float* const* s, const float* 
   }
 }
 
-float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+template <int R>
+void qrow4_q8_any(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
+                  int64_t gs, float* out) {
+  const float* f[R];
+  const uint16_t* h[R];
+  if (half_scales<R>(s, f, h))
+    qrow4_q8_rows<R>(q, h, z, x, cols, gs, out);
+  else
+    qrow4_q8_rows<R>(q, f, z, x, cols, gs, out);
+}
+
+float qrow4_q8(const uint8_t* q, Scales s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
   float out;
-  qrow4_q8_rows<1>(&q, &s, &z, x, cols, gs, &out);
+  qrow4_q8_any<1>(&q, &s, &z, x, cols, gs, &out);
   return out;
 }
 
-void qrow4_q8_x4(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+void qrow4_q8_x4(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
                  int64_t gs, float* out) {
-  qrow4_q8_rows<4>(q, s, z, x, cols, gs, out);
+  qrow4_q8_any<4>(q, s, z, x, cols, gs, out);
 }
 
 // --- quantized GEMM (kern.h) ---
@@ -466,8 +506,16 @@ void gemm_q8(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, 
     gemm_q8_bits<false>(w, r0, r1, x, cols, gs, y, ldy);
 }
 
-const Kern table{"avx2",   dot_f32,  dot_bf16,  qrow8,       qrow4,      qrow8_q8, qrow4_q8,
-                 gemm_q8,  dot4_f32, dot4_bf16, qrow8_q8_x4, qrow4_q8_x4};
+// F16C: eight halves a conversion (exact, as the scalar tail).
+void half_to_f32(const uint16_t* h, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = f16_to_f32(h[i]);
+}
+
+const Kern table{"avx2",   dot_f32,  dot_bf16,  qrow8,       qrow4,       qrow8_q8,   qrow4_q8,
+                 gemm_q8,  dot4_f32, dot4_bf16, qrow8_q8_x4, qrow4_q8_x4, half_to_f32};
 
 }  // namespace
 

@@ -47,14 +47,14 @@ float qrow4(const uint8_t* q, const float* s, const float* z, const float* x, co
 }
 
 // int8 activations: the integer dot of each block of 32 (exact in int32), scaled by the block's d_b.
-float qrow8_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+float qrow8_q8(const uint8_t* q, Scales s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
   float y = 0.f;
   for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
     const int64_t end = c + gs < cols ? c + gs : cols;
     float acc = 0.f;
     for (int64_t b = c; b < end; b += QBLOCK)
       acc += x.d[b / QBLOCK] * float(itail_u8(q, x.q, b, b + QBLOCK < end ? b + QBLOCK : end, 0));
-    y += s[g] * (acc - zero_at(z, g, 128.f) * x.gsum[g]);
+    y += s.at(g) * (acc - zero_at(z, g, 128.f) * x.gsum[g]);
   }
   return y;
 }
@@ -68,14 +68,14 @@ inline int32_t block_u4(const uint8_t* q, const int8_t* xq4) {
   return acc;
 }
 
-float qrow4_q8(const uint8_t* q, const float* s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
+float qrow4_q8(const uint8_t* q, Scales s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
   float y = 0.f;
   for (int64_t g = 0, c = 0; c < cols; ++g, c += gs) {
     const int64_t end = c + gs < cols ? c + gs : cols;
     float acc = 0.f;
     for (int64_t b = c; b < end; b += QBLOCK)
       acc += x.d[b / QBLOCK] * float(b + QBLOCK <= end ? block_u4(q + b / 2, x.q4 + b) : itail_u4(q, x.q, b, end));
-    y += s[g] * (acc - zero_at(z, g, 8.f) * x.gsum[g]);
+    y += s.at(g) * (acc - zero_at(z, g, 8.f) * x.gsum[g]);
   }
   return y;
 }
@@ -89,7 +89,7 @@ void gemm_q8(int bits, const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, 
   for (int64_t j0 = 0; j0 < x.n; j0 += tc) {
     const int64_t j1 = j0 + tc < x.n ? j0 + tc : x.n;
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = j0; j < j1; ++j) y[j * ldy + r] = row(w.q + r * w.P, w.s + r * w.G, row_of(w.z, r, w.G), x.row(j), cols, gs);
+      for (int64_t j = j0; j < j1; ++j) y[j * ldy + r] = row(w.q + r * w.P, {w.s + r * w.G, nullptr}, row_of(w.z, r, w.G), x.row(j), cols, gs);
   }
 }
 
@@ -102,18 +102,22 @@ void dot4_bf16(const uint16_t* const* w, const float* x, int64_t n, float* out) 
   for (int i = 0; i < 4; ++i) out[i] = dot_bf16(w[i], x, n);
 }
 
-void qrow8_q8_x4(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+void qrow8_q8_x4(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
                  int64_t gs, float* out) {
   for (int i = 0; i < 4; ++i) out[i] = qrow8_q8(q[i], s[i], z[i], x, cols, gs);
 }
 
-void qrow4_q8_x4(const uint8_t* const* q, const float* const* s, const float* const* z, const Q8Act& x, int64_t cols,
+void qrow4_q8_x4(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
                  int64_t gs, float* out) {
   for (int i = 0; i < 4; ++i) out[i] = qrow4_q8(q[i], s[i], z[i], x, cols, gs);
 }
 
-const Kern table{"generic", dot_f32,  dot_bf16,  qrow8,       qrow4,      qrow8_q8, qrow4_q8,
-                 gemm_q8,   dot4_f32, dot4_bf16, qrow8_q8_x4, qrow4_q8_x4};
+void half_to_f32(const uint16_t* h, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(h[i]);
+}
+
+const Kern table{"generic", dot_f32,  dot_bf16,  qrow8,       qrow4,       qrow8_q8,   qrow4_q8,
+                 gemm_q8,   dot4_f32, dot4_bf16, qrow8_q8_x4, qrow4_q8_x4, half_to_f32};
 
 }  // namespace
 

@@ -255,9 +255,17 @@ struct QVec {
   }
 };
 
+// A stack of packed matrices (moeinfer.formats.quantized_experts; one matrix for a linear). Scales are
+// fp32 (s) or IEEE fp16 (sh; the other nullptr): the symmetric block formats may store d in fp16, as
+// GGUF's Q8_0/Q4_0 do, which reads 2 bytes a group instead of 4 (a Q4_0 row of 2048 columns: 1152
+// bytes instead of 1280). The int8-activation row kernels (decode) read fp16 scales in place (kern.h
+// Scales); the GEMM tiles and the fp32-activation rows get them widened into a small per-thread
+// buffer (gemm_item, row_scales). fp16 widens exactly, so a result is the one fp32 scales of the same
+// values give, bit for bit.
 struct QMat {
   const uint8_t* q;
   const float* s;
+  const uint16_t* sh;
   const float* z;
   int64_t rows, P, G;
 };
@@ -270,12 +278,33 @@ QMat qmat(const at::Tensor& q, const at::Tensor& s, const Zeros& z, int64_t rows
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 3 && q.size(1) == rows &&
                   q.size(2) == P,
               "moeinfer_native: ", what, " codes must be contiguous uint8 [E, ", rows, ", ", P, "], got ", q.sizes());
-  for (const at::Tensor* t : {&s, z.has_value() ? &*z : &s})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == q.size(0) &&
-                    t->size(1) == rows && t->size(2) == G,
-                "moeinfer_native: ", what, " scales/zeros must be contiguous float32 [E, ", rows, ", ", G, "], got ",
-                t->sizes());
-  return {q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.has_value() ? z->data_ptr<float>() : nullptr, rows, P, G};
+  auto shaped = [&](const at::Tensor& t) {
+    return t.is_contiguous() && t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == rows && t.size(2) == G;
+  };
+  const bool half = s.scalar_type() == at::kHalf;
+  TORCH_CHECK((s.scalar_type() == at::kFloat || half) && shaped(s), "moeinfer_native: ", what,
+              " scales must be contiguous float32 or float16 [E, ", rows, ", ", G, "], got ", s.scalar_type(), " ",
+              s.sizes());
+  if (z.has_value())
+    TORCH_CHECK(z->scalar_type() == at::kFloat && shaped(*z), "moeinfer_native: ", what,
+                " zeros must be contiguous float32 [E, ", rows, ", ", G, "], got ", z->scalar_type(), " ", z->sizes());
+  return {q.data_ptr<uint8_t>(), half ? nullptr : s.data_ptr<float>(),
+          half ? reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()) : nullptr,
+          z.has_value() ? z->data_ptr<float>() : nullptr, rows, P, G};
+}
+
+// This thread's scratch of at least n floats (fp16 scales widened for the kernels).
+inline float* scale_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// Row `row` of m's scales as fp32: the stored row, or its fp16 row widened into `buf` (m.G floats).
+inline const float* row_scales_f32(const Kern* k, const QMat& m, int64_t row, float* buf) {
+  if (!m.sh) return m.s + row * m.G;
+  k->half_to_f32(m.sh + row * m.G, buf, m.G);
+  return buf;
 }
 
 // Activation rows quantized to int8 blocks (kern.h, Q8Act / Q8Rows), each row with its group sums and,
@@ -346,11 +375,19 @@ struct AnyVec {
   }
 };
 
+// Row `row` of m's scales as the int8-activation row kernels take them (fp32 or fp16, in place).
+inline Scales row_scales(const QMat& m, int64_t row) {
+  return {m.s ? m.s + row * m.G : nullptr, m.sh ? m.sh + row * m.G : nullptr};
+}
+
 inline float qdot(const Kern* k, const QMat& m, int64_t row, const AnyVec& v, int64_t cols, int64_t gs, int bits) {
   const uint8_t* q = m.q + row * m.P;
-  const float* s = m.s + row * m.G;
   const float* z = row_of(m.z, row, m.G);
-  if (v.q8) return bits == 8 ? k->qrow8_q8(q, s, z, v.i.act(0), cols, gs) : k->qrow4_q8(q, s, z, v.i.act(0), cols, gs);
+  if (v.q8) {
+    const Scales s = row_scales(m, row);
+    return bits == 8 ? k->qrow8_q8(q, s, z, v.i.act(0), cols, gs) : k->qrow4_q8(q, s, z, v.i.act(0), cols, gs);
+  }
+  const float* s = row_scales_f32(k, m, row, m.sh ? scale_scratch(m.G) : nullptr);
   if (bits == 8) return k->qrow8(q, s, z, v.f.x, v.f.sum.data(), cols, gs);
   return k->qrow4(q, s, z, v.f.x, v.f.perm.data(), v.f.sum.data(), cols, gs);
 }
@@ -364,8 +401,9 @@ inline void qdot4(const Kern* k, const QMat& m, const int64_t* rows, const AnyVe
     return;
   }
   const uint8_t* q[4];
-  const float *s[4], *z[4];
-  for (int j = 0; j < 4; ++j) q[j] = m.q + rows[j] * m.P, s[j] = m.s + rows[j] * m.G, z[j] = row_of(m.z, rows[j], m.G);
+  Scales s[4];
+  const float* z[4];
+  for (int j = 0; j < 4; ++j) q[j] = m.q + rows[j] * m.P, s[j] = row_scales(m, rows[j]), z[j] = row_of(m.z, rows[j], m.G);
   (bits == 8 ? k->qrow8_q8_x4 : k->qrow4_q8_x4)(q, s, z, v.i.act(0), cols, gs, out);
 }
 
@@ -480,9 +518,19 @@ at::Tensor gemv_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
 // Weight rows per work item of a GEMM (parallel_for splits the items over the threads).
 constexpr int64_t GEMM_ROWS = 24;  // a multiple of every tile height
 
-// Expert e's matrix of a stack as the GEMM reads it.
-QRows expert_rows(const QMat& m, int64_t e) {
-  return {m.q + e * m.rows * m.P, m.s + e * m.rows * m.G, row_of(m.z, e * m.rows, m.G), m.P, m.G};
+// Rows [r0, r1) of expert e's matrix of a stack times the activation rows x through the tiled GEMM
+// (kern.h gemm_q8; y[j * ldy + r] for r in [r0, r1)); fp16 scales are widened for these rows first.
+inline void gemm_item(const Kern* k, int bits, const QMat& m, int64_t e, int64_t r0, int64_t r1, const Q8Rows& x,
+                      int64_t cols, int64_t gs, float* y, int64_t ldy) {
+  const int64_t first = e * m.rows + r0;
+  const float* s = m.s ? m.s + first * m.G : nullptr;
+  if (m.sh) {
+    float* buf = scale_scratch((r1 - r0) * m.G);
+    k->half_to_f32(m.sh + first * m.G, buf, (r1 - r0) * m.G);
+    s = buf;
+  }
+  const QRows w{m.q + first * m.P, s, row_of(m.z, first, m.G), m.P, m.G};
+  k->gemm_q8(bits, w, 0, r1 - r0, x, cols, gs, y + r0, ldy);
 }
 
 // `x` as a contiguous float32 [N, cols] matrix (a copy only when it is not one already: bf16 rows).
@@ -522,13 +570,13 @@ at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s
   at::Tensor y = at::empty({N, O}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const QRows w = expert_rows(m, 0);
   if (q8 && N > 1) {
     Q8Buf xq(N, cols, group_size, int(bits));
     quantize_rows(xq, xp, cols);
     const Q8Rows xr = xq.rows(0, N);
     at::parallel_for(0, (O + GEMM_ROWS - 1) / GEMM_ROWS, 1, [&](int64_t b, int64_t e) {
-      kern->gemm_q8(int(bits), w, b * GEMM_ROWS, std::min(e * GEMM_ROWS, O), xr, cols, group_size, yp, O);
+      for (int64_t r = b * GEMM_ROWS; r < std::min(e * GEMM_ROWS, O); r += GEMM_ROWS)
+        gemm_item(kern, int(bits), m, 0, r, std::min(r + GEMM_ROWS, O), xr, cols, group_size, yp, O);
     });
   } else {  // one row (decode: the row kernels stream the weight at memory speed), or fp32 activations
     std::vector<AnyVec> xv;
@@ -645,8 +693,8 @@ at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const 
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t end) {
       for (int64_t it = b; it < end; ++it) {
         const auto [e, r] = items[it];
-        kern->gemm_q8(int(bits), expert_rows(m, e), r, std::min(r + GEMM_ROWS, m.rows),
-                      act.rows(start[e], start[e + 1] - start[e]), cols, group_size, y + start[e] * m.rows, m.rows);
+        gemm_item(kern, int(bits), m, e, r, std::min(r + GEMM_ROWS, m.rows), act.rows(start[e], start[e + 1] - start[e]),
+                  cols, group_size, y + start[e] * m.rows, m.rows);
       }
     });
   };
@@ -685,8 +733,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_q8_op(const at::Tensor& x) {
 
 // Dequantize rows of packed codes into `out` [R, cols] f32 (a reused buffer: the prefill path's tile),
 // as moeinfer.formats.quant.groupwise.dequantize computes them: w = u * s + (-z * s).
-void dequant_into(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t bits, int64_t group_size,
+void dequant_into(const at::Tensor& q, const at::Tensor& s_, const at::Tensor& z, int64_t bits, int64_t group_size,
                   at::Tensor& out) {
+  // fp16 scales (the block formats') widened once for the whole tile
+  const at::Tensor s = s_.scalar_type() == at::kHalf ? s_.to(at::kFloat) : s_;
   TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: dequant needs 8 or 4 bits, got ", bits);
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2,
               "moeinfer_native: dequant output must be a contiguous float32 matrix");
