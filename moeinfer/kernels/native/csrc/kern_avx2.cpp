@@ -34,31 +34,34 @@ inline __m256 load_w(const uint16_t* p) { return load_bf16(p); }
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) { return bf16_to_f32(v); }
 
-// R rows of fp32 or bf16 weights against x: per row four accumulators over runs of 32 columns, then
-// runs of 8 into the first, one horizontal sum, the scalar tail. R = 1 is the one-row kernel; R = 4
-// computes each row in the same order (the same bits) while reading four weight streams at once.
+// R rows of fp32 or bf16 weights against x: per row two accumulators over runs of 32 columns (runs of
+// 8 alternating between them), then runs of 8 into the first, one horizontal sum, the scalar tail.
+// R = 1 is the one-row kernel; R = 4 computes each row in the same order (the same bits) while reading
+// four weight streams at once: 8 accumulators and x's 4 vectors stay in the 16 registers (four per row
+// would need all 16 for the accumulators alone, and spill to the stack in the inner loop).
 template <int R, class T>
 inline void dot_rows(const T* const* w, const float* x, int64_t n, float* out) {
-  __m256 a[R][4];
+  __m256 a[R][2];
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) a[r][k] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
+    __m256 xv[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) xv[k] = _mm256_loadu_ps(x + j + 8 * k);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const char* pw = reinterpret_cast<const char*>(w[r] + j);
       _mm_prefetch(pw + PREFETCH, _MM_HINT_T0);
       if (sizeof(T) == 4) _mm_prefetch(pw + PREFETCH + 64, _MM_HINT_T0);
 #pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) a[r][k] = _mm256_fmadd_ps(load_w(w[r] + j + 8 * k), _mm256_loadu_ps(x + j + 8 * k), a[r][k]);
+      for (int k = 0; k < 4; ++k) a[r][k & 1] = _mm256_fmadd_ps(load_w(w[r] + j + 8 * k), xv[k], a[r][k & 1]);
     }
   }
   for (int r = 0; r < R; ++r) {
     int64_t i = j;
     for (; i + 8 <= n; i += 8) a[r][0] = _mm256_fmadd_ps(load_w(w[r] + i), _mm256_loadu_ps(x + i), a[r][0]);
-    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
+    float acc = hsum(_mm256_add_ps(a[r][0], a[r][1]));
     for (; i < n; ++i) acc += widen(w[r][i]) * x[i];
     out[r] = acc;
   }
@@ -189,36 +192,36 @@ inline bool half_scales(const Scales* s, const float** f, const uint16_t** h) {
   return s[0].h != nullptr;
 }
 
-// Both int8-activation rows, R at a time: blocks in order, four independent accumulators per row
-// across group boundaries (each block's product scaled by d_b * s_g), so small groups do not serialise
-// on one sum; `dot(r, b)` is row r's block b as int32 x 8 products and `tail(r, c)` the integer sum of
+// Both int8-activation rows, R at a time: blocks in order, two independent accumulators per row
+// (even and odd blocks) across group boundaries (each block's product scaled by d_b * s_g), so small
+// groups do not serialise on one sum, and R = 4 keeps its 8 accumulators in registers; `dot(r, b)` is row r's block b as int32 x 8 products and `tail(r, c)` the integer sum of
 // its partial last block from column c. Each row's operations are those of R = 1, in the same order.
 template <int R, class S, class Dot, class Tail>
 inline void qrow_q8(const S* const* s, const float* const* z, const Q8Act& x, int64_t cols, int64_t gs, float off,
                     float mid, Dot dot, Tail tail, float* out) {
   const int64_t nfull = cols / QBLOCK;
   GroupScale<S> sc[R];
-  __m256 a[R][4];
+  __m256 a[R][2];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     sc[r] = {s[r], gs / QBLOCK, gs / QBLOCK};
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) a[r][k] = _mm256_setzero_ps();
+    a[r][0] = a[r][1] = _mm256_setzero_ps();
   }
   int64_t b = 0;
   for (; b + 4 <= nfull; b += 4)
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
+    for (int k = 0; k < 4; ++k)
 #pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k)
-        a[r][k] = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + k] * sc[r].next()), _mm256_cvtepi32_ps(dot(r, b + k)), a[r][k]);
+      for (int r = 0; r < R; ++r)
+        a[r][k & 1] = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b + k] * sc[r].next()), _mm256_cvtepi32_ps(dot(r, b + k)),
+                                      a[r][k & 1]);
   for (; b < nfull; ++b)
     for (int r = 0; r < R; ++r)
       a[r][0] = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * sc[r].next()), _mm256_cvtepi32_ps(dot(r, b)), a[r][0]);
   for (int r = 0; r < R; ++r) {
     float ys = nfull * QBLOCK < cols ? x.d[nfull] * sc[r].next() * float(tail(r, nfull * QBLOCK)) : 0.f;
     ys += zero_terms(s[r], z[r], x.gsum, (cols + gs - 1) / gs, off, mid);
-    out[r] = hsum(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3]))) + ys;
+    out[r] = hsum(_mm256_add_ps(a[r][0], a[r][1])) + ys;
   }
 }
 
