@@ -390,10 +390,10 @@ def active_bytes(model_dir: Path, precision: str, scope: str, system: str) -> fl
     cfg = parse_config(read_config(model_dir))
     with torch.device("meta"):
         m = MoEModel(cfg)
-    # per weight: ggml's Q8_0/Q4_0 blocks hold 32 codes and an fp16 scale; moeinfer's groups of 32 an fp32
-    # scale and zero-point (8 bytes)
-    per_weight = {"bf16": 2.0, "int8": (34 if system == "llama.cpp" else 40) / 32,
-                  "int4": (18 if system == "llama.cpp" else 24) / 32}[precision]
+    # per weight: ggml's Q8_0/Q4_0 blocks hold 32 codes and an fp16 scale; moeinfer's q8_0/q4_0 groups of 32
+    # are read as the same bytes (codes and the fp16 scale, moeinfer.kernels.quantized_cpu.read_scales; the
+    # midpoint zeros are not read, read_zeros), though memory also holds fp32 scales and zeros
+    per_weight = {"bf16": 2.0, "int8": 34 / 32, "int4": 18 / 32}[precision]
     experts = other = 0.0
     for name, p in m.named_parameters():
         if "experts." in name:
