@@ -9,6 +9,7 @@ import filecmp
 import gc
 import shutil
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -146,3 +147,64 @@ def test_quantized_experts_that_do_not_fit_in_memory_are_refused_before_reading(
     with pytest.raises(PlanError, match=r"quantizing .* while loading needs .* GB for its experts \(4 quantized "
                                         r"layers, 0 bf16 layers kept, one bf16 layer being quantized\)"):
         load_planned("tiny", UNIFORM, progress=False)
+
+
+# --- the planner: a model too big to measure gets quantized plans from a stand-in quality model ---
+
+def _too_big_to_measure(monkeypatch) -> list:
+    """plan() as for a checkpoint bigger than memory: the model is not loaded to measure (its own quality
+    and routing); the stand-in source's quality is a known one (recorded calls)."""
+    from plan_helpers import toy_quality
+
+    import moeinfer.planning.planner as planner
+
+    calls: list = []
+
+    def source_quality(path, model, text, precisions, **kw):
+        calls.append(path)
+        return replace(toy_quality(4), fit={"int8": 2.002, "int4": 2.01})  # 0.1% and 0.5% more bits per byte
+
+    monkeypatch.setattr(planner, "_load_for_measurement", lambda path, sizes: None)
+    monkeypatch.setattr(planner, "cached_quality", source_quality)
+    return calls
+
+
+def _int4_budget() -> int:
+    from moeinfer.planning.costs import expert_bytes, fixed_bytes
+    from moeinfer.planning.sizes import sizes_from_checkpoint
+
+    s = sizes_from_checkpoint("tiny")
+    return fixed_bytes(s, batch=1, context=256) + s.num_layers * s.num_experts * expert_bytes(s, "int4") + 4096
+
+
+def test_a_model_too_big_to_measure_gets_quantized_plans_from_a_stand_in(monkeypatch):
+    from plan_helpers import synthetic_profile
+
+    from moeinfer.planning.planner import plan
+
+    calls = _too_big_to_measure(monkeypatch)
+    budget = _int4_budget()  # uniform int4 resident fits; every float expert does not
+    alone = plan("tiny", budget, profile=synthetic_profile(), context=256)
+    assert set(alone.precisions) == {"bf16"} and alone.offload is not None and not calls
+    assert any("only bf16 experts considered" in n for n in alone.notes)
+    stood = plan("tiny", budget, profile=synthetic_profile(), context=256, quality_from="tiny")
+    assert calls == ["tiny"]
+    assert stood.precisions == ("int4",) * LAYERS and stood.offload is None  # priced at its quantized size
+    assert stood.predicted.memory_bytes <= budget
+    assert stood.predicted.quality_loss == pytest.approx(0.005)
+    assert any("stand-in: tiny's measured loss" in n for n in stood.notes)
+    # the bound acts on the stand-in's loss: int4 (0.5%) is over 0.2%, int8 (0.1%) within it
+    strict = plan("tiny", budget, profile=synthetic_profile(), context=256, quality_from="tiny", max_quality_loss=0.002)
+    assert "int4" not in strict.precisions and "int8" in strict.precisions
+
+
+def test_stand_in_quality_charges_the_sources_loss_per_precision():
+    from moeinfer.planning.quality import QualityModel, stand_in_quality
+
+    source = QualityModel(base_bpb=2.0, alpha=0.1, errors={"bf16": [0.0] * 4, "int8": [0.01] * 4, "int4": [0.1] * 4},
+                          fit={"int8": 2.002, "int4": 2.03}, source="english")
+    q = stand_in_quality(2, source, name="the shipped model")
+    assert q.loss(["bf16", "bf16"]) == 0.0
+    assert q.loss(["int8", "int8"]) == pytest.approx(0.001) and q.loss(["int4", "int4"]) == pytest.approx(0.015)
+    assert q.loss(["int4", "bf16"]) == pytest.approx(0.0075)  # losses add over layers, as the planner assumes
+    assert "the shipped model" in q.source and "english" in q.source
