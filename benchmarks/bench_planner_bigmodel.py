@@ -117,7 +117,9 @@ def generate(model: Any, plan: Any, args: argparse.Namespace, report: dict[str, 
 
     pred = plan.predicted
     report["peak_rss_after_load"] = rss()
-    print(f"loaded in {report['load_s']:.1f} s, peak RSS {report['peak_rss_after_load'] / 1e9:.2f} GB")
+    report["rss_after_load"] = rss("VmRSS:")  # what the plan holds; the peak adds the load's float layer
+    print(f"loaded in {report['load_s']:.1f} s, peak RSS {report['peak_rss_after_load'] / 1e9:.2f} GB, RSS now "
+          f"{report['rss_after_load'] / 1e9:.2f} GB")
     # 5. generate
     prompt = model.tokenizer.encode(PROMPT)
     with instrument(model) as ins:

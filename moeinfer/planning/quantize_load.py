@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from moeinfer.compress.api import CompressionReport, as_recipe, record_compression_, step_record, weight_bytes
+from moeinfer.compress.methods.quantize_layers import KEEP
 from moeinfer.compress.registry import get_method
 from moeinfer.loading.expert_files import ExpertFiles, memory_available
 from moeinfer.model.moe import Experts
@@ -35,8 +36,6 @@ from moeinfer.offload.checkpoint_store import CheckpointStore
 from moeinfer.planning.costs import expert_bytes
 from moeinfer.planning.sizes import sizes_from_model
 from moeinfer.planning.spec import FLOAT, PlanError
-
-KEEP = "none"  # quantize_layers' name for a float layer
 
 
 def read_layer_experts(store: CheckpointStore, position: int) -> Experts:
