@@ -260,17 +260,22 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     if model is None and (trace is None or wants_quality):
         model = _load_for_measurement(model_or_path, sizes)
     text = calibration if calibration is not None else "english"
+    stand_in = wants_quality and model is None and quality_from is not None
     if wants_quality and model is not None:
         if loaded is None:
             quality = cached_quality(model_or_path, model, text, precisions, progress=progress)
         else:
             quality = measure_quality(model, text, precisions, progress=progress)
-    elif wants_quality and quality_from is not None:  # too big to measure: another model's loss stands in
+    elif stand_in:  # too big to measure: another model's loss stands in
         source = load(quality_from, dtype="float32", progress=False)
         quality = stand_in_quality(sizes.num_layers, cached_quality(quality_from, source, text, precisions,
                                                                     progress=progress), name=str(quality_from))
         del source
-    if quality is not None:
+    if quality is not None and stand_in:
+        notes.append(f"quality not measured on this model (it does not fit in memory for measurement): "
+                     f"{quality.source}; uniform " + ", ".join(f"{p} +{quality.loss([p] * sizes.num_layers):.2%}"
+                                                         for p in quality.fit))
+    elif quality is not None:
         notes.append(f"quality measured on {quality.source}: bpb {quality.base_bpb:.4f} at {FLOAT}; uniform "
                      + ", ".join(f"{p} {b:.4f}" for p, b in quality.fit.items()) + f"; slope {quality.alpha:.4g}")
     elif any(p != FLOAT for p in precisions):

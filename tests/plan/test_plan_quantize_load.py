@@ -192,7 +192,7 @@ def test_a_model_too_big_to_measure_gets_quantized_plans_from_a_stand_in(monkeyp
     assert stood.precisions == ("int4",) * LAYERS and stood.offload is None  # priced at its quantized size
     assert stood.predicted.memory_bytes <= budget
     assert stood.predicted.quality_loss == pytest.approx(0.005)
-    assert any("stand-in: tiny's measured loss" in n for n in stood.notes)
+    assert any("stand-in: tiny's measured loss" in n and "int4 +0.50%" in n for n in stood.notes)
     # the bound acts on the stand-in's loss: int4 (0.5%) is over 0.2%, int8 (0.1%) within it
     strict = plan("tiny", budget, profile=synthetic_profile(), context=256, quality_from="tiny", max_quality_loss=0.002)
     assert "int4" not in strict.precisions and "int8" in strict.precisions
