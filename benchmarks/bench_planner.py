@@ -85,7 +85,6 @@ REAL_DIR = ROOT / "benchmarks" / ".planner_real"
 REAL_SHAPES = {"mixtral": ("Mixtral-8x7B", "mixtral-8x7b-instruct", ("humaneval_2_routing.jsonl",
                                                                       "gsm8k_2_routing.jsonl"))}
 REAL_PROMPT_TOKENS = 1  # --real-shape: one row per forward, the planner's decode view (module docstring)
-# --real-shape: quantized plans when the memory available is >= this x the checkpoint's bytes (peak RSS: 1.47x)
 WARM_UP_TOKENS = 4
 
 

@@ -18,7 +18,7 @@ without the loader's memory check, killed). Here:
       float experts (then, offloaded, the cache instead of the quantized experts);
    then the plan's placement, kernel, dense path and record exactly as `apply_plan_` runs them
    (`finish_plan_`), so the model equals `load` + `apply_plan_`'s (tests/plan/test_plan_quantize_load.py);
-3. any other plan (every expert float and resident, a host-memory tier, CUDA, a GGUF file) loads the
+3. any other plan (every expert float, resident or in a host-memory tier; CUDA; a GGUF file) loads the
    model whole (the loader refuses with a clear error when it does not fit) and applies the plan
    (`apply_plan_`);
 4. `model.plan` records the plan either way.
