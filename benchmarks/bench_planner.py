@@ -37,13 +37,13 @@ them" check):
 (`$MOEINFER_MIXTRAL_TRACES`, default ../shared/data/traces/mixtral-8x7b-instruct/, both files) cut to
 its first `--layers` MoE layers is both the planner's `trace` and the routing replayed while
 measuring. Only speed is measured: the weights are random, so a quality loss means nothing.
-- Precisions: when the checkpoint fits in the memory available now with WHOLE_HEADROOM (`fits_whole`;
-  not with `--float-only`), the planner may quantize (int8, int4) and the uniform-int4 baseline is
-  measured: a quantized plan loads the model whole, quantizes, then offloads when it does (its
-  expert store in a temporary folder under benchmarks/.planner_real/, removed after). The planner
-  cannot measure quality on random weights, so it is given `stand_in_quality`: each precision costs
-  the loss measured for it on the shipped model, and --max-quality-loss acts as it does there.
-  Otherwise plans keep bf16 experts, loaded with the experts left in the checkpoint.
+- Precisions: unless `--float-only`, the planner may quantize (int8, int4) and the uniform-int4
+  baseline is measured: `load_planned` quantizes while loading (one layer of float experts in memory
+  at a time, so a checkpoint bigger than memory takes quantized plans too), then offloads when the plan
+  does (its expert store in a temporary folder under benchmarks/.planner_real/, removed after). The
+  planner cannot measure quality on random weights, so it is given `stand_in_quality`
+  (moeinfer.planning.quality): each precision costs the loss measured for it on the shipped model, and
+  --max-quality-loss acts as it does there. bf16 plans are loaded with the experts left in the checkpoint.
 - Budgets (`default_budgets`): with quantized plans, below uniform int4 (only the --fit-like rule
   fits), just above it, and with every float expert resident (the default fits).
 - Decode: its prompt is one token (`REAL_PROMPT_TOKENS`), so every forward replays one trace row, as
@@ -60,7 +60,7 @@ measuring. Only speed is measured: the weights are random, so a quality loss mea
   and the plan's own prefill prediction prices the trace's four prompts (78-252 tokens) in one
   forward each, so these separate the cost model's error from the workload's.
 Its configurations are measured one after the other (each holds up to its budget of memory, a
-quantized one the whole model while it is quantized), rounds in a row.
+quantized one also one layer of float experts while it is quantized), rounds in a row.
 Timing numbers from a shared or busy machine are not results: the script records the load average.
 """
 
@@ -85,8 +85,6 @@ REAL_DIR = ROOT / "benchmarks" / ".planner_real"
 REAL_SHAPES = {"mixtral": ("Mixtral-8x7B", "mixtral-8x7b-instruct", ("humaneval_2_routing.jsonl",
                                                                       "gsm8k_2_routing.jsonl"))}
 REAL_PROMPT_TOKENS = 1  # --real-shape: one row per forward, the planner's decode view (module docstring)
-# --real-shape: quantized plans when the memory available is >= this x the checkpoint's bytes (peak RSS: 1.47x)
-WHOLE_HEADROOM = 1.6
 WARM_UP_TOKENS = 4
 
 
@@ -253,7 +251,7 @@ def distinct_configs(configs: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     """(the configurations to measure, name -> the earlier name it duplicates): a baseline that is the
     chosen plan itself (`describe()` equal: precisions, placement, cache, kernel, batch) is measured once
     and reported with its twin's figures (--real-shape: each load of a quantized configuration costs
-    the whole model and minutes of quantization)."""
+    minutes of quantization)."""
     first: dict[str, str] = {}
     same: dict[str, str] = {}
     for name, p in configs.items():
@@ -333,29 +331,6 @@ def default_budgets(model_name: str, *, real_shape: bool = False, quantized: boo
     return [int(fixed + k * one) + 1 for k in counts]
 
 
-def fits_whole(model_name: str, *, headroom: float = WHOLE_HEADROOM) -> bool:
-    """--real-shape: whether the checkpoint can be loaded whole (then quantized) here: the memory
-    available now is at least `headroom` x its bytes (the float weights and their quantized copy)."""
-    from moeinfer.planning.sizes import available_memory, checkpoint_bytes
-
-    return checkpoint_bytes(model_name) * headroom <= available_memory("cpu")
-
-
-def stand_in_quality(layers: int, source: Any) -> Any:
-    """--real-shape: the quality model the planner gets for a random-weight model, whose own quality
-    loss means nothing: each precision costs the loss measured for it on the shipped model (`source`,
-    its QualityModel: bits per byte with every layer at that precision), spread evenly over `layers`,
-    so a uniform plan's predicted loss is the shipped model's. Quality is not judged on the random
-    weights; this only keeps the --max-quality-loss bound acting as it does on the shipped model."""
-    from moeinfer.planning.quality import QualityModel
-    from moeinfer.planning.spec import FLOAT
-
-    loss = {p: max(0.0, (bpb - source.base_bpb) / source.base_bpb) for p, bpb in source.fit.items()}
-    errors = {FLOAT: [0.0] * layers, **{p: [v / layers] * layers for p, v in loss.items()}}
-    return QualityModel(base_bpb=1.0, alpha=1.0, errors=errors, fit={p: 1.0 + v for p, v in loss.items()},
-                        source=f"stand-in: the shipped model's measured loss per precision ({source.source})")
-
-
 def real_shape_model(name: str, *, layers: int, traces: Path, progress: bool = True) -> tuple[Path, Any]:
     """(checkpoint, routing trace) of `--real-shape name`: the random-weight checkpoint under
     REAL_DIR, written once (reused when present), and the real trace cut to its MoE layers."""
@@ -399,7 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"--real-shape: tokens of the separate prefill forward measured after each configuration's "
                          f"rounds (default: {PROMPT_TOKENS}, the shipped model's prompt; 0: none)")
     ap.add_argument("--float-only", action="store_true",
-                    help="--real-shape: plan float experts only, even when the model fits in memory whole")
+                    help="--real-shape: plan float experts only (no quantization while loading)")
     ap.add_argument("--refresh-profile", action="store_true", help="measure the machine profile again first")
     ap.add_argument("--out", default="planner-bench.json")
     args = ap.parse_args(argv)
@@ -439,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     quantized, quality_model, prefill_prompt = True, None, None
     if real:
         from moeinfer.planning.load import streams_experts
-        from moeinfer.planning.quality import cached_quality
+        from moeinfer.planning.quality import cached_quality, stand_in_quality
         from moeinfer.planning.sizes import available_memory, checkpoint_bytes
 
         path, trace = real_shape_model(args.real_shape, layers=args.layers, traces=args.traces)
@@ -447,27 +422,25 @@ def main(argv: list[str] | None = None) -> int:
         prompt = list(range(1, REAL_PROMPT_TOKENS + 1))  # routing is replayed: the ids do not matter
         if args.prefill_tokens:
             prefill_prompt = list(range(1, args.prefill_tokens + 1))
-        quantized = not args.float_only and fits_whole(model_name)
+        quantized = not args.float_only
         print(f"real-shape model: {checkpoint_bytes(model_name) / 1e9:.1f} GB of weights, "
               f"{available_memory('cpu') / 1e9:.1f} GB available: " +
-              ("quantized plans and the uniform-int4 baseline load it whole, quantize, then offload when the plan "
-               "does; quality is not judged on its random weights: each precision is charged the shipped model's "
-               "measured loss (stand_in_quality)" if quantized else
-               "float experts only (" + ("--float-only" if args.float_only else
-                                         f"it does not fit whole with {WHOLE_HEADROOM}x headroom") +
-               "), loaded with the experts left in the checkpoint"), flush=True)
+              ("quantized plans are quantized while loading, then offloaded when the plan does; quality is not "
+               "judged on its random weights: each precision is charged the shipped model's measured loss "
+               "(stand_in_quality)" if quantized else
+               "float experts only (--float-only), loaded with the experts left in the checkpoint"), flush=True)
         if quantized:
             precisions = tuple(DEFAULT_PRECISIONS)
             shipped = cached_quality("tiny", moeinfer.load("tiny", progress=False, dtype="float32"), "english",
                                      precisions, progress=True)
-            quality_model = stand_in_quality(args.layers, shipped)
+            quality_model = stand_in_quality(args.layers, shipped, name="the shipped model")
         else:
             precisions = ("bf16",)
 
         def make(plan: Any) -> Runner:
             if streams_experts(plan, "cpu"):
                 return Runner(lambda: moeinfer.load_planned(path, plan, progress=False), plan, prompt, trace=trace)
-            # loaded whole; a quantized offloaded plan writes its expert store here, removed by close()
+            # quantized while loading; a quantized offloaded plan writes its expert store here, removed by close()
             tmp = tempfile.TemporaryDirectory(dir=REAL_DIR, prefix="offload-")
             return Runner(lambda: moeinfer.load_planned(path, plan, offload_dir=tmp.name, progress=False), plan,
                           prompt, trace=trace, cleanup=tmp.cleanup)

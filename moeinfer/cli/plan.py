@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="text for quality and routing: a dataset name or file (default: english)")
     p.add_argument("--precisions", default="bf16,int8,int4",
                    help="expert precisions to consider: bf16 and quantize presets (default: bf16,int8,int4)")
+    p.add_argument("--quality-from", default=None, metavar="MODEL",
+                   help="a model whose measured quality loss stands in when --model is too big to measure "
+                        "(e.g. a smaller model of the same family); without it such a model gets bf16 plans only")
     p.add_argument("--refresh-profile", action="store_true", help="measure this machine again")
     p.add_argument("--out", "-o", default=None, help="write the plan here (YAML); an existing file needs --force")
     p.add_argument("--force", action="store_true", help="overwrite --out")
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         machine_profile(args.device, refresh=True, progress=True)
     result = plan(args.model, args.memory, device=args.device, max_quality_loss=args.max_quality_loss,
                   objective=args.objective, trace=args.trace, calibration=args.calibration,
-                  precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()), progress=True)
+                  precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
+                  quality_from=args.quality_from, progress=True)
     print(format_plan(result))
     if args.out:
         print(f"wrote {result.save(args.out)}")

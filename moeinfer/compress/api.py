@@ -119,11 +119,24 @@ def compress_(model: MoEModel, config: RecipeLike, *,
             calib.check(m.name, m.needs)
     # 3. run the steps
     report = CompressionReport(recipe=recipe, bytes_before=weight_bytes(model))
-    previous = list(model.config.hf_config.get(RECORD_KEY, {}).get("steps", []))
     for m, p in zip(methods, params):
         summary = m.fn(model, p, calib, progress=progress) or {}
-        report.steps.append({"method": m.name, "params": dataclasses.asdict(p), "summary": summary})
+        report.steps.append(step_record(m.name, p, summary))
     # 4. record
+    return record_compression_(model, report, calib)
+
+
+def step_record(method: str, params: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """One step as `moeinfer_compression` records it (method, params dataclass as a dict, summary)."""
+    return {"method": method, "params": dataclasses.asdict(params), "summary": summary}
+
+
+def record_compression_(model: MoEModel, report: CompressionReport,
+                        calib: CalibrationData | None = None) -> CompressionReport:
+    """Step 4 of `compress_`, after `report.steps` ran on `model` (also by a caller that ran a method's
+    function itself, such as `moeinfer.load_planned` quantizing while loading): the steps and the
+    resulting layout into the model's config, the bytes after, and the kernel chosen before."""
+    previous = list(model.config.hf_config.get(RECORD_KEY, {}).get("steps", []))
     sync_config_(model)
     layout = describe(model)
     model.config.hf_config[RECORD_KEY] = {"version": RECORD_VERSION, "steps": previous + report.steps,

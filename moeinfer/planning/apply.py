@@ -33,19 +33,32 @@ def quantize_step(plan: Plan) -> dict[str, Any] | None:
     return {"method": "quantize_layers", "precisions": ["none" if p == FLOAT else p for p in plan.precisions]}
 
 
+def check_plan_fits(model: Any, plan: Plan) -> None:
+    """Step 1: one precision per MoE layer of `model` (a PlanError naming both counts otherwise)."""
+    blocks = model.moe_blocks()
+    if len(blocks) != len(plan.precisions):
+        raise PlanError(f"plan for {plan.model} lists {len(plan.precisions)} MoE layers; this model has {len(blocks)}")
+
+
 def apply_plan_(model: Any, plan: Plan | str | os.PathLike[str], *, offload_dir: str | os.PathLike[str] | None = None,
                 progress: bool = False) -> Any:
     """Apply `plan` (a Plan or a plan YAML file) to `model` in place (steps above); returns the model."""
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     # 1. fit
-    blocks = model.moe_blocks()
-    if len(blocks) != len(plan.precisions):
-        raise PlanError(f"plan for {plan.model} lists {len(plan.precisions)} MoE layers; this model has {len(blocks)}")
+    check_plan_fits(model, plan)
     # 2. precision
     step = quantize_step(plan)
     if step is not None:
         compress_(model, [step], progress=progress)
+    return finish_plan_(model, plan, offload_dir=offload_dir, progress=progress)
+
+
+def finish_plan_(model: Any, plan: Plan, *, offload_dir: str | os.PathLike[str] | None = None,
+                 progress: bool = False) -> Any:
+    """Steps 3-6 on a model whose experts are at the plan's precisions (`apply_plan_` after `compress_`,
+    `load_planned` after quantizing while loading, or with its float experts left in the checkpoint)."""
+    blocks = model.moe_blocks()
     # 3. placement
     if plan.offload is not None:
         folder = offload_dir

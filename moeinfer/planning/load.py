@@ -1,17 +1,26 @@
 """`load_planned(path, plan)`: load a checkpoint straight into a plan, so a model bigger than memory runs.
 
-`moeinfer.load` followed by `apply_plan_` reads every expert into memory before `offload_` moves it to
-the slow tier: a checkpoint bigger than memory is refused (or, without the loader's memory check,
-killed). Here:
+`moeinfer.load` followed by `apply_plan_` reads every expert into memory before `compress_` quantizes
+them and `offload_` moves them to the slow tier: a checkpoint bigger than memory is refused (or,
+without the loader's memory check, killed). Here:
 1. the plan: a Plan, a plan YAML file, or "auto" (planned now for the memory free on the device; the
    planner sizes the model from config.json and the safetensors headers only);
-2. a plan that offloads float experts to disk on a CPU loads the dense weights only and uses the
-   checkpoint's own files as the disk tier (`moeinfer.load(path, offload=...)`: no expert is read
-   until the cache loads it, nothing is written); peak memory is the dense weights plus the cache;
-   the plan's kernel 'cpu' is then set on the offloaded experts and the dense path put on the native
-   CPU kernels where they are built, as `apply_plan_` does;
-3. any other plan (resident, quantized, host-memory tier) loads the model whole (the loader refuses
-   with a clear error when it does not fit) and applies the plan (`apply_plan_`);
+2. on a CPU, a plan that offloads float experts to disk, or that quantizes any layer, loads the dense
+   weights only, its routed experts left in the checkpoint (`load_checkpoint(..., experts_on_disk=True)`:
+   `model.expert_files` records every expert's byte ranges; nothing expert-sized is allocated):
+   a. float experts offloaded to disk: the checkpoint's own files are the disk tier (no expert is read
+      until the cache loads it, nothing is written); peak memory is the dense weights plus the cache;
+   b. quantized layers (quantize while loading): layer by layer, that layer's float experts are read
+      from the checkpoint's byte ranges (moeinfer.planning.quantize_load), quantized by `compress_`'s own
+      `quantize_layers` step at the layer's precision, and dropped before the next layer is read (a
+      mixed plan's float layers are read and kept resident); the step is recorded in the model's
+      config as `compress_` records it. Peak memory: dense weights + quantized experts + one layer of
+      float experts (then, offloaded, the cache instead of the quantized experts);
+   then the plan's placement, kernel, dense path and record exactly as `apply_plan_` runs them
+   (`finish_plan_`), so the model equals `load` + `apply_plan_`'s (tests/plan/test_plan_quantize_load.py);
+3. any other plan (every expert float, resident or in a host-memory tier; CUDA; a GGUF file) loads the
+   model whole (the loader refuses with a clear error when it does not fit) and applies the plan
+   (`apply_plan_`);
 4. `model.plan` records the plan either way.
 """
 
@@ -23,10 +32,11 @@ from typing import Any
 import torch
 
 from moeinfer.api import load
-from moeinfer.kernels import use_kernel_
+from moeinfer.loading.checkpoint import load_checkpoint
+from moeinfer.loading.filetype import is_gguf
 from moeinfer.models import resolve_model_path
-from moeinfer.planning.apply import apply_plan_
-from moeinfer.planning.dense import use_planned_dense_
+from moeinfer.planning.apply import apply_plan_, check_plan_fits, finish_plan_, quantize_step
+from moeinfer.planning.quantize_load import quantize_from_checkpoint_
 from moeinfer.planning.spec import FLOAT, Plan, PlanError
 
 
@@ -45,9 +55,14 @@ def resolve_plan(path: str | os.PathLike[str], plan: Plan | str | os.PathLike[st
 
 
 def streams_experts(plan: Plan, device: str) -> bool:
-    """Whether a plan loads with its experts left in the checkpoint (step 2)."""
+    """Whether a plan loads with its float experts left in the checkpoint as the disk tier (step 2a)."""
     return (plan.offload is not None and plan.offload.tier == "disk" and device == "cpu"
             and all(p == FLOAT for p in plan.precisions))
+
+
+def quantizes_while_loading(plan: Plan, device: str) -> bool:
+    """Whether a plan's quantized layers are quantized from the checkpoint layer by layer (step 2b)."""
+    return device == "cpu" and any(p != FLOAT for p in plan.precisions)
 
 
 def load_planned(path: str | os.PathLike[str], plan: Plan | str | os.PathLike[str], *,
@@ -55,26 +70,26 @@ def load_planned(path: str | os.PathLike[str], plan: Plan | str | os.PathLike[st
                  offload_dir: str | os.PathLike[str] | None = None, progress: bool = True,
                  check_weights: bool = False) -> Any:
     """Load checkpoint `path` under `plan` (steps in the module docstring); returns the model.
-    `offload_dir`: the disk tier's folder for plans that write an expert store (quantized experts)."""
+    `offload_dir`: the disk tier's folder for plans that write an expert store (quantized experts;
+    default: a new temporary folder)."""
     dev = "cuda" if str(device).startswith("cuda") else "cpu"
     chosen = resolve_plan(path, plan, device=dev, progress=progress)
     if chosen.device != dev:
         raise PlanError(f"the plan was made for device {chosen.device!r}; loading on {device!r}")
-    if streams_experts(chosen, dev):
-        # 2. dense weights only; the checkpoint is the disk tier
-        assert chosen.offload is not None
-        root = resolve_model_path(path)
-        model = load(root, device=device, dtype=dtype, progress=progress, check_weights=check_weights,
-                     offload=chosen.offload.config(offload_dir=root))
-        if len(model.moe_blocks()) != len(chosen.precisions):
-            model.offload.close()
-            raise PlanError(f"plan for {chosen.model} lists {len(chosen.precisions)} MoE layers; this model has "
-                            f"{len(model.moe_blocks())}")
-        if chosen.kernel == "cpu":  # offloaded float experts run the plan's kernel (as apply_plan_)
-            use_kernel_(model, "cpu")
-        use_planned_dense_(model)
-        model.plan = chosen  # 4.
-        return model
+    root = resolve_model_path(path)
+    streamed = streams_experts(chosen, dev)
+    quantized = quantizes_while_loading(chosen, dev)
+    if not is_gguf(root) and (streamed or quantized):
+        # 2. dense weights only, the experts left in the checkpoint
+        model = load_checkpoint(root, device=device, dtype=dtype, progress=progress, check_weights=check_weights,
+                                experts_on_disk=True)
+        check_plan_fits(model, chosen)
+        if quantized:  # b. layer by layer: read, quantize (float layers: read), drop
+            step = quantize_step(chosen)
+            assert step is not None
+            quantize_from_checkpoint_(model, step, progress=progress)
+        # a. (float experts on disk) offload_ reads the checkpoint through model.expert_files
+        return finish_plan_(model, chosen, offload_dir=root if streamed else offload_dir, progress=progress)
     # 3. whole, then the plan
     model = load(path, device=device, dtype=dtype, progress=progress, check_weights=check_weights)
     return apply_plan_(model, chosen, offload_dir=offload_dir, progress=progress)

@@ -7,8 +7,11 @@ Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
    for this, so a checkpoint bigger than memory is planned as well;
 2. the machine profile (moeinfer.planning.profile), measured once and cached;
 3. when the model fits in memory (or is given loaded): its routing on the calibration text and its
-   quality model (moeinfer.planning.quality); otherwise the user's trace or uniform routing, and only
-   lossless choices (the plan's notes say so);
+   quality model (moeinfer.planning.quality); otherwise the user's trace or uniform routing, and either
+   a stand-in quality model measured on `quality_from` (another model, e.g. a smaller one of the same
+   family: `stand_in_quality`) or only lossless choices (the plan's notes say which). Quantized plans
+   of a model bigger than memory are priced at their quantized sizes like any other: `load_planned`
+   quantizes them while loading, one layer of float experts in memory at a time;
 4. the search space (each family priced by the offload simulator's clock, moeinfer.planning.costs):
    a. every expert resident, per-layer precision (float / each quantize preset) chosen by the
       layer search (moeinfer.planning.search: exact or DP) under the memory left after dense weights,
@@ -47,7 +50,7 @@ from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.apply import as_trace
 from moeinfer.offload.config import parse_size
 from moeinfer.planning.profile import MachineProfile, machine_profile
-from moeinfer.planning.quality import QualityModel, cached_quality, measure_quality
+from moeinfer.planning.quality import QualityModel, cached_quality, measure_quality, stand_in_quality
 from moeinfer.planning.sizes import available_memory, sizes_from_checkpoint, sizes_from_model
 
 DEFAULT_PRECISIONS = (FLOAT, "int8", "int4")
@@ -204,14 +207,16 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
          objective: str = "latency", trace: Any = None, calibration: Any = None,
          precisions: Sequence[str] = DEFAULT_PRECISIONS, context: int = 1024,
          batch_sizes: Sequence[int] = BATCH_SIZES, profile: MachineProfile | None = None,
-         quality: QualityModel | None = None, progress: bool = False) -> Plan:
+         quality: QualityModel | None = None, quality_from: Any = None, progress: bool = False) -> Plan:
     """The best configuration of `model_or_path` (a loaded MoEModel, a checkpoint folder or a shipped
     model name) in `budget` bytes (an int, or "8GB") on `device`; steps in the module docstring.
 
     max_quality_loss: the largest predicted relative bits-per-byte increase allowed (0.01 = 1%);
     trace: a routing trace (.npz path or RoutingTrace) to price routing with; calibration: the text
     the quality model and routing are measured on (a dataset name or file; default "english");
-    profile / quality: use these instead of measuring (tests, a profile from another machine).
+    profile / quality: use these instead of measuring (tests, a profile from another machine);
+    quality_from: a model (path or shipped name) whose measured quality stands in when this one's cannot
+    be measured (it does not fit in memory to measure): quantized precisions are then considered.
     """
     if objective not in OBJECTIVES:
         raise PlanError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -255,17 +260,27 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     if model is None and (trace is None or wants_quality):
         model = _load_for_measurement(model_or_path, sizes)
     text = calibration if calibration is not None else "english"
+    stand_in = wants_quality and model is None and quality_from is not None
     if wants_quality and model is not None:
         if loaded is None:
             quality = cached_quality(model_or_path, model, text, precisions, progress=progress)
         else:
             quality = measure_quality(model, text, precisions, progress=progress)
-    if quality is not None:
+    elif stand_in:  # too big to measure: another model's loss stands in
+        source = load(quality_from, dtype="float32", progress=False)
+        quality = stand_in_quality(sizes.num_layers, cached_quality(quality_from, source, text, precisions,
+                                                                    progress=progress), name=str(quality_from))
+        del source
+    if quality is not None and stand_in:
+        notes.append(f"quality not measured on this model (it does not fit in memory for measurement): "
+                     f"{quality.source}; uniform " + ", ".join(f"{p} +{quality.loss([p] * sizes.num_layers):.2%}"
+                                                         for p in quality.fit))
+    elif quality is not None:
         notes.append(f"quality measured on {quality.source}: bpb {quality.base_bpb:.4f} at {FLOAT}; uniform "
                      + ", ".join(f"{p} {b:.4f}" for p, b in quality.fit.items()) + f"; slope {quality.alpha:.4g}")
     elif any(p != FLOAT for p in precisions):
         notes.append("quality not measured (the model does not fit in memory for measurement): only "
-                     f"{FLOAT} experts considered")
+                     f"{FLOAT} experts considered (quality_from / --quality-from: another model's loss stands in)")
         precisions = (FLOAT,)
     if trace is not None:
         trace = as_trace(trace, "trace")

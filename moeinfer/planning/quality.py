@@ -170,3 +170,16 @@ def cached_quality(path: Any, model: Any, text: Any, precisions: Sequence[str], 
     q = measure_quality(model, data, precisions, max_bytes=max_bytes, progress=progress)
     atomic_write_text(file, json.dumps(q.to_dict(), indent=1) + "\n")
     return q
+
+
+def stand_in_quality(layers: int, source: QualityModel, *, name: str = "another model") -> QualityModel:
+    """A quality model for a model that cannot be measured (bigger than memory, or random weights whose
+    own loss means nothing), from `source`, another model's measured QualityModel: each precision
+    costs the loss measured for it on that model (bits per byte with every layer at it), spread evenly
+    over `layers`, so a uniform plan's predicted loss is the source's and `max_quality_loss` acts as on
+    it. Only as good as the source is like the model (a smaller model of the same family, say); `name`
+    names the source in the model's `source`."""
+    loss = {p: max(0.0, (bpb - source.base_bpb) / source.base_bpb) for p, bpb in source.fit.items()}
+    errors = {FLOAT: [0.0] * layers, **{p: [v / layers] * layers for p, v in loss.items()}}
+    return QualityModel(base_bpb=1.0, alpha=1.0, errors=errors, fit={p: 1.0 + v for p, v in loss.items()},
+                        source=f"stand-in: {name}'s measured loss per precision ({source.source})")

@@ -106,27 +106,6 @@ def test_real_shape_budgets_separate_the_baselines():
     assert all(set(bp.baselines("tiny", b, quantized=False)) == {"fit-rule"} for b in float_only)
 
 
-def test_quantized_plans_only_when_the_model_fits_whole(monkeypatch):
-    from moeinfer.planning import sizes
-
-    need = sizes.checkpoint_bytes("tiny")
-    monkeypatch.setattr(sizes, "available_memory", lambda device: int(1.5 * need))
-    assert bp.fits_whole("tiny", headroom=1.5)
-    assert not bp.fits_whole("tiny", headroom=1.6)
-
-
-def test_stand_in_quality_charges_the_shipped_models_loss_per_precision():
-    from moeinfer.planning.quality import QualityModel
-
-    shipped = QualityModel(base_bpb=2.0, alpha=0.1, errors={"bf16": [0.0] * 4, "int8": [0.01] * 4, "int4": [0.1] * 4},
-                           fit={"int8": 2.002, "int4": 2.03}, source="english")
-    q = bp.stand_in_quality(2, shipped)
-    assert q.loss(["bf16", "bf16"]) == 0.0
-    assert q.loss(["int8", "int8"]) == pytest.approx(0.001) and q.loss(["int4", "int4"]) == pytest.approx(0.015)
-    assert q.loss(["int4", "bf16"]) == pytest.approx(0.0075)  # losses add over layers, as the planner assumes
-    assert "shipped model" in q.source
-
-
 def test_a_baseline_that_is_the_chosen_plan_is_measured_once():
     from moeinfer.planning import Plan, PlanOffload
 

@@ -110,3 +110,24 @@ def test_plan_auto_with_every_precision(cached_profile, monkeypatch):
     [p] = _plan_auto(monkeypatch, 100 * 10**6)
     assert p.predicted.memory_bytes <= p.budget_bytes
     assert set(p.precisions) <= {"bf16", "int8", "int4"} and p.predicted.quality_loss is not None
+
+
+def test_plan_quality_from_stands_in_for_a_model_too_big_to_measure(tmp_path, cached_profile, monkeypatch, capsys):
+    """--quality-from: the model is not loaded (too big); the named model's measured quality stands in."""
+    from dataclasses import replace
+
+    from plan_helpers import toy_quality
+
+    import moeinfer.planning.planner as planner
+
+    seen: list = []
+    monkeypatch.setattr(planner, "_load_for_measurement", lambda path, sizes: None)
+    monkeypatch.setattr(planner, "cached_quality", lambda path, *a, **k: (seen.append(path),
+                        replace(toy_quality(4), fit={"int8": 2.002, "int4": 2.01}))[1])
+    out = tmp_path / "plan.yaml"
+    # 85 MB: every expert at int4 fits resident (83.3 MB), at bf16 not (93.3 MB)
+    assert main(["plan", "--model", "tiny", "--memory", "85MB", "--quality-from", "tiny", "--out", str(out)]) == 0
+    assert seen == ["tiny"] and "stand-in: tiny's measured loss" in capsys.readouterr().out
+    assert "int4" in Plan.load(out).precisions
+    assert main(["plan", "--model", "tiny", "--memory", "85MB", "--out", str(out), "--force"]) == 0
+    assert set(Plan.load(out).precisions) == {"bf16"} and seen == ["tiny"]  # no stand-in: bf16 only

@@ -11,10 +11,14 @@ Steps:
 2. per MoE layer (progress bar): quantize its plain experts with that preset's bits, group size and
    algorithm -> QuantizedExperts, exactly as the `quantize` step would for the whole model;
 3. summary: the precision and relative weight error of each layer.
+`quantize_layers(..., fill=...)` runs the same steps on a model loaded with its experts left in the
+checkpoint (meta tensors, `moeinfer.load_planned`): `fill(position, block)` puts each layer's float
+experts in place just before step 2 quantizes them, so one layer's float experts are in memory at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,7 @@ from moeinfer.compress.methods.quantize import QuantizeParams, resolve_algorithm
 from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.compress.registry import CompressionError, register_method
 from moeinfer.compress.surgery import plain_experts
+from moeinfer.model.moe import MoEBlock
 from moeinfer.model.transformer import MoEModel
 from moeinfer.compress.presets import PRESETS
 
@@ -73,31 +78,41 @@ def _layer_error(ex: Any, new: QuantizedExperts) -> float:
     return sum(n / max(d, 1e-30) for n, d in zip(num, den)) / 2
 
 
+def quantize_layer_(block: MoEBlock, q: QuantizeParams, algorithm: str) -> float:
+    """Step 2 for one layer: its plain experts -> QuantizedExperts at `q` with `algorithm` (resolved, not
+    "auto"), in place; returns the layer's relative weight error."""
+    ex = block.experts
+    new = QuantizedExperts.from_float(ex.gate_up_proj.data, ex.down_proj.data, [q.bits] * ex.num_experts,
+                                      group_size=q.group_size, algorithm=algorithm)
+    error = round(_layer_error(ex, new), 8)
+    block.experts = new
+    return error
+
+
 @register_method("quantize_layers", params=QuantizeLayersParams, needs="none")
 def quantize_layers(model: MoEModel, p: QuantizeLayersParams, calib: CalibrationData | None, *,
-                    progress: bool = True) -> dict[str, Any]:
-    """Quantize each MoE layer's experts with its own preset (steps in the module docstring)."""
+                    progress: bool = True, fill: Callable[[int, MoEBlock], None] | None = None) -> dict[str, Any]:
+    """Quantize each MoE layer's experts with its own preset (steps in the module docstring); `fill`: puts
+    layer `position`'s float experts in place first (experts left in the checkpoint; module docstring)."""
     from tqdm.auto import tqdm
 
     blocks = model.moe_blocks()
-    # 1. check everything before changing anything
+    # 1. check everything before changing anything ("auto" counts the experts' weights: meta tensors too)
     if len(p.precisions) != len(blocks):
         raise CompressionError(f"quantize_layers: {len(p.precisions)} precisions for {len(blocks)} MoE layers")
     quantizers = [layer_quantizer(name) for name in p.precisions]
     for block, q in zip(blocks, quantizers):
-        if q is not None:
+        if q is not None or fill is not None:
             plain_experts(block, "quantize_layers")
     algorithms = {q.algorithm: resolve_algorithm(model, q.algorithm) for q in quantizers if q is not None}
     # 2. layer by layer
     errors: dict[str, float] = {}
-    for block, name, q in tqdm(list(zip(blocks, p.precisions, quantizers)), desc="quantize layers", unit="layer",
-                               disable=not progress or None):
+    for pos, (block, q) in enumerate(tqdm(list(zip(blocks, quantizers)), desc="quantize layers", unit="layer",
+                                          disable=not progress or None)):
+        if fill is not None:
+            fill(pos, block)
         if q is None:
             continue
-        ex = block.experts
-        new = QuantizedExperts.from_float(ex.gate_up_proj.data, ex.down_proj.data, [q.bits] * ex.num_experts,
-                                          group_size=q.group_size, algorithm=algorithms[q.algorithm])
-        errors[str(block.layer_idx)] = round(_layer_error(ex, new), 8)
-        block.experts = new
+        errors[str(block.layer_idx)] = quantize_layer_(block, q, algorithms[q.algorithm])
     # 3. summary
     return {"precisions": list(p.precisions), "expert_rel_error": errors}
