@@ -65,6 +65,9 @@ class PackedExperts(Protocol):
     group_size: int
     hidden_size: int
     intermediate_size: int
+    # optional, default True: False where the stacks' bytes change in place without a tensor version
+    # change (an offload cache's slot views): nothing derived from them is kept between calls
+    # stable: bool
 
 
 def unsupported(experts: PackedExperts) -> str | None:
@@ -130,7 +133,8 @@ def _stack(experts: PackedExperts, b: int, *, midpoints: bool = True) -> list[to
     out = [getattr(experts, f"{p}{b}_{m}") for m in ("gate_up", "down") for p in "qsz"]
     if midpoints:
         out[2], out[5] = read_zeros(out[2], b), read_zeros(out[5], b)
-        out[1], out[4] = read_scales(out[1]), read_scales(out[4])
+        if getattr(experts, "stable", True):  # an fp16 copy only of scales that change through torch
+            out[1], out[4] = read_scales(out[1]), read_scales(out[4])
     return out
 
 

@@ -112,6 +112,13 @@ class PackedFormat:
 class _SlotExperts:
     """One cached expert as the native kernels' `PackedExperts` (a one-expert stack of views)."""
 
+    # The views see a slot whose bytes a load replaces in place, some loads straight from a file
+    # (os.preadv) without a tensor version change, so quantized_cpu.read_scales makes no fp16 copy of
+    # their scales (it would go stale). quantized_cpu.read_zeros still keeps its midpoint answer per
+    # view: right for a layer of the symmetric formats (every expert's zeros are midpoints) and for
+    # asymmetric ones unless one expert's zeros happen to be all midpoints and another's not.
+    stable = False
+
     def __init__(self, fmt: PackedFormat) -> None:
         self.bits, self.slot = [fmt.bits], [0]
         self.group_size, self.hidden_size, self.intermediate_size = fmt.group_size, fmt.hidden, fmt.inter

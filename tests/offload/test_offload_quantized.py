@@ -128,7 +128,7 @@ def test_offloaded_quantized_experts_on_the_native_kernels(precision, tmp_path, 
         model.offload.close()
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "q4_0", "q8_0"])
 def test_slot_views_made_once_give_the_same_outputs(precision, tmp_path, monkeypatch):
     """Native offloaded experts reuse each slot's views (SlotViews): per-step logits equal (torch.equal)
     to views made afresh on every call, through hits, misses, evictions and transient loads; the slots'
