@@ -2,7 +2,8 @@
 
 1. check the plan fits the model (one precision per MoE layer);
 2. `compress_`: each layer's experts at the plan's precision (the `quantize_layers` step; float
-   layers are left as they are);
+   layers, and layers quantized already at the plan's bits and group size — a planned model saved
+   and loaded again — are left as they are);
 3. `offload_`: the plan's offload settings (a new temporary folder for a disk tier unless
    `offload_dir` is given);
 4. `use_kernel_`: the plan's kernel (float experts that stay resident run it, offloaded float
@@ -22,15 +23,30 @@ from typing import Any
 from moeinfer.planning.dense import use_planned_dense_
 from moeinfer.planning.spec import FLOAT, Plan, PlanError
 from moeinfer.compress.api import compress_
+from moeinfer.compress.methods.quantize_layers import layer_quantizer
+from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.kernels import use_kernel_
 from moeinfer.offload.apply import offload_
 
 
-def quantize_step(plan: Plan) -> dict[str, Any] | None:
-    """The compress_ step of a plan (None when every layer stays in float)."""
-    if all(p == FLOAT for p in plan.precisions):
+def quantize_step(plan: Plan, model: Any = None) -> dict[str, Any] | None:
+    """The compress_ step of a plan (None when no layer is to be quantized). With `model`, a layer whose
+    experts are quantized already at the plan's bits and group size is left as it is (`at_precision`),
+    so a planned model saved once and loaded again is not quantized a second time."""
+    precisions = ["none" if p == FLOAT else p for p in plan.precisions]
+    if model is not None:
+        precisions = ["none" if at_precision(b.experts, p) else p for b, p in zip(model.moe_blocks(), precisions)]
+    if all(p == "none" for p in precisions):
         return None
-    return {"method": "quantize_layers", "precisions": ["none" if p == FLOAT else p for p in plan.precisions]}
+    return {"method": "quantize_layers", "precisions": precisions}
+
+
+def at_precision(experts: Any, precision: str) -> bool:
+    """Whether `experts` are quantized experts of every expert at `precision`'s bits and group size (a
+    quantize preset name; "none" -> False)."""
+    q = None if precision == "none" else layer_quantizer(precision)
+    return (q is not None and isinstance(experts, QuantizedExperts) and set(experts.bits) == {q.bits}
+            and experts.group_size == q.group_size)
 
 
 def check_plan_fits(model: Any, plan: Plan) -> None:
@@ -47,8 +63,8 @@ def apply_plan_(model: Any, plan: Plan | str | os.PathLike[str], *, offload_dir:
         plan = Plan.load(plan)
     # 1. fit
     check_plan_fits(model, plan)
-    # 2. precision
-    step = quantize_step(plan)
+    # 2. precision (layers at it already, a planned model saved and loaded again, are kept)
+    step = quantize_step(plan, model)
     if step is not None:
         compress_(model, [step], progress=progress)
     return finish_plan_(model, plan, offload_dir=offload_dir, progress=progress)

@@ -18,8 +18,10 @@ without the loader's memory check, killed). Here:
       float experts (then, offloaded, the cache instead of the quantized experts);
    then the plan's placement, kernel, dense path and record exactly as `apply_plan_` runs them
    (`finish_plan_`), so the model equals `load` + `apply_plan_`'s (tests/plan/test_plan_quantize_load.py);
-3. any other plan (every expert float, resident or in a host-memory tier; CUDA; a GGUF file) loads the
-   model whole (the loader refuses with a clear error when it does not fit) and applies the plan
+3. any other plan (every expert float, resident or in a host-memory tier; CUDA; a GGUF file), or a
+   checkpoint compressed already (its config records `moeinfer_compression`: a planned model saved
+   with `moeinfer.save` loads its quantized experts as they are, none quantized again), loads the model
+   whole (the loader refuses with a clear error when it does not fit) and applies the plan
    (`apply_plan_`);
 4. `model.plan` records the plan either way.
 """
@@ -32,7 +34,8 @@ from typing import Any
 import torch
 
 from moeinfer.api import load
-from moeinfer.loading.checkpoint import load_checkpoint
+from moeinfer.formats.layout import RECORD_KEY
+from moeinfer.loading.checkpoint import load_checkpoint, read_config
 from moeinfer.loading.filetype import is_gguf
 from moeinfer.models import resolve_model_path
 from moeinfer.planning.apply import apply_plan_, check_plan_fits, finish_plan_, quantize_step
@@ -79,7 +82,7 @@ def load_planned(path: str | os.PathLike[str], plan: Plan | str | os.PathLike[st
     root = resolve_model_path(path)
     streamed = streams_experts(chosen, dev)
     quantized = quantizes_while_loading(chosen, dev)
-    if not is_gguf(root) and (streamed or quantized):
+    if not is_gguf(root) and RECORD_KEY not in read_config(root) and (streamed or quantized):
         # 2. dense weights only, the experts left in the checkpoint
         model = load_checkpoint(root, device=device, dtype=dtype, progress=progress, check_weights=check_weights,
                                 experts_on_disk=True)

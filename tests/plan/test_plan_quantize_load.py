@@ -101,6 +101,37 @@ def test_quantized_offloaded_plan_writes_the_same_store_and_runs_the_same(tmp_pa
         got.offload.close()
 
 
+def test_a_planned_model_saved_once_is_not_quantized_again(tmp_path, monkeypatch):
+    """A model quantized while loading, saved with moeinfer.save, loads back under the same plan (by
+    load + apply_plan_, or by load_planned) with its quantized experts as they are: no layer quantized
+    a second time, the same tensors and the same logits."""
+    from moeinfer.formats.quantized_experts import QuantizedExperts
+
+    got = load_planned("tiny", MIXED, progress=False)
+    moeinfer.save(got, tmp_path / "planned")
+    quantized = []
+    real = QuantizedExperts.from_float
+    monkeypatch.setattr(QuantizedExperts, "from_float",
+                        classmethod(lambda cls, *a, **k: (quantized.append(1), real(*a, **k))[1]))
+    _, logits_got = generate_with_logits(got, PROMPT, NEW)
+    for back in (apply_plan_(moeinfer.load(tmp_path / "planned", progress=False), MIXED),
+                 load_planned(tmp_path / "planned", MIXED, progress=False)):
+        assert not quantized
+        sg, sb = got.state_dict(), back.state_dict()
+        assert sorted(sg) == sorted(sb) and all(torch.equal(sg[k], sb[k]) for k in sg)
+        assert [b.experts.kernel for b in back.moe_blocks()] == [b.experts.kernel for b in got.moe_blocks()]
+        _, logits_back = generate_with_logits(back, PROMPT, NEW)
+        assert torch.equal(logits_back, logits_got)
+
+
+def test_a_layer_quantized_otherwise_than_the_plan_is_refused(tmp_path):
+    from moeinfer.compress.registry import CompressionError
+
+    moeinfer.save(load_planned("tiny", UNIFORM, progress=False), tmp_path / "int4")
+    with pytest.raises(CompressionError, match="layer 0 holds QuantizedExperts"):
+        apply_plan_(moeinfer.load(tmp_path / "int4", progress=False), _plan(("int8",) * LAYERS))
+
+
 @pytest.mark.parametrize("plan", [UNIFORM, MIXED], ids=["int4", "mixed"])
 def test_one_layer_of_float_experts_at_a_time(plan, monkeypatch):
     """Each layer's float experts are read once (every expert exactly once) and freed before the next
