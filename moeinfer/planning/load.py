@@ -19,9 +19,9 @@ without the loader's memory check, killed). Here:
    then the plan's placement, kernel, dense path and record exactly as `apply_plan_` runs them
    (`finish_plan_`), so the model equals `load` + `apply_plan_`'s (tests/plan/test_plan_quantize_load.py);
 3. any other plan (every expert float, resident or in a host-memory tier; CUDA; a GGUF file), or a
-   checkpoint compressed already (its config records `moeinfer_compression`: a planned model saved
-   with `moeinfer.save` loads its quantized experts as they are, none quantized again), loads the model
-   whole (the loader refuses with a clear error when it does not fit) and applies the plan
+   checkpoint whose experts are stored quantized or low-rank already (its config's
+   `moeinfer_compression` layout: a planned model saved with `moeinfer.save` loads its quantized
+   experts as they are, none quantized again), loads the model whole (the loader refuses with a clear error when it does not fit) and applies the plan
    (`apply_plan_`);
 4. `model.plan` records the plan either way.
 """
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from moeinfer.api import load
-from moeinfer.formats.layout import RECORD_KEY
+from moeinfer.formats.layout import MODULES_KEY, RECORD_KEY
 from moeinfer.loading.checkpoint import load_checkpoint, read_config
 from moeinfer.loading.filetype import is_gguf
 from moeinfer.models import resolve_model_path
@@ -63,6 +63,13 @@ def streams_experts(plan: Plan, device: str) -> bool:
             and all(p == FLOAT for p in plan.precisions))
 
 
+def stored_experts(root: Any) -> bool:
+    """Whether checkpoint `root` holds experts of a stored kind other than plain (quantized, low-rank:
+    its config's `moeinfer_compression` layout), which are loaded as they are (step 3)."""
+    layout = read_config(root).get(RECORD_KEY, {}).get("layout", {})
+    return any(entry.get("kind") != "experts" for key, entry in layout.items() if key != MODULES_KEY)
+
+
 def quantizes_while_loading(plan: Plan, device: str) -> bool:
     """Whether a plan's quantized layers are quantized from the checkpoint layer by layer (step 2b)."""
     return device == "cpu" and any(p != FLOAT for p in plan.precisions)
@@ -82,7 +89,7 @@ def load_planned(path: str | os.PathLike[str], plan: Plan | str | os.PathLike[st
     root = resolve_model_path(path)
     streamed = streams_experts(chosen, dev)
     quantized = quantizes_while_loading(chosen, dev)
-    if not is_gguf(root) and RECORD_KEY not in read_config(root) and (streamed or quantized):
+    if not is_gguf(root) and not stored_experts(root) and (streamed or quantized):
         # 2. dense weights only, the experts left in the checkpoint
         model = load_checkpoint(root, device=device, dtype=dtype, progress=progress, check_weights=check_weights,
                                 experts_on_disk=True)

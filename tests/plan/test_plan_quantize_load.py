@@ -239,3 +239,25 @@ def test_stand_in_quality_charges_the_sources_loss_per_precision():
     assert q.loss(["int8", "int8"]) == pytest.approx(0.001) and q.loss(["int4", "int4"]) == pytest.approx(0.015)
     assert q.loss(["int4", "bf16"]) == pytest.approx(0.0075)  # losses add over layers, as the planner assumes
     assert "the shipped model" in q.source and "english" in q.source
+
+
+def test_only_checkpoints_with_stored_expert_kinds_load_whole(tmp_path):
+    """load_planned streams a checkpoint whose experts are plain (a pruned one's layout too) and loads
+    whole one whose experts are stored quantized (`stored_experts`, from config.json alone)."""
+    import json
+
+    from moeinfer.formats.layout import RECORD_KEY
+    from moeinfer.planning.load import stored_experts
+
+    tiny = resolve_model_path("tiny")
+    assert not stored_experts(tiny)
+    config = json.loads((tiny / "config.json").read_text())
+    for name, kinds in (("plain", ["experts"] * LAYERS), ("mixed", ["experts", "quantized", "experts", "experts"])):
+        layout = {str(i): {"num_experts": 6, "kind": k, "params": {}} for i, k in enumerate(kinds)}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, RECORD_KEY: {"version": 1, "steps": [],
+                                                                                        "layout": layout}}))
+    assert not stored_experts(tmp_path / "plain")
+    assert stored_experts(tmp_path / "mixed")
+    moeinfer.save(load_planned("tiny", UNIFORM, progress=False), tmp_path / "q")
+    assert stored_experts(tmp_path / "q")
