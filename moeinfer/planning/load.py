@@ -21,8 +21,8 @@ without the loader's memory check, killed). Here:
 3. any other plan (every expert float, resident or in a host-memory tier; CUDA; a GGUF file), or a
    checkpoint whose experts are stored quantized or low-rank already (its config's
    `moeinfer_compression` layout: a planned model saved with `moeinfer.save` loads its quantized
-   experts as they are, none quantized again), loads the model whole (the loader refuses with a clear error when it does not fit) and applies the plan
-   (`apply_plan_`);
+   experts as they are, none quantized again), loads the model whole (the loader refuses with a clear
+   error when it does not fit) and applies the plan (`apply_plan_`);
 4. `model.plan` records the plan either way.
 """
 
