@@ -185,11 +185,17 @@ inline float zero_terms(const S* s, const float* z, const float* xsum, int64_t G
   return r;
 }
 
-// Rows' scales of one storage type (the R rows of a kernel call share it), as typed pointers.
-template <int R>
-inline bool half_scales(const Scales* s, const float** f, const uint16_t** h) {
+// `rows(scales)` with the R rows' scales as typed pointers: fp16 (uint16_t) or fp32, the one storage type
+// the rows of a kernel call share, so each row kernel is instantiated for both.
+template <int R, class Rows>
+inline void with_scales(const Scales* s, Rows rows) {
+  const float* f[R];
+  const uint16_t* h[R];
   for (int r = 0; r < R; ++r) f[r] = s[r].f, h[r] = s[r].h;
-  return s[0].h != nullptr;
+  if (s[0].h)
+    rows(h);
+  else
+    rows(f);
 }
 
 // Both int8-activation rows, R at a time: blocks in order, two independent accumulators per row
@@ -239,26 +245,15 @@ void qrow8_q8_rows(const uint8_t* const* q, const S* const* s, const float* cons
   qrow_q8<R>(s, z, x, cols, gs, 128.f, 128.f, dot, tail, out);
 }
 
-template <int R>
-void qrow8_q8_any(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
-                  int64_t gs, float* out) {
-  const float* f[R];
-  const uint16_t* h[R];
-  if (half_scales<R>(s, f, h))
-    qrow8_q8_rows<R>(q, h, z, x, cols, gs, out);
-  else
-    qrow8_q8_rows<R>(q, f, z, x, cols, gs, out);
-}
-
 float qrow8_q8(const uint8_t* q, Scales s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
   float out;
-  qrow8_q8_any<1>(&q, &s, &z, x, cols, gs, &out);
+  with_scales<1>(&s, [&](auto sc) { qrow8_q8_rows<1>(&q, sc, &z, x, cols, gs, &out); });
   return out;
 }
 
 void qrow8_q8_x4(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
                  int64_t gs, float* out) {
-  qrow8_q8_any<4>(q, s, z, x, cols, gs, out);
+  with_scales<4>(s, [&](auto sc) { qrow8_q8_rows<4>(q, sc, z, x, cols, gs, out); });
 }
 
 // 4-bit codes (<= 15) cannot saturate: 16 packed bytes give the 16 low nibbles (even columns) and the 16
@@ -334,26 +329,15 @@ void qrow4_q8_rows(const uint8_t* const* q, const S* const* s, const float* cons
   }
 }
 
-template <int R>
-void qrow4_q8_any(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
-                  int64_t gs, float* out) {
-  const float* f[R];
-  const uint16_t* h[R];
-  if (half_scales<R>(s, f, h))
-    qrow4_q8_rows<R>(q, h, z, x, cols, gs, out);
-  else
-    qrow4_q8_rows<R>(q, f, z, x, cols, gs, out);
-}
-
 float qrow4_q8(const uint8_t* q, Scales s, const float* z, const Q8Act& x, int64_t cols, int64_t gs) {
   float out;
-  qrow4_q8_any<1>(&q, &s, &z, x, cols, gs, &out);
+  with_scales<1>(&s, [&](auto sc) { qrow4_q8_rows<1>(&q, sc, &z, x, cols, gs, &out); });
   return out;
 }
 
 void qrow4_q8_x4(const uint8_t* const* q, const Scales* s, const float* const* z, const Q8Act& x, int64_t cols,
                  int64_t gs, float* out) {
-  qrow4_q8_any<4>(q, s, z, x, cols, gs, out);
+  with_scales<4>(s, [&](auto sc) { qrow4_q8_rows<4>(q, sc, z, x, cols, gs, out); });
 }
 
 // --- quantized GEMM (kern.h) ---

@@ -92,6 +92,33 @@ inline void in_runs(int64_t b, int64_t e, One one, Many many) {
   for (int64_t t = b + N * q; t < e; ++t) one(t);
 }
 
+// Step 1 of a batch-1 expert decode: h[k * I + i] = silu(gate_k[i] . x) * (up_k[i] . x) for the K routed
+// experts (ex[k] < 0: not held here, h left as it is), gate_k[i] and up_k[i] rows ex[k] * 2I + i and
+// ex[k] * 2I + I + i of the stack. `one(row)` is a row's product; `four(rows, g)` four rows' at once,
+// each bit-equal to `one`: the threads' shares go as two runs of (gate, up) pairs, four weight streams
+// at once (in_runs).
+template <class One, class Four>
+inline void gate_up_rows(const std::vector<int64_t>& ex, int64_t K, int64_t I, float* hp, One one, Four four) {
+  auto pair = [&](int64_t t) {
+    const int64_t k = t / I, i = t % I;
+    if (ex[k] < 0) return;
+    const int64_t base = ex[k] * 2 * I;
+    hp[t] = silu(one(base + i)) * one(base + I + i);
+  };
+  at::parallel_for(0, K * I, 16, [&](int64_t b, int64_t e) {
+    in_runs<2>(b, e, pair, [&](const int64_t* t) {
+      const int64_t k0 = t[0] / I, i0 = t[0] % I, k1 = t[1] / I, i1 = t[1] % I;
+      if (ex[k0] < 0 || ex[k1] < 0) return pair(t[0]), pair(t[1]);
+      const int64_t b0 = ex[k0] * 2 * I, b1 = ex[k1] * 2 * I;
+      const int64_t rows[4] = {b0 + i0, b0 + I + i0, b1 + i1, b1 + I + i1};
+      float g[4];
+      four(rows, g);
+      hp[t[0]] = silu(g[0]) * g[1];
+      hp[t[1]] = silu(g[2]) * g[3];
+    });
+  });
+}
+
 void check_weights(const at::Tensor& w, const char* what) {
   TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "moeinfer_native: ", what, " must be a contiguous CPU tensor");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat, "moeinfer_native: ", what,
@@ -180,25 +207,8 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
   const void* gu = gate_up.data_ptr();
   const void* dn = down.data_ptr();
   // 1. gate_up rows
-  auto gate_up_one = [&](int64_t t) {
-    const int64_t k = t / I, i = t % I;
-    if (ex[k] < 0) return;
-    const int64_t base = ex[k] * 2 * I;
-    hp[t] = silu(dot_row(kern, gate_up, gu, base + i, D, xp)) * dot_row(kern, gate_up, gu, base + I + i, D, xp);
-  };
-  at::parallel_for(0, K * I, 16, [&](int64_t b, int64_t e) {
-    // two runs of (gate, up) row pairs: four weight streams at once
-    in_runs<2>(b, e, gate_up_one, [&](const int64_t* t) {
-      const int64_t k0 = t[0] / I, i0 = t[0] % I, k1 = t[1] / I, i1 = t[1] % I;
-      if (ex[k0] < 0 || ex[k1] < 0) return gate_up_one(t[0]), gate_up_one(t[1]);
-      const int64_t b0 = ex[k0] * 2 * I, b1 = ex[k1] * 2 * I;
-      const int64_t rows[4] = {b0 + i0, b0 + I + i0, b1 + i1, b1 + I + i1};
-      float g[4];
-      dot_rows4(kern, gate_up, gu, rows, D, xp, g);
-      hp[t[0]] = silu(g[0]) * g[1];
-      hp[t[1]] = silu(g[2]) * g[3];
-    });
-  });
+  gate_up_rows(ex, K, I, hp, [&](int64_t row) { return dot_row(kern, gate_up, gu, row, D, xp); },
+               [&](const int64_t* rows, float* g) { dot_rows4(kern, gate_up, gu, rows, D, xp, g); });
   // 3. down rows, summed over experts with their routing weights
   at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
@@ -449,26 +459,8 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
   at::Tensor h = at::zeros({K, I}, x.options());
   float* hp = h.data_ptr<float>();
   // 1. gate_up rows
-  auto gate_up_one = [&](int64_t t) {
-    const int64_t k = t / I, i = t % I;
-    if (ex[k] < 0) return;
-    const int64_t base = ex[k] * 2 * I;
-    hp[t] = silu(qdot(kern, gu, base + i, xv, D, group_size, int(bits))) *
-            qdot(kern, gu, base + I + i, xv, D, group_size, int(bits));
-  };
-  at::parallel_for(0, K * I, 16, [&](int64_t b, int64_t e) {
-    // two runs of (gate, up) row pairs: four weight streams at once
-    in_runs<2>(b, e, gate_up_one, [&](const int64_t* t) {
-      const int64_t k0 = t[0] / I, i0 = t[0] % I, k1 = t[1] / I, i1 = t[1] % I;
-      if (ex[k0] < 0 || ex[k1] < 0) return gate_up_one(t[0]), gate_up_one(t[1]);
-      const int64_t b0 = ex[k0] * 2 * I, b1 = ex[k1] * 2 * I;
-      const int64_t rows[4] = {b0 + i0, b0 + I + i0, b1 + i1, b1 + I + i1};
-      float g[4];
-      qdot4(kern, gu, rows, xv, D, group_size, int(bits), g);
-      hp[t[0]] = silu(g[0]) * g[1];
-      hp[t[1]] = silu(g[2]) * g[3];
-    });
-  });
+  gate_up_rows(ex, K, I, hp, [&](int64_t row) { return qdot(kern, gu, row, xv, D, group_size, int(bits)); },
+               [&](const int64_t* rows, float* g) { qdot4(kern, gu, rows, xv, D, group_size, int(bits), g); });
   // 2. the activation side of each expert's down rows
   std::vector<AnyVec> hv;
   hv.reserve(K);
