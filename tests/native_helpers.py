@@ -45,3 +45,20 @@ def force_expert_path(monkeypatch, path: str) -> None:
     slots = {"decode": 10**6, "prefill": 0}[path]
     monkeypatch.setattr(quantized_cpu, "DECODE_SLOTS_PER_EXPERT", slots)
     monkeypatch.setattr(quantized_cpu, "Q8_DECODE_SLOTS_PER_EXPERT", slots)
+
+
+def experts_decode_and_prefill(ops, stack, bits: int, D: int, I: int, variant: str, activations: str, *,
+                               seed: int = 4):
+    """(moe_decode_q, moe_prefill_q) outputs of one packed experts stack (q_gu, s_gu, z_gu, q_dn, s_dn,
+    z_dn; 8 experts) on inputs drawn from `seed`: the same inputs for every stack, so two storage forms
+    of the same weights can be compared with torch.equal."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(D, generator=g)
+    experts, weights = torch.tensor([3, 0, 6, 5, 1]), torch.rand(5, generator=g)
+    decode = ops.moe_decode_q(x, experts, weights, *stack, bits, 32, D, I, variant, activations)
+    xs = torch.randn(30, D, generator=g)
+    idx = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(30)])
+    w = torch.rand(30, 3, generator=g)
+    return decode, ops.moe_prefill_q(xs, idx, w, *stack, bits, 32, D, I, variant)

@@ -14,7 +14,7 @@ import torch
 from moeinfer.formats.quant.packing import packed_cols
 from moeinfer.kernels import quantized_cpu
 from moeinfer.kernels.quantized_cpu import read_scales
-from native_helpers import native_ops, require, variant_params
+from native_helpers import experts_decode_and_prefill, native_ops, require, variant_params
 from test_kernels_native import quantized_problem
 
 
@@ -76,21 +76,10 @@ def test_experts_read_fp16_scales_as_fp32(variant, bits, activations):
     assert s_gu.dtype == torch.float32
     h_gu, h_dn = s_gu.half(), s_dn.half()
     assert torch.equal(h_gu.float(), s_gu) and torch.equal(h_dn.float(), s_dn)  # the symmetric storage's scales
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(320, generator=g)
-    experts, weights = torch.tensor([3, 0, 6, 5, 1]), torch.rand(5, generator=g)
     for zg, zd in ((None, None), (z_gu, z_dn)):
-        a = ops.moe_decode_q(x, experts, weights, q_gu, h_gu, zg, q_dn, h_dn, zd, bits, 32, 320, 96, variant,
-                             activations)
-        b = ops.moe_decode_q(x, experts, weights, q_gu, s_gu, zg, q_dn, s_dn, zd, bits, 32, 320, 96, variant,
-                             activations)
-        assert torch.equal(a, b)
-    xs = torch.randn(30, 320, generator=g)
-    idx = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(30)])
-    w = torch.rand(30, 3, generator=g)
-    a = ops.moe_prefill_q(xs, idx, w, q_gu, h_gu, None, q_dn, h_dn, None, bits, 32, 320, 96, variant)
-    b = ops.moe_prefill_q(xs, idx, w, q_gu, s_gu, None, q_dn, s_dn, None, bits, 32, 320, 96, variant)
-    assert torch.equal(a, b)
+        half = experts_decode_and_prefill(ops, (q_gu, h_gu, zg, q_dn, h_dn, zd), bits, 320, 96, variant, activations)
+        full = experts_decode_and_prefill(ops, (q_gu, s_gu, zg, q_dn, s_dn, zd), bits, 320, 96, variant, activations)
+        assert torch.equal(half[0], full[0]) and torch.equal(half[1], full[1])
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -12,7 +12,7 @@ import torch
 from moeinfer.formats.quant.groupwise import quantize
 from moeinfer.kernels import quantized_cpu
 from moeinfer.kernels.quantized_cpu import read_zeros
-from native_helpers import native_ops, require, variant_params
+from native_helpers import experts_decode_and_prefill, native_ops, require, variant_params
 from test_kernels_native import quantized_problem
 
 
@@ -49,20 +49,9 @@ def test_experts_without_zeros_equal_with_them(variant, bits, activations):
     ops = native_ops()
     qe = quantized_problem(bits, 32, "sym", d=64, i=32)
     q_gu, s_gu, z_gu, q_dn, s_dn, z_dn = quantized_cpu._stack(qe, bits, midpoints=False)
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(64, generator=g)
-    experts, weights = torch.tensor([3, 0, 6]), torch.rand(3, generator=g)
-    a = ops.moe_decode_q(x, experts, weights, q_gu, s_gu, None, q_dn, s_dn, None, bits, 32, 64, 32, variant,
-                         activations)
-    b = ops.moe_decode_q(x, experts, weights, q_gu, s_gu, z_gu, q_dn, s_dn, z_dn, bits, 32, 64, 32, variant,
-                         activations)
-    assert torch.equal(a, b)
-    xs = torch.randn(9, 64, generator=g)
-    idx = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(9)])
-    w = torch.rand(9, 3, generator=g)
-    a = ops.moe_prefill_q(xs, idx, w, q_gu, s_gu, None, q_dn, s_dn, None, bits, 32, 64, 32, variant)
-    b = ops.moe_prefill_q(xs, idx, w, q_gu, s_gu, z_gu, q_dn, s_dn, z_dn, bits, 32, 64, 32, variant)
-    assert torch.equal(a, b)
+    without = experts_decode_and_prefill(ops, (q_gu, s_gu, None, q_dn, s_dn, None), bits, 64, 32, variant, activations)
+    with_z = experts_decode_and_prefill(ops, (q_gu, s_gu, z_gu, q_dn, s_dn, z_dn), bits, 64, 32, variant, activations)
+    assert torch.equal(without[0], with_z[0]) and torch.equal(without[1], with_z[1])
 
 
 def test_read_zeros_drops_only_midpoints_and_sees_changes():
