@@ -19,6 +19,7 @@ from moeinfer.kernels.attention import use_cpu_attention_
 from moeinfer.kernels.linear import use_cpu_linears_
 from moeinfer.kernels.norm import use_cpu_norms_
 from moeinfer.kernels.rope import use_cpu_rope_
+from moeinfer.kernels.router import use_cpu_router_
 from moeinfer.kernels.registry import resolve
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,9 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
 
     linears: also run the model's dense path on the native CPU kernels: its bf16 linears (attention,
     shared expert, lm_head; moeinfer.kernels.linear.use_cpu_linears_) and its RMSNorms
-    (moeinfer.kernels.norm.use_cpu_norms_), rotary embeddings (moeinfer.kernels.rope.use_cpu_rope_) and
-    one-token attention (moeinfer.kernels.attention.use_cpu_attention_); RuntimeError when they are not
-    built.
+    (moeinfer.kernels.norm.use_cpu_norms_), rotary embeddings (moeinfer.kernels.rope.use_cpu_rope_),
+    one-token attention (moeinfer.kernels.attention.use_cpu_attention_) and one-token router logits
+    (moeinfer.kernels.router.use_cpu_router_); RuntimeError when they are not built.
 
     fp32_weights: keep an fp32 copy of the expert weights and compute the experts in fp32. On CPUs
     without native bf16 matmul (AVX2) this is much faster for a bf16 model, at the cost of 2x the
@@ -76,12 +77,13 @@ def use_kernel_(model: nn.Module, name: str = "auto", *, fp32_weights: bool = Fa
 
 def use_native_dense_(model: nn.Module) -> nn.Module:
     """The model's dense path on the native CPU kernels, in place: its bf16 linears, RMSNorms, rotary
-    embeddings and one-token attention (the `linears` part of `use_kernel_`); RuntimeError when they are
-    not built. Returns the model."""
+    embeddings, one-token attention and one-token router logits (the `linears` part of `use_kernel_`);
+    RuntimeError when they are not built. Returns the model."""
     use_cpu_linears_(model)
     use_cpu_norms_(model)
     use_cpu_rope_(model)
     use_cpu_attention_(model)
+    use_cpu_router_(model)
     return model
 
 

@@ -308,12 +308,17 @@ class Router(nn.Module):
             raise ValueError(f"cannot mask expert {expert}: fewer than top_k={k} experts would remain")
         self.available = available
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, D] -> router logits [N, E] fp32, the matmul of `route` (a kernel may override it:
+        moeinfer.kernels.router)."""
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> Routing:
         transforms = list(self.transforms)
         if transforms and transforms[0].replaces_route:
             routing = transforms.pop(0)(None, self, x)
-        else:
-            routing = route(x, self.weight, self.cfg, self.e_score_correction_bias, top_k=self.top_k)
+        else:  # `route`, with this router's matmul
+            routing = select(self.logits(x), self.cfg, self.e_score_correction_bias, top_k=self.top_k)
         for t in transforms:
             routing = t(routing, self, x)
         return routing
