@@ -18,14 +18,15 @@ ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_
 
 
 @torch.no_grad()
-def build_random(arch: str, seed: int = 0):
-    """A tiny random fp32 model of `arch` (hf_peers' configuration), weights ~ N(0, 0.2)."""
+def build_random(arch: str, seed: int = 0, **overrides):
+    """A tiny random fp32 model of `arch` (hf_peers' configuration, with `overrides` of its fields),
+    weights ~ N(0, 0.2)."""
     from hf_peers import ARCH_DEFAULTS, BASE
 
     from moeinfer.arch import parse_config
     from moeinfer.model.transformer import MoEModel
 
-    model = MoEModel(parse_config({**BASE, **ARCH_DEFAULTS[arch], "model_type": arch}))
+    model = MoEModel(parse_config({**BASE, **ARCH_DEFAULTS[arch], **overrides, "model_type": arch}))
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() >= 2:

@@ -27,7 +27,7 @@ expert at a time into a reused tile); `eager_forward` is the reference both are 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from moeinfer.formats.kinds import register_experts_kind
 from moeinfer.formats.quant.groupwise import QuantizedTensor, check_bits, dequantize, num_groups, quantize
 from moeinfer.formats.quant.packing import packed_cols
 from moeinfer.config import ModelConfig
-from moeinfer.kernels.quantized_cpu import quantized_moe_cpu, unsupported
+from moeinfer.kernels.quantized_cpu import moe_row_op, quantized_moe_cpu, unsupported
 from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, routed_forward
 
@@ -202,6 +202,15 @@ class QuantizedExperts(nn.Module):
                 return quantized_moe_cpu(x, routing.indices, routing.weights, self, engine=self.cpu_engine,
                                          activations=self.cpu_activations)
         return self.eager_forward(x, routing)
+
+    def decode_op(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """Batch-1 CPU decode, (x [1, D], indices [1, K], weights [1, K]) -> [1, D], with everything
+        forward looks up per call resolved once (a prepared step of moeinfer.engine.cpu_decode; the same
+        native call: moeinfer.kernels.quantized_cpu.moe_row_op); None where forward would not run it."""
+        if (self.kernel not in ("auto", "cpu") or self.cpu_engine == "eager"
+                or next(self.parameters()).device.type != "cpu"):
+            return None
+        return moe_row_op(self, engine=self.cpu_engine, activations=self.cpu_activations)
 
     def eager_forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The reference: steps 1-3 of the module docstring, dequantizing only the routed experts."""

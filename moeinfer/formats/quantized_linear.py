@@ -10,6 +10,7 @@ Shapes: O out features, C in features, P packed bytes per row, G groups per row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from moeinfer.formats.kinds import register_module_kind
 from moeinfer.formats.quant.groupwise import check_bits, dequantize, num_groups, quantize
 from moeinfer.formats.quant.packing import packed_cols
-from moeinfer.kernels.quantized_cpu import quantized_linear_cpu
+from moeinfer.kernels.quantized_cpu import linear_row_op, quantized_linear_cpu
 
 
 @register_module_kind("quantized_linear")
@@ -77,6 +78,15 @@ class QuantizedLinear(nn.Module):
             if y is not None:
                 return y
         return self.eager_forward(x)
+
+    def row_op(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The native one-row call for one contiguous row of `dtype`, resolved once (a prepared step of
+        moeinfer.engine.cpu_decode; moeinfer.kernels.quantized_cpu.linear_row_op); None where forward
+        would not run it."""
+        if self.kernel != "auto" or self.qweight.device.type != "cpu":
+            return None
+        return linear_row_op(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
+                             dtype=dtype, activations=self.cpu_activations, bias=self.bias)
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference: the whole weight dequantized to x's dtype, then one matmul."""

@@ -21,6 +21,8 @@ says why); under autograd (grad enabled and a tensor requiring grad) F.linear ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +82,18 @@ class CpuLinear(nn.Linear):
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+    def row_op(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Path 1 for one contiguous row of `dtype` with the weight and variant resolved once (a
+        prepared step of moeinfer.engine.cpu_decode): the same call, so the same bits. None where
+        path 1 does not take the row as it is (a bias, another dtype, no grad-free CPU bf16 weight)."""
+        w = self.weight
+        if (self.bias is not None or w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.requires_grad
+                or dtype not in (torch.bfloat16, torch.float32)):
+            return None
+        op, variant = native.load().gemv, native.resolve_variant(self.engine)
+        return lambda x: op(x, w, variant)
 
 
 def use_cpu_linears_(model: nn.Module, *, engine: str | None = None) -> int:

@@ -11,6 +11,8 @@ Eligible: CPU tensors, x and weight both bf16 or both fp32, no autograd; otherwi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -30,6 +32,16 @@ class CpuRMSNorm(RMSNorm):
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return super().forward(x)
         return native.load().rms_norm(x, w, self.eps)
+
+
+    def row_op(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The native call for inputs of `dtype` with the weight resolved once (a prepared step of
+        moeinfer.engine.cpu_decode): the same call, so the same bits. None where it does not apply."""
+        w, eps = self.weight, self.eps
+        if w.device.type != "cpu" or w.dtype != dtype or dtype not in _DTYPES or w.requires_grad:
+            return None
+        op = native.load().rms_norm
+        return lambda x: op(x, w, eps)
 
 
 def use_cpu_norms_(model: nn.Module) -> int:

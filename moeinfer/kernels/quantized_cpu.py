@@ -28,6 +28,7 @@ of activations of decode and prefill.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -164,13 +165,10 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
     rows = _rows_by_width(experts)
     # one token is always decoded (its K slots go to K distinct experts), without counting them
     if N == 1 or N * indices.shape[1] <= decode_slots(acts) * int(torch.unique(indices).numel()):
+        if N == 1 and len(rows) == 1:  # batch-1 decode of one width: one call, nothing else
+            return _decode_row(experts, variant, acts)(x, indices, weights)
         xf = x.float()
         wf = weights.float()
-        if N == 1 and len(rows) == 1:  # batch-1 decode of one width: one call, nothing else
-            ((b, row),) = rows.items()
-            # (the op reads K expert rows and K weights whatever their shape: [1, K] as routed)
-            y = ops.moe_decode_q(xf[0].contiguous(), row[indices], wf, *_stack(experts, b), b, gs, D, I, variant, acts)
-            return y.to(x.dtype)[None]
         out = torch.zeros(N, D)
         for b, row in rows.items():
             stack = _stack(experts, b)
@@ -187,6 +185,39 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
             out = y if out is None else out.add_(y)
         return out.to(x.dtype)
     return _prefill(x, indices, weights, experts, rows, ops)
+
+
+def _decode_row(experts: PackedExperts, variant: str, acts: str) -> Callable[..., torch.Tensor]:
+    """Batch-1 decode of a one-width layer as a callable (x [1, D], indices [1, K], weights [1, K]) ->
+    [1, D] in x's dtype, with the layer's stacks, scale and zero forms resolved now."""
+    ((b, row),) = _rows_by_width(experts).items()
+    stack = _stack(experts, b)
+    D, I, gs = experts.hidden_size, experts.intermediate_size, experts.group_size
+    op = native.load().moe_decode_q
+    identity = experts.__dict__.get("_native_identity")  # expert e in stack row e: the routed ids are the rows
+    if identity is None:
+        identity = experts.__dict__["_native_identity"] = bool(torch.equal(row, torch.arange(len(row))))
+
+    def decode(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # (the op reads K expert rows and K weights whatever their shape: [1, K] as routed)
+        y = op(x.reshape(-1).float(), indices if identity else row[indices], weights.float(), *stack, b, gs, D, I,
+               variant, acts)
+        return y.to(x.dtype)[None]
+
+    return decode
+
+
+def moe_row_op(experts: PackedExperts, *, engine: str | None = None,
+               activations: str | None = None) -> Callable[..., torch.Tensor] | None:
+    """`quantized_moe_cpu`'s batch-1 decode of these experts with everything it looks up per call
+    resolved once (a prepared step of moeinfer.engine.cpu_decode): (x [1, D], indices [1, K], weights
+    [1, K]) -> [1, D] in x's dtype, the same call with the same arguments, so the same bits. None where
+    that path does not run alone: several bit widths, no native library, or stacks whose bytes change
+    without a version change (`stable` False: their scale and zero forms are read per call)."""
+    if (unsupported(experts) is not None or len(_rows_by_width(experts)) != 1
+            or not getattr(experts, "stable", True)):
+        return None
+    return _decode_row(experts, native.resolve_variant(engine), decode_activations(activations, experts.group_size))
 
 
 _BUFFERS: dict[tuple[str, int, int], torch.Tensor] = {}
@@ -245,8 +276,7 @@ def quantized_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     row (decode): `linear_q_row`, gemm_q's row kernels taking the row and returning y in its dtype, so
     that nothing but y is allocated). None where it cannot run (other widths, no native library, fp32
     activations on more than LINEAR_MAX_ROWS rows): the caller dequantizes."""
-    if (bits not in NATIVE_BITS or native.unavailable_reason() is not None or scales.dtype != torch.float32
-            or zeros.dtype != torch.float32):
+    if not _native_linear(bits, scales, zeros):
         return None
     act = decode_activations(activations, group_size)
     C = x.shape[-1]
@@ -255,13 +285,41 @@ def quantized_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         return None
     xn = x if x.dtype in _NATIVE_X else x.float()
     fp32_bias = bias is None or bias.dtype == torch.float32
+    if N == 1 and fp32_bias:
+        y = _linear_row(qweight, scales, zeros, bits, group_size, act, native.resolve_variant(engine), bias)(
+            xn.contiguous())
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     ops, variant, z = native.load(), native.resolve_variant(engine), read_zeros(zeros, bits)
     scales = read_scales(scales)  # fp16 where exact (the symmetric formats'), read_scales
-    if N == 1 and fp32_bias:
-        y = ops.linear_q_row(xn.contiguous(), qweight, scales, z, bits, group_size, variant, act, bias)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
     y = ops.gemm_q(xn.reshape(N, C), qweight, scales, z, bits, group_size, variant, act, bias if fp32_bias else None)
     if not fp32_bias:
         y = y + bias.to(y.dtype)
     y = y.view(*x.shape[:-1], y.shape[-1])
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _native_linear(bits: int, scales: torch.Tensor, zeros: torch.Tensor) -> bool:
+    return (bits in NATIVE_BITS and native.unavailable_reason() is None and scales.dtype == torch.float32
+            and zeros.dtype == torch.float32)
+
+
+def _linear_row(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                act: str, variant: str, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`linear_q_row` on this matrix as a callable of one contiguous row (bf16 or fp32) -> [..., O] in its
+    dtype, with the scale form (read_scales: fp16 where exact) and zeros (read_zeros) resolved now."""
+    op, z, s = native.load().linear_q_row, read_zeros(zeros, bits), read_scales(scales)
+    return lambda x: op(x, qweight, s, z, bits, group_size, variant, act, bias)
+
+
+def linear_row_op(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int, group_size: int,
+                  dtype: torch.dtype, activations: str | None = None, engine: str | None = None,
+                  bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`quantized_linear_cpu`'s one-row path with everything it looks up per call resolved once (a
+    prepared step of moeinfer.engine.cpu_decode): one contiguous row of `dtype` -> y in that dtype, the
+    same call with the same arguments. None where that path does not run (then quantized_linear_cpu
+    decides per call)."""
+    if (not _native_linear(bits, scales, zeros) or dtype not in _NATIVE_X
+            or not (bias is None or bias.dtype == torch.float32)):
+        return None
+    return _linear_row(qweight, scales, zeros, bits, group_size, decode_activations(activations, group_size),
+                       native.resolve_variant(engine), bias)

@@ -1,0 +1,201 @@
+"""Batch-1 decode on the CPU as a prepared program: the CPU counterpart of static_decode's CUDA graph.
+
+Shapes: D hidden, H query heads, Hkv kv heads, Dh head dim, K top-k, V vocab; one row, one new token.
+
+A decode step of a real-size MoE model at batch 1 is ~50 native calls that read hundreds of MB of
+weights; the eager forward wraps them in ~800 small torch ops and ~200 module calls whose cost is the
+interpreter's and the dispatcher's, not the memory's: 7-10 ms a token against ~45 ms of native kernels
+for an int8 OLMoE-1B-7B-shaped model on a 2-core AMD EPYC (docs/benchmarks.md). llama.cpp builds its
+graph once and replays it; gpt-fast and vLLM capture CUDA graphs (static_decode.py). `CpuDecoder` walks
+the model once when generation starts and keeps, per layer, the callables of its steps with everything
+they look up per call resolved (weights, native variants, scale and zero forms, the cache's tensors):
+
+1. a step runs the program only in the eager forward's fast case: one row whose cache slots all hold
+   real tokens, the new token real, no sliding window shorter than the context; otherwise (and for good
+   once a padding token was written) it runs the eager forward;
+2. the cache reserves the slot; token observers see the token as in the eager forward;
+3. per layer: norm -> q/k/v projections (q/k norms, clipping) -> rotation, cache write and attention in
+   one native call (`attend_decode_step`) -> output projection -> residual; norm -> router -> experts
+   (routing observers, shared expert) -> residual;
+4. the final norm and the LM head.
+
+Every prepared step is the native call the eager module makes, with its arguments, in the eager order
+(the modules' `row_op` / `decode_op`), so the logits equal the eager forward's bit for bit
+(tests/engine/test_cpu_decode.py). A part without a prepared form (MLA attention, offloaded or
+expert-parallel experts, routing transforms, dense MLPs, a module with hooks) is called as the module:
+still exact, only slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from moeinfer.kernels import native
+from moeinfer.kernels.attention import CpuAttention
+from moeinfer.model.kv_cache import CacheStep, KVCache, LayerKV
+from moeinfer.model.moe import MoEBlock, select
+from moeinfer.model.transformer import DecoderLayer, MoEModel
+
+Row = Callable[[torch.Tensor], torch.Tensor]
+_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks (its own or global ones) that its forward alone would skip."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
+def _row(module: nn.Module, dtype: torch.dtype) -> Row:
+    """The module's prepared one-row call (its `row_op`), else the module itself."""
+    make = getattr(module, "row_op", None)
+    op = make(dtype) if make is not None and not _hooked(module) else None
+    return op if op is not None else module
+
+
+class _Attention:
+    """Step 3's attention for a CpuAttention over a GQA cache layer: the eager `project` on prepared rows,
+    then CpuAttention's one-step native call."""
+
+    def __init__(self, attn: CpuAttention, kv: LayerKV, dtype: torch.dtype) -> None:
+        self.q, self.k, self.v, self.o = (_row(m, dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        self.norm = attn.qk_norm if attn.qk_norm in ("full", "head") else None
+        if self.norm is not None:
+            self.q_norm, self.k_norm = _row(attn.q_norm, dtype), _row(attn.k_norm, dtype)
+        self.clip = attn.clip_qkv
+        self.q_shape = (1, 1, attn.num_heads, attn.head_dim)
+        self.kv_shape = (1, 1, attn.num_kv_heads, attn.head_dim)
+        self.rotary, self.scale, self.kv = attn.rotary, attn.scale, kv
+        self.op, self.variant = native.load().attend_decode_step, native.resolve_variant(attn.engine)
+
+    @staticmethod
+    def blocker(attn: nn.Module, kv: Any, dtype: torch.dtype) -> str | None:
+        """Why this attention is called as a module (None: it is prepared)."""
+        if type(attn) is not CpuAttention or _hooked(attn):
+            return "not the native CPU attention (use_kernel_(..., linears=True))"
+        if attn.rotary.interleaved or 2 * attn.rotary.inv_freq.numel() != attn.head_dim:
+            return "a rotation other than 'rotate half' over the whole head"
+        if type(kv) is not LayerKV or kv.seq_dim != 2:
+            return "a cache layer other than keys and values"
+        if dtype not in _DTYPES or kv.a.dtype != dtype or kv.b.dtype != dtype or kv.a.shape[-1] != attn.head_dim \
+                or kv.b.shape[-1] != attn.head_dim:
+            return "cache or model dtypes or head sizes the native attention does not take"
+        return None
+
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor, step: CacheStep, memo: dict) -> torch.Tensor:
+        q, k, v = self.q(h), self.k(h), self.v(h)  # [1, 1, H*Dh], [1, 1, Hkv*Dh] x 2
+        if self.norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q, k, v = q.view(self.q_shape), k.view(self.kv_shape), v.view(self.kv_shape)
+        if self.norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.cos_sin(positions, h.dtype, memo)
+        out = self.op(q, k, v, cos, sin, self.kv.a, self.kv.b, step.uniform_start, self.scale, self.variant)
+        return self.o(out)
+
+
+class _MoE:
+    """Step 3's MoE block: MoEBlock.forward for one row with the router's matmul and the experts'
+    decode prepared (a router with transforms, or experts without `decode_op`, called as modules)."""
+
+    def __init__(self, block: MoEBlock, dtype: torch.dtype, hidden: int) -> None:
+        self.block, self.gate, self.D = block, block.gate, hidden
+        make = getattr(block.experts, "decode_op", None)
+        self.experts = make() if make is not None and not _hooked(block.experts) else None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        block, gate = self.block, self.gate
+        x = h.view(1, self.D)
+        if gate.transforms or _hooked(gate):
+            routing = gate(x)
+        else:  # Router.forward without transforms
+            routing = select(gate.logits(x), gate.cfg, gate.e_score_correction_bias, top_k=gate.top_k)
+        for fn in block.routing_observers:
+            fn(block.layer_idx, routing)
+        if routing.k is not None:
+            out = block._experts_by_k(x, routing)
+        elif self.experts is not None:
+            out = self.experts(x, routing.indices, routing.weights)
+        else:
+            out = block.experts(x, routing)
+        return block.add_shared(x, out).view(1, 1, self.D)
+
+
+class _Layer:
+    """One DecoderLayer: x + attn(norm(x)), then x + ffn(norm(x)) (DecoderLayer.forward)."""
+
+    def __init__(self, layer: DecoderLayer, kv: LayerKV, dtype: torch.dtype, hidden: int) -> None:
+        self.norm1, self.norm2 = _row(layer.input_layernorm, dtype), _row(layer.post_attention_layernorm, dtype)
+        if _Attention.blocker(layer.self_attn, kv, dtype) is None:
+            self.attn: Callable[..., torch.Tensor] = _Attention(layer.self_attn, kv, dtype)
+        else:
+            attn = layer.self_attn
+            self.attn = lambda h, positions, step, memo: attn(h, positions=positions, mask=None, kv=kv, step=step,
+                                                              rope_memo=memo)
+        mlp = layer.mlp
+        self.ffn: Callable[[torch.Tensor], torch.Tensor] = (
+            _MoE(mlp, dtype, hidden) if type(mlp) is MoEBlock and not _hooked(mlp) else mlp)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, step: CacheStep, memo: dict) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), positions, step, memo)
+        return x + self.ffn(self.norm2(x))
+
+
+def cpu_decode_blocker(model: nn.Module, cache: KVCache) -> str | None:
+    """Why `CpuDecoder` cannot run decode steps of `model` over `cache` (None: it can)."""
+    if type(model) is not MoEModel or _hooked(model):
+        return "the model is not a plain MoEModel (or has forward hooks)"
+    if cache.valid.device.type != "cpu" or model.device.type != "cpu":
+        return "the model or the cache is not on the CPU"
+    if cache.batch_size != 1:
+        return f"batch of {cache.batch_size} rows (the program decodes one)"
+    if not bool(cache.valid[0, :int(cache.lengths[0])].all()):
+        return "the cache holds padding"
+    for layer in model.layers:
+        if type(layer) is not DecoderLayer or _hooked(layer):
+            return "a layer other than DecoderLayer (or with hooks)"
+    return None
+
+
+class CpuDecoder:
+    """Decode steps of one row over a prefilled `cache`: `decoder(next_ids [1], active [1, 1]) -> logits
+    [1, V]`, the eager forward's logits bit for bit (module docstring)."""
+
+    def __init__(self, model: MoEModel, cache: KVCache) -> None:
+        why = cpu_decode_blocker(model, cache)
+        if why is not None:
+            raise ValueError(f"CpuDecoder: {why}")
+        self.model, self.cache = model, cache
+        dtype, D = model.dtype, model.config.hidden_size
+        self.layers = [_Layer(layer, cache.layers[i], dtype, D) for i, layer in enumerate(model.layers)]
+        self.windows = [w for w in (layer.window for layer in model.layers) if w is not None]
+        self.norm, self.head = _row(model.norm, dtype), _row(model.lm_head, dtype)
+        self.padded = False  # a padding token was written: every later step runs the eager forward
+
+    def eager(self, next_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        return self.model(next_ids[:, None], attention_mask=active, cache=self.cache)[:, -1]
+
+    def __call__(self, next_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        # 1. the eager forward's fast case only
+        self.padded = self.padded or not bool(active.all())
+        if self.padded or (self.windows and int(self.cache.lengths[0]) + 1 > min(self.windows)):
+            return self.eager(next_ids, active)
+        # 2. the slot; observers
+        step = self.cache.begin(active)
+        positions = step.q_slots  # [1, 1]: every slot a real token, so a token's position is its slot
+        for fn in self.model.token_observers:
+            fn(active, positions, step.uniform_start == 0)
+        # 3. the layers
+        memo: dict = {}  # cos/sin of the first layer serve the others (as MoEModel.forward's rope_memo)
+        x = self.model.embed_tokens(next_ids[:, None])  # [1, 1, D]
+        for layer in self.layers:
+            x = layer(x, positions, step, memo)
+        # 4. final norm, LM head
+        return self.head(self.norm(x))[:, -1]  # [1, V]
