@@ -76,12 +76,13 @@ from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
 
-PROFILE_VERSION = 7  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 8  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
 # (stream_bytes_per_s, llc_bytes), reads hidden behind compute (read_overlap); 7: fixed costs with the
-# experts on the 'cpu' kernel where it runs (measure_fixed)
+# experts on the 'cpu' kernel where it runs (measure_fixed); 8: one-row CPU decode steps run the prepared
+# program (moeinfer.engine.cpu_decode) and native router logits, which lower the fixed costs it measures
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
