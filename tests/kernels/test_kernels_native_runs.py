@@ -84,3 +84,23 @@ def test_quantized_experts_do_not_depend_on_grouping(variant, bits, threads):
     one = run([2])
     for experts in ([2, -1], [2, 0, 4], [2, -1, 3, 1]):
         assert torch.equal(run(experts), one), experts
+
+
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_sum_single_experts_in_routing_order(variant, dtype, threads):
+    """The K routed experts' outputs (each alone with weight 1: that expert's output, exactly) summed
+    with their weights in routing order, one fp32 rounding per product and per sum, give the op's bits:
+    however the down rows were read, the sum is the row-by-row loop's."""
+    ops = native_ops()
+    require(variant)
+    g = torch.Generator().manual_seed(4)
+    E, D, I = 6, 72, 40
+    gu, dn = torch.randn(E, 2 * I, D, generator=g).to(dtype), torch.randn(E, D, I, generator=g).to(dtype)
+    x = torch.randn(D, generator=g)
+    experts, w = [4, 1, -1, 5, 0], torch.rand(5, generator=g)
+    acc = torch.zeros(D)
+    for e, wk in zip(experts, w):
+        if e >= 0:
+            acc = acc + wk * ops.moe_decode(x, torch.tensor([e]), torch.tensor([1.0]), gu, dn, variant)
+    assert torch.equal(ops.moe_decode(x, torch.tensor(experts), w, gu, dn, variant), acc)

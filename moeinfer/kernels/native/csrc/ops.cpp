@@ -92,30 +92,49 @@ inline void in_runs(int64_t b, int64_t e, One one, Many many) {
   for (int64_t t = b + N * q; t < e; ++t) one(t);
 }
 
+// Rows [r0, r0 + n) of `w` (bf16 or f32, rows of `cols`) against x into y[0, n), four interleaved runs at
+// once (in_runs), each row the one-row kernel's bits.
+inline void dot_rows_into(const Kern* k, const at::Tensor& w, const void* base, int64_t r0, int64_t n, int64_t cols,
+                          const float* x, float* y) {
+  in_runs<4>(0, n, [&](int64_t i) { y[i] = dot_row(k, w, base, r0 + i, cols, x); }, [&](const int64_t* i) {
+    const int64_t rows[4] = {r0 + i[0], r0 + i[1], r0 + i[2], r0 + i[3]};
+    float y4[4];
+    dot_rows4(k, w, base, rows, cols, x, y4);
+    for (int j = 0; j < 4; ++j) y[i[j]] = y4[j];
+  });
+}
+
 // Step 1 of a batch-1 expert decode: h[k * I + i] = silu(gate_k[i] . x) * (up_k[i] . x) for the K routed
 // experts (ex[k] < 0: not held here, h left as it is), gate_k[i] and up_k[i] rows ex[k] * 2I + i and
 // ex[k] * 2I + I + i of the stack. `one(row)` is a row's product; `four(rows, g)` four rows' at once,
-// each bit-equal to `one`: the threads' shares go as two runs of (gate, up) pairs, four weight streams
-// at once (in_runs).
+// each bit-equal to `one`. The threads' shares of the K experts' 2I rows go expert by expert, each as
+// four runs of contiguous rows (in_runs), as a GEMV reads one matrix; the products are paired into h
+// after. (Pairing gate and up rows as they were read, two runs of (gate, up) pairs, read ~20% slower:
+// bf16 OLMoE-1B-7B experts on the 2-core EPYC, docs/kernels.md.)
 template <class One, class Four>
 inline void gate_up_rows(const std::vector<int64_t>& ex, int64_t K, int64_t I, float* hp, One one, Four four) {
-  auto pair = [&](int64_t t) {
-    const int64_t k = t / I, i = t % I;
-    if (ex[k] < 0) return;
-    const int64_t base = ex[k] * 2 * I;
-    hp[t] = silu(one(base + i)) * one(base + I + i);
-  };
-  at::parallel_for(0, K * I, 16, [&](int64_t b, int64_t e) {
-    in_runs<2>(b, e, pair, [&](const int64_t* t) {
-      const int64_t k0 = t[0] / I, i0 = t[0] % I, k1 = t[1] / I, i1 = t[1] % I;
-      if (ex[k0] < 0 || ex[k1] < 0) return pair(t[0]), pair(t[1]);
-      const int64_t b0 = ex[k0] * 2 * I, b1 = ex[k1] * 2 * I;
-      const int64_t rows[4] = {b0 + i0, b0 + I + i0, b1 + i1, b1 + I + i1};
-      float g[4];
-      four(rows, g);
-      hp[t[0]] = silu(g[0]) * g[1];
-      hp[t[1]] = silu(g[2]) * g[3];
-    });
+  std::vector<float> g(K * 2 * I);
+  float* gp = g.data();
+  at::parallel_for(0, K * 2 * I, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e;) {  // the share's rows expert by expert
+      const int64_t k = t / (2 * I), end = std::min(e, (k + 1) * 2 * I);
+      if (ex[k] >= 0) {
+        const int64_t base = (ex[k] - k) * 2 * I;  // item u is row base + u of the stack
+        in_runs<4>(t, end, [&](int64_t u) { gp[u] = one(base + u); }, [&](const int64_t* u) {
+          const int64_t rows[4] = {base + u[0], base + u[1], base + u[2], base + u[3]};
+          float y4[4];
+          four(rows, y4);
+          for (int j = 0; j < 4; ++j) gp[u[j]] = y4[j];
+        });
+      }
+      t = end;
+    }
+  });
+  at::parallel_for(0, K * I, 256, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t k = t / I, i = t % I;
+      if (ex[k] >= 0) hp[t] = silu(gp[k * 2 * I + i]) * gp[k * 2 * I + I + i];
+    }
   });
 }
 
@@ -209,15 +228,26 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
   // 1. gate_up rows
   gate_up_rows(ex, K, I, hp, [&](int64_t row) { return dot_row(kern, gate_up, gu, row, D, xp); },
                [&](const int64_t* rows, float* g) { dot_rows4(kern, gate_up, gu, rows, D, xp, g); });
-  // 3. down rows, summed over experts with their routing weights
-  at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k)
-        if (ex[k] >= 0) acc += wk[k] * dot_row(kern, down, dn, ex[k] * D + r, I, hp + k * I);
-      op[r] = acc;
+  // 3. down rows expert by expert (each thread streams contiguous rows of one expert's matrix, in four
+  //    runs), then summed over experts with their routing weights in routing order (as moe_decode_q): row
+  //    by row the sum of a row-by-row loop, bit for bit, while a thread reads 4 weight streams instead of
+  //    one row of each of K distant matrices in turn (with step 1 in runs too: bf16 OLMoE-1B-7B experts,
+  //    8 of 64, on the 2-core EPYC read 13.8 -> 18.8-20.1 GB/s, best of 15; docs/kernels.md)
+  std::vector<float> yk(K * D, 0.f);
+  float* yp = yk.data();
+  at::parallel_for(0, K * D, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e;) {  // the share's rows expert by expert
+      const int64_t k = t / D, end = std::min(e, (k + 1) * D);
+      if (ex[k] >= 0) dot_rows_into(kern, down, dn, ex[k] * D + t - k * D, end - t, I, hp + k * I, yp + t);
+      t = end;
     }
   });
+  for (int64_t r = 0; r < D; ++r) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      if (ex[k] >= 0) acc += wk[k] * yp[k * D + r];
+    op[r] = acc;
+  }
   store_row(out, obuf);
   return out;
 }
@@ -235,13 +265,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::string& var
   at::Tensor out;
   float* yp = out_row(x, O, out, ybuf);
   const void* wp = w.data_ptr();
-  at::parallel_for(0, O, 16, [&](int64_t b, int64_t e) {
-    in_runs<4>(b, e, [&](int64_t r) { yp[r] = dot_row(kern, w, wp, r, D, xp); }, [&](const int64_t* r) {
-      float y4[4];
-      dot_rows4(kern, w, wp, r, D, xp, y4);
-      for (int j = 0; j < 4; ++j) yp[r[j]] = y4[j];
-    });
-  });
+  at::parallel_for(0, O, 16, [&](int64_t b, int64_t e) { dot_rows_into(kern, w, wp, b, e - b, D, xp, yp + b); });
   store_row(out, ybuf);
   return out;
 }
