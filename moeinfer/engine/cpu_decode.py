@@ -6,13 +6,15 @@ A decode step of a real-size MoE model at batch 1 is ~50 native calls that read 
 weights; the eager forward wraps them in ~800 small torch ops and ~200 module calls whose cost is the
 interpreter's and the dispatcher's, not the memory's: 7-10 ms a token against ~45 ms of native kernels
 for an int8 OLMoE-1B-7B-shaped model on a 2-core AMD EPYC (docs/benchmarks.md). llama.cpp builds its
-graph once and replays it; gpt-fast and vLLM capture CUDA graphs (static_decode.py). `CpuDecoder` walks
-the model once when generation starts and keeps, per layer, the callables of its steps with everything
-they look up per call resolved (weights, native variants, scale and zero forms, the cache's tensors):
+graph once and replays it; gpt-fast and vLLM capture CUDA graphs (static_decode.py). While `generate`
+decodes one row on the CPU (`prepared_cpu_decode`), a `CpuDecoder` sits in the model's `decode_program`
+seam: it walked the model once and keeps, per layer, the callables of its steps with everything they look
+up per call resolved (weights, native variants, scale and zero forms), and MoEModel.forward hands it each
+forward first, so hooks on the model (the benchmark's instrumentation) run as for any forward:
 
-1. a step runs the program only in the eager forward's fast case: one row whose cache slots all hold
-   real tokens, the new token real, no sliding window shorter than the context; otherwise (and for good
-   once a padding token was written) it runs the eager forward;
+1. a step runs the program only in the eager forward's fast case: one new token of one row over the
+   program's cache, whose slots all hold real tokens, the new token real, no sliding window shorter than
+   the context; otherwise (and for good once a padding token was written) the forward runs as usual;
 2. the cache reserves the slot; token observers see the token as in the eager forward;
 3. per layer: norm -> q/k/v projections (q/k norms, clipping) -> rotation, cache write and attention in
    one native call (`attend_decode_step`) -> output projection -> residual; norm -> router -> experts
@@ -28,7 +30,10 @@ still exact, only slower.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,6 +45,8 @@ from moeinfer.kernels.attention import CpuAttention
 from moeinfer.model.kv_cache import CacheStep, KVCache, LayerKV
 from moeinfer.model.moe import MoEBlock, select
 from moeinfer.model.transformer import DecoderLayer, MoEModel
+
+log = logging.getLogger(__name__)
 
 Row = Callable[[torch.Tensor], torch.Tensor]
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -62,7 +69,7 @@ class _Attention:
     """Step 3's attention for a CpuAttention over a GQA cache layer: the eager `project` on prepared rows,
     then CpuAttention's one-step native call."""
 
-    def __init__(self, attn: CpuAttention, kv: LayerKV, dtype: torch.dtype) -> None:
+    def __init__(self, attn: CpuAttention, dtype: torch.dtype) -> None:
         self.q, self.k, self.v, self.o = (_row(m, dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
         self.norm = attn.qk_norm if attn.qk_norm in ("full", "head") else None
         if self.norm is not None:
@@ -70,7 +77,7 @@ class _Attention:
         self.clip = attn.clip_qkv
         self.q_shape = (1, 1, attn.num_heads, attn.head_dim)
         self.kv_shape = (1, 1, attn.num_kv_heads, attn.head_dim)
-        self.rotary, self.scale, self.kv = attn.rotary, attn.scale, kv
+        self.rotary, self.scale = attn.rotary, attn.scale
         self.op, self.variant = native.load().attend_decode_step, native.resolve_variant(attn.engine)
 
     @staticmethod
@@ -87,7 +94,8 @@ class _Attention:
             return "cache or model dtypes or head sizes the native attention does not take"
         return None
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor, step: CacheStep, memo: dict) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor, kv: LayerKV, step: CacheStep,
+                 memo: dict) -> torch.Tensor:
         q, k, v = self.q(h), self.k(h), self.v(h)  # [1, 1, H*Dh], [1, 1, Hkv*Dh] x 2
         if self.norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -97,7 +105,7 @@ class _Attention:
         if self.norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.cos_sin(positions, h.dtype, memo)
-        out = self.op(q, k, v, cos, sin, self.kv.a, self.kv.b, step.uniform_start, self.scale, self.variant)
+        out = self.op(q, k, v, cos, sin, kv.a, kv.b, step.uniform_start, self.scale, self.variant)
         return self.o(out)
 
 
@@ -134,24 +142,25 @@ class _Layer:
     def __init__(self, layer: DecoderLayer, kv: LayerKV, dtype: torch.dtype, hidden: int) -> None:
         self.norm1, self.norm2 = _row(layer.input_layernorm, dtype), _row(layer.post_attention_layernorm, dtype)
         if _Attention.blocker(layer.self_attn, kv, dtype) is None:
-            self.attn: Callable[..., torch.Tensor] = _Attention(layer.self_attn, kv, dtype)
+            self.attn: Callable[..., torch.Tensor] = _Attention(layer.self_attn, dtype)
         else:
             attn = layer.self_attn
-            self.attn = lambda h, positions, step, memo: attn(h, positions=positions, mask=None, kv=kv, step=step,
-                                                              rope_memo=memo)
+            self.attn = lambda h, positions, kv, step, memo: attn(h, positions=positions, mask=None, kv=kv,
+                                                                  step=step, rope_memo=memo)
         mlp = layer.mlp
         self.ffn: Callable[[torch.Tensor], torch.Tensor] = (
             _MoE(mlp, dtype, hidden) if type(mlp) is MoEBlock and not _hooked(mlp) else mlp)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, step: CacheStep, memo: dict) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), positions, step, memo)
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kv: LayerKV, step: CacheStep,
+                 memo: dict) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), positions, kv, step, memo)
         return x + self.ffn(self.norm2(x))
 
 
 def cpu_decode_blocker(model: nn.Module, cache: KVCache) -> str | None:
     """Why `CpuDecoder` cannot run decode steps of `model` over `cache` (None: it can)."""
-    if type(model) is not MoEModel or _hooked(model):
-        return "the model is not a plain MoEModel (or has forward hooks)"
+    if type(model) is not MoEModel:
+        return "the model is not a plain MoEModel"
     if cache.valid.device.type != "cpu" or model.device.type != "cpu":
         return "the model or the cache is not on the CPU"
     if cache.batch_size != 1:
@@ -165,37 +174,59 @@ def cpu_decode_blocker(model: nn.Module, cache: KVCache) -> str | None:
 
 
 class CpuDecoder:
-    """Decode steps of one row over a prefilled `cache`: `decoder(next_ids [1], active [1, 1]) -> logits
-    [1, V]`, the eager forward's logits bit for bit (module docstring)."""
+    """The prepared one-row decode of `model` over `cache` (module docstring), for MoEModel's
+    `decode_program` seam: `decoder(input_ids, attention_mask, cache)` -> logits [1, 1, V], the eager
+    forward's bit for bit, or None where it does not take that forward. It holds the cache weakly."""
 
     def __init__(self, model: MoEModel, cache: KVCache) -> None:
         why = cpu_decode_blocker(model, cache)
         if why is not None:
             raise ValueError(f"CpuDecoder: {why}")
-        self.model, self.cache = model, cache
+        self.model, self.cache = model, weakref.ref(cache)
         dtype, D = model.dtype, model.config.hidden_size
         self.layers = [_Layer(layer, cache.layers[i], dtype, D) for i, layer in enumerate(model.layers)]
         self.windows = [w for w in (layer.window for layer in model.layers) if w is not None]
         self.norm, self.head = _row(model.norm, dtype), _row(model.lm_head, dtype)
-        self.padded = False  # a padding token was written: every later step runs the eager forward
+        self.padded = False  # a padding token was written: every later forward runs as usual
+        self.steps = 0  # forwards the program ran
 
-    def eager(self, next_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        return self.model(next_ids[:, None], attention_mask=active, cache=self.cache)[:, -1]
-
-    def __call__(self, next_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 cache: KVCache) -> torch.Tensor | None:
         # 1. the eager forward's fast case only
+        if cache is not self.cache() or input_ids.shape != (1, 1):
+            return None
+        active = (torch.ones(1, 1, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+                  else attention_mask.to(dtype=torch.bool))
         self.padded = self.padded or not bool(active.all())
-        if self.padded or (self.windows and int(self.cache.lengths[0]) + 1 > min(self.windows)):
-            return self.eager(next_ids, active)
+        if self.padded or (self.windows and int(cache.lengths[0]) + 1 > min(self.windows)):
+            return None
         # 2. the slot; observers
-        step = self.cache.begin(active)
+        step = cache.begin(active)
         positions = step.q_slots  # [1, 1]: every slot a real token, so a token's position is its slot
         for fn in self.model.token_observers:
             fn(active, positions, step.uniform_start == 0)
         # 3. the layers
         memo: dict = {}  # cos/sin of the first layer serve the others (as MoEModel.forward's rope_memo)
-        x = self.model.embed_tokens(next_ids[:, None])  # [1, 1, D]
-        for layer in self.layers:
-            x = layer(x, positions, step, memo)
+        x = self.model.embed_tokens(input_ids)  # [1, 1, D]
+        for layer, kv in zip(self.layers, cache.layers):
+            x = layer(x, positions, kv, step, memo)
         # 4. final norm, LM head
-        return self.head(self.norm(x))[:, -1]  # [1, V]
+        self.steps += 1
+        return self.head(self.norm(x))  # [1, 1, V]
+
+
+@contextmanager
+def prepared_cpu_decode(model: nn.Module, cache: KVCache) -> Iterator[CpuDecoder | None]:
+    """While inside, the one-row decode forwards of `model` over `cache` run a CpuDecoder (yielded;
+    None, logged, where `cpu_decode_blocker` names a reason); the model's seam is restored on exit."""
+    why = cpu_decode_blocker(model, cache)
+    if why is not None:
+        log.debug("decode without the prepared CPU program: %s", why)
+        yield None
+        return
+    previous = model.decode_program
+    model.decode_program = decoder = CpuDecoder(model, cache)
+    try:
+        yield decoder
+    finally:
+        model.decode_program = previous

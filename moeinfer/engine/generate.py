@@ -12,6 +12,7 @@ from typing import Any, Union
 
 import torch
 
+from moeinfer.engine.cpu_decode import prepared_cpu_decode
 from moeinfer.engine.sampling import SamplingParams, sample
 from moeinfer.engine.static_decode import decode_step
 from moeinfer.model.kv_cache import KVCache
@@ -118,34 +119,35 @@ def generate(model: MoEModel, prompts: Sequence[Prompt], *, max_new_tokens: int 
     detok = [_Detokenizer(model.tokenizer) for _ in range(B)]
     texts: list[str] = [""] * B
     active_rows: list[bool] = []
-    for step in range(max_new_tokens):
-        next_ids = sample(logits, params, generator)  # [B]
-        for b, t in enumerate(next_ids.tolist()):
-            if reasons[b] is not None:
-                continue
-            out[b].append(t)
-            if t in eos:
-                reasons[b] = "eos"
-            elif len(out[b]) == max_new_tokens:
-                reasons[b] = "length"
-            delta = detok[b].push(out[b], final=reasons[b] is not None) if (on_token or stops) else ""
-            if stops:
-                texts[b] += delta
-                hit = min((texts[b].find(s) for s in stops if s in texts[b]), default=-1)
-                if hit >= 0:
-                    delta = delta[:max(0, len(delta) - (len(texts[b]) - hit))]
-                    texts[b] = texts[b][:hit]
-                    reasons[b] = "stop"
-            if on_token is not None:
-                on_token(b, t, delta)
-        if all(r is not None for r in reasons) or step == max_new_tokens - 1:
-            break
-        # Finished rows keep running (static batch) but their new tokens count as padding (the tensor is
-        # made again only when a row finishes).
-        running = [r is None for r in reasons]
-        if running != active_rows:
-            active, active_rows = torch.tensor(running, device=device)[:, None], running  # [B, 1]
-        logits = decode(next_ids, active)
+    with prepared_cpu_decode(model, cache):  # one-row CPU decode: its forwards run a prepared program
+        for step in range(max_new_tokens):
+            next_ids = sample(logits, params, generator)  # [B]
+            for b, t in enumerate(next_ids.tolist()):
+                if reasons[b] is not None:
+                    continue
+                out[b].append(t)
+                if t in eos:
+                    reasons[b] = "eos"
+                elif len(out[b]) == max_new_tokens:
+                    reasons[b] = "length"
+                delta = detok[b].push(out[b], final=reasons[b] is not None) if (on_token or stops) else ""
+                if stops:
+                    texts[b] += delta
+                    hit = min((texts[b].find(s) for s in stops if s in texts[b]), default=-1)
+                    if hit >= 0:
+                        delta = delta[:max(0, len(delta) - (len(texts[b]) - hit))]
+                        texts[b] = texts[b][:hit]
+                        reasons[b] = "stop"
+                if on_token is not None:
+                    on_token(b, t, delta)
+            if all(r is not None for r in reasons) or step == max_new_tokens - 1:
+                break
+            # Finished rows keep running (static batch) but their new tokens count as padding (the tensor is
+            # made again only when a row finishes).
+            running = [r is None for r in reasons]
+            if running != active_rows:
+                active, active_rows = torch.tensor(running, device=device)[:, None], running  # [B, 1]
+            logits = decode(next_ids, active)
 
     results = []
     for b in range(B):

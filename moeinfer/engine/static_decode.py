@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 import torch
 
-from moeinfer.engine.cpu_decode import CpuDecoder, cpu_decode_blocker
 from moeinfer.model.kv_cache import CacheStep, KVCache
 from moeinfer.model.moe import MoEBlock
 from moeinfer.model.transformer import MoEModel
@@ -154,18 +153,14 @@ def static_decode_blocker(model: MoEModel) -> str | None:
 
 def decode_step(model: MoEModel, cache: KVCache) -> DecodeStep:
     """The decode function `generate` uses: a CUDA-graph StaticDecoder on CUDA when the model
-    allows it, the prepared one-row program on the CPU (moeinfer.engine.cpu_decode), else the model's
-    ordinary forward."""
+    allows it, else the model's ordinary forward (on the CPU, `generate` also prepares the one-row
+    program its forward runs: moeinfer.engine.cpu_decode)."""
 
     def eager(next_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         return model(next_ids[:, None], attention_mask=active, cache=cache)[:, -1]
 
     if cache.valid.device.type != "cuda":
-        why = cpu_decode_blocker(model, cache)
-        if why is not None:
-            log.debug("decode without the prepared CPU program: %s", why)
-            return eager
-        return CpuDecoder(model, cache)
+        return eager
     why = static_decode_blocker(model)
     if why is None and bool((cache.lengths != cache.lengths[0]).any()):
         why = "rows of the cache have different lengths"

@@ -97,6 +97,10 @@ class MoEModel(nn.Module):
         self.tokenizer: Any = None  # moeinfer.loading.tokenizer.Tokenizer, set by load()
         self.source_dir: str | None = None
         self.token_observers: list[TokenObserver] = []  # called in order before each forward
+        # A prepared decode step that forward hands every forward over a cache first, set by the engine
+        # while it decodes (moeinfer.engine.cpu_decode): program(input_ids, attention_mask, cache) ->
+        # logits [B, T, V], or None where it does not take that forward.
+        self.decode_program: Callable[..., torch.Tensor | None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -140,6 +144,10 @@ class MoEModel(nn.Module):
         matmul."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if self.decode_program is not None and cache is not None and not return_hidden:
+            logits = self.decode_program(input_ids, attention_mask, cache)
+            if logits is not None:
+                return logits
         B, T = input_ids.shape
         device = input_ids.device
         new_valid = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None

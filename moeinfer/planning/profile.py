@@ -82,7 +82,8 @@ PROFILE_VERSION = 8  # 2: the least of the repeats, not the median; 3: dense mat
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
 # (stream_bytes_per_s, llc_bytes), reads hidden behind compute (read_overlap); 7: fixed costs with the
 # experts on the 'cpu' kernel where it runs (measure_fixed); 8: one-row CPU decode steps run the prepared
-# program (moeinfer.engine.cpu_decode) and native router logits, which lower the fixed costs it measures
+# program (moeinfer.engine.cpu_decode) and native router logits, which lower the fixed costs it measures;
+# one-token expert calls timed as the program makes them (the modules' prepared `decode_op`)
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -379,11 +380,19 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
         x = torch.randn(N, D, device=device).to(torch.bfloat16)
         routings = [_routing(N, K, E, device) for _ in range(4)]
         i = [0]
+        # one token as a one-row decode runs it: the prepared call where the module has one
+        # (moeinfer.engine.cpu_decode), else the module
+        make = getattr(mod, "decode_op", None) if N == 1 and device.type == "cpu" else None
+        op = make() if make is not None else None
 
         def call() -> None:
             i[0] = (i[0] + 1) % len(routings)
+            r = routings[i[0]]
             with torch.inference_mode():
-                mod(x, routings[i[0]])
+                if op is not None:
+                    op(x, r.indices, r.weights)
+                else:
+                    mod(x, r)
         return _least(call, repeats, device)
 
     (Ds, Is), (Dl, Il) = small, large

@@ -5,6 +5,8 @@ routing transforms, observers, hooks, sliding windows and padding; and generate 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,35 +16,34 @@ from native_helpers import native_ops
 
 import moeinfer
 from moeinfer.engine import cpu_decode
-from moeinfer.engine.cpu_decode import CpuDecoder, cpu_decode_blocker
-from moeinfer.engine.static_decode import decode_step
+from moeinfer.engine.cpu_decode import CpuDecoder, cpu_decode_blocker, prepared_cpu_decode
 from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.kernels import use_kernel_
 
 PROMPT = [5, 17, 29, 3, 50, 8, 41]
 
 
-def eager(model, cache):
-    return lambda ids, active: model(ids[:, None], attention_mask=active, cache=cache)[:, -1]
-
-
 @torch.no_grad()
-def steps(model, make, n: int = 5, prompt=PROMPT, inactive_at: int | None = None) -> list[torch.Tensor]:
-    """Logits of the prefill and `n` greedy decode steps by `make(model, cache)`; the row is marked
-    finished (its tokens padding) from step `inactive_at` on."""
+def steps(model, prepared: bool, n: int = 5, prompt=PROMPT, inactive_at: int | None = None) -> tuple[list, int]:
+    """Logits of the prefill and `n` greedy decode steps through the model's forward, with the program
+    `prepared` or not, and how many steps the program ran; the row is marked finished (its tokens
+    padding) from step `inactive_at` on."""
     cache, logits = left_padded_prefill(model, [prompt], n)
-    decode = make(model, cache)
     out = [logits]
-    for i in range(n):
-        active = torch.tensor([[inactive_at is None or i < inactive_at]])
-        out.append(decode(out[-1].argmax(-1), active))
-    return out
+    with prepared_cpu_decode(model, cache) if prepared else contextlib.nullcontext() as program:
+        for i in range(n):
+            active = torch.tensor([[inactive_at is None or i < inactive_at]])
+            out.append(model(out[-1].argmax(-1)[:, None], attention_mask=active, cache=cache)[:, -1])
+    assert model.decode_program is None  # the seam restored
+    return out, program.steps if program is not None else 0
 
 
-def assert_same(model, **kw) -> None:
-    want, got = steps(model, eager, **kw), steps(model, CpuDecoder, **kw)
+def assert_same(model, *, ran: int | None = None, **kw) -> None:
+    """Same logits with the program as without; the program ran `ran` steps (default: every one)."""
+    (want, _), (got, count) = steps(model, False, **kw), steps(model, True, **kw)
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), f"step {i}: max |diff| {float((a.float() - b.float()).abs().max())}"
+    assert count == (len(want) - 1 if ran is None else ran)
 
 
 def prepared(model) -> tuple[int, int]:
@@ -125,11 +126,13 @@ def test_transforms_observers_and_hooks_same_logits():
     key = ["eager"]
     model.add_routing_observer(lambda i, r: seen[key[0]].append((i, r.indices.clone())))
     model.add_token_observer(lambda v, p, new: seen[key[0]].append(("token", p.clone(), new)))
-    hooked = []
+    hooked, forwards = [], []
     model.layers[1].self_attn.register_forward_hook(lambda m, a, out: hooked.append(out.clone()))
-    want = steps(model, eager)
+    model.register_forward_hook(lambda m, a, out: forwards.append(out.shape))  # the model's own hooks run
+    want, _ = steps(model, False)
     key[0] = "program"
-    got = steps(model, CpuDecoder)
+    got, ran = steps(model, True)
+    assert ran == len(want) - 1 and len(forwards) == 2 * len(want)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert len(seen["program"]) == len(seen["eager"]) > 0
     assert all(str(a) == str(b) for a, b in zip(seen["program"], seen["eager"]))
@@ -142,27 +145,40 @@ def test_sliding_window_and_padding_run_the_eager_forward_where_it_masks():
     model = build_random("mixtral").to(torch.bfloat16)
     model.layers[1].window = 9  # layer 1 sees 9 slots: the steps past them need a mask
     use_kernel_(model, "auto", linears=True)
-    assert_same(model, n=6)
-    assert_same(model, n=5, inactive_at=2)
+    assert_same(model, n=6, ran=9 - len(PROMPT))  # slots 8 and 9; then the eager forward's masks
+    assert_same(model, n=5, inactive_at=2, ran=2)  # a padding token: the eager forward from then on
 
 
-def test_decode_step_uses_the_program_on_one_row_only(tiny_fp32):
+def test_one_row_only_and_only_its_own_cache(tiny_fp32):
     model = tiny_fp32
     one, _ = left_padded_prefill(model, [PROMPT], 2)
+    other, _ = left_padded_prefill(model, [PROMPT], 2)
     two, _ = left_padded_prefill(model, [PROMPT, PROMPT[:3]], 2)
-    assert isinstance(decode_step(model, one), CpuDecoder)
-    assert cpu_decode_blocker(model, two) is not None and not isinstance(decode_step(model, two), CpuDecoder)
+    with prepared_cpu_decode(model, two) as program:
+        assert program is None and model.decode_program is None
+    assert "batch of 2 rows" in cpu_decode_blocker(model, two)
     with pytest.raises(ValueError, match="batch of 2 rows"):
         CpuDecoder(model, two)
+    with torch.no_grad(), prepared_cpu_decode(model, one) as program:
+        model(torch.tensor([[3]]), cache=other)  # another cache: the ordinary forward
+        assert program.steps == 0
+        model(torch.tensor([[3]]), cache=one)
+        assert program.steps == 1
 
 
 def test_generate_runs_the_program_and_keeps_its_tokens(tiny_fp32, monkeypatch):
     model = tiny_fp32
     use_kernel_(model, "auto", linears=True)
-    calls = []
-    real = CpuDecoder.__call__
-    monkeypatch.setattr(CpuDecoder, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    calls, real = [], CpuDecoder.__call__
+
+    def counted(self, *args):
+        out = real(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(CpuDecoder, "__call__", counted)
     got = moeinfer.generate(model, [PROMPT], max_new_tokens=6, ignore_eos=True)[0].token_ids
-    assert len(calls) == 5
-    monkeypatch.setattr("moeinfer.engine.generate.decode_step", eager)
+    assert calls == [True] * 5 and model.decode_program is None
+    monkeypatch.setattr("moeinfer.engine.generate.prepared_cpu_decode", lambda m, c: contextlib.nullcontext())
     assert moeinfer.generate(model, [PROMPT], max_new_tokens=6, ignore_eos=True)[0].token_ids == got
+    assert len(calls) == 5
