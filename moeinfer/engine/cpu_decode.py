@@ -224,7 +224,7 @@ def prepared_cpu_decode(model: nn.Module, cache: KVCache) -> Iterator[CpuDecoder
         log.debug("decode without the prepared CPU program: %s", why)
         yield None
         return
-    previous = model.decode_program
+    previous = model.__dict__.get("decode_program")
     model.decode_program = decoder = CpuDecoder(model, cache)
     try:
         yield decoder

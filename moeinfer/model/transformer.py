@@ -144,8 +144,9 @@ class MoEModel(nn.Module):
         matmul."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        if self.decode_program is not None and cache is not None and not return_hidden:
-            logits = self.decode_program(input_ids, attention_mask, cache)
+        program = self.__dict__.get("decode_program")  # (absent from a model pickled before the seam)
+        if program is not None and cache is not None and not return_hidden:
+            logits = program(input_ids, attention_mask, cache)
             if logits is not None:
                 return logits
         B, T = input_ids.shape
