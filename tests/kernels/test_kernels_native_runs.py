@@ -16,6 +16,13 @@ from test_kernels_native_gemm import threads  # noqa: F401 (the 1- and 2-thread 
 HEIGHTS = range(1, 11)  # 0-2 four-row runs and 0-3 single rows
 
 
+def float_experts(dtype: torch.dtype, *, seed: int, E: int, D: int, I: int):
+    """Random gate_up [E, 2I, D] and down [E, D, I] in `dtype`, an fp32 x [D], and the generator."""
+    g = torch.Generator().manual_seed(seed)
+    gu, dn = torch.randn(E, 2 * I, D, generator=g).to(dtype), torch.randn(E, D, I, generator=g).to(dtype)
+    return gu, dn, torch.randn(D, generator=g), g
+
+
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cols", [40, 200])  # a tail of 8 and a scalar tail
@@ -54,10 +61,7 @@ def test_experts_do_not_depend_on_grouping(variant, dtype, threads):
     skipped slots included: its output is the same bits (the down sums follow the routing order)."""
     ops = native_ops()
     require(variant)
-    g = torch.Generator().manual_seed(3)
-    E, D, I = 5, 64, 36
-    gu, dn = torch.randn(E, 2 * I, D, generator=g).to(dtype), torch.randn(E, D, I, generator=g).to(dtype)
-    x = torch.randn(D, generator=g)
+    gu, dn, x, _ = float_experts(dtype, seed=3, E=5, D=64, I=36)
     one = ops.moe_decode(x, torch.tensor([2]), torch.tensor([1.0]), gu, dn, variant)
     for experts in ([2, -1], [2, 0, 4], [2, -1, 3, 1]):
         w = torch.tensor([1.0] + [0.0] * (len(experts) - 1))
@@ -94,12 +98,9 @@ def test_experts_sum_single_experts_in_routing_order(variant, dtype, threads):
     however the down rows were read, the sum is the row-by-row loop's."""
     ops = native_ops()
     require(variant)
-    g = torch.Generator().manual_seed(4)
-    E, D, I = 6, 72, 40
-    gu, dn = torch.randn(E, 2 * I, D, generator=g).to(dtype), torch.randn(E, D, I, generator=g).to(dtype)
-    x = torch.randn(D, generator=g)
+    gu, dn, x, g = float_experts(dtype, seed=4, E=6, D=72, I=40)
     experts, w = [4, 1, -1, 5, 0], torch.rand(5, generator=g)
-    acc = torch.zeros(D)
+    acc = torch.zeros(x.shape[0])
     for e, wk in zip(experts, w):
         if e >= 0:
             acc = acc + wk * ops.moe_decode(x, torch.tensor([e]), torch.tensor([1.0]), gu, dn, variant)
