@@ -43,7 +43,7 @@ from torch.nn.modules import module as torch_module
 from moeinfer.kernels import native
 from moeinfer.kernels.attention import CpuAttention
 from moeinfer.model.kv_cache import CacheStep, KVCache, LayerKV
-from moeinfer.model.moe import MoEBlock, select
+from moeinfer.model.moe import MoEBlock
 from moeinfer.model.transformer import DecoderLayer, MoEModel
 
 log = logging.getLogger(__name__)
@@ -66,18 +66,15 @@ def _row(module: nn.Module, dtype: torch.dtype) -> Row:
 
 
 class _Attention:
-    """Step 3's attention for a CpuAttention over a GQA cache layer: the eager `project` on prepared rows,
+    """Step 3's attention for a CpuAttention over a GQA cache layer: the eager `project_with` prepared rows,
     then CpuAttention's one-step native call."""
 
     def __init__(self, attn: CpuAttention, dtype: torch.dtype) -> None:
-        self.q, self.k, self.v, self.o = (_row(m, dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-        self.norm = attn.qk_norm if attn.qk_norm in ("full", "head") else None
-        if self.norm is not None:
-            self.q_norm, self.k_norm = _row(attn.q_norm, dtype), _row(attn.k_norm, dtype)
-        self.clip = attn.clip_qkv
-        self.q_shape = (1, 1, attn.num_heads, attn.head_dim)
-        self.kv_shape = (1, 1, attn.num_kv_heads, attn.head_dim)
-        self.rotary, self.scale = attn.rotary, attn.scale
+        self.attn = attn
+        self.projections = tuple(_row(m, dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        self.norms = ((_row(attn.q_norm, dtype), _row(attn.k_norm, dtype)) if attn.qk_norm in ("full", "head")
+                      else (None, None))
+        self.o = _row(attn.o_proj, dtype)
         self.op, self.variant = native.load().attend_decode_step, native.resolve_variant(attn.engine)
 
     @staticmethod
@@ -96,44 +93,27 @@ class _Attention:
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor, kv: LayerKV, step: CacheStep,
                  memo: dict) -> torch.Tensor:
-        q, k, v = self.q(h), self.k(h), self.v(h)  # [1, 1, H*Dh], [1, 1, Hkv*Dh] x 2
-        if self.norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip is not None:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q, k, v = q.view(self.q_shape), k.view(self.kv_shape), v.view(self.kv_shape)
-        if self.norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.cos_sin(positions, h.dtype, memo)
-        out = self.op(q, k, v, cos, sin, kv.a, kv.b, step.uniform_start, self.scale, self.variant)
+        attn = self.attn
+        q, k, v = attn.project_with(h, self.projections, self.norms)  # [1, 1, H, Dh], [1, 1, Hkv, Dh] x 2
+        cos, sin = attn.rotary.cos_sin(positions, h.dtype, memo)
+        out = self.op(q, k, v, cos, sin, kv.a, kv.b, step.uniform_start, attn.scale, self.variant)
         return self.o(out)
 
 
 class _MoE:
-    """Step 3's MoE block: MoEBlock.forward for one row with the router's matmul and the experts'
-    decode prepared (a router with transforms, or experts without `decode_op`, called as modules)."""
+    """Step 3's MoE block: MoEBlock.stages for one row with the experts' prepared decode as its expert stage
+    (experts without `decode_op`, or with hooks, called as the module)."""
 
-    def __init__(self, block: MoEBlock, dtype: torch.dtype, hidden: int) -> None:
-        self.block, self.gate, self.D = block, block.gate, hidden
+    def __init__(self, block: MoEBlock, hidden: int) -> None:
+        self.block, self.D = block, hidden
         make = getattr(block.experts, "decode_op", None)
-        self.experts = make() if make is not None and not _hooked(block.experts) else None
+        op = make() if make is not None and not _hooked(block.experts) else None
+        self.experts: Callable[..., torch.Tensor] = (
+            block.experts if op is None else (lambda x, routing: op(x, routing.indices, routing.weights)))
+        self.prepared = op is not None
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        block, gate = self.block, self.gate
-        x = h.view(1, self.D)
-        if gate.transforms or _hooked(gate):
-            routing = gate(x)
-        else:  # Router.forward without transforms
-            routing = select(gate.logits(x), gate.cfg, gate.e_score_correction_bias, top_k=gate.top_k)
-        for fn in block.routing_observers:
-            fn(block.layer_idx, routing)
-        if routing.k is not None:
-            out = block._experts_by_k(x, routing)
-        elif self.experts is not None:
-            out = self.experts(x, routing.indices, routing.weights)
-        else:
-            out = block.experts(x, routing)
-        return block.add_shared(x, out).view(1, 1, self.D)
+        return self.block.stages(h.view(1, self.D), self.experts).view(1, 1, self.D)
 
 
 class _Layer:
@@ -149,7 +129,7 @@ class _Layer:
                                                                   step=step, rope_memo=memo)
         mlp = layer.mlp
         self.ffn: Callable[[torch.Tensor], torch.Tensor] = (
-            _MoE(mlp, dtype, hidden) if type(mlp) is MoEBlock and not _hooked(mlp) else mlp)
+            _MoE(mlp, hidden) if type(mlp) is MoEBlock and not _hooked(mlp) else mlp)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, kv: LayerKV, step: CacheStep,
                  memo: dict) -> torch.Tensor:

@@ -5,6 +5,8 @@ Shapes: B batch, T new tokens, S key slots, H query heads, Hkv kv heads, Dh head
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,17 +70,24 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, Hkv, Dh]: projections, q/k norms, clipping."""
+        norms = (self.q_norm, self.k_norm) if self.qk_norm in ("full", "head") else (None, None)
+        return self.project_with(x, (self.q_proj, self.k_proj, self.v_proj), norms)
+
+    def project_with(self, x: torch.Tensor, projections: tuple[Callable, Callable, Callable],
+                     norms: tuple[Callable | None, Callable | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`project` with these callables as the q/k/v projections and the q/k norms (project passes the
+        modules; moeinfer.engine.cpu_decode prepared calls of them)."""
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*Dh] ...
+        q, k, v = (f(x) for f in projections)  # [B, T, H*Dh] ...
         if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = norms[0](q), norms[1](k)
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = norms[0](q), norms[1](k)
         return q, k, v
 
     def rope_cache_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,

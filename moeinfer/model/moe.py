@@ -456,22 +456,21 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [N, D]
+        return self.stages(x.reshape(-1, shape[-1]), self.experts).view(shape)
+
+    def stages(self, x: torch.Tensor, experts: Callable[[torch.Tensor, Routing], torch.Tensor]) -> torch.Tensor:
+        """The block on x [N, D] with `experts(x, routing)` as its expert stage (forward passes the experts
+        module; moeinfer.engine.cpu_decode a prepared call of it) -> [N, D]."""
         routing = self.gate(x)
         for fn in self.routing_observers:
             fn(self.layer_idx, routing)
-        out = self.experts(x, routing) if routing.k is None else self._experts_by_k(x, routing)
-        return self.add_shared(x, out).view(shape)
-
-    def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out [N, D] plus the shared expert's output on x [N, D] (sigmoid-gated in Qwen2-MoE); out
-        itself when the block has no shared expert."""
-        if self.shared_expert is None:
-            return out
-        shared = self.shared_expert(x)
-        if self.shared_expert_gate is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-        return out + shared
+        out = experts(x, routing) if routing.k is None else self._experts_by_k(x, routing)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
 
     def _experts_by_k(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Dynamic gating: tokens grouped by their k, each group run on its first k slots (<= K calls),

@@ -51,7 +51,7 @@ def prepared(model) -> tuple[int, int]:
     cache, _ = left_padded_prefill(model, [PROMPT], 2)
     layers = CpuDecoder(model, cache).layers
     return (sum(isinstance(l.attn, cpu_decode._Attention) for l in layers),
-            sum(isinstance(l.ffn, cpu_decode._MoE) and l.ffn.experts is not None for l in layers))
+            sum(isinstance(l.ffn, cpu_decode._MoE) and l.ffn.prepared for l in layers))
 
 
 @pytest.fixture(scope="module")
