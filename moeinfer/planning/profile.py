@@ -29,8 +29,8 @@ ever add time to a run, so the least is the machine's own cost and the median of
 3. fixed costs outside the experts: one-token forwards of two small random models (1 and 3
    layers, on the planned dense path) give the per-layer cost of attention, norms and router (`layer_fixed_s`) and the
    per-step cost of embeddings, head and Python (`step_fixed_s`);
-4. host costs of offloading: the 3-layer model offloaded with every expert it uses cached, then
-   with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
+4. host costs of offloading: decode steps of the 3-layer model offloaded with every expert it uses
+   cached, then with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
    load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy).
    Measured for float experts and, on a CPU, again for each quantize preset of step 2 and for float
    experts on the 'cpu' kernel (`offload_host`, keys "int4", ..., "bf16/cpu"):
@@ -76,14 +76,16 @@ from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
 
-PROFILE_VERSION = 8  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 9  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
 # (stream_bytes_per_s, llc_bytes), reads hidden behind compute (read_overlap); 7: fixed costs with the
 # experts on the 'cpu' kernel where it runs (measure_fixed); 8: one-row CPU decode steps run the prepared
 # program (moeinfer.engine.cpu_decode) and native router logits, which lower the fixed costs it measures;
-# one-token expert calls timed as the program makes them (the modules' prepared `decode_op`)
+# one-token expert calls timed as the program makes them (the modules' prepared `decode_op`); 9: the
+# random models frozen as loaded ones are (their linears prepared too), offload host costs from decode
+# steps through the program (measure_offload)
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -288,25 +290,6 @@ def _least(fn: Any, repeats: int, device: torch.device) -> float:
     return min(times)
 
 
-def _least_in_turn(models: list[Any], ids: torch.Tensor, repeats: int, device: torch.device, *,
-                   warm_up: bool = True) -> list[float]:
-    """The least wall time of a forward of each model on `ids`, the models timed in turn (after one
-    warm-up forward each unless `warm_up` is False: the caller did it), so a change of load on the
-    machine touches them alike."""
-    best = [float("inf")] * len(models)
-    with torch.inference_mode():
-        for m in models if warm_up else ():
-            m(ids)
-        for _ in range(repeats):
-            for i, m in enumerate(models):
-                t0 = time.perf_counter()
-                m(ids)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                best[i] = min(best[i], time.perf_counter() - t0)
-    return best
-
-
 def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
     """An experts module of this variant ("bf16/<kernel>[+fp32]" or a quantize preset name)."""
     g = torch.Generator().manual_seed(0)
@@ -428,24 +411,39 @@ def _tiny_model(layers: int, device: torch.device) -> Any:
         for p in model.parameters():
             p.normal_(0, 0.02)
     model = model.to(device=device, dtype=torch.bfloat16).eval()
+    # frozen as a loaded checkpoint is (moeinfer.load): modules that take a prepared one-row call only
+    # for grad-free weights (moeinfer.engine.cpu_decode) do so here too
+    model.requires_grad_(False)
     use_planned_dense_(model, device)  # the dense path a planned model runs
     return model
 
 
-def _decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16) -> list[float]:
+def _decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
+                         count: Any = None) -> list[float]:
     """Per model, the least over `repeats` rounds of the median time between consecutive tokens of a
     greedy `generate` of `tokens` tokens through its KV cache (the step a decode runs, with the
-    generation loop's own work, as benchmarks measure decode), the models taking turns each round."""
+    generation loop's own work, as benchmarks measure decode), the models taking turns each round.
+    `count(model)` (optional): a counter read at every token; its median change between consecutive
+    tokens of the last round is appended per model after the times (e.g. expert loads per step)."""
     best = [float("inf")] * len(models)
+    per_step = [0.0] * len(models)
     for r in range(repeats + 1):  # round 0 warms up
         for i, m in enumerate(models):
             stamps: list[float] = []
-            generate(m, [[1, 2, 3]], max_new_tokens=tokens, ignore_eos=True,
-                     on_token=lambda b, t, d: stamps.append(time.perf_counter()))
+            counts: list[float] = []
+
+            def on_token(b: Any, t: Any, d: Any, m: Any = m) -> None:
+                stamps.append(time.perf_counter())
+                if count is not None:
+                    counts.append(count(m))
+            generate(m, [[1, 2, 3]], max_new_tokens=tokens, ignore_eos=True, on_token=on_token)
             gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
             if r:
                 best[i] = min(best[i], gaps[len(gaps) // 2])
-    return best
+            if counts:
+                steps = sorted(b - a for a, b in zip(counts[1:], counts[2:]))
+                per_step[i] = steps[len(steps) // 2]
+    return best + per_step if count is not None else best
 
 
 def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 7,
@@ -478,16 +476,20 @@ def _quantized_(model: Any, precision: str) -> None:
         b.experts = _quantized_experts(precision, ex.gate_up_proj.data, ex.down_proj.data).to(ex.gate_up_proj.device)
 
 
-def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15,
+def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
                     precision: str = "bf16", kernel: str | None = None) -> tuple[float, float]:
-    """Step 4: (offload_layer_s, load_latency_s) from one-token forwards of a 3-layer random model
-    (12 experts, top-2) with its experts at `precision` (bf16 or a quantize preset) resident, offloaded
+    """Step 4: (offload_layer_s, load_latency_s) from decode steps of a 3-layer random model (12
+    experts, top-2) with its experts at `precision` (bf16 or a quantize preset) resident, offloaded
     with a cache that holds every expert it uses (all hits), and offloaded with 2 slots (every expert of
     every layer a miss); offloaded quantized experts run kernel 'cpu' on a CPU, as `apply_plan_` sets it,
     float ones `kernel` (None: the default, 'reference'), resident and offloaded alike.
-    The three are timed in turn, each figure the least of its runs, so a change of load on the machine
-    touches all three alike."""
-    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    Timed as a decode runs (`_decode_gaps_in_turn`: greedy generation through the KV cache, where a
+    one-row CPU step runs the prepared program of moeinfer.engine.cpu_decode with the resident
+    experts' prepared call and the offloaded experts called as their module), the three in turn, each
+    figure the least of its rounds, so a change of load on the machine touches all three alike. (Timing
+    one-token forwards without a cache compared the offloaded layer with an eager resident one, not
+    with the prepared step a resident decode runs: the shipped model's offloaded plans measured
+    0.75-0.8x their prediction.)"""
     layers = 3
     tier = "disk" if device.type == "cpu" else "cpu"
     with tempfile.TemporaryDirectory(prefix="moeinfer-profile-") as tmp:
@@ -506,19 +508,17 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 15,
                 elif kernel is not None:
                     use_kernel_(m, kernel)
             models.append(m)
-        with torch.inference_mode():
-            for m in models:  # warm-up
-                m(ids)
-        loads0 = models[2].offload.cache.stats.demand_loads
-        best = _least_in_turn(models, ids, repeats, device, warm_up=False)
-        loads = (models[2].offload.cache.stats.demand_loads - loads0) / repeats
+
+        def loads(m: Any) -> float:
+            off = getattr(m, "offload", None)
+            return float(off.cache.stats.demand_loads) if off is not None else 0.0
+        resident, hits, misses, _, _, per_step = _decode_gaps_in_turn(models, repeats, count=loads)
         for m in models[1:]:
             m.offload.close()
-    resident, hits, misses = best
     layer_s = max(0.0, (hits - resident) / layers)
     # one expert of the random model (D = I = 64) as stored: bf16, or the preset's codes, scales and zeros
     nbytes = stored_expert_bytes("bf16/reference" if precision == "bf16" else precision, 64, 64)
-    per_load = (misses - hits) / loads if loads else 0.0
+    per_load = (misses - hits) / per_step if per_step else 0.0
     return layer_s, max(0.0, per_load - nbytes / (link_gbps * 1e9))
 
 

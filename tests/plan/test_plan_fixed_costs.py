@@ -65,3 +65,41 @@ def test_decode_gaps_time_generation_steps(monkeypatch):
     gaps = profile._decode_gaps_in_turn(models, repeats=2, tokens=6)
     assert len(gaps) == 2 and all(0 < g < float("inf") for g in gaps)
     assert runs == [(id(m), 6) for _ in range(3) for m in models]
+
+
+def test_decode_gaps_count_a_counter_per_step():
+    """`count`: its median change between consecutive tokens is returned after the times, per model."""
+    models = [profile._tiny_model(1, torch.device("cpu"))]
+    reads = {"n": 0}
+
+    def count(model):
+        reads["n"] += 3  # three a token
+        return reads["n"]
+    out = profile._decode_gaps_in_turn(models, repeats=1, tokens=5, count=count)
+    assert len(out) == 2 and 0 < out[0] < float("inf") and out[1] == 3
+
+
+def test_random_models_are_frozen_as_loaded_ones():
+    """Modules prepare their one-row call only for grad-free weights (moeinfer.engine.cpu_decode): the
+    profile's random models must take the path a loaded checkpoint takes."""
+    m = profile._tiny_model(1, torch.device("cpu"))
+    assert not any(p.requires_grad for p in m.parameters())
+
+
+def test_offload_costs_come_from_decode_steps(monkeypatch):
+    """measure_offload: resident, all-hits and all-misses models timed by decode steps in turn; the
+    visit cost is per layer, the load latency per load counted in a step, less the bytes' link time."""
+    seen = []
+
+    def fake_gaps(models, repeats, tokens=16, count=None):
+        seen.extend(models)
+        assert count is not None
+        return [0.001, 0.004, 0.010, 0.0, 0.0, 6.0]  # times; loads per step
+
+    monkeypatch.setattr(profile, "_decode_gaps_in_turn", fake_gaps)
+    layer, latency = profile.measure_offload(torch.device("cpu"), link_gbps=2.0, precision="int4")
+    assert [getattr(m, "offload", None) is None for m in seen] == [True, False, False]
+    assert [m.offload.cache.num_slots for m in seen[1:]] == [11, 2]
+    assert layer == pytest.approx(0.001)
+    nbytes = profile.stored_expert_bytes("int4", 64, 64)
+    assert latency == pytest.approx(0.001 - nbytes / 2e9)
