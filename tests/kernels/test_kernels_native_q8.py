@@ -31,19 +31,24 @@ from test_kernels_native import close, quantized_problem, routing
 COLS = [36, 64, 96, 160, 200, 2048]  # a partial block, whole blocks (paired, one unpaired), partial groups of 128, a model's width
 
 
-def test_activation_quantization_is_bit_exact():
+@pytest.mark.parametrize("variant", variant_params())
+def test_activation_quantization_is_bit_exact(variant):
+    """Every variant's quantizer (the vectorised one: whole blocks in registers, inf/NaN blocks and a
+    partial last block on the scalar code) gives the reference's codes and scales bit for bit."""
     ops = native_ops()
+    require(variant)
     g = torch.Generator().manual_seed(0)
     ties = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -126.5, 3.25] * 4)  # d = 1: halves round to even
-    for x in [ties, torch.zeros(40), torch.randn(36, generator=g), torch.randn(2048, generator=g) * 30,
-              torch.randn(160, generator=g) * 1e-30]:
-        q, d = ops.quantize_q8(x)
+    signed_zeros = torch.tensor([-0.0, 0.0] * 16)
+    for x in [ties, signed_zeros, torch.zeros(40), torch.randn(36, generator=g), torch.randn(2048, generator=g) * 30,
+              torch.randn(160, generator=g) * 1e-30, torch.randn(64, generator=g) * 1e37, -ties.flip(0)]:
+        q, d = ops.quantize_q8(x, variant)
         rq, rd = quantize_q8(x)
         assert torch.equal(q, rq) and torch.equal(d, rd)
     assert quantize_q8(ties)[0][:8].tolist() == [127, 0, 2, 2, 0, -2, -126, 3]
     bad = torch.randn(96, generator=g)
     bad[3], bad[70] = float("inf"), float("nan")
-    q, d = ops.quantize_q8(bad)
+    q, d = ops.quantize_q8(bad, variant)
     rq, rd = quantize_q8(bad)
     assert torch.equal(q, rq) and torch.equal(d.isnan(), rd.isnan()) and d.isnan().tolist() == [True, False, True]
     assert torch.equal(d[1], rd[1]) and not bool(q[:32].any()) and not bool(q[64:].any())

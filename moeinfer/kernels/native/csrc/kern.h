@@ -74,6 +74,64 @@ inline void pair_order(const int8_t* q, int64_t nb, int8_t* out) {
   }
 }
 
+// Activation rows interleaved by eight, for the GEMM whose vector lanes are activation rows (gemm_x8;
+// the technique of llama.cpp's repacked Q4_0x8 GEMM, with the activations interleaved instead of the
+// weights, so the weights keep their storage): rows in groups of 8, the last padded with zero rows;
+// per group and block of 32 columns, eight 32-byte vectors, each holding 4 codes of each of the 8
+// rows (lane l: row 8g + l). 8-bit weights: vector k = columns 4k..4k+3; 4-bit weights: vector 2k =
+// columns 8k, 8k+2, 8k+4, 8k+6 and vector 2k+1 = columns 8k+1, 8k+3, 8k+5, 8k+7, the low and high
+// nibbles of packed bytes 4k..4k+3. A weight row's 4 bytes broadcast to all lanes then meet 8 rows at
+// once, each lane summing one row's products, so a block costs one int-to-float conversion and one
+// scaling per 8 output elements instead of one per element. d: per group and block the 8 rows'
+// scales; bsum: per group and block the 8 rows' code sums (sum_j xq_j, for symmetric 4-bit weights'
+// midpoint, subtracted in the integers); gsum: per group and weight group the 8 rows' group sums (for
+// zero-points). Whole blocks only.
+constexpr int64_t X8 = 8;
+struct X8Rows {
+  const int8_t* a;
+  const float* d;
+  const int32_t* bsum;
+  const float* gsum;
+  int64_t n, nb, G;  // n rows in ceil(n / 8) groups
+  // the rows of groups [g0, g0 + groups) (row 8 * g0 first)
+  X8Rows groups(int64_t g0, int64_t rows) const {
+    return {a + g0 * nb * X8 * QBLOCK, d + g0 * nb * X8, bsum + g0 * nb * X8, gsum + g0 * G * X8, rows, nb, G};
+  }
+};
+
+// Column of vector v's byte t in a block, in the X8Rows order for `bits`-bit weights.
+inline int64_t x8_column(int bits, int64_t v, int64_t t) {
+  return bits == 8 ? 4 * v + t : 8 * (v >> 1) + (v & 1) + 2 * t;
+}
+
+// Groups [g0, g1) of x's n rows (whole blocks) interleaved by eight into `out` (X8Rows with its arrays
+// at group 0: a [groups * nb * 256], d and bsum [groups * nb * 8], gsum [groups * G * 8]; padding rows
+// zero).
+inline void interleave8(const Q8Rows& x, int bits, int64_t g0, int64_t g1, const X8Rows& out) {
+  const int64_t nb = x.nb, G = x.G;
+  int8_t* a = const_cast<int8_t*>(out.a);
+  float *d = const_cast<float*>(out.d), *gsum = const_cast<float*>(out.gsum);
+  int32_t* bsum = const_cast<int32_t*>(out.bsum);
+  for (int64_t g = g0; g < g1; ++g)
+    for (int64_t l = 0; l < X8; ++l) {
+      const int64_t row = g * X8 + l;
+      const bool real = row < x.n;
+      const int8_t* q = x.q + row * nb * QBLOCK;
+      for (int64_t b = 0; b < nb; ++b) {
+        int8_t* ab = a + ((g * nb + b) * X8) * QBLOCK + l * 4;
+        int32_t sum = 0;
+        for (int64_t v = 0; v < X8; ++v)
+          for (int64_t t = 0; t < 4; ++t) {
+            ab[v * QBLOCK + t] = real ? q[b * QBLOCK + x8_column(bits, v, t)] : 0;
+            sum += ab[v * QBLOCK + t];
+          }
+        d[(g * nb + b) * X8 + l] = real ? x.d[row * nb + b] : 0.f;
+        bsum[(g * nb + b) * X8 + l] = sum;
+      }
+      for (int64_t k = 0; k < G; ++k) gsum[(g * G + k) * X8 + l] = real ? x.gsum[row * G + k] : 0.f;
+    }
+}
+
 // A packed matrix (one expert's, or a linear's): row r's codes at q + r * P, scales/zeros at s/z + r * G.
 struct QRows {
   const uint8_t* q;
@@ -149,6 +207,13 @@ struct Kern {
   // out[i] = h[i] widened from IEEE fp16 (exact in every variant, as f16_to_f32): fp16 scales for the
   // kernels that take fp32 ones (the GEMM tiles, fp32-activation rows)
   void (*half_to_f32)(const uint16_t* h, float* out, int64_t n);
+  // gemm_q8 on interleaved activation rows (X8Rows; whole blocks, fp32 scales): y[j * ldy + r] for r in
+  // [r0, r1) and every j < x.n, each element summed in block order whatever the tiles; nullptr in a
+  // variant without it (the caller then runs gemm_q8)
+  void (*gemm_x8)(int bits, const QRows& w, int64_t r0, int64_t r1, const X8Rows& x, int64_t gs, float* y,
+                  int64_t ldy);
+  // quantize_q8 (below) bit for bit: the same codes and scales in every variant
+  void (*quantize_act)(const float* x, int64_t n, int8_t* q, float* d);
 };
 
 const Kern* kern_generic();

@@ -116,8 +116,11 @@ void half_to_f32(const uint16_t* h, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(h[i]);
 }
 
+void quantize_act(const float* x, int64_t n, int8_t* q, float* d) { quantize_q8(x, n, q, d); }
+
 const Kern table{"generic", dot_f32,  dot_bf16,  qrow8,       qrow4,       qrow8_q8,   qrow4_q8,
-                 gemm_q8,   dot4_f32, dot4_bf16, qrow8_q8_x4, qrow4_q8_x4, half_to_f32};
+                 gemm_q8,   dot4_f32, dot4_bf16, qrow8_q8_x4, qrow4_q8_x4, half_to_f32, nullptr,
+                 quantize_act};
 
 }  // namespace
 

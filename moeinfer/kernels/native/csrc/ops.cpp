@@ -348,20 +348,23 @@ struct Q8Buf {
   std::vector<float> d, gsum;
   int64_t n, cols, gs, nb, G;
   bool nibbles;
-  Q8Buf(int64_t n_, int64_t cols_, int64_t gs_, int bits)
-      : n(n_), cols(cols_), gs(gs_), nb((cols_ + QBLOCK - 1) / QBLOCK), G(num_groups(cols_, gs_)), nibbles(bits == 4) {
+  // `nibbles`: for 4-bit weights, also the nibble-ordered copies the row kernels and gemm_q8 read (not
+  // the interleaved GEMM, gemm_x8, whose rows are built from q)
+  Q8Buf(int64_t n_, int64_t cols_, int64_t gs_, int bits, bool nibbles_ = true)
+      : n(n_), cols(cols_), gs(gs_), nb((cols_ + QBLOCK - 1) / QBLOCK), G(num_groups(cols_, gs_)),
+        nibbles(bits == 4 && nibbles_) {
     q.resize(n * nb * QBLOCK);
     q4.resize(nibbles ? q.size() : 0);
     q4p.resize(nibbles ? q.size() : 0);
     d.resize(n * nb);
     gsum.resize(n * G);
   }
-  // row j from x [cols]
-  void quantize(int64_t j, const float* x) {
+  // row j from x [cols], by variant k's quantize_act (the same codes in every variant)
+  void quantize(const Kern* k, int64_t j, const float* x) {
     int8_t* qj = q.data() + j * nb * QBLOCK;
     float* dj = d.data() + j * nb;
     float* gj = gsum.data() + j * G;
-    quantize_q8(x, cols, qj, dj);
+    k->quantize_act(x, cols, qj, dj);
     for (int64_t g = 0; g < G; ++g) gj[g] = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       int32_t bs = 0;
@@ -403,9 +406,9 @@ struct AnyVec {
   bool q8;
   QVec f;
   Q8Buf i;
-  AnyVec(const float* x, int64_t cols, int64_t gs, int bits, bool q8_)
+  AnyVec(const Kern* k, const float* x, int64_t cols, int64_t gs, int bits, bool q8_)
       : q8(q8_), f(x, q8_ ? 0 : cols, gs, bits), i(q8_ ? 1 : 0, cols, gs, bits) {
-    if (q8) i.quantize(0, x);
+    if (q8) i.quantize(k, 0, x);
   }
 };
 
@@ -479,7 +482,7 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
   std::vector<int64_t> ex;
   std::vector<float> wk;
   routed(experts, weights, E, ex, wk);
-  const AnyVec xv(x.data_ptr<float>(), D, group_size, int(bits), q8);
+  const AnyVec xv(kern, x.data_ptr<float>(), D, group_size, int(bits), q8);
   at::Tensor h = at::zeros({K, I}, x.options());
   float* hp = h.data_ptr<float>();
   // 1. gate_up rows
@@ -488,7 +491,7 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
   // 2. the activation side of each expert's down rows
   std::vector<AnyVec> hv;
   hv.reserve(K);
-  for (int64_t k = 0; k < K; ++k) hv.emplace_back(hp + k * I, I, group_size, int(bits), q8);
+  for (int64_t k = 0; k < K; ++k) hv.emplace_back(kern, hp + k * I, I, group_size, int(bits), q8);
   // 3. down rows, expert by expert (each thread streams contiguous rows of one expert's matrix), then
   //    summed over experts in routing order
   at::Tensor yk = at::zeros({K, D}, x.options());
@@ -524,7 +527,7 @@ at::Tensor gemv_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
   check_vec(x, cols, "x");
   const int64_t P = packed_bytes(cols, bits), G = num_groups(cols, group_size);
   const QMat m = qmat(q.unsqueeze(0), s.unsqueeze(0), z ? Zeros(z->unsqueeze(0)) : Zeros(), R, P, G, "gemv_q");
-  const AnyVec xv(x.data_ptr<float>(), cols, group_size, int(bits), q8);
+  const AnyVec xv(kern, x.data_ptr<float>(), cols, group_size, int(bits), q8);
   at::Tensor y = at::empty({R}, x.options());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) { qdot_rows(kern, m, b, e - b, xv, cols, group_size, int(bits), yp + b); });
@@ -534,10 +537,49 @@ at::Tensor gemv_q(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
 // Weight rows per work item of a GEMM (parallel_for splits the items over the threads).
 constexpr int64_t GEMM_ROWS = 24;  // a multiple of every tile height
 
+// Whether the variant's GEMM on interleaved activation rows (kern.h gemm_x8) takes rows of `cols` columns
+// (whole blocks); where it does, every GEMM of the variant runs it, so no result depends on how many
+// rows a call holds.
+inline bool use_x8(const Kern* k, int64_t cols) { return k->gemm_x8 != nullptr && cols % QBLOCK == 0; }
+
+// Runs of rows of a Q8Buf interleaved by eight (kern.h X8Rows): run r = rows [start[r], start[r + 1]),
+// in whole groups of its own (an expert's slots: its first row is lane 0 of its first group).
+struct X8Buf {
+  std::vector<int8_t> a;
+  std::vector<float> d, gsum;
+  std::vector<int32_t> bsum;
+  std::vector<int64_t> first;  // per run its first group; first.back() = all groups
+  std::vector<int64_t> start;
+  int64_t nb, G;
+  X8Buf(const Q8Buf& src, std::vector<int64_t> start_, int bits) : start(std::move(start_)), nb(src.nb), G(src.G) {
+    const int64_t runs = int64_t(start.size()) - 1;
+    first.assign(runs + 1, 0);
+    for (int64_t r = 0; r < runs; ++r) first[r + 1] = first[r] + (start[r + 1] - start[r] + X8 - 1) / X8;
+    const int64_t groups = first[runs];
+    a.resize(groups * nb * X8 * QBLOCK);
+    d.resize(groups * nb * X8);
+    bsum.resize(groups * nb * X8);
+    gsum.resize(groups * G * X8);
+    std::vector<int64_t> run_of(groups);
+    for (int64_t r = 0; r < runs; ++r)
+      for (int64_t g = first[r]; g < first[r + 1]; ++g) run_of[g] = r;
+    at::parallel_for(0, groups, 8, [&](int64_t b, int64_t e) {
+      for (int64_t g = b; g < e; ++g) {
+        const int64_t r = run_of[g];
+        interleave8(src.rows(start[r], start[r + 1] - start[r]), bits, g - first[r], g - first[r] + 1, rows(r));
+      }
+    });
+  }
+  X8Rows rows(int64_t r) const {
+    return X8Rows{a.data(), d.data(), bsum.data(), gsum.data(), 0, nb, G}.groups(first[r], start[r + 1] - start[r]);
+  }
+};
+
 // Rows [r0, r1) of expert e's matrix of a stack times the activation rows x through the tiled GEMM
-// (kern.h gemm_q8; y[j * ldy + r] for r in [r0, r1)); fp16 scales are widened for these rows first.
+// (kern.h gemm_q8, or gemm_x8 on x8 where given; y[j * ldy + r] for r in [r0, r1)); fp16 scales are
+// widened for these rows first.
 inline void gemm_item(const Kern* k, int bits, const QMat& m, int64_t e, int64_t r0, int64_t r1, const Q8Rows& x,
-                      int64_t cols, int64_t gs, float* y, int64_t ldy) {
+                      const X8Rows* x8, int64_t cols, int64_t gs, float* y, int64_t ldy) {
   const int64_t first = e * m.rows + r0;
   const float* s = m.s ? m.s + first * m.G : nullptr;
   if (m.sh) {
@@ -546,7 +588,10 @@ inline void gemm_item(const Kern* k, int bits, const QMat& m, int64_t e, int64_t
     s = buf;
   }
   const QRows w{m.q + first * m.P, s, row_of(m.z, first, m.G), m.P, m.G};
-  k->gemm_q8(bits, w, 0, r1 - r0, x, cols, gs, y + r0, ldy);
+  if (x8)
+    k->gemm_x8(bits, w, 0, r1 - r0, *x8, gs, y + r0, ldy);
+  else
+    k->gemm_q8(bits, w, 0, r1 - r0, x, cols, gs, y + r0, ldy);
 }
 
 // `x` as a contiguous float32 [N, cols] matrix (a copy only when it is not one already: bf16 rows).
@@ -558,15 +603,16 @@ at::Tensor rows_f32(const at::Tensor& x, const char* what) {
 }
 
 // Rows [0, n) of `x` quantized into `buf` (rows of x `ld` floats apart), in parallel.
-void quantize_rows(Q8Buf& buf, const float* x, int64_t ld) {
+void quantize_rows(const Kern* k, Q8Buf& buf, const float* x, int64_t ld) {
   at::parallel_for(0, buf.n, 4, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) buf.quantize(j, x + j * ld);
+    for (int64_t j = b; j < e; ++j) buf.quantize(k, j, x + j * ld);
   });
 }
 
 // x [N, C] f32 or bf16, one packed matrix q [O, P] u8, s/z [O, G] f32, bias [O] f32 or None -> y [N, O] in
-// x's dtype: the quantized linear at any N. "q8": the N rows quantized once (Q8Buf), then the tiled
-// integer GEMM (kern.h) over GEMM_ROWS-row items of the weight split across threads (one row: the row
+// x's dtype: the quantized linear at any N. "q8": the N rows quantized once (Q8Buf; interleaved by
+// eight where the variant's gemm_x8 takes them), then the tiled integer GEMM (kern.h) over GEMM_ROWS-row
+// items of the weight split across threads (one row: the row
 // kernels, as gemv_q); "f32": the fp32-activation row kernels, each weight row against every activation
 // row while it is in cache.
 at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s, const Zeros& z, int64_t bits,
@@ -587,17 +633,22 @@ at::Tensor gemm_q(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& s
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (q8 && N > 1) {
-    Q8Buf xq(N, cols, group_size, int(bits));
-    quantize_rows(xq, xp, cols);
+    const bool interleaved = use_x8(kern, cols);
+    Q8Buf xq(N, cols, group_size, int(bits), !interleaved);
+    quantize_rows(kern, xq, xp, cols);
     const Q8Rows xr = xq.rows(0, N);
+    std::optional<X8Buf> x8;
+    if (interleaved) x8.emplace(xq, std::vector<int64_t>{0, N}, int(bits));
+    const X8Rows x8r = x8 ? x8->rows(0) : X8Rows{};
     at::parallel_for(0, (O + GEMM_ROWS - 1) / GEMM_ROWS, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b * GEMM_ROWS; r < std::min(e * GEMM_ROWS, O); r += GEMM_ROWS)
-        gemm_item(kern, int(bits), m, 0, r, std::min(r + GEMM_ROWS, O), xr, cols, group_size, yp, O);
+        gemm_item(kern, int(bits), m, 0, r, std::min(r + GEMM_ROWS, O), xr, x8 ? &x8r : nullptr, cols, group_size,
+                  yp, O);
     });
   } else {  // one row (decode: the row kernels stream the weight at memory speed), or fp32 activations
     std::vector<AnyVec> xv;
     xv.reserve(N);
-    for (int64_t j = 0; j < N; ++j) xv.emplace_back(xp + j * cols, cols, group_size, int(bits), q8);
+    for (int64_t j = 0; j < N; ++j) xv.emplace_back(kern, xp + j * cols, cols, group_size, int(bits), q8);
     at::parallel_for(0, O, GEMM_ROWS, [&](int64_t b, int64_t e) {
       if (N == 1) return qdot_rows(kern, m, b, e - b, xv[0], cols, group_size, int(bits), yp + b);
       for (int64_t r = b; r < e; ++r)
@@ -636,7 +687,7 @@ at::Tensor linear_q_row(const at::Tensor& x, const at::Tensor& q, const at::Tens
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == O,
                 "moeinfer_native: linear_q_row bias must be float32 [", O, "], got ", bias->scalar_type(), " ",
                 bias->sizes());
-  const AnyVec xv(xp, cols, group_size, int(bits), q8);
+  const AnyVec xv(kern, xp, cols, group_size, int(bits), q8);
   at::Tensor out;
   float* yp = out_row(x, O, out, ybuf);
   at::parallel_for(0, O, GEMM_ROWS,
@@ -693,13 +744,16 @@ at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const 
   for (int64_t t = 0; t < N * K; ++t)
     if (ex[t] >= 0) slot[t] = fill[ex[t]]++, token[slot[t]] = t / K;
   // 2. activations in slot order
-  Q8Buf xq(N, D, group_size, int(bits)), xs(S, D, group_size, int(bits));
-  quantize_rows(xq, x.data_ptr<float>(), D);
+  Q8Buf xq(N, D, group_size, int(bits), !use_x8(kern, D)), xs(S, D, group_size, int(bits), !use_x8(kern, D));
+  quantize_rows(kern, xq, x.data_ptr<float>(), D);
   at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) xs.copy_row(j, xq, token[j]);
   });
-  // 3. / 5. the GEMM of every routed expert, as (expert, weight rows) items over all threads
+  // 3. / 5. the GEMM of every routed expert, as (expert, weight rows) items over all threads; where the
+  // variant has it, on each expert's slots interleaved by eight (kern.h gemm_x8)
   auto experts_gemm = [&](const QMat& m, const Q8Buf& act, int64_t cols, float* y) {
+    std::optional<X8Buf> x8;
+    if (use_x8(kern, cols)) x8.emplace(act, start, int(bits));
     // (expert, first row) items, row-block-major: each thread's contiguous share holds part of every
     // routed expert's rows, so the shares' work is equal however unevenly tokens are routed
     std::vector<std::tuple<int64_t, int64_t>> items;
@@ -709,8 +763,9 @@ at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const 
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t end) {
       for (int64_t it = b; it < end; ++it) {
         const auto [e, r] = items[it];
+        const X8Rows xe = x8 ? x8->rows(e) : X8Rows{};
         gemm_item(kern, int(bits), m, e, r, std::min(r + GEMM_ROWS, m.rows), act.rows(start[e], start[e + 1] - start[e]),
-                  cols, group_size, y + start[e] * m.rows, m.rows);
+                  x8 ? &xe : nullptr, cols, group_size, y + start[e] * m.rows, m.rows);
       }
     });
   };
@@ -718,13 +773,13 @@ at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const 
   float* gp = gate_up.data_ptr<float>();
   experts_gemm(gu, xs, D, gp);
   // 4. SiLU(gate) * up per slot, quantized
-  Q8Buf hs(S, I, group_size, int(bits));
+  Q8Buf hs(S, I, group_size, int(bits), !use_x8(kern, I));
   at::parallel_for(0, S, 4, [&](int64_t b, int64_t e) {
     std::vector<float> h(I);
     for (int64_t j = b; j < e; ++j) {
       const float* g = gp + j * 2 * I;
       for (int64_t i = 0; i < I; ++i) h[i] = silu(g[i]) * g[I + i];
-      hs.quantize(j, h.data());
+      hs.quantize(kern, j, h.data());
     }
   });
   at::Tensor y = at::empty({S, D}, x.options());
@@ -736,14 +791,15 @@ at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const 
 }
 
 // x [n] f32 -> (q [ceil(n / 32) * 32] int8, zero-padded; d [ceil(n / 32)] f32): the activation
-// quantization every int8-activation row product uses (kern.h quantize_q8).
-std::tuple<at::Tensor, at::Tensor> quantize_q8_op(const at::Tensor& x) {
+// quantization every int8-activation row product uses (kern.h quantize_q8), by `variant`'s quantize_act.
+std::tuple<at::Tensor, at::Tensor> quantize_q8_op(const at::Tensor& x, const std::string& variant) {
+  const Kern* kern = pick(variant);
   TORCH_CHECK(x.dim() == 1, "moeinfer_native: quantize_q8 x must be a vector, got ", x.sizes());
   check_vec(x, x.size(0), "x");
   const int64_t nb = (x.size(0) + QBLOCK - 1) / QBLOCK;
   at::Tensor q = at::empty({nb * QBLOCK}, x.options().dtype(at::kChar));
   at::Tensor d = at::empty({nb}, x.options());
-  quantize_q8(x.data_ptr<float>(), x.size(0), q.data_ptr<int8_t>(), d.data_ptr<float>());
+  kern->quantize_act(x.data_ptr<float>(), x.size(0), q.data_ptr<int8_t>(), d.data_ptr<float>());
   return {q, d};
 }
 
@@ -813,7 +869,7 @@ TORCH_LIBRARY(moeinfer_native, m) {
   m.def("moe_prefill_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor? z_gu, "
         "Tensor q_dn, Tensor s_dn, Tensor? z_dn, int bits, int group_size, int hidden, int inner, str variant) -> Tensor",
         &moeinfer_native::moe_prefill_q);
-  m.def("quantize_q8(Tensor x) -> (Tensor, Tensor)", &moeinfer_native::quantize_q8_op);
+  m.def("quantize_q8(Tensor x, str variant=\"generic\") -> (Tensor, Tensor)", &moeinfer_native::quantize_q8_op);
   m.def("dequant_into(Tensor q, Tensor s, Tensor z, int bits, int group_size, Tensor(a!) out) -> ()",
         &moeinfer_native::dequant_into);
 }
