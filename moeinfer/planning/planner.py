@@ -109,6 +109,20 @@ def _memory(sizes: ModelSizes, c: _Candidate, context: int) -> int:
     return int(fixed + sum(sizes.num_experts * expert_bytes(sizes, p, fp32_weights=c.fp32) for p in c.precisions))
 
 
+def _load_peak(sizes: ModelSizes, c: _Candidate, context: int) -> int:
+    """The most memory `load_planned` takes while it builds candidate `c` from the checkpoint: where a layer
+    is quantized, its float experts are read and quantized one MoE layer at a time
+    (moeinfer.planning.quantize_load), beside every layer's experts at their plan precision (an offloaded
+    plan's too: they are written to its expert store after all layers are quantized); else the plan's own
+    memory (float experts stream from the checkpoint)."""
+    memory = _memory(sizes, c, context)
+    if all(p == FLOAT for p in c.precisions):
+        return memory
+    quantized = int(fixed_bytes(sizes, batch=c.batch, context=context)
+                    + sum(sizes.num_experts * expert_bytes(sizes, p) for p in c.precisions))
+    return max(memory, quantized) + int(sizes.num_experts * expert_bytes(sizes, FLOAT))
+
+
 def _resident_candidates(views: dict[int, Any], sizes: ModelSizes, profile: MachineProfile,
                          quality: QualityModel | None,
                          precisions: Sequence[str], budget: int, max_loss: float, batches: Sequence[int],
@@ -168,11 +182,13 @@ def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Se
 
 
 def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSizes, profile: MachineProfile,
-             quality: QualityModel | None, context: int, free_bytes: int = 0) -> Prediction:
+             quality: QualityModel | None, context: int, free_bytes: int = 0,
+             from_checkpoint: bool = False) -> Prediction:
     """Step 5 (`views`: the decode trace per batch size; one object each, so the simulator's step
     grouping is computed once; `free_bytes`: memory free when planning, of which what the plan does not
-    take holds a disk tier's pages)."""
+    take holds a disk tier's pages; `from_checkpoint`: the load peak is priced, `_load_peak`)."""
     memory = _memory(sizes, c, context)
+    peak = _load_peak(sizes, c, context) if from_checkpoint else 0
     cache = max(0, free_bytes - memory)
     dec = simulate_plan(views[c.batch], sizes, profile, c.precisions, kernel=c.kernel,
                         fp32_weights=c.fp32, offload=c.offload, page_cache_bytes=cache)
@@ -186,7 +202,7 @@ def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSiz
     return Prediction(decode_tok_s=dec.tokens_per_s, prefill_tok_s=pre.tokens_per_s,
                       memory_bytes=memory, quality_loss=loss, bits_per_byte=bpb,
                       step_ms=1e3 * dec.time_s / max(1, dec.steps),
-                      hit_rate=dec.hit_rate if c.offload is not None else None)
+                      hit_rate=dec.hit_rate if c.offload is not None else None, load_peak_bytes=peak)
 
 
 def _load_for_measurement(path: Any, sizes: ModelSizes) -> Any:
@@ -311,8 +327,9 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
                         f"memory and one expert take {floor:,} bytes")
     # 5. predict and rank
     scored = []
+    from_checkpoint = loaded is None  # built by load_planned, which quantizes while loading
     for c in cands:
-        pred = _predict(c, views, prefill_view, sizes, profile, quality, context, free_bytes)
+        pred = _predict(c, views, prefill_view, sizes, profile, quality, context, free_bytes, from_checkpoint)
         if pred.memory_bytes <= budget_bytes:
             scored.append((c, pred))
     scored.sort(key=lambda cp: (-cp[1].decode_tok_s, cp[1].memory_bytes))
@@ -324,6 +341,11 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
             plans.append(p)
         if len(plans) == 4:
             break
+    peak = plans[0].predicted.load_peak_bytes if plans[0].predicted else 0
+    if peak > budget_bytes:
+        notes.append(f"loading this plan from the checkpoint (load_planned) peaks at {peak / 1e9:.2f} GB, above the "
+                     f"budget: its quantized layers are quantized while loading, one layer of float experts at a time, "
+                     f"beside every layer's quantized experts; load it where that much memory is free")
     return replace(plans[0], notes=tuple(notes), runners_up=tuple(plans[1:]))
 
 

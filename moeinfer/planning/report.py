@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moeinfer.planning.spec import Plan
+from moeinfer.planning.spec import Plan, Prediction
 
 
 def _gb(n: int) -> str:
@@ -14,6 +14,12 @@ def _loss(p: Plan) -> str:
     return "n/m" if q is None else f"{100 * q:+.2f}%"
 
 
+def _memory(pr: Prediction) -> str:
+    """Steady memory, and the load peak beside it where loading needs more."""
+    peak = f" (load peak {_gb(pr.load_peak_bytes)})" if pr.load_peak_bytes > pr.memory_bytes else ""
+    return _gb(pr.memory_bytes) + peak
+
+
 def format_plan(plan: Plan) -> str:
     """Rows: the plan, then each runner-up; columns: decode and prefill tokens/s, memory, quality."""
     head = (f"plan for {plan.model} on {plan.device}, budget {_gb(plan.budget_bytes)}, objective {plan.objective}"
@@ -23,7 +29,7 @@ def format_plan(plan: Plan) -> str:
         pr = p.predicted
         rows.append(("chosen" if i == 0 else f"#{i + 1}", p.describe(),
                      f"{pr.decode_tok_s:.1f}" if pr else "-", f"{pr.prefill_tok_s:.1f}" if pr else "-",
-                     _gb(pr.memory_bytes) if pr else "-", _loss(p)))
+                     _memory(pr) if pr else "-", _loss(p)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [head]
     for r in rows:

@@ -247,6 +247,36 @@ def test_plan_trades_precision_for_memory_and_respects_quality():
     assert exact.kernel == "cpu"  # the faster float kernel on this profile
 
 
+def test_plans_of_a_checkpoint_report_their_load_peak():
+    """load_planned quantizes one layer of float experts at a time while loading, beside every layer's
+    quantized experts (an offloaded plan writes its store after): a plan of a checkpoint reports that peak,
+    and says so when it is above the budget; a plan of a loaded model has none."""
+    from moeinfer.planning.costs import expert_bytes
+
+    prof = synthetic_profile()
+    sizes = sizes_from_checkpoint("tiny")
+    fixed = fixed_bytes(sizes, batch=1, context=256)
+    int4_all = 4 * 8 * expert_bytes(sizes, "int4")
+    float_layer = 8 * expert_bytes(sizes, "bf16")
+    roomy = plan("tiny", fixed + int4_all + float_layer + 10**6, profile=prof, quality=toy_quality(4),
+                 precisions=("bf16", "int4"), max_quality_loss=0.5, context=256)
+    assert roomy.precisions == ("int4",) * 4 and roomy.offload is None
+    assert roomy.predicted.load_peak_bytes == roomy.predicted.memory_bytes + float_layer
+    assert not any("peaks at" in n for n in roomy.notes)
+    # offloaded int4: the store is written after every layer is quantized
+    small = plan("tiny", fixed + 8 * expert_bytes(sizes, "bf16"), profile=prof, quality=toy_quality(4),
+                 precisions=("bf16", "int4"), max_quality_loss=0.5, context=256)
+    assert small.offload is not None and small.precisions == ("int4",) * 4
+    assert small.predicted.load_peak_bytes == fixed + int4_all + float_layer > small.budget_bytes
+    assert any("peaks at" in n for n in small.notes)
+    floats = plan("tiny", small.budget_bytes, profile=prof, quality=toy_quality(4), precisions=("bf16",),
+                  context=256)
+    assert floats.offload is not None and floats.predicted.load_peak_bytes == floats.predicted.memory_bytes
+    loaded = plan(moeinfer.load("tiny", progress=False), fixed + int4_all + float_layer + 10**6, profile=prof,
+                  quality=toy_quality(4), precisions=("bf16", "int4"), max_quality_loss=0.5, context=256)
+    assert loaded.predicted.load_peak_bytes == 0 and not any("peaks at" in n for n in loaded.notes)
+
+
 def test_plan_prefers_float_when_quantized_kernels_are_slow():
     prof = synthetic_profile(int4_bytes_per_s=1e8)  # int4 dequantizes slowly (today's eager CPU path)
     sizes = sizes_from_checkpoint("tiny")
