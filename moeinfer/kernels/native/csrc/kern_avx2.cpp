@@ -470,6 +470,18 @@ inline void gemm_tiles(const uint8_t* const* wq, const float* const* ws, const f
     if (j < j1) gemm_tiles<RN - 1, Q4>(wq, ws, wz, rows, x, j, j1, cols, gs, y, ldy, r);
 }
 
+// The codes, scales and zeros of weight rows [r, r + RM) of `w` for a tile; a partial tile (past r1)
+// repeats its last row (computed, not written). Returns the tile's real rows.
+template <int RM>
+inline int tile_rows(const QRows& w, int64_t r, int64_t r1, const uint8_t** wq, const float** ws, const float** wz) {
+  const int rows = int(r + RM <= r1 ? RM : r1 - r);
+  for (int i = 0; i < RM; ++i) {
+    const int64_t ri = r + (i < rows ? i : rows - 1);
+    wq[i] = w.q + ri * w.P, ws[i] = w.s + ri * w.G, wz[i] = row_of(w.z, ri, w.G);
+  }
+  return rows;
+}
+
 template <bool Q4>
 void gemm_q8_bits(const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64_t cols, int64_t gs, float* y,
                   int64_t ldy) {
@@ -477,14 +489,9 @@ void gemm_q8_bits(const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64
   for (int64_t j0 = 0; j0 < x.n; j0 += tc) {
     const int64_t j1 = j0 + tc < x.n ? j0 + tc : x.n;
     for (int64_t r = r0; r < r1; r += GEMM_RM) {
-      // a partial tile of rows repeats its last row (computed, not written)
-      const int rows = int(r + GEMM_RM <= r1 ? GEMM_RM : r1 - r);
       const uint8_t* wq[GEMM_RM];
       const float *ws[GEMM_RM], *wz[GEMM_RM];
-      for (int i = 0; i < GEMM_RM; ++i) {
-        const int64_t ri = r + (i < rows ? i : rows - 1);
-        wq[i] = w.q + ri * w.P, ws[i] = w.s + ri * w.G, wz[i] = row_of(w.z, ri, w.G);
-      }
+      const int rows = tile_rows<GEMM_RM>(w, r, r1, wq, ws, wz);
       gemm_tiles<GEMM_RN, Q4>(wq, ws, wz, rows, x, j0, j1, cols, gs, y, ldy, r);
     }
   }
@@ -610,14 +617,10 @@ void gemm_x8_bits(const QRows& w, int64_t r0, int64_t r1, const X8Rows& x, int64
   for (int64_t g0 = 0; g0 < groups; g0 += gc) {
     const int64_t g1 = std::min(groups, g0 + gc);
     for (int64_t r = r0; r < r1; r += X8_RM) {
-      // a partial tile of rows repeats its last row, of groups its last group (computed, not written)
-      const int rows = int(r + X8_RM <= r1 ? X8_RM : r1 - r);
       const uint8_t* wq[X8_RM];
       const float *ws[X8_RM], *wz[X8_RM];
-      for (int i = 0; i < X8_RM; ++i) {
-        const int64_t ri = r + (i < rows ? i : rows - 1);
-        wq[i] = w.q + ri * w.P, ws[i] = w.s + ri * w.G, wz[i] = row_of(w.z, ri, w.G);
-      }
+      const int rows = tile_rows<X8_RM>(w, r, r1, wq, ws, wz);
+      // a partial tile of groups repeats its last group (computed, not written)
       for (int64_t g = g0; g < g1; g += X8_RG) {
         int64_t grp[X8_RG];
         for (int j = 0; j < X8_RG; ++j) grp[j] = std::min(g + j, g1 - 1);
