@@ -16,7 +16,7 @@ import bench_planner as bp  # noqa: E402
 
 def test_shipped_model_defaults_interleave_the_configurations():
     a = bp.parse_args([])
-    assert (a.model, a.real_shape, a.tokens, a.rounds, a.runners, a.interleave) == ("tiny", None, 32, 9, 3, True)
+    assert (a.model, a.real_shape, a.tokens, a.rounds, a.runners, a.interleave) == ("tiny", None, 32, 21, 3, True)
     assert a.traces is None
     assert bp.parse_args(["--no-interleave", "--rounds", "4"]).interleave is False
 
