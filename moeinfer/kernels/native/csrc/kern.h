@@ -83,8 +83,8 @@ inline void pair_order(const int8_t* q, int64_t nb, int8_t* out) {
 // nibbles of packed bytes 4k..4k+3. A weight row's 4 bytes broadcast to all lanes then meet 8 rows at
 // once, each lane summing one row's products, so a block costs one int-to-float conversion and one
 // scaling per 8 output elements instead of one per element. d: per group and block the 8 rows'
-// scales; bsum: per group and block the 8 rows' code sums (sum_j xq_j, for symmetric 4-bit weights'
-// midpoint, subtracted in the integers); gsum: per group and weight group the 8 rows' group sums (for
+// scales; bsum: per group and block the 8 rows' code sums (sum_j xq_j: 4-bit codes' midpoint 8 is
+// subtracted in the integers); gsum: per group and weight group the 8 rows' group sums (for stored
 // zero-points). Whole blocks only.
 constexpr int64_t X8 = 8;
 struct X8Rows {
