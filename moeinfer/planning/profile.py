@@ -419,12 +419,13 @@ def _tiny_model(layers: int, device: torch.device) -> Any:
 
 
 def _decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
-                         count: Any = None) -> list[float]:
+                         count: Any = None) -> tuple[list[float], list[float]]:
     """Per model, the least over `repeats` rounds of the median time between consecutive tokens of a
     greedy `generate` of `tokens` tokens through its KV cache (the step a decode runs, with the
     generation loop's own work, as benchmarks measure decode), the models taking turns each round.
-    `count(model)` (optional): a counter read at every token; its median change between consecutive
-    tokens of the last round is appended per model after the times (e.g. expert loads per step)."""
+    Returns (times, per_step): `count(model)` (optional) is a counter read at every token, per_step its
+    median change between consecutive tokens of the last round per model (e.g. expert loads per
+    step; zeros without `count`)."""
     best = [float("inf")] * len(models)
     per_step = [0.0] * len(models)
     for r in range(repeats + 1):  # round 0 warms up
@@ -443,7 +444,7 @@ def _decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
             if counts:
                 steps = sorted(b - a for a, b in zip(counts[1:], counts[2:]))
                 per_step[i] = steps[len(steps) // 2]
-    return best + per_step if count is not None else best
+    return best, per_step
 
 
 def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 7,
@@ -461,7 +462,7 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     models = [_tiny_model(layers, device) for layers in (1, 3)]
     for m in models:
         use_kernel_(m, kernel)
-    times = _decode_gaps_in_turn(models, repeats)
+    times, _ = _decode_gaps_in_turn(models, repeats)
     per_layer = max(0.0, (times[1] - times[0]) / 2)
     experts_part = rate.call_s + top_k * rate.expert_fixed_s  # the tiny layer's own expert stage
     layer_fixed = max(0.0, per_layer - experts_part)
@@ -512,7 +513,7 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
         def loads(m: Any) -> float:
             off = getattr(m, "offload", None)
             return float(off.cache.stats.demand_loads) if off is not None else 0.0
-        resident, hits, misses, _, _, per_step = _decode_gaps_in_turn(models, repeats, count=loads)
+        (resident, hits, misses), (_, _, per_step) = _decode_gaps_in_turn(models, repeats, count=loads)
         for m in models[1:]:
             m.offload.close()
     layer_s = max(0.0, (hits - resident) / layers)
