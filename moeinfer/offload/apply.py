@@ -7,6 +7,9 @@ Fiddler, HOBBIT, AdapMoE, EdgeMoE, ProMoE); the model never knows (like `apply_e
 2. write every expert to the slow tier (a disk store in `offload_dir`, or host memory); a model
    loaded with its experts left on disk (`model.expert_files`, moeinfer.loading.expert_files) uses
    the checkpoint itself as its disk tier (CheckpointStore: nothing written, `offload_dir` unused);
+   a model whose quantized experts were written to an expert store while they were made
+   (`model.expert_store_dir`, moeinfer.planning.quantize_load; their codes are meta tensors) opens
+   that store (nothing written; `offload_dir` must name the same folder);
 3. build the policy, the cache (capacities from bytes or counts) and the prefetcher: `build_cache`,
    which the simulator calls too, so both take the same decisions;
 4. calibrate the CPU-assist cost model when asked;
@@ -102,6 +105,20 @@ def _check_model(model: MoEModel) -> tuple[list[Any], PackedFormat | None]:
     return blocks, None
 
 
+def _written_store(model: MoEModel, blocks: list[Any], config: OffloadConfig) -> Path | None:
+    """Step 2's store written while quantizing (its folder), or None when the codes are in memory."""
+    root = getattr(model, "expert_store_dir", None)
+    if not any(t.is_meta for t in blocks[0].experts.parameters()):
+        return None
+    if root is None:
+        raise OffloadError("the model's quantized experts hold no codes (meta tensors) and it records no expert "
+                           "store to read them from")
+    if config.tier != "disk" or config.offload_dir is None or Path(config.offload_dir).resolve() != root.resolve():
+        raise OffloadError(f"the model's quantized experts were written to the expert store {root}: offload them "
+                           f"to tier='disk' with offload_dir={str(root)!r}")
+    return root
+
+
 def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
              cost_model: CostModel | None = None) -> MoEModel:
     """Offload `model`'s experts in place (steps in the module docstring); returns the model.
@@ -139,7 +156,8 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
         if config.cpu_assist or config.low_bit_threshold is not None:
             raise OffloadError("quantized experts are offloaded as their codes: CPU assist and mixed-precision "
                                "loading (low_bit_threshold) need float experts")
-        layers = [packed.stacked(b.experts) for b in blocks]
+        written = _written_store(model, blocks, config)
+        layers = [] if written is not None else [packed.stacked(b.experts) for b in blocks]
         gate_up_shape, down_shape = (packed.nbytes("gate_up"),), (packed.nbytes("down"),)
     codec = None
     if config.low_bit_threshold is not None:
@@ -150,6 +168,12 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     # 2. the slow tier
     if streamed:
         store: Any = CheckpointStore(files, evict_page_cache=config.evict_page_cache)
+    elif packed is not None and written is not None:
+        store = DiskStore(written, len(blocks), evict_page_cache=config.evict_page_cache)
+        if store.expert_bytes != packed.expert_bytes:
+            store.close()
+            raise OffloadError(f"expert store {written} holds experts of {store.expert_bytes} bytes; the model's "
+                               f"quantized experts take {packed.expert_bytes}")
     elif config.tier == "disk":
         assert config.offload_dir is not None
         store = DiskStore.create(Path(config.offload_dir), layers, evict_page_cache=config.evict_page_cache,
@@ -188,6 +212,8 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     for pos, b in enumerate(blocks):
         b.experts = OffloadedExperts(layer=pos, num_experts=E, runtime=runtime)
     del layers
+    if hasattr(model, "expert_store_dir"):
+        del model.expert_store_dir
     # 6. steps, requests, warm-up
     def on_tokens(valid: torch.Tensor, positions: torch.Tensor, new_sequences: bool) -> None:
         runtime.begin_step(new_sequences, int(valid.sum()))

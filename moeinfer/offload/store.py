@@ -8,6 +8,8 @@ expert is two adjacent byte ranges read with `os.preadv` straight into the desti
 1. check the folder can be created and written and has room for every expert (named errors);
 2. per layer, stream the header and each expert's bytes into a temp file beside the target;
 3. fsync and rename it over `experts-LLL.safetensors`, so a reader never sees half a file.
+`StoreWriter` runs these steps one layer at a time for a caller that makes each layer just before it is
+written (experts quantized while loading); a failed write deletes the layers it wrote.
 `HostStore` keeps the stacked tensors in host memory (pinned when a GPU will read them): the "cpu"
 tier of a GPU machine, and the place CPU-assisted experts are computed.
 """
@@ -172,22 +174,19 @@ class DiskStore:
                evict_page_cache: bool = False, progress: bool = False, codec: LowBitCodec | None = None) -> DiskStore:
         """Write every layer's experts into `root` (steps 1-3 of the module docstring) and open them;
         with a `codec`, also a low-bit copy of each layer (`experts-LLL.q4g128.safetensors`)."""
-        root = Path(root)
         need = sum(g.numel() * g.element_size() + d.numel() * d.element_size() for g, d in layers)
         if codec is not None:
             need += need * codec.bits // 16 + need // 8  # packed codes plus scales and zeros (a bound)
-        _check_dir(root, need)
+        writer = StoreWriter(root, len(layers), need=need, codec=codec)
         it = enumerate(layers)
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, total=len(layers), desc=f"expert store {root.name}", unit="layer")
-        for layer, (gate_up, down) in it:
-            gate_up, down = gate_up.detach().cpu(), down.detach().cpu()
-            _write_layer(layer_file(root, layer), layer, _expert_tensors(gate_up, down))
-            if codec is not None:
-                _write_layer(layer_file(root, layer, codec.suffix), layer, _low_bit_tensors(gate_up, down, codec))
-        return cls(root, len(layers), evict_page_cache=evict_page_cache, codec=codec)
+            it = tqdm(it, total=len(layers), desc=f"expert store {writer.root.name}", unit="layer")
+        with writer:
+            for layer, (gate_up, down) in it:
+                writer.write(layer, gate_up, down)
+        return writer.open(evict_page_cache=evict_page_cache)
 
     def _read(self, layer: int, name: str, out: torch.Tensor, *, low: bool = False) -> None:
         index = layer + (self.num_layers if low else 0)
@@ -241,3 +240,44 @@ class DiskStore:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+class StoreWriter:
+    """Writes a `DiskStore` layer by layer (steps 1-3 of the module docstring), so a caller can write each
+    layer as soon as it exists and free it (`moeinfer.planning.quantize_load`: quantized while loading).
+    Used as a context manager: leaving it by an exception deletes every layer file it wrote, so a failed
+    write leaves no store behind (files that were in the folder before are not touched)."""
+
+    def __init__(self, root: str | os.PathLike[str], num_layers: int, *, need: int,
+                 codec: LowBitCodec | None = None) -> None:
+        self.root, self.num_layers, self.codec = Path(root), num_layers, codec
+        _check_dir(self.root, need)
+        self.written: list[Path] = []
+
+    def write(self, layer: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Write layer `layer`'s experts gate_up [E, 2I, D], down [E, D, I] (any dtype; byte blobs too)."""
+        gate_up, down = gate_up.detach().cpu(), down.detach().cpu()
+        path = layer_file(self.root, layer)
+        _write_layer(path, layer, _expert_tensors(gate_up, down))
+        self.written.append(path)
+        if self.codec is not None:
+            path = layer_file(self.root, layer, self.codec.suffix)
+            _write_layer(path, layer, _low_bit_tensors(gate_up, down, self.codec))
+            self.written.append(path)
+
+    def open(self, *, evict_page_cache: bool = False) -> DiskStore:
+        """The finished store, opened for reading (every layer must have been written)."""
+        return DiskStore(self.root, self.num_layers, evict_page_cache=evict_page_cache, codec=self.codec)
+
+    def abort(self) -> None:
+        """Delete every layer file this writer wrote."""
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        self.written = []
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is not None:
+            self.abort()

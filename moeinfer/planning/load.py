@@ -15,7 +15,9 @@ without the loader's memory check, killed). Here:
       `quantize_layers` step at the layer's precision, and dropped before the next layer is read (a
       mixed plan's float layers are read and kept resident); the step is recorded in the model's
       config as `compress_` records it. Peak memory: dense weights + quantized experts + one layer of
-      float experts (then, offloaded, the cache instead of the quantized experts);
+      float experts; a plan that offloads its quantized experts to disk writes each layer to the expert
+      store in `offload_dir` once it is quantized and frees it, so its peak is the dense weights + one
+      float layer + one quantized layer (then the cache);
    then the plan's placement, kernel, dense path and record exactly as `apply_plan_` runs them
    (`finish_plan_`), so the model equals `load` + `apply_plan_`'s (tests/plan/test_plan_quantize_load.py);
 3. any other plan (every expert float, resident or in a host-memory tier; CUDA; a GGUF file), or a
@@ -29,6 +31,7 @@ without the loader's memory check, killed). Here:
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -75,6 +78,13 @@ def quantizes_while_loading(plan: Plan, device: str) -> bool:
     return device == "cpu" and any(p != FLOAT for p in plan.precisions)
 
 
+def spills_quantized(plan: Plan) -> bool:
+    """Whether a plan's quantized experts are written to its disk expert store layer by layer as they are
+    made (step 2b: every layer quantized, offloaded to disk)."""
+    return (plan.offload is not None and plan.offload.tier == "disk"
+            and all(p != FLOAT for p in plan.precisions))
+
+
 def load_planned(path: str | os.PathLike[str], plan: Plan | str | os.PathLike[str], *,
                  device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
                  offload_dir: str | os.PathLike[str] | None = None, progress: bool = True,
@@ -94,12 +104,16 @@ def load_planned(path: str | os.PathLike[str], plan: Plan | str | os.PathLike[st
         model = load_checkpoint(root, device=device, dtype=dtype, progress=progress, check_weights=check_weights,
                                 experts_on_disk=True)
         check_plan_fits(model, chosen)
-        if quantized:  # b. layer by layer: read, quantize (float layers: read), drop
+        folder = root if streamed else offload_dir
+        if quantized:  # b. layer by layer: read, quantize (float layers: read), drop (offloaded: write, drop)
             step = quantize_step(chosen)
             assert step is not None
-            quantize_from_checkpoint_(model, step, progress=progress)
+            if spills_quantized(chosen) and folder is None:
+                folder = tempfile.mkdtemp(prefix="moeinfer-experts-")
+            quantize_from_checkpoint_(model, step, progress=progress,
+                                      store_dir=folder if spills_quantized(chosen) else None)
         # a. (float experts on disk) offload_ reads the checkpoint through model.expert_files
-        return finish_plan_(model, chosen, offload_dir=root if streamed else offload_dir, progress=progress)
+        return finish_plan_(model, chosen, offload_dir=folder, progress=progress)
     # 3. whole, then the plan
     model = load(path, device=device, dtype=dtype, progress=progress, check_weights=check_weights)
     return apply_plan_(model, chosen, offload_dir=offload_dir, progress=progress)

@@ -112,15 +112,16 @@ def _memory(sizes: ModelSizes, c: _Candidate, context: int) -> int:
 def _load_peak(sizes: ModelSizes, c: _Candidate, context: int) -> int:
     """The most memory `load_planned` takes while it builds candidate `c` from the checkpoint: where a layer
     is quantized, its float experts are read and quantized one MoE layer at a time
-    (moeinfer.planning.quantize_load), beside every layer's experts at their plan precision (an offloaded
-    plan's too: they are written to its expert store after all layers are quantized); else the plan's own
-    memory (float experts stream from the checkpoint)."""
+    (moeinfer.planning.quantize_load), beside every layer's experts at their plan precision, or, for a plan
+    that offloads quantized experts to disk, beside one quantized layer (each is written to the expert
+    store once made); else the plan's own memory (float experts stream from the checkpoint)."""
     memory = _memory(sizes, c, context)
     if all(p == FLOAT for p in c.precisions):
         return memory
-    quantized = int(fixed_bytes(sizes, batch=c.batch, context=context)
-                    + sum(sizes.num_experts * expert_bytes(sizes, p) for p in c.precisions))
-    return max(memory, quantized) + int(sizes.num_experts * expert_bytes(sizes, FLOAT))
+    layers = [sizes.num_experts * expert_bytes(sizes, p) for p in c.precisions]
+    spilled = c.offload is not None and c.offload.tier == "disk" and FLOAT not in c.precisions
+    held = int(fixed_bytes(sizes, batch=c.batch, context=context) + (max(layers) if spilled else sum(layers)))
+    return max(memory, held + int(sizes.num_experts * expert_bytes(sizes, FLOAT)))
 
 
 def _resident_candidates(views: dict[int, Any], sizes: ModelSizes, profile: MachineProfile,
@@ -345,7 +346,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     if peak > budget_bytes:
         notes.append(f"loading this plan from the checkpoint (load_planned) peaks at {peak / 1e9:.2f} GB, above the "
                      f"budget: its quantized layers are quantized while loading, one layer of float experts at a time, "
-                     f"beside every layer's quantized experts; load it where that much memory is free")
+                     f"beside the quantized experts held; load it where that much memory is free")
     return replace(plans[0], notes=tuple(notes), runners_up=tuple(plans[1:]))
 
 

@@ -15,6 +15,11 @@ llama.cpp's `llama-quantize` does tensor by tensor, here into the running model)
    model's dtype exactly as the loader converts), into one new stacked `Experts`; the step quantizes it
    at the layer's precision (the same code and "auto" algorithm choice as `compress_`) and the float
    copy is freed when the quantized module replaces it; float layers of a mixed plan stay resident;
+   with `store_dir` (a plan that offloads its quantized experts to disk), each layer, once quantized,
+   is written to the expert store there (`StoreWriter`: the bytes `offload_` would write) and its
+   codes are freed (meta tensors), so one layer of quantized experts is in memory at a time too and a
+   model whose quantized experts exceed memory loads; `model.expert_store_dir` tells `offload_` where
+   the store is (a failure on the way deletes the layers written);
 3. record the step in the model's config as `compress_` does (`record_compression_`), so the model
    equals `load` + `compress_`'s: its layout, summary and kernel choice;
 4. close the checkpoint files and drop `model.expert_files` (no expert is left in the checkpoint).
@@ -22,6 +27,8 @@ llama.cpp's `llama-quantize` does tensor by tensor, here into the running model)
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +40,8 @@ from moeinfer.compress.registry import get_method
 from moeinfer.loading.expert_files import ExpertFiles, memory_available
 from moeinfer.model.moe import Experts
 from moeinfer.offload.checkpoint_store import CheckpointStore
+from moeinfer.offload.packed import PackedFormat
+from moeinfer.offload.store import StoreWriter
 from moeinfer.planning.costs import expert_bytes
 from moeinfer.planning.sizes import sizes_from_model
 from moeinfer.planning.spec import FLOAT, PlanError
@@ -52,27 +61,48 @@ def read_layer_experts(store: CheckpointStore, position: int) -> Experts:
     return ex
 
 
-def check_room(model: Any, precisions: list[str]) -> None:
+def check_room(model: Any, precisions: list[str], *, spilled: bool = False) -> None:
     """Step 1: quantized experts + float layers kept + one float layer being quantized must fit in the
-    memory free now (the dense weights are loaded already)."""
+    memory free now (the dense weights are loaded already); `spilled`: each quantized layer is written
+    to the expert store once made, so one quantized layer is held instead of all."""
     files: ExpertFiles = model.expert_files
     sizes = sizes_from_model(model)  # the model's dtype: a float layer takes what the loader allocates
     float_layer = files.num_experts * files.expert_bytes
-    need = float_layer + sum(float_layer if p == KEEP else files.num_experts * expert_bytes(sizes, p)
-                             for p in precisions)
+    layers = [float_layer if p == KEEP else files.num_experts * expert_bytes(sizes, p) for p in precisions]
+    need = float_layer + (max(layers) if spilled else sum(layers))
     free = memory_available("cpu")
     if need > free:
         kept = sum(p == KEEP for p in precisions)
+        held = ("one quantized layer before it is written to the expert store" if spilled else
+                f"{len(precisions) - kept} quantized layers, {kept} {FLOAT} layers kept")
         raise PlanError(f"quantizing {files.root} while loading needs {need / 1e9:.1f} GB for its experts "
-                        f"({len(precisions) - kept} quantized layers, {kept} {FLOAT} layers kept, one {FLOAT} layer "
-                        f"being quantized) beside its dense weights, but only {free / 1e9:.1f} GB is available: "
-                        "plan for less memory (`moeinfer plan --memory ...`), or free memory")
+                        f"({held}, one {FLOAT} layer being quantized) beside its dense weights, but only "
+                        f"{free / 1e9:.1f} GB is available: plan for less memory (`moeinfer plan --memory ...`), "
+                        "or free memory")
 
 
-def quantize_from_checkpoint_(model: Any, step: dict[str, Any], *, progress: bool = False) -> Any:
+def store_bytes(model: Any, precisions: list[str]) -> int:
+    """Bytes of the expert store of `precisions` (quantized layers only; written by step 2)."""
+    files: ExpertFiles = model.expert_files
+    sizes = sizes_from_model(model)
+    return sum(files.num_experts * expert_bytes(sizes, p) for p in precisions)
+
+
+def spill_(writer: StoreWriter, position: int, block: Any) -> None:
+    """Step 2 with `store_dir`: write layer `position`'s quantized experts to the store, free their codes."""
+    packed = PackedFormat.of(block.experts)
+    gate_up, down = packed.stacked(block.experts)
+    writer.write(position, gate_up, down)
+    del gate_up, down
+    block.experts.to("meta")
+
+
+def quantize_from_checkpoint_(model: Any, step: dict[str, Any], *, progress: bool = False,
+                              store_dir: str | os.PathLike[str] | None = None) -> Any:
     """Bring `model`'s experts, left in the checkpoint, to the precisions of `step` (a plan's
     `quantize_layers` step: `moeinfer.planning.apply.quantize_step`) in place (steps in the module
-    docstring); returns the model."""
+    docstring); `store_dir`: write each quantized layer to an expert store there (every layer must be
+    quantized); returns the model."""
     files = getattr(model, "expert_files", None)
     if files is None:
         raise PlanError("quantizing while loading needs a model loaded with its experts left in the checkpoint "
@@ -82,19 +112,31 @@ def quantize_from_checkpoint_(model: Any, step: dict[str, Any], *, progress: boo
     if method.name != "quantize_layers":
         raise PlanError(f"quantizing while loading runs the quantize_layers step, not {method.name!r}")
     params = method.make_params(recipe.steps[0].params, where="step 1: ")
+    precisions = list(params.precisions)
+    if store_dir is not None and KEEP in precisions:
+        raise PlanError("an expert store is written for quantized layers only; this plan keeps "
+                        f"{precisions.count(KEEP)} layers in {FLOAT}")
     # 1. room
-    check_room(model, list(params.precisions))
+    check_room(model, precisions, spilled=store_dir is not None)
+    report = CompressionReport(recipe=recipe, bytes_before=weight_bytes(model))
+    writer = (StoreWriter(store_dir, len(precisions), need=store_bytes(model, precisions))
+              if store_dir is not None else None)
     store = CheckpointStore(files)
     try:
         # 2. layer by layer (the step's own checks first: a bad precision or count changes nothing)
-        report = CompressionReport(recipe=recipe, bytes_before=weight_bytes(model))
-
         def fill(position: int, block: Any) -> None:
             block.experts = read_layer_experts(store, position)
 
-        summary = method.fn(model, params, None, progress=progress, fill=fill)
+        done = (lambda position, block: spill_(writer, position, block)) if writer is not None else None
+        summary = method.fn(model, params, None, progress=progress, fill=fill, done=done)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     finally:
         store.close()
+    if store_dir is not None:
+        model.expert_store_dir = Path(store_dir)
     # 3. record
     report.steps.append(step_record(method.name, params, summary))
     record_compression_(model, report)

@@ -68,7 +68,7 @@ class Prediction:
     step_ms: float = 0.0  # one decode step at the batch size
     hit_rate: float | None = None  # decode: the simulated expert cache's hit rate (None: every expert resident)
     # the most memory while `load_planned` builds it from the checkpoint (quantized experts are quantized
-    # while loading, one MoE layer of float experts at a time, before an offloaded plan writes its store);
+    # while loading, one MoE layer of float experts at a time; an offloaded plan writes each to its store);
     # reported, not held to the budget; 0 = not priced (a plan of a loaded model)
     load_peak_bytes: int = 0
 

@@ -160,6 +160,81 @@ def test_one_layer_of_float_experts_at_a_time(plan, monkeypatch):
     assert [any(r() is not None for r in refs) for _, refs in layers] == [p == "bf16" for p in plan.precisions]
 
 
+def test_an_offloaded_plan_writes_each_quantized_layer_to_its_store_and_frees_it(tmp_path, monkeypatch):
+    """An offloaded quantized plan holds one layer of quantized experts at a time: when layer k is read,
+    layers 0..k-1 are in the expert store and their codes freed (meta)."""
+    real = qload.read_layer_experts
+    seen: list[tuple[int, list[bool], list[str]]] = []
+
+    def spy(store, position):
+        blocks = model_box[0].moe_blocks()
+        freed = [all(t.is_meta for t in b.experts.parameters()) for b in blocks[:position]]
+        seen.append((position, freed, sorted(p.name for p in (tmp_path / "store").glob("experts-*"))))
+        return real(store, position)
+
+    model_box: list = []
+    real_quantize = qload.quantize_from_checkpoint_
+
+    def keep(model, *a, **k):
+        model_box.append(model)
+        return real_quantize(model, *a, **k)
+
+    import moeinfer.planning.load as load_mod
+
+    monkeypatch.setattr(qload, "read_layer_experts", spy)
+    monkeypatch.setattr(load_mod, "quantize_from_checkpoint_", keep)
+    model = load_planned("tiny", OFFLOADED, offload_dir=tmp_path / "store", progress=False)
+    try:
+        assert [p for p, _, _ in seen] == list(range(LAYERS))
+        for position, freed, files in seen:
+            assert freed == [True] * position
+            assert files == [f"experts-{i:03d}.safetensors" for i in range(position)]
+        assert not hasattr(model, "expert_store_dir")
+    finally:
+        model.offload.close()
+
+
+def test_a_failed_offloaded_load_deletes_the_layers_it_wrote_and_nothing_else(tmp_path, monkeypatch):
+    real = qload.read_layer_experts
+
+    def fail_at_two(store, position):
+        if position == 2:
+            raise OSError("disk read failed")
+        return real(store, position)
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    monkeypatch.setattr(qload, "read_layer_experts", fail_at_two)
+    with pytest.raises(OSError, match="disk read failed"):
+        load_planned("tiny", OFFLOADED, offload_dir=folder, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_an_offloaded_plan_needs_room_for_one_quantized_layer_only(monkeypatch):
+    monkeypatch.setattr(qload, "read_layer_experts", lambda *a: pytest.fail("an expert layer was read"))
+    monkeypatch.setattr(qload, "memory_available", lambda device: 1000)
+    with pytest.raises(PlanError, match=r"needs .* GB for its experts \(one quantized layer before it is written "
+                                        r"to the expert store, one bf16 layer being quantized\)"):
+        load_planned("tiny", OFFLOADED, progress=False)
+
+
+def test_experts_written_to_a_store_are_offloaded_from_that_store_only(tmp_path):
+    from moeinfer.loading.checkpoint import load_checkpoint
+    from moeinfer.offload import OffloadConfig, OffloadError, offload_
+    from moeinfer.planning.apply import quantize_step
+
+    model = load_checkpoint(resolve_model_path("tiny"), progress=False, experts_on_disk=True)
+    qload.quantize_from_checkpoint_(model, quantize_step(OFFLOADED), store_dir=tmp_path / "store")
+    with pytest.raises(OffloadError, match="were written to the expert store .*store: offload them to tier='disk' "
+                                           "with offload_dir="):
+        offload_(model, OffloadConfig(tier="disk", offload_dir=tmp_path / "elsewhere", cache=6))
+    with pytest.raises(OffloadError, match="written to the expert store"):
+        offload_(model, OffloadConfig(tier="cpu", cache=6))
+    offload_(model, OffloadConfig(tier="disk", offload_dir=tmp_path / "store", cache=6))
+    model.offload.close()
+
+
 def test_a_plan_for_another_model_is_refused_before_reading_experts(monkeypatch):
     monkeypatch.setattr(qload, "read_layer_experts", lambda *a: pytest.fail("an expert layer was read"))
     with pytest.raises(PlanError, match="lists 3 MoE layers; this model has 4"):

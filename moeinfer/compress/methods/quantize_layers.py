@@ -13,7 +13,9 @@ Steps:
 3. summary: the precision and relative weight error of each layer.
 `quantize_layers(..., fill=...)` runs the same steps on a model loaded with its experts left in the
 checkpoint (meta tensors, `moeinfer.load_planned`): `fill(position, block)` puts each layer's float
-experts in place just before step 2 quantizes them, so one layer's float experts are in memory at a time.
+experts in place just before step 2 quantizes them, so one layer's float experts are in memory at a time;
+`done(position, block)` is called after it (an offloaded plan writes the layer to its expert store there
+and frees it, so only one layer of quantized experts is in memory at a time either).
 """
 
 from __future__ import annotations
@@ -91,9 +93,11 @@ def quantize_layer_(block: MoEBlock, q: QuantizeParams, algorithm: str) -> float
 
 @register_method("quantize_layers", params=QuantizeLayersParams, needs="none")
 def quantize_layers(model: MoEModel, p: QuantizeLayersParams, calib: CalibrationData | None, *,
-                    progress: bool = True, fill: Callable[[int, MoEBlock], None] | None = None) -> dict[str, Any]:
+                    progress: bool = True, fill: Callable[[int, MoEBlock], None] | None = None,
+                    done: Callable[[int, MoEBlock], None] | None = None) -> dict[str, Any]:
     """Quantize each MoE layer's experts with its own preset (steps in the module docstring); `fill`: puts
-    layer `position`'s float experts in place first (experts left in the checkpoint; module docstring)."""
+    layer `position`'s float experts in place first, `done`: called with the layer once it is quantized
+    (experts left in the checkpoint; module docstring)."""
     from tqdm.auto import tqdm
 
     blocks = model.moe_blocks()
@@ -111,8 +115,9 @@ def quantize_layers(model: MoEModel, p: QuantizeLayersParams, calib: Calibration
                                           disable=not progress or None)):
         if fill is not None:
             fill(pos, block)
-        if q is None:
-            continue
-        errors[str(block.layer_idx)] = quantize_layer_(block, q, algorithms[q.algorithm])
+        if q is not None:
+            errors[str(block.layer_idx)] = quantize_layer_(block, q, algorithms[q.algorithm])
+        if done is not None:
+            done(pos, block)
     # 3. summary
     return {"precisions": list(p.precisions), "expert_rel_error": errors}
