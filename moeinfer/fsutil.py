@@ -4,16 +4,20 @@ Temporary files and folders (mkstemp, mkdtemp, and safetensors' writer) are crea
 0700); what we publish by renaming them must get the usual permissions of the process's umask.
 Directories (checkpoints) are written through `check_output_dir` (may we write there?) and `staged_dir`
 (write beside, swap in, delete the old), so an existing directory is never silently deleted and a killed
-writer leaves the old or the new output, never neither.
+writer leaves the old or the new output, never neither. Scratch folders the library makes for itself
+(`scratch_dir`: an expert store when the caller named no folder) are deleted when their owner closes
+and, at the latest, when the process exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
 import shutil
 import sys
+import tempfile
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -44,6 +48,19 @@ def publishable_(path: str | os.PathLike[str]) -> None:
             os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
     else:
         os.chmod(p, 0o666 & ~mask)
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new private temporary folder the library owns: removed when the process exits (and earlier by its
+    owner, `remove_scratch`)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def remove_scratch(path: str | os.PathLike[str]) -> None:
+    """Remove a `scratch_dir` folder now (its files too)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str | bytes) -> Path:

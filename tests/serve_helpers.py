@@ -4,6 +4,7 @@ chunked bodies, invalid bytes)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -48,6 +49,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logfile = tempfile.NamedTemporaryFile("w+", prefix="moeinfer-serve-", suffix=".log", delete=False)
+        atexit.register(os.unlink, self.logfile.name)  # readable after stop(), gone with the test process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moeinfer", "serve", "--model", str(ckpt), "--served-model-name", MODEL,
              "--port", str(self.port), *extra],

@@ -88,10 +88,11 @@ def _routing(model: Any, value: str) -> None:
 
 def parse_offload(value: str) -> OffloadConfig:
     """'lru:8' / 'lfu:512MB:next_layer' / 'lru:8:none:cpu-assist' -> OffloadConfig (disk tier, temp dir)."""
-    import tempfile
+    from moeinfer.fsutil import scratch_dir
 
     parse_offload_spec(value, tier="cpu")  # validated before a folder is made
-    return parse_offload_spec(value, tier="disk", offload_dir=tempfile.mkdtemp(prefix="moeinfer-bench-experts-"))
+    return parse_offload_spec(value, tier="disk", offload_dir=scratch_dir("moeinfer-bench-experts-"),
+                              remove_offload_dir=True)
 
 
 def _offload(model: Any, value: str) -> None:

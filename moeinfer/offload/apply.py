@@ -208,6 +208,8 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
                              cpu_experts=CpuExperts(threads=torch.get_num_threads()) if config.cpu_assist else None,
                              config=config, packed=packed)
     runtime.stats.extra["cost_model"] = assist
+    if config.remove_offload_dir and isinstance(store, DiskStore):  # never a checkpoint used as the tier
+        runtime.scratch = store.root
     # 5. swap the experts in
     for pos, b in enumerate(blocks):
         b.experts = OffloadedExperts(layer=pos, num_experts=E, runtime=runtime)

@@ -86,6 +86,9 @@ class OffloadConfig:
       below this is fetched as a low-bit copy (`low_bit_bits`, groups of `low_bit_group_size` columns,
       disk tier); None = always full precision.
     timeout_s: a transfer that has not finished after this long raises OffloadError.
+    remove_offload_dir: `offload_dir` is a scratch folder made for this run (`moeinfer.fsutil.scratch_dir`,
+      when the caller named none): the runtime deletes it, store and all, when it closes. Never set it
+      for a folder a user named.
     """
 
     tier: str = "disk"
@@ -104,6 +107,7 @@ class OffloadConfig:
     low_bit_group_size: int = 128
     timeout_s: float = 60.0
     evict_page_cache: bool = False  # benchmarks: drop each expert's pages after reading (a cold disk)
+    remove_offload_dir: bool = False
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeinfer.fsutil import remove_scratch
 from moeinfer.kernels import get_kernel
 from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, combine, dispatch
@@ -72,6 +73,7 @@ class OffloadRuntime:
         self.stats = RunStats()
         self.closed = False
         self.token_handle: Any = None  # the model's token observer that begins each step (offload_)
+        self.scratch: Any = None  # the store's folder when it is a scratch folder to delete on close (offload_)
 
     # -- steps and transfers ------------------------------------------------------------------------
     def begin_step(self, new_request: bool, num_tokens: int) -> None:
@@ -139,6 +141,8 @@ class OffloadRuntime:
             if self.cpu_experts is not None:
                 self.cpu_experts.close()
             self.store.close()
+            if self.scratch is not None:
+                remove_scratch(self.scratch)
             self.closed = True
 
 

@@ -17,9 +17,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
+from moeinfer.fsutil import scratch_dir
 from moeinfer.planning.dense import use_planned_dense_
 from moeinfer.planning.spec import FLOAT, Plan, PlanError
 from moeinfer.compress.api import compress_
@@ -71,16 +71,19 @@ def apply_plan_(model: Any, plan: Plan | str | os.PathLike[str], *, offload_dir:
 
 
 def finish_plan_(model: Any, plan: Plan, *, offload_dir: str | os.PathLike[str] | None = None,
-                 progress: bool = False) -> Any:
+                 scratch: bool = False, progress: bool = False) -> Any:
     """Steps 3-6 on a model whose experts are at the plan's precisions (`apply_plan_` after `compress_`,
-    `load_planned` after quantizing while loading, or with its float experts left in the checkpoint)."""
+    `load_planned` after quantizing while loading, or with its float experts left in the checkpoint);
+    `scratch`: `offload_dir` is a scratch folder the runtime deletes when it closes."""
     blocks = model.moe_blocks()
     # 3. placement
     if plan.offload is not None:
         folder = offload_dir
         if plan.offload.tier == "disk" and folder is None:
-            folder = tempfile.mkdtemp(prefix="moeinfer-experts-")
-        offload_(model, plan.offload.config(offload_dir=folder), progress=progress)
+            folder, scratch = scratch_dir("moeinfer-experts-"), True
+        config = plan.offload.config(offload_dir=folder)
+        config.remove_offload_dir = scratch
+        offload_(model, config, progress=progress)
     # 4. kernel
     if plan.offload is None or plan.kernel in ("auto", "reference"):
         if any(type(b.experts).__name__ == "Experts" for b in blocks):

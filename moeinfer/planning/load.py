@@ -31,12 +31,12 @@ without the loader's memory check, killed). Here:
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
 
 from moeinfer.api import load
+from moeinfer.fsutil import remove_scratch, scratch_dir
 from moeinfer.formats.layout import MODULES_KEY, RECORD_KEY
 from moeinfer.loading.checkpoint import load_checkpoint, read_config
 from moeinfer.loading.filetype import is_gguf
@@ -104,16 +104,21 @@ def load_planned(path: str | os.PathLike[str], plan: Plan | str | os.PathLike[st
         model = load_checkpoint(root, device=device, dtype=dtype, progress=progress, check_weights=check_weights,
                                 experts_on_disk=True)
         check_plan_fits(model, chosen)
-        folder = root if streamed else offload_dir
+        folder, scratch = (root if streamed else offload_dir), False
         if quantized:  # b. layer by layer: read, quantize (float layers: read), drop (offloaded: write, drop)
             step = quantize_step(chosen)
             assert step is not None
             if spills_quantized(chosen) and folder is None:
-                folder = tempfile.mkdtemp(prefix="moeinfer-experts-")
-            quantize_from_checkpoint_(model, step, progress=progress,
-                                      store_dir=folder if spills_quantized(chosen) else None)
+                folder, scratch = scratch_dir("moeinfer-experts-"), True
+            try:
+                quantize_from_checkpoint_(model, step, progress=progress,
+                                          store_dir=folder if spills_quantized(chosen) else None)
+            except BaseException:
+                if scratch:
+                    remove_scratch(folder)
+                raise
         # a. (float experts on disk) offload_ reads the checkpoint through model.expert_files
-        return finish_plan_(model, chosen, offload_dir=folder, progress=progress)
+        return finish_plan_(model, chosen, offload_dir=folder, scratch=scratch, progress=progress)
     # 3. whole, then the plan
     model = load(path, device=device, dtype=dtype, progress=progress, check_weights=check_weights)
     return apply_plan_(model, chosen, offload_dir=offload_dir, progress=progress)

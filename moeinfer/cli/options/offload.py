@@ -7,7 +7,6 @@ from a trace (`moeinfer.offload.replay_routing_`).
 from __future__ import annotations
 
 import argparse
-import tempfile
 from typing import Any
 
 
@@ -40,11 +39,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.offload.config import OffloadConfig
 
-    offload_dir = args.offload_dir
+    from moeinfer.fsutil import scratch_dir
+
+    offload_dir, scratch = args.offload_dir, False
     if args.offload == "disk" and offload_dir is None:
-        offload_dir = tempfile.mkdtemp(prefix="moeinfer-experts-")
+        offload_dir, scratch = scratch_dir("moeinfer-experts-"), True
     return OffloadConfig(tier=args.offload, cache=args.expert_cache, scope=args.cache_scope, policy=args.cache_policy,
-                         prefetch=args.prefetch, offload_dir=offload_dir, cpu_assist=args.cpu_assist,
+                         prefetch=args.prefetch, offload_dir=offload_dir, remove_offload_dir=scratch,
+                         cpu_assist=args.cpu_assist,
                          calibration=args.calibration_trace,
                          future=args.replay_trace if args.cache_policy == "belady" else None)
 
