@@ -195,6 +195,56 @@ class CpuDecoder:
         return self.head(self.norm(x))  # [1, 1, V]
 
 
+class RowPrograms:
+    """The batching engine's cache views and, for its one-row decode forwards, CpuDecoders.
+
+    The engine decodes a row alone when it is the only one running, or always in deterministic mode
+    (moeinfer/engine/batching.py); each forward names rows [start, stop) of one cache. The view of each
+    row range is made once (a CpuDecoder keeps its cache view's identity) and a row's decoder is built
+    the first time that row decodes alone (None, once, where `cpu_decode_blocker` names a model-wide
+    reason). The engine never pads a row: a row is cleared, prefilled from its first slot, then decoded,
+    or moved whole into another (`KVCache.move_row`), so its slots always hold real tokens. Decoders are
+    built once, so the model must not change (modules swapped, hooks added) while the engine runs."""
+
+    def __init__(self, model: nn.Module, cache: KVCache) -> None:
+        self.model, self.cache = model, cache
+        self.views: dict[tuple[int, int], KVCache] = {}
+        self.decoders: dict[int, CpuDecoder | None] = {}
+
+    def view(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) of the cache, the same view object every time."""
+        view = self.views.get((start, stop))
+        if view is None:
+            view = self.views[(start, stop)] = self.cache.rows(start, stop)
+        return view
+
+    def decoder(self, start: int, stop: int, tokens: int) -> CpuDecoder | None:
+        """The decoder for a forward of `tokens` new tokens over rows [start, stop) (None: run it eagerly)."""
+        if stop - start != 1 or tokens != 1:
+            return None
+        if start not in self.decoders:
+            view = self.view(start, stop)
+            why = cpu_decode_blocker(self.model, view)
+            if why is not None:
+                log.debug("engine decode without the prepared CPU program: %s", why)
+            self.decoders[start] = CpuDecoder(self.model, view) if why is None else None  # type: ignore[arg-type]
+        return self.decoders[start]
+
+    @contextmanager
+    def running(self, start: int, stop: int, tokens: int) -> Iterator[CpuDecoder | None]:
+        """While inside, the model's forward over `view(start, stop)` runs the row's decoder where it has one."""
+        decoder = self.decoder(start, stop, tokens)
+        if decoder is None:
+            yield None
+            return
+        previous = self.model.__dict__.get("decode_program")
+        self.model.decode_program = decoder
+        try:
+            yield decoder
+        finally:
+            self.model.decode_program = previous
+
+
 @contextmanager
 def prepared_cpu_decode(model: nn.Module, cache: KVCache) -> Iterator[CpuDecoder | None]:
     """While inside, the one-row decode forwards of `model` over `cache` run a CpuDecoder (yielded;

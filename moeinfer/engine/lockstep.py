@@ -13,20 +13,25 @@ from typing import Any
 
 import torch
 
+from moeinfer.engine.cpu_decode import RowPrograms
 from moeinfer.model.kv_cache import KVCache
 from moeinfer.model.transformer import MoEModel
 
 
 class LocalOps:
-    """The engine's model and cache operations, run in this process."""
+    """The engine's model and cache operations, run in this process. A forward of one new token of one
+    row on the CPU runs the prepared decode program (moeinfer/engine/cpu_decode.py: the eager forward's
+    logits bit for bit)."""
 
     def __init__(self, model: MoEModel, cache: KVCache) -> None:
         self.model, self.cache = model, cache
+        self.programs = RowPrograms(model, cache)
 
     def forward(self, ids: list[list[int]], start: int, stop: int) -> torch.Tensor:
         """Logits of the last position of each row, [rows, V], for new tokens ids in cache rows [start, stop)."""
         x = torch.tensor(ids, device=self.model.device)
-        return self.model(x, cache=self.cache.rows(start, stop), logits_to_keep=1)[:, -1]
+        with self.programs.running(start, stop, x.shape[1]):
+            return self.model(x, cache=self.programs.view(start, stop), logits_to_keep=1)[:, -1]
 
     def move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)

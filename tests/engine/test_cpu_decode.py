@@ -182,3 +182,43 @@ def test_generate_runs_the_program_and_keeps_its_tokens(tiny_fp32, monkeypatch):
     monkeypatch.setattr("moeinfer.engine.generate.prepared_cpu_decode", lambda m, c: contextlib.nullcontext())
     assert moeinfer.generate(model, [PROMPT], max_new_tokens=6, ignore_eos=True)[0].token_ids == got
     assert len(calls) == 5
+
+
+# --- the batching engine: one-row decode forwards run the program (LocalOps, RowPrograms) ---
+
+def _engine_ops_logits(model, programs: bool, monkeypatch) -> tuple[list, int]:
+    """Logits of a batching engine's operation sequence on three cache rows: prefills, one-row decodes,
+    a batched decode, a retired row refilled by moving the last one in (KVCache.move_row), and the rows
+    decoded alone again; with the rows' programs or with every forward eager. And the program steps."""
+    from moeinfer.engine.lockstep import LocalOps
+    from moeinfer.model.kv_cache import KVCache
+
+    if not programs:
+        monkeypatch.setattr(cpu_decode.RowPrograms, "decoder", lambda self, start, stop, tokens: None)
+    ops = LocalOps(model, KVCache(model.config, batch_size=3, max_length=40, dtype=model.dtype))
+    out = [ops.forward([PROMPT], 0, 1)]
+    for _ in range(3):
+        out.append(ops.forward([[int(out[-1][0].argmax())]], 0, 1))
+    out.append(ops.forward([[7, 3, 9, 4]], 1, 2))
+    out.append(ops.forward([[11], [12]], 0, 2))  # two rows: eager
+    out.append(ops.forward([[2, 8]], 2, 3))
+    out.append(ops.forward([[13]], 1, 2))
+    ops.move_row(2, 0)  # row 0 retired, the last row moved into it
+    ops.clear_row(2)
+    for _ in range(3):
+        out.append(ops.forward([[int(out[-1][0].argmax())]], 0, 1))
+    monkeypatch.undo()
+    steps = sum(d.steps for d in ops.programs.decoders.values() if d is not None)
+    return out, steps
+
+
+def test_engine_one_row_decodes_run_the_program_with_the_same_logits(monkeypatch):
+    native_ops()
+    model = build_random("olmoe").to(torch.bfloat16)
+    use_kernel_(model, "auto", linears=True)
+    want, none = _engine_ops_logits(model, False, monkeypatch)
+    got, steps = _engine_ops_logits(model, True, monkeypatch)
+    assert none == 0 and steps == 3 + 1 + 3  # every one-row, one-token forward
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"forward {i}: max |diff| {float((a.float() - b.float()).abs().max())}"
+    assert model.decode_program is None
