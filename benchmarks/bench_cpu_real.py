@@ -21,9 +21,12 @@ Steps:
 5. measurements, interleaved: for every repetition, every (precision, system) runs in a fresh process
    with `--threads` threads: prefill = prompt tokens / time to the first token of a P-token prompt
    (P in `--prompts`), decode = (tokens - 1) / time from the first to the last of `--decode-tokens`
-   greedy tokens after a 16-token prompt; llama.cpp runs in a subprocess of `--llama-python`;
+   greedy tokens after a 16-token prompt; llama.cpp runs in a subprocess of `--llama-python`; right
+   before each run, the read bandwidth of that moment (the best of step 4's methods, 3 repeats each),
+   since a shared VM's bandwidth moves by up to 2x between minutes;
 6. results: JSON (every run, medians, bandwidth, roofline %, versions) and a markdown table for
-   docs/benchmarks.md.
+   docs/benchmarks.md: % of roofline against step 4's bandwidth, and (median over runs) against the
+   bandwidth measured right before each run.
 
 llama.cpp is never a test dependency: `--llama-python` names an interpreter with llama-cpp-python
 0.3.36; without it a venv is made under benchmarks/.llama-venv with `pip install
@@ -348,13 +351,14 @@ def measure(args: argparse.Namespace, files: dict[str, dict[str, Path]], llama_p
                     cfg = {**common, "system": system, "path": str(files[system][precision]), "kernel": args.kernel,
                            "linears": not args.no_linears}
                     cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
+                bw_now = read_bandwidth(args.threads, reps=3)["best"]  # this moment's roofline (step 5)
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     print(f"{system} {precision} rep {rep} failed:\n{proc.stderr[-2000:]}", flush=True)
                     runs.append({"rep": rep, "system": system, "precision": precision, "error": proc.stderr[-2000:]})
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                runs.append({"rep": rep, "system": system, "precision": precision, **r})
+                runs.append({"rep": rep, "system": system, "precision": precision, "bandwidth_before": bw_now, **r})
                 pre = ", ".join(f"{p}: {v:.1f}" for p, v in r["prefill"].items())
                 print(f"rep {rep} {precision:5s} {system:12s} decode {r['decode']:.2f} tok/s, prefill tok/s {pre}",
                       flush=True)
@@ -372,10 +376,15 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace, bytes_per_to
             decode = statistics.median(r["decode"] for r in ok)
             roof = bandwidth / bytes_per_token[f"{system}:{precision}"] if f"{system}:{precision}" in bytes_per_token \
                 else None
+            bpt = bytes_per_token.get(f"{system}:{precision}")
+            per_run = [100 * r["decode"] * bpt / r["bandwidth_before"] for r in ok
+                       if bpt is not None and r.get("bandwidth_before")]
             table[f"{system}:{precision}"] = {
                 "decode": decode, "decode_all": [r["decode"] for r in ok],
                 "prefill": {p: statistics.median(r["prefill"][str(p)] for r in ok) for p in args.prompts},
-                "roofline_tok_s": roof, "roofline_pct": None if roof is None else 100 * decode / roof}
+                "roofline_tok_s": roof, "roofline_pct": None if roof is None else 100 * decode / roof,
+                "roofline_pct_per_run": per_run,
+                "roofline_pct_run_median": statistics.median(per_run) if per_run else None}
     return table
 
 
@@ -417,13 +426,14 @@ def markdown(result: dict[str, Any]) -> str:
              f"Versions: moeinfer {mach['commit']}, torch {mach['software']['torch']}, transformers "
              f"{mach['software']['transformers']}, llama-cpp-python {result.get('llama_version')}.",
              f"Weights equal to llama.cpp's (layer 0 down experts): {json.dumps(result.get('weights_equal'))}.", "",
-             "| precision | system | decode tok/s | % of roofline | " +
+             "| precision | system | decode tok/s | % of roofline | % of each run's roofline (median) | " +
              " | ".join(f"prefill {p} tok/s" for p in result["args"]["prompts"]) + " |",
-             "|---|---|---|---|" + "---|" * len(result["args"]["prompts"])]
+             "|---|---|---|---|---|" + "---|" * len(result["args"]["prompts"])]
     for key, row in result["table"].items():
         system, precision = key.split(":")
         pct = "-" if row["roofline_pct"] is None else f"{row['roofline_pct']:.0f}%"
-        lines.append(f"| {precision} | {system} | {row['decode']:.2f} | {pct} | " +
+        run_pct = "-" if row.get("roofline_pct_run_median") is None else f"{row['roofline_pct_run_median']:.0f}%"
+        lines.append(f"| {precision} | {system} | {row['decode']:.2f} | {pct} | {run_pct} | " +
                      " | ".join(f"{row['prefill'][p]:.1f}" for p in result["args"]["prompts"]) + " |")
     return "\n".join(lines) + "\n"
 
