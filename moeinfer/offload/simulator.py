@@ -66,7 +66,8 @@ class SimResult:
 
 
 class StepCosts(Protocol):
-    """Seconds the simulator charges; `tokens` = rows of the step (dense, head) or routed to the expert."""
+    """Seconds the simulator charges; `tokens` = rows of the step (dense), sequences of the step (head:
+    generation keeps the logits of each sequence's last position) or tokens routed to the expert."""
 
     def dense_s(self, layer: int, tokens: int) -> float: ...
 
@@ -183,8 +184,8 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
             if cpu_end > now:
                 stall += cpu_end - now
                 now = cpu_end
-        # the LM head and embeddings once per step
-        now += clock.head_s(n)
+        # the LM head and embeddings once per step, for each sequence's last position (as generation keeps)
+        now += clock.head_s(step.sequences)
     st = cache.stats
     settings = {"policy": config.policy, "prefetch": config.prefetch, "cache": str(config.cache),
                 "scope": config.scope, "slots": cache.num_slots, "cpu_assist": config.cpu_assist,

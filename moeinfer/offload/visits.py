@@ -36,6 +36,7 @@ class Step:
 
     rows: np.ndarray  # [n] row indices into the trace
     new_request: bool
+    sequences: int = 1  # sequences the rows belong to (the LM head runs for each one's last position)
 
 
 def trace_steps(trace: RoutingTrace) -> list[Step]:
@@ -55,7 +56,7 @@ def trace_steps(trace: RoutingTrace) -> list[Step]:
     steps = []
     for rows in groups:
         seqs = set(trace.seq[rows].tolist())
-        steps.append(Step(rows=rows, new_request=bool(seqs - seen)))
+        steps.append(Step(rows=rows, new_request=bool(seqs - seen), sequences=len(seqs)))
         seen |= seqs
     return steps
 

@@ -8,14 +8,15 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
 - the dense part of a MoE layer (attention, norms, router), on the dense path a planned model runs
   (moeinfer/planning/dense.py): layer_fixed_s + dense bytes / that path's one-token read rate
   (`MachineProfile.dense_read_rate`) or its matmul flops / its matmul rate in the checkpoint's dtype,
-  whichever is larger;
+  whichever is larger, + (T - 1) layer_token_s for a forward of T tokens;
 - an expert of layer l at precision p_l with t tokens: the fitted rate of that precision and kernel,
-  expert_fixed_s + max(stored bytes / bytes_per_s, 6 D I t / flops_per_s), plus the experts
+  expert_fixed_s + max(stored bytes / bytes_per_s, 6 D I t / flops_per_s) + (t - 1) slot_s, plus the experts
   module's call_s once per layer (charged with the dense part); bytes_per_s is the rate of weights
   streamed from memory (`stream_bytes_per_s`) when the weights a decode step reads (dense part, LM
   head, top-k experts of every layer) do not fit in the last-level cache (`MachineProfile.streams`),
   else the in-cache one;
-- once per step: step_fixed_s + the LM head likewise;
+- once per step: step_fixed_s + the LM head likewise, for the last position of each sequence the step
+  holds (generation keeps those logits only: a prompt's forward, one row);
 - offloaded: each layer visit and each load pay the host costs the profile measured for offloaded
   experts of the plan's precision (`MachineProfile.offload_costs`), on top of the resident rates;
   a disk tier's misses are read from the page cache in the share of the store that fits in the
@@ -130,11 +131,12 @@ class MeasuredCosts:
         s = self.sizes
         work = max(s.dense_params_per_layer * s.dtype_bytes / self.dense_bw,
                    2.0 * s.dense_params_per_layer * tokens / self.flops)
-        return self.profile.layer_fixed_s + self.rates[layer].call_s + work
+        per_token = max(0, tokens - 1) * self.profile.layer_token_s
+        return self.profile.layer_fixed_s + self.rates[layer].call_s + work + per_token
 
     def expert_s(self, layer: int, tokens: int) -> float:
         return self.rates[layer].expert_s(self.stored[layer], 6.0 * self.sizes.hidden * self.sizes.inter * tokens,
-                                          streamed=self.streamed)
+                                          streamed=self.streamed, tokens=tokens)
 
     def head_s(self, tokens: int) -> float:
         s = self.sizes
@@ -151,7 +153,7 @@ def layer_seconds(trace: Any, costs: MeasuredCosts) -> tuple[list[float], float]
         n = len(step.rows)
         for v in visits:
             per_layer[v.layer] += costs.dense_s(v.layer, n) + sum(costs.expert_s(v.layer, t) for t in v.tokens)
-        steps += costs.head_s(n)
+        steps += costs.head_s(step.sequences)
     return per_layer, steps
 
 

@@ -19,8 +19,10 @@ ever add time to a run, so the least is the machine's own cost and the median of
    compute weights, and each quantize preset the search may choose): the time of one experts
    module forward at two sizes and two top-k values, fitted to
        call_s + active experts x (expert_fixed_s + stored expert bytes / bytes_per_s)      (decode)
-   and, at 64 tokens, a matmul rate `flops_per_s` (prefill: an expert costs
-   expert_fixed_s + max(bytes / bytes_per_s, 6 D I tokens / flops_per_s)). Both sizes fit in the
+   and, at 64 tokens, at both sizes: their difference gives a matmul rate `flops_per_s`, the rest of
+   the small size's time the host cost of each token routed to an expert beyond its first (`slot_s`:
+   dispatch, gathers, scatter-add; prefill: an expert costs expert_fixed_s + max(bytes / bytes_per_s,
+   6 D I tokens / flops_per_s) + (tokens - 1) slot_s). Both sizes fit in the
    last-level cache (`llc_bytes`, read from sysfs), where the weights stay between calls; a third
    measurement, two experts of at least the cache's size each, gives the decode rate of weights
    streamed from memory (`stream_bytes_per_s`), which an expert gets when the weights a decode step
@@ -28,7 +30,9 @@ ever add time to a run, so the least is the machine's own cost and the median of
    native kernel where the in-cache fit said 18-27);
 3. fixed costs outside the experts: one-token forwards of two small random models (1 and 3
    layers, on the planned dense path) give the per-layer cost of attention, norms and router (`layer_fixed_s`) and the
-   per-step cost of embeddings, head and Python (`step_fixed_s`);
+   per-step cost of embeddings, head and Python (`step_fixed_s`); prefill forwards of 64 tokens of the
+   same models give the per-layer cost of each token beyond the first (`layer_token_s`: norms,
+   rotation, attention rows, the router's top-k, which the dense matmul rate does not price);
 4. host costs of offloading: decode steps of the 3-layer model offloaded with every expert it uses
    cached, then with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
    load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy).
@@ -68,6 +72,7 @@ from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.kernels import use_kernel_
 from moeinfer.kernels.native.build import is_current, library_path
 from moeinfer.kernels.registry import KernelUnavailableError, resolve
+from moeinfer.model.kv_cache import KVCache
 from moeinfer.model.moe import Experts, Routing
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.apply import offload_
@@ -76,7 +81,7 @@ from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
 
-PROFILE_VERSION = 9  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 10  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
@@ -85,7 +90,8 @@ PROFILE_VERSION = 9  # 2: the least of the repeats, not the median; 3: dense mat
 # program (moeinfer.engine.cpu_decode) and native router logits, which lower the fixed costs it measures;
 # one-token expert calls timed as the program makes them (the modules' prepared `decode_op`); 9: the
 # random models frozen as loaded ones are (their linears prepared too), offload host costs from decode
-# steps through the program (measure_offload)
+# steps through the program (measure_offload); 10: prefill's per-token host costs, per layer
+# (layer_token_s, measure_prefill_tokens) and per token routed to an expert (ExpertRate.slot_s)
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -99,15 +105,20 @@ class ExpertRate:
     flops_per_s: float  # at many tokens per expert (prefill)
     # the same with the weights streamed from memory (None: not measured, a synthetic or older profile)
     stream_bytes_per_s: float | None = None
+    # per token routed to an expert beyond its first in one call (dispatch, gathers, scatter-add: host
+    # work that does not scale with the expert's size; a prefill of a small model is mostly this)
+    slot_s: float = 0.0
 
     def read_rate(self, streamed: bool) -> float:
         """Decode bytes per second: streamed from memory (when measured) or from the cache."""
         return self.stream_bytes_per_s if streamed and self.stream_bytes_per_s else self.bytes_per_s
 
-    def expert_s(self, nbytes: float, flops: float, *, streamed: bool = False) -> float:
-        """One expert: fixed cost + the larger of its bytes' read time and its flops' time; `streamed`:
-        its weights come from memory, not the last-level cache."""
-        return self.expert_fixed_s + max(nbytes / self.read_rate(streamed), flops / self.flops_per_s)
+    def expert_s(self, nbytes: float, flops: float, *, streamed: bool = False, tokens: int = 1) -> float:
+        """One expert with `tokens` tokens: fixed cost + the larger of its bytes' read time and its flops'
+        time + the per-token host cost of its tokens beyond the first; `streamed`: its weights come from
+        memory, not the last-level cache."""
+        return (self.expert_fixed_s + max(nbytes / self.read_rate(streamed), flops / self.flops_per_s)
+                + max(0, tokens - 1) * self.slot_s)
 
 
 @dataclass(frozen=True)
@@ -131,7 +142,10 @@ class MachineProfile:
     matmul_gflops: float  # dense fp32
     layer_fixed_s: float
     step_fixed_s: float
-    experts: dict[str, ExpertRate] = field(default_factory=dict)  # "bf16/cpu", "bf16/cpu+fp32", "int4", ...
+    experts: dict[str, ExpertRate] = field(default_factory=dict)
+    # per token beyond the first of a forward, per layer: the dense part's host work on T rows (norms,
+    # rotation, attention's softmax rows, the router's top-k) that its matmul rate does not price
+    layer_token_s: float = 0.0  # "bf16/cpu", "bf16/cpu+fp32", "int4", ...
     measured: str = ""  # when and how
     host_mem_gbps: float | None = None  # CUDA: the host's read bandwidth and fp32 matmul (CPU-assisted experts)
     host_gflops: float | None = None
@@ -347,6 +361,21 @@ def streaming_shape(variant: str, llc_bytes: int, *, hidden: int = 2048, align: 
     return hidden, blocks * align
 
 
+def fit_prefill(small_s: float, large_s: float, *, small: tuple[int, int], large: tuple[int, int], tokens: int,
+                top_k: int, experts: int, call_s: float, expert_fixed_s: float) -> tuple[float, float]:
+    """Step 2, prefill: (flops_per_s, slot_s) from one call's time at two expert sizes (D, I) with the same
+    `tokens` x `top_k` token-slots over `experts` experts (all active): the sizes differ in flops only,
+    so their difference is the matmul rate and what the small size's time has left, beyond the call
+    and the experts' fixed costs, is the per-token cost of the slots beyond each expert's first. Where
+    noise swamps the difference (the large size not slower), all of the large size's time is flops."""
+    flops = [6.0 * D * I * tokens * top_k for D, I in (small, large)]
+    beyond = tokens * top_k - experts
+    if large_s > small_s:
+        rate = (flops[1] - flops[0]) / (large_s - small_s)
+        return rate, max(0.0, (small_s - call_s - experts * expert_fixed_s - flops[0] / rate) / max(1, beyond))
+    return flops[1] / max(large_s - call_s - experts * expert_fixed_s, 1e-9), 0.0
+
+
 def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int] = (128, 128),
                     large: tuple[int, int] = (768, 768), experts: int = 8, repeats: int = 5,
                     llc_bytes: int = 0) -> ExpertRate:
@@ -386,10 +415,8 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
     fixed = max(0.0, s2 - s1 - bs / bw)
     call = max(0.0, s1 - fixed - bs / bw)
     N = 64
-    p = t(Dl, Il, N, 2)
-    flops = 6.0 * Dl * Il * N * 2
-    active = experts  # 128 token-slots over 8 experts: all active
-    rate = flops / max(p - call - active * fixed, 1e-9)
+    rate, slot = fit_prefill(t(Ds, Is, N, 2), t(Dl, Il, N, 2), small=small, large=large, tokens=N, top_k=2,
+                             experts=experts, call_s=call, expert_fixed_s=fixed)
     stream = None
     if llc_bytes > 0:
         Dh, Ih = streaming_shape(variant, llc_bytes)
@@ -397,7 +424,7 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
         modules.clear()
         stream = 2 * stored_expert_bytes(variant, Dh, Ih) / max(h - call - 2 * fixed, 1e-9)
     return ExpertRate(call_s=call, expert_fixed_s=fixed, bytes_per_s=bw, flops_per_s=rate,
-                      stream_bytes_per_s=stream)
+                      stream_bytes_per_s=stream, slot_s=slot)
 
 
 def _tiny_model(layers: int, device: torch.device) -> Any:
@@ -468,6 +495,42 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     layer_fixed = max(0.0, per_layer - experts_part)
     step_fixed = max(0.0, times[0] - per_layer)
     return layer_fixed, step_fixed
+
+
+def _prefill_in_turn(models: list[Any], repeats: int, tokens: int) -> list[float]:
+    """Per model, the least over `repeats` rounds of one prefill forward of `tokens` tokens through a KV
+    cache (the forward a generation's prompt runs, last position's logits only), the models taking turns."""
+    best = [float("inf")] * len(models)
+    ids = torch.arange(1, tokens + 1)[None] % 200 + 1
+    for r in range(repeats + 1):  # round 0 warms up
+        for i, m in enumerate(models):
+            cache = KVCache(m.config, batch_size=1, max_length=tokens, device=m.device, dtype=m.dtype)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                m(ids.to(m.device), cache=cache, logits_to_keep=1)
+            if r:
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def measure_prefill_tokens(device: torch.device, rate: ExpertRate, layer_fixed: float, top_k: int = 2,
+                           repeats: int = 7, kernel: str = "reference", tokens: int = 64) -> float:
+    """Step 3, prefill: `layer_token_s` from prefill forwards of `tokens` tokens of the 1- and 3-layer
+    models (`_prefill_in_turn`): per layer, their difference less the expert stage `rate` prices at
+    that many tokens and less the one-token layer cost (`layer_fixed`, measured by `measure_fixed`),
+    per token beyond the first. The small models' matmuls are negligible, so this is the host work a
+    layer does per token."""
+    models = [_tiny_model(layers, device) for layers in (1, 3)]
+    for m in models:
+        use_kernel_(m, kernel)
+    times = _prefill_in_turn(models, repeats, tokens)
+    per_layer = max(0.0, (times[1] - times[0]) / 2)
+    cfg = models[0].config
+    E, D, inner = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    slots = tokens * top_k
+    per_expert = slots // E  # the tiny models' routing spreads a prompt's tokens over every expert
+    experts_part = rate.call_s + E * rate.expert_s(0.0, 6.0 * D * inner * per_expert, tokens=per_expert)
+    return max(0.0, (per_layer - experts_part - layer_fixed) / (tokens - 1))
 
 
 def _quantized_(model: Any, precision: str) -> None:
@@ -634,6 +697,7 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
         rates[v] = measure_variant(v, dev, llc_bytes=llc)
     fixed_kernel = "cpu" if "bf16/cpu" in rates and native_dense(dev) else "reference"
     layer_fixed, step_fixed = measure_fixed(dev, rates[f"bf16/{fixed_kernel}"], kernel=fixed_kernel)
+    layer_token = measure_prefill_tokens(dev, rates[f"bf16/{fixed_kernel}"], layer_fixed, kernel=fixed_kernel)
     dense = _dense_gflops(dev)
     dense_read = _dense_read_gbps(dev, llc)
     overlap = None
@@ -654,6 +718,7 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
                           torch_version=torch.__version__, link=link, link_gbps=link_gbps, mem_read_gbps=read_gbps,
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
+                          layer_token_s=layer_token,
                           host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
                           offload_layer_s=offload_layer, load_latency_s=load_latency, offload_host=offload_host,
                           cached_link_gbps=cached_gbps, llc_bytes=llc, dense_read_gbps=dense_read,

@@ -103,3 +103,50 @@ def test_offload_costs_come_from_decode_steps(monkeypatch):
     assert layer == pytest.approx(0.001)
     nbytes = profile.stored_expert_bytes("int4", 64, 64)
     assert latency == pytest.approx(0.001 - nbytes / 2e9)
+
+
+# --- prefill's per-token costs (profile version 10) ---
+
+def test_the_prefill_fit_separates_the_matmul_rate_from_the_per_token_cost():
+    call, fixed, slot, rate = 5e-5, 2e-6, 3e-6, 4e10
+    small, large, N, K, E = (128, 128), (768, 768), 64, 2, 8
+
+    def time_at(D, I):  # what the fit assumes: call + fixed per expert + flops + per-slot beyond the first
+        return call + E * fixed + 6.0 * D * I * N * K / rate + (N * K - E) * slot
+
+    got_rate, got_slot = profile.fit_prefill(time_at(*small), time_at(*large), small=small, large=large, tokens=N,
+                                             top_k=K, experts=E, call_s=call, expert_fixed_s=fixed)
+    assert got_rate == pytest.approx(rate) and got_slot == pytest.approx(slot)
+    # noise: the large size measured no slower: everything priced as flops, no per-token cost
+    r, s = profile.fit_prefill(1e-3, 9e-4, small=small, large=large, tokens=N, top_k=K, experts=E, call_s=call,
+                               expert_fixed_s=fixed)
+    assert s == 0.0 and r == pytest.approx(6.0 * 768 * 768 * N * K / (9e-4 - call - E * fixed))
+
+
+def test_per_token_costs_are_charged_beyond_the_first_token_only():
+    rate = ExpertRate(call_s=1e-4, expert_fixed_s=2e-5, bytes_per_s=1e10, flops_per_s=1e12, slot_s=1e-6)
+    one = rate.expert_s(1e6, 6e6)
+    assert one == pytest.approx(2e-5 + 1e6 / 1e10)  # decode: as before the per-token cost existed
+    assert rate.expert_s(1e6, 6e6 * 16, tokens=16) == pytest.approx(2e-5 + max(1e-4, 96e6 / 1e12) + 15e-6)
+
+
+def test_prefill_token_cost_is_the_layers_difference_less_experts_and_one_token(monkeypatch):
+    seen = []
+
+    def fake_prefill(models, repeats, tokens):
+        seen.extend((len(m.moe_blocks()), tokens) for m in models)
+        return [0.004, 0.010]  # 1 layer, 3 layers: 3 ms a layer
+
+    monkeypatch.setattr(profile, "_prefill_in_turn", fake_prefill)
+    rate = ExpertRate(call_s=1e-4, expert_fixed_s=1e-5, bytes_per_s=1e10, flops_per_s=1e15, slot_s=2e-6)
+    got = profile.measure_prefill_tokens(torch.device("cpu"), rate, layer_fixed=2e-4, tokens=64)
+    assert seen == [(1, 64), (3, 64)]
+    # the tiny models: 4 experts, top-2: 128 token-slots, 32 an expert
+    experts = 1e-4 + 4 * (1e-5 + 6.0 * 64 * 64 * 32 / 1e15 + 31 * 2e-6)
+    assert got == pytest.approx((0.003 - experts - 2e-4) / 63)
+
+
+def test_prefill_forwards_are_timed_through_a_cache():
+    models = [profile._tiny_model(layers, torch.device("cpu")) for layers in (1, 3)]
+    times = profile._prefill_in_turn(models, repeats=1, tokens=8)
+    assert len(times) == 2 and all(0 < t < float("inf") for t in times)
