@@ -13,8 +13,8 @@ ever add time to a run, so the least is the machine's own cost and the median of
    (moeinfer/planning/dense.py: the native CPU kernels where they are built, else torch), the rate of
    a prefill-sized linear in fp32, bf16 and fp16 (the dense part and LM head run in the checkpoint's
    dtype: bf16 is several times slower than fp32 on a CPU without bf16 instructions), and the read
-   rate of a one-token bf16 linear whose weight is twice the last-level cache (`dense_read_gbps`:
-   what a decode token's attention and LM head stream from memory);
+   rate of a one-token bf16 linear whose weight is 8x the last-level cache, at least 256 MiB
+   (`dense_read_gbps`, `streamed_bytes`: what a decode token's attention and LM head stream from memory);
 2. per expert-stage variant (precision x kernel: bf16 with each usable kernel, bf16 with fp32
    compute weights, and each quantize preset the search may choose): the time of one experts
    module forward at two sizes and two top-k values, fitted to
@@ -24,7 +24,7 @@ ever add time to a run, so the least is the machine's own cost and the median of
    dispatch, gathers, scatter-add; prefill: an expert costs expert_fixed_s + max(bytes / bytes_per_s,
    6 D I tokens / flops_per_s) + (tokens - 1) slot_s). Both sizes fit in the
    last-level cache (`llc_bytes`, read from sysfs), where the weights stay between calls; a third
-   measurement, two experts of at least the cache's size each, gives the decode rate of weights
+   measurement, two experts of `streamed_bytes` together, gives the decode rate of weights
    streamed from memory (`stream_bytes_per_s`), which an expert gets when the weights a decode step
    reads do not fit in the cache (a real-size model: a 352 MB Mixtral expert ran at ~12 GB/s on the
    native kernel where the in-cache fit said 18-27);
@@ -81,7 +81,7 @@ from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
 
-PROFILE_VERSION = 10  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 11  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
@@ -91,7 +91,9 @@ PROFILE_VERSION = 10  # 2: the least of the repeats, not the median; 3: dense ma
 # one-token expert calls timed as the program makes them (the modules' prepared `decode_op`); 9: the
 # random models frozen as loaded ones are (their linears prepared too), offload host costs from decode
 # steps through the program (measure_offload); 10: prefill's per-token host costs, per layer
-# (layer_token_s, measure_prefill_tokens) and per token routed to an expert (ExpertRate.slot_s)
+# (layer_token_s, measure_prefill_tokens) and per token routed to an expert (ExpertRate.slot_s); 11:
+# streamed-weight rates (dense_read_gbps, stream_bytes_per_s) read `streamed_bytes` (8x the reported
+# last-level cache, at least 256 MiB), not twice the cache, which partly stayed cached
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -380,13 +382,13 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
                     large: tuple[int, int] = (768, 768), experts: int = 8, repeats: int = 5,
                     llc_bytes: int = 0) -> ExpertRate:
     """Step 2: fit call_s, expert_fixed_s, bytes_per_s and flops_per_s of one variant, and with
-    `llc_bytes` (> 0) stream_bytes_per_s: one token, top-2 of 2 experts of `streaming_shape` each
-    (every call reads twice the cache's bytes, so none stays cached)."""
+    `llc_bytes` (> 0) stream_bytes_per_s: one token, top-2 of 2 experts of `streaming_shape` each, the
+    two `streamed_bytes` together (none stays cached)."""
     modules: dict[tuple[int, int], Any] = {}
 
     def t(D: int, I: int, N: int, K: int, E: int = experts) -> float:
         if (D, I) not in modules:
-            modules.clear()  # one size in memory at a time (the streaming one is 2x the cache)
+            modules.clear()  # one size in memory at a time (the streaming one reads `streamed_bytes`)
             modules[(D, I)] = _experts_module(variant, E, D, I, device)
         mod = modules[(D, I)]
         x = torch.randn(N, D, device=device).to(torch.bfloat16)
@@ -419,7 +421,7 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
                              experts=experts, call_s=call, expert_fixed_s=fixed)
     stream = None
     if llc_bytes > 0:
-        Dh, Ih = streaming_shape(variant, llc_bytes)
+        Dh, Ih = streaming_shape(variant, streamed_bytes(llc_bytes) // 2)
         h = t(Dh, Ih, 1, 2, E=2)
         modules.clear()
         stream = 2 * stored_expert_bytes(variant, Dh, Ih) / max(h - call - 2 * fixed, 1e-9)
@@ -635,15 +637,25 @@ def _dense_gflops(device: torch.device) -> dict[str, float]:
     return out
 
 
+STREAM_BYTES = 256 << 20  # what a streamed-weight measurement reads per call, at the least
+
+
+def streamed_bytes(llc_bytes: int) -> int:
+    """Bytes a measurement of weights streamed from memory reads per call: 8x the last-level cache that
+    sysfs reports and at least STREAM_BYTES. A VM's two cores can sit on two of a server CPU's cache
+    dies, each with the L3 sysfs reports: a read of twice that (the profile until version 10) partly
+    stayed cached and measured 8-42 GB/s on a 21-24 GB/s machine from one profile to the next."""
+    return max(8 * llc_bytes, STREAM_BYTES)
+
+
 def _dense_read_gbps(device: torch.device, llc_bytes: int, cols: int = 4096) -> float:
-    """GB/s of a one-token bf16 linear on the planned dense path whose weight is twice the last-level
-    cache (at least 64 MiB): a decode token's attention and LM head read from memory."""
-    nbytes = max(2 * llc_bytes, 64 << 20)
-    rows = -(-nbytes // (2 * cols))
+    """GB/s of a one-token bf16 linear on the planned dense path whose weight is `streamed_bytes`: a
+    decode token's attention and LM head read from memory."""
+    rows = -(-streamed_bytes(llc_bytes) // (2 * cols))
     lin = _planned_linear(rows, cols, torch.bfloat16, device)
     x = torch.randn(1, cols, device=device).to(torch.bfloat16)
     with torch.inference_mode():
-        s = _least(lambda: lin(x), 5, device)
+        s = _least(lambda: lin(x), 7, device)
     return rows * cols * 2 / s / 1e9
 
 
