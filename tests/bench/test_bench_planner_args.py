@@ -72,13 +72,42 @@ def test_interleaved_rounds_rotate_the_starting_configuration():
         def close(self) -> None:
             order.append(f"close {self.name}")
 
+        def runs_as(self) -> str:
+            return self.name
+
     got = bp.time_configs({"a": "a", "b": "b", "c": "c"}, Fake, rounds=3, tokens=4, interleave=True)
     assert order[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert sorted(order[9:]) == ["close a", "close b", "close c"]
-    assert set(got) == {"a", "b", "c"} and len(got["a"]["rounds"]) == 3
+    assert set(got) == {"a", "b", "c"} and len(got["a"]["rounds"]) == 3 and got["b"]["runs_as"] == "b"
     order.clear()
     bp.time_configs({"a": "a", "b": "b"}, Fake, rounds=2, tokens=4, interleave=False)
     assert order == ["a", "a", "close a", "b", "b", "close b"]
+
+
+def test_plans_that_load_into_the_same_model_are_recognised():
+    """'kernel auto' resolves to the kernel it picks: a plan naming that kernel runs the same model (their
+    measured ratio is noise); another precision does not."""
+    import moeinfer
+    from moeinfer.planning import Plan
+
+    def runner(kernel: str, precision: str) -> bp.Runner:
+        plan = Plan(model="tiny", device="cpu", budget_bytes=10**9, objective="latency", precisions=(precision,) * 4,
+                    kernel=kernel)
+        return bp.Runner(lambda: moeinfer.apply_plan_(moeinfer.load("tiny", progress=False), plan), plan, [1, 2])
+
+    auto = runner("auto", "bf16")
+    try:
+        picked = auto.model.moe_blocks()[0].experts.kernel  # "cpu" where the native kernels are built
+        assert picked != "auto"
+        signature = auto.runs_as()
+    finally:
+        auto.close()
+    for kernel, precision, same in ((picked, "bf16", True), ("auto", "int4", False)):
+        other = runner(kernel, precision)
+        try:
+            assert (other.runs_as() == signature) is same, (kernel, precision)
+        finally:
+            other.close()
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
