@@ -36,6 +36,7 @@ from moeinfer.bench.latency import SLO
 from moeinfer.bench.workloads import get_workload
 from moeinfer.compress.api import compress_
 from moeinfer.compress.presets import PRESETS
+from moeinfer.fsutil import scratch_dir
 from moeinfer.kernels import CHOICES, use_kernel_
 from moeinfer.model.gating import parse_mode, set_routing_
 from moeinfer.offload.apply import offload_
@@ -88,8 +89,6 @@ def _routing(model: Any, value: str) -> None:
 
 def parse_offload(value: str) -> OffloadConfig:
     """'lru:8' / 'lfu:512MB:next_layer' / 'lru:8:none:cpu-assist' -> OffloadConfig (disk tier, temp dir)."""
-    from moeinfer.fsutil import scratch_dir
-
     parse_offload_spec(value, tier="cpu")  # validated before a folder is made
     return parse_offload_spec(value, tier="disk", offload_dir=scratch_dir("moeinfer-bench-experts-"),
                               remove_offload_dir=True)

@@ -46,6 +46,9 @@ def test_separate_prefill_runs_after_the_rounds_and_replaces_their_prefill():
             order.append(f"prefill {self.name} {len(prompt)}")
             return 40.0 if self.name == "a" else 30.0
 
+        def runs_as(self) -> str:
+            return self.name
+
         def close(self) -> None:
             order.append(f"close {self.name}")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from moeinfer.fsutil import scratch_dir
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
@@ -38,8 +40,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.offload.config import OffloadConfig
-
-    from moeinfer.fsutil import scratch_dir
 
     offload_dir, scratch = args.offload_dir, False
     if args.offload == "disk" and offload_dir is None:
