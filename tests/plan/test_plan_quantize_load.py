@@ -163,26 +163,21 @@ def test_one_layer_of_float_experts_at_a_time(plan, monkeypatch):
 def test_an_offloaded_plan_writes_each_quantized_layer_to_its_store_and_frees_it(tmp_path, monkeypatch):
     """An offloaded quantized plan holds one layer of quantized experts at a time: when layer k is read,
     layers 0..k-1 are in the expert store and their codes freed (meta)."""
-    real = qload.read_layer_experts
+    real_read, real_spill = qload.read_layer_experts, qload.spill_
+    spilled: list = []  # the blocks written so far
     seen: list[tuple[int, list[bool], list[str]]] = []
 
-    def spy(store, position):
-        blocks = model_box[0].moe_blocks()
-        freed = [all(t.is_meta for t in b.experts.parameters()) for b in blocks[:position]]
+    def read(store, position):
+        freed = [all(t.is_meta for t in b.experts.parameters()) for b in spilled]
         seen.append((position, freed, sorted(p.name for p in (tmp_path / "store").glob("experts-*"))))
-        return real(store, position)
+        return real_read(store, position)
 
-    model_box: list = []
-    real_quantize = qload.quantize_from_checkpoint_
+    def spill(writer, position, block):
+        real_spill(writer, position, block)
+        spilled.append(block)
 
-    def keep(model, *a, **k):
-        model_box.append(model)
-        return real_quantize(model, *a, **k)
-
-    import moeinfer.planning.load as load_mod
-
-    monkeypatch.setattr(qload, "read_layer_experts", spy)
-    monkeypatch.setattr(load_mod, "quantize_from_checkpoint_", keep)
+    monkeypatch.setattr(qload, "read_layer_experts", read)
+    monkeypatch.setattr(qload, "spill_", spill)
     model = load_planned("tiny", OFFLOADED, offload_dir=tmp_path / "store", progress=False)
     try:
         assert [p for p, _, _ in seen] == list(range(LAYERS))
@@ -209,14 +204,6 @@ def test_a_failed_offloaded_load_deletes_the_layers_it_wrote_and_nothing_else(tm
     with pytest.raises(OSError, match="disk read failed"):
         load_planned("tiny", OFFLOADED, offload_dir=folder, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
-
-
-def test_an_offloaded_plan_needs_room_for_one_quantized_layer_only(monkeypatch):
-    monkeypatch.setattr(qload, "read_layer_experts", lambda *a: pytest.fail("an expert layer was read"))
-    monkeypatch.setattr(qload, "memory_available", lambda device: 1000)
-    with pytest.raises(PlanError, match=r"needs .* GB for its experts \(one quantized layer before it is written "
-                                        r"to the expert store, one bf16 layer being quantized\)"):
-        load_planned("tiny", OFFLOADED, progress=False)
 
 
 def test_experts_written_to_a_store_are_offloaded_from_that_store_only(tmp_path):
@@ -247,12 +234,17 @@ def test_a_bad_precision_is_refused_before_reading_experts(monkeypatch):
         load_planned("tiny", _plan(("int4", "int5", "int4", "int4")), progress=False)
 
 
-def test_quantized_experts_that_do_not_fit_in_memory_are_refused_before_reading(monkeypatch):
+@pytest.mark.parametrize("plan, held", [
+    pytest.param(UNIFORM, "4 quantized layers, 0 bf16 layers kept", id="resident"),
+    # an offloaded plan writes each quantized layer to its store once made: room for one
+    pytest.param(OFFLOADED, "one quantized layer before it is written to the expert store", id="offloaded"),
+])
+def test_quantized_experts_that_do_not_fit_in_memory_are_refused_before_reading(monkeypatch, plan, held):
     monkeypatch.setattr(qload, "read_layer_experts", lambda *a: pytest.fail("an expert layer was read"))
     monkeypatch.setattr(qload, "memory_available", lambda device: 1000)
-    with pytest.raises(PlanError, match=r"quantizing .* while loading needs .* GB for its experts \(4 quantized "
-                                        r"layers, 0 bf16 layers kept, one bf16 layer being quantized\)"):
-        load_planned("tiny", UNIFORM, progress=False)
+    with pytest.raises(PlanError, match=rf"quantizing .* while loading needs .* GB for its experts \({held}, one "
+                                        r"bf16 layer being quantized\)"):
+        load_planned("tiny", plan, progress=False)
 
 
 # --- the planner: a model too big to measure gets quantized plans from a stand-in quality model ---
