@@ -144,10 +144,10 @@ class MachineProfile:
     matmul_gflops: float  # dense fp32
     layer_fixed_s: float
     step_fixed_s: float
-    experts: dict[str, ExpertRate] = field(default_factory=dict)
+    experts: dict[str, ExpertRate] = field(default_factory=dict)  # "bf16/cpu", "bf16/cpu+fp32", "int4", ...
     # per token beyond the first of a forward, per layer: the dense part's host work on T rows (norms,
     # rotation, attention's softmax rows, the router's top-k) that its matmul rate does not price
-    layer_token_s: float = 0.0  # "bf16/cpu", "bf16/cpu+fp32", "int4", ...
+    layer_token_s: float = 0.0
     measured: str = ""  # when and how
     host_mem_gbps: float | None = None  # CUDA: the host's read bandwidth and fp32 matmul (CPU-assisted experts)
     host_gflops: float | None = None
