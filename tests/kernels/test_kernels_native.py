@@ -49,9 +49,9 @@ def test_every_variant_runs_or_says_why():
         why = native.why_not(v)
         assert why is None or "lacks the instructions" in why
     assert native.best_variant() in native.VARIANTS
-    with pytest.raises(ValueError, match="valid: generic, avx2"):
+    with pytest.raises(ValueError, match="valid: generic, avx2, avx512"):
         native.why_not("avx9000")
-    with pytest.raises(ValueError, match="valid: torch, generic, avx2"):
+    with pytest.raises(ValueError, match="valid: torch, generic, avx2, avx512"):
         choose_engine("fast")
 
 

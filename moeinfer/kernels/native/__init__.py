@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-VARIANTS = ("generic", "avx2")  # portable C++; AVX2 + FMA + F16C
+VARIANTS = ("generic", "avx2", "avx512")  # portable C++; AVX2 + FMA + F16C; that + AVX-512 F/BW/VL/VNNI
 _state: dict[str, Any] = {}
 
 

@@ -27,6 +27,8 @@ LIBRARY = "libmoeinfer_native.so"
 VARIANT_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "generic": ("kern_generic.cpp", ()),
     "avx2": ("kern_avx2.cpp", ("-mavx2", "-mfma", "-mf16c")),
+    "avx512": ("kern_avx512.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma",
+                                   "-mf16c")),
 }
 
 

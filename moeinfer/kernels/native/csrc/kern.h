@@ -179,6 +179,18 @@ inline float zero_at(const float* z, int64_t g, float mid) { return z ? z[g] : m
 // Row `r` of a per-group array `G` wide, or nullptr for nullptr.
 inline const float* row_of(const float* z, int64_t r, int64_t G) { return z ? z + r * G : nullptr; }
 
+// The codes, scales and zeros of weight rows [r, r + RM) of `w` for a tile; a partial tile (past r1)
+// repeats its last row (computed, not written). Returns the tile's real rows.
+template <int RM>
+inline int tile_rows(const QRows& w, int64_t r, int64_t r1, const uint8_t** wq, const float** ws, const float** wz) {
+  const int rows = int(r + RM <= r1 ? RM : r1 - r);
+  for (int i = 0; i < RM; ++i) {
+    const int64_t ri = r + (i < rows ? i : rows - 1);
+    wq[i] = w.q + ri * w.P, ws[i] = w.s + ri * w.G, wz[i] = row_of(w.z, ri, w.G);
+  }
+  return rows;
+}
+
 struct Kern {
   const char* name;
   float (*dot_f32)(const float* w, const float* x, int64_t n);
@@ -218,6 +230,7 @@ struct Kern {
 
 const Kern* kern_generic();
 const Kern* kern_avx2();
+const Kern* kern_avx512();
 // The variant named (ops.cpp; an error naming the valid ones, or saying this CPU cannot run it).
 const Kern* pick_kern(const char* variant);
 

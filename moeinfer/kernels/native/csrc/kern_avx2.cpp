@@ -470,18 +470,6 @@ inline void gemm_tiles(const uint8_t* const* wq, const float* const* ws, const f
     if (j < j1) gemm_tiles<RN - 1, Q4>(wq, ws, wz, rows, x, j, j1, cols, gs, y, ldy, r);
 }
 
-// The codes, scales and zeros of weight rows [r, r + RM) of `w` for a tile; a partial tile (past r1)
-// repeats its last row (computed, not written). Returns the tile's real rows.
-template <int RM>
-inline int tile_rows(const QRows& w, int64_t r, int64_t r1, const uint8_t** wq, const float** ws, const float** wz) {
-  const int rows = int(r + RM <= r1 ? RM : r1 - r);
-  for (int i = 0; i < RM; ++i) {
-    const int64_t ri = r + (i < rows ? i : rows - 1);
-    wq[i] = w.q + ri * w.P, ws[i] = w.s + ri * w.G, wz[i] = row_of(w.z, ri, w.G);
-  }
-  return rows;
-}
-
 template <bool Q4>
 void gemm_q8_bits(const QRows& w, int64_t r0, int64_t r1, const Q8Rows& x, int64_t cols, int64_t gs, float* y,
                   int64_t ldy) {

@@ -12,7 +12,7 @@
 // 4. down: work items (expert, block of 16 rows); y[slot] = W_dn[e] h[slot];
 // 5. out[n] = sum_k weights[n, k] * y[slot(n, k)] in k order (deterministic, no atomics).
 // Inner loops: a generic C++ one and an AVX2+FMA one (GCC's per-function target attribute, so this
-// file needs no ISA flags); `variant` picks one as for every other op.
+// file needs no ISA flags); `variant` picks one as for every other op (avx512: the AVX2 one).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -96,14 +96,8 @@ void dots_avx2(const void* w, const float* const* x, int R, int64_t n, float* ou
 using Dots = void (*)(const void*, const float* const*, int, int64_t, float*);
 
 Dots pick_dots(const std::string& variant, bool bf16) {
-  TORCH_CHECK(variant == "generic" || variant == "avx2", "moeinfer_native: unknown variant '", variant,
-              "'; valid: generic, avx2");
-  if (variant == "avx2") {
-    __builtin_cpu_init();
-    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-                "moeinfer_native: this CPU cannot run variant 'avx2'");
-    return bf16 ? dots_avx2<true> : dots_avx2<false>;
-  }
+  // named and runnable here, as for every op (an error saying which, otherwise)
+  if (pick_kern(variant.c_str()) != kern_generic()) return bf16 ? dots_avx2<true> : dots_avx2<false>;
   return bf16 ? dots_generic<true> : dots_generic<false>;
 }
 

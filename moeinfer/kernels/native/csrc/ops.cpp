@@ -33,18 +33,21 @@ namespace {
 
 bool cpu_supports(const std::string& variant) {
   if (variant == "generic") return true;
-  if (variant == "avx2") {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (variant == "avx2") return avx2;
+  // GCC's checks of AVX-512 features include the OS saving the vector state (XCR0)
+  if (variant == "avx512")
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   return false;
 }
 
 const Kern* pick(const std::string& variant) {
-  TORCH_CHECK(variant == "generic" || variant == "avx2", "moeinfer_native: unknown variant '", variant,
-              "'; valid: generic, avx2");
+  TORCH_CHECK(variant == "generic" || variant == "avx2" || variant == "avx512", "moeinfer_native: unknown variant '",
+              variant, "'; valid: generic, avx2, avx512");
   TORCH_CHECK(cpu_supports(variant), "moeinfer_native: this CPU cannot run variant '", variant, "'");
-  return variant == "avx2" ? kern_avx2() : kern_generic();
+  return variant == "avx512" ? kern_avx512() : variant == "avx2" ? kern_avx2() : kern_generic();
 }
 
 }  // namespace
