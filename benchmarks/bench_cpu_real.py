@@ -108,8 +108,11 @@ def _torch_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     def prompt(n: int) -> list[int]:
         return torch.randint(2, cfg["vocab"], (n,), generator=g).tolist()
 
-    if cfg["system"] == "moeinfer":
+    if cfg["system"].startswith("moeinfer"):
         import moeinfer
+        from moeinfer.kernels import native
+
+        native.use_variant(cfg.get("variant"))  # "moeinfer@VARIANT": that native variant; else the best
 
         model = moeinfer.load(cfg["path"], dtype=torch.bfloat16, progress=False)
         from moeinfer.kernels.select import use_kernel_
@@ -348,8 +351,9 @@ def measure(args: argparse.Namespace, files: dict[str, dict[str, Path]], llama_p
                 if system == "llama.cpp":
                     cmd = [llama_py, "-c", LLAMA_WORKER, json.dumps({**common, "gguf": str(files["llama.cpp"][precision])})]
                 else:
-                    cfg = {**common, "system": system, "path": str(files[system][precision]), "kernel": args.kernel,
-                           "linears": not args.no_linears}
+                    name, _, variant = system.partition("@")
+                    cfg = {**common, "system": system, "path": str(files[name][precision]), "kernel": args.kernel,
+                           "linears": not args.no_linears, "variant": variant or None}
                     cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
                 bw_now = read_bandwidth(args.threads, reps=3)["best"]  # this moment's roofline (step 5)
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -467,9 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(_torch_worker(json.loads(args.worker))))
         return 0
-    bad = [s for s in args.systems if s not in SYSTEMS] + [p for p in args.precisions if p not in PRECISIONS]
+    from moeinfer.kernels.native import VARIANTS
+
+    bad = [s for s in args.systems if s not in SYSTEMS and s not in [f"moeinfer@{v}" for v in VARIANTS]]
+    bad += [p for p in args.precisions if p not in PRECISIONS]
     if bad:
-        ap.error(f"unknown system/precision {bad}; systems: {SYSTEMS}, precisions: {PRECISIONS}")
+        ap.error(f"unknown system/precision {bad}; systems: {SYSTEMS} or moeinfer@VARIANT ({', '.join(VARIANTS)}), "
+                 f"precisions: {PRECISIONS}")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     # 1. the model
@@ -493,9 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         files["llama.cpp"] = make_gguf(model, work, src, llama_py, args)
         result["llama_version"] = subprocess.run([llama_py, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                                                  capture_output=True, text=True, check=True).stdout.strip()
-    if "moeinfer" in args.systems:
+    if any(s.startswith("moeinfer") for s in args.systems):
         files["moeinfer"] = make_moeinfer(model, work, args.scope)
-    if "llama.cpp" in args.systems and "moeinfer" in args.systems:
+    if "llama.cpp" in args.systems and "moeinfer" in files:
         try:
             result["weights_equal"] = weights_equal(files["llama.cpp"], files["moeinfer"], src)
         except Exception as e:  # a check, not the benchmark: record why it could not run

@@ -2,7 +2,7 @@
 runs a batch-1 expert stage, and the call itself.
 
 Engines (`ENGINES`): "torch" (the torch ops of moeinfer.kernels.cpu), or a native variant
-("generic", "avx2", "avx512"). `choose_engine(None)` picks the best native variant the CPU runs, else "torch";
+("generic", "avx2", "avx512", "amx"). `choose_engine(None)` picks the best native variant the CPU runs, else "torch";
 a named engine is checked (a ValueError says why a CPU or build cannot run it, never a silent
 substitution), so tests force each one.
 """

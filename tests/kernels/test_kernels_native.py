@@ -22,7 +22,7 @@ from moeinfer.kernels import quantized_cpu
 from moeinfer.kernels.quantized_cpu import quantized_moe_cpu
 from moeinfer.kernels.reference import reference_moe
 from moeinfer.model.moe import Routing
-from native_helpers import native_ops, require, variant_params
+from native_helpers import experts_decode_and_prefill, native_ops, require, variant_params
 
 BF16_RTOL = 2.0**-8
 
@@ -49,10 +49,23 @@ def test_every_variant_runs_or_says_why():
         why = native.why_not(v)
         assert why is None or "lacks the instructions" in why
     assert native.best_variant() in native.VARIANTS
-    with pytest.raises(ValueError, match="valid: generic, avx2, avx512"):
+    with pytest.raises(ValueError, match="valid: generic, avx2, avx512, amx"):
         native.why_not("avx9000")
-    with pytest.raises(ValueError, match="valid: torch, generic, avx2, avx512"):
+    with pytest.raises(ValueError, match="valid: torch, generic, avx2, avx512, amx"):
         choose_engine("fast")
+
+
+def test_use_variant_sets_what_ops_left_to_choose_run():
+    native_ops()
+    fastest = native.best_variant()
+    try:
+        native.use_variant("generic")
+        assert native.best_variant() == "generic" and choose_engine(None) == "generic"
+        with pytest.raises(ValueError, match="unknown native variant 'avx9000'"):
+            native.use_variant("avx9000")
+    finally:
+        native.use_variant(None)
+    assert native.best_variant() == fastest
 
 
 def test_a_variant_the_cpu_lacks_is_refused_with_the_reason(monkeypatch):
@@ -65,6 +78,31 @@ def test_a_variant_the_cpu_lacks_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setitem(native._state, "ops", NoAvx())
     with pytest.raises(ValueError, match="cannot run here: this CPU lacks the instructions of variant 'avx2'"):
         choose_engine("avx2")
+
+
+INTERLEAVED = ("avx2", "avx512", "amx")  # the variants whose GEMM takes activation rows interleaved by eight
+
+
+def test_interleaved_gemms_give_the_same_bits_in_every_variant():
+    """The avx2 tile (8 rows a vector), the avx512 one (16) and AMX tiles (16 weight rows x 8 activation
+    rows a tdpbusd) sum each element's blocks in order with the same operations, so gemm_q and the
+    experts' prefill give the same bits in each variant this CPU runs (avx2 is on every such CPU)."""
+    ops = native_ops()
+    here = [v for v in INTERLEAVED if native.why_not(v) is None]
+    if len(here) < 2:
+        pytest.skip(f"this CPU runs only {here} of {INTERLEAVED}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(21, 320, generator=g)
+    for bits in (4, 8):
+        qe = quantized_problem(bits, 32, "sym", d=320, i=96)
+        stack = quantized_cpu._stack(qe, bits, midpoints=False)
+        for zeros in (False, True):
+            st = stack if zeros else (stack[0], stack[1], None, stack[3], stack[4], None)
+            q, s, z = st[0][0], st[1][0], None if st[2] is None else st[2][0]
+            outs = [(ops.gemm_q(x, q, s, z, bits, 32, v, "q8", None),
+                     experts_decode_and_prefill(ops, st, bits, 320, 96, v, "q8")[1]) for v in here]
+            for v, (y, pre) in zip(here[1:], outs[1:]):
+                assert torch.equal(y, outs[0][0]) and torch.equal(pre, outs[0][1]), (bits, zeros, v)
 
 
 # --- stacked bf16/fp32 experts, batch 1 (cpu kernel's decode) ---

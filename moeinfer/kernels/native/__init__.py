@@ -16,7 +16,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-VARIANTS = ("generic", "avx2", "avx512")  # portable C++; AVX2 + FMA + F16C; that + AVX-512 F/BW/VL/VNNI
+# portable C++; AVX2 + FMA + F16C; that + AVX-512 F/BW/VL/VNNI; that + AMX-TILE/AMX-INT8 (prefill GEMM)
+VARIANTS = ("generic", "avx2", "avx512", "amx")
 _state: dict[str, Any] = {}
 
 
@@ -71,6 +72,16 @@ def best_variant() -> str | None:
     if "best" not in _state:
         _state["best"] = next((v for v in reversed(VARIANTS) if why_not(v) is None), None)
     return _state["best"]
+
+
+def use_variant(variant: str | None) -> None:
+    """Make `variant` what best_variant() returns from now on in this process, so every op left to choose
+    runs it (checked as resolve_variant checks: a ValueError naming why this CPU cannot); None: back to
+    the fastest this CPU runs. For comparing variants on a whole model (bench_cpu_real.py's
+    `--systems moeinfer@avx2,moeinfer@avx512`); set it before preparing a model."""
+    _state.pop("best", None)
+    if variant is not None:
+        _state["best"] = resolve_variant(variant)
 
 
 def resolve_variant(variant: str | None) -> str:

@@ -29,6 +29,8 @@ VARIANT_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "avx2": ("kern_avx2.cpp", ("-mavx2", "-mfma", "-mf16c")),
     "avx512": ("kern_avx512.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma",
                                    "-mf16c")),
+    "amx": ("kern_amx.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c",
+                             "-mamx-tile", "-mamx-int8")),
 }
 
 

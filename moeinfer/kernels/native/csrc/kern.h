@@ -231,6 +231,9 @@ struct Kern {
 const Kern* kern_generic();
 const Kern* kern_avx2();
 const Kern* kern_avx512();
+const Kern* kern_amx();
+// Whether Linux lets this process use the AMX tile state (asked for once; kern_amx.cpp).
+bool amx_usable();
 // The variant named (ops.cpp; an error naming the valid ones, or saying this CPU cannot run it).
 const Kern* pick_kern(const char* variant);
 

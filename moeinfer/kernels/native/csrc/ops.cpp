@@ -14,6 +14,7 @@
 // activation rows once to int8 blocks and runs the tiled integer GEMM of kern.h; `moe_prefill_q` runs a
 // whole quantized-experts prefill on it in one call (dispatch, two GEMMs per routed expert, combine).
 #include <ATen/ATen.h>
+#include <cpuid.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -37,16 +38,21 @@ bool cpu_supports(const std::string& variant) {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (variant == "avx2") return avx2;
   // GCC's checks of AVX-512 features include the OS saving the vector state (XCR0)
-  if (variant == "avx512")
-    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  if (variant == "avx512") return avx512;
+  if (variant == "amx") {  // CPUID.(7,0):EDX bit 24 AMX-TILE, bit 25 AMX-INT8; then the OS's permission
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return avx512 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1) && amx_usable();
+  }
   return false;
 }
 
 const Kern* pick(const std::string& variant) {
-  TORCH_CHECK(variant == "generic" || variant == "avx2" || variant == "avx512", "moeinfer_native: unknown variant '",
-              variant, "'; valid: generic, avx2, avx512");
+  TORCH_CHECK(variant == "generic" || variant == "avx2" || variant == "avx512" || variant == "amx",
+              "moeinfer_native: unknown variant '", variant, "'; valid: generic, avx2, avx512, amx");
   TORCH_CHECK(cpu_supports(variant), "moeinfer_native: this CPU cannot run variant '", variant, "'");
+  if (variant == "amx") return kern_amx();
   return variant == "avx512" ? kern_avx512() : variant == "avx2" ? kern_avx2() : kern_generic();
 }
 
