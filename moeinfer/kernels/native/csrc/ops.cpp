@@ -41,9 +41,14 @@ bool cpu_supports(const std::string& variant) {
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   if (variant == "avx512") return avx512;
-  if (variant == "amx") {  // CPUID.(7,0):EDX bit 24 AMX-TILE, bit 25 AMX-INT8; then the OS's permission
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    return avx512 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1) && amx_usable();
+  if (variant == "amx") {
+    // CPUID.(7,0):EDX bit 24 AMX-TILE, bit 25 AMX-INT8, then the OS's permission; asked once, since every op
+    // checks its variant and CPUID traps to the hypervisor in a VM (~1 us a call)
+    static const bool amx = [] {
+      unsigned a = 0, b = 0, c = 0, d = 0;
+      return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1) && amx_usable();
+    }();
+    return avx512 && amx;
   }
   return false;
 }
