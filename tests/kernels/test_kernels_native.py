@@ -10,6 +10,12 @@ the output's scale (only the order of fp32 additions differs); bf16 outputs at o
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -47,7 +53,7 @@ def test_every_variant_runs_or_says_why():
     assert native.why_not("generic") is None
     for v in native.VARIANTS:
         why = native.why_not(v)
-        assert why is None or "lacks the instructions" in why
+        assert why is None or "lacks the instructions" in why or "not in this build" in why
     assert native.best_variant() in native.VARIANTS
     with pytest.raises(ValueError, match="valid: generic, avx2, avx512, amx"):
         native.why_not("avx9000")
@@ -72,12 +78,48 @@ def test_a_variant_the_cpu_lacks_is_refused_with_the_reason(monkeypatch):
     native_ops()
 
     class NoAvx:
+        def built(self, variant):
+            return True
+
         def supports(self, variant):
             return variant == "generic"
 
     monkeypatch.setitem(native._state, "ops", NoAvx())
     with pytest.raises(ValueError, match="cannot run here: this CPU lacks the instructions of variant 'avx2'"):
         choose_engine("avx2")
+
+
+def test_a_variant_the_compiler_rejects_is_left_out_of_the_build(tmp_path, monkeypatch):
+    """An optional variant whose flags the compiler rejects (AMX needs GCC >= 11) is left out with a
+    warning; the library still builds and loads, and why_not names the reason. Built into a temporary
+    folder from the cached objects (the AMX object removed, its compile made to fail), loaded in a fresh
+    process (one process cannot register the ops twice)."""
+    native_ops()
+    from moeinfer.kernels.native import build as b
+
+    shutil.copytree(b.BUILD_DIR / "obj", tmp_path / "obj")
+    for obj in (tmp_path / "obj").glob("kern_amx-*.o"):
+        obj.unlink()
+    monkeypatch.setattr(b, "BUILD_DIR", tmp_path)
+    real_run = b._run
+
+    def run(cmd, verbose):
+        if "-mamx-tile" in cmd:
+            raise RuntimeError("native kernel build failed (g++ -O3 ... exit 1):\nerror: unrecognized "
+                               "command-line option '-mamx-tile'")
+        real_run(cmd, verbose)
+
+    monkeypatch.setattr(b, "_run", run)
+    with pytest.warns(RuntimeWarning, match="(?s)native variant 'amx' left out of the build .*-mamx-tile"):
+        lib = b.build()
+    code = ("import json; from moeinfer.kernels import native; "
+            "print(json.dumps({v: native.why_not(v) for v in native.VARIANTS}))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOEINFER_NATIVE_LIB": str(lib)},
+                          capture_output=True, text=True, check=True)
+    why = json.loads(proc.stdout.splitlines()[-1])
+    assert "variant 'amx' is not in this build" in why["amx"]
+    assert why["generic"] is None and why["avx2"] == native.why_not("avx2")
+    assert why["avx512"] == native.why_not("avx512")  # built: as the full library says
 
 
 INTERLEAVED = ("avx2", "avx512", "amx")  # the variants whose GEMM takes activation rows interleaved by eight

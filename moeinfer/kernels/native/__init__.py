@@ -62,6 +62,9 @@ def why_not(variant: str) -> str | None:
     ops = load()
     if ops is None:
         return _state["why"]
+    if not ops.built(variant):
+        return (f"variant {variant!r} is not in this build: the compiler rejected its flags when the library "
+                f"was built (`python -m moeinfer.kernels.native build` says why)")
     if not ops.supports(variant):
         return f"this CPU lacks the instructions of variant {variant!r}"
     return None

@@ -4,7 +4,8 @@ runs on any x86-64 CPU), linked into one shared library that registers torch.ops
 
 `python -m moeinfer.kernels.native build` (run by `make install`) writes the library under
 BUILD_DIR (gitignored) through a temporary file and a rename, so a failed build leaves nothing
-half-written. No Python headers are needed (the ops register with TORCH_LIBRARY).
+half-written. The OPTIONAL variants (avx512, amx) are left out, with a warning, where the compiler
+rejects their flags; the library then reports them not built (`native.why_not`). No Python headers are needed (the ops register with TORCH_LIBRARY).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +34,11 @@ VARIANT_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "amx": ("kern_amx.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c",
                              "-mamx-tile", "-mamx-int8")),
 }
+
+
+# variants the library may leave out, each with the variants it needs: a compiler that rejects their
+# flags (AMX needs GCC >= 11) must not cost the others (kern.h declares their tables weak)
+OPTIONAL: dict[str, tuple[str, ...]] = {"avx512": (), "amx": ("avx512",)}
 
 
 def library_path() -> Path:
@@ -76,15 +83,28 @@ def build(*, verbose: bool = False, compiler: str | None = None) -> Path:
     objdir = BUILD_DIR / "obj"
     objdir.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:
-        objects = []
-        for src, flags in [("ops.cpp", ()), ("dense.cpp", ()), ("moe_rows.cpp", ()), *VARIANT_SOURCES.values()]:
+        objects, left_out = [], []
+        sources = [("ops.cpp", (), None), ("dense.cpp", (), None), ("moe_rows.cpp", (), None),
+                   *((src, flags, v) for v, (src, flags) in VARIANT_SOURCES.items())]
+        for src, flags, v in sources:
+            if v in OPTIONAL and any(need in left_out for need in OPTIONAL[v]):
+                left_out.append(v)
+                continue
             # objects are cached by what they are built from (sources, flags, torch), so a rebuild
             # after editing one variant recompiles only that one
             key = _digest([*common, *flags, cxx], [SRC_DIR / src, *sorted(SRC_DIR.glob("*.h"))])
             obj = objdir / f"{Path(src).stem}-{key}.o"
             if not obj.exists():
                 part = Path(tmp) / obj.name
-                _run([cxx, *common, *flags, "-c", str(SRC_DIR / src), "-o", str(part)], verbose)
+                try:
+                    _run([cxx, *common, *flags, "-c", str(SRC_DIR / src), "-o", str(part)], verbose)
+                except RuntimeError as err:
+                    if v not in OPTIONAL:
+                        raise
+                    warnings.warn(f"native variant {v!r} left out of the build (the others are built): {err}",
+                                  RuntimeWarning, stacklevel=2)
+                    left_out.append(v)
+                    continue
                 os.replace(part, obj)
             objects.append(str(obj))
         out = Path(tmp) / LIBRARY

@@ -230,10 +230,12 @@ struct Kern {
 
 const Kern* kern_generic();
 const Kern* kern_avx2();
-const Kern* kern_avx512();
-const Kern* kern_amx();
+// Optional variants (weak: null where the compiler could not build their file, build.py OPTIONAL; the
+// library links without them and reports them not built).
+const Kern* kern_avx512() __attribute__((weak));
+const Kern* kern_amx() __attribute__((weak));
 // Whether Linux lets this process use the AMX tile state (asked for once; kern_amx.cpp).
-bool amx_usable();
+bool amx_usable() __attribute__((weak));
 // The variant named (ops.cpp; an error naming the valid ones, or saying this CPU cannot run it).
 const Kern* pick_kern(const char* variant);
 

@@ -32,7 +32,16 @@
 namespace moeinfer_native {
 namespace {
 
+// Whether this library holds `variant` (the optional ones are left out where the compiler rejects their
+// flags: kern.h).
+bool built(const std::string& variant) {
+  if (variant == "avx512") return kern_avx512 != nullptr;
+  if (variant == "amx") return kern_amx != nullptr && amx_usable != nullptr;
+  return variant == "generic" || variant == "avx2";
+}
+
 bool cpu_supports(const std::string& variant) {
+  if (!built(variant)) return false;
   if (variant == "generic") return true;
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -56,6 +65,8 @@ bool cpu_supports(const std::string& variant) {
 const Kern* pick(const std::string& variant) {
   TORCH_CHECK(variant == "generic" || variant == "avx2" || variant == "avx512" || variant == "amx",
               "moeinfer_native: unknown variant '", variant, "'; valid: generic, avx2, avx512, amx");
+  TORCH_CHECK(built(variant), "moeinfer_native: variant '", variant,
+              "' is not in this build (the compiler rejected its flags when the library was built)");
   TORCH_CHECK(cpu_supports(variant), "moeinfer_native: this CPU cannot run variant '", variant, "'");
   if (variant == "amx") return kern_amx();
   return variant == "avx512" ? kern_avx512() : variant == "avx2" ? kern_avx2() : kern_generic();
@@ -769,12 +780,14 @@ void dequant_into(const at::Tensor& q, const at::Tensor& s_, const at::Tensor& z
 }
 
 bool supports(const std::string& variant) { return cpu_supports(variant); }
+bool has_variant(const std::string& variant) { return built(variant); }
 
 }  // namespace
 }  // namespace moeinfer_native
 
 TORCH_LIBRARY(moeinfer_native, m) {
   m.def("supports(str variant) -> bool", &moeinfer_native::supports);
+  m.def("built(str variant) -> bool", &moeinfer_native::has_variant);
   m.def("moe_decode(Tensor x, Tensor experts, Tensor weights, Tensor gate_up, Tensor down, str variant) -> Tensor",
         &moeinfer_native::moe_decode);
   m.def("gemv(Tensor x, Tensor w, str variant) -> Tensor", &moeinfer_native::gemv);
