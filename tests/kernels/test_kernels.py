@@ -223,3 +223,21 @@ def test_auto_kernel_leaves_compressed_experts_alone_and_explicit_kernels_say_wh
     assert use_kernel_(lowrank, "auto") is lowrank
     with pytest.raises(ValueError, match="LowRankExperts, which run their own expert stage"):
         use_kernel_(lowrank, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_in_chunks_gives_the_whole_products_bits(dtype, monkeypatch):
+    """The cpu kernel's combine runs in chunks of token rows (cpu.COMBINE_BYTES); every row's weighted sum
+    is the same operations in the same order, so any chunking gives the bits of one whole product."""
+    from moeinfer.kernels import cpu
+
+    p = make_problem(N=37, E=8, K=3, dtype=dtype)
+    whole = cpu_moe(*p.args(), schedule="per-expert")
+    monkeypatch.setattr(cpu, "COMBINE_BYTES", 4 * 3 * p.x.shape[1] * 5)  # chunks of 5 rows, the last of 2
+    assert torch.equal(cpu_moe(*p.args(), schedule="per-expert"), whole)
+    g = torch.Generator().manual_seed(1)
+    y, w = torch.randn(37, 3, 16, generator=g).to(dtype), torch.rand(37, 3, generator=g)
+    ref = (y.double() * w.double()[..., None]).sum(1)
+    # one rounding to the dtype at the end (fp32 sums of 3 terms: ~1e-7), so a 1% error fails
+    rtol = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(cpu.combine(y, w, dtype).double(), ref, rtol=rtol, atol=1e-6)
