@@ -9,10 +9,11 @@ Steps:
    one from the CPU and the shapes, `cpu_moe(..., schedule=...)` forces one, so tests run every
    schedule on any CPU):
    - "grouped": `torch._grouped_mm` over all experts at once (group ends = cumulative counts),
-     one call per projection, no Python loop; used when the dtype has a native CPU matmul and
-     `_grouped_mm` accepts the shapes (its weight strides must be multiples of 16 bytes, so bf16
-     needs D and I multiples of 8: probed per shape, never assumed);
+     one call per projection, no Python loop; used for fp32 when `_grouped_mm` accepts the shapes
+     (its weight strides must be multiples of 16 bytes, so bf16 needs D and I multiples of 8: probed
+     per shape, never assumed);
    - "per-expert": one GEMM pair per expert that received slots (counts read once, free on a CPU);
+     used for bf16/fp16 on CPUs with a native half matmul (faster there than "grouped", measured);
    - "widened": per expert, with the active experts' half-precision weights widened to fp32 from
      WIDEN_MIN_ROWS rows on; used for fp16 on CPUs without native half matmul (below);
    - "rows": one native call (csrc/moe_rows.cpp) that reads each routed expert's bf16/fp32 weight
@@ -91,6 +92,12 @@ def choose_schedule(dtype: torch.dtype, hidden: int, inner: int) -> str:
     """The fastest schedule that this CPU runs correctly for experts of this dtype and shape."""
     if slow_half_matmul(dtype):
         return "rows" if dtype == torch.bfloat16 and native.best_variant() is not None else "widened"
+    if dtype != torch.float32:
+        # a native half matmul (AVX512-BF16/AMX): torch's F.linear per expert took 128- and 512-token bf16
+        # prefills of the OLMoE-shaped model at 232-236 / 329 tok/s from a fresh process where
+        # _grouped_mm (one mm per group on transposed weight views) took 162-210 / 243-313 (2 threads,
+        # Intel Xeon with AMX, docs/kernels.md)
+        return "per-expert"
     return "grouped" if grouped_mm_works(dtype, hidden, inner) else "per-expert"
 
 

@@ -57,8 +57,9 @@ def test_schedule_choice_follows_the_cpu_and_the_shape(monkeypatch):
     assert cpu.choose_schedule(torch.bfloat16, 64, 32) == "widened"
     monkeypatch.setattr(cpu, "slow_half_matmul", lambda dtype: False)
     monkeypatch.setattr(cpu, "grouped_mm_works", lambda dtype, d, i: d % 8 == 0 and i % 8 == 0)
-    assert cpu.choose_schedule(torch.bfloat16, 64, 32) == "grouped"
-    assert cpu.choose_schedule(torch.bfloat16, 36, 20) == "per-expert"
+    assert cpu.choose_schedule(torch.float32, 64, 32) == "grouped"
+    assert cpu.choose_schedule(torch.float32, 36, 20) == "per-expert"
+    assert cpu.choose_schedule(torch.bfloat16, 64, 32) == "per-expert"  # a native half matmul: F.linear per expert
     with pytest.raises(ValueError, match="valid: grouped, per-expert, widened, rows"):
         p = make_problem(N=3, E=8, K=2)
         cpu_moe(*p.args(), schedule="fast")
