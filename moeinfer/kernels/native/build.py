@@ -5,7 +5,8 @@ runs on any x86-64 CPU), linked into one shared library that registers torch.ops
 `python -m moeinfer.kernels.native build` (run by `make install`) writes the library under
 BUILD_DIR (gitignored) through a temporary file and a rename, so a failed build leaves nothing
 half-written. The OPTIONAL variants (avx512, amx) are left out, with a warning, where the compiler
-rejects their flags; the library then reports them not built (`native.why_not`). No Python headers are needed (the ops register with TORCH_LIBRARY).
+rejects their flags; the library then reports them not built (`native.why_not`). No Python headers
+are needed (the ops register with TORCH_LIBRARY).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def build(*, verbose: bool = False, compiler: str | None = None) -> Path:
                    *((src, flags, v) for v, (src, flags) in VARIANT_SOURCES.items())]
         for src, flags, v in sources:
             if v in OPTIONAL and any(need in left_out for need in OPTIONAL[v]):
+                warnings.warn(f"native variant {v!r} left out of the build: it needs {', '.join(OPTIONAL[v])}",
+                              RuntimeWarning, stacklevel=2)
                 left_out.append(v)
                 continue
             # objects are cached by what they are built from (sources, flags, torch), so a rebuild
