@@ -27,6 +27,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace moeinfer_native {
 
@@ -189,6 +190,18 @@ inline int tile_rows(const QRows& w, int64_t r, int64_t r1, const uint8_t** wq, 
     wq[i] = w.q + ri * w.P, ws[i] = w.s + ri * w.G, wz[i] = row_of(w.z, ri, w.G);
   }
   return rows;
+}
+
+// f(q4, zeros), both std::integral_constant<bool, ...>: a kernel templated on 4-bit codes (else 8-bit) and on
+// whether the rows have zero-points, its four instantiations chosen at run time.
+template <class F>
+inline void with_bits_and_zeros(int bits, bool zeros, F f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (bits == 4)
+    zeros ? f(Yes{}, Yes{}) : f(Yes{}, No{});
+  else
+    zeros ? f(No{}, Yes{}) : f(No{}, No{});
 }
 
 struct Kern {

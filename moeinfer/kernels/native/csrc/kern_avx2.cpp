@@ -622,10 +622,9 @@ void gemm_x8_bits(const QRows& w, int64_t r0, int64_t r1, const X8Rows& x, int64
 }
 
 void gemm_x8(int bits, const QRows& w, int64_t r0, int64_t r1, const X8Rows& x, int64_t gs, float* y, int64_t ldy) {
-  if (bits == 4)
-    w.z ? gemm_x8_bits<true, true>(w, r0, r1, x, gs, y, ldy) : gemm_x8_bits<true, false>(w, r0, r1, x, gs, y, ldy);
-  else
-    w.z ? gemm_x8_bits<false, true>(w, r0, r1, x, gs, y, ldy) : gemm_x8_bits<false, false>(w, r0, r1, x, gs, y, ldy);
+  with_bits_and_zeros(bits, w.z != nullptr, [&](auto q4, auto zeros) {
+    gemm_x8_bits<decltype(q4)::value, decltype(zeros)::value>(w, r0, r1, x, gs, y, ldy);
+  });
 }
 
 // F16C: eight halves a conversion (exact, as the scalar tail).
