@@ -44,6 +44,11 @@ from moeinfer.kernels.registry import register_kernel
 from moeinfer.model.mlp import silu_and_mul
 
 WIDEN_MIN_ROWS = 2  # widen a half-precision expert's weights to fp32 from this many rows on
+# "per-expert" in half precision pads each expert's rows to a multiple of this many (zero rows, cut off
+# after): oneDNN's bf16 GEMMs on AMX, whose tiles hold 16 rows, ran the OLMoE-shaped model's cold
+# 128/512-token prefills at 236-243 / 354-373 tok/s padded against 133-167 / 231-241 unpadded (warm:
+# 305 / 412-541 against 294-302 / 280-287; 2 threads, Intel Xeon; docs/benchmarks.md)
+PAD_ROWS = 16
 
 
 @lru_cache(maxsize=None)
@@ -163,6 +168,7 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [S', D]
         else:
             widen = schedule == "widened" and x.dtype != torch.float32  # only active experts' weights
+            pad = schedule == "per-expert" and x.dtype != torch.float32  # a native half matmul (choose_schedule)
             y = torch.empty_like(xs)
             start = 0
             for e, n in enumerate(counts_host):
@@ -171,7 +177,9 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                     xe, gu, dn = xs[seg], gate_up[e], down[e]
                     if widen and n >= WIDEN_MIN_ROWS:  # converting the weights beats a half GEMM
                         xe, gu, dn = xe.float(), gu.float(), dn.float()
-                    y[seg] = F.linear(silu_and_mul(F.linear(xe, gu)), dn)
+                    if pad and n > 1 and n % PAD_ROWS:
+                        xe = torch.cat([xe, xe.new_zeros(PAD_ROWS - n % PAD_ROWS, xe.shape[1])])
+                    y[seg] = F.linear(silu_and_mul(F.linear(xe, gu)), dn)[:n]
                     start += n
         y_slots[order] = y
     # 4. Combine: each token's K outputs weighted and summed in fp32 (no scatter-add).
