@@ -47,8 +47,10 @@ WIDEN_MIN_ROWS = 2  # widen a half-precision expert's weights to fp32 from this 
 # "per-expert" in half precision pads each expert's rows to a multiple of this many (zero rows, cut off
 # after): oneDNN's bf16 GEMMs on AMX, whose tiles hold 16 rows, ran the OLMoE-shaped model's cold
 # 128/512-token prefills at 236-243 / 354-373 tok/s padded against 133-167 / 231-241 unpadded (warm:
-# 305 / 412-541 against 294-302 / 280-287; 2 threads, Intel Xeon; docs/benchmarks.md)
+# 305 / 412-541 against 294-302 / 280-287; 2 threads, Intel Xeon; docs/benchmarks.md), for experts whose
+# gate_up holds at least PAD_MIN_WEIGHTS weights (the shipped model's 768 x 192 ran 6% slower padded)
 PAD_ROWS = 16
+PAD_MIN_WEIGHTS = 1 << 20
 
 
 @lru_cache(maxsize=None)
@@ -168,7 +170,8 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [S', D]
         else:
             widen = schedule == "widened" and x.dtype != torch.float32  # only active experts' weights
-            pad = schedule == "per-expert" and x.dtype != torch.float32  # a native half matmul (choose_schedule)
+            # a native half matmul (choose_schedule) on big experts: rows padded to PAD_ROWS
+            pad = schedule == "per-expert" and x.dtype != torch.float32 and gate_up[0].numel() >= PAD_MIN_WEIGHTS
             y = torch.empty_like(xs)
             start = 0
             for e, n in enumerate(counts_host):

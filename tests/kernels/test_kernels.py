@@ -242,3 +242,23 @@ def test_combine_in_chunks_gives_the_whole_products_bits(dtype, monkeypatch):
     # one rounding to the dtype at the end (fp32 sums of 3 terms: ~1e-7), so a 1% error fails
     rtol = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(cpu.combine(y, w, dtype).double(), ref, rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("N", [3, 37])
+def test_padded_half_experts_match_the_unpadded_ones(N, monkeypatch):
+    """The per-expert schedule pads a half-precision expert's rows to cpu.PAD_ROWS (big experts only:
+    cpu.PAD_MIN_WEIGHTS, lowered here) and cuts the zero rows off: the output is the unpadded one's
+    within one bf16 rounding (the GEMM may block K differently for another row count), so a 1% error
+    fails; and both match the reference at the file's bf16 tolerance."""
+    from moeinfer.kernels import cpu
+
+    p = make_problem(N=N, E=8, K=2, dtype=torch.bfloat16)
+    unpadded = cpu_moe(*p.args(), schedule="per-expert")
+    monkeypatch.setattr(cpu, "PAD_MIN_WEIGHTS", 0)
+    padded = cpu_moe(*p.args(), schedule="per-expert")
+    scale = float(unpadded.float().abs().max())
+    torch.testing.assert_close(padded.float(), unpadded.float(), rtol=2.0**-8, atol=1e-3 * scale)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close((padded.float() * 1.01), unpadded.float(), rtol=2.0**-8, atol=1e-3 * scale)
+    ref = reference_moe(p.x.float(), p.indices, p.weights, p.gate_up.float(), p.down.float())
+    torch.testing.assert_close(padded.float(), ref, atol=tolerance(ref, torch.bfloat16), rtol=0)
