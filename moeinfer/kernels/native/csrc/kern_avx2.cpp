@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "kern.h"
+#include "kern_scales.h"
 
 namespace moeinfer_native {
 namespace {
@@ -154,27 +155,6 @@ inline __m256i dot_centred(__m256i u, __m256i xq, __m256i flip, __m256i ones) {
   return _mm256_madd_epi16(p, ones);
 }
 
-// Group scales stored in fp32 or fp16 (kern.h Scales), read as fp32: one, four or eight at a time
-// (F16C widens fp16 exactly, so both give the same products).
-inline float scale1(const float* s) { return *s; }
-inline float scale1(const uint16_t* s) { return _cvtsh_ss(*s); }
-inline __m128 scale4(const float* s) { return _mm_loadu_ps(s); }
-inline __m128 scale4(const uint16_t* s) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))); }
-inline __m256 scale8(const float* s) { return _mm256_loadu_ps(s); }
-inline __m256 scale8(const uint16_t* s) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))); }
-
-// Per-block scales d_b * s_g in block order without a division per block (gs = bpg blocks).
-template <class S>
-struct GroupScale {
-  const S* s;
-  int64_t bpg, left;
-  float next() {
-    const float c = scale1(s);
-    if (--left == 0) ++s, left = bpg;
-    return c;
-  }
-};
-
 // sum_g s_g * (off - z_g) * xsum_g over the G groups of a row, 8 groups at a time (z == nullptr: every
 // z_g = mid, not read).
 template <class S>
@@ -188,19 +168,6 @@ inline float zero_terms(const S* s, const float* z, const float* xsum, int64_t G
   float r = hsum(a);
   for (; g < G; ++g) r += scale1(s + g) * (off - zero_at(z, g, mid)) * xsum[g];
   return r;
-}
-
-// `rows(scales)` with the R rows' scales as typed pointers: fp16 (uint16_t) or fp32, the one storage type
-// the rows of a kernel call share, so each row kernel is instantiated for both.
-template <int R, class Rows>
-inline void with_scales(const Scales* s, Rows rows) {
-  const float* f[R];
-  const uint16_t* h[R];
-  for (int r = 0; r < R; ++r) f[r] = s[r].f, h[r] = s[r].h;
-  if (s[0].h)
-    rows(h);
-  else
-    rows(f);
 }
 
 // Both int8-activation rows, R at a time: blocks in order, two independent accumulators per row

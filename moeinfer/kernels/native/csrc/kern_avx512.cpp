@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "kern.h"
+#include "kern_scales.h"
 
 namespace moeinfer_native {
 namespace {
@@ -77,12 +78,7 @@ void dot4_bf16(const uint16_t* const* w, const float* x, int64_t n, float* out) 
 
 // --- int8-activation rows (decode) ---
 
-// Group scales stored in fp32 or fp16 (kern.h Scales), read as fp32 one or four at a time (F16C widens
-// fp16 exactly).
-inline float scale1(const float* s) { return *s; }
-inline float scale1(const uint16_t* s) { return _cvtsh_ss(*s); }
-inline __m128 scale4(const float* s) { return _mm_loadu_ps(s); }
-inline __m128 scale4(const uint16_t* s) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))); }
+// Group scales sixteen at a time (kern_scales.h: one, four or eight).
 inline __m512 scale16(const float* s) { return _mm512_loadu_ps(s); }
 inline __m512 scale16(const uint16_t* s) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
@@ -135,18 +131,6 @@ inline __m512i dot_block(const uint8_t* q, const int8_t* xq) {
       _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
   return _mm512_zextsi256_si512(p);
 }
-
-// Per-block scales d_b * s_g in block order without a division per block (gs = bpg blocks).
-template <class S>
-struct GroupScale {
-  const S* s;
-  int64_t bpg, left;
-  float next() {
-    const float c = scale1(s);
-    if (--left == 0) ++s, left = bpg;
-    return c;
-  }
-};
 
 // Int8-activation rows of `bits`-bit codes, R at a time: four blocks an iteration as two pairs
 // (dot_pair) into two accumulators per row, each pair's int32 lanes converted once and multiplied by a
@@ -214,19 +198,6 @@ void qrow_q8_rows(const uint8_t* const* q, const S* const* s, const float* const
     ys += zero_terms(s[r], z[r], x.gsum, (cols + gs - 1) / gs, Q4 ? 8.f : 128.f);
     out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1])) + ys;
   }
-}
-
-// `rows(scales)` with the R rows' scales as typed pointers: fp16 (uint16_t) or fp32, the one storage type
-// the rows of a kernel call share, so each row kernel is instantiated for both.
-template <int R, class Rows>
-inline void with_scales(const Scales* s, Rows rows) {
-  const float* f[R];
-  const uint16_t* h[R];
-  for (int r = 0; r < R; ++r) f[r] = s[r].f, h[r] = s[r].h;
-  if (s[0].h)
-    rows(h);
-  else
-    rows(f);
 }
 
 template <bool Q4>
