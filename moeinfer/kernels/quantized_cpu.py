@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from moeinfer.kernels import native
+from moeinfer.kernels.cpu import combine
 from moeinfer.model.mlp import silu_and_mul
 
 NATIVE_BITS = (4, 8)
@@ -255,11 +256,10 @@ def _prefill(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expe
         seg = slice(start, start + n)
         ys[seg] = F.linear(silu_and_mul(F.linear(xs[seg], w_gu)), w_dn)
         start += n
-    # 3. combine in fp32: each slot's output times its weight, summed per token
+    # 3. combine in fp32: each slot's output times its weight, summed per token (the cpu kernel's)
     y_slots = torch.empty_like(ys)
     y_slots[order] = ys
-    out = (y_slots.view(N, K, D) * weights.float()[..., None]).sum(1)
-    return out.to(x.dtype)
+    return combine(y_slots.view(N, K, D), weights, x.dtype)
 
 
 # With fp32 activations a quantized linear runs on the row kernels up to this many rows (each row reads
