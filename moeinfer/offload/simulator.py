@@ -15,7 +15,8 @@ run's exactly. Only the clock is modelled, from a `HardwareProfile` and a `Model
    with the fast tier's work: the layer waits for the later of the two), then loaded experts; an
    expert starts when its weights are ready (the wait is stall time) and costs
    max(expert bytes / fast-memory bandwidth, 6 D I tokens / compute);
-   with overlap=False (the on-demand baseline) each layer first waits for all its loads;
+   with overlap=False (the on-demand baseline) each layer first waits for all its loads (with
+   overlap_prompts=False, only the layers of steps holding prompt rows do);
 5. report hits, bytes moved, stall, total time and tokens/s, and the lower bound
    (bytes moved / link bandwidth).
 The costs of steps 2 and 4 and of the LM head come from a `StepCosts` (default `RooflineCosts`: the
@@ -67,13 +68,14 @@ class SimResult:
 
 class StepCosts(Protocol):
     """Seconds the simulator charges; `tokens` = rows of the step (dense), sequences of the step (head:
-    generation keeps the logits of each sequence's last position) or tokens routed to the expert."""
+    generation keeps the logits of each sequence's last position) or tokens routed to the expert;
+    `sequences` (dense) and `rows` (head): the step's other count (rows > sequences: prompt rows)."""
 
-    def dense_s(self, layer: int, tokens: int) -> float: ...
+    def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float: ...
 
     def expert_s(self, layer: int, tokens: int) -> float: ...
 
-    def head_s(self, tokens: int) -> float: ...
+    def head_s(self, tokens: int, rows: int = 1) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class RooflineCosts:
     shape: ModelShape
     hardware: HardwareProfile
 
-    def dense_s(self, layer: int, tokens: int) -> float:
+    def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float:
         mem_bw, flops = self.hardware.fast_mem_gbps * 1e9, self.hardware.compute_tflops * 1e12
         return max(self.shape.dense_bytes_per_layer / mem_bw, 2.0 * self.shape.dense_params_per_layer * tokens / flops)
 
@@ -91,7 +93,7 @@ class RooflineCosts:
         mem_bw, flops = self.hardware.fast_mem_gbps * 1e9, self.hardware.compute_tflops * 1e12
         return max(self.shape.expert_bytes / mem_bw, self.shape.expert_flops(tokens) / flops)
 
-    def head_s(self, tokens: int) -> float:
+    def head_s(self, tokens: int, rows: int = 1) -> float:
         return self.shape.other_params * self.shape.dtype_bytes / (self.hardware.fast_mem_gbps * 1e9)
 
 
@@ -105,10 +107,12 @@ def cost_model_for(shape: ModelShape, hw: HardwareProfile, *, weights_on_host: b
 
 def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadConfig, hardware: HardwareProfile,
              cost_model: CostModel | None = None, low_bit_bytes: int | None = None, overlap: bool = True,
-             progress: bool = False, costs: StepCosts | None = None, expert_bytes: int | None = None) -> SimResult:
+             progress: bool = False, costs: StepCosts | None = None, expert_bytes: int | None = None,
+             overlap_prompts: bool | None = None) -> SimResult:
     """Replay `trace` (steps 1-5 of the module docstring); `costs`: the clock (default RooflineCosts);
     `expert_bytes`: bytes one expert moves over the link (default the shape's: its float weights; the
-    stored size for quantized experts)."""
+    stored size for quantized experts); `overlap_prompts`: whether steps holding prompt rows overlap
+    too (default: as `overlap`; False where a prompt's compute leaves no core to a load's copy)."""
     trace = as_trace(trace, "trace")
     if (trace.num_layers, trace.num_experts) != (shape.num_layers, shape.num_experts):
         raise TraceError(f"routing trace has {trace.num_layers} MoE layers x {trace.num_experts} experts; the "
@@ -154,7 +158,7 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
         n = len(step.rows)
         for v in visits:
             # 2. the dense part of the layer, the host's share of the visit, then the cache's decision
-            now += clock.dense_s(v.layer, n) + host_s
+            now += clock.dense_s(v.layer, n, step.sequences) + host_s
             plan = cache.visit(v)
             # 3. demand loads, then prefetches, on one FIFO link
             ready = queue(plan.loads)
@@ -163,7 +167,8 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
                 queue(cache.prefetch(target, experts))
             # 4. experts
             tokens = dict(zip(v.experts, v.tokens))
-            if not overlap and ready:
+            hide = overlap and (n == step.sequences or overlap_prompts is not False)
+            if not hide and ready:
                 wait = max(ready.values()) - now
                 if wait > 0:
                     stall += wait
@@ -185,7 +190,7 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
                 stall += cpu_end - now
                 now = cpu_end
         # the LM head and embeddings once per step, for each sequence's last position (as generation keeps)
-        now += clock.head_s(step.sequences)
+        now += clock.head_s(step.sequences, n)
     st = cache.stats
     settings = {"policy": config.policy, "prefetch": config.prefetch, "cache": str(config.cache),
                 "scope": config.scope, "slots": cache.num_slots, "cpu_assist": config.cpu_assist,

@@ -17,12 +17,22 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
   else the in-cache one;
 - once per step: step_fixed_s + the LM head likewise, for the last position of each sequence the step
   holds (generation keeps those logits only: a prompt's forward, one row);
+- a step holding prompt rows (more rows than sequences) instead pays, per layer and once, the costs
+  outside the routed experts measured on the model's own shapes where the profile holds them
+  (`MachineProfile.prefill`, moeinfer/planning/prefill_costs.py: a short prefill is mostly per-call
+  and per-row host work that the figures above, measured on a 2-head 64-wide model, under-price),
+  plus the experts module's call_s per layer and the head rows of the step's other sequences; an
+  expert with more than DECODE_TOKENS tokens costs what the experts module of the model's own shape
+  measured per active expert and per token on prompts of two lengths (`PrefillCosts.experts`,
+  moeinfer/planning/shape_profile.py) where the profile holds that, instead of the fit above (an
+  offloaded layer's: one expert's module, one call each: `PrefillCosts.offloaded`);
 - offloaded: each layer visit and each load pay the host costs the profile measured for offloaded
   experts of the plan's precision (`MachineProfile.offload_costs`), on top of the resident rates;
   a disk tier's misses are read from the page cache in the share of the store that fits in the
   memory the plan leaves free (`cached_fraction`), at the profile's cached-read rate; a layer's loads
   overlap its compute only where the profile found a read hidden behind expert decode
-  (`MachineProfile.overlaps_reads`, moeinfer/planning/reads.py), else they add to it.
+  (`MachineProfile.overlaps_reads`, moeinfer/planning/reads.py), else they add to it; on a CPU a
+  prompt's loads always add to it (its experts keep every core busy).
 A resident configuration is simulated with a cache that holds every expert (static placement, warm
 before the first step), so it reduces to the sum above; an offloaded one with the real policy,
 prefetcher and link. `layer_seconds` gives the same sum split per layer, which the search uses.
@@ -48,6 +58,9 @@ from moeinfer.offload.visits import planned_steps
 from moeinfer.traces.trace import RoutingTrace
 
 WORKING_BYTES = 64 * 2**20
+# tokens of one expert up to which it is priced as decode (no prompt correction): the quantized CPU
+# kernel's token-by-token path runs up to 2 slots per routed expert (Q8_DECODE_SLOTS_PER_EXPERT)
+DECODE_TOKENS = 2
 PREFILL_CHUNK = 512
 
 
@@ -69,6 +82,7 @@ class ModelSizes:
     vocab: int
     max_context: int
     dtype: str = "bfloat16"  # the dense weights' dtype (torch name): their matmul rate
+    shape_key: str = ""  # the config's one-layer shape and dtype (prefill_costs.shape_key; "": unknown)
 
     @property
     def expert_params(self) -> int:
@@ -113,7 +127,7 @@ class MeasuredCosts:
     """`StepCosts` for the simulator from a machine profile and per-layer precisions (module docstring)."""
 
     def __init__(self, sizes: ModelSizes, profile: MachineProfile, precisions: Sequence[str], *,
-                 kernel: str, fp32_weights: bool = False) -> None:
+                 kernel: str, fp32_weights: bool = False, offloaded: bool = False) -> None:
         if len(precisions) != sizes.num_layers:
             raise ValueError(f"{len(precisions)} precisions for {sizes.num_layers} MoE layers")
         self.sizes, self.profile = sizes, profile
@@ -126,8 +140,13 @@ class MeasuredCosts:
         step_bytes = ((sizes.dense_params_per_layer * sizes.num_layers + sizes.head_params) * sizes.dtype_bytes
                       + sizes.top_k * sum(self.stored))
         self.streamed = profile.streams(step_bytes)
+        self.prefill = profile.prefill.get(sizes.shape_key) if sizes.shape_key else None
+        self.variants = [variant(p, kernel, fp32_weights) for p in precisions]
+        self.offloaded = offloaded  # experts in an offload cache: one call per expert
 
-    def dense_s(self, layer: int, tokens: int) -> float:
+    def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float:
+        if self.prefill is not None and tokens > sequences:  # prompt rows: measured on the model's shapes
+            return self.prefill.layer(tokens) + self.rates[layer].call_s
         s = self.sizes
         work = max(s.dense_params_per_layer * s.dtype_bytes / self.dense_bw,
                    2.0 * s.dense_params_per_layer * tokens / self.flops)
@@ -135,11 +154,17 @@ class MeasuredCosts:
         return self.profile.layer_fixed_s + self.rates[layer].call_s + work + per_token
 
     def expert_s(self, layer: int, tokens: int) -> float:
+        if self.prefill is not None and tokens > DECODE_TOKENS:  # a prompt's GEMMs, measured on this shape
+            measured = self.prefill.expert(self.variants[layer], tokens, offloaded=self.offloaded)
+            if measured is not None:
+                return measured
         return self.rates[layer].expert_s(self.stored[layer], 6.0 * self.sizes.hidden * self.sizes.inter * tokens,
                                           streamed=self.streamed, tokens=tokens)
 
-    def head_s(self, tokens: int) -> float:
+    def head_s(self, tokens: int, rows: int = 1) -> float:
         s = self.sizes
+        if self.prefill is not None and rows > tokens:  # prompt rows; the measured forward kept one head row
+            return self.prefill.forward(rows) + 2.0 * s.head_params * (tokens - 1) / self.flops
         work = max(s.head_params * s.dtype_bytes / self.dense_bw, 2.0 * s.head_params * tokens / self.flops)
         return self.profile.step_fixed_s + work
 
@@ -152,8 +177,9 @@ def layer_seconds(trace: Any, costs: MeasuredCosts) -> tuple[list[float], float]
     for step, visits in planned_steps(trace):
         n = len(step.rows)
         for v in visits:
-            per_layer[v.layer] += costs.dense_s(v.layer, n) + sum(costs.expert_s(v.layer, t) for t in v.tokens)
-        steps += costs.head_s(step.sequences)
+            per_layer[v.layer] += (costs.dense_s(v.layer, n, step.sequences)
+                                   + sum(costs.expert_s(v.layer, t) for t in v.tokens))
+        steps += costs.head_s(step.sequences, n)
     return per_layer, steps
 
 
@@ -176,7 +202,8 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     None (every expert resident: a static cache of all L x E experts, warm before the first step);
     `page_cache_bytes`: memory left free for the page cache (a disk tier's misses then partly read
     from RAM, `cached_fraction`)."""
-    costs = MeasuredCosts(sizes, profile, precisions, kernel=kernel, fp32_weights=fp32_weights)
+    costs = MeasuredCosts(sizes, profile, precisions, kernel=kernel, fp32_weights=fp32_weights,
+                          offloaded=offload is not None)
     if offload is None:
         cfg = OffloadConfig(tier="cpu", cache=sizes.num_layers * sizes.num_experts, scope="global", policy="static",
                             calibration=_all_experts_trace(sizes))
@@ -194,8 +221,10 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     # loads overlap compute where the profile found reads hidden behind it (on a CPU a page-cached read is
     # a memcpy that shares cores and memory bandwidth with expert decode)
     overlap = offload is None or profile.overlaps_reads()
+    # but not behind a prompt's experts on a CPU: they keep every core busy, and a load's page-cache copy
+    # runs on those cores (the shipped model's 64-token prompts: ~100 us a load, none of it hidden)
     return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=costs, expert_bytes=moved,
-                    overlap=overlap)
+                    overlap=overlap, overlap_prompts=offload is None or profile.device != "cpu")
 
 
 def _all_experts_trace(sizes: ModelSizes) -> Any:

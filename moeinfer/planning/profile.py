@@ -72,13 +72,13 @@ from moeinfer.formats.quantized_experts import QuantizedExperts
 from moeinfer.kernels import use_kernel_
 from moeinfer.kernels.native.build import is_current, library_path
 from moeinfer.kernels.registry import KernelUnavailableError, resolve
-from moeinfer.model.kv_cache import KVCache
 from moeinfer.model.moe import Experts, Routing
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.apply import offload_
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
+from moeinfer.planning.prefill_costs import PrefillCosts, prefill_in_turn
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
 
 PROFILE_VERSION = 11  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
@@ -170,6 +170,9 @@ class MachineProfile:
     dense_read_gbps: float | None = None
     # CPU: share of a page-cached read hidden behind expert decode at the same time (None: not measured)
     read_overlap: float | None = None
+    # prompt forwards' costs per model shape (prefill_costs.shape_key), measured on that shape when a
+    # model of it is planned (moeinfer.planning.shape_profile.with_prefill_costs)
+    prefill: dict[str, PrefillCosts] = field(default_factory=dict)
     version: int = PROFILE_VERSION
 
     def overlaps_reads(self) -> bool:
@@ -232,6 +235,7 @@ class MachineProfile:
         d = dict(d)
         d["experts"] = {k: ExpertRate(**v) for k, v in d.get("experts", {}).items()}
         d["offload_host"] = {k: OffloadHost(**v) for k, v in d.get("offload_host", {}).items()}
+        d["prefill"] = {k: PrefillCosts.from_dict(v) for k, v in d.get("prefill", {}).items()}
         return cls(**d)
 
 
@@ -291,7 +295,7 @@ def machine_profile(device: str = "cpu", *, refresh: bool = False, variants: tup
 
 # --- measurement ---
 
-def _least(fn: Any, repeats: int, device: torch.device) -> float:
+def least_time(fn: Any, repeats: int, device: torch.device) -> float:
     """The least wall time of `repeats` runs after one warm-up (module docstring: why not the median)."""
     def run() -> None:
         fn()
@@ -306,7 +310,7 @@ def _least(fn: Any, repeats: int, device: torch.device) -> float:
     return min(times)
 
 
-def _experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
+def experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
     """An experts module of this variant ("bf16/<kernel>[+fp32]" or a quantize preset name)."""
     g = torch.Generator().manual_seed(0)
     # drawn in bf16: an expert of the cache's size needs no fp32 copy
@@ -348,7 +352,8 @@ def stored_expert_bytes(variant: str, D: int, I: int, dtype_bytes: int = 2) -> f
     return total
 
 
-def _routing(N: int, K: int, E: int, device: torch.device) -> Any:
+def uniform_routing(N: int, K: int, E: int, device: torch.device) -> Any:
+    """N tokens, each routed to K distinct experts of E drawn at random (seeded by N and K), equal weights."""
     g = torch.Generator().manual_seed(N * 31 + K)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]).to(device)
     w = torch.full((N, K), 1.0 / K, device=device)
@@ -389,10 +394,10 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
     def t(D: int, I: int, N: int, K: int, E: int = experts) -> float:
         if (D, I) not in modules:
             modules.clear()  # one size in memory at a time (the streaming one reads `streamed_bytes`)
-            modules[(D, I)] = _experts_module(variant, E, D, I, device)
+            modules[(D, I)] = experts_module(variant, E, D, I, device)
         mod = modules[(D, I)]
         x = torch.randn(N, D, device=device).to(torch.bfloat16)
-        routings = [_routing(N, K, E, device) for _ in range(4)]
+        routings = [uniform_routing(N, K, E, device) for _ in range(4)]
         i = [0]
         # one token as a one-row decode runs it: the prepared call where the module has one
         # (moeinfer.engine.cpu_decode), else the module
@@ -407,7 +412,7 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
                     op(x, r.indices, r.weights)
                 else:
                     mod(x, r)
-        return _least(call, repeats, device)
+        return least_time(call, repeats, device)
 
     (Ds, Is), (Dl, Il) = small, large
     bs, bl = stored_expert_bytes(variant, Ds, Is), stored_expert_bytes(variant, Dl, Il)
@@ -499,33 +504,17 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     return layer_fixed, step_fixed
 
 
-def _prefill_in_turn(models: list[Any], repeats: int, tokens: int) -> list[float]:
-    """Per model, the least over `repeats` rounds of one prefill forward of `tokens` tokens through a KV
-    cache (the forward a generation's prompt runs, last position's logits only), the models taking turns."""
-    best = [float("inf")] * len(models)
-    ids = torch.arange(1, tokens + 1)[None] % 200 + 1
-    for r in range(repeats + 1):  # round 0 warms up
-        for i, m in enumerate(models):
-            cache = KVCache(m.config, batch_size=1, max_length=tokens, device=m.device, dtype=m.dtype)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                m(ids.to(m.device), cache=cache, logits_to_keep=1)
-            if r:
-                best[i] = min(best[i], time.perf_counter() - t0)
-    return best
-
-
 def measure_prefill_tokens(device: torch.device, rate: ExpertRate, layer_fixed: float, top_k: int = 2,
                            repeats: int = 7, kernel: str = "reference", tokens: int = 64) -> float:
     """Step 3, prefill: `layer_token_s` from prefill forwards of `tokens` tokens of the 1- and 3-layer
-    models (`_prefill_in_turn`): per layer, their difference less the expert stage `rate` prices at
+    models (`prefill_in_turn`): per layer, their difference less the expert stage `rate` prices at
     that many tokens and less the one-token layer cost (`layer_fixed`, measured by `measure_fixed`),
     per token beyond the first. The small models' matmuls are negligible, so this is the host work a
     layer does per token."""
     models = [_tiny_model(layers, device) for layers in (1, 3)]
     for m in models:
         use_kernel_(m, kernel)
-    times = _prefill_in_turn(models, repeats, tokens)
+    times = prefill_in_turn(models, repeats, tokens)
     per_layer = max(0.0, (times[1] - times[0]) / 2)
     cfg = models[0].config
     E, D, inner = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -591,9 +580,9 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
 def _host_rates() -> tuple[float, float]:
     """(memory read GB/s, fp32 GFLOP/s) of the host CPU."""
     src = torch.ones(64 << 20)  # 256 MiB fp32
-    read = _least(lambda: src.sum(), 5, torch.device("cpu"))
+    read = least_time(lambda: src.sum(), 5, torch.device("cpu"))
     a = torch.randn(1024, 1024)
-    mm = _least(lambda: a @ a, 3, torch.device("cpu"))
+    mm = least_time(lambda: a @ a, 3, torch.device("cpu"))
     return src.numel() * 4 / read / 1e9, 2 * 1024**3 / mm / 1e9
 
 
@@ -603,11 +592,11 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
         n = 256 << 20
         host = torch.empty(n, dtype=torch.uint8).pin_memory()
         dev = torch.empty(n, dtype=torch.uint8, device=device)
-        h2d = _least(lambda: dev.copy_(host, non_blocking=True), 5, device)
+        h2d = least_time(lambda: dev.copy_(host, non_blocking=True), 5, device)
         src = torch.ones(n // 4, device=device)
-        read = _least(lambda: src.sum(), 5, device)
+        read = least_time(lambda: src.sum(), 5, device)
         a = torch.randn(4096, 4096, device=device)
-        mm = _least(lambda: a @ a, 5, device)
+        mm = least_time(lambda: a @ a, 5, device)
         return "host", n / h2d / 1e9, n / read / 1e9, 2 * 4096**3 / mm / 1e9
     hw = calibrate(mib=64, repeats=3)
     read_gbps, _ = _host_rates()
@@ -632,7 +621,7 @@ def _dense_gflops(device: torch.device) -> dict[str, float]:
         x = torch.randn(64, 1024, device=device).to(dt)
         lin = _planned_linear(4096, 1024, dt, device)
         with torch.inference_mode():
-            s = _least(lambda: lin(x), 3, device)
+            s = least_time(lambda: lin(x), 3, device)
         out[name] = 2 * 64 * 1024 * 4096 / s / 1e9
     return out
 
@@ -655,7 +644,7 @@ def _dense_read_gbps(device: torch.device, llc_bytes: int, cols: int = 4096) -> 
     lin = _planned_linear(rows, cols, torch.bfloat16, device)
     x = torch.randn(1, cols, device=device).to(torch.bfloat16)
     with torch.inference_mode():
-        s = _least(lambda: lin(x), 7, device)
+        s = least_time(lambda: lin(x), 7, device)
     return rows * cols * 2 / s / 1e9
 
 
@@ -663,9 +652,9 @@ def _read_overlap(device: torch.device, llc_bytes: int, variant: str) -> float:
     """`read_overlap` of a read and an expert call of the same bytes (two experts of `streaming_shape`,
     decode of one token) of `variant`: what a miss's read and a hit's compute do in a decode step."""
     D, I = streaming_shape(variant, llc_bytes)
-    mod = _experts_module(variant, 2, D, I, device)
+    mod = experts_module(variant, 2, D, I, device)
     x = torch.randn(1, D, device=device).to(torch.bfloat16)
-    routing = _routing(1, 2, 2, device)
+    routing = uniform_routing(1, 2, 2, device)
 
     def compute() -> None:
         with torch.inference_mode():

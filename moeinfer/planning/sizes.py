@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from moeinfer.planning.costs import ModelSizes
+from moeinfer.planning.prefill_costs import shape_key
 from moeinfer.arch import parse_config
 from moeinfer.loading.checkpoint import parse_dtype, read_config, shard_files
 from moeinfer.loading.expert_files import memory_available
@@ -29,13 +30,21 @@ def _sizes_of(model: Any, name: str, dtype: torch.dtype) -> ModelSizes:
                       hidden=shape.hidden, inter=shape.inter, dtype_bytes=dtype_bytes,
                       dense_params_per_layer=shape.dense_params_per_layer, other_params=shape.other_params,
                       head_params=head, kv_bytes_per_token=kv_per_token, vocab=c.vocab_size,
-                      max_context=c.max_position_embeddings, dtype=str(dtype).removeprefix("torch."))
+                      max_context=c.max_position_embeddings, dtype=str(dtype).removeprefix("torch."),
+                      shape_key=shape_key(c, str(dtype).removeprefix("torch.")))
 
 
 def sizes_from_model(model: Any, name: str | None = None) -> ModelSizes:
     """Sizes of a loaded model (its parameters' dtype)."""
     src = getattr(model, "source_dir", None)
     return _sizes_of(model, name or (Path(src).name if src else "model"), model.dtype)
+
+
+def config_of(model_or_path: Any) -> Any:
+    """The ModelConfig of a loaded model, checkpoint folder or shipped model (config.json alone)."""
+    if isinstance(model_or_path, MoEModel):
+        return model_or_path.config
+    return parse_config(read_config(resolve_model_path(model_or_path)))
 
 
 def sizes_from_checkpoint(path: str | os.PathLike[str]) -> ModelSizes:

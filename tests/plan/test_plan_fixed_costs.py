@@ -137,7 +137,7 @@ def test_prefill_token_cost_is_the_layers_difference_less_experts_and_one_token(
         seen.extend((len(m.moe_blocks()), tokens) for m in models)
         return [0.004, 0.010]  # 1 layer, 3 layers: 3 ms a layer
 
-    monkeypatch.setattr(profile, "_prefill_in_turn", fake_prefill)
+    monkeypatch.setattr(profile, "prefill_in_turn", fake_prefill)
     rate = ExpertRate(call_s=1e-4, expert_fixed_s=1e-5, bytes_per_s=1e10, flops_per_s=1e15, slot_s=2e-6)
     got = profile.measure_prefill_tokens(torch.device("cpu"), rate, layer_fixed=2e-4, tokens=64)
     assert seen == [(1, 64), (3, 64)]
@@ -148,5 +148,5 @@ def test_prefill_token_cost_is_the_layers_difference_less_experts_and_one_token(
 
 def test_prefill_forwards_are_timed_through_a_cache():
     models = [profile._tiny_model(layers, torch.device("cpu")) for layers in (1, 3)]
-    times = profile._prefill_in_turn(models, repeats=1, tokens=8)
+    times = profile.prefill_in_turn(models, repeats=1, tokens=8)
     assert len(times) == 2 and all(0 < t < float("inf") for t in times)

@@ -1,0 +1,159 @@
+"""A forward's costs outside the routed experts, measured on the planned model's own shapes: what a
+prefill of T tokens pays for attention, norms, rotary embeddings, router, shared experts,
+embeddings, the LM head row and Python, per MoE layer and per forward.
+
+Why on the model's own shapes: the machine profile prices a layer's dense part from the dense
+matmul rate plus a per-token host cost measured on a 2-head, 64-wide random model
+(moeinfer/planning/profile.py, step 3). A short prefill of a small model is mostly per-call and
+per-row costs that grow with heads and widths, not with flops: on the Intel machine the shipped
+model's 64-token forward spent 2.5 ms outside its experts where those figures priced 0.9 ms, so
+every plan's prefill was predicted up to 2x too fast (docs/planner.md, "Tenth session").
+
+Shapes: T tokens of one prompt, n MoE layers of the measured models.
+
+1. build models of 1 and 3 MoE layers from the planned model's config (its attention, heads, widths,
+   shared experts, vocabulary; random weights drawn in the checkpoint's dtype, so a real-shape
+   config needs no fp32 copy), their routed experts replaced by a stage that returns zeros (the
+   expert rates price those), on the dense path a planned model runs (moeinfer/planning/dense.py);
+2. time one prefill forward of T tokens through a KV cache (last position's logits, as generation
+   keeps) at two prompt lengths, the models taking turns, each figure the least of its rounds;
+3. per layer at each T: half the 3-layer time less the 1-layer time; per forward: the 1-layer time
+   less one layer; each fitted as  a + (T - 1) b  through the two lengths (`PrefillCosts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeinfer.config import ModelConfig
+from moeinfer.model.kv_cache import KVCache
+from moeinfer.model.meta import meta_parameters
+from moeinfer.model.moe import Routing
+from moeinfer.model.transformer import MoEModel
+from moeinfer.planning.dense import use_planned_dense_
+
+PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model's context is shorter)
+
+
+@dataclass(frozen=True)
+class PrefillCosts:
+    """Step 3's fit: seconds of a T-token forward outside the routed experts."""
+
+    layer_s: float  # per MoE layer, per forward
+    layer_token_s: float  # per MoE layer, per token beyond the first
+    forward_s: float  # per forward: embeddings, final norm, LM head row, Python
+    forward_token_s: float  # per forward, per token beyond the first
+    tokens: tuple[int, int] = PROMPT_LENGTHS  # the prompt lengths measured
+    measured: str = ""
+    # expert variant -> (seconds per active expert, per token) of a prompt's experts of this shape,
+    # call_s excluded (moeinfer.planning.shape_profile); a variant absent: the profile's fit prices it
+    experts: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # the same for an offloaded layer's experts, one call each (per call, per token)
+    offloaded: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def layer(self, tokens: int) -> float:
+        """One MoE layer's dense part (attention, norms, router, shared expert) for `tokens` rows."""
+        return self.layer_s + max(0, tokens - 1) * self.layer_token_s
+
+    def forward(self, tokens: int) -> float:
+        """What a forward of `tokens` rows pays once (embeddings, head row, Python)."""
+        return self.forward_s + max(0, tokens - 1) * self.forward_token_s
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrefillCosts:
+        lines = {k: {v: tuple(line) for v, line in d.get(k, {}).items()} for k in ("experts", "offloaded")}
+        return cls(**{**d, "tokens": tuple(d.get("tokens", PROMPT_LENGTHS)), **lines})
+
+    def expert(self, variant: str, tokens: int, *, offloaded: bool = False) -> float | None:
+        """Seconds of one expert of `variant` (in an offloaded layer: one call of its own) with `tokens`
+        of a prompt's tokens (None: not measured)."""
+        line = (self.offloaded if offloaded else self.experts).get(variant)
+        return None if line is None else line[0] + tokens * line[1]
+
+
+class _NoExperts(nn.Module):
+    """A routed-expert stage that computes nothing: the block's other work is what is timed."""
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def _short(config: ModelConfig, layers: int) -> ModelConfig:
+    """`config` cut to `layers` MoE layers (each like its first MoE layer), with routed experts of inner
+    size 1: step 1 replaces them, so they are never allocated at their real size."""
+    first = config.moe_layers[0] if config.moe_layers else 0
+    window = None if config.sliding_window is None else (config.sliding_window[first],) * layers
+    return replace(config, num_layers=layers, layer_ffn=("moe",) * layers, sliding_window=window,
+                   moe_intermediate_size=1)
+
+
+def shape_key(config: ModelConfig, dtype: str) -> str:
+    """What the costs depend on besides the machine: the config of one layer (not the layer count:
+    the costs are per layer and per forward) and the weights' dtype."""
+    return hashlib.sha256(f"{_short(config, 1)!r}|{dtype}".encode()).hexdigest()[:16]
+
+
+def _random_model(config: ModelConfig, layers: int, dtype: torch.dtype, device: torch.device) -> Any:
+    """Step 1: a `layers`-layer model of `config`'s shapes, random weights in `dtype`, routed experts
+    stubbed, frozen as a loaded checkpoint is, on the planned dense path."""
+    g = torch.Generator().manual_seed(layers)
+    with meta_parameters():
+        model = MoEModel(_short(config, layers))
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            w = torch.empty(p.shape, dtype=dtype).normal_(0, 0.02, generator=g)
+            setattr(module, name, nn.Parameter(w.to(device), requires_grad=False))
+    model = model.to(device=device, dtype=dtype).eval()
+    for block in model.moe_blocks():
+        block.experts = _NoExperts()
+    use_planned_dense_(model, device)
+    return model
+
+
+def prefill_in_turn(models: list[Any], repeats: int, tokens: int) -> list[float]:
+    """Per model, the least over `repeats` rounds of one prefill forward of `tokens` tokens through a KV
+    cache (the forward a generation's prompt runs, last position's logits only), the models taking turns."""
+    best = [float("inf")] * len(models)
+    ids = torch.arange(1, tokens + 1)[None] % 200 + 1
+    for r in range(repeats + 1):  # round 0 warms up
+        for i, m in enumerate(models):
+            cache = KVCache(m.config, batch_size=1, max_length=tokens, device=m.device, dtype=m.dtype)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                m(ids.to(m.device), cache=cache, logits_to_keep=1)
+            if r:
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def fit_line(at: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, float]:
+    """(a, b) of  a + (T - 1) b  through two (T, seconds) points, both >= 0 (a later length measured
+    faster, noise: no per-token cost; a negative intercept: all of it per token)."""
+    (t1, t2), (s1, s2) = at, seconds
+    b = max(0.0, (s2 - s1) / (t2 - t1))
+    a = s1 - (t1 - 1) * b
+    if a < 0:
+        return 0.0, max(s1, 0.0) / max(1, t1 - 1)
+    return a, b
+
+
+def measure_prefill_costs(config: ModelConfig, dtype: str, device: torch.device | str = "cpu", *,
+                          repeats: int = 5, lengths: tuple[int, int] = PROMPT_LENGTHS) -> PrefillCosts:
+    """Steps 1-3 of the module docstring for a model of `config` with weights in `dtype` ("bfloat16", ...)."""
+    dev = torch.device(device)
+    t0 = time.time()
+    longest = min(lengths[1], config.max_position_embeddings)
+    at = (min(lengths[0], longest // 2), longest)
+    models = [_random_model(config, n, getattr(torch, dtype), dev) for n in (1, 3)]
+    one, three = zip(*(prefill_in_turn(models, repeats, T) for T in at))
+    layer = tuple(max(0.0, (c - a) / 2) for a, c in zip(one, three))
+    forward = tuple(max(0.0, a - ly) for a, ly in zip(one, layer))
+    (ls, lt), (fs, ft) = fit_line(at, layer), fit_line(at, forward)
+    return PrefillCosts(layer_s=ls, layer_token_s=lt, forward_s=fs, forward_token_s=ft, tokens=at,
+                        measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s")

@@ -1,0 +1,108 @@
+"""The machine profile completed for one model shape: how a prompt's forward costs on this machine
+for the model being planned, measured on that model's own shapes once and cached with the profile.
+
+The machine profile (moeinfer/planning/profile.py) is measured on small random models and experts
+of two fixed sizes, and prices any model from those figures. Decode predictions came within 25% of
+the measured rates that way; prompt forwards did not (up to 2x too fast on the Intel machine,
+docs/planner.md "Tenth session"), because a short prefill of a small model is mostly per-call and
+per-row work that does not scale from other shapes. So, per model shape:
+1. the costs outside the routed experts (moeinfer/planning/prefill_costs.py): 1- and 3-layer models
+   of the shape, routed experts stubbed, timed on prompts of two lengths;
+2. per expert variant the profile measured (precision x kernel), one experts module of the model's
+   own E, D, I, timed on prompts of `EXPERT_TOKENS` (two lengths) routed uniformly at its top-k: the
+   difference of the two prices a token, the rest (less the profile's call_s) an active expert
+   (`PrefillCosts.experts`; moeinfer/planning/costs.py prices a prompt's experts with it). The
+   profile's fit, made on two other sizes at one length, priced the shipped model's experts in its
+   64-token prompts (16 tokens an expert on average) at 0.88x what they took in bf16 and 0.6x in
+   int4 on the Intel machine; a correction measured at one length did not carry over to another
+   (bf16: 0.69x at 32 tokens an expert). A variant whose module would take more than a third of the
+   free memory is not measured (the fit prices it);
+3. an offloaded layer runs one call per cached expert (moeinfer/offload/packed.py), each with its
+   own dispatch and activation quantization: per variant, a module of one expert of the shape timed
+   on two token counts (`PrefillCosts.offloaded`: per call, per token). On the Intel machine the
+   shipped model's offloaded int4 plans, every expert cached, spent ~1.2 ms a layer visit in a
+   64-token prompt where the resident layer spent ~0.5.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from moeinfer.config import ModelConfig
+from moeinfer.fsutil import atomic_write_text
+from moeinfer.loading.expert_files import memory_available
+from moeinfer.planning.prefill_costs import measure_prefill_costs, shape_key
+from moeinfer.planning.profile import (
+    MachineProfile,
+    experts_module,
+    least_time,
+    machine_key,
+    profile_path,
+    stored_expert_bytes,
+    uniform_routing,
+)
+
+EXPERT_TOKENS = (32, 256)  # step 2's two prompt lengths: T x top-k token-slots over the experts
+OFFLOADED_TOKENS = (8, 64)  # step 3's two token counts of one expert
+
+
+def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device: torch.device, *,
+                lengths: tuple[int, int] = EXPERT_TOKENS, one: bool = False,
+                repeats: int = 3) -> tuple[float, float]:
+    """Step 2 for one variant: (seconds per active expert, per token) of an experts module of `config`'s
+    shape, from its times on prompts of the two `lengths` (both >= 0), less the module's call_s (the
+    cost model charges that once per layer). `one`: step 3, a module of one expert whose every
+    token routes to it, `lengths` its tokens; its whole call is the expert's cost."""
+    E, D, I, K = config.num_experts, config.hidden_size, config.moe_intermediate_size, config.top_k
+    if one:
+        E = K = 1
+    mod = experts_module(variant, E, D, I, device)
+    call_s = 0.0 if one else prof.rate(variant).call_s
+    points = []
+    for T in lengths:
+        routing = uniform_routing(T, K, E, device)
+        x = torch.randn(T, D, device=device).to(torch.bfloat16)
+
+        def call(x: torch.Tensor = x, routing: Any = routing) -> None:
+            with torch.inference_mode():
+                mod(x, routing)
+        active = int((torch.bincount(routing.indices.reshape(-1), minlength=E) > 0).sum())
+        points.append((active, T * K, least_time(call, repeats, device) - call_s))
+    (a1, s1, t1), (a2, s2, t2) = points
+    per_token = max(0.0, (t2 - t1) / (s2 - s1)) if a1 == a2 else max(0.0, t2 / s2)
+    per_expert = max(0.0, (t1 - per_token * s1) / a1)
+    return per_expert, per_token
+
+
+def _fits(variant: str, config: ModelConfig) -> bool:
+    """Whether one layer of `variant` experts of this shape (bf16 weights drawn, the variant's copy, an
+    fp32 compute copy for '+fp32') takes at most a third of the free memory."""
+    E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    extra = 4 * 3 * D * I if variant.endswith("+fp32") else stored_expert_bytes(variant, D, I)
+    return E * (2 * 3 * D * I + extra) <= memory_available("cpu") // 3
+
+
+def with_prefill_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
+                       progress: bool = False) -> MachineProfile:
+    """`prof` with the prompt costs of a model of `config` with weights in `dtype` (steps 1-3), measured
+    now if it lacks them (seconds; a real-shape model's experts, up to a minute) and then cached with
+    the profile when `prof` is this machine's cached one."""
+    key = shape_key(config, dtype)
+    if key in prof.prefill:
+        return prof
+    if progress:
+        print("measuring prompt costs on the model's own shapes ...", flush=True)
+    device = torch.device(prof.device)
+    costs = measure_prefill_costs(config, dtype, device)
+    lines = {v: expert_line(prof, v, config, device) for v in prof.experts if _fits(v, config)}
+    one = {v: expert_line(prof, v, config, device, lengths=OFFLOADED_TOKENS, one=True)
+           for v in prof.experts if not v.endswith("+fp32")}
+    out = replace(prof, prefill={**prof.prefill, key: replace(costs, experts=lines, offloaded=one)})
+    if prof.key == machine_key(prof.device):
+        atomic_write_text(profile_path(prof.device), json.dumps(out.to_dict(), indent=2) + "\n")
+    return out
+

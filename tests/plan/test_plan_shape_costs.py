@@ -1,0 +1,227 @@
+"""Prompt costs measured on the planned model's own shapes (moeinfer/planning/prefill_costs.py and
+shape_profile.py): the fits, the random models they time, the cache beside the machine profile, and
+how the cost model prices a prompt with them (timings are synthetic: tests never time anything)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from plan_helpers import synthetic_profile
+
+from moeinfer.offload.config import OffloadConfig
+from moeinfer.offload.visits import planned_steps
+from moeinfer.planning import prefill_costs, shape_profile
+from moeinfer.planning import routing as routes
+from moeinfer.planning.costs import MeasuredCosts, layer_seconds, simulate_plan
+from moeinfer.planning.prefill_costs import PrefillCosts, fit_line, shape_key
+from moeinfer.planning.profile import MachineProfile
+from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
+from moeinfer.planning.spec import PlanOffload
+
+COSTS = PrefillCosts(layer_s=3e-4, layer_token_s=2e-6, forward_s=5e-4, forward_token_s=1e-6,
+                     experts={"bf16/reference": (4e-5, 1e-6), "int4": (2e-5, 3e-6)},
+                     offloaded={"int4": (1e-4, 3e-6)})
+
+
+def _shaped(prof: MachineProfile, costs: PrefillCosts = COSTS) -> MachineProfile:
+    return replace(prof, prefill={sizes_from_checkpoint("tiny").shape_key: costs})
+
+
+def test_fit_line_recovers_a_line_and_keeps_both_terms_non_negative():
+    assert fit_line((32, 256), (1e-3 + 31 * 2e-6, 1e-3 + 255 * 2e-6)) == pytest.approx((1e-3, 2e-6))
+    # the longer prompt measured faster (noise): no per-token cost, the shorter one's time per forward
+    assert fit_line((32, 256), (2e-3, 1e-3)) == pytest.approx((2e-3, 0.0))
+    # a negative intercept: all of it per token
+    assert fit_line((32, 256), (1e-4, 1e-2)) == pytest.approx((0.0, 1e-4 / 31))
+
+
+def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkeypatch):
+    seen = []
+
+    def fake(models, repeats, tokens):
+        seen.append((tokens, [len(m.moe_blocks()) for m in models], models))
+        layer, forward = 1e-4 + (tokens - 1) * 3e-6, 4e-4 + (tokens - 1) * 1e-6
+        return [forward + layer, forward + 3 * layer]
+
+    monkeypatch.setattr(prefill_costs, "prefill_in_turn", fake)
+    config = config_of("tiny")
+    got = prefill_costs.measure_prefill_costs(config, "bfloat16")
+    assert [(t, n) for t, n, _ in seen] == [(32, [1, 3]), (256, [1, 3])]
+    assert (got.layer_s, got.layer_token_s) == pytest.approx((1e-4, 3e-6))
+    assert (got.forward_s, got.forward_token_s) == pytest.approx((4e-4, 1e-6))
+    assert got.layer(64) == pytest.approx(1e-4 + 63 * 3e-6) and got.forward(1) == pytest.approx(4e-4)
+    # a context shorter than the longer prompt: both lengths fit in it
+    short = replace(config, max_position_embeddings=100)
+    seen.clear()
+    assert prefill_costs.measure_prefill_costs(short, "bfloat16").tokens == (32, 100)
+
+
+def test_the_timed_models_have_the_planned_shapes_and_no_routed_experts():
+    config = config_of("tiny")
+    model = prefill_costs._random_model(config, 3, torch.bfloat16, torch.device("cpu"))
+    ref_attn = config.num_heads * config.head_dim, config.hidden_size
+    assert len(model.moe_blocks()) == 3 and model.dtype == torch.bfloat16
+    assert tuple(model.layers[0].self_attn.q_proj.weight.shape) == ref_attn
+    assert model.lm_head.weight.shape[0] == config.vocab_size
+    assert all(isinstance(b.experts, prefill_costs._NoExperts) for b in model.moe_blocks())
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.arange(1, 9)[None]
+    with torch.inference_mode():
+        out = model(ids)
+    assert out.shape == (1, 8, config.vocab_size) and torch.isfinite(out.float()).all()
+
+
+def test_the_shape_key_names_one_layers_shape_and_dtype_not_the_depth():
+    config = config_of("tiny")
+    key = shape_key(config, "bfloat16")
+    assert shape_key(replace(config, num_layers=2, layer_ffn=("moe",) * 2), "bfloat16") == key
+    assert shape_key(config, "float32") != key
+    assert shape_key(replace(config, num_heads=3, num_kv_heads=1), "bfloat16") != key
+    assert sizes_from_checkpoint("tiny").shape_key == key
+
+
+def test_a_prompt_step_is_priced_with_the_measured_costs_and_a_decode_step_as_before():
+    sizes = sizes_from_checkpoint("tiny")
+    base = synthetic_profile()
+    L = sizes.num_layers
+    plain = MeasuredCosts(sizes, base, ["bf16"] * L, kernel="reference")
+    shaped = MeasuredCosts(sizes, _shaped(base), ["bf16"] * L, kernel="reference")
+    call = base.rate("bf16/reference").call_s
+    # decode steps (as many rows as sequences, batched too) and experts of up to 2 tokens: unchanged
+    for rows in (1, 4):
+        assert shaped.dense_s(0, rows, rows) == plain.dense_s(0, rows, rows)
+        assert shaped.head_s(rows, rows) == plain.head_s(rows, rows)
+    assert shaped.expert_s(0, 2) == plain.expert_s(0, 2)
+    # a 64-row prompt of one sequence
+    assert shaped.dense_s(0, 64, 1) == pytest.approx(COSTS.layer(64) + call)
+    assert shaped.head_s(1, 64) == pytest.approx(COSTS.forward(64))
+    assert shaped.expert_s(0, 16) == pytest.approx(4e-5 + 16 * 1e-6)
+    # two prompts in one step: the second's head row on top
+    extra = 2.0 * sizes.head_params / base.matmul_rate(sizes.dtype)
+    assert shaped.head_s(2, 64) == pytest.approx(COSTS.forward(64) + extra)
+    # a variant the shape was not measured for: the profile's fit
+    int8 = MeasuredCosts(sizes, _shaped(base), ["int8"] * L, kernel="reference")
+    assert int8.expert_s(0, 16) == MeasuredCosts(sizes, base, ["int8"] * L, kernel="reference").expert_s(0, 16)
+    # an offloaded layer's experts: one call each
+    off = MeasuredCosts(sizes, _shaped(base), ["int4"] * L, kernel="reference", offloaded=True)
+    assert off.expert_s(0, 16) == pytest.approx(1e-4 + 16 * 3e-6)
+
+
+def test_the_simulator_and_the_layer_split_agree_with_the_measured_prompt_costs():
+    sizes = sizes_from_checkpoint("tiny")
+    prof = _shaped(synthetic_profile())
+    trace = routes.prefill(routes.uniform(num_layers=sizes.num_layers, num_experts=sizes.num_experts,
+                                          top_k=sizes.top_k, sequences=2, tokens=32))
+    costs = MeasuredCosts(sizes, prof, ["bf16"] * sizes.num_layers, kernel="reference")
+    per_layer, steps = layer_seconds(trace, costs)
+    assert steps == pytest.approx(2 * COSTS.forward(32))
+    got = simulate_plan(trace, sizes, prof, ["bf16"] * sizes.num_layers, kernel="reference")
+    assert got.time_s == pytest.approx(sum(per_layer) + steps)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_on_a_cpu_a_prompts_loads_do_not_hide_behind_its_experts(decode):
+    """overlap_prompts=False: steps holding prompt rows wait for their loads, decode steps overlap."""
+    from moeinfer.offload.hardware import HardwareProfile
+    from moeinfer.offload.simulator import simulate
+
+    sizes = sizes_from_checkpoint("tiny")
+    trace = routes.uniform(num_layers=sizes.num_layers, num_experts=sizes.num_experts, top_k=sizes.top_k,
+                           sequences=2, tokens=16)
+    trace = routes.batched(trace, 1) if decode else routes.prefill(trace)
+    assert all((len(s.rows) == s.sequences) == decode for s, _ in planned_steps(trace))
+    hw = HardwareProfile(name="t", link_gbps=0.5, fast_mem_gbps=50.0, compute_tflops=0.05, cpu_mem_gbps=50.0,
+                         cpu_gflops=50.0, measured=True, description="test")
+    cfg = OffloadConfig(tier="disk", cache=6, scope="global", policy="lru", offload_dir="unused")
+
+    def run(**kw):
+        return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hw, **kw).time_s
+    hidden, waits = run(overlap=True), run(overlap=False)
+    assert waits > hidden  # the trace has loads to hide
+    assert run(overlap=True, overlap_prompts=False) == pytest.approx(hidden if decode else waits)
+    # the planner: a CPU's offloaded prompts wait, a GPU's overlap
+    offload = PlanOffload(tier="disk", cache_experts=6, scope="global", policy="lru", prefetch="none")
+    prof = synthetic_profile()
+    cpu = simulate_plan(trace, sizes, prof, ["bf16"] * sizes.num_layers, kernel="reference", offload=offload)
+    gpu = simulate_plan(trace, sizes, replace(prof, device="cuda"), ["bf16"] * sizes.num_layers,
+                        kernel="reference", offload=offload)
+    assert (cpu.time_s == pytest.approx(gpu.time_s)) == decode
+    assert cpu.time_s >= gpu.time_s
+
+
+def test_expert_lines_come_from_two_prompt_lengths(monkeypatch):
+    """Per active expert and per token-slot, less the module's call_s (one-expert modules: all of it)."""
+    prof = synthetic_profile()
+    config = config_of("tiny")
+    calls = []
+
+    def fake_least(fn, repeats, device):
+        calls.append(fn)
+        mod = fake_least.module
+        return 1e-5 + mod.num_experts * 3e-5 + fake_least.slots.pop(0) * 2e-6
+
+    def fake_module(variant, E, D, I, device):
+        fake_least.module = type("M", (), {"num_experts": E})()
+        return lambda x, r: None
+
+    monkeypatch.setattr(shape_profile, "least_time", fake_least)
+    monkeypatch.setattr(shape_profile, "experts_module", fake_module)
+    K = config.top_k
+    fake_least.slots = [32 * K, 256 * K]
+    call_s = prof.rate("int4").call_s
+    per_expert, per_token = shape_profile.expert_line(prof, "int4", config, torch.device("cpu"))
+    assert per_token == pytest.approx(2e-6)
+    assert per_expert == pytest.approx((1e-5 - call_s) / config.num_experts + 3e-5)
+    fake_least.slots = [8, 64]
+    per_call, per_token = shape_profile.expert_line(prof, "int4", config, torch.device("cpu"), lengths=(8, 64),
+                                                    one=True)
+    assert (per_call, per_token) == pytest.approx((1e-5 + 3e-5, 2e-6))
+
+
+def test_prompt_costs_are_measured_once_and_cached_with_this_machines_profile(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEINFER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(shape_profile, "machine_key", lambda device: "this-machine")
+    monkeypatch.setattr(shape_profile, "profile_path", lambda device: tmp_path / "profile.json")
+    measured = []
+    monkeypatch.setattr(shape_profile, "measure_prefill_costs",
+                        lambda config, dtype, device: measured.append(dtype) or COSTS)
+    monkeypatch.setattr(shape_profile, "expert_line", lambda prof, v, config, device, **kw: (1e-5, 1e-6))
+    # a third of the free memory holds one layer of bf16 experts drawn plus one at 1 byte a weight:
+    # int4 (codes, scales and zeros: ~0.53 bytes a weight) fits, int8 (~1.03), bf16 and +fp32 do not
+    config = config_of("tiny")
+    one = config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+    monkeypatch.setattr(shape_profile, "memory_available", lambda device: 3 * (one * 2 + one))
+    prof = replace(synthetic_profile(), key="this-machine")
+    got = shape_profile.with_prefill_costs(prof, config, "bfloat16")
+    key = shape_key(config, "bfloat16")
+    assert measured == ["bfloat16"]
+    assert set(got.prefill[key].experts) == {"int4"}
+    assert set(got.prefill[key].offloaded) == set(prof.experts)
+    saved = MachineProfile.from_dict(json.loads((tmp_path / "profile.json").read_text()))
+    assert saved.prefill == got.prefill  # JSON round trip
+    assert shape_profile.with_prefill_costs(saved, config, "bfloat16") is saved
+    assert measured == ["bfloat16"]  # not measured again
+    # another machine's profile (a file the user passed in): measured, not written over this machine's
+    (tmp_path / "profile.json").unlink()
+    shape_profile.with_prefill_costs(replace(prof, key="elsewhere"), config, "bfloat16")
+    assert not (tmp_path / "profile.json").exists()
+
+
+def test_plan_measures_the_prompt_costs_of_the_models_shape(monkeypatch):
+    from moeinfer.planning import planner
+
+    seen = []
+    monkeypatch.setattr(planner, "machine_profile", lambda device, **kw: synthetic_profile())
+
+    def fake(prof, config, dtype, **kw):
+        seen.append((config.hidden_size, dtype))
+        return _shaped(prof)
+    monkeypatch.setattr(planner, "with_prefill_costs", fake)
+    from plan_helpers import toy_quality
+
+    plan = planner.plan("tiny", "120MB", quality=toy_quality(4), precisions=("bf16",))
+    assert seen == [(config_of("tiny").hidden_size, "bfloat16")]
+    assert plan.predicted is not None and plan.predicted.prefill_tok_s > 0
