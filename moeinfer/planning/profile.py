@@ -45,7 +45,9 @@ ever add time to a run, so the least is the machine's own cost and the median of
 The profile is keyed by device, CPU model and flags, thread count, torch version and the native CPU
 kernels' source stamp (none when they are not built or stale), and cached as
 JSON in the user cache folder (`$MOEINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/moeinfer`, else
-`~/.cache/moeinfer`), so `moeinfer plan` measures a machine once.
+`~/.cache/moeinfer`), so `moeinfer plan` measures a machine once. The costs of prompt forwards on a
+planned model's own shapes are added to the same file, once per shape (`prefill`;
+moeinfer/planning/shape_profile.py): the small-model figures of step 3 do not carry over to them.
 """
 
 from __future__ import annotations

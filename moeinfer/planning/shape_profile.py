@@ -27,6 +27,7 @@ per-row work that does not scale from other shapes. So, per model shape:
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -97,11 +98,18 @@ def with_prefill_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
     if progress:
         print("measuring prompt costs on the model's own shapes ...", flush=True)
     device = torch.device(prof.device)
+    t0 = time.time()
     costs = measure_prefill_costs(config, dtype, device)
-    lines = {v: expert_line(prof, v, config, device) for v in prof.experts if _fits(v, config)}
-    one = {v: expert_line(prof, v, config, device, lengths=OFFLOADED_TOKENS, one=True)
-           for v in prof.experts if not v.endswith("+fp32")}
-    out = replace(prof, prefill={**prof.prefill, key: replace(costs, experts=lines, offloaded=one)})
+    lines, one = {}, {}
+    for v in prof.experts:
+        if progress:
+            print(f"  experts {v} ...", flush=True)
+        if _fits(v, config):
+            lines[v] = expert_line(prof, v, config, device)
+        if not v.endswith("+fp32"):  # an offloaded layer keeps no fp32 copy
+            one[v] = expert_line(prof, v, config, device, lengths=OFFLOADED_TOKENS, one=True)
+    stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s"
+    out = replace(prof, prefill={**prof.prefill, key: replace(costs, experts=lines, offloaded=one, measured=stamp)})
     if prof.key == machine_key(prof.device):
         atomic_write_text(profile_path(prof.device), json.dumps(out.to_dict(), indent=2) + "\n")
     return out
