@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     from moeinfer.eval.datasets import load_dataset
     from moeinfer.planning.planner import DEFAULT_PRECISIONS, parse_budget
     from moeinfer.planning.profile import machine_profile
-    from moeinfer.planning.shape_profile import with_prefill_costs
+    from moeinfer.planning.shape_profile import with_shape_costs
     from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
 
     t_start = time.perf_counter()
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         def make(plan: Any) -> Runner:
             return Runner(lambda: moeinfer.apply_plan_(moeinfer.load(model_name, progress=False), plan), plan, prompt)
     # the prefill costs of this model's shapes, as `moeinfer.plan` adds them to the profile it measures
-    profile = with_prefill_costs(profile, config_of(model_name), sizes_from_checkpoint(model_name).dtype,
+    profile = with_shape_costs(profile, config_of(model_name), sizes_from_checkpoint(model_name).dtype,
                                  progress=True)
     budgets = (default_budgets(model_name, real_shape=real, quantized=quantized) if args.budgets == "auto"
                else [parse_budget(b) for b in args.budgets.split(",")])

@@ -19,13 +19,16 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
   holds (generation keeps those logits only: a prompt's forward, one row);
 - a step holding prompt rows (more rows than sequences) instead pays, per layer and once, the costs
   outside the routed experts measured on the model's own shapes where the profile holds them
-  (`MachineProfile.prefill`, moeinfer/planning/prefill_costs.py: a short prefill is mostly per-call
+  (`MachineProfile.shapes`, moeinfer/planning/shape_costs.py: a short prefill is mostly per-call
   and per-row host work that the figures above, measured on a 2-head 64-wide model, under-price),
   plus the experts module's call_s per layer and the head rows of the step's other sequences; an
   expert with more than DECODE_TOKENS tokens costs what the experts module of the model's own shape
-  measured per active expert and per token on prompts of two lengths (`PrefillCosts.experts`,
+  measured per active expert and per token on prompts of two lengths (`ShapeCosts.experts`,
   moeinfer/planning/shape_profile.py) where the profile holds that, instead of the fit above (an
-  offloaded layer's: one expert's module, one call each: `PrefillCosts.offloaded`);
+  offloaded layer's: one expert's module, one call each: `ShapeCosts.offloaded`); and a one-row
+  decode step's expert stage is what a model of the shape measured in situ where it did
+  (`ShapeCosts.decode_experts`: experts that stay in the last-level cache), the difference from the
+  fit charged with the dense part (`_in_situ`);
 - offloaded: each layer visit and each load pay the host costs the profile measured for offloaded
   experts of the plan's precision (`MachineProfile.offload_costs`), on top of the resident rates;
   a disk tier's misses are read from the page cache in the share of the store that fits in the
@@ -82,7 +85,7 @@ class ModelSizes:
     vocab: int
     max_context: int
     dtype: str = "bfloat16"  # the dense weights' dtype (torch name): their matmul rate
-    shape_key: str = ""  # the config's one-layer shape and dtype (prefill_costs.shape_key; "": unknown)
+    shape_key: str = ""  # the config's one-layer shape and dtype (shape_costs.shape_key; "": unknown)
 
     @property
     def expert_params(self) -> int:
@@ -140,31 +143,42 @@ class MeasuredCosts:
         step_bytes = ((sizes.dense_params_per_layer * sizes.num_layers + sizes.head_params) * sizes.dtype_bytes
                       + sizes.top_k * sum(self.stored))
         self.streamed = profile.streams(step_bytes)
-        self.prefill = profile.prefill.get(sizes.shape_key) if sizes.shape_key else None
+        self.shape_costs = profile.shapes.get(sizes.shape_key) if sizes.shape_key else None
         self.variants = [variant(p, kernel, fp32_weights) for p in precisions]
         self.offloaded = offloaded  # experts in an offload cache: one call per expert
 
     def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float:
-        if self.prefill is not None and tokens > sequences:  # prompt rows: measured on the model's shapes
-            return self.prefill.layer(tokens) + self.rates[layer].call_s
+        if self.shape_costs is not None and tokens > sequences:  # prompt rows: measured on the model's shapes
+            return self.shape_costs.layer(tokens) + self.rates[layer].call_s
         s = self.sizes
         work = max(s.dense_params_per_layer * s.dtype_bytes / self.dense_bw,
                    2.0 * s.dense_params_per_layer * tokens / self.flops)
         per_token = max(0, tokens - 1) * self.profile.layer_token_s
-        return self.profile.layer_fixed_s + self.rates[layer].call_s + work + per_token
+        return self.profile.layer_fixed_s + self.rates[layer].call_s + work + per_token + self._in_situ(layer, tokens)
 
-    def expert_s(self, layer: int, tokens: int) -> float:
-        if self.prefill is not None and tokens > DECODE_TOKENS:  # a prompt's GEMMs, measured on this shape
-            measured = self.prefill.expert(self.variants[layer], tokens, offloaded=self.offloaded)
-            if measured is not None:
-                return measured
+    def _in_situ(self, layer: int, tokens: int) -> float:
+        """A one-row decode step's expert stage as measured in a model of this shape, less what the fit
+        prices it at (call_s + top-k one-token experts): 0 where not measured."""
+        measured = self.shape_costs.decode_experts.get(self.variants[layer]) if self.shape_costs is not None else None
+        if measured is None or tokens != 1:
+            return 0.0
+        return measured - self.rates[layer].call_s - self.sizes.top_k * self._fit_expert_s(layer, 1)
+
+    def _fit_expert_s(self, layer: int, tokens: int) -> float:
         return self.rates[layer].expert_s(self.stored[layer], 6.0 * self.sizes.hidden * self.sizes.inter * tokens,
                                           streamed=self.streamed, tokens=tokens)
 
+    def expert_s(self, layer: int, tokens: int) -> float:
+        if self.shape_costs is not None and tokens > DECODE_TOKENS:  # a prompt's GEMMs, measured on this shape
+            measured = self.shape_costs.expert(self.variants[layer], tokens, offloaded=self.offloaded)
+            if measured is not None:
+                return measured
+        return self._fit_expert_s(layer, tokens)
+
     def head_s(self, tokens: int, rows: int = 1) -> float:
         s = self.sizes
-        if self.prefill is not None and rows > tokens:  # prompt rows; the measured forward kept one head row
-            return self.prefill.forward(rows) + 2.0 * s.head_params * (tokens - 1) / self.flops
+        if self.shape_costs is not None and rows > tokens:  # prompt rows; the measured forward kept one head row
+            return self.shape_costs.forward(rows) + 2.0 * s.head_params * (tokens - 1) / self.flops
         work = max(s.head_params * s.dtype_bytes / self.dense_bw, 2.0 * s.head_params * tokens / self.flops)
         return self.profile.step_fixed_s + work
 

@@ -46,7 +46,7 @@ The profile is keyed by device, CPU model and flags, thread count, torch version
 kernels' source stamp (none when they are not built or stale), and cached as
 JSON in the user cache folder (`$MOEINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/moeinfer`, else
 `~/.cache/moeinfer`), so `moeinfer plan` measures a machine once. The costs of prompt forwards on a
-planned model's own shapes are added to the same file, once per shape (`prefill`;
+planned model's own shapes are added to the same file, once per shape (`shapes`;
 moeinfer/planning/shape_profile.py): the small-model figures of step 3 do not carry over to them.
 """
 
@@ -80,7 +80,7 @@ from moeinfer.offload.apply import offload_
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
-from moeinfer.planning.prefill_costs import PrefillCosts, prefill_in_turn
+from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
 
 PROFILE_VERSION = 11  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
@@ -172,9 +172,9 @@ class MachineProfile:
     dense_read_gbps: float | None = None
     # CPU: share of a page-cached read hidden behind expert decode at the same time (None: not measured)
     read_overlap: float | None = None
-    # prompt forwards' costs per model shape (prefill_costs.shape_key), measured on that shape when a
-    # model of it is planned (moeinfer.planning.shape_profile.with_prefill_costs)
-    prefill: dict[str, PrefillCosts] = field(default_factory=dict)
+    # costs measured on a planned model's own shapes, per shape (shape_costs.shape_key), when a model of
+    # it is planned (moeinfer.planning.shape_profile.with_shape_costs)
+    shapes: dict[str, ShapeCosts] = field(default_factory=dict)
     version: int = PROFILE_VERSION
 
     def overlaps_reads(self) -> bool:
@@ -237,7 +237,7 @@ class MachineProfile:
         d = dict(d)
         d["experts"] = {k: ExpertRate(**v) for k, v in d.get("experts", {}).items()}
         d["offload_host"] = {k: OffloadHost(**v) for k, v in d.get("offload_host", {}).items()}
-        d["prefill"] = {k: PrefillCosts.from_dict(v) for k, v in d.get("prefill", {}).items()}
+        d["shapes"] = {k: ShapeCosts.from_dict(v) for k, v in d.get("shapes", {}).items()}
         return cls(**d)
 
 
@@ -454,7 +454,7 @@ def _tiny_model(layers: int, device: torch.device) -> Any:
     return model
 
 
-def _decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
+def decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
                          count: Any = None) -> tuple[list[float], list[float]]:
     """Per model, the least over `repeats` rounds of the median time between consecutive tokens of a
     greedy `generate` of `tokens` tokens through its KV cache (the step a decode runs, with the
@@ -487,7 +487,7 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
                   kernel: str = "reference") -> tuple[float, float]:
     """Step 3: (layer_fixed_s, step_fixed_s) from decode steps of 1- and 3-layer models with their
     experts on `kernel` (the kernel `rate` was measured for) — the time between tokens of a greedy
-    generation through the KV cache (`_decode_gaps_in_turn`), the models taking turns, each figure the
+    generation through the KV cache (`decode_gaps_in_turn`), the models taking turns, each figure the
     least of its rounds, so a change of load on the machine touches both alike: the figure is their
     difference, less the expert stage `rate` prices. Where the native kernels run, `kernel` is 'cpu':
     its expert stage is small and priced closely, so the figure is the layer's own overhead. (Timing
@@ -498,7 +498,7 @@ def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeat
     models = [_tiny_model(layers, device) for layers in (1, 3)]
     for m in models:
         use_kernel_(m, kernel)
-    times, _ = _decode_gaps_in_turn(models, repeats)
+    times, _ = decode_gaps_in_turn(models, repeats)
     per_layer = max(0.0, (times[1] - times[0]) / 2)
     experts_part = rate.call_s + top_k * rate.expert_fixed_s  # the tiny layer's own expert stage
     layer_fixed = max(0.0, per_layer - experts_part)
@@ -540,7 +540,7 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
     with a cache that holds every expert it uses (all hits), and offloaded with 2 slots (every expert of
     every layer a miss); offloaded quantized experts run kernel 'cpu' on a CPU, as `apply_plan_` sets it,
     float ones `kernel` (None: the default, 'reference'), resident and offloaded alike.
-    Timed as a decode runs (`_decode_gaps_in_turn`: greedy generation through the KV cache, where a
+    Timed as a decode runs (`decode_gaps_in_turn`: greedy generation through the KV cache, where a
     one-row CPU step runs the prepared program of moeinfer.engine.cpu_decode with the resident
     experts' prepared call and the offloaded experts called as their module), the three in turn, each
     figure the least of its rounds, so a change of load on the machine touches all three alike. (Timing
@@ -569,7 +569,7 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
         def loads(m: Any) -> float:
             off = getattr(m, "offload", None)
             return float(off.cache.stats.demand_loads) if off is not None else 0.0
-        (resident, hits, misses), (_, _, per_step) = _decode_gaps_in_turn(models, repeats, count=loads)
+        (resident, hits, misses), (_, _, per_step) = decode_gaps_in_turn(models, repeats, count=loads)
         for m in models[1:]:
             m.offload.close()
     layer_s = max(0.0, (hits - resident) / layers)

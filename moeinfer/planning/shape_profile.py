@@ -1,17 +1,17 @@
-"""The machine profile completed for one model shape: how a prompt's forward costs on this machine
-for the model being planned, measured on that model's own shapes once and cached with the profile.
+"""The machine profile completed for one model shape: what a forward costs on this machine for the
+model being planned, measured on that model's own shapes once and cached with the profile.
 
 The machine profile (moeinfer/planning/profile.py) is measured on small random models and experts
 of two fixed sizes, and prices any model from those figures. Decode predictions came within 25% of
 the measured rates that way; prompt forwards did not (up to 2x too fast on the Intel machine,
 docs/planner.md "Tenth session"), because a short prefill of a small model is mostly per-call and
 per-row work that does not scale from other shapes. So, per model shape:
-1. the costs outside the routed experts (moeinfer/planning/prefill_costs.py): 1- and 3-layer models
+1. the costs outside the routed experts (moeinfer/planning/shape_costs.py): 1- and 3-layer models
    of the shape, routed experts stubbed, timed on prompts of two lengths;
 2. per expert variant the profile measured (precision x kernel), one experts module of the model's
    own E, D, I, timed on prompts of `EXPERT_TOKENS` (two lengths) routed uniformly at its top-k: the
    difference of the two prices a token, the rest (less the profile's call_s) an active expert
-   (`PrefillCosts.experts`; moeinfer/planning/costs.py prices a prompt's experts with it). The
+   (`ShapeCosts.experts`; moeinfer/planning/costs.py prices a prompt's experts with it). The
    profile's fit, made on two other sizes at one length, priced the shipped model's experts in its
    64-token prompts (16 tokens an expert on average) at 0.88x what they took in bf16 and 0.6x in
    int4 on the Intel machine; a correction measured at one length did not carry over to another
@@ -19,9 +19,16 @@ per-row work that does not scale from other shapes. So, per model shape:
    free memory is not measured (the fit prices it);
 3. an offloaded layer runs one call per cached expert (moeinfer/offload/packed.py), each with its
    own dispatch and activation quantization: per variant, a module of one expert of the shape timed
-   on two token counts (`PrefillCosts.offloaded`: per call, per token). On the Intel machine the
-   shipped model's offloaded int4 plans, every expert cached, spent ~1.2 ms a layer visit in a
-   64-token prompt where the resident layer spent ~0.5.
+   on two token counts (`ShapeCosts.offloaded`: per call, per token). On the Intel machine the
+   shipped model's offloaded int4 plan with every expert cached spent ~14 ms on a 64-token prompt
+   where the resident one spent ~6.5;
+4. per variant whose experts stay in the last-level cache (3 layers of them fit), a one-row decode
+   step's expert stage measured in situ: decode steps of 1- and 3-layer models of the shape with
+   experts of the variant and with stubbed experts, in turn (`ShapeCosts.decode_experts`). A lone
+   experts module called back to back measured 39 us for the shipped model's bf16 experts at
+   decode, the same experts inside the model ~90 us a layer (between two layers' calls run attention
+   and the router: which cache or thread state that costs is not measured), while the profile's fit
+   priced 58.
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ import torch
 from moeinfer.config import ModelConfig
 from moeinfer.fsutil import atomic_write_text
 from moeinfer.loading.expert_files import memory_available
-from moeinfer.planning.prefill_costs import measure_prefill_costs, shape_key
+from moeinfer.planning.shape_costs import measure_shape_costs, random_model, shape_key
 from moeinfer.planning.profile import (
     MachineProfile,
+    decode_gaps_in_turn,
     experts_module,
     least_time,
     machine_key,
@@ -79,6 +87,31 @@ def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device:
     return per_expert, per_token
 
 
+def decode_experts_s(prof: MachineProfile, variant: str, config: ModelConfig, dtype: str, device: torch.device, *,
+                     repeats: int = 7) -> float:
+    """Step 4 for one variant: seconds a one-row decode step spends in one layer's expert stage (its
+    top-k experts of one token and the call), from decode steps of 1- and 3-layer random models of the
+    shape with experts of `variant` and with the routed experts stubbed (`decode_gaps_in_turn`, the
+    four in turn): the per-layer difference of the two pairs."""
+    E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    models = []
+    for experts in (True, False):
+        for layers in (1, 3):
+            m = random_model(config, layers, getattr(torch, dtype), device)
+            if experts:
+                for block in m.moe_blocks():
+                    block.experts = experts_module(variant, E, D, I, device).requires_grad_(False)
+            models.append(m)
+    times, _ = decode_gaps_in_turn(models, repeats)
+    return max(0.0, (times[1] - times[0]) / 2 - (times[3] - times[2]) / 2)
+
+
+def _in_cache(variant: str, config: ModelConfig, llc_bytes: int) -> bool:
+    """Whether 3 layers of `variant` experts of this shape fit in the last-level cache (step 4's regime)."""
+    E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    return llc_bytes > 0 and 3 * E * stored_expert_bytes(variant, D, I) <= llc_bytes
+
+
 def _fits(variant: str, config: ModelConfig) -> bool:
     """Whether one layer of `variant` experts of this shape (bf16 weights drawn, the variant's copy, an
     fp32 compute copy for '+fp32') takes at most a third of the free memory."""
@@ -87,20 +120,20 @@ def _fits(variant: str, config: ModelConfig) -> bool:
     return E * (2 * 3 * D * I + extra) <= memory_available("cpu") // 3
 
 
-def with_prefill_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
+def with_shape_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
                        progress: bool = False) -> MachineProfile:
-    """`prof` with the prompt costs of a model of `config` with weights in `dtype` (steps 1-3), measured
+    """`prof` with the costs of a model of `config` with weights in `dtype` (steps 1-4), measured
     now if it lacks them (seconds; a real-shape model's experts, up to a minute) and then cached with
     the profile when `prof` is this machine's cached one."""
     key = shape_key(config, dtype)
-    if key in prof.prefill:
+    if key in prof.shapes:
         return prof
     if progress:
-        print("measuring prompt costs on the model's own shapes ...", flush=True)
+        print("measuring costs on the model's own shapes ...", flush=True)
     device = torch.device(prof.device)
     t0 = time.time()
-    costs = measure_prefill_costs(config, dtype, device)
-    lines, one = {}, {}
+    costs = measure_shape_costs(config, dtype, device)
+    lines, one, decode = {}, {}, {}
     for v in prof.experts:
         if progress:
             print(f"  experts {v} ...", flush=True)
@@ -108,8 +141,11 @@ def with_prefill_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
             lines[v] = expert_line(prof, v, config, device)
         if not v.endswith("+fp32"):  # an offloaded layer keeps no fp32 copy
             one[v] = expert_line(prof, v, config, device, lengths=OFFLOADED_TOKENS, one=True)
+        if _in_cache(v, config, prof.llc_bytes):
+            decode[v] = decode_experts_s(prof, v, config, dtype, device)
     stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s"
-    out = replace(prof, prefill={**prof.prefill, key: replace(costs, experts=lines, offloaded=one, measured=stamp)})
+    out = replace(prof, shapes={**prof.shapes, key: replace(costs, experts=lines, offloaded=one, decode_experts=decode,
+                                                                  measured=stamp)})
     if prof.key == machine_key(prof.device):
         atomic_write_text(profile_path(prof.device), json.dumps(out.to_dict(), indent=2) + "\n")
     return out

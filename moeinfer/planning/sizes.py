@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from moeinfer.planning.costs import ModelSizes
-from moeinfer.planning.prefill_costs import shape_key
+from moeinfer.planning.shape_costs import shape_key
 from moeinfer.arch import parse_config
 from moeinfer.loading.checkpoint import parse_dtype, read_config, shard_files
 from moeinfer.loading.expert_files import memory_available

@@ -20,7 +20,7 @@ def test_fixed_costs_are_timed_on_the_kernel_they_subtract(monkeypatch, kernel):
         seen.extend(models)
         return [0.002, 0.005], [0.0, 0.0]  # 1 layer, 3 layers
 
-    monkeypatch.setattr(profile, "_decode_gaps_in_turn", fake_gaps)
+    monkeypatch.setattr(profile, "decode_gaps_in_turn", fake_gaps)
     rate = ExpertRate(call_s=1e-4, expert_fixed_s=2e-5, bytes_per_s=1e10, flops_per_s=1e10)
     layer, step = profile.measure_fixed(torch.device("cpu"), rate, top_k=2, kernel=kernel)
     assert [len(m.moe_blocks()) for m in seen] == [1, 3]
@@ -62,7 +62,7 @@ def test_decode_gaps_time_generation_steps(monkeypatch):
 
     monkeypatch.setattr(profile, "generate", counting_generate)
     models = [profile._tiny_model(layers, torch.device("cpu")) for layers in (1, 3)]
-    gaps, _ = profile._decode_gaps_in_turn(models, repeats=2, tokens=6)
+    gaps, _ = profile.decode_gaps_in_turn(models, repeats=2, tokens=6)
     assert len(gaps) == 2 and all(0 < g < float("inf") for g in gaps)
     assert runs == [(id(m), 6) for _ in range(3) for m in models]
 
@@ -75,7 +75,7 @@ def test_decode_gaps_count_a_counter_per_step():
     def count(model):
         reads["n"] += 3  # three a token
         return reads["n"]
-    times, per_step = profile._decode_gaps_in_turn(models, repeats=1, tokens=5, count=count)
+    times, per_step = profile.decode_gaps_in_turn(models, repeats=1, tokens=5, count=count)
     assert len(times) == 1 and 0 < times[0] < float("inf") and per_step == [3]
 
 
@@ -96,7 +96,7 @@ def test_offload_costs_come_from_decode_steps(monkeypatch):
         assert count is not None
         return [0.001, 0.004, 0.010], [0.0, 0.0, 6.0]  # times; loads per step
 
-    monkeypatch.setattr(profile, "_decode_gaps_in_turn", fake_gaps)
+    monkeypatch.setattr(profile, "decode_gaps_in_turn", fake_gaps)
     layer, latency = profile.measure_offload(torch.device("cpu"), link_gbps=2.0, precision="int4")
     assert [getattr(m, "offload", None) is None for m in seen] == [True, False, False]
     assert [m.offload.cache.num_slots for m in seen[1:]] == [11, 2]

@@ -1,4 +1,4 @@
-"""Prompt costs measured on the planned model's own shapes (moeinfer/planning/prefill_costs.py and
+"""Prompt costs measured on the planned model's own shapes (moeinfer/planning/shape_costs.py and
 shape_profile.py): the fits, the random models they time, the cache beside the machine profile, and
 how the cost model prices a prompt with them (timings are synthetic: tests never time anything)."""
 
@@ -13,21 +13,21 @@ from plan_helpers import synthetic_profile
 
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.visits import planned_steps
-from moeinfer.planning import prefill_costs, shape_profile
+from moeinfer.planning import shape_costs, shape_profile
 from moeinfer.planning import routing as routes
 from moeinfer.planning.costs import MeasuredCosts, layer_seconds, simulate_plan
-from moeinfer.planning.prefill_costs import PrefillCosts, fit_line, shape_key
+from moeinfer.planning.shape_costs import ShapeCosts, fit_line, shape_key
 from moeinfer.planning.profile import MachineProfile
 from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
 from moeinfer.planning.spec import PlanOffload
 
-COSTS = PrefillCosts(layer_s=3e-4, layer_token_s=2e-6, forward_s=5e-4, forward_token_s=1e-6,
-                     experts={"bf16/reference": (4e-5, 1e-6), "int4": (2e-5, 3e-6)},
-                     offloaded={"int4": (1e-4, 3e-6)})
+COSTS = ShapeCosts(layer_s=3e-4, layer_token_s=2e-6, forward_s=5e-4, forward_token_s=1e-6,
+                   experts={"bf16/reference": (4e-5, 1e-6), "int4": (2e-5, 3e-6)},
+                   offloaded={"int4": (1e-4, 3e-6)}, decode_experts={"int4": 9e-5})
 
 
-def _shaped(prof: MachineProfile, costs: PrefillCosts = COSTS) -> MachineProfile:
-    return replace(prof, prefill={sizes_from_checkpoint("tiny").shape_key: costs})
+def _shaped(prof: MachineProfile, costs: ShapeCosts = COSTS) -> MachineProfile:
+    return replace(prof, shapes={sizes_from_checkpoint("tiny").shape_key: costs})
 
 
 def test_fit_line_recovers_a_line_and_keeps_both_terms_non_negative():
@@ -46,9 +46,9 @@ def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkey
         layer, forward = 1e-4 + (tokens - 1) * 3e-6, 4e-4 + (tokens - 1) * 1e-6
         return [forward + layer, forward + 3 * layer]
 
-    monkeypatch.setattr(prefill_costs, "prefill_in_turn", fake)
+    monkeypatch.setattr(shape_costs, "prefill_in_turn", fake)
     config = config_of("tiny")
-    got = prefill_costs.measure_prefill_costs(config, "bfloat16")
+    got = shape_costs.measure_shape_costs(config, "bfloat16")
     assert [(t, n) for t, n, _ in seen] == [(32, [1, 3]), (256, [1, 3])]
     assert (got.layer_s, got.layer_token_s) == pytest.approx((1e-4, 3e-6))
     assert (got.forward_s, got.forward_token_s) == pytest.approx((4e-4, 1e-6))
@@ -56,17 +56,17 @@ def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkey
     # a context shorter than the longer prompt: both lengths fit in it
     short = replace(config, max_position_embeddings=100)
     seen.clear()
-    assert prefill_costs.measure_prefill_costs(short, "bfloat16").tokens == (32, 100)
+    assert shape_costs.measure_shape_costs(short, "bfloat16").tokens == (32, 100)
 
 
 def test_the_timed_models_have_the_planned_shapes_and_no_routed_experts():
     config = config_of("tiny")
-    model = prefill_costs._random_model(config, 3, torch.bfloat16, torch.device("cpu"))
+    model = shape_costs.random_model(config, 3, torch.bfloat16, torch.device("cpu"))
     ref_attn = config.num_heads * config.head_dim, config.hidden_size
     assert len(model.moe_blocks()) == 3 and model.dtype == torch.bfloat16
     assert tuple(model.layers[0].self_attn.q_proj.weight.shape) == ref_attn
     assert model.lm_head.weight.shape[0] == config.vocab_size
-    assert all(isinstance(b.experts, prefill_costs._NoExperts) for b in model.moe_blocks())
+    assert all(isinstance(b.experts, shape_costs._NoExperts) for b in model.moe_blocks())
     assert not any(p.requires_grad for p in model.parameters())
     ids = torch.arange(1, 9)[None]
     with torch.inference_mode():
@@ -186,7 +186,7 @@ def test_prompt_costs_are_measured_once_and_cached_with_this_machines_profile(mo
     monkeypatch.setattr(shape_profile, "machine_key", lambda device: "this-machine")
     monkeypatch.setattr(shape_profile, "profile_path", lambda device: tmp_path / "profile.json")
     measured = []
-    monkeypatch.setattr(shape_profile, "measure_prefill_costs",
+    monkeypatch.setattr(shape_profile, "measure_shape_costs",
                         lambda config, dtype, device: measured.append(dtype) or COSTS)
     monkeypatch.setattr(shape_profile, "expert_line", lambda prof, v, config, device, **kw: (1e-5, 1e-6))
     # a third of the free memory holds one layer of bf16 experts drawn plus one at 1 byte a weight:
@@ -195,18 +195,18 @@ def test_prompt_costs_are_measured_once_and_cached_with_this_machines_profile(mo
     one = config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
     monkeypatch.setattr(shape_profile, "memory_available", lambda device: 3 * (one * 2 + one))
     prof = replace(synthetic_profile(), key="this-machine")
-    got = shape_profile.with_prefill_costs(prof, config, "bfloat16")
+    got = shape_profile.with_shape_costs(prof, config, "bfloat16")
     key = shape_key(config, "bfloat16")
     assert measured == ["bfloat16"]
-    assert set(got.prefill[key].experts) == {"int4"}
-    assert set(got.prefill[key].offloaded) == set(prof.experts)
+    assert set(got.shapes[key].experts) == {"int4"}
+    assert set(got.shapes[key].offloaded) == set(prof.experts)
     saved = MachineProfile.from_dict(json.loads((tmp_path / "profile.json").read_text()))
-    assert saved.prefill == got.prefill  # JSON round trip
-    assert shape_profile.with_prefill_costs(saved, config, "bfloat16") is saved
+    assert saved.shapes == got.shapes  # JSON round trip
+    assert shape_profile.with_shape_costs(saved, config, "bfloat16") is saved
     assert measured == ["bfloat16"]  # not measured again
     # another machine's profile (a file the user passed in): measured, not written over this machine's
     (tmp_path / "profile.json").unlink()
-    shape_profile.with_prefill_costs(replace(prof, key="elsewhere"), config, "bfloat16")
+    shape_profile.with_shape_costs(replace(prof, key="elsewhere"), config, "bfloat16")
     assert not (tmp_path / "profile.json").exists()
 
 
@@ -219,9 +219,47 @@ def test_plan_measures_the_prompt_costs_of_the_models_shape(monkeypatch):
     def fake(prof, config, dtype, **kw):
         seen.append((config.hidden_size, dtype))
         return _shaped(prof)
-    monkeypatch.setattr(planner, "with_prefill_costs", fake)
+    monkeypatch.setattr(planner, "with_shape_costs", fake)
     from plan_helpers import toy_quality
 
     plan = planner.plan("tiny", "120MB", quality=toy_quality(4), precisions=("bf16",))
     assert seen == [(config_of("tiny").hidden_size, "bfloat16")]
     assert plan.predicted is not None and plan.predicted.prefill_tok_s > 0
+
+
+def test_a_one_row_decode_steps_experts_cost_what_a_model_of_the_shape_measured():
+    """decode_experts replaces call_s + top-k one-token experts of the fit in a one-row step only."""
+    sizes = sizes_from_checkpoint("tiny")
+    L, K = sizes.num_layers, sizes.top_k
+    base = synthetic_profile()
+    plain = MeasuredCosts(sizes, base, ["int4"] * L, kernel="reference")
+    shaped = MeasuredCosts(sizes, _shaped(base), ["int4"] * L, kernel="reference")
+    step = shaped.dense_s(0, 1, 1) + K * shaped.expert_s(0, 1)
+    dense_alone = plain.dense_s(0, 1, 1) - base.rate("int4").call_s
+    assert step == pytest.approx(dense_alone + 9e-5)
+    assert shaped.dense_s(0, 4, 4) == plain.dense_s(0, 4, 4)  # a batched decode step: the fit
+    bf16 = MeasuredCosts(sizes, _shaped(base), ["bf16"] * L, kernel="reference")  # not measured: the fit
+    assert bf16.dense_s(0, 1, 1) == MeasuredCosts(sizes, base, ["bf16"] * L, kernel="reference").dense_s(0, 1, 1)
+
+
+def test_in_situ_decode_is_the_layer_difference_with_experts_less_without(monkeypatch):
+    config = config_of("tiny")
+    built = []
+
+    def fake_gaps(models, repeats, tokens=16, count=None):
+        built.extend(models)
+        # with experts: 1 layer 1.0 ms, 3 layers 1.5 ms; stubbed: 0.9 and 1.2 ms
+        return [1.0e-3, 1.5e-3, 0.9e-3, 1.2e-3], [0.0] * 4
+
+    monkeypatch.setattr(shape_profile, "decode_gaps_in_turn", fake_gaps)
+    got = shape_profile.decode_experts_s(synthetic_profile(), "int4", config, "bfloat16", torch.device("cpu"))
+    assert got == pytest.approx(0.25e-3 - 0.15e-3)
+    kinds = [{type(b.experts).__name__ for b in m.moe_blocks()} for m in built]
+    assert kinds == [{"QuantizedExperts"}] * 2 + [{"_NoExperts"}] * 2
+    assert [len(m.moe_blocks()) for m in built] == [1, 3, 1, 3]
+    # measured only where 3 layers of the variant's experts fit in the last-level cache
+    layer = config.num_experts * shape_profile.stored_expert_bytes("int4", config.hidden_size,
+                                                                    config.moe_intermediate_size)
+    assert shape_profile._in_cache("int4", config, 3 * layer)
+    assert not shape_profile._in_cache("int4", config, 3 * layer - 1)
+    assert not shape_profile._in_cache("int4", config, 0)  # unknown cache: not measured

@@ -1,6 +1,8 @@
-"""A forward's costs outside the routed experts, measured on the planned model's own shapes: what a
-prefill of T tokens pays for attention, norms, rotary embeddings, router, shared experts,
-embeddings, the LM head row and Python, per MoE layer and per forward.
+"""Costs measured on the planned model's own shapes (`ShapeCosts`, one per shape and machine, cached
+in the machine profile's file). This module measures the first of them: what a prefill of T tokens
+pays outside the routed experts (attention, norms, rotary embeddings, router, shared experts,
+embeddings, the LM head row and Python), per MoE layer and per forward; moeinfer/planning/
+shape_profile.py adds the experts' figures on the same shapes.
 
 Why on the model's own shapes: the machine profile prices a layer's dense part from the dense
 matmul rate plus a per-token host cost measured on a 2-head, 64-wide random model
@@ -18,7 +20,7 @@ Shapes: T tokens of one prompt, n MoE layers of the measured models.
 2. time one prefill forward of T tokens through a KV cache (last position's logits, as generation
    keeps) at two prompt lengths, the models taking turns, each figure the least of its rounds;
 3. per layer at each T: half the 3-layer time less the 1-layer time; per forward: the 1-layer time
-   less one layer; each fitted as  a + (T - 1) b  through the two lengths (`PrefillCosts`).
+   less one layer; each fitted as  a + (T - 1) b  through the two lengths (`ShapeCosts`).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model
 
 
 @dataclass(frozen=True)
-class PrefillCosts:
-    """Step 3's fit: seconds of a T-token forward outside the routed experts."""
+class ShapeCosts:
+    """Seconds on one model shape: a T-token forward outside the routed experts (step 3's fit), and the
+    experts' figures moeinfer/planning/shape_profile.py measures."""
 
     layer_s: float  # per MoE layer, per forward
     layer_token_s: float  # per MoE layer, per token beyond the first
@@ -56,6 +59,9 @@ class PrefillCosts:
     experts: dict[str, tuple[float, float]] = field(default_factory=dict)
     # the same for an offloaded layer's experts, one call each (per call, per token)
     offloaded: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # expert variant -> seconds of one layer's expert stage in a one-row decode step, measured in a
+    # model of this shape (moeinfer.planning.shape_profile, step 4; only where the experts stay cached)
+    decode_experts: dict[str, float] = field(default_factory=dict)
 
     def layer(self, tokens: int) -> float:
         """One MoE layer's dense part (attention, norms, router, shared expert) for `tokens` rows."""
@@ -66,7 +72,7 @@ class PrefillCosts:
         return self.forward_s + max(0, tokens - 1) * self.forward_token_s
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PrefillCosts:
+    def from_dict(cls, d: dict[str, Any]) -> ShapeCosts:
         lines = {k: {v: tuple(line) for v, line in d.get(k, {}).items()} for k in ("experts", "offloaded")}
         return cls(**{**d, "tokens": tuple(d.get("tokens", PROMPT_LENGTHS)), **lines})
 
@@ -99,7 +105,7 @@ def shape_key(config: ModelConfig, dtype: str) -> str:
     return hashlib.sha256(f"{_short(config, 1)!r}|{dtype}".encode()).hexdigest()[:16]
 
 
-def _random_model(config: ModelConfig, layers: int, dtype: torch.dtype, device: torch.device) -> Any:
+def random_model(config: ModelConfig, layers: int, dtype: torch.dtype, device: torch.device) -> Any:
     """Step 1: a `layers`-layer model of `config`'s shapes, random weights in `dtype`, routed experts
     stubbed, frozen as a loaded checkpoint is, on the planned dense path."""
     g = torch.Generator().manual_seed(layers)
@@ -143,17 +149,17 @@ def fit_line(at: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, 
     return a, b
 
 
-def measure_prefill_costs(config: ModelConfig, dtype: str, device: torch.device | str = "cpu", *,
-                          repeats: int = 5, lengths: tuple[int, int] = PROMPT_LENGTHS) -> PrefillCosts:
+def measure_shape_costs(config: ModelConfig, dtype: str, device: torch.device | str = "cpu", *,
+                          repeats: int = 5, lengths: tuple[int, int] = PROMPT_LENGTHS) -> ShapeCosts:
     """Steps 1-3 of the module docstring for a model of `config` with weights in `dtype` ("bfloat16", ...)."""
     dev = torch.device(device)
     t0 = time.time()
     longest = min(lengths[1], config.max_position_embeddings)
     at = (min(lengths[0], longest // 2), longest)
-    models = [_random_model(config, n, getattr(torch, dtype), dev) for n in (1, 3)]
+    models = [random_model(config, n, getattr(torch, dtype), dev) for n in (1, 3)]
     one, three = zip(*(prefill_in_turn(models, repeats, T) for T in at))
     layer = tuple(max(0.0, (c - a) / 2) for a, c in zip(one, three))
     forward = tuple(max(0.0, a - ly) for a, ly in zip(one, layer))
     (ls, lt), (fs, ft) = fit_line(at, layer), fit_line(at, forward)
-    return PrefillCosts(layer_s=ls, layer_token_s=lt, forward_s=fs, forward_token_s=ft, tokens=at,
+    return ShapeCosts(layer_s=ls, layer_token_s=lt, forward_s=fs, forward_token_s=ft, tokens=at,
                         measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s")
