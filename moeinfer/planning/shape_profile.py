@@ -22,8 +22,8 @@ per-row work that does not scale from other shapes. So, per model shape:
    on two token counts (`ShapeCosts.offloaded`: per call, per token). On the Intel machine the
    shipped model's offloaded int4 plan with every expert cached spent ~14 ms on a 64-token prompt
    where the resident one spent ~6.5;
-4. per variant whose experts stay in the last-level cache (3 layers of them fit), a one-row decode
-   step's expert stage measured in situ: decode steps of 1- and 3-layer models of the shape with
+4. per variant whose experts stay in the last-level cache (5 layers of them fit), a one-row decode
+   step's expert stage measured in situ: decode steps of 1- and 5-layer models of the shape with
    experts of the variant and with stubbed experts, in turn (`ShapeCosts.decode_experts`). A lone
    experts module called back to back measured 39 us for the shipped model's bf16 experts at
    decode, the same experts inside the model ~90 us a layer (between two layers' calls run attention
@@ -57,6 +57,8 @@ from moeinfer.planning.profile import (
 
 EXPERT_TOKENS = (32, 256)  # step 2's two prompt lengths: T x top-k token-slots over the experts
 OFFLOADED_TOKENS = (8, 64)  # step 3's two token counts of one expert
+# step 4's MoE layers: the difference of 4 layers' expert stages (of 2 it moved 2x between two profiles)
+DECODE_LAYERS = (1, 5)
 
 
 def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device: torch.device, *,
@@ -88,28 +90,29 @@ def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device:
 
 
 def decode_experts_s(prof: MachineProfile, variant: str, config: ModelConfig, dtype: str, device: torch.device, *,
-                     repeats: int = 7) -> float:
+                     repeats: int = 9, layers: tuple[int, int] = DECODE_LAYERS) -> float:
     """Step 4 for one variant: seconds a one-row decode step spends in one layer's expert stage (its
-    top-k experts of one token and the call), from decode steps of 1- and 3-layer random models of the
-    shape with experts of `variant` and with the routed experts stubbed (`decode_gaps_in_turn`, the
-    four in turn): the per-layer difference of the two pairs."""
+    top-k experts of one token and the call), from decode steps of random models of the shape with
+    `layers` MoE layers, with experts of `variant` and with the routed experts stubbed
+    (`decode_gaps_in_turn`, the four in turn): the per-layer difference of the two pairs."""
     E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
     models = []
     for experts in (True, False):
-        for layers in (1, 3):
-            m = random_model(config, layers, getattr(torch, dtype), device)
+        for n in layers:
+            m = random_model(config, n, getattr(torch, dtype), device)
             if experts:
                 for block in m.moe_blocks():
                     block.experts = experts_module(variant, E, D, I, device).requires_grad_(False)
             models.append(m)
     times, _ = decode_gaps_in_turn(models, repeats)
-    return max(0.0, (times[1] - times[0]) / 2 - (times[3] - times[2]) / 2)
+    span = layers[1] - layers[0]
+    return max(0.0, (times[1] - times[0]) / span - (times[3] - times[2]) / span)
 
 
 def _in_cache(variant: str, config: ModelConfig, llc_bytes: int) -> bool:
-    """Whether 3 layers of `variant` experts of this shape fit in the last-level cache (step 4's regime)."""
+    """Whether step 4's larger model's experts of `variant` fit in the last-level cache (its regime)."""
     E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
-    return llc_bytes > 0 and 3 * E * stored_expert_bytes(variant, D, I) <= llc_bytes
+    return llc_bytes > 0 and DECODE_LAYERS[1] * E * stored_expert_bytes(variant, D, I) <= llc_bytes
 
 
 def _fits(variant: str, config: ModelConfig) -> bool:

@@ -248,18 +248,18 @@ def test_in_situ_decode_is_the_layer_difference_with_experts_less_without(monkey
 
     def fake_gaps(models, repeats, tokens=16, count=None):
         built.extend(models)
-        # with experts: 1 layer 1.0 ms, 3 layers 1.5 ms; stubbed: 0.9 and 1.2 ms
-        return [1.0e-3, 1.5e-3, 0.9e-3, 1.2e-3], [0.0] * 4
+        # with experts: 1 layer 1.0 ms, 5 layers 2.0 ms; stubbed: 0.9 and 1.5 ms
+        return [1.0e-3, 2.0e-3, 0.9e-3, 1.5e-3], [0.0] * 4
 
     monkeypatch.setattr(shape_profile, "decode_gaps_in_turn", fake_gaps)
     got = shape_profile.decode_experts_s(synthetic_profile(), "int4", config, "bfloat16", torch.device("cpu"))
-    assert got == pytest.approx(0.25e-3 - 0.15e-3)
+    assert got == pytest.approx(0.25e-3 - 0.15e-3)  # per layer: 1.0 / 4 less 0.6 / 4
     kinds = [{type(b.experts).__name__ for b in m.moe_blocks()} for m in built]
     assert kinds == [{"QuantizedExperts"}] * 2 + [{"_NoExperts"}] * 2
-    assert [len(m.moe_blocks()) for m in built] == [1, 3, 1, 3]
-    # measured only where 3 layers of the variant's experts fit in the last-level cache
+    assert [len(m.moe_blocks()) for m in built] == [1, 5, 1, 5]
+    # measured only where 5 layers of the variant's experts fit in the last-level cache
     layer = config.num_experts * shape_profile.stored_expert_bytes("int4", config.hidden_size,
                                                                     config.moe_intermediate_size)
-    assert shape_profile._in_cache("int4", config, 3 * layer)
-    assert not shape_profile._in_cache("int4", config, 3 * layer - 1)
+    assert shape_profile._in_cache("int4", config, 5 * layer)
+    assert not shape_profile._in_cache("int4", config, 5 * layer - 1)
     assert not shape_profile._in_cache("int4", config, 0)  # unknown cache: not measured
