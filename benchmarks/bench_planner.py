@@ -483,9 +483,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def make(plan: Any) -> Runner:
             return Runner(lambda: moeinfer.apply_plan_(moeinfer.load(model_name, progress=False), plan), plan, prompt)
-    # the prefill costs of this model's shapes, as `moeinfer.plan` adds them to the profile it measures
+    # the costs measured on this model's own shapes, as `moeinfer.plan` adds them to the profile it measures
     profile = with_shape_costs(profile, config_of(model_name), sizes_from_checkpoint(model_name).dtype,
-                                 progress=True)
+                               progress=True)
     budgets = (default_budgets(model_name, real_shape=real, quantized=quantized) if args.budgets == "auto"
                else [parse_budget(b) for b in args.budgets.split(",")])
     rows = []

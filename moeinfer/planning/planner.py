@@ -5,8 +5,8 @@ Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
 
 1. sizes from config.json and safetensors headers (moeinfer.planning.sizes): the model is never loaded
    for this, so a checkpoint bigger than memory is planned as well;
-2. the machine profile (moeinfer.planning.profile), measured once and cached, with the prefill costs
-   of this model's shapes (moeinfer.planning.shape_costs), measured once per shape;
+2. the machine profile (moeinfer.planning.profile), measured once and cached, with the costs measured
+   on this model's own shapes (moeinfer.planning.shape_profile), once per shape;
 3. when the model fits in memory (or is given loaded): its routing on the calibration text and its
    quality model (moeinfer.planning.quality); otherwise the user's trace or uniform routing, and either
    a stand-in quality model measured on `quality_from` (another model, e.g. a smaller one of the same
@@ -53,8 +53,8 @@ from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.apply import as_trace
 from moeinfer.offload.config import parse_size
 from moeinfer.planning.profile import MachineProfile, machine_profile
-from moeinfer.planning.shape_profile import with_shape_costs
 from moeinfer.planning.quality import QualityModel, cached_quality, measure_quality, stand_in_quality
+from moeinfer.planning.shape_profile import with_shape_costs
 from moeinfer.planning.sizes import available_memory, config_of, sizes_from_checkpoint, sizes_from_model
 
 DEFAULT_PRECISIONS = (FLOAT, "int8", "int4")
@@ -236,8 +236,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     trace: a routing trace (.npz path or RoutingTrace) to price routing with; calibration: the text
     the quality model and routing are measured on (a dataset name or file; default "english");
     profile / quality: use these instead of measuring (tests, a profile from another machine; a given
-    profile prices prompts with the prefill costs it holds for this model's shape, if any:
-    `with_shape_costs`);
+    profile prices with the costs it holds for this model's shape, if any: `with_shape_costs`);
     quality_from: a model (path or shipped name) whose measured quality stands in when this one's cannot
     be measured (it does not fit in memory to measure): quantized precisions are then considered.
     """

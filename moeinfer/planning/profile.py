@@ -45,9 +45,10 @@ ever add time to a run, so the least is the machine's own cost and the median of
 The profile is keyed by device, CPU model and flags, thread count, torch version and the native CPU
 kernels' source stamp (none when they are not built or stale), and cached as
 JSON in the user cache folder (`$MOEINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/moeinfer`, else
-`~/.cache/moeinfer`), so `moeinfer plan` measures a machine once. The costs of prompt forwards on a
-planned model's own shapes are added to the same file, once per shape (`shapes`;
-moeinfer/planning/shape_profile.py): the small-model figures of step 3 do not carry over to them.
+`~/.cache/moeinfer`), so `moeinfer plan` measures a machine once. Costs measured on a planned model's
+own shapes (its prompt forwards, its experts on prompts and in a decode step) are added to the same
+file, once per shape (`shapes`; moeinfer/planning/shape_profile.py): the small-model figures above do
+not carry over to them.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ from moeinfer.offload.apply import offload_
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
-from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
+from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn
 
 PROFILE_VERSION = 11  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
@@ -455,7 +456,7 @@ def _tiny_model(layers: int, device: torch.device) -> Any:
 
 
 def decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
-                         count: Any = None) -> tuple[list[float], list[float]]:
+                        count: Any = None) -> tuple[list[float], list[float]]:
     """Per model, the least over `repeats` rounds of the median time between consecutive tokens of a
     greedy `generate` of `tokens` tokens through its KV cache (the step a decode runs, with the
     generation loop's own work, as benchmarks measure decode), the models taking turns each round.

@@ -150,7 +150,7 @@ def fit_line(at: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, 
 
 
 def measure_shape_costs(config: ModelConfig, dtype: str, device: torch.device | str = "cpu", *,
-                          repeats: int = 5, lengths: tuple[int, int] = PROMPT_LENGTHS) -> ShapeCosts:
+                        repeats: int = 5, lengths: tuple[int, int] = PROMPT_LENGTHS) -> ShapeCosts:
     """Steps 1-3 of the module docstring for a model of `config` with weights in `dtype` ("bfloat16", ...)."""
     dev = torch.device(device)
     t0 = time.time()
@@ -162,4 +162,4 @@ def measure_shape_costs(config: ModelConfig, dtype: str, device: torch.device | 
     forward = tuple(max(0.0, a - ly) for a, ly in zip(one, layer))
     (ls, lt), (fs, ft) = fit_line(at, layer), fit_line(at, forward)
     return ShapeCosts(layer_s=ls, layer_token_s=lt, forward_s=fs, forward_token_s=ft, tokens=at,
-                        measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s")
+                      measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s")

@@ -43,7 +43,6 @@ import torch
 from moeinfer.config import ModelConfig
 from moeinfer.fsutil import atomic_write_text
 from moeinfer.loading.expert_files import memory_available
-from moeinfer.planning.shape_costs import measure_shape_costs, random_model, shape_key
 from moeinfer.planning.profile import (
     MachineProfile,
     decode_gaps_in_turn,
@@ -54,6 +53,7 @@ from moeinfer.planning.profile import (
     stored_expert_bytes,
     uniform_routing,
 )
+from moeinfer.planning.shape_costs import measure_shape_costs, random_model, shape_key
 
 EXPERT_TOKENS = (32, 256)  # step 2's two prompt lengths: T x top-k token-slots over the experts
 OFFLOADED_TOKENS = (8, 64)  # step 3's two token counts of one expert
@@ -124,7 +124,7 @@ def _fits(variant: str, config: ModelConfig) -> bool:
 
 
 def with_shape_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
-                       progress: bool = False) -> MachineProfile:
+                     progress: bool = False) -> MachineProfile:
     """`prof` with the costs of a model of `config` with weights in `dtype` (steps 1-4), measured
     now if it lacks them (seconds; a real-shape model's experts, up to a minute) and then cached with
     the profile when `prof` is this machine's cached one."""
@@ -147,8 +147,8 @@ def with_shape_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
         if _in_cache(v, config, prof.llc_bytes):
             decode[v] = decode_experts_s(prof, v, config, dtype, device)
     stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s"
-    out = replace(prof, shapes={**prof.shapes, key: replace(costs, experts=lines, offloaded=one, decode_experts=decode,
-                                                                  measured=stamp)})
+    costs = replace(costs, experts=lines, offloaded=one, decode_experts=decode, measured=stamp)
+    out = replace(prof, shapes={**prof.shapes, key: costs})
     if prof.key == machine_key(prof.device):
         atomic_write_text(profile_path(prof.device), json.dumps(out.to_dict(), indent=2) + "\n")
     return out
