@@ -133,6 +133,8 @@ def prefill_in_turn(models: list[Any], repeats: int, tokens: int) -> list[float]
             t0 = time.perf_counter()
             with torch.inference_mode():
                 m(ids.to(m.device), cache=cache, logits_to_keep=1)
+            if m.device.type == "cuda":
+                torch.cuda.synchronize(m.device)
             if r:
                 best[i] = min(best[i], time.perf_counter() - t0)
     return best

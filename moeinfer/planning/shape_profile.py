@@ -115,12 +115,12 @@ def _in_cache(variant: str, config: ModelConfig, llc_bytes: int) -> bool:
     return llc_bytes > 0 and DECODE_LAYERS[1] * E * stored_expert_bytes(variant, D, I) <= llc_bytes
 
 
-def _fits(variant: str, config: ModelConfig) -> bool:
+def _fits(variant: str, config: ModelConfig, device: str) -> bool:
     """Whether one layer of `variant` experts of this shape (bf16 weights drawn, the variant's copy, an
-    fp32 compute copy for '+fp32') takes at most a third of the free memory."""
+    fp32 compute copy for '+fp32') takes at most a third of the free memory of `device`."""
     E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
     extra = 4 * 3 * D * I if variant.endswith("+fp32") else stored_expert_bytes(variant, D, I)
-    return E * (2 * 3 * D * I + extra) <= memory_available("cpu") // 3
+    return E * (2 * 3 * D * I + extra) <= memory_available(device) // 3
 
 
 def with_shape_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
@@ -140,7 +140,7 @@ def with_shape_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
     for v in prof.experts:
         if progress:
             print(f"  experts {v} ...", flush=True)
-        if _fits(v, config):
+        if _fits(v, config, prof.device):
             lines[v] = expert_line(prof, v, config, device)
         if not v.endswith("+fp32"):  # an offloaded layer keeps no fp32 copy
             one[v] = expert_line(prof, v, config, device, lengths=OFFLOADED_TOKENS, one=True)
