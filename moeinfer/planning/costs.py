@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moeinfer.kernels.quantized_cpu import Q8_DECODE_SLOTS_PER_EXPERT
 from moeinfer.planning.profile import MachineProfile, stored_expert_bytes
 from moeinfer.planning.spec import FLOAT
 from moeinfer.offload.config import OffloadConfig
@@ -61,9 +62,9 @@ from moeinfer.offload.visits import planned_steps
 from moeinfer.traces.trace import RoutingTrace
 
 WORKING_BYTES = 64 * 2**20
-# tokens of one expert up to which it is priced as decode (no prompt correction): the quantized CPU
-# kernel's token-by-token path runs up to 2 slots per routed expert (Q8_DECODE_SLOTS_PER_EXPERT)
-DECODE_TOKENS = 2
+# tokens of one expert up to which it is priced as decode (no prompt correction): as far as the quantized
+# CPU kernel runs its token-by-token path
+DECODE_TOKENS = Q8_DECODE_SLOTS_PER_EXPERT
 PREFILL_CHUNK = 512
 
 

@@ -83,9 +83,16 @@ def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device:
                 mod(x, routing)
         active = int((torch.bincount(routing.indices.reshape(-1), minlength=E) > 0).sum())
         points.append((active, T * K, least_time(call, repeats, device) - call_s))
+    # per_expert * active + per_token * slots = seconds at both lengths; a negative term (noise): the other alone
     (a1, s1, t1), (a2, s2, t2) = points
-    per_token = max(0.0, (t2 - t1) / (s2 - s1)) if a1 == a2 else max(0.0, t2 / s2)
-    per_expert = max(0.0, (t1 - per_token * s1) / a1)
+    det = a1 * s2 - a2 * s1
+    if det == 0:  # the two prompts differ in nothing the line can tell apart: all of it per token
+        return 0.0, max(0.0, t2 / s2)
+    per_expert, per_token = (t1 * s2 - t2 * s1) / det, (a1 * t2 - a2 * t1) / det
+    if per_token < 0:
+        return max(0.0, t1 / a1), 0.0
+    if per_expert < 0:
+        return 0.0, max(0.0, t2 / s2)
     return per_expert, per_token
 
 
