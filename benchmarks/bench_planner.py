@@ -314,6 +314,7 @@ def baselines(model_name: str, budget: int, *, quantized: bool = True) -> dict[s
     from moeinfer.kernels.registry import resolve
     from moeinfer.planning import Plan, PlanOffload
     from moeinfer.planning.costs import expert_bytes, fixed_bytes
+    from moeinfer.planning.planner import offload_slots
     from moeinfer.planning.sizes import sizes_from_checkpoint
 
     s = sizes_from_checkpoint(model_name)
@@ -324,7 +325,7 @@ def baselines(model_name: str, budget: int, *, quantized: bool = True) -> dict[s
     if fixed + n * expert_bytes(s, "bf16") <= budget:
         out["default"] = Plan(precisions=("bf16",) * L, kernel="auto", **common)
     else:
-        slots = int((budget - fixed) // expert_bytes(s, "bf16"))
+        slots = offload_slots(budget - fixed, s, "bf16")  # with the transient buffer, as the planner counts
         if slots >= 1:
             out["fit-rule"] = Plan(precisions=("bf16",) * L, kernel=resolve("auto", "cpu").name,
                                    offload=PlanOffload(tier="disk", cache_experts=slots, policy="lru"), **common)
@@ -343,6 +344,7 @@ def default_budgets(model_name: str, *, real_shape: bool = False, quantized: boo
     - a real-shape one, float experts only: n/5, 3n/8 and 5n/8 float experts (all offloaded, each
       under ~5 GB for the 2-layer Mixtral shape)."""
     from moeinfer.planning.costs import expert_bytes, fixed_bytes
+    from moeinfer.planning.planner import offload_slots
     from moeinfer.planning.sizes import sizes_from_checkpoint
 
     s = sizes_from_checkpoint(model_name)

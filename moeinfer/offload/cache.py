@@ -300,6 +300,15 @@ class ExpertCache:
         return loads
 
 
+def transient_buffers(pool_sizes: Sequence[int], num_experts: int, *, admits_all: bool = True) -> int:
+    """Experts' worth of memory the live cache takes beside its slots for loads that get no slot: one
+    (the buffer `OffloadedExperts` streams them through, one at a time) where a pool holds fewer
+    experts than a layer has, since a prompt's visit can need every expert of its layer; none
+    otherwise when the policy admits every miss (LRU, LFU: each is placed in a slot). A policy that
+    refuses newcomers (static: `admits_all=False`) streams some misses at any size."""
+    return 1 if min(pool_sizes) < num_experts or not admits_all else 0
+
+
 def resolve_capacities(size: Any, *, scope: str, num_layers: int, num_experts: int, expert_bytes: int,
                        policy: CachePolicy) -> list[int]:
     """A CacheSize and a scope -> pool sizes: [C] for global, [C_0..C_{L-1}] per layer.

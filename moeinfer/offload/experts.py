@@ -6,11 +6,17 @@ Replaces `MoEBlock.experts` (same `forward(x, routing)`), like expert parallelis
 dispatch and combine stages are the reference ones. Per forward of MoE layer l:
 1. dispatch the token-slots by expert (reference `dispatch`), make the layer's `Visit`;
 2. the shared `ExpertCache` decides hits, misses, placements (`OffloadRuntime.cache.visit`);
-3. issue the demand loads, then ask the prefetcher about later layers and issue those loads:
-   they run behind this layer's compute on the loader's thread / copy stream;
+3. issue the demand loads into slots and the first load that has no slot, then ask the prefetcher
+   about later layers and issue those loads: they run behind this layer's compute on the loader's
+   thread / copy stream;
 4. compute the hits first, then CPU-assisted experts, then each loaded expert as it arrives,
    every expert exactly as the reference `expert_compute` does (bit-identical outputs); quantized
-   experts (slots of byte blobs, moeinfer.offload.packed) exactly as QuantizedExperts' eager reference;
+   experts (slots of byte blobs, moeinfer.offload.packed) exactly as QuantizedExperts' eager reference.
+   Loads without a slot (a pool smaller than the visit's experts: a prompt's layer needs most of
+   them) stream one after another through one transient buffer (`cache.transient_buffers`: what the
+   planner's memory model counts), each issued once the previous one is computed; on a CPU the
+   buffer is kept, since a fresh expert-sized allocation is mapped and page-faulted by its read
+   (measured on a 352 MB Mixtral expert: ~1.1 GB/s against ~5 into kept pages);
 5. combine (reference `combine`).
 """
 
@@ -30,6 +36,7 @@ from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, combine, dispatch
 from moeinfer.offload.cache import ExpertCache, Load
 from moeinfer.offload.cpu_assist import CpuExperts
+from moeinfer.offload.errors import OffloadError
 from moeinfer.offload.packed import PackedFormat, SlotViews, native_expert_fn
 from moeinfer.offload.prefetch import LayerContext, Prefetcher
 from moeinfer.offload.transfer import Handle
@@ -70,6 +77,8 @@ class OffloadRuntime:
         self.slot_views = (SlotViews(packed, self.slot_gate_up, self.slot_down)
                            if packed is not None and device.type == "cpu" else None)
         self.pending: dict[int, Handle] = {}  # slot -> its latest load, until waited
+        self._transient: tuple[torch.Tensor, torch.Tensor] | None = None  # kept on a CPU (step 4)
+        self._transient_busy = False  # a load without a slot was issued and its expert not yet computed
         self.stats = RunStats()
         self.closed = False
         self.token_handle: Any = None  # the model's token observer that begins each step (offload_)
@@ -87,8 +96,7 @@ class OffloadRuntime:
         out = {}
         for ld in loads:
             if ld.slot is None:
-                g = torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device)
-                d = torch.empty(self.down_shape, dtype=self.dtype, device=self.device)
+                g, d = self._transient_buffer()
             else:
                 g, d = self.slot_gate_up[ld.slot], self.slot_down[ld.slot]
             h = self.loader.submit(ld.key, self._reader(ld.key, ld.low_bit), g, d, ld.slot)
@@ -96,6 +104,31 @@ class OffloadRuntime:
                 self.pending[ld.slot] = h
             out[ld.key[1]] = (g, d, h, ld.slot)
         return out
+
+    def _transient_buffer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer a load without a slot streams through (step 4 of the module docstring): one at a
+        time; kept on a CPU, fresh elsewhere (the CUDA caching allocator reuses its memory)."""
+        if self._transient_busy:
+            raise OffloadError("a second load without a slot was issued before the first one's expert was computed")
+        self._transient_busy = True
+        if self.device.type != "cpu":
+            return (torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device),
+                    torch.empty(self.down_shape, dtype=self.dtype, device=self.device))
+        if self._transient is None:
+            self._transient = (torch.empty(self.gate_up_shape, dtype=self.dtype),
+                               torch.empty(self.down_shape, dtype=self.dtype))
+        return self._transient
+
+    def begin_visit(self) -> None:
+        """A layer's visit starts: the transient buffer is free (a visit that raised may have left a load
+        in it unconsumed; the loader reads in issue order, so the next load overwrites it after)."""
+        self._transient_busy = False
+
+    def computed(self, slot: int | None) -> None:
+        """The caller finished computing the expert of `slot` (None: the transient buffer is free again)."""
+        self.loader.used(slot)
+        if slot is None:
+            self._transient_busy = False
 
     def _reader(self, key: Key, low_bit: bool = False):
         fn = self.store.read_low_bit if low_bit else self.store.read
@@ -210,8 +243,10 @@ class OffloadedExperts(nn.Module):
         idx = routing.indices.detach().cpu().numpy()
         w = routing.weights.detach().float().cpu().numpy()
         plan = rt.cache.visit(visit_of(self.layer, idx, w))
-        # 3. demand loads first, then the prefetcher's
-        loaded = rt.issue(plan.loads)
+        # 3. demand loads into slots and the first without a slot, then the prefetcher's
+        streamed = [ld for ld in plan.loads if ld.slot is None]
+        rt.begin_visit()
+        loaded = rt.issue([ld for ld in plan.loads if ld.slot is not None] + streamed[:1])
         hidden = x if rt.prefetcher.needs_hidden else None
         for target, experts in rt.prefetcher.predict(LayerContext(self.layer, idx, w, hidden)):
             rt.issue(rt.cache.prefetch(target, experts))
@@ -227,7 +262,7 @@ class OffloadedExperts(nn.Module):
         for e, slot in plan.hits.items():
             gate_up, down = rt.slot_weights(slot)
             y[seg(e)] = expert(x_sorted[seg(e)], gate_up, down)
-            rt.loader.used(slot)
+            rt.computed(slot)
         if plan.assisted:
             assert rt.cpu_experts is not None
             t0 = time.perf_counter()
@@ -235,9 +270,14 @@ class OffloadedExperts(nn.Module):
             for e, out in zip(plan.assisted, rt.cpu_experts.compute(jobs)):
                 y[seg(e)] = out
             rt.stats.assisted_s += time.perf_counter() - t0
-        for e, (gate_up, down, h, slot) in loaded.items():
+        for ld in streamed[1:]:  # the rest without a slot, each through the transient buffer once it is free
+            loaded[ld.key[1]] = ld
+        for e, entry in loaded.items():
+            if isinstance(entry, Load):
+                entry = rt.issue([entry])[e]
+            gate_up, down, h, slot = entry
             rt.wait(h, slot)
             y[seg(e)] = expert(x_sorted[seg(e)], gate_up, down)
-            rt.loader.used(slot)
+            rt.computed(slot)
         # 5. combine
         return combine(y, d, routing.weights, N)

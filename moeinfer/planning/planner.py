@@ -19,8 +19,9 @@ Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
       KV cache and working memory, and under `max_quality_loss`; for each kernel variant and batch;
    b. every expert in the slow tier (disk on a CPU, host memory on CUDA) at one precision for all
       layers (the checkpoint's, or a quantize preset within the quality budget: its codes move between
-      the tiers) with a fast-tier cache of all the slots the budget leaves at that precision, for each
-      cache policy and prefetcher (and CPU assist on CUDA, float experts only);
+      the tiers) with a fast-tier cache of all the slots the budget leaves at that precision (and the
+      transient buffer a cache smaller than a layer's experts streams a prompt's other misses
+      through: `cached_experts`), for each cache policy and prefetcher (and CPU assist on CUDA, float experts only);
 5. predict decode (at the batch) and prefill tokens/s of each candidate with `simulate`, rank by
    decode tokens/s (the objective sets the batch sizes tried: 1 for latency); candidates predicted
    within `TIE` of the fastest are a tie, ranked by quality loss, then speed (`_rank`): the cost model
@@ -51,6 +52,7 @@ from moeinfer.compress.methods.quantize_layers import layer_quantizer
 from moeinfer.eval.perplexity import as_eval_text
 from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.apply import as_trace
+from moeinfer.offload.cache import transient_buffers
 from moeinfer.offload.config import parse_size
 from moeinfer.planning.profile import MachineProfile, machine_profile
 from moeinfer.planning.quality import QualityModel, cached_quality, measure_quality, stand_in_quality
@@ -106,10 +108,25 @@ def _kernels(profile: MachineProfile) -> list[tuple[str, bool]]:
     return out
 
 
+def offload_slots(room: int, sizes: ModelSizes, precision: str) -> int:
+    """The most slots of a global LRU/LFU cache of `precision` experts whose memory (`cached_experts`)
+    fits in `room` bytes (0: none)."""
+    slots = int(room // expert_bytes(sizes, precision)) if room > 0 else 0
+    while slots > 0 and cached_experts(slots, sizes) * expert_bytes(sizes, precision) > room:
+        slots -= 1
+    return slots
+
+
+def cached_experts(slots: int, sizes: ModelSizes) -> int:
+    """Experts' worth of memory a global LRU/LFU cache of `slots` takes: its slots and, when they are
+    fewer than a layer's experts, the transient buffer misses without a slot stream through."""
+    return slots + transient_buffers([slots], sizes.num_experts)
+
+
 def _memory(sizes: ModelSizes, c: _Candidate, context: int) -> int:
     fixed = fixed_bytes(sizes, batch=c.batch, context=context)
     if c.offload is not None:  # offloaded experts share one precision (Plan)
-        return int(fixed + c.offload.cache_experts * expert_bytes(sizes, c.precisions[0]))
+        return int(fixed + cached_experts(c.offload.cache_experts, sizes) * expert_bytes(sizes, c.precisions[0]))
     return int(fixed + sum(sizes.num_experts * expert_bytes(sizes, p, fp32_weights=c.fp32) for p in c.precisions))
 
 
@@ -172,8 +189,7 @@ def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Se
     for B in batches:
         room = budget - fixed_bytes(sizes, batch=B, context=context)
         for p in usable:
-            slots = int(room // expert_bytes(sizes, p)) if room > 0 else 0
-            slots = min(slots, L * sizes.num_experts - 1)
+            slots = min(offload_slots(room, sizes, p), L * sizes.num_experts - 1)
             if slots < 1:
                 continue
             for policy in POLICIES:

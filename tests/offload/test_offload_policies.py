@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from offload_helpers import hand_trace
 
-from moeinfer.offload.cache import ExpertCache, resolve_capacities
+from moeinfer.offload.cache import ExpertCache, resolve_capacities, transient_buffers
 from moeinfer.offload.config import OffloadConfig, OffloadError, parse_size
 from moeinfer.offload.policies import POLICIES, PolicyContext, lru_hits, make_policy
 from moeinfer.offload.visits import Visit, all_visits
@@ -187,3 +187,11 @@ def test_lru_agrees_with_a_textbook_lru_on_real_mixtral_routing():
     assert ours == _textbook_lru(visits, 4)
     rate = sum(ours) / (2 * len(visits))
     assert 0.45 <= rate <= 0.70, rate
+
+
+def test_a_transient_buffer_is_counted_where_a_visit_can_need_more_than_a_pool():
+    """One expert's buffer beside the slots where some pool holds fewer experts than a layer (8 here),
+    or where the policy refuses newcomers; none where every pool holds a layer and every miss is placed."""
+    assert transient_buffers([7], 8) == 1 and transient_buffers([8, 3], 8) == 1
+    assert transient_buffers([8], 8) == 0 and transient_buffers([30], 8) == 0
+    assert transient_buffers([30], 8, admits_all=False) == 1

@@ -287,13 +287,17 @@ def test_plan_prefers_float_when_quantized_kernels_are_slow():
 
 
 def test_plan_offloads_when_experts_do_not_fit():
+    """Room for six float experts (a layer has eight): five slots and the transient buffer a prompt's
+    other misses stream through; room for eight or nine: that many slots and no transient buffer."""
     prof = synthetic_profile()
     sizes = sizes_from_checkpoint("tiny")
+    assert sizes.num_experts == 8
     fixed = fixed_bytes(sizes, batch=1, context=256)
-    budget = fixed + 6 * sizes.expert_params * 2  # six float experts: no resident configuration fits
-    p = plan("tiny", budget, profile=prof, quality=toy_quality(4), max_quality_loss=0.0)
-    assert p.offload is not None and p.offload.tier == "disk" and p.offload.cache_experts == 6
-    assert p.predicted.memory_bytes <= budget
+    for room, slots in ((6, 5), (8, 8), (9, 9)):
+        budget = fixed + room * sizes.expert_params * 2  # no resident configuration fits
+        p = plan("tiny", budget, profile=prof, quality=toy_quality(4), max_quality_loss=0.0)
+        assert p.offload is not None and p.offload.tier == "disk" and p.offload.cache_experts == slots
+        assert p.predicted.memory_bytes == fixed + room * sizes.expert_params * 2 <= budget
     with pytest.raises(PlanError, match="nothing fits"):
         plan("tiny", fixed // 2, profile=prof, quality=toy_quality(4))
 
