@@ -119,6 +119,38 @@ def _one_token(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ga
     return torch.mm(weights.to(x.dtype), torch.cat(ys))  # [1, K] @ [K, D]
 
 
+def _expert_rows(xe: torch.Tensor, gu: torch.Tensor, dn: torch.Tensor, schedule: str) -> torch.Tensor:
+    """Steps 2-3 for one expert's n rows xe [n, D] on the "per-expert" or "widened" schedule."""
+    n, dtype = xe.shape[0], xe.dtype
+    if schedule == "widened" and xe.dtype != torch.float32 and n >= WIDEN_MIN_ROWS:
+        xe, gu, dn = xe.float(), gu.float(), dn.float()  # converting the weights beats a half GEMM
+    # half precision on big experts: rows padded to PAD_ROWS (measured for native half matmuls, the CPUs
+    # choose_schedule gives this schedule in half precision; harmless where it is forced)
+    if (schedule == "per-expert" and xe.dtype != torch.float32 and gu.numel() >= PAD_MIN_WEIGHTS
+            and n > 1 and n % PAD_ROWS):
+        xe = torch.cat([xe, xe.new_zeros(PAD_ROWS - n % PAD_ROWS, xe.shape[1])])
+    return F.linear(silu_and_mul(F.linear(xe, gu)), dn)[:n].to(dtype)
+
+
+def one_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, *, schedule: str | None = None,
+               engine: str | None = None) -> torch.Tensor:
+    """SwiGLU of one expert's rows x [n, D] with gate_up [2I, D], down [D, I]: the same bits as
+    `cpu_moe` routing every row to this one expert at weight 1, without its sort and combine (an
+    offload cache runs its experts one call each: on the shipped model those steps cost ~0.2 ms a
+    call, more than the expert's GEMMs)."""
+    n = x.shape[0]
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"unknown cpu schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if schedule is None and n > 1:
+        schedule = choose_schedule(x.dtype, gate_up.shape[1], down.shape[1])
+    if schedule == "grouped" and not grouped_mm_works(x.dtype, gate_up.shape[1], down.shape[1]):
+        schedule = "per-expert"
+    if n == 1 or schedule in ("rows", "grouped"):  # one native call / one grouped GEMM: cpu_moe's own path
+        return cpu_moe(x, x.new_zeros(n, 1, dtype=torch.long), x.new_ones(n, 1), gate_up[None], down[None],
+                       schedule=schedule, engine=engine)
+    return _expert_rows(x, gate_up, down, schedule)
+
+
 def _not_cpu(device: torch.device) -> str | None:
     return None if device.type == "cpu" else f"it runs on CPU tensors (got {device.type}); use 'triton' or 'auto'"
 
@@ -169,21 +201,12 @@ def cpu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             h = silu_and_mul(torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))  # [S', I]
             y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [S', D]
         else:
-            widen = schedule == "widened" and x.dtype != torch.float32  # only active experts' weights
-            # half precision on big experts: rows padded to PAD_ROWS (measured for native half matmuls, the
-            # CPUs choose_schedule gives this schedule in half precision; harmless where it is forced)
-            pad = schedule == "per-expert" and x.dtype != torch.float32 and gate_up[0].numel() >= PAD_MIN_WEIGHTS
             y = torch.empty_like(xs)
             start = 0
             for e, n in enumerate(counts_host):
                 if n:
                     seg = slice(start, start + n)
-                    xe, gu, dn = xs[seg], gate_up[e], down[e]
-                    if widen and n >= WIDEN_MIN_ROWS:  # converting the weights beats a half GEMM
-                        xe, gu, dn = xe.float(), gu.float(), dn.float()
-                    if pad and n > 1 and n % PAD_ROWS:
-                        xe = torch.cat([xe, xe.new_zeros(PAD_ROWS - n % PAD_ROWS, xe.shape[1])])
-                    y[seg] = F.linear(silu_and_mul(F.linear(xe, gu)), dn)[:n]
+                    y[seg] = _expert_rows(xs[seg], gate_up[e], down[e], schedule)
                     start += n
         y_slots[order] = y
     # 4. Combine: each token's K outputs weighted and summed in fp32 (no scatter-add).

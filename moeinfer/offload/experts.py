@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from moeinfer.fsutil import remove_scratch
-from moeinfer.kernels import get_kernel
+from moeinfer.kernels.cpu import one_expert
 from moeinfer.model.mlp import swiglu
 from moeinfer.model.moe import Routing, combine, dispatch
 from moeinfer.offload.cache import ExpertCache, Load
@@ -55,6 +55,29 @@ class RunStats:
     assisted_s: float = 0.0
     loads_waited: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def expert_fn(kernel: str, packed: PackedFormat | None, device: torch.device, *, engine: str | None = None,
+              activations: str | None = None, slots: SlotViews | None = None) -> Any:
+    """(xs [n, D], gate_up, down) -> SwiGLU [n, D] of one cached expert, by `kernel` ('reference' or
+    'cpu'): float weights as eager SwiGLU, or through the CPU kernel on a CPU (`one_expert`: its bits
+    for this expert, without its sort and combine); quantized experts (`packed`: slots of byte blobs)
+    through the native quantized kernels on the slot's codes with 'cpu' where built (`engine`,
+    `activations`: a native variant and decode activations forced; `slots`: the slots' views, made
+    once), else their eager reference, each matrix dequantized from the blob."""
+    if packed is not None and kernel == "cpu" and device.type == "cpu":
+        native = native_expert_fn(packed, engine=engine, activations=activations, slots=slots)
+        if native is not None:
+            return native
+    if packed is not None:
+        def run_packed(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+            return swiglu(xs, packed.dequantize(gate_up, "gate_up", xs.dtype),
+                          packed.dequantize(down, "down", xs.dtype))
+
+        return run_packed
+    if kernel != "cpu" or device.type != "cpu":
+        return swiglu
+    return one_expert
 
 
 class OffloadRuntime:
@@ -208,31 +231,8 @@ class OffloadedExperts(nn.Module):
                 f"prefetch={self.runtime.prefetcher.name}, slots={c.num_slots}")
 
     def _expert_fn(self, x: torch.Tensor) -> Any:
-        """SwiGLU of one expert's tokens with its weights, by the chosen kernel (quantized experts: the
-        native quantized kernels on the slot's codes with 'cpu' where built, else their eager reference,
-        each matrix dequantized from the slot's blob)."""
-        packed = self.runtime.packed
-        if packed is not None and self.kernel == "cpu" and x.device.type == "cpu":
-            native = native_expert_fn(packed, engine=self.cpu_engine, activations=self.cpu_activations,
-                                      slots=self.runtime.slot_views)
-            if native is not None:
-                return native
-        if packed is not None:
-            def run_packed(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-                return swiglu(xs, packed.dequantize(gate_up, "gate_up", xs.dtype),
-                              packed.dequantize(down, "down", xs.dtype))
-
-            return run_packed
-        if self.kernel != "cpu" or x.device.type != "cpu":
-            return swiglu
-        cpu = get_kernel("cpu", x.device)
-
-        def run(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-            n = xs.shape[0]
-            return cpu(xs, torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=xs.dtype), gate_up[None],
-                       down[None])
-
-        return run
+        return expert_fn(self.kernel, self.runtime.packed, x.device, engine=self.cpu_engine,
+                         activations=self.cpu_activations, slots=self.runtime.slot_views)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         rt = self.runtime

@@ -17,9 +17,9 @@ per-row work that does not scale from other shapes. So, per model shape:
    int4 on the Intel machine; a correction measured at one length did not carry over to another
    (bf16: 0.69x at 32 tokens an expert). A variant whose module would take more than a third of the
    free memory is not measured (the fit prices it);
-3. an offloaded layer runs one call per cached expert (moeinfer/offload/packed.py), each with its
-   own dispatch and activation quantization: per variant, a module of one expert of the shape timed
-   on two token counts (`ShapeCosts.offloaded`: per call, per token). On the Intel machine the
+3. an offloaded layer runs one call per cached expert (moeinfer/offload/experts.py `expert_fn`),
+   quantized ones each with its own activation quantization: per variant, that call on one expert of
+   the shape timed on two token counts (`ShapeCosts.offloaded`: per call, per token). On the Intel machine the
    shipped model's offloaded int4 plan with every expert cached spent ~14 ms on a 64-token prompt
    where the resident one spent ~6.5;
 4. per variant whose experts stay in the last-level cache (5 layers of them fit), a one-row decode
@@ -43,6 +43,8 @@ import torch
 from moeinfer.config import ModelConfig
 from moeinfer.fsutil import atomic_write_text
 from moeinfer.loading.expert_files import memory_available
+from moeinfer.offload.experts import expert_fn
+from moeinfer.offload.packed import PackedFormat, SlotViews
 from moeinfer.planning.profile import (
     MachineProfile,
     decode_gaps_in_turn,
@@ -61,17 +63,38 @@ OFFLOADED_TOKENS = (8, 64)  # step 3's two token counts of one expert
 DECODE_LAYERS = (1, 5)
 
 
+def offloaded_expert(variant: str, config: ModelConfig, device: torch.device) -> Any:
+    """Step 3's call: x [n, D] -> SwiGLU of one expert of `variant` and of `config`'s shape, as an
+    offloaded layer computes a cached expert (`moeinfer.offload.experts.expert_fn`: float weights by
+    the variant's kernel, quantized codes from a slot's blobs with their views made once)."""
+    D, I = config.hidden_size, config.moe_intermediate_size
+    mod = experts_module(variant, 1, D, I, device)
+    if variant.startswith("bf16/"):
+        kernel = variant.removeprefix("bf16/").partition("+")[0]
+        gate_up, down = mod.gate_up_proj[0], mod.down_proj[0]
+        fn = expert_fn(kernel, None, device)
+    else:
+        packed = PackedFormat.of(mod)
+        blobs = [b.to(device) for b in packed.stacked(mod)]
+        gate_up, down = blobs[0][0], blobs[1][0]
+        slots = SlotViews(packed, *blobs) if device.type == "cpu" else None
+        fn = expert_fn("cpu", packed, device, slots=slots)
+    return lambda x: fn(x, gate_up, down)
+
+
 def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device: torch.device, *,
                 lengths: tuple[int, int] = EXPERT_TOKENS, one: bool = False,
                 repeats: int = 3) -> tuple[float, float]:
     """Step 2 for one variant: (seconds per active expert, per token) of an experts module of `config`'s
     shape, from its times on prompts of the two `lengths` (both >= 0), less the module's call_s (the
-    cost model charges that once per layer). `one`: step 3, a module of one expert whose every
-    token routes to it, `lengths` its tokens; its whole call is the expert's cost."""
+    cost model charges that once per layer). `one`: step 3, one cached expert of an offloaded layer
+    (`offloaded_expert`) with `lengths` tokens; its whole call is the expert's cost."""
     E, D, I, K = config.num_experts, config.hidden_size, config.moe_intermediate_size, config.top_k
     if one:
         E = K = 1
-    mod = experts_module(variant, E, D, I, device)
+        one_call = offloaded_expert(variant, config, device)
+    else:
+        mod = experts_module(variant, E, D, I, device)
     call_s = 0.0 if one else prof.rate(variant).call_s
     points = []
     for T in lengths:
@@ -80,7 +103,10 @@ def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device:
 
         def call(x: torch.Tensor = x, routing: Any = routing) -> None:
             with torch.inference_mode():
-                mod(x, routing)
+                if one:
+                    one_call(x)
+                else:
+                    mod(x, routing)
         active = int((torch.bincount(routing.indices.reshape(-1), minlength=E) > 0).sum())
         points.append((active, T * K, least_time(call, repeats, device) - call_s))
     # per_expert * active + per_token * slots = seconds at both lengths; a negative term (noise): the other alone

@@ -12,7 +12,7 @@ import torch
 from kernel_cases import make_problem, tolerance
 from native_helpers import require
 from moeinfer.kernels import KernelUnavailableError, get_kernel, native, resolve, use_kernel_
-from moeinfer.kernels.cpu import SCHEDULES, cpu_moe
+from moeinfer.kernels.cpu import SCHEDULES, cpu_moe, one_expert
 from moeinfer.kernels.reference import reference_moe
 
 GRID = [(E, K) for E in (8, 60, 64, 128) for K in (1, 2, 4, 6, 8) if K <= E]
@@ -262,3 +262,30 @@ def test_padded_half_experts_match_the_unpadded_ones(N, monkeypatch):
         torch.testing.assert_close((padded.float() * 1.01), unpadded.float(), rtol=2.0**-8, atol=1e-3 * scale)
     ref = reference_moe(p.x.float(), p.indices, p.weights, p.gate_up.float(), p.down.float())
     torch.testing.assert_close(padded.float(), ref, atol=tolerance(ref, torch.bfloat16), rtol=0)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("n", [1, 5, 17, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("schedule", [None, *SCHEDULES])
+def test_one_expert_gives_the_bits_of_cpu_moe_routing_every_row_to_it(schedule, dtype, n, pad, monkeypatch):
+    """`one_expert` (an offload cache's call per expert) equals `cpu_moe` with every row routed to that one
+    expert at weight 1, bit for bit, on every schedule forced (and the CPU's own choice), on rows taken
+    at an offset of a bigger tensor as the offloaded layer takes them, with the padding of big half
+    experts on and off; and both match the eager reference (fp32: a 1% error fails)."""
+    from moeinfer.kernels import cpu
+
+    if pad:
+        monkeypatch.setattr(cpu, "PAD_MIN_WEIGHTS", 0)
+    p = make_problem(N=n + 3, E=1, K=1, dtype=dtype)
+    x, gate_up, down = p.x[3:], p.gate_up, p.down
+    route, weight = torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1)
+    got = one_expert(x, gate_up[0], down[0], schedule=schedule)
+    assert torch.equal(got, cpu_moe(x, route, weight, gate_up, down, schedule=schedule))
+    ref = reference_moe(x.float(), route, weight, gate_up.float(), down.float())
+    torch.testing.assert_close(got.float(), ref, atol=tolerance(ref, dtype), rtol=0)
+    if dtype == torch.float32:
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(got * 1.01, ref, atol=tolerance(ref, dtype), rtol=0)
+    with pytest.raises(ValueError, match="unknown cpu schedule 'fast'"):
+        one_expert(x, gate_up[0], down[0], schedule="fast")

@@ -176,9 +176,32 @@ def test_expert_lines_come_from_two_prompt_lengths(monkeypatch):
     assert per_token == pytest.approx(2e-6)
     assert per_expert == pytest.approx((1e-5 - call_s) / config.num_experts + 3e-5)
     fake_least.slots = [8, 64]
+    fake_module("int4", 1, 0, 0, None)  # the one-expert call is priced as a module of one expert
+    monkeypatch.setattr(shape_profile, "offloaded_expert", lambda variant, config, device: lambda x: None)
     per_call, per_token = shape_profile.expert_line(prof, "int4", config, torch.device("cpu"), lengths=(8, 64),
                                                     one=True)
     assert (per_call, per_token) == pytest.approx((1e-5 + 3e-5, 2e-6))
+
+
+@pytest.mark.parametrize("variant", ["bf16/reference", "bf16/cpu", "int8", "int4"])
+def test_the_offloaded_expert_timed_is_the_offloaded_layers_call(variant):
+    """Step 3 times the call an offloaded layer makes per cached expert (`expert_fn`: float weights by the
+    variant's kernel, quantized codes from blobs): its output is the one-expert module's (every row
+    routed to the expert at weight 1) within one bf16 rounding; a 1% error fails."""
+    from moeinfer.model.moe import Routing
+
+    config = config_of("tiny")
+    n, D = 24, config.hidden_size
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got = shape_profile.offloaded_expert(variant, config, torch.device("cpu"))(x)
+    mod = shape_profile.experts_module(variant, 1, D, config.moe_intermediate_size, torch.device("cpu"))
+    with torch.inference_mode():
+        want = mod(x, Routing(indices=torch.zeros(n, 1, dtype=torch.long), weights=torch.ones(n, 1),
+                              logits=torch.zeros(n, 1)))
+    scale = float(want.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=1e-3 * scale)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got.float() * 1.01, want.float(), rtol=2.0**-7, atol=1e-3 * scale)
 
 
 def test_prompt_costs_are_measured_once_and_cached_with_this_machines_profile(monkeypatch, tmp_path):
