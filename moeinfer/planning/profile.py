@@ -455,17 +455,18 @@ def _tiny_model(layers: int, device: torch.device) -> Any:
     return model
 
 
-def decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
-                        count: Any = None) -> tuple[list[float], list[float]]:
-    """Per model, the least over `repeats` rounds of the median time between consecutive tokens of a
-    greedy `generate` of `tokens` tokens through its KV cache (the step a decode runs, with the
-    generation loop's own work, as benchmarks measure decode), the models taking turns each round.
-    Returns (times, per_step): `count(model)` (optional) is a counter read at every token, per_step its
-    median change between consecutive tokens of the last round per model (e.g. expert loads per
-    step; zeros without `count`)."""
-    best = [float("inf")] * len(models)
+def decode_gap_rounds(models: list[Any], rounds: int, tokens: int = 16,
+                      count: Any = None) -> tuple[list[list[float]], list[float]]:
+    """`rounds` rounds (after one warm-up round) in which each model in turn runs a greedy `generate` of
+    `tokens` tokens through its KV cache (the step a decode runs, with the generation loop's own work,
+    as benchmarks measure decode): per round, per model, the median time between consecutive tokens.
+    Returns (gaps [round][model], per_step): `count(model)` (optional) is a counter read at every
+    token, per_step its median change between consecutive tokens of the last round per model (e.g.
+    expert loads per step; zeros without `count`)."""
+    gaps_by_round: list[list[float]] = []
     per_step = [0.0] * len(models)
-    for r in range(repeats + 1):  # round 0 warms up
+    for r in range(rounds + 1):  # round 0 warms up
+        row = []
         for i, m in enumerate(models):
             stamps: list[float] = []
             counts: list[float] = []
@@ -476,12 +477,21 @@ def decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
                     counts.append(count(m))
             generate(m, [[1, 2, 3]], max_new_tokens=tokens, ignore_eos=True, on_token=on_token)
             gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
-            if r:
-                best[i] = min(best[i], gaps[len(gaps) // 2])
+            row.append(gaps[len(gaps) // 2])
             if counts:
                 steps = sorted(b - a for a, b in zip(counts[1:], counts[2:]))
                 per_step[i] = steps[len(steps) // 2]
-    return best, per_step
+        if r:
+            gaps_by_round.append(row)
+    return gaps_by_round, per_step
+
+
+def decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
+                        count: Any = None) -> tuple[list[float], list[float]]:
+    """Per model, the least over `repeats` rounds of `decode_gap_rounds` (the models taking turns each
+    round), and its per_step."""
+    rounds, per_step = decode_gap_rounds(models, repeats, tokens, count)
+    return [min(col) for col in zip(*rounds)], per_step
 
 
 def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 7,

@@ -24,16 +24,21 @@ per-row work that does not scale from other shapes. So, per model shape:
    where the resident one spent ~6.5;
 4. per variant whose experts stay in the last-level cache (5 layers of them fit), a one-row decode
    step's expert stage measured in situ: decode steps of 1- and 5-layer models of the shape with
-   experts of the variant and with stubbed experts, in turn (`ShapeCosts.decode_experts`). A lone
-   experts module called back to back measured 39 us for the shipped model's bf16 experts at
-   decode, the same experts inside the model ~90 us a layer (between two layers' calls run attention
-   and the router: which cache or thread state that costs is not measured), while the profile's fit
-   priced 58.
+   stubbed experts and with each such variant's experts, all in turn in the same rounds, the median
+   of the rounds' figures (`ShapeCosts.decode_experts`). A lone experts module called back to back
+   measured 39 us for the shipped model's bf16 experts at decode, the same experts inside the model
+   ~90 us a layer (between two layers' calls run attention and the router: which cache or thread
+   state that costs is not measured), while the profile's fit priced 58. Measured variant by
+   variant, each the difference of four least-of-9 times, the figures moved +-15% between
+   measurements (bf16 87-108 us, int8 61-102 on the Intel machine) and once priced int4 and bf16
+   alike, so the planner took bf16 for a tie where int4 ran 5-8% faster; all in turn with the median
+   of 30 rounds they stay within +-5% (bf16 96-100, int4 70-78, int8 79-88 in four measurements).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import replace
 from typing import Any
@@ -47,7 +52,7 @@ from moeinfer.offload.experts import expert_fn
 from moeinfer.offload.packed import PackedFormat, SlotViews
 from moeinfer.planning.profile import (
     MachineProfile,
-    decode_gaps_in_turn,
+    decode_gap_rounds,
     experts_module,
     least_time,
     machine_key,
@@ -61,6 +66,7 @@ EXPERT_TOKENS = (32, 256)  # step 2's two prompt lengths: T x top-k token-slots 
 OFFLOADED_TOKENS = (8, 64)  # step 3's two token counts of one expert
 # step 4's MoE layers: the difference of 4 layers' expert stages (of 2 it moved 2x between two profiles)
 DECODE_LAYERS = (1, 5)
+DECODE_ROUNDS = 30  # step 4's rounds (module docstring: why the median of many)
 
 
 def offloaded_expert(variant: str, config: ModelConfig, device: torch.device) -> Any:
@@ -122,24 +128,29 @@ def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device:
     return per_expert, per_token
 
 
-def decode_experts_s(prof: MachineProfile, variant: str, config: ModelConfig, dtype: str, device: torch.device, *,
-                     repeats: int = 9, layers: tuple[int, int] = DECODE_LAYERS) -> float:
-    """Step 4 for one variant: seconds a one-row decode step spends in one layer's expert stage (its
-    top-k experts of one token and the call), from decode steps of random models of the shape with
-    `layers` MoE layers, with experts of `variant` and with the routed experts stubbed
-    (`decode_gaps_in_turn`, the four in turn): the per-layer difference of the two pairs."""
+def decode_experts(variants: list[str], config: ModelConfig, dtype: str, device: torch.device, *,
+                   rounds: int = DECODE_ROUNDS, layers: tuple[int, int] = DECODE_LAYERS) -> dict[str, float]:
+    """Step 4 for `variants`: per variant, seconds a one-row decode step spends in one layer's expert
+    stage (its top-k experts of one token and the call), from decode steps of random models of the
+    shape with `layers` MoE layers, with the routed experts stubbed and with each variant's experts,
+    all of them in turn in every round (`decode_gap_rounds`): per round, the per-layer difference of
+    the variant's pair less the stubbed pair's; the median over the rounds."""
     E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
     models = []
-    for experts in (True, False):
+    for variant in (None, *variants):
         for n in layers:
             m = random_model(config, n, getattr(torch, dtype), device)
-            if experts:
+            if variant is not None:
                 for block in m.moe_blocks():
                     block.experts = experts_module(variant, E, D, I, device).requires_grad_(False)
             models.append(m)
-    times, _ = decode_gaps_in_turn(models, repeats)
+    by_round, _ = decode_gap_rounds(models, rounds)
     span = layers[1] - layers[0]
-    return max(0.0, (times[1] - times[0]) / span - (times[3] - times[2]) / span)
+    out = {}
+    for i, variant in enumerate(variants, start=1):
+        per_round = [((t[2 * i + 1] - t[2 * i]) - (t[1] - t[0])) / span for t in by_round]
+        out[variant] = max(0.0, statistics.median(per_round))
+    return out
 
 
 def _in_cache(variant: str, config: ModelConfig, llc_bytes: int) -> bool:
@@ -177,8 +188,11 @@ def with_shape_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
             lines[v] = expert_line(prof, v, config, device)
         if not v.endswith("+fp32"):  # an offloaded layer keeps no fp32 copy
             one[v] = expert_line(prof, v, config, device, lengths=OFFLOADED_TOKENS, one=True)
-        if _in_cache(v, config, prof.llc_bytes):
-            decode[v] = decode_experts_s(prof, v, config, dtype, device)
+    in_cache = [v for v in prof.experts if _in_cache(v, config, prof.llc_bytes)]
+    if in_cache:
+        if progress:
+            print(f"  decode experts {', '.join(in_cache)} ...", flush=True)
+        decode = decode_experts(in_cache, config, dtype, device)
     stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s"
     costs = replace(costs, experts=lines, offloaded=one, decode_experts=decode, measured=stamp)
     out = replace(prof, shapes={**prof.shapes, key: costs})

@@ -265,21 +265,28 @@ def test_a_one_row_decode_steps_experts_cost_what_a_model_of_the_shape_measured(
     assert bf16.dense_s(0, 1, 1) == MeasuredCosts(sizes, base, ["bf16"] * L, kernel="reference").dense_s(0, 1, 1)
 
 
-def test_in_situ_decode_is_the_layer_difference_with_experts_less_without(monkeypatch):
+def test_in_situ_decode_is_the_median_of_the_rounds_layer_differences(monkeypatch):
+    """Per round: a variant's 5- less 1-layer step, less the stubbed pair's, per layer; the median of the
+    rounds (a round slow for one model moves one round's figure, not the result). The stubbed pair
+    and every variant's pair run in the same rounds."""
     config = config_of("tiny")
     built = []
+    ms = 1e-3
 
-    def fake_gaps(models, repeats, tokens=16, count=None):
+    def fake_rounds(models, rounds, tokens=16, count=None):
         built.extend(models)
-        # with experts: 1 layer 1.0 ms, 5 layers 2.0 ms; stubbed: 0.9 and 1.5 ms
-        return [1.0e-3, 2.0e-3, 0.9e-3, 1.5e-3], [0.0] * 4
+        # stubbed 0.9 / 1.5 ms; int4 1.0 / 2.0 ms; int8 1.0 / 2.4 ms; round 1 is slow for int4's 5 layers
+        rows = [[0.9 * ms, 1.5 * ms, 1.0 * ms, 2.0 * ms, 1.0 * ms, 2.4 * ms] for _ in range(rounds)]
+        rows[1][3] = 9.0 * ms
+        return rows, [0.0] * len(models)
 
-    monkeypatch.setattr(shape_profile, "decode_gaps_in_turn", fake_gaps)
-    got = shape_profile.decode_experts_s(synthetic_profile(), "int4", config, "bfloat16", torch.device("cpu"))
-    assert got == pytest.approx(0.25e-3 - 0.15e-3)  # per layer: 1.0 / 4 less 0.6 / 4
+    monkeypatch.setattr(shape_profile, "decode_gap_rounds", fake_rounds)
+    got = shape_profile.decode_experts(["int4", "int8"], config, "bfloat16", torch.device("cpu"), rounds=3)
+    assert got["int4"] == pytest.approx(1.0 * ms / 4 - 0.6 * ms / 4)  # per layer: 1.0 / 4 less 0.6 / 4
+    assert got["int8"] == pytest.approx(1.4 * ms / 4 - 0.6 * ms / 4)
     kinds = [{type(b.experts).__name__ for b in m.moe_blocks()} for m in built]
-    assert kinds == [{"QuantizedExperts"}] * 2 + [{"_NoExperts"}] * 2
-    assert [len(m.moe_blocks()) for m in built] == [1, 5, 1, 5]
+    assert kinds == [{"_NoExperts"}] * 2 + [{"QuantizedExperts"}] * 4
+    assert [len(m.moe_blocks()) for m in built] == [1, 5] * 3
     # measured only where 5 layers of the variant's experts fit in the last-level cache
     layer = config.num_experts * shape_profile.stored_expert_bytes("int4", config.hidden_size,
                                                                     config.moe_intermediate_size)
