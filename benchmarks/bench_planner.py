@@ -308,7 +308,7 @@ def baselines(model_name: str, budget: int, *, quantized: bool = True) -> dict[s
     """The issue's comparison points at `budget` (those that fit by the planner's memory model):
     (a) the default: every expert resident in float, kernel auto; (b) a memory-only rule like
     llama.cpp's --fit: float weights, experts spilled to the slow tier with every slot the budget
-    leaves in a plain LRU cache, run by the kernel 'auto' picks here (as the default is: llama.cpp's
+    leaves (with the transient buffer, as the planner counts memory) in a plain LRU cache, run by the kernel 'auto' picks here (as the default is: llama.cpp's
     --fit keeps its fast kernels; until session 6 this rule ran 'reference', which flattered the planner
     where the native kernels are built); (c) uniform int4, resident (not with `quantized=False`)."""
     from moeinfer.kernels.registry import resolve
