@@ -308,9 +308,10 @@ def baselines(model_name: str, budget: int, *, quantized: bool = True) -> dict[s
     """The issue's comparison points at `budget` (those that fit by the planner's memory model):
     (a) the default: every expert resident in float, kernel auto; (b) a memory-only rule like
     llama.cpp's --fit: float weights, experts spilled to the slow tier with every slot the budget
-    leaves (with the transient buffer, as the planner counts memory) in a plain LRU cache, run by the kernel 'auto' picks here (as the default is: llama.cpp's
-    --fit keeps its fast kernels; until session 6 this rule ran 'reference', which flattered the planner
-    where the native kernels are built); (c) uniform int4, resident (not with `quantized=False`)."""
+    leaves (with the transient buffer, as the planner counts memory) in a plain LRU cache, run by the
+    kernel 'auto' picks here (as the default is: llama.cpp's --fit keeps its fast kernels; until
+    session 6 this rule ran 'reference', which flattered the planner where the native kernels are
+    built); (c) uniform int4, resident (not with `quantized=False`)."""
     from moeinfer.kernels.registry import resolve
     from moeinfer.planning import Plan, PlanOffload
     from moeinfer.planning.costs import expert_bytes, fixed_bytes
@@ -344,7 +345,6 @@ def default_budgets(model_name: str, *, real_shape: bool = False, quantized: boo
     - a real-shape one, float experts only: n/5, 3n/8 and 5n/8 float experts (all offloaded, each
       under ~5 GB for the 2-layer Mixtral shape)."""
     from moeinfer.planning.costs import expert_bytes, fixed_bytes
-    from moeinfer.planning.planner import offload_slots
     from moeinfer.planning.sizes import sizes_from_checkpoint
 
     s = sizes_from_checkpoint(model_name)

@@ -270,14 +270,15 @@ class OffloadedExperts(nn.Module):
             for e, out in zip(plan.assisted, rt.cpu_experts.compute(jobs)):
                 y[seg(e)] = out
             rt.stats.assisted_s += time.perf_counter() - t0
-        for ld in streamed[1:]:  # the rest without a slot, each through the transient buffer once it is free
-            loaded[ld.key[1]] = ld
-        for e, entry in loaded.items():
-            if isinstance(entry, Load):
-                entry = rt.issue([entry])[e]
-            gate_up, down, h, slot = entry
+
+        def run_loaded(e: int, gate_up: torch.Tensor, down: torch.Tensor, h: Handle, slot: int | None) -> None:
             rt.wait(h, slot)
             y[seg(e)] = expert(x_sorted[seg(e)], gate_up, down)
             rt.computed(slot)
+
+        for e, issued in loaded.items():
+            run_loaded(e, *issued)
+        for ld in streamed[1:]:  # the rest without a slot, each issued once the transient buffer is free
+            run_loaded(ld.key[1], *rt.issue([ld])[ld.key[1]])
         # 5. combine
         return combine(y, d, routing.weights, N)

@@ -21,7 +21,8 @@ Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
       layers (the checkpoint's, or a quantize preset within the quality budget: its codes move between
       the tiers) with a fast-tier cache of all the slots the budget leaves at that precision (and the
       transient buffer a cache smaller than a layer's experts streams a prompt's other misses
-      through: `cached_experts`), for each cache policy and prefetcher (and CPU assist on CUDA, float experts only);
+      through: `cached_experts`), for each cache policy and prefetcher (and CPU assist on CUDA,
+      float experts only);
 5. predict decode (at the batch) and prefill tokens/s of each candidate with `simulate`, rank by
    decode tokens/s (the objective sets the batch sizes tried: 1 for latency); candidates predicted
    within `TIE` of the fastest are a tie, ranked by quality loss, then speed (`_rank`): the cost model

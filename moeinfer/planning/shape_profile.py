@@ -19,9 +19,9 @@ per-row work that does not scale from other shapes. So, per model shape:
    free memory is not measured (the fit prices it);
 3. an offloaded layer runs one call per cached expert (moeinfer/offload/experts.py `expert_fn`),
    quantized ones each with its own activation quantization: per variant, that call on one expert of
-   the shape timed on two token counts (`ShapeCosts.offloaded`: per call, per token). On the Intel machine the
-   shipped model's offloaded int4 plan with every expert cached spent ~14 ms on a 64-token prompt
-   where the resident one spent ~6.5;
+   the shape timed on two token counts (`ShapeCosts.offloaded`: per call, per token). On the Intel
+   machine the shipped model's offloaded int4 plan with every expert cached spent ~14 ms on a
+   64-token prompt where the resident one spent ~6.5;
 4. per variant whose experts stay in the last-level cache (5 layers of them fit), a one-row decode
    step's expert stage measured in situ: decode steps of 1- and 5-layer models of the shape with
    stubbed experts and with each such variant's experts, all in turn in the same rounds, the median
@@ -31,7 +31,7 @@ per-row work that does not scale from other shapes. So, per model shape:
    state that costs is not measured), while the profile's fit priced 58. Measured variant by
    variant, each the difference of four least-of-9 times, the figures moved +-15% between
    measurements (bf16 87-108 us, int8 61-102 on the Intel machine) and once priced int4 and bf16
-   alike, so the planner took bf16 for a tie where int4 ran 5-8% faster; all in turn with the median
+   alike, so the planner took bf16 for a tie where int4 ran 8% faster; all in turn with the median
    of 30 rounds they stay within +-5% (bf16 96-100, int4 70-78, int8 79-88 in four measurements).
 """
 
