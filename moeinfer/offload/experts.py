@@ -14,9 +14,11 @@ dispatch and combine stages are the reference ones. Per forward of MoE layer l:
    experts (slots of byte blobs, moeinfer.offload.packed) exactly as QuantizedExperts' eager reference.
    Loads without a slot (a pool smaller than the visit's experts: a prompt's layer needs most of
    them) stream one after another through one transient buffer (`cache.transient_buffers`: what the
-   planner's memory model counts), each issued once the previous one is computed; on a CPU the
-   buffer is kept, since a fresh expert-sized allocation is mapped and page-faulted by its read
-   (measured on a 352 MB Mixtral expert: ~1.1 GB/s against ~5 into kept pages);
+   planner's memory model counts), each issued once the previous one is computed. The buffer is
+   kept: on a CPU a fresh expert-sized allocation is mapped and page-faulted by its read (measured
+   on a 352 MB Mixtral expert: ~1.1 GB/s against ~5 into kept pages); the loader knows it by the
+   slot id `TRANSIENT`, so a GPU copy into it waits for the compute that last read it, as a
+   slot's does;
 5. combine (reference `combine`).
 """
 
@@ -43,6 +45,7 @@ from moeinfer.offload.transfer import Handle
 from moeinfer.offload.visits import visit_of
 
 Key = tuple[int, int]
+TRANSIENT = -1  # the loader's slot id for the transient buffer (step 4)
 
 
 @dataclass
@@ -100,7 +103,7 @@ class OffloadRuntime:
         self.slot_views = (SlotViews(packed, self.slot_gate_up, self.slot_down)
                            if packed is not None and device.type == "cpu" else None)
         self.pending: dict[int, Handle] = {}  # slot -> its latest load, until waited
-        self._transient: tuple[torch.Tensor, torch.Tensor] | None = None  # kept on a CPU (step 4)
+        self._transient: tuple[torch.Tensor, torch.Tensor] | None = None  # made on first use (step 4)
         self._transient_busy = False  # a load without a slot was issued and its expert not yet computed
         self.stats = RunStats()
         self.closed = False
@@ -122,24 +125,22 @@ class OffloadRuntime:
                 g, d = self._transient_buffer()
             else:
                 g, d = self.slot_gate_up[ld.slot], self.slot_down[ld.slot]
-            h = self.loader.submit(ld.key, self._reader(ld.key, ld.low_bit), g, d, ld.slot)
+            h = self.loader.submit(ld.key, self._reader(ld.key, ld.low_bit), g, d,
+                                   TRANSIENT if ld.slot is None else ld.slot)
             if ld.slot is not None:
                 self.pending[ld.slot] = h
             out[ld.key[1]] = (g, d, h, ld.slot)
         return out
 
     def _transient_buffer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The buffer a load without a slot streams through (step 4 of the module docstring): one at a
-        time; kept on a CPU, fresh elsewhere (the CUDA caching allocator reuses its memory)."""
+        """The buffer a load without a slot streams through (step 4 of the module docstring), one load at
+        a time."""
         if self._transient_busy:
             raise OffloadError("a second load without a slot was issued before the first one's expert was computed")
         self._transient_busy = True
-        if self.device.type != "cpu":
-            return (torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device),
-                    torch.empty(self.down_shape, dtype=self.dtype, device=self.device))
         if self._transient is None:
-            self._transient = (torch.empty(self.gate_up_shape, dtype=self.dtype),
-                               torch.empty(self.down_shape, dtype=self.dtype))
+            self._transient = (torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device),
+                               torch.empty(self.down_shape, dtype=self.dtype, device=self.device))
         return self._transient
 
     def begin_visit(self) -> None:
@@ -149,7 +150,7 @@ class OffloadRuntime:
 
     def computed(self, slot: int | None) -> None:
         """The caller finished computing the expert of `slot` (None: the transient buffer is free again)."""
-        self.loader.used(slot)
+        self.loader.used(TRANSIENT if slot is None else slot)
         if slot is None:
             self._transient_busy = False
 

@@ -5,8 +5,9 @@ link, like a PCIe copy engine), so prefetches overlap the caller's compute; FIFO
 two loads into the same slot land in the order the cache decided them.
 `CudaLoader` (GPU fast tier), after Mixtral-offloading / MoE-Infinity: the disk tier is read by the
 same thread into a pinned staging buffer; the copy to the GPU runs on a dedicated CUDA stream that
-first waits for the last compute that used the slot, and records an event the compute stream waits
-on before using the expert.
+first waits for the last compute that used the slot (a slot id: a cache slot, or the offload
+runtime's transient buffer, moeinfer.offload.experts.TRANSIENT), and records an event the compute
+stream waits on before using the expert.
 Every wait has a deadline: a transfer that fails raises `OffloadError` naming the expert, and one
 that does not finish in `timeout_s` raises instead of hanging.
 """

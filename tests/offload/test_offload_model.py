@@ -101,6 +101,35 @@ def test_loads_without_a_slot_stream_one_at_a_time_through_one_kept_buffer(refer
     rt.close()
 
 
+def test_the_loader_orders_each_transient_load_after_the_last_compute_that_read_the_buffer(tmp_path):
+    """The loader sees the transient buffer as slot id TRANSIENT: every load into it is submitted with
+    that id, and after the previous transient expert was reported computed (`used(TRANSIENT)`), which
+    is what makes a GPU copy into the kept buffer wait for the compute that last read it."""
+    from moeinfer.offload.experts import TRANSIENT
+
+    model = random_mixtral()
+    offload_(model, OffloadConfig(tier="disk", offload_dir=tmp_path, cache=2, scope="global", policy="lru"))
+    rt = model.offload
+    events = []
+    real_submit, real_used = rt.loader.submit, rt.loader.used
+
+    def submit(key, read, g, d, slot):
+        events.append(("submit", slot))
+        return real_submit(key, read, g, d, slot)
+
+    def used(slot):
+        events.append(("used", slot))
+        real_used(slot)
+
+    rt.loader.submit, rt.loader.used = submit, used
+    _generate(model)
+    rt.close()
+    transient = [kind for kind, slot in events if slot == TRANSIENT]
+    assert transient.count("submit") == rt.cache.stats.transient_loads > 4
+    assert transient == ["submit", "used"] * (len(transient) // 2)  # never two submits in a row
+    assert all(slot is not None for _, slot in events)
+
+
 def test_a_one_percent_error_in_cached_experts_is_caught(reference, tmp_path, monkeypatch):
     """Issue 14: scaling cached experts' outputs by 0.99 passed every offload test, which compared greedy
     tokens only. The tokens still agree here; the exact logits check above does not."""
