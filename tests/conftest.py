@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import moeinfer
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported: tests/test_gpu_paths.py runs the Triton kernels in its
+    # CPU interpreter, and a test module collected before it may import Triton first
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import moeinfer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
