@@ -195,3 +195,32 @@ def test_a_transient_buffer_is_counted_where_a_visit_can_need_more_than_a_pool()
     assert transient_buffers([7], 8) == 1 and transient_buffers([8, 3], 8) == 1
     assert transient_buffers([8], 8) == 0 and transient_buffers([30], 8) == 0
     assert transient_buffers([30], 8, admits_all=False) == 1
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 2), (1, 8), (3, 2), (4, 8), (16, 2)])
+def test_small_visits_counted_in_python_equal_numpys(n, k, monkeypatch):
+    """A visit of a few token-slots (a decode step's) is counted in plain Python: the same Visit as the
+    numpy path on random routings with unused slots (-1), equal weights, a NaN weight."""
+    import numpy as np
+
+    import moeinfer.offload.visits as visits
+
+    rng = np.random.default_rng(n * 10 + k)
+    cases = []
+    for _ in range(20):
+        experts = rng.integers(-1, 6, size=(n, k))
+        weights = rng.random((n, k)).astype(np.float32)
+        cases.append((experts, weights))
+    experts, weights = cases[0][0].copy(), np.full((n, k), 0.5, dtype=np.float32)
+    cases.append((experts, weights))
+    weights = cases[1][1].copy()
+    weights[0, 0] = np.nan
+    cases.append((cases[1][0], weights))
+    assert n * k <= visits.SMALL_VISIT
+    small = [visits.visit_of(3, e, w) for e, w in cases]
+    monkeypatch.setattr(visits, "SMALL_VISIT", -1)
+    big = [visits.visit_of(3, e, w) for e, w in cases]
+    for a, b in zip(small, big):
+        assert (a.layer, a.experts, a.tokens) == (b.layer, b.experts, b.tokens)
+        assert np.array_equal(np.array(a.max_weight), np.array(b.max_weight), equal_nan=True)
+        assert all(type(x) is int for x in a.experts + a.tokens) and all(type(x) is float for x in a.max_weight)
