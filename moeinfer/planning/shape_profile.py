@@ -99,8 +99,9 @@ def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device:
     if one:
         E = K = 1
         one_call = offloaded_expert(variant, config, device)
+        run: Any = lambda x, routing: one_call(x)  # noqa: E731
     else:
-        mod = experts_module(variant, E, D, I, device)
+        run = experts_module(variant, E, D, I, device)
     call_s = 0.0 if one else prof.rate(variant).call_s
     points = []
     for T in lengths:
@@ -109,10 +110,7 @@ def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device:
 
         def call(x: torch.Tensor = x, routing: Any = routing) -> None:
             with torch.inference_mode():
-                if one:
-                    one_call(x)
-                else:
-                    mod(x, routing)
+                run(x, routing)
         active = int((torch.bincount(routing.indices.reshape(-1), minlength=E) > 0).sum())
         points.append((active, T * K, least_time(call, repeats, device) - call_s))
     # per_expert * active + per_token * slots = seconds at both lengths; a negative term (noise): the other alone
