@@ -139,8 +139,11 @@ class OffloadRuntime:
             raise OffloadError("a second load without a slot was issued before the first one's expert was computed")
         self._transient_busy = True
         if self._transient is None:
-            self._transient = (torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device),
-                               torch.empty(self.down_shape, dtype=self.dtype, device=self.device))
+            # made on first use, often inside a forward under inference mode: a normal tensor all the same,
+            # since the loader's thread (outside inference mode) writes into it
+            with torch.inference_mode(False):
+                self._transient = (torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device),
+                                   torch.empty(self.down_shape, dtype=self.dtype, device=self.device))
         return self._transient
 
     def begin_visit(self) -> None:

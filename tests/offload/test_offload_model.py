@@ -70,15 +70,18 @@ def test_every_policy_and_prefetcher_is_exact_and_simulated_exactly(policy, pref
     model.offload.close()
 
 
-def test_loads_without_a_slot_stream_one_at_a_time_through_one_kept_buffer(reference, tmp_path):
+@pytest.mark.parametrize("tier", ["disk", "cpu"])
+def test_loads_without_a_slot_stream_one_at_a_time_through_one_kept_buffer(tier, reference, tmp_path):
     """Two slots in all (a layer has eight experts): a prompt's other misses get no slot. Each is read
     into the same kept buffer (on a CPU a fresh expert-sized allocation is page-faulted by its read),
     one at a time: a read into it starts only after the previous one's expert was computed (the
     runtime's busy flag is clear whenever it starts); the logits equal the resident model's bit for
-    bit."""
+    bit. Run under inference mode (as a server's batches run), where the buffer is made: the "cpu"
+    tier's copy into it, a torch op on the loader's thread, needs it to be a normal tensor."""
     ref_tokens, _, _, ref_logits = reference
     model = random_mixtral()
-    offload_(model, OffloadConfig(tier="disk", offload_dir=tmp_path, cache=2, scope="global", policy="lru"))
+    offload_(model, OffloadConfig(tier=tier, offload_dir=tmp_path if tier == "disk" else None, cache=2,
+                                  scope="global", policy="lru"))
     rt = model.offload
     real_issue, streamed = rt.issue, []
 
@@ -93,7 +96,8 @@ def test_loads_without_a_slot_stream_one_at_a_time_through_one_kept_buffer(refer
         return out
 
     rt.issue = issue
-    tokens, logits = _generate(model)
+    with torch.inference_mode():
+        tokens, logits = _generate(model)
     busy, ptrs = streamed[0::2], streamed[1::2]
     assert rt.cache.stats.transient_loads == len(ptrs) > 4
     assert not any(busy) and len(set(ptrs)) == 1
