@@ -9,6 +9,8 @@ substitution), so tests force each one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moeinfer.kernels import native
@@ -42,6 +44,25 @@ def moe_decode(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ga
     out = native.load().moe_decode(xn.contiguous(), local_experts(indices, expert_map), weights.float(),
                                    gate_up.contiguous(), down.contiguous(), engine)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def decode_rows_op(gate_up: torch.Tensor, down: torch.Tensor, *, engine: str) -> Callable[..., None]:
+    """`moe_decode` without its sum over experts, on these stacks (gate_up [E, 2I, D], down [E, D, I], bf16 or
+    fp32, contiguous): (x [1, D], rows [K] int64 stack rows (< 0: skipped), out [K, D] fp32) -> None, expert
+    k's output row into out[k]; the row is `moe_decode`'s for that expert, whichever others the call holds."""
+    op = native.load().moe_decode_rows
+
+    def run(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        op(x if x.dtype in (torch.float32, torch.bfloat16) else x.float(), rows, gate_up, down, engine, out)
+
+    return run
+
+
+def combine_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The last step of the native batch-1 decodes alone: x [1, D] (bf16 or fp32: the output's dtype),
+    indices [1, K] (< 0: skipped), weights [1, K], rows [K, D] fp32 -> sum_k weights[k] * rows[k] [1, D],
+    summed and rounded as `moe_decode` and `moe_decode_q` sum theirs."""
+    return native.load().combine_rows(x, indices, weights.float(), rows)
 
 
 def moe_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

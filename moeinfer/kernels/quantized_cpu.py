@@ -68,8 +68,11 @@ class PackedExperts(Protocol):
     hidden_size: int
     intermediate_size: int
     # optional, default True: False where the stacks' bytes change in place without a tensor version
-    # change (an offload cache's slot views): nothing derived from them is kept between calls
+    # change (an offload cache's slot views): nothing is derived from their bytes (no fp16 copy of the
+    # scales, no look at the zeros), and their zeros are read unless `midpoint_zeros` (optional,
+    # default False) declares every expert that can be in them symmetric
     # stable: bool
+    # midpoint_zeros: bool
 
 
 def unsupported(experts: PackedExperts) -> str | None:
@@ -133,10 +136,11 @@ def _stack(experts: PackedExperts, b: int, *, midpoints: bool = True) -> list[to
     """Codes, scales, zeros of gate_up then down (`midpoints`: symmetric zeros as None, read_zeros, and
     fp16-exact scales in fp16, read_scales: the int8-activation kernels' forms)."""
     out = [getattr(experts, f"{p}{b}_{m}") for m in ("gate_up", "down") for p in "qsz"]
-    if midpoints:
+    if midpoints and getattr(experts, "stable", True):
         out[2], out[5] = read_zeros(out[2], b), read_zeros(out[5], b)
-        if getattr(experts, "stable", True):  # an fp16 copy only of scales that change through torch
-            out[1], out[4] = read_scales(out[1]), read_scales(out[4])
+        out[1], out[4] = read_scales(out[1]), read_scales(out[4])
+    elif midpoints and getattr(experts, "midpoint_zeros", False):  # bytes that change in place: as declared
+        out[2] = out[5] = None
     return out
 
 
@@ -219,6 +223,27 @@ def moe_row_op(experts: PackedExperts, *, engine: str | None = None,
             or not getattr(experts, "stable", True)):
         return None
     return _decode_row(experts, native.resolve_variant(engine), decode_activations(activations, experts.group_size))
+
+
+def decode_rows_op(experts: PackedExperts, *, engine: str | None = None,
+                   activations: str | None = None) -> Callable[..., None] | None:
+    """Batch-1 decode of these one-width experts without the sum over experts (`moe_decode_q_rows`):
+    (x [1, D], rows [K] int64 rows of the stacks (< 0: skipped), out [K, D] fp32) -> None, the expert of
+    rows[k] into out[k]: the row `quantized_moe_cpu`'s decode sums for it, whichever other experts the
+    call holds (`combine_rows` of moeinfer.kernels.cpu_native sums them alike). Stacks' forms resolved
+    once; None where the native decode cannot run these experts (several widths, no library)."""
+    if unsupported(experts) is not None or len(_rows_by_width(experts)) != 1:
+        return None
+    (b,) = _rows_by_width(experts)
+    stack = _stack(experts, b)
+    D, I, gs = experts.hidden_size, experts.intermediate_size, experts.group_size
+    variant, acts = native.resolve_variant(engine), decode_activations(activations, gs)
+    op = native.load().moe_decode_q_rows
+
+    def run(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        op(x.reshape(-1).float(), rows, *stack, b, gs, D, I, variant, acts, out)
+
+    return run
 
 
 _BUFFERS: dict[tuple[str, int, int], torch.Tensor] = {}

@@ -17,7 +17,13 @@ with gate_up (rows 2I, cols D) and down (rows D, cols I), scales and zeros in th
    quantized kernels (moeinfer/kernels/quantized_cpu.py) reading the slot's codes in place, one expert
    per call (`native_expert_fn`): equal to the resident native path up to fp32 summation order. Each
    slot's views are made once (`SlotViews`): making six views per call had cost about as much as
-   the native call itself on a small model.
+   the native call itself on a small model;
+5. a one-token decode reads the slots as one stack (`SlotStack`: each part seen across the slots is a
+   strided [S, rows, cols] view, every expert's rows contiguous), so one native call runs all the
+   cached experts a token routes to (moeinfer/offload/slot_decode.py).
+The zeros are skipped by the native kernels only where every offloaded expert is symmetric
+(`midpoint_zeros`, found when the experts are offloaded): a slot's bytes change under its views, so
+nothing is judged from the bytes a slot happens to hold.
 """
 
 from __future__ import annotations
@@ -88,6 +94,17 @@ class PackedFormat:
             off += _pad(n)
         return out
 
+    def stack_views(self, blobs: torch.Tensor, m: str) -> list[torch.Tensor]:
+        """(codes [S, rows, P], scale [S, rows, G], zero [S, rows, G]) of matrix `m` across blobs [S, nbytes(m)]
+        (the rows of a uint8 tensor, e.g. an offload cache's slots): strided views, each blob's part in
+        place, every expert's rows contiguous (what the native kernels read as a stack)."""
+        out, off = [], 0
+        for (r, c), dt in self._parts(m):
+            n = r * c * torch.empty((), dtype=dt).element_size()
+            out.append(blobs[:, off:off + n].view(dt).unflatten(1, (r, c)))
+            off += _pad(n)
+        return out
+
     def stacked(self, experts: QuantizedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 2: every expert's blobs, (gate_up [E, n_gu], down [E, n_d]) uint8 on the CPU."""
         if PackedFormat.of(experts) != self:
@@ -109,19 +126,26 @@ class PackedFormat:
         return dequantize(q, s, z, bits=self.bits, group_size=self.group_size, cols=self._dims(m)[1], dtype=dtype)
 
 
+def midpoint_zeros(experts: QuantizedExperts) -> bool:
+    """Whether every zero-point of these experts is the midpoint 2^(bits-1) (the symmetric Q8_0/Q4_0
+    storage): the native kernels then need not read them."""
+    return all(bool((getattr(experts, f"z{b}_{m}") == float(1 << (b - 1))).all())
+               for b in set(experts.bits) for m in MATRICES)
+
+
 class _SlotExperts:
     """One cached expert as the native kernels' `PackedExperts` (a one-expert stack of views)."""
 
     # The views see a slot whose bytes a load replaces in place, some loads straight from a file
-    # (os.preadv) without a tensor version change, so quantized_cpu.read_scales makes no fp16 copy of
-    # their scales (it would go stale). quantized_cpu.read_zeros still keeps its midpoint answer per
-    # view: right for a layer of the symmetric formats (every expert's zeros are midpoints) and for
-    # asymmetric ones unless one expert's zeros happen to be all midpoints and another's not.
+    # (os.preadv) without a tensor version change: nothing is derived from their bytes
+    # (quantized_cpu._stack), and their zeros are skipped only where the runtime found every expert
+    # it offloaded symmetric (`midpoint_zeros`).
     stable = False
 
-    def __init__(self, fmt: PackedFormat) -> None:
+    def __init__(self, fmt: PackedFormat, midpoints: bool = False) -> None:
         self.bits, self.slot = [fmt.bits], [0]
         self.group_size, self.hidden_size, self.intermediate_size = fmt.group_size, fmt.hidden, fmt.inter
+        self.midpoint_zeros = midpoints
 
     def set_(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         for m, blob in (("gate_up", gate_up), ("down", down)):
@@ -134,11 +158,11 @@ class SlotViews:
     `PackedExperts` views, made once: a load into a slot changes the bytes its views see, not the
     views. Any other pair of blobs (a transient load) gets fresh views."""
 
-    def __init__(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        self.fmt = fmt
+    def __init__(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor, *, midpoints: bool = False) -> None:
+        self.fmt, self.midpoints = fmt, midpoints
         self.by_ptr: dict[int, tuple[int, _SlotExperts]] = {}
         for s in range(gate_up.shape[0]):
-            view = _SlotExperts(fmt)
+            view = _SlotExperts(fmt, midpoints)
             view.set_(fmt, gate_up[s], down[s])
             self.by_ptr[gate_up[s].data_ptr()] = (down[s].data_ptr(), view)
 
@@ -146,17 +170,36 @@ class SlotViews:
         hit = self.by_ptr.get(gate_up.data_ptr())
         if hit is not None and hit[0] == down.data_ptr():
             return hit[1]
-        view = _SlotExperts(self.fmt)
+        view = _SlotExperts(self.fmt, self.midpoints)
         view.set_(self.fmt, gate_up, down)
         return view
 
 
+class SlotStack:
+    """Blobs gate_up [S, n_gu], down [S, n_d] (an offload cache's slots) as one `PackedExperts` stack of S
+    experts, expert s in blob s, its parts strided views in place (`PackedFormat.stack_views`): one
+    native call runs the experts of several slots (moeinfer/offload/slot_decode.py)."""
+
+    stable = False  # as _SlotExperts
+
+    def __init__(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor, *, midpoints: bool = False) -> None:
+        S = gate_up.shape[0]
+        self.bits, self.slot = [fmt.bits] * S, list(range(S))
+        self.num_experts = S
+        self.group_size, self.hidden_size, self.intermediate_size = fmt.group_size, fmt.hidden, fmt.inter
+        self.midpoint_zeros = midpoints
+        for m, blobs in (("gate_up", gate_up), ("down", down)):
+            for name, t in zip("qsz", fmt.stack_views(blobs, m)):
+                setattr(self, f"{name}{fmt.bits}_{m}", t)
+
+
 def native_expert_fn(fmt: PackedFormat, *, engine: str | None = None, activations: str | None = None,
-                     slots: SlotViews | None = None) -> Any:
+                     slots: SlotViews | None = None, midpoints: bool = False) -> Any:
     """Step 4: (x [n, D], gate_up blob, down blob) -> SwiGLU [n, D] on the native kernels, or None when
     they cannot run this format here (the caller keeps the eager reference); `slots`: the views of the
-    runtime's slots, reused (else every call makes its own)."""
-    probe = _SlotExperts(fmt)
+    runtime's slots, reused (else every call makes its own); `midpoints`: every expert that can be in the
+    blobs is symmetric (`midpoint_zeros`)."""
+    probe = _SlotExperts(fmt, slots.midpoints if slots is not None else midpoints)
     if unsupported(probe) is not None:
         return None
 

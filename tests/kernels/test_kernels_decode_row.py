@@ -95,5 +95,5 @@ def test_linear_q_row_refuses_bad_input_by_name():
         ops.linear_q_row(torch.randn(1, 64).half(), q, s, z, 4, 32, "generic", "q8", None)
     with pytest.raises(RuntimeError, match="bias must be float32"):
         ops.linear_q_row(torch.randn(1, 64), q, s, z, 4, 32, "generic", "q8", torch.zeros(7))
-    with pytest.raises(RuntimeError, match="scales must be contiguous"):
+    with pytest.raises(RuntimeError, match="scales must be float32 or float16 .* rows contiguous"):
         ops.linear_q_row(torch.randn(1, 64), q, s[:, :1], z, 4, 32, "generic", "q8", None)

@@ -154,7 +154,7 @@ def test_gemm_q_names_bad_input():
         ops.gemm_q(x, q, s, z, 4, 16, "generic", "q8")
     with pytest.raises(RuntimeError, match="gemm_q x must be a float32 or bfloat16 CPU matrix, got Half"):
         ops.gemm_q(x.half(), q, s, z, 4, 32, "generic", "q8")
-    with pytest.raises(RuntimeError, match=r"gemm_q codes must be contiguous uint8 \[E, 30, 48\]"):
+    with pytest.raises(RuntimeError, match=r"gemm_q codes must be uint8 \[E, 30, 48\] with each expert.s rows contiguous"):
         ops.gemm_q(torch.randn(5, 96), q, s, z, 4, 32, "generic", "q8")
     with pytest.raises(RuntimeError, match=r"gemm_q bias must be float32 \[30\]"):
         ops.gemm_q(x, q, s, z, 4, 32, "generic", "q8", torch.zeros(29))

@@ -8,7 +8,10 @@
 // 3. down: output rows r split over threads; out[r] = sum_k w_k * (down_k[r] . h_k)
 //    (quantized experts: rows (k, r) split over threads, then the sum over k).
 // Weights are read once, straight from their stored layout (bf16, fp32, or packed codes with
-// group scales/zeros); nothing the size of a weight matrix is allocated.
+// group scales/zeros); nothing the size of a weight matrix is allocated. The same decode in parts, for an
+// offload cache's slots (the cached experts in one call, then each load as it lands): `moe_decode_rows` /
+// `moe_decode_q_rows` write each routed expert's output row, `combine_rows` sums them as the one-call
+// decodes sum theirs, bit for bit; a quantized stack's experts may lie apart (QMat).
 //
 // Many rows on packed codes (prefill, and a quantized linear at any batch): `gemm_q` quantizes the
 // activation rows once to int8 blocks and runs the tiled integer GEMM of kern.h; `moe_prefill_q` runs a
@@ -20,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -225,28 +229,34 @@ void store_row(at::Tensor& out, const std::vector<float>& buf) {
   for (size_t r = 0; r < buf.size(); ++r) op[r] = f32_to_bf16(buf[r]);
 }
 
-// x [..., D] one row, f32 or bf16, experts [K] int64 (any shape of K rows in gate_up/down, < 0 = skip),
-// weights [K] f32, gate_up [E, 2I, D], down [E, D, I] (bf16 or f32) -> out [..., D] in x's dtype (a bf16 x
-// widened once, the result rounded once, as x.float() before and out.to(bf16) after); no tensor but out
-// is allocated.
-at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
-                      const at::Tensor& gate_up, const at::Tensor& down, const std::string& variant) {
-  const Kern* kern = pick(variant);
-  check_weights(gate_up, "gate_up");
-  check_weights(down, "down");
-  TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "moeinfer_native: gate_up and down dtypes differ");
-  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, D = gate_up.size(2);
-  TORCH_CHECK(down.size(0) == E && down.size(1) == D && down.size(2) == I, "moeinfer_native: down shape ",
-              down.sizes(), " does not match gate_up ", gate_up.sizes());
-  std::vector<float> xbuf, obuf;
-  const float* xp = one_row_f32(x, D, xbuf, "x");
-  const int64_t K = experts.numel();
-  std::vector<int64_t> ex;
-  std::vector<float> wk;
-  routed(experts, weights, E, ex, wk);
+// Experts' output rows combined: out[r] = sum_k w_k * y[k, r] over the experts held (ex[k] >= 0), in
+// routing order; every decode op ends with it, and `combine_rows` runs it alone, so an expert stage
+// computed in parts (an offload cache's hits, then each load as it lands) gives the one call's bits.
+void combine_into(const std::vector<int64_t>& ex, const std::vector<float>& wk, const float* yp, int64_t D, float* op) {
+  const int64_t K = int64_t(ex.size());
+  for (int64_t r = 0; r < D; ++r) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      if (ex[k] >= 0) acc += wk[k] * yp[k * D + r];
+    op[r] = acc;
+  }
+}
+
+// rows [K, D]: a contiguous float32 buffer the per-expert outputs of a decode op go to.
+float* rows_buffer(const at::Tensor& rows, int64_t K, int64_t D) {
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.dim() == 2 && rows.size(0) == K &&
+                  rows.size(1) == D,
+              "moeinfer_native: rows must be a contiguous float32 [", K, ", ", D, "] buffer, got ", rows.scalar_type(),
+              " ", rows.sizes());
+  return rows.data_ptr<float>();
+}
+
+// Steps 1 and 3 of the float decode (module comment) without the sum over experts: expert k's output
+// into yp[k * D, (k + 1) * D) for the experts held (ex[k] >= 0; other rows untouched).
+void decode_rows(const Kern* kern, const at::Tensor& gate_up, const at::Tensor& down, const std::vector<int64_t>& ex,
+                 const float* xp, int64_t D, int64_t I, float* yp) {
+  const int64_t K = int64_t(ex.size());
   std::vector<float> h(K * I, 0.f);
-  at::Tensor out;
-  float* op = out_row(x, D, out, obuf);
   float* hp = h.data();
   const void* gu = gate_up.data_ptr();
   const void* dn = down.data_ptr();
@@ -254,12 +264,10 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
   gate_up_rows(ex, K, I, hp, [&](int64_t row) { return dot_row(kern, gate_up, gu, row, D, xp); },
                [&](const int64_t* rows, float* g) { dot_rows4(kern, gate_up, gu, rows, D, xp, g); });
   // 3. down rows expert by expert (each thread streams contiguous rows of one expert's matrix, in four
-  //    runs), then summed over experts with their routing weights in routing order (as moe_decode_q): row
-  //    by row the sum of a row-by-row loop, bit for bit, while a thread reads 4 weight streams instead of
-  //    one row of each of K distant matrices in turn (with step 1 in runs too: bf16 OLMoE-1B-7B experts,
-  //    8 of 64, on the 2-core EPYC read 13.8 -> 18.8-20.1 GB/s, best of 15; docs/kernels.md)
-  std::vector<float> yk(K * D, 0.f);
-  float* yp = yk.data();
+  //    runs; summed over experts after, combine_into): row by row the sum of a row-by-row loop, bit for
+  //    bit, while a thread reads 4 weight streams instead of one row of each of K distant matrices in turn
+  //    (with step 1 in runs too: bf16 OLMoE-1B-7B experts, 8 of 64, on the 2-core EPYC read 13.8 ->
+  //    18.8-20.1 GB/s, best of 15; docs/kernels.md)
   at::parallel_for(0, K * D, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e;) {  // the share's rows expert by expert
       const int64_t k = t / D, end = std::min(e, (k + 1) * D);
@@ -267,12 +275,70 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
       t = end;
     }
   });
-  for (int64_t r = 0; r < D; ++r) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k)
-      if (ex[k] >= 0) acc += wk[k] * yp[k * D + r];
-    op[r] = acc;
-  }
+}
+
+// gate_up [E, 2I, D], down [E, D, I] checked as one stack of float experts; (E, I, D).
+std::tuple<int64_t, int64_t, int64_t> float_stack(const at::Tensor& gate_up, const at::Tensor& down) {
+  check_weights(gate_up, "gate_up");
+  check_weights(down, "down");
+  TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "moeinfer_native: gate_up and down dtypes differ");
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, D = gate_up.size(2);
+  TORCH_CHECK(down.size(0) == E && down.size(1) == D && down.size(2) == I, "moeinfer_native: down shape ",
+              down.sizes(), " does not match gate_up ", gate_up.sizes());
+  return {E, I, D};
+}
+
+// x [..., D] one row, f32 or bf16, experts [K] int64 (any shape of K rows in gate_up/down, < 0 = skip),
+// weights [K] f32, gate_up [E, 2I, D], down [E, D, I] (bf16 or f32) -> out [..., D] in x's dtype (a bf16 x
+// widened once, the result rounded once, as x.float() before and out.to(bf16) after); no tensor but out
+// is allocated.
+at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                      const at::Tensor& gate_up, const at::Tensor& down, const std::string& variant) {
+  const Kern* kern = pick(variant);
+  const auto [E, I, D] = float_stack(gate_up, down);
+  std::vector<float> xbuf, obuf;
+  const float* xp = one_row_f32(x, D, xbuf, "x");
+  std::vector<int64_t> ex;
+  std::vector<float> wk;
+  routed(experts, weights, E, ex, wk);
+  std::vector<float> yk(ex.size() * D, 0.f);
+  decode_rows(kern, gate_up, down, ex, xp, D, I, yk.data());
+  at::Tensor out;
+  combine_into(ex, wk, yk.data(), D, out_row(x, D, out, obuf));
+  store_row(out, obuf);
+  return out;
+}
+
+// moe_decode without the sum over experts: expert k's output row into rows[k] (float32 [K, D]) for the
+// experts held (experts[k] >= 0; other rows left as they are).
+void moe_decode_rows(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& gate_up, const at::Tensor& down,
+                     const std::string& variant, const at::Tensor& rows) {
+  const Kern* kern = pick(variant);
+  const auto [E, I, D] = float_stack(gate_up, down);
+  std::vector<float> xbuf;
+  const float* xp = one_row_f32(x, D, xbuf, "x");
+  std::vector<int64_t> ex;
+  std::vector<float> wk;
+  routed(experts, at::ones({experts.numel()}), E, ex, wk);
+  decode_rows(kern, gate_up, down, ex, xp, D, I, rows_buffer(rows, int64_t(ex.size()), D));
+}
+
+// x [..., D] one row (its dtype and shape: the output's), experts [K] (< 0: skipped), weights [K], rows
+// [K, D] float32 -> out [..., D] in x's dtype: the last step of every decode op, alone (combine_into).
+at::Tensor combine_rows(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                        const at::Tensor& rows) {
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  x.numel() == D,
+              "moeinfer_native: combine_rows x must be one float32 or bfloat16 CPU row, got ", x.scalar_type(), " ",
+              x.sizes());
+  std::vector<int64_t> ex;
+  std::vector<float> wk;
+  routed(experts, weights, std::numeric_limits<int64_t>::max(), ex, wk);
+  const float* yp = rows_buffer(rows, int64_t(ex.size()), D);
+  std::vector<float> obuf;
+  at::Tensor out;
+  combine_into(ex, wk, yp, D, out_row(x, D, out, obuf));
   store_row(out, obuf);
   return out;
 }
@@ -321,35 +387,56 @@ struct QVec {
 // Scales); the GEMM tiles and the fp32-activation rows get them widened into a small per-thread
 // buffer (gemm_item, row_scales). fp16 widens exactly, so a result is the one fp32 scales of the same
 // values give, bit for bit.
+//
+// A stack's experts may lie any distance apart as long as each expert's rows are contiguous (eq, es, ez:
+// elements from one expert's codes, scales, zeros to the next'): an offload cache's slots are byte blobs
+// holding an expert's three parts back to back (moeinfer/offload/packed.py), and their parts, seen across
+// the slots, are such stacks, so one call runs the experts of several slots.
 struct QMat {
   const uint8_t* q;
   const float* s;
   const uint16_t* sh;
   const float* z;
   int64_t rows, P, G;
+  int64_t eq, es, ez;
+  // Elements from the part's start to row `row` of the stack (expert row / rows), rows `width` elements
+  // wide, experts `estride` apart (rows * width: a contiguous stack, one product).
+  int64_t at(int64_t row, int64_t width, int64_t estride) const {
+    return estride == rows * width ? row * width : row / rows * estride + row % rows * width;
+  }
+  const uint8_t* qrow(int64_t row) const { return q + at(row, P, eq); }
+  const float* srow(int64_t row) const { return s ? s + at(row, G, es) : nullptr; }
+  const uint16_t* shrow(int64_t row) const { return sh ? sh + at(row, G, es) : nullptr; }
+  const float* zrow(int64_t row) const { return z ? z + at(row, G, ez) : nullptr; }
 };
 
 // Zeros None: the symmetric storage's midpoints (kern.h), not read.
 using Zeros = std::optional<at::Tensor>;
 
+// [E, rows, cols] with each expert's rows contiguous (the experts may lie apart: QMat).
+bool expert_rows_contiguous(const at::Tensor& t, int64_t E, int64_t rows, int64_t cols) {
+  return t.dim() == 3 && t.size(0) == E && t.size(1) == rows && t.size(2) == cols && (cols <= 1 || t.stride(2) == 1) &&
+         (rows <= 1 || t.stride(1) == cols) && t.stride(0) >= 0;
+}
+
 QMat qmat(const at::Tensor& q, const at::Tensor& s, const Zeros& z, int64_t rows, int64_t P, int64_t G,
           const char* what) {
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 3 && q.size(1) == rows &&
-                  q.size(2) == P,
-              "moeinfer_native: ", what, " codes must be contiguous uint8 [E, ", rows, ", ", P, "], got ", q.sizes());
-  auto shaped = [&](const at::Tensor& t) {
-    return t.is_contiguous() && t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == rows && t.size(2) == G;
-  };
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 3 && expert_rows_contiguous(q, q.size(0), rows, P),
+              "moeinfer_native: ", what, " codes must be uint8 [E, ", rows, ", ", P, "] with each expert's rows ",
+              "contiguous, got ", q.sizes(), " strides ", q.strides());
+  const int64_t E = q.size(0);
   const bool half = s.scalar_type() == at::kHalf;
-  TORCH_CHECK((s.scalar_type() == at::kFloat || half) && shaped(s), "moeinfer_native: ", what,
-              " scales must be contiguous float32 or float16 [E, ", rows, ", ", G, "], got ", s.scalar_type(), " ",
-              s.sizes());
+  TORCH_CHECK((s.scalar_type() == at::kFloat || half) && expert_rows_contiguous(s, E, rows, G), "moeinfer_native: ",
+              what, " scales must be float32 or float16 [E, ", rows, ", ", G, "] with each expert's rows contiguous, got ",
+              s.scalar_type(), " ", s.sizes(), " strides ", s.strides());
   if (z.has_value())
-    TORCH_CHECK(z->scalar_type() == at::kFloat && shaped(*z), "moeinfer_native: ", what,
-                " zeros must be contiguous float32 [E, ", rows, ", ", G, "], got ", z->scalar_type(), " ", z->sizes());
+    TORCH_CHECK(z->scalar_type() == at::kFloat && expert_rows_contiguous(*z, E, rows, G), "moeinfer_native: ", what,
+                " zeros must be float32 [E, ", rows, ", ", G, "] with each expert's rows contiguous, got ",
+                z->scalar_type(), " ", z->sizes(), " strides ", z->strides());
   return {q.data_ptr<uint8_t>(), half ? nullptr : s.data_ptr<float>(),
           half ? reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()) : nullptr,
-          z.has_value() ? z->data_ptr<float>() : nullptr, rows, P, G};
+          z.has_value() ? z->data_ptr<float>() : nullptr, rows, P, G, q.stride(0), s.stride(0),
+          z.has_value() ? z->stride(0) : 0};
 }
 
 // This thread's scratch of at least n floats (fp16 scales widened for the kernels).
@@ -361,8 +448,8 @@ inline float* scale_scratch(int64_t n) {
 
 // Row `row` of m's scales as fp32: the stored row, or its fp16 row widened into `buf` (m.G floats).
 inline const float* row_scales_f32(const Kern* k, const QMat& m, int64_t row, float* buf) {
-  if (!m.sh) return m.s + row * m.G;
-  k->half_to_f32(m.sh + row * m.G, buf, m.G);
+  if (!m.sh) return m.srow(row);
+  k->half_to_f32(m.shrow(row), buf, m.G);
   return buf;
 }
 
@@ -379,12 +466,12 @@ struct AnyVec {
 
 // Row `row` of m's scales as the int8-activation row kernels take them (fp32 or fp16, in place).
 inline Scales row_scales(const QMat& m, int64_t row) {
-  return {m.s ? m.s + row * m.G : nullptr, m.sh ? m.sh + row * m.G : nullptr};
+  return {m.srow(row), m.shrow(row)};
 }
 
 inline float qdot(const Kern* k, const QMat& m, int64_t row, const AnyVec& v, int64_t cols, int64_t gs, int bits) {
-  const uint8_t* q = m.q + row * m.P;
-  const float* z = row_of(m.z, row, m.G);
+  const uint8_t* q = m.qrow(row);
+  const float* z = m.zrow(row);
   if (v.q8) {
     const Scales s = row_scales(m, row);
     return bits == 8 ? k->qrow8_q8(q, s, z, v.i.act(0), cols, gs) : k->qrow4_q8(q, s, z, v.i.act(0), cols, gs);
@@ -405,7 +492,7 @@ inline void qdot4(const Kern* k, const QMat& m, const int64_t* rows, const AnyVe
   const uint8_t* q[4];
   Scales s[4];
   const float* z[4];
-  for (int j = 0; j < 4; ++j) q[j] = m.q + rows[j] * m.P, s[j] = row_scales(m, rows[j]), z[j] = row_of(m.z, rows[j], m.G);
+  for (int j = 0; j < 4; ++j) q[j] = m.qrow(rows[j]), s[j] = row_scales(m, rows[j]), z[j] = m.zrow(rows[j]);
   (bits == 8 ? k->qrow8_q8_x4 : k->qrow4_q8_x4)(q, s, z, v.i.act(0), cols, gs, out);
 }
 
@@ -429,24 +516,12 @@ bool use_q8(const std::string& activations, int64_t group_size) {
   return activations == "q8";
 }
 
-// Quantized experts of one bit width (moeinfer.formats.quantized_experts storage), batch-1 decode.
-at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
-                        const at::Tensor& q_gu, const at::Tensor& s_gu, const Zeros& z_gu,
-                        const at::Tensor& q_dn, const at::Tensor& s_dn, const Zeros& z_dn, int64_t bits,
-                        int64_t group_size, int64_t D, int64_t I, const std::string& variant,
-                        const std::string& activations) {
-  const Kern* kern = pick(variant);
-  TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: quantized experts need 8 or 4 bits, got ", bits);
-  TORCH_CHECK(group_size >= 1, "moeinfer_native: group_size must be >= 1");
-  const bool q8 = use_q8(activations, group_size);
-  check_vec(x, D, "x");
-  const QMat gu = qmat(q_gu, s_gu, z_gu, 2 * I, packed_bytes(D, bits), num_groups(D, group_size), "gate_up");
-  const QMat dn = qmat(q_dn, s_dn, z_dn, D, packed_bytes(I, bits), num_groups(I, group_size), "down");
-  const int64_t E = q_gu.size(0), K = experts.numel();
-  TORCH_CHECK(q_dn.size(0) == E, "moeinfer_native: gate_up and down hold different expert counts");
-  std::vector<int64_t> ex;
-  std::vector<float> wk;
-  routed(experts, weights, E, ex, wk);
+// Quantized experts of one bit width (moeinfer.formats.quantized_experts storage), batch-1 decode without
+// the sum over experts: expert k's output into yp[k * D, (k + 1) * D) for the experts held (ex[k] >= 0;
+// other rows untouched). Each expert's row is the same bits whichever other experts the call holds.
+void decode_q_rows(const Kern* kern, const at::Tensor& x, const std::vector<int64_t>& ex, const QMat& gu,
+                   const QMat& dn, int64_t bits, int64_t group_size, int64_t D, int64_t I, bool q8, float* yp) {
+  const int64_t K = int64_t(ex.size());
   const AnyVec xv(kern, x.data_ptr<float>(), D, group_size, int(bits), q8);
   at::Tensor h = at::zeros({K, I}, x.options());
   float* hp = h.data_ptr<float>();
@@ -457,10 +532,7 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
   std::vector<AnyVec> hv;
   hv.reserve(K);
   for (int64_t k = 0; k < K; ++k) hv.emplace_back(kern, hp + k * I, I, group_size, int(bits), q8);
-  // 3. down rows, expert by expert (each thread streams contiguous rows of one expert's matrix), then
-  //    summed over experts in routing order
-  at::Tensor yk = at::zeros({K, D}, x.options());
-  float* yp = yk.data_ptr<float>();
+  // 3. down rows, expert by expert (each thread streams contiguous rows of one expert's matrix)
   at::parallel_for(0, K * D, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e;) {  // the share's rows expert by expert, each in four runs (one activation row)
       const int64_t k = t / D, end = std::min(e, (k + 1) * D);
@@ -468,15 +540,57 @@ at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at
       t = end;
     }
   });
+}
+
+// The arguments of a quantized decode op checked: (kernel, int8 activations, gate_up, down).
+std::tuple<const Kern*, bool, QMat, QMat> quantized_stack(const at::Tensor& x, const at::Tensor& q_gu,
+                                                          const at::Tensor& s_gu, const Zeros& z_gu,
+                                                          const at::Tensor& q_dn, const at::Tensor& s_dn,
+                                                          const Zeros& z_dn, int64_t bits, int64_t group_size,
+                                                          int64_t D, int64_t I, const std::string& variant,
+                                                          const std::string& activations) {
+  const Kern* kern = pick(variant);
+  TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: quantized experts need 8 or 4 bits, got ", bits);
+  TORCH_CHECK(group_size >= 1, "moeinfer_native: group_size must be >= 1");
+  const bool q8 = use_q8(activations, group_size);
+  check_vec(x, D, "x");
+  const QMat gu = qmat(q_gu, s_gu, z_gu, 2 * I, packed_bytes(D, bits), num_groups(D, group_size), "gate_up");
+  const QMat dn = qmat(q_dn, s_dn, z_dn, D, packed_bytes(I, bits), num_groups(I, group_size), "down");
+  TORCH_CHECK(q_dn.size(0) == q_gu.size(0), "moeinfer_native: gate_up and down hold different expert counts");
+  return {kern, q8, gu, dn};
+}
+
+// Quantized experts of one bit width, batch-1 decode: x [D] f32 -> out [D] f32, summed over the routed
+// experts in routing order (combine_into).
+at::Tensor moe_decode_q(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                        const at::Tensor& q_gu, const at::Tensor& s_gu, const Zeros& z_gu,
+                        const at::Tensor& q_dn, const at::Tensor& s_dn, const Zeros& z_dn, int64_t bits,
+                        int64_t group_size, int64_t D, int64_t I, const std::string& variant,
+                        const std::string& activations) {
+  const auto [kern, q8, gu, dn] =
+      quantized_stack(x, q_gu, s_gu, z_gu, q_dn, s_dn, z_dn, bits, group_size, D, I, variant, activations);
+  std::vector<int64_t> ex;
+  std::vector<float> wk;
+  routed(experts, weights, q_gu.size(0), ex, wk);
+  std::vector<float> yk(ex.size() * D, 0.f);
+  decode_q_rows(kern, x, ex, gu, dn, bits, group_size, D, I, q8, yk.data());
   at::Tensor out = at::empty({D}, x.options());
-  float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < D; ++r) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k)
-      if (ex[k] >= 0) acc += wk[k] * yp[k * D + r];
-    op[r] = acc;
-  }
+  combine_into(ex, wk, yk.data(), D, out.data_ptr<float>());
   return out;
+}
+
+// moe_decode_q without the sum over experts: expert k's output row into rows[k] (float32 [K, D]) for the
+// experts held (experts[k] >= 0; other rows left as they are).
+void moe_decode_q_rows(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& q_gu, const at::Tensor& s_gu,
+                       const Zeros& z_gu, const at::Tensor& q_dn, const at::Tensor& s_dn, const Zeros& z_dn,
+                       int64_t bits, int64_t group_size, int64_t D, int64_t I, const std::string& variant,
+                       const std::string& activations, const at::Tensor& rows) {
+  const auto [kern, q8, gu, dn] =
+      quantized_stack(x, q_gu, s_gu, z_gu, q_dn, s_dn, z_dn, bits, group_size, D, I, variant, activations);
+  std::vector<int64_t> ex;
+  std::vector<float> wk;
+  routed(experts, at::ones({experts.numel()}), q_gu.size(0), ex, wk);
+  decode_q_rows(kern, x, ex, gu, dn, bits, group_size, D, I, q8, rows_buffer(rows, int64_t(ex.size()), D));
 }
 
 // x [cols] f32, one packed matrix q [R, P] u8, s/z [R, G] f32 -> y [R] f32: the row kernels of
@@ -513,13 +627,13 @@ inline bool use_x8(const Kern* k, int64_t cols) { return k->gemm_x8 != nullptr &
 inline void gemm_item(const Kern* k, int bits, const QMat& m, int64_t e, int64_t r0, int64_t r1, const Q8Rows& x,
                       const X8Rows* x8, int64_t cols, int64_t gs, float* y, int64_t ldy) {
   const int64_t first = e * m.rows + r0;
-  const float* s = m.s ? m.s + first * m.G : nullptr;
+  const float* s = m.srow(first);  // rows [r0, r1) of one expert: contiguous
   if (m.sh) {
     float* buf = scale_scratch((r1 - r0) * m.G);
-    k->half_to_f32(m.sh + first * m.G, buf, (r1 - r0) * m.G);
+    k->half_to_f32(m.shrow(first), buf, (r1 - r0) * m.G);
     s = buf;
   }
-  const QRows w{m.q + first * m.P, s, row_of(m.z, first, m.G), m.P, m.G};
+  const QRows w{m.qrow(first), s, m.zrow(first), m.P, m.G};
   if (x8)
     k->gemm_x8(bits, w, 0, r1 - r0, *x8, gs, y + r0, ldy);
   else
@@ -790,10 +904,17 @@ TORCH_LIBRARY(moeinfer_native, m) {
   m.def("built(str variant) -> bool", &moeinfer_native::has_variant);
   m.def("moe_decode(Tensor x, Tensor experts, Tensor weights, Tensor gate_up, Tensor down, str variant) -> Tensor",
         &moeinfer_native::moe_decode);
+  m.def("moe_decode_rows(Tensor x, Tensor experts, Tensor gate_up, Tensor down, str variant, Tensor(a!) rows) -> ()",
+        &moeinfer_native::moe_decode_rows);
+  m.def("combine_rows(Tensor x, Tensor experts, Tensor weights, Tensor rows) -> Tensor", &moeinfer_native::combine_rows);
   m.def("gemv(Tensor x, Tensor w, str variant) -> Tensor", &moeinfer_native::gemv);
   m.def("moe_decode_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor? z_gu, "
         "Tensor q_dn, Tensor s_dn, Tensor? z_dn, int bits, int group_size, int hidden, int inner, str variant, str activations=\"f32\") -> Tensor",
         &moeinfer_native::moe_decode_q);
+  m.def("moe_decode_q_rows(Tensor x, Tensor experts, Tensor q_gu, Tensor s_gu, Tensor? z_gu, Tensor q_dn, "
+        "Tensor s_dn, Tensor? z_dn, int bits, int group_size, int hidden, int inner, str variant, str activations, "
+        "Tensor(a!) rows) -> ()",
+        &moeinfer_native::moe_decode_q_rows);
   m.def("gemv_q(Tensor x, Tensor q, Tensor s, Tensor? z, int bits, int group_size, str variant, "
         "str activations) -> Tensor", &moeinfer_native::gemv_q);
   m.def("gemm_q(Tensor x, Tensor q, Tensor s, Tensor? z, int bits, int group_size, str variant, str activations, "
