@@ -35,7 +35,7 @@ from moeinfer.offload.config import OffloadConfig, OffloadError
 from moeinfer.offload.cpu_assist import CostModel, CpuExperts, calibrate
 from moeinfer.offload.experts import OffloadRuntime, OffloadedExperts
 from moeinfer.offload.lowbit import find_codec
-from moeinfer.offload.packed import PackedFormat
+from moeinfer.offload.packed import PackedFormat, midpoint_zeros
 from moeinfer.offload.policies import PolicyContext, make_policy
 from moeinfer.offload.prefetch import PrefetchContext, Prefetcher, make_prefetcher
 from moeinfer.offload.store import DiskStore, HostStore
@@ -129,6 +129,7 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     # 1. the model
     blocks, packed = _check_model(model)
     device = model.device
+    midpoints = False
     files = getattr(model, "expert_files", None)
     streamed = packed is None and blocks[0].experts.gate_up_proj.is_meta
     if streamed:
@@ -158,6 +159,9 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
                                "loading (low_bit_threshold) need float experts")
         written = _written_store(model, blocks, config)
         layers = [] if written is not None else [packed.stacked(b.experts) for b in blocks]
+        # symmetric codes (the kernels then skip the zeros): seen here, or recorded when the store was written
+        midpoints = (all(midpoint_zeros(b.experts) for b in blocks) if written is None
+                     else bool(getattr(model, "expert_store_midpoints", False)))
         gate_up_shape, down_shape = (packed.nbytes("gate_up"),), (packed.nbytes("down"),)
     codec = None
     if config.low_bit_threshold is not None:
@@ -206,7 +210,7 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     runtime = OffloadRuntime(cache=cache, prefetcher=prefetcher, store=store, loader=loader,
                              gate_up_shape=gate_up_shape, down_shape=down_shape, dtype=dtype, device=device,
                              cpu_experts=CpuExperts(threads=torch.get_num_threads()) if config.cpu_assist else None,
-                             config=config, packed=packed)
+                             config=config, packed=packed, midpoints=midpoints)
     runtime.stats.extra["cost_model"] = assist
     if config.remove_offload_dir and isinstance(store, DiskStore):  # never a checkpoint used as the tier
         runtime.scratch = store.root
@@ -216,6 +220,8 @@ def offload_(model: MoEModel, config: OffloadConfig, *, progress: bool = False,
     del layers
     if hasattr(model, "expert_store_dir"):
         del model.expert_store_dir
+    if hasattr(model, "expert_store_midpoints"):
+        del model.expert_store_midpoints
     # 6. steps, requests, warm-up
     def on_tokens(valid: torch.Tensor, positions: torch.Tensor, new_sequences: bool) -> None:
         runtime.begin_step(new_sequences, int(valid.sum()))

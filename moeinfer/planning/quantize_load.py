@@ -40,7 +40,7 @@ from moeinfer.compress.registry import get_method
 from moeinfer.loading.expert_files import ExpertFiles, memory_available
 from moeinfer.model.moe import Experts
 from moeinfer.offload.checkpoint_store import CheckpointStore
-from moeinfer.offload.packed import PackedFormat
+from moeinfer.offload.packed import PackedFormat, midpoint_zeros
 from moeinfer.offload.store import StoreWriter
 from moeinfer.planning.costs import expert_bytes
 from moeinfer.planning.sizes import sizes_from_model
@@ -88,13 +88,16 @@ def store_bytes(model: Any, precisions: list[str]) -> int:
     return sum(files.num_experts * expert_bytes(sizes, p) for p in precisions)
 
 
-def spill_(writer: StoreWriter, position: int, block: Any) -> None:
-    """Step 2 with `store_dir`: write layer `position`'s quantized experts to the store, free their codes."""
+def spill_(writer: StoreWriter, position: int, block: Any) -> bool:
+    """Step 2 with `store_dir`: write layer `position`'s quantized experts to the store, free their codes;
+    returns whether the codes are symmetric (every zero a midpoint: offload_ then skips reading them)."""
     packed = PackedFormat.of(block.experts)
     gate_up, down = packed.stacked(block.experts)
     writer.write(position, gate_up, down)
+    symmetric = midpoint_zeros(block.experts)
     del gate_up, down
     block.experts.to("meta")
+    return symmetric
 
 
 def quantize_from_checkpoint_(model: Any, step: dict[str, Any], *, progress: bool = False,
@@ -127,7 +130,9 @@ def quantize_from_checkpoint_(model: Any, step: dict[str, Any], *, progress: boo
         def fill(position: int, block: Any) -> None:
             block.experts = read_layer_experts(store, position)
 
-        done = (lambda position, block: spill_(writer, position, block)) if writer is not None else None
+        symmetric: list[bool] = []
+        done = ((lambda position, block: symmetric.append(spill_(writer, position, block)))
+                if writer is not None else None)
         summary = method.fn(model, params, None, progress=progress, fill=fill, done=done)
     except BaseException:
         if writer is not None:
@@ -137,6 +142,7 @@ def quantize_from_checkpoint_(model: Any, step: dict[str, Any], *, progress: boo
         store.close()
     if store_dir is not None:
         model.expert_store_dir = Path(store_dir)
+        model.expert_store_midpoints = bool(symmetric) and all(symmetric)  # offload_ then skips the zeros
     # 3. record
     report.steps.append(step_record(method.name, params, summary))
     record_compression_(model, report)
