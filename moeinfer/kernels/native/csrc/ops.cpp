@@ -251,10 +251,24 @@ float* rows_buffer(const at::Tensor& rows, int64_t K, int64_t D) {
   return rows.data_ptr<float>();
 }
 
+// The experts a decode call holds (ex[k] >= 0): their stack rows and their positions k. The work is split
+// over these alone, so a call holding one of its K experts (an offload cache's load, computed as it lands)
+// still keeps every thread busy: split over all K, the threads whose share fell on skipped experts idled
+// (the Mixtral-8x7B shape's all-miss bf16 decode ran at half speed).
+struct Held {
+  std::vector<int64_t> ex, pos;
+  explicit Held(const std::vector<int64_t>& all) {
+    for (int64_t k = 0; k < int64_t(all.size()); ++k)
+      if (all[k] >= 0) ex.push_back(all[k]), pos.push_back(k);
+  }
+};
+
 // Steps 1 and 3 of the float decode (module comment) without the sum over experts: expert k's output
 // into yp[k * D, (k + 1) * D) for the experts held (ex[k] >= 0; other rows untouched).
-void decode_rows(const Kern* kern, const at::Tensor& gate_up, const at::Tensor& down, const std::vector<int64_t>& ex,
+void decode_rows(const Kern* kern, const at::Tensor& gate_up, const at::Tensor& down, const std::vector<int64_t>& all,
                  const float* xp, int64_t D, int64_t I, float* yp) {
+  const Held held(all);
+  const std::vector<int64_t>& ex = held.ex;
   const int64_t K = int64_t(ex.size());
   std::vector<float> h(K * I, 0.f);
   float* hp = h.data();
@@ -271,7 +285,7 @@ void decode_rows(const Kern* kern, const at::Tensor& gate_up, const at::Tensor& 
   at::parallel_for(0, K * D, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e;) {  // the share's rows expert by expert
       const int64_t k = t / D, end = std::min(e, (k + 1) * D);
-      if (ex[k] >= 0) dot_rows_into(kern, down, dn, ex[k] * D + t - k * D, end - t, I, hp + k * I, yp + t);
+      dot_rows_into(kern, down, dn, ex[k] * D + t - k * D, end - t, I, hp + k * I, yp + held.pos[k] * D + t - k * D);
       t = end;
     }
   });
@@ -519,8 +533,10 @@ bool use_q8(const std::string& activations, int64_t group_size) {
 // Quantized experts of one bit width (moeinfer.formats.quantized_experts storage), batch-1 decode without
 // the sum over experts: expert k's output into yp[k * D, (k + 1) * D) for the experts held (ex[k] >= 0;
 // other rows untouched). Each expert's row is the same bits whichever other experts the call holds.
-void decode_q_rows(const Kern* kern, const at::Tensor& x, const std::vector<int64_t>& ex, const QMat& gu,
+void decode_q_rows(const Kern* kern, const at::Tensor& x, const std::vector<int64_t>& all, const QMat& gu,
                    const QMat& dn, int64_t bits, int64_t group_size, int64_t D, int64_t I, bool q8, float* yp) {
+  const Held held(all);  // the work split over the experts held
+  const std::vector<int64_t>& ex = held.ex;
   const int64_t K = int64_t(ex.size());
   const AnyVec xv(kern, x.data_ptr<float>(), D, group_size, int(bits), q8);
   at::Tensor h = at::zeros({K, I}, x.options());
@@ -536,7 +552,7 @@ void decode_q_rows(const Kern* kern, const at::Tensor& x, const std::vector<int6
   at::parallel_for(0, K * D, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e;) {  // the share's rows expert by expert, each in four runs (one activation row)
       const int64_t k = t / D, end = std::min(e, (k + 1) * D);
-      if (ex[k] >= 0) qdot_rows(kern, dn, ex[k] * D + t - k * D, end - t, hv[k], I, group_size, int(bits), yp + t);
+      qdot_rows(kern, dn, ex[k] * D + t - k * D, end - t, hv[k], I, group_size, int(bits), yp + held.pos[k] * D + t - k * D);
       t = end;
     }
   });
