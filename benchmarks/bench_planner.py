@@ -33,7 +33,10 @@ them" check):
    first `--max-bytes` bytes, fp32 compute on the CPU like `moeinfer eval`) against the
    unquantized model (plans whose experts all stay in float keep the weights: loss 0 without an
    evaluation);
-5. print a table and write everything, with the machine profile and load average, as JSON.
+5. print a table and write everything, with the machine profile and load average, as JSON; beside each
+   budget's timings, the machine's memory read rate (against the profile's, the same measurement) and fp32
+   matmul rate measured just before and just after them (`machine_now`): a VM whose speed drifts shows
+   it there.
 
 `--real-shape mixtral`: a random-weight Mixtral-8x7B-shaped checkpoint cut to `--layers` (default
 2: 6.3 GB of bf16 weights, 5.6 GB of them experts) is written once under benchmarks/.planner_real/
@@ -435,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     import moeinfer
     from moeinfer.eval.datasets import load_dataset
     from moeinfer.planning.planner import DEFAULT_PRECISIONS, parse_budget
-    from moeinfer.planning.profile import machine_profile
+    from moeinfer.planning.profile import host_rates, machine_profile
     from moeinfer.planning.shape_profile import with_shape_costs
     from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
 
@@ -501,8 +504,14 @@ def main(argv: list[str] | None = None) -> int:
             configs.update(baselines(model_name, budget, quantized=quantized))
         # --real-shape: a configuration listed twice (a baseline that is the chosen plan) is measured once
         measured, same = distinct_configs(configs) if real else (configs, {})
+        before = host_rates()
         timed = time_configs(measured, make, rounds=args.rounds, tokens=args.tokens, interleave=args.interleave,
                              prefill_prompt=prefill_prompt)
+        after = host_rates()
+        # the machine's speed beside the timings, against the profile the predictions came from
+        # (the profile's read rate is this same measurement; its matmul rate is another, so only the read compares)
+        drift = {"read_gbps": [before[0], after[0]], "gflops": [before[1], after[1]],
+                 "profile_read_gbps": profile.mem_read_gbps}
         timed.update({n: timed[twin] for n, twin in same.items()})
         for name, p in configs.items():
             got = timed[name]
@@ -512,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"budget": budget, "config": name, "plan": p.describe(), "plan_s": plan_s if name == "#1" else None,
                    "measured_as": same.get(name),
                    "predicted": vars(pr) if pr is not None else None, "measured": got,
-                   "load_avg": os.getloadavg()[0]}
+                   "load_avg": os.getloadavg()[0], "machine_now": drift}
             if pr is not None:
                 row["decode_ratio"] = got["decode_tok_s"] / pr.decode_tok_s
                 row["prefill_ratio"] = (None if real and prefill_prompt is None
@@ -543,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_fmt(got['decode_tok_s'])} ({_fmt(row.get('decode_ratio'), 5)}x; median round "
                   f"{_fmt(got['decode_tok_s_median_round'])})  prefill {_fmt(pr and pr.prefill_tok_s)} -> "
                   f"{_fmt(got['prefill_tok_s'])}{q}{hits}{replayed}", flush=True)
+        print(f"{budget / 1e6:9.1f} MB  machine beside these timings: memory read {before[0]:.1f} / {after[0]:.1f} GB/s "
+              f"(before / after; the profile's {profile.mem_read_gbps:.1f}), fp32 matmul {before[1]:.0f} / {after[1]:.0f} "
+              "GFLOP/s", flush=True)
         base_names = [n for n in configs if not n.startswith("#")]
         if base_names:  # the issue's check: the chosen plan against the best baseline, measured together
             best = max(base_names, key=lambda n: timed[n]["decode_tok_s"])

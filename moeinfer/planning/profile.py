@@ -590,8 +590,9 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
     return layer_s, max(0.0, per_load - nbytes / (link_gbps * 1e9))
 
 
-def _host_rates() -> tuple[float, float]:
-    """(memory read GB/s, fp32 GFLOP/s) of the host CPU."""
+def host_rates() -> tuple[float, float]:
+    """(memory read GB/s, fp32 GFLOP/s) of the host CPU (about a second: the planner benchmark takes it
+    again beside each budget's timings, to show how far the machine drifted from its profile)."""
     src = torch.ones(64 << 20)  # 256 MiB fp32
     read = least_time(lambda: src.sum(), 5, torch.device("cpu"))
     a = torch.randn(1024, 1024)
@@ -612,7 +613,7 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
         mm = least_time(lambda: a @ a, 5, device)
         return "host", n / h2d / 1e9, n / read / 1e9, 2 * 4096**3 / mm / 1e9
     hw = calibrate(mib=64, repeats=3)
-    read_gbps, _ = _host_rates()
+    read_gbps, _ = host_rates()
     return "disk", hw.link_gbps, read_gbps, hw.cpu_gflops
 
 
@@ -727,7 +728,7 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
             offload_host[v] = OffloadHost(*measure_offload(dev, link_gbps, precision=v))
     if "bf16/cpu" in rates:  # offloaded float experts on the CPU kernel, one call per cached expert
         offload_host["bf16/cpu"] = OffloadHost(*measure_offload(dev, link_gbps, kernel="cpu"))
-    host = _host_rates() if dev.type == "cuda" else (None, None)
+    host = host_rates() if dev.type == "cuda" else (None, None)
     name, _ = _cpu_identity()
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
                           torch_version=torch.__version__, link=link, link_gbps=link_gbps, mem_read_gbps=read_gbps,
