@@ -5,7 +5,7 @@ Shapes: D hidden, K top-k, S slots.
 An offloaded layer otherwise computes each cached expert in its own call, then dispatches and
 combines in Python: on the shipped model ~400 us a decode layer against ~110 for the resident one
 (docs/planner.md, twelfth session). Here, for a batch-1 step:
-1. `SlotDecode.of(runtime, ...)`: the slots as one stack the native decode reads in place: float slots
+1. `SlotDecode.of(gate_up=slots, down=slots, ...)`: the slots as one stack the native decode reads in place: float slots
    as they are ([S, 2I, D], [S, D, I]), quantized blobs as strided views of their parts
    (moeinfer.offload.packed.SlotStack); None where no native decode runs them (then the layer keeps its
    per-expert path);
@@ -21,8 +21,6 @@ layer's (`cpu_moe` / `quantized_moe_cpu` at one token) bit for bit, whatever the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
 import torch
 
 from moeinfer.kernels import native
@@ -86,7 +84,7 @@ class SlotDecode:
         rows[k] = 0
         op(x, torch.tensor(rows, dtype=torch.long), out)
 
-    def combine(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> Any:
+    def combine(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Step 3: x [1, D] -> [1, D] in x's dtype, as the resident decode rounds it."""
         if self._quantized:  # quantized_moe_cpu sums in fp32 and rounds after
             return combine_rows(x.float(), indices, weights, out).to(x.dtype)
