@@ -16,8 +16,8 @@ with gate_up (rows 2I, cols D) and down (rows D, cols I), scales and zeros in th
 4. or, with kernel "cpu" on a CPU fast tier (widths 4 and 8, native library built), through the native
    quantized kernels (moeinfer/kernels/quantized_cpu.py) reading the slot's codes in place, one expert
    per call (`native_expert_fn`): equal to the resident native path up to fp32 summation order. Each
-   slot's views are made once (`SlotViews`): making six views per call had cost about as much as
-   the native call itself on a small model;
+   slot's views (a one-expert `SlotStack`) are made once (`SlotViews`): making six views per call had
+   cost about as much as the native call itself on a small model;
 5. a one-token decode reads the slots as one stack (`SlotStack`: each part seen across the slots is a
    strided [S, rows, cols] view, every expert's rows contiguous), so one native call runs all the
    cached experts a token routes to (moeinfer/offload/slot_decode.py).
@@ -133,54 +133,17 @@ def midpoint_zeros(experts: QuantizedExperts) -> bool:
                for b in set(experts.bits) for m in MATRICES)
 
 
-class _SlotExperts:
-    """One cached expert as the native kernels' `PackedExperts` (a one-expert stack of views)."""
+class SlotStack:
+    """Blobs gate_up [S, n_gu], down [S, n_d] (an offload cache's slots, or one expert's blobs as [1, n]) as
+    one `PackedExperts` stack of S experts, expert s in blob s, its parts strided views in place
+    (`PackedFormat.stack_views`): one native call runs the experts of several slots
+    (moeinfer/offload/slot_decode.py), or one slot's expert (`SlotViews`)."""
 
-    # The views see a slot whose bytes a load replaces in place, some loads straight from a file
+    # The views see slots whose bytes a load replaces in place, some loads straight from a file
     # (os.preadv) without a tensor version change: nothing is derived from their bytes
     # (quantized_cpu._stack), and their zeros are skipped only where the runtime found every expert
     # it offloaded symmetric (`midpoint_zeros`).
     stable = False
-
-    def __init__(self, fmt: PackedFormat, midpoints: bool = False) -> None:
-        self.bits, self.slot = [fmt.bits], [0]
-        self.group_size, self.hidden_size, self.intermediate_size = fmt.group_size, fmt.hidden, fmt.inter
-        self.midpoint_zeros = midpoints
-
-    def set_(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        for m, blob in (("gate_up", gate_up), ("down", down)):
-            for name, t in zip("qsz", fmt.views(blob, m)):
-                setattr(self, f"{name}{fmt.bits}_{m}", t[None])
-
-
-class SlotViews:
-    """The fast tier's slots (gate_up [S, n_gu], down [S, n_d] uint8 blobs) as one-expert
-    `PackedExperts` views, made once: a load into a slot changes the bytes its views see, not the
-    views. Any other pair of blobs (a transient load) gets fresh views."""
-
-    def __init__(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor, *, midpoints: bool = False) -> None:
-        self.fmt, self.midpoints = fmt, midpoints
-        self.by_ptr: dict[int, tuple[int, _SlotExperts]] = {}
-        for s in range(gate_up.shape[0]):
-            view = _SlotExperts(fmt, midpoints)
-            view.set_(fmt, gate_up[s], down[s])
-            self.by_ptr[gate_up[s].data_ptr()] = (down[s].data_ptr(), view)
-
-    def get(self, gate_up: torch.Tensor, down: torch.Tensor) -> _SlotExperts:
-        hit = self.by_ptr.get(gate_up.data_ptr())
-        if hit is not None and hit[0] == down.data_ptr():
-            return hit[1]
-        view = _SlotExperts(self.fmt, self.midpoints)
-        view.set_(self.fmt, gate_up, down)
-        return view
-
-
-class SlotStack:
-    """Blobs gate_up [S, n_gu], down [S, n_d] (an offload cache's slots) as one `PackedExperts` stack of S
-    experts, expert s in blob s, its parts strided views in place (`PackedFormat.stack_views`): one
-    native call runs the experts of several slots (moeinfer/offload/slot_decode.py)."""
-
-    stable = False  # as _SlotExperts
 
     def __init__(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor, *, midpoints: bool = False) -> None:
         S = gate_up.shape[0]
@@ -193,22 +156,38 @@ class SlotStack:
                 setattr(self, f"{name}{fmt.bits}_{m}", t)
 
 
+class SlotViews:
+    """The fast tier's slots (gate_up [S, n_gu], down [S, n_d] uint8 blobs) as one-expert `SlotStack`s,
+    made once: a load into a slot changes the bytes its views see, not the views. Any other pair of
+    blobs (a transient load) gets fresh views."""
+
+    def __init__(self, fmt: PackedFormat, gate_up: torch.Tensor, down: torch.Tensor, *, midpoints: bool = False) -> None:
+        self.fmt, self.midpoints = fmt, midpoints
+        self.by_ptr: dict[int, tuple[int, SlotStack]] = {}
+        for s in range(gate_up.shape[0]):
+            view = SlotStack(fmt, gate_up[s:s + 1], down[s:s + 1], midpoints=midpoints)
+            self.by_ptr[gate_up[s].data_ptr()] = (down[s].data_ptr(), view)
+
+    def get(self, gate_up: torch.Tensor, down: torch.Tensor) -> SlotStack:
+        hit = self.by_ptr.get(gate_up.data_ptr())
+        if hit is not None and hit[0] == down.data_ptr():
+            return hit[1]
+        return SlotStack(self.fmt, gate_up[None], down[None], midpoints=self.midpoints)
+
+
 def native_expert_fn(fmt: PackedFormat, *, engine: str | None = None, activations: str | None = None,
                      slots: SlotViews | None = None, midpoints: bool = False) -> Any:
     """Step 4: (x [n, D], gate_up blob, down blob) -> SwiGLU [n, D] on the native kernels, or None when
     they cannot run this format here (the caller keeps the eager reference); `slots`: the views of the
     runtime's slots, reused (else every call makes its own); `midpoints`: every expert that can be in the
     blobs is symmetric (`midpoint_zeros`)."""
-    probe = _SlotExperts(fmt, slots.midpoints if slots is not None else midpoints)
+    probe = SlotStack(fmt, *(torch.zeros(1, fmt.nbytes(m), dtype=torch.uint8) for m in MATRICES))
     if unsupported(probe) is not None:
         return None
 
     def run(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        if slots is not None:
-            view = slots.get(gate_up, down)
-        else:
-            view = probe
-            view.set_(fmt, gate_up, down)
+        view = (slots.get(gate_up, down) if slots is not None
+                else SlotStack(fmt, gate_up[None], down[None], midpoints=midpoints))
         n = xs.shape[0]
         return quantized_moe_cpu(xs, torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1), view, engine=engine,
                                  activations=activations)

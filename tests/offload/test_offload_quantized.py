@@ -155,12 +155,21 @@ def test_slot_views_made_once_give_the_same_outputs(precision, tmp_path, monkeyp
             model.offload.close()
 
     fresh, _, _ = run(False)
-    made = []
-    real_set = packed_mod._SlotExperts.set_
-    monkeypatch.setattr(packed_mod._SlotExperts, "set_", lambda self, *a: (made.append(1), real_set(self, *a))[1])
+    given = []  # (a slot's blob?, the views given for it) for every call the native path made
+    real_get = packed_mod.SlotViews.get
+
+    def get(self, gate_up, down):
+        view = real_get(self, gate_up, down)
+        given.append((gate_up.data_ptr() in self.by_ptr, gate_up.data_ptr(), view))
+        return view
+
+    monkeypatch.setattr(packed_mod.SlotViews, "get", get)
     reused, views, transient = run(True)
     assert torch.equal(reused, fresh)
     assert views is not None and len(views.by_ptr) == 3 * 3  # 3 slots per layer x 3 layers
-    # views made: once per slot, then only for the experts of a prefill that had no slot (transient
-    # buffers); every cached expert's call reused its slot's views
-    assert len(made) == 3 * 3 + transient
+    # every call for a slot's blobs got the views made for that slot; only the experts of a prefill that
+    # had no slot (the transient buffer) got fresh ones, one per call
+    slot_calls = [(ptr, v) for in_slot, ptr, v in given if in_slot]
+    assert slot_calls and all(v is views.by_ptr[ptr][1] for ptr, v in slot_calls)
+    others = [v for in_slot, _, v in given if not in_slot]
+    assert len(others) == transient and len({id(v) for v in others}) == len(others)
