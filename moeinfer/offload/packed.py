@@ -87,12 +87,7 @@ class PackedFormat:
 
     def views(self, blob: torch.Tensor, m: str) -> list[torch.Tensor]:
         """(codes, scale, zero) of matrix `m`, as views of a contiguous uint8 blob [nbytes(m)]."""
-        out, off = [], 0
-        for (r, c), dt in self._parts(m):
-            n = r * c * torch.empty((), dtype=dt).element_size()
-            out.append(blob[off:off + n].view(dt).view(r, c))
-            off += _pad(n)
-        return out
+        return [t[0] for t in self.stack_views(blob[None], m)]
 
     def stack_views(self, blobs: torch.Tensor, m: str) -> list[torch.Tensor]:
         """(codes [S, rows, P], scale [S, rows, G], zero [S, rows, G]) of matrix `m` across blobs [S, nbytes(m)]
