@@ -38,10 +38,16 @@ def _stacks(bits: int, algorithm: str):
     return contiguous, strided
 
 
-@pytest.mark.parametrize("variant", variant_params())
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("activations", ["f32", "q8"])
-@pytest.mark.parametrize("algorithm", ["rtn", "sym"])
+def quantized_cases(test):
+    """Every native variant (forced by name), both widths, both forms of activations, asymmetric and
+    symmetric codes."""
+    for name, values in (("algorithm", ["rtn", "sym"]), ("activations", ["f32", "q8"]), ("bits", [4, 8]),
+                         ("variant", variant_params())):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+@quantized_cases
 def test_a_strided_stack_reads_as_the_contiguous_one(variant, bits, activations, algorithm):
     require(variant)
     ops = native_ops()
@@ -51,10 +57,7 @@ def test_a_strided_stack_reads_as_the_contiguous_one(variant, bits, activations,
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("variant", variant_params())
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("activations", ["f32", "q8"])
-@pytest.mark.parametrize("algorithm", ["rtn", "sym"])
+@quantized_cases
 def test_quantized_rows_then_their_sum_are_the_one_call_decode(variant, bits, activations, algorithm):
     require(variant)
     ops = native_ops()
