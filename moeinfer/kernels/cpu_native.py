@@ -65,6 +65,13 @@ def combine_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, 
     return native.load().combine_rows(x, indices, weights.float(), rows)
 
 
+def combine_token_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The last step of the native quantized prefill (`moe_prefill_q`) alone: x [N, D], indices [N, K] (< 0:
+    skipped), weights [N, K], rows [N * K, D] fp32 -> sum_k weights[n, k] * rows[n * K + k], [N, D] fp32,
+    summed as `moe_prefill_q` sums its experts' rows."""
+    return native.load().combine_token_rows(x, indices, weights.float(), rows)
+
+
 def moe_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
              down: torch.Tensor, *, expert_map: torch.Tensor | None, engine: str) -> torch.Tensor:
     """x [N, D] -> [N, D]: every token's routed experts in one native call (csrc/moe_rows.cpp), each

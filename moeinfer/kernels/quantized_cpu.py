@@ -83,6 +83,17 @@ def unsupported(experts: PackedExperts) -> str | None:
     return native.unavailable_reason()
 
 
+def schedule(indices: torch.Tensor, activations: str) -> str:
+    """How `quantized_moe_cpu` runs the N >= 1 tokens routed by indices [N, K]: "decode" (token by token:
+    few slots per routed expert, module docstring), "prefill" (int8 activations: `moe_prefill_q`) or
+    "tiles" (fp32 activations: dequantized tiles and fp32 GEMMs)."""
+    N, K = indices.shape
+    # one token is always decoded (its K slots go to K distinct experts), without counting them
+    if N == 1 or N * K <= decode_slots(activations) * int(torch.unique(indices).numel()):
+        return "decode"
+    return "prefill" if activations == "q8" else "tiles"
+
+
 def decode_activations(activations: str | None, group_size: int) -> str:
     """`activations` checked against the group size, or the default: "q8" where groups are whole
     int8 blocks (a multiple of QBLOCK columns), else "f32"."""
@@ -168,8 +179,8 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
         return x.new_zeros(x.shape)
     D, I, gs = experts.hidden_size, experts.intermediate_size, experts.group_size
     rows = _rows_by_width(experts)
-    # one token is always decoded (its K slots go to K distinct experts), without counting them
-    if N == 1 or N * indices.shape[1] <= decode_slots(acts) * int(torch.unique(indices).numel()):
+    plan = schedule(indices, acts)
+    if plan == "decode":
         if N == 1 and len(rows) == 1:  # batch-1 decode of one width: one call, nothing else
             return _decode_row(experts, variant, acts)(x, indices, weights)
         xf = x.float()
@@ -181,7 +192,7 @@ def quantized_moe_cpu(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
                 out[n] += ops.moe_decode_q(xf[n].contiguous(), row[indices[n]], wf[n], *stack, b, gs, D, I, variant,
                                            acts)
         return out.to(x.dtype)
-    if acts == "q8":
+    if plan == "prefill":
         # one native call per bit width: dispatch, both GEMMs on the codes, combine (csrc/ops.cpp)
         xn = x if x.dtype in _NATIVE_X else x.float()
         out = None
@@ -242,6 +253,26 @@ def decode_rows_op(experts: PackedExperts, *, engine: str | None = None,
 
     def run(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
         op(x.reshape(-1).float(), rows, *stack, b, gs, D, I, variant, acts, out)
+
+    return run
+
+
+def prefill_rows_op(experts: PackedExperts, *, engine: str | None = None) -> Callable[..., None] | None:
+    """The int8-activation prefill of these one-width experts without its sum over experts
+    (`moe_prefill_q_rows`): (x [N, D], rows [N, K] int64 rows of the stacks (< 0: skipped), out [N * K, D]
+    fp32) -> None, token n's k-th expert into out[n * K + k]: the row `quantized_moe_cpu`'s "prefill"
+    schedule sums for it, whichever other experts the call holds (`combine_token_rows` of
+    moeinfer.kernels.cpu_native sums them alike). None where the native prefill cannot run these experts."""
+    if unsupported(experts) is not None or len(_rows_by_width(experts)) != 1:
+        return None
+    (b,) = _rows_by_width(experts)
+    stack = _stack(experts, b)
+    D, I, gs = experts.hidden_size, experts.intermediate_size, experts.group_size
+    variant = native.resolve_variant(engine)
+    op = native.load().moe_prefill_q_rows
+
+    def run(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        op(x if x.dtype in _NATIVE_X else x.float(), rows, *stack, b, gs, D, I, variant, out)
 
     return run
 

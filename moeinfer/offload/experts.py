@@ -20,11 +20,12 @@ dispatch and combine stages are the reference ones. Per forward of MoE layer l:
    slot id `TRANSIENT`, so a GPU copy into it waits for the compute that last read it, as a
    slot's does;
 5. combine (reference `combine`).
-A one-token step with kernel 'cpu' on a CPU (no CPU-assisted experts, no dynamic gating) takes steps
-2-4 without the dispatch and the combine: the cached experts in one native call over the slots, each
-load's expert as it lands, then the native decode's own sum (moeinfer/offload/slot_decode.py): the
-resident layer's output on that kernel bit for bit, ~190 us a layer instead of ~450 on the shipped
-model (resident: ~110).
+With kernel 'cpu' on a CPU (no CPU-assisted experts, no dynamic gating), a one-token step, and a
+prompt or a few tokens of quantized experts, take steps 2-4 without the dispatch and the combine: the
+cached experts in one native call over the slots, each load's experts as they land, then the
+resident native schedule's own sum (moeinfer/offload/slot_experts.py): the resident layer's output
+on that kernel bit for bit; a one-token step ~190 us a layer instead of ~450 on the shipped model
+(resident: ~110).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from moeinfer.offload.cpu_assist import CpuExperts
 from moeinfer.offload.errors import OffloadError
 from moeinfer.offload.packed import PackedFormat, SlotViews, native_expert_fn
 from moeinfer.offload.prefetch import LayerContext, Prefetcher
-from moeinfer.offload.slot_decode import SlotDecode
+from moeinfer.offload.slot_experts import SlotExperts, SlotStep
 from moeinfer.offload.transfer import Handle
 from moeinfer.offload.visits import visit_of
 
@@ -109,7 +110,7 @@ class OffloadRuntime:
         # quantized slots on a CPU: each slot's views for the native kernels, made once
         self.slot_views = (SlotViews(packed, self.slot_gate_up, self.slot_down, midpoints=midpoints)
                            if packed is not None and device.type == "cpu" else None)
-        self._slot_decodes: dict[tuple[str | None, str | None], SlotDecode | None] = {}
+        self._slot_experts: dict[tuple[str | None, str | None], SlotExperts | None] = {}
         self.pending: dict[int, Handle] = {}  # slot -> its latest load, until waited
         self._transient: tuple[torch.Tensor, torch.Tensor] | None = None  # made on first use (step 4)
         self._transient_busy = False  # a load without a slot was issued and its expert not yet computed
@@ -118,14 +119,15 @@ class OffloadRuntime:
         self.token_handle: Any = None  # the model's token observer that begins each step (offload_)
         self.scratch: Any = None  # the store's folder when it is a scratch folder to delete on close (offload_)
 
-    def slot_decode(self, engine: str | None, activations: str | None) -> SlotDecode | None:
-        """The native one-token decode over the slots for this engine and these activations (made once;
-        None where it cannot run: moeinfer/offload/slot_decode.py)."""
+    def slot_experts(self, engine: str | None, activations: str | None) -> SlotExperts | None:
+        """The native expert stage over the slots for this engine and these activations (made once; None
+        where it cannot run: moeinfer/offload/slot_experts.py)."""
         key = (engine, activations)
-        if key not in self._slot_decodes:
-            self._slot_decodes[key] = SlotDecode.of(gate_up=self.slot_gate_up, down=self.slot_down, packed=self.packed,
-                                                    midpoints=self.midpoints, engine=engine, activations=activations)
-        return self._slot_decodes[key]
+        if key not in self._slot_experts:
+            self._slot_experts[key] = SlotExperts.of(gate_up=self.slot_gate_up, down=self.slot_down,
+                                                     packed=self.packed, midpoints=self.midpoints, engine=engine,
+                                                     activations=activations)
+        return self._slot_experts[key]
 
     # -- steps and transfers ------------------------------------------------------------------------
     def begin_step(self, new_request: bool, num_tokens: int) -> None:
@@ -255,13 +257,14 @@ class OffloadedExperts(nn.Module):
         return expert_fn(self.kernel, self.runtime.packed, x.device, engine=self.cpu_engine,
                          activations=self.cpu_activations, slots=self.runtime.slot_views)
 
-    def _slot_decode(self, x: torch.Tensor, routing: Routing) -> SlotDecode | None:
-        """The one-token decode over the slots, where this forward takes it: one row, kernel 'cpu' on a
-        CPU, no CPU-assisted experts, no dynamic gating (moeinfer/offload/slot_decode.py)."""
-        if (x.shape[0] != 1 or self.kernel != "cpu" or x.device.type != "cpu" or routing.k is not None
+    def _slot_step(self, x: torch.Tensor, routing: Routing) -> SlotStep | None:
+        """This forward over the slots, where it takes that path: kernel 'cpu' on a CPU, no CPU-assisted
+        experts, no dynamic gating, a resident schedule the slots run (moeinfer/offload/slot_experts.py)."""
+        if (self.kernel != "cpu" or x.device.type != "cpu" or routing.k is not None
                 or self.runtime.cpu_experts is not None):
             return None
-        return self.runtime.slot_decode(self.cpu_engine, self.cpu_activations)
+        slots = self.runtime.slot_experts(self.cpu_engine, self.cpu_activations)
+        return slots.step(x, routing.indices) if slots is not None else None
 
     def _visit(self, x: torch.Tensor, routing: Routing) -> tuple[Any, list[Load], dict[int, Any], Any]:
         """Steps 1-3 without the dispatch: the cache's plan, the loads without a slot, the issued loads
@@ -279,20 +282,24 @@ class OffloadedExperts(nn.Module):
             rt.issue(rt.cache.prefetch(target, experts))
         return plan, streamed, loaded, idx
 
-    def _decode(self, x: torch.Tensor, routing: Routing, dec: SlotDecode) -> torch.Tensor:
-        """A one-token step through the slots: the cached experts in one native call, then each load's
-        experts as they land (those landed together in one call), then the native decode's sum."""
+    def _over_slots(self, x: torch.Tensor, routing: Routing, step: SlotStep) -> torch.Tensor:
+        """Steps 2-5 through the slots: the cached experts in one call, then each load's experts as they
+        land (those landed together in one call), then the resident schedule's sum."""
         rt = self.runtime
-        x = x.contiguous()
         plan, streamed, loaded, idx = self._visit(x, routing)
-        routed = idx[0].tolist()
-        out = torch.zeros(len(routed), x.shape[1])  # [K, D] fp32: each routed expert's output
+        slot_of = np.full(self._num_experts + 1, -1, dtype=np.int64)  # expert -> slot; [-1]: a skipped row
+
+        def in_slots(slots: dict[int, int]) -> np.ndarray:  # [N, K]: each (n, k)'s slot, -1 if not among these
+            slot_of[:] = -1
+            for e, s in slots.items():
+                slot_of[e] = s
+            return slot_of[idx]
+
         # 4. the hits, one call (after any load still landing in their slots)
-        hits = [plan.hits.get(e, -1) if e >= 0 else -1 for e in routed]
-        if any(s >= 0 for s in hits):
+        if plan.hits:
             for slot in plan.hits.values():
                 rt.slot_weights(slot)
-            dec.rows(x, hits, out)
+            step.rows(in_slots(plan.hits))
             for slot in plan.hits.values():
                 rt.computed(slot)
         # then the loads: whatever has landed in one call, waiting for the first when none has
@@ -303,21 +310,21 @@ class OffloadedExperts(nn.Module):
             for e, (_, _, h, slot) in landed.items():
                 del waiting[e]
                 rt.wait(h, slot)
-            in_slots = {e: v[3] for e, v in landed.items() if v[3] is not None}
-            if in_slots:
-                dec.rows(x, [in_slots.get(e, -1) for e in routed], out)
+            slotted = {e: v[3] for e, v in landed.items() if v[3] is not None}
+            if slotted:
+                step.rows(in_slots(slotted))
             for e, (gate_up, down, _, slot) in landed.items():
                 if slot is None:
-                    dec.one(x, routed.index(e), gate_up, down, out)
+                    step.one(idx == e, gate_up, down)
                 rt.computed(slot)
             if not waiting and rest:
                 waiting = dict(rt.issue([rest.pop(0)]))
-        return dec.combine(x, routing.indices, routing.weights, out)
+        return step.combine(routing.weights)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        dec = self._slot_decode(x, routing)
-        if dec is not None:
-            return self._decode(x, routing, dec)
+        step = self._slot_step(x, routing)
+        if step is not None:
+            return self._over_slots(x, routing, step)
         rt = self.runtime
         expert = self._expert_fn(x)
         N = x.shape[0]

@@ -99,7 +99,8 @@ def test_cpu_assist_with_quantized_experts_is_refused(tmp_path):
 def test_offloaded_quantized_experts_on_the_native_kernels(precision, tmp_path, monkeypatch):
     """Kernel 'cpu': each cached expert runs the native quantized kernels on the slot's codes in place;
     equal to the resident model on the same kernels up to fp32 summation order (fp32 activations on
-    both; a 1% error fails rtol 1e-3), through both the decode (1 token) and the prefill path."""
+    both; a 1% error fails rtol 1e-3), through the decode (1 token: over the slots, test_offload_slot_experts)
+    and the prefill path (36 tokens: fp32-activation tiles, one call per expert)."""
     from native_helpers import native_ops
 
     import moeinfer.offload.packed as packed_mod
@@ -116,7 +117,7 @@ def test_offloaded_quantized_experts_on_the_native_kernels(precision, tmp_path, 
     try:
         for b in model.moe_blocks():
             b.experts.kernel, b.experts.cpu_activations = "cpu", "f32"
-        for ids in ([PROMPT[:1]], [PROMPT * 3]):  # 1 token; 18 tokens (prefill path per expert)
+        for ids in ([PROMPT[:1]], [PROMPT * 6]):  # 1 token; 36 tokens (prefill path per expert)
             x = torch.tensor(ids)
             with torch.no_grad():
                 want, got = resident(x), model(x)
@@ -130,9 +131,10 @@ def test_offloaded_quantized_experts_on_the_native_kernels(precision, tmp_path, 
 
 @pytest.mark.parametrize("precision", ["int8", "int4", "q4_0", "q8_0"])
 def test_slot_views_made_once_give_the_same_outputs(precision, tmp_path, monkeypatch):
-    """Native offloaded experts reuse each slot's views (SlotViews): per-step logits equal (torch.equal)
-    to views made afresh on every call, through hits, misses, evictions and transient loads; the slots'
-    views are the ones used (no fresh view for a slot's blobs)."""
+    """Native offloaded experts that run one call each (a 36-token prompt with fp32 activations: the
+    dequantized tiles, not a schedule the slots run together) reuse each slot's views (SlotViews):
+    per-step logits equal (torch.equal) to views made afresh on every call, through hits, misses,
+    evictions and transient loads; the slots' views are the ones used (no fresh view for a slot's blobs)."""
     from native_helpers import native_ops
 
     import moeinfer.offload.packed as packed_mod
@@ -143,11 +145,11 @@ def test_slot_views_made_once_give_the_same_outputs(precision, tmp_path, monkeyp
         model = _quantized(precision)
         offload_(model, OffloadConfig(tier="disk", offload_dir=tmp_path / f"{reuse}", cache=3, scope="layer"))
         for b in model.moe_blocks():
-            b.experts.kernel = "cpu"
+            b.experts.kernel, b.experts.cpu_activations = "cpu", "f32"
         if not reuse:
             model.offload.slot_views = None
         try:
-            _, logits = generate_with_logits(model, PROMPT, NEW)
+            _, logits = generate_with_logits(model, PROMPT * 6, NEW)
             st = model.offload.cache.stats
             assert st.hits > 0 and st.evictions > 0
             return logits, model.offload.slot_views, st.transient_loads

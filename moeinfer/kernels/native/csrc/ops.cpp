@@ -772,10 +772,21 @@ at::Tensor linear_q_row(const at::Tensor& x, const at::Tensor& q, const at::Tens
 // 4. per slot: SiLU(gate) * up, quantized to int8 blocks;
 // 5. down: the same GEMM items -> y [S, D];
 // 6. combine: out[n] = sum_k weights[n, k] * y[slot(n, k)], in routing order.
-at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const at::Tensor& weights,
-                         const at::Tensor& q_gu, const at::Tensor& s_gu, const Zeros& z_gu,
-                         const at::Tensor& q_dn, const at::Tensor& s_dn, const Zeros& z_dn, int64_t bits,
-                         int64_t group_size, int64_t D, int64_t I, const std::string& variant) {
+// Each slot's row of y depends only on its token and its expert's weights and tokens (every token
+// quantized alone, each expert's GEMM on its own slots), not on the other experts the call holds: so
+// `moe_prefill_q_rows` (steps 1-5, each (n, k)'s row out) over some experts, then over the others, and
+// `combine_token_rows` (step 6 alone) give this op's bits (an offload cache's hits, then its loads).
+struct PrefillSlots {
+  at::Tensor y;               // [S, D] f32: step 5's rows
+  std::vector<int64_t> slot;  // [N * K]: the row of y of (n, k), -1 where the expert is not held
+  std::vector<float> wk;      // [N * K] routing weights
+  int64_t N = 0, K = 0;
+};
+
+PrefillSlots prefill_slots(const at::Tensor& x_, const at::Tensor& experts, const at::Tensor& weights,
+                           const at::Tensor& q_gu, const at::Tensor& s_gu, const Zeros& z_gu, const at::Tensor& q_dn,
+                           const at::Tensor& s_dn, const Zeros& z_dn, int64_t bits, int64_t group_size, int64_t D,
+                           int64_t I, const std::string& variant) {
   const Kern* kern = pick(variant);
   TORCH_CHECK(bits == 8 || bits == 4, "moeinfer_native: quantized experts need 8 or 4 bits, got ", bits);
   TORCH_CHECK(group_size >= 1 && group_size % QBLOCK == 0, "moeinfer_native: moe_prefill_q needs a group size that ",
@@ -791,18 +802,21 @@ at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const 
   const QMat dn = qmat(q_dn, s_dn, z_dn, D, packed_bytes(I, bits), num_groups(I, group_size), "down");
   const int64_t E = q_gu.size(0);
   TORCH_CHECK(q_dn.size(0) == E, "moeinfer_native: gate_up and down hold different expert counts");
+  PrefillSlots out;
+  out.N = N, out.K = K;
   std::vector<int64_t> ex;
-  std::vector<float> wk;
-  routed(experts.reshape({-1}), weights.reshape({-1}), E, ex, wk);
-  at::Tensor out = at::zeros({N, D}, x.options());
+  routed(experts.reshape({-1}), weights.reshape({-1}), E, ex, out.wk);
   // 1. dispatch
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t t = 0; t < N * K; ++t)
     if (ex[t] >= 0) ++start[ex[t] + 1];
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
   const int64_t S = start[E];
+  out.slot.assign(N * K, -1);
+  out.y = at::empty({S, D}, x.options());
   if (S == 0) return out;
-  std::vector<int64_t> slot(N * K, -1), token(S), fill(start.begin(), start.end() - 1);
+  std::vector<int64_t> token(S), fill(start.begin(), start.end() - 1);
+  std::vector<int64_t>& slot = out.slot;
   for (int64_t t = 0; t < N * K; ++t)
     if (ex[t] >= 0) slot[t] = fill[ex[t]]++, token[slot[t]] = t / K;
   // 2. activations in slot order
@@ -844,10 +858,66 @@ at::Tensor moe_prefill_q(const at::Tensor& x_, const at::Tensor& experts, const 
       hs.quantize(kern, j, h.data());
     }
   });
-  at::Tensor y = at::empty({S, D}, x.options());
-  float* yp = y.data_ptr<float>();
-  experts_gemm(dn, hs, I, yp);
+  experts_gemm(dn, hs, I, out.y.data_ptr<float>());
+  return out;
+}
+
+at::Tensor moe_prefill_q(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                         const at::Tensor& q_gu, const at::Tensor& s_gu, const Zeros& z_gu,
+                         const at::Tensor& q_dn, const at::Tensor& s_dn, const Zeros& z_dn, int64_t bits,
+                         int64_t group_size, int64_t D, int64_t I, const std::string& variant) {
+  const PrefillSlots p =
+      prefill_slots(x, experts, weights, q_gu, s_gu, z_gu, q_dn, s_dn, z_dn, bits, group_size, D, I, variant);
+  at::Tensor out = at::zeros({p.N, D}, x.options().dtype(at::kFloat));
   // 6. combine
+  if (p.y.size(0)) combine_slots(p.y.data_ptr<float>(), p.slot.data(), p.wk.data(), p.N, p.K, D, out.data_ptr<float>());
+  return out;
+}
+
+// rows [N * K, D]: a contiguous float32 buffer the (token, k) outputs of a prefill op go to.
+float* token_rows_buffer(const at::Tensor& rows, int64_t NK, int64_t D) {
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.dim() == 2 && rows.size(0) == NK &&
+                  rows.size(1) == D,
+              "moeinfer_native: rows must be a contiguous float32 [", NK, ", ", D, "] buffer (N * K rows), got ",
+              rows.scalar_type(), " ", rows.sizes());
+  return rows.data_ptr<float>();
+}
+
+// moe_prefill_q without step 6: the output of token n's k-th expert into rows[n * K + k] (float32 [N * K, D])
+// for the experts held (experts[n, k] >= 0; other rows left as they are).
+void moe_prefill_q_rows(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& q_gu, const at::Tensor& s_gu,
+                        const Zeros& z_gu, const at::Tensor& q_dn, const at::Tensor& s_dn, const Zeros& z_dn,
+                        int64_t bits, int64_t group_size, int64_t D, int64_t I, const std::string& variant,
+                        const at::Tensor& rows) {
+  float* rp = token_rows_buffer(rows, experts.numel(), D);
+  const PrefillSlots p = prefill_slots(x, experts, at::ones(experts.sizes(), x.options().dtype(at::kFloat)), q_gu,
+                                       s_gu, z_gu, q_dn, s_dn, z_dn, bits, group_size, D, I, variant);
+  if (!p.y.size(0)) return;
+  const float* yp = p.y.data_ptr<float>();
+  at::parallel_for(0, p.N * p.K, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      if (p.slot[t] >= 0) std::copy(yp + p.slot[t] * D, yp + (p.slot[t] + 1) * D, rp + t * D);
+  });
+}
+
+// x [N, D] (f32 or bf16), experts [N, K] (< 0: skipped), weights [N, K], rows [N * K, D] float32 -> out [N, D]
+// float32: step 6 of moe_prefill_q alone (combine_slots over each (n, k)'s own row).
+at::Tensor combine_token_rows(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                              const at::Tensor& rows) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "moeinfer_native: combine_token_rows x must be a CPU [N, D] ",
+              "matrix, got ", x.sizes());
+  const int64_t N = x.size(0), D = x.size(1);
+  TORCH_CHECK(experts.dim() == 2 && experts.size(0) == N && weights.sizes() == experts.sizes(),
+              "moeinfer_native: experts and weights must both be [", N, ", K], got ", experts.sizes(), " and ",
+              weights.sizes());
+  const int64_t K = experts.size(1);
+  std::vector<int64_t> ex;
+  std::vector<float> wk;
+  routed(experts.reshape({-1}), weights.reshape({-1}), std::numeric_limits<int64_t>::max(), ex, wk);
+  const float* yp = token_rows_buffer(rows, N * K, D);
+  std::vector<int64_t> slot(N * K);
+  for (int64_t t = 0; t < N * K; ++t) slot[t] = ex[t] >= 0 ? t : -1;
+  at::Tensor out = at::zeros({N, D}, x.options().dtype(at::kFloat));
   combine_slots(yp, slot.data(), wk.data(), N, K, D, out.data_ptr<float>());
   return out;
 }
@@ -940,6 +1010,11 @@ TORCH_LIBRARY(moeinfer_native, m) {
   m.def("moe_prefill_q(Tensor x, Tensor experts, Tensor weights, Tensor q_gu, Tensor s_gu, Tensor? z_gu, "
         "Tensor q_dn, Tensor s_dn, Tensor? z_dn, int bits, int group_size, int hidden, int inner, str variant) -> Tensor",
         &moeinfer_native::moe_prefill_q);
+  m.def("moe_prefill_q_rows(Tensor x, Tensor experts, Tensor q_gu, Tensor s_gu, Tensor? z_gu, Tensor q_dn, "
+        "Tensor s_dn, Tensor? z_dn, int bits, int group_size, int hidden, int inner, str variant, Tensor(a!) rows) -> ()",
+        &moeinfer_native::moe_prefill_q_rows);
+  m.def("combine_token_rows(Tensor x, Tensor experts, Tensor weights, Tensor rows) -> Tensor",
+        &moeinfer_native::combine_token_rows);
   m.def("quantize_q8(Tensor x, str variant=\"generic\") -> (Tensor, Tensor)", &moeinfer_native::quantize_q8_op);
   m.def("dequant_into(Tensor q, Tensor s, Tensor z, int bits, int group_size, Tensor(a!) out) -> ()",
         &moeinfer_native::dequant_into);
