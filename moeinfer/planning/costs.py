@@ -25,7 +25,8 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
   expert with more than DECODE_TOKENS tokens costs what the experts module of the model's own shape
   measured per active expert and per token on prompts of two lengths (`ShapeCosts.experts`,
   moeinfer/planning/shape_profile.py) where the profile holds that, instead of the fit above (an
-  offloaded layer's: one expert's module, one call each: `ShapeCosts.offloaded`); and a one-row
+  offloaded layer's float experts: one expert's module, one call each, `ShapeCosts.offloaded`; its
+  quantized experts on a CPU run the resident schedule over the cache's slots, priced as resident); and a one-row
   decode step's expert stage is what a model of the shape measured in situ where it did
   (`ShapeCosts.decode_experts`: experts that stay in the last-level cache), the difference from the
   fit charged with the dense part (`_in_situ`);
@@ -52,6 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moeinfer.kernels import native
 from moeinfer.kernels.quantized_cpu import Q8_DECODE_SLOTS_PER_EXPERT
 from moeinfer.planning.profile import MachineProfile, stored_expert_bytes
 from moeinfer.planning.spec import FLOAT
@@ -146,7 +148,10 @@ class MeasuredCosts:
         self.streamed = profile.streams(step_bytes)
         self.shape_costs = profile.shapes.get(sizes.shape_key) if sizes.shape_key else None
         self.variants = [variant(p, kernel, fp32_weights) for p in precisions]
-        self.offloaded = offloaded  # experts in an offload cache: one call per expert
+        # an offloaded layer's prompt: quantized experts on a CPU run over the cache's slots on the resident
+        # layer's own schedule (moeinfer/offload/slot_experts.py), priced as resident; float ones, one call each
+        over_slots = profile.device == "cpu" and native.unavailable_reason() is None
+        self.one_call = [offloaded and not (over_slots and p != FLOAT) for p in precisions]
 
     def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float:
         if self.shape_costs is not None and tokens > sequences:  # prompt rows: measured on the model's shapes
@@ -171,7 +176,7 @@ class MeasuredCosts:
 
     def expert_s(self, layer: int, tokens: int) -> float:
         if self.shape_costs is not None and tokens > DECODE_TOKENS:  # a prompt's GEMMs, measured on this shape
-            measured = self.shape_costs.expert(self.variants[layer], tokens, offloaded=self.offloaded)
+            measured = self.shape_costs.expert(self.variants[layer], tokens, offloaded=self.one_call[layer])
             if measured is not None:
                 return measured
         return self._fit_expert_s(layer, tokens)

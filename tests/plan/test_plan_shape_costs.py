@@ -23,7 +23,7 @@ from moeinfer.planning.spec import PlanOffload
 
 COSTS = ShapeCosts(layer_s=3e-4, layer_token_s=2e-6, forward_s=5e-4, forward_token_s=1e-6,
                    experts={"bf16/reference": (4e-5, 1e-6), "int4": (2e-5, 3e-6)},
-                   offloaded={"int4": (1e-4, 3e-6)}, decode_experts={"int4": 9e-5})
+                   offloaded={"int4": (1e-4, 3e-6), "bf16/reference": (2e-4, 2e-6)}, decode_experts={"int4": 9e-5})
 
 
 def _shaped(prof: MachineProfile, costs: ShapeCosts = COSTS) -> MachineProfile:
@@ -105,9 +105,23 @@ def test_a_prompt_step_is_priced_with_the_measured_costs_and_a_decode_step_as_be
     # a variant the shape was not measured for: the profile's fit
     int8 = MeasuredCosts(sizes, _shaped(base), ["int8"] * L, kernel="reference")
     assert int8.expert_s(0, 16) == MeasuredCosts(sizes, base, ["int8"] * L, kernel="reference").expert_s(0, 16)
-    # an offloaded layer's experts: one call each
-    off = MeasuredCosts(sizes, _shaped(base), ["int4"] * L, kernel="reference", offloaded=True)
-    assert off.expert_s(0, 16) == pytest.approx(1e-4 + 16 * 3e-6)
+    # an offloaded layer's float experts: one call each
+    off = MeasuredCosts(sizes, _shaped(base), ["bf16"] * L, kernel="reference", offloaded=True)
+    assert off.expert_s(0, 16) == pytest.approx(2e-4 + 16 * 2e-6)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_an_offloaded_quantized_prompt_on_a_cpu_is_priced_as_the_resident_layer(built, monkeypatch):
+    """Quantized experts offloaded on a CPU run a prompt over the cache's slots on the resident schedule
+    (moeinfer/offload/slot_experts.py) where the native library is built; without it, one call each."""
+    from moeinfer.kernels import native
+
+    monkeypatch.setattr(native, "unavailable_reason", lambda: None if built else "not built here")
+    sizes = sizes_from_checkpoint("tiny")
+    base = synthetic_profile()
+    assert base.device == "cpu"
+    off = MeasuredCosts(sizes, _shaped(base), ["int4"] * sizes.num_layers, kernel="reference", offloaded=True)
+    assert off.expert_s(0, 16) == pytest.approx(2e-5 + 16 * 3e-6 if built else 1e-4 + 16 * 3e-6)
 
 
 def test_the_simulator_and_the_layer_split_agree_with_the_measured_prompt_costs():
