@@ -15,12 +15,12 @@ with gate_up (rows 2I, cols D) and down (rows D, cols I), scales and zeros in th
    offloaded layer gives exactly the resident layer's output (its `eager_forward`);
 4. or, with kernel "cpu" on a CPU fast tier (widths 4 and 8, native library built), through the native
    quantized kernels (moeinfer/kernels/quantized_cpu.py) reading the slot's codes in place, one expert
-   per call (`native_expert_fn`): equal to the resident native path up to fp32 summation order. Each
-   slot's views (a one-expert `SlotStack`) are made once (`SlotViews`): making six views per call had
-   cost about as much as the native call itself on a small model;
-5. a one-token decode reads the slots as one stack (`SlotStack`: each part seen across the slots is a
+   per call (`native_expert_fn`; prompts with fp32 activations): equal to the resident native path up
+   to fp32 summation order. Each slot's views (a one-expert `SlotStack`) are made once (`SlotViews`):
+   making six views per call had cost about as much as the native call itself on a small model;
+5. elsewhere the slots are read as one stack (`SlotStack`: each part seen across the slots is a
    strided [S, rows, cols] view, every expert's rows contiguous), so one native call runs all the
-   cached experts a token routes to (moeinfer/offload/slot_decode.py).
+   cached experts a step routes to (moeinfer/offload/slot_experts.py).
 The zeros are skipped by the native kernels only where every offloaded expert is symmetric
 (`midpoint_zeros`, found when the experts are offloaded): a slot's bytes change under its views, so
 nothing is judged from the bytes a slot happens to hold.
@@ -132,7 +132,7 @@ class SlotStack:
     """Blobs gate_up [S, n_gu], down [S, n_d] (an offload cache's slots, or one expert's blobs as [1, n]) as
     one `PackedExperts` stack of S experts, expert s in blob s, its parts strided views in place
     (`PackedFormat.stack_views`): one native call runs the experts of several slots
-    (moeinfer/offload/slot_decode.py), or one slot's expert (`SlotViews`)."""
+    (moeinfer/offload/slot_experts.py), or one slot's expert (`SlotViews`)."""
 
     # The views see slots whose bytes a load replaces in place, some loads straight from a file
     # (os.preadv) without a tensor version change: nothing is derived from their bytes

@@ -21,7 +21,8 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
   outside the routed experts measured on the model's own shapes where the profile holds them
   (`MachineProfile.shapes`, moeinfer/planning/shape_costs.py: a short prefill is mostly per-call
   and per-row host work that the figures above, measured on a 2-head 64-wide model, under-price),
-  plus the experts module's call_s per layer and the head rows of the step's other sequences; an
+  plus the experts module's call_s per layer and the head rows of the step's other sequences (the
+  measured prompt costs as a prompt meets the machine after decode steps: `ShapeCosts.after_decode`); an
   expert with more than DECODE_TOKENS tokens costs what the experts module of the model's own shape
   measured per active expert and per token on prompts of two lengths (`ShapeCosts.experts`,
   moeinfer/planning/shape_profile.py) where the profile holds that, instead of the fit above (an

@@ -20,12 +20,24 @@ Shapes: T tokens of one prompt, n MoE layers of the measured models.
 2. time one prefill forward of T tokens through a KV cache (last position's logits, as generation
    keeps) at two prompt lengths, the models taking turns, each figure the least of its rounds;
 3. per layer at each T: half the 3-layer time less the 1-layer time; per forward: the 1-layer time
-   less one layer; each fitted as  a + (T - 1) b  through the two lengths (`ShapeCosts`).
+   less one layer; each fitted as  a + (T - 1) b  through the two lengths (`ShapeCosts`);
+4. the state a prompt meets (`ShapeCosts.after_decode`): steps 2-3 time forwards back to back, each
+   right after another prompt's, but a prompt's forward in use follows other work, a generation's
+   decode steps. On the Intel machine the shipped model's 64-token prompt took 8.6 ms back to back
+   and 12.1 ms right after a 32-token generation (best of 15; norms, attention, router and experts
+   alike slower, so caches and clocks, not one op; 19.4 ms after 50 ms idle; unchanged with spinning
+   OpenMP threads or with malloc never returning memory), and every plan's prompt measured 0.64-0.83x
+   its prediction. So, on the 3-layer model, per round `AFTER_STEPS` one-token forwards through a KV
+   cache, then the prompt twice: the median over `AFTER_ROUNDS` rounds of the first's time over the
+   second's (at least 1) scales every prompt cost of the shape (its dense part, its forward, its
+   experts: moeinfer/planning/costs.py). It moved 1.22-1.40 between measurements on the Intel
+   machine (the round-to-round ratios spread 0.4-2.1).
 """
 
 from __future__ import annotations
 
 import hashlib
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,6 +53,8 @@ from moeinfer.model.transformer import MoEModel
 from moeinfer.planning.dense import use_planned_dense_
 
 PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model's context is shorter)
+AFTER_STEPS, AFTER_ROUNDS = 16, 31  # step 4: decode steps before the timed prompt, rounds
+VERSION = 2  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
 
 
 @dataclass(frozen=True)
@@ -62,14 +76,16 @@ class ShapeCosts:
     # expert variant -> seconds of one layer's expert stage in a one-row decode step, measured in a
     # model of this shape (moeinfer.planning.shape_profile, step 4; only where the experts stay cached)
     decode_experts: dict[str, float] = field(default_factory=dict)
+    # step 4: a prompt's forward right after decode steps over one right after another prompt (>= 1)
+    after_decode: float = 1.0
 
     def layer(self, tokens: int) -> float:
         """One MoE layer's dense part (attention, norms, router, shared expert) for `tokens` rows."""
-        return self.layer_s + max(0, tokens - 1) * self.layer_token_s
+        return (self.layer_s + max(0, tokens - 1) * self.layer_token_s) * self.after_decode
 
     def forward(self, tokens: int) -> float:
         """What a forward of `tokens` rows pays once (embeddings, head row, Python)."""
-        return self.forward_s + max(0, tokens - 1) * self.forward_token_s
+        return (self.forward_s + max(0, tokens - 1) * self.forward_token_s) * self.after_decode
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShapeCosts:
@@ -80,7 +96,7 @@ class ShapeCosts:
         """Seconds of one expert of `variant` (in an offloaded layer: one call of its own) with `tokens`
         of a prompt's tokens (None: not measured)."""
         line = (self.offloaded if offloaded else self.experts).get(variant)
-        return None if line is None else line[0] + tokens * line[1]
+        return None if line is None else (line[0] + tokens * line[1]) * self.after_decode
 
 
 class _NoExperts(nn.Module):
@@ -102,7 +118,7 @@ def _short(config: ModelConfig, layers: int) -> ModelConfig:
 def shape_key(config: ModelConfig, dtype: str) -> str:
     """What the costs depend on besides the machine: the config of one layer (not the layer count:
     the costs are per layer and per forward) and the weights' dtype."""
-    return hashlib.sha256(f"{_short(config, 1)!r}|{dtype}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{_short(config, 1)!r}|{dtype}|{VERSION}".encode()).hexdigest()[:16]
 
 
 def random_model(config: ModelConfig, layers: int, dtype: torch.dtype, device: torch.device) -> Any:
@@ -129,15 +145,39 @@ def prefill_in_turn(models: list[Any], repeats: int, tokens: int) -> list[float]
     ids = torch.arange(1, tokens + 1)[None] % 200 + 1
     for r in range(repeats + 1):  # round 0 warms up
         for i, m in enumerate(models):
-            cache = KVCache(m.config, batch_size=1, max_length=tokens, device=m.device, dtype=m.dtype)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                m(ids.to(m.device), cache=cache, logits_to_keep=1)
-            if m.device.type == "cuda":
-                torch.cuda.synchronize(m.device)
+            t = prefill_seconds(m, ids)
             if r:
-                best[i] = min(best[i], time.perf_counter() - t0)
+                best[i] = min(best[i], t)
     return best
+
+
+def prefill_seconds(model: Any, ids: torch.Tensor) -> float:
+    """One prefill forward of ids [1, T] through a fresh KV cache, last position's logits only."""
+    cache = KVCache(model.config, batch_size=1, max_length=ids.shape[1], device=model.device, dtype=model.dtype)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(ids.to(model.device), cache=cache, logits_to_keep=1)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter() - t0
+
+
+def after_decode(model: Any, tokens: int, *, steps: int = AFTER_STEPS, rounds: int = AFTER_ROUNDS) -> float:
+    """Step 4: per round, `steps` one-token forwards through a KV cache (a generation), then a prefill
+    forward of `tokens` tokens twice; the median over the rounds of the first's time over the second's,
+    at least 1."""
+    ids = torch.arange(1, tokens + 1)[None] % 200 + 1
+    ratios = []
+    for r in range(rounds + 1):  # round 0 warms up
+        cache = KVCache(model.config, batch_size=1, max_length=steps + 1, device=model.device, dtype=model.dtype)
+        with torch.inference_mode():
+            for s in range(steps + 1):
+                model(ids[:, s % tokens:s % tokens + 1].to(model.device), cache=cache)
+        after = prefill_seconds(model, ids)
+        hot = prefill_seconds(model, ids)
+        if r:
+            ratios.append(after / hot)
+    return max(1.0, statistics.median(ratios))
 
 
 def fit_line(at: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, float]:
@@ -153,7 +193,7 @@ def fit_line(at: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, 
 
 def measure_shape_costs(config: ModelConfig, dtype: str, device: torch.device | str = "cpu", *,
                         repeats: int = 5, lengths: tuple[int, int] = PROMPT_LENGTHS) -> ShapeCosts:
-    """Steps 1-3 of the module docstring for a model of `config` with weights in `dtype` ("bfloat16", ...)."""
+    """Steps 1-4 of the module docstring for a model of `config` with weights in `dtype` ("bfloat16", ...)."""
     dev = torch.device(device)
     t0 = time.time()
     longest = min(lengths[1], config.max_position_embeddings)
@@ -164,4 +204,5 @@ def measure_shape_costs(config: ModelConfig, dtype: str, device: torch.device | 
     forward = tuple(max(0.0, a - ly) for a, ly in zip(one, layer))
     (ls, lt), (fs, ft) = fit_line(at, layer), fit_line(at, forward)
     return ShapeCosts(layer_s=ls, layer_token_s=lt, forward_s=fs, forward_token_s=ft, tokens=at,
+                      after_decode=after_decode(models[1], at[0]),
                       measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s")

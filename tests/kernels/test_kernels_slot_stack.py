@@ -1,10 +1,11 @@
-"""Native decode ops over stacks whose experts lie apart, and the decode split in two (csrc/ops.cpp QMat,
-`moe_decode_q_rows`, `moe_decode_rows`, `combine_rows`). An offload cache's quantized slots are byte blobs
+"""Native decode ops over stacks whose experts lie apart, and the decode and the quantized prefill split
+in two (csrc/ops.cpp QMat, `moe_decode_q_rows`, `moe_decode_rows`, `combine_rows`, `moe_prefill_q_rows`,
+`combine_token_rows`). An offload cache's quantized slots are byte blobs
 holding an expert's codes, scales and zeros back to back (moeinfer.offload.packed); seen across the
 slots each part is a strided stack, every expert's rows contiguous. The kernels must read such a stack
 exactly as the contiguous one (torch.equal, decode and prefill), and the per-expert rows plus their
-sum must be the one-call decode bit for bit, each expert's row the same whichever other experts a call
-holds. Each variant forced by name; asymmetric codes and symmetric ones (zeros not read)."""
+sum must be the one-call decode (prefill: the per-(token, k) rows, the one-call `moe_prefill_q`) bit
+for bit, each row the same whichever other experts a call holds. Each variant forced by name; asymmetric codes and symmetric ones (zeros not read)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,35 @@ def test_quantized_rows_then_their_sum_are_the_one_call_decode(variant, bits, ac
     assert torch.equal(ops.combine_rows(x, ROUTED, w, parts), want)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algorithm", ["rtn", "sym"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("variant", variant_params())
+def test_prefill_rows_then_their_sum_are_the_one_call_prefill(variant, bits, algorithm, x_dtype):
+    require(variant)
+    ops = native_ops()
+    _, stack = _stacks(bits, algorithm)
+    g = torch.Generator().manual_seed(7)
+    N, K = 24, 2
+    x = torch.randn(N, D, generator=g).to(x_dtype)
+    experts = torch.randint(0, 8, (N, K), generator=g)
+    w = torch.rand(N, K, generator=g)
+    want = ops.moe_prefill_q(x, experts, w, *stack, bits, 32, D, I, variant)
+    parts = torch.full((N * K, D), float("nan"))
+    for held in ([0, 5, 6], [1, 2, 3, 7], [4]):  # the experts in three calls, the others skipped (-1)
+        mask = torch.isin(experts, torch.tensor(held))
+        ops.moe_prefill_q_rows(x, torch.where(mask, experts, -1), *stack, bits, 32, D, I, variant, parts)
+    assert not parts.isnan().any()
+    got = ops.combine_token_rows(x, experts, w, parts)
+    assert got.dtype == torch.float32 and got.shape == (N, D)
+    assert torch.equal(got, want)
+    # skipped (token, k) take no part in the sum, whatever their rows hold
+    skip = experts.clone()
+    skip[3, 1] = skip[10, 0] = -1
+    assert torch.equal(ops.combine_token_rows(x, skip, w, parts), ops.moe_prefill_q(x, skip, w, *stack, bits, 32, D, I,
+                                                                                     variant))
+
+
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
@@ -112,3 +142,12 @@ def test_bad_buffers_and_stacks_are_refused_by_name():
         ops.moe_decode_q(x, ROUTED, torch.rand(5), q, *contiguous[1:], 4, 32, D, I, "generic", "f32")
     with pytest.raises(RuntimeError, match="expert row 8 out of range"):
         ops.moe_decode_q_rows(x, torch.tensor([8]), *strided, 4, 32, D, I, "generic", "f32", torch.zeros(1, D))
+    xs, experts = torch.randn(3, D), torch.tensor([[0, 1], [2, 3], [4, 5]])
+    with pytest.raises(RuntimeError, match=r"rows must be a contiguous float32 \[6, 64\] buffer \(N \* K rows\)"):
+        ops.moe_prefill_q_rows(xs, experts, *strided, 4, 32, D, I, "generic", torch.zeros(3, D))
+    with pytest.raises(RuntimeError, match=r"rows must be a contiguous float32 \[6, 64\] buffer"):
+        ops.combine_token_rows(xs, experts, torch.rand(3, 2), torch.zeros(6, D, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"experts and weights must both be \[3, K\]"):
+        ops.combine_token_rows(xs, experts, torch.rand(3, 1), torch.zeros(6, D))
+    with pytest.raises(RuntimeError, match="expert row 8 out of range"):
+        ops.moe_prefill_q_rows(xs, experts + 3, *strided, 4, 32, D, I, "generic", torch.zeros(6, D))

@@ -47,16 +47,43 @@ def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkey
         return [forward + layer, forward + 3 * layer]
 
     monkeypatch.setattr(shape_costs, "prefill_in_turn", fake)
+    after = []
+    monkeypatch.setattr(shape_costs, "after_decode", lambda model, tokens: after.append((model, tokens)) or 1.25)
     config = config_of("tiny")
     got = shape_costs.measure_shape_costs(config, "bfloat16")
     assert [(t, n) for t, n, _ in seen] == [(32, [1, 3]), (256, [1, 3])]
     assert (got.layer_s, got.layer_token_s) == pytest.approx((1e-4, 3e-6))
     assert (got.forward_s, got.forward_token_s) == pytest.approx((4e-4, 1e-6))
-    assert got.layer(64) == pytest.approx(1e-4 + 63 * 3e-6) and got.forward(1) == pytest.approx(4e-4)
+    # step 4 on the 3-layer model at the shorter prompt scales every prompt cost
+    assert len(after) == 1 and after[0][0] is seen[0][2][1] and after[0][1] == 32
+    assert got.after_decode == 1.25
+    assert got.layer(64) == pytest.approx(1.25 * (1e-4 + 63 * 3e-6)) and got.forward(1) == pytest.approx(1.25 * 4e-4)
     # a context shorter than the longer prompt: both lengths fit in it
     short = replace(config, max_position_embeddings=100)
     seen.clear()
     assert shape_costs.measure_shape_costs(short, "bfloat16").tokens == (32, 100)
+
+
+def test_after_decode_is_the_median_ratio_of_a_prompt_after_decode_steps_to_one_after_itself(monkeypatch):
+    """Step 4: each round runs decode steps, then the prompt twice; the first over the second, median of
+    the rounds (warm-up round dropped), at least 1; an experts' cost is scaled alike."""
+    calls = []
+
+    class Model:
+        config, device, dtype = config_of("tiny"), torch.device("cpu"), torch.float32
+
+        def __call__(self, ids, cache=None, **kw):
+            calls.append(ids.shape[1])
+
+    times = iter([9.0, 1.0] + [3.0, 2.0, 2.0, 2.0, 5.0, 2.0])  # warm-up round, then ratios 1.5, 1.0, 2.5
+    monkeypatch.setattr(shape_costs, "prefill_seconds", lambda model, ids: next(times))
+    assert shape_costs.after_decode(Model(), 8, steps=4, rounds=3) == pytest.approx(1.5)
+    assert calls == [1] * 5 * 4  # each round: the steps' one-token forwards (plus the first), before the prompts
+    times = iter([1.0, 1.0] + [1.0, 2.0] * 3)  # a prompt faster after decode steps (noise): 1, not less
+    assert shape_costs.after_decode(Model(), 8, steps=4, rounds=3) == 1.0
+    scaled = replace(COSTS, after_decode=2.0)
+    assert scaled.expert("int4", 10) == pytest.approx(2 * COSTS.expert("int4", 10))
+    assert scaled.expert("int4", 10, offloaded=True) == pytest.approx(2 * COSTS.expert("int4", 10, offloaded=True))
 
 
 def test_the_timed_models_have_the_planned_shapes_and_no_routed_experts():
