@@ -131,13 +131,15 @@ class SlotStep:
 
     def _run(self, ops: _Ops, rows: np.ndarray) -> None:
         r = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+        N, K = r.shape
         if self.schedule == "prefill":
             assert ops.prefill is not None
             ops.prefill(self.x, r, self.out)
-            return
-        K = r.shape[1]
-        for n in np.flatnonzero((rows >= 0).any(axis=1)).tolist():
-            ops.decode(self.x[n:n + 1], r[n], self.out[n * K:(n + 1) * K])
+        elif N == 1:  # (a one-token step: nothing around the call; the ops read [1, K] rows as [K])
+            ops.decode(self.x, r, self.out)
+        else:
+            for n in np.flatnonzero((rows >= 0).any(axis=1)).tolist():
+                ops.decode(self.x[n:n + 1], r[n], self.out[n * K:(n + 1) * K])
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
         """Step 4: [N, D] in x's dtype, summed and rounded as the resident schedule sums its experts."""
@@ -145,6 +147,8 @@ class SlotStep:
         if self.schedule == "prefill":  # moe_prefill_q's sum, fp32, rounded by quantized_moe_cpu
             return combine_token_rows(x, idx, weights, self.out).to(x.dtype)
         if self.owner.activations is not None:  # quantized decode: token by token in fp32, rounded after
+            if x.shape[0] == 1:
+                return combine_rows(x.float(), idx, weights, self.out).to(x.dtype)
             y = [combine_rows(x[n:n + 1].float(), idx[n:n + 1], weights[n:n + 1], self.out[n * K:(n + 1) * K])
                  for n in range(x.shape[0])]
             return torch.cat(y).to(x.dtype)
