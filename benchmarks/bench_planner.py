@@ -36,7 +36,11 @@ them" check):
 5. print a table and write everything, with the machine profile and load average, as JSON; beside each
    budget's timings, the machine's memory read rate (against the profile's, the same measurement) and fp32
    matmul rate measured just before and just after them (`machine_now`): a VM whose speed drifts shows
-   it there.
+   it there. Those rates did not follow the Intel VM's swings (the same plan's decode doubled within 20
+   minutes while the read rate moved 17 -> 22 GB/s), so beside them a probe on the model's own shape
+   (`ShapeProbe`): the 1-layer model with stubbed experts that the profile's shape costs were fitted on,
+   its prompt forward (least of 5, back to back as there) against the profile's fit for it, and its
+   one-token decode step (least of 20; no profile figure: compare it between budgets and runs).
 
 `--real-shape mixtral`: a random-weight Mixtral-8x7B-shaped checkpoint cut to `--layers` (default
 2: 6.3 GB of bf16 weights, 5.6 GB of them experts) is written once under benchmarks/.planner_real/
@@ -429,6 +433,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class ShapeProbe:
+    """Step 5's probe: the machine's speed now on the planned model's shape, against its profile
+    (moeinfer.planning.speed_probe, what `moeinfer.plan` scales its predictions by), and the shape's
+    one-token decode step."""
+
+    def __init__(self, model_name: str, profile: Any) -> None:
+        from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
+        from moeinfer.planning.speed_probe import profiled_seconds
+
+        self.sizes = sizes_from_checkpoint(model_name)
+        self.config = config_of(model_name)
+        self.costs = profile.shapes[self.sizes.shape_key]
+        self.profiled_s = profiled_seconds(self.costs)
+
+    def __call__(self) -> dict[str, float]:
+        """{prompt_s, profiled_prompt_s, prompt_speed (profiled / now: > 1 the machine is faster), decode_s}."""
+        import torch
+
+        from moeinfer.model.kv_cache import KVCache
+        from moeinfer.planning import speed_probe
+
+        args = (self.config, self.sizes.dtype, "cpu", self.sizes.shape_key)
+        prompt = speed_probe.probe_seconds(*args, self.costs.tokens[0])
+        m, steps = speed_probe.shape_model(*args), []
+        cache = KVCache(m.config, batch_size=1, max_length=21, device=m.device, dtype=m.dtype)
+        with torch.inference_mode():
+            for t in range(21):
+                t0 = time.perf_counter()
+                m(torch.tensor([[t + 1]]), cache=cache)
+                steps.append(time.perf_counter() - t0)
+        return {"prompt_s": prompt, "profiled_prompt_s": self.profiled_s, "prompt_speed": self.profiled_s / prompt,
+                "decode_s": min(steps[1:])}
+
+
 def _fmt(x: float | None, width: int = 8) -> str:
     return f"{x:{width}.2f}" if x is not None else " " * (width - 1) + "-"
 
@@ -491,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     # the costs measured on this model's own shapes, as `moeinfer.plan` adds them to the profile it measures
     profile = with_shape_costs(profile, config_of(model_name), sizes_from_checkpoint(model_name).dtype,
                                progress=True)
+    probe = ShapeProbe(model_name, profile)
     budgets = (default_budgets(model_name, real_shape=real, quantized=quantized) if args.budgets == "auto"
                else [parse_budget(b) for b in args.budgets.split(",")])
     rows = []
@@ -499,19 +538,20 @@ def main(argv: list[str] | None = None) -> int:
         chosen = moeinfer.plan(model_name, budget, max_quality_loss=args.max_quality_loss, profile=profile,
                                trace=trace, precisions=precisions, quality=quality_model)
         plan_s = time.perf_counter() - t0
+        speed = chosen.predicted.machine_speed if chosen.predicted is not None else 1.0
         configs: dict[str, Any] = {f"#{i + 1}": p for i, p in enumerate((chosen, *chosen.runners_up[:args.runners]))}
         if not args.no_baselines:
             configs.update(baselines(model_name, budget, quantized=quantized))
         # --real-shape: a configuration listed twice (a baseline that is the chosen plan) is measured once
         measured, same = distinct_configs(configs) if real else (configs, {})
-        before = host_rates()
+        before, probe_before = host_rates(), probe()
         timed = time_configs(measured, make, rounds=args.rounds, tokens=args.tokens, interleave=args.interleave,
                              prefill_prompt=prefill_prompt)
-        after = host_rates()
+        after, probe_after = host_rates(), probe()
         # the machine's speed beside the timings, against the profile the predictions came from
         # (the profile's read rate is this same measurement; its matmul rate is another, so only the read compares)
         drift = {"read_gbps": [before[0], after[0]], "gflops": [before[1], after[1]],
-                 "profile_read_gbps": profile.mem_read_gbps}
+                 "profile_read_gbps": profile.mem_read_gbps, "shape_probe": [probe_before, probe_after]}
         timed.update({n: timed[twin] for n, twin in same.items()})
         for name, p in configs.items():
             got = timed[name]
@@ -555,6 +595,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{budget / 1e6:9.1f} MB  machine beside these timings: memory read {before[0]:.1f} / {after[0]:.1f} GB/s "
               f"(before / after; the profile's {profile.mem_read_gbps:.1f}), fp32 matmul {before[1]:.0f} / {after[1]:.0f} "
               "GFLOP/s", flush=True)
+        print(f"{budget / 1e6:9.1f} MB  machine on this model's shape (1-layer, experts stubbed): prompt of "
+              f"{probe.costs.tokens[0]} tokens {probe_before['prompt_s'] * 1e3:.2f} / {probe_after['prompt_s'] * 1e3:.2f} ms "
+              f"(the profile's fit {probe.profiled_s * 1e3:.2f}: speed {probe_before['prompt_speed']:.2f}x / "
+              f"{probe_after['prompt_speed']:.2f}x), decode step {probe_before['decode_s'] * 1e3:.3f} / "
+              f"{probe_after['decode_s'] * 1e3:.3f} ms; the planner's predictions scaled by its own probe: {speed:.2f}x",
+              flush=True)
         base_names = [n for n in configs if not n.startswith("#")]
         if base_names:  # the issue's check: the chosen plan against the best baseline, measured together
             best = max(base_names, key=lambda n: timed[n]["decode_tok_s"])

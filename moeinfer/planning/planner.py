@@ -6,7 +6,9 @@ Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
 1. sizes from config.json and safetensors headers (moeinfer.planning.sizes): the model is never loaded
    for this, so a checkpoint bigger than memory is planned as well;
 2. the machine profile (moeinfer.planning.profile), measured once and cached, with the costs measured
-   on this model's own shapes (moeinfer.planning.shape_profile), once per shape;
+   on this model's own shapes (moeinfer.planning.shape_profile), once per shape; and, with this
+   machine's profile, how fast the machine runs that shape now against the profile
+   (moeinfer.planning.speed_probe), which scales every prediction;
 3. when the model fits in memory (or is given loaded): its routing on the calibration text and its
    quality model (moeinfer.planning.quality); otherwise the user's trace or uniform routing, and either
    a stand-in quality model measured on `quality_from` (another model, e.g. a smaller one of the same
@@ -55,9 +57,10 @@ from moeinfer.model.transformer import MoEModel
 from moeinfer.offload.apply import as_trace
 from moeinfer.offload.cache import transient_buffers
 from moeinfer.offload.config import parse_size
-from moeinfer.planning.profile import MachineProfile, machine_profile
+from moeinfer.planning.profile import MachineProfile, machine_key, machine_profile
 from moeinfer.planning.quality import QualityModel, cached_quality, measure_quality, stand_in_quality
 from moeinfer.planning.shape_profile import with_shape_costs
+from moeinfer.planning.speed_probe import machine_speed
 from moeinfer.planning.sizes import available_memory, config_of, sizes_from_checkpoint, sizes_from_model
 
 DEFAULT_PRECISIONS = (FLOAT, "int8", "int4")
@@ -227,6 +230,12 @@ def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSiz
                       hit_rate=dec.hit_rate if c.offload is not None else None, load_peak_bytes=peak)
 
 
+def _at_speed(pred: Prediction, speed: float) -> Prediction:
+    """`pred` on a machine running at `speed` times its profile's (step 2): rates times it, times over it."""
+    return replace(pred, decode_tok_s=pred.decode_tok_s * speed, prefill_tok_s=pred.prefill_tok_s * speed,
+                   step_ms=pred.step_ms / speed, machine_speed=speed)
+
+
 def _load_for_measurement(path: Any, sizes: ModelSizes) -> Any:
     """The model in fp32 on the CPU when it (and one quantized copy) fits comfortably in free memory."""
     need = 2 * sizes.total_bytes * 4 // sizes.dtype_bytes
@@ -245,7 +254,8 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
          objective: str = "latency", trace: Any = None, calibration: Any = None,
          precisions: Sequence[str] = DEFAULT_PRECISIONS, context: int = 1024,
          batch_sizes: Sequence[int] = BATCH_SIZES, profile: MachineProfile | None = None,
-         quality: QualityModel | None = None, quality_from: Any = None, progress: bool = False) -> Plan:
+         quality: QualityModel | None = None, quality_from: Any = None, probe: bool = True,
+         progress: bool = False) -> Plan:
     """The best configuration of `model_or_path` (a loaded MoEModel, a checkpoint folder or a shipped
     model name) in `budget` bytes (an int, or "8GB") on `device`; steps in the module docstring.
 
@@ -255,7 +265,9 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     profile / quality: use these instead of measuring (tests, a profile from another machine; a given
     profile prices with the costs it holds for this model's shape, if any: `with_shape_costs`);
     quality_from: a model (path or shipped name) whose measured quality stands in when this one's cannot
-    be measured (it does not fit in memory to measure): quantized precisions are then considered.
+    be measured (it does not fit in memory to measure): quantized precisions are then considered;
+    probe: with this machine's profile holding costs for the model's shape, scale the predictions by the
+    machine's speed on that shape now (moeinfer.planning.speed_probe; about a second).
     """
     if objective not in OBJECTIVES:
         raise PlanError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -288,6 +300,12 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
         profile = machine_profile(device, variants=tuple(p for p in precisions if p != FLOAT), progress=progress)
         profile = with_shape_costs(profile, config_of(model_or_path), sizes.dtype, progress=progress)
     notes.append(f"machine profile {profile.key} ({profile.cpu}, {profile.threads} threads; {profile.measured})")
+    speed = 1.0
+    shape = profile.shapes.get(sizes.shape_key) if sizes.shape_key else None
+    if probe and shape is not None and profile.key == machine_key(device):
+        speed = machine_speed(shape, config_of(model_or_path), sizes.dtype, device, sizes.shape_key)
+        notes.append(f"the machine runs this model's shape at {speed:.2f}x its profile's speed now (a probe on "
+                     "the shape): every prediction scaled by it")
     if profile.cached_link_gbps is not None and device == "cpu":
         notes.append(f"{free_bytes / 1e9:.1f} GB free when planned: what a plan leaves of it holds a disk tier's "
                      f"pages (read at {profile.cached_link_gbps:.1f} GB/s, the disk at {profile.link_gbps:.2f})")
@@ -353,7 +371,8 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     scored = []
     from_checkpoint = loaded is None  # built by load_planned, which quantizes while loading
     for c in cands:
-        pred = _predict(c, views, prefill_view, sizes, profile, quality, context, free_bytes, from_checkpoint)
+        pred = _at_speed(_predict(c, views, prefill_view, sizes, profile, quality, context, free_bytes,
+                                  from_checkpoint), speed)
         if pred.memory_bytes <= budget_bytes:
             scored.append((c, pred))
     scored = _rank(scored)

@@ -1,0 +1,50 @@
+"""How fast the machine runs a model's shape now, against the profile the planner prices with.
+
+The machine profile and the costs on a model's shapes (moeinfer/planning/shape_costs.py) are measured
+once and cached; a VM's speed moves under them. On the Intel development VM the same plan's decode
+rate doubled within 20 minutes (404 -> 874 tok/s) while its memory read rate moved 17 -> 22 GB/s, and
+every prediction of a profile measured in a slow phase came out 1.2-1.7x too slow in a fast one
+(docs/planner.md, fourteenth session). So, at plan time, a probe on the shape the costs were fitted on:
+1. the 1-layer model of step 1 of shape_costs (the planned model's attention, widths and vocabulary,
+   routed experts stubbed), built once per shape and process;
+2. its prompt forward of the shorter measured length, least of `REPEATS`, back to back as the fit was
+   measured;
+3. speed = the profile's fit for that forward / the time now (> 1: faster than profiled). The planner
+   scales every prediction of a plan by it (`Prediction.machine_speed`); rankings do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moeinfer.config import ModelConfig
+from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, random_model
+
+REPEATS = 5
+_MODELS: dict[tuple[str, str, str], Any] = {}  # (shape key, dtype, device) -> the 1-layer model (step 1)
+
+
+def profiled_seconds(costs: ShapeCosts) -> float:
+    """The fit's time for step 2's forward: one layer and the forward at the shorter measured length."""
+    T = costs.tokens[0]
+    return costs.layer_s + (T - 1) * costs.layer_token_s + costs.forward_s + (T - 1) * costs.forward_token_s
+
+
+def shape_model(config: ModelConfig, dtype: str, device: str, key: str) -> Any:
+    """Step 1: the shape's 1-layer model (`key`: its shape key), made once per process."""
+    model = _MODELS.get((key, dtype, device))
+    if model is None:
+        model = _MODELS[(key, dtype, device)] = random_model(config, 1, getattr(torch, dtype), torch.device(device))
+    return model
+
+
+def probe_seconds(config: ModelConfig, dtype: str, device: str, key: str, tokens: int) -> float:
+    """Step 2: least of REPEATS prompt forwards of `tokens` tokens of the shape's 1-layer model."""
+    return prefill_in_turn([shape_model(config, dtype, device, key)], REPEATS, tokens)[0]
+
+
+def machine_speed(costs: ShapeCosts, config: ModelConfig, dtype: str, device: str, key: str) -> float:
+    """Step 3: the profile's fit over the probe's time now."""
+    return profiled_seconds(costs) / probe_seconds(config, dtype, device, key, costs.tokens[0])

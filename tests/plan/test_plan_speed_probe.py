@@ -1,0 +1,70 @@
+"""The planner's probe of the machine's speed on a model's shape (moeinfer/planning/speed_probe.py): with
+this machine's profile holding the shape's costs, `plan` scales every prediction by the profile's fit for
+the probe's forward over its time now; rankings and memory are unchanged; another machine's profile, a
+profile without the shape's costs, or probe=False: no probe. Times are scripted (tests never time)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from plan_helpers import synthetic_profile, toy_quality
+
+from moeinfer.planning import planner, speed_probe
+from moeinfer.planning.shape_costs import ShapeCosts
+from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
+
+COSTS = ShapeCosts(layer_s=3e-4, layer_token_s=2e-6, forward_s=5e-4, forward_token_s=1e-6, tokens=(32, 256))
+
+
+def _profile(key: str = "this-machine"):
+    return replace(synthetic_profile(), key=key, shapes={sizes_from_checkpoint("tiny").shape_key: COSTS})
+
+
+def _plan(monkeypatch, profile, *, probe: bool = True, speed: float = 1.5):
+    monkeypatch.setattr(planner, "machine_key", lambda device: "this-machine")
+    calls = []
+    monkeypatch.setattr(planner, "machine_speed", lambda *a: calls.append(a) or speed)
+    plan = planner.plan("tiny", "100MB", quality=toy_quality(4), precisions=("bf16", "int4"), profile=profile,
+                        probe=probe)
+    return plan, calls
+
+
+def test_predictions_are_scaled_by_the_probed_speed(monkeypatch):
+    plain, none = _plan(monkeypatch, _profile(), probe=False)
+    fast, calls = _plan(monkeypatch, _profile(), speed=1.5)
+    assert none == [] and len(calls) == 1
+    costs, config, dtype, device, key = calls[0]
+    assert costs == COSTS and config.hidden_size == config_of("tiny").hidden_size and device == "cpu"
+    assert key == sizes_from_checkpoint("tiny").shape_key and dtype == "bfloat16"
+    for a, b in zip((plain, *plain.runners_up), (fast, *fast.runners_up)):
+        assert a.describe() == b.describe()  # the same plans in the same order
+        p, q = a.predicted, b.predicted
+        assert q.decode_tok_s == pytest.approx(1.5 * p.decode_tok_s)
+        assert q.prefill_tok_s == pytest.approx(1.5 * p.prefill_tok_s)
+        assert q.step_ms == pytest.approx(p.step_ms / 1.5)
+        assert (q.memory_bytes, q.quality_loss, q.hit_rate) == (p.memory_bytes, p.quality_loss, p.hit_rate)
+        assert p.machine_speed == 1.0 and q.machine_speed == 1.5
+    assert any("1.50x its profile's speed" in n for n in fast.notes)
+
+
+@pytest.mark.parametrize("profile", [_profile("another-machine"), replace(_profile(), shapes={})],
+                         ids=["another machine's profile", "no costs for the shape"])
+def test_no_probe_without_this_machines_costs_for_the_shape(profile, monkeypatch):
+    plan, calls = _plan(monkeypatch, profile)
+    assert calls == [] and plan.predicted.machine_speed == 1.0
+
+
+def test_the_speed_is_the_fit_over_the_probe(monkeypatch):
+    seen = []
+    monkeypatch.setattr(speed_probe, "prefill_in_turn", lambda models, repeats, tokens: seen.append(
+        (models[0], repeats, tokens)) or [1e-3])
+    fit = COSTS.layer_s + 31 * COSTS.layer_token_s + COSTS.forward_s + 31 * COSTS.forward_token_s
+    assert speed_probe.profiled_seconds(COSTS) == pytest.approx(fit)
+    config = config_of("tiny")
+    key = sizes_from_checkpoint("tiny").shape_key
+    assert speed_probe.machine_speed(COSTS, config, "bfloat16", "cpu", key) == pytest.approx(fit / 1e-3)
+    speed_probe.machine_speed(COSTS, config, "bfloat16", "cpu", key)
+    (m1, r1, t1), (m2, _, _) = seen
+    assert m1 is m2 and (r1, t1) == (speed_probe.REPEATS, 32)  # the shape's model made once, the shorter length
+    assert len(m1.moe_blocks()) == 1 and m1.config.hidden_size == config.hidden_size
