@@ -80,6 +80,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -181,7 +182,7 @@ class Runner:
 
 
 def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *, rounds: int,
-                        tokens: int, prefill_tokens: int = 0) -> dict[str, float]:
+                        tokens: int, prefill_tokens: int = 0, speed: float = 1.0) -> dict[str, float]:
     """--real-shape: the cost model's decode tokens/s and hit rate for the rows the rounds replayed (the
     warm-up's WARM_UP_TOKENS rows, then `rounds` x `tokens`, one row per forward, wrapping), beside the
     plan's prediction for the whole trace: the rows differ (a few dozen of its hundreds), so this
@@ -189,7 +190,9 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     warm-up and rounds less that of the warm-up alone (same cache decisions up to its end).
     `prefill_tokens` > 0: also the prefill tokens/s of the separate prefill forward `Runner.prefill`
     runs after the rounds (the trace's first `prefill_tokens` rows in one forward, the cache as the
-    rounds left it), as the time of rounds + that forward less that of the rounds."""
+    rounds left it), as the time of rounds + that forward less that of the rounds. `speed`: the machine's
+    speed the planner probed for this budget (`Prediction.machine_speed`), which scales the rates as it
+    scales the plans' own predictions."""
     import numpy as np
 
     from moeinfer.planning import routing as routes
@@ -217,10 +220,11 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     whole, warm = run(len(rows)), run(WARM_UP_TOKENS)
     hits = whole.cache["hits"] - warm.cache["hits"]
     misses = whole.cache["misses"] - warm.cache["misses"]
-    out = {"decode_tok_s": rounds * tokens / (whole.time_s - warm.time_s), "hit_rate": hits / max(1, hits + misses)}
+    out = {"decode_tok_s": speed * rounds * tokens / (whole.time_s - warm.time_s),
+           "hit_rate": hits / max(1, hits + misses)}
     if prefill_tokens > 0:
         pre = run(len(rows), prefill_tokens)
-        out["prefill_tok_s"] = prefill_tokens / (pre.time_s - whole.time_s)
+        out["prefill_tok_s"] = speed * prefill_tokens / (pre.time_s - whole.time_s)
         hits, misses = pre.cache["hits"] - whole.cache["hits"], pre.cache["misses"] - whole.cache["misses"]
         out["prefill_hit_rate"] = hits / max(1, hits + misses)
     return out
@@ -473,6 +477,9 @@ def _fmt(x: float | None, width: int = 8) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # a run stopped by SIGTERM exits as on Ctrl-C, so its temporary expert stores are removed (a killed
+    # Mixtral-shape run had left 757 MB under benchmarks/.planner_real/)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     import moeinfer
     from moeinfer.eval.datasets import load_dataset
     from moeinfer.planning.planner import DEFAULT_PRECISIONS, parse_budget
@@ -570,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             if real:  # the cost model on the rows the rounds replayed (baselines too)
                 rp = row["predicted_replayed"] = replayed_prediction(
                     p, model_name, trace, profile, rounds=args.rounds, tokens=args.tokens,
-                    prefill_tokens=args.prefill_tokens)
+                    prefill_tokens=args.prefill_tokens, speed=speed)
                 row["decode_ratio_replayed"] = got["decode_tok_s"] / rp["decode_tok_s"]
                 replayed = (f"  replayed rows: predicted {rp['decode_tok_s']:.2f} "
                             f"({row['decode_ratio_replayed']:.2f}x), hit rate {rp['hit_rate']:.0%}")

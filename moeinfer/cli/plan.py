@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a model whose measured quality loss stands in when --model is too big to measure "
                         "(e.g. a smaller model of the same family); without it such a model gets bf16 plans only")
     p.add_argument("--refresh-profile", action="store_true", help="measure this machine again")
+    p.add_argument("--no-probe", action="store_true",
+                   help="predict from the cached profile as it is (default: scaled by the machine's speed on the "
+                        "model's shape now, a probe of about a second)")
     p.add_argument("--out", "-o", default=None, help="write the plan here (YAML); an existing file needs --force")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.set_defaults(func=run)
@@ -51,7 +54,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     # Imported here: the CLI loads torch-heavy modules only when a subcommand runs (a fast --help).
     from moeinfer.planning.planner import plan
     from moeinfer.planning.report import format_plan
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     result = plan(args.model, args.memory, device=args.device, max_quality_loss=args.max_quality_loss,
                   objective=args.objective, trace=args.trace, calibration=args.calibration,
                   precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
-                  quality_from=args.quality_from, progress=True)
+                  quality_from=args.quality_from, probe=not args.no_probe, progress=True)
     print(format_plan(result))
     if args.out:
         print(f"wrote {result.save(args.out)}")

@@ -131,3 +131,19 @@ def test_plan_quality_from_stands_in_for_a_model_too_big_to_measure(tmp_path, ca
     assert "int4" in Plan.load(out).precisions
     assert main(["plan", "--model", "tiny", "--memory", "85MB", "--out", str(out), "--force"]) == 0
     assert set(Plan.load(out).precisions) == {"bf16"} and seen == ["tiny"]  # no stand-in: bf16 only
+
+
+def test_plan_probes_the_machine_unless_told_not_to(tmp_path, cached_profile, monkeypatch):
+    """The cached profile is this machine's: its predictions are scaled by the probe's speed (scripted
+    here), or taken as they are with --no-probe."""
+    import moeinfer.planning.planner as planner
+
+    monkeypatch.setattr(planner, "machine_speed", lambda *a: 2.0)
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--model", "tiny", "--memory", "200MB", "--precisions", "bf16", "--out", str(out)]) == 0
+    probed = Plan.load(out).predicted
+    assert main(["plan", "--model", "tiny", "--memory", "200MB", "--precisions", "bf16", "--no-probe",
+                 "--out", str(out), "--force"]) == 0
+    plain = Plan.load(out).predicted
+    assert (probed.machine_speed, plain.machine_speed) == (2.0, 1.0)
+    assert probed.decode_tok_s == pytest.approx(2.0 * plain.decode_tok_s)
