@@ -59,7 +59,7 @@ class SlotExperts:
     def __init__(self, make: Callable[[torch.Tensor, torch.Tensor], _Ops], gate_up: torch.Tensor,
                  down: torch.Tensor, *, activations: str | None) -> None:
         self._make = make
-        self._slots = make(gate_up, down)
+        self.slot_ops = make(gate_up, down)  # the ops of the slots' own stack
         self.activations = activations  # quantized experts: the resolved activations; float: None
         self._other: dict[tuple[int, int], _Ops] = {}  # one-expert stacks of buffers outside the slots
 
@@ -123,7 +123,7 @@ class SlotStep:
 
     def rows(self, slots: np.ndarray) -> None:
         """Step 3: the (n, k) whose expert is in slot slots[n, k] >= 0."""
-        self._run(self.owner._slots, slots)
+        self._run(self.owner.slot_ops, slots)
 
     def one(self, held: np.ndarray, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """Step 3 for the (n, k) with held[n, k] True, from one expert's buffers outside the slots."""
