@@ -444,23 +444,22 @@ class ShapeProbe:
 
     def __init__(self, model_name: str, profile: Any) -> None:
         from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
-        from moeinfer.planning.speed_probe import profiled_seconds
+        from moeinfer.planning.speed_probe import profiled_seconds, shape_model
 
-        self.sizes = sizes_from_checkpoint(model_name)
-        self.config = config_of(model_name)
-        self.costs = profile.shapes[self.sizes.shape_key]
+        sizes = sizes_from_checkpoint(model_name)
+        self.costs = profile.shapes[sizes.shape_key]
         self.profiled_s = profiled_seconds(self.costs)
+        self.model = shape_model(config_of(model_name), sizes.dtype, "cpu")
 
     def __call__(self) -> dict[str, float]:
         """{prompt_s, profiled_prompt_s, prompt_speed (profiled / now: > 1 the machine is faster), decode_s}."""
         import torch
 
         from moeinfer.model.kv_cache import KVCache
-        from moeinfer.planning import speed_probe
+        from moeinfer.planning.speed_probe import probe_seconds
 
-        args = (self.config, self.sizes.dtype, "cpu", self.sizes.shape_key)
-        prompt = speed_probe.probe_seconds(*args, self.costs.tokens[0])
-        m, steps = speed_probe.shape_model(*args), []
+        m, steps = self.model, []
+        prompt = probe_seconds(m, self.costs.tokens[0])
         cache = KVCache(m.config, batch_size=1, max_length=21, device=m.device, dtype=m.dtype)
         with torch.inference_mode():
             for t in range(21):

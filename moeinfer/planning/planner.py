@@ -303,7 +303,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     speed = 1.0
     shape = profile.shapes.get(sizes.shape_key) if sizes.shape_key else None
     if probe and shape is not None and profile.key == machine_key(device):
-        speed = machine_speed(shape, config_of(model_or_path), sizes.dtype, device, sizes.shape_key)
+        speed = machine_speed(shape, config_of(model_or_path), sizes.dtype, device)
         notes.append(f"the machine runs this model's shape at {speed:.2f}x its profile's speed now (a probe on "
                      "the shape): every prediction scaled by it")
     if profile.cached_link_gbps is not None and device == "cpu":

@@ -6,7 +6,7 @@ rate doubled within 20 minutes (404 -> 874 tok/s) while its memory read rate mov
 every prediction of a profile measured in a slow phase came out 1.2-1.7x too slow in a fast one
 (docs/planner.md, fourteenth session). So, at plan time, a probe on the shape the costs were fitted on:
 1. the 1-layer model of step 1 of shape_costs (the planned model's attention, widths and vocabulary,
-   routed experts stubbed), built once per shape and process;
+   routed experts stubbed), built for the probe and freed after it;
 2. its prompt forward of the shorter measured length, least of `REPEATS`, back to back as the fit was
    measured;
 3. speed = the profile's fit for that forward / the time now (> 1: faster than profiled). The planner
@@ -23,7 +23,6 @@ from moeinfer.config import ModelConfig
 from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, random_model
 
 REPEATS = 5
-_MODELS: dict[tuple[str, str, str], Any] = {}  # (shape key, dtype, device) -> the 1-layer model (step 1)
 
 
 def profiled_seconds(costs: ShapeCosts) -> float:
@@ -32,19 +31,17 @@ def profiled_seconds(costs: ShapeCosts) -> float:
     return costs.layer_s + (T - 1) * costs.layer_token_s + costs.forward_s + (T - 1) * costs.forward_token_s
 
 
-def shape_model(config: ModelConfig, dtype: str, device: str, key: str) -> Any:
-    """Step 1: the shape's 1-layer model (`key`: its shape key), made once per process."""
-    model = _MODELS.get((key, dtype, device))
-    if model is None:
-        model = _MODELS[(key, dtype, device)] = random_model(config, 1, getattr(torch, dtype), torch.device(device))
-    return model
+def shape_model(config: ModelConfig, dtype: str, device: str) -> Any:
+    """Step 1: the shape's 1-layer model, experts stubbed (not kept: a real shape's embeddings and head
+    alone can take a gigabyte or more)."""
+    return random_model(config, 1, getattr(torch, dtype), torch.device(device))
 
 
-def probe_seconds(config: ModelConfig, dtype: str, device: str, key: str, tokens: int) -> float:
-    """Step 2: least of REPEATS prompt forwards of `tokens` tokens of the shape's 1-layer model."""
-    return prefill_in_turn([shape_model(config, dtype, device, key)], REPEATS, tokens)[0]
+def probe_seconds(model: Any, tokens: int) -> float:
+    """Step 2: least of REPEATS prompt forwards of `tokens` tokens of `model`."""
+    return prefill_in_turn([model], REPEATS, tokens)[0]
 
 
-def machine_speed(costs: ShapeCosts, config: ModelConfig, dtype: str, device: str, key: str) -> float:
+def machine_speed(costs: ShapeCosts, config: ModelConfig, dtype: str, device: str) -> float:
     """Step 3: the profile's fit over the probe's time now."""
-    return profiled_seconds(costs) / probe_seconds(config, dtype, device, key, costs.tokens[0])
+    return profiled_seconds(costs) / probe_seconds(shape_model(config, dtype, device), costs.tokens[0])
