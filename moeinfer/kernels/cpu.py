@@ -95,10 +95,18 @@ def grouped_mm_works(dtype: torch.dtype, hidden: int = 8, inner: int = 8) -> boo
         return False
 
 
+def rows_schedule(dtype: torch.dtype) -> bool:
+    """`choose_schedule` picks the native rows kernel for experts of `dtype` on this CPU (bf16 without a
+    native bf16 matmul, the native library built): decided without probing any shape."""
+    return dtype == torch.bfloat16 and slow_half_matmul(dtype) and native.best_variant() is not None
+
+
 def choose_schedule(dtype: torch.dtype, hidden: int, inner: int) -> str:
     """The fastest schedule that this CPU runs correctly for experts of this dtype and shape."""
+    if rows_schedule(dtype):
+        return "rows"
     if slow_half_matmul(dtype):
-        return "rows" if dtype == torch.bfloat16 and native.best_variant() is not None else "widened"
+        return "widened"
     if dtype != torch.float32:
         # a native half matmul (AVX512-BF16/AMX): torch's F.linear per expert took 128- and 512-token bf16
         # prefills of the OLMoE-shaped model at 232-236 / 329 tok/s from a fresh process where

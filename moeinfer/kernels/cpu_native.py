@@ -58,6 +58,19 @@ def decode_rows_op(gate_up: torch.Tensor, down: torch.Tensor, *, engine: str) ->
     return run
 
 
+def rows_op(gate_up: torch.Tensor, down: torch.Tensor, *, engine: str) -> Callable[..., None]:
+    """`moe_rows` without its sum over experts, on these stacks (gate_up [E, 2I, D], down [E, D, I], bf16 or
+    fp32, contiguous): (x [N, D], rows [N, K] int64 stack rows (< 0: skipped), out [N * K, D] fp32) -> None,
+    token n's k-th expert into out[n * K + k]: the row `moe_rows` sums for it, whichever other experts the
+    call holds (`combine_token_rows` sums them alike)."""
+    op = native.load().moe_rows_rows
+
+    def run(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        op(x.float().contiguous(), rows, gate_up, down, engine, out)
+
+    return run
+
+
 def combine_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The last step of the native batch-1 decodes alone: x [1, D] (bf16 or fp32: the output's dtype),
     indices [1, K] (< 0: skipped), weights [1, K], rows [K, D] fp32 -> sum_k weights[k] * rows[k] [1, D],
@@ -66,9 +79,9 @@ def combine_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, 
 
 
 def combine_token_rows(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The last step of the native quantized prefill (`moe_prefill_q`) alone: x [N, D], indices [N, K] (< 0:
+    """The last step of the native few-token expert stages (`moe_prefill_q`, `moe_rows`) alone: x [N, D], indices [N, K] (< 0:
     skipped), weights [N, K], rows [N * K, D] fp32 -> sum_k weights[n, k] * rows[n * K + k], [N, D] fp32,
-    summed as `moe_prefill_q` sums its experts' rows."""
+    summed as `moe_prefill_q` and `moe_rows` sum their experts' rows."""
     return native.load().combine_token_rows(x, indices, weights.float(), rows)
 
 

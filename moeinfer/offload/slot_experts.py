@@ -9,13 +9,16 @@ Here the slots run the resident layer's own native schedule, split so that each 
 computed when it is there:
 - "decode": a batch-1 step (float or quantized experts), or a few tokens of quantized experts, token
   by token (`quantized_cpu.schedule`);
-- "prefill": a prompt of quantized experts with int8 activations (`moe_prefill_q`).
+- "prefill": a prompt of quantized experts with int8 activations (`moe_prefill_q`), or several rows of
+  float experts where the `cpu` kernel runs them in its native rows kernel (`moe_rows`: bf16 on CPUs
+  without a native bf16 matmul, `cpu.choose_schedule`).
 1. `SlotExperts.of(gate_up=slots, down=slots, ...)`: the slots as one stack the native kernels read in
    place: float slots as they are ([S, 2I, D], [S, D, I]), quantized blobs as strided views of their
    parts (moeinfer.offload.packed.SlotStack); None where no native kernel runs them (then the layer
    keeps its per-expert path);
 2. `step(x, indices)`: a `SlotStep` for one forward, or None where the resident schedule is not one of
-   the above (float experts at N > 1, prompts with fp32 activations);
+   the above (float experts at N > 1 that the `cpu` kernel runs with torch GEMMs, prompts with fp32
+   activations);
 3. `SlotStep.rows(slots)`: every (n, k) whose expert sits in slot slots[n, k] (>= 0; -1: not yet) into
    the step's buffer [N * K, D], one native call (decode: one a token); `one(held, gate_up, down)`: the
    (n, k) with held[n, k] from an expert outside the slots (a load streamed through the transient
@@ -36,7 +39,15 @@ import numpy as np
 import torch
 
 from moeinfer.kernels import native
-from moeinfer.kernels.cpu_native import choose_engine, combine_rows, combine_token_rows, decode_rows_op, native_weights
+from moeinfer.kernels import cpu
+from moeinfer.kernels.cpu_native import (
+    choose_engine,
+    combine_rows,
+    combine_token_rows,
+    decode_rows_op,
+    native_weights,
+    rows_op,
+)
 from moeinfer.kernels.quantized_cpu import decode_activations, prefill_rows_op, schedule
 from moeinfer.kernels.quantized_cpu import decode_rows_op as decode_rows_op_q
 from moeinfer.offload.packed import PackedFormat, SlotStack
@@ -57,10 +68,11 @@ class SlotExperts:
     """The native expert stage over a runtime's slots (module docstring)."""
 
     def __init__(self, make: Callable[[torch.Tensor, torch.Tensor], _Ops], gate_up: torch.Tensor,
-                 down: torch.Tensor, *, activations: str | None) -> None:
+                 down: torch.Tensor, *, activations: str | None, dims: tuple[int, int] = (0, 0)) -> None:
         self._make = make
         self.slot_ops = make(gate_up, down)  # the ops of the slots' own stack
         self.activations = activations  # quantized experts: the resolved activations; float: None
+        self.dims = dims  # float experts: (D, I), what the cpu kernel picks its schedule by
         self._other: dict[tuple[int, int], _Ops] = {}  # one-expert stacks of buffers outside the slots
 
     @classmethod
@@ -77,9 +89,9 @@ class SlotExperts:
                 return None
 
             def make_float(g: torch.Tensor, d: torch.Tensor) -> _Ops:
-                return _Ops(decode_rows_op(g, d, engine=variant), None)
+                return _Ops(decode_rows_op(g, d, engine=variant), rows_op(g, d, engine=variant))
 
-            return cls(make_float, gate_up, down, activations=None)
+            return cls(make_float, gate_up, down, activations=None, dims=(gate_up.shape[2], down.shape[2]))
 
         def stack(g: torch.Tensor, d: torch.Tensor) -> SlotStack:
             return SlotStack(packed, g, d, midpoints=midpoints)
@@ -100,8 +112,11 @@ class SlotExperts:
         N = x.shape[0]
         if N == 1:
             return SlotStep(self, x.contiguous(), indices, "decode")
-        if self.activations is None or N == 0:  # float experts run one-row steps only
+        if N == 0:
             return None
+        if self.activations is None:  # float experts: several rows where the cpu kernel runs `moe_rows`
+            rows = cpu.choose_schedule(x.dtype, *self.dims) == "rows"
+            return SlotStep(self, x.contiguous(), indices, "prefill") if rows else None
         plan = schedule(indices, self.activations)
         return SlotStep(self, x.contiguous(), indices, plan) if plan in ("decode", "prefill") else None
 
@@ -144,7 +159,7 @@ class SlotStep:
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
         """Step 4: [N, D] in x's dtype, summed and rounded as the resident schedule sums its experts."""
         x, idx, K = self.x, self.indices, self.indices.shape[1]
-        if self.schedule == "prefill":  # moe_prefill_q's sum, fp32, rounded by quantized_moe_cpu
+        if self.schedule == "prefill":  # moe_prefill_q's / moe_rows' sum, fp32, rounded as their callers do
             return combine_token_rows(x, idx, weights, self.out).to(x.dtype)
         if self.owner.activations is not None:  # quantized decode: token by token in fp32, rounded after
             if x.shape[0] == 1:

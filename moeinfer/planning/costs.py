@@ -27,7 +27,8 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
   measured per active expert and per token on prompts of two lengths (`ShapeCosts.experts`,
   moeinfer/planning/shape_profile.py) where the profile holds that, instead of the fit above (an
   offloaded layer's float experts: one expert's module, one call each, `ShapeCosts.offloaded`; its
-  quantized experts on a CPU run the resident schedule over the cache's slots, priced as resident); and a one-row
+  quantized experts on a CPU, and float ones where the cpu kernel runs its native rows kernel, run the
+  resident schedule over the cache's slots, priced as resident); and a one-row
   decode step's expert stage is what a model of the shape measured in situ where it did
   (`ShapeCosts.decode_experts`: experts that stay in the last-level cache), the difference from the
   fit charged with the dense part (`_in_situ`);
@@ -54,7 +55,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from moeinfer.kernels import native
+from moeinfer.kernels.cpu import rows_schedule
 from moeinfer.kernels.quantized_cpu import Q8_DECODE_SLOTS_PER_EXPERT
 from moeinfer.planning.profile import MachineProfile, stored_expert_bytes
 from moeinfer.planning.spec import FLOAT
@@ -150,9 +154,11 @@ class MeasuredCosts:
         self.shape_costs = profile.shapes.get(sizes.shape_key) if sizes.shape_key else None
         self.variants = [variant(p, kernel, fp32_weights) for p in precisions]
         # an offloaded layer's prompt: quantized experts on a CPU run over the cache's slots on the resident
-        # layer's own schedule (moeinfer/offload/slot_experts.py), priced as resident; float ones, one call each
+        # layer's own schedule (moeinfer/offload/slot_experts.py), priced as resident; float ones too where
+        # the cpu kernel runs them in its native rows kernel; else one call each
         over_slots = profile.device == "cpu" and native.unavailable_reason() is None
-        self.one_call = [offloaded and not (over_slots and p != FLOAT) for p in precisions]
+        float_rows = kernel == "cpu" and not fp32_weights and rows_schedule(getattr(torch, sizes.dtype))
+        self.one_call = [offloaded and not (over_slots and (p != FLOAT or float_rows)) for p in precisions]
 
     def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float:
         if self.shape_costs is not None and tokens > sequences:  # prompt rows: measured on the model's shapes

@@ -1,6 +1,6 @@
 """Native decode ops over stacks whose experts lie apart, and the decode and the quantized prefill split
 in two (csrc/ops.cpp QMat, `moe_decode_q_rows`, `moe_decode_rows`, `combine_rows`, `moe_prefill_q_rows`,
-`combine_token_rows`). An offload cache's quantized slots are byte blobs
+`combine_token_rows`; csrc/moe_rows.cpp `moe_rows_rows`). An offload cache's quantized slots are byte blobs
 holding an expert's codes, scales and zeros back to back (moeinfer.offload.packed); seen across the
 slots each part is a strided stack, every expert's rows contiguous. The kernels must read such a stack
 exactly as the contiguous one (torch.equal, decode and prefill), and the per-expert rows plus their
@@ -103,6 +103,29 @@ def test_prefill_rows_then_their_sum_are_the_one_call_prefill(variant, bits, alg
     skip[3, 1] = skip[10, 0] = -1
     assert torch.equal(ops.combine_token_rows(x, skip, w, parts), ops.moe_prefill_q(x, skip, w, *stack, bits, 32, D, I,
                                                                                      variant))
+
+
+@pytest.mark.parametrize("variant", variant_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_float_token_rows_then_their_sum_are_the_one_call_moe_rows(variant, dtype):
+    require(variant)
+    ops = native_ops()
+    g = torch.Generator().manual_seed(8)
+    gate_up = (torch.randn(8, 2 * I, D, generator=g) / D**0.5).to(dtype)
+    down = (torch.randn(8, D, I, generator=g) / I**0.5).to(dtype)
+    N, K = 24, 2
+    x = torch.randn(N, D, generator=g)
+    experts = torch.randint(0, 8, (N, K), generator=g)
+    w = torch.rand(N, K, generator=g)
+    want = ops.moe_rows(x, experts, w, gate_up, down, variant)
+    parts = torch.full((N * K, D), float("nan"))
+    for held in ([2, 3], [0, 1, 4, 7], [5, 6]):  # the experts in three calls, the others skipped (-1)
+        mask = torch.isin(experts, torch.tensor(held))
+        ops.moe_rows_rows(x, torch.where(mask, experts, -1), gate_up, down, variant, parts)
+    assert not parts.isnan().any()
+    assert torch.equal(ops.combine_token_rows(x, experts, w, parts), want)
+    with pytest.raises(RuntimeError, match=r"rows must be a contiguous float32 \[48, 64\] buffer"):
+        ops.moe_rows_rows(x, experts, gate_up, down, variant, torch.zeros(N, D))
 
 
 @pytest.mark.parametrize("variant", variant_params())

@@ -5,7 +5,8 @@ resident layer's on the same kernel bit for bit (torch.equal: sharper than any t
 cache holds: every expert, some (misses, evictions), or fewer slots than a token routes to (loads through
 the transient buffer). One-token steps of float (bf16, fp32) and quantized experts (asymmetric int8/int4,
 symmetric Q8_0/Q4_0 whose zeros the kernels skip); prompts (the int8-activation prefill) and batched
-steps (token by token) of quantized experts."""
+steps (token by token) of quantized experts; prompts and batched steps of float experts where the cpu
+kernel runs its native rows kernel."""
 
 from __future__ import annotations
 
@@ -190,10 +191,39 @@ def test_a_one_percent_error_in_one_expert_row_is_caught(tokens, monkeypatch):
         model.offload.close()
 
 
-def test_other_kernels_and_schedules_keep_the_per_expert_path(monkeypatch):
-    """Kernel 'reference' (eager SwiGLU per cached expert), float experts at several tokens, and quantized
-    prompts with fp32 activations (the resident runs dequantized tiles): no slot step."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@CACHES
+def test_float_rows_on_the_native_rows_schedule_equal_the_resident_layers(precision, cache, monkeypatch):
+    """Float experts at several rows where the cpu kernel runs its native rows kernel (`moe_rows`: bf16 on
+    CPUs without a native bf16 matmul; forced here on any CPU): prompts and batched steps over the slots,
+    the resident layer's output bit for bit."""
+    from moeinfer.kernels import cpu
+
     native_ops()
+    monkeypatch.setattr(cpu, "choose_schedule", lambda dtype, hidden, inner: "rows")
+    resident, model = _model(precision), _offloaded(precision, cache)
+    calls = _count_calls(monkeypatch)
+    try:
+        with torch.inference_mode():
+            for start in (0, 24, 0):
+                x = (torch.arange(start, start + 24) * 7 % 128)[None]
+                assert torch.equal(model(x), resident(x)), start
+            x = torch.tensor(TOKENS[:3])[:, None]
+            assert torch.equal(model(x), resident(x))
+        _check_cache(model, cache, calls, prompts=True)
+        assert calls["prefill"] == calls["rows"] + calls["one"] and calls["decode"] == 0
+    finally:
+        model.offload.close()
+
+
+def test_other_kernels_and_schedules_keep_the_per_expert_path(monkeypatch):
+    """Kernel 'reference' (eager SwiGLU per cached expert), float experts at several tokens where the cpu
+    kernel runs torch GEMMs, and quantized prompts with fp32 activations (the resident runs dequantized
+    tiles): no slot step."""
+    from moeinfer.kernels import cpu
+
+    native_ops()
+    monkeypatch.setattr(cpu, "choose_schedule", lambda dtype, hidden, inner: "per-expert")
     reference, bf16, f32_acts = _offloaded("bf16", 8, "reference"), _offloaded("bf16", 8), _offloaded("int8", 8)
     for block in f32_acts.moe_blocks():
         block.experts.cpu_activations = "f32"

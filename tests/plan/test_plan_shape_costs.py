@@ -151,6 +151,24 @@ def test_an_offloaded_quantized_prompt_on_a_cpu_is_priced_as_the_resident_layer(
     assert off.expert_s(0, 16) == pytest.approx(2e-5 + 16 * 3e-6 if built else 1e-4 + 16 * 3e-6)
 
 
+@pytest.mark.parametrize("rows", [True, False], ids=["rows kernel", "torch GEMMs"])
+def test_an_offloaded_float_prompt_is_priced_as_resident_where_the_cpu_kernel_runs_its_rows_kernel(rows, monkeypatch):
+    """Float experts offloaded with kernel 'cpu' run a prompt over the slots where the cpu kernel's schedule
+    is its native rows kernel (bf16 on CPUs without a native bf16 matmul); elsewhere one call each."""
+    from moeinfer.kernels import native
+    from moeinfer.planning import costs as costs_mod
+
+    monkeypatch.setattr(native, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(costs_mod, "rows_schedule", lambda dtype: rows)
+    sizes = sizes_from_checkpoint("tiny")
+    prof = _shaped(synthetic_profile(), replace(COSTS, experts={**COSTS.experts, "bf16/cpu": (5e-5, 1e-6)},
+                                                offloaded={**COSTS.offloaded, "bf16/cpu": (3e-4, 2e-6)}))
+    off = MeasuredCosts(sizes, prof, ["bf16"] * sizes.num_layers, kernel="cpu", offloaded=True)
+    assert off.expert_s(0, 16) == pytest.approx(5e-5 + 16 * 1e-6 if rows else 3e-4 + 16 * 2e-6)
+    ref = MeasuredCosts(sizes, prof, ["bf16"] * sizes.num_layers, kernel="reference", offloaded=True)
+    assert ref.expert_s(0, 16) == pytest.approx(2e-4 + 16 * 2e-6)  # the reference kernel: one call each
+
+
 def test_the_simulator_and_the_layer_split_agree_with_the_measured_prompt_costs():
     sizes = sizes_from_checkpoint("tiny")
     prof = _shaped(synthetic_profile())

@@ -10,7 +10,8 @@
 // 2. gate_up: work items (expert, block of 16 weight rows) split over threads; g[slot] = W_gu[e] x[token];
 // 3. h[slot] = silu(g[:I]) * g[I:], fp32;
 // 4. down: work items (expert, block of 16 rows); y[slot] = W_dn[e] h[slot];
-// 5. out[n] = sum_k weights[n, k] * y[slot(n, k)] in k order (deterministic, no atomics).
+// 5. out[n] = sum_k weights[n, k] * y[slot(n, k)] in k order (deterministic, no atomics);
+// `moe_rows_rows` is steps 1-4 with each (n, k)'s row kept (ops.cpp `combine_token_rows` is step 5).
 // Inner loops: a generic C++ one and an AVX2+FMA one (GCC's per-function target attribute, so this
 // file needs no ISA flags); `variant` picks one as for every other op (avx512: the AVX2 one).
 #include <ATen/ATen.h>
@@ -129,16 +130,23 @@ void expert_rows(Dots dots, const uint8_t* wbase, int64_t expert_bytes, int64_t 
   });
 }
 
-// x [N, D] f32, experts [N, K] int64 (local rows; < 0 = not held here: contributes nothing), weights [N, K]
-// f32, gate_up [E, 2I, D] and down [E, D, I] (bf16 or fp32, same dtype) -> [N, D] f32.
-at::Tensor moe_rows(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
-                    const at::Tensor& gate_up, const at::Tensor& down, const std::string& variant) {
+// Steps 1-4 for x [N, D] f32, experts [N, K] int64 (local rows; < 0 = not held here), gate_up [E, 2I, D] and
+// down [E, D, I] (bf16 or fp32, same dtype): y [S, D] f32, one row per held (n, k), and slot_of[(n, k)] its
+// row (-1: not held). Each row depends only on its token and its expert's weights (every weight row times
+// each of the expert's token rows, no sum across experts), so `moe_rows_rows` over some experts, then the
+// others, and `combine_token_rows` (ops.cpp: step 5 alone) give `moe_rows`'s bits (an offload cache's hits,
+// then its loads).
+struct RowsSlots {
+  at::Tensor y;
+  std::vector<int64_t> slot_of;
+};
+
+RowsSlots rows_slots(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& gate_up,
+                     const at::Tensor& down, const std::string& variant) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "moeinfer_native: moe_rows x must be a contiguous float32 [N, D] matrix");
   TORCH_CHECK(experts.scalar_type() == at::kLong && experts.dim() == 2 && experts.size(0) == x.size(0),
               "moeinfer_native: moe_rows experts must be int64 [N, K]");
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.sizes() == experts.sizes(),
-              "moeinfer_native: moe_rows weights must be float32 with the shape of experts");
   TORCH_CHECK(gate_up.scalar_type() == down.scalar_type() &&
                   (gate_up.scalar_type() == at::kBFloat16 || gate_up.scalar_type() == at::kFloat) &&
                   gate_up.is_contiguous() && down.is_contiguous() && gate_up.dim() == 3 && down.dim() == 3,
@@ -150,9 +158,8 @@ at::Tensor moe_rows(const at::Tensor& x, const at::Tensor& experts, const at::Te
   const bool bf16 = gate_up.scalar_type() == at::kBFloat16;
   const Dots dots = pick_dots(variant, bf16);
   const int64_t esize = bf16 ? 2 : 4;
-  const at::Tensor ec = experts.contiguous(), wc = weights.contiguous();
+  const at::Tensor ec = experts.contiguous();
   const int64_t* ep = ec.data_ptr<int64_t>();
-  const float* wp = wc.data_ptr<float>();
 
   // 1. counting sort of the slots by expert
   std::vector<int64_t> count(E, 0);
@@ -164,14 +171,15 @@ at::Tensor moe_rows(const at::Tensor& x, const at::Tensor& experts, const at::Te
   for (int64_t e = 0; e < E; ++e)
     if (count[e]) present.push_back(e), start[e] = first.back(), first.push_back(first.back() + count[e]);
   const int64_t S = first.back();
-  std::vector<int64_t> slot_of(N * K, -1);  // (n, k) -> sorted slot
+  RowsSlots out;
+  out.slot_of.assign(N * K, -1);  // (n, k) -> sorted slot
   at::Tensor xs = at::empty({S, D}, x.options());
   float* xsp = xs.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   for (int64_t s = 0; s < N * K; ++s)
     if (ep[s] >= 0) {
       const int64_t t = start[ep[s]]++;
-      slot_of[s] = t;
+      out.slot_of[s] = t;
       std::copy(xp + (s / K) * D, xp + (s / K + 1) * D, xsp + t * D);
     }
 
@@ -191,15 +199,43 @@ at::Tensor moe_rows(const at::Tensor& x, const at::Tensor& experts, const at::Te
   });
 
   // 4. down
-  at::Tensor y = at::empty({S, D}, x.options());
-  float* yp = y.data_ptr<float>();
+  out.y = at::empty({S, D}, x.options());
   expert_rows(dots, static_cast<const uint8_t*>(down.data_ptr()), D * I * esize, I * esize, D, I, present, first,
-              hp, I, yp, D);
-
-  // 5. weighted sum per token, k in order
-  at::Tensor out = at::zeros({N, D}, x.options());
-  combine_slots(yp, slot_of.data(), wp, N, K, D, out.data_ptr<float>());
+              hp, I, out.y.data_ptr<float>(), D);
   return out;
+}
+
+// x [N, D] f32, experts [N, K] int64 (local rows; < 0 = not held here: contributes nothing), weights [N, K]
+// f32, gate_up [E, 2I, D] and down [E, D, I] (bf16 or fp32, same dtype) -> [N, D] f32.
+at::Tensor moe_rows(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                    const at::Tensor& gate_up, const at::Tensor& down, const std::string& variant) {
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.sizes() == experts.sizes(),
+              "moeinfer_native: moe_rows weights must be float32 with the shape of experts");
+  const RowsSlots r = rows_slots(x, experts, gate_up, down, variant);
+  const at::Tensor wc = weights.contiguous();
+  // 5. weighted sum per token, k in order
+  at::Tensor out = at::zeros({x.size(0), x.size(1)}, x.options());
+  combine_slots(r.y.data_ptr<float>(), r.slot_of.data(), wc.data_ptr<float>(), x.size(0), experts.size(1), x.size(1),
+                out.data_ptr<float>());
+  return out;
+}
+
+// moe_rows without step 5: the output of token n's k-th expert into rows[n * K + k] (float32 [N * K, D],
+// contiguous) for the experts held (experts[n, k] >= 0; other rows left as they are).
+void moe_rows_rows(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& gate_up, const at::Tensor& down,
+                   const std::string& variant, const at::Tensor& rows) {
+  const int64_t NK = experts.numel(), D = x.dim() == 2 ? x.size(1) : -1;
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.dim() == 2 && rows.size(0) == NK &&
+                  rows.size(1) == D,
+              "moeinfer_native: rows must be a contiguous float32 [", NK, ", ", D, "] buffer (N * K rows), got ",
+              rows.scalar_type(), " ", rows.sizes());
+  const RowsSlots r = rows_slots(x, experts, gate_up, down, variant);
+  const float* yp = r.y.data_ptr<float>();
+  float* rp = rows.data_ptr<float>();
+  at::parallel_for(0, NK, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      if (r.slot_of[t] >= 0) std::copy(yp + r.slot_of[t] * D, yp + (r.slot_of[t] + 1) * D, rp + t * D);
+  });
 }
 
 // x [N, C] f32 times w [O, C] (bf16 or fp32) transposed -> [N, O] f32: a dense linear with every weight row read
@@ -229,4 +265,6 @@ TORCH_LIBRARY_FRAGMENT(moeinfer_native, m) {
   m.def("linear_rows(Tensor x, Tensor w, str variant) -> Tensor", &moeinfer_native::linear_rows);
   m.def("moe_rows(Tensor x, Tensor experts, Tensor weights, Tensor gate_up, Tensor down, str variant) -> Tensor",
         &moeinfer_native::moe_rows);
+  m.def("moe_rows_rows(Tensor x, Tensor experts, Tensor gate_up, Tensor down, str variant, Tensor(a!) rows) -> ()",
+        &moeinfer_native::moe_rows_rows);
 }
