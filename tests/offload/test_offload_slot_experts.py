@@ -58,6 +58,14 @@ def _count_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
+def _prompts_equal(model: torch.nn.Module, resident: torch.nn.Module, starts: tuple[int, ...]) -> None:
+    """24-token prompts from each start (a repeated start: the cache warm from the prompts before), each
+    forward torch.equal to the resident model's."""
+    for start in starts:
+        x = (torch.arange(start, start + 24) * 7 % 128)[None]
+        assert torch.equal(model(x), resident(x)), start
+
+
 def _check_cache(model: torch.nn.Module, cache: int, calls: dict[str, int], *, prompts: bool = False) -> None:
     st = model.offload.cache.stats
     assert calls["rows"] > 0
@@ -99,9 +107,7 @@ def test_prompts_equal_the_resident_layers(precision, cache, monkeypatch):
     calls = _count_calls(monkeypatch)
     try:
         with torch.inference_mode():
-            for start in (0, 24, 0, 50):
-                x = (torch.arange(start, start + 24) * 7 % 128)[None]
-                assert torch.equal(model(x), resident(x)), start
+            _prompts_equal(model, resident, (0, 24, 0, 50))
         _check_cache(model, cache, calls, prompts=True)
         assert calls["prefill"] == calls["rows"] + calls["one"] and calls["decode"] == 0
     finally:
@@ -137,9 +143,7 @@ def test_fp32_activations_equal_the_resident_layers(monkeypatch):
     calls = _count_calls(monkeypatch)
     try:
         with torch.inference_mode():
-            for start in (0, 24, 0):
-                x = (torch.arange(start, start + 24) * 7 % 128)[None]
-                assert torch.equal(model(x), resident(x)), start
+            _prompts_equal(model, resident, (0, 24, 0))
         assert calls["decode"] > 0 and calls["prefill"] == 0
     finally:
         model.offload.close()
@@ -205,9 +209,7 @@ def test_float_rows_on_the_native_rows_schedule_equal_the_resident_layers(precis
     calls = _count_calls(monkeypatch)
     try:
         with torch.inference_mode():
-            for start in (0, 24, 0):
-                x = (torch.arange(start, start + 24) * 7 % 128)[None]
-                assert torch.equal(model(x), resident(x)), start
+            _prompts_equal(model, resident, (0, 24, 0))
             x = torch.tensor(TOKENS[:3])[:, None]
             assert torch.equal(model(x), resident(x))
         _check_cache(model, cache, calls, prompts=True)
