@@ -444,11 +444,11 @@ class ShapeProbe:
 
     def __init__(self, model_name: str, profile: Any) -> None:
         from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
-        from moeinfer.planning.speed_probe import profiled_seconds, shape_model
+        from moeinfer.planning.speed_probe import shape_model
 
         sizes = sizes_from_checkpoint(model_name)
         self.costs = profile.shapes[sizes.shape_key]
-        self.profiled_s = profiled_seconds(self.costs)
+        self.profiled_s = self.costs.reference_seconds()
         self.model = shape_model(config_of(model_name), sizes.dtype, "cpu")
 
     def __call__(self) -> dict[str, float]:

@@ -1,7 +1,10 @@
 """The machine profile the planner's cost model reads: measured once, cached per machine.
 
 What is measured (about 10 s on a CPU; each figure the least of a few runs: other processes only
-ever add time to a run, so the least is the machine's own cost and the median of a busy machine is not):
+ever add time to a run, so the least is the machine's own cost and the median of a busy machine is not;
+models compared with each other run in turn, each priced against the first one's time in the same
+rounds, moeinfer/planning/in_turn.py: a difference of two least times taken in different phases of a
+drifting VM is not the models' difference):
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
    simulate --calibrate` measures) and reads of a file the page cache holds (`cached_link_gbps`: a
    disk tier that fits in the memory a plan leaves free is read from RAM, not from the disk),
@@ -82,9 +85,10 @@ from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
+from moeinfer.planning.in_turn import priced_by_reference
 from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn
 
-PROFILE_VERSION = 11  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 12  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
@@ -96,7 +100,9 @@ PROFILE_VERSION = 11  # 2: the least of the repeats, not the median; 3: dense ma
 # steps through the program (measure_offload); 10: prefill's per-token host costs, per layer
 # (layer_token_s, measure_prefill_tokens) and per token routed to an expert (ExpertRate.slot_s); 11:
 # streamed-weight rates (dense_read_gbps, stream_bytes_per_s) read `streamed_bytes` (8x the reported
-# last-level cache, at least 256 MiB), not twice the cache, which partly stayed cached
+# last-level cache, at least 256 MiB), not twice the cache, which partly stayed cached; 12: models timed in
+# turn priced against the first one's time in the same rounds (fixed costs, offload host costs, prefill's
+# per-token costs), not each the least of its own rounds
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -488,18 +494,20 @@ def decode_gap_rounds(models: list[Any], rounds: int, tokens: int = 16,
 
 def decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
                         count: Any = None) -> tuple[list[float], list[float]]:
-    """Per model, the least over `repeats` rounds of `decode_gap_rounds` (the models taking turns each
-    round), and its per_step."""
+    """Per model, its gap over `repeats` rounds of `decode_gap_rounds` (the models taking turns each
+    round) priced against the first model's (its least gap x the median ratio:
+    moeinfer/planning/in_turn.py), and its per_step."""
     rounds, per_step = decode_gap_rounds(models, repeats, tokens, count)
-    return [min(col) for col in zip(*rounds)], per_step
+    return priced_by_reference(rounds), per_step
 
 
 def measure_fixed(device: torch.device, rate: ExpertRate, top_k: int = 2, repeats: int = 7,
                   kernel: str = "reference") -> tuple[float, float]:
     """Step 3: (layer_fixed_s, step_fixed_s) from decode steps of 1- and 3-layer models with their
     experts on `kernel` (the kernel `rate` was measured for) — the time between tokens of a greedy
-    generation through the KV cache (`decode_gaps_in_turn`), the models taking turns, each figure the
-    least of its rounds, so a change of load on the machine touches both alike: the figure is their
+    generation through the KV cache (`decode_gaps_in_turn`), the models taking turns, each figure priced
+    against the 1-layer model's in the same rounds, so a change of load on the machine touches both alike:
+    the figure is their
     difference, less the expert stage `rate` prices. Where the native kernels run, `kernel` is 'cpu':
     its expert stage is small and priced closely, so the figure is the layer's own overhead. (Timing
     one-token forwards without a cache, with 'reference' experts whose standalone fit was most of the
@@ -554,7 +562,8 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
     Timed as a decode runs (`decode_gaps_in_turn`: greedy generation through the KV cache, where a
     one-row CPU step runs the prepared program of moeinfer.engine.cpu_decode with the resident
     experts' prepared call and the offloaded experts called as their module), the three in turn, each
-    figure the least of its rounds, so a change of load on the machine touches all three alike. (Timing
+    figure priced against the resident model's in the same rounds, so a change of load on the machine
+    touches all three alike. (Timing
     one-token forwards without a cache compared the offloaded layer with an eager resident one, not
     with the prepared step a resident decode runs: the shipped model's offloaded plans measured
     0.75-0.8x their prediction.)"""

@@ -18,7 +18,11 @@ Shapes: T tokens of one prompt, n MoE layers of the measured models.
    config needs no fp32 copy), their routed experts replaced by a stage that returns zeros (the
    expert rates price those), on the dense path a planned model runs (moeinfer/planning/dense.py);
 2. time one prefill forward of T tokens through a KV cache (last position's logits, as generation
-   keeps) at two prompt lengths, the models taking turns, each figure the least of its rounds;
+   keeps) of both models at both prompt lengths, all four in turn in every one of `ROUNDS` rounds,
+   each figure priced against the 1-layer model's shorter prompt in the same rounds (its least time
+   x the median ratio: moeinfer/planning/in_turn.py). Each the least of 5 rounds of its own, the
+   figures of step 3 — a difference of two of them — moved 2x between two profiles of one afternoon
+   on the Intel machine (per layer 0.41 ms and 0.84; docs/planner.md, fourteenth session);
 3. per layer at each T: half the 3-layer time less the 1-layer time; per forward: the 1-layer time
    less one layer; each fitted as  a + (T - 1) b  through the two lengths (`ShapeCosts`);
 4. the state a prompt meets (`ShapeCosts.after_decode`): steps 2-3 time forwards back to back, each
@@ -51,10 +55,12 @@ from moeinfer.model.meta import meta_parameters
 from moeinfer.model.moe import Routing
 from moeinfer.model.transformer import MoEModel
 from moeinfer.planning.dense import use_planned_dense_
+from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
 
 PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model's context is shorter)
+ROUNDS = 15  # step 2's rounds
 AFTER_STEPS, AFTER_ROUNDS = 16, 31  # step 4: decode steps before the timed prompt, rounds
-VERSION = 2  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
+VERSION = 3  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,12 @@ class ShapeCosts:
     def forward(self, tokens: int) -> float:
         """What a forward of `tokens` rows pays once (embeddings, head row, Python)."""
         return (self.forward_s + max(0, tokens - 1) * self.forward_token_s) * self.after_decode
+
+    def reference_seconds(self) -> float:
+        """The fit's time for step 2's reference, the 1-layer model's prompt of the shorter length (every
+        figure is priced against it; the plan-time probe of moeinfer/planning/speed_probe.py times it)."""
+        T = self.tokens[0]
+        return self.layer_s + (T - 1) * self.layer_token_s + self.forward_s + (T - 1) * self.forward_token_s
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShapeCosts:
@@ -138,17 +150,17 @@ def random_model(config: ModelConfig, layers: int, dtype: torch.dtype, device: t
     return model
 
 
+def prompt_ids(tokens: int) -> torch.Tensor:
+    """ids [1, T] of the prompt every step times."""
+    return torch.arange(1, tokens + 1)[None] % 200 + 1
+
+
 def prefill_in_turn(models: list[Any], repeats: int, tokens: int) -> list[float]:
-    """Per model, the least over `repeats` rounds of one prefill forward of `tokens` tokens through a KV
-    cache (the forward a generation's prompt runs, last position's logits only), the models taking turns."""
-    best = [float("inf")] * len(models)
-    ids = torch.arange(1, tokens + 1)[None] % 200 + 1
-    for r in range(repeats + 1):  # round 0 warms up
-        for i, m in enumerate(models):
-            t = prefill_seconds(m, ids)
-            if r:
-                best[i] = min(best[i], t)
-    return best
+    """Per model, one prefill forward of `tokens` tokens through a KV cache (the forward a generation's
+    prompt runs, last position's logits only), the models taking turns for `repeats` rounds, priced
+    against the first model's (its least time x the median ratio: moeinfer/planning/in_turn.py)."""
+    ids = prompt_ids(tokens)
+    return priced_by_reference(rounds_in_turn([lambda m=m: prefill_seconds(m, ids) for m in models], repeats))
 
 
 def prefill_seconds(model: Any, ids: torch.Tensor) -> float:
@@ -166,7 +178,7 @@ def after_decode(model: Any, tokens: int, *, steps: int = AFTER_STEPS, rounds: i
     """Step 4: per round, `steps` one-token forwards through a KV cache (a generation), then a prefill
     forward of `tokens` tokens twice; the median over the rounds of the first's time over the second's,
     at least 1."""
-    ids = torch.arange(1, tokens + 1)[None] % 200 + 1
+    ids = prompt_ids(tokens)
     ratios = []
     for r in range(rounds + 1):  # round 0 warms up
         cache = KVCache(model.config, batch_size=1, max_length=steps + 1, device=model.device, dtype=model.dtype)
@@ -192,14 +204,17 @@ def fit_line(at: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, 
 
 
 def measure_shape_costs(config: ModelConfig, dtype: str, device: torch.device | str = "cpu", *,
-                        repeats: int = 5, lengths: tuple[int, int] = PROMPT_LENGTHS) -> ShapeCosts:
+                        rounds: int = ROUNDS, lengths: tuple[int, int] = PROMPT_LENGTHS) -> ShapeCosts:
     """Steps 1-4 of the module docstring for a model of `config` with weights in `dtype` ("bfloat16", ...)."""
     dev = torch.device(device)
     t0 = time.time()
     longest = min(lengths[1], config.max_position_embeddings)
     at = (min(lengths[0], longest // 2), longest)
     models = [random_model(config, n, getattr(torch, dtype), dev) for n in (1, 3)]
-    one, three = zip(*(prefill_in_turn(models, repeats, T) for T in at))
+    # step 2: (1 layer, T1), (3 layers, T1), (1 layer, T2), (3 layers, T2); the first is the reference
+    calls = [lambda m=m, ids=prompt_ids(T): prefill_seconds(m, ids) for T in at for m in models]
+    priced = priced_by_reference(rounds_in_turn(calls, rounds))
+    one, three = priced[0::2], priced[1::2]
     layer = tuple(max(0.0, (c - a) / 2) for a, c in zip(one, three))
     forward = tuple(max(0.0, a - ly) for a, ly in zip(one, layer))
     (ls, lt), (fs, ft) = fit_line(at, layer), fit_line(at, forward)

@@ -16,11 +16,17 @@ per-row work that does not scale from other shapes. So, per model shape:
    64-token prompts (16 tokens an expert on average) at 0.88x what they took in bf16 and 0.6x in
    int4 on the Intel machine; a correction measured at one length did not carry over to another
    (bf16: 0.69x at 32 tokens an expert). A variant whose module would take more than a third of the
-   free memory is not measured (the fit prices it);
+   free memory is not measured (the fit prices it). Each length runs right after a reference (step
+   1's 1-layer model on its shorter prompt, `Reference`: an expert stage runs right after its layer's
+   attention), in turn for `EXPERT_ROUNDS` rounds, each time priced against the reference's
+   (moeinfer/planning/in_turn.py). As the least of 3 runs of its own, back to back, an int4 expert of
+   the shipped shape was priced 23 us in one profile and 41 in another of the same afternoon on the
+   Intel machine, and the longer length, timed right after the shorter, ran relatively faster;
 3. an offloaded layer runs one call per cached expert (moeinfer/offload/experts.py `expert_fn`),
    quantized ones each with its own activation quantization: per variant, that call on one expert of
-   the shape timed on two token counts (`ShapeCosts.offloaded`: per call, per token). On the Intel
-   machine the shipped model's offloaded int4 plan with every expert cached spent ~14 ms on a
+   the shape timed on two token counts (`ShapeCosts.offloaded`: per call, per token; each right after
+   the reference as in step 2: 176-191 us a call of 8 tokens in int4 on the Intel machine where back
+   to back it took 78-124). On the Intel machine the shipped model's offloaded int4 plan with every expert cached spent ~14 ms on a
    64-token prompt where the resident one spent ~6.5;
 4. per variant whose experts stay in the last-level cache (5 layers of them fit), a one-row decode
    step's expert stage measured in situ: decode steps of 1- and 5-layer models of the shape with
@@ -40,7 +46,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,22 +57,30 @@ from moeinfer.fsutil import atomic_write_text
 from moeinfer.loading.expert_files import memory_available
 from moeinfer.offload.experts import expert_fn
 from moeinfer.offload.packed import PackedFormat, SlotViews
+from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn, timed
 from moeinfer.planning.profile import (
     MachineProfile,
     decode_gap_rounds,
     experts_module,
-    least_time,
     machine_key,
     profile_path,
     stored_expert_bytes,
     uniform_routing,
 )
-from moeinfer.planning.shape_costs import measure_shape_costs, random_model, shape_key
+from moeinfer.planning.shape_costs import (
+    ShapeCosts,
+    measure_shape_costs,
+    prefill_seconds,
+    prompt_ids,
+    random_model,
+    shape_key,
+)
 
 EXPERT_TOKENS = (32, 256)  # step 2's two prompt lengths: T x top-k token-slots over the experts
 OFFLOADED_TOKENS = (8, 64)  # step 3's two token counts of one expert
 # step 4's MoE layers: the difference of 4 layers' expert stages (of 2 it moved 2x between two profiles)
 DECODE_LAYERS = (1, 5)
+EXPERT_ROUNDS = 7  # steps 2-3's rounds
 DECODE_ROUNDS = 30  # step 4's rounds (module docstring: why the median of many)
 
 
@@ -88,13 +103,29 @@ def offloaded_expert(variant: str, config: ModelConfig, device: torch.device) ->
     return lambda x: fn(x, gate_up, down)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The call every expert figure is priced against (moeinfer/planning/in_turn.py): the shape's
+    1-layer model's prompt of the shorter length, and its seconds in the shape costs' fit."""
+
+    call: Callable[[], float]
+    seconds: float
+
+    @classmethod
+    def of(cls, costs: ShapeCosts, config: ModelConfig, dtype: str, device: torch.device) -> Reference:
+        model, ids = random_model(config, 1, getattr(torch, dtype), device), prompt_ids(costs.tokens[0])
+        return cls(call=lambda: prefill_seconds(model, ids), seconds=costs.reference_seconds())
+
+
 def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device: torch.device, *,
-                lengths: tuple[int, int] = EXPERT_TOKENS, one: bool = False,
-                repeats: int = 3) -> tuple[float, float]:
+                reference: Reference, lengths: tuple[int, int] = EXPERT_TOKENS, one: bool = False,
+                rounds: int = EXPERT_ROUNDS) -> tuple[float, float]:
     """Step 2 for one variant: (seconds per active expert, per token) of an experts module of `config`'s
     shape, from its times on prompts of the two `lengths` (both >= 0), less the module's call_s (the
     cost model charges that once per layer). `one`: step 3, one cached expert of an offloaded layer
-    (`offloaded_expert`) with `lengths` tokens; its whole call is the expert's cost."""
+    (`offloaded_expert`) with `lengths` tokens; its whole call is the expert's cost. Each round the
+    reference, then one length, the reference, the other length; for `rounds` rounds, each length's time
+    priced against the reference's."""
     E, D, I, K = config.num_experts, config.hidden_size, config.moe_intermediate_size, config.top_k
     if one:
         E = K = 1
@@ -103,7 +134,7 @@ def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device:
     else:
         run = experts_module(variant, E, D, I, device)
     call_s = 0.0 if one else prof.rate(variant).call_s
-    points = []
+    shapes, calls = [], []
     for T in lengths:
         routing = uniform_routing(T, K, E, device)
         x = torch.randn(T, D, device=device).to(torch.bfloat16)
@@ -111,8 +142,12 @@ def expert_line(prof: MachineProfile, variant: str, config: ModelConfig, device:
         def call(x: torch.Tensor = x, routing: Any = routing) -> None:
             with torch.inference_mode():
                 run(x, routing)
-        active = int((torch.bincount(routing.indices.reshape(-1), minlength=E) > 0).sum())
-        points.append((active, T * K, least_time(call, repeats, device) - call_s))
+        # each length right after the reference, as an expert stage runs right after its layer's
+        # attention and router: timed back to back instead, the length after the other one ran faster
+        calls += [reference.call, timed(call, device)]
+        shapes.append((int((torch.bincount(routing.indices.reshape(-1), minlength=E) > 0).sum()), T * K))
+    priced = priced_by_reference(rounds_in_turn(calls, rounds), seconds=reference.seconds)[1::2]
+    points = [(a, s, p - call_s) for (a, s), p in zip(shapes, priced)]
     # per_expert * active + per_token * slots = seconds at both lengths; a negative term (noise): the other alone
     (a1, s1, t1), (a2, s2, t2) = points
     det = a1 * s2 - a2 * s1
@@ -178,14 +213,16 @@ def with_shape_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
     device = torch.device(prof.device)
     t0 = time.time()
     costs = measure_shape_costs(config, dtype, device)
+    reference = Reference.of(costs, config, dtype, device)
     lines, one, decode = {}, {}, {}
     for v in prof.experts:
         if progress:
             print(f"  experts {v} ...", flush=True)
         if _fits(v, config, prof.device):
-            lines[v] = expert_line(prof, v, config, device)
+            lines[v] = expert_line(prof, v, config, device, reference=reference)
         if not v.endswith("+fp32"):  # an offloaded layer keeps no fp32 copy
-            one[v] = expert_line(prof, v, config, device, lengths=OFFLOADED_TOKENS, one=True)
+            one[v] = expert_line(prof, v, config, device, reference=reference, lengths=OFFLOADED_TOKENS, one=True)
+    del reference
     in_cache = [v for v in prof.experts if _in_cache(v, config, prof.llc_bytes)]
     if in_cache:
         if progress:

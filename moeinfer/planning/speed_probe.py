@@ -9,7 +9,8 @@ every prediction of a profile measured in a slow phase came out 1.2-1.7x too slo
    routed experts stubbed), built for the probe and freed after it;
 2. its prompt forward of the shorter measured length, least of `REPEATS`, back to back as the fit was
    measured;
-3. speed = the profile's fit for that forward / the time now (> 1: faster than profiled). The planner
+3. speed = the profile's fit for that forward (`ShapeCosts.reference_seconds`: the reference every
+   figure of the shape was priced against) / the time now (> 1: faster than profiled). The planner
    scales every prediction of a plan by it (`Prediction.machine_speed`); rankings do not change.
 """
 
@@ -25,12 +26,6 @@ from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, random_mo
 REPEATS = 5
 
 
-def profiled_seconds(costs: ShapeCosts) -> float:
-    """The fit's time for step 2's forward: one layer and the forward at the shorter measured length."""
-    T = costs.tokens[0]
-    return costs.layer_s + (T - 1) * costs.layer_token_s + costs.forward_s + (T - 1) * costs.forward_token_s
-
-
 def shape_model(config: ModelConfig, dtype: str, device: str) -> Any:
     """Step 1: the shape's 1-layer model, experts stubbed (not kept: a real shape's embeddings and head
     alone can take a gigabyte or more)."""
@@ -44,4 +39,4 @@ def probe_seconds(model: Any, tokens: int) -> float:
 
 def machine_speed(costs: ShapeCosts, config: ModelConfig, dtype: str, device: str) -> float:
     """Step 3: the profile's fit over the probe's time now."""
-    return profiled_seconds(costs) / probe_seconds(shape_model(config, dtype, device), costs.tokens[0])
+    return costs.reference_seconds() / probe_seconds(shape_model(config, dtype, device), costs.tokens[0])

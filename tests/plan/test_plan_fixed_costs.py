@@ -150,3 +150,18 @@ def test_prefill_forwards_are_timed_through_a_cache():
     models = [profile._tiny_model(layers, torch.device("cpu")) for layers in (1, 3)]
     times = profile.prefill_in_turn(models, repeats=1, tokens=8)
     assert len(times) == 2 and all(0 < t < float("inf") for t in times)
+
+
+def test_models_timed_in_turn_are_priced_against_the_first(monkeypatch):
+    """decode_gaps_in_turn and prefill_in_turn: the first model's least time x each model's median ratio to
+    it in the same rounds (moeinfer/planning/in_turn.py); a drifting machine and one model's one-off fast
+    run leave the difference between the models as the rounds show it (scripted times)."""
+    from moeinfer.planning import shape_costs
+
+    rounds = [[1e-3, 3e-3], [2e-3, 6e-3], [1.5e-3, 1.2e-3], [1.2e-3, 3.6e-3]]  # round 3: model 2 alone fast
+    monkeypatch.setattr(profile, "decode_gap_rounds", lambda models, repeats, tokens, count: (rounds, [0.0, 0.0]))
+    gaps, _ = profile.decode_gaps_in_turn([object(), object()], repeats=4)
+    assert gaps == pytest.approx([1e-3, 3e-3])  # each the least of its rounds: 1e-3 and 1.2e-3
+    times = iter([9.0, 9.0] + [t for row in rounds for t in row])  # a warm-up round first
+    monkeypatch.setattr(shape_costs, "prefill_seconds", lambda model, ids: next(times))
+    assert shape_costs.prefill_in_turn([object(), object()], 4, 8) == pytest.approx([1e-3, 3e-3])

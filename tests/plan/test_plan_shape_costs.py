@@ -39,23 +39,32 @@ def test_fit_line_recovers_a_line_and_keeps_both_terms_non_negative():
 
 
 def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkeypatch):
+    """Both models at both lengths in turn each round, priced against the 1-layer model's shorter prompt:
+    the machine's speed drifting from round to round and one call's one-off fast run leave the fit
+    on the truth at the fastest round's level."""
     seen = []
+    drift = [1.3, 1.0, 2.0, 1.6] + [1.2] * (shape_costs.ROUNDS - 3)  # per round (warm-up first)
 
-    def fake(models, repeats, tokens):
-        seen.append((tokens, [len(m.moe_blocks()) for m in models], models))
+    def fake(model, ids):
+        n, tokens = len(model.moe_blocks()), ids.shape[1]
+        seen.append((tokens, n, model))
+        r = (len(seen) - 1) // 4
         layer, forward = 1e-4 + (tokens - 1) * 3e-6, 4e-4 + (tokens - 1) * 1e-6
-        return [forward + layer, forward + 3 * layer]
+        blip = 0.5 if (r, n, tokens) == (3, 3, 32) else 1.0  # the 3-layer model alone fast once
+        return drift[r] * blip * (forward + n * layer)
 
-    monkeypatch.setattr(shape_costs, "prefill_in_turn", fake)
+    monkeypatch.setattr(shape_costs, "prefill_seconds", fake)
     after = []
     monkeypatch.setattr(shape_costs, "after_decode", lambda model, tokens: after.append((model, tokens)) or 1.25)
     config = config_of("tiny")
     got = shape_costs.measure_shape_costs(config, "bfloat16")
-    assert [(t, n) for t, n, _ in seen] == [(32, [1, 3]), (256, [1, 3])]
+    assert [(t, n) for t, n, _ in seen[:4]] == [(32, 1), (32, 3), (256, 1), (256, 3)]
+    assert len(seen) == 4 * (shape_costs.ROUNDS + 1)  # a warm-up round, then the rounds
     assert (got.layer_s, got.layer_token_s) == pytest.approx((1e-4, 3e-6))
     assert (got.forward_s, got.forward_token_s) == pytest.approx((4e-4, 1e-6))
+    assert got.reference_seconds() == pytest.approx(5e-4 + 31 * 4e-6)
     # step 4 on the 3-layer model at the shorter prompt scales every prompt cost
-    assert len(after) == 1 and after[0][0] is seen[0][2][1] and after[0][1] == 32
+    assert len(after) == 1 and after[0][0] is seen[1][2] and after[0][1] == 32
     assert got.after_decode == 1.25
     assert got.layer(64) == pytest.approx(1.25 * (1e-4 + 63 * 3e-6)) and got.forward(1) == pytest.approx(1.25 * 4e-4)
     # a context shorter than the longer prompt: both lengths fit in it
@@ -211,35 +220,46 @@ def test_on_a_cpu_a_prompts_loads_do_not_hide_behind_its_experts(decode):
     assert cpu.time_s >= gpu.time_s
 
 
-def test_expert_lines_come_from_two_prompt_lengths(monkeypatch):
-    """Per active expert and per token-slot, less the module's call_s (one-expert modules: all of it)."""
+def test_expert_lines_come_from_two_prompt_lengths_priced_against_the_reference(monkeypatch):
+    """Per active expert and per token-slot, less the module's call_s (one-expert modules: all of it);
+    both lengths in turn with the reference each round, at the reference's price: a machine drifting
+    from round to round leaves the line on the truth at that price."""
     prof = synthetic_profile()
     config = config_of("tiny")
-    calls = []
-
-    def fake_least(fn, repeats, device):
-        calls.append(fn)
-        mod = fake_least.module
-        return 1e-5 + mod.num_experts * 3e-5 + fake_least.slots.pop(0) * 2e-6
+    rows: list[int] = []  # the rows of each experts call, as the module sees them
+    drift = iter([1.5] * 4 + [1.0] * 4 + ([2.0] * 4 + [1.3] * 4) * 10)  # per call: its round's speed
+    order: list[str] = []
 
     def fake_module(variant, E, D, I, device):
-        fake_least.module = type("M", (), {"num_experts": E})()
-        return lambda x, r: None
+        fake_module.E = E
+        return lambda x, r: rows.append(x.shape[0]) or order.append("experts")
 
-    monkeypatch.setattr(shape_profile, "least_time", fake_least)
+    def fake_timed(fn, device):
+        def call():
+            fn()
+            slots = rows[-1] * (config.top_k if fake_module.E > 1 else 1)
+            return next(drift) * (1e-5 + fake_module.E * 3e-5 + slots * 2e-6)
+        return call
+
     monkeypatch.setattr(shape_profile, "experts_module", fake_module)
-    K = config.top_k
-    fake_least.slots = [32 * K, 256 * K]
+    monkeypatch.setattr(shape_profile, "timed", fake_timed)
+    # the reference: 1 ms at its fastest; priced 2 ms in the shape costs' fit (their rounds' level)
+    reference = shape_profile.Reference(call=lambda: order.append("reference") or next(drift) * 1e-3, seconds=2e-3)
     call_s = prof.rate("int4").call_s
-    per_expert, per_token = shape_profile.expert_line(prof, "int4", config, torch.device("cpu"))
-    assert per_token == pytest.approx(2e-6)
-    assert per_expert == pytest.approx((1e-5 - call_s) / config.num_experts + 3e-5)
-    fake_least.slots = [8, 64]
+    per_expert, per_token = shape_profile.expert_line(prof, "int4", config, torch.device("cpu"),
+                                                      reference=reference, rounds=5)
+    assert rows[:2] == [32, 256]
+    assert order[:8] == ["reference", "experts"] * 4  # each length right after the reference
+    assert per_token == pytest.approx(2 * 2e-6)
+    assert per_expert == pytest.approx((2 * 1e-5 - call_s) / config.num_experts + 2 * 3e-5)
+    rows.clear()
     fake_module("int4", 1, 0, 0, None)  # the one-expert call is priced as a module of one expert
-    monkeypatch.setattr(shape_profile, "offloaded_expert", lambda variant, config, device: lambda x: None)
+    monkeypatch.setattr(shape_profile, "offloaded_expert",
+                        lambda variant, config, device: lambda x: rows.append(x.shape[0]))
     per_call, per_token = shape_profile.expert_line(prof, "int4", config, torch.device("cpu"), lengths=(8, 64),
-                                                    one=True)
-    assert (per_call, per_token) == pytest.approx((1e-5 + 3e-5, 2e-6))
+                                                    one=True, reference=reference, rounds=5)
+    assert rows[:2] == [8, 64]
+    assert (per_call, per_token) == pytest.approx((2 * (1e-5 + 3e-5), 2 * 2e-6))
 
 
 @pytest.mark.parametrize("variant", ["bf16/reference", "bf16/cpu", "int8", "int4"])

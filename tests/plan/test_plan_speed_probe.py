@@ -60,7 +60,7 @@ def test_the_speed_is_the_fit_over_the_probe(monkeypatch):
     monkeypatch.setattr(speed_probe, "prefill_in_turn", lambda models, repeats, tokens: seen.append(
         (models[0], repeats, tokens)) or [1e-3])
     fit = COSTS.layer_s + 31 * COSTS.layer_token_s + COSTS.forward_s + 31 * COSTS.forward_token_s
-    assert speed_probe.profiled_seconds(COSTS) == pytest.approx(fit)
+    assert COSTS.reference_seconds() == pytest.approx(fit)
     config = config_of("tiny")
     assert speed_probe.machine_speed(COSTS, config, "bfloat16", "cpu") == pytest.approx(fit / 1e-3)
     ((model, repeats, tokens),) = seen
