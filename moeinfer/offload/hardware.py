@@ -43,6 +43,10 @@ class HardwareProfile:
     # Host time of one offloaded layer visit outside transfers and kernels (routing read back, cache
     # bookkeeping, launching per-expert work): measured from a live run, 0 = not charged.
     host_us_per_layer: float = 0.0
+    # The same two for a step holding prompt rows (its visits book many rows; its loads land while its
+    # experts compute), measured apart by `moeinfer plan`'s profile; None = as a decode step's.
+    prompt_host_us_per_layer: float | None = None
+    prompt_link_latency_us: float | None = None
     description: str = ""
     measured: bool = False
     details: dict[str, Any] = field(default_factory=dict)
@@ -51,9 +55,20 @@ class HardwareProfile:
         for f in ("link_gbps", "fast_mem_gbps", "compute_tflops", "cpu_mem_gbps", "cpu_gflops"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"hardware profile {self.name!r}: {f} must be > 0, got {getattr(self, f)}")
-        if not self.host_us_per_layer >= 0:
-            raise ValueError(f"hardware profile {self.name!r}: host_us_per_layer must be >= 0, "
-                             f"got {self.host_us_per_layer}")
+        for f in ("host_us_per_layer", "prompt_host_us_per_layer", "prompt_link_latency_us"):
+            v = getattr(self, f)
+            if v is not None and not v >= 0:
+                raise ValueError(f"hardware profile {self.name!r}: {f} must be >= 0, got {v}")
+
+    def host_s(self, prompt: bool) -> float:
+        """Seconds of host time an offloaded layer visit pays (of a step holding prompt rows or not)."""
+        us = self.prompt_host_us_per_layer if prompt and self.prompt_host_us_per_layer is not None else None
+        return 1e-6 * (self.host_us_per_layer if us is None else us)
+
+    def latency_s(self, prompt: bool) -> float:
+        """Seconds a load pays beyond its bytes over the link (of a step holding prompt rows or not)."""
+        us = self.prompt_link_latency_us if prompt and self.prompt_link_latency_us is not None else None
+        return 1e-6 * (self.link_latency_us if us is None else us)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         return atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")

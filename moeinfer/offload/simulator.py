@@ -10,7 +10,9 @@ run's exactly. Only the clock is modelled, from a `HardwareProfile` and a `Model
    flops / compute), plus the profile's host time per offloaded layer visit (`host_us_per_layer`,
    measured from a live run: routing read back, cache bookkeeping); then the cache decides the visit;
 3. demand loads, then the prefetcher's loads, queue on one link (FIFO): each costs latency +
-   bytes / link bandwidth and is ready when it leaves the queue;
+   bytes / link bandwidth and is ready when it leaves the queue (a step holding prompt rows pays the
+   profile's prompt figures for the visit's host time and the latency where it has them:
+   `HardwareProfile.host_s`, `latency_s`);
 4. experts run one after another: hits first, then CPU-assisted experts (on the CPU, concurrently
    with the fast tier's work: the layer waits for the later of the two), then loaded experts; an
    expert starts when its weights are ready (the wait is stall time) and costs
@@ -129,12 +131,10 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
     cache.warm()
     link_bw = hardware.link_gbps * 1e9
     clock: StepCosts = costs if costs is not None else RooflineCosts(shape, hardware)
-    latency = hardware.link_latency_us * 1e-6
-    host_s = hardware.host_us_per_layer * 1e-6
     now = link_free = stall = 0.0
     slot_ready: dict[int, float] = {}
 
-    def queue(loads: list[Load]) -> dict[int, float]:
+    def queue(loads: list[Load], latency: float) -> dict[int, float]:
         nonlocal link_free
         ready = {}
         for ld in loads:
@@ -156,15 +156,17 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
         if step.new_request:
             cache.begin_request()
         n = len(step.rows)
+        prompt = n > step.sequences
+        host_s, latency = hardware.host_s(prompt), hardware.latency_s(prompt)
         for v in visits:
             # 2. the dense part of the layer, the host's share of the visit, then the cache's decision
             now += clock.dense_s(v.layer, n, step.sequences) + host_s
             plan = cache.visit(v)
             # 3. demand loads, then prefetches, on one FIFO link
-            ready = queue(plan.loads)
+            ready = queue(plan.loads, latency)
             ctx = LayerContext(v.layer, trace.experts[step.rows, v.layer], trace.weights[step.rows, v.layer])
             for target, experts in prefetcher.predict(ctx):
-                queue(cache.prefetch(target, experts))
+                queue(cache.prefetch(target, experts), latency)
             # 4. experts
             tokens = dict(zip(v.experts, v.tokens))
             hide = overlap and (n == step.sequences or overlap_prompts is not False)

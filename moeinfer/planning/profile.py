@@ -38,7 +38,9 @@ drifting VM is not the models' difference):
    rotation, attention rows, the router's top-k, which the dense matmul rate does not price);
 4. host costs of offloading: decode steps of the 3-layer model offloaded with every expert it uses
    cached, then with 2 slots, against resident: the time an offloaded layer visit adds (`offload_layer_s`) and a
-   load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy).
+   load adds beyond its bytes over the link (`load_latency_s`: thread hand-off, lookup, slot copy);
+   the same for a prompt's forward (`OffloadHost.prompt_layer_s`, `prompt_load_s`: a prompt's visit
+   books many rows, and its loads land while its experts compute).
    Measured for float experts and, on a CPU, again for each quantize preset of step 2 and for float
    experts on the 'cpu' kernel (`offload_host`, keys "int4", ..., "bf16/cpu"):
    offloaded quantized experts run one native call per cached expert on the slot's codes
@@ -59,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,10 +88,10 @@ from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
-from moeinfer.planning.in_turn import priced_by_reference
-from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn
+from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
+from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids
 
-PROFILE_VERSION = 12  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 13  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
@@ -102,7 +105,9 @@ PROFILE_VERSION = 12  # 2: the least of the repeats, not the median; 3: dense ma
 # streamed-weight rates (dense_read_gbps, stream_bytes_per_s) read `streamed_bytes` (8x the reported
 # last-level cache, at least 256 MiB), not twice the cache, which partly stayed cached; 12: models timed in
 # turn priced against the first one's time in the same rounds (fixed costs, offload host costs, prefill's
-# per-token costs), not each the least of its own rounds
+# per-token costs), not each the least of its own rounds; 13: offload host costs of prompts
+# (OffloadHost.prompt_layer_s, prompt_load_s)
+PROMPT_TOKENS = 32  # measure_offload's prompt: every expert of the random model's layers routed to
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -138,6 +143,9 @@ class OffloadHost:
 
     layer_s: float  # per offloaded layer visit, beyond a resident layer of the same precision
     load_latency_s: float  # per load, beyond its stored bytes over the link
+    # the same in a prompt's forward (None: not measured, an older profile: the figures above)
+    prompt_layer_s: float | None = None
+    prompt_load_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -211,7 +219,8 @@ class MachineProfile:
     def offload_costs(self, precision: str = "bf16") -> OffloadHost:
         """Host costs of an offloaded layer whose experts are at `precision` (a quantize preset, or
         "bf16"); a preset not measured (an older or synthetic profile) gets the float figures."""
-        return self.offload_host.get(precision, OffloadHost(self.offload_layer_s, self.load_latency_s))
+        fallback = self.offload_host.get("bf16", OffloadHost(self.offload_layer_s, self.load_latency_s))
+        return self.offload_host.get(precision, fallback)
 
     def effective_link_gbps(self, cached_fraction: float = 0.0) -> float:
         """The link's GB/s when `cached_fraction` of the bytes it moves come from the page cache (the
@@ -227,8 +236,12 @@ class MachineProfile:
         simulator charges them on every visit, so a resident configuration is simulated without them),
         and a link of which `cached_fraction` is read from the page cache (`effective_link_gbps`)."""
         host = self.offload_costs(precision)
-        extra = {"host_us_per_layer": 1e6 * host.layer_s,
-                 "link_latency_us": 1e6 * host.load_latency_s} if offloaded else {}
+        extra: dict[str, Any] = {}
+        if offloaded:
+            extra = {"host_us_per_layer": 1e6 * host.layer_s, "link_latency_us": 1e6 * host.load_latency_s}
+            if host.prompt_layer_s is not None and host.prompt_load_s is not None:
+                extra.update(prompt_host_us_per_layer=1e6 * host.prompt_layer_s,
+                             prompt_link_latency_us=1e6 * host.prompt_load_s)
         link = self.effective_link_gbps(cached_fraction) if offloaded else self.link_gbps
         return HardwareProfile(name=f"measured-{self.key[:8]}", link_gbps=link, **extra,
                                fast_mem_gbps=self.mem_read_gbps, compute_tflops=self.matmul_gflops / 1e3,
@@ -553,25 +566,31 @@ def _quantized_(model: Any, precision: str) -> None:
 
 
 def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
-                    precision: str = "bf16", kernel: str | None = None) -> tuple[float, float]:
-    """Step 4: (offload_layer_s, load_latency_s) from decode steps of a 3-layer random model (12
-    experts, top-2) with its experts at `precision` (bf16 or a quantize preset) resident, offloaded
-    with a cache that holds every expert it uses (all hits), and offloaded with 2 slots (every expert of
-    every layer a miss); offloaded quantized experts run kernel 'cpu' on a CPU, as `apply_plan_` sets it,
-    float ones `kernel` (None: the default, 'reference'), resident and offloaded alike.
-    Timed as a decode runs (`decode_gaps_in_turn`: greedy generation through the KV cache, where a
-    one-row CPU step runs the prepared program of moeinfer.engine.cpu_decode with the resident
-    experts' prepared call and the offloaded experts called as their module), the three in turn, each
-    figure priced against the resident model's in the same rounds, so a change of load on the machine
-    touches all three alike. (Timing
-    one-token forwards without a cache compared the offloaded layer with an eager resident one, not
-    with the prepared step a resident decode runs: the shipped model's offloaded plans measured
-    0.75-0.8x their prediction.)"""
+                    precision: str = "bf16", kernel: str | None = None) -> OffloadHost:
+    """Step 4: the host costs of offloaded layers of a 3-layer random model (4 experts a layer, top-2)
+    with its experts at `precision` (bf16 or a quantize preset); offloaded quantized experts run
+    kernel 'cpu' on a CPU, as `apply_plan_` sets it, float ones `kernel` (None: the default,
+    'reference'), resident and offloaded alike. Each set of models in turn, each figure priced against
+    the resident model's in the same rounds, so a change of load on the machine touches them alike.
+    1. decode (layer_s, load_latency_s): resident, offloaded with a cache that holds every expert it
+       uses (all hits), and with 2 slots (every expert of every layer a miss), timed as a decode runs
+       (`decode_gaps_in_turn`: greedy generation through the KV cache, where a one-row CPU step runs the
+       prepared program of moeinfer.engine.cpu_decode with the resident experts' prepared call and the
+       offloaded experts called as their module). (Timing one-token forwards without a cache compared
+       the offloaded layer with an eager resident one, not with the prepared step a resident decode
+       runs: the shipped model's offloaded plans measured 0.75-0.8x their prediction.)
+    2. prompts (prompt_layer_s, prompt_load_s): `PROMPT_TOKENS`-token prompt forwards (every expert of
+       every layer routed to) of the resident model, of one whose cache holds all 12 experts, and of
+       one whose 4 global LRU slots hold one layer's (each visit loads all 4, into slots). A prompt's
+       visit reads back and books many rows, and its loads land while its experts compute: on the Intel
+       machine the shipped model's 64-token prompt paid ~360 us a visit and ~170 us a load beyond
+       resident (int8, 6 slots) where the decode figures priced ~130 and ~90."""
     layers = 3
     tier = "disk" if device.type == "cpu" else "cpu"
+    # one expert of the random model (D = I = 64) as stored: bf16, or the preset's codes, scales and zeros
+    nbytes = stored_expert_bytes("bf16/reference" if precision == "bf16" else precision, 64, 64)
     with tempfile.TemporaryDirectory(prefix="moeinfer-profile-") as tmp:
-        models = []
-        for cache in (None, 11, 2):  # resident, all hits, all misses
+        def model(cache: int | None, name: str) -> Any:
             m = _tiny_model(layers, device)
             if precision != "bf16":
                 _quantized_(m, precision)
@@ -579,24 +598,50 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
                 use_kernel_(m, kernel)
             if cache is not None:
                 offload_(m, OffloadConfig(tier=tier, cache=cache, scope="global", policy="lru",
-                                          offload_dir=f"{tmp}/{cache}"))
+                                          offload_dir=f"{tmp}/{name}"))
                 if precision != "bf16" and device.type == "cpu":
                     use_kernel_(m, "cpu")
                 elif kernel is not None:
                     use_kernel_(m, kernel)
-            models.append(m)
+            return m
 
         def loads(m: Any) -> float:
             off = getattr(m, "offload", None)
             return float(off.cache.stats.demand_loads) if off is not None else 0.0
+        # 1. decode
+        models = [model(None, "resident"), model(11, "hits"), model(2, "misses")]
         (resident, hits, misses), (_, _, per_step) = decode_gaps_in_turn(models, repeats, count=loads)
+        # 2. prompts (the resident model again; 4 slots: one layer's experts)
+        models[1:] = [model(12, "prompt-hits"), model(4, "prompt-misses")]
+        (p_resident, p_hits, p_misses), p_loads = prompt_loads_in_turn(models, repeats, loads)
         for m in models[1:]:
             m.offload.close()
-    layer_s = max(0.0, (hits - resident) / layers)
-    # one expert of the random model (D = I = 64) as stored: bf16, or the preset's codes, scales and zeros
-    nbytes = stored_expert_bytes("bf16/reference" if precision == "bf16" else precision, 64, 64)
     per_load = (misses - hits) / per_step if per_step else 0.0
-    return layer_s, max(0.0, per_load - nbytes / (link_gbps * 1e9))
+    p_per_load = (p_misses - p_hits) / p_loads if p_loads else 0.0
+    return OffloadHost(layer_s=max(0.0, (hits - resident) / layers),
+                       load_latency_s=max(0.0, per_load - nbytes / (link_gbps * 1e9)),
+                       prompt_layer_s=max(0.0, (p_hits - p_resident) / layers),
+                       prompt_load_s=max(0.0, p_per_load - nbytes / (link_gbps * 1e9)))
+
+
+def prompt_loads_in_turn(models: list[Any], repeats: int, count: Any,
+                         tokens: int = PROMPT_TOKENS) -> tuple[list[float], float]:
+    """Per model, a prompt forward of `tokens` tokens through a KV cache, the models in turn for `repeats`
+    rounds, priced against the first's (moeinfer/planning/in_turn.py); and the last model's median
+    change of `count(model)` over one forward (its loads per prompt)."""
+    ids = prompt_ids(tokens)
+    per_forward: list[float] = []
+
+    def counted(m: Any, last: bool) -> Any:
+        def call() -> float:
+            before = count(m)
+            t = prefill_seconds(m, ids)
+            if last:
+                per_forward.append(count(m) - before)
+            return t
+        return call
+    rounds = rounds_in_turn([counted(m, i == len(models) - 1) for i, m in enumerate(models)], repeats)
+    return priced_by_reference(rounds), statistics.median(per_forward)
 
 
 def host_rates() -> tuple[float, float]:
@@ -727,16 +772,16 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     overlap = None
     if dev.type == "cpu":
         overlap = _read_overlap(dev, llc, "bf16/cpu" if "bf16/cpu" in rates else "bf16/reference")
-    offload_layer, load_latency = measure_offload(dev, link_gbps)
-    offload_host = {}
+    float_host = measure_offload(dev, link_gbps)
+    offload_host = {"bf16": float_host}
     # offloaded quantized layers, on a CPU (on CUDA, not measured on a GPU yet: the float figures serve)
     for v in wanted if dev.type == "cpu" else ():
         if not v.startswith("bf16/"):  # a quantize preset
             if progress:
                 print(f"measuring offloaded {v} experts ...", flush=True)
-            offload_host[v] = OffloadHost(*measure_offload(dev, link_gbps, precision=v))
+            offload_host[v] = measure_offload(dev, link_gbps, precision=v)
     if "bf16/cpu" in rates:  # offloaded float experts on the CPU kernel, one call per cached expert
-        offload_host["bf16/cpu"] = OffloadHost(*measure_offload(dev, link_gbps, kernel="cpu"))
+        offload_host["bf16/cpu"] = measure_offload(dev, link_gbps, kernel="cpu")
     host = host_rates() if dev.type == "cuda" else (None, None)
     name, _ = _cpu_identity()
     return MachineProfile(key=machine_key(device), device=device, cpu=name, threads=torch.get_num_threads(),
@@ -744,7 +789,8 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
                           matmul_gflops=gflops, layer_fixed_s=layer_fixed, step_fixed_s=step_fixed, experts=rates,
                           layer_token_s=layer_token,
                           host_mem_gbps=host[0], host_gflops=host[1], dense_gflops=dense,
-                          offload_layer_s=offload_layer, load_latency_s=load_latency, offload_host=offload_host,
+                          offload_layer_s=float_host.layer_s, load_latency_s=float_host.load_latency_s,
+                          offload_host=offload_host,
                           cached_link_gbps=cached_gbps, llc_bytes=llc, dense_read_gbps=dense_read,
                           read_overlap=overlap,
                           measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s, "

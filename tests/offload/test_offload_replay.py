@@ -110,3 +110,34 @@ def test_host_time_per_layer_visit_is_charged_once_per_visit():
     assert slow.time_s - base.time_s == pytest.approx(32 * len(rows) * 250e-6, rel=1e-9)
     with pytest.raises(ValueError, match="host_us_per_layer"):
         dataclasses.replace(hw, host_us_per_layer=-1.0)
+
+
+def test_a_prompt_step_pays_the_prompt_host_time_and_latency():
+    """A step holding prompt rows pays `prompt_host_us_per_layer` per visit and `prompt_link_latency_us`
+    per load where the profile has them (decode steps the decode figures): exactly those differences
+    on an on-demand run without overlap, and no cache decision changes."""
+    import dataclasses
+
+    from moeinfer.traces.convert import convert_mixtral
+
+    full = convert_mixtral(MIXTRAL)
+    rows = np.flatnonzero(full.seq == full.seq[0])[:8]
+    step = np.array([0, 0, 0, 0, 1, 2, 3, 4])  # a 4-row prompt, then 4 decode steps
+
+    def cut(n: int) -> RoutingTrace:
+        r = rows[:n]
+        return RoutingTrace(experts=full.experts[r], weights=full.weights[r], seq=full.seq[r], pos=full.pos[r],
+                            is_prompt=full.is_prompt[r], layers=full.layers, num_experts=8, step=step[:n])
+    shape = ModelShape.from_model(random_mixtral(layers=32, hidden=16, inter=16, vocab=64))
+    cfg = OffloadConfig(tier="cpu", cache=4, scope="global", policy="lru", prefetch="none")
+    hw = dataclasses.replace(load_profile("h100-pcie5"), host_us_per_layer=250.0, link_latency_us=20.0)
+    base = simulate(cut(8), shape=shape, config=cfg, hardware=hw, overlap=False)
+    host = simulate(cut(8), shape=shape, config=cfg, overlap=False,
+                    hardware=dataclasses.replace(hw, prompt_host_us_per_layer=400.0))
+    assert host.cache == base.cache
+    assert host.time_s - base.time_s == pytest.approx(32 * (400e-6 - 250e-6), rel=1e-9)  # one prompt step
+    lat = simulate(cut(8), shape=shape, config=cfg, overlap=False,
+                   hardware=dataclasses.replace(hw, prompt_link_latency_us=120.0))
+    prompt_loads = simulate(cut(4), shape=shape, config=cfg, hardware=hw, overlap=False).cache["demand_loads"]
+    assert prompt_loads > 0 and lat.cache == base.cache
+    assert lat.time_s - base.time_s == pytest.approx(prompt_loads * (120e-6 - 20e-6), rel=1e-9)

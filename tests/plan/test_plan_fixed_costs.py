@@ -86,23 +86,72 @@ def test_random_models_are_frozen_as_loaded_ones():
     assert not any(p.requires_grad for p in m.parameters())
 
 
-def test_offload_costs_come_from_decode_steps(monkeypatch):
-    """measure_offload: resident, all-hits and all-misses models timed by decode steps in turn; the
-    visit cost is per layer, the load latency per load counted in a step, less the bytes' link time."""
-    seen = []
+def test_offload_costs_come_from_decode_steps_and_prompts(monkeypatch):
+    """measure_offload: resident, all-hits and all-misses models timed by decode steps in turn, then by
+    prompts (a cache of every expert, and one of 4 global LRU slots: one layer's experts, each visit
+    loading all of them into slots); the visit cost is per layer, the load latency per load counted in
+    a step or a prompt, less the bytes' link time."""
+    seen, prompts = [], []
 
     def fake_gaps(models, repeats, tokens=16, count=None):
         seen.extend(models)
         assert count is not None
         return [0.001, 0.004, 0.010], [0.0, 0.0, 6.0]  # times; loads per step
 
+    def fake_prompts(models, repeats, count):
+        prompts.extend(models)
+        assert count(models[2]) == float(models[2].offload.cache.stats.demand_loads)
+        return [0.002, 0.005, 0.029], 12.0  # times; loads per prompt
+
     monkeypatch.setattr(profile, "decode_gaps_in_turn", fake_gaps)
-    layer, latency = profile.measure_offload(torch.device("cpu"), link_gbps=2.0, precision="int4")
+    monkeypatch.setattr(profile, "prompt_loads_in_turn", fake_prompts)
+    got = profile.measure_offload(torch.device("cpu"), link_gbps=2.0, precision="int4")
     assert [getattr(m, "offload", None) is None for m in seen] == [True, False, False]
     assert [m.offload.cache.num_slots for m in seen[1:]] == [11, 2]
-    assert layer == pytest.approx(0.001)
+    assert prompts[0] is seen[0] and [m.offload.cache.num_slots for m in prompts[1:]] == [12, 4]
+    assert prompts[2].offload.config.policy == "lru" and prompts[2].offload.config.scope == "global"
     nbytes = profile.stored_expert_bytes("int4", 64, 64)
-    assert latency == pytest.approx(0.001 - nbytes / 2e9)
+    assert got.layer_s == pytest.approx(0.001)
+    assert got.load_latency_s == pytest.approx(0.001 - nbytes / 2e9)
+    assert got.prompt_layer_s == pytest.approx(0.001)
+    assert got.prompt_load_s == pytest.approx(0.002 - nbytes / 2e9)
+
+
+def test_prompt_loads_are_counted_per_forward_and_priced_against_the_resident_model(monkeypatch):
+    from moeinfer.planning import shape_costs
+
+    class Model:
+        def __init__(self, loads_per_forward):
+            self.loads, self.per = 0, loads_per_forward
+
+    times = iter([9.0, 9.0, 9.0] + [1.0, 2.0, 4.0] + [2.0, 4.0, 8.0] + [1.5, 3.0, 6.0])  # a warm-up round first
+
+    def fake_prefill(m, ids):
+        assert ids.shape == (1, profile.PROMPT_TOKENS)
+        m.loads += m.per
+        return next(times)
+
+    monkeypatch.setattr(profile, "prefill_seconds", fake_prefill)
+    models = [Model(0), Model(0), Model(5)]
+    got, loads = profile.prompt_loads_in_turn(models, 3, lambda m: m.loads)
+    assert got == pytest.approx([1.0, 2.0, 4.0]) and loads == 5
+
+
+def test_the_simulator_charges_a_prompts_visits_and_loads_the_prompt_figures():
+    """A step holding prompt rows pays the profile's prompt host time per visit and latency per load;
+    decode steps the decode figures; a profile without prompt figures charges prompts the decode ones."""
+    from dataclasses import replace
+
+    from moeinfer.offload.hardware import HardwareProfile
+
+    hw = HardwareProfile(name="t", link_gbps=1.0, fast_mem_gbps=1.0, compute_tflops=1.0,
+                         link_latency_us=50.0, host_us_per_layer=100.0)
+    assert (hw.host_s(True), hw.latency_s(True)) == pytest.approx((1e-4, 5e-5))
+    hw = replace(hw, prompt_host_us_per_layer=300.0, prompt_link_latency_us=150.0)
+    assert (hw.host_s(False), hw.latency_s(False)) == pytest.approx((1e-4, 5e-5))
+    assert (hw.host_s(True), hw.latency_s(True)) == pytest.approx((3e-4, 1.5e-4))
+    with pytest.raises(ValueError, match="prompt_host_us_per_layer"):
+        replace(hw, prompt_host_us_per_layer=-1.0)
 
 
 # --- prefill's per-token costs (profile version 10) ---
