@@ -19,12 +19,13 @@ them" check):
    benchmark's instrumentation (moeinfer.bench.instrument). The configurations of a budget are
    *interleaved*: round r runs every configuration once, starting at a different one each round, so
    a change of load on the machine touches all of them alike;
-3. the statistic (why: docs/planner.md, "Measuring"): a round's decode tokens/s is its decode tokens
-   over the sum of its decode steps' times (the mean step, cache misses included, not the median or
-   the fastest step: an offloaded plan's steps differ by their misses, and the planner predicts
-   their mean); the reported figure is the best round, the round least disturbed by other
-   processes, as the machine profile's figures are the least of their runs; the median round is
-   recorded beside it. Prefill alike: prompt tokens / the prefill forward's time, best round, of a
+3. the statistic (why: docs/planner.md, "The planner benchmark"): a round's decode tokens/s is its
+   decode tokens over the sum of its decode steps' times (the mean step, cache misses included, not
+   the median or the fastest step: an offloaded plan's steps differ by their misses, and the planner
+   predicts their mean); the reported figure is the median round (until the fifteenth session the
+   best round, recorded beside it: on the Intel VM one to three rounds in 21 ran 1.3-1.7x faster for
+   every configuration at once, a passing fast phase of the machine, and the best round was that
+   phase). Prefill alike: prompt tokens / the prefill forward's time, median round, of a
    forward of the prompt run again right after the round's generation (the model warm, as a loaded
    model meets its next request); the generation's own prefill, the configuration's first forward
    after the others of the round ran, is recorded beside it (`prefill_first_tok_s`): on the Intel
@@ -231,16 +232,16 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
 
 
 def summarize(rounds: list[dict[str, float]], *, prefill: float | None = None) -> dict[str, Any]:
-    """Best and median round of each figure (module docstring, step 3). `prefill`: the tokens/s of a
+    """Median and best round of each figure (module docstring, step 3). `prefill`: the tokens/s of a
     separate prefill forward (--real-shape), which then replaces the rounds' (one-token) prefill."""
     out: dict[str, Any] = {"rounds": rounds}
     for k in ("decode_tok_s", "prefill_tok_s", "prefill_first_tok_s"):
         vals = [r[k] for r in rounds if k in r]
         if vals:
-            out[k] = max(vals)
-            out[f"{k}_median_round"] = statistics.median(vals)
+            out[k] = statistics.median(vals)
+            out[f"{k}_best_round"] = max(vals)
     if prefill is not None:
-        out["prefill_tok_s"] = out["prefill_tok_s_median_round"] = prefill
+        out["prefill_tok_s"] = out["prefill_tok_s_best_round"] = prefill
         out["prefill_separate_forward"] = True
     out["decode_best_step_tok_s"] = max(r["fastest_decode_step_tok_s"] for r in rounds)
     if "hit_rate" in rounds[0]:
@@ -418,8 +419,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     real = args.real_shape is not None
     args.tokens = (8 if real else 32) if args.tokens is None else args.tokens
-    # the shipped model: 21 short rounds, so the best round of each configuration is likely one of this
-    # VM's undisturbed half-minutes (its speed moved 1.3x between them: docs/planner.md, eighth session)
+    # the shipped model: 21 short rounds, whose median a passing fast or slow phase of the VM leaves alone
     args.rounds = (3 if real else 21) if args.rounds is None else args.rounds
     args.runners = (1 if real else 3) if args.runners is None else args.runners
     if args.tokens < 2 or args.rounds < 1 or args.layers < 1 or args.runners < 0:
@@ -595,8 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                 q += f"{100 * got['quality_loss']:+.2f}%"
             label = f"{name}={same[name]}" if name in same else name  # measured once, as its twin
             print(f"{budget / 1e6:9.1f} MB  {label:<16} {p.describe():<60}  decode {_fmt(pr and pr.decode_tok_s)} -> "
-                  f"{_fmt(got['decode_tok_s'])} ({_fmt(row.get('decode_ratio'), 5)}x; median round "
-                  f"{_fmt(got['decode_tok_s_median_round'])})  prefill {_fmt(pr and pr.prefill_tok_s)} -> "
+                  f"{_fmt(got['decode_tok_s'])} ({_fmt(row.get('decode_ratio'), 5)}x; best round "
+                  f"{_fmt(got['decode_tok_s_best_round'])})  prefill {_fmt(pr and pr.prefill_tok_s)} -> "
                   f"{_fmt(got['prefill_tok_s'])}{q}{hits}{replayed}", flush=True)
         print(f"{budget / 1e6:9.1f} MB  machine beside these timings: memory read {before[0]:.1f} / {after[0]:.1f} GB/s "
               f"(before / after; the profile's {profile.mem_read_gbps:.1f}), fp32 matmul {before[1]:.0f} / {after[1]:.0f} "
@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
            "tokens": args.tokens, "rounds": args.rounds, "interleave": args.interleave,
            "precisions": list(precisions), "quality_model": quality_model.to_dict() if quality_model else None,
            "prefill_tokens_separate": len(prefill_prompt) if prefill_prompt else None,
-           "statistic": "best round of decode tokens / summed decode step time (median round beside it)",
+           "statistic": "median round of decode tokens / summed decode step time (best round beside it)",
            "profile": profile.to_dict(), "base_bits_per_byte": base, "rows": rows,
            "wall_s": time.perf_counter() - t_start,
            "note": "timings from the machine this ran on; check load_avg before reading them as results"}
