@@ -60,7 +60,7 @@ from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
 PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model's context is shorter)
 ROUNDS = 15  # step 2's rounds
 AFTER_STEPS, AFTER_ROUNDS = 16, 31  # step 4: decode steps before the timed prompt, rounds
-VERSION = 3  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
+VERSION = 4  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
 
 
 @dataclass(frozen=True)

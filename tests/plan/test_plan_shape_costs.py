@@ -372,3 +372,15 @@ def test_in_situ_decode_is_the_median_of_the_rounds_layer_differences(monkeypatc
     assert shape_profile._in_cache("int4", config, 5 * layer)
     assert not shape_profile._in_cache("int4", config, 5 * layer - 1)
     assert not shape_profile._in_cache("int4", config, 0)  # unknown cache: not measured
+
+
+def test_the_reference_is_timed_warm_right_after_itself(monkeypatch):
+    """Reference.call runs the shape's 1-layer prompt twice and returns the second time (the first, after
+    an experts call that flushed the cache, reads the weights from memory again); priced at the fit."""
+    calls = []
+    times = iter([0.05, 0.02])
+    monkeypatch.setattr(shape_profile, "prefill_seconds",
+                        lambda model, ids: calls.append((len(model.moe_blocks()), ids.shape[1])) or next(times))
+    ref = shape_profile.Reference.of(COSTS, config_of("tiny"), "bfloat16", torch.device("cpu"))
+    assert ref.call() == 0.02 and calls == [(1, 32), (1, 32)]
+    assert ref.seconds == COSTS.reference_seconds()
