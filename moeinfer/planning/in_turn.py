@@ -10,10 +10,12 @@ so (as `decode_experts` already does for decode, in moeinfer/planning/shape_prof
 1. rounds, after one warm-up round: per round every call once, in turn (`rounds_in_turn`);
 2. per call, the median over the rounds of its time over the reference's time in that round: a
    ratio between neighbours in time, which a machine's drift leaves alone;
-3. times the reference's least time (`priced_by_reference`; or the reference's price from earlier
-   rounds, so figures measured in several sets of rounds share one level): every figure on the level
-   the planner prices at (least times, as the profile's other figures and the plan-time speed probe
-   of moeinfer/planning/speed_probe.py measure).
+3. times the reference's price (`priced_by_reference`): the median of its own times in the rounds
+   (or its price from earlier rounds, so figures measured in several sets of rounds share one
+   level). The median, not the least: on the Intel VM one to three rounds in 21 ran 1.3-1.7x
+   faster for everything at once (a passing fast phase of the machine), so a least time priced
+   that phase; the planner benchmark reports the median round (benchmarks/bench_planner.py) and the
+   plan-time probe (moeinfer/planning/speed_probe.py) times the reference's median too.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def priced_by_reference(by_round: Sequence[Sequence[float]], reference: int = 0,
                         seconds: float | None = None) -> list[float]:
     """Steps 2-3: per call, the reference's price x the median over the rounds of the call's time over
     the reference's (the reference itself: its price). The price: `seconds` where the reference was
-    priced in other rounds already, else its least time here."""
-    price = min(row[reference] for row in by_round) if seconds is None else seconds
+    priced in other rounds already, else the median of its times here."""
+    price = statistics.median(row[reference] for row in by_round) if seconds is None else seconds
     return [price * statistics.median(row[i] / row[reference] for row in by_round)
             for i in range(len(by_round[0]))]

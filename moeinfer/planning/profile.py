@@ -2,9 +2,9 @@
 
 What is measured (about 10 s on a CPU; each figure the least of a few runs: other processes only
 ever add time to a run, so the least is the machine's own cost and the median of a busy machine is not;
-models compared with each other run in turn, each priced against the first one's time in the same
-rounds, moeinfer/planning/in_turn.py: a difference of two least times taken in different phases of a
-drifting VM is not the models' difference):
+models compared with each other run in turn, each priced against the first one's median time in the
+same rounds, moeinfer/planning/in_turn.py: a difference of two least times taken in different phases
+of a drifting VM is not the models' difference):
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
    simulate --calibrate` measures) and reads of a file the page cache holds (`cached_link_gbps`: a
    disk tier that fits in the memory a plan leaves free is read from RAM, not from the disk),
@@ -91,7 +91,7 @@ from moeinfer.planning.reads import cached_read_gbps, read_overlap
 from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
 from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids
 
-PROFILE_VERSION = 13  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 14  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
@@ -106,7 +106,7 @@ PROFILE_VERSION = 13  # 2: the least of the repeats, not the median; 3: dense ma
 # last-level cache, at least 256 MiB), not twice the cache, which partly stayed cached; 12: models timed in
 # turn priced against the first one's time in the same rounds (fixed costs, offload host costs, prefill's
 # per-token costs), not each the least of its own rounds; 13: offload host costs of prompts
-# (OffloadHost.prompt_layer_s, prompt_load_s)
+# (OffloadHost.prompt_layer_s, prompt_load_s); 14: models in turn priced at the first one's median time
 PROMPT_TOKENS = 32  # measure_offload's prompt: every expert of the random model's layers routed to
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -508,7 +508,7 @@ def decode_gap_rounds(models: list[Any], rounds: int, tokens: int = 16,
 def decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
                         count: Any = None) -> tuple[list[float], list[float]]:
     """Per model, its gap over `repeats` rounds of `decode_gap_rounds` (the models taking turns each
-    round) priced against the first model's (its least gap x the median ratio:
+    round) priced against the first model's (its median gap x the median ratio:
     moeinfer/planning/in_turn.py), and its per_step."""
     rounds, per_step = decode_gap_rounds(models, repeats, tokens, count)
     return priced_by_reference(rounds), per_step

@@ -19,7 +19,7 @@ Shapes: T tokens of one prompt, n MoE layers of the measured models.
    expert rates price those), on the dense path a planned model runs (moeinfer/planning/dense.py);
 2. time one prefill forward of T tokens through a KV cache (last position's logits, as generation
    keeps) of both models at both prompt lengths, all four in turn in every one of `ROUNDS` rounds,
-   each figure priced against the 1-layer model's shorter prompt in the same rounds (its least time
+   each figure priced against the 1-layer model's shorter prompt in the same rounds (its median time
    x the median ratio: moeinfer/planning/in_turn.py). Each the least of 5 rounds of its own, the
    figures of step 3 — a difference of two of them — moved 2x between two profiles of one afternoon
    on the Intel machine (per layer 0.41 ms and 0.84; docs/planner.md, fourteenth session);
@@ -60,7 +60,7 @@ from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
 PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model's context is shorter)
 ROUNDS = 15  # step 2's rounds
 AFTER_STEPS, AFTER_ROUNDS = 16, 31  # step 4: decode steps before the timed prompt, rounds
-VERSION = 4  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
+VERSION = 5  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def prompt_ids(tokens: int) -> torch.Tensor:
 def prefill_in_turn(models: list[Any], repeats: int, tokens: int) -> list[float]:
     """Per model, one prefill forward of `tokens` tokens through a KV cache (the forward a generation's
     prompt runs, last position's logits only), the models taking turns for `repeats` rounds, priced
-    against the first model's (its least time x the median ratio: moeinfer/planning/in_turn.py)."""
+    against the first model's (its median time x the median ratio: moeinfer/planning/in_turn.py)."""
     ids = prompt_ids(tokens)
     return priced_by_reference(rounds_in_turn([lambda m=m: prefill_seconds(m, ids) for m in models], repeats))
 

@@ -134,7 +134,7 @@ def test_prompt_loads_are_counted_per_forward_and_priced_against_the_resident_mo
     monkeypatch.setattr(profile, "prefill_seconds", fake_prefill)
     models = [Model(0), Model(0), Model(5)]
     got, loads = profile.prompt_loads_in_turn(models, 3, lambda m: m.loads)
-    assert got == pytest.approx([1.0, 2.0, 4.0]) and loads == 5
+    assert got == pytest.approx([1.5, 3.0, 6.0]) and loads == 5
 
 
 def test_the_simulator_charges_a_prompts_visits_and_loads_the_prompt_figures():
@@ -202,7 +202,7 @@ def test_prefill_forwards_are_timed_through_a_cache():
 
 
 def test_models_timed_in_turn_are_priced_against_the_first(monkeypatch):
-    """decode_gaps_in_turn and prefill_in_turn: the first model's least time x each model's median ratio to
+    """decode_gaps_in_turn and prefill_in_turn: the first model's median time x each model's median ratio to
     it in the same rounds (moeinfer/planning/in_turn.py); a drifting machine and one model's one-off fast
     run leave the difference between the models as the rounds show it (scripted times)."""
     from moeinfer.planning import shape_costs
@@ -210,7 +210,8 @@ def test_models_timed_in_turn_are_priced_against_the_first(monkeypatch):
     rounds = [[1e-3, 3e-3], [2e-3, 6e-3], [1.5e-3, 1.2e-3], [1.2e-3, 3.6e-3]]  # round 3: model 2 alone fast
     monkeypatch.setattr(profile, "decode_gap_rounds", lambda models, repeats, tokens, count: (rounds, [0.0, 0.0]))
     gaps, _ = profile.decode_gaps_in_turn([object(), object()], repeats=4)
-    assert gaps == pytest.approx([1e-3, 3e-3])  # each the least of its rounds: 1e-3 and 1.2e-3
+    # the first's median 1.35e-3, the ratio's median 3 (each the least of its rounds: 1e-3 and 1.2e-3)
+    assert gaps == pytest.approx([1.35e-3, 4.05e-3])
     times = iter([9.0, 9.0] + [t for row in rounds for t in row])  # a warm-up round first
     monkeypatch.setattr(shape_costs, "prefill_seconds", lambda model, ids: next(times))
-    assert shape_costs.prefill_in_turn([object(), object()], 4, 8) == pytest.approx([1e-3, 3e-3])
+    assert shape_costs.prefill_in_turn([object(), object()], 4, 8) == pytest.approx([1.35e-3, 4.05e-3])
