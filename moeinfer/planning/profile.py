@@ -1,10 +1,11 @@
 """The machine profile the planner's cost model reads: measured once, cached per machine.
 
-What is measured (about 10 s on a CPU; each figure the least of a few runs: other processes only
-ever add time to a run, so the least is the machine's own cost and the median of a busy machine is not;
-models compared with each other run in turn, each priced against the first one's median time in the
-same rounds, moeinfer/planning/in_turn.py: a difference of two least times taken in different phases
-of a drifting VM is not the models' difference):
+What is measured (about 10 s on a CPU; each figure the median of a few runs — until profile version
+15 the least, on the argument that other processes only ever add time, but on the Intel development VM
+a run in a passing fast phase of the machine, 1.3-1.7x faster for everything, set the least, and the
+planner benchmark reports the median round; models compared with each other run in turn, each priced
+against the first one's median time in the same rounds, moeinfer/planning/in_turn.py: a difference of
+two times taken in different phases of a drifting VM is not the models' difference):
 1. link: cold disk reads on a CPU (`moeinfer.offload.hardware.calibrate`, the figure `moeinfer
    simulate --calibrate` measures) and reads of a file the page cache holds (`cached_link_gbps`: a
    disk tier that fits in the memory a plan leaves free is read from RAM, not from the disk),
@@ -91,7 +92,7 @@ from moeinfer.planning.reads import cached_read_gbps, read_overlap
 from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
 from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids
 
-PROFILE_VERSION = 14  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 15  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
@@ -106,7 +107,8 @@ PROFILE_VERSION = 14  # 2: the least of the repeats, not the median; 3: dense ma
 # last-level cache, at least 256 MiB), not twice the cache, which partly stayed cached; 12: models timed in
 # turn priced against the first one's time in the same rounds (fixed costs, offload host costs, prefill's
 # per-token costs), not each the least of its own rounds; 13: offload host costs of prompts
-# (OffloadHost.prompt_layer_s, prompt_load_s); 14: models in turn priced at the first one's median time
+# (OffloadHost.prompt_layer_s, prompt_load_s); 14: models in turn priced at the first one's median time;
+# 15: every timed figure the median of its runs (`median_time`), not the least
 PROMPT_TOKENS = 32  # measure_offload's prompt: every expert of the random model's layers routed to
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -317,8 +319,8 @@ def machine_profile(device: str = "cpu", *, refresh: bool = False, variants: tup
 
 # --- measurement ---
 
-def least_time(fn: Any, repeats: int, device: torch.device) -> float:
-    """The least wall time of `repeats` runs after one warm-up (module docstring: why not the median)."""
+def median_time(fn: Any, repeats: int, device: torch.device) -> float:
+    """The median wall time of `repeats` runs after one warm-up (module docstring: why not the least)."""
     def run() -> None:
         fn()
         if device.type == "cuda":
@@ -329,7 +331,7 @@ def least_time(fn: Any, repeats: int, device: torch.device) -> float:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return statistics.median(times)
 
 
 def experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
@@ -434,7 +436,7 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
                     op(x, r.indices, r.weights)
                 else:
                     mod(x, r)
-        return least_time(call, repeats, device)
+        return median_time(call, repeats, device)
 
     (Ds, Is), (Dl, Il) = small, large
     bs, bl = stored_expert_bytes(variant, Ds, Is), stored_expert_bytes(variant, Dl, Il)
@@ -648,9 +650,9 @@ def host_rates() -> tuple[float, float]:
     """(memory read GB/s, fp32 GFLOP/s) of the host CPU (about a second: the planner benchmark takes it
     again beside each budget's timings, to show how far the machine drifted from its profile)."""
     src = torch.ones(64 << 20)  # 256 MiB fp32
-    read = least_time(lambda: src.sum(), 5, torch.device("cpu"))
+    read = median_time(lambda: src.sum(), 5, torch.device("cpu"))
     a = torch.randn(1024, 1024)
-    mm = least_time(lambda: a @ a, 3, torch.device("cpu"))
+    mm = median_time(lambda: a @ a, 3, torch.device("cpu"))
     return src.numel() * 4 / read / 1e9, 2 * 1024**3 / mm / 1e9
 
 
@@ -660,11 +662,11 @@ def _link_gbps(device: torch.device) -> tuple[str, float, float, float]:
         n = 256 << 20
         host = torch.empty(n, dtype=torch.uint8).pin_memory()
         dev = torch.empty(n, dtype=torch.uint8, device=device)
-        h2d = least_time(lambda: dev.copy_(host, non_blocking=True), 5, device)
+        h2d = median_time(lambda: dev.copy_(host, non_blocking=True), 5, device)
         src = torch.ones(n // 4, device=device)
-        read = least_time(lambda: src.sum(), 5, device)
+        read = median_time(lambda: src.sum(), 5, device)
         a = torch.randn(4096, 4096, device=device)
-        mm = least_time(lambda: a @ a, 5, device)
+        mm = median_time(lambda: a @ a, 5, device)
         return "host", n / h2d / 1e9, n / read / 1e9, 2 * 4096**3 / mm / 1e9
     hw = calibrate(mib=64, repeats=3)
     read_gbps, _ = host_rates()
@@ -689,7 +691,7 @@ def _dense_gflops(device: torch.device) -> dict[str, float]:
         x = torch.randn(64, 1024, device=device).to(dt)
         lin = _planned_linear(4096, 1024, dt, device)
         with torch.inference_mode():
-            s = least_time(lambda: lin(x), 3, device)
+            s = median_time(lambda: lin(x), 3, device)
         out[name] = 2 * 64 * 1024 * 4096 / s / 1e9
     return out
 
@@ -712,7 +714,7 @@ def _dense_read_gbps(device: torch.device, llc_bytes: int, cols: int = 4096) -> 
     lin = _planned_linear(rows, cols, torch.bfloat16, device)
     x = torch.randn(1, cols, device=device).to(torch.bfloat16)
     with torch.inference_mode():
-        s = least_time(lambda: lin(x), 7, device)
+        s = median_time(lambda: lin(x), 7, device)
     return rows * cols * 2 / s / 1e9
 
 
