@@ -8,7 +8,8 @@ every prediction of a profile measured in a slow phase came out 1.2-1.7x too slo
 1. the 1-layer model of step 1 of shape_costs (the planned model's attention, widths and vocabulary,
    routed experts stubbed), built for the probe and freed after it;
 2. its prompt forward of the shorter measured length, the median of `REPEATS`, back to back (the
-   level the fit was priced at: moeinfer/planning/in_turn.py);
+   level the fit was priced at: moeinfer/planning/in_turn.py; of 9, the probe moved 1.00-1.13 within
+   one benchmark run where the plans' speeds did not);
 3. speed = the profile's fit for that forward (`ShapeCosts.reference_seconds`: the reference every
    figure of the shape was priced against) / the time now (> 1: faster than profiled). The planner
    scales every prediction of a plan by it (`Prediction.machine_speed`); rankings do not change.
@@ -23,7 +24,7 @@ import torch
 from moeinfer.config import ModelConfig
 from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, random_model
 
-REPEATS = 9
+REPEATS = 21
 
 
 def shape_model(config: ModelConfig, dtype: str, device: str) -> Any:
