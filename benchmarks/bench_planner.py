@@ -40,8 +40,8 @@ them" check):
    it there. Those rates did not follow the Intel VM's swings (the same plan's decode doubled within 20
    minutes while the read rate moved 17 -> 22 GB/s), so beside them a probe on the model's own shape
    (`ShapeProbe`): the 1-layer model with stubbed experts that the profile's shape costs were fitted on,
-   its prompt forward (least of 5, back to back as there) against the profile's fit for it, and its
-   one-token decode step (least of 20; no profile figure: compare it between budgets and runs).
+   its prompt forward (the planner probe's median, back to back as there) against the profile's fit for
+   it, and its one-token decode step (`shape_costs.decode_seconds`) against the profile's.
 
 `--real-shape mixtral`: a random-weight Mixtral-8x7B-shaped checkpoint cut to `--layers` (default
 2: 6.3 GB of bf16 weights, 5.6 GB of them experts) is written once under benchmarks/.planner_real/
@@ -183,7 +183,8 @@ class Runner:
 
 
 def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *, rounds: int,
-                        tokens: int, prefill_tokens: int = 0, speed: float = 1.0) -> dict[str, float]:
+                        tokens: int, prefill_tokens: int = 0, speed: float = 1.0,
+                        decode_speed: float = 1.0) -> dict[str, float]:
     """--real-shape: the cost model's decode tokens/s and hit rate for the rows the rounds replayed (the
     warm-up's WARM_UP_TOKENS rows, then `rounds` x `tokens`, one row per forward, wrapping), beside the
     plan's prediction for the whole trace: the rows differ (a few dozen of its hundreds), so this
@@ -191,9 +192,10 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     warm-up and rounds less that of the warm-up alone (same cache decisions up to its end).
     `prefill_tokens` > 0: also the prefill tokens/s of the separate prefill forward `Runner.prefill`
     runs after the rounds (the trace's first `prefill_tokens` rows in one forward, the cache as the
-    rounds left it), as the time of rounds + that forward less that of the rounds. `speed`: the machine's
-    speed the planner probed for this budget (`Prediction.machine_speed`), which scales the rates as it
-    scales the plans' own predictions."""
+    rounds left it), as the time of rounds + that forward less that of the rounds. `speed`, `decode_speed`:
+    the machine's speed on prompts and on decode steps the planner probed for this budget
+    (`Prediction.machine_speed`, `machine_decode_speed`), which scale the rates as they scale the plans'
+    own predictions."""
     import numpy as np
 
     from moeinfer.planning import routing as routes
@@ -221,7 +223,7 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     whole, warm = run(len(rows)), run(WARM_UP_TOKENS)
     hits = whole.cache["hits"] - warm.cache["hits"]
     misses = whole.cache["misses"] - warm.cache["misses"]
-    out = {"decode_tok_s": speed * rounds * tokens / (whole.time_s - warm.time_s),
+    out = {"decode_tok_s": decode_speed * rounds * tokens / (whole.time_s - warm.time_s),
            "hit_rate": hits / max(1, hits + misses)}
     if prefill_tokens > 0:
         pre = run(len(rows), prefill_tokens)
@@ -452,22 +454,16 @@ class ShapeProbe:
         self.model = shape_model(config_of(model_name), sizes.dtype, "cpu")
 
     def __call__(self) -> dict[str, float]:
-        """{prompt_s, profiled_prompt_s, prompt_speed (profiled / now: > 1 the machine is faster), decode_s}."""
-        import torch
-
-        from moeinfer.model.kv_cache import KVCache
+        """{prompt_s, profiled_prompt_s, prompt_speed (profiled / now: > 1 the machine is faster), decode_s,
+        decode_speed (the profile's decode step / now; nan where the profile has none)}."""
+        from moeinfer.planning.shape_costs import decode_seconds
         from moeinfer.planning.speed_probe import probe_seconds
 
-        m, steps = self.model, []
-        prompt = probe_seconds(m, self.costs.tokens[0])
-        cache = KVCache(m.config, batch_size=1, max_length=21, device=m.device, dtype=m.dtype)
-        with torch.inference_mode():
-            for t in range(21):
-                t0 = time.perf_counter()
-                m(torch.tensor([[t + 1]]), cache=cache)
-                steps.append(time.perf_counter() - t0)
+        prompt = probe_seconds(self.model, self.costs.tokens[0])
+        decode = decode_seconds(self.model)
+        ref = self.costs.decode_reference_s
         return {"prompt_s": prompt, "profiled_prompt_s": self.profiled_s, "prompt_speed": self.profiled_s / prompt,
-                "decode_s": min(steps[1:])}
+                "decode_s": decode, "decode_speed": ref / decode if ref > 0 else float("nan")}
 
 
 def _fmt(x: float | None, width: int = 8) -> str:
@@ -544,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = moeinfer.plan(model_name, budget, max_quality_loss=args.max_quality_loss, profile=profile,
                                trace=trace, precisions=precisions, quality=quality_model)
         plan_s = time.perf_counter() - t0
-        speed = chosen.predicted.machine_speed if chosen.predicted is not None else 1.0
+        speed, decode_speed = ((chosen.predicted.machine_speed, chosen.predicted.machine_decode_speed)
+                               if chosen.predicted is not None else (1.0, 1.0))
         configs: dict[str, Any] = {f"#{i + 1}": p for i, p in enumerate((chosen, *chosen.runners_up[:args.runners]))}
         if not args.no_baselines:
             configs.update(baselines(model_name, budget, quantized=quantized))
@@ -576,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             if real:  # the cost model on the rows the rounds replayed (baselines too)
                 rp = row["predicted_replayed"] = replayed_prediction(
                     p, model_name, trace, profile, rounds=args.rounds, tokens=args.tokens,
-                    prefill_tokens=args.prefill_tokens, speed=speed)
+                    prefill_tokens=args.prefill_tokens, speed=speed, decode_speed=decode_speed)
                 row["decode_ratio_replayed"] = got["decode_tok_s"] / rp["decode_tok_s"]
                 replayed = (f"  replayed rows: predicted {rp['decode_tok_s']:.2f} "
                             f"({row['decode_ratio_replayed']:.2f}x), hit rate {rp['hit_rate']:.0%}")
@@ -605,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{probe.costs.tokens[0]} tokens {probe_before['prompt_s'] * 1e3:.2f} / {probe_after['prompt_s'] * 1e3:.2f} ms "
               f"(the profile's fit {probe.profiled_s * 1e3:.2f}: speed {probe_before['prompt_speed']:.2f}x / "
               f"{probe_after['prompt_speed']:.2f}x), decode step {probe_before['decode_s'] * 1e3:.3f} / "
-              f"{probe_after['decode_s'] * 1e3:.3f} ms; the planner's predictions scaled by its own probe: {speed:.2f}x",
+              f"{probe_after['decode_s'] * 1e3:.3f} ms (speed {probe_before['decode_speed']:.2f}x / "
+              f"{probe_after['decode_speed']:.2f}x); the planner's predictions scaled by its own probe: prompts "
+              f"{speed:.2f}x, decode {decode_speed:.2f}x",
               flush=True)
         base_names = [n for n in configs if not n.startswith("#")]
         if base_names:  # the issue's check: the chosen plan against the best baseline, measured together

@@ -60,7 +60,7 @@ from moeinfer.offload.config import parse_size
 from moeinfer.planning.profile import MachineProfile, machine_key, machine_profile
 from moeinfer.planning.quality import QualityModel, cached_quality, measure_quality, stand_in_quality
 from moeinfer.planning.shape_profile import with_shape_costs
-from moeinfer.planning.speed_probe import machine_speed
+from moeinfer.planning.speed_probe import MachineSpeed, machine_speed
 from moeinfer.planning.sizes import available_memory, config_of, sizes_from_checkpoint, sizes_from_model
 
 DEFAULT_PRECISIONS = (FLOAT, "int8", "int4")
@@ -230,10 +230,12 @@ def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSiz
                       hit_rate=dec.hit_rate if c.offload is not None else None, load_peak_bytes=peak)
 
 
-def _at_speed(pred: Prediction, speed: float) -> Prediction:
-    """`pred` on a machine running at `speed` times its profile's (step 2): rates times it, times over it."""
-    return replace(pred, decode_tok_s=pred.decode_tok_s * speed, prefill_tok_s=pred.prefill_tok_s * speed,
-                   step_ms=pred.step_ms / speed, machine_speed=speed)
+def _at_speed(pred: Prediction, speed: MachineSpeed) -> Prediction:
+    """`pred` on a machine running at `speed` times its profile's (step 2): rates times it, times over it
+    (prefill by the prompt speed, decode by the decode speed)."""
+    return replace(pred, decode_tok_s=pred.decode_tok_s * speed.decode,
+                   prefill_tok_s=pred.prefill_tok_s * speed.prompt, step_ms=pred.step_ms / speed.decode,
+                   machine_speed=speed.prompt, machine_decode_speed=speed.decode)
 
 
 def _load_for_measurement(path: Any, sizes: ModelSizes) -> Any:
@@ -300,12 +302,12 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
         profile = machine_profile(device, variants=tuple(p for p in precisions if p != FLOAT), progress=progress)
         profile = with_shape_costs(profile, config_of(model_or_path), sizes.dtype, progress=progress)
     notes.append(f"machine profile {profile.key} ({profile.cpu}, {profile.threads} threads; {profile.measured})")
-    speed = 1.0
+    speed = MachineSpeed()
     shape = profile.shapes.get(sizes.shape_key) if sizes.shape_key else None
     if probe and shape is not None and profile.key == machine_key(device):
         speed = machine_speed(shape, config_of(model_or_path), sizes.dtype, device)
-        notes.append(f"the machine runs this model's shape at {speed:.2f}x its profile's speed now (a probe on "
-                     "the shape): every prediction scaled by it")
+        notes.append(f"the machine runs this model's shape at {speed.prompt:.2f}x its profile's speed on prompts "
+                     f"and {speed.decode:.2f}x on decode steps now (a probe on the shape): predictions scaled by them")
     if profile.cached_link_gbps is not None and device == "cpu":
         notes.append(f"{free_bytes / 1e9:.1f} GB free when planned: what a plan leaves of it holds a disk tier's "
                      f"pages (read at {profile.cached_link_gbps:.1f} GB/s, the disk at {profile.link_gbps:.2f})")

@@ -35,7 +35,10 @@ Shapes: T tokens of one prompt, n MoE layers of the measured models.
    cache, then the prompt twice: the median over `AFTER_ROUNDS` rounds of the first's time over the
    second's (at least 1) scales every prompt cost of the shape (its dense part, its forward, its
    experts: moeinfer/planning/costs.py). It moved 1.22-1.40 between measurements on the Intel
-   machine (the round-to-round ratios spread 0.4-2.1).
+   machine (the round-to-round ratios spread 0.4-2.1);
+5. the 1-layer model's one-token decode step through a KV cache, the median of `DECODE_ROUNDS`
+   generations' steps (`ShapeCosts.decode_reference_s`): the plan-time probe times it again and
+   scales decode predictions by it, prompts by step 2's reference (moeinfer/planning/speed_probe.py).
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
 PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model's context is shorter)
 ROUNDS = 15  # step 2's rounds
 AFTER_STEPS, AFTER_ROUNDS = 16, 31  # step 4: decode steps before the timed prompt, rounds
-VERSION = 5  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
+DECODE_ROUNDS = 7  # step 5: generations of AFTER_STEPS decode steps
+VERSION = 6  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,9 @@ class ShapeCosts:
     decode_experts: dict[str, float] = field(default_factory=dict)
     # step 4: a prompt's forward right after decode steps over one right after another prompt (>= 1)
     after_decode: float = 1.0
+    # step 5: the 1-layer model's one-token decode step (0: not measured), what the plan-time probe
+    # compares a decode step with (moeinfer/planning/speed_probe.py)
+    decode_reference_s: float = 0.0
 
     def layer(self, tokens: int) -> float:
         """One MoE layer's dense part (attention, norms, router, shared expert) for `tokens` rows."""
@@ -174,6 +181,27 @@ def prefill_seconds(model: Any, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def decode_steps(model: Any, steps: int = AFTER_STEPS) -> list[float]:
+    """Seconds of each of `steps` one-token forwards through a fresh KV cache (a generation's decode
+    steps; the first, which builds the cache, not counted)."""
+    ids = prompt_ids(steps + 1)
+    cache = KVCache(model.config, batch_size=1, max_length=steps + 1, device=model.device, dtype=model.dtype)
+    times = []
+    with torch.inference_mode():
+        for s in range(steps + 1):
+            t0 = time.perf_counter()
+            model(ids[:, s:s + 1].to(model.device), cache=cache)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def decode_seconds(model: Any, rounds: int = DECODE_ROUNDS) -> float:
+    """Step 5: the median decode step of `model` over `rounds` generations of AFTER_STEPS steps."""
+    return statistics.median(t for _ in range(rounds) for t in decode_steps(model))
+
+
 def after_decode(model: Any, tokens: int, *, steps: int = AFTER_STEPS, rounds: int = AFTER_ROUNDS) -> float:
     """Step 4: per round, `steps` one-token forwards through a KV cache (a generation), then a prefill
     forward of `tokens` tokens twice; the median over the rounds of the first's time over the second's,
@@ -181,10 +209,7 @@ def after_decode(model: Any, tokens: int, *, steps: int = AFTER_STEPS, rounds: i
     ids = prompt_ids(tokens)
     ratios = []
     for r in range(rounds + 1):  # round 0 warms up
-        cache = KVCache(model.config, batch_size=1, max_length=steps + 1, device=model.device, dtype=model.dtype)
-        with torch.inference_mode():
-            for s in range(steps + 1):
-                model(ids[:, s % tokens:s % tokens + 1].to(model.device), cache=cache)
+        decode_steps(model, steps)
         after = prefill_seconds(model, ids)
         hot = prefill_seconds(model, ids)
         if r:
@@ -219,5 +244,5 @@ def measure_shape_costs(config: ModelConfig, dtype: str, device: torch.device | 
     forward = tuple(max(0.0, a - ly) for a, ly in zip(one, layer))
     (ls, lt), (fs, ft) = fit_line(at, layer), fit_line(at, forward)
     return ShapeCosts(layer_s=ls, layer_token_s=lt, forward_s=fs, forward_token_s=ft, tokens=at,
-                      after_decode=after_decode(models[1], at[0]),
+                      after_decode=after_decode(models[1], at[0]), decode_reference_s=decode_seconds(models[0]),
                       measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s")

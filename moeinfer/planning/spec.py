@@ -71,9 +71,11 @@ class Prediction:
     # while loading, one MoE layer of float experts at a time; an offloaded plan writes each to its store);
     # reported, not held to the budget; 0 = not priced (a plan of a loaded model)
     load_peak_bytes: int = 0
-    # the machine's speed on this model's shape when planned, over its profile's (speed_probe): the
-    # tokens/s above are the profile's prices times it, the step time over it (1 = not probed)
+    # the machine's speed on this model's shape when planned, over its profile's (speed_probe), on
+    # prompts and on decode steps: prefill_tok_s is the profile's price times the first, decode_tok_s
+    # times the second, step_ms over it (1 = not probed)
     machine_speed: float = 1.0
+    machine_decode_speed: float = 1.0
 
 
 @dataclass(frozen=True)

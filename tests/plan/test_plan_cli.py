@@ -11,6 +11,7 @@ from plan_helpers import synthetic_profile
 from moeinfer.cli import main
 from moeinfer.planning import Plan, PlanOffload
 from moeinfer.planning.profile import profile_path
+from moeinfer.planning.speed_probe import MachineSpeed
 
 
 @pytest.fixture
@@ -138,12 +139,13 @@ def test_plan_probes_the_machine_unless_told_not_to(tmp_path, cached_profile, mo
     here), or taken as they are with --no-probe."""
     import moeinfer.planning.planner as planner
 
-    monkeypatch.setattr(planner, "machine_speed", lambda *a: 2.0)
+    monkeypatch.setattr(planner, "machine_speed", lambda *a: MachineSpeed(prompt=3.0, decode=2.0))
     out = tmp_path / "plan.yaml"
     assert main(["plan", "--model", "tiny", "--memory", "200MB", "--precisions", "bf16", "--out", str(out)]) == 0
     probed = Plan.load(out).predicted
     assert main(["plan", "--model", "tiny", "--memory", "200MB", "--precisions", "bf16", "--no-probe",
                  "--out", str(out), "--force"]) == 0
     plain = Plan.load(out).predicted
-    assert (probed.machine_speed, plain.machine_speed) == (2.0, 1.0)
+    assert (probed.machine_speed, probed.machine_decode_speed, plain.machine_speed) == (3.0, 2.0, 1.0)
     assert probed.decode_tok_s == pytest.approx(2.0 * plain.decode_tok_s)
+    assert probed.prefill_tok_s == pytest.approx(3.0 * plain.prefill_tok_s)

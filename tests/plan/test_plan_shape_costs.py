@@ -56,6 +56,8 @@ def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkey
     monkeypatch.setattr(shape_costs, "prefill_seconds", fake)
     after = []
     monkeypatch.setattr(shape_costs, "after_decode", lambda model, tokens: after.append((model, tokens)) or 1.25)
+    decoded = []
+    monkeypatch.setattr(shape_costs, "decode_seconds", lambda model: decoded.append(model) or 3e-4)
     config = config_of("tiny")
     got = shape_costs.measure_shape_costs(config, "bfloat16")
     assert [(t, n) for t, n, _ in seen[:4]] == [(32, 1), (32, 3), (256, 1), (256, 3)]
@@ -66,6 +68,8 @@ def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkey
     # step 4 on the 3-layer model at the shorter prompt scales every prompt cost
     assert len(after) == 1 and after[0][0] is seen[1][2] and after[0][1] == 32
     assert got.after_decode == 1.25
+    # step 5: the 1-layer model's decode step, what the plan-time probe compares a decode step with
+    assert decoded == [seen[0][2]] and got.decode_reference_s == 3e-4
     assert got.layer(64) == pytest.approx(1.25 * (1e-4 + 63 * 3e-6)) and got.forward(1) == pytest.approx(1.25 * 4e-4)
     # a context shorter than the longer prompt: both lengths fit in it
     short = replace(config, max_position_embeddings=100)
@@ -93,6 +97,33 @@ def test_after_decode_is_the_median_ratio_of_a_prompt_after_decode_steps_to_one_
     scaled = replace(COSTS, after_decode=2.0)
     assert scaled.expert("int4", 10) == pytest.approx(2 * COSTS.expert("int4", 10))
     assert scaled.expert("int4", 10, offloaded=True) == pytest.approx(2 * COSTS.expert("int4", 10, offloaded=True))
+
+
+def test_decode_steps_are_one_token_forwards_through_a_kv_cache_the_first_not_counted(monkeypatch):
+    """Step 5: each step one token through the same cache; its seconds from a scripted clock (each forward
+    takes the next duration); decode_seconds: the median step over the rounds."""
+    seen = []
+
+    class Model:
+        config, device, dtype = config_of("tiny"), torch.device("cpu"), torch.float32
+
+        def __call__(self, ids, cache=None, **kw):
+            seen.append((ids.shape, cache))
+            clock.now += next(durations)
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(shape_costs.time, "perf_counter", clock)
+    durations = iter([9.0, 1.0, 3.0, 2.0])
+    assert shape_costs.decode_steps(Model(), steps=3) == pytest.approx([1.0, 3.0, 2.0])
+    assert [shape for shape, _ in seen] == [(1, 1)] * 4 and len({id(c) for _, c in seen}) == 1
+    durations = iter([9.0] + [5.0] * 16 + [9.0] + [1.0] * 16 + [9.0] + [2.0] * 16)
+    assert shape_costs.decode_seconds(Model(), rounds=3) == pytest.approx(2.0)
 
 
 def test_the_timed_models_have_the_planned_shapes_and_no_routed_experts():

@@ -1,7 +1,8 @@
 """The planner's probe of the machine's speed on a model's shape (moeinfer/planning/speed_probe.py): with
-this machine's profile holding the shape's costs, `plan` scales every prediction by the profile's fit for
-the probe's forward over its time now; rankings and memory are unchanged; another machine's profile, a
-profile without the shape's costs, or probe=False: no probe. Times are scripted (tests never time)."""
+this machine's profile holding the shape's costs, `plan` scales its prefill predictions by the profile's
+fit for the probe's prompt over its time now, its decode predictions by the profile's decode step over
+the probe's; rankings and memory are unchanged; another machine's profile, a profile without the shape's
+costs, or probe=False: no probe. Times are scripted (tests never time)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from moeinfer.planning import planner, speed_probe
 from moeinfer.planning.shape_costs import ShapeCosts
 from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
 
-COSTS = ShapeCosts(layer_s=3e-4, layer_token_s=2e-6, forward_s=5e-4, forward_token_s=1e-6, tokens=(32, 256))
+COSTS = ShapeCosts(layer_s=3e-4, layer_token_s=2e-6, forward_s=5e-4, forward_token_s=1e-6, tokens=(32, 256),
+                   decode_reference_s=4e-4)
 
 
 def _profile(key: str = "this-machine"):
     return replace(synthetic_profile(), key=key, shapes={sizes_from_checkpoint("tiny").shape_key: COSTS})
 
 
-def _plan(monkeypatch, profile, *, probe: bool = True, speed: float = 1.5):
+def _plan(monkeypatch, profile, *, probe: bool = True, speed=speed_probe.MachineSpeed(prompt=1.5, decode=0.8)):
     monkeypatch.setattr(planner, "machine_key", lambda device: "this-machine")
     calls = []
     monkeypatch.setattr(planner, "machine_speed", lambda *a: calls.append(a) or speed)
@@ -32,7 +34,7 @@ def _plan(monkeypatch, profile, *, probe: bool = True, speed: float = 1.5):
 
 def test_predictions_are_scaled_by_the_probed_speed(monkeypatch):
     plain, none = _plan(monkeypatch, _profile(), probe=False)
-    fast, calls = _plan(monkeypatch, _profile(), speed=1.5)
+    fast, calls = _plan(monkeypatch, _profile())
     assert none == [] and len(calls) == 1
     costs, config, dtype, device = calls[0]
     assert costs == COSTS and config.hidden_size == config_of("tiny").hidden_size and device == "cpu"
@@ -40,12 +42,13 @@ def test_predictions_are_scaled_by_the_probed_speed(monkeypatch):
     for a, b in zip((plain, *plain.runners_up), (fast, *fast.runners_up)):
         assert a.describe() == b.describe()  # the same plans in the same order
         p, q = a.predicted, b.predicted
-        assert q.decode_tok_s == pytest.approx(1.5 * p.decode_tok_s)
+        assert q.decode_tok_s == pytest.approx(0.8 * p.decode_tok_s)
         assert q.prefill_tok_s == pytest.approx(1.5 * p.prefill_tok_s)
-        assert q.step_ms == pytest.approx(p.step_ms / 1.5)
+        assert q.step_ms == pytest.approx(p.step_ms / 0.8)
         assert (q.memory_bytes, q.quality_loss, q.hit_rate) == (p.memory_bytes, p.quality_loss, p.hit_rate)
-        assert p.machine_speed == 1.0 and q.machine_speed == 1.5
-    assert any("1.50x its profile's speed" in n for n in fast.notes)
+        assert (p.machine_speed, p.machine_decode_speed) == (1.0, 1.0)
+        assert (q.machine_speed, q.machine_decode_speed) == (1.5, 0.8)
+    assert any("1.50x its profile's speed on prompts and 0.80x on decode steps" in n for n in fast.notes)
 
 
 @pytest.mark.parametrize("profile", [_profile("another-machine"), replace(_profile(), shapes={})],
@@ -55,16 +58,22 @@ def test_no_probe_without_this_machines_costs_for_the_shape(profile, monkeypatch
     assert calls == [] and plan.predicted.machine_speed == 1.0
 
 
-def test_the_speed_is_the_fit_over_the_probe(monkeypatch):
-    seen = []
+def test_the_speeds_are_the_profiles_figures_over_the_probes(monkeypatch):
+    seen, decoded = [], []
     monkeypatch.setattr(speed_probe, "prefill_in_turn", lambda models, repeats, tokens: seen.append(
         (models[0], repeats, tokens)) or [1e-3])
+    monkeypatch.setattr(speed_probe, "decode_seconds", lambda model: decoded.append(model) or 5e-4)
     fit = COSTS.layer_s + 31 * COSTS.layer_token_s + COSTS.forward_s + 31 * COSTS.forward_token_s
     assert COSTS.reference_seconds() == pytest.approx(fit)
     config = config_of("tiny")
-    assert speed_probe.machine_speed(COSTS, config, "bfloat16", "cpu") == pytest.approx(fit / 1e-3)
+    got = speed_probe.machine_speed(COSTS, config, "bfloat16", "cpu")
+    assert (got.prompt, got.decode) == pytest.approx((fit / 1e-3, 4e-4 / 5e-4))
     ((model, repeats, tokens),) = seen
     assert (repeats, tokens) == (speed_probe.REPEATS, 32)  # the shorter measured length
+    assert decoded == [model]  # the same model's decode step
     # the shape's 1-layer model, experts stubbed (shape_costs step 1)
     assert len(model.moe_blocks()) == 1 and model.config.hidden_size == config.hidden_size
     assert type(model.moe_blocks()[0].experts).__name__ == "_NoExperts"
+    # a profile without a decode figure (older shape costs): the prompt speed for both
+    old = speed_probe.machine_speed(replace(COSTS, decode_reference_s=0.0), config, "bfloat16", "cpu")
+    assert old.decode == old.prompt == pytest.approx(fit / 1e-3)
