@@ -75,7 +75,10 @@ class StepCosts(Protocol):
 
     def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float: ...
 
-    def expert_s(self, layer: int, tokens: int) -> float: ...
+    def expert_s(self, layer: int, tokens: int, alone: bool = False) -> float:
+        """`alone`: the expert runs in a call of its own (a load streamed through the transient buffer),
+        where its layer runs its other experts together."""
+        ...
 
     def head_s(self, tokens: int, rows: int = 1) -> float: ...
 
@@ -91,7 +94,7 @@ class RooflineCosts:
         mem_bw, flops = self.hardware.fast_mem_gbps * 1e9, self.hardware.compute_tflops * 1e12
         return max(self.shape.dense_bytes_per_layer / mem_bw, 2.0 * self.shape.dense_params_per_layer * tokens / flops)
 
-    def expert_s(self, layer: int, tokens: int) -> float:
+    def expert_s(self, layer: int, tokens: int, alone: bool = False) -> float:
         mem_bw, flops = self.hardware.fast_mem_gbps * 1e9, self.hardware.compute_tflops * 1e12
         return max(self.shape.expert_bytes / mem_bw, self.shape.expert_flops(tokens) / flops)
 
@@ -167,8 +170,9 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
             ctx = LayerContext(v.layer, trace.experts[step.rows, v.layer], trace.weights[step.rows, v.layer])
             for target, experts in prefetcher.predict(ctx):
                 queue(cache.prefetch(target, experts), latency)
-            # 4. experts
+            # 4. experts (a load without a slot streams through the transient buffer: a call of its own)
             tokens = dict(zip(v.experts, v.tokens))
+            streamed = {ld.key[1] for ld in plan.loads if ld.slot is None}
             hide = overlap and (n == step.sequences or overlap_prompts is not False)
             if not hide and ready:
                 wait = max(ready.values()) - now
@@ -187,7 +191,7 @@ def simulate(trace: RoutingTrace | str, *, shape: ModelShape, config: OffloadCon
                 if ready[e] > now:
                     stall += ready[e] - now
                     now = ready[e]
-                now += clock.expert_s(v.layer, tokens[e])
+                now += clock.expert_s(v.layer, tokens[e], alone=e in streamed)
             if cpu_end > now:
                 stall += cpu_end - now
                 now = cpu_end

@@ -28,7 +28,8 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
   moeinfer/planning/shape_profile.py) where the profile holds that, instead of the fit above (an
   offloaded layer's float experts: one expert's module, one call each, `ShapeCosts.offloaded`; its
   quantized experts on a CPU, and float ones where the cpu kernel runs its native rows kernel, run the
-  resident schedule over the cache's slots, priced as resident); and a one-row
+  resident schedule over the cache's slots, priced as resident, but a load streamed through the
+  transient buffer, without a slot, runs a call of its own and is priced as one); and a one-row
   decode step's expert stage is what a model of the shape measured in situ where it did
   (`ShapeCosts.decode_experts`: experts that stay in the last-level cache), the difference from the
   fit charged with the dense part (`_in_situ`);
@@ -181,9 +182,12 @@ class MeasuredCosts:
         return self.rates[layer].expert_s(self.stored[layer], 6.0 * self.sizes.hidden * self.sizes.inter * tokens,
                                           streamed=self.streamed, tokens=tokens)
 
-    def expert_s(self, layer: int, tokens: int) -> float:
+    def expert_s(self, layer: int, tokens: int, alone: bool = False) -> float:
         if self.shape_costs is not None and tokens > DECODE_TOKENS:  # a prompt's GEMMs, measured on this shape
-            measured = self.shape_costs.expert(self.variants[layer], tokens, offloaded=self.one_call[layer])
+            one = self.one_call[layer] or alone  # `alone`: a streamed load, one call of its own
+            measured = self.shape_costs.expert(self.variants[layer], tokens, offloaded=one)
+            if measured is None and one:
+                measured = self.shape_costs.expert(self.variants[layer], tokens)
             if measured is not None:
                 return measured
         return self._fit_expert_s(layer, tokens)

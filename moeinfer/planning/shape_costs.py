@@ -230,7 +230,7 @@ def fit_line(at: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, 
 
 def measure_shape_costs(config: ModelConfig, dtype: str, device: torch.device | str = "cpu", *,
                         rounds: int = ROUNDS, lengths: tuple[int, int] = PROMPT_LENGTHS) -> ShapeCosts:
-    """Steps 1-4 of the module docstring for a model of `config` with weights in `dtype` ("bfloat16", ...)."""
+    """Steps 1-5 of the module docstring for a model of `config` with weights in `dtype` ("bfloat16", ...)."""
     dev = torch.device(device)
     t0 = time.time()
     longest = min(lengths[1], config.max_position_embeddings)

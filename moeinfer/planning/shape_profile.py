@@ -25,9 +25,9 @@ per-row work that does not scale from other shapes. So, per model shape:
 3. an offloaded layer runs one call per cached expert (moeinfer/offload/experts.py `expert_fn`),
    quantized ones each with its own activation quantization: per variant, that call on one expert of
    the shape timed on two token counts (`ShapeCosts.offloaded`: per call, per token; each right after
-   the reference as in step 2: 176-191 us a call of 8 tokens in int4 on the Intel machine where back
-   to back it took 78-124). On the Intel machine the shipped model's offloaded int4 plan with every expert cached spent ~14 ms on a
-   64-token prompt where the resident one spent ~6.5;
+   the reference, as in step 2). On the Intel machine the shipped model's offloaded int4 plan with
+   every expert cached spent ~14 ms on a 64-token prompt where the resident one spent ~6.5 (twelfth
+   session; quantized prompts now run over the slots, moeinfer/offload/slot_experts.py);
 4. per variant whose experts stay in the last-level cache (5 layers of them fit), a one-row decode
    step's expert stage measured in situ: decode steps of 1- and 5-layer models of the shape with
    stubbed experts and with each such variant's experts, all in turn in the same rounds, the median

@@ -209,6 +209,55 @@ def test_an_offloaded_float_prompt_is_priced_as_resident_where_the_cpu_kernel_ru
     assert ref.expert_s(0, 16) == pytest.approx(2e-4 + 16 * 2e-6)  # the reference kernel: one call each
 
 
+def test_a_streamed_prompt_load_is_priced_as_a_call_of_its_own(monkeypatch):
+    """A load without a slot streams through the transient buffer and runs a call of its own: in a prompt
+    it costs the one-call line (`ShapeCosts.offloaded`), the layer's other experts the resident one;
+    decode rows keep the fit; a variant without a one-call line keeps the resident line."""
+    from moeinfer.kernels import native
+
+    monkeypatch.setattr(native, "unavailable_reason", lambda: None)
+    sizes = sizes_from_checkpoint("tiny")
+    off = MeasuredCosts(sizes, _shaped(synthetic_profile()), ["int4"] * sizes.num_layers, kernel="reference",
+                        offloaded=True)
+    assert off.expert_s(0, 16) == pytest.approx(2e-5 + 16 * 3e-6)  # over the slots: resident
+    assert off.expert_s(0, 16, alone=True) == pytest.approx(1e-4 + 16 * 3e-6)  # streamed: its own call
+    assert off.expert_s(0, 1, alone=True) == off.expert_s(0, 1)  # decode: the fit either way
+    no_line = _shaped(synthetic_profile(), replace(COSTS, offloaded={}))
+    off = MeasuredCosts(sizes, no_line, ["int4"] * sizes.num_layers, kernel="reference", offloaded=True)
+    assert off.expert_s(0, 16, alone=True) == pytest.approx(2e-5 + 16 * 3e-6)
+
+
+def test_the_simulator_prices_exactly_the_loads_without_a_slot_alone():
+    """simulate passes alone=True for the experts whose load has no slot (a global cache smaller than a
+    layer's experts streams the rest), and for no other."""
+    from moeinfer.offload.hardware import HardwareProfile
+    from moeinfer.offload.simulator import simulate
+
+    sizes = sizes_from_checkpoint("tiny")
+    trace = routes.prefill(routes.uniform(num_layers=sizes.num_layers, num_experts=sizes.num_experts,
+                                          top_k=sizes.top_k, sequences=2, tokens=32))
+    hw = HardwareProfile(name="t", link_gbps=0.5, fast_mem_gbps=50.0, compute_tflops=0.05, measured=True)
+    seen = []
+
+    class Clock:
+        def dense_s(self, layer, tokens, sequences=1):
+            return 0.0
+
+        def expert_s(self, layer, tokens, alone=False):
+            seen.append(alone)
+            return 1e-3
+
+        def head_s(self, tokens, rows=1):
+            return 0.0
+
+    for cache in (3, 6, 8 * sizes.num_layers):
+        seen.clear()
+        cfg = OffloadConfig(tier="disk", cache=cache, scope="global", policy="lru", offload_dir="unused")
+        got = simulate(trace, shape=sizes.shape(), config=cfg, hardware=hw, costs=Clock())
+        assert sum(seen) == got.cache["transient_loads"]
+        assert (got.cache["transient_loads"] > 0) == (cache < sizes.num_experts)
+
+
 def test_the_simulator_and_the_layer_split_agree_with_the_measured_prompt_costs():
     sizes = sizes_from_checkpoint("tiny")
     prof = _shaped(synthetic_profile())
