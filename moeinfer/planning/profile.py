@@ -89,7 +89,7 @@ from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
-from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
+from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn, timed
 from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids
 
 PROFILE_VERSION = 15  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
@@ -321,17 +321,9 @@ def machine_profile(device: str = "cpu", *, refresh: bool = False, variants: tup
 
 def median_time(fn: Any, repeats: int, device: torch.device) -> float:
     """The median wall time of `repeats` runs after one warm-up (module docstring: why not the least)."""
-    def run() -> None:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    call = timed(fn, device)
+    call()
+    return statistics.median(call() for _ in range(repeats))
 
 
 def experts_module(variant: str, E: int, D: int, I: int, device: torch.device) -> Any:
