@@ -27,7 +27,8 @@ Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
       float experts only);
 5. predict decode (at the batch) and prefill tokens/s of each candidate with `simulate`, rank by
    decode tokens/s (the objective sets the batch sizes tried: 1 for latency); candidates predicted
-   within `TIE` of the fastest are a tie, ranked by quality loss, then speed (`_rank`): the cost model
+   within `TIE` of the fastest (decode and prefill) are a tie, ranked by quality loss, then speed
+   (`_rank`): the cost model
    does not resolve smaller differences (docs/planner.md), so a 1% predicted gain never costs quality;
    keep the best and the next three distinct ones.
 """
@@ -394,23 +395,27 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     return replace(plans[0], notes=tuple(notes), runners_up=tuple(plans[1:]))
 
 
-TIE = 0.05  # predicted decode rates within 5% of the fastest: a tie (step 5)
+TIE = 0.05  # predicted decode and prefill rates within 5% of the fastest's: a tie (step 5)
 
 
 def _rank(scored: list[tuple[Any, Prediction]]) -> list[tuple[Any, Prediction]]:
     """Step 5's order: by predicted decode tokens/s, except that the candidates within `TIE` of the fastest
-    come first by quality loss (not measured: last), then speed, then memory. On this project's
-    development VM one configuration's measured rate moves 10-25% between half-minutes, and the
-    planner had picked int8 or mixed int4/int8 plans over lossless bf16 for 1-5% predicted gains that
-    measured 0.86-0.95x of the bf16 plan."""
+    in decode and in prefill come first by quality loss (not measured: last), then speed, then memory.
+    On this project's development VM one configuration's measured rate moves 10-25% between
+    half-minutes, and the planner had picked int8 or mixed int4/int8 plans over lossless bf16 for 1-5%
+    predicted gains that measured 0.86-0.95x of the bf16 plan. A tie in decode alone is not one: the
+    shipped model's bf16 plan, predicted 4% behind int4 in decode and 39% in prefill, won the tie by
+    quality and measured 0.93-0.96x int4's decode and 0.55-0.64x its prefill (fifteenth session)."""
     ranked = sorted(scored, key=lambda cp: (-cp[1].decode_tok_s, cp[1].memory_bytes))
     if not ranked:
         return ranked
-    floor = (1.0 - TIE) * ranked[0][1].decode_tok_s
-    tied = [cp for cp in ranked if cp[1].decode_tok_s >= floor]
+    fastest = ranked[0][1]
+    floor, prefill_floor = (1.0 - TIE) * fastest.decode_tok_s, (1.0 - TIE) * fastest.prefill_tok_s
+    tied = [cp for cp in ranked if cp[1].decode_tok_s >= floor and cp[1].prefill_tok_s >= prefill_floor]
+    rest = [cp for cp in ranked if cp not in tied]
     tied.sort(key=lambda cp: (float("inf") if cp[1].quality_loss is None else cp[1].quality_loss,
                               -cp[1].decode_tok_s, cp[1].memory_bytes))
-    return tied + ranked[len(tied):]
+    return tied + rest
 
 
 def _first_tokens(trace: Any, n: int) -> Any:
