@@ -58,7 +58,7 @@ from moeinfer.model.meta import meta_parameters
 from moeinfer.model.moe import Routing
 from moeinfer.model.transformer import MoEModel
 from moeinfer.planning.dense import use_planned_dense_
-from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
+from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn, timed
 
 PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model's context is shorter)
 ROUNDS = 15  # step 2's rounds
@@ -173,27 +173,17 @@ def prefill_in_turn(models: list[Any], repeats: int, tokens: int) -> list[float]
 def prefill_seconds(model: Any, ids: torch.Tensor) -> float:
     """One prefill forward of ids [1, T] through a fresh KV cache, last position's logits only."""
     cache = KVCache(model.config, batch_size=1, max_length=ids.shape[1], device=model.device, dtype=model.dtype)
-    t0 = time.perf_counter()
     with torch.inference_mode():
-        model(ids.to(model.device), cache=cache, logits_to_keep=1)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    return time.perf_counter() - t0
+        return timed(lambda: model(ids.to(model.device), cache=cache, logits_to_keep=1), model.device)()
 
 
 def decode_steps(model: Any, steps: int = AFTER_STEPS) -> list[float]:
     """Seconds of each of `steps` one-token forwards through a fresh KV cache (a generation's decode
     steps; the first, which builds the cache, not counted)."""
-    ids = prompt_ids(steps + 1)
+    ids = prompt_ids(steps + 1).to(model.device)
     cache = KVCache(model.config, batch_size=1, max_length=steps + 1, device=model.device, dtype=model.dtype)
-    times = []
     with torch.inference_mode():
-        for s in range(steps + 1):
-            t0 = time.perf_counter()
-            model(ids[:, s:s + 1].to(model.device), cache=cache)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize(model.device)
-            times.append(time.perf_counter() - t0)
+        times = [timed(lambda s=s: model(ids[:, s:s + 1], cache=cache), model.device)() for s in range(steps + 1)]
     return times[1:]
 
 
