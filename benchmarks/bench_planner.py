@@ -40,8 +40,9 @@ them" check):
    it there. Those rates did not follow the Intel VM's swings (the same plan's decode doubled within 20
    minutes while the read rate moved 17 -> 22 GB/s), so beside them a probe on the model's own shape
    (`ShapeProbe`): the 1-layer model with stubbed experts that the profile's shape costs were fitted on,
-   its prompt forward (the planner probe's median, back to back as there) against the profile's fit for
-   it, and its one-token decode step (`shape_costs.decode_seconds`) against the profile's.
+   its prompt forward right after decode steps (the planner probe's `probe_seconds`, as there) against
+   the profile's price of it (the fit x `after_decode`), and its one-token decode step against the
+   profile's.
 
 `--real-shape mixtral`: a random-weight Mixtral-8x7B-shaped checkpoint cut to `--layers` (default
 2: 6.3 GB of bf16 weights, 5.6 GB of them experts) is written once under benchmarks/.planner_real/
@@ -441,8 +442,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 class ShapeProbe:
     """Step 5's probe: the machine's speed now on the planned model's shape, against its profile
-    (moeinfer.planning.speed_probe, what `moeinfer.plan` scales its predictions by), and the shape's
-    one-token decode step."""
+    (moeinfer.planning.speed_probe, what `moeinfer.plan` scales its predictions by): the shape's prompt
+    right after decode steps, and its one-token decode step."""
 
     def __init__(self, model_name: str, profile: Any) -> None:
         from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
@@ -450,17 +451,15 @@ class ShapeProbe:
 
         sizes = sizes_from_checkpoint(model_name)
         self.costs = profile.shapes[sizes.shape_key]
-        self.profiled_s = self.costs.reference_seconds()
+        self.profiled_s = self.costs.reference_seconds() * self.costs.after_decode
         self.model = shape_model(config_of(model_name), sizes.dtype, "cpu")
 
     def __call__(self) -> dict[str, float]:
         """{prompt_s, profiled_prompt_s, prompt_speed (profiled / now: > 1 the machine is faster), decode_s,
         decode_speed (the profile's decode step / now; nan where the profile has none)}."""
-        from moeinfer.planning.shape_costs import decode_seconds
         from moeinfer.planning.speed_probe import probe_seconds
 
-        prompt = probe_seconds(self.model, self.costs.tokens[0])
-        decode = decode_seconds(self.model)
+        prompt, decode = probe_seconds(self.model, self.costs.tokens[0])
         ref = self.costs.decode_reference_s
         return {"prompt_s": prompt, "profiled_prompt_s": self.profiled_s, "prompt_speed": self.profiled_s / prompt,
                 "decode_s": decode, "decode_speed": ref / decode if ref > 0 else float("nan")}
@@ -599,8 +598,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(before / after; the profile's {profile.mem_read_gbps:.1f}), fp32 matmul {before[1]:.0f} / {after[1]:.0f} "
               "GFLOP/s", flush=True)
         print(f"{budget / 1e6:9.1f} MB  machine on this model's shape (1-layer, experts stubbed): prompt of "
-              f"{probe.costs.tokens[0]} tokens {probe_before['prompt_s'] * 1e3:.2f} / {probe_after['prompt_s'] * 1e3:.2f} ms "
-              f"(the profile's fit {probe.profiled_s * 1e3:.2f}: speed {probe_before['prompt_speed']:.2f}x / "
+              f"{probe.costs.tokens[0]} tokens after decode steps {probe_before['prompt_s'] * 1e3:.2f} / {probe_after['prompt_s'] * 1e3:.2f} ms "
+              f"(the profile's price {probe.profiled_s * 1e3:.2f}: speed {probe_before['prompt_speed']:.2f}x / "
               f"{probe_after['prompt_speed']:.2f}x), decode step {probe_before['decode_s'] * 1e3:.3f} / "
               f"{probe_after['decode_s'] * 1e3:.3f} ms (speed {probe_before['decode_speed']:.2f}x / "
               f"{probe_after['decode_speed']:.2f}x); the planner's predictions scaled by its own probe: prompts "

@@ -7,30 +7,42 @@ every prediction of a profile measured in a slow phase came out 1.2-1.7x too slo
 (docs/planner.md, fourteenth session). So, at plan time, a probe on the shape the costs were fitted on:
 1. the 1-layer model of step 1 of shape_costs (the planned model's attention, widths and vocabulary,
    routed experts stubbed), built for the probe and freed after it;
-2. its prompt forward of the shorter measured length, the median of `REPEATS`, back to back (the
-   level the fit was priced at: moeinfer/planning/in_turn.py; of 9, the probe moved 1.00-1.13 within
-   one benchmark run where the plans' speeds did not), and its one-token decode step
-   (`shape_costs.decode_seconds`, as step 5 of shape_costs measured it);
-3. speeds = the profile's figure / the time now (> 1: faster than profiled): for prompts the fit for
-   step 2's forward (`ShapeCosts.reference_seconds`: the reference every prompt figure of the shape
-   was priced against), for decode the shape's decode step (`ShapeCosts.decode_reference_s`; where
-   not measured, the prompt speed). The planner scales a plan's prefill prediction by the first, its
-   decode prediction by the second (`Prediction.machine_speed`, `machine_decode_speed`); rankings do
-   not change. One speed for both had scaled decode by a prompt's 1.11-1.25x where the plans' decode
-   did not follow (fifteenth session, runs f and g).
+2. rounds (one to warm up, then at least `REPEATS` and at least `LEAST_S` seconds of them: on the
+   shipped model's shape one prompt's probe of 21 rounds moved 0.52-0.66 between 12 probes in a
+   row), each as a generation meets its next prompt: `AFTER_STEPS` one-token decode steps through a
+   KV cache, then a prompt forward of the shorter measured length.
+   The prompt's median is the state a prompt meets in use (after decode steps), the steps' median a
+   decode step (as step 5 of shape_costs measured it). Until the sixteenth session the prompts ran
+   back to back and the profile's `after_decode` (measured once, with the profile) priced the state:
+   it read 1.05 in a profile where, that afternoon, the shipped model's prompt ran 1.34x slower right
+   after a generation than back to back (the probe's model: 1.28x), and every plan's prefill measured
+   0.6-0.7x its prediction (docs/planner.md, sixteenth session);
+3. speeds = the profile's figure / the time now (> 1: faster than profiled): for prompts the fit's
+   prediction of step 2's forward (`ShapeCosts.reference_seconds()` x `after_decode`: the figure every
+   prompt cost of the shape is priced from), so a plan's prompt costs come out as the fit's x the probe's
+   time now over the fit's reference — the state measured now, not the profile's `after_decode`; for
+   decode the shape's decode step (`ShapeCosts.decode_reference_s`; where not measured, the prompt
+   speed). The planner scales a plan's prefill prediction by the first, its decode prediction by the
+   second (`Prediction.machine_speed`, `machine_decode_speed`); rankings do not change. One speed for
+   both had scaled decode by a prompt's 1.11-1.25x where the plans' decode did not follow (fifteenth
+   session, runs f and g).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from moeinfer.config import ModelConfig
-from moeinfer.planning.shape_costs import ShapeCosts, decode_seconds, prefill_in_turn, random_model
+from moeinfer.planning.shape_costs import (
+    AFTER_STEPS, ShapeCosts, decode_steps, prefill_seconds, prompt_ids, random_model)
 
-REPEATS = 21
+REPEATS, LEAST_S, MAX_REPEATS = 21, 1.5, 201  # step 2: rounds (at least; for at least LEAST_S seconds)
 
 
 @dataclass(frozen=True)
@@ -47,15 +59,28 @@ def shape_model(config: ModelConfig, dtype: str, device: str) -> Any:
     return random_model(config, 1, getattr(torch, dtype), torch.device(device))
 
 
-def probe_seconds(model: Any, tokens: int) -> float:
-    """Step 2: the median of REPEATS prompt forwards of `tokens` tokens of `model`."""
-    return prefill_in_turn([model], REPEATS, tokens)[0]
+def probe_seconds(model: Any, tokens: int, *, repeats: int = REPEATS, least_s: float | None = None,
+                  steps: int = AFTER_STEPS, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """Step 2: (the median prompt forward of `tokens` tokens right after `steps` decode steps, the median
+    decode step) over at least `repeats` rounds and at least `least_s` seconds of them (at most
+    `MAX_REPEATS` rounds), a first round warming up (`least_s` None: `LEAST_S`)."""
+    least_s = LEAST_S if least_s is None else least_s
+    ids = prompt_ids(tokens)
+    prompts: list[float] = []
+    decodes: list[float] = []
+    decode_steps(model, steps)  # the warm-up round
+    prefill_seconds(model, ids)
+    start = clock()
+    while len(prompts) < MAX_REPEATS and (len(prompts) < repeats or clock() - start < least_s):
+        decodes += decode_steps(model, steps)
+        prompts.append(prefill_seconds(model, ids))
+    return statistics.median(prompts), statistics.median(decodes)
 
 
 def machine_speed(costs: ShapeCosts, config: ModelConfig, dtype: str, device: str) -> MachineSpeed:
     """Step 3: the profile's figures over the probe's times now."""
-    model = shape_model(config, dtype, device)
-    prompt = costs.reference_seconds() / probe_seconds(model, costs.tokens[0])
+    prompt_s, decode_s = probe_seconds(shape_model(config, dtype, device), costs.tokens[0])
+    prompt = costs.reference_seconds() * costs.after_decode / prompt_s
     if costs.decode_reference_s <= 0:
         return MachineSpeed(prompt=prompt, decode=prompt)
-    return MachineSpeed(prompt=prompt, decode=costs.decode_reference_s / decode_seconds(model))
+    return MachineSpeed(prompt=prompt, decode=costs.decode_reference_s / decode_s)

@@ -58,22 +58,61 @@ def test_no_probe_without_this_machines_costs_for_the_shape(profile, monkeypatch
     assert calls == [] and plan.predicted.machine_speed == 1.0
 
 
+def _scripted(monkeypatch, prompt_s: float = 1e-3, decode_s: float = 5e-4):
+    """The probe's model calls scripted: decode steps take `decode_s` (each round's three steps 0.5x, 1x,
+    1.5x it), prompts `prompt_s`; the warm-up round 100x both. Returns the calls in order."""
+    calls = []
+
+    def steps(model, steps=16):
+        calls.append(("decode", model))
+        scale = 100 if len(calls) == 1 else 1
+        return [scale * decode_s * f for f in (0.5, 1.0, 1.5)]
+
+    def prompt(model, ids):
+        calls.append(("prompt", model, ids.shape[1]))
+        return (100 if len(calls) == 2 else 1) * prompt_s
+
+    monkeypatch.setattr(speed_probe, "decode_steps", steps)
+    monkeypatch.setattr(speed_probe, "prefill_seconds", prompt)
+    return calls
+
+
 def test_the_speeds_are_the_profiles_figures_over_the_probes(monkeypatch):
-    seen, decoded = [], []
-    monkeypatch.setattr(speed_probe, "prefill_in_turn", lambda models, repeats, tokens: seen.append(
-        (models[0], repeats, tokens)) or [1e-3])
-    monkeypatch.setattr(speed_probe, "decode_seconds", lambda model: decoded.append(model) or 5e-4)
+    calls = _scripted(monkeypatch)
+    monkeypatch.setattr(speed_probe, "LEAST_S", 0.0)
     fit = COSTS.layer_s + 31 * COSTS.layer_token_s + COSTS.forward_s + 31 * COSTS.forward_token_s
     assert COSTS.reference_seconds() == pytest.approx(fit)
     config = config_of("tiny")
-    got = speed_probe.machine_speed(COSTS, config, "bfloat16", "cpu")
-    assert (got.prompt, got.decode) == pytest.approx((fit / 1e-3, 4e-4 / 5e-4))
-    ((model, repeats, tokens),) = seen
-    assert (repeats, tokens) == (speed_probe.REPEATS, 32)  # the shorter measured length
-    assert decoded == [model]  # the same model's decode step
+    costs = replace(COSTS, after_decode=1.25)
+    got = speed_probe.machine_speed(costs, config, "bfloat16", "cpu")
+    # prompts: the fit's price of the probe's prompt (after decode steps: x after_decode) over its time now
+    assert (got.prompt, got.decode) == pytest.approx((1.25 * fit / 1e-3, 4e-4 / 5e-4))
+    # a warm-up round, then REPEATS rounds, each a prompt of the shorter measured length right after decode steps
+    assert len(calls) == 2 * (speed_probe.REPEATS + 1)
+    assert [c[0] for c in calls] == ["decode", "prompt"] * (speed_probe.REPEATS + 1)
+    assert {c[2] for c in calls if c[0] == "prompt"} == {32}
+    model = calls[0][1]
+    assert {c[1] for c in calls} == {model}  # one model throughout
     # the shape's 1-layer model, experts stubbed (shape_costs step 1)
     assert len(model.moe_blocks()) == 1 and model.config.hidden_size == config.hidden_size
     assert type(model.moe_blocks()[0].experts).__name__ == "_NoExperts"
     # a profile without a decode figure (older shape costs): the prompt speed for both
     old = speed_probe.machine_speed(replace(COSTS, decode_reference_s=0.0), config, "bfloat16", "cpu")
     assert old.decode == old.prompt == pytest.approx(fit / 1e-3)
+
+
+def test_the_probe_runs_for_at_least_its_seconds_and_at_most_its_rounds(monkeypatch):
+    calls = _scripted(monkeypatch)
+    now = [0.0]
+
+    def clock():  # each reading 0.25 s later
+        now[0] += 0.25
+        return now[0]
+
+    speed_probe.probe_seconds(object(), 32, repeats=3, least_s=1.0, clock=clock)
+    rounds = sum(c[0] == "prompt" for c in calls) - 1  # less the warm-up round
+    assert rounds == 6  # 3 rounds took 0.25 s of the clock, the 6th ended at 1 s
+    calls.clear()
+    now[0] = 0.0
+    speed_probe.probe_seconds(object(), 32, repeats=3, least_s=1e9, clock=clock)
+    assert sum(c[0] == "prompt" for c in calls) - 1 == speed_probe.MAX_REPEATS
