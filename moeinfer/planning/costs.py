@@ -8,15 +8,19 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
 - the dense part of a MoE layer (attention, norms, router), on the dense path a planned model runs
   (moeinfer/planning/dense.py): layer_fixed_s + dense bytes / that path's one-token read rate
   (`MachineProfile.dense_read_rate`) or its matmul flops / its matmul rate in the checkpoint's dtype,
-  whichever is larger, + (T - 1) layer_token_s for a forward of T tokens;
+  whichever is larger, + (T - 1) layer_token_s for a forward of T tokens; where the profile holds the
+  model's shape, a one-row decode step's dense part is the one measured on that shape
+  (`ShapeCosts.decode_layer_s`, the rates above adding what more rows cost) and so are the step's
+  once-a-step costs (`decode_step_s`: embeddings, final norm, LM head row, Python);
 - an expert of layer l at precision p_l with t tokens: the fitted rate of that precision and kernel,
   expert_fixed_s + max(stored bytes / bytes_per_s, 6 D I t / flops_per_s) + (t - 1) slot_s, plus the experts
   module's call_s once per layer (charged with the dense part); bytes_per_s is the rate of weights
   streamed from memory (`stream_bytes_per_s`) when the weights a decode step reads (dense part, LM
   head, top-k experts of every layer) do not fit in the last-level cache (`MachineProfile.streams`),
   else the in-cache one;
-- once per step: step_fixed_s + the LM head likewise, for the last position of each sequence the step
-  holds (generation keeps those logits only: a prompt's forward, one row);
+- once per step: step_fixed_s + the LM head likewise (or the shape's `decode_step_s`), for the last
+  position of each sequence the step holds (generation keeps those logits only: a prompt's forward,
+  one row);
 - a step holding prompt rows (more rows than sequences) instead pays, per layer and once, the costs
   outside the routed experts measured on the model's own shapes where the profile holds them
   (`MachineProfile.shapes`, moeinfer/planning/shape_costs.py: a short prefill is mostly per-call
@@ -164,11 +168,23 @@ class MeasuredCosts:
     def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float:
         if self.shape_costs is not None and tokens > sequences:  # prompt rows: measured on the model's shapes
             return self.shape_costs.layer(tokens) + self.rates[layer].call_s
-        s = self.sizes
-        work = max(s.dense_params_per_layer * s.dtype_bytes / self.dense_bw,
-                   2.0 * s.dense_params_per_layer * tokens / self.flops)
         per_token = max(0, tokens - 1) * self.profile.layer_token_s
-        return self.profile.layer_fixed_s + self.rates[layer].call_s + work + per_token + self._in_situ(layer, tokens)
+        return (self._dense_rows_s(self.sizes.dense_params_per_layer, tokens) + self._decode_layer_fixed()
+                + self.rates[layer].call_s + per_token + self._in_situ(layer, tokens))
+
+    def _dense_rows_s(self, params: int, tokens: int) -> float:
+        """A matmul of `params` dense weights on `tokens` rows: its read or its flops, whichever is larger."""
+        s = self.sizes
+        return max(params * s.dtype_bytes / self.dense_bw, 2.0 * params * tokens / self.flops)
+
+    def _decode_layer_fixed(self) -> float:
+        """What one layer of a decode step pays beyond its dense matmuls: the layer's decode step measured on
+        the model's shape (`ShapeCosts.decode_layer_s`) less the matmuls' price for one row (the profile's
+        rates then give only how a step grows with rows); the profile's layer_fixed_s where not measured."""
+        c = self.shape_costs
+        if c is None or c.decode_layer_s <= 0:
+            return self.profile.layer_fixed_s
+        return c.decode_layer_s - self._dense_rows_s(self.sizes.dense_params_per_layer, 1)
 
     def _in_situ(self, layer: int, tokens: int) -> float:
         """A one-row decode step's expert stage as measured in a model of this shape, less what the fit
@@ -193,11 +209,12 @@ class MeasuredCosts:
         return self._fit_expert_s(layer, tokens)
 
     def head_s(self, tokens: int, rows: int = 1) -> float:
-        s = self.sizes
-        if self.shape_costs is not None and rows > tokens:  # prompt rows; the measured forward kept one head row
-            return self.shape_costs.forward(rows) + 2.0 * s.head_params * (tokens - 1) / self.flops
-        work = max(s.head_params * s.dtype_bytes / self.dense_bw, 2.0 * s.head_params * tokens / self.flops)
-        return self.profile.step_fixed_s + work
+        s, c = self.sizes, self.shape_costs
+        if c is not None and rows > tokens:  # prompt rows; the measured forward kept one head row
+            return c.forward(rows) + 2.0 * s.head_params * (tokens - 1) / self.flops
+        if c is not None and c.decode_step_s > 0:  # a decode step's once-a-step costs, measured on the shape
+            return c.decode_step_s + self._dense_rows_s(s.head_params, tokens) - self._dense_rows_s(s.head_params, 1)
+        return self.profile.step_fixed_s + self._dense_rows_s(s.head_params, tokens)
 
 
 def layer_seconds(trace: Any, costs: MeasuredCosts) -> tuple[list[float], float]:

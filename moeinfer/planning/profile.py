@@ -75,7 +75,6 @@ from moeinfer.cpuinfo import cpu_flags, cpu_name, last_level_cache_bytes
 from moeinfer.fsutil import atomic_write_text
 from moeinfer.arch import parse_config
 from moeinfer.compress.methods.quantize_layers import layer_quantizer
-from moeinfer.engine.generate import generate
 from moeinfer.formats.quant.groupwise import num_groups
 from moeinfer.formats.quant.packing import packed_cols
 from moeinfer.formats.quantized_experts import QuantizedExperts
@@ -90,7 +89,7 @@ from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
 from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn, timed
-from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids
+from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids, token_stamps
 
 PROFILE_VERSION = 15  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
@@ -481,14 +480,7 @@ def decode_gap_rounds(models: list[Any], rounds: int, tokens: int = 16,
     for r in range(rounds + 1):  # round 0 warms up
         row = []
         for i, m in enumerate(models):
-            stamps: list[float] = []
-            counts: list[float] = []
-
-            def on_token(b: Any, t: Any, d: Any, m: Any = m) -> None:
-                stamps.append(time.perf_counter())
-                if count is not None:
-                    counts.append(count(m))
-            generate(m, [[1, 2, 3]], max_new_tokens=tokens, ignore_eos=True, on_token=on_token)
+            stamps, counts = token_stamps(m, tokens, count)
             gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
             row.append(gaps[len(gaps) // 2])
             if counts:

@@ -36,9 +36,19 @@ Shapes: T tokens of one prompt, n MoE layers of the measured models.
    second's (at least 1) scales every prompt cost of the shape (its dense part, its forward, its
    experts: moeinfer/planning/costs.py). It moved 1.22-1.40 between measurements on the Intel
    machine (the round-to-round ratios spread 0.4-2.1);
-5. the 1-layer model's one-token decode step through a KV cache, the median of `DECODE_ROUNDS`
-   generations' steps (`ShapeCosts.decode_reference_s`): the plan-time probe times it again and
-   scales decode predictions by it, prompts by step 2's reference (moeinfer/planning/speed_probe.py).
+5. decode steps of the 1- and 3-layer models as a generation runs them (`decode_steps`: the time
+   between tokens of a greedy generation, so the engine's prepared decode program and the loop's own
+   work count), a generation of each in turn in every one of `DECODE_ROUNDS` rounds (a generation's
+   median step), the 3-layer model's priced against the 1-layer's: per MoE layer half their
+   difference (`ShapeCosts.decode_layer_s`), per step the 1-layer model's less one layer
+   (`decode_step_s`), and the 1-layer model's step itself (`decode_reference_s`), which the plan-time probe times again to scale decode predictions (prompts:
+   by step 2's reference; moeinfer/planning/speed_probe.py). Until the sixteenth session a decode
+   step's dense part was priced from the profile's figures of a 2-head, 64-wide model, an
+   extrapolation to any other shape (for the shipped shape on the Intel machine they happen to agree:
+   171 us a layer and 295 a step, against 175 and 301 measured here). Timed as one-token forwards
+   outside a generation, the same stubbed layer took 231-252 us: `generate` runs the engine's prepared
+   decode program, and so do the plans the benchmark times (the shipped model's int4 step: 1.68 ms
+   outside, 1.31 ms inside a generation).
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,6 +64,7 @@ import torch
 from torch import nn
 
 from moeinfer.config import ModelConfig
+from moeinfer.engine.generate import generate
 from moeinfer.model.kv_cache import KVCache
 from moeinfer.model.meta import meta_parameters
 from moeinfer.model.moe import Routing
@@ -63,8 +75,8 @@ from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn, timed
 PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model's context is shorter)
 ROUNDS = 15  # step 2's rounds
 AFTER_STEPS, AFTER_ROUNDS = 16, 31  # step 4: decode steps before the timed prompt, rounds
-DECODE_ROUNDS = 7  # step 5: generations of AFTER_STEPS decode steps
-VERSION = 6  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
+DECODE_ROUNDS = 15  # step 5: rounds of a generation of AFTER_STEPS decode steps per model
+VERSION = 8  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,10 @@ class ShapeCosts:
     # step 5: the 1-layer model's one-token decode step (0: not measured), what the plan-time probe
     # compares a decode step with (moeinfer/planning/speed_probe.py)
     decode_reference_s: float = 0.0
+    # step 5: a one-token decode step's dense part per MoE layer, and what the step pays once (0: not
+    # measured; the profile's figures price decode)
+    decode_layer_s: float = 0.0
+    decode_step_s: float = 0.0
 
     def layer(self, tokens: int) -> float:
         """One MoE layer's dense part (attention, norms, router, shared expert) for `tokens` rows."""
@@ -177,24 +193,41 @@ def prefill_seconds(model: Any, ids: torch.Tensor) -> float:
         return timed(lambda: model(ids.to(model.device), cache=cache, logits_to_keep=1), model.device)()
 
 
+def token_stamps(model: Any, tokens: int, count: Callable[[Any], float] | None = None) -> tuple[list[float], list[float]]:
+    """A greedy generation of `tokens` tokens from a 3-token prompt, as a generation runs them (the
+    engine's prepared decode program where it has one, and the loop's own work): the clock at every
+    token, and `count(model)` (optional: e.g. the expert loads so far) at every token."""
+    stamps: list[float] = []
+    counts: list[float] = []
+
+    def on_token(*_: Any) -> None:
+        stamps.append(time.perf_counter())
+        if count is not None:
+            counts.append(count(model))
+
+    generate(model, [[1, 2, 3]], max_new_tokens=tokens, ignore_eos=True, on_token=on_token)
+    return stamps, counts
+
+
 def decode_steps(model: Any, steps: int = AFTER_STEPS) -> list[float]:
-    """Seconds of each of `steps` one-token forwards through a fresh KV cache (a generation's decode
-    steps; the first, which builds the cache, not counted)."""
-    ids = prompt_ids(steps + 1).to(model.device)
-    cache = KVCache(model.config, batch_size=1, max_length=steps + 1, device=model.device, dtype=model.dtype)
-    with torch.inference_mode():
-        times = [timed(lambda s=s: model(ids[:, s:s + 1], cache=cache), model.device)() for s in range(steps + 1)]
-    return times[1:]
+    """Seconds of each of `steps` decode steps of a greedy generation: the time between consecutive
+    tokens (`token_stamps`; the prompt's forward and the first step not counted). Timed one-token
+    forwards of the model outside `generate` missed its prepared decode program: on the Intel machine
+    the shipped model's int4 step took 1.68 ms that way and 1.31 ms in a generation."""
+    stamps, _ = token_stamps(model, steps + 2)
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
 
 
-def decode_seconds(model: Any, rounds: int = DECODE_ROUNDS) -> float:
-    """Step 5: the median decode step of `model` over `rounds` generations of AFTER_STEPS steps."""
-    return statistics.median(t for _ in range(rounds) for t in decode_steps(model))
+def decode_in_turn(models: list[Any], rounds: int = DECODE_ROUNDS) -> list[float]:
+    """Step 5: per model, its median decode step of a generation, the models taking turns for `rounds`
+    rounds, priced against the first model's (moeinfer/planning/in_turn.py)."""
+    calls = [lambda m=m: statistics.median(decode_steps(m)) for m in models]
+    return priced_by_reference(rounds_in_turn(calls, rounds))
 
 
 def after_decode(model: Any, tokens: int, *, steps: int = AFTER_STEPS, rounds: int = AFTER_ROUNDS) -> float:
-    """Step 4: per round, `steps` one-token forwards through a KV cache (a generation), then a prefill
-    forward of `tokens` tokens twice; the median over the rounds of the first's time over the second's,
+    """Step 4: per round, a generation of `steps` decode steps (`decode_steps`), then a prefill forward
+    of `tokens` tokens twice; the median over the rounds of the first's time over the second's,
     at least 1."""
     ids = prompt_ids(tokens)
     ratios = []
@@ -233,6 +266,9 @@ def measure_shape_costs(config: ModelConfig, dtype: str, device: torch.device | 
     layer = tuple(max(0.0, (c - a) / 2) for a, c in zip(one, three))
     forward = tuple(max(0.0, a - ly) for a, ly in zip(one, layer))
     (ls, lt), (fs, ft) = fit_line(at, layer), fit_line(at, forward)
+    one_step, three_steps = decode_in_turn(models)  # step 5
+    decode_layer = max(0.0, (three_steps - one_step) / 2)
     return ShapeCosts(layer_s=ls, layer_token_s=lt, forward_s=fs, forward_token_s=ft, tokens=at,
-                      after_decode=after_decode(models[1], at[0]), decode_reference_s=decode_seconds(models[0]),
+                      after_decode=after_decode(models[1], at[0]), decode_reference_s=one_step,
+                      decode_layer_s=decode_layer, decode_step_s=max(0.0, one_step - decode_layer),
                       measured=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeinfer.planning import profile
+from moeinfer.planning import profile, shape_costs
 from moeinfer.planning.profile import ExpertRate
 
 
@@ -54,13 +54,13 @@ def test_decode_gaps_time_generation_steps(monkeypatch):
     """The real helper runs greedy generations of `tokens` tokens per model per round (plus a warm-up
     round) and returns one finite figure per model (no timing is asserted)."""
     runs = []
-    real = profile.generate
+    real = shape_costs.generate
 
     def counting_generate(model, prompts, **kw):
         runs.append((id(model), kw["max_new_tokens"]))
         return real(model, prompts, **kw)
 
-    monkeypatch.setattr(profile, "generate", counting_generate)
+    monkeypatch.setattr(shape_costs, "generate", counting_generate)
     models = [profile._tiny_model(layers, torch.device("cpu")) for layers in (1, 3)]
     gaps, _ = profile.decode_gaps_in_turn(models, repeats=2, tokens=6)
     assert len(gaps) == 2 and all(0 < g < float("inf") for g in gaps)

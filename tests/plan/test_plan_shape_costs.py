@@ -57,7 +57,7 @@ def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkey
     after = []
     monkeypatch.setattr(shape_costs, "after_decode", lambda model, tokens: after.append((model, tokens)) or 1.25)
     decoded = []
-    monkeypatch.setattr(shape_costs, "decode_seconds", lambda model: decoded.append(model) or 3e-4)
+    monkeypatch.setattr(shape_costs, "decode_in_turn", lambda models: decoded.append(models) or [3e-4, 7e-4])
     config = config_of("tiny")
     got = shape_costs.measure_shape_costs(config, "bfloat16")
     assert [(t, n) for t, n, _ in seen[:4]] == [(32, 1), (32, 3), (256, 1), (256, 3)]
@@ -68,8 +68,10 @@ def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkey
     # step 4 on the 3-layer model at the shorter prompt scales every prompt cost
     assert len(after) == 1 and after[0][0] is seen[1][2] and after[0][1] == 32
     assert got.after_decode == 1.25
-    # step 5: the 1-layer model's decode step, what the plan-time probe compares a decode step with
-    assert decoded == [seen[0][2]] and got.decode_reference_s == 3e-4
+    # step 5: the 1- and 3-layer models' decode steps in turn: per layer half their difference, per step the
+    # rest; the 1-layer model's step is what the plan-time probe compares a decode step with
+    assert decoded == [[seen[0][2], seen[1][2]]] and got.decode_reference_s == 3e-4
+    assert (got.decode_layer_s, got.decode_step_s) == pytest.approx((2e-4, 1e-4))
     assert got.layer(64) == pytest.approx(1.25 * (1e-4 + 63 * 3e-6)) and got.forward(1) == pytest.approx(1.25 * 4e-4)
     # a context shorter than the longer prompt: both lengths fit in it
     short = replace(config, max_position_embeddings=100)
@@ -78,38 +80,30 @@ def test_prefill_costs_are_the_layers_difference_and_the_rest_per_forward(monkey
 
 
 def test_after_decode_is_the_median_ratio_of_a_prompt_after_decode_steps_to_one_after_itself(monkeypatch):
-    """Step 4: each round runs decode steps, then the prompt twice; the first over the second, median of
-    the rounds (warm-up round dropped), at least 1; an experts' cost is scaled alike."""
+    """Step 4: each round runs a generation's decode steps, then the prompt twice; the first over the
+    second, median of the rounds (warm-up round dropped), at least 1; an experts' cost is scaled alike."""
     calls = []
-
-    class Model:
-        config, device, dtype = config_of("tiny"), torch.device("cpu"), torch.float32
-
-        def __call__(self, ids, cache=None, **kw):
-            calls.append(ids.shape[1])
-
+    monkeypatch.setattr(shape_costs, "decode_steps", lambda model, steps: calls.append(("decode", steps)) or [])
     times = iter([9.0, 1.0] + [3.0, 2.0, 2.0, 2.0, 5.0, 2.0])  # warm-up round, then ratios 1.5, 1.0, 2.5
-    monkeypatch.setattr(shape_costs, "prefill_seconds", lambda model, ids: next(times))
-    assert shape_costs.after_decode(Model(), 8, steps=4, rounds=3) == pytest.approx(1.5)
-    assert calls == [1] * 5 * 4  # each round: the steps' one-token forwards (plus the first), before the prompts
+
+    def prompt(model, ids):
+        calls.append(("prompt", ids.shape[1]))
+        return next(times)
+
+    monkeypatch.setattr(shape_costs, "prefill_seconds", prompt)
+    assert shape_costs.after_decode(object(), 8, steps=4, rounds=3) == pytest.approx(1.5)
+    assert calls == [("decode", 4), ("prompt", 8), ("prompt", 8)] * 4  # each round: the steps, then the prompts
     times = iter([1.0, 1.0] + [1.0, 2.0] * 3)  # a prompt faster after decode steps (noise): 1, not less
-    assert shape_costs.after_decode(Model(), 8, steps=4, rounds=3) == 1.0
+    assert shape_costs.after_decode(object(), 8, steps=4, rounds=3) == 1.0
     scaled = replace(COSTS, after_decode=2.0)
     assert scaled.expert("int4", 10) == pytest.approx(2 * COSTS.expert("int4", 10))
     assert scaled.expert("int4", 10, offloaded=True) == pytest.approx(2 * COSTS.expert("int4", 10, offloaded=True))
 
 
-def test_decode_steps_are_one_token_forwards_through_a_kv_cache_the_first_not_counted(monkeypatch):
-    """Step 5: each step one token through the same cache; its seconds from a scripted clock (each forward
-    takes the next duration); decode_seconds: the median step over the rounds."""
+def test_decode_steps_are_the_gaps_between_a_generations_tokens_the_prompt_and_first_step_not_counted(monkeypatch):
+    """Step 5: a greedy generation of steps + 2 tokens; its seconds from a scripted clock (the prompt's
+    forward, then each decode step, takes the next duration before its token)."""
     seen = []
-
-    class Model:
-        config, device, dtype = config_of("tiny"), torch.device("cpu"), torch.float32
-
-        def __call__(self, ids, cache=None, **kw):
-            seen.append((ids.shape, cache))
-            clock.now += next(durations)
 
     class Clock:
         now = 0.0
@@ -118,12 +112,43 @@ def test_decode_steps_are_one_token_forwards_through_a_kv_cache_the_first_not_co
             return self.now
 
     clock = Clock()
+
+    def fake_generate(model, prompts, *, max_new_tokens, ignore_eos, on_token):
+        seen.append((model, prompts, max_new_tokens, ignore_eos))
+        for _ in range(max_new_tokens):
+            clock.now += next(durations)
+            on_token(0, 0, None)
+
     monkeypatch.setattr(shape_costs.time, "perf_counter", clock)
-    durations = iter([9.0, 1.0, 3.0, 2.0])
-    assert shape_costs.decode_steps(Model(), steps=3) == pytest.approx([1.0, 3.0, 2.0])
-    assert [shape for shape, _ in seen] == [(1, 1)] * 4 and len({id(c) for _, c in seen}) == 1
-    durations = iter([9.0] + [5.0] * 16 + [9.0] + [1.0] * 16 + [9.0] + [2.0] * 16)
-    assert shape_costs.decode_seconds(Model(), rounds=3) == pytest.approx(2.0)
+    monkeypatch.setattr(shape_costs, "generate", fake_generate)
+    durations = iter([9.0, 7.0, 1.0, 3.0, 2.0])  # prompt, first step, then the counted steps
+    assert shape_costs.decode_steps("model", steps=3) == pytest.approx([1.0, 3.0, 2.0])
+    assert seen == [("model", [[1, 2, 3]], 5, True)]
+
+
+def test_decode_steps_run_on_the_stubbed_shape_model():
+    """The generation runs through the model of the shape with its routed experts stubbed."""
+    model = shape_costs.random_model(config_of("tiny"), 1, torch.bfloat16, torch.device("cpu"))
+    steps = shape_costs.decode_steps(model, steps=3)
+    assert len(steps) == 3 and all(t > 0 for t in steps)
+
+
+def test_decode_steps_in_turn_are_priced_against_the_first_model(monkeypatch):
+    """Step 5: per round a generation of each model in turn (its median step), priced against the first
+    model's: the machine drifting from round to round, or one generation's one-off fast run, leaves the
+    figures on the truth at the median round's level."""
+    order = []
+    drift = [3.0, 0.8, 2.0, 1.6] + [1.0] * (shape_costs.DECODE_ROUNDS - 3)  # per round (warm-up first)
+
+    def steps(model, steps=16):
+        order.append(model)
+        r = (len(order) - 1) // 2
+        blip = 0.5 if (r, model) == (5, "three") else 1.0
+        return [drift[r] * blip * t for t in ({"one": 4e-4, "three": 8e-4}[model], 1.0, 1e-6)]  # median: the first
+
+    monkeypatch.setattr(shape_costs, "decode_steps", steps)
+    assert shape_costs.decode_in_turn(["one", "three"]) == pytest.approx([4e-4, 8e-4])
+    assert order == ["one", "three"] * (shape_costs.DECODE_ROUNDS + 1)
 
 
 def test_the_timed_models_have_the_planned_shapes_and_no_routed_experts():
@@ -422,6 +447,46 @@ def test_a_one_row_decode_steps_experts_cost_what_a_model_of_the_shape_measured(
     assert shaped.dense_s(0, 4, 4) == plain.dense_s(0, 4, 4)  # a batched decode step: the fit
     bf16 = MeasuredCosts(sizes, _shaped(base), ["bf16"] * L, kernel="reference")  # not measured: the fit
     assert bf16.dense_s(0, 1, 1) == MeasuredCosts(sizes, base, ["bf16"] * L, kernel="reference").dense_s(0, 1, 1)
+
+
+def test_a_decode_steps_dense_part_and_once_a_step_costs_are_the_shapes():
+    """Where the shape's decode step was measured (shape_costs step 5), a one-row decode step's dense part
+    per layer is decode_layer_s (plus the experts' call) and its once-a-step costs decode_step_s; more
+    rows add what the profile's rates price them at; prompts are unchanged."""
+    sizes = sizes_from_checkpoint("tiny")
+    L, K = sizes.num_layers, sizes.top_k
+    base = synthetic_profile()
+    measured = replace(COSTS, decode_layer_s=2e-4, decode_step_s=1e-4)
+    plain = MeasuredCosts(sizes, _shaped(base), ["bf16"] * L, kernel="reference")
+    shaped = MeasuredCosts(sizes, _shaped(base, measured), ["bf16"] * L, kernel="reference")
+    call = base.rate("bf16/reference").call_s
+    assert shaped.dense_s(0, 1, 1) == pytest.approx(2e-4 + call)
+    assert shaped.head_s(1, 1) == pytest.approx(1e-4)
+    for rows in (2, 4):  # batched decode steps: the measured row plus the rates' growth
+        assert shaped.dense_s(0, rows, rows) - shaped.dense_s(0, 1, 1) == pytest.approx(
+            plain.dense_s(0, rows, rows) - plain.dense_s(0, 1, 1))
+        assert shaped.head_s(rows, rows) - shaped.head_s(1, 1) == pytest.approx(
+            plain.head_s(rows, rows) - plain.head_s(1, 1))
+    assert shaped.dense_s(0, 64, 1) == plain.dense_s(0, 64, 1) and shaped.head_s(1, 64) == plain.head_s(1, 64)
+    # a resident one-row step: the layers' measured dense parts, their experts, the step's once-a-step costs
+    per_layer, steps = layer_seconds(_one_row_trace(sizes), shaped)
+    assert steps == pytest.approx(1e-4)
+    assert per_layer[0] == pytest.approx(2e-4 + call + K * shaped.expert_s(0, 1))
+    # with int4's decode experts measured in situ too: the step's layer is both figures
+    int4 = MeasuredCosts(sizes, _shaped(base, measured), ["int4"] * L, kernel="reference")
+    assert int4.dense_s(0, 1, 1) + K * int4.expert_s(0, 1) == pytest.approx(2e-4 + 9e-5)
+
+
+def _one_row_trace(sizes):
+    """One decode step of one sequence: top-k experts 0.. in every layer."""
+    import numpy as np
+
+    from moeinfer.traces.trace import RoutingTrace
+
+    L, K, E = sizes.num_layers, sizes.top_k, sizes.num_experts
+    return RoutingTrace(experts=np.tile(np.arange(K, dtype=np.int16), (1, L, 1)),
+                        weights=np.full((1, L, K), 1.0 / K, np.float32), seq=np.zeros(1, int), pos=np.zeros(1),
+                        is_prompt=np.zeros(1, bool), layers=np.arange(L), num_experts=E)
 
 
 def test_in_situ_decode_is_the_median_of_the_rounds_layer_differences(monkeypatch):
