@@ -598,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(before / after; the profile's {profile.mem_read_gbps:.1f}), fp32 matmul {before[1]:.0f} / {after[1]:.0f} "
               "GFLOP/s", flush=True)
         print(f"{budget / 1e6:9.1f} MB  machine on this model's shape (1-layer, experts stubbed): prompt of "
-              f"{probe.costs.tokens[0]} tokens after decode steps {probe_before['prompt_s'] * 1e3:.2f} / {probe_after['prompt_s'] * 1e3:.2f} ms "
+              f"{probe.costs.tokens[0]} tokens after decode steps {probe_before['prompt_s'] * 1e3:.2f} / "
+              f"{probe_after['prompt_s'] * 1e3:.2f} ms "
               f"(the profile's price {probe.profiled_s * 1e3:.2f}: speed {probe_before['prompt_speed']:.2f}x / "
               f"{probe_after['prompt_speed']:.2f}x), decode step {probe_before['decode_s'] * 1e3:.3f} / "
               f"{probe_after['decode_s'] * 1e3:.3f} ms (speed {probe_before['decode_speed']:.2f}x / "

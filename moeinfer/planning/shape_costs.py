@@ -41,8 +41,9 @@ Shapes: T tokens of one prompt, n MoE layers of the measured models.
    work count), a generation of each in turn in every one of `DECODE_ROUNDS` rounds (a generation's
    median step), the 3-layer model's priced against the 1-layer's: per MoE layer half their
    difference (`ShapeCosts.decode_layer_s`), per step the 1-layer model's less one layer
-   (`decode_step_s`), and the 1-layer model's step itself (`decode_reference_s`), which the plan-time probe times again to scale decode predictions (prompts:
-   by step 2's reference; moeinfer/planning/speed_probe.py). Until the sixteenth session a decode
+   (`decode_step_s`), and the 1-layer model's step itself (`decode_reference_s`), which the plan-time
+   probe times again to scale decode predictions (prompts: by step 2's reference;
+   moeinfer/planning/speed_probe.py). Until the sixteenth session a decode
    step's dense part was priced from the profile's figures of a 2-head, 64-wide model, an
    extrapolation to any other shape (for the shipped shape on the Intel machine they happen to agree:
    171 us a layer and 295 a step, against 175 and 301 measured here). Timed as one-token forwards
@@ -193,7 +194,8 @@ def prefill_seconds(model: Any, ids: torch.Tensor) -> float:
         return timed(lambda: model(ids.to(model.device), cache=cache, logits_to_keep=1), model.device)()
 
 
-def token_stamps(model: Any, tokens: int, count: Callable[[Any], float] | None = None) -> tuple[list[float], list[float]]:
+def token_stamps(model: Any, tokens: int,
+                 count: Callable[[Any], float] | None = None) -> tuple[list[float], list[float]]:
     """A greedy generation of `tokens` tokens from a 3-token prompt, as a generation runs them (the
     engine's prepared decode program where it has one, and the loop's own work): the clock at every
     token, and `count(model)` (optional: e.g. the expert loads so far) at every token."""

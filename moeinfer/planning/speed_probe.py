@@ -9,8 +9,8 @@ every prediction of a profile measured in a slow phase came out 1.2-1.7x too slo
    routed experts stubbed), built for the probe and freed after it;
 2. rounds (one to warm up, then at least `REPEATS` and at least `LEAST_S` seconds of them: on the
    shipped model's shape one prompt's probe of 21 rounds moved 0.52-0.66 between 12 probes in a
-   row), each as a generation meets its next prompt: `AFTER_STEPS` one-token decode steps through a
-   KV cache, then a prompt forward of the shorter measured length.
+   row), each as a generation meets its next prompt: a generation's `AFTER_STEPS` decode steps
+   (`shape_costs.decode_steps`), then a prompt forward of the shorter measured length.
    The prompt's median is the state a prompt meets in use (after decode steps), the steps' median a
    decode step (as step 5 of shape_costs measured it). Until the sixteenth session the prompts ran
    back to back and the profile's `after_decode` (measured once, with the profile) priced the state:

@@ -116,3 +116,11 @@ def test_the_probe_runs_for_at_least_its_seconds_and_at_most_its_rounds(monkeypa
     now[0] = 0.0
     speed_probe.probe_seconds(object(), 32, repeats=3, least_s=1e9, clock=clock)
     assert sum(c[0] == "prompt" for c in calls) - 1 == speed_probe.MAX_REPEATS
+
+
+def test_the_warm_up_round_takes_no_part_in_the_medians(monkeypatch):
+    prompts = iter([0.0, 1.0, 2.0, 3.0])  # the warm-up round's prompt first
+    steps = iter([[0.0] * 3, [1.0] * 3, [2.0] * 3, [3.0] * 3])
+    monkeypatch.setattr(speed_probe, "decode_steps", lambda model, steps_: next(steps))
+    monkeypatch.setattr(speed_probe, "prefill_seconds", lambda model, ids: next(prompts))
+    assert speed_probe.probe_seconds(object(), 32, repeats=3, least_s=0.0) == (2.0, 2.0)  # with it: 1.5, 1.5
