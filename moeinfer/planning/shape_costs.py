@@ -31,11 +31,12 @@ Shapes: T tokens of one prompt, n MoE layers of the measured models.
    and 12.1 ms right after a 32-token generation (best of 15; norms, attention, router and experts
    alike slower, so caches and clocks, not one op; 19.4 ms after 50 ms idle; unchanged with spinning
    OpenMP threads or with malloc never returning memory), and every plan's prompt measured 0.64-0.83x
-   its prediction. So, on the 3-layer model, per round `AFTER_STEPS` one-token forwards through a KV
-   cache, then the prompt twice: the median over `AFTER_ROUNDS` rounds of the first's time over the
-   second's (at least 1) scales every prompt cost of the shape (its dense part, its forward, its
-   experts: moeinfer/planning/costs.py). It moved 1.22-1.40 between measurements on the Intel
-   machine (the round-to-round ratios spread 0.4-2.1);
+   its prediction. So, on the 3-layer model, per round a generation's `AFTER_STEPS` decode steps
+   (`decode_steps`), then the prompt twice: the median over `AFTER_ROUNDS` rounds of the first's time
+   over the second's (at least 1) scales every prompt cost of the shape (its dense part, its forward,
+   its experts: moeinfer/planning/costs.py). It moved 1.05-1.40 between measurements on the Intel
+   machine (the round-to-round ratios spread 0.4-2.1); the plan-time probe measures that state anew
+   (moeinfer/planning/speed_probe.py), so a prediction does not rest on this figure;
 5. decode steps of the 1- and 3-layer models as a generation runs them (`decode_steps`: the time
    between tokens of a greedy generation, so the engine's prepared decode program and the loop's own
    work count), a generation of each in turn in every one of `DECODE_ROUNDS` rounds (a generation's
