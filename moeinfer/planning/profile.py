@@ -89,7 +89,8 @@ from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
 from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn, timed
-from moeinfer.planning.shape_costs import ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids, token_stamps
+from moeinfer.planning.shape_costs import (
+    ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids, step_changes, token_stamps)
 
 PROFILE_VERSION = 15  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
@@ -481,10 +482,10 @@ def decode_gap_rounds(models: list[Any], rounds: int, tokens: int = 16,
         row = []
         for i, m in enumerate(models):
             stamps, counts = token_stamps(m, tokens, count)
-            gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
+            gaps = sorted(step_changes(stamps))
             row.append(gaps[len(gaps) // 2])
             if counts:
-                steps = sorted(b - a for a, b in zip(counts[1:], counts[2:]))
+                steps = sorted(step_changes(counts))
                 per_step[i] = steps[len(steps) // 2]
         if r:
             gaps_by_round.append(row)

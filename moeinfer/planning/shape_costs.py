@@ -218,7 +218,13 @@ def decode_steps(model: Any, steps: int = AFTER_STEPS) -> list[float]:
     forwards of the model outside `generate` missed its prepared decode program: on the Intel machine
     the shipped model's int4 step took 1.68 ms that way and 1.31 ms in a generation."""
     stamps, _ = token_stamps(model, steps + 2)
-    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return step_changes(stamps)
+
+
+def step_changes(readings: list[float]) -> list[float]:
+    """Per decode step, the change of a reading taken at every token (`token_stamps`: the clock, a counter)
+    from the token before; the prompt's forward and the first step not counted."""
+    return [b - a for a, b in zip(readings[1:], readings[2:])]
 
 
 def decode_in_turn(models: list[Any], rounds: int = DECODE_ROUNDS) -> list[float]:
