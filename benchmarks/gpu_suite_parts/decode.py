@@ -118,7 +118,7 @@ def run_int4(ctx: Context) -> Result:
     result["rows"].append(dict(experts="bf16", decode_tok_s=bf16, bytes_per_token=nbytes,
                                pct_roofline=100 * bf16 * nbytes / bandwidth, cuda_graph=graph_note(model, ctx.device)))
     ctx.save(result)
-    result["profile_bf16"] = kernel_profile(model, ctx.device)
+    result["profile_bf16"] = kernel_profile(model, ctx.device, tokens=4 if ctx.dry_run else 8)
     ctx.save(result)
     group = 16 if ctx.dry_run else 128
     recipe = [{"method": "quantize", "bits": 4, "group_size": group, "algorithm": "rtn"}]
@@ -131,7 +131,7 @@ def run_int4(ctx: Context) -> Result:
                                cuda_graph=graph_note(model, ctx.device)))
     result["int4_over_bf16"] = int4 / bf16
     ctx.save(result)
-    result["profile_int4"] = kernel_profile(model, ctx.device)
+    result["profile_int4"] = kernel_profile(model, ctx.device, tokens=4 if ctx.dry_run else 8)
     return result
 
 

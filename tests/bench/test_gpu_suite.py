@@ -46,7 +46,7 @@ def mixtral_traces(folder: Path) -> Path:
 
 def test_dry_run_wires_every_part(tmp_path):
     """The whole suite on the CPU (tiny shapes, Triton's interpreter): every part ok, both files written,
-    each part's result holding what its table needs. About 40 s on a quiet 2-core machine."""
+    each part's result holding what its table needs. About 30 s on a quiet 2-core machine."""
     out = tmp_path / "gpu-results"
     traces = mixtral_traces(tmp_path / "traces")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
