@@ -43,6 +43,13 @@ them" check):
    its prompt forward right after decode steps (the planner probe's `probe_seconds`, as there) against
    the profile's price of it (the fit x `after_decode`), and its one-token decode step against the
    profile's.
+6. the same probe, short (`ROUND_PROBES` rounds), right before every round of every configuration: the
+   planner scales its predictions by the speed its probe read at plan time, and the machine moves in the
+   minutes between plan and timings (sixteenth session, run o: the probe read 0.88x then 0.57-0.65x of the
+   profile around timings planned at a faster reading). Each figure is also reported at the speed the
+   planner probed (`*_ratio_probed`: the median over rounds of the round's figure over its probe's
+   speed, times the planner's speed, against the prediction), which takes the drift out and leaves the
+   cost model's error; the plain ratio (`*_ratio`, what the issue's target reads) stays beside it.
 
 `--real-shape mixtral`: a random-weight Mixtral-8x7B-shaped checkpoint cut to `--layers` (default
 2: 6.3 GB of bf16 weights, 5.6 GB of them experts) is written once under benchmarks/.planner_real/
@@ -100,6 +107,7 @@ REAL_SHAPES = {"mixtral": ("Mixtral-8x7B", "mixtral-8x7b-instruct", ("humaneval_
                                                                       "gsm8k_2_routing.jsonl"))}
 REAL_PROMPT_TOKENS = 1  # --real-shape: one row per forward, the planner's decode view (module docstring)
 WARM_UP_TOKENS = 4
+ROUND_PROBES = 2  # step 6: probe rounds beside each configuration's round
 
 
 class Runner:
@@ -234,18 +242,31 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     return out
 
 
-def summarize(rounds: list[dict[str, float]], *, prefill: float | None = None) -> dict[str, Any]:
+# step 6: a round's figure -> the probe's speed that prices it (decode steps; prompts after decode steps)
+PROBED = {"decode_tok_s": "probe_decode_speed", "prefill_tok_s": "probe_prompt_speed"}
+
+
+def summarize(rounds: list[dict[str, float]], *, prefill: float | None = None,
+              prefill_probe: dict[str, float] | None = None) -> dict[str, Any]:
     """Median and best round of each figure (module docstring, step 3). `prefill`: the tokens/s of a
-    separate prefill forward (--real-shape), which then replaces the rounds' (one-token) prefill."""
+    separate prefill forward (--real-shape), which then replaces the rounds' (one-token) prefill;
+    `prefill_probe`: the probe taken right before it. Where the rounds carry the probe's speeds (step 6),
+    each figure also at the profile's speed: the median over rounds of the figure over its probe's speed."""
     out: dict[str, Any] = {"rounds": rounds}
     for k in ("decode_tok_s", "prefill_tok_s", "prefill_first_tok_s"):
         vals = [r[k] for r in rounds if k in r]
         if vals:
             out[k] = statistics.median(vals)
             out[f"{k}_best_round"] = max(vals)
+        at = [r[k] / r[PROBED[k]] for r in rounds if k in PROBED and k in r and PROBED[k] in r]
+        if at:
+            out[f"{k}_at_profile_speed"] = statistics.median(at)
     if prefill is not None:
         out["prefill_tok_s"] = out["prefill_tok_s_best_round"] = prefill
         out["prefill_separate_forward"] = True
+        out.pop("prefill_tok_s_at_profile_speed", None)
+        if prefill_probe is not None:
+            out["prefill_tok_s_at_profile_speed"] = prefill / prefill_probe[PROBED["prefill_tok_s"]]
     out["decode_best_step_tok_s"] = max(r["fastest_decode_step_tok_s"] for r in rounds)
     if "hit_rate" in rounds[0]:
         out["hit_rate"] = statistics.mean(r["hit_rate"] for r in rounds)
@@ -253,16 +274,26 @@ def summarize(rounds: list[dict[str, float]], *, prefill: float | None = None) -
 
 
 def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, rounds: int, tokens: int,
-                 interleave: bool, prefill_prompt: list[int] | None = None) -> dict[str, dict[str, Any]]:
+                 interleave: bool, prefill_prompt: list[int] | None = None,
+                 probe: Callable[[], dict[str, float]] | None = None) -> dict[str, dict[str, Any]]:
     """Step 2 for the configurations of one budget (name -> plan): name -> `summarize` of its rounds.
     `prefill_prompt` (not interleaved only): one prefill forward of it per configuration, after its
-    rounds (`Runner.prefill`), so the rounds see the cache exactly as without it."""
+    rounds (`Runner.prefill`), so the rounds see the cache exactly as without it. `probe` (step 6): called
+    right before each round (and before the separate prefill forward), its speeds kept with that round."""
     names = list(configs)
     got: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     pre: dict[str, float] = {}
+    pre_probe: dict[str, dict[str, float]] = {}
     if interleave and prefill_prompt is not None:
         raise ValueError("a separate prefill forward is measured only with interleave=False")
     runs_as: dict[str, str] = {}
+
+    def probed(call: Callable[[], Any]) -> tuple[dict[str, float], Any]:
+        return (probe() if probe is not None else {}), call()
+
+    def one_round(run: Runner) -> dict[str, float]:
+        speeds, out = probed(lambda: run.round(tokens))
+        return {**out, **speeds}
     if interleave:
         runners = {n: make(configs[n]) for n in names}
         runs_as = {n: run.runs_as() for n, run in runners.items()}
@@ -270,7 +301,7 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
             for r in range(rounds):
                 for i in range(len(names)):
                     n = names[(r + i) % len(names)]  # each round starts at another configuration
-                    got[n].append(runners[n].round(tokens))
+                    got[n].append(one_round(runners[n]))
         finally:
             for run in runners.values():
                 run.close()
@@ -279,12 +310,13 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
             run = make(configs[n])
             runs_as[n] = run.runs_as()
             try:
-                got[n] = [run.round(tokens) for _ in range(rounds)]
+                got[n] = [one_round(run) for _ in range(rounds)]
                 if prefill_prompt is not None:
-                    pre[n] = run.prefill(prefill_prompt)
+                    pre_probe[n], pre[n] = probed(lambda: run.prefill(prefill_prompt))
             finally:
                 run.close()
-    return {n: {**summarize(got[n], prefill=pre.get(n)), "runs_as": runs_as[n]} for n in names}
+    return {n: {**summarize(got[n], prefill=pre.get(n), prefill_probe=pre_probe.get(n) or None),
+                "runs_as": runs_as[n]} for n in names}
 
 
 def distinct_configs(configs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -464,6 +496,17 @@ class ShapeProbe:
         return {"prompt_s": prompt, "profiled_prompt_s": self.profiled_s, "prompt_speed": self.profiled_s / prompt,
                 "decode_s": decode, "decode_speed": ref / decode if ref > 0 else float("nan")}
 
+    def round(self) -> dict[str, float]:
+        """Step 6: the same probe, `ROUND_PROBES` rounds after its warm-up one, beside one round of a
+        configuration: {probe_prompt_speed, probe_decode_speed} (the prompt's where the profile has no
+        decode step)."""
+        from moeinfer.planning.speed_probe import probe_seconds
+
+        prompt, decode = probe_seconds(self.model, self.costs.tokens[0], repeats=ROUND_PROBES, least_s=0.0)
+        ref = self.costs.decode_reference_s
+        return {"probe_prompt_speed": self.profiled_s / prompt,
+                "probe_decode_speed": ref / decode if ref > 0 else self.profiled_s / prompt}
+
 
 def _fmt(x: float | None, width: int = 8) -> str:
     return f"{x:{width}.2f}" if x is not None else " " * (width - 1) + "-"
@@ -548,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         measured, same = distinct_configs(configs) if real else (configs, {})
         before, probe_before = host_rates(), probe()
         timed = time_configs(measured, make, rounds=args.rounds, tokens=args.tokens, interleave=args.interleave,
-                             prefill_prompt=prefill_prompt)
+                             prefill_prompt=prefill_prompt, probe=probe.round)
         after, probe_after = host_rates(), probe()
         # the machine's speed beside the timings, against the profile the predictions came from
         # (the profile's read rate is this same measurement; its matmul rate is another, so only the read compares)
@@ -568,6 +611,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["decode_ratio"] = got["decode_tok_s"] / pr.decode_tok_s
                 row["prefill_ratio"] = (None if real and prefill_prompt is None
                                         else got["prefill_tok_s"] / pr.prefill_tok_s)
+                # step 6: measured at the speed the planner probed (the rounds' figures over their probe's
+                # speed, times the planner's) against the prediction
+                for k, speed_k, pred in (("decode", decode_speed, pr.decode_tok_s), ("prefill", speed, pr.prefill_tok_s)):
+                    at = got.get(f"{k}_tok_s_at_profile_speed")
+                    if at is not None and row[f"{k}_ratio"] is not None:
+                        row[f"{k}_ratio_probed"] = at * speed_k / pred
             replayed = ""
             if real:  # the cost model on the rows the rounds replayed (baselines too)
                 rp = row["predicted_replayed"] = replayed_prediction(
@@ -591,9 +640,11 @@ def main(argv: list[str] | None = None) -> int:
                 q += f"{100 * got['quality_loss']:+.2f}%"
             label = f"{name}={same[name]}" if name in same else name  # measured once, as its twin
             print(f"{budget / 1e6:9.1f} MB  {label:<16} {p.describe():<60}  decode {_fmt(pr and pr.decode_tok_s)} -> "
-                  f"{_fmt(got['decode_tok_s'])} ({_fmt(row.get('decode_ratio'), 5)}x; best round "
+                  f"{_fmt(got['decode_tok_s'])} ({_fmt(row.get('decode_ratio'), 5)}x; at the probed speed "
+                  f"{_fmt(row.get('decode_ratio_probed'), 5)}x; best round "
                   f"{_fmt(got['decode_tok_s_best_round'])})  prefill {_fmt(pr and pr.prefill_tok_s)} -> "
-                  f"{_fmt(got['prefill_tok_s'])}{q}{hits}{replayed}", flush=True)
+                  f"{_fmt(got['prefill_tok_s'])} ({_fmt(row.get('prefill_ratio'), 5)}x; at the probed speed "
+                  f"{_fmt(row.get('prefill_ratio_probed'), 5)}x){q}{hits}{replayed}", flush=True)
         print(f"{budget / 1e6:9.1f} MB  machine beside these timings: memory read {before[0]:.1f} / {after[0]:.1f} GB/s "
               f"(before / after; the profile's {profile.mem_read_gbps:.1f}), fp32 matmul {before[1]:.0f} / {after[1]:.0f} "
               "GFLOP/s", flush=True)
@@ -619,13 +670,13 @@ def main(argv: list[str] | None = None) -> int:
                   + (" (the same configuration" + (", measured once)" if best in same else
                                                     ": this ratio is measurement noise)") if same_cfg else ""),
                   flush=True)
-    ratios = [r["decode_ratio"] for r in rows if r.get("decode_ratio") is not None]
-    within = sum(abs(x - 1.0) <= 0.25 for x in ratios)
-    print(f"decode within 25% of its prediction: {within} of {len(ratios)} plans", flush=True)
-    pre_ratios = [r["prefill_ratio"] for r in rows if r.get("prefill_ratio") is not None]
-    if pre_ratios:
-        print(f"prefill within 25% of its prediction: {sum(abs(x - 1.0) <= 0.25 for x in pre_ratios)} of "
-              f"{len(pre_ratios)} plans", flush=True)
+    for k in ("decode", "prefill"):
+        ratios = [r[f"{k}_ratio"] for r in rows if r.get(f"{k}_ratio") is not None]
+        probed = [r[f"{k}_ratio_probed"] for r in rows if r.get(f"{k}_ratio_probed") is not None]
+        if ratios:
+            print(f"{k} within 25% of its prediction: {sum(abs(x - 1.0) <= 0.25 for x in ratios)} of {len(ratios)} "
+                  f"plans; at the speed the planner probed: {sum(abs(x - 1.0) <= 0.25 for x in probed)} of "
+                  f"{len(probed)}", flush=True)
     if real:
         again = [r["decode_ratio_replayed"] for r in rows if r.get("decode_ratio") is not None]
         print(f"decode within 25% of the cost model on the replayed rows: "

@@ -132,3 +132,49 @@ def test_replayed_prediction_has_the_live_rounds_hit_rate(tmp_path, policy):
     got = bp.replayed_prediction(plan, "tiny", trace, synthetic_profile(), rounds=3, tokens=5)
     assert got["hit_rate"] == pytest.approx(sum(r["hit_rate"] for r in live) / 3, abs=1e-12)
     assert 0 < got["hit_rate"] < 1 and got["decode_tok_s"] > 0
+
+
+def test_a_probe_beside_every_round_takes_the_machines_drift_out():
+    """Step 6: the probe runs right before each round (and the separate prefill forward); a figure at
+    the profile's speed is the median over rounds of the round's figure over its probe's speed, so a
+    machine that halves its speed for some rounds leaves it unchanged."""
+    order: list[str] = []
+    speeds = iter([1.0, 0.5, 1.0, 0.5, 0.5, 2.0])
+
+    def probe() -> dict[str, float]:
+        order.append("probe")
+        s = next(speeds)
+        return {"probe_decode_speed": s, "probe_prompt_speed": 2 * s}
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name, self.i = name, 0
+
+        def round(self, tokens: int) -> dict[str, float]:
+            order.append(self.name)
+            s = [1.0, 0.5, 1.0][self.i] if self.name == "a" else [0.5, 0.5, 2.0][self.i]
+            self.i += 1
+            return {"decode_tok_s": 100.0 * s, "prefill_tok_s": 1000.0 * s, "fastest_decode_step_tok_s": 1.0}
+
+        def prefill(self, prompt: list[int]) -> float:
+            order.append(f"prefill {self.name}")
+            return 500.0
+
+        def close(self) -> None:
+            pass
+
+        def runs_as(self) -> str:
+            return self.name
+
+    got = bp.time_configs({"a": "a", "b": "b"}, Fake, rounds=3, tokens=4, interleave=False, probe=probe)
+    assert order == ["probe", "a"] * 3 + ["probe", "b"] * 3
+    for n in ("a", "b"):
+        assert got[n]["decode_tok_s_at_profile_speed"] == pytest.approx(100.0)
+        assert got[n]["prefill_tok_s_at_profile_speed"] == pytest.approx(500.0)
+    assert got["a"]["decode_tok_s"] == 100.0 and got["b"]["decode_tok_s"] == 50.0  # the plain medians stay
+    order.clear()
+    speeds = iter([1.0, 0.5, 0.25])
+    sep = bp.time_configs({"a": "a"}, Fake, rounds=2, tokens=4, interleave=False, prefill_prompt=[1], probe=probe)
+    assert order == ["probe", "a", "probe", "a", "probe", "prefill a"]
+    assert sep["a"]["prefill_tok_s"] == 500.0 and sep["a"]["prefill_tok_s_at_profile_speed"] == pytest.approx(1000.0)
+    assert "prefill_tok_s_at_profile_speed" not in bp.summarize(sep["a"]["rounds"], prefill=500.0)
