@@ -38,7 +38,8 @@ profile (moeinfer.planning.profile) instead of from datasheet rates:
   (`ShapeCosts.decode_experts`: experts that stay in the last-level cache), the difference from the
   fit charged with the dense part (`_in_situ`);
 - offloaded: each layer visit and each load pay the host costs the profile measured for offloaded
-  experts of the plan's precision (`MachineProfile.offload_costs`), on top of the resident rates;
+  experts of the plan's precision (`MachineProfile.offload_costs`; those measured on the model's own
+  shape where they were, `ShapeCosts.offload_host`), on top of the resident rates;
   a disk tier's misses are read from the page cache in the share of the store that fits in the
   memory the plan leaves free (`cached_fraction`), at the profile's cached-read rate; a layer's loads
   overlap its compute only where the profile found a read hidden behind expert decode
@@ -265,7 +266,8 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     cached = 0.0 if offload is None else cached_fraction(sizes, profile, precisions[0], tier=offload.tier,
                                                          page_cache_bytes=page_cache_bytes)
     host_key = precisions[0] if precisions[0] != FLOAT or kernel != "cpu" else "bf16/cpu"
-    hardware = profile.hardware(offloaded=offload is not None, precision=host_key, cached_fraction=cached)
+    hardware = profile.hardware(offloaded=offload is not None, precision=host_key, cached_fraction=cached,
+                                shape=costs.shape_costs)
     # loads overlap compute where the profile found reads hidden behind it (on a CPU a page-cached read is
     # a memcpy that shares cores and memory bandwidth with expert decode)
     overlap = offload is None or profile.overlaps_reads()

@@ -65,6 +65,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,9 +219,16 @@ class MachineProfile:
                              f"measured: {', '.join(sorted(self.experts))}")
         return self.experts[variant]
 
-    def offload_costs(self, precision: str = "bf16") -> OffloadHost:
+    def offload_costs(self, precision: str = "bf16", shape: ShapeCosts | None = None) -> OffloadHost:
         """Host costs of an offloaded layer whose experts are at `precision` (a quantize preset, or
-        "bf16"); a preset not measured (an older or synthetic profile) gets the float figures."""
+        "bf16"); a preset not measured (an older or synthetic profile) gets the float figures. `shape`:
+        the planned model's shape costs, whose own figures for `precision` win where they were measured
+        (moeinfer/planning/shape_profile.py step 5; a prompt's scaled to the state a prompt meets,
+        `ShapeCosts.after_decode`, as the shape's other prompt costs are)."""
+        on_shape = shape.offload_host.get(precision) if shape is not None else None
+        if on_shape is not None:
+            layer_s, load_s, prompt_layer_s, prompt_load_s = on_shape
+            return OffloadHost(layer_s, load_s, shape.after_decode * prompt_layer_s, shape.after_decode * prompt_load_s)
         fallback = self.offload_host.get("bf16", OffloadHost(self.offload_layer_s, self.load_latency_s))
         return self.offload_host.get(precision, fallback)
 
@@ -232,12 +240,14 @@ class MachineProfile:
             return self.link_gbps
         return 1.0 / (f / self.cached_link_gbps + (1.0 - f) / self.link_gbps)
 
-    def hardware(self, *, offloaded: bool = False, precision: str = "bf16", cached_fraction: float = 0.0) -> Any:
+    def hardware(self, *, offloaded: bool = False, precision: str = "bf16", cached_fraction: float = 0.0,
+                 shape: ShapeCosts | None = None) -> Any:
         """The offload simulator's HardwareProfile for this machine (its link and fallback rates); with
         `offloaded`, the host costs of offloaded layers and loads of experts at `precision` too (the
-        simulator charges them on every visit, so a resident configuration is simulated without them),
-        and a link of which `cached_fraction` is read from the page cache (`effective_link_gbps`)."""
-        host = self.offload_costs(precision)
+        simulator charges them on every visit, so a resident configuration is simulated without them;
+        those of the planned model's `shape` where measured: `offload_costs`), and a link of which
+        `cached_fraction` is read from the page cache (`effective_link_gbps`)."""
+        host = self.offload_costs(precision, shape)
         extra: dict[str, Any] = {}
         if offloaded:
             extra = {"host_us_per_layer": 1e6 * host.layer_s, "link_latency_us": 1e6 * host.load_latency_s}
@@ -553,9 +563,12 @@ def _quantized_(model: Any, precision: str) -> None:
 
 
 def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
-                    precision: str = "bf16", kernel: str | None = None) -> OffloadHost:
-    """Step 4: the host costs of offloaded layers of a 3-layer random model (4 experts a layer, top-2)
-    with its experts at `precision` (bf16 or a quantize preset); offloaded quantized experts run
+                    precision: str = "bf16", kernel: str | None = None, *,
+                    base: Callable[[], Any] | None = None, expert_bytes: float | None = None) -> OffloadHost:
+    """Step 4: the host costs of offloaded layers of a 3-layer random model (4 experts a layer, top-2;
+    `base`: another model's maker, a fresh resident model with bf16 experts each call, and
+    `expert_bytes` its expert's stored bytes at `precision`: the planned model's shape, moeinfer/planning/
+    shape_profile.py step 5) with its experts at `precision` (bf16 or a quantize preset); offloaded quantized experts run
     kernel 'cpu' on a CPU, as `apply_plan_` sets it, float ones `kernel` (None: the default,
     'reference'), resident and offloaded alike. Each set of models in turn, each figure priced against
     the resident model's in the same rounds, so a change of load on the machine touches them alike.
@@ -563,22 +576,27 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
        uses (all hits), and with 2 slots (every expert of every layer a miss), timed as a decode runs
        (`decode_gaps_in_turn`: greedy generation through the KV cache, where a one-row CPU step runs the
        prepared program of moeinfer.engine.cpu_decode with the resident experts' prepared call and the
-       offloaded experts called as their module). (Timing one-token forwards without a cache compared
-       the offloaded layer with an eager resident one, not with the prepared step a resident decode
-       runs: the shipped model's offloaded plans measured 0.75-0.8x their prediction.)
+       offloaded experts called as their module), with a cache of every expert (L x E slots) and one
+       of K slots (top-k: each layer's experts evict the last one's). (Timing one-token forwards
+       without a cache compared the offloaded layer with an eager resident one, not with the prepared
+       step a resident decode runs: the shipped model's offloaded plans measured 0.75-0.8x their
+       prediction.)
     2. prompts (prompt_layer_s, prompt_load_s): `PROMPT_TOKENS`-token prompt forwards (every expert of
-       every layer routed to) of the resident model, of one whose cache holds all 12 experts, and of
-       one whose 4 global LRU slots hold one layer's (each visit loads all 4, into slots). A prompt's
+       every layer routed to) of the resident model, of one whose cache holds all L x E experts, and of
+       one whose E global LRU slots hold one layer's (each visit loads all E, into slots). A prompt's
        visit reads back and books many rows, and its loads land while its experts compute: on the Intel
        machine the shipped model's 64-token prompt paid ~360 us a visit and ~170 us a load beyond
        resident (int8, 6 slots) where the decode figures priced ~130 and ~90."""
-    layers = 3
     tier = "disk" if device.type == "cpu" else "cpu"
+    if base is None:
+        def base() -> Any:
+            return _tiny_model(3, device)
     # one expert of the random model (D = I = 64) as stored: bf16, or the preset's codes, scales and zeros
-    nbytes = stored_expert_bytes("bf16/reference" if precision == "bf16" else precision, 64, 64)
+    nbytes = (stored_expert_bytes("bf16/reference" if precision == "bf16" else precision, 64, 64)
+              if expert_bytes is None else expert_bytes)
     with tempfile.TemporaryDirectory(prefix="moeinfer-profile-") as tmp:
         def model(cache: int | None, name: str) -> Any:
-            m = _tiny_model(layers, device)
+            m = base()
             if precision != "bf16":
                 _quantized_(m, precision)
             elif kernel is not None:
@@ -596,10 +614,13 @@ def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
             off = getattr(m, "offload", None)
             return float(off.cache.stats.demand_loads) if off is not None else 0.0
         # 1. decode
-        models = [model(None, "resident"), model(11, "hits"), model(2, "misses")]
+        models = [model(None, "resident")]
+        cfg = models[0].config
+        layers, E, K = len(models[0].moe_blocks()), cfg.num_experts, cfg.top_k
+        models += [model(layers * E, "hits"), model(K, "misses")]
         (resident, hits, misses), (_, _, per_step) = decode_gaps_in_turn(models, repeats, count=loads)
-        # 2. prompts (the resident model again; 4 slots: one layer's experts)
-        models[1:] = [model(12, "prompt-hits"), model(4, "prompt-misses")]
+        # 2. prompts (the resident model again; E slots: one layer's experts)
+        models[1:] = [model(layers * E, "prompt-hits"), model(E, "prompt-misses")]
         (p_resident, p_hits, p_misses), p_loads = prompt_loads_in_turn(models, repeats, loads)
         for m in models[1:]:
             m.offload.close()

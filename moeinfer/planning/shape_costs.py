@@ -78,7 +78,7 @@ PROMPT_LENGTHS = (32, 256)  # step 2's two prompt lengths (fewer where the model
 ROUNDS = 15  # step 2's rounds
 AFTER_STEPS, AFTER_ROUNDS = 16, 31  # step 4: decode steps before the timed prompt, rounds
 DECODE_ROUNDS = 15  # step 5: rounds of a generation of AFTER_STEPS decode steps per model
-VERSION = 8  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
+VERSION = 9  # of what is measured per shape (in `shape_key`: costs cached by an older version are measured anew)
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,10 @@ class ShapeCosts:
     # measured; the profile's figures price decode)
     decode_layer_s: float = 0.0
     decode_step_s: float = 0.0
+    # an offloaded layer's host costs measured on this shape (moeinfer/planning/shape_profile.py step 5):
+    # the profile's `offload_host` key -> (per decode visit, per decode load beyond its bytes, per prompt
+    # visit, per prompt load), seconds beyond a resident layer; a key absent: the profile's figures
+    offload_host: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
     def layer(self, tokens: int) -> float:
         """One MoE layer's dense part (attention, norms, router, shared expert) for `tokens` rows."""
@@ -126,7 +130,8 @@ class ShapeCosts:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShapeCosts:
-        lines = {k: {v: tuple(line) for v, line in d.get(k, {}).items()} for k in ("experts", "offloaded")}
+        lines = {k: {v: tuple(line) for v, line in d.get(k, {}).items()}
+                 for k in ("experts", "offloaded", "offload_host")}
         return cls(**{**d, "tokens": tuple(d.get("tokens", PROMPT_LENGTHS)), **lines})
 
     def expert(self, variant: str, tokens: int, *, offloaded: bool = False) -> float | None:

@@ -38,7 +38,16 @@ per-row work that does not scale from other shapes. So, per model shape:
    variant, each the difference of four least-of-9 times, the figures moved +-15% between
    measurements (bf16 87-108 us, int8 61-102 on the Intel machine) and once priced int4 and bf16
    alike, so the planner took bf16 for a tie where int4 ran 8% faster; all in turn with the median
-   of 30 rounds they stay within +-5% (bf16 96-100, int4 70-78, int8 79-88 in four measurements).
+   of 30 rounds they stay within +-5% (bf16 96-100, int4 70-78, int8 79-88 in four measurements);
+5. on a CPU, per offloaded-expert variant the profile measured host costs for (`offload_host`: "bf16",
+   "bf16/cpu", each quantize preset), the same measurement (moeinfer/planning/profile.py
+   `measure_offload`: decode steps and prompts, resident against offloaded with every expert cached and
+   with a cache that misses every expert, in turn) on a `OFFLOAD_LAYERS`-layer random model of the
+   shape with its experts (`ShapeCosts.offload_host`), where its three models take at most a third of
+   the free memory; a load's bytes are taken off at the page-cache read rate the simulator prices a
+   fresh store's loads at. The profile's figures come from 64-wide experts: on the Intel machine an
+   offloaded int8 decode of the shipped model (6 slots, every expert a miss) ran 0.80-0.82x its
+   prediction at the machine's probed speed (seventeenth session) with the profile's 64 us a load.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ from moeinfer.planning.profile import (
     decode_gap_rounds,
     experts_module,
     machine_key,
+    measure_offload,
     profile_path,
     stored_expert_bytes,
     uniform_routing,
@@ -82,6 +92,7 @@ OFFLOADED_TOKENS = (8, 64)  # step 3's two token counts of one expert
 DECODE_LAYERS = (1, 5)
 EXPERT_ROUNDS = 7  # steps 2-3's rounds
 DECODE_ROUNDS = 30  # step 4's rounds (module docstring: why the median of many)
+OFFLOAD_LAYERS = 3  # step 5's MoE layers (as the profile's own offload measurement)
 
 
 def offloaded_expert(variant: str, config: ModelConfig, device: torch.device) -> Any:
@@ -207,9 +218,39 @@ def _fits(variant: str, config: ModelConfig, device: str) -> bool:
     return E * (2 * 3 * D * I + extra) <= memory_available(device) // 3
 
 
+def _offload_fits(config: ModelConfig, device: str) -> bool:
+    """Whether step 5's three models (bf16 experts drawn, then their copy at a preset) take at most a
+    third of the free memory of `device`."""
+    E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    return 3 * OFFLOAD_LAYERS * E * 2 * (2 * 3 * D * I) <= memory_available(device) // 3
+
+
+def offload_host(prof: MachineProfile, config: ModelConfig, dtype: str,
+                 device: torch.device) -> dict[str, tuple[float, float, float, float]]:
+    """Step 5: per key of the profile's `offload_host`, (decode visit, decode load, prompt visit, prompt
+    load) seconds on the shape; {} where the models do not fit or off a CPU."""
+    if device.type != "cpu" or not _offload_fits(config, prof.device):
+        return {}
+    E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+
+    def base() -> Any:
+        m = random_model(config, OFFLOAD_LAYERS, getattr(torch, dtype), device)
+        for block in m.moe_blocks():
+            block.experts = experts_module("bf16/reference", E, D, I, device).requires_grad_(False)
+        return m
+    link = prof.cached_link_gbps or prof.link_gbps  # a fresh store's pages: read from the page cache
+    out = {}
+    for key in prof.offload_host:
+        precision, kernel = ("bf16", "cpu") if key == "bf16/cpu" else (key, None)
+        stored = stored_expert_bytes("bf16/reference" if precision == "bf16" else precision, D, I)
+        h = measure_offload(device, link, precision=precision, kernel=kernel, base=base, expert_bytes=stored)
+        out[key] = (h.layer_s, h.load_latency_s, h.prompt_layer_s or 0.0, h.prompt_load_s or 0.0)
+    return out
+
+
 def with_shape_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
                      progress: bool = False) -> MachineProfile:
-    """`prof` with the costs of a model of `config` with weights in `dtype` (steps 1-4), measured
+    """`prof` with the costs of a model of `config` with weights in `dtype` (steps 1-5), measured
     now if it lacks them (seconds; a real-shape model's experts, up to a minute) and then cached with
     the profile when `prof` is this machine's cached one."""
     key = shape_key(config, dtype)
@@ -235,8 +276,11 @@ def with_shape_costs(prof: MachineProfile, config: ModelConfig, dtype: str, *,
         if progress:
             print(f"  decode experts {', '.join(in_cache)} ...", flush=True)
         decode = decode_experts(in_cache, config, dtype, device)
+    if progress:
+        print(f"  offloaded layers {', '.join(prof.offload_host)} ...", flush=True)
+    host = offload_host(prof, config, dtype, device)
     stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {time.time() - t0:.1f} s"
-    costs = replace(costs, experts=lines, offloaded=one, decode_experts=decode, measured=stamp)
+    costs = replace(costs, experts=lines, offloaded=one, decode_experts=decode, offload_host=host, measured=stamp)
     out = replace(prof, shapes={**prof.shapes, key: costs})
     if prof.key == machine_key(prof.device):
         atomic_write_text(profile_path(prof.device), json.dumps(out.to_dict(), indent=2) + "\n")

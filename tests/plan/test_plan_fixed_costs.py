@@ -5,6 +5,8 @@ runs natively (its small, closely priced expert stage leaves the layer's own ove
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -87,10 +89,10 @@ def test_random_models_are_frozen_as_loaded_ones():
 
 
 def test_offload_costs_come_from_decode_steps_and_prompts(monkeypatch):
-    """measure_offload: resident, all-hits and all-misses models timed by decode steps in turn, then by
-    prompts (a cache of every expert, and one of 4 global LRU slots: one layer's experts, each visit
-    loading all of them into slots); the visit cost is per layer, the load latency per load counted in
-    a step or a prompt, less the bytes' link time."""
+    """measure_offload: resident, all-hits and all-misses models timed by decode steps in turn (a cache of
+    every expert, and one of top-k slots), then by prompts (a cache of every expert, and one of 4 global
+    LRU slots: one layer's experts, each visit loading all of them into slots); the visit cost is per
+    layer, the load latency per load counted in a step or a prompt, less the bytes' link time."""
     seen, prompts = [], []
 
     def fake_gaps(models, repeats, tokens=16, count=None):
@@ -107,7 +109,7 @@ def test_offload_costs_come_from_decode_steps_and_prompts(monkeypatch):
     monkeypatch.setattr(profile, "prompt_loads_in_turn", fake_prompts)
     got = profile.measure_offload(torch.device("cpu"), link_gbps=2.0, precision="int4")
     assert [getattr(m, "offload", None) is None for m in seen] == [True, False, False]
-    assert [m.offload.cache.num_slots for m in seen[1:]] == [11, 2]
+    assert [m.offload.cache.num_slots for m in seen[1:]] == [12, 2]
     assert prompts[0] is seen[0] and [m.offload.cache.num_slots for m in prompts[1:]] == [12, 4]
     assert prompts[2].offload.config.policy == "lru" and prompts[2].offload.config.scope == "global"
     nbytes = profile.stored_expert_bytes("int4", 64, 64)
@@ -115,6 +117,39 @@ def test_offload_costs_come_from_decode_steps_and_prompts(monkeypatch):
     assert got.load_latency_s == pytest.approx(0.001 - nbytes / 2e9)
     assert got.prompt_layer_s == pytest.approx(0.001)
     assert got.prompt_load_s == pytest.approx(0.002 - nbytes / 2e9)
+
+
+def test_offload_costs_of_another_model_size_their_caches_by_its_layers_and_experts(monkeypatch):
+    """`base` (the planned model's shape, shape_profile step 5): the caches hold all of its L x E experts,
+    its top-k, or one layer's E; a load's bytes are `expert_bytes`; every model is a fresh `base()`."""
+    from moeinfer.planning.shape_costs import random_model
+    from moeinfer.planning.sizes import config_of
+
+    tiny = config_of("tiny")
+    config = replace(tiny, router=replace(tiny.router, num_experts=6, top_k=3))
+    built, seen, prompts = [], [], []
+
+    def base():
+        m = random_model(config, 2, torch.bfloat16, torch.device("cpu"))
+        for block in m.moe_blocks():
+            block.experts = profile.experts_module("bf16/reference", 6, config.hidden_size,
+                                                   config.moe_intermediate_size, torch.device("cpu"))
+        built.append(m)
+        return m
+
+    monkeypatch.setattr(profile, "decode_gaps_in_turn",
+                        lambda models, repeats, tokens=16, count=None: seen.extend(models) or ([0.001, 0.003, 0.009],
+                                                                                               [0.0, 0.0, 6.0]))
+    monkeypatch.setattr(profile, "prompt_loads_in_turn",
+                        lambda models, repeats, count: prompts.extend(models) or ([0.002, 0.004, 0.016], 12.0))
+    got = profile.measure_offload(torch.device("cpu"), link_gbps=4.0, precision="int8", base=base, expert_bytes=4e5)
+    assert len(built) == 5 and all(m in built for m in seen + prompts)
+    assert [m.offload.cache.num_slots for m in seen[1:]] == [12, 3]
+    assert [m.offload.cache.num_slots for m in prompts[1:]] == [12, 6]
+    assert all(type(b.experts).__name__ == "QuantizedExperts" for b in seen[0].moe_blocks())  # at the precision
+    assert got.layer_s == pytest.approx(0.001) and got.prompt_layer_s == pytest.approx(0.001)
+    assert got.load_latency_s == pytest.approx(0.001 - 4e5 / 4e9)
+    assert got.prompt_load_s == pytest.approx(0.001 - 4e5 / 4e9)
 
 
 def test_prompt_loads_are_counted_per_forward_and_priced_against_the_resident_model(monkeypatch):

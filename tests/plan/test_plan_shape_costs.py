@@ -529,3 +529,59 @@ def test_the_reference_is_timed_warm_right_after_itself(monkeypatch):
     ref = shape_profile.Reference.of(COSTS, config_of("tiny"), "bfloat16", torch.device("cpu"))
     assert ref.call() == 0.02 and calls == [(1, 32), (1, 32)]
     assert ref.seconds == COSTS.reference_seconds()
+
+
+def test_offloaded_layers_pay_the_host_costs_measured_on_the_models_shape():
+    """Step 5: where the shape holds host costs for a precision they replace the profile's (a prompt's
+    scaled by `after_decode`, as the shape's other prompt costs); another precision keeps the profile's.
+    Each layer visit then costs the shape's visit, each load its load latency."""
+    from moeinfer.planning.profile import OffloadHost
+
+    sizes = sizes_from_checkpoint("tiny")
+    L = sizes.num_layers
+    base = replace(synthetic_profile(), offload_host={"int4": OffloadHost(2e-3, 0.0, 3e-3, 0.0)})
+    shape = replace(COSTS, after_decode=1.5, offload_host={"int4": (5e-3, 1e-3, 7e-3, 2e-3)})
+    assert base.offload_costs("int4", shape) == OffloadHost(5e-3, 1e-3, pytest.approx(1.05e-2), pytest.approx(3e-3))
+    assert base.offload_costs("int8", shape) == base.offload_costs("int8") == base.offload_costs("bf16")
+    assert base.offload_costs("int4", None) == OffloadHost(2e-3, 0.0, 3e-3, 0.0)
+    tr = routes.batched(routes.uniform(num_layers=L, num_experts=8, top_k=2, sequences=2, tokens=8), 1)
+    off = PlanOffload(tier="disk", cache_experts=10, policy="lru")
+    plain = simulate_plan(tr, sizes, _shaped(base, replace(shape, offload_host={})), ["int4"] * L,
+                          kernel="reference", offload=off)
+    on_shape = simulate_plan(tr, sizes, _shaped(base, shape), ["int4"] * L, kernel="reference", offload=off)
+    assert on_shape.cache == plain.cache  # the same cache decisions
+    loads = plain.cache["demand_loads"]
+    assert loads > 0
+    assert on_shape.time_s - plain.time_s == pytest.approx(plain.steps * L * (5e-3 - 2e-3) + loads * 1e-3, rel=1e-9)
+    back = MachineProfile.from_dict(json.loads(json.dumps(_shaped(base, shape).to_dict())))
+    assert back.shapes[sizes.shape_key].offload_host == {"int4": (5e-3, 1e-3, 7e-3, 2e-3)}
+
+
+def test_offload_host_costs_are_measured_on_the_shape_for_each_of_the_profiles_keys(monkeypatch):
+    """Step 5: one `measure_offload` per key of the profile's `offload_host` ('bf16/cpu': float experts on
+    the cpu kernel), on a fresh 3-layer model of the shape with bf16 experts, the load's bytes those of
+    an expert of the shape at that precision, taken off at the page-cache read rate; nothing where the
+    models would not fit in a third of the free memory."""
+    from moeinfer.planning.profile import OffloadHost, stored_expert_bytes
+
+    config = config_of("tiny")
+    E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    calls = []
+
+    def fake(device, link_gbps, repeats=9, precision="bf16", kernel=None, *, base=None, expert_bytes=None):
+        m = base()
+        assert len(m.moe_blocks()) == shape_profile.OFFLOAD_LAYERS
+        assert all(tuple(b.experts.gate_up_proj.shape) == (E, 2 * I, D) for b in m.moe_blocks())
+        calls.append((precision, kernel, link_gbps, expert_bytes))
+        return OffloadHost(1e-4, 2e-5, 3e-4, 4e-5)
+
+    monkeypatch.setattr(shape_profile, "measure_offload", fake)
+    host = {k: OffloadHost(1.0, 1.0) for k in ("bf16", "int4", "bf16/cpu")}
+    prof = replace(synthetic_profile(), offload_host=host, cached_link_gbps=5.0)
+    got = shape_profile.offload_host(prof, config, "bfloat16", torch.device("cpu"))
+    assert got == {k: (1e-4, 2e-5, 3e-4, 4e-5) for k in host}
+    bf16 = stored_expert_bytes("bf16/reference", D, I)
+    assert calls == [("bf16", None, 5.0, bf16), ("int4", None, 5.0, stored_expert_bytes("int4", D, I)),
+                     ("bf16", "cpu", 5.0, bf16)]
+    monkeypatch.setattr(shape_profile, "memory_available", lambda device: 3 * 9 * E * 12 * D * I - 1)
+    assert shape_profile.offload_host(prof, config, "bfloat16", torch.device("cpu")) == {}
