@@ -93,7 +93,7 @@ from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn, timed
 from moeinfer.planning.shape_costs import (
     ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids, step_changes, token_stamps)
 
-PROFILE_VERSION = 15  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 16  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
@@ -109,7 +109,8 @@ PROFILE_VERSION = 15  # 2: the least of the repeats, not the median; 3: dense ma
 # turn priced against the first one's time in the same rounds (fixed costs, offload host costs, prefill's
 # per-token costs), not each the least of its own rounds; 13: offload host costs of prompts
 # (OffloadHost.prompt_layer_s, prompt_load_s); 14: models in turn priced at the first one's median time;
-# 15: every timed figure the median of its runs (`median_time`), not the least
+# 15: every timed figure the median of its runs (`median_time`), not the least; 16: a decode round's figure
+# the generation's mean step (decode_gap_rounds), not its median step
 PROMPT_TOKENS = 32  # measure_offload's prompt: every expert of the random model's layers routed to
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -482,9 +483,12 @@ def decode_gap_rounds(models: list[Any], rounds: int, tokens: int = 16,
                       count: Any = None) -> tuple[list[list[float]], list[float]]:
     """`rounds` rounds (after one warm-up round) in which each model in turn runs a greedy `generate` of
     `tokens` tokens through its KV cache (the step a decode runs, with the generation loop's own work,
-    as benchmarks measure decode): per round, per model, the median time between consecutive tokens.
+    as benchmarks measure decode): per round, per model, the generation's mean time between consecutive
+    tokens (`shape_costs.mean_step`: its decode tokens/s, what a user meets and the benchmark reports;
+    until the seventeenth session the median step, which left out the generation's slow steps: the
+    shipped model's int4 step, median 1.44 ms, mean 1.51).
     Returns (gaps [round][model], per_step): `count(model)` (optional) is a counter read at every
-    token, per_step its median change between consecutive tokens of the last round per model (e.g.
+    token, per_step its mean change between consecutive tokens of the last round per model (e.g.
     expert loads per step; zeros without `count`)."""
     gaps_by_round: list[list[float]] = []
     per_step = [0.0] * len(models)
@@ -492,11 +496,9 @@ def decode_gap_rounds(models: list[Any], rounds: int, tokens: int = 16,
         row = []
         for i, m in enumerate(models):
             stamps, counts = token_stamps(m, tokens, count)
-            gaps = sorted(step_changes(stamps))
-            row.append(gaps[len(gaps) // 2])
+            row.append(statistics.mean(step_changes(stamps)))
             if counts:
-                steps = sorted(step_changes(counts))
-                per_step[i] = steps[len(steps) // 2]
+                per_step[i] = statistics.mean(step_changes(counts))
         if r:
             gaps_by_round.append(row)
     return gaps_by_round, per_step
@@ -505,7 +507,7 @@ def decode_gap_rounds(models: list[Any], rounds: int, tokens: int = 16,
 def decode_gaps_in_turn(models: list[Any], repeats: int, tokens: int = 16,
                         count: Any = None) -> tuple[list[float], list[float]]:
     """Per model, its gap over `repeats` rounds of `decode_gap_rounds` (the models taking turns each
-    round) priced against the first model's (its median gap x the median ratio:
+    round) priced against the first model's (its median round's gap x the median ratio:
     moeinfer/planning/in_turn.py), and its per_step."""
     rounds, per_step = decode_gap_rounds(models, repeats, tokens, count)
     return priced_by_reference(rounds), per_step

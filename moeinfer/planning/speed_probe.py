@@ -10,9 +10,9 @@ every prediction of a profile measured in a slow phase came out 1.2-1.7x too slo
 2. rounds (one to warm up, then at least `REPEATS` and at least `LEAST_S` seconds of them: on the
    shipped model's shape one prompt's probe of 21 rounds moved 0.52-0.66 between 12 probes in a
    row), each as a generation meets its next prompt: a generation's `AFTER_STEPS` decode steps
-   (`shape_costs.decode_steps`), then a prompt forward of the shorter measured length.
-   The prompt's median is the state a prompt meets in use (after decode steps), the steps' median a
-   decode step (as step 5 of shape_costs measured it). Until the sixteenth session the prompts ran
+   (`shape_costs.mean_step`), then a prompt forward of the shorter measured length.
+   The prompt's median is the state a prompt meets in use (after decode steps), the rounds' median mean
+   step a decode step (as step 5 of shape_costs measured it). Until the sixteenth session the prompts ran
    back to back and the profile's `after_decode` (measured once, with the profile) priced the state:
    it read 1.05 in a profile where, that afternoon, the shipped model's prompt ran 1.34x slower right
    after a generation than back to back (the probe's model: 1.28x), and every plan's prefill measured
@@ -40,7 +40,7 @@ import torch
 
 from moeinfer.config import ModelConfig
 from moeinfer.planning.shape_costs import (
-    AFTER_STEPS, ShapeCosts, decode_steps, prefill_seconds, prompt_ids, random_model)
+    AFTER_STEPS, ShapeCosts, mean_step, prefill_seconds, prompt_ids, random_model)
 
 REPEATS, LEAST_S, MAX_REPEATS = 21, 1.5, 201  # step 2: rounds (at least; for at least LEAST_S seconds)
 
@@ -62,17 +62,18 @@ def shape_model(config: ModelConfig, dtype: str, device: str) -> Any:
 def probe_seconds(model: Any, tokens: int, *, repeats: int = REPEATS, least_s: float | None = None,
                   steps: int = AFTER_STEPS, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     """Step 2: (the median prompt forward of `tokens` tokens right after `steps` decode steps, the median
-    decode step) over at least `repeats` rounds and at least `least_s` seconds of them (at most
-    `MAX_REPEATS` rounds), a first round warming up (`least_s` None: `LEAST_S`)."""
+    round's mean decode step, as `ShapeCosts.decode_reference_s` is measured) over at least `repeats`
+    rounds and at least `least_s` seconds of them (at most `MAX_REPEATS` rounds), a first round warming
+    up (`least_s` None: `LEAST_S`)."""
     least_s = LEAST_S if least_s is None else least_s
     ids = prompt_ids(tokens)
     prompts: list[float] = []
     decodes: list[float] = []
-    decode_steps(model, steps)  # the warm-up round
+    mean_step(model, steps)  # the warm-up round
     prefill_seconds(model, ids)
     start = clock()
     while len(prompts) < MAX_REPEATS and (len(prompts) < repeats or clock() - start < least_s):
-        decodes += decode_steps(model, steps)
+        decodes.append(mean_step(model, steps))
         prompts.append(prefill_seconds(model, ids))
     return statistics.median(prompts), statistics.median(decodes)
 

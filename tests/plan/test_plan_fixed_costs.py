@@ -250,3 +250,24 @@ def test_models_timed_in_turn_are_priced_against_the_first(monkeypatch):
     times = iter([9.0, 9.0] + [t for row in rounds for t in row])  # a warm-up round first
     monkeypatch.setattr(shape_costs, "prefill_seconds", lambda model, ids: next(times))
     assert shape_costs.prefill_in_turn([object(), object()], 4, 8) == pytest.approx([1.35e-3, 4.05e-3])
+
+
+def test_a_decode_round_is_the_generations_mean_step_and_mean_loads(monkeypatch):
+    """decode_gap_rounds: per round and model, the mean time between a generation's tokens (its decode
+    tokens/s, slow steps included: the median step would read 1 ms here, not 2) and the mean loads a step
+    of the last round; the warm-up round left out."""
+    # per generation: the warm-up round's (a, b), then the round's (a, b)
+    gaps = iter([[9.0, 9.0, 9.0], [9.0, 9.0, 9.0], [1e-3, 1e-3, 4e-3], [2e-3, 2e-3, 8e-3]])
+    loads = iter([[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 2, 6], [0, 2, 4, 12]])  # loads so far, at every token
+
+    def fake_stamps(model, tokens, count=None):
+        g, n = next(gaps), next(loads)
+        stamps = [0.0, 5.0]  # the prompt's forward and the first step are not counted
+        for x in g:
+            stamps.append(stamps[-1] + x)
+        return stamps, ([0.0] + n if count is not None else [])
+
+    monkeypatch.setattr(profile, "token_stamps", fake_stamps)
+    rounds, per_step = profile.decode_gap_rounds(["a", "b"], 1, count=lambda m: 0.0)
+    assert rounds == [pytest.approx([2e-3, 4e-3])]
+    assert per_step == pytest.approx([2.0, 4.0])

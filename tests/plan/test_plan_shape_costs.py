@@ -134,9 +134,10 @@ def test_decode_steps_run_on_the_stubbed_shape_model():
 
 
 def test_decode_steps_in_turn_are_priced_against_the_first_model(monkeypatch):
-    """Step 5: per round a generation of each model in turn (its median step), priced against the first
-    model's: the machine drifting from round to round, or one generation's one-off fast run, leaves the
-    figures on the truth at the median round's level."""
+    """Step 5: per round a generation of each model in turn (its mean step: a generation's slow steps
+    count, as in the tokens/s a user meets), priced against the first model's: the machine drifting from
+    round to round, or one generation's one-off fast run, leaves the figures on the truth at the median
+    round's level."""
     order = []
     drift = [3.0, 0.8, 2.0, 1.6] + [1.0] * (shape_costs.DECODE_ROUNDS - 3)  # per round (warm-up first)
 
@@ -144,7 +145,8 @@ def test_decode_steps_in_turn_are_priced_against_the_first_model(monkeypatch):
         order.append(model)
         r = (len(order) - 1) // 2
         blip = 0.5 if (r, model) == (5, "three") else 1.0
-        return [drift[r] * blip * t for t in ({"one": 4e-4, "three": 8e-4}[model], 1.0, 1e-6)]  # median: the first
+        t = {"one": 4e-4, "three": 8e-4}[model]
+        return [drift[r] * blip * x * t for x in (0.25, 0.5, 2.25)]  # mean t; the median step would give t / 2
 
     monkeypatch.setattr(shape_costs, "decode_steps", steps)
     assert shape_costs.decode_in_turn(["one", "three"]) == pytest.approx([4e-4, 8e-4])

@@ -59,20 +59,19 @@ def test_no_probe_without_this_machines_costs_for_the_shape(profile, monkeypatch
 
 
 def _scripted(monkeypatch, prompt_s: float = 1e-3, decode_s: float = 5e-4):
-    """The probe's model calls scripted: decode steps take `decode_s` (each round's three steps 0.5x, 1x,
-    1.5x it), prompts `prompt_s`; the warm-up round 100x both. Returns the calls in order."""
+    """The probe's model calls scripted: a generation's mean decode step takes `decode_s`, prompts
+    `prompt_s`; the warm-up round 100x both. Returns the calls in order."""
     calls = []
 
     def steps(model, steps=16):
         calls.append(("decode", model))
-        scale = 100 if len(calls) == 1 else 1
-        return [scale * decode_s * f for f in (0.5, 1.0, 1.5)]
+        return (100 if len(calls) == 1 else 1) * decode_s
 
     def prompt(model, ids):
         calls.append(("prompt", model, ids.shape[1]))
         return (100 if len(calls) == 2 else 1) * prompt_s
 
-    monkeypatch.setattr(speed_probe, "decode_steps", steps)
+    monkeypatch.setattr(speed_probe, "mean_step", steps)
     monkeypatch.setattr(speed_probe, "prefill_seconds", prompt)
     return calls
 
@@ -120,7 +119,7 @@ def test_the_probe_runs_for_at_least_its_seconds_and_at_most_its_rounds(monkeypa
 
 def test_the_warm_up_round_takes_no_part_in_the_medians(monkeypatch):
     prompts = iter([0.0, 1.0, 2.0, 3.0])  # the warm-up round's prompt first
-    steps = iter([[0.0] * 3, [1.0] * 3, [2.0] * 3, [3.0] * 3])
-    monkeypatch.setattr(speed_probe, "decode_steps", lambda model, steps_: next(steps))
+    steps = iter([0.0, 1.0, 2.0, 3.0])
+    monkeypatch.setattr(speed_probe, "mean_step", lambda model, steps_: next(steps))
     monkeypatch.setattr(speed_probe, "prefill_seconds", lambda model, ids: next(prompts))
     assert speed_probe.probe_seconds(object(), 32, repeats=3, least_s=0.0) == (2.0, 2.0)  # with it: 1.5, 1.5
