@@ -15,8 +15,11 @@ them" check):
 1. load each configuration (`apply_plan_`; a real-shape model: `load_planned`, experts left in the
    checkpoint, and `replay_routing_` of the trace the plan was priced with), warm it up;
 2. time it in `--rounds` rounds, each a greedy generation of `--tokens` tokens from a prompt of
-   `PROMPT_TOKENS` held-out tokens (the length of the planner's prefill sequences), under the
-   benchmark's instrumentation (moeinfer.bench.instrument). The configurations of a budget are
+   `PROMPT_TOKENS` held-out tokens (the length of the planner's prefill sequences): a decode step is
+   the time between consecutive tokens (as a generation runs it, the loop's own work included, as the
+   planner's decode figures are measured), a prefill the prompt forward's own time (`forward_seconds`;
+   until the seventeenth session both came from moeinfer.bench.instrument, whose routing observers
+   added 13% to the shipped model's decode steps). The configurations of a budget are
    *interleaved*: round r runs every configuration once, starting at a different one each round, so
    a change of load on the machine touches all of them alike;
 3. the statistic (why: docs/planner.md, "The planner benchmark"): a round's decode tokens/s is its
@@ -94,7 +97,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +112,38 @@ REAL_SHAPES = {"mixtral": ("Mixtral-8x7B", "mixtral-8x7b-instruct", ("humaneval_
 REAL_PROMPT_TOKENS = 1  # --real-shape: one row per forward, the planner's decode view (module docstring)
 WARM_UP_TOKENS = 4
 ROUND_PROBES = 2  # step 6: probe rounds beside each configuration's round
+
+
+@contextmanager
+def forward_seconds(model: Any) -> Iterator[list[tuple[int, float]]]:
+    """(rows x tokens, seconds) of every forward of `model` in the block: the clock read before and after
+    each, nothing else (step 2: moeinfer.bench.instrument's routing observers added ~0.3 ms to each of
+    the shipped model's int4 decode steps, 13% of them, which a user's generation does not pay)."""
+    records: list[tuple[int, float]] = []
+    started: list[tuple[int, float]] = []
+
+    def sync() -> None:
+        if model.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(model.device)
+
+    def pre(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = args[0] if args else kwargs["input_ids"]
+        sync()
+        started.append((ids.numel(), time.perf_counter()))
+
+    def post(_module: Any, _args: Any, _kwargs: Any, _out: Any) -> None:
+        sync()
+        n, t0 = started.pop()
+        records.append((n, time.perf_counter() - t0))
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Runner:
@@ -126,16 +162,20 @@ class Runner:
 
     def round(self, tokens: int) -> dict[str, float]:
         import moeinfer
-        from moeinfer.bench.instrument import instrument
 
         B = self.plan.batch_size
         cache = getattr(getattr(self.model, "offload", None), "cache", None)
         before = (cache.stats.hits, cache.stats.misses) if cache is not None else None
-        with instrument(self.model) as ins:
-            moeinfer.generate(self.model, [self.prompt] * B, max_new_tokens=tokens, ignore_eos=True)
-        dec = [f.seconds for f in ins.forwards if f.phase == "decode"]
-        pre = [f for f in ins.forwards if f.phase == "prefill"]
-        first = sum(f.tokens for f in pre) / sum(f.seconds for f in pre) if pre else float("nan")
+        stamps: list[float] = []  # the clock at each token of the first row
+
+        def on_token(row: int, *_: Any) -> None:
+            if row == 0:
+                stamps.append(time.perf_counter())
+        with forward_seconds(self.model) as forwards:
+            moeinfer.generate(self.model, [self.prompt] * B, max_new_tokens=tokens, ignore_eos=True,
+                              on_token=on_token)
+        dec = [b - a for a, b in zip(stamps, stamps[1:])]  # every decode step, as a generation runs it
+        first = forwards[0][0] / forwards[0][1] if forwards else float("nan")
         out = {"decode_tok_s": B * len(dec) / sum(dec) if dec else float("nan"), "prefill_tok_s": first,
                "fastest_decode_step_tok_s": B / min(dec) if dec else float("nan")}
         if cache is not None and before is not None:  # the live cache's hit rate (prefill and decode)
@@ -151,19 +191,17 @@ class Runner:
         With routing replayed, the forward replays the trace's first len(prompt) rows and the cursor is
         put back after it (`replayed_prediction` prices exactly that forward)."""
         import moeinfer
-        from moeinfer.bench.instrument import instrument
 
         at = self.cursor.next if self.cursor is not None else 0
         if self.cursor is not None:
             self.cursor.next = 0
         try:
-            with instrument(self.model) as ins:
+            with forward_seconds(self.model) as forwards:
                 moeinfer.generate(self.model, [prompt], max_new_tokens=1, ignore_eos=True)
         finally:
             if self.cursor is not None:
                 self.cursor.next = at
-        pre = [f for f in ins.forwards if f.phase == "prefill"]
-        return sum(f.tokens for f in pre) / sum(f.seconds for f in pre) if pre else float("nan")
+        return forwards[0][0] / forwards[0][1] if forwards else float("nan")
 
     def runs_as(self) -> str:
         """What this configuration runs once loaded: per MoE layer its experts' module, kernel (a plan's

@@ -178,3 +178,23 @@ def test_a_probe_beside_every_round_takes_the_machines_drift_out():
     assert order == ["probe", "a", "probe", "a", "probe", "prefill a"]
     assert sep["a"]["prefill_tok_s"] == 500.0 and sep["a"]["prefill_tok_s_at_profile_speed"] == pytest.approx(1000.0)
     assert "prefill_tok_s_at_profile_speed" not in bp.summarize(sep["a"]["rounds"], prefill=500.0)
+
+
+def test_forwards_are_timed_by_the_clock_alone_and_rounds_by_the_tokens_gaps():
+    """forward_seconds: one (rows x tokens, seconds) per forward of the block, its hooks gone after it;
+    a round's decode figure comes from the gaps between a generation's tokens (all of its decode steps),
+    its prefill from the prompt's forward."""
+    from types import SimpleNamespace
+
+    import moeinfer
+
+    model = moeinfer.load("tiny", progress=False)
+    with bp.forward_seconds(model) as forwards:
+        moeinfer.generate(model, [[5] * 10], max_new_tokens=4, ignore_eos=True)
+    assert [n for n, _ in forwards] == [10, 1, 1, 1] and all(t > 0 for _, t in forwards)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    run = bp.Runner(lambda: model, SimpleNamespace(batch_size=1), [5] * 10)
+    got = run.round(6)
+    assert 0 < got["decode_tok_s"] <= got["fastest_decode_step_tok_s"] < float("inf")
+    assert 0 < got["prefill_tok_s"] < float("inf") and 0 < got["prefill_first_tok_s"] < float("inf")
+    assert not model._forward_hooks and not model._forward_pre_hooks
