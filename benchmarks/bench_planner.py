@@ -16,8 +16,9 @@ them" check):
    checkpoint, and `replay_routing_` of the trace the plan was priced with), warm it up;
 2. time it in `--rounds` rounds, each a greedy generation of `--tokens` tokens from a prompt of
    `PROMPT_TOKENS` held-out tokens (the length of the planner's prefill sequences): a decode step is
-   the time between consecutive tokens (as a generation runs it, the loop's own work included, as the
-   planner's decode figures are measured), a prefill the prompt forward's own time (`forward_seconds`;
+   the time from one decode forward's start to the next's (as a generation runs it, the loop's own work
+   included, as the planner's decode figures are measured), a prefill the prompt forward's own time
+   (`forward_seconds`;
    until the seventeenth session both came from moeinfer.bench.instrument, whose routing observers
    added 13% to the shipped model's decode steps). The configurations of a budget are
    *interleaved*: round r runs every configuration once, starting at a different one each round, so
@@ -115,11 +116,12 @@ ROUND_PROBES = 2  # step 6: probe rounds beside each configuration's round
 
 
 @contextmanager
-def forward_seconds(model: Any) -> Iterator[list[tuple[int, float]]]:
-    """(rows x tokens, seconds) of every forward of `model` in the block: the clock read before and after
-    each, nothing else (step 2: moeinfer.bench.instrument's routing observers added ~0.3 ms to each of
-    the shipped model's int4 decode steps, 13% of them, which a user's generation does not pay)."""
-    records: list[tuple[int, float]] = []
+def forward_seconds(model: Any) -> Iterator[list[tuple[int, float, float]]]:
+    """(rows x tokens, start, seconds) of every forward of `model` in the block: the clock read before
+    and after each, nothing else (step 2: moeinfer.bench.instrument's routing observers added ~0.3 ms
+    to each of the shipped model's int4 decode steps, 13% of them, which a user's generation does not
+    pay)."""
+    records: list[tuple[int, float, float]] = []
     started: list[tuple[int, float]] = []
 
     def sync() -> None:
@@ -136,7 +138,7 @@ def forward_seconds(model: Any) -> Iterator[list[tuple[int, float]]]:
     def post(_module: Any, _args: Any, _kwargs: Any, _out: Any) -> None:
         sync()
         n, t0 = started.pop()
-        records.append((n, time.perf_counter() - t0))
+        records.append((n, t0, time.perf_counter() - t0))
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
                model.register_forward_hook(post, with_kwargs=True)]
     try:
@@ -166,16 +168,13 @@ class Runner:
         B = self.plan.batch_size
         cache = getattr(getattr(self.model, "offload", None), "cache", None)
         before = (cache.stats.hits, cache.stats.misses) if cache is not None else None
-        stamps: list[float] = []  # the clock at each token of the first row
-
-        def on_token(row: int, *_: Any) -> None:
-            if row == 0:
-                stamps.append(time.perf_counter())
         with forward_seconds(self.model) as forwards:
-            moeinfer.generate(self.model, [self.prompt] * B, max_new_tokens=tokens, ignore_eos=True,
-                              on_token=on_token)
-        dec = [b - a for a, b in zip(stamps, stamps[1:])]  # every decode step, as a generation runs it
-        first = forwards[0][0] / forwards[0][1] if forwards else float("nan")
+            moeinfer.generate(self.model, [self.prompt] * B, max_new_tokens=tokens, ignore_eos=True)
+        # a decode step as a generation runs it: from one decode forward's start to the next's (no
+        # `on_token`: a callback makes `generate` detokenize every token, which the planner does not price)
+        starts = [t0 for _, t0, _ in forwards[1:]]
+        dec = [b - a for a, b in zip(starts, starts[1:])]
+        first = forwards[0][0] / forwards[0][2] if forwards else float("nan")
         out = {"decode_tok_s": B * len(dec) / sum(dec) if dec else float("nan"), "prefill_tok_s": first,
                "fastest_decode_step_tok_s": B / min(dec) if dec else float("nan")}
         if cache is not None and before is not None:  # the live cache's hit rate (prefill and decode)
@@ -201,7 +200,7 @@ class Runner:
         finally:
             if self.cursor is not None:
                 self.cursor.next = at
-        return forwards[0][0] / forwards[0][1] if forwards else float("nan")
+        return forwards[0][0] / forwards[0][2] if forwards else float("nan")
 
     def runs_as(self) -> str:
         """What this configuration runs once loaded: per MoE layer its experts' module, kernel (a plan's

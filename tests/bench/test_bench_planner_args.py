@@ -181,9 +181,9 @@ def test_a_probe_beside_every_round_takes_the_machines_drift_out():
 
 
 def test_forwards_are_timed_by_the_clock_alone_and_rounds_by_the_tokens_gaps():
-    """forward_seconds: one (rows x tokens, seconds) per forward of the block, its hooks gone after it;
-    a round's decode figure comes from the gaps between a generation's tokens (all of its decode steps),
-    its prefill from the prompt's forward."""
+    """forward_seconds: one (rows x tokens, start, seconds) per forward of the block, its hooks gone after
+    it; a round's decode figure comes from the gaps between its decode forwards' starts, its prefill
+    from the prompt's forward."""
     from types import SimpleNamespace
 
     import moeinfer
@@ -191,7 +191,8 @@ def test_forwards_are_timed_by_the_clock_alone_and_rounds_by_the_tokens_gaps():
     model = moeinfer.load("tiny", progress=False)
     with bp.forward_seconds(model) as forwards:
         moeinfer.generate(model, [[5] * 10], max_new_tokens=4, ignore_eos=True)
-    assert [n for n, _ in forwards] == [10, 1, 1, 1] and all(t > 0 for _, t in forwards)
+    assert [n for n, _, _ in forwards] == [10, 1, 1, 1] and all(t > 0 for _, _, t in forwards)
+    assert all(a[1] + a[2] <= b[1] for a, b in zip(forwards, forwards[1:]))  # starts in order, after the last end
     assert not model._forward_hooks and not model._forward_pre_hooks
     run = bp.Runner(lambda: model, SimpleNamespace(batch_size=1), [5] * 10)
     got = run.round(6)
