@@ -18,9 +18,8 @@ them" check):
    `PROMPT_TOKENS` held-out tokens (the length of the planner's prefill sequences): a decode step is
    the time from one decode forward's start to the next's (as a generation runs it, the loop's own work
    included, as the planner's decode figures are measured), a prefill the prompt forward's own time
-   (`forward_seconds`;
-   until the seventeenth session both came from moeinfer.bench.instrument, whose routing observers
-   added 13% to the shipped model's decode steps). The configurations of a budget are
+   (`forward_seconds`; until the seventeenth session both came from moeinfer.bench.instrument, whose
+   routing observers added 13% to the shipped model's decode steps). The configurations of a budget are
    *interleaved*: round r runs every configuration once, starting at a different one each round, so
    a change of load on the machine touches all of them alike;
 3. the statistic (why: docs/planner.md, "The planner benchmark"): a round's decode tokens/s is its

@@ -234,9 +234,9 @@ def step_changes(readings: list[float]) -> list[float]:
 
 def mean_step(model: Any, steps: int = AFTER_STEPS) -> float:
     """A generation's mean decode step (`decode_steps`): its decode tokens/s inverted, what a user meets
-    and the planner benchmark reports per round. The median step leaves out a generation's slow steps
-    (on the Intel machine the shipped model's int4 step: median 1.44 ms, mean 1.51), and every decode
-    figure priced by it came out that much too fast against the benchmark (seventeenth session)."""
+    and the planner benchmark reports per round. The median step, used until the seventeenth session,
+    leaves out a generation's slow steps (on the Intel machine the shipped model's int4 step: median
+    1.44 ms, mean 1.51)."""
     return statistics.mean(decode_steps(model, steps))
 
 

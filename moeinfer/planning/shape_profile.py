@@ -45,9 +45,11 @@ per-row work that does not scale from other shapes. So, per model shape:
    with a cache that misses every expert, in turn) on a `OFFLOAD_LAYERS`-layer random model of the
    shape with its experts (`ShapeCosts.offload_host`), where its three models take at most a third of
    the free memory; a load's bytes are taken off at the page-cache read rate the simulator prices a
-   fresh store's loads at. The profile's figures come from 64-wide experts: on the Intel machine an
-   offloaded int8 decode of the shipped model (6 slots, every expert a miss) ran 0.80-0.82x its
-   prediction at the machine's probed speed (seventeenth session) with the profile's 64 us a load.
+   fresh store's loads at. The profile's figures come from 64-wide experts, an extrapolation to any
+   other shape: on the Intel machine (seventeenth session) the shipped shape measured 102-118 us a
+   decode load and 121-155 a decode visit where the profile's model gave 64-106 and 155-209 (an int8
+   6-slot decode step's price moved 3-10%); its prompt figures are noisier (a bf16/cpu prompt visit
+   368 then 622 us).
 """
 
 from __future__ import annotations
