@@ -564,6 +564,12 @@ def _quantized_(model: Any, precision: str) -> None:
         b.experts = _quantized_experts(precision, ex.gate_up_proj.data, ex.down_proj.data).to(ex.gate_up_proj.device)
 
 
+def offload_host_settings(key: str) -> tuple[str, str | None]:
+    """(precision, kernel) `measure_offload` measures an `offload_host` key with: "bf16/cpu" float
+    experts on the 'cpu' kernel, "bf16" float ones on the default, a quantize preset itself."""
+    return ("bf16", "cpu") if key == "bf16/cpu" else (key, None)
+
+
 def measure_offload(device: torch.device, link_gbps: float, repeats: int = 9,
                     precision: str = "bf16", kernel: str | None = None, *,
                     base: Callable[[], Any] | None = None, expert_bytes: float | None = None) -> OffloadHost:

@@ -75,6 +75,7 @@ from moeinfer.planning.profile import (
     experts_module,
     machine_key,
     measure_offload,
+    offload_host_settings,
     profile_path,
     stored_expert_bytes,
     uniform_routing,
@@ -243,7 +244,7 @@ def offload_host(prof: MachineProfile, config: ModelConfig, dtype: str,
     link = prof.cached_link_gbps or prof.link_gbps  # a fresh store's pages: read from the page cache
     out = {}
     for key in prof.offload_host:
-        precision, kernel = ("bf16", "cpu") if key == "bf16/cpu" else (key, None)
+        precision, kernel = offload_host_settings(key)
         stored = stored_expert_bytes("bf16/reference" if precision == "bf16" else precision, D, I)
         h = measure_offload(device, link, precision=precision, kernel=kernel, base=base, expert_bytes=stored)
         out[key] = (h.layer_s, h.load_latency_s, h.prompt_layer_s or 0.0, h.prompt_load_s or 0.0)
