@@ -522,12 +522,13 @@ class ShapeProbe:
         self.profiled_s = self.costs.reference_seconds() * self.costs.after_decode
         self.model = shape_model(config_of(model_name), sizes.dtype, "cpu")
 
-    def __call__(self) -> dict[str, float]:
+    def __call__(self, **rounds: Any) -> dict[str, float]:
         """{prompt_s, profiled_prompt_s, prompt_speed (profiled / now: > 1 the machine is faster), decode_s,
-        decode_speed (the profile's decode step / now; nan where the profile has none)}."""
+        decode_speed (the profile's decode step / now; nan where the profile has none)}; `rounds`:
+        `probe_seconds`'s repeats and least_s (default: the planner's)."""
         from moeinfer.planning.speed_probe import probe_seconds
 
-        prompt, decode = probe_seconds(self.model, self.costs.tokens[0])
+        prompt, decode = probe_seconds(self.model, self.costs.tokens[0], **rounds)
         ref = self.costs.decode_reference_s
         return {"prompt_s": prompt, "profiled_prompt_s": self.profiled_s, "prompt_speed": self.profiled_s / prompt,
                 "decode_s": decode, "decode_speed": ref / decode if ref > 0 else float("nan")}
@@ -536,12 +537,9 @@ class ShapeProbe:
         """Step 6: the same probe, `ROUND_PROBES` rounds after its warm-up one, beside one round of a
         configuration: {probe_prompt_speed, probe_decode_speed} (the prompt's where the profile has no
         decode step)."""
-        from moeinfer.planning.speed_probe import probe_seconds
-
-        prompt, decode = probe_seconds(self.model, self.costs.tokens[0], repeats=ROUND_PROBES, least_s=0.0)
-        ref = self.costs.decode_reference_s
-        return {"probe_prompt_speed": self.profiled_s / prompt,
-                "probe_decode_speed": ref / decode if ref > 0 else self.profiled_s / prompt}
+        got = self(repeats=ROUND_PROBES, least_s=0.0)
+        decode = got["prompt_speed"] if self.costs.decode_reference_s <= 0 else got["decode_speed"]
+        return {"probe_prompt_speed": got["prompt_speed"], "probe_decode_speed": decode}
 
 
 def _fmt(x: float | None, width: int = 8) -> str:
