@@ -41,11 +41,10 @@ them" check):
    budget's timings, the machine's memory read rate (against the profile's, the same measurement) and fp32
    matmul rate measured just before and just after them (`machine_now`): a VM whose speed drifts shows
    it there. Those rates did not follow the Intel VM's swings (the same plan's decode doubled within 20
-   minutes while the read rate moved 17 -> 22 GB/s), so beside them a probe on the model's own shape
-   (`ShapeProbe`): the 1-layer model with stubbed experts that the profile's shape costs were fitted on,
-   its prompt forward right after decode steps (the planner probe's `probe_seconds`, as there) against
-   the profile's price of it (the fit x `after_decode`), and its one-token decode step against the
-   profile's.
+   minutes while the read rate moved 17 -> 22 GB/s), so beside them the planner's probe on the model's
+   own shape (`ShapeProbe`, moeinfer.planning.speed_probe `Probe`): the shape's 1-layer model with one
+   layer of int4 experts, its prompt forward right after decode steps against the cost model's price
+   of it, and the same model's one-token decode step with stubbed experts against the shape's.
 6. the same probe, short (`ROUND_PROBES` rounds), right before every round of every configuration: the
    planner scales its predictions by the speed its probe read at plan time, and the machine moves in the
    minutes between plan and timings (sixteenth session, run o: the probe read 0.88x then 0.57-0.65x of the
@@ -509,37 +508,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class ShapeProbe:
-    """Step 5's probe: the machine's speed now on the planned model's shape, against its profile
-    (moeinfer.planning.speed_probe, what `moeinfer.plan` scales its predictions by): the shape's prompt
-    right after decode steps, and its one-token decode step."""
+    """Step 5's probe: the machine's speed now on the planned model's shape, against the cost model
+    (moeinfer.planning.speed_probe, what `moeinfer.plan` scales its predictions by): the probe model's
+    prompt right after decode steps, and its one-token decode step."""
 
     def __init__(self, model_name: str, profile: Any) -> None:
         from moeinfer.planning.sizes import config_of, sizes_from_checkpoint
-        from moeinfer.planning.speed_probe import shape_model
+        from moeinfer.planning.speed_probe import Probe
 
-        sizes = sizes_from_checkpoint(model_name)
-        self.costs = profile.shapes[sizes.shape_key]
-        self.profiled_s = self.costs.reference_seconds() * self.costs.after_decode
-        self.model = shape_model(config_of(model_name), sizes.dtype, "cpu")
+        self.probe = Probe(profile, sizes_from_checkpoint(model_name), config_of(model_name), "cpu")
 
-    def __call__(self, **rounds: Any) -> dict[str, float]:
-        """{prompt_s, profiled_prompt_s, prompt_speed (profiled / now: > 1 the machine is faster), decode_s,
-        decode_speed (the profile's decode step / now; nan where the profile has none)}; `rounds`:
-        `probe_seconds`'s repeats and least_s (default: the planner's)."""
-        from moeinfer.planning.speed_probe import probe_seconds
-
-        prompt, decode = probe_seconds(self.model, self.costs.tokens[0], **rounds)
-        ref = self.costs.decode_reference_s
-        return {"prompt_s": prompt, "profiled_prompt_s": self.profiled_s, "prompt_speed": self.profiled_s / prompt,
-                "decode_s": decode, "decode_speed": ref / decode if ref > 0 else float("nan")}
+    def __call__(self, **rounds: Any) -> dict[str, Any]:
+        """{prompt_s, profiled_prompt_s (the cost model's price), prompt_speed (priced / now: > 1 the machine
+        is faster), decode_s, profiled_decode_s, decode_speed}; `rounds`: `probe_seconds`'s repeats and
+        least_s (default: the planner's)."""
+        prompt, decode = self.probe.seconds(**rounds)
+        speed = self.probe.speed(prompt, decode)
+        return {"prompt_s": prompt, "profiled_prompt_s": self.probe.priced[0], "prompt_speed": speed.prompt,
+                "decode_s": decode, "profiled_decode_s": self.probe.priced[1], "decode_speed": speed.decode,
+                "probe_experts": self.probe.variant or "stubbed"}
 
     def round(self) -> dict[str, float]:
         """Step 6: the same probe, `ROUND_PROBES` rounds after its warm-up one, beside one round of a
-        configuration: {probe_prompt_speed, probe_decode_speed} (the prompt's where the profile has no
-        decode step)."""
+        configuration: {probe_prompt_speed, probe_decode_speed}."""
         got = self(repeats=ROUND_PROBES, least_s=0.0)
-        decode = got["prompt_speed"] if self.costs.decode_reference_s <= 0 else got["decode_speed"]
-        return {"probe_prompt_speed": got["prompt_speed"], "probe_decode_speed": decode}
+        return {"probe_prompt_speed": got["prompt_speed"], "probe_decode_speed": got["decode_speed"]}
 
 
 def _fmt(x: float | None, width: int = 8) -> str:
@@ -682,12 +675,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{budget / 1e6:9.1f} MB  machine beside these timings: memory read {before[0]:.1f} / {after[0]:.1f} GB/s "
               f"(before / after; the profile's {profile.mem_read_gbps:.1f}), fp32 matmul {before[1]:.0f} / {after[1]:.0f} "
               "GFLOP/s", flush=True)
-        print(f"{budget / 1e6:9.1f} MB  machine on this model's shape (1-layer, experts stubbed): prompt of "
-              f"{probe.costs.tokens[0]} tokens after decode steps {probe_before['prompt_s'] * 1e3:.2f} / "
+        print(f"{budget / 1e6:9.1f} MB  machine on this model's shape (1-layer, experts "
+              f"{probe_before['probe_experts']}): prompt of "
+              f"{probe.probe.tokens} tokens after decode steps {probe_before['prompt_s'] * 1e3:.2f} / "
               f"{probe_after['prompt_s'] * 1e3:.2f} ms "
-              f"(the profile's price {probe.profiled_s * 1e3:.2f}: speed {probe_before['prompt_speed']:.2f}x / "
-              f"{probe_after['prompt_speed']:.2f}x), decode step {probe_before['decode_s'] * 1e3:.3f} / "
-              f"{probe_after['decode_s'] * 1e3:.3f} ms (speed {probe_before['decode_speed']:.2f}x / "
+              f"(the cost model's price {probe_before['profiled_prompt_s'] * 1e3:.2f}: speed "
+              f"{probe_before['prompt_speed']:.2f}x / {probe_after['prompt_speed']:.2f}x), decode step "
+              f"{probe_before['decode_s'] * 1e3:.3f} / {probe_after['decode_s'] * 1e3:.3f} ms (priced "
+              f"{probe_before['profiled_decode_s'] * 1e3:.3f}: speed {probe_before['decode_speed']:.2f}x / "
               f"{probe_after['decode_speed']:.2f}x); the planner's predictions scaled by its own probe: prompts "
               f"{speed:.2f}x, decode {decode_speed:.2f}x",
               flush=True)

@@ -270,7 +270,8 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     quality_from: a model (path or shipped name) whose measured quality stands in when this one's cannot
     be measured (it does not fit in memory to measure): quantized precisions are then considered;
     probe: with this machine's profile holding costs for the model's shape, scale the predictions by the
-    machine's speed on that shape now (moeinfer.planning.speed_probe; about a second).
+    machine's speed on that shape now (moeinfer.planning.speed_probe; a second or two, ~20 s on a
+    Mixtral-8x7B-shaped model).
     """
     if objective not in OBJECTIVES:
         raise PlanError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -306,7 +307,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     speed = MachineSpeed()
     shape = profile.shapes.get(sizes.shape_key) if sizes.shape_key else None
     if probe and shape is not None and profile.key == machine_key(device):
-        speed = machine_speed(shape, config_of(model_or_path), sizes.dtype, device)
+        speed = machine_speed(profile, sizes, config_of(model_or_path), device)
         notes.append(f"the machine runs this model's shape at {speed.prompt:.2f}x its profile's speed on prompts "
                      f"and {speed.decode:.2f}x on decode steps now (a probe on the shape): predictions scaled by them")
     if profile.cached_link_gbps is not None and device == "cpu":

@@ -1,8 +1,10 @@
 """The planner's probe of the machine's speed on a model's shape (moeinfer/planning/speed_probe.py): with
-this machine's profile holding the shape's costs, `plan` scales its prefill predictions by the profile's
-fit for the probe's prompt over its time now, its decode predictions by the profile's decode step over
-the probe's; rankings and memory are unchanged; another machine's profile, a profile without the shape's
-costs, or probe=False: no probe. Times are scripted (tests never time)."""
+this machine's profile holding the shape's costs, `plan` scales its prefill predictions by the cost
+model's price of the probe's prompt over its time now, its decode predictions by the price of the probe's
+decode step over its time; the probe's model carries one layer of the shape's experts at the first
+quantized variant the shape's costs measured (stubbed where none); rankings and memory are unchanged;
+another machine's profile, a profile without the shape's costs, or probe=False: no probe. Times are
+scripted (tests never time)."""
 
 from __future__ import annotations
 
@@ -36,9 +38,9 @@ def test_predictions_are_scaled_by_the_probed_speed(monkeypatch):
     plain, none = _plan(monkeypatch, _profile(), probe=False)
     fast, calls = _plan(monkeypatch, _profile())
     assert none == [] and len(calls) == 1
-    costs, config, dtype, device = calls[0]
-    assert costs == COSTS and config.hidden_size == config_of("tiny").hidden_size and device == "cpu"
-    assert dtype == "bfloat16"
+    profile, sizes, config, device = calls[0]
+    assert profile.shapes[sizes.shape_key] == COSTS and sizes == sizes_from_checkpoint("tiny")
+    assert config.hidden_size == config_of("tiny").hidden_size and device == "cpu"
     for a, b in zip((plain, *plain.runners_up), (fast, *fast.runners_up)):
         assert a.describe() == b.describe()  # the same plans in the same order
         p, q = a.predicted, b.predicted
@@ -76,14 +78,18 @@ def _scripted(monkeypatch, prompt_s: float = 1e-3, decode_s: float = 5e-4):
     return calls
 
 
-def test_the_speeds_are_the_profiles_figures_over_the_probes(monkeypatch):
+def _machine_speed(costs: ShapeCosts):
+    sizes = sizes_from_checkpoint("tiny")
+    profile = replace(synthetic_profile(), shapes={sizes.shape_key: costs})
+    return speed_probe.machine_speed(profile, sizes, config_of("tiny"), "cpu")
+
+
+def test_without_measured_quantized_experts_the_stubbed_shape_is_priced_by_its_own_figures(monkeypatch):
     calls = _scripted(monkeypatch)
     monkeypatch.setattr(speed_probe, "LEAST_S", 0.0)
     fit = COSTS.layer_s + 31 * COSTS.layer_token_s + COSTS.forward_s + 31 * COSTS.forward_token_s
     assert COSTS.reference_seconds() == pytest.approx(fit)
-    config = config_of("tiny")
-    costs = replace(COSTS, after_decode=1.25)
-    got = speed_probe.machine_speed(costs, config, "bfloat16", "cpu")
+    got = _machine_speed(replace(COSTS, after_decode=1.25, experts={"bf16/cpu": (1e-4, 1e-6)}))
     # prompts: the fit's price of the probe's prompt (after decode steps: x after_decode) over its time now
     assert (got.prompt, got.decode) == pytest.approx((1.25 * fit / 1e-3, 4e-4 / 5e-4))
     # a warm-up round, then REPEATS rounds, each a prompt of the shorter measured length right after decode steps
@@ -93,11 +99,45 @@ def test_the_speeds_are_the_profiles_figures_over_the_probes(monkeypatch):
     model = calls[0][1]
     assert {c[1] for c in calls} == {model}  # one model throughout
     # the shape's 1-layer model, experts stubbed (shape_costs step 1)
-    assert len(model.moe_blocks()) == 1 and model.config.hidden_size == config.hidden_size
+    assert len(model.moe_blocks()) == 1 and model.config.hidden_size == config_of("tiny").hidden_size
     assert type(model.moe_blocks()[0].experts).__name__ == "_NoExperts"
     # a profile without a decode figure (older shape costs): the prompt speed for both
-    old = speed_probe.machine_speed(replace(COSTS, decode_reference_s=0.0), config, "bfloat16", "cpu")
+    old = _machine_speed(replace(COSTS, decode_reference_s=0.0))
     assert old.decode == old.prompt == pytest.approx(fit / 1e-3)
+
+
+@pytest.mark.parametrize("measured", [("int4",), ("int8", "int4"), ("int8",)])
+def test_the_probe_carries_the_shapes_quantized_experts_priced_by_the_cost_model(measured, monkeypatch):
+    """The probe's prompt model: one layer of the shape's experts at the first of int4, int8 the shape's
+    costs measured, its prompt priced by the cost model (its router's tokens per expert on the shape's
+    line); its decode steps run before each prompt, the stubbed model's after it give the decode speed."""
+    calls = _scripted(monkeypatch, prompt_s=2e-3, decode_s=1e-3)
+    monkeypatch.setattr(speed_probe, "LEAST_S", 0.0)
+    lines = {"int4": (3e-5, 2e-6), "int8": (5e-5, 4e-6)}
+    costs = replace(COSTS, experts={v: lines[v] for v in measured} | {"bf16/cpu": (1e-4, 1e-6)})
+    got = _machine_speed(costs)
+    variant = "int4" if "int4" in measured else "int8"
+    model = calls[0][1]
+    experts = model.moe_blocks()[0].experts
+    config = config_of("tiny")
+    assert type(experts).__name__ == "QuantizedExperts" and set(experts.bits) == {4 if variant == "int4" else 8}
+    assert (experts.num_experts, experts.hidden_size, experts.intermediate_size) == (
+        config.num_experts, config.hidden_size, config.moe_intermediate_size)
+    # the prompt: dense part and head as measured on the shape, call_s once, each routed expert on its line
+    routed = speed_probe.routed_tokens(model, 32)
+    assert sum(routed) == 32 * config.top_k and all(t > 0 for t in routed)
+    per_expert, per_token = lines[variant]
+    rate = synthetic_profile().experts[variant]
+    prompt = (costs.layer(32) + rate.call_s + len(routed) * per_expert + 32 * config.top_k * per_token
+              + costs.forward(32))
+    assert got.prompt == pytest.approx(prompt / 2e-3)
+    # decode: the stubbed model's steps after each prompt, priced by the shape's decode step (one layer of
+    # experts partly stays in the last-level cache between decode steps: not the streamed price)
+    stub = calls[2][1]
+    assert type(stub.moe_blocks()[0].experts).__name__ == "_NoExperts"
+    assert [(c[0], c[1]) for c in calls] == [("decode", model), ("prompt", model), ("decode", stub)] * (
+        speed_probe.REPEATS + 1)
+    assert got.decode == pytest.approx(costs.decode_reference_s / 1e-3)
 
 
 def test_the_probe_runs_for_at_least_its_seconds_and_at_most_its_rounds(monkeypatch):
