@@ -34,8 +34,8 @@ every prediction of a profile measured in a slow phase came out 1.2-1.7x too slo
    priced): the prompt with experts as `moeinfer.planning.costs.MeasuredCosts` prices a plan's (the
    routing its router gave: tokens per expert), the stubbed prompt by the shape's fit
    (`ShapeCosts.reference_seconds()` x `after_decode`); the stubbed decode step by
-   `ShapeCosts.decode_reference_s` (where that is not measured, the prompt speed for both). The planner scales a
-   plan's prefill prediction by the first, its decode prediction by the second
+   `ShapeCosts.decode_reference_s` (where that is not measured, the prompt speed for both). The
+   planner scales a plan's prefill prediction by the first, its decode prediction by the second
    (`Prediction.machine_speed`, `machine_decode_speed`); rankings do not change. One speed for both
    had scaled decode by a prompt's 1.11-1.25x where the plans' decode did not follow (fifteenth
    session, runs f and g).
