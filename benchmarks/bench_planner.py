@@ -110,6 +110,11 @@ REAL_SHAPES = {"mixtral": ("Mixtral-8x7B", "mixtral-8x7b-instruct", ("humaneval_
                                                                       "gsm8k_2_routing.jsonl"))}
 REAL_PROMPT_TOKENS = 1  # --real-shape: one row per forward, the planner's decode view (module docstring)
 WARM_UP_TOKENS = 4
+# tokens a configuration generates, untimed, right before its separate prefill forward: that prompt meets
+# the model right after its own decode steps, as a user's next prompt does and as the planner prices it
+# (shape_costs.AFTER_STEPS), not right after the probe's models ran (eighteenth session: on the Mixtral
+# shape the same int4 prompt took ~570 ms right after the probe, 380-440 ms after the model's own steps)
+SETTLE_TOKENS = 16
 ROUND_PROBES = 2  # step 6: probe rounds beside each configuration's round
 
 
@@ -183,6 +188,12 @@ class Runner:
             out["prefill_tok_s"] = self.prefill(self.prompt)
         return out
 
+    def settle(self) -> None:
+        """`SETTLE_TOKENS` tokens generated untimed (routing replayed: the trace's next rows)."""
+        import moeinfer
+
+        moeinfer.generate(self.model, [self.prompt], max_new_tokens=SETTLE_TOKENS, ignore_eos=True)
+
     def prefill(self, prompt: list[int]) -> float:
         """Prefill tokens/s of one forward of `prompt`, on its own (after the rounds: they are unchanged).
         With routing replayed, the forward replays the trace's first len(prompt) rows and the cursor is
@@ -235,8 +246,9 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     separates the cost model's error from the trace's. The rounds' time is the simulated time of
     warm-up and rounds less that of the warm-up alone (same cache decisions up to its end).
     `prefill_tokens` > 0: also the prefill tokens/s of the separate prefill forward `Runner.prefill`
-    runs after the rounds (the trace's first `prefill_tokens` rows in one forward, the cache as the
-    rounds left it), as the time of rounds + that forward less that of the rounds. `speed`, `decode_speed`:
+    runs after the rounds and `Runner.settle`'s SETTLE_TOKENS rows (the trace's first `prefill_tokens`
+    rows in one forward, the cache as those left it), as the time of rounds, settling and that forward
+    less that of the rounds and settling. `speed`, `decode_speed`:
     the machine's speed on prompts and on decode steps the planner probed for this budget
     (`Prediction.machine_speed`, `machine_decode_speed`), which scale the rates as they scale the plans'
     own predictions."""
@@ -270,9 +282,10 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     out = {"decode_tok_s": decode_speed * rounds * tokens / (whole.time_s - warm.time_s),
            "hit_rate": hits / max(1, hits + misses)}
     if prefill_tokens > 0:
-        pre = run(len(rows), prefill_tokens)
-        out["prefill_tok_s"] = speed * prefill_tokens / (pre.time_s - whole.time_s)
-        hits, misses = pre.cache["hits"] - whole.cache["hits"], pre.cache["misses"] - whole.cache["misses"]
+        rows = np.arange(len(rows) + SETTLE_TOKENS) % trace.num_tokens
+        settled, pre = run(len(rows)), run(len(rows), prefill_tokens)
+        out["prefill_tok_s"] = speed * prefill_tokens / (pre.time_s - settled.time_s)
+        hits, misses = pre.cache["hits"] - settled.cache["hits"], pre.cache["misses"] - settled.cache["misses"]
         out["prefill_hit_rate"] = hits / max(1, hits + misses)
     return out
 
@@ -313,8 +326,9 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
                  probe: Callable[[], dict[str, float]] | None = None) -> dict[str, dict[str, Any]]:
     """Step 2 for the configurations of one budget (name -> plan): name -> `summarize` of its rounds.
     `prefill_prompt` (not interleaved only): one prefill forward of it per configuration, after its
-    rounds (`Runner.prefill`), so the rounds see the cache exactly as without it. `probe` (step 6): called
-    right before each round (and before the separate prefill forward), its speeds kept with that round."""
+    rounds and `Runner.settle` (`Runner.prefill`), so the rounds see the cache exactly as without it.
+    `probe` (step 6): called right before each round (and before the settling and separate prefill
+    forward), its speeds kept with that round."""
     names = list(configs)
     got: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     pre: dict[str, float] = {}
@@ -347,7 +361,7 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
             try:
                 got[n] = [one_round(run) for _ in range(rounds)]
                 if prefill_prompt is not None:
-                    pre_probe[n], pre[n] = probed(lambda: run.prefill(prefill_prompt))
+                    pre_probe[n], pre[n] = probed(lambda: (run.settle(), run.prefill(prefill_prompt))[1])
             finally:
                 run.close()
     return {n: {**summarize(got[n], prefill=pre.get(n), prefill_probe=pre_probe.get(n) or None),

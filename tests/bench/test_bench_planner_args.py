@@ -156,6 +156,9 @@ def test_a_probe_beside_every_round_takes_the_machines_drift_out():
             self.i += 1
             return {"decode_tok_s": 100.0 * s, "prefill_tok_s": 1000.0 * s, "fastest_decode_step_tok_s": 1.0}
 
+        def settle(self) -> None:
+            order.append(f"settle {self.name}")
+
         def prefill(self, prompt: list[int]) -> float:
             order.append(f"prefill {self.name}")
             return 500.0
@@ -175,7 +178,7 @@ def test_a_probe_beside_every_round_takes_the_machines_drift_out():
     order.clear()
     speeds = iter([1.0, 0.5, 0.25])
     sep = bp.time_configs({"a": "a"}, Fake, rounds=2, tokens=4, interleave=False, prefill_prompt=[1], probe=probe)
-    assert order == ["probe", "a", "probe", "a", "probe", "prefill a"]
+    assert order == ["probe", "a", "probe", "a", "probe", "settle a", "prefill a"]
     assert sep["a"]["prefill_tok_s"] == 500.0 and sep["a"]["prefill_tok_s_at_profile_speed"] == pytest.approx(1000.0)
     assert "prefill_tok_s_at_profile_speed" not in bp.summarize(sep["a"]["rounds"], prefill=500.0)
 

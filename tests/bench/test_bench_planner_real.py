@@ -42,6 +42,9 @@ def test_separate_prefill_runs_after_the_rounds_and_replaces_their_prefill():
             order.append(f"round {self.name}")
             return {"decode_tok_s": 5.0, "prefill_tok_s": 1.0, "fastest_decode_step_tok_s": 6.0}
 
+        def settle(self) -> None:
+            order.append(f"settle {self.name}")
+
         def prefill(self, prompt: list[int]) -> float:
             order.append(f"prefill {self.name} {len(prompt)}")
             return 40.0 if self.name == "a" else 30.0
@@ -53,7 +56,9 @@ def test_separate_prefill_runs_after_the_rounds_and_replaces_their_prefill():
             order.append(f"close {self.name}")
 
     got = bp.time_configs({"a": "a", "b": "b"}, Fake, rounds=2, tokens=4, interleave=False, prefill_prompt=[1] * 7)
-    assert order == ["round a", "round a", "prefill a 7", "close a", "round b", "round b", "prefill b 7", "close b"]
+    # the prefill forward right after the configuration's own untimed decode steps (settle)
+    assert order == ["round a", "round a", "settle a", "prefill a 7", "close a",
+                     "round b", "round b", "settle b", "prefill b 7", "close b"]
     assert (got["a"]["prefill_tok_s"], got["b"]["prefill_tok_s"]) == (40.0, 30.0)
     assert got["a"]["prefill_separate_forward"] and got["a"]["decode_tok_s"] == 5.0
     order.clear()
@@ -66,8 +71,9 @@ def test_separate_prefill_runs_after_the_rounds_and_replaces_their_prefill():
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_prefill_forward_is_priced_on_the_rows_it_replays(tmp_path, policy):
-    """The separate prefill forward replays the trace's first rows with the cache the rounds left, and puts
-    the replay cursor back; the cost model's prefill for those rows sees the live cache's hits and misses."""
+    """The separate prefill forward replays the trace's first rows with the cache the rounds and the settling
+    generation left, and puts the replay cursor back; the cost model's prefill for those rows sees the live
+    cache's hits and misses."""
     import moeinfer
     from plan_helpers import synthetic_profile
 
@@ -83,6 +89,8 @@ def test_prefill_forward_is_priced_on_the_rows_it_replays(tmp_path, policy):
     try:
         for _ in range(2):
             run.round(4)  # rows 4..11
+        run.settle()  # rows 12..27 of the 24-row trace (wrapping), as the benchmark runs it before the prefill
+        assert run.cursor.next == (12 + bp.SETTLE_TOKENS) % 24
         at = run.cursor.next
         cache = run.model.offload.cache
         before = (cache.stats.hits, cache.stats.misses)
