@@ -21,7 +21,9 @@ them" check):
    (`forward_seconds`; until the seventeenth session both came from moeinfer.bench.instrument, whose
    routing observers added 13% to the shipped model's decode steps). The configurations of a budget are
    *interleaved*: round r runs every configuration once, starting at a different one each round, so
-   a change of load on the machine touches all of them alike;
+   a change of load on the machine touches all of them alike. Each round (and --real-shape's separate
+   prefill forward) runs right after `SETTLE_TOKENS` untimed tokens of the same configuration
+   (`Runner.settle`, since the eighteenth session), as a user's next request meets the model;
 3. the statistic (why: docs/planner.md, "The planner benchmark"): a round's decode tokens/s is its
    decode tokens over the sum of its decode steps' times (the mean step, cache misses included, not
    the median or the fastest step: an offloaded plan's steps differ by their misses, and the planner
@@ -110,10 +112,11 @@ REAL_SHAPES = {"mixtral": ("Mixtral-8x7B", "mixtral-8x7b-instruct", ("humaneval_
                                                                       "gsm8k_2_routing.jsonl"))}
 REAL_PROMPT_TOKENS = 1  # --real-shape: one row per forward, the planner's decode view (module docstring)
 WARM_UP_TOKENS = 4
-# tokens a configuration generates, untimed, right before its separate prefill forward: that prompt meets
-# the model right after its own decode steps, as a user's next prompt does and as the planner prices it
-# (shape_costs.AFTER_STEPS), not right after the probe's models ran (eighteenth session: on the Mixtral
-# shape the same int4 prompt took ~570 ms right after the probe, 380-440 ms after the model's own steps)
+# tokens a configuration generates, untimed, right before each round and its separate prefill forward:
+# a timed generation or prompt meets the model right after its own decode steps, as a user's next request
+# does and as the planner prices a prompt (shape_costs.AFTER_STEPS), not right after the probe's models or
+# another configuration ran (eighteenth session: on the Mixtral shape the same int4 prompt took ~570 ms
+# right after the probe, 380-440 ms after the model's own steps)
 SETTLE_TOKENS = 16
 ROUND_PROBES = 2  # step 6: probe rounds beside each configuration's round
 
@@ -241,17 +244,16 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
                         tokens: int, prefill_tokens: int = 0, speed: float = 1.0,
                         decode_speed: float = 1.0) -> dict[str, float]:
     """--real-shape: the cost model's decode tokens/s and hit rate for the rows the rounds replayed (the
-    warm-up's WARM_UP_TOKENS rows, then `rounds` x `tokens`, one row per forward, wrapping), beside the
-    plan's prediction for the whole trace: the rows differ (a few dozen of its hundreds), so this
-    separates the cost model's error from the trace's. The rounds' time is the simulated time of
-    warm-up and rounds less that of the warm-up alone (same cache decisions up to its end).
-    `prefill_tokens` > 0: also the prefill tokens/s of the separate prefill forward `Runner.prefill`
-    runs after the rounds and `Runner.settle`'s SETTLE_TOKENS rows (the trace's first `prefill_tokens`
-    rows in one forward, the cache as those left it), as the time of rounds, settling and that forward
-    less that of the rounds and settling. `speed`, `decode_speed`:
-    the machine's speed on prompts and on decode steps the planner probed for this budget
-    (`Prediction.machine_speed`, `machine_decode_speed`), which scale the rates as they scale the plans'
-    own predictions."""
+    warm-up's WARM_UP_TOKENS rows, then per round `Runner.settle`'s SETTLE_TOKENS untimed rows and its
+    `tokens` timed ones, one row per forward, wrapping), beside the plan's prediction for the whole trace:
+    the rows differ (a few dozen of its hundreds), so this separates the cost model's error from the
+    trace's. A round's time is the simulated time up to its end less that up to its start (the same cache
+    decisions up to there). `prefill_tokens` > 0: also the prefill tokens/s of the separate prefill
+    forward `Runner.prefill` runs after the rounds and another settling (the trace's first
+    `prefill_tokens` rows in one forward, the cache as those left it), as the time up to that forward's
+    end less that up to its start. `speed`, `decode_speed`: the machine's speed on prompts and on decode
+    steps the planner probed for this budget (`Prediction.machine_speed`, `machine_decode_speed`), which
+    scale the rates as they scale the plans' own predictions."""
     import numpy as np
 
     from moeinfer.planning import routing as routes
@@ -264,28 +266,32 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
         from moeinfer.kernels.registry import resolve
 
         kernel = resolve("auto", "cpu").name
-    rows = np.arange(WARM_UP_TOKENS + rounds * tokens) % trace.num_tokens
+    per_round = SETTLE_TOKENS + tokens
+    settled = WARM_UP_TOKENS + rounds * per_round + SETTLE_TOKENS  # the rows before the prefill forward
+    rows = np.arange(settled) % trace.num_tokens
     # the memory the plan leaves free holds the disk tier's pages, as the planner prices it
     memory = plan.predicted.memory_bytes if plan.predicted is not None else 0
     page_cache = max(0, available_memory("cpu") - memory)
 
     def run(n: int, prompt: int = 0) -> Any:
-        # n decode rows one per forward, then (prompt > 0) the trace's first `prompt` rows in one forward
+        # n rows one per forward, then (prompt > 0) the trace's first `prompt` rows in one forward
         ids = np.concatenate([rows[:n], np.arange(prompt) % trace.num_tokens])
         step = np.concatenate([np.arange(n), np.full(prompt, n)])
         return simulate_plan(routes.forwards(trace, ids, step), sizes, profile, plan.precisions, kernel=kernel,
                              fp32_weights=plan.fp32_weights, offload=plan.offload, page_cache_bytes=page_cache)
 
-    whole, warm = run(len(rows)), run(WARM_UP_TOKENS)
-    hits = whole.cache["hits"] - warm.cache["hits"]
-    misses = whole.cache["misses"] - warm.cache["misses"]
-    out = {"decode_tok_s": decode_speed * rounds * tokens / (whole.time_s - warm.time_s),
-           "hit_rate": hits / max(1, hits + misses)}
+    seconds = hits = misses = 0.0
+    for r in range(rounds):
+        start = WARM_UP_TOKENS + r * per_round + SETTLE_TOKENS
+        a, b = run(start), run(start + tokens)
+        seconds += b.time_s - a.time_s
+        hits += b.cache["hits"] - a.cache["hits"]
+        misses += b.cache["misses"] - a.cache["misses"]
+    out = {"decode_tok_s": decode_speed * rounds * tokens / seconds, "hit_rate": hits / max(1, hits + misses)}
     if prefill_tokens > 0:
-        rows = np.arange(len(rows) + SETTLE_TOKENS) % trace.num_tokens
-        settled, pre = run(len(rows)), run(len(rows), prefill_tokens)
-        out["prefill_tok_s"] = speed * prefill_tokens / (pre.time_s - settled.time_s)
-        hits, misses = pre.cache["hits"] - settled.cache["hits"], pre.cache["misses"] - settled.cache["misses"]
+        before, pre = run(settled), run(settled, prefill_tokens)
+        out["prefill_tok_s"] = speed * prefill_tokens / (pre.time_s - before.time_s)
+        hits, misses = pre.cache["hits"] - before.cache["hits"], pre.cache["misses"] - before.cache["misses"]
         out["prefill_hit_rate"] = hits / max(1, hits + misses)
     return out
 
@@ -325,10 +331,12 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
                  interleave: bool, prefill_prompt: list[int] | None = None,
                  probe: Callable[[], dict[str, float]] | None = None) -> dict[str, dict[str, Any]]:
     """Step 2 for the configurations of one budget (name -> plan): name -> `summarize` of its rounds.
-    `prefill_prompt` (not interleaved only): one prefill forward of it per configuration, after its
-    rounds and `Runner.settle` (`Runner.prefill`), so the rounds see the cache exactly as without it.
-    `probe` (step 6): called right before each round (and before the settling and separate prefill
-    forward), its speeds kept with that round."""
+    Each round and the separate prefill forward run right after `Runner.settle` (the configuration's own
+    untimed decode steps: a timed generation meets the model as a user's next request does, not right
+    after the probe or another configuration). `prefill_prompt` (not interleaved only): one prefill
+    forward of it per configuration, after its rounds (`Runner.prefill`), so the rounds see the cache
+    exactly as without it. `probe` (step 6): called right before each settling and round (and before
+    the settling and separate prefill forward), its speeds kept with that round."""
     names = list(configs)
     got: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     pre: dict[str, float] = {}
@@ -341,7 +349,7 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
         return (probe() if probe is not None else {}), call()
 
     def one_round(run: Runner) -> dict[str, float]:
-        speeds, out = probed(lambda: run.round(tokens))
+        speeds, out = probed(lambda: (run.settle(), run.round(tokens))[1])
         return {**out, **speeds}
     if interleave:
         runners = {n: make(configs[n]) for n in names}

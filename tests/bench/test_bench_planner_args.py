@@ -65,6 +65,9 @@ def test_interleaved_rounds_rotate_the_starting_configuration():
         def __init__(self, name: str) -> None:
             self.name = name
 
+        def settle(self) -> None:
+            pass
+
         def round(self, tokens: int) -> dict[str, float]:
             order.append(self.name)
             return {"decode_tok_s": 1.0, "prefill_tok_s": 1.0, "fastest_decode_step_tok_s": 1.0}
@@ -112,8 +115,9 @@ def test_plans_that_load_into_the_same_model_are_recognised():
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_replayed_prediction_has_the_live_rounds_hit_rate(tmp_path, policy):
-    """--real-shape: the cost model on the rows the rounds replayed sees the live cache's hits (the
-    shipped model, offloaded, a random routing replayed with a one-token prompt as the benchmark does)."""
+    """--real-shape: the cost model on the rows the rounds replayed, each after its untimed settling rows,
+    sees the live cache's hits (the shipped model, offloaded, a random routing replayed with a one-token
+    prompt as the benchmark does)."""
     import moeinfer
     from plan_helpers import synthetic_profile
 
@@ -126,7 +130,7 @@ def test_replayed_prediction_has_the_live_rounds_hit_rate(tmp_path, policy):
     run = bp.Runner(lambda: moeinfer.apply_plan_(moeinfer.load("tiny", progress=False), plan, offload_dir=tmp_path),
                     plan, [1] * bp.REAL_PROMPT_TOKENS, trace=trace)
     try:
-        live = [run.round(5) for _ in range(3)]  # rows 4..18 of the 24-row trace
+        live = [(run.settle(), run.round(5))[1] for _ in range(3)]  # as time_configs runs them
     finally:
         run.close()
     got = bp.replayed_prediction(plan, "tiny", trace, synthetic_profile(), rounds=3, tokens=5)
@@ -170,7 +174,7 @@ def test_a_probe_beside_every_round_takes_the_machines_drift_out():
             return self.name
 
     got = bp.time_configs({"a": "a", "b": "b"}, Fake, rounds=3, tokens=4, interleave=False, probe=probe)
-    assert order == ["probe", "a"] * 3 + ["probe", "b"] * 3
+    assert order == ["probe", "settle a", "a"] * 3 + ["probe", "settle b", "b"] * 3
     for n in ("a", "b"):
         assert got[n]["decode_tok_s_at_profile_speed"] == pytest.approx(100.0)
         assert got[n]["prefill_tok_s_at_profile_speed"] == pytest.approx(500.0)
@@ -178,7 +182,7 @@ def test_a_probe_beside_every_round_takes_the_machines_drift_out():
     order.clear()
     speeds = iter([1.0, 0.5, 0.25])
     sep = bp.time_configs({"a": "a"}, Fake, rounds=2, tokens=4, interleave=False, prefill_prompt=[1], probe=probe)
-    assert order == ["probe", "a", "probe", "a", "probe", "settle a", "prefill a"]
+    assert order == ["probe", "settle a", "a"] * 2 + ["probe", "settle a", "prefill a"]
     assert sep["a"]["prefill_tok_s"] == 500.0 and sep["a"]["prefill_tok_s_at_profile_speed"] == pytest.approx(1000.0)
     assert "prefill_tok_s_at_profile_speed" not in bp.summarize(sep["a"]["rounds"], prefill=500.0)
 

@@ -57,13 +57,13 @@ def test_separate_prefill_runs_after_the_rounds_and_replaces_their_prefill():
 
     got = bp.time_configs({"a": "a", "b": "b"}, Fake, rounds=2, tokens=4, interleave=False, prefill_prompt=[1] * 7)
     # the prefill forward right after the configuration's own untimed decode steps (settle)
-    assert order == ["round a", "round a", "settle a", "prefill a 7", "close a",
-                     "round b", "round b", "settle b", "prefill b 7", "close b"]
+    assert order == ["settle a", "round a", "settle a", "round a", "settle a", "prefill a 7", "close a",
+                     "settle b", "round b", "settle b", "round b", "settle b", "prefill b 7", "close b"]
     assert (got["a"]["prefill_tok_s"], got["b"]["prefill_tok_s"]) == (40.0, 30.0)
     assert got["a"]["prefill_separate_forward"] and got["a"]["decode_tok_s"] == 5.0
     order.clear()
     plain = bp.time_configs({"a": "a"}, Fake, rounds=1, tokens=4, interleave=False)
-    assert order == ["round a", "close a"] and plain["a"]["prefill_tok_s"] == 1.0
+    assert order == ["settle a", "round a", "close a"] and plain["a"]["prefill_tok_s"] == 1.0
     assert "prefill_separate_forward" not in plain["a"]
     with pytest.raises(ValueError, match="interleave"):
         bp.time_configs({"a": "a"}, Fake, rounds=1, tokens=4, interleave=True, prefill_prompt=[1])
@@ -88,9 +88,10 @@ def test_prefill_forward_is_priced_on_the_rows_it_replays(tmp_path, policy):
                     plan, [1] * bp.REAL_PROMPT_TOKENS, trace=trace, cleanup=lambda: cleaned.append(True))
     try:
         for _ in range(2):
-            run.round(4)  # rows 4..11
-        run.settle()  # rows 12..27 of the 24-row trace (wrapping), as the benchmark runs it before the prefill
-        assert run.cursor.next == (12 + bp.SETTLE_TOKENS) % 24
+            run.settle()
+            run.round(4)
+        run.settle()  # as the benchmark runs it before the prefill forward
+        assert run.cursor.next == (bp.WARM_UP_TOKENS + 3 * bp.SETTLE_TOKENS + 2 * 4) % 24
         at = run.cursor.next
         cache = run.model.offload.cache
         before = (cache.stats.hits, cache.stats.misses)
