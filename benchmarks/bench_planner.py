@@ -5,7 +5,7 @@ real-shape random-weight model whose routing is replayed from a real routing tra
     PYTHONPATH=. python benchmarks/bench_planner.py [--model tiny] [--budgets auto | 80MB,120MB,...]
         [--tokens 32] [--rounds 21] [--max-bytes 16384] [--out planner-bench.json]
     PYTHONPATH=. python benchmarks/bench_planner.py --real-shape mixtral [--budgets auto] [--tokens 8] [--rounds 3]
-        [--prefill-tokens 64] [--float-only]
+        [--prefill-tokens N] [--float-only]
 
 For each budget (default: three budgets from the model's own sizes: a few float experts over the
 fixed memory, half the float experts, all of them), plan with the default settings, then for the
@@ -74,10 +74,11 @@ measuring. Only speed is measured: the weights are random, so a quality loss mea
   the planner's decode view prices them: a prompt of several rows runs as one forward that loads every
   expert its rows use, which had flushed a small cache before each round's decode (at 6 of 16 slots,
   a live hit rate of 29% against 38-42% simulated: tests/plan/test_plan_replay_hits.py).
-- Prefill: one separate forward of `--prefill-tokens` tokens (default PROMPT_TOKENS, as the shipped
-  model's prompt) per configuration, after its rounds (`Runner.prefill`: it replays the trace's first
-  rows and puts the replay cursor back), so the decode rounds are unchanged; one forward, not the best
-  of several (a second would meet the cache the first left).
+- Prefill: one separate forward of `--prefill-tokens` tokens (default: the trace's mean sequence length,
+  `prefill_length`: the plans' prefill predictions price the trace's sequences; until the eighteenth
+  session the shipped model's 64 tokens) per configuration, after its rounds (`Runner.prefill`: it
+  replays the trace's first rows and puts the replay cursor back), so the decode rounds are unchanged;
+  one forward, not the best of several (a second would meet the cache the first left).
 - Each configuration (baselines too) also gets the cost model's figures for the rows its rounds and
   its prefill forward replayed (`replayed_prediction`; JSON `predicted_replayed`,
   `decode_ratio_replayed`, `prefill_ratio_replayed`): the rounds replay the trace's first rows only,
@@ -481,6 +482,20 @@ def real_shape_model(name: str, *, layers: int, traces: Path, progress: bool = T
     return path, trace
 
 
+def prefill_length(trace: Any) -> int:
+    """--real-shape's default prefill forward: the trace's mean sequence length. A plan's prefill
+    prediction prices each of the trace's sequences in one forward (moeinfer.planning.routing.prefill),
+    and the cost model's prompt is linear in its tokens beyond its active experts' fixed costs, which a
+    prompt of ~20 tokens or more pays in full: one forward of the mean length has the same predicted
+    tokens/s. Until the eighteenth session the forward had the shipped model's 64 tokens while the
+    Mixtral trace's four sequences have 78-252 (mean 144): the plans' prefill predictions priced ~1.3x
+    more tokens/s than that forward's own (replayed) prediction."""
+    import numpy as np
+
+    _, counts = np.unique(trace.seq, return_counts=True)
+    return max(1, round(float(counts.mean())))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
@@ -502,8 +517,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                 "--real-shape: 1)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the default / --fit-like / int4 baselines")
     ap.add_argument("--prefill-tokens", type=int, default=None,
-                    help=f"--real-shape: tokens of the separate prefill forward measured after each configuration's "
-                         f"rounds (default: {PROMPT_TOKENS}, the shipped model's prompt; 0: none)")
+                    help="--real-shape: tokens of the separate prefill forward measured after each configuration's "
+                         "rounds (default: the trace's mean sequence length, what the plans' prefill predictions "
+                         "price; 0: none)")
     ap.add_argument("--float-only", action="store_true",
                     help="--real-shape: plan float experts only (no quantization while loading)")
     ap.add_argument("--refresh-profile", action="store_true", help="measure the machine profile again first")
@@ -519,8 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not real and (args.prefill_tokens is not None or args.float_only):
         ap.error("--prefill-tokens and --float-only apply to --real-shape only (the shipped model's rounds prefill "
                  f"a {PROMPT_TOKENS}-token prompt and plan every precision)")
-    args.prefill_tokens = PROMPT_TOKENS if args.prefill_tokens is None else args.prefill_tokens
-    if args.prefill_tokens < 0:
+    if args.prefill_tokens is not None and args.prefill_tokens < 0:
         ap.error("--prefill-tokens must be >= 0")
     args.interleave = not (args.no_interleave or real)
     if real and args.traces is None:
@@ -585,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         path, trace = real_shape_model(args.real_shape, layers=args.layers, traces=args.traces)
         model_name, base = str(path), None
         prompt = list(range(1, REAL_PROMPT_TOKENS + 1))  # routing is replayed: the ids do not matter
+        if args.prefill_tokens is None:
+            args.prefill_tokens = prefill_length(trace)
         if args.prefill_tokens:
             prefill_prompt = list(range(1, args.prefill_tokens + 1))
         quantized = not args.float_only

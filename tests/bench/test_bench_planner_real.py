@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,9 +19,35 @@ import bench_planner as bp  # noqa: E402
 def test_prefill_tokens_and_float_only_options(monkeypatch, tmp_path):
     monkeypatch.setenv("MOEINFER_MIXTRAL_TRACES", str(tmp_path))
     a = bp.parse_args(["--real-shape", "mixtral"])
-    assert (a.prefill_tokens, a.float_only) == (bp.PROMPT_TOKENS, False)
+    assert (a.prefill_tokens, a.float_only) == (None, False)  # main: the trace's mean sequence length
     b = bp.parse_args(["--real-shape", "mixtral", "--prefill-tokens", "0", "--float-only"])
     assert (b.prefill_tokens, b.float_only) == (0, True)
+
+
+def test_the_prefill_forward_is_as_long_as_the_traces_mean_sequence():
+    """The plans' prefill predictions price each of the trace's sequences in one forward; the default
+    separate forward has their mean length, whose predicted tokens/s equals theirs (the plan's own
+    prediction against the cost model's for that one forward: toy rates, one bf16 layer of the shipped
+    model resident)."""
+    from plan_helpers import synthetic_profile
+
+    from moeinfer.planning import Plan
+    from moeinfer.planning import routing as routes
+    from moeinfer.planning.costs import simulate_plan
+    from moeinfer.planning.sizes import sizes_from_checkpoint
+
+    import numpy as np
+
+    trace = routes.uniform(num_layers=4, num_experts=8, top_k=2, sequences=3, tokens=40, seed=1)
+    assert bp.prefill_length(trace) == 40
+    assert bp.prefill_length(SimpleNamespace(seq=np.repeat([4, 9, 2], [30, 50, 40]))) == 40
+    plan = Plan(model="tiny", device="cpu", budget_bytes=10**9, objective="latency", precisions=("bf16",) * 4,
+                kernel="reference")
+    sizes, profile = sizes_from_checkpoint("tiny"), synthetic_profile()
+    whole = simulate_plan(routes.prefill(trace), sizes, profile, plan.precisions, kernel="reference")
+    one = bp.replayed_prediction(plan, "tiny", trace, profile, rounds=1, tokens=2,
+                                 prefill_tokens=bp.prefill_length(trace))
+    assert one["prefill_tok_s"] == pytest.approx(whole.tokens_per_s, rel=0.05)
 
 
 @pytest.mark.parametrize("argv", [["--prefill-tokens", "8"], ["--float-only"],
