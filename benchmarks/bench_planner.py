@@ -346,11 +346,14 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
         raise ValueError("a separate prefill forward is measured only with interleave=False")
     runs_as: dict[str, str] = {}
 
-    def probed(call: Callable[[], Any]) -> tuple[dict[str, float], Any]:
-        return (probe() if probe is not None else {}), call()
+    def probed(run: Runner, call: Callable[[], Any]) -> tuple[dict[str, float], Any]:
+        """The probe, then the configuration's settling, then the timed `call`."""
+        speeds = probe() if probe is not None else {}
+        run.settle()
+        return speeds, call()
 
     def one_round(run: Runner) -> dict[str, float]:
-        speeds, out = probed(lambda: (run.settle(), run.round(tokens))[1])
+        speeds, out = probed(run, lambda: run.round(tokens))
         return {**out, **speeds}
     if interleave:
         runners = {n: make(configs[n]) for n in names}
@@ -370,7 +373,7 @@ def time_configs(configs: dict[str, Any], make: Callable[[Any], Runner], *, roun
             try:
                 got[n] = [one_round(run) for _ in range(rounds)]
                 if prefill_prompt is not None:
-                    pre_probe[n], pre[n] = probed(lambda: (run.settle(), run.prefill(prefill_prompt))[1])
+                    pre_probe[n], pre[n] = probed(run, lambda: run.prefill(prefill_prompt))
             finally:
                 run.close()
     return {n: {**summarize(got[n], prefill=pre.get(n), prefill_probe=pre_probe.get(n) or None),
