@@ -253,8 +253,8 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     forward `Runner.prefill` runs after the rounds and another settling (the trace's first
     `prefill_tokens` rows in one forward, the cache as those left it), as the time up to that forward's
     end less that up to its start. `speed`, `decode_speed`: the machine's speed on prompts and on decode
-    steps the planner probed for this budget (`Prediction.machine_speed`, `machine_decode_speed`), which
-    scale the rates as they scale the plans' own predictions."""
+    steps the planner probed for this budget (`Prediction.machine_speed`, `machine_decode_speed`), at
+    which the rows are simulated as the plans' own predictions are (`simulate_plan(speed=)`)."""
     import numpy as np
 
     from moeinfer.planning import routing as routes
@@ -274,12 +274,13 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
     memory = plan.predicted.memory_bytes if plan.predicted is not None else 0
     page_cache = max(0, available_memory("cpu") - memory)
 
-    def run(n: int, prompt: int = 0) -> Any:
+    def run(n: int, prompt: int = 0, at: float = decode_speed) -> Any:
         # n rows one per forward, then (prompt > 0) the trace's first `prompt` rows in one forward
         ids = np.concatenate([rows[:n], np.arange(prompt) % trace.num_tokens])
         step = np.concatenate([np.arange(n), np.full(prompt, n)])
         return simulate_plan(routes.forwards(trace, ids, step), sizes, profile, plan.precisions, kernel=kernel,
-                             fp32_weights=plan.fp32_weights, offload=plan.offload, page_cache_bytes=page_cache)
+                             fp32_weights=plan.fp32_weights, offload=plan.offload, page_cache_bytes=page_cache,
+                             speed=at)
 
     seconds = hits = misses = 0.0
     for r in range(rounds):
@@ -288,10 +289,10 @@ def replayed_prediction(plan: Any, model_name: str, trace: Any, profile: Any, *,
         seconds += b.time_s - a.time_s
         hits += b.cache["hits"] - a.cache["hits"]
         misses += b.cache["misses"] - a.cache["misses"]
-    out = {"decode_tok_s": decode_speed * rounds * tokens / seconds, "hit_rate": hits / max(1, hits + misses)}
+    out = {"decode_tok_s": rounds * tokens / seconds, "hit_rate": hits / max(1, hits + misses)}
     if prefill_tokens > 0:
-        before, pre = run(settled), run(settled, prefill_tokens)
-        out["prefill_tok_s"] = speed * prefill_tokens / (pre.time_s - before.time_s)
+        before, pre = run(settled, at=speed), run(settled, prefill_tokens, at=speed)
+        out["prefill_tok_s"] = prefill_tokens / (pre.time_s - before.time_s)
         hits, misses = pre.cache["hits"] - before.cache["hits"], pre.cache["misses"] - before.cache["misses"]
         out["prefill_hit_rate"] = hits / max(1, hits + misses)
     return out

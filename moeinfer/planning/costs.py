@@ -58,7 +58,7 @@ tokens, and working memory (the logits of a prefill chunk, plus a fixed 64 MiB).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -245,12 +245,37 @@ def cached_fraction(sizes: ModelSizes, profile: MachineProfile, precision: str, 
     return min(1.0, page_cache_bytes / store)
 
 
+@dataclass(frozen=True)
+class AtSpeed:
+    """`StepCosts` of `costs` on a machine whose compute runs at `speed` times the profile's (the plan-time
+    probe, moeinfer/planning/speed_probe.py): every dense, expert and head cost over it."""
+
+    costs: Any
+    speed: float
+
+    def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float:
+        return self.costs.dense_s(layer, tokens, sequences) / self.speed
+
+    def expert_s(self, layer: int, tokens: int, alone: bool = False) -> float:
+        return self.costs.expert_s(layer, tokens, alone) / self.speed
+
+    def head_s(self, tokens: int, rows: int = 1) -> float:
+        return self.costs.head_s(tokens, rows) / self.speed
+
+
 def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precisions: Sequence[str], *,
-                  kernel: str, fp32_weights: bool = False, offload: Any = None, page_cache_bytes: int = 0) -> Any:
+                  kernel: str, fp32_weights: bool = False, offload: Any = None, page_cache_bytes: int = 0,
+                  speed: float = 1.0) -> Any:
     """The offload simulator's replay of `trace` under a configuration; `offload` = a PlanOffload or
     None (every expert resident: a static cache of all L x E experts, warm before the first step);
     `page_cache_bytes`: memory left free for the page cache (a disk tier's misses then partly read
-    from RAM, `cached_fraction`)."""
+    from RAM, `cached_fraction`); `speed`: the machine's speed on the model's shape now over its
+    profile's (the plan-time probe; the decode figure for a trace of decode steps, the prompt one for
+    prompts): the step's compute and an offloaded layer's host time run that much faster, while a
+    load's transfer over the link does not. Scaling the simulated time as a whole scaled the loads too:
+    on the Intel machine an int4 expert's 92 MB page-cache read took ~20 ms in a phase when the
+    Mixtral-8x7B shape's decode ran 1.8x faster than profiled and in the profile's own (4.66 GB/s), and
+    the offloaded plans measured 0.71-0.86 of their prediction (docs/planner.md, nineteenth session)."""
     costs = MeasuredCosts(sizes, profile, precisions, kernel=kernel, fp32_weights=fp32_weights,
                           offloaded=offload is not None)
     if offload is None:
@@ -268,12 +293,17 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     host_key = precisions[0] if precisions[0] != FLOAT or kernel != "cpu" else "bf16/cpu"
     hardware = profile.hardware(offloaded=offload is not None, precision=host_key, cached_fraction=cached,
                                 shape=costs.shape_costs)
+    if speed != 1.0:
+        prompt_host = hardware.prompt_host_us_per_layer
+        hardware = replace(hardware, host_us_per_layer=hardware.host_us_per_layer / speed,
+                           prompt_host_us_per_layer=None if prompt_host is None else prompt_host / speed)
     # loads overlap compute where the profile found reads hidden behind it (on a CPU a page-cached read is
     # a memcpy that shares cores and memory bandwidth with expert decode)
     overlap = offload is None or profile.overlaps_reads()
     # but not behind a prompt's experts on a CPU: they keep every core busy, and a load's page-cache copy
     # runs on those cores (the shipped model's 64-token prompts: ~100 us a load, none of it hidden)
-    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=costs, expert_bytes=moved,
+    clock = costs if speed == 1.0 else AtSpeed(costs, speed)
+    return simulate(trace, shape=sizes.shape(), config=cfg, hardware=hardware, costs=clock, expert_bytes=moved,
                     overlap=overlap, overlap_prompts=offload is None or profile.device != "cpu")
 
 

@@ -8,7 +8,8 @@ Shapes: L MoE layers, E experts per layer, P precisions, B batch rows.
 2. the machine profile (moeinfer.planning.profile), measured once and cached, with the costs measured
    on this model's own shapes (moeinfer.planning.shape_profile), once per shape; and, with this
    machine's profile, how fast the machine runs that shape now against the profile
-   (moeinfer.planning.speed_probe), which scales every prediction;
+   (moeinfer.planning.speed_probe): every prediction is simulated at that speed (the compute faster
+   or slower, a load's transfer as profiled: moeinfer.planning.costs.simulate_plan);
 3. when the model fits in memory (or is given loaded): its routing on the calibration text and its
    quality model (moeinfer.planning.quality); otherwise the user's trace or uniform routing, and either
    a stand-in quality model measured on `quality_from` (another model, e.g. a smaller one of the same
@@ -209,17 +210,18 @@ def _offload_candidates(sizes: ModelSizes, device: str, budget: int, batches: Se
 
 def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSizes, profile: MachineProfile,
              quality: QualityModel | None, context: int, free_bytes: int = 0,
-             from_checkpoint: bool = False) -> Prediction:
+             from_checkpoint: bool = False, speed: MachineSpeed = MachineSpeed()) -> Prediction:
     """Step 5 (`views`: the decode trace per batch size; one object each, so the simulator's step
     grouping is computed once; `free_bytes`: memory free when planning, of which what the plan does not
-    take holds a disk tier's pages; `from_checkpoint`: the load peak is priced, `_load_peak`)."""
+    take holds a disk tier's pages; `from_checkpoint`: the load peak is priced, `_load_peak`; `speed`:
+    the machine's speed now, step 2: decode simulated at its decode figure, prefill at its prompt one)."""
     memory = _memory(sizes, c, context)
     peak = _load_peak(sizes, c, context) if from_checkpoint else 0
     cache = max(0, free_bytes - memory)
     dec = simulate_plan(views[c.batch], sizes, profile, c.precisions, kernel=c.kernel,
-                        fp32_weights=c.fp32, offload=c.offload, page_cache_bytes=cache)
+                        fp32_weights=c.fp32, offload=c.offload, page_cache_bytes=cache, speed=speed.decode)
     pre = simulate_plan(prefill, sizes, profile, c.precisions, kernel=c.kernel, fp32_weights=c.fp32,
-                        offload=c.offload, page_cache_bytes=cache)
+                        offload=c.offload, page_cache_bytes=cache, speed=speed.prompt)
     lossless = all(p == FLOAT for p in c.precisions)
     loss = 0.0 if lossless else (quality.loss(c.precisions) if quality is not None else None)
     bpb = None
@@ -228,15 +230,8 @@ def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSiz
     return Prediction(decode_tok_s=dec.tokens_per_s, prefill_tok_s=pre.tokens_per_s,
                       memory_bytes=memory, quality_loss=loss, bits_per_byte=bpb,
                       step_ms=1e3 * dec.time_s / max(1, dec.steps),
-                      hit_rate=dec.hit_rate if c.offload is not None else None, load_peak_bytes=peak)
-
-
-def _at_speed(pred: Prediction, speed: MachineSpeed) -> Prediction:
-    """`pred` on a machine running at `speed` times its profile's (step 2): rates times it, times over it
-    (prefill by the prompt speed, decode by the decode speed)."""
-    return replace(pred, decode_tok_s=pred.decode_tok_s * speed.decode,
-                   prefill_tok_s=pred.prefill_tok_s * speed.prompt, step_ms=pred.step_ms / speed.decode,
-                   machine_speed=speed.prompt, machine_decode_speed=speed.decode)
+                      hit_rate=dec.hit_rate if c.offload is not None else None, load_peak_bytes=peak,
+                      machine_speed=speed.prompt, machine_decode_speed=speed.decode)
 
 
 def _load_for_measurement(path: Any, sizes: ModelSizes) -> Any:
@@ -375,8 +370,7 @@ def plan(model_or_path: Any, budget: int | str, *, device: str = "cpu", max_qual
     scored = []
     from_checkpoint = loaded is None  # built by load_planned, which quantizes while loading
     for c in cands:
-        pred = _at_speed(_predict(c, views, prefill_view, sizes, profile, quality, context, free_bytes,
-                                  from_checkpoint), speed)
+        pred = _predict(c, views, prefill_view, sizes, profile, quality, context, free_bytes, from_checkpoint, speed)
         if pred.memory_bytes <= budget_bytes:
             scored.append((c, pred))
     scored = _rank(scored)

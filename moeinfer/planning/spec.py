@@ -72,8 +72,8 @@ class Prediction:
     # reported, not held to the budget; 0 = not priced (a plan of a loaded model)
     load_peak_bytes: int = 0
     # the machine's speed on this model's shape when planned, over its profile's (speed_probe), on
-    # prompts and on decode steps: prefill_tok_s is the profile's price times the first, decode_tok_s
-    # times the second, step_ms over it (1 = not probed)
+    # prompts and on decode steps: prefill is simulated with its compute at the first, decode at the
+    # second (loads over the link as profiled: moeinfer.planning.costs.simulate_plan; 1 = not probed)
     machine_speed: float = 1.0
     machine_decode_speed: float = 1.0
 

@@ -133,12 +133,14 @@ def test_prefill_forward_is_priced_on_the_rows_it_replays(tmp_path, policy):
     assert got["prefill_hit_rate"] == pytest.approx(hits / (hits + misses), abs=1e-12)
     assert 0 < got["prefill_hit_rate"] < 1 and got["prefill_tok_s"] > 0 and tok_s > 0
     assert "prefill_tok_s" not in bp.replayed_prediction(plan, "tiny", trace, synthetic_profile(), rounds=2, tokens=4)
-    # the machine's probed speeds scale the rates as they scale the plan's own predictions
+    # the rows are simulated at the machine's probed speeds as the plan's own predictions are: an offloaded
+    # plan's compute at them, its loads' transfers not (moeinfer.planning.costs.simulate_plan)
     fast = bp.replayed_prediction(plan, "tiny", trace, synthetic_profile(), rounds=2, tokens=4, prefill_tokens=6,
                                   speed=1.5, decode_speed=0.8)
-    assert fast["decode_tok_s"] == pytest.approx(0.8 * got["decode_tok_s"])
-    assert fast["prefill_tok_s"] == pytest.approx(1.5 * got["prefill_tok_s"])
+    assert 0.8 * got["decode_tok_s"] < fast["decode_tok_s"] < got["decode_tok_s"]
+    assert got["prefill_tok_s"] < fast["prefill_tok_s"] < 1.5 * got["prefill_tok_s"]
     assert fast["hit_rate"] == got["hit_rate"]
+    assert fast["prefill_hit_rate"] == got["prefill_hit_rate"]
 
 
 def test_real_shape_budgets_separate_the_baselines():

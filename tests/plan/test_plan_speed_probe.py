@@ -35,21 +35,32 @@ def _plan(monkeypatch, profile, *, probe: bool = True, speed=speed_probe.Machine
 
 
 def test_predictions_are_scaled_by_the_probed_speed(monkeypatch):
+    """Resident plans: every rate times the probed speed. Offloaded ones: their compute runs at it, their
+    loads' transfers do not (moeinfer.planning.costs.simulate_plan, tested exactly in
+    test_plan_simulate_at_speed.py): decode at 0.8x compute lands between 0.8x and 1x."""
     plain, none = _plan(monkeypatch, _profile(), probe=False)
     fast, calls = _plan(monkeypatch, _profile())
     assert none == [] and len(calls) == 1
     profile, sizes, config, device = calls[0]
     assert profile.shapes[sizes.shape_key] == COSTS and sizes == sizes_from_checkpoint("tiny")
     assert config.hidden_size == config_of("tiny").hidden_size and device == "cpu"
+    kinds = set()
     for a, b in zip((plain, *plain.runners_up), (fast, *fast.runners_up)):
         assert a.describe() == b.describe()  # the same plans in the same order
         p, q = a.predicted, b.predicted
-        assert q.decode_tok_s == pytest.approx(0.8 * p.decode_tok_s)
-        assert q.prefill_tok_s == pytest.approx(1.5 * p.prefill_tok_s)
-        assert q.step_ms == pytest.approx(p.step_ms / 0.8)
+        kinds.add(a.offload is None)
+        if a.offload is None:
+            assert q.decode_tok_s == pytest.approx(0.8 * p.decode_tok_s)
+            assert q.prefill_tok_s == pytest.approx(1.5 * p.prefill_tok_s)
+            assert q.step_ms == pytest.approx(p.step_ms / 0.8)
+        else:
+            assert 0.8 * p.decode_tok_s < q.decode_tok_s < p.decode_tok_s
+            assert p.prefill_tok_s < q.prefill_tok_s < 1.5 * p.prefill_tok_s
+            assert q.step_ms == pytest.approx(1e3 / q.decode_tok_s)
         assert (q.memory_bytes, q.quality_loss, q.hit_rate) == (p.memory_bytes, p.quality_loss, p.hit_rate)
         assert (p.machine_speed, p.machine_decode_speed) == (1.0, 1.0)
         assert (q.machine_speed, q.machine_decode_speed) == (1.5, 0.8)
+    assert kinds == {True, False}  # both kinds of plan among the four
     assert any("1.50x its profile's speed on prompts and 0.80x on decode steps" in n for n in fast.notes)
 
 
