@@ -53,3 +53,13 @@ def priced_by_reference(by_round: Sequence[Sequence[float]], reference: int = 0,
     price = statistics.median(row[reference] for row in by_round) if seconds is None else seconds
     return [price * statistics.median(row[i] / row[reference] for row in by_round)
             for i in range(len(by_round[0]))]
+
+
+def priced_by_shared_reference(sets: Sequence[Sequence[Sequence[float]]],
+                               reference: int = 0) -> tuple[list[list[float]], float]:
+    """Several sets of rounds (each: `rounds_in_turn` of some calls with the same reference call, one set
+    at a time where their calls cannot all be held at once) priced on one level: (per set, its calls'
+    prices by `priced_by_reference` at the reference's price; that price, the median of the reference's
+    times over every set's rounds)."""
+    price = statistics.median(row[reference] for rounds in sets for row in rounds)
+    return [priced_by_reference(rounds, reference, seconds=price) for rounds in sets], price

@@ -31,7 +31,9 @@ two times taken in different phases of a drifting VM is not the models' differen
    measurement, two experts of `streamed_bytes` together, gives the decode rate of weights
    streamed from memory (`stream_bytes_per_s`), which an expert gets when the weights a decode step
    reads do not fit in the cache (a real-size model: a 352 MB Mixtral expert ran at ~12 GB/s on the
-   native kernel where the in-cache fit said 18-27);
+   native kernel where the in-cache fit said 18-27); every variant's in turn with step 1's dense read,
+   all priced against its median (`streamed_in_turn`), so the variants' streamed rates and
+   `dense_read_gbps` sit on one level;
 3. fixed costs outside the experts: one-token forwards of two small random models (1 and 3
    layers, on the planned dense path) give the per-layer cost of attention, norms and router (`layer_fixed_s`) and the
    per-step cost of embeddings, head and Python (`step_fixed_s`); prefill forwards of 64 tokens of the
@@ -65,8 +67,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +91,11 @@ from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import HardwareProfile, calibrate
 from moeinfer.planning.dense import native_dense, use_planned_dense_
 from moeinfer.planning.reads import cached_read_gbps, read_overlap
-from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn, timed
+from moeinfer.planning.in_turn import priced_by_reference, priced_by_shared_reference, rounds_in_turn, timed
 from moeinfer.planning.shape_costs import (
     ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids, step_changes, token_stamps)
 
-PROFILE_VERSION = 16  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 17  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
@@ -110,7 +112,8 @@ PROFILE_VERSION = 16  # 2: the least of the repeats, not the median; 3: dense ma
 # per-token costs), not each the least of its own rounds; 13: offload host costs of prompts
 # (OffloadHost.prompt_layer_s, prompt_load_s); 14: models in turn priced at the first one's median time;
 # 15: every timed figure the median of its runs (`median_time`), not the least; 16: a decode round's figure
-# the generation's mean step (decode_gap_rounds), not its median step
+# the generation's mean step (decode_gap_rounds), not its median step; 17: the streamed-weight rates
+# (stream_bytes_per_s of every variant, dense_read_gbps) measured in turn, on one level (streamed_in_turn)
 PROMPT_TOKENS = 32  # measure_offload's prompt: every expert of the random model's layers routed to
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -437,13 +440,12 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
                     large: tuple[int, int] = (768, 768), experts: int = 8, repeats: int = 5,
                     llc_bytes: int = 0) -> ExpertRate:
     """Step 2: fit call_s, expert_fixed_s, bytes_per_s and flops_per_s of one variant, and with
-    `llc_bytes` (> 0) stream_bytes_per_s: one token, top-2 of 2 experts of `streaming_shape` each, the
-    two `streamed_bytes` together (none stays cached)."""
+    `llc_bytes` (> 0) stream_bytes_per_s (`streamed_in_turn`; `measure` takes every variant's in one)."""
     modules: dict[tuple[int, int], Any] = {}
 
     def t(D: int, I: int, N: int, K: int, E: int = experts) -> float:
         if (D, I) not in modules:
-            modules.clear()  # one size in memory at a time (the streaming one reads `streamed_bytes`)
+            modules.clear()  # one size in memory at a time
             modules[(D, I)] = experts_module(variant, E, D, I, device)
         mod = modules[(D, I)]
         x = torch.randn(N, D, device=device).to(torch.bfloat16)
@@ -474,14 +476,11 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
     N = 64
     rate, slot = fit_prefill(t(Ds, Is, N, 2), t(Dl, Il, N, 2), small=small, large=large, tokens=N, top_k=2,
                              experts=experts, call_s=call, expert_fixed_s=fixed)
-    stream = None
+    modules.clear()
+    fitted = ExpertRate(call_s=call, expert_fixed_s=fixed, bytes_per_s=bw, flops_per_s=rate, slot_s=slot)
     if llc_bytes > 0:
-        Dh, Ih = streaming_shape(variant, streamed_bytes(llc_bytes) // 2)
-        h = t(Dh, Ih, 1, 2, E=2)
-        modules.clear()
-        stream = 2 * stored_expert_bytes(variant, Dh, Ih) / max(h - call - 2 * fixed, 1e-9)
-    return ExpertRate(call_s=call, expert_fixed_s=fixed, bytes_per_s=bw, flops_per_s=rate,
-                      stream_bytes_per_s=stream, slot_s=slot)
+        (fitted,), _ = streamed_in_turn([(variant, fitted)], device, llc_bytes)
+    return fitted
 
 
 def _tiny_model(layers: int, device: torch.device) -> Any:
@@ -734,6 +733,7 @@ def _dense_gflops(device: torch.device) -> dict[str, float]:
 
 
 STREAM_BYTES = 256 << 20  # what a streamed-weight measurement reads per call, at the least
+STREAM_ROUNDS = 7  # streamed_in_turn's rounds per variant (after a warm-up round)
 
 
 def streamed_bytes(llc_bytes: int) -> int:
@@ -744,15 +744,61 @@ def streamed_bytes(llc_bytes: int) -> int:
     return max(8 * llc_bytes, STREAM_BYTES)
 
 
-def _dense_read_gbps(device: torch.device, llc_bytes: int, cols: int = 4096) -> float:
-    """GB/s of a one-token bf16 linear on the planned dense path whose weight is `streamed_bytes`: a
-    decode token's attention and LM head read from memory."""
+def _dense_read_call(device: torch.device, llc_bytes: int, cols: int = 4096) -> tuple[Callable[[], float], int]:
+    """(a timed one-token bf16 linear on the planned dense path whose weight is `streamed_bytes`: a decode
+    token's attention and LM head read from memory, its weight's bytes)."""
     rows = -(-streamed_bytes(llc_bytes) // (2 * cols))
     lin = _planned_linear(rows, cols, torch.bfloat16, device)
     x = torch.randn(1, cols, device=device).to(torch.bfloat16)
-    with torch.inference_mode():
-        s = median_time(lambda: lin(x), 7, device)
-    return rows * cols * 2 / s / 1e9
+
+    def call() -> None:
+        with torch.inference_mode():
+            lin(x)
+    return timed(call, device), rows * cols * 2
+
+
+def _streamed_experts_call(variant: str, device: torch.device, llc_bytes: int) -> tuple[Callable[[], float], float]:
+    """(a timed one-token decode call of two experts of `variant` of `streaming_shape`, top-2 of 2: the two
+    `streamed_bytes` together, none stays cached; their stored bytes)."""
+    D, I = streaming_shape(variant, streamed_bytes(llc_bytes) // 2)
+    mod = experts_module(variant, 2, D, I, device)
+    x = torch.randn(1, D, device=device).to(torch.bfloat16)
+    r = uniform_routing(1, 2, 2, device)
+    # as a one-row decode runs it: the prepared call where the module has one (moeinfer.engine.cpu_decode)
+    make = getattr(mod, "decode_op", None) if device.type == "cpu" else None
+    op = make() if make is not None else None
+
+    def call() -> None:
+        with torch.inference_mode():
+            if op is not None:
+                op(x, r.indices, r.weights)
+            else:
+                mod(x, r)
+    return timed(call, device), 2 * stored_expert_bytes(variant, D, I)
+
+
+def streamed_in_turn(rates: Sequence[tuple[str, ExpertRate]], device: torch.device, llc_bytes: int,
+                     rounds: int = STREAM_ROUNDS) -> tuple[list[ExpertRate], float]:
+    """Steps 1-2's rates of weights streamed from memory, on one level: per variant, `rounds` rounds of its
+    streamed decode call (`_streamed_experts_call`) in turn with the dense read (`_dense_read_call`), one
+    variant's weights in memory at a time, all priced against the dense read's median over every round
+    (moeinfer/planning/in_turn.py). Returns (the rates with their stream_bytes_per_s, the dense read's
+    GB/s: `dense_read_gbps`). Until profile version 17 each was the median of a few calls of its own, one
+    variant after another, and a drifting VM gave them different phases: on the Intel machine one profile
+    read int4 at 12.8 GB/s and int8 at 22.1, where in turn they read 24.3 and 26.6 (bf16/cpu 29.5), and a
+    Mixtral-8x7B-shaped plan at int8 measured 0.73-0.76x its prediction (docs/planner.md, nineteenth
+    session)."""
+    reference, ref_bytes = _dense_read_call(device, llc_bytes)
+    sets, nbytes = [], []
+    for v, _ in rates:
+        call, n = _streamed_experts_call(v, device, llc_bytes)
+        sets.append(rounds_in_turn([reference, call], rounds))
+        nbytes.append(n)
+        del call  # its weights, before the next variant's are drawn
+    priced, price = priced_by_shared_reference(sets)
+    out = [replace(r, stream_bytes_per_s=n / max(times[1] - r.call_s - 2 * r.expert_fixed_s, 1e-9))
+           for (_, r), n, times in zip(rates, nbytes, priced)]
+    return out, ref_bytes / price / 1e9
 
 
 def _read_overlap(device: torch.device, llc_bytes: int, variant: str) -> float:
@@ -802,12 +848,13 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     for v in wanted:
         if progress:
             print(f"measuring expert variant {v} ...", flush=True)
-        rates[v] = measure_variant(v, dev, llc_bytes=llc)
+        rates[v] = measure_variant(v, dev)
     fixed_kernel = "cpu" if "bf16/cpu" in rates and native_dense(dev) else "reference"
     layer_fixed, step_fixed = measure_fixed(dev, rates[f"bf16/{fixed_kernel}"], kernel=fixed_kernel)
     layer_token = measure_prefill_tokens(dev, rates[f"bf16/{fixed_kernel}"], layer_fixed, kernel=fixed_kernel)
     dense = _dense_gflops(dev)
-    dense_read = _dense_read_gbps(dev, llc)
+    streamed, dense_read = streamed_in_turn(list(rates.items()), dev, llc)
+    rates = dict(zip(rates, streamed))
     overlap = None
     if dev.type == "cpu":
         overlap = _read_overlap(dev, llc, "bf16/cpu" if "bf16/cpu" in rates else "bf16/reference")

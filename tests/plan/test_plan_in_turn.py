@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from moeinfer.planning.in_turn import priced_by_reference, rounds_in_turn
+from moeinfer.planning.in_turn import priced_by_reference, priced_by_shared_reference, rounds_in_turn
 
 
 def test_every_call_runs_once_a_round_in_turn_after_a_warm_up_round():
@@ -37,3 +37,14 @@ def test_a_blip_in_one_call_of_a_round_moves_its_price_not():
     # nor a blip of the reference itself (a least time would have halved every price)
     rounds = [[1.0, 3.0], [0.5, 3.0], [1.0, 3.0]]
     assert priced_by_reference(rounds) == pytest.approx([1.0, 3.0])
+
+
+def test_sets_of_rounds_share_the_reference_level():
+    """Calls that cannot be held at once run in sets, each with the same reference: the reference's price
+    is its median over every set's rounds, and each set's calls keep their ratio to it (a set taken in a
+    phase twice as slow prices its call as a fast set would)."""
+    fast = [[1.0, 2.0], [1.0, 2.0], [1.2, 2.4]]
+    slow = [[2.0, 2.0], [2.2, 2.2], [2.0, 2.0]]  # the machine at half speed: the call is the reference's size
+    (a, b), price = priced_by_shared_reference([fast, slow])
+    assert price == pytest.approx(1.6)  # the median of 1, 1, 1.2, 2, 2.2, 2
+    assert a == pytest.approx([1.6, 3.2]) and b == pytest.approx([1.6, 1.6])

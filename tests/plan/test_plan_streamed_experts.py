@@ -81,3 +81,48 @@ def test_measure_variant_measures_a_streamed_rate_when_given_the_cache_size():
     assert measure_variant("bf16/reference", dev, **kw).stream_bytes_per_s is None
     rate = measure_variant("bf16/reference", dev, llc_bytes=64 << 10, **kw)
     assert rate.stream_bytes_per_s is not None and rate.stream_bytes_per_s > 0
+
+
+def test_streamed_rates_are_measured_in_turn_with_the_dense_read(monkeypatch):
+    """Each variant's streamed call runs in turn with the dense read, one variant's weights at a time, and
+    every rate is priced against the dense read's median over all rounds (times scripted): a variant
+    timed in a phase twice as slow gets the rate a fast phase would give."""
+    from moeinfer.planning import profile
+
+    events: list[str] = []
+    slow = {"int8": 2.0, "int4": 1.0}  # int8's rounds run while the machine is at half speed
+    live: set[str] = set()
+
+    def reference(device, llc_bytes):
+        return (lambda: 0.1 * slow[events[-1]] if events else 0.1), 1_000_000
+
+    def streamed(variant, device, llc_bytes):
+        assert live == set()  # the previous variant's weights are gone
+        events.append(variant)
+        live.add(variant)
+
+        class Call:
+            def __call__(self):
+                return 0.2 * slow[variant] + 1e-3  # twice the reference's time, plus call and fixed costs
+
+            def __del__(self):
+                live.discard(variant)
+        return Call(), 2_000_000
+
+    monkeypatch.setattr(profile, "_dense_read_call", reference)
+    monkeypatch.setattr(profile, "_streamed_experts_call", streamed)
+    rate = ExpertRate(call_s=6e-4, expert_fixed_s=2e-4, bytes_per_s=1e10, flops_per_s=1e12)
+    rates, dense_gbps = profile.streamed_in_turn([("int8", rate), ("int4", rate)], torch.device("cpu"), 1 << 20,
+                                                 rounds=3)
+    assert events == ["int8", "int4"]
+    # the dense read's median over all 6 rounds (3 at 0.2 s, 3 at 0.1 s): 0.15 s for 1 MB
+    assert dense_gbps == pytest.approx(1e6 / 0.15 / 1e9)
+    # 2 MB in 0.15 s x the call's median ratio to the dense read in its own rounds, less call_s and two
+    # experts' fixed costs; the other fitted figures kept
+    want8 = 2e6 / (0.15 * (0.4 + 1e-3) / 0.2 - 1e-3)
+    want4 = 2e6 / (0.15 * (0.2 + 1e-3) / 0.1 - 1e-3)
+    assert rates[0].stream_bytes_per_s == pytest.approx(want8)
+    assert rates[1].stream_bytes_per_s == pytest.approx(want4)
+    assert want8 == pytest.approx(want4, rel=0.01)  # each its own time alone would say 2x apart
+    assert all((r.call_s, r.bytes_per_s, r.flops_per_s) == (rate.call_s, rate.bytes_per_s, rate.flops_per_s)
+               for r in rates)
