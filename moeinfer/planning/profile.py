@@ -95,7 +95,7 @@ from moeinfer.planning.in_turn import priced_by_reference, priced_by_shared_refe
 from moeinfer.planning.shape_costs import (
     ShapeCosts, prefill_in_turn, prefill_seconds, prompt_ids, step_changes, token_stamps)
 
-PROFILE_VERSION = 17  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
+PROFILE_VERSION = 18  # 2: the least of the repeats, not the median; 3: dense matmul rate per dtype;
 # 4: host costs of offloaded layers and loads; 5: those host costs per precision (offload_host), and
 # page-cached disk reads (cached_link_gbps); 6: the planned dense path (native where built) and its
 # read rate beyond the last-level cache (dense_read_gbps), experts streamed from memory
@@ -113,7 +113,8 @@ PROFILE_VERSION = 17  # 2: the least of the repeats, not the median; 3: dense ma
 # (OffloadHost.prompt_layer_s, prompt_load_s); 14: models in turn priced at the first one's median time;
 # 15: every timed figure the median of its runs (`median_time`), not the least; 16: a decode round's figure
 # the generation's mean step (decode_gap_rounds), not its median step; 17: the streamed-weight rates
-# (stream_bytes_per_s of every variant, dense_read_gbps) measured in turn, on one level (streamed_in_turn)
+# (stream_bytes_per_s of every variant, dense_read_gbps) measured in turn, on one level (streamed_in_turn);
+# 18: read_overlap's read a quarter of its expert call's bytes (_read_overlap, READ_SHARE)
 PROMPT_TOKENS = 32  # measure_offload's prompt: every expert of the random model's layers routed to
 DENSE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -734,6 +735,7 @@ def _dense_gflops(device: torch.device) -> dict[str, float]:
 
 STREAM_BYTES = 256 << 20  # what a streamed-weight measurement reads per call, at the least
 STREAM_ROUNDS = 7  # streamed_in_turn's rounds per variant (after a warm-up round)
+READ_SHARE = 4  # _read_overlap's read: this share of its expert call's bytes
 
 
 def streamed_bytes(llc_bytes: int) -> int:
@@ -802,8 +804,15 @@ def streamed_in_turn(rates: Sequence[tuple[str, ExpertRate]], device: torch.devi
 
 
 def _read_overlap(device: torch.device, llc_bytes: int, variant: str) -> float:
-    """`read_overlap` of a read and an expert call of the same bytes (two experts of `streaming_shape`,
-    decode of one token) of `variant`: what a miss's read and a hit's compute do in a decode step."""
+    """`read_overlap` of an expert call (two experts of `streaming_shape`, decode of one token) of
+    `variant` and a read of `1 / READ_SHARE` of its bytes: what a miss's read does beside the compute a
+    decode step runs meanwhile (the layer's other experts, the next layers' dense parts, the head: several
+    experts' bytes). Until profile version 18 the read had the call's bytes: one core's page-cache copy
+    (~6 GB/s) then outlasted the call (~25 GB/s), which hid behind it, and the profile read 0.64-1.0 on
+    the Intel machine; a read a quarter of the call's size hid 0.0-0.02 there, and an int4 Mixtral-8x7B
+    plan's decode step took its loads' whole time on top of its compute (~15.5 ms a 92 MB read, its
+    step 20 ms longer with ~1.1 loads a step, the loader's wait 5-6 ms of it: the read takes a core from
+    the two-thread compute; docs/planner.md, nineteenth session)."""
     D, I = streaming_shape(variant, llc_bytes)
     mod = experts_module(variant, 2, D, I, device)
     x = torch.randn(1, D, device=device).to(torch.bfloat16)
@@ -812,7 +821,7 @@ def _read_overlap(device: torch.device, llc_bytes: int, variant: str) -> float:
     def compute() -> None:
         with torch.inference_mode():
             mod(x, routing)
-    return read_overlap(compute, nbytes=int(2 * stored_expert_bytes(variant, D, I)))
+    return read_overlap(compute, nbytes=int(2 * stored_expert_bytes(variant, D, I)) // READ_SHARE)
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -853,6 +862,8 @@ def measure(device: str = "cpu", *, variants: tuple[str, ...] = (), progress: bo
     layer_fixed, step_fixed = measure_fixed(dev, rates[f"bf16/{fixed_kernel}"], kernel=fixed_kernel)
     layer_token = measure_prefill_tokens(dev, rates[f"bf16/{fixed_kernel}"], layer_fixed, kernel=fixed_kernel)
     dense = _dense_gflops(dev)
+    if progress:
+        print("measuring weights streamed from memory, every variant in turn with the dense read ...", flush=True)
     streamed, dense_read = streamed_in_turn(list(rates.items()), dev, llc)
     rates = dict(zip(rates, streamed))
     overlap = None

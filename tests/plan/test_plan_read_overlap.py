@@ -69,3 +69,21 @@ def test_the_plan_says_when_reads_are_priced_without_overlap():
         p = plan("tiny", budget, profile=replace(synthetic_profile(), read_overlap=measured), quality=toy_quality(4),
                  precisions=("bf16",))
         assert any("not overlapping" in n for n in p.notes) is noted
+
+
+def test_the_profiles_read_is_a_share_of_its_expert_calls_bytes(monkeypatch):
+    """The profile times a read of 1 / READ_SHARE of the expert call's bytes beside it (a miss's read beside
+    the longer compute a decode step runs meanwhile), the call being two experts of the streaming shape."""
+    import torch
+
+    from moeinfer.planning import profile
+
+    seen = []
+    monkeypatch.setattr(profile, "read_overlap", lambda compute, *, nbytes: seen.append((compute, nbytes)) or 0.25)
+    llc = 64 << 10
+    assert profile._read_overlap(torch.device("cpu"), llc, "int4") == 0.25
+    D, I = profile.streaming_shape("int4", llc)
+    compute, nbytes = seen[0]
+    assert nbytes == int(2 * profile.stored_expert_bytes("int4", D, I)) // profile.READ_SHARE
+    assert profile.READ_SHARE == 4
+    compute()  # the call runs (nothing timed)
