@@ -10,7 +10,11 @@
    machine (busy), a 64 MiB read beside a 64 MiB expert call took 0.8-0.9x their sum at 1 thread
    and more than their sum at 2 (the OpenMP team waits for the core the read holds), and the
    profiled real-shape run's step was the sum of its experts' compute, dense part and reads: no
-   overlap. A machine with cores and bandwidth to spare hides the read.
+   overlap. A machine with cores and bandwidth to spare hides the read. Which of the two is longer
+   matters: a long read hides a short call (the call runs on the core the read leaves), a short read
+   beside a long call does not (the call's thread team waits for the read's core), so the profile
+   times a read shorter than the call, as a miss's read is beside a decode step's compute
+   (moeinfer/planning/profile.py `_read_overlap`).
 """
 
 from __future__ import annotations
