@@ -74,9 +74,9 @@ measuring. Only speed is measured: the weights are random, so a quality loss mea
   the planner's decode view prices them: a prompt of several rows runs as one forward that loads every
   expert its rows use, which had flushed a small cache before each round's decode (at 6 of 16 slots,
   a live hit rate of 29% against 38-42% simulated: tests/plan/test_plan_replay_hits.py).
-- Prefill: one separate forward of `--prefill-tokens` tokens (default: the trace's mean sequence length,
-  `prefill_length`: the plans' prefill predictions price the trace's sequences; until the eighteenth
-  session the shipped model's 64 tokens) per configuration, after its rounds (`Runner.prefill`: it
+- Prefill: one separate forward of `--prefill-tokens` tokens (default: the mean length of the trace's
+  sequences the plans' prefill predictions price, `prefill_length`; until the eighteenth session the
+  shipped model's 64 tokens) per configuration, after its rounds (`Runner.prefill`: it
   replays the trace's first rows and puts the replay cursor back), so the decode rounds are unchanged;
   one forward, not the best of several (a second would meet the cache the first left).
 - Each configuration (baselines too) also gets the cost model's figures for the rows its rounds and
@@ -487,16 +487,20 @@ def real_shape_model(name: str, *, layers: int, traces: Path, progress: bool = T
 
 
 def prefill_length(trace: Any) -> int:
-    """--real-shape's default prefill forward: the trace's mean sequence length. A plan's prefill
-    prediction prices each of the trace's sequences in one forward (moeinfer.planning.routing.prefill),
-    and the cost model's prompt is linear in its tokens beyond its active experts' fixed costs, which a
-    prompt of ~20 tokens or more pays in full: one forward of the mean length has the same predicted
-    tokens/s. Until the eighteenth session the forward had the shipped model's 64 tokens while the
-    Mixtral trace's four sequences have 78-252 (mean 144): the plans' prefill predictions priced ~1.3x
-    more tokens/s than that forward's own (replayed) prediction."""
+    """--real-shape's default prefill forward: the mean length of the sequences the plans' prefill
+    predictions price (the planner keeps the trace's first whole sequences in `MAX_SIM_TOKENS` tokens,
+    `routes.first_sequences`; each is one prompt forward). The cost model's prompt is linear in its
+    tokens beyond its active experts' fixed costs, which a prompt of ~20 tokens or more pays in full: one
+    forward of the mean length has the same predicted tokens/s. Until the eighteenth session the forward
+    had the shipped model's 64 tokens, then (eighteenth) the mean of all the Mixtral trace's four
+    sequences (78-252 tokens: 144) where the planner priced its first two (166 and 78: 122), and the
+    offloaded plans' prompts measured 1.13-1.29x their prediction."""
     import numpy as np
 
-    _, counts = np.unique(trace.seq, return_counts=True)
+    from moeinfer.planning import routing as routes
+    from moeinfer.planning.planner import MAX_SIM_TOKENS
+
+    _, counts = np.unique(routes.first_sequences(trace, MAX_SIM_TOKENS).seq, return_counts=True)
     return max(1, round(float(counts.mean())))
 
 

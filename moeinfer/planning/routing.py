@@ -34,6 +34,19 @@ def subset(trace: RoutingTrace, rows: np.ndarray) -> RoutingTrace:
     return _with(trace, rows, None)
 
 
+def first_sequences(trace: RoutingTrace, n: int) -> RoutingTrace:
+    """The whole sequences that fit in `n` tokens, in order (at least the first sequence's first n)."""
+    seqs, counts = np.unique(trace.seq, return_counts=True)
+    keep, total = [], 0
+    for s, c in zip(seqs, counts):
+        if total + c > n and keep:
+            break
+        keep.append(s)
+        total += c
+    rows = np.nonzero(np.isin(trace.seq, keep))[0][:n]
+    return subset(trace, rows)
+
+
 def forwards(trace: RoutingTrace, rows: np.ndarray, step: np.ndarray) -> RoutingTrace:
     """The trace's rows `rows` grouped into forwards by `step` (rows with one step id run in one forward,
     in increasing step order): e.g. a benchmark's replay, decode rows one per forward, then a prompt."""
@@ -59,6 +72,18 @@ def prefill(trace: RoutingTrace) -> RoutingTrace:
     """Each sequence's tokens in one forward (a prompt)."""
     _, rank = np.unique(trace.seq, return_inverse=True)
     return _with(trace, slice(None), rank.astype(np.int32))
+
+
+def after_decode(trace: RoutingTrace) -> RoutingTrace:
+    """Every row decoded one a forward in `batched(trace, 1)`'s order, then each sequence's tokens in one
+    forward: the prompts meet the expert cache a generation leaves (a prompt's time: this trace's less
+    `batched(trace, 1)`'s, the same steps up to there)."""
+    decode = batched(trace, 1)
+    rows = np.concatenate([np.lexsort((trace.pos, np.unique(trace.seq, return_inverse=True)[1])),
+                           np.arange(trace.num_tokens)])
+    _, rank = np.unique(trace.seq, return_inverse=True)
+    step = np.concatenate([decode.step, decode.num_tokens + rank]).astype(np.int32)
+    return _with(trace, rows, step)
 
 
 def split(trace: RoutingTrace) -> tuple[RoutingTrace, RoutingTrace]:

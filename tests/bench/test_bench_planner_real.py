@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -24,9 +23,10 @@ def test_prefill_tokens_and_float_only_options(monkeypatch, tmp_path):
     assert (b.prefill_tokens, b.float_only) == (0, True)
 
 
-def test_the_prefill_forward_is_as_long_as_the_traces_mean_sequence():
-    """The plans' prefill predictions price each of the trace's sequences in one forward; the default
-    separate forward has their mean length, whose predicted tokens/s equals theirs (the plan's own
+def test_the_prefill_forward_is_as_long_as_the_priced_sequences_mean():
+    """The plans' prefill predictions price each of the trace's first sequences (those the planner keeps)
+    in one forward; the default separate forward has their mean length, whose predicted tokens/s equals
+    theirs (the plan's own
     prediction against the cost model's for that one forward: toy rates, one bf16 layer of the shipped
     model resident)."""
     from plan_helpers import synthetic_profile
@@ -40,7 +40,17 @@ def test_the_prefill_forward_is_as_long_as_the_traces_mean_sequence():
 
     trace = routes.uniform(num_layers=4, num_experts=8, top_k=2, sequences=3, tokens=40, seed=1)
     assert bp.prefill_length(trace) == 40
-    assert bp.prefill_length(SimpleNamespace(seq=np.repeat([4, 9, 2], [30, 50, 40]))) == 40
+    # sequences of 30, 50 and 40 tokens (a trace's rows need not come sorted by sequence)
+    wide = routes.uniform(num_layers=4, num_experts=8, top_k=2, sequences=3, tokens=50, seed=1)
+    uneven = routes.subset(wide, np.nonzero(wide.pos < np.array([30, 50, 40])[wide.seq])[0])
+    assert np.unique(uneven.seq, return_counts=True)[1].tolist() == [30, 50, 40]
+    assert bp.prefill_length(uneven) == 40
+    # the real Mixtral trace's four sequences (166, 78, 81, 252 tokens): the planner prices the first two
+    # (MAX_SIM_TOKENS = 256), so the forward has their mean, 122 tokens, not the four's 144
+    big = routes.uniform(num_layers=4, num_experts=8, top_k=2, sequences=4, tokens=252, seed=2)
+    mixtral_like = routes.subset(big, np.nonzero(big.pos < np.array([166, 78, 81, 252])[big.seq])[0])
+    assert np.unique(mixtral_like.seq, return_counts=True)[1].tolist() == [166, 78, 81, 252]
+    assert bp.prefill_length(mixtral_like) == 122
     plan = Plan(model="tiny", device="cpu", budget_bytes=10**9, objective="latency", precisions=("bf16",) * 4,
                 kernel="reference")
     sizes, profile = sizes_from_checkpoint("tiny"), synthetic_profile()
