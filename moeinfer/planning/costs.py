@@ -70,7 +70,7 @@ from moeinfer.planning.profile import MachineProfile, stored_expert_bytes
 from moeinfer.planning.spec import FLOAT
 from moeinfer.offload.config import OffloadConfig
 from moeinfer.offload.hardware import ModelShape
-from moeinfer.offload.simulator import simulate
+from moeinfer.offload.simulator import StepCosts, simulate
 from moeinfer.offload.visits import planned_steps
 from moeinfer.traces.trace import RoutingTrace
 
@@ -250,7 +250,7 @@ class AtSpeed:
     """`StepCosts` of `costs` on a machine whose compute runs at `speed` times the profile's (the plan-time
     probe, moeinfer/planning/speed_probe.py): every dense, expert and head cost over it."""
 
-    costs: Any
+    costs: StepCosts
     speed: float
 
     def dense_s(self, layer: int, tokens: int, sequences: int = 1) -> float:
@@ -273,9 +273,10 @@ def simulate_plan(trace: Any, sizes: ModelSizes, profile: MachineProfile, precis
     profile's (the plan-time probe; the decode figure for a trace of decode steps, the prompt one for
     prompts): the step's compute and an offloaded layer's host time run that much faster, while a
     load's transfer over the link does not. Scaling the simulated time as a whole scaled the loads too:
-    on the Intel machine an int4 expert's 92 MB page-cache read took ~20 ms in a phase when the
-    Mixtral-8x7B shape's decode ran 1.8x faster than profiled and in the profile's own (4.66 GB/s), and
-    the offloaded plans measured 0.71-0.86 of their prediction (docs/planner.md, nineteenth session)."""
+    on the Intel machine an int4 Mixtral-8x7B expert's 92 MB page-cache read took ~15.5 ms on the loader
+    thread (~6 GB/s, the profiles' 4.7-6.6) in a phase when the shape's decode ran 1.8x faster than
+    profiled, and the offloaded plans measured 0.71-0.86 of their prediction (docs/planner.md,
+    nineteenth session)."""
     costs = MeasuredCosts(sizes, profile, precisions, kernel=kernel, fp32_weights=fp32_weights,
                           offloaded=offload is not None)
     if offload is None:

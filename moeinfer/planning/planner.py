@@ -226,8 +226,9 @@ def _predict(c: _Candidate, views: dict[int, Any], prefill: Any, sizes: ModelSiz
                              offload=c.offload, page_cache_bytes=cache, speed=at)
     dec = run(views[c.batch], speed.decode)
     # the prompts as they meet the expert cache in use, after a generation's decode (prompt speed for both
-    # runs: only the prompts' difference counts); a cold cache (the planner until the nineteenth session)
-    # priced an offloaded Mixtral-8x7B-shaped plan's prompts 1.13-1.26x slower than they ran in the benchmark
+    # runs: only the prompts' difference counts); until the nineteenth session they met an empty cache,
+    # which priced offloaded plans' prompts 4-8% slower (Mixtral-8x7B shape, 12-15 slots) to 21% (the
+    # shipped model, 31 slots) than after decode
     before = dec if (c.batch, speed.prompt) == (1, speed.decode) else run(views[1], speed.prompt)
     pre_s = run(prefill, speed.prompt).time_s - before.time_s
     lossless = all(p == FLOAT for p in c.precisions)
