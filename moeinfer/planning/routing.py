@@ -56,14 +56,19 @@ def forwards(trace: RoutingTrace, rows: np.ndarray, step: np.ndarray) -> Routing
     return _with(trace, rows, step.astype(np.int32))
 
 
+def _by_sequence(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray]:
+    """(each row's sequence rank, the rows in (sequence, position) order)."""
+    _, rank = np.unique(trace.seq, return_inverse=True)
+    return rank, np.lexsort((trace.pos, rank))
+
+
 def batched(trace: RoutingTrace, batch: int) -> RoutingTrace:
     """Decode at `batch` rows: sequences in groups of `batch`, the group's tokens at one position in one step."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    _, rank = np.unique(trace.seq, return_inverse=True)
+    rank, order = _by_sequence(trace)
     span = int(trace.pos.max()) + 1 if trace.num_tokens else 1
     step = (rank // batch).astype(np.int64) * span + trace.pos
-    order = np.lexsort((trace.pos, rank))
     _, step = np.unique(step[order], return_inverse=True)
     return _with(trace, order, step.astype(np.int32))
 
@@ -78,12 +83,10 @@ def after_decode(trace: RoutingTrace) -> RoutingTrace:
     """Every row decoded one a forward in `batched(trace, 1)`'s order, then each sequence's tokens in one
     forward: the prompts meet the expert cache a generation leaves (a prompt's time: this trace's less
     `batched(trace, 1)`'s, the same steps up to there)."""
-    decode = batched(trace, 1)
-    rows = np.concatenate([np.lexsort((trace.pos, np.unique(trace.seq, return_inverse=True)[1])),
-                           np.arange(trace.num_tokens)])
-    _, rank = np.unique(trace.seq, return_inverse=True)
-    step = np.concatenate([decode.step, decode.num_tokens + rank]).astype(np.int32)
-    return _with(trace, rows, step)
+    rank, order = _by_sequence(trace)
+    n = trace.num_tokens
+    step = np.concatenate([np.arange(n), n + rank]).astype(np.int32)
+    return _with(trace, np.concatenate([order, np.arange(n)]), step)
 
 
 def split(trace: RoutingTrace) -> tuple[RoutingTrace, RoutingTrace]:
