@@ -448,24 +448,9 @@ def measure_variant(variant: str, device: torch.device, *, small: tuple[int, int
         if (D, I) not in modules:
             modules.clear()  # one size in memory at a time
             modules[(D, I)] = experts_module(variant, E, D, I, device)
-        mod = modules[(D, I)]
         x = torch.randn(N, D, device=device).to(torch.bfloat16)
         routings = [uniform_routing(N, K, E, device) for _ in range(4)]
-        i = [0]
-        # one token as a one-row decode runs it: the prepared call where the module has one
-        # (moeinfer.engine.cpu_decode), else the module
-        make = getattr(mod, "decode_op", None) if N == 1 and device.type == "cpu" else None
-        op = make() if make is not None else None
-
-        def call() -> None:
-            i[0] = (i[0] + 1) % len(routings)
-            r = routings[i[0]]
-            with torch.inference_mode():
-                if op is not None:
-                    op(x, r.indices, r.weights)
-                else:
-                    mod(x, r)
-        return median_time(call, repeats, device)
+        return median_time(_experts_call(modules[(D, I)], x, routings, device), repeats, device)
 
     (Ds, Is), (Dl, Il) = small, large
     bs, bl = stored_expert_bytes(variant, Ds, Is), stored_expert_bytes(variant, Dl, Il)
@@ -759,23 +744,32 @@ def _dense_read_call(device: torch.device, llc_bytes: int, cols: int = 4096) -> 
     return timed(call, device), rows * cols * 2
 
 
+def _experts_call(mod: Any, x: torch.Tensor, routings: list[Routing], device: torch.device) -> Callable[[], None]:
+    """A call of the experts module `mod` on x [N, D], each call the next of `routings`; one token as a
+    one-row decode runs it: the prepared call where the module has one (moeinfer.engine.cpu_decode),
+    else the module."""
+    make = getattr(mod, "decode_op", None) if x.shape[0] == 1 and device.type == "cpu" else None
+    op = make() if make is not None else None
+    i = [0]
+
+    def call() -> None:
+        i[0] = (i[0] + 1) % len(routings)
+        r = routings[i[0]]
+        with torch.inference_mode():
+            if op is not None:
+                op(x, r.indices, r.weights)
+            else:
+                mod(x, r)
+    return call
+
+
 def _streamed_experts_call(variant: str, device: torch.device, llc_bytes: int) -> tuple[Callable[[], float], float]:
     """(a timed one-token decode call of two experts of `variant` of `streaming_shape`, top-2 of 2: the two
     `streamed_bytes` together, none stays cached; their stored bytes)."""
     D, I = streaming_shape(variant, streamed_bytes(llc_bytes) // 2)
     mod = experts_module(variant, 2, D, I, device)
     x = torch.randn(1, D, device=device).to(torch.bfloat16)
-    r = uniform_routing(1, 2, 2, device)
-    # as a one-row decode runs it: the prepared call where the module has one (moeinfer.engine.cpu_decode)
-    make = getattr(mod, "decode_op", None) if device.type == "cpu" else None
-    op = make() if make is not None else None
-
-    def call() -> None:
-        with torch.inference_mode():
-            if op is not None:
-                op(x, r.indices, r.weights)
-            else:
-                mod(x, r)
+    call = _experts_call(mod, x, [uniform_routing(1, 2, 2, device)], device)
     return timed(call, device), 2 * stored_expert_bytes(variant, D, I)
 
 
